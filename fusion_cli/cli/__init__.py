@@ -1,0 +1,1 @@
+"""The `fusion` command line: one small module per command over the library API."""

@@ -1,0 +1,71 @@
+"""Entry point of `fusion`: builds the Typer app from the command modules and turns
+library errors into one line on stderr with exit code 2 (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from fusion_cli import __version__
+from fusion_cli.errors import FusionError
+
+app = typer.Typer(
+    name="fusion",
+    help="Fuse remote-sensing images with FusionMamba: pansharpening, hyperspectral pansharpening, HISR.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusion-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    # Every module of this package that defines `register(app)` is a command; discovering them
+    # keeps this file free of per-command edits.
+    import importlib
+    import pkgutil
+
+    import fusion_cli.cli as pkg
+
+    if getattr(app, "_fusion_registered", False):
+        return
+    for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if mod.name in {"main", "common"}:
+            continue
+        module = importlib.import_module(f"fusion_cli.cli.{mod.name}")
+        if hasattr(module, "register"):
+            module.register(app)
+    app._fusion_registered = True  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=True)
+    except FusionError as exc:
+        if debug:
+            raise
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
