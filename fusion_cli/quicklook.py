@@ -1,0 +1,111 @@
+"""True-colour quicklooks: a per-band percentile stretch to 8 bits, saved as PNG with matplotlib.
+
+`mask` arguments are `(H, W)` bool arrays, True where the pixel is valid; invalid pixels (and NaN) are
+left out of the percentiles and drawn black, so nodata borders do not wash out the stretch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fusion_cli.errors import FusionError
+
+
+def default_rgb(n_bands: int) -> tuple[int, int, int]:
+    """A guess of the 0-based (red, green, blue) bands when the sensor is unknown.
+
+    8-band WorldView order (coastal, blue, green, yellow, red, ...) -> (4, 2, 1); 4-band B, G, R, NIR
+    -> (2, 1, 0); 3 bands are taken as R, G, B; fewer bands are shown as grey.
+    """
+    if n_bands >= 8:
+        return (4, 2, 1)
+    if n_bands >= 4:
+        return (2, 1, 0)
+    if n_bands == 3:
+        return (0, 1, 2)
+    return (0, 0, 0)
+
+
+def _check_rgb(n_bands: int, rgb: Sequence[int]) -> tuple[int, int, int]:
+    if len(rgb) != 3:
+        raise FusionError(f"rgb needs three 0-based band indices, got {list(rgb)}")
+    if min(rgb) < 0 or max(rgb) >= n_bands:
+        raise FusionError(f"rgb bands {list(rgb)} out of range for an image with {n_bands} bands (0-based)")
+    return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+
+
+def stretch(
+    img: np.ndarray, pct: tuple[float, float] = (2.0, 98.0), mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Stretch each band of `(C, H, W)` to [0, 1] between its own `pct` percentiles over valid pixels.
+
+    Returns float32 `(C, H, W)`; invalid pixels are 0. A constant band maps to 0.
+    """
+    if img.ndim != 3:
+        raise FusionError(f"expected a (bands, rows, cols) image, got shape {img.shape}")
+    data = img.astype(np.float32, copy=False)
+    valid = np.isfinite(data).all(axis=0)
+    if mask is not None:
+        if mask.shape != data.shape[1:]:
+            raise FusionError(f"mask shape {mask.shape} does not match image rows/cols {data.shape[1:]}")
+        valid &= mask.astype(bool)
+    out = np.zeros(data.shape, np.float32)
+    if not valid.any():
+        return out
+    lo, hi = np.percentile(data[:, valid], pct, axis=1)  # (C,) each
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    out = (data - lo[:, None, None].astype(np.float32)) / span[:, None, None]
+    out = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
+    out[:, ~valid] = 0.0
+    return out
+
+
+def stretch_rgb(
+    img: np.ndarray,
+    rgb: Sequence[int] = (0, 1, 2),
+    pct: tuple[float, float] = (2.0, 98.0),
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """`(C, H, W)` image -> `(H, W, 3)` uint8 true-colour composite of the 0-based `rgb` bands."""
+    if img.ndim == 2:
+        img = img[None]
+    r, g, b = _check_rgb(img.shape[0], rgb)
+    unit = stretch(img[[r, g, b]], pct, mask)  # (3, H, W)
+    return np.round(unit * 255.0).astype(np.uint8).transpose(1, 2, 0)
+
+
+def save_quicklook(
+    png_path: str | Path,
+    img: np.ndarray,
+    rgb: Sequence[int] | None = None,
+    pct: tuple[float, float] = (2.0, 98.0),
+    mask: np.ndarray | None = None,
+    max_side: int | None = 2048,
+) -> Path:
+    """Write a true-colour PNG of `(C, H, W)` `img` (the input is never modified).
+
+    `rgb=None` guesses the bands from the band count (`default_rgb`). `max_side` subsamples by an integer
+    stride so that neither side exceeds it (None keeps full size); the percentiles are taken on the
+    subsampled pixels, which is what is shown.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if img.ndim == 2:
+        img = img[None]
+    if rgb is None:
+        rgb = default_rgb(img.shape[0])
+    step = 1
+    if max_side is not None and max(img.shape[1:]) > max_side:
+        step = -(-max(img.shape[1:]) // max_side)
+    sub = img[:, ::step, ::step]
+    sub_mask = None if mask is None else mask[::step, ::step]
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, stretch_rgb(sub, rgb, pct, sub_mask))
+    return path
