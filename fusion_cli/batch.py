@@ -1,0 +1,685 @@
+"""Batch fusion of many scene pairs: pairing, planning, sharding, resumable execution, logging.
+
+The engine is deliberately independent of how one scene is fused: `run_batch` takes a
+`process(scene) -> dict` callable (built once by `make_scene_processor`, so one fuser / model
+instance serves every scene) and handles everything around it: skipping complete outputs,
+per-scene failures that never stop the batch, retries, a JSON-lines log and the summary.
+The Dask path (`fusion_cli.batch_dask`) reuses `execute_scene`, so both report alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fusion_cli.errors import FusionError
+
+# Naming conventions tried, in order, when the user gives no --pan/--ms patterns. Matching is
+# case-insensitive and `.tif` also matches `.tiff`; each `*` captures part of the shared stem.
+DEFAULT_CONVENTIONS: tuple[tuple[str, str], ...] = (
+    ("*_PAN.tif", "*_MS.tif"),
+    ("*_P.tif", "*_MS.tif"),
+    ("*_PAN.tif", "*_MUL.tif"),
+    ("PAN_*.tif", "MS_*.tif"),  # wv2_spacenet6: pan_1.tif / ms_1.tif
+    ("PAN_*.tif", "MUL_*.tif"),  # SpaceNet: PAN_AOI_..._img1.tif / MUL_AOI_..._img1.tif
+    ("*-P?AS-*.tif", "*-M?AS-*.tif"),  # Maxar ordering: ...-P2AS-..._P001.TIF / ...-M2AS-...
+    ("IMG_*_P_*.tif", "IMG_*_MS_*.tif"),  # Pleiades / SPOT DIMAP image names
+    ("*_B8.tif", "*_MS.tif"),  # Landsat 7/8/9 PAN band + a stacked MS of the same product id
+    ("*_B8.tif", "*_stack.tif"),
+)
+DEFAULT_OUT_PATTERN = "{stem}_fused.tif"
+LOG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One unit of work: a PAN (or MSI) file, its MS (or HSI) partner and the output path."""
+
+    id: str
+    pan: Path
+    ms: Path
+    out: Path
+
+    def to_dict(self) -> dict[str, str]:
+        return {"scene": self.id, "pan": str(self.pan), "ms": str(self.ms), "out": str(self.out)}
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """An input that could not be turned into a scene; reported as a failure, never ignored."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What a batch will do, before doing it (`--dry-run` prints it)."""
+
+    scenes: list[Scene]
+    unpaired: list[Unpaired] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)  # files matching neither pattern (listed only)
+    source: str = ""  # how pairs were found: the patterns or the manifest
+    shard: tuple[int, int] | None = None  # (index 0-based, count) when sharded
+    total_scenes: int = 0  # before sharding
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+            "total_scenes": self.total_scenes,
+            "scenes": [s.to_dict() for s in self.scenes],
+            "unpaired": [{"path": str(u.path), "reason": u.reason} for u in self.unpaired],
+            "ignored": [str(p) for p in self.ignored],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Glob -> regex where each `*` is a capture group (the stem); `?` matches one character.
+
+    `*` does not cross `/`, `**` does; a trailing `.tif` also accepts `.tiff`.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append("(.*)")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("([^/]*)")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    regex = "".join(out)
+    if pattern.lower().endswith(".tif"):
+        regex += "f?"
+    return re.compile(regex + r"\Z", re.IGNORECASE)
+
+
+def _literal_length(pattern: str) -> int:
+    return len(pattern.replace("*", "").replace("?", ""))
+
+
+def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str]:
+    """Relative posix paths of the non-hidden files in `in_dir`, sorted (stable plans)."""
+    if recursive:
+        paths = [p for p in in_dir.rglob("*") if p.is_file()]
+    else:
+        paths = [p for p in in_dir.iterdir() if p.is_file()]
+    rel = []
+    for p in paths:
+        r = p.relative_to(in_dir)
+        if any(part.startswith(".") for part in r.parts):
+            continue  # hidden files and our own temporary outputs
+        if exclude is not None and exclude != in_dir and exclude in p.parents:
+            continue  # outputs written inside the input tree are not inputs
+        rel.append(r.as_posix())
+    return sorted(rel)
+
+
+def out_path_for(out_dir: Path, stem: str, out_pattern: str = DEFAULT_OUT_PATTERN) -> Path:
+    """Output of a scene: `out_pattern` with `{stem}` filled, under `out_dir`."""
+    if "{stem}" not in out_pattern:
+        raise FusionError(
+            f"--out-pattern must contain {{stem}} (e.g. {DEFAULT_OUT_PATTERN}), got {out_pattern!r}"
+        )
+    name = out_pattern.replace("{stem}", stem) if stem else out_pattern.replace("{stem}", "fused").lstrip("_")
+    return out_dir / name
+
+
+def _match_files(
+    files: Sequence[str], pan_pattern: str, ms_pattern: str
+) -> tuple[dict[tuple[str, ...], list[str]], dict[tuple[str, ...], list[str]]]:
+    pan_re, ms_re = _pattern_regex(pan_pattern), _pattern_regex(ms_pattern)
+    pan_first = _literal_length(pan_pattern) >= _literal_length(ms_pattern)
+    pans: dict[tuple[str, ...], list[str]] = {}
+    mss: dict[tuple[str, ...], list[str]] = {}
+    for f in files:
+        mp, mm = pan_re.match(f), ms_re.match(f)
+        if mp and mm:  # e.g. '*.tif' and '*_ms.tif': the more specific pattern wins
+            mp, mm = (mp, None) if pan_first else (None, mm)
+        if mp:
+            pans.setdefault(mp.groups(), []).append(f)
+        elif mm:
+            mss.setdefault(mm.groups(), []).append(f)
+    return pans, mss
+
+
+def pair_by_patterns(
+    in_dir: Path,
+    out_dir: Path,
+    pan_pattern: str | None = None,
+    ms_pattern: str | None = None,
+    out_pattern: str = DEFAULT_OUT_PATTERN,
+) -> Plan:
+    """Pair files of `in_dir` whose names share the stem captured by the patterns' `*`.
+
+    Without patterns, the naming convention of `DEFAULT_CONVENTIONS` that pairs the most files
+    is used. A pattern containing `/` matches paths below `in_dir` (e.g. `*/pan.tif`).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FusionError(f"input folder not found: {in_dir}")
+    if (pan_pattern is None) != (ms_pattern is None):
+        raise FusionError(
+            "give both --pan and --ms patterns (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'), or neither"
+        )
+    if pan_pattern is not None and ms_pattern is not None:
+        for name, pat in (("--pan", pan_pattern), ("--ms", ms_pattern)):
+            if "*" not in pat:
+                raise FusionError(f"{name} pattern {pat!r} needs a '*' for the stem that pairs files")
+        conventions: Sequence[tuple[str, str]] = [(pan_pattern, ms_pattern)]
+    else:
+        conventions = DEFAULT_CONVENTIONS
+    recursive = any("/" in p for conv in conventions for p in conv)
+    files = _list_files(in_dir, recursive, out_dir.resolve() if out_dir.exists() else None)
+
+    best: tuple[int, str, str] | None = None
+    for pan_p, ms_p in conventions:
+        pans, mss = _match_files(files, pan_p, ms_p)
+        n = len(set(pans) & set(mss))
+        if best is None or n > best[0]:
+            best = (n, pan_p, ms_p)
+    assert best is not None
+    n, pan_p, ms_p = best
+    if n == 0 and pan_pattern is None and files:
+        tried = ", ".join(f"{p}+{m}" for p, m in DEFAULT_CONVENTIONS)
+        raise FusionError(
+            f"no PAN/MS pairs found in {in_dir} with the default naming conventions ({tried}); "
+            "pass --pan and --ms patterns or --manifest"
+        )
+    pans, mss = _match_files(files, pan_p, ms_p)
+    scenes: list[Scene] = []
+    unpaired: list[Unpaired] = []
+    for key in sorted(set(pans) | set(mss)):
+        p_list, m_list = pans.get(key, []), mss.get(key, [])
+        stem = "_".join(k for k in key)
+        if len(p_list) > 1 or len(m_list) > 1:
+            for f in p_list + m_list:
+                unpaired.append(
+                    Unpaired(in_dir / f, f"stem {stem!r} is ambiguous: {', '.join(p_list + m_list)}")
+                )
+        elif not m_list:
+            unpaired.append(
+                Unpaired(in_dir / p_list[0], f"no MS partner matching {ms_p!r} for stem {stem!r}")
+            )
+        elif not p_list:
+            unpaired.append(
+                Unpaired(in_dir / m_list[0], f"no PAN partner matching {pan_p!r} for stem {stem!r}")
+            )
+        else:
+            out = out_path_for(out_dir, stem, out_pattern)
+            scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
+    matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
+    ignored = [in_dir / f for f in files if f not in matched]
+    plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
+    _check_outputs(plan)
+    return plan
+
+
+def read_manifest(
+    manifest: Path, in_dir: Path, out_dir: Path, out_pattern: str = DEFAULT_OUT_PATTERN
+) -> Plan:
+    """Scenes from a CSV with a header: `pan,ms[,out][,id]`.
+
+    Relative `pan`/`ms` paths are taken from `in_dir`, relative `out` paths from `out_dir`;
+    without `out`, the output is named from the PAN file's stem and `out_pattern`.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FusionError(f"manifest not found: {manifest}")
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+            header = [h.strip().lower() for h in (rows[0].keys() if rows else [])]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise FusionError(f"manifest {manifest} is not a readable CSV: {exc}") from None
+    if rows and not {"pan", "ms"} <= set(header):
+        raise FusionError(
+            f"manifest {manifest} needs a header with 'pan' and 'ms' columns (and optionally 'out', 'id')"
+        )
+    scenes: list[Scene] = []
+    for n, row in enumerate(rows, start=2):
+        r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not r.get("pan") or not r.get("ms"):
+            raise FusionError(f"manifest {manifest} line {n}: empty 'pan' or 'ms'")
+        pan, ms = in_dir / r["pan"], in_dir / r["ms"]  # absolute paths stay absolute
+        stem = Path(r["pan"]).name.split(".")[0]
+        out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
+        scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
+    plan = Plan(scenes, source=f"--manifest {manifest}", total_scenes=len(scenes))
+    _check_outputs(plan)
+    return plan
+
+
+def _check_outputs(plan: Plan) -> None:
+    """Two scenes writing one file, or an output that is an input, is a bad invocation."""
+    seen: dict[Path, str] = {}
+    for s in plan.scenes:
+        key = s.out.resolve()
+        if key in seen:
+            raise FusionError(
+                f"scenes {seen[key]!r} and {s.id!r} would both write {s.out}; fix the names or --out-pattern"
+            )
+        seen[key] = s.id
+    inputs = {p.resolve() for s in plan.scenes for p in (s.pan, s.ms)}
+    for s in plan.scenes:
+        if s.out.resolve() in inputs:
+            raise FusionError(f"output {s.out} of scene {s.id!r} is an input file; choose another OUT_DIR")
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K mod N, N).
+
+    K is taken modulo N, so any N consecutive task ids select every shard exactly once:
+    0-based (Kubernetes `$JOB_COMPLETION_INDEX`, `--array=0-9`) and 1-based (SLURM `--array=1-10`,
+    GNU parallel `{#}`) numbering both work with `$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise FusionError(
+            f"--shard expects K/N with integers, e.g. 0/4 or $SLURM_ARRAY_TASK_ID/4, got {text!r}"
+        )
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        raise FusionError(f"--shard K/N needs N >= 1, got {text!r}")
+    return k % n, n
+
+
+def shard_of(key: str, count: int) -> int:
+    """Shard of a scene: a hash of its id, so the assignment of a scene never depends on which
+    other files happen to be in the folder (files landing mid-array are neither lost nor doubled)."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def apply_shard(plan: Plan, index: int, count: int) -> Plan:
+    """The deterministic 1/N of a plan that shard `index` (0-based) processes."""
+    return replace(
+        plan,
+        scenes=[s for s in plan.scenes if shard_of(s.id, count) == index],
+        unpaired=[u for u in plan.unpaired if shard_of(u.path.name, count) == index],
+        shard=(index, count),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Execution
+
+SceneProcessor = Callable[[Scene], dict[str, Any]]
+CompleteCheck = Callable[[Path], bool]
+
+
+@dataclass
+class SceneResult:
+    scene: str
+    pan: str
+    ms: str
+    out: str
+    status: str  # done | skipped | failed
+    reason: str | None = None
+    seconds: float = 0.0
+    pan_mpx: float = 0.0  # output (PAN-grid) megapixels, for throughput
+    attempts: int = 0
+    worker: str = ""
+    details: dict[str, Any] = field(default_factory=dict)  # the per-scene fusion summary / metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BatchSummary:
+    results: list[SceneResult]
+    seconds: float
+    shard: tuple[int, int] | None = None
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def done(self) -> int:
+        return self.count("done")
+
+    @property
+    def skipped(self) -> int:
+        return self.count("skipped")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed")
+
+    @property
+    def mpx_per_s(self) -> float:
+        busy = sum(r.seconds for r in self.results if r.status == "done")
+        return sum(r.pan_mpx for r in self.results if r.status == "done") / busy if busy > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0: everything done or skipped; 1: some scene failed; 130: interrupted (Ctrl-C)."""
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "pan_mpx_done": round(sum(r.pan_mpx for r in self.results if r.status == "done"), 3),
+            "mpx_per_s": round(self.mpx_per_s, 4),
+            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+            "interrupted": self.interrupted,
+            "exit_code": self.exit_code,
+            "scenes": [r.to_dict() for r in self.results],
+        }
+
+
+def _default_complete_check(path: Path) -> bool:
+    from fusion_cli.raster import is_complete_output
+
+    return is_complete_output(path)
+
+
+def _output_mpx(path: Path) -> float:
+    try:
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            return ds.width * ds.height / 1e6
+    except Exception:  # throughput is informative; never fail a finished scene over it
+        return 0.0
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@contextlib.contextmanager
+def scene_lock(out: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on one output while it is made; yields False if another live run
+    holds it (an overlapping cron run, a duplicate array task).
+
+    flock is released by the kernel when its holder dies, so a lock we obtain proves that any
+    temporary file left beside the output belongs to a killed run and may be removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no cross-run exclusion, nothing else changes
+        yield True
+        return
+    lock_path = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        # The holder we waited on may have unlinked the file: our lock must be on the live inode.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete hidden `.<name>.*` files a killed writer left beside `out` (call under `scene_lock`)."""
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if p.name != f".{out.name}.lock" and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def execute_scene(
+    scene: Scene,
+    process: SceneProcessor,
+    *,
+    overwrite: bool = False,
+    retries: int = 0,
+    is_complete: CompleteCheck | None = None,
+) -> SceneResult:
+    """Fuse one scene unless its output is already complete; never raises for a bad scene.
+
+    A `FusionError` (bad input: the same on every attempt) fails at once; other exceptions (an
+    I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes.
+    """
+    check = is_complete or _default_complete_check
+    base = dict(
+        scene=scene.id, pan=str(scene.pan), ms=str(scene.ms), out=str(scene.out), worker=_worker_name()
+    )
+    try:
+        scene.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return SceneResult(status="failed", reason=f"cannot create output folder: {exc}", **base)
+    with scene_lock(scene.out) as mine:
+        if not mine:
+            return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
+        remove_stale_temporaries(scene.out)
+        if scene.out.exists() and not overwrite:
+            if check(scene.out):
+                return SceneResult(status="skipped", reason="output complete", **base)
+            why = (
+                f"output {scene.out} exists but is not a complete fusion-cli product "
+                "(a foreign or damaged file); use --overwrite to redo it"
+            )
+            return SceneResult(status="failed", reason=why, **base)
+        t0 = time.perf_counter()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                details = process(scene) or {}
+            except FusionError as exc:
+                reason, details = str(exc), {}
+                break
+            except Exception as exc:  # noqa: BLE001 - one corrupt scene must not stop the batch
+                reason = f"{type(exc).__name__}: {exc}".strip()
+                details = {"traceback": traceback.format_exc(limit=6)}
+                if attempts <= retries:
+                    continue
+                break
+            else:
+                elapsed = time.perf_counter() - t0
+                mpx = _output_mpx(scene.out)
+                return SceneResult(
+                    status="done", seconds=elapsed, pan_mpx=mpx, attempts=attempts, details=details, **base
+                )
+        elapsed = time.perf_counter() - t0
+        return SceneResult(
+            status="failed", reason=reason, seconds=elapsed, attempts=attempts, details=details, **base
+        )
+
+
+def unpaired_results(plan: Plan) -> list[SceneResult]:
+    """Unpaired inputs as failed results, so they appear in the log, the summary and the exit code."""
+    return [
+        SceneResult(
+            scene=u.path.name, pan="", ms="", out="", status="failed", reason=u.reason, worker=_worker_name()
+        )
+        for u in plan.unpaired
+    ]
+
+
+class JsonlLog:
+    """Append-only JSON-lines log, one line per scene, flushed at once (a killed run keeps its lines)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, result: SceneResult, shard: tuple[int, int] | None = None) -> None:
+        if self.path is None:
+            return
+        record = {
+            "v": LOG_VERSION,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "shard": None if shard is None else f"{shard[0]}/{shard[1]}",
+            **result.to_dict(),
+        }
+        # One write() of a whole line on an O_APPEND file: shards sharing a log do not interleave.
+        line = json.dumps(record, default=str) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+
+
+def _readahead(paths: Iterable[Path], chunk: int = 8 << 20) -> None:
+    """Pull files into the OS page cache so the pipeline's reads of the next scene hit memory."""
+    for p in paths:
+        try:
+            with open(p, "rb", buffering=0) as fh:
+                while fh.read(chunk):
+                    pass
+        except OSError:
+            pass  # the pipeline reports unreadable inputs itself
+
+
+def run_batch(
+    plan: Plan,
+    process: SceneProcessor,
+    *,
+    overwrite: bool = False,
+    retries: int = 0,
+    log: Path | None = None,
+    io_workers: int = 1,
+    is_complete: CompleteCheck | None = None,
+    on_result: Callable[[SceneResult], None] | None = None,
+) -> BatchSummary:
+    """Run the plan's scenes one after another with one `process` (one model instance).
+
+    With `io_workers > 0`, threads read the inputs of the next `io_workers` scenes ahead while the
+    current one is fused, so disk or network reads overlap inference. Ctrl-C stops after the
+    running scene is cleaned up by the pipeline; the summary says the run was interrupted.
+    """
+    journal = JsonlLog(log)
+    results: list[SceneResult] = []
+    t0 = time.perf_counter()
+
+    def record(r: SceneResult) -> None:
+        results.append(r)
+        journal.write(r, plan.shard)
+        if on_result is not None:
+            on_result(r)
+
+    for r in unpaired_results(plan):
+        record(r)
+    pool = (
+        ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="fusion-readahead")
+        if io_workers
+        else None
+    )
+    interrupted = False
+    try:
+        for i, scene in enumerate(plan.scenes):
+            if pool is not None:
+                ahead = plan.scenes[i + 1 : i + 1 + io_workers] if i else plan.scenes[: 1 + io_workers]
+                for nxt in ahead:
+                    if overwrite or not nxt.out.exists():
+                        pool.submit(_readahead, [nxt.pan, nxt.ms])
+            record(
+                execute_scene(scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete)
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return BatchSummary(results, time.perf_counter() - t0, plan.shard, interrupted)
+
+
+# --------------------------------------------------------------------------------------------
+# The real per-scene processor
+
+
+@dataclass
+class FuseJob:
+    """Everything a worker needs to build its fuser and fuse a scene (picklable, for Dask).
+
+    `fuser` holds the keyword arguments of `pipeline.make_fuser`; `options` a `FuseOptions`.
+    """
+
+    fuser: dict[str, Any]
+    options: Any
+    metrics: bool = False
+
+    def cache_key(self) -> str:
+        return json.dumps(self.fuser, sort_keys=True, default=str)
+
+
+def make_scene_processor(job: FuseJob) -> SceneProcessor:
+    """Build the fuser once and return `process(scene)` that fuses one scene with it."""
+    from fusion_cli import pipeline
+
+    fuser = pipeline.make_fuser(**job.fuser)
+    # The batch already decided the scene must be (re)done, so the writer may replace the target.
+    options = replace(job.options, overwrite=True) if hasattr(job.options, "overwrite") else job.options
+
+    def process(scene: Scene) -> dict[str, Any]:
+        scene.out.parent.mkdir(parents=True, exist_ok=True)
+        summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
+        details: dict[str, Any] = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary or {})
+        if job.metrics:
+            details["metrics"] = scene_metrics(scene, fuser)
+        return details
+
+    return process
+
+
+def scene_metrics(scene: Scene, fuser: Any) -> dict[str, Any]:
+    """Full-resolution quality indices of a finished scene, also written beside the output
+    (`<out>.metrics.json`) so a report can be built from the output folder alone."""
+    from fusion_cli import metrics
+
+    values = metrics.full_resolution_files(scene.out, scene.pan, scene.ms, ratio=fuser.ratio)
+    sidecar = scene.out.with_name(scene.out.name + ".metrics.json")
+    payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
+    tmp = sidecar.with_name("." + sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, sidecar)
+    return values
