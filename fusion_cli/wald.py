@@ -1,0 +1,190 @@
+"""Wald's reduced-resolution protocol: degrade a PAN/MS pair by the ratio so that the original MS
+becomes the reference of a fusion made at the lower scale.
+
+MS: each band low-passed by its sensor's MTF-matched Gaussian and decimated `[ratio//2::ratio]`
+(`fusion_cli.mtf.degrade_ms`). PAN: MATLAB `imresize(pan, 1/ratio)` (bicubic, antialiased), as the
+reference toolbox's `resize_images.m`, or its own MTF filter with `pan_mode="mtf"` (as PanCollection
+and the FusionMamba golden data). The arrays are cropped first to a whole number of low-resolution
+pixels so the three products tile each other exactly: ref `(C, h, w)`, ms_lr `(C, h/r, w/r)`,
+pan_lr `(P, h, w)` with h, w multiples of r.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import rasterio
+from rasterio.transform import Affine
+
+from fusion_cli.errors import FusionError
+from fusion_cli.mtf import degrade_ms, degrade_pan
+from fusion_cli.sensors import canonical_sensor, nyquist_gains
+
+PanMode = Literal["bicubic", "mtf"]
+
+
+def simulate_arrays(
+    pan: np.ndarray,
+    ms: np.ndarray,
+    ratio: int,
+    sensor: str | None = None,
+    pan_mode: PanMode = "bicubic",
+    bands: list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Degrade a pair by `ratio`: pan `(P, H, W)`, ms `(C, h, w)` with H ~ ratio*h, in DN.
+
+    Returns float64 `(pan_lr (P, h', w'), ms_lr (C, h'/r, w'/r), ref (C, h', w'))`, where ref is the MS
+    cropped to h' = r * floor(min(h, H/r) / r) (same for w'), unrounded DN. `bands` (1-based sensor
+    band numbers) picks the MTF gains when the MS holds a subset of the sensor's bands.
+    """
+    if pan.ndim == 2:
+        pan = pan[None]
+    if pan.ndim != 3 or ms.ndim != 3:
+        raise FusionError(f"expected pan (P, H, W) and ms (C, h, w), got {pan.shape} and {ms.shape}")
+    if ratio < 2:
+        raise FusionError(f"the Wald protocol needs a ratio of at least 2, got {ratio}")
+    h = (min(ms.shape[1], pan.shape[1] // ratio) // ratio) * ratio
+    w = (min(ms.shape[2], pan.shape[2] // ratio) // ratio) * ratio
+    if h < ratio * 4 or w < ratio * 4:
+        raise FusionError(
+            f"images too small for a ratio-{ratio} reduction (MS {ms.shape[1]}x{ms.shape[2]}): "
+            f"need at least {ratio * 4}x{ratio * 4} MS pixels"
+        )
+    ref = np.asarray(ms[:, :h, :w], dtype=np.float64)
+    pan_c = np.asarray(pan[:, : h * ratio, : w * ratio], dtype=np.float64)
+    gains, pan_gain = nyquist_gains(sensor, ref.shape[0], bands)
+    ms_lr = degrade_ms(ref, gains, ratio)
+    pan_lr = degrade_pan(pan_c, ratio, pan_mode, pan_gain)
+    return pan_lr, ms_lr, ref
+
+
+@dataclass
+class SimulatedPair:
+    pan: Path
+    ms: Path
+    ref: Path
+    ratio: int
+    sensor: str
+    pan_mode: str
+
+
+def _read(path: Path) -> tuple[np.ndarray, dict, Affine | None, object]:
+    if not path.exists():
+        raise FusionError(f"input not found: {path}")
+    try:
+        with warnings.catch_warnings(), rasterio.open(path) as ds:
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            data = ds.read()
+            georef = ds.crs is not None or not ds.transform.is_identity
+            tags = ds.tags()
+            return (
+                data,
+                {"nodata": ds.nodata, "tags": tags, "desc": ds.descriptions},
+                (ds.transform if georef else None),
+                ds.crs,
+            )
+    except rasterio.errors.RasterioIOError as exc:
+        raise FusionError(f"cannot read {path} as a raster: {exc}") from None
+
+
+def infer_ratio(pan_shape: tuple[int, ...], ms_shape: tuple[int, ...]) -> int:
+    """PAN/MS size ratio, an integer within 1 % (e.g. Landsat's one extra PAN row), else an error."""
+    r = pan_shape[-1] / ms_shape[-1]
+    ratio = round(r)
+    if ratio < 2 or abs(r - ratio) > 0.01 * ratio:
+        raise FusionError(f"PAN/MS size ratio {r:.3f} is not an integer >= 2: give --ratio")
+    return ratio
+
+
+def _write(
+    path: Path, data: np.ndarray, transform: Affine | None, crs: object, meta: dict, dtype: str
+) -> None:
+    out = data
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        info = np.iinfo(dtype)
+        out = np.clip(np.round(data), info.min, info.max)
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": dtype,
+        "compress": "deflate",
+        "predictor": 3 if dtype == "float32" else 2,
+    }
+    if data.shape[1] > 256 and data.shape[2] > 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if transform is not None:
+        profile.update(transform=transform, crs=crs)
+    if meta["nodata"] is not None:
+        profile["nodata"] = meta["nodata"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        # a no-georef input gives a no-georef output, by design
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        ds = rasterio.open(tmp, "w", **profile)
+    with ds:
+        ds.write(out.astype(dtype))
+        tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
+        ds.update_tags(**tags, **meta.get("extra", {}))
+        descs = meta["desc"]
+        if descs and len(descs) == data.shape[0]:
+            for i, d in enumerate(descs, start=1):
+                if d:
+                    ds.set_band_description(i, d)
+    os.replace(tmp, path)
+
+
+def simulate_files(
+    pan_path: str | Path,
+    ms_path: str | Path,
+    out_dir: str | Path,
+    sensor: str | None = None,
+    ratio: int | None = None,
+    pan_mtf: bool = False,
+    dtype: Literal["float32", "source"] = "float32",
+    overwrite: bool = False,
+    bands: list[int] | None = None,
+) -> SimulatedPair:
+    """Write `pan_lr.tif`, `ms_lr.tif` and `ms_ref.tif` (the cropped original MS) into `out_dir`.
+
+    Geotransforms keep the origin and multiply the pixel size by the ratio, so `fusion pansharpen
+    pan_lr.tif ms_lr.tif` lands on the grid of `ms_ref.tif`. Inputs without georeferencing give
+    outputs without it. `dtype="source"` rounds to the input types; float32 (default) keeps the
+    unrounded DN, as the toolbox does.
+    """
+    pan_path, ms_path, out_dir = Path(pan_path), Path(ms_path), Path(out_dir)
+    key = canonical_sensor(sensor)
+    pan, pan_meta, pan_tf, pan_crs = _read(pan_path)
+    ms, ms_meta, ms_tf, ms_crs = _read(ms_path)
+    if (pan_tf is None) != (ms_tf is None):
+        raise FusionError("one input is georeferenced and the other is not: give two georeferenced files")
+    ratio = ratio or infer_ratio(pan.shape, ms.shape)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = SimulatedPair(
+        out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif", ratio, key,
+        "mtf" if pan_mtf else "bicubic",
+    )  # fmt: skip
+    targets = [paths.pan, paths.ms, paths.ref]
+    inputs = {pan_path.resolve(), ms_path.resolve()}
+    for t in targets:
+        if t.resolve() in inputs:
+            raise FusionError(f"output {t} would overwrite an input: choose another -o folder")
+        if t.exists() and not overwrite:
+            raise FusionError(f"{t} exists: pass --overwrite or choose another -o folder")
+    pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands)
+    scale = Affine.scale(ratio)
+    info = {"WALD_RATIO": str(ratio), "WALD_SENSOR": key, "WALD_PAN_MODE": paths.pan_mode}
+    ms_dtype = "float32" if dtype == "float32" else str(ms.dtype)
+    pan_dtype = "float32" if dtype == "float32" else str(pan.dtype)
+    _write(
+        paths.pan, pan_lr, pan_tf * scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
+    )
+    _write(paths.ms, ms_lr, ms_tf * scale if ms_tf else None, ms_crs, ms_meta | {"extra": info}, ms_dtype)
+    _write(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype))  # the original DN, unchanged
+    return paths
