@@ -77,8 +77,10 @@ def _read(path: Path) -> tuple[np.ndarray, dict, Affine | None, object]:
     if not path.exists():
         raise FusionError(f"input not found: {path}")
     try:
-        with warnings.catch_warnings(), rasterio.open(path) as ds:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+        with ds:
             data = ds.read()
             georef = ds.crs is not None or not ds.transform.is_identity
             tags = ds.tags()
