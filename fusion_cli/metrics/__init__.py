@@ -1,0 +1,53 @@
+"""Quality indices of fused images, matching the MATLAB toolbox of Vivone et al. (DLPan-Toolbox version).
+
+Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` bool, True = valid.
+
+* Reduced resolution (a reference exists): `q2n`, `q_index`, `sam`, `ergas`, `scc`, `psnr`, `ssim`,
+  `rmse`, and `reduced_resolution` for all of them at once.
+* Full resolution (no reference): `d_lambda`, `d_s`, `qnr`, `d_lambda_khan`, `hqnr`, and
+  `full_resolution` for all of them at once.
+"""
+
+from fusion_cli.metrics._common import border_cut, clip_to_bits, round_uint16
+from fusion_cli.metrics.q2n import q2n, q2n_label, q2n_map
+from fusion_cli.metrics.reference import (
+    ergas,
+    ergas_bands,
+    psnr,
+    psnr_bands,
+    q_index,
+    q_index_bands,
+    reduced_resolution,
+    rmse,
+    rmse_bands,
+    sam,
+    sam_map,
+    scc,
+    scc_bands,
+    ssim,
+    ssim_bands,
+)
+
+__all__ = [
+    "border_cut",
+    "clip_to_bits",
+    "ergas",
+    "ergas_bands",
+    "psnr",
+    "psnr_bands",
+    "q2n",
+    "q2n_label",
+    "q2n_map",
+    "q_index",
+    "q_index_bands",
+    "reduced_resolution",
+    "rmse",
+    "rmse_bands",
+    "round_uint16",
+    "sam",
+    "sam_map",
+    "scc",
+    "scc_bands",
+    "ssim",
+    "ssim_bands",
+]

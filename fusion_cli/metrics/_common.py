@@ -1,0 +1,194 @@
+"""Shared mechanics of the quality indices: input checks, border cut, masks, window and block moments.
+
+Images are numpy `(C, H, W)` arrays in DN (any real dtype); masks are `(H, W)` bool, True = valid.
+All statistics are computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from fusion_cli.errors import FusionError
+
+# Elements of float64 work arrays per chunk in block-wise code (~32 MB): memory stays proportional to
+# the image, not to blocks x image, whatever the scene size.
+CHUNK_ELEMENTS = 4_000_000
+
+
+def as_chw(img: np.ndarray, what: str = "image") -> np.ndarray:
+    """Accept `(H, W)` or `(C, H, W)`; return `(C, H, W)` without copying."""
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise FusionError(f"{what} must be (bands, rows, cols), got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise FusionError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def check_pair(ref: np.ndarray, fused: np.ndarray, names: tuple[str, str] = ("reference", "fused")) -> None:
+    if ref.shape != fused.shape:
+        raise FusionError(
+            f"{names[0]} {ref.shape} and {names[1]} {fused.shape} differ in shape (bands, rows, cols): "
+            "compare images on the same grid"
+        )
+
+
+def as_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """`None` or an `(H, W)` bool mask (True = valid) of the given spatial shape."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.shape != tuple(shape):
+        raise FusionError(f"mask shape {m.shape} does not match the image rows/cols {tuple(shape)}")
+    return m.astype(bool, copy=False)
+
+
+def border_cut(img: np.ndarray, cut: int) -> np.ndarray:
+    """The toolbox's asymmetric cut: keep rows/cols `[cut-1, H-cut)` of `(..., H, W)` (no-op for 0)."""
+    if cut < 0:
+        raise FusionError(f"--cut must be >= 0, got {cut}")
+    if cut == 0:
+        return img
+    h, w = img.shape[-2:]
+    if h - cut <= cut - 1 or w - cut <= cut - 1:
+        raise FusionError(f"a border cut of {cut} leaves nothing of a {h}x{w} image: use a smaller --cut")
+    return img[..., cut - 1 : h - cut, cut - 1 : w - cut]
+
+
+def clip_to_bits(img: np.ndarray, bits: int | None) -> np.ndarray:
+    """The toolbox's `th_values`: clip to `[0, 2^bits]` (note: 2^L, not 2^L - 1)."""
+    if bits is None:
+        return img
+    if not 1 <= bits <= 32:
+        raise FusionError(f"--clip-bits must be between 1 and 32, got {bits}")
+    return np.clip(img, 0, 2.0**bits)
+
+
+def round_uint16(x: np.ndarray) -> np.ndarray:
+    """MATLAB `uint16(x)`: round half away from zero, saturate to [0, 65535], NaN -> 0 (float64 out)."""
+    out = np.floor(np.nan_to_num(x, nan=0.0, posinf=65535.0, neginf=0.0) + 0.5)
+    return np.clip(out, 0.0, 65535.0)
+
+
+def uiqi_from_moments(
+    mx: np.ndarray, my: np.ndarray, vx: np.ndarray, vy: np.ndarray, cxy: np.ndarray, tiny: float = 0.0
+) -> np.ndarray:
+    """Wang-Bovik UIQI 4 cov mx my / ((vx + vy)(mx^2 + my^2)) with the guards of the toolbox's `img_qi.m`.
+
+    Where both variances vanish (`vx + vy <= tiny`, `tiny` absorbs rounding) the index is the mean term
+    2 mx my / (mx^2 + my^2); where the means also vanish it is 1.
+    """
+    vsum = vx + vy
+    msq = mx * mx + my * my
+    flat = vsum <= tiny
+    q = np.ones(np.broadcast(mx, vx).shape)
+    mean_only = flat & (msq != 0)
+    q[mean_only] = (2 * mx * my / np.where(mean_only, msq, 1.0))[mean_only]
+    full = ~flat & (msq != 0)
+    q[full] = (4 * cxy * mx * my / np.where(full, vsum * msq, 1.0))[full]
+    return q
+
+
+def box_mean_valid(a: np.ndarray, k: int) -> np.ndarray:
+    """Mean over every k x k window fully inside `(..., H, W)` ('valid' positions), float64.
+
+    Separable running sums (one cumulative sum per axis) keep the cost O(1) per pixel; callers centre
+    the data first so the sums stay small and exact to ~1e-13 relative.
+    """
+    out = np.asarray(a, dtype=np.float64)
+    for axis in (-1, -2):
+        c = np.moveaxis(np.cumsum(out, axis=axis), axis, -1)
+        run = np.empty(c.shape[:-1] + (c.shape[-1] - k + 1,))
+        run[..., 0] = c[..., k - 1]
+        np.subtract(c[..., k:], c[..., :-k], out=run[..., 1:])
+        out = np.moveaxis(run, -1, axis)
+    return out / (k * k)
+
+
+def windows_all_valid(mask: np.ndarray | None, k: int) -> np.ndarray | None:
+    """`(H-k+1, W-k+1)` bool: True where a k x k window holds only valid pixels (None: all valid)."""
+    if mask is None:
+        return None
+    return box_mean_valid((~mask).astype(np.float64), k) < 0.5 / (k * k)
+
+
+def valid_map(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    return np.ones(shape, bool) if mask is None else mask
+
+
+def symmetric_index(n: int, length: int) -> np.ndarray:
+    """Indices 0..length-1 folded into 0..n-1 by mirroring that repeats the edge sample (MATLAB padding)."""
+    idx = np.arange(length) % (2 * n)
+    return np.where(idx < n, idx, 2 * n - 1 - idx)
+
+
+def block_grid(size: int, block: int, shift: int, pad: bool) -> tuple[int, np.ndarray]:
+    """Number of block positions along one axis and the (possibly padded) sample indices they read.
+
+    `pad=True`: the toolbox's q2n rule: ceil(size / shift) positions, the axis extended by symmetric
+    mirroring to `(n - 1) * shift + block` samples. `pad=False`: full blocks only, the rest dropped.
+    """
+    if pad:
+        n = max(1, -(-size // shift))
+    else:
+        n = (size - block) // shift + 1
+        if n < 1:
+            raise FusionError(f"the image ({size} pixels) is smaller than the {block}-pixel block")
+    return n, symmetric_index(size, (n - 1) * shift + block)
+
+
+def iter_blocks(
+    arrays: Sequence[np.ndarray],
+    block: int,
+    shift: int | None = None,
+    pad: bool = False,
+    mask: np.ndarray | None = None,
+    transform=None,
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Walk `(C, H, W)` arrays block-row by block-row, yielding float64 blocks `(nb, C, block*block)`.
+
+    Chunks hold several rows of blocks so that the work arrays stay near `CHUNK_ELEMENTS`; each yield
+    also gives `(nb,)` bool, True where the block holds only valid pixels. `transform` (float64 array ->
+    array) is applied to each chunk before cutting blocks (e.g. the uint16 rounding of q2n).
+    """
+    shift = block if shift is None else shift
+    h, w = arrays[0].shape[-2:]
+    ny, rows = block_grid(h, block, shift, pad)
+    nx, cols = block_grid(w, block, shift, pad)
+    width = len(cols) * max(a.shape[0] for a in arrays)
+    per_row = max(1, CHUNK_ELEMENTS // max(1, width * block))
+    for y0 in range(0, ny, per_row):
+        y1 = min(ny, y0 + per_row)
+        r = rows[y0 * shift : (y1 - 1) * shift + block]
+        out = []
+        for a in arrays:
+            chunk = np.asarray(a[:, r][:, :, cols], dtype=np.float64)
+            if transform is not None:
+                chunk = transform(chunk)
+            out.append(_cut_blocks(chunk, block, shift))
+        if mask is None:
+            ok = np.ones(out[0].shape[0], bool)
+        else:
+            m = mask[r][:, cols][None].astype(np.float64)
+            ok = _cut_blocks(m, block, shift)[:, 0].min(axis=-1) > 0.5
+        yield out, ok
+    _ = nx
+
+
+def _cut_blocks(chunk: np.ndarray, block: int, shift: int) -> np.ndarray:
+    """`(C, rows, cols)` -> `(nb, C, block*block)` blocks at steps of `shift`, row-major block order."""
+    c = chunk.shape[0]
+    if shift == block:
+        ny, nx = chunk.shape[1] // block, chunk.shape[2] // block
+        v = chunk[:, : ny * block, : nx * block].reshape(c, ny, block, nx, block).transpose(1, 3, 0, 2, 4)
+    else:
+        v = sliding_window_view(chunk, (block, block), axis=(1, 2))[:, ::shift, ::shift]
+        v = v.transpose(1, 2, 0, 3, 4)
+    return v.reshape(-1, c, block * block)

@@ -1,0 +1,355 @@
+"""Reduced-resolution indices (a reference image exists), following the toolbox of Vivone et al.
+
+Inputs are `(C, H, W)` arrays in DN (not rescaled), `ref` first. `mask` is `(H, W)` bool, True = valid;
+how each index leaves out invalid pixels is said in its docstring. Loops run over bands only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage
+
+from fusion_cli.errors import FusionError
+from fusion_cli.metrics._common import (
+    as_chw,
+    as_mask,
+    border_cut,
+    box_mean_valid,
+    check_pair,
+    clip_to_bits,
+    uiqi_from_moments,
+    windows_all_valid,
+)
+from fusion_cli.metrics.q2n import q2n, q2n_label
+
+PSNR_PEAKS = ("dnmax", "band-max")  # named peaks; a number is also accepted
+
+
+def _prepare(
+    ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    ref, fused = as_chw(ref, "reference"), as_chw(fused, "fused")
+    check_pair(ref, fused)
+    return ref, fused, as_mask(mask, ref.shape[1:])
+
+
+def _band(img: np.ndarray, b: int) -> np.ndarray:
+    return np.asarray(img[b], dtype=np.float64)
+
+
+def _mean_over(values: np.ndarray, valid: np.ndarray | None, what: str) -> float:
+    if valid is None:
+        return float(values.mean())
+    if not valid.any():
+        raise FusionError(f"no valid pixels left for {what}: check the mask / nodata and the border cut")
+    return float(values[valid].mean())
+
+
+# --- Q: Wang-Bovik UIQI on a sliding window ---------------------------------------------------------
+
+
+def _window_uiqi(x: np.ndarray, y: np.ndarray, k: int, valid: np.ndarray | None) -> np.ndarray:
+    """UIQI map of two `(H, W)` float64 bands over all 'valid' k x k windows (toolbox `img_qi.m`)."""
+    # centre by a global offset: window sums of small numbers keep variances exact to ~1e-13
+    sel = slice(None) if valid is None else valid
+    ox, oy = x[sel].mean(), y[sel].mean()
+    x0, y0 = x - ox, y - oy
+    mx0, my0 = box_mean_valid(x0, k), box_mean_valid(y0, k)
+    vx = np.maximum(box_mean_valid(x0 * x0, k) - mx0**2, 0.0)
+    vy = np.maximum(box_mean_valid(y0 * y0, k) - my0**2, 0.0)
+    cxy = box_mean_valid(x0 * y0, k) - mx0 * my0
+    tiny = 1e-12 * ((x0[sel] ** 2).mean() + (y0[sel] ** 2).mean())
+    return uiqi_from_moments(mx0 + ox, my0 + oy, vx, vy, cxy, tiny)
+
+
+def q_index_bands(
+    ref: np.ndarray, fused: np.ndarray, block: int = 32, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-band Q `(C,)`: mean UIQI over every `block` x `block` window fully inside the image.
+
+    Windows touching an invalid pixel are left out.
+    """
+    ref, fused, m = _prepare(ref, fused, mask)
+    h, w = ref.shape[1:]
+    if min(h, w) < block:
+        raise FusionError(f"Q needs images of at least {block}x{block} pixels, got {h}x{w}")
+    ok = windows_all_valid(m, block)
+    return np.array(
+        [
+            _mean_over(_window_uiqi(_band(ref, b), _band(fused, b), block, m), ok, "Q")
+            for b in range(ref.shape[0])
+        ]
+    )
+
+
+def q_index(ref: np.ndarray, fused: np.ndarray, block: int = 32, mask: np.ndarray | None = None) -> float:
+    """Q: the band average of the sliding-window UIQI (toolbox `Q.m` with `img_qi(.., 32)`)."""
+    return float(q_index_bands(ref, fused, block, mask).mean())
+
+
+# --- SAM -------------------------------------------------------------------------------------------
+
+
+def sam_map(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel spectral angle in degrees `(H, W)`; NaN where either spectrum has zero norm or is masked."""
+    ref, fused, m = _prepare(ref, fused, mask)
+    r, f = ref.astype(np.float64, copy=False), fused.astype(np.float64, copy=False)
+    dot = np.einsum("chw,chw->hw", r, f)
+    norm = np.sqrt(np.einsum("chw,chw->hw", r, r) * np.einsum("chw,chw->hw", f, f))
+    ok = norm > 0
+    if m is not None:
+        ok &= m
+    cos = np.clip(dot / np.where(ok, norm, 1.0), -1.0, 1.0)
+    return np.where(ok, np.degrees(np.arccos(cos)), np.nan)
+
+
+def sam(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """SAM in degrees: mean spectral angle over pixels where both spectra have non-zero norm.
+
+    Zero-norm (and masked) pixels are excluded from both the sum and the count, as in `SAM.m`.
+    """
+    angles = sam_map(ref, fused, mask)
+    ok = np.isfinite(angles)
+    if not ok.any():
+        raise FusionError("SAM: every pixel has a zero spectrum or is masked")
+    return float(angles[ok].mean())
+
+
+# --- ERGAS, RMSE, PSNR -------------------------------------------------------------------------------
+
+
+def _band_mse_and_mean(
+    ref: np.ndarray, fused: np.ndarray, m: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band MSE and reference mean over valid pixels: `(C,)`, `(C,)`."""
+    sel = slice(None) if m is None else m
+    if m is not None and not m.any():
+        raise FusionError("no valid pixels: check the mask / nodata")
+    mse = np.array([((_band(ref, b)[sel] - _band(fused, b)[sel]) ** 2).mean() for b in range(ref.shape[0])])
+    mean = np.array([_band(ref, b)[sel].mean() for b in range(ref.shape[0])])
+    return mse, mean
+
+
+def ergas_bands(
+    ref: np.ndarray, fused: np.ndarray, ratio: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-band ERGAS terms `(C,)`: (100 / ratio) sqrt(MSE_b / mean(ref_b)^2)."""
+    ref, fused, m = _prepare(ref, fused, mask)
+    if ratio <= 0:
+        raise FusionError(f"ratio must be positive (PAN/MS pixel-size ratio, e.g. 4), got {ratio}")
+    mse, mean = _band_mse_and_mean(ref, fused, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (100.0 / ratio) * np.sqrt(mse / mean**2)
+
+
+def ergas(ref: np.ndarray, fused: np.ndarray, ratio: float, mask: np.ndarray | None = None) -> float:
+    """ERGAS = (100 / ratio) sqrt(mean_b MSE_b / mean(ref_b)^2), ratio = PAN/MS pixel-size ratio (4, not 1/4).
+
+    MSE and mean are taken over valid pixels.
+    """
+    terms = ergas_bands(ref, fused, ratio, mask)
+    return float(np.sqrt((terms**2).mean()))
+
+
+def rmse_bands(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    ref, fused, m = _prepare(ref, fused, mask)
+    return np.sqrt(_band_mse_and_mean(ref, fused, m)[0])
+
+
+def rmse(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Root mean square error in DN over all bands and valid pixels."""
+    return float(np.sqrt((rmse_bands(ref, fused, mask) ** 2).mean()))
+
+
+def _peaks(ref: np.ndarray, m: np.ndarray | None, peak: float | str) -> np.ndarray:
+    sel = slice(None) if m is None else m
+    if isinstance(peak, str) and peak not in PSNR_PEAKS:
+        try:
+            peak = float(peak)
+        except ValueError:
+            raise FusionError(f"PSNR peak must be a number, 'dnmax' or 'band-max', got {peak!r}") from None
+    if peak == "dnmax":
+        return np.full(ref.shape[0], max(float(_band(ref, b)[sel].max()) for b in range(ref.shape[0])))
+    if peak == "band-max":
+        return np.array([float(_band(ref, b)[sel].max()) for b in range(ref.shape[0])])
+    if float(peak) <= 0:
+        raise FusionError(f"PSNR peak must be positive, got {peak}")
+    return np.full(ref.shape[0], float(peak))
+
+
+def psnr_bands(
+    ref: np.ndarray, fused: np.ndarray, peak: float | str = "dnmax", mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-band PSNR in dB `(C,)`: 10 log10(peak^2 / MSE_b); inf for a perfect band.
+
+    `peak`: a number (1 for reflectance, 255 for 8-bit, 2047 for 11-bit DN ...), `"dnmax"` (the
+    reference's maximum over all bands) or `"band-max"` (each reference band's own maximum).
+    """
+    ref, fused, m = _prepare(ref, fused, mask)
+    mse, _ = _band_mse_and_mean(ref, fused, m)
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(_peaks(ref, m, peak) ** 2 / mse)
+
+
+def psnr(
+    ref: np.ndarray, fused: np.ndarray, peak: float | str = "dnmax", mask: np.ndarray | None = None
+) -> float:
+    """PSNR in dB averaged over bands (the HISR convention)."""
+    return float(psnr_bands(ref, fused, peak, mask).mean())
+
+
+# --- SSIM ------------------------------------------------------------------------------------------
+
+
+def _gauss_taps(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    t = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(t**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _filter_valid(a: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Separable correlation with `taps` on 'valid' positions only: `(H, W)` -> `(H-n+1, W-n+1)`."""
+    n = len(taps)
+    a = sliding_window_view(a, n, axis=1) @ taps
+    return sliding_window_view(a, n, axis=0) @ taps
+
+
+def ssim_bands(
+    ref: np.ndarray,
+    fused: np.ndarray,
+    peak: float | str = "dnmax",
+    mask: np.ndarray | None = None,
+    k: tuple[float, float] = (0.01, 0.03),
+) -> np.ndarray:
+    """Per-band SSIM `(C,)` of Wang et al.: Gaussian window 11 / sigma 1.5, K = (0.01, 0.03), L = peak.
+
+    Mean of the SSIM map over 'valid' window positions; windows touching an invalid pixel are left out.
+    """
+    ref, fused, m = _prepare(ref, fused, mask)
+    if min(ref.shape[1:]) < 11:
+        raise FusionError(f"SSIM needs images of at least 11x11 pixels, got {ref.shape[1:]}")
+    taps = _gauss_taps()
+    ok = windows_all_valid(m, 11)
+    peaks = _peaks(ref, m, peak)
+    out = []
+    for b in range(ref.shape[0]):
+        x, y = _band(ref, b), _band(fused, b)
+        c1, c2 = (k[0] * peaks[b]) ** 2, (k[1] * peaks[b]) ** 2
+        mx, my = _filter_valid(x, taps), _filter_valid(y, taps)
+        vx = _filter_valid(x * x, taps) - mx**2
+        vy = _filter_valid(y * y, taps) - my**2
+        cxy = _filter_valid(x * y, taps) - mx * my
+        smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        out.append(_mean_over(smap, ok, "SSIM"))
+    return np.array(out)
+
+
+def ssim(
+    ref: np.ndarray, fused: np.ndarray, peak: float | str = "dnmax", mask: np.ndarray | None = None
+) -> float:
+    """SSIM averaged over bands."""
+    return float(ssim_bands(ref, fused, peak, mask).mean())
+
+
+# --- SCC -------------------------------------------------------------------------------------------
+
+_SOBEL = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
+
+
+def _sobel_magnitude(band: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of the interior `(H-2, W-2)`, zero padding (toolbox `SCC.m`)."""
+    inner = band[1:-1, 1:-1]
+    gy = ndimage.correlate(inner, _SOBEL, mode="constant", cval=0.0)
+    gx = ndimage.correlate(inner, _SOBEL.T, mode="constant", cval=0.0)
+    return np.hypot(gx, gy)
+
+
+def scc_bands(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-band SCC `(C,)`: normalised inner product of Sobel gradient magnitudes (no mean removal)."""
+    return _scc(ref, fused, mask)[1]
+
+
+def scc(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """SCC: sum(G_F G_R) / sqrt(sum G_F^2) / sqrt(sum G_R^2) over interior pixels and all bands.
+
+    G = Sobel gradient magnitude ([1 2 1; 0 0 0; -1 -2 -1] and its transpose) of the image without its
+    outer one-pixel frame, zero-padded. With a mask, pixels whose 3x3 neighbourhood touches an invalid
+    pixel are left out of the sums.
+    """
+    return _scc(ref, fused, mask)[0]
+
+
+def _scc(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None) -> tuple[float, np.ndarray]:
+    ref, fused, m = _prepare(ref, fused, mask)
+    if min(ref.shape[1:]) < 3:
+        raise FusionError("SCC needs images of at least 3x3 pixels")
+    sel = slice(None)
+    if m is not None:
+        sel = ndimage.binary_erosion(m, np.ones((3, 3), bool), border_value=1)[1:-1, 1:-1]
+    ff, rr, fr = np.zeros(ref.shape[0]), np.zeros(ref.shape[0]), np.zeros(ref.shape[0])
+    for b in range(ref.shape[0]):
+        gf, gr = _sobel_magnitude(_band(fused, b))[sel], _sobel_magnitude(_band(ref, b))[sel]
+        fr[b], ff[b], rr[b] = (gf * gr).sum(), (gf * gf).sum(), (gr * gr).sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_band = fr / np.sqrt(ff) / np.sqrt(rr)
+        total = fr.sum() / np.sqrt(ff.sum()) / np.sqrt(rr.sum())
+    return float(total), per_band
+
+
+# --- everything at once ----------------------------------------------------------------------------
+
+
+def reduced_resolution(
+    ref: np.ndarray,
+    fused: np.ndarray,
+    ratio: float,
+    cut: int = 0,
+    clip_bits: int | None = None,
+    mask: np.ndarray | None = None,
+    per_band: bool = False,
+    block: int = 32,
+    round_uint16: bool = True,
+    psnr_peak: float | str = "dnmax",
+) -> dict[str, Any]:
+    """All reduced-resolution indices of `fused` against `ref` (both `(C, H, W)` DN) in one call.
+
+    Order of operations as the toolbox's `indexes_evaluation.m`: border cut of both images (and the
+    mask), then clipping of the fused image to [0, 2^clip_bits], then the indices. Returns floats keyed
+    `Q2n, Q, SAM, ERGAS, SCC, PSNR, SSIM, RMSE`, plus `q2n_name` ("Q8" for 8 bands ...), `bands`, and
+    with `per_band=True` a `per_band` dict of lists (`Q, ERGAS, SCC, PSNR, SSIM, RMSE`).
+    """
+    ref, fused, m = _prepare(ref, fused, mask)
+    ref, fused = border_cut(ref, cut), border_cut(fused, cut)
+    m = None if m is None else border_cut(m, cut)
+    fused = clip_to_bits(fused, clip_bits)
+    q_bands = q_index_bands(ref, fused, block, m)
+    e_bands = ergas_bands(ref, fused, ratio, m)
+    scc_total, s_bands = _scc(ref, fused, m)
+    p_bands = psnr_bands(ref, fused, psnr_peak, m)
+    ss_bands = ssim_bands(ref, fused, psnr_peak, m)
+    r_bands = rmse_bands(ref, fused, m)
+    out: dict[str, Any] = {
+        "Q2n": q2n(ref, fused, block, block, round_uint16, m),
+        "Q": float(q_bands.mean()),
+        "SAM": sam(ref, fused, m),
+        "ERGAS": float(np.sqrt((e_bands**2).mean())),
+        "SCC": scc_total,
+        "PSNR": float(p_bands.mean()),
+        "SSIM": float(ss_bands.mean()),
+        "RMSE": float(np.sqrt((r_bands**2).mean())),
+        "q2n_name": q2n_label(ref.shape[0]),
+        "bands": int(ref.shape[0]),
+    }
+    if per_band:
+        out["per_band"] = {
+            "Q": q_bands.tolist(),
+            "ERGAS": e_bands.tolist(),
+            "SCC": s_bands.tolist(),
+            "PSNR": p_bands.tolist(),
+            "SSIM": ss_bands.tolist(),
+            "RMSE": r_bands.tolist(),
+        }
+    return out
