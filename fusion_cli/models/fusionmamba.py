@@ -1,0 +1,380 @@
+"""FusionMamba (TGRS version) in pure PyTorch, any input size decided at forward time.
+
+Parameter names follow the authors' checkpoint (e.g. `stage0.fm.spa_mamba_layers.0.block.A_b_log`), so
+their `420.pth` state_dict loads with `strict=True`. Differences from the authors' code: no CUDA-only
+dependency (the selective scan comes from `fusion_cli.models.scan`), the four scan directions of a block
+run as one grouped scan, and the image size is taken from the input instead of fixed at construction.
+
+Data flow, `(B, C, h, w)` MS and `(B, P, H, W)` PAN with H = ratio*h, in [0, 1] units:
+    up = PixelShuffle(conv3x3(ms))                       learned upsampling, also the global residual
+    pan, ms = stems(pan), stems(up)                      (B, d, H, W)
+    two encoder stages (FusionMamba module, then a shared stride-2 conv) -> d, 2d, 4d channels
+    two decoder stages (module, shared transposed conv, + own skip, depthwise-separable conv)
+    final module -> fused map (B, d, H, W)
+    out = head(fused) * spectral_attention(ms) + up
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fusion_cli.errors import FusionError
+from fusion_cli.models.scan import causal_conv1d, selective_scan
+
+# Checkpoint names of the per-direction tensors: direction k uses suffix _SUFFIX[k].
+_SUFFIX = ("", "_b", "_c", "_d")
+
+
+@dataclass
+class FusionMambaConfig:
+    """Everything that defines the network's shape. `scan_backend` None = automatic (see scan.py)."""
+
+    ms_bands: int
+    pan_bands: int = 1
+    ratio: int = 4
+    dim: int = 32
+    d_state: int = 8
+    d_conv: int = 4
+    expand: int = 1
+    attn_dim: int = 32  # width of the spectral-attention Mamba over the band sequence
+    scan_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ms_bands", "pan_bands", "ratio", "dim", "d_state", "d_conv", "expand", "attn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise FusionError(f"FusionMamba config: {name} must be a positive integer, got {value!r}")
+        if self.ratio < 2:
+            raise FusionError(f"FusionMamba config: ratio must be >= 2, got {self.ratio}")
+
+    @property
+    def multiple(self) -> int:
+        """PAN sides must be multiples of this: ratio (MS grid) and 4 (two 2x downsamplings)."""
+        return math.lcm(4, self.ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FusionMambaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FusionError(f"FusionMamba config: unknown field(s) {', '.join(unknown)}")
+        if "ms_bands" not in data:
+            raise FusionError("FusionMamba config: ms_bands is required")
+        return cls(**data)
+
+
+def _to_order(seq: torch.Tensor, k: int, hw: tuple[int, int] | None) -> torch.Tensor:
+    """Image-order sequence `(B, E, L)` -> scan order k: row-major, reversed, column-major, reversed."""
+    if k >= 2:
+        h, w = hw  # type: ignore[misc]
+        seq = seq.unflatten(-1, (h, w)).transpose(-2, -1).flatten(-2)
+    return seq.flip(-1) if k % 2 else seq
+
+
+def _from_order(seq: torch.Tensor, k: int, hw: tuple[int, int] | None) -> torch.Tensor:
+    """Inverse of `_to_order`."""
+    if k % 2:
+        seq = seq.flip(-1)
+    if k >= 2:
+        h, w = hw  # type: ignore[misc]
+        seq = seq.unflatten(-1, (w, h)).transpose(-2, -1).flatten(-2)
+    return seq
+
+
+class MultiScanMamba(nn.Module):
+    """Mamba block scanning its input in 2 (forward/backward 1-D) or 4 (2-D cross-scan) orders.
+
+    Each order has its own conv1d, x_proj, dt_proj, A and D; outputs are put back in input order, averaged,
+    LayerNormed and projected. `cross=True`: dt, B and C come from a second input through `in_proj_b`
+    (no conv, no activation) while x and z come from the main input.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        d_conv: int,
+        expand: int,
+        directions: int,
+        cross: bool = False,
+        scan_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if directions not in (2, 4):
+            raise ValueError("directions must be 2 or 4")
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        self.directions = directions
+        self.cross = cross
+        self.scan_backend = scan_backend
+        e, n, r = self.d_inner, d_state, self.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
+        if cross:
+            self.in_proj_b = nn.Linear(d_model, e, bias=False)
+        for k in range(directions):
+            s = _SUFFIX[k]
+            self.add_module(f"conv1d{s}", nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1))
+            self.add_module(f"x_proj{s}", nn.Linear(e, r + 2 * n, bias=False))
+            dt_proj = nn.Linear(r, e)
+            self.add_module(f"dt_proj{s}", dt_proj)
+            # Mamba's initialisation: S4D-real A, unit D, dt bias = softplus^-1 of dt in [1e-3, 1e-1].
+            self.register_parameter(
+                f"A{s}_log", nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32).repeat(e, 1)))
+            )
+            self.register_parameter(f"D{s}", nn.Parameter(torch.ones(e)))
+            with torch.no_grad():
+                std = r**-0.5
+                dt_proj.weight.uniform_(-std, std)
+                dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(
+                    min=1e-4
+                )
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+        self.norm = nn.LayerNorm(e)
+
+    def _stacked(self, attr: str) -> torch.Tensor:
+        return torch.cat([self.get_parameter(attr.format(s=_SUFFIX[k])) for k in range(self.directions)])
+
+    def forward(
+        self, x: torch.Tensor, extra: torch.Tensor | None = None, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """x, extra `(B, L, d_model)` tokens (row-major H*W when hw=(H, W)) -> `(B, L, d_model)`."""
+        if self.directions == 4 and hw is None:
+            raise ValueError("a 4-direction scan needs the image size hw")
+        g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
+        b, length, _ = x.shape
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
+        xi, z = xz.chunk(2, dim=1)
+        # All directions side by side on the channel axis: (B, G*E, L), group k = scan order k.
+        xs = torch.cat([_to_order(xi, k, hw) for k in range(g)], dim=1)
+        zs = torch.cat([_to_order(z, k, hw) for k in range(g)], dim=1)
+        conv_w = self._stacked("conv1d{s}.weight")[:, 0]  # (G*E, K)
+        xs = causal_conv1d(xs, conv_w, self._stacked("conv1d{s}.bias"), activation="silu")
+        if self.cross:
+            src = self.in_proj_b(extra).transpose(1, 2)  # (B, E, L)
+            src = torch.cat([_to_order(src, k, hw) for k in range(g)], dim=1)
+        else:
+            src = xs
+        # Per-direction x_proj and dt_proj as grouped 1x1 convolutions: one call for all directions.
+        x_w = self._stacked("x_proj{s}.weight").unsqueeze(-1)  # (G*(R+2N), E, 1)
+        x_dbl = F.conv1d(src, x_w, groups=g).unflatten(1, (g, r + 2 * n))  # (B, G, R+2N, L)
+        dt_w = self._stacked("dt_proj{s}.weight").unsqueeze(-1)  # (G*E, R, 1)
+        delta = F.conv1d(x_dbl[:, :, :r].flatten(1, 2), dt_w, groups=g)  # (B, G*E, L)
+        A = -torch.exp(self._stacked("A{s}_log").float())  # (G*E, N)
+        y = selective_scan(
+            xs,
+            delta,
+            A,
+            x_dbl[:, :, r : r + n],
+            x_dbl[:, :, r + n :],
+            self._stacked("D{s}").float(),
+            zs,
+            self._stacked("dt_proj{s}.bias").float(),
+            delta_softplus=True,
+            backend=self.scan_backend,
+        )
+        y = y.unflatten(1, (g, e))
+        y = sum(_from_order(y[:, k], k, hw) for k in range(g)) / g  # (B, E, L)
+        return self.out_proj(self.norm(y.transpose(1, 2).to(x.dtype)))
+
+
+class SingleMambaBlock(nn.Module):
+    """Pre-LayerNorm four-direction Mamba with a residual, on tokens `(B, L, C)`."""
+
+    def __init__(self, dim: int, cfg: FusionMambaConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.block = MultiScanMamba(dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, False, cfg.scan_backend)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return self.block(self.norm(x), hw=hw) + x
+
+
+class CrossMambaBlock(nn.Module):
+    """Main input gives x and z, the other modality gives dt, B, C; residual on the main input."""
+
+    def __init__(self, dim: int, cfg: FusionMambaConfig) -> None:
+        super().__init__()
+        self.norm0 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.block = MultiScanMamba(dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, True, cfg.scan_backend)
+
+    def forward(self, main: torch.Tensor, other: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return self.block(self.norm0(main), self.norm1(other), hw=hw) + main
+
+
+class FusionMambaModule(nn.Module):
+    """One FusionMamba module on two maps `(B, C, H, W)`.
+
+    Each branch through its own Mamba block, then PAN->MS and MS->PAN cross blocks, averaged and projected.
+    Non-final modules average that fused map back into both branches; the final one returns it alone.
+    """
+
+    def __init__(self, dim: int, cfg: FusionMambaConfig, final: bool = False) -> None:
+        super().__init__()
+        self.final = final
+        self.spa_mamba_layers = nn.ModuleList([SingleMambaBlock(dim, cfg)])
+        self.spe_mamba_layers = nn.ModuleList([SingleMambaBlock(dim, cfg)])
+        self.spa_cross_mamba = CrossMambaBlock(dim, cfg)
+        self.spe_cross_mamba = CrossMambaBlock(dim, cfg)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, pan: torch.Tensor, ms: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        h, w = pan.shape[-2:]
+        pan_t = pan.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
+        ms_t = ms.flatten(2).transpose(1, 2)
+        for spa, spe in zip(self.spa_mamba_layers, self.spe_mamba_layers, strict=True):
+            pan_t = spa(pan_t, (h, w))
+            ms_t = spe(ms_t, (h, w))
+        spa_fused = self.spa_cross_mamba(pan_t, ms_t, (h, w))
+        spe_fused = self.spe_cross_mamba(ms_t, pan_t, (h, w))
+        fused = self.out_proj((spa_fused + spe_fused) / 2)
+
+        def to_map(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).unflatten(2, (h, w))
+
+        if self.final:
+            return to_map(fused)
+        return to_map((pan_t + fused) / 2), to_map((ms_t + fused) / 2)
+
+
+class Down(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 2, 2), nn.LeakyReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+
+class Up(nn.Module):
+    """2x transposed conv, add the skip, depthwise 3x3 + pointwise 1x1."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, 2), nn.LeakyReLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(cout, cout, 3, 1, 1, groups=cout), nn.Conv2d(cout, cout, 1), nn.LeakyReLU()
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up(x) + skip)
+
+
+class Stage(nn.Module):
+    """A FusionMamba module followed by a resampling shared by both branches."""
+
+    def __init__(self, cin: int, cout: int, cfg: FusionMambaConfig, mode: str) -> None:
+        super().__init__()
+        self.fm = FusionMambaModule(cin, cfg)
+        self.sample = Down(cin, cout) if mode == "down" else Up(cin, cout)
+
+    def forward(
+        self, pan: torch.Tensor, ms: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        pan, ms = self.fm(pan, ms)
+        if skips is None:
+            return self.sample(pan), self.sample(ms), pan, ms
+        return self.sample(pan, skips[0]), self.sample(ms, skips[1])
+
+
+class PixelShuffleUp(nn.Module):
+    def __init__(self, bands: int, ratio: int) -> None:
+        super().__init__()
+        self.upsamle = nn.Sequential(
+            nn.Conv2d(bands, bands * ratio**2, 3, 1, 1, bias=False), nn.PixelShuffle(ratio)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upsamle(x)
+
+
+class SpectralAttention(nn.Module):
+    """Band weights from the low-res MS: per-band max, Linear 1->a, LayerNorm, bidirectional Mamba over the
+    band sequence, Linear a->1, sigmoid. `(B, C, h, w)` -> `(B, C, 1, 1)`."""
+
+    def __init__(self, cfg: FusionMambaConfig) -> None:
+        super().__init__()
+        a = cfg.attn_dim
+        self.block = nn.Sequential(
+            nn.Linear(1, a),
+            nn.LayerNorm(a),
+            MultiScanMamba(a, cfg.d_state, cfg.d_conv, cfg.expand, 2, False, cfg.scan_backend),
+            nn.Linear(a, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, ms: torch.Tensor) -> torch.Tensor:
+        pooled = torch.amax(ms, dim=(-2, -1)).unsqueeze(-1)  # (B, C, 1): one token per band
+        return self.block(pooled).unsqueeze(-1)
+
+
+class FusionMamba(nn.Module):
+    """`forward(ms (B, C, h, w), pan (B, P, H, W)) -> (B, C, H, W)`, inputs and output in [0, 1] units."""
+
+    def __init__(self, config: FusionMambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, p, d = config.ms_bands, config.pan_bands, config.dim
+        self.upsample = PixelShuffleUp(c, config.ratio)
+        self.raise_pan_dim = nn.Sequential(nn.Conv2d(p, d, 3, 1, 1), nn.LeakyReLU())
+        self.raise_ms_dim = nn.Sequential(nn.Conv2d(c, d, 3, 1, 1), nn.LeakyReLU())
+        self.to_hrms = nn.Sequential(nn.Conv2d(d, d, 3, 1, 1), nn.LeakyReLU(), nn.Conv2d(d, c, 3, 1, 1))
+        self.stage0 = Stage(d, 2 * d, config, "down")
+        self.stage1 = Stage(2 * d, 4 * d, config, "down")
+        self.stage2 = Stage(4 * d, 2 * d, config, "up")
+        self.stage3 = Stage(2 * d, d, config, "up")
+        self.stage4 = FusionMambaModule(d, config, final=True)
+        self.spe_attn = SpectralAttention(config)
+
+    def check_inputs(self, ms: torch.Tensor, pan: torch.Tensor) -> None:
+        """Clear errors for inputs that do not fit this network."""
+        cfg = self.config
+        if ms.dim() != 4 or pan.dim() != 4:
+            raise FusionError(
+                f"FusionMamba expects 4-D (B, C, H, W) inputs, got ms {tuple(ms.shape)}, "
+                f"pan {tuple(pan.shape)}"
+            )
+        if ms.shape[1] != cfg.ms_bands:
+            raise FusionError(
+                f"this model expects {cfg.ms_bands} MS bands but the input has {ms.shape[1]}; "
+                "choose a model trained for this sensor (fusion info lists them) or select bands"
+            )
+        if pan.shape[1] != cfg.pan_bands:
+            raise FusionError(
+                f"this model expects {cfg.pan_bands} PAN band(s) but the input has {pan.shape[1]}"
+            )
+        H, W = pan.shape[-2:]
+        h, w = ms.shape[-2:]
+        if (H, W) != (cfg.ratio * h, cfg.ratio * w):
+            raise FusionError(
+                f"PAN {H}x{W} is not {cfg.ratio} x MS {h}x{w}: the model's resolution ratio is {cfg.ratio}"
+            )
+        if H % 4 or W % 4:
+            raise FusionError(f"PAN size {H}x{W} must be a multiple of {cfg.multiple} on each side")
+        if ms.shape[0] != pan.shape[0]:
+            raise FusionError(f"batch sizes differ: ms {ms.shape[0]}, pan {pan.shape[0]}")
+
+    def forward(self, ms: torch.Tensor, pan: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(ms, pan)
+        up = self.upsample(ms)
+        pan_f = self.raise_pan_dim(pan)
+        ms_f = self.raise_ms_dim(up)
+        pan_f, ms_f, pan_skip0, ms_skip0 = self.stage0(pan_f, ms_f)
+        pan_f, ms_f, pan_skip1, ms_skip1 = self.stage1(pan_f, ms_f)
+        pan_f, ms_f = self.stage2(pan_f, ms_f, (pan_skip1, ms_skip1))
+        pan_f, ms_f = self.stage3(pan_f, ms_f, (pan_skip0, ms_skip0))
+        fused = self.stage4(pan_f, ms_f)
+        return self.to_hrms(fused) * self.spe_attn(ms) + up
