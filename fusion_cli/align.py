@@ -1,0 +1,286 @@
+"""How the PAN (high-resolution) and MS (low-resolution) grids relate, and placing the MS on the
+PAN grid.
+
+The output grid is the PAN grid restricted to the area both inputs cover. The MS is placed on it
+through the geotransforms, not by array index: for every output window the MS is resampled
+(separable Keys cubic) at the centres of the window's ratio x ratio blocks, so that low-resolution
+sample (i, j) covers PAN pixels [r*i, r*(i+1)) x [r*j, r*(j+1)) exactly (the area-aligned grid the
+fusers expect). Grids that are already area-aligned get an exact copy (cubic weights at integer
+positions are 0/1); Landsat's half-PAN-pixel offset becomes a quarter-MS-pixel resampling, and a
+measured misregistration (`estimate_shift`) is just one more offset in the same mapping.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from rasterio.transform import Affine
+
+from fusion_cli.errors import FusionError
+
+# Relative tolerance on the pixel-size ratio: WorldView-2's 2.0000966 m / 0.4999935 m = 4.00025.
+RATIO_TOL = 1e-3
+# PAN pixels within this fraction of a pixel of the common area still count as covered.
+EDGE_TOL = 0.05
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Geometry of one PAN/MS pair.
+
+    PAN continuous pixel coordinates (y, x) (pixel corners at integers) map to MS continuous pixel
+    coordinates by `ms_y = ay * (y - dy) + by`, `ms_x = ax * (x - dx) + bx`, where (dy, dx) is the
+    applied content shift in PAN pixels (0 unless coregistration is applied).
+    """
+
+    ratio: int
+    ratio_measured: tuple[float, float]  # (y, x) pixel-size ratio from the transforms
+    row0: int  # output window in PAN pixel coordinates
+    col0: int
+    height: int
+    width: int
+    ay: float
+    by: float
+    ax: float
+    bx: float
+    crs: Any = None
+    out_transform: Affine | None = None
+    georeferenced: bool = True
+    dy: float = 0.0
+    dx: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def with_shift(self, dy: float, dx: float) -> Alignment:
+        """The same geometry with a content shift (PAN px) applied to the MS placement."""
+        return replace(self, dy=float(dy), dx=float(dx))
+
+    def ms_centres(self, start: int, count: int, axis: int) -> np.ndarray:
+        """MS centre-index coordinates (pixel i's centre at i) of `count` low-resolution samples
+        starting at PAN pixel `start` (absolute PAN coordinates) along axis 0 (rows) or 1 (cols)."""
+        centres = start + self.ratio * (np.arange(count, dtype=np.float64) + 0.5)
+        if axis == 0:
+            return self.ay * (centres - self.dy) + self.by - 0.5
+        return self.ax * (centres - self.dx) + self.bx - 0.5
+
+
+def _is_identity(t: Affine) -> bool:
+    return t.almost_equals(Affine.identity())
+
+
+def _ratio_or_error(value: float, what: str) -> int:
+    r = round(value)
+    if r < 1 or abs(value - r) > RATIO_TOL * r:
+        raise FusionError(
+            f"{what} is {value:.5g}, not an integer; "
+            "resample the MS to an integer multiple of the PAN pixel size"
+        )
+    return r
+
+
+def _check_expected(ratio: int, expected: int | None) -> None:
+    if expected is not None and ratio != expected:
+        raise FusionError(
+            f"the PAN/MS resolution ratio is {ratio} but the model expects {expected}; "
+            f"use a model or method for ratio {ratio}"
+        )
+
+
+def relate_shapes(
+    pan_shape: tuple[int, int], ms_shape: tuple[int, int], expected_ratio: int | None = None
+) -> Alignment:
+    """Grids without georeferencing: accepted when the sizes are an exact integer ratio apart."""
+    (ph, pw), (mh, mw) = pan_shape, ms_shape
+    if mh == 0 or mw == 0 or ph % mh or pw % mw or ph // mh != pw // mw:
+        hint = f" (the model expects ratio {expected_ratio})" if expected_ratio else ""
+        raise FusionError(
+            f"inputs have no georeferencing and their sizes {ph}x{pw} (PAN) and {mh}x{mw} (MS) are not an "
+            f"exact integer ratio apart{hint}; crop them or add georeferencing"
+        )
+    ratio = ph // mh
+    _check_expected(ratio, expected_ratio)
+    return Alignment(
+        ratio=ratio,
+        ratio_measured=(float(ratio), float(ratio)),
+        row0=0,
+        col0=0,
+        height=ph,
+        width=pw,
+        ay=1.0 / ratio,
+        by=0.0,
+        ax=1.0 / ratio,
+        bx=0.0,
+        georeferenced=False,
+    )
+
+
+def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> Alignment:
+    """Check that two open rasters can be fused and describe how their grids relate.
+
+    Raises FusionError for a CRS mismatch, rotated grids, a non-integer or unexpected ratio, or no
+    overlap. Inputs without CRS and transform fall back to `relate_shapes` with a warning.
+    """
+    pt, mt = pan_ds.transform, ms_ds.transform
+    if pan_ds.crs is None and ms_ds.crs is None and _is_identity(pt) and _is_identity(mt):
+        warnings.warn(
+            "inputs have no georeferencing: assuming their grids share the top-left corner; "
+            "the output is written without CRS",
+            stacklevel=2,
+        )
+        return relate_shapes(pan_ds.shape, ms_ds.shape, expected_ratio)
+    if (pan_ds.crs is None) != (ms_ds.crs is None):
+        which = "PAN" if pan_ds.crs is None else "MS"
+        raise FusionError(f"the {which} has no CRS but the other input has one; assign the same CRS to both")
+    if pan_ds.crs is not None and pan_ds.crs != ms_ds.crs:
+        raise FusionError(
+            f"CRS mismatch: PAN is {pan_ds.crs.to_string()} but MS is {ms_ds.crs.to_string()}; "
+            "reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)"
+        )
+    for t, what in ((pt, "PAN"), (mt, "MS")):
+        if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
+            raise FusionError(f"the {what} grid is rotated; warp it to a north-up grid first (gdalwarp)")
+    if np.sign(pt.a) != np.sign(mt.a) or np.sign(pt.e) != np.sign(mt.e):
+        raise FusionError("PAN and MS grids are flipped relative to each other; warp one to match the other")
+    rx = mt.a / pt.a
+    ry = mt.e / pt.e
+    ratio = _ratio_or_error(rx, "the MS/PAN pixel-size ratio along x")
+    if _ratio_or_error(ry, "the MS/PAN pixel-size ratio along y") != ratio:
+        raise FusionError(f"MS/PAN pixel-size ratios differ between x ({rx:.5g}) and y ({ry:.5g})")
+    _check_expected(ratio, expected_ratio)
+
+    # PAN pixel (y, x) -> world -> MS pixel: both affine and axis-aligned, so one scale+offset per axis.
+    ax, bx = pt.a / mt.a, (pt.c - mt.c) / mt.a
+    ay, by = pt.e / mt.e, (pt.f - mt.f) / mt.e
+    # MS extent in PAN pixel coordinates, intersected with the PAN extent.
+    x0, x1 = sorted(((0 - bx) / ax, (ms_ds.width - bx) / ax))
+    y0, y1 = sorted(((0 - by) / ay, (ms_ds.height - by) / ay))
+    col0 = max(0, math.ceil(x0 - EDGE_TOL))
+    col1 = min(pan_ds.width, math.floor(x1 + EDGE_TOL))
+    row0 = max(0, math.ceil(y0 - EDGE_TOL))
+    row1 = min(pan_ds.height, math.floor(y1 + EDGE_TOL))
+    if col1 - col0 < ratio or row1 - row0 < ratio:
+        raise FusionError(
+            "PAN and MS do not overlap (their bounds do not intersect by at least one MS pixel); "
+            "check that they are the same scene"
+        )
+    return Alignment(
+        ratio=ratio,
+        ratio_measured=(float(ry), float(rx)),
+        row0=row0,
+        col0=col0,
+        height=row1 - row0,
+        width=col1 - col0,
+        ay=ay,
+        by=by,
+        ax=ax,
+        bx=bx,
+        crs=pan_ds.crs,
+        out_transform=pt * Affine.translation(col0, row0),
+        georeferenced=pan_ds.crs is not None or not _is_identity(pt),
+    )
+
+
+def _keys_cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
+    t = np.abs(t)
+    w = np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a)
+    return np.where(t < 2, w, 0.0)
+
+
+def cubic_matrix(u: np.ndarray, start: int, n: int) -> np.ndarray:
+    """Interpolation matrix `(len(u), n)`: row k holds the cubic weights that sample position u[k]
+    from samples at indices start .. start+n-1. The caller reads those samples (padded)."""
+    idx = np.arange(start, start + n, dtype=np.float64)
+    w = _keys_cubic(u[:, None] - idx[None, :])
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def support(u: np.ndarray) -> tuple[int, int]:
+    """Index range [start, stop) the cubic kernel needs to sample at positions u."""
+    return int(math.floor(u.min())) - 1, int(math.floor(u.max())) + 3
+
+
+def resample(data: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """`(C, n, m)` samples -> `(C, len(u_y), len(u_x))` through separable weight matrices."""
+    return np.einsum("ij,cjk,lk->cil", wy, data.astype(np.float32, copy=False), wx, optimize=True)
+
+
+def nearest_index(u: np.ndarray, start: int, n: int) -> np.ndarray:
+    return np.clip(np.floor(u + 0.5).astype(np.int64) - start, 0, n - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Misregistration: phase correlation with an upsampled-DFT peak (Guizar-Sicairos et al. 2008).
+
+
+def _hann2d(h: int, w: int) -> np.ndarray:
+    return np.outer(np.hanning(h), np.hanning(w)).astype(np.float64)
+
+
+def phase_correlation(ref: np.ndarray, mov: np.ndarray, upsample: int = 20) -> tuple[float, float, float]:
+    """Sub-pixel shift (dy, dx) such that mov(y, x) ~ ref(y - dy, x - dx); also the peak height
+    (0..1, how much the two images agree)."""
+    h, w = ref.shape
+    win = _hann2d(h, w)
+    fa = np.fft.fft2((ref - ref.mean()) * win)
+    fb = np.fft.fft2((mov - mov.mean()) * win)
+    cross = fb * np.conj(fa)
+    cross /= np.abs(cross) + 1e-12 * np.abs(cross).max()
+    cc = np.fft.ifft2(cross).real
+    py, px = np.unravel_index(int(np.argmax(cc)), cc.shape)
+    py = py - h if py > h // 2 else py
+    px = px - w if px > w // 2 else px
+    # Refine on a 3x3-pixel neighbourhood of the peak with a matrix DFT at 1/upsample spacing.
+    offs = np.arange(-1.5, 1.5 + 1e-9, 1.0 / upsample)
+    ys, xs = py + offs, px + offs
+    ky, kx = np.fft.fftfreq(h), np.fft.fftfreq(w)
+    ey = np.exp(2j * np.pi * np.outer(ys, ky))
+    ex = np.exp(2j * np.pi * np.outer(kx, xs))
+    fine = (ey @ cross @ ex).real / (h * w)
+    iy, ix = np.unravel_index(int(np.argmax(fine)), fine.shape)
+    return float(ys[iy]), float(xs[ix]), float(fine[iy, ix])
+
+
+def fit_intensity(ms: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares combination of MS bands `(C, h, w)` (plus offset) that best matches `target (h, w)`."""
+    c = ms.shape[0]
+    x = ms.reshape(c, -1).T.astype(np.float64)
+    y = target.reshape(-1).astype(np.float64)
+    if valid is not None:
+        sel = valid.reshape(-1)
+        x, y = x[sel], y[sel]
+    if y.size < 16:
+        raise FusionError("too few valid pixels to estimate the PAN/MS shift")
+    a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return np.tensordot(coef[:c], ms.astype(np.float64), axes=1) + coef[c]
+
+
+def estimate_shift(
+    pan: np.ndarray, ms_lr: np.ndarray, ratio: int, valid: np.ndarray | None = None, upsample: int = 20
+) -> tuple[float, float, float]:
+    """Content shift (dy, dx) in PAN pixels of the PAN relative to the area-aligned MS.
+
+    pan `(H, W)` and ms_lr `(C, H/r, W/r)` on the area-aligned grid of the same window; `valid
+    (H, W)`. `(+a, +b)` means the PAN content sits a rows lower and b columns further right than
+    the MS (the convention of ../shared/data/README.md). The PAN is area-averaged to the MS grid
+    (the low-pass), an intensity is fitted from the MS bands, and both are phase-correlated at
+    the MS resolution; returns (dy, dx, peak).
+    """
+    h, w = ms_lr.shape[-2:]
+    pan_lr = pan[: h * ratio, : w * ratio].reshape(h, ratio, w, ratio).mean(axis=(1, 3))
+    v_lr = None
+    if valid is not None:
+        v_lr = valid[: h * ratio, : w * ratio].reshape(h, ratio, w, ratio).all(axis=(1, 3))
+    inten = fit_intensity(ms_lr, pan_lr, v_lr)
+    if v_lr is not None and not v_lr.all():
+        # Invalid pixels would dominate the correlation: give them the valid mean in both images.
+        inten = np.where(v_lr, inten, inten[v_lr].mean())
+        pan_lr = np.where(v_lr, pan_lr, pan_lr[v_lr].mean())
+    dy, dx, peak = phase_correlation(inten, pan_lr, upsample)
+    return dy * ratio, dx * ratio, peak

@@ -1,0 +1,781 @@
+"""The library API of fusion: one streaming pipeline for files and arrays, every fuser.
+
+    from fusion_cli.pipeline import pansharpen, hisr, fuse_files, fuse_arrays, make_fuser, FuseOptions
+
+`fuse_files` reads a PAN/MS pair window by window (`raster`), places the MS on the PAN grid
+(`align`), fuses overlapping windows in batches, blends them (`tiling`) and streams the result to an
+atomically written GeoTIFF. `fuse_arrays` runs the same tiling on in-memory arrays. For HISR the
+high-resolution MSI plays the "pan" role (P > 1 bands) and the low-resolution HSI the "ms" role.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion_cli import __version__, align, raster
+from fusion_cli.errors import FusionError
+from fusion_cli.fusers import Fuser
+from fusion_cli.tiling import StripAccumulator, TilePlan, Window, blend_weights, plan_tiles, weighted_region
+
+# Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
+SHIFT_WINDOW = 1024
+
+
+@dataclass
+class FuseOptions:
+    """Everything that controls a run apart from the inputs, the output and the fuser."""
+
+    tile: int = 256  # output tile side, PAN px (rounded up to a multiple of the ratio/fuser multiple)
+    overlap: int = 32  # blend-zone width between neighbouring tiles, PAN px
+    batch: int = 4  # windows per fuser call
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (network on GPU)
+    threads: int | None = None  # torch CPU threads
+    dn_max: float | None = None  # clip ceiling / DN scale override (else NBITS, else the dtype range)
+    bands: list[int] | None = None  # 1-based MS (HSI) bands to use, in the order the fuser expects
+    pan_bands: list[int] | None = None  # 1-based PAN (MSI) bands; all by default
+    out_dtype: str | None = None  # default: the MS dtype
+    compress: str = "deflate"
+    cog: bool = False
+    overwrite: bool = False
+    coregister: bool = False  # apply the measured PAN/MS shift (it is always measured and reported)
+    measure_shift: bool = True
+    zero_is_nodata: bool = False  # treat 0 (all-zero MS pixels, zero PAN) as nodata
+    quicklook: bool = False  # also write OUT.png
+    progress: bool = True
+
+
+@dataclass
+class FuseSummary:
+    """What a run did; `to_dict()` is the `--json` output."""
+
+    output: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    dtype: str
+    crs: str | None
+    transform: list[float] | None
+    fuser: str
+    weights_sha256: str | None
+    device: str
+    precision: str
+    ratio: int
+    tiles: int
+    tile: int
+    overlap: int
+    seconds: float
+    mpx_per_s: float  # PAN megapixels per second, whole run
+    nodata: float | None
+    internal_mask: bool
+    valid_fraction: float
+    shift_measured: dict[str, float] | None  # {"dy", "dx", "peak"} in PAN px
+    shift_applied: bool
+    bytes: int
+    pan: str | None = None
+    ms: str | None = None
+    quicklook: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusers
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; a CUDA request without CUDA is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FusionError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        idx = device.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise FusionError(f"--device {device}: no such GPU ({torch.cuda.device_count()} visible)")
+        return device
+    if device != "cpu":
+        raise FusionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def make_fuser(
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    method: str | None = None,
+    ratio: int | None = None,
+    sensor: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    dn_max: float | None = None,
+    ms_bands: int | None = None,
+) -> Fuser:
+    """A network (`model` name or `weights` file; the default shipped model when both are None)
+    or a classical `method` (needs `ratio`)."""
+    if method is not None and (model is not None or weights is not None):
+        raise FusionError("give either --method or --model/--weights, not both")
+    if precision not in {"fp32", "bf16", "fp16"}:
+        raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    dev = resolve_device(device)
+    if method is not None:
+        try:
+            from fusion_cli.classical import METHODS, make_method
+        except ImportError:
+            raise FusionError("classical methods are not available in this installation") from None
+        if method not in METHODS:
+            raise FusionError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        if ratio is None:
+            raise FusionError("a classical method needs the resolution ratio (measured from the inputs)")
+        return make_method(method, ratio, sensor=sensor, ms_bands=ms_bands)
+    try:
+        from fusion_cli.models.fuser import NetworkFuser
+        from fusion_cli.models.registry import load_model
+    except ImportError:
+        raise FusionError("no network models in this installation; use --method NAME") from None
+    loaded = load_model(name=model, weights=None if weights is None else str(weights), device=dev)
+    kwargs: dict[str, Any] = {"device": dev, "precision": precision}
+    if dn_max is not None:
+        kwargs["dn_max"] = dn_max
+    return NetworkFuser(loaded, **kwargs)
+
+
+def fuser_label(fuser: Fuser) -> tuple[str, str | None]:
+    """(name, weights sha256) for tags and summaries, whatever kind of fuser."""
+    card = getattr(fuser, "card", None) or getattr(getattr(fuser, "loaded", None), "card", None)
+    sha = (
+        getattr(fuser, "weights_sha256", None)
+        or getattr(card, "sha256", None)
+        or getattr(card, "weights_sha256", None)
+    )
+    return str(getattr(fuser, "name", type(fuser).__name__)), sha
+
+
+def _fuser_device(fuser: Fuser) -> torch.device:
+    dev = getattr(fuser, "device", "cpu")
+    return torch.device(dev if dev != "auto" else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: PAN tile + MS resampled onto the tile's area-aligned grid + validity, for files or arrays
+
+
+@dataclass
+class _Tile:
+    pan: np.ndarray  # (P, h, w) float32, nodata filled
+    ms: np.ndarray  # (C, h/r, w/r) float32, nodata filled, area-aligned to pan
+    valid: np.ndarray  # (h, w) bool
+
+
+def _fill(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Replace invalid pixels by the band means of the valid ones, so a fuser never sees nodata."""
+    data = data.astype(np.float32, copy=True)
+    if valid.all():
+        return data
+    if not valid.any():
+        data[:] = 0.0
+        return data
+    means = data[:, valid].mean(axis=1)
+    data[:, ~valid] = means[:, None]
+    return data
+
+
+class _PairSource:
+    """Reads output windows (output pixel coordinates) from a PAN/MS pair.
+
+    `pan_reader(row, col, h, w)` and `ms_reader(row, col, h, w)` return (data, valid) in their own
+    pixel coordinates, reflect-padded; `geom` maps output rows/cols to MS coordinates.
+    """
+
+    def __init__(
+        self,
+        geom: align.Alignment,
+        pan_reader: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]],
+        ms_reader: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        self.geom = geom
+        self.pan_reader = pan_reader
+        self.ms_reader = ms_reader
+
+    def read(self, row: int, col: int, size_h: int, size_w: int) -> _Tile:
+        g, r = self.geom, self.geom.ratio
+        pan, pvalid = self.pan_reader(g.row0 + row, g.col0 + col, size_h, size_w)
+        uy = g.ms_centres(g.row0 + row, size_h // r, 0)
+        ux = g.ms_centres(g.col0 + col, size_w // r, 1)
+        (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
+        ms, mvalid = self.ms_reader(y0, x0, y1 - y0, x1 - x0)
+        ms_lr = align.resample(
+            _fill(ms, mvalid), align.cubic_matrix(uy, y0, y1 - y0), align.cubic_matrix(ux, x0, x1 - x0)
+        )
+        # MS validity at each low-resolution sample: that of the MS pixel under its centre.
+        v_lr = mvalid[np.ix_(align.nearest_index(uy, y0, y1 - y0), align.nearest_index(ux, x0, x1 - x0))]
+        valid = pvalid & np.repeat(np.repeat(v_lr, r, axis=0), r, axis=1)
+        return _Tile(_fill(pan, pvalid), ms_lr.astype(np.float32), valid)
+
+
+def _array_reader(
+    arr: np.ndarray, valid: np.ndarray | None
+) -> Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]:
+    v = np.ones(arr.shape[-2:], bool) if valid is None else valid.astype(bool)
+
+    def read(row: int, col: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return raster.pad_array(arr, v, row, col, h, w)
+
+    return read
+
+
+def _file_reader(
+    ds: Any, bands: Sequence[int], zero_is_nodata: bool
+) -> Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]:
+    def read(row: int, col: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return raster.read_padded(ds, row, col, h, w, bands, zero_is_nodata)
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming engine shared by files and arrays
+
+
+def _check_fuser(fuser: Fuser, pan_count: int, ms_count: int, ms_names: Sequence[str] | None = None) -> None:
+    if fuser.ms_bands is not None and ms_count != fuser.ms_bands:
+        expected = getattr(getattr(fuser, "card", None), "bands", None)
+        hint = f" ({', '.join(map(str, expected))})" if expected else ""
+        raise FusionError(
+            f"the MS has {ms_count} bands but {fuser.name} expects {fuser.ms_bands}{hint}; "
+            "select them in that order with --bands, e.g. --bands 1,2,3,5"
+        )
+    if pan_count != fuser.pan_bands:
+        what = "PAN" if fuser.pan_bands == 1 else "MSI"
+        raise FusionError(f"the {what} has {pan_count} bands but {fuser.name} expects {fuser.pan_bands}")
+
+
+def _measure_shift(source: _PairSource) -> dict[str, float] | None:
+    """PAN/MS content shift on a central window of at most SHIFT_WINDOW PAN px (bounded memory)."""
+    g = source.geom
+    side_h = min(g.height, SHIFT_WINDOW) // g.ratio * g.ratio
+    side_w = min(g.width, SHIFT_WINDOW) // g.ratio * g.ratio
+    if min(side_h, side_w) < 16 * g.ratio:
+        return None
+    row, col = (g.height - side_h) // 2, (g.width - side_w) // 2
+    t = source.read(row, col, side_h, side_w)
+    if t.valid.mean() < 0.2:
+        return None
+    pan = t.pan.mean(axis=0) if t.pan.shape[0] > 1 else t.pan[0]
+    dy, dx, peak = align.estimate_shift(pan, t.ms, g.ratio, t.valid)
+    return {"dy": round(dy + g.dy, 3), "dx": round(dx + g.dx, 3), "peak": round(peak, 3)}
+
+
+def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
+    """First pass for fusers with global statistics: core tiles only, no overlap."""
+    dev = _fuser_device(fuser)
+    for win in plan:
+        t = source.read(win.core_row, win.core_col, plan.tile, plan.tile)
+        if not t.valid.any():
+            continue
+        fuser.accumulate(
+            torch.from_numpy(t.pan)[None].to(dev),
+            torch.from_numpy(t.ms)[None].to(dev),
+            torch.from_numpy(t.valid)[None, None].to(dev),
+        )
+    fuser.finalize()
+
+
+def _run(
+    fuser: Fuser,
+    source: _PairSource,
+    plan: TilePlan,
+    bands: int,
+    sink: Callable[[int, np.ndarray, np.ndarray], None],
+    batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Fuse every window of `plan`, blend, and pass finished rows to `sink(row0, data, valid)`."""
+    dev = _fuser_device(fuser)
+    capacity = plan.tile + plan.overlap + raster.BLOCK
+    acc = StripAccumulator(bands, plan.height, plan.width, capacity)
+    half = plan.overlap // 2
+
+    def run_batch(items: list[tuple[Window, _Tile]]) -> None:
+        if not items:
+            return
+        pan = torch.from_numpy(np.stack([t.pan for _, t in items])).to(dev)
+        ms = torch.from_numpy(np.stack([t.ms for _, t in items])).to(dev)
+        with torch.inference_mode():
+            out = fuser.fuse(pan, ms).float().cpu().numpy()
+        for (win, _), fused in zip(items, out, strict=True):
+            acc.add(
+                weighted_region(plan, fused),
+                blend_weights(plan, win),
+                win.core_row - half,
+                win.core_col - half,
+            )
+
+    for i in range(plan.rows):
+        pending: list[tuple[Window, _Tile]] = []
+        for win in plan.strip(i):
+            t = source.read(win.row, win.col, win.size, win.size)
+            m = plan.margin
+            acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
+            if t.valid.any():  # an all-nodata window (a collar) needs no inference
+                pending.append((win, t))
+            if len(pending) >= batch:
+                run_batch(pending)
+                pending = []
+            if progress is not None:
+                progress(1)
+        run_batch(pending)
+        final = plan.final_row_after(i)
+        if final < plan.height:
+            final = final // raster.BLOCK * raster.BLOCK
+        done = acc.flush(final)
+        if done is not None:
+            sink(*done)
+
+
+def _value_range(ms_dtype: str, dn_max: float | None) -> tuple[float | None, float | None]:
+    """Valid output range: [dtype min, dn_max or dtype max] for integer MS, unbounded for floats."""
+    rng = raster.dtype_range(ms_dtype)
+    lo = rng[0] if rng else None
+    hi = dn_max if dn_max is not None else (rng[1] if rng else None)
+    return lo, hi
+
+
+def _finish(
+    data: np.ndarray,
+    valid: np.ndarray,
+    out_dtype: str,
+    lo: float | None,
+    hi: float | None,
+    nodata: float | None,
+) -> np.ndarray:
+    """Clip to the valid range, round for integer outputs, and write nodata where invalid."""
+    if lo is not None or hi is not None:
+        data = np.clip(data, lo, hi)
+    if np.issubdtype(np.dtype(out_dtype), np.integer):
+        data = np.rint(data)
+        rng = raster.dtype_range(out_dtype)
+        assert rng is not None
+        data = np.clip(data, *rng)
+    data = data.astype(out_dtype)
+    if nodata is not None:
+        nd = np.array(nodata, dtype=out_dtype)
+        if not np.isnan(nd):
+            # A fused value equal to the nodata value would vanish: nudge it by one step.
+            step = (
+                1
+                if np.issubdtype(data.dtype, np.integer)
+                else np.finfo(data.dtype).eps * max(1.0, abs(float(nd)))
+            )
+            up = raster.dtype_range(out_dtype)
+            bump = -step if up is not None and float(nd) >= up[1] else step
+            data[(data == nd) & valid[None]] = nd + bump
+        data[:, ~valid] = nd
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def fuse_arrays(
+    pan: np.ndarray,
+    ms: np.ndarray,
+    fuser: Fuser,
+    options: FuseOptions | None = None,
+    *,
+    pan_valid: np.ndarray | None = None,
+    ms_valid: np.ndarray | None = None,
+    shift: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Fuse in-memory arrays with the same tiling as `fuse_files`.
+
+    pan `(P, H, W)` (or `(H, W)`), ms `(C, H/r, W/r)` area-aligned (sample (i, j) covers PAN
+    [r*i, r*(i+1)) x [r*j, r*(j+1))). Optional validity masks `(H, W)` / `(H/r, W/r)`; `shift`
+    (dy, dx) PAN px re-places the MS. Returns float32 `(C, H, W)` in DN, clipped to
+    `[0, options.dn_max]` when given, NaN where invalid.
+    """
+    opts = options or FuseOptions(progress=False)
+    pan = pan[None] if pan.ndim == 2 else pan
+    if pan.ndim != 3 or ms.ndim != 3:
+        raise FusionError("fuse_arrays expects pan (P, H, W) and ms (C, h, w) arrays")
+    geom = align.relate_shapes(pan.shape[-2:], ms.shape[-2:], fuser.ratio)
+    if shift is not None:
+        geom = geom.with_shift(*shift)
+    _check_fuser(fuser, pan.shape[0], ms.shape[0])
+    source = _PairSource(geom, _array_reader(pan, pan_valid), _array_reader(ms, ms_valid))
+    plan = _plan(fuser, geom, opts)
+    if fuser.needs_stats:
+        _gather_stats(fuser, source, plan)
+    out = np.empty((ms.shape[0], *geom.shape), np.float32)
+    valid_all = np.empty(geom.shape, bool)
+
+    def sink(row0: int, data: np.ndarray, valid: np.ndarray) -> None:
+        out[:, row0 : row0 + data.shape[1]] = data
+        valid_all[row0 : row0 + data.shape[1]] = valid
+
+    _set_threads(opts.threads)
+    _run(fuser, source, plan, ms.shape[0], sink, opts.batch)
+    if opts.dn_max is not None:
+        np.clip(out, 0.0, opts.dn_max, out=out)
+    if pan_valid is not None or ms_valid is not None:
+        out[:, ~valid_all] = np.nan
+    return out
+
+
+def _plan(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan:
+    multiple = math.lcm(geom.ratio, max(1, int(fuser.tile_multiple)))
+    if opts.batch < 1:
+        raise FusionError("--batch must be at least 1")
+    return plan_tiles(geom.height, geom.width, opts.tile, opts.overlap, int(fuser.halo), multiple)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise FusionError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+
+
+def measure_ratio(pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str]) -> int:
+    """Resolution ratio of a pair from its geotransforms (or sizes, without georeferencing)."""
+    with (
+        raster.open_raster(pan_path, "PAN") as p,
+        raster.open_raster(ms_path, "MS") as m,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        return align.relate_grids(p, m).ratio
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Progress:
+    """rich progress on stderr: tiles, PAN Mpx/s, ETA. A no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, mpx_per_tile: float, label: str) -> None:
+        self.enabled, self.total, self.mpx_per_tile = enabled, total, mpx_per_tile
+        self.label = label
+        self._p: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tiles"),
+                TextColumn("{task.fields[rate]} Mpx/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._p.__enter__()
+            self._task = self._p.add_task(self.label, total=self.total, rate="-")
+            self._t0 = time.perf_counter()
+            self._n = 0
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._p is not None:
+            self._n += n
+            rate = self._n * self.mpx_per_tile / max(time.perf_counter() - self._t0, 1e-6)
+            self._p.update(self._task, advance=n, rate=f"{rate:.2f}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+
+def _output_nodata(
+    pan_ds: Any, ms_ds: Any, bands: Sequence[int], pan_bands: Sequence[int], out_dtype: str, opts: FuseOptions
+) -> tuple[float | None, bool]:
+    """(nodata value, use an internal mask): the MS nodata if it has one, 0 with zero_is_nodata,
+    else an internal mask when either input can have invalid pixels."""
+    if ms_ds.nodata is not None:
+        nd = float(ms_ds.nodata)
+        rng = raster.dtype_range(out_dtype)
+        if np.isnan(nd) and rng is not None:
+            return float(rng[0]), False
+        if rng is None or rng[0] <= nd <= rng[1]:
+            return nd, False
+    if opts.zero_is_nodata:
+        return 0.0, False
+    if raster.has_mask(pan_ds, pan_bands) or raster.has_mask(ms_ds, bands):
+        return None, True
+    return None, False
+
+
+def fuse_files(
+    pan_path: str | os.PathLike[str],
+    ms_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    fuser: Fuser,
+    options: FuseOptions | None = None,
+) -> FuseSummary:
+    """Fuse a georeferenced (or size-related) PAN/MS pair into a GeoTIFF on the PAN grid.
+
+    The output covers the PAN pixels inside both inputs; it appears atomically at `out_path`.
+    """
+    opts = options or FuseOptions()
+    t0 = time.perf_counter()
+    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path])
+    caught: list[str] = []
+    with (
+        raster.gdal_env(),
+        raster.open_raster(pan_path, "PAN") as pan_ds,
+        raster.open_raster(ms_path, "MS") as ms_ds,
+    ):
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
+        caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
+        bands = raster.select_bands(ms_ds, opts.bands, "MS")
+        pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
+        _check_fuser(fuser, len(pan_bands), len(bands))
+        ms_dtype = ms_ds.dtypes[bands[0] - 1]
+        out_dtype = opts.out_dtype or ms_dtype
+        try:
+            np.dtype(out_dtype)
+        except TypeError:
+            raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
+        dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
+        lo, hi = _value_range(ms_dtype, dn_max)
+        nodata, use_mask = _output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
+
+        source = _PairSource(
+            geom,
+            _file_reader(pan_ds, pan_bands, opts.zero_is_nodata),
+            _file_reader(ms_ds, bands, opts.zero_is_nodata),
+        )
+        shift = _measure_shift(source) if (opts.measure_shift or opts.coregister) else None
+        if opts.coregister and shift is not None:
+            geom = geom.with_shift(shift["dy"], shift["dx"])
+            source.geom = geom
+        plan = _plan(fuser, geom, opts)
+        _set_threads(opts.threads)
+        if fuser.needs_stats:
+            _gather_stats(fuser, source, plan)
+
+        name, sha = fuser_label(fuser)
+        params = {
+            "tile": plan.tile,
+            "overlap": plan.overlap,
+            "margin": plan.margin,
+            "batch": opts.batch,
+            "bands": bands,
+            "pan_bands": pan_bands,
+            "dn_max": dn_max,
+            "dtype": out_dtype,
+            "zero_is_nodata": opts.zero_is_nodata,
+            "coregister": opts.coregister,
+            "shift_pan_px": [geom.dy, geom.dx],
+            "ratio": geom.ratio,
+            "precision": opts.precision,
+        }
+        tags = {
+            "FUSION_MODEL": name,
+            "FUSION_WEIGHTS_SHA256": sha or "none",
+            "FUSION_VERSION": __version__,
+            "FUSION_PARAMS": json.dumps(params, sort_keys=True),
+            "FUSION_PAN": str(Path(pan_path).resolve()),
+            "FUSION_MS": str(Path(ms_path).resolve()),
+            "FUSION_SHIFT_MEASURED": json.dumps(shift),
+        }
+        profile = raster.output_profile(
+            width=geom.width,
+            height=geom.height,
+            count=len(bands),
+            dtype=out_dtype,
+            crs=geom.crs,
+            transform=geom.out_transform,
+            nodata=nodata,
+            compress=opts.compress,
+        )
+        n_valid = 0
+        mpx_tile = plan.tile * plan.tile / 1e6
+        with (
+            raster.AtomicWriter(
+                out,
+                profile,
+                descriptions=raster.band_descriptions(ms_ds, bands),
+                tags=tags,
+                use_mask=use_mask,
+                overwrite=opts.overwrite,
+                cog=opts.cog,
+            ) as writer,
+            _Progress(opts.progress, plan.count, mpx_tile, f"fusing {out.name}") as bar,
+        ):
+
+            def sink(row0: int, data: np.ndarray, valid: np.ndarray) -> None:
+                nonlocal n_valid
+                n_valid += int(valid.sum())
+                writer.write(
+                    _finish(data, valid, out_dtype, lo, hi, nodata), row0, 0, valid if use_mask else None
+                )
+
+            _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)
+            writer.commit()
+
+    quick = None
+    if opts.quicklook:
+        quick = _write_quicklook(out, fuser)
+    seconds = time.perf_counter() - t0
+    return FuseSummary(
+        output=str(out),
+        shape=(len(bands), geom.height, geom.width),
+        dtype=out_dtype,
+        crs=geom.crs.to_string() if geom.crs is not None else None,
+        transform=list(geom.out_transform)[:6] if geom.out_transform is not None else None,
+        fuser=name,
+        weights_sha256=sha,
+        device=str(_fuser_device(fuser)),
+        precision=opts.precision,
+        ratio=geom.ratio,
+        tiles=plan.count,
+        tile=plan.tile,
+        overlap=plan.overlap,
+        seconds=round(seconds, 3),
+        mpx_per_s=round(geom.height * geom.width / 1e6 / max(seconds, 1e-9), 4),
+        nodata=nodata,
+        internal_mask=use_mask,
+        valid_fraction=round(n_valid / (geom.height * geom.width), 6),
+        shift_measured=shift,
+        shift_applied=bool(opts.coregister and shift is not None),
+        bytes=out.stat().st_size,
+        pan=str(pan_path),
+        ms=str(ms_path),
+        quicklook=quick,
+        warnings=caught,
+    )
+
+
+def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
+    """A PNG beside the product, from a decimated read (bounded memory)."""
+    try:
+        from fusion_cli.quicklook import save_quicklook
+    except ImportError:
+        return None
+    from rasterio.windows import Window as RWindow
+
+    with raster.gdal_env(), raster.open_raster(out, "output") as ds:
+        scale = max(1, math.ceil(max(ds.height, ds.width) / 1024))
+        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
+        img = raster.read_decimated(
+            ds, list(range(1, ds.count + 1)), RWindow(0, 0, ds.width, ds.height), shape
+        )
+        rgb = _rgb_bands(fuser, list(ds.descriptions), ds.count)
+    png = out.with_suffix(".png")
+    save_quicklook(png, img.astype(np.float32), rgb=rgb)
+    return str(png)
+
+
+def _rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tuple[int, int, int]:
+    """0-based (r, g, b) band indexes: from the fuser's card or band names, else a common guess."""
+    names = [
+        str(n or "").lower() for n in (getattr(getattr(fuser, "card", None), "bands", None) or descriptions)
+    ]
+
+    def find(*keys: str) -> int | None:
+        for i, n in enumerate(names):
+            if any(k in n for k in keys):
+                return i
+        return None
+
+    r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
+    if r is not None and g is not None and b is not None:
+        return r, g, b
+    if count >= 3:
+        return (2, 1, 0) if count <= 4 else (4, 2, 1)  # BGR(N) order; WV3 8-band: red, green, blue
+    return 0, 0, 0
+
+
+def _resolve_fuser(
+    pan: str | os.PathLike[str],
+    ms: str | os.PathLike[str],
+    model: str | None,
+    weights: str | os.PathLike[str] | None,
+    method: str | None,
+    opts: FuseOptions,
+    sensor: str | None,
+) -> Fuser:
+    ratio = measure_ratio(pan, ms) if method is not None else None
+    n_bands = len(opts.bands) if opts.bands else None
+    return make_fuser(
+        model=model,
+        weights=weights,
+        method=method,
+        ratio=ratio,
+        sensor=sensor,
+        device=opts.device,
+        precision=opts.precision,
+        dn_max=opts.dn_max,
+        ms_bands=n_bands,
+    )
+
+
+def _options(opts: dict[str, Any]) -> FuseOptions:
+    valid = set(FuseOptions.__dataclass_fields__)
+    bad = sorted(set(opts) - valid)
+    if bad:
+        raise TypeError(f"unknown option(s): {', '.join(bad)}")
+    return FuseOptions(**opts)
+
+
+def pansharpen(
+    pan: str | os.PathLike[str],
+    ms: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    method: str | None = None,
+    sensor: str | None = None,
+    **opts: Any,
+) -> FuseSummary:
+    """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
+    options = _options(opts)
+    fuser = _resolve_fuser(pan, ms, model, weights, method, options, sensor)
+    return fuse_files(pan, ms, out, fuser, options)
+
+
+def hisr(
+    hsi: str | os.PathLike[str],
+    msi: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    method: str | None = None,
+    sensor: str | None = None,
+    **opts: Any,
+) -> FuseSummary:
+    """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan")."""
+    options = _options(opts)
+    fuser = _resolve_fuser(msi, hsi, model, weights, method, options, sensor)
+    return fuse_files(msi, hsi, out, fuser, options)
+
+
+def iter_windows(plan: TilePlan) -> Iterator[Window]:
+    """All windows of a plan, row strip by row strip (for callers that drive their own loop)."""
+    return iter(plan)

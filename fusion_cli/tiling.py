@@ -1,0 +1,211 @@
+"""Windows over the output grid, seamless blending, and a row-strip accumulator whose memory does
+not grow with the scene.
+
+Each output tile (the "core", `tile` PAN pixels square) is fused inside a larger window: the core
+plus `overlap / 2` pixels of blend zone plus the fuser's `halo` of pure context on each side. Across
+an internal tile boundary the two neighbours' results are mixed with complementary raised-cosine
+ramps (sin^2 + cos^2 = 1) over `overlap` pixels, so there is no seam; weights are additionally
+normalised on accumulation. Tiles are processed one row strip at a time and finished rows are
+flushed to the writer in whole output blocks, so the buffer holds about two strips of the scene
+width, whatever the scene height.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusion_cli.errors import FusionError
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple) if multiple > 1 else int(value)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One fusion window, in output pixel coordinates (may extend past the output edges)."""
+
+    row: int  # top-left of the whole window (core - margin)
+    col: int
+    size: int  # window side (square), a multiple of the plan's `multiple`
+    core_row: int
+    core_col: int
+    strip: int  # index of the tile row this window belongs to
+    first_row: bool
+    last_row: bool
+    first_col: bool
+    last_col: bool
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How an output of `height x width` PAN pixels is cut into windows."""
+
+    height: int
+    width: int
+    tile: int  # core side
+    overlap: int  # blend-zone width across each internal boundary
+    margin: int  # window = core +- margin; margin >= overlap / 2 + halo
+    multiple: int
+
+    @property
+    def window(self) -> int:
+        return self.tile + 2 * self.margin
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.height / self.tile)
+
+    @property
+    def cols(self) -> int:
+        return math.ceil(self.width / self.tile)
+
+    @property
+    def count(self) -> int:
+        return self.rows * self.cols
+
+    def strip(self, i: int) -> list[Window]:
+        """The windows of tile row i, left to right."""
+        out = []
+        for j in range(self.cols):
+            r, c = i * self.tile, j * self.tile
+            out.append(
+                Window(
+                    row=r - self.margin,
+                    col=c - self.margin,
+                    size=self.window,
+                    core_row=r,
+                    core_col=c,
+                    strip=i,
+                    first_row=i == 0,
+                    last_row=i == self.rows - 1,
+                    first_col=j == 0,
+                    last_col=j == self.cols - 1,
+                )
+            )
+        return out
+
+    def __iter__(self) -> Iterator[Window]:
+        for i in range(self.rows):
+            yield from self.strip(i)
+
+    def final_row_after(self, strip: int) -> int:
+        """Output rows above this one can no longer change once tile row `strip` is done."""
+        if strip >= self.rows - 1:
+            return self.height
+        return min(self.height, (strip + 1) * self.tile - self.overlap // 2)
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int, halo: int, multiple: int) -> TilePlan:
+    """Tile plan with sides rounded up to `multiple` (lcm of the ratio and the fuser's tile multiple).
+
+    A tile larger than the scene gives one window: the one-piece reference for seam checks.
+    """
+    if tile < 1 or overlap < 0 or halo < 0:
+        raise FusionError("--tile must be positive and --overlap non-negative")
+    tile = round_up(min(tile, max(height, width)), multiple)
+    overlap = min(overlap + (overlap % 2), tile)  # even, so the blend zone splits evenly
+    margin = round_up(overlap // 2 + halo, multiple)
+    return TilePlan(height, width, tile, overlap, margin, multiple)
+
+
+def ramp(n: int) -> np.ndarray:
+    """Rising raised-cosine ramp of n samples, strictly between 0 and 1; ramp + ramp[::-1] == 1."""
+    return (np.sin(0.5 * np.pi * (np.arange(n) + 0.5) / n) ** 2).astype(np.float32)
+
+
+def blend_weights(plan: TilePlan, win: Window) -> np.ndarray:
+    """Weights `(tile + overlap, tile + overlap)` over the core plus half the overlap each side.
+
+    Outer scene edges get weight 1 (no neighbour to blend with)."""
+    n, half = plan.tile + plan.overlap, plan.overlap // 2
+
+    def axis(first: bool, last: bool) -> np.ndarray:
+        w = np.ones(n, np.float32)
+        if plan.overlap:
+            r = ramp(plan.overlap)
+            if not first:
+                w[: plan.overlap] = r
+            else:
+                w[:half] = 0.0  # before the scene edge: outside the output anyway
+            if not last:
+                w[n - plan.overlap :] = r[::-1]
+        return w
+
+    return np.outer(axis(win.first_row, win.last_row), axis(win.first_col, win.last_col))
+
+
+def weighted_region(plan: TilePlan, fused: np.ndarray) -> np.ndarray:
+    """Crop a window's result `(C, window, window)` to its weighted region (core +- overlap/2)."""
+    a = plan.margin - plan.overlap // 2
+    b = a + plan.tile + plan.overlap
+    return fused[..., a:b, a:b]
+
+
+class StripAccumulator:
+    """Weighted sum of overlapping tile results over a band of rows of the full output width.
+
+    `add` accumulates a tile; `flush(upto)` returns finished rows [start, upto) (normalised by the
+    weights) and drops them from the buffer. Memory: `capacity` rows x width x bands.
+    """
+
+    def __init__(self, bands: int, height: int, width: int, capacity: int) -> None:
+        self.bands, self.height, self.width, self.capacity = bands, height, width, capacity
+        self.start = 0  # output row held in buffer row 0
+        self.acc = np.zeros((bands, capacity, width), np.float32)
+        self.wsum = np.zeros((capacity, width), np.float32)
+        self.valid = np.zeros((capacity, width), bool)
+
+    def _clip(self, row: int, col: int, h: int, w: int) -> tuple[slice, slice, slice, slice] | None:
+        r0, r1 = max(row, self.start, 0), min(row + h, self.height, self.start + self.capacity)
+        c0, c1 = max(col, 0), min(col + w, self.width)
+        if r1 <= r0 or c1 <= c0:
+            return None
+        if min(row + h, self.height) > self.start + self.capacity or (row < self.start and row + h > 0):
+            if row + h > 0 and max(row, 0) < self.start:
+                raise RuntimeError("tile overlaps rows already flushed (flush later)")
+            if min(row + h, self.height) > self.start + self.capacity:
+                raise RuntimeError("tile beyond the accumulator capacity (flush earlier or grow capacity)")
+        dst = (slice(r0 - self.start, r1 - self.start), slice(c0, c1))
+        src = (slice(r0 - row, r1 - row), slice(c0 - col, c1 - col))
+        return dst[0], dst[1], src[0], src[1]
+
+    def add(self, data: np.ndarray, weight: np.ndarray, row: int, col: int) -> None:
+        """Accumulate `weight * data`; data `(C, h, w)` placed at output (row, col)."""
+        s = self._clip(row, col, data.shape[-2], data.shape[-1])
+        if s is None:
+            return
+        dr, dc, sr, sc = s
+        w = weight[sr, sc]
+        self.acc[:, dr, dc] += data[:, sr, sc] * w
+        self.wsum[dr, dc] += w
+
+    def set_valid(self, valid: np.ndarray, row: int, col: int) -> None:
+        """Validity of a tile core (each output pixel lies in exactly one core: no blending)."""
+        s = self._clip(row, col, valid.shape[-2], valid.shape[-1])
+        if s is not None:
+            dr, dc, sr, sc = s
+            self.valid[dr, dc] = valid[sr, sc]
+
+    def flush(self, upto: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Finished rows [start, upto): (row0, data `(C, n, width)` float32, valid `(n, width)`)."""
+        n = min(upto, self.height) - self.start
+        if n <= 0:
+            return None
+        w = self.wsum[:n]
+        data = self.acc[:, :n] / np.where(w > 0, w, 1.0)
+        valid = self.valid[:n] & (w > 0)
+        row0 = self.start
+        # Shift the unfinished rows to the top of the buffer (numpy handles the overlapping copy).
+        self.acc[:, : self.capacity - n] = self.acc[:, n:]
+        self.acc[:, self.capacity - n :] = 0.0
+        self.wsum[: self.capacity - n] = self.wsum[n:]
+        self.wsum[self.capacity - n :] = 0.0
+        self.valid[: self.capacity - n] = self.valid[n:]
+        self.valid[self.capacity - n :] = False
+        self.start += n
+        return row0, data, valid.copy()
