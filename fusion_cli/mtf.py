@@ -75,9 +75,13 @@ def _separable_terms(gain: float, ratio: int, size: int, rank: int | None) -> tu
 
 
 def _filter_torch(
-    img: torch.Tensor, gains: list[float], ratio: int, rank: int | None, size: int
+    img: torch.Tensor, gains: list[float], ratio: int, rank: int | None, size: int, decimate: bool = False
 ) -> torch.Tensor:
-    """img `(B, C, H, W)` -> `(B, C, H, W)`: per-band separable correlation, replicate borders."""
+    """img `(B, C, H, W)` -> `(B, C, H, W)`: per-band separable correlation, replicate borders.
+
+    With `decimate`, only the samples `[ratio//2::ratio]` are computed (strided passes), which is
+    what a low-pass-then-decimate needs at 1/ratio of the cost.
+    """
     b, c, h, w = img.shape
     cols, rows = zip(*(_separable_terms(float(g), ratio, size, rank) for g in gains), strict=True)
     k = max(x.shape[0] for x in cols)
@@ -89,11 +93,13 @@ def _filter_torch(
         row_w[i, : rr.shape[0]] = rr
     pad = size // 2
     x = F.pad(img, (pad, pad, pad, pad), mode="replicate")
+    step, start = (ratio, ratio // 2) if decimate else (1, 0)
+    x = x[..., start:, start:]
     wr = torch.as_tensor(row_w, dtype=img.dtype, device=img.device).reshape(c * k, 1, 1, size)
     wc = torch.as_tensor(col_w, dtype=img.dtype, device=img.device).reshape(c * k, 1, size, 1)
-    x = F.conv2d(x, wr, groups=c)  # (B, C*k, H+2p, W): each band feeds its k row filters
-    x = F.conv2d(x, wc, groups=c * k)  # (B, C*k, H, W)
-    return x.reshape(b, c, k, h, w).sum(dim=2)
+    x = F.conv2d(x, wr, stride=(1, step), groups=c)  # (B, C*k, H', W'): each band feeds its k row filters
+    x = F.conv2d(x, wc, stride=(step, 1), groups=c * k)  # (B, C*k, H', W')
+    return x.reshape(b, c, k, x.shape[-2], x.shape[-1]).sum(dim=2)
 
 
 def _as_gains(gains: float | list[float], n_bands: int) -> list[float]:
@@ -123,6 +129,18 @@ def mtf_filter(
         raise FusionError(f"expected a (C, H, W) array, got shape {arr.shape}")
     out = _filter_torch(torch.from_numpy(arr)[None], _as_gains(gains, arr.shape[0]), ratio, rank, size)
     return out[0].numpy()
+
+
+def mtf_filter_decimate(
+    img: torch.Tensor,
+    gains: float | list[float],
+    ratio: int,
+    rank: int | None = None,
+    size: int = KERNEL_SIZE,
+) -> torch.Tensor:
+    """`decimate(mtf_filter(img))`, computed only where sampled: `(B, C, H, W)` -> `(B, C, ⌈H/r⌉, ⌈W/r⌉)`."""
+    x = img if img.is_floating_point() else img.float()
+    return _filter_torch(x, _as_gains(gains, x.shape[1]), ratio, rank, size, decimate=True)
 
 
 def decimate(img: ArrayT, ratio: int) -> ArrayT:

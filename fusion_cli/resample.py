@@ -39,14 +39,31 @@ def is_power_of_two(ratio: int) -> bool:
     return ratio >= 1 and (ratio & (ratio - 1)) == 0
 
 
-def _sep_conv(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Same-size separable correlation of every channel with the 1-D `taps`, zero outside."""
+def _half_band_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 12 non-zero (odd-offset) taps of the 23-tap kernel, in correlation order."""
+    return torch.as_tensor(CDF23[::2][::-1].copy(), dtype=dtype, device=device)
+
+
+def _double(x: torch.Tensor, axis: int, samples_first: bool) -> torch.Tensor:
+    """One 2x stage of `(B, C, H, W)` along `axis` (-1 or -2): zero insertion + 23-tap filter, done
+    polyphase (the kernel's even offsets are 1 at the centre and 0 elsewhere, so the samples pass
+    unchanged and only the new positions are filtered, by the 12 odd taps). Zero outside the array.
+
+    `samples_first`: samples go to even output positions (else odd, as the toolbox's first stage).
+    """
     c = x.shape[1]
-    n = taps.numel()
-    wr = taps.reshape(1, 1, 1, n).expand(c, 1, 1, n)
-    wc = taps.reshape(1, 1, n, 1).expand(c, 1, n, 1)
-    x = F.conv2d(x, wr, padding=(0, n // 2), groups=c)
-    return F.conv2d(x, wc, padding=(n // 2, 0), groups=c)
+    n = x.shape[axis]
+    taps = _half_band_taps(x.dtype, x.device)
+    if axis == -1:
+        weight = taps.reshape(1, 1, 1, 12).expand(c, 1, 1, 12)
+        new = F.conv2d(F.pad(x, (6, 6, 0, 0)), weight, groups=c)  # new sample before x[j] at index j
+    else:
+        weight = taps.reshape(1, 1, 12, 1).expand(c, 1, 12, 1)
+        new = F.conv2d(F.pad(x, (0, 0, 6, 6)), weight, groups=c)
+    new = new.narrow(axis, 1, n) if samples_first else new.narrow(axis, 0, n)
+    pair = (x, new) if samples_first else (new, x)
+    out = torch.stack(pair, dim=axis)  # (..., n, 2) or (..., n, 2, W): interleave the phases
+    return out.flatten(-2) if axis == -1 else out.flatten(-3, -2)
 
 
 def _pad_lr(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
@@ -64,14 +81,10 @@ def interp23(ms: torch.Tensor, ratio: int, pad_mode: str = "reflect") -> torch.T
     pad = 12  # LR pixels: the cascade's support is < 11/2 + 11/4 + 11/8 + ... < 11
     x = _pad_lr(x, pad, pad_mode)
     pad = (x.shape[-1] - ms.shape[-1]) // 2
-    taps = torch.as_tensor(CDF23, dtype=x.dtype, device=x.device)
     for stage in range(int(math.log2(ratio))):
-        b, c, h, w = x.shape
-        up = x.new_zeros((b, c, 2 * h, 2 * w))
         # the toolbox puts the samples on odd positions at the first stage, even ones after
-        off = 1 if stage == 0 else 0
-        up[..., off::2, off::2] = x
-        x = _sep_conv(up, taps)
+        first = stage > 0
+        x = _double(_double(x, -1, first), -2, first)
     return x[..., ratio * pad : x.shape[-2] - ratio * pad, ratio * pad : x.shape[-1] - ratio * pad]
 
 
