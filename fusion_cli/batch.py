@@ -641,7 +641,8 @@ def run_batch(
 class FuseJob:
     """Everything a worker needs to build its fuser and fuse a scene (picklable, for Dask).
 
-    `fuser` holds the keyword arguments of `pipeline.make_fuser`; `options` a `FuseOptions`.
+    `fuser` holds the keyword arguments of `pipeline.make_fuser` (model, weights, method, sensor,
+    device, precision, dn_max, ms_bands); `options` is a `pipeline.FuseOptions`.
     """
 
     fuser: dict[str, Any]
@@ -653,30 +654,79 @@ class FuseJob:
 
 
 def make_scene_processor(job: FuseJob) -> SceneProcessor:
-    """Build the fuser once and return `process(scene)` that fuses one scene with it."""
+    """`process(scene)` fusing with one fuser built once for the whole batch.
+
+    A network is built on the first scene and serves every scene. A classical method depends on
+    the pair's ratio (measured per scene from the geotransforms), so one instance is kept per
+    ratio; a method with scene statistics (`needs_stats`) gets a fresh instance per scene so that
+    no statistics leak from one scene into the next (cheap: classical methods have no weights).
+    """
     from fusion_cli import pipeline
 
-    fuser = pipeline.make_fuser(**job.fuser)
     # The batch already decided the scene must be (re)done, so the writer may replace the target.
-    options = replace(job.options, overwrite=True) if hasattr(job.options, "overwrite") else job.options
+    options = replace(job.options, overwrite=True)
+    classical = job.fuser.get("method") is not None
+    fusers: dict[int | None, Any] = {}
+    # Bad model / weights / method names are a bad invocation: fail before the first scene.
+    if classical:
+        pipeline.make_fuser(**{**job.fuser, "ratio": 4})
+    else:
+        fusers[None] = pipeline.make_fuser(**job.fuser)
+
+    def fuser_for(scene: Scene) -> Any:
+        ratio = pipeline.measure_ratio(scene.pan, scene.ms) if classical else None
+        fuser = fusers.get(ratio)
+        if fuser is None or fuser.needs_stats:
+            fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio})
+            fusers[ratio] = fuser
+        return fuser
 
     def process(scene: Scene) -> dict[str, Any]:
-        scene.out.parent.mkdir(parents=True, exist_ok=True)
+        fuser = fuser_for(scene)
         summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
-        details: dict[str, Any] = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary or {})
+        details = summary.to_dict()
         if job.metrics:
-            details["metrics"] = scene_metrics(scene, fuser)
+            # The product is already complete: a metrics problem is reported, not a failed scene.
+            try:
+                details["metrics"] = scene_metrics(scene, ratio=summary.ratio, sensor=job.fuser.get("sensor"))
+            except (FusionError, ValueError, MemoryError) as exc:
+                details["metrics_error"] = str(exc)
         return details
 
     return process
 
 
-def scene_metrics(scene: Scene, fuser: Any) -> dict[str, Any]:
-    """Full-resolution quality indices of a finished scene, also written beside the output
-    (`<out>.metrics.json`) so a report can be built from the output folder alone."""
-    from fusion_cli import metrics
+def scene_metrics(scene: Scene, ratio: int, sensor: str | None = None) -> dict[str, Any]:
+    """Full-resolution indices (D_lambda, D_s, QNR, HQNR) of a finished scene, also written beside
+    the output as `<out>.metrics.json` so a report can be built from the output folder alone.
 
-    values = metrics.full_resolution_files(scene.out, scene.pan, scene.ms, ratio=fuser.ratio)
+    Reads the three images whole (the indices are global): memory grows with the scene.
+    """
+    import numpy as np
+
+    from fusion_cli import raster
+    from fusion_cli.metrics import full_resolution
+
+    with raster.gdal_env(), raster.open_raster(scene.out, "output") as out_ds:
+        fused = out_ds.read().astype(np.float32)
+        valid = out_ds.dataset_mask() > 0
+    with raster.open_raster(scene.pan, "PAN") as pan_ds, raster.open_raster(scene.ms, "MS") as ms_ds:
+        pan = pan_ds.read(1)[None].astype(np.float32)
+        ms = ms_ds.read().astype(np.float32)
+    # The product covers the PAN pixels inside both inputs from the top-left: compare on the
+    # largest area that is a whole number of MS pixels in all three.
+    h = min(fused.shape[1], pan.shape[1], ms.shape[1] * ratio) // ratio * ratio
+    w = min(fused.shape[2], pan.shape[2], ms.shape[2] * ratio) // ratio * ratio
+    if h < 32 or w < 32:
+        raise FusionError(f"scene {scene.id} is too small for full-resolution metrics ({h}x{w} px)")
+    values = full_resolution(
+        fused[:, :h, :w],
+        pan[:, :h, :w],
+        ms[:, : h // ratio, : w // ratio],
+        ratio=ratio,
+        sensor=sensor,
+        mask=valid[:h, :w],
+    )
     sidecar = scene.out.with_name(scene.out.name + ".metrics.json")
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
     tmp = sidecar.with_name("." + sidecar.name + ".tmp")

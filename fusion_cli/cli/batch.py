@@ -1,0 +1,196 @@
+"""`fusion batch IN_DIR OUT_DIR`: fuse every PAN/MS pair of a folder, resumably, locally or on Dask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fusion_cli import batch as lib
+from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.errors import FusionError
+
+_EPILOG = (
+    "Pairing: files whose names share the stem matched by '*' (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'; "
+    "case-insensitive, .tif also matches .tiff). Without patterns the usual conventions are tried "
+    "(*_PAN/*_MS, *_P/*_MS, PAN_*/MS_*, PAN_*/MUL_*, Maxar -P?AS-/-M?AS-, Landsat *_B8 + *_MS or *_stack). "
+    "For HISR give the high-resolution MSI as --pan and the low-resolution HSI as --ms. "
+    "Exit codes: 0 all scenes done or skipped, 1 some scene failed, 2 bad invocation, 130 interrupted."
+)
+
+
+def _console() -> Console:
+
+    return Console(stderr=True, highlight=False)
+
+
+def _show_plan(plan: lib.Plan, as_json: bool) -> None:
+    """`--dry-run`: every scene with the state of its output, then unpaired and ignored files."""
+    from fusion_cli.raster import is_complete_output
+
+    if as_json:
+        payload = plan.to_dict()
+        for s in payload["scenes"]:
+            out = Path(s["out"])
+            s["state"] = "complete" if is_complete_output(out) else ("exists" if out.exists() else "todo")
+        echo_json(payload)
+        return
+    con = _console()
+    shard = f" (shard {plan.shard[0]}/{plan.shard[1]} of {plan.total_scenes} scenes)" if plan.shard else ""
+    con.print(f"Plan: {len(plan.scenes)} scene(s) paired by {plan.source}{shard}")
+    for s in plan.scenes:
+        state = "complete, skip" if is_complete_output(s.out) else ("exists!" if s.out.exists() else "todo")
+        typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{state}]")
+    for u in plan.unpaired:
+        typer.echo(f"  UNPAIRED {u.path}: {u.reason}")
+    if plan.ignored:
+        typer.echo(f"  ignored (match neither pattern): {', '.join(p.name for p in plan.ignored)}")
+
+
+def _announce(plan: lib.Plan, quiet: bool) -> None:
+    if not quiet:
+        shard = f", shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else ""
+        n_bad = len(plan.unpaired)
+        extra = f", {n_bad} unpaired file(s)" if n_bad else ""
+        _console().print(f"fusion batch: {len(plan.scenes)} scene(s) by {plan.source}{shard}{extra}")
+
+
+def _print_result(r: lib.SceneResult) -> None:
+    style = {"done": "green", "skipped": "dim", "failed": "bold red"}[r.status]
+    what = f"{r.seconds:.1f} s, {r.pan_mpx:.2f} Mpx" if r.status == "done" else (r.reason or "")
+    _console().print(f"[{style}]{r.status:>7}[/] {r.scene}: {what}", markup=True)
+
+
+def _show_summary(summary: lib.BatchSummary) -> None:
+    from rich.table import Table
+
+    table = Table(title="fusion batch" + (" (interrupted)" if summary.interrupted else ""))
+    for col in ("done", "skipped", "failed", "time (s)", "PAN Mpx/s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(summary.done), str(summary.skipped), str(summary.failed),
+        f"{summary.seconds:.1f}", f"{summary.mpx_per_s:.3f}",
+    )  # fmt: skip
+    con = _console()
+    con.print(table)
+    for r in summary.results:
+        if r.status == "failed":
+            con.print(f"[bold red]FAILED[/] {r.scene}: {r.reason}", markup=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("batch", epilog=_EPILOG)
+    def batch(
+        in_dir: Path = typer.Argument(..., help="Folder holding the input pairs."),
+        out_dir: Path = typer.Argument(..., help="Folder for the fused products (created if needed)."),
+        pan: str | None = typer.Option(
+            None, "--pan", help="Glob of the PAN (or MSI) files, e.g. '*_PAN.tif'."
+        ),
+        ms: str | None = typer.Option(None, "--ms", help="Glob of the MS (or HSI) files, e.g. '*_MS.tif'."),
+        manifest: Path | None = typer.Option(
+            None, "--manifest", help="CSV with columns pan,ms[,out][,id]; relative to IN_DIR / OUT_DIR."
+        ),
+        out_pattern: str = typer.Option(
+            "{stem}_fused.tif", "--out-pattern", help="Output file name; {stem} is the shared stem."
+        ),
+        model: str | None = typer.Option(None, "--model", help="Shipped model name (default model if none)."),
+        weights: Path | None = typer.Option(None, "--weights", help="Weights file (.safetensors / .pth)."),
+        method: str | None = typer.Option(None, "--method", help="Classical method instead of a network."),
+        sensor: str | None = typer.Option(
+            None, "--sensor", help="Sensor (MTF table) for methods and metrics."
+        ),
+        tile: int = typer.Option(256, "--tile", help="Tile side in PAN pixels."),
+        overlap: int = typer.Option(32, "--overlap", help="Blend overlap between tiles, PAN pixels."),
+        batch_size: int = typer.Option(4, "--batch", help="Tiles per inference call."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads for inference."),
+        dn_max: float | None = typer.Option(None, "--dn-max", help="DN scale / clip ceiling override."),
+        bands: str | None = typer.Option(None, "--bands", help="MS bands to use, 1-based, e.g. 1,2,3,5."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the MS dtype)."),
+        cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs."),
+        coregister: bool = typer.Option(False, "--coregister", help="Correct the measured PAN/MS shift."),
+        zero_is_nodata: bool = typer.Option(False, "--zero-is-nodata", help="Treat zeros as nodata."),
+        quicklook: bool = typer.Option(
+            False, "--quicklook", help="Write a PNG quicklook beside each output."
+        ),
+        metrics: bool = typer.Option(
+            False, "--metrics", help="Full-resolution QNR/HQNR per output (log, --json, <out>.metrics.json)."
+        ),
+        shard: str | None = typer.Option(
+            None,
+            "--shard",
+            help="K/N: process a deterministic 1/N of the pairs; K is taken modulo N, so 0-based and "
+            "1-based ids both work: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.",
+        ),
+        dask: str | None = typer.Option(
+            None, "--dask", help="Dask scheduler address (tcp://host:8786) or scheduler file: run there."
+        ),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit; fuse nothing."),
+        log: Path | None = typer.Option(None, "--log", help="Append one JSON line per scene to this file."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Redo scenes whose output is complete."),
+        io_workers: int = typer.Option(
+            1, "--io-workers", help="Threads reading the next scenes' inputs ahead of inference (0: off)."
+        ),
+        retries: int = typer.Option(
+            0, "--retries", help="Retries of a scene after an unexpected error (bad input is not retried)."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-scene lines, only the summary."),
+        json_out: bool = typer.Option(
+            False, "--json", help="Print the plan or the summary as JSON on stdout."
+        ),
+    ) -> None:
+        """Fuse every PAN/MS pair of IN_DIR into OUT_DIR with one model instance: finished scenes are
+        skipped (validated, not just present), a failing scene is logged and the batch goes on,
+        and an interrupted run resumes where it stopped. Scale out with --shard (SLURM arrays,
+        Kubernetes indexed Jobs, GNU parallel) or --dask."""
+        from fusion_cli.pipeline import FuseOptions
+
+        if io_workers < 0 or retries < 0:
+            raise FusionError("--io-workers and --retries must be 0 or more")
+        if manifest is not None and (pan or ms):
+            raise FusionError("give either --manifest or --pan/--ms patterns, not both")
+        if method is not None and (model is not None or weights is not None):
+            raise FusionError("give either --method or --model/--weights, not both")
+        if manifest is not None:
+            plan = lib.read_manifest(manifest, in_dir, out_dir, out_pattern)
+        else:
+            plan = lib.pair_by_patterns(in_dir, out_dir, pan, ms, out_pattern)
+        if shard is not None:
+            plan = lib.apply_shard(plan, *lib.parse_shard(shard))
+        if dry_run:
+            _show_plan(plan, json_out)
+            return
+
+        band_list = parse_bands(bands)
+        options = FuseOptions(
+            tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
+            threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
+            coregister=coregister, zero_is_nodata=zero_is_nodata, quicklook=quicklook, progress=False,
+        )  # fmt: skip
+        fuser_kwargs = {
+            "model": model, "weights": None if weights is None else str(weights), "method": method,
+            "sensor": sensor, "device": device, "precision": precision, "dn_max": dn_max,
+            "ms_bands": len(band_list) if band_list else None,
+        }  # fmt: skip
+        job = lib.FuseJob(fuser=fuser_kwargs, options=options, metrics=metrics)
+        on_result = None if quiet else _print_result
+        _announce(plan, quiet)
+        if dask is not None:
+            from fusion_cli.batch_dask import run_batch_dask
+
+            summary = run_batch_dask(
+                plan, job, dask, overwrite=overwrite, retries=retries, log=log, on_result=on_result
+            )
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            process = lib.make_scene_processor(job)
+            summary = lib.run_batch(
+                plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
+                on_result=on_result,
+            )  # fmt: skip
+        _show_summary(summary)
+        if json_out:
+            echo_json(summary.to_dict())
+        raise typer.Exit(summary.exit_code)
