@@ -713,19 +713,22 @@ def _rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tupl
 def _resolve_fuser(
     pan: str | os.PathLike[str],
     ms: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     model: str | None,
     weights: str | os.PathLike[str] | None,
     method: str | None,
     opts: FuseOptions,
     sensor: str | None,
 ) -> Fuser:
-    ratio = measure_ratio(pan, ms) if method is not None else None
+    # Fail on bad inputs or an unwritable output before loading a model (which takes time).
+    raster.check_writable(out, opts.overwrite, [pan, ms])
+    ratio = measure_ratio(pan, ms)
     n_bands = len(opts.bands) if opts.bands else None
     return make_fuser(
         model=model,
         weights=weights,
         method=method,
-        ratio=ratio,
+        ratio=ratio if method is not None else None,
         sensor=sensor,
         device=opts.device,
         precision=opts.precision,
@@ -755,7 +758,7 @@ def pansharpen(
 ) -> FuseSummary:
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
     options = _options(opts)
-    fuser = _resolve_fuser(pan, ms, model, weights, method, options, sensor)
+    fuser = _resolve_fuser(pan, ms, out, model, weights, method, options, sensor)
     return fuse_files(pan, ms, out, fuser, options)
 
 
@@ -772,7 +775,7 @@ def hisr(
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan")."""
     options = _options(opts)
-    fuser = _resolve_fuser(msi, hsi, model, weights, method, options, sensor)
+    fuser = _resolve_fuser(msi, hsi, out, model, weights, method, options, sensor)
     return fuse_files(msi, hsi, out, fuser, options)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -22,7 +25,117 @@ def parse_bands(text: str | None) -> list[int] | None:
     try:
         bands = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated band numbers like 1,2,3,5, got {text!r}")
+        raise typer.BadParameter(
+            f"expected comma-separated band numbers like 1,2,3,5, got {text!r}"
+        ) from None
     if not bands or min(bands) < 1:
         raise typer.BadParameter("band numbers start at 1")
     return bands
+
+
+def register_fuse_command(
+    app: typer.Typer,
+    name: str,
+    doc: str,
+    hi_help: str,
+    lo_help: str,
+    run: Callable[..., Any],
+    hi_first: bool = True,
+    metavars: tuple[str, str] = ("PAN", "MS"),
+) -> None:
+    """Register a fusion command (`pansharpen`, `hisr`) with the options they share.
+
+    The command takes two positional inputs (help texts `hi_help`, `lo_help` in command-line order
+    as given by `hi_first`) and calls `run(first, second, out, model=, weights=, method=, sensor=,
+    **FuseOptions fields)`, which returns a `FuseSummary`.
+    """
+    first_help, second_help = (hi_help, lo_help) if hi_first else (lo_help, hi_help)
+
+    def command(
+        first: Path = typer.Argument(..., help=first_help, show_default=False, metavar=metavars[0]),
+        second: Path = typer.Argument(..., help=second_help, show_default=False, metavar=metavars[1]),
+        out: Path = typer.Option(..., "-o", "--out", help="Output GeoTIFF (on the high-resolution grid)."),
+        model: str | None = typer.Option(
+            None, "--model", help="Shipped model name (default: the default model)."
+        ),
+        weights: Path | None = typer.Option(
+            None, "--weights", help="Weights file (.pth/.safetensors) to load."
+        ),
+        method: str | None = typer.Option(None, "--method", help="Classical method instead of a network."),
+        sensor: str | None = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods."),
+        bands: str | None = typer.Option(
+            None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
+        ),
+        dn_max: float | None = typer.Option(
+            None, "--dn-max", help="Largest valid DN (e.g. 2047 for 11-bit); default from the model/NBITS."
+        ),
+        tile: int = typer.Option(256, "--tile", help="Tile side in output pixels."),
+        overlap: int = typer.Option(32, "--overlap", help="Blend zone between tiles, output pixels."),
+        batch: int = typer.Option(4, "--batch", help="Tiles per inference call."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads for inference."),
+        dtype: str | None = typer.Option(
+            None, "--dtype", help="Output dtype (default: the input's, e.g. uint16)."
+        ),
+        compress: str = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none."),
+        cog: bool = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+        coregister: bool = typer.Option(
+            False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
+        ),
+        zero_nodata: bool = typer.Option(
+            False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars)."
+        ),
+        quicklook: bool = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside OUT."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ) -> None:
+        summary = run(
+            first,
+            second,
+            out,
+            model=model,
+            weights=weights,
+            method=method,
+            sensor=sensor,
+            bands=parse_bands(bands),
+            dn_max=dn_max,
+            tile=tile,
+            overlap=overlap,
+            batch=batch,
+            device=device,
+            precision=precision,
+            threads=threads,
+            out_dtype=dtype,
+            compress=compress,
+            cog=cog,
+            overwrite=overwrite,
+            coregister=coregister,
+            zero_is_nodata=zero_nodata,
+            quicklook=quicklook,
+            progress=not (quiet or json_out),
+        )
+        if json_out:
+            echo_json(summary.to_dict())
+        elif not quiet:
+            typer.echo(describe_summary(summary), err=True)
+
+    # Rich help keeps line breaks: join each paragraph into one line so it reflows to the terminal.
+    command.__doc__ = "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc).split("\n\n"))
+    app.command(name)(command)
+
+
+def describe_summary(s: Any) -> str:
+    """One human line about a finished fusion run (a FuseSummary)."""
+    c, h, w = s.shape
+    line = f"wrote {s.output}: {c}x{h}x{w} {s.dtype}, {s.fuser} on {s.device}, "
+    line += f"{s.seconds:.1f} s ({s.mpx_per_s:.2f} Mpx/s)"
+    if s.shift_measured:
+        state = "applied" if s.shift_applied else "not applied; --coregister applies it"
+        line += (
+            f"; PAN/MS shift dy={s.shift_measured['dy']:+.2f} dx={s.shift_measured['dx']:+.2f} px ({state})"
+        )
+    for w_ in s.warnings:
+        line += f"\nwarning: {w_}"
+    return line
