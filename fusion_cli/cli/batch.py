@@ -111,7 +111,10 @@ def register(app: typer.Typer) -> None:
         dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the MS dtype)."),
         cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs."),
         coregister: bool = typer.Option(False, "--coregister", help="Correct the measured PAN/MS shift."),
-        zero_is_nodata: bool = typer.Option(False, "--zero-is-nodata", help="Treat zeros as nodata."),
+        compress: str = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none."),
+        zero_nodata: bool = typer.Option(
+            False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars)."
+        ),
         quicklook: bool = typer.Option(
             False, "--quicklook", help="Write a PNG quicklook beside each output."
         ),
@@ -167,7 +170,8 @@ def register(app: typer.Typer) -> None:
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
-            coregister=coregister, zero_is_nodata=zero_is_nodata, quicklook=quicklook, progress=False,
+            coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
+            progress=False,
         )  # fmt: skip
         fuser_kwargs = {
             "model": model, "weights": None if weights is None else str(weights), "method": method,

@@ -1,0 +1,360 @@
+"""`fusion batch` on folders built from the real pairs of ../shared/data plus deliberately broken files.
+
+The folders live in tmp_path (copies made at test time; nothing from the shared data enters the
+repository). Fusion uses the classical `exp` method so the whole file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import need_shared
+from rasterio.crs import CRS
+
+from fusion_cli import batch
+from fusion_cli.errors import FusionError
+from fusion_cli.raster import is_complete_output
+
+L7 = "landsat7_etm_fusebox"
+WV2 = "wv2_spacenet6"
+GOOD = ["l7_1", "l7_7", "wv2_1"]
+BAD = {  # scene (or file) -> words its failure reason must contain
+    "trunc": None,  # whatever GDAL says about the cut file, it must be a failure with a reason
+    "text": "not a readable raster",
+    "crs": "crs",
+    "lonely_pan.tif": "no ms partner",
+}
+
+
+def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check_rc is not None:
+        assert res.returncode == check_rc, res.stderr[-3000:]
+    return res
+
+
+def popen_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def copy_pair(src_dir: str, pan: str, ms: str, dst: Path, stem: str) -> None:
+    shutil.copy(need_shared(src_dir, pan), dst / f"{stem}_pan.tif")
+    shutil.copy(need_shared(src_dir, ms), dst / f"{stem}_ms.tif")
+
+
+def build_mixed_folder(root: Path) -> Path:
+    """3 good real pairs (Landsat-7 ratio 2 without georeferencing, WorldView-2 ratio 4 in UTM)
+    and 4 broken cases: a truncated GeoTIFF, a text file named .tif, mismatched CRS, no partner."""
+    d = root / "in"
+    d.mkdir()
+    copy_pair(L7, "1_pan.tif", "1_ms.tif", d, "l7_1")
+    copy_pair(L7, "7_pan.tif", "7_ms.tif", d, "l7_7")
+    copy_pair(WV2, "pan_1.tif", "ms_1.tif", d, "wv2_1")
+    copy_pair(L7, "19_pan.tif", "19_ms.tif", d, "trunc")
+    data = (d / "trunc_ms.tif").read_bytes()
+    (d / "trunc_ms.tif").write_bytes(data[: len(data) * 2 // 5])
+    copy_pair(L7, "13_pan.tif", "13_ms.tif", d, "text")
+    (d / "text_pan.tif").write_text("this is not a GeoTIFF\n")
+    copy_pair(WV2, "pan_2.tif", "ms_2.tif", d, "crs")
+    with rasterio.open(d / "crs_ms.tif", "r+") as ds:  # our temporary copy, never the shared file
+        ds.crs = CRS.from_epsg(32632)
+    shutil.copy(need_shared(L7, "25_pan.tif"), d / "lonely_pan.tif")
+    (d / "notes.txt").write_text("a file that matches no pattern is listed, not fused\n")
+    return d
+
+
+def hidden_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The mixed folder fused once by the CLI (shared by the tests that inspect that run)."""
+    root = tmp_path_factory.mktemp("batch")
+    in_dir = build_mixed_folder(root)
+    out_dir, log = root / "out", root / "log.jsonl"
+    res = run_cli("batch", str(in_dir), str(out_dir), "--method", "exp", "--log", str(log), "--json")
+    return {"in": in_dir, "out": out_dir, "log": log, "res": res}
+
+
+def test_default_conventions_pair_the_real_folders() -> None:
+    fusebox = need_shared(L7)
+    plan = batch.pair_by_patterns(fusebox, Path("/nonexistent/out"))
+    assert sorted(int(s.id) for s in plan.scenes) == list(range(1, 31))
+    s7 = next(s for s in plan.scenes if s.id == "7")
+    assert (s7.pan.name, s7.ms.name, s7.out.name) == ("7_pan.tif", "7_ms.tif", "7_fused.tif")
+    assert not plan.unpaired
+    assert {p.name for p in plan.ignored} == {"LICENSE", "README.txt", "locations.txt"}
+
+    wv2 = batch.pair_by_patterns(need_shared(WV2), Path("/nonexistent/out"))
+    assert [(s.id, s.pan.name, s.ms.name) for s in wv2.scenes] == [
+        ("1", "pan_1.tif", "ms_1.tif"),
+        ("2", "pan_2.tif", "ms_2.tif"),
+    ]
+    with pytest.raises(FusionError, match="--pan and --ms patterns"):
+        batch.pair_by_patterns(need_shared("wv3_spacenet2"), Path("/nonexistent/out"))
+
+
+def test_patterns_and_manifest(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    for name in ["X_PAN.TIF", "X_MUL.tif", "Y_PAN.tif", "Z_MUL.tiff", "a/pan.tif", "a/ms.tif"]:
+        (d / name).write_bytes(b"")
+    plan = batch.pair_by_patterns(d, tmp_path / "out", "*_PAN.tif", "*_MUL.tif", "{stem}.tif")
+    assert [(s.id, s.pan.name, s.ms.name, s.out.name) for s in plan.scenes] == [
+        ("X", "X_PAN.TIF", "X_MUL.tif", "X.tif")
+    ]
+    reasons = {u.path.name: u.reason for u in plan.unpaired}
+    assert "no MS partner" in reasons["Y_PAN.tif"] and "no PAN partner" in reasons["Z_MUL.tiff"]
+    # One folder per scene: the stem is the folder, outputs mirror it.
+    nested = batch.pair_by_patterns(d, tmp_path / "out", "*/pan.tif", "*/ms.tif")
+    assert [(s.id, s.out) for s in nested.scenes] == [("a", tmp_path / "out" / "a_fused.tif")]
+    with pytest.raises(FusionError, match="needs a '\\*'"):
+        batch.pair_by_patterns(d, tmp_path / "out", "pan.tif", "*_MUL.tif")
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"pan,ms,out\nX_PAN.TIF,X_MUL.tif,\n{d / 'a/pan.tif'},a/ms.tif,sub/a.tif\n")
+    plan = batch.read_manifest(manifest, d, tmp_path / "out")
+    assert [(s.pan, s.ms, s.out) for s in plan.scenes] == [
+        (d / "X_PAN.TIF", d / "X_MUL.tif", tmp_path / "out" / "X_PAN_fused.tif"),
+        (d / "a/pan.tif", d / "a/ms.tif", tmp_path / "out" / "sub/a.tif"),
+    ]
+    manifest.write_text("pan,ms,out\nX_PAN.TIF,X_MUL.tif,same.tif\na/pan.tif,a/ms.tif,same.tif\n")
+    with pytest.raises(FusionError, match="would both write"):
+        batch.read_manifest(manifest, d, tmp_path / "out")
+    manifest.write_text("panchromatic,multispectral\nX_PAN.TIF,X_MUL.tif\n")
+    with pytest.raises(FusionError, match="'pan' and 'ms' columns"):
+        batch.read_manifest(manifest, d, tmp_path / "out")
+
+
+def test_shards_cover_every_pair_exactly_once() -> None:
+    plan = batch.pair_by_patterns(need_shared(L7), Path("/nonexistent/out"))
+    ids = sorted(s.id for s in plan.scenes)
+    for n in (2, 3, 7):
+        parts = [
+            [s.id for s in batch.apply_shard(plan, *batch.parse_shard(f"{k}/{n}")).scenes] for k in range(n)
+        ]
+        assert sorted(sum(parts, [])) == ids  # every pair once: no loss, no duplicate
+        # SLURM's 1-based ids (1..N) select the same shards as 0-based ones (0..N-1).
+        one_based = [[s.id for s in batch.apply_shard(plan, *batch.parse_shard(f"{k + 1}/{n}")).scenes]
+                     for k in range(n)]  # fmt: skip
+        assert sorted(map(sorted, one_based)) == sorted(map(sorted, parts))
+    # A scene's shard does not depend on which other files are present.
+    fewer = batch.Plan(plan.scenes[::3])
+    assert {s.id for s in batch.apply_shard(fewer, 1, 3).scenes} <= {
+        s.id for s in batch.apply_shard(plan, 1, 3).scenes
+    }
+    with pytest.raises(FusionError, match="K/N"):
+        batch.parse_shard("1of2")
+
+
+def test_two_cli_shards_split_the_mixed_folder(mixed: dict) -> None:
+    plans = []
+    for k in ("1/2", "2/2"):
+        res = run_cli(
+            "batch", str(mixed["in"]), str(mixed["out"]), "--shard", k, "--dry-run", "--json", check_rc=0
+        )
+        plans.append(json.loads(res.stdout))
+    scenes = [s["scene"] for p in plans for s in p["scenes"]]
+    assert sorted(scenes) == sorted(GOOD + ["trunc", "text", "crs"])
+    assert [u["path"] for p in plans for u in p["unpaired"]] == [str(mixed["in"] / "lonely_pan.tif")]
+    assert all(s["state"] == "complete" for p in plans for s in p["scenes"] if s["scene"] in GOOD)
+
+
+def test_mixed_folder_fuses_good_scenes_and_reports_each_bad_one(mixed: dict) -> None:
+    res, out_dir = mixed["res"], mixed["out"]
+    assert res.returncode == 1, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    by_scene = {r["scene"]: r for r in summary["scenes"]}
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 4)
+    for name in GOOD:
+        r = by_scene[name]
+        assert r["status"] == "done", r
+        out = Path(r["out"])
+        assert is_complete_output(out)
+        with rasterio.open(out) as o, rasterio.open(mixed["in"] / f"{name}_pan.tif") as p:
+            with rasterio.open(mixed["in"] / f"{name}_ms.tif") as m:
+                assert (o.count, o.dtypes[0]) == (m.count, m.dtypes[0])
+            assert (o.width, o.height, o.crs) == (p.width, p.height, p.crs)
+            assert o.transform.almost_equals(p.transform)
+        assert r["pan_mpx"] == pytest.approx(out_px(out) / 1e6)
+    for name, words in BAD.items():
+        r = by_scene[name]
+        assert r["status"] == "failed" and r["reason"], r
+        if words:
+            assert words in r["reason"].lower(), r["reason"]
+        assert not (out_dir / f"{name}_fused.tif").exists()
+    assert summary["mpx_per_s"] > 0
+    assert "FAILED" in res.stderr and "Traceback" not in res.stderr
+    assert hidden_files(out_dir) == []  # no temporary or lock file left behind
+    lines = [json.loads(x) for x in mixed["log"].read_text().splitlines()]
+    assert sorted(x["scene"] for x in lines) == sorted(GOOD + list(BAD))
+    assert {x["status"] for x in lines if x["scene"] in GOOD} == {"done"}
+
+    # Rerun: finished scenes are validated and skipped (not rewritten), bad ones fail again.
+    stamps = {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in GOOD}
+    again = run_cli(
+        "batch", str(mixed["in"]), str(out_dir), "--method", "exp", "--json", "--log", str(mixed["log"])
+    )
+    assert again.returncode == 1
+    s2 = json.loads(again.stdout)
+    assert (s2["done"], s2["skipped"], s2["failed"]) == (0, 3, 4)
+    assert {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in GOOD} == stamps
+    assert len(mixed["log"].read_text().splitlines()) == 2 * len(lines)
+
+
+def out_px(path: Path) -> int:
+    with rasterio.open(path) as ds:
+        return ds.width * ds.height
+
+
+def test_overwrite_redoes_and_a_foreign_output_is_not_clobbered(mixed: dict, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    manifest = tmp_path / "one.csv"
+    manifest.write_text("pan,ms,out\nl7_7_pan.tif,l7_7_ms.tif,l7_7.tif\n")
+    # A file that is not a complete fusion-cli product already sits at the output name.
+    out_dir.mkdir()
+    (out_dir / "l7_7.tif").write_text("somebody else's file")
+    args = ["batch", str(mixed["in"]), str(out_dir), "--manifest", str(manifest), "--method", "exp", "--json"]
+    res = run_cli(*args, check_rc=1)
+    assert "not a complete fusion-cli product" in json.loads(res.stdout)["scenes"][0]["reason"]
+    assert (out_dir / "l7_7.tif").read_text() == "somebody else's file"
+    res = run_cli(*args, "--overwrite", check_rc=0)
+    assert json.loads(res.stdout)["done"] == 1 and is_complete_output(out_dir / "l7_7.tif")
+    ref = mixed["out"] / "l7_7_fused.tif"
+    with rasterio.open(out_dir / "l7_7.tif") as a, rasterio.open(ref) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_bad_invocations_exit_2(mixed: dict, tmp_path: Path) -> None:
+    cases = [
+        (["--manifest", "x.csv", "--pan", "*_pan.tif", "--ms", "*_ms.tif"], "either --manifest"),
+        (["--pan", "*_pan.tif"], "both --pan and --ms"),
+        (["--shard", "3"], "K/N"),
+        (["--method", "no-such-method"], "no-such-method"),
+    ]
+    for extra, words in cases:
+        res = run_cli("batch", str(mixed["in"]), str(tmp_path / "o"), *extra)
+        assert res.returncode == 2, (extra, res.stderr)
+        assert words in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
+    scene = batch.Scene("s", tmp_path / "p.tif", tmp_path / "m.tif", tmp_path / "out" / "s.tif")
+    calls: list[int] = []
+
+    def flaky(sc: batch.Scene) -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("transient read error")
+        return {"ok": True}
+
+    r = batch.execute_scene(scene, flaky, retries=1)
+    assert (r.status, r.attempts, r.details) == ("done", 2, {"ok": True})
+
+    def bad(sc: batch.Scene) -> dict:
+        calls.append(1)
+        raise FusionError("MS has 3 bands, the model needs 4")
+
+    calls.clear()
+    r = batch.execute_scene(scene, bad, retries=3)
+    assert (r.status, r.attempts, len(calls)) == ("failed", 1, 1)  # bad input is not retried
+    assert r.reason == "MS has 3 bands, the model needs 4"
+
+    # Another live run holds the scene: it is left alone, not fused twice.
+    with batch.scene_lock(scene.out) as mine:
+        assert mine
+        r = batch.execute_scene(scene, flaky)
+        assert r.status == "skipped" and "another running batch" in r.reason
+    # A temporary file of a killed writer is removed once we own the scene.
+    stale = scene.out.with_name(f".{scene.out.name}.partial-99999-abcd.tif")
+    stale.write_bytes(b"half a file")
+    batch.execute_scene(scene, lambda sc: {})
+    assert hidden_files(scene.out.parent) == []
+
+
+def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None:
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    ids = [2, 3, 4, 8, 9, 14]
+    for k in ids:
+        copy_pair(L7, f"{k}_pan.tif", f"{k}_ms.tif", in_dir, f"s{k}")
+    args = ["batch", str(in_dir), str(out_dir), "--method", "exp", "--tile", "128", "--json"]
+    outputs = [out_dir / f"s{k}_fused.tif" for k in ids]
+
+    def run_until_first_output(sig: int) -> subprocess.Popen:
+        proc = popen_cli(*args)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(is_complete_output(o) for o in outputs) >= 1 + (sig == signal.SIGKILL):
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, sig)
+        proc.communicate(timeout=60)
+        return proc
+
+    # Ctrl-C: the run stops cleanly (exit 130), the scene being fused leaves no partial file.
+    proc = run_until_first_output(signal.SIGINT)
+    assert proc.returncode == 130
+    assert hidden_files(out_dir) == []
+    # SIGKILL: nothing can clean up; the next run must.
+    proc = run_until_first_output(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    present = [o for o in outputs if o.exists()]
+    assert 0 < len(present) < len(outputs), "the run finished before it could be killed"
+    assert all(is_complete_output(o) for o in present)  # never a half-written file under a final name
+
+    res = run_cli(*args, check_rc=0)
+    summary = json.loads(res.stdout)
+    assert (summary["skipped"], summary["done"]) == (len(present), len(outputs) - len(present))
+    assert all(is_complete_output(o) for o in outputs)
+    assert hidden_files(out_dir) == []  # the killed run's temporary file is gone
+
+
+def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    from fusion_cli.batch_dask import run_batch_dask
+    from fusion_cli.pipeline import FuseOptions
+
+    out_dir = tmp_path / "out"
+    plan = batch.pair_by_patterns(mixed["in"], out_dir)
+    job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions(progress=False))
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as lc:
+        summary = run_batch_dask(plan, job, lc.scheduler_address, log=tmp_path / "log.jsonl")
+    assert summary.exit_code == 1
+    local = {r["scene"]: r for r in json.loads(mixed["res"].stdout)["scenes"]}
+    remote = {r.scene: r for r in summary.results}
+    assert {k: r.status for k, r in remote.items()} == {k: r["status"] for k, r in local.items()}
+    assert {k: r.reason for k, r in remote.items()} == {k: r["reason"] for k, r in local.items()}
+    assert len({r.worker for r in summary.results if r.status == "done"}) >= 1
+    for name in GOOD:
+        with (
+            rasterio.open(out_dir / f"{name}_fused.tif") as a,
+            rasterio.open(mixed["out"] / f"{name}_fused.tif") as b,
+        ):
+            np.testing.assert_array_equal(a.read(), b.read())
+            assert a.profile == b.profile
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(GOOD) + len(BAD)
