@@ -181,7 +181,7 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
         ax=ax,
         bx=bx,
         crs=pan_ds.crs,
-        out_transform=pt * Affine.translation(col0, row0),
+        out_transform=pt @ Affine.translation(col0, row0),
         georeferenced=pan_ds.crs is not None or not _is_identity(pt),
     )
 
