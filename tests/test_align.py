@@ -1,0 +1,147 @@
+"""align: grid relations from real geotransforms, MS placement, and the PAN/MS shift estimate."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import need_shared
+from rasterio.transform import from_origin
+
+from fusion_cli import align
+from fusion_cli.errors import FusionError
+
+
+def _pair(*parts_pan, parts_ms):
+    return rasterio.open(need_shared(*parts_pan)), rasterio.open(need_shared(*parts_ms))
+
+
+def test_landsat8_half_pixel_offset_and_odd_pan():
+    """PAN 1207 x 1254 offset by half a PAN pixel: the output is the PAN grid over the MS area."""
+    pan, ms = _pair("landsat8_oli", "l8_B8.tif", parts_ms=("landsat8_oli", "ms.tif"))
+    with pan, ms:
+        g = align.relate_grids(pan, ms, expected_ratio=2)
+        assert g.ratio == 2 and g.georeferenced and g.crs == pan.crs
+        # The half-covered first row/column of the PAN and its extra row fall outside the MS.
+        assert (g.row0, g.col0, g.height, g.width) == (1, 1, 1205, 1253)
+        assert g.out_transform == pan.transform @ rasterio.Affine.translation(1, 1)
+        left, top = g.out_transform * (0, 0)
+        right, bottom = g.out_transform * (g.width, g.height)
+        assert ms.bounds.left <= left and right <= ms.bounds.right
+        assert ms.bounds.bottom <= bottom and top <= ms.bounds.top
+        # Sample centres land a quarter MS pixel off the MS centres: placed by the transforms.
+        uy = g.ms_centres(g.row0, 4, axis=0)
+        ux = g.ms_centres(g.col0, 4, axis=1)
+        np.testing.assert_allclose(uy - np.floor(uy), 0.25)
+        np.testing.assert_allclose(ux - np.floor(ux), 0.25)
+        # World position of a low-res sample centre == world position of that MS coordinate.
+        x_world = pan.transform.c + pan.transform.a * (g.col0 + 2 * 3 + 1)
+        x_ms = ms.transform.c + ms.transform.a * (ux[3] + 0.5)
+        assert x_world == pytest.approx(x_ms)
+
+
+def test_wv2_non_exact_ratio_passes():
+    pan, ms = _pair("wv2_spacenet6", "pan_1.tif", parts_ms=("wv2_spacenet6", "ms_1.tif"))
+    with pan, ms:
+        g = align.relate_grids(pan, ms, expected_ratio=4)
+    assert g.ratio == 4 and g.ratio_measured[1] == pytest.approx(4.00025, abs=1e-5)
+    assert g.shape == (600, 600) and (g.row0, g.col0) == (0, 0)
+
+
+def test_wv3_exact_grid_resamples_to_an_exact_copy():
+    pan, ms = _pair("wv3_spacenet2", "pan.tif", parts_ms=("wv3_spacenet2", "ms.tif"))
+    with pan, ms:
+        g = align.relate_grids(pan, ms, expected_ratio=4)
+        data = ms.read(window=rasterio.windows.Window(0, 0, 40, 40)).astype(np.float32)
+    assert g.shape == (1300, 1300)
+    uy = g.ms_centres(32, 8, 0)  # PAN row 32 = MS row 8
+    ux = g.ms_centres(16, 8, 1)
+    (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
+    out = align.resample(
+        data[:, y0:y1, x0:x1], align.cubic_matrix(uy, y0, y1 - y0), align.cubic_matrix(ux, x0, x1 - x0)
+    )
+    np.testing.assert_array_equal(out, data[:, 8:16, 4:12])
+
+
+def _synthetic(tmp_path, name, crs, transform, shape, count=1):
+    path = tmp_path / name
+    with rasterio.open(
+        path, "w", driver="GTiff", width=shape[1], height=shape[0], count=count, dtype="uint16",
+        crs=crs, transform=transform,
+    ) as dst:  # fmt: skip
+        dst.write(np.ones((count, *shape), np.uint16))
+    return rasterio.open(path)
+
+
+def test_bad_pairs_raise_one_line_errors(tmp_path):
+    pan = _synthetic(tmp_path, "p.tif", "EPSG:32631", from_origin(0, 1000, 1, 1), (400, 400))
+    cases = {
+        "CRS mismatch": _synthetic(tmp_path, "a.tif", "EPSG:32632", from_origin(0, 1000, 4, 4), (100, 100)),
+        "not an integer": _synthetic(
+            tmp_path, "b.tif", "EPSG:32631", from_origin(0, 1000, 3.7, 3.7), (100, 100)
+        ),
+        "do not overlap": _synthetic(
+            tmp_path, "c.tif", "EPSG:32631", from_origin(5000, 1000, 4, 4), (100, 100)
+        ),
+        "no CRS": _synthetic(tmp_path, "d.tif", None, from_origin(0, 1000, 4, 4), (100, 100)),
+        "ratios differ": _synthetic(tmp_path, "e.tif", "EPSG:32631", from_origin(0, 1000, 4, 2), (100, 100)),
+    }
+    for message, ms in cases.items():
+        with pytest.raises(FusionError, match=message) as e:
+            align.relate_grids(pan, ms, expected_ratio=4)
+        assert "\n" not in str(e.value)
+    good = _synthetic(tmp_path, "g.tif", "EPSG:32631", from_origin(0, 1000, 2, 2), (200, 200))
+    with pytest.raises(FusionError, match="ratio is 2 but the model expects 4"):
+        align.relate_grids(pan, good, expected_ratio=4)
+    assert align.relate_grids(pan, good).ratio == 2
+
+
+def test_no_georef_pairs_by_exact_size_ratio():
+    pan, ms = _pair("landsat7_etm_fusebox", "1_pan.tif", parts_ms=("landsat7_etm_fusebox", "1_ms.tif"))
+    with pan, ms, pytest.warns(UserWarning, match="no georeferencing"):
+        g = align.relate_grids(pan, ms, expected_ratio=2)
+    assert not g.georeferenced and g.crs is None and g.shape == (800, 800)
+    with pytest.raises(FusionError, match="not an exact integer ratio"):
+        align.relate_shapes((801, 800), (400, 400))
+    with pytest.raises(FusionError, match="expects 4"):
+        align.relate_shapes((800, 800), (400, 400), expected_ratio=4)
+
+
+def test_phase_correlation_recovers_a_known_subpixel_shift():
+    img = need_shared("wv3_spacenet2", "pan.tif")
+    with rasterio.open(img) as ds:
+        base = ds.read(1, window=rasterio.windows.Window(0, 0, 512, 512)).astype(np.float64)
+    # Shift by (+1.5, -2.25) px with an exact Fourier shift.
+    ky, kx = np.meshgrid(np.fft.fftfreq(512), np.fft.fftfreq(512), indexing="ij")
+    moved = np.fft.ifft2(np.fft.fft2(base) * np.exp(-2j * np.pi * (ky * 1.5 + kx * -2.25))).real
+    dy, dx, peak = align.phase_correlation(base, moved, upsample=20)
+    assert (dy, dx) == pytest.approx((1.5, -2.25), abs=0.05)
+    assert peak > 0.5
+
+
+@pytest.mark.parametrize("pair", [1, 7, 19, 25])
+def test_shift_estimate_on_fusebox_known_one_pixel_offset(pair):
+    """FuseBox PAN sits one PAN pixel up-left of the MS (README: -1.0 / -1.05 in every pair)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pan = rasterio.open(need_shared("landsat7_etm_fusebox", f"{pair}_pan.tif")).read(1)
+        ms = rasterio.open(need_shared("landsat7_etm_fusebox", f"{pair}_ms.tif")).read()
+    dy, dx, _ = align.estimate_shift(pan.astype(np.float64), ms.astype(np.float64), 2)
+    assert dy == pytest.approx(-1.0, abs=0.2)
+    assert dx == pytest.approx(-1.05, abs=0.2)
+
+
+def test_shift_estimate_on_wv3():
+    """WV3: README measures (+1.9, -0.2) PAN px, consistent over the quadrants."""
+    pan = rasterio.open(need_shared("wv3_spacenet2", "pan.tif")).read(1).astype(np.float64)
+    ms = rasterio.open(need_shared("wv3_spacenet2", "ms.tif")).read().astype(np.float64)
+    dy, dx, _ = align.estimate_shift(pan, ms, 4)
+    assert dy == pytest.approx(1.9, abs=0.3)
+    assert dx == pytest.approx(-0.2, abs=0.3)
+    # Masking a quarter of the scene as invalid does not move the estimate much.
+    valid = np.ones_like(pan, bool)
+    valid[:650, :650] = False
+    dy2, dx2, _ = align.estimate_shift(pan, ms, 4, valid)
+    assert (dy2, dx2) == pytest.approx((dy, dx), abs=0.5)
