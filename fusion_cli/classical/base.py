@@ -1,0 +1,241 @@
+"""Shared mechanics of the classical methods: the `Fuser` plumbing, streaming statistics and the
+low-pass operators every family uses. Tiles arrive in DN as torch tensors: pan `(B, 1, H, W)`, ms
+`(B, C, H/r, W/r)` on the area-aligned grid (see `fusion_cli.fusers`).
+
+Statistics (`needs_stats = True`) are gathered by `accumulate()` over streamed windows and solved in
+`finalize()`: every method reduces its global estimates (means, covariances, regressions) to sums
+of products, so tiled accumulation equals whole-image accumulation up to float rounding. A window
+counts the pixels where `valid` is True; the derived images (interpolated MS, low-passed PAN) are
+computed on the whole window first, so a pipeline that marks only each window's core as valid (and
+gives `halo` pixels of context) counts every scene pixel once with full filter support.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fusion_cli.errors import FusionError
+from fusion_cli.mtf import KERNEL_SIZE, mtf_filter, mtf_filter_decimate
+from fusion_cli.resample import is_power_of_two, upsample_ms
+from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
+
+STATS_DTYPE = torch.float64  # sums over whole scenes
+FUSE_DTYPE = torch.float32  # per-tile arithmetic
+EPS = 1e-9  # guards a division by a (near) zero low-pass, as MATLAB's `+ eps`
+
+
+def interp_support(ratio: int) -> int:
+    """PAN pixels on each side that MS interpolation to the PAN grid depends on."""
+    # 23-tap cascade: +-11 samples at each 2x stage = 11 * (r/2 + r/4 + ... + 1) < 11 r; bicubic: 2 LR px
+    return 11 * ratio if is_power_of_two(ratio) else 3 * ratio
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+class Moments:
+    """Streaming first and second moments of D features: n, sum x, sum x x^T (float64).
+
+    `full=False` keeps only the sums of squares (means and variances), for many bands.
+    """
+
+    def __init__(self, dim: int, full: bool = True) -> None:
+        self.n = 0
+        self.full = full
+        self.s = torch.zeros(dim, dtype=STATS_DTYPE)
+        self.ss = torch.zeros((dim, dim) if full else (dim,), dtype=STATS_DTYPE)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows `(N, D)`."""
+        rows = rows.to(STATS_DTYPE)
+        self.n += rows.shape[0]
+        self.s += rows.sum(0)
+        self.ss += rows.T @ rows if self.full else (rows * rows).sum(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-feature sample standard deviation (N - 1), as MATLAB's std2."""
+        if self.n < 2:
+            raise FusionError("not enough valid pixels to estimate the method's statistics")
+        m = self.mean
+        sq = torch.diagonal(self.ss) if self.full else self.ss
+        return torch.sqrt(torch.clamp((sq - self.n * m * m) / (self.n - 1), min=0.0))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.s / max(self.n, 1)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Sample covariance (N - 1), as MATLAB's cov/std2."""
+        if self.n < 2:
+            raise FusionError("not enough valid pixels to estimate the method's statistics")
+        if not self.full:
+            raise RuntimeError("covariance needs Moments(full=True)")
+        m = self.mean
+        return (self.ss - self.n * torch.outer(m, m)) / (self.n - 1)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.ss
+
+
+class QuantileSample:
+    """A uniform random subsample of each band's values (fixed seed), for global percentiles in bounded
+    memory; exact while the scene has fewer valid pixels than `capacity`."""
+
+    def __init__(self, capacity: int = 2_000_000, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.gen = torch.Generator().manual_seed(seed)
+        self.values: torch.Tensor | None = None  # (N, C)
+        self.keys: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.to(STATS_DTYPE)
+        keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
+        if self.values is not None:
+            rows = torch.cat([self.values, rows])
+            keys = torch.cat([self.keys, keys])
+        if rows.shape[0] > self.capacity:
+            keep = torch.topk(keys, self.capacity, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.values, self.keys = rows, keys
+
+    def percentile(self, q: float) -> torch.Tensor:
+        """Per band, MATLAB `prctile` (midpoint interpolation of the sorted sample)."""
+        if self.values is None or self.values.shape[0] == 0:
+            raise FusionError("no valid pixels to estimate percentiles from")
+        v, _ = torch.sort(self.values, dim=0)
+        n = v.shape[0]
+        pos = min(max(q / 100 * n - 0.5, 0.0), n - 1.0)  # prctile: sample i at (i - 0.5)/n
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
+def rows_where(img: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """img `(B, D, H, W)`, valid `(B, 1, H, W)` bool -> `(N, D)` of the valid pixels."""
+    d = img.shape[1]
+    return img.permute(0, 2, 3, 1).reshape(-1, d)[valid.reshape(-1)]
+
+
+def lr_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
+    """PAN-grid validity `(B, 1, H, W)` -> MS-grid `(B, 1, H/r, W/r)`: an MS pixel counts only if every
+    PAN pixel it covers does."""
+    return (-F.max_pool2d(-valid.to(torch.float32), ratio, ratio)) > 0.5
+
+
+class ClassicalFuser:
+    """Base of the classical methods: `Fuser` attributes, dtype handling and default no-op statistics."""
+
+    name: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    pan_bands: int = 1
+
+    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
+        if ratio < 1:
+            raise FusionError(f"ratio must be a positive integer, got {ratio}")
+        self.ratio = int(ratio)
+        self.sensor = canonical_sensor(sensor)
+        self.ms_bands = ms_bands
+        self.tile_multiple = self.ratio
+        self.halo = round_up(self.support(), self.ratio)
+        self._finalized = not self.needs_stats
+
+    # ---- geometry -------------------------------------------------------------------------
+    def support(self) -> int:
+        """PAN pixels of context each output pixel depends on (the `halo`)."""
+        return interp_support(self.ratio)
+
+    # ---- Fuser protocol --------------------------------------------------------------------
+    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+        if not self.needs_stats:
+            return
+        self._check(pan, ms)
+        self._accumulate(pan.to(STATS_DTYPE), ms.to(STATS_DTYPE), valid.bool())
+
+    def finalize(self) -> None:
+        if self.needs_stats:
+            self._finalize()
+        self._finalized = True
+
+    def fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        self._check(pan, ms)
+        if not self._finalized:
+            raise FusionError(f"method {self.name} needs a statistics pass (accumulate, finalize) first")
+        return self._fuse(pan.to(FUSE_DTYPE), ms.to(FUSE_DTYPE))
+
+    # ---- convenience for arrays ------------------------------------------------------------
+    def fit(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor | None = None) -> ClassicalFuser:
+        """Whole-image statistics pass in one call (what the pipeline does tile by tile)."""
+        if self.needs_stats:
+            if valid is None:
+                valid = torch.ones_like(pan[:, :1], dtype=torch.bool)
+            self.accumulate(pan, ms, valid)
+        self.finalize()
+        return self
+
+    # ---- to implement ----------------------------------------------------------------------
+    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _finalize(self) -> None:
+        raise NotImplementedError
+
+    def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _check(self, pan: torch.Tensor, ms: torch.Tensor) -> None:
+        if pan.ndim != 4 or ms.ndim != 4 or pan.shape[1] != 1:
+            raise FusionError(f"expected pan (B, 1, H, W) and ms (B, C, h, w), got {pan.shape}, {ms.shape}")
+        if pan.shape[-2] != ms.shape[-2] * self.ratio or pan.shape[-1] != ms.shape[-1] * self.ratio:
+            raise FusionError(
+                f"{self.name}: PAN tile {tuple(pan.shape[-2:])} is not {self.ratio} x "
+                f"MS tile {tuple(ms.shape[-2:])}"
+            )
+        if self.ms_bands is not None and ms.shape[1] != self.ms_bands:
+            raise FusionError(f"{self.name} was set up for {self.ms_bands} MS bands, got {ms.shape[1]}")
+
+    def gains(self, n_bands: int) -> list[float]:
+        return nyquist_gains(self.sensor, n_bands)[0]
+
+    def pan_gain(self, n_bands: int) -> float:
+        return nyquist_gains(self.sensor, n_bands)[1]
+
+    def upsample(self, ms: torch.Tensor) -> torch.Tensor:
+        """MS `(B, C, h, w)` -> `(B, C, rh, rw)` on the PAN grid (23-tap or bicubic, toolbox phase)."""
+        return upsample_ms(ms, self.ratio)
+
+
+def pan_lowpass_per_band(pan: torch.Tensor, gains: list[float], ratio: int) -> torch.Tensor:
+    """The GLP low-pass of the PAN for each band: MTF-filter (band gain), decimate, 23-tap interpolate.
+
+    pan `(B, 1, H, W)` -> `(B, C, H, W)`. Bands with equal gains share one computation.
+    """
+    uniq = sorted(set(gains))
+    lp = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, ratio, rank=1)
+    lp = upsample_ms(lp, ratio)
+    index = torch.as_tensor([uniq.index(g) for g in gains], device=pan.device)
+    return lp.index_select(1, index)
+
+
+def gauss_lowpass(img: torch.Tensor, ratio: int) -> torch.Tensor:
+    """The toolbox's `LPfilterGauss`: Gaussian MTF with gain 0.3 at Nyquist, full resolution."""
+    return mtf_filter(img, GENERIC_MS_GAIN, ratio, rank=1)
+
+
+def kernel_sums(gains: list[float], ratio: int) -> torch.Tensor:
+    """Sum of each band's MTF kernel (~0.999: the toolbox's kernels are not renormalised)."""
+    from fusion_cli.mtf import mtf_kernel
+
+    return torch.as_tensor([float(np.sum(mtf_kernel(g, ratio))) for g in gains], dtype=STATS_DTYPE)
+
+
+MTF_HALF = KERNEL_SIZE // 2
