@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import typer
@@ -22,7 +23,8 @@ _EPILOG = (
 
 def _console() -> Console:
 
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: a reason is one line in a log file or a CI console, whatever the terminal width.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _show_plan(plan: lib.Plan, as_json: bool) -> None:
@@ -36,9 +38,8 @@ def _show_plan(plan: lib.Plan, as_json: bool) -> None:
             s["state"] = "complete" if is_complete_output(out) else ("exists" if out.exists() else "todo")
         echo_json(payload)
         return
-    con = _console()
     shard = f" (shard {plan.shard[0]}/{plan.shard[1]} of {plan.total_scenes} scenes)" if plan.shard else ""
-    con.print(f"Plan: {len(plan.scenes)} scene(s) paired by {plan.source}{shard}")
+    typer.echo(f"Plan: {len(plan.scenes)} scene(s) paired by {plan.source}{shard}")
     for s in plan.scenes:
         state = "complete, skip" if is_complete_output(s.out) else ("exists!" if s.out.exists() else "todo")
         typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{state}]")
@@ -51,8 +52,9 @@ def _show_plan(plan: lib.Plan, as_json: bool) -> None:
 def _announce(plan: lib.Plan, quiet: bool) -> None:
     if not quiet:
         shard = f", shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else ""
-        n_bad = len(plan.unpaired)
-        extra = f", {n_bad} unpaired file(s)" if n_bad else ""
+        extra = f", {len(plan.unpaired)} unpaired file(s)" if plan.unpaired else ""
+        if plan.ignored:
+            extra += f", ignored (match no pattern): {', '.join(p.name for p in plan.ignored)}"
         _console().print(f"fusion batch: {len(plan.scenes)} scene(s) by {plan.source}{shard}{extra}")
 
 
@@ -148,8 +150,13 @@ def register(app: typer.Typer) -> None:
         skipped (validated, not just present), a failing scene is logged and the batch goes on,
         and an interrupted run resumes where it stopped. Scale out with --shard (SLURM arrays,
         Kubernetes indexed Jobs, GNU parallel) or --dask."""
+        from rasterio.errors import NotGeoreferencedWarning
+
         from fusion_cli.pipeline import FuseOptions
 
+        # Inputs without georeferencing are legitimate (size-related pairs); the pipeline reports
+        # them in each scene's summary, so rasterio's per-open warning is only noise here.
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
         if io_workers < 0 or retries < 0:
             raise FusionError("--io-workers and --retries must be 0 or more")
         if manifest is not None and (pan or ms):
