@@ -67,8 +67,8 @@ class _GLP(ClassicalFuser):
 
 
 class MTFGLP(_GLP):
-    """Additive detail injection on the MTF-matched generalized Laplacian pyramid; Aiazzi et al., "MTF-
-    tailored multiscale fusion of high-resolution MS and Pan imagery", PE&RS 2006."""
+    """Additive detail injection on the MTF-matched generalized Laplacian pyramid; Aiazzi et al.,
+    "MTF-tailored multiscale fusion of high-resolution MS and Pan imagery", PE&RS 2006."""
 
     name = "mtf-glp"
 
@@ -78,8 +78,8 @@ class MTFGLP(_GLP):
 
 
 class MTFGLPHPM(_GLP):
-    """MTF-GLP with high-pass modulation (multiplicative injection, X * P / P_low); Aiazzi et al., "An MTF-
-    based spectral distortion minimizing model for pan-sharpening ...", URBAN 2003, and Vivone et al.
+    """MTF-GLP with high-pass modulation (multiplicative injection, X * P / P_low); Aiazzi et al.,
+    "An MTF-based spectral distortion minimizing model for pan-sharpening ...", URBAN 2003, and Vivone et al.
     IEEE GRSL 2014."""
 
     name = "mtf-glp-hpm"
