@@ -9,6 +9,16 @@ Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` 
 """
 
 from fusion_cli.metrics._common import border_cut, clip_to_bits, round_uint16
+from fusion_cli.metrics.noreference import (
+    d_lambda,
+    d_lambda_khan,
+    d_s,
+    full_resolution,
+    hqnr,
+    pan_lowpass,
+    qnr,
+    upsample,
+)
 from fusion_cli.metrics.q2n import q2n, q2n_label, q2n_map
 from fusion_cli.metrics.reference import (
     ergas,
@@ -29,6 +39,14 @@ from fusion_cli.metrics.reference import (
 )
 
 __all__ = [
+    "d_lambda",
+    "d_lambda_khan",
+    "d_s",
+    "full_resolution",
+    "hqnr",
+    "pan_lowpass",
+    "qnr",
+    "upsample",
     "border_cut",
     "clip_to_bits",
     "ergas",

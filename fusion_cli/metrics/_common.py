@@ -85,10 +85,11 @@ def uiqi_from_moments(
     Where both variances vanish (`vx + vy <= tiny`, `tiny` absorbs rounding) the index is the mean term
     2 mx my / (mx^2 + my^2); where the means also vanish it is 1.
     """
+    mx, my, vx, vy, cxy = np.broadcast_arrays(mx, my, vx, vy, cxy)
     vsum = vx + vy
     msq = mx * mx + my * my
     flat = vsum <= tiny
-    q = np.ones(np.broadcast(mx, vx).shape)
+    q = np.ones(vsum.shape)
     mean_only = flat & (msq != 0)
     q[mean_only] = (2 * mx * my / np.where(mean_only, msq, 1.0))[mean_only]
     full = ~flat & (msq != 0)
