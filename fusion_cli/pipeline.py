@@ -282,6 +282,9 @@ def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
     dev = _fuser_device(fuser)
     for win in plan:
         t = source.read(win.core_row, win.core_col, plan.tile, plan.tile)
+        # The last tiles reach past the scene (reflect padding): those pixels must not count twice.
+        t.valid[plan.height - win.core_row :] = False
+        t.valid[:, plan.width - win.core_col :] = False
         if not t.valid.any():
             continue
         fuser.accumulate(
@@ -372,15 +375,11 @@ def _finish(
     if nodata is not None:
         nd = np.array(nodata, dtype=out_dtype)
         if not np.isnan(nd):
-            # A fused value equal to the nodata value would vanish: nudge it by one step.
-            step = (
-                1
-                if np.issubdtype(data.dtype, np.integer)
-                else np.finfo(data.dtype).eps * max(1.0, abs(float(nd)))
-            )
-            up = raster.dtype_range(out_dtype)
-            bump = -step if up is not None and float(nd) >= up[1] else step
-            data[(data == nd) & valid[None]] = nd + bump
+            # A fused value equal to the nodata value would vanish: nudge it by one step inwards.
+            rng = raster.dtype_range(out_dtype)
+            step = 1.0 if rng is not None else float(np.finfo(data.dtype).eps) * max(1.0, abs(float(nd)))
+            bump = -step if rng is not None and float(nd) >= rng[1] else step
+            data[(data == nd) & valid[None]] = data.dtype.type(float(nd) + bump)
         data[:, ~valid] = nd
     return data
 

@@ -1,0 +1,300 @@
+"""pipeline: real pairs in, georeferenced product out, with local test fusers (the network has its own
+test at the end, driven by the official WV3 checkpoint when it is available)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from conftest import need_shared
+from pipeline_fusers import DetailFuser, FailingFuser, RepeatFuser, StatsFuser
+from rasterio.transform import from_origin
+
+from fusion_cli import raster
+from fusion_cli.errors import FusionError
+from fusion_cli.pipeline import FuseOptions, fuse_arrays, fuse_files
+
+
+def _opts(**kw):
+    return FuseOptions(progress=False, **kw)
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as ds:
+            return ds.read()
+
+
+def _write(path, data, **kw):
+    with rasterio.open(
+        path, "w", driver="GTiff", count=data.shape[0], height=data.shape[1], width=data.shape[2],
+        dtype=str(data.dtype), **kw,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    return path
+
+
+def test_landsat8_output_is_the_pan_grid_over_the_common_area(tmp_path):
+    pan = need_shared("landsat8_oli", "l8_B8.tif")
+    ms = need_shared("landsat8_oli", "ms.tif")
+    before = (_sha(pan), _sha(ms))
+    out = tmp_path / "l8.tif"
+    s = fuse_files(pan, ms, out, DetailFuser(2), _opts())
+    assert (_sha(pan), _sha(ms)) == before  # inputs untouched
+    with rasterio.open(pan) as p, rasterio.open(ms) as m, rasterio.open(out) as o:
+        assert o.crs == p.crs and o.res == p.res
+        assert (o.height, o.width) == (1205, 1253)
+        # The output transform is the PAN's, moved by a whole number of PAN pixels.
+        col, row = ~p.transform * (o.transform.c, o.transform.f)
+        assert (col, row) == (1.0, 1.0)
+        assert o.dtypes == m.dtypes and o.count == 4
+        assert o.descriptions == m.descriptions
+        tags = o.tags()
+        assert tags["FUSION_MODEL"] == "detail" and tags["FUSION_PAN"].endswith("l8_B8.tif")
+        assert json.loads(tags["FUSION_PARAMS"])["ratio"] == 2 and "FUSION_VERSION" in tags
+        assert o.block_shapes[0] == (256, 256) and o.compression is not None
+        fused = o.read().astype(np.float64)
+        ref = m.read().astype(np.float64)
+    assert raster.is_complete_output(out)
+    # Radiometry is preserved: band means within 1 % of the MS band means.
+    np.testing.assert_allclose(fused.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), rtol=0.01)
+    assert s.shape == (4, 1205, 1253) and s.ratio == 2 and s.valid_fraction == 1.0
+    assert s.shift_measured is not None and not s.shift_applied
+    json.dumps(s.to_dict())
+
+
+def test_half_pixel_placement_follows_the_transforms(tmp_path):
+    """A linear ramp in world coordinates on a Landsat-like grid (PAN offset by half a PAN pixel):
+    the MS fed to the fuser at each block must equal the ramp at that block's centre."""
+    x0, y0 = 452475.0, 3408645.0
+    jj, ii = np.meshgrid(np.arange(60), np.arange(50))
+    xw, yw = x0 + 30 * (jj + 0.5), y0 - 30 * (ii + 0.5)
+    ms = np.stack([1000 + 0.5 * (xw - x0) + 0.25 * (y0 - yw), 500 + 0.1 * (xw - x0)]).astype(np.float32)
+    ms_path = _write(tmp_path / "ms.tif", ms, crs="EPSG:32616", transform=from_origin(x0, y0, 30, 30))
+    pan = np.ones((1, 101, 120), np.float32)
+    pan_path = _write(
+        tmp_path / "pan.tif", pan, crs="EPSG:32616", transform=from_origin(x0 - 7.5, y0 + 7.5, 15, 15)
+    )
+    out = tmp_path / "o.tif"
+    fuse_files(pan_path, ms_path, out, RepeatFuser(2), _opts(tile=32, overlap=0, measure_shift=False))
+    with rasterio.open(out) as o:
+        got, t = o.read(), o.transform
+    r, c = np.meshgrid(np.arange(got.shape[1]), np.arange(got.shape[2]), indexing="ij")
+    # Block centre of each output pixel (blocks are 2x2 from the output origin), in world coordinates.
+    xc = t.c + t.a * (2 * (c // 2) + 1)
+    yc = t.f + t.e * (2 * (r // 2) + 1)
+    expected = np.stack([1000 + 0.5 * (xc - x0) + 0.25 * (y0 - yc), 500 + 0.1 * (xc - x0)])
+    inner = (slice(None), slice(8, -8), slice(8, -8))  # away from reflect-padded edges
+    np.testing.assert_allclose(got[inner], expected[inner], atol=1e-3)
+
+
+def test_seam_tiled_equals_one_piece_on_real_wv2(tmp_path):
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    fuse_files(pan, ms, tmp_path / "tiled.tif", DetailFuser(4), _opts(tile=96, overlap=16, batch=3))
+    fuse_files(pan, ms, tmp_path / "one.tif", DetailFuser(4), _opts(tile=4096))
+    tiled = _read(tmp_path / "tiled.tif").astype(np.int64)
+    one = _read(tmp_path / "one.tif").astype(np.int64)
+    diff = np.abs(tiled - one).max()
+    print(f"seam test WV2 pair 1, tile 96 vs one piece: max |diff| = {diff} DN")
+    assert diff <= 1
+
+
+def test_nodata_in_ms_or_pan_is_nodata_in_output(tmp_path):
+    rng = np.random.default_rng(0)
+    tr = from_origin(600000, 5700000, 2.0, 2.0)
+    ms = rng.integers(100, 1500, (4, 100, 100)).astype(np.uint16)
+    ms[2, 20:30, 40:50] = 65535  # one band's nodata invalidates the pixel
+    pan = rng.integers(100, 1500, (1, 400, 400)).astype(np.uint16)
+    pan[0, 300:310, 10:30] = 0
+    ms_path = _write(tmp_path / "ms.tif", ms, crs="EPSG:32631", transform=tr, nodata=65535)
+    pan_path = _write(
+        tmp_path / "pan.tif",
+        pan,
+        crs="EPSG:32631",
+        transform=from_origin(600000, 5700000, 0.5, 0.5),
+        nodata=0,
+    )
+
+    seen = {}
+
+    class Spy(DetailFuser):
+        def fuse(self, p, m):
+            seen["ms_max"] = max(seen.get("ms_max", 0), float(m.max()))
+            seen["pan_min"] = min(seen.get("pan_min", 1e9), float(p.min()))
+            return super().fuse(p, m)
+
+    out = tmp_path / "o.tif"
+    s = fuse_files(pan_path, ms_path, out, Spy(4), _opts(tile=128, overlap=16))
+    assert seen["ms_max"] < 1600 and seen["pan_min"] >= 100  # nodata filled before inference
+    got = _read(out)
+    invalid = np.zeros((400, 400), bool)
+    invalid[80:120, 160:200] = True
+    invalid[300:310, 10:30] = True
+    assert s.nodata == 65535 and not s.internal_mask
+    np.testing.assert_array_equal((got == 65535).all(axis=0), invalid)
+    assert not (got[:, ~invalid] == 65535).any()
+    assert s.valid_fraction == pytest.approx(1 - invalid.mean())
+
+
+def test_pan_nodata_without_ms_nodata_gives_an_internal_mask(tmp_path):
+    rng = np.random.default_rng(1)
+    ms = rng.integers(100, 1500, (3, 64, 64)).astype(np.uint16)
+    pan = rng.integers(100, 1500, (1, 256, 256)).astype(np.uint16)
+    pan[0, :40] = 0
+    ms_path = _write(tmp_path / "ms.tif", ms, crs="EPSG:32631", transform=from_origin(0, 512, 8, 8))
+    pan_path = _write(
+        tmp_path / "pan.tif", pan, crs="EPSG:32631", transform=from_origin(0, 512, 2, 2), nodata=0
+    )
+    s = fuse_files(pan_path, ms_path, tmp_path / "o.tif", DetailFuser(4), _opts())
+    assert s.internal_mask and s.nodata is None
+    with rasterio.open(tmp_path / "o.tif") as o:
+        assert rasterio.enums.MaskFlags.per_dataset in o.mask_flag_enums[0]
+        mask = o.read_masks(1)
+    assert not mask[:40].any() and mask[40:].all()
+
+
+def test_wv2_zero_collar_with_zero_nodata(tmp_path):
+    pan = need_shared("wv2_spacenet6", "pan_2.tif")
+    ms = need_shared("wv2_spacenet6", "ms_2.tif")
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(zero_is_nodata=True))
+    got = _read(tmp_path / "o.tif")
+    p = _read(pan)[0]
+    assert s.nodata == 0
+    assert (got[:, p == 0] == 0).all()  # PAN collar -> nodata
+    assert not (got[:, :190] != 0).any()
+    assert 0.6 < s.valid_fraction < 0.7  # README: about 32 % zeros
+    assert (got[:, 300:] > 0).all(axis=0).mean() > 0.95
+
+
+def test_overwrite_refusal_and_atomic_write(tmp_path):
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    out = tmp_path / "o.tif"
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            fuse_files(pan, ms, out, FailingFuser(4, after=1, exc=exc), _opts(tile=128, batch=1))
+        assert list(tmp_path.iterdir()) == []  # neither output nor temporary left
+    fuse_files(pan, ms, out, DetailFuser(4), _opts())
+    first = _sha(out)
+    with pytest.raises(FusionError, match="--overwrite"):
+        fuse_files(pan, ms, out, DetailFuser(4), _opts())
+    assert _sha(out) == first
+    fuse_files(pan, ms, out, DetailFuser(4), _opts(overwrite=True, out_dtype="float32"))
+    with rasterio.open(out) as o:
+        assert o.dtypes[0] == "float32"
+
+
+def test_band_selection_dtype_and_clip(tmp_path):
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(bands=[3, 2, 1], dn_max=1000))
+    got = _read(tmp_path / "o.tif")
+    assert s.shape == (3, 600, 600) and got.max() <= 1000
+    with pytest.raises(FusionError, match="cannot select band"):
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4), _opts(bands=[5]))
+    with pytest.raises(FusionError, match="expects 8"):
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4, ms_bands=8), _opts())
+    with pytest.raises(FusionError, match="ratio is 4 but the model expects 2"):
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(2), _opts())
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_arrays_and_files_share_the_tiling_fusebox(tmp_path):
+    pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
+    ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+    stats = StatsFuser(2)
+    s = fuse_files(pan, ms, tmp_path / "o.tif", stats, _opts(tile=128))
+    assert stats.sums[1] == 800 * 800  # the statistics pass saw every pixel once
+    assert s.crs is None and any("no georeferencing" in w for w in s.warnings)
+    from_file = _read(tmp_path / "o.tif")
+    arr = fuse_arrays(_read(pan), _read(ms), DetailFuser(2), _opts(tile=128, dn_max=255))
+    assert arr.dtype == np.float32 and arr.shape == (6, 800, 800)
+    np.testing.assert_array_equal(np.rint(arr).astype(np.uint8), from_file)
+
+
+def test_coregister_applies_the_measured_fusebox_shift(tmp_path):
+    pan = need_shared("landsat7_etm_fusebox", "7_pan.tif")
+    ms = need_shared("landsat7_etm_fusebox", "7_ms.tif")
+    plain = fuse_files(pan, ms, tmp_path / "a.tif", RepeatFuser(2), _opts(out_dtype="float32"))
+    reg = fuse_files(pan, ms, tmp_path / "b.tif", RepeatFuser(2), _opts(out_dtype="float32", coregister=True))
+    assert plain.shift_measured["dy"] == pytest.approx(-1.0, abs=0.2)
+    assert plain.shift_measured["dx"] == pytest.approx(-1.05, abs=0.2)
+    assert not plain.shift_applied and reg.shift_applied
+    p = _read(pan)[0].astype(np.float64)
+
+    def corr(path):
+        f = _read(path).mean(axis=0)[8:-8, 8:-8]
+        return np.corrcoef(f.ravel(), p[8:-8, 8:-8].ravel())[0, 1]
+
+    assert corr(tmp_path / "b.tif") > corr(tmp_path / "a.tif") + 0.01
+
+
+def test_hyperion_hs_pansharpening_float_ratio_3(tmp_path):
+    pan = need_shared("eo1_hyperion_ali_paris", "pan.tif")
+    hs = need_shared("eo1_hyperion_ali_paris", "hs.tif")
+    s = fuse_files(pan, hs, tmp_path / "o.tif", DetailFuser(3), _opts(tile=96))
+    with rasterio.open(tmp_path / "o.tif") as o:
+        assert (o.count, o.height, o.width) == (128, 216, 174) and o.dtypes[0] == "float32"
+        assert o.crs is None and o.descriptions[0].startswith("Hyperion band")
+        got = o.read()
+    assert s.ratio == 3 and np.isfinite(got).all()
+    ref = _read(hs)
+    np.testing.assert_allclose(got.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), rtol=0.02, atol=1e-3)
+
+
+def test_hisr_msi_drives_the_hsi(tmp_path):
+    """HISR on the Paris HSI+MSI pair, reduced by 3 (Wald): the MSI plays the high-res role."""
+    ref = _read(need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif"))  # (128, 72, 72)
+    msi = need_shared("eo1_hyperion_ali_paris", "ms.tif")  # (9, 72, 72)
+    lr = ref.reshape(128, 24, 3, 24, 3).mean(axis=(2, 4)).astype(np.float32)
+    hsi = _write(tmp_path / "hsi.tif", lr)
+    s = fuse_files(msi, hsi, tmp_path / "o.tif", DetailFuser(3, pan_bands=9), _opts(tile=48, overlap=12))
+    got = _read(tmp_path / "o.tif")
+    assert s.shape == (128, 72, 72) and got.shape == ref.shape
+    up = np.repeat(np.repeat(lr, 3, 1), 3, 2)
+    assert np.abs(got - ref).mean() < np.abs(up - ref).mean()  # better than the blocky HSI
+    with pytest.raises(FusionError, match="MSI has 9 bands"):
+        fuse_files(msi, hsi, tmp_path / "x.tif", DetailFuser(3, pan_bands=4), _opts())
+
+
+def test_official_network_on_wv3(tmp_path):
+    """The official FusionMamba checkpoint (8 bands, ratio 4) through the pipeline on a real WV3 crop."""
+    weights = need_shared("fusionmamba_official", "420.pth")
+    pytest.importorskip("fusion_cli.models.registry")
+    pytest.importorskip("fusion_cli.models.fuser")
+    from fusion_cli.pipeline import make_fuser
+
+    fuser = make_fuser(weights=weights, device="cpu")
+    with (
+        rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
+        rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
+    ):
+        w_ms = rasterio.windows.Window(100, 100, 48, 48)
+        w_pan = rasterio.windows.Window(400, 400, 192, 192)
+        pan_path = _write(
+            tmp_path / "pan.tif", p.read(window=w_pan), crs=p.crs, transform=p.window_transform(w_pan)
+        )
+        ms_path = _write(
+            tmp_path / "ms.tif", m.read(window=w_ms), crs=m.crs, transform=m.window_transform(w_ms)
+        )
+    torch.manual_seed(0)
+    tiled = fuse_files(pan_path, ms_path, tmp_path / "t.tif", fuser, _opts(tile=64, overlap=32))
+    fuse_files(pan_path, ms_path, tmp_path / "one.tif", fuser, _opts(tile=4096))
+    a, b = _read(tmp_path / "t.tif").astype(np.int64), _read(tmp_path / "one.tif").astype(np.int64)
+    ms_up = np.repeat(np.repeat(_read(ms_path).astype(np.float64), 4, 1), 4, 2)
+    d = np.abs(a - b)
+    print(f"network seam, tile 64 vs one piece: max |diff| = {d.max()} DN, mean {d.mean():.3f}")
+    assert tiled.shape == (8, 192, 192) and a.max() <= 2047
+    # Spectrally the product follows the MS: band means within 5 %.
+    np.testing.assert_allclose(b.mean(axis=(1, 2)), ms_up.mean(axis=(1, 2)), rtol=0.05)
