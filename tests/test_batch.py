@@ -6,6 +6,8 @@ repository). Fusion uses the classical `exp` method so the whole file stays fast
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -13,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +39,23 @@ BAD = {  # scene (or file) -> words its failure reason must contain
 }
 
 
-def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args: str, check_rc: int | None = None) -> Result:
+    """The CLI entry in this process (no interpreter + torch start-up per call); exit code kept."""
+    from fusion_cli.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        try:
+            main(list(args))
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    res = Result(rc, out.getvalue(), err.getvalue())
     if check_rc is not None:
         assert res.returncode == check_rc, res.stderr[-3000:]
     return res

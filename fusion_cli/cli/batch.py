@@ -195,8 +195,8 @@ def register(app: typer.Typer) -> None:
                 plan, job, dask, overwrite=overwrite, retries=retries, log=log, on_result=on_result
             )
         else:
+            process = lib.make_scene_processor(job)  # a bad model or method fails here, exit 2
             out_dir.mkdir(parents=True, exist_ok=True)
-            process = lib.make_scene_processor(job)
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
                 on_result=on_result,
