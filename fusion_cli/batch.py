@@ -376,9 +376,20 @@ class BatchSummary:
         return self.count("failed")
 
     @property
+    def mpx_done(self) -> float:
+        return sum(r.pan_mpx for r in self.results if r.status == "done")
+
+    @property
     def mpx_per_s(self) -> float:
+        """Output (PAN-grid) megapixels fused per second of wall time: the batch's throughput,
+        all workers together on Dask."""
+        return self.mpx_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mpx_per_busy_s(self) -> float:
+        """Megapixels per second spent fusing (one worker's speed, without skips and start-up)."""
         busy = sum(r.seconds for r in self.results if r.status == "done")
-        return sum(r.pan_mpx for r in self.results if r.status == "done") / busy if busy > 0 else 0.0
+        return self.mpx_done / busy if busy > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -393,8 +404,9 @@ class BatchSummary:
             "skipped": self.skipped,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
-            "pan_mpx_done": round(sum(r.pan_mpx for r in self.results if r.status == "done"), 3),
+            "pan_mpx_done": round(self.mpx_done, 3),
             "mpx_per_s": round(self.mpx_per_s, 4),
+            "mpx_per_busy_s": round(self.mpx_per_busy_s, 4),
             "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
             "interrupted": self.interrupted,
             "exit_code": self.exit_code,
