@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -294,12 +294,14 @@ def _check_outputs(plan: Plan) -> None:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """`K/N` -> (K mod N, N).
+    """`K/N` -> (K mod N, N); `slurm` -> this array task's shard (`slurm_shard`).
 
     K is taken modulo N, so any N consecutive task ids select every shard exactly once:
     0-based (Kubernetes `$JOB_COMPLETION_INDEX`, `--array=0-9`) and 1-based (SLURM `--array=1-10`,
     GNU parallel `{#}`) numbering both work with `$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`.
     """
+    if (text or "").strip().lower() == "slurm":
+        return slurm_shard(os.environ)
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
     if not m:
         raise FusionError(
@@ -309,6 +311,23 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1:
         raise FusionError(f"--shard K/N needs N >= 1, got {text!r}")
     return k % n, n
+
+
+def slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    """`--shard slurm`: this array task's shard from SLURM's variables, exact for any array range
+    and step (`--array=5-50:5` included): index = (ID - MIN) / STEP among COUNT tasks."""
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+    except (KeyError, ValueError):
+        raise FusionError(
+            "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT "
+            "(run it inside an sbatch --array job)"
+        ) from None
+    index = (task - first) // max(step, 1)
+    if count < 1 or not 0 <= index < count:
+        raise FusionError(f"SLURM array task {task} (min {first}, step {step}) is not one of {count} tasks")
+    return index, count
 
 
 def shard_of(key: str, count: int) -> int:

@@ -179,6 +179,12 @@ def test_shards_cover_every_pair_exactly_once() -> None:
     }
     with pytest.raises(FusionError, match="K/N"):
         batch.parse_shard("1of2")
+    # `--shard slurm` from the array variables, exact for ranges and steps like --array=5-20:5.
+    tasks = [{"SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5",
+              "SLURM_ARRAY_TASK_STEP": "5"} for t in (5, 10, 15, 20)]  # fmt: skip
+    assert [batch.slurm_shard(env) for env in tasks] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    with pytest.raises(FusionError, match="SLURM_ARRAY_TASK_ID"):
+        batch.slurm_shard({})
 
 
 def test_two_cli_shards_split_the_mixed_folder(mixed: dict) -> None:

@@ -126,8 +126,9 @@ def register(app: typer.Typer) -> None:
         shard: str | None = typer.Option(
             None,
             "--shard",
-            help="K/N: process a deterministic 1/N of the pairs; K is taken modulo N, so 0-based and "
-            "1-based ids both work: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.",
+            help="K/N: process a deterministic 1/N of the pairs (by a hash of the scene id); K is taken "
+            "modulo N, so 0-based (Kubernetes $JOB_COMPLETION_INDEX) and 1-based ids both work. "
+            "'slurm' reads the array task variables (any --array range and step).",
         ),
         dask: str | None = typer.Option(
             None, "--dask", help="Dask scheduler address (tcp://host:8786) or scheduler file: run there."
