@@ -1,0 +1,163 @@
+"""`fusion metrics FUSED --ref GT --ratio 4` / `fusion metrics FUSED --pan PAN --ms MS`: quality indices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fusion_cli.cli.common import echo_json
+from fusion_cli.errors import FusionError
+
+HELP = """Quality indices of a fused product, with the conventions of the MATLAB toolbox of Vivone et al.
+(the version in DLPan-Toolbox), so the numbers compare with published tables.
+
+\b
+Reduced resolution (--ref GT, a reference on the product's grid; --ratio is required):
+  Images are evaluated in DN, not rescaled. --cut K keeps rows/cols [K-1, H-K) of both images (the
+  toolbox's asymmetric cut; 21 reproduces DLPan tables, 11 older ones). --clip-bits L clips the
+  product to [0, 2^L] first.
+  Q2n (shown as Q4/Q8): hypercomplex UIQI on 32x32 blocks (block = shift), bottom/right padded by
+    symmetric mirroring, both images rounded to uint16 (half away from zero, saturating; --no-uint16
+    skips this, a deviation from the toolbox), zero bands up to a power of two, mean over all blocks.
+  Q: band mean of the Wang-Bovik UIQI on a 32x32 sliding window, 'valid' positions.
+  SAM: degrees, mean over pixels; pixels where either spectrum has zero norm are left out.
+  ERGAS: (100/ratio) sqrt(mean_b MSE_b / mean(GT_b)^2), ratio = PAN/MS pixel-size ratio (4, not 1/4).
+  SCC: Sobel gradient magnitudes of the image without its 1-pixel frame (zero padding), correlated
+    over all pixels and bands without mean removal.
+  PSNR, SSIM (HISR convention): per band, averaged; peak --psnr-peak: a number (1, 255, 2047 ...),
+    dnmax (the reference's maximum) or band-max (each band's maximum); SSIM Gaussian 11 / 1.5,
+    K = (0.01, 0.03). RMSE in DN.
+
+\b
+Full resolution (--pan PAN --ms MS, or nothing for a product written by fusion: its FUSION_PAN /
+FUSION_MS tags name them; the ratio is taken from the shapes):
+  The MS is interpolated to the PAN grid (23-tap for power-of-two ratios, bicubic otherwise).
+  D_lambda, D_s (QNR): UIQI on non-overlapping 32x32 blocks (full blocks only), p = q = 1; D_s
+    compares UIQI(fused band, PAN) with UIQI(MS band, PAN degraded by bicubic 1/ratio and back).
+    QNR = (1 - D_lambda)(1 - D_s).
+  D_lambda^K (Khan) = 1 - Q2n(interpolated MS, product low-passed by the sensor MTF); --sensor picks
+    the Nyquist gains (generic 0.3 without it). HQNR = (1 - D_lambda^K)(1 - D_s).
+  Published "QNR" columns of DLPan tables are HQNR.
+
+\b
+Nodata: pixels invalid in any input (raster masks/nodata, --nodata V for unflagged values such as
+zero borders) are left out: of SAM/ERGAS/PSNR/RMSE pixel means, of Q/SSIM windows and Q2n/QNR blocks
+that touch them, of SCC sums near them. The toolbox itself has no masks.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("metrics", help=HELP)
+    def metrics(
+        fused: Path = typer.Argument(..., help="Fused product (GeoTIFF or any raster GDAL reads)."),
+        ref: Path | None = typer.Option(
+            None, "--ref", help="Reference (ground truth) on the product's grid."
+        ),
+        pan: Path | None = typer.Option(
+            None, "--pan", help="PAN the product was made from (full resolution)."
+        ),
+        ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS the product was made from."),
+        ratio: int | None = typer.Option(
+            None, "--ratio", min=1, help="PAN/MS pixel-size ratio (e.g. 4). Required with --ref."
+        ),
+        cut: int = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K)."),
+        clip_bits: int | None = typer.Option(
+            None, "--clip-bits", min=1, max=32, help="Clip the product to [0, 2^L] first."
+        ),
+        no_uint16: bool = typer.Option(
+            False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
+        ),
+        per_band: bool = typer.Option(False, "--per-band", help="Also show per-band values."),
+        psnr_peak: str = typer.Option(
+            "dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max."
+        ),
+        sensor: str | None = typer.Option(
+            None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...)."
+        ),
+        nodata: float | None = typer.Option(
+            None, "--nodata", help="Extra nodata value (all bands equal to it)."
+        ),
+        block: int = typer.Option(32, "--block", min=4, help="Block / window size of Q2n, Q and QNR."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),
+    ) -> None:
+        from fusion_cli.evaluate import EvalOptions, evaluate, flatten, write_csv
+
+        if psnr_peak not in ("dnmax", "band-max"):
+            try:
+                peak: float | str = float(psnr_peak)
+            except ValueError:
+                raise FusionError(
+                    f"--psnr-peak must be a number, dnmax or band-max, got {psnr_peak!r}"
+                ) from None
+        else:
+            peak = psnr_peak
+        opts = EvalOptions(
+            ratio=ratio,
+            cut=cut,
+            clip_bits=clip_bits,
+            round_uint16=not no_uint16,
+            per_band=per_band,
+            block=block,
+            psnr_peak=peak,
+            sensor=sensor,
+            nodata=nodata,
+        )
+        for p in (fused, ref, pan, ms):
+            if csv is not None and p is not None and csv.resolve() == p.resolve():
+                raise FusionError(f"--csv {csv} is an input file: choose another name")
+        result = evaluate(fused, ref, pan, ms, opts)
+        if csv is not None:
+            write_csv([flatten(result)], csv, append=True)
+        if as_json:
+            echo_json(result)
+        else:
+            _print(result)
+
+
+_NOTES = {
+    "Q2n": "hypercomplex, 32x32 blocks",
+    "Q": "UIQI, 32x32 sliding window",
+    "SAM": "degrees",
+    "ERGAS": "100/ratio scaling",
+    "SCC": "Sobel magnitudes",
+    "PSNR": "dB, band mean",
+    "SSIM": "band mean",
+    "RMSE": "DN",
+    "D_lambda": "QNR spectral",
+    "D_s": "QNR spatial",
+    "QNR": "(1-D_lambda)(1-D_s)",
+    "D_lambda_K": "Khan, sensor MTF",
+    "HQNR": "DLPan's published 'QNR'",
+}
+
+
+def _print(result: dict) -> None:
+    from fusion_cli.evaluate import INDEX_ORDER
+
+    console = Console()
+    mode = "reduced resolution" if result["mode"] == "reduced" else "full resolution (no reference)"
+    table = Table(title=f"{Path(result['product']).name}: {mode}")
+    table.add_column("index")
+    table.add_column("value", justify="right")
+    table.add_column("convention", style="dim")
+    for key in INDEX_ORDER:
+        if key in result:
+            label = result.get("q2n_name", key) if key == "Q2n" else key
+            table.add_row(label, f"{result[key]:.4f}", _NOTES[key])
+    console.print(table)
+    per_band = result.get("per_band")
+    if per_band:
+        bands = Table(title="per band")
+        bands.add_column("band", justify="right")
+        names = list(per_band)
+        for n in names:
+            bands.add_column(n, justify="right")
+        for i in range(len(per_band[names[0]])):
+            bands.add_row(str(i + 1), *(f"{per_band[n][i]:.4f}" for n in names))
+        console.print(bands)
+    if result.get("valid_fraction", 1.0) < 1.0:
+        console.print(f"valid pixels: {100 * result['valid_fraction']:.1f} % (nodata left out)")
