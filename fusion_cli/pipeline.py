@@ -257,8 +257,10 @@ def _check_fuser(fuser: Fuser, pan_count: int, ms_count: int, ms_names: Sequence
             "select them in that order with --bands, e.g. --bands 1,2,3,5"
         )
     if pan_count != fuser.pan_bands:
-        what = "PAN" if fuser.pan_bands == 1 else "MSI"
-        raise FusionError(f"the {what} has {pan_count} bands but {fuser.name} expects {fuser.pan_bands}")
+        raise FusionError(
+            f"the high-resolution input (PAN, or MSI for HISR) has {pan_count} bands but {fuser.name} "
+            f"expects {fuser.pan_bands}; pick a model or method for this pair"
+        )
 
 
 def _measure_shift(source: _PairSource) -> dict[str, float] | None:

@@ -264,7 +264,7 @@ def test_hisr_msi_drives_the_hsi(tmp_path):
     assert s.shape == (128, 72, 72) and got.shape == ref.shape
     up = np.repeat(np.repeat(lr, 3, 1), 3, 2)
     assert np.abs(got - ref).mean() < np.abs(up - ref).mean()  # better than the blocky HSI
-    with pytest.raises(FusionError, match="MSI has 9 bands"):
+    with pytest.raises(FusionError, match="has 9 bands but detail expects 4"):
         fuse_files(msi, hsi, tmp_path / "x.tif", DetailFuser(3, pan_bands=4), _opts())
 
 

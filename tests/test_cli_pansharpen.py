@@ -1,0 +1,142 @@
+"""`fusion pansharpen` / `fusion hisr` end to end: every bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import need_shared
+from rasterio.transform import from_origin
+
+from fusion_cli import raster
+from fusion_cli.cli.main import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, match: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err and match in lines[0], lines[0]
+
+
+def _write(path, shape, crs, transform, count=1):
+    with rasterio.open(
+        path, "w", driver="GTiff", width=shape[1], height=shape[0], count=count, dtype="uint16",
+        crs=crs, transform=transform,
+    ) as dst:  # fmt: skip
+        dst.write(np.full((count, *shape), 100, np.uint16))
+    return str(path)
+
+
+@pytest.fixture
+def wv2():
+    return str(need_shared("wv2_spacenet6", "pan_1.tif")), str(need_shared("wv2_spacenet6", "ms_1.tif"))
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
+    pan, ms = wv2
+    wv3_pan = str(need_shared("wv3_spacenet2", "pan.tif"))
+    text = tmp_path / "notes.tif"
+    text.write_text("hello")
+    far = _write(
+        tmp_path / "far.tif",
+        (150, 150),
+        "EPSG:32631",
+        from_origin(0, 0, 2.0000966311901034, 2.0000966311901034),
+    )
+    odd = _write(tmp_path / "odd.tif", (100, 100), "EPSG:32631", from_origin(595455.31, 5751487.27, 1.7, 1.7))
+    out = str(tmp_path / "o.tif")
+    cases = [
+        ((pan, str(tmp_path / "missing.tif")), "not found"),
+        ((pan, str(text)), "not a readable raster"),
+        ((wv3_pan, ms), "CRS mismatch"),
+        ((pan, far), "do not overlap"),
+        ((pan, odd), "not an integer"),
+    ]
+    for (p, m), match in cases:
+        code, _, err = run(capsys, "pansharpen", p, m, "-o", out, "--method", "exp")
+        assert_one_line_error(code, err, match)
+    code, _, err = run(
+        capsys, "pansharpen", pan, ms, "-o", str(tmp_path / "nowhere" / "o.tif"), "--method", "exp"
+    )
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", str(tmp_path), "--method", "exp")
+    assert_one_line_error(code, err, "is a folder")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--bands", "1,2,9")
+    assert_one_line_error(code, err, "cannot select band")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "no-such-method")
+    assert_one_line_error(code, err, "unknown method")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--device", "tpu")
+    assert_one_line_error(code, err, "unknown device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "notes.tif", "odd.tif"]
+
+
+def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
+    """The official checkpoint (8 bands, ratio 4) on a 4-band WV2 and on a ratio-2 Landsat pair."""
+    weights = str(need_shared("fusionmamba_official", "420.pth"))
+    pytest.importorskip("fusion_cli.models.registry")
+    pan, ms = wv2
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", str(tmp_path / "o.tif"), "--weights", weights)
+    assert_one_line_error(code, err, "bands")
+    l8 = need_shared("landsat8_oli", "l8_B8.tif"), need_shared("landsat8_oli", "ms.tif")
+    code, _, err = run(
+        capsys, "pansharpen", str(l8[0]), str(l8[1]), "-o", str(tmp_path / "o.tif"), "--weights", weights
+    )
+    assert_one_line_error(code, err, "ratio is 2 but the model expects 4")
+
+
+def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
+    pytest.importorskip("fusion_cli.classical")
+    pan, ms = wv2
+    out = tmp_path / "o.tif"
+    code, stdout, err = run(
+        capsys, "pansharpen", pan, ms, "-o", str(out), "--method", "exp", "--json", "--tile", "128"
+    )
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["output"] == str(out) and summary["shape"] == [4, 600, 600]
+    assert summary["fuser"] == "exp" and summary["device"] == "cpu" and summary["seconds"] > 0
+    assert set(summary["shift_measured"]) == {"dy", "dx", "peak"} and summary["shift_applied"] is False
+    assert raster.is_complete_output(out)
+    before = out.read_bytes()
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", str(out), "--method", "exp", "--quiet")
+    assert_one_line_error(code, err, "--overwrite")
+    assert out.read_bytes() == before
+    code, _, err = run(
+        capsys, "pansharpen", pan, ms, "-o", str(out), "--method", "exp", "--overwrite", "--cog", "--quiet"
+    )
+    assert code == 0 and err == ""
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.overviews(1)
+        with rasterio.open(pan) as p:
+            assert ds.transform == p.transform and ds.crs == p.crs and ds.shape == p.shape
+
+
+def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
+    """`fusion hisr HSI MSI`: the MSI is the high-resolution input; a pansharpening method (1-band
+    PAN) is refused in one line because the 9-band MSI does not fit it."""
+    pytest.importorskip("fusion_cli.classical")
+    ref = need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")
+    msi = str(need_shared("eo1_hyperion_ali_paris", "ms.tif"))
+    with rasterio.open(ref) as ds:
+        lr = ds.read().reshape(128, 24, 3, 24, 3).mean(axis=(2, 4)).astype(np.float32)
+    hsi = tmp_path / "hsi.tif"
+    with rasterio.open(hsi, "w", driver="GTiff", width=24, height=24, count=128, dtype="float32") as dst:
+        dst.write(lr)
+    code, _, err = run(capsys, "hisr", str(hsi), msi, "-o", str(tmp_path / "o.tif"), "--method", "exp")
+    assert_one_line_error(code, err, "has 9 bands but exp expects 1")
+    # Swapped arguments put the 24x24 HSI in the high-resolution role: no integer ratio upwards.
+    code, _, err = run(capsys, "hisr", msi, str(hsi), "-o", str(tmp_path / "o.tif"), "--method", "exp")
+    assert_one_line_error(code, err, "not an exact integer ratio")
