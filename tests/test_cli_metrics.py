@@ -1,0 +1,131 @@
+"""`fusion metrics` and the file-level evaluation behind it, on real rasters written to tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import need_shared
+
+from fusion_cli.errors import FusionError
+from fusion_cli.evaluate import EvalOptions, evaluate, flatten, write_csv
+from fusion_cli.metrics import upsample
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _write(
+    path: Path, arr: np.ndarray, tags: dict[str, str] | None = None, nodata: float | None = None
+) -> Path:
+    c, h, w = arr.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", width=w, height=h, count=c, dtype=arr.dtype, nodata=nodata
+    ) as ds:
+        ds.write(arr)
+        if tags:
+            ds.update_tags(**tags)
+    return path
+
+
+@pytest.fixture
+def golden_tifs(tmp_path: Path) -> tuple[Path, Path]:
+    g = need_shared("fusionmamba_official", "golden")
+    gt = np.load(g / "b_gt.npy").transpose(2, 0, 1).astype(np.float32)
+    out = np.load(g / "b_out.npy").transpose(2, 0, 1).astype(np.float32)
+    return _write(tmp_path / "gt.tif", gt), _write(tmp_path / "out.tif", out)
+
+
+@pytest.fixture
+def wv3_crop(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    with (
+        rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
+        rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
+    ):
+        ms, pan = m.read()[:, :96, :96], p.read()[:, :384, :384]
+    return _write(tmp_path / "ms.tif", ms), _write(tmp_path / "pan.tif", pan), ms, pan
+
+
+def test_cli_reduced_resolution_json_and_csv(golden_tifs: tuple[Path, Path], tmp_path: Path) -> None:
+    gt, out = golden_tifs
+    table = tmp_path / "m.csv"
+    res = run_cli(
+        "metrics", str(out), "--ref", str(gt), "--ratio", "4", "--json", "--csv", str(table), "--per-band"
+    )
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert round(r["Q2n"], 4) == 0.8609 and round(r["SAM"], 3) == 3.583 and round(r["ERGAS"], 3) == 2.263
+    assert r["q2n_name"] == "Q8" and len(r["per_band"]["PSNR"]) == 8
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 1 and float(rows[0]["Q"]) == pytest.approx(r["Q"]) and "SCC_b8" in rows[0]
+
+
+def test_cli_bad_input_is_one_line_exit_2(golden_tifs: tuple[Path, Path], tmp_path: Path) -> None:
+    gt, out = golden_tifs
+    res = run_cli("metrics", str(out), "--ref", str(gt))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--ratio" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    small = _write(tmp_path / "small.tif", np.zeros((8, 64, 64), np.float32))
+    res = run_cli("metrics", str(small), "--ref", str(gt), "--ratio", "4")
+    assert res.returncode == 2 and "differ" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_full_resolution_from_product_tags(wv3_crop, tmp_path: Path) -> None:
+    ms_path, pan_path, ms, pan = wv3_crop
+    up = upsample(ms, 4).astype(np.float32)
+    product = _write(tmp_path / "exp.tif", up, {"FUSION_PAN": str(pan_path), "FUSION_MS": str(ms_path)})
+    res = run_cli("metrics", str(product), "--sensor", "wv3", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["mode"] == "full" and r["ratio"] == 4 and r["pan"] == str(pan_path)
+    assert r["D_lambda"] == pytest.approx(0.0, abs=1e-6)  # the interpolated MS itself (stored as float32)
+    assert 0 < r["D_s"] < 0.25 and 0.6 < r["HQNR"] < 1.0
+
+
+def test_evaluate_full_resolution_explicit_inputs_and_errors(wv3_crop, tmp_path: Path) -> None:
+    ms_path, pan_path, ms, pan = wv3_crop
+    product = _write(tmp_path / "p.tif", upsample(ms, 4).astype(np.float32))
+    r = evaluate(product, pan=pan_path, ms=ms_path, opts=EvalOptions(sensor="wv3"))
+    assert r["D_lambda"] == pytest.approx(0.0, abs=1e-6) and r["QNR"] == pytest.approx(1 - r["D_s"])
+    with pytest.raises(FusionError, match="FUSION_PAN"):
+        evaluate(product)
+    with pytest.raises(FusionError, match="both --pan and --ms"):
+        evaluate(product, pan=pan_path)
+    with pytest.raises(FusionError, match="ratio 2"):
+        evaluate(product, pan=pan_path, ms=ms_path, opts=EvalOptions(ratio=2))
+
+
+def test_evaluate_nodata_on_real_wv2_pair(tmp_path: Path) -> None:
+    # SpaceNet-6 pair 2: a third of the scene is unflagged zeros; --nodata 0 leaves it out
+    with rasterio.open(need_shared("wv2_spacenet6", "ms_2.tif")) as m:
+        ms = m.read()
+    gt = _write(tmp_path / "gt.tif", ms)
+    noisy = (ms + np.where(ms > 0, 25, 0)).astype(np.uint16)  # a bias on valid pixels only
+    prod = _write(tmp_path / "p.tif", noisy)
+    plain = evaluate(prod, ref=gt, opts=EvalOptions(ratio=4))
+    masked = evaluate(prod, ref=gt, opts=EvalOptions(ratio=4, nodata=0))
+    assert masked["valid_fraction"] < 0.75 and plain["valid_fraction"] == 1.0
+    # zero pixels are a perfect match, so leaving them out makes the score worse and honest
+    assert masked["RMSE"] > plain["RMSE"] and masked["ERGAS"] != pytest.approx(plain["ERGAS"])
+    assert masked["RMSE"] == pytest.approx(25.0, abs=1e-9)
+
+
+def test_csv_append_keeps_header(tmp_path: Path) -> None:
+    p = tmp_path / "t.csv"
+    write_csv([flatten({"product": "a", "mode": "reduced", "Q": 0.5})], p, append=True)
+    write_csv([flatten({"product": "b", "mode": "reduced", "Q": 0.7, "SAM": 3.0})], p, append=True)
+    rows = list(csv.DictReader(p.open()))
+    assert [r["product"] for r in rows] == ["a", "b"] and rows[1]["Q"] == "0.7"
