@@ -37,25 +37,46 @@ def _check_rgb(n_bands: int, rgb: Sequence[int]) -> tuple[int, int, int]:
     return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
 
 
-def stretch(
+def stretch_limits(
     img: np.ndarray, pct: tuple[float, float] = (2.0, 98.0), mask: np.ndarray | None = None
-) -> np.ndarray:
-    """Stretch each band of `(C, H, W)` to [0, 1] between its own `pct` percentiles over valid pixels.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band `pct` percentiles `(lo (C,), hi (C,))` over valid pixels of `(C, H, W)`."""
+    data = np.asarray(img, dtype=np.float32)
+    valid = _valid(data, mask)
+    if not valid.any():
+        return np.zeros(data.shape[0]), np.ones(data.shape[0])
+    lo, hi = np.percentile(data[:, valid], pct, axis=1)
+    return lo, hi
 
-    Returns float32 `(C, H, W)`; invalid pixels are 0. A constant band maps to 0.
-    """
-    if img.ndim != 3:
-        raise FusionError(f"expected a (bands, rows, cols) image, got shape {img.shape}")
-    data = img.astype(np.float32, copy=False)
+
+def _valid(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     valid = np.isfinite(data).all(axis=0)
     if mask is not None:
         if mask.shape != data.shape[1:]:
             raise FusionError(f"mask shape {mask.shape} does not match image rows/cols {data.shape[1:]}")
         valid &= mask.astype(bool)
-    out = np.zeros(data.shape, np.float32)
-    if not valid.any():
-        return out
-    lo, hi = np.percentile(data[:, valid], pct, axis=1)  # (C,) each
+    return valid
+
+
+def stretch(
+    img: np.ndarray,
+    pct: tuple[float, float] = (2.0, 98.0),
+    mask: np.ndarray | None = None,
+    limits: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Stretch each band of `(C, H, W)` to [0, 1] between its own `pct` percentiles over valid pixels.
+
+    `limits` (per-band lo, hi, e.g. a reference's `stretch_limits`) replaces the percentiles, so that
+    several images share one stretch and their colours compare. Returns float32 `(C, H, W)`; invalid
+    pixels are 0. A constant band maps to 0.
+    """
+    if img.ndim != 3:
+        raise FusionError(f"expected a (bands, rows, cols) image, got shape {img.shape}")
+    data = img.astype(np.float32, copy=False)
+    valid = _valid(data, mask)
+    lo, hi = (
+        stretch_limits(data, pct, mask) if limits is None else (np.asarray(limits[0]), np.asarray(limits[1]))
+    )
     span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
     out = (data - lo[:, None, None].astype(np.float32)) / span[:, None, None]
     out = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0)
@@ -68,12 +89,16 @@ def stretch_rgb(
     rgb: Sequence[int] = (0, 1, 2),
     pct: tuple[float, float] = (2.0, 98.0),
     mask: np.ndarray | None = None,
+    limits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """`(C, H, W)` image -> `(H, W, 3)` uint8 true-colour composite of the 0-based `rgb` bands."""
+    """`(C, H, W)` image -> `(H, W, 3)` uint8 true-colour composite of the 0-based `rgb` bands.
+
+    `limits`: per-band (lo, hi) of the three displayed bands, to share a stretch between images.
+    """
     if img.ndim == 2:
         img = img[None]
     r, g, b = _check_rgb(img.shape[0], rgb)
-    unit = stretch(img[[r, g, b]], pct, mask)  # (3, H, W)
+    unit = stretch(img[[r, g, b]], pct, mask, limits)  # (3, H, W)
     return np.round(unit * 255.0).astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -84,6 +109,7 @@ def save_quicklook(
     pct: tuple[float, float] = (2.0, 98.0),
     mask: np.ndarray | None = None,
     max_side: int | None = 2048,
+    limits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Write a true-colour PNG of `(C, H, W)` `img` (the input is never modified).
 
@@ -107,5 +133,5 @@ def save_quicklook(
     sub_mask = None if mask is None else mask[::step, ::step]
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, stretch_rgb(sub, rgb, pct, sub_mask))
+    plt.imsave(path, stretch_rgb(sub, rgb, pct, sub_mask, limits))
     return path
