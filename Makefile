@@ -29,7 +29,10 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/make_example.py
-	$(BIN)/fusion pansharpen examples/landsat8_pan.tif examples/landsat8_ms.tif -o demo_out/landsat8_fused.tif --overwrite --quicklook
+	mkdir -p demo_out
+	# The default shipped model; until its weights exist, fall back to the classical MTF-GLP.
+	$(BIN)/fusion pansharpen examples/landsat8_pan.tif examples/landsat8_ms.tif -o demo_out/landsat8_fused.tif --overwrite --quicklook \
+	  || $(BIN)/fusion pansharpen examples/landsat8_pan.tif examples/landsat8_ms.tif -o demo_out/landsat8_fused.tif --overwrite --quicklook --method mtf-glp --sensor landsat8
 	@echo "Fused product: demo_out/landsat8_fused.tif (quicklook: demo_out/landsat8_fused.png)"
 
 weights: $(STAMP)
