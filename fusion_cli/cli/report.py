@@ -1,0 +1,103 @@
+"""`fusion report DIR_OR_FILES -o report/`: evaluate many products into CSV, JSON and a static HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.errors import FusionError
+
+HELP = """Evaluate many fused products at once and write REPORT/metrics.csv, REPORT/metrics.json and
+REPORT/index.html (open it in a browser, no server needed): a summary table with the best value of each
+index in bold, then per product true-colour quicklooks of the inputs and the product side by side (the
+product shown with the stretch of its reference or MS, so colours compare), a centred zoom crop,
+error and SAM maps, and per-band charts.
+
+\b
+What each product is judged against, in order of precedence:
+  --manifest M.csv   columns: product, then ref (reduced resolution) or pan, ms (full resolution);
+                     optional label; relative paths are read from the manifest's folder.
+  --ref GT           every product against this reference (e.g. several methods on one scene).
+  --pan P --ms M     every product in full resolution against these inputs.
+  (nothing)          the product's FUSION_PAN / FUSION_MS tags, written by `fusion` (full resolution).
+Folders are scanned for rasters (.tif, .tiff, .vrt, .img, .jp2; not recursive); the reference, PAN and
+MS files themselves are skipped. Index conventions are those of `fusion metrics` (see its --help);
+DLPan's published "QNR" is HQNR. A product that fails gets its one-line reason in the report; the exit
+code is then 1.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report", help=HELP)
+    def report(
+        inputs: list[Path] = typer.Argument(None, help="Products (files) or folders of products."),
+        out: Path = typer.Option(..., "-o", "--out", help="Report folder (created)."),
+        manifest: Path | None = typer.Option(None, "--manifest", help="CSV: product,ref or product,pan,ms."),
+        ref: Path | None = typer.Option(
+            None, "--ref", help="Reference for every product (reduced resolution)."
+        ),
+        pan: Path | None = typer.Option(None, "--pan", help="PAN for every product (full resolution)."),
+        ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS for every product."),
+        ratio: int | None = typer.Option(
+            None, "--ratio", min=1, help="PAN/MS ratio (required with references)."
+        ),
+        cut: int = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K)."),
+        clip_bits: int | None = typer.Option(
+            None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L]."
+        ),
+        no_uint16: bool = typer.Option(
+            False, "--no-uint16", help="Q2n without uint16 rounding (a deviation)."
+        ),
+        psnr_peak: str = typer.Option(
+            "dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max."
+        ),
+        sensor: str | None = typer.Option(
+            None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...)."
+        ),
+        nodata: float | None = typer.Option(
+            None, "--nodata", help="Extra nodata value (all bands equal to it)."
+        ),
+        rgb: str | None = typer.Option(
+            None, "--rgb", help="Display bands, 1-based, e.g. 5,3,2 (default by count)."
+        ),
+        zoom: int = typer.Option(256, "--zoom", min=16, help="Side of the centred zoom crop (pixels)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    ) -> None:
+        from fusion_cli.evaluate import EvalOptions
+        from fusion_cli.report import build_report, collect_items
+
+        bands = parse_bands(rgb)
+        if bands is not None and len(bands) != 3:
+            raise FusionError(f"--rgb needs three band numbers like 5,3,2, got {rgb}")
+        try:
+            peak: float | str = float(psnr_peak) if psnr_peak not in ("dnmax", "band-max") else psnr_peak
+        except ValueError:
+            raise FusionError(f"--psnr-peak must be a number, dnmax or band-max, got {psnr_peak!r}") from None
+        opts = EvalOptions(
+            ratio=ratio,
+            cut=cut,
+            clip_bits=clip_bits,
+            round_uint16=not no_uint16,
+            psnr_peak=peak,
+            sensor=sensor,
+            nodata=nodata,
+        )
+        items = collect_items(list(inputs or []), ref, pan, ms, manifest)
+        console = Console(stderr=True, highlight=False)
+
+        def progress(i: int, n: int, name: str) -> None:
+            console.print(f"[{i + 1}/{n}] {name}")
+
+        display = None if bands is None else (bands[0] - 1, bands[1] - 1, bands[2] - 1)
+        summary = build_report(items, out, opts, rgb=display, zoom=zoom, progress=progress)
+        if as_json:
+            echo_json(summary)
+        else:
+            console.print(
+                f"{summary['products']} product(s), {summary['failed']} failed: open {summary['html']}"
+            )
+        if summary["failed"]:
+            raise typer.Exit(1)

@@ -1,0 +1,452 @@
+"""Evaluation reports over many products: `metrics.csv`, `metrics.json` and a static `index.html`
+(quicklooks, zoom crops, error and SAM maps, per-band charts) that opens in a browser without a server.
+
+Which product is judged against what (`collect_items`), in order of precedence:
+
+1. a manifest CSV with a `product` column and either `ref` or `pan` + `ms` columns (optional `label`);
+   relative paths are taken from the manifest's folder;
+2. `--ref GT` (reduced resolution, every product against the same reference: e.g. several methods on
+   one scene) or `--pan P --ms M` (full resolution, same inputs for all);
+3. the product's own `FUSION_PAN` / `FUSION_MS` tags, which `fusion` writes (full resolution).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion_cli.errors import FusionError
+from fusion_cli.evaluate import INDEX_ORDER, Case, EvalOptions, flatten, load_case, score, write_csv
+from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
+
+RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+# True: higher is better; for highlighting the best product of each column
+HIGHER_IS_BETTER = {
+    "Q2n": True, "Q": True, "SAM": False, "ERGAS": False, "SCC": True, "PSNR": True, "SSIM": True,
+    "RMSE": False, "D_lambda": False, "D_s": False, "QNR": True, "D_lambda_K": False, "HQNR": True,
+}  # fmt: skip
+
+
+@dataclass
+class ReportItem:
+    """One product and what it is judged against (None: taken from the product's tags)."""
+
+    product: Path
+    ref: Path | None = None
+    pan: Path | None = None
+    ms: Path | None = None
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.product.stem
+
+
+def _rasters_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+
+
+def read_manifest(path: str | Path) -> list[ReportItem]:
+    """Items from a CSV with columns `product` and `ref`, or `pan` and `ms` (and optionally `label`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FusionError(f"manifest not found: {p}")
+    with p.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "product" not in rows[0]:
+        raise FusionError(f"manifest {p} needs a header with a 'product' column and 'ref' or 'pan','ms'")
+
+    def resolve(v: str | None) -> Path | None:
+        return None if not v or not v.strip() else (p.parent / v.strip())
+
+    items = []
+    for i, row in enumerate(rows, start=2):
+        prod = resolve(row.get("product"))
+        if prod is None:
+            raise FusionError(f"manifest {p} line {i}: empty product")
+        items.append(
+            ReportItem(
+                prod,
+                resolve(row.get("ref")),
+                resolve(row.get("pan")),
+                resolve(row.get("ms")),
+                row.get("label") or "",
+            )
+        )
+    return items
+
+
+def collect_items(
+    inputs: list[Path],
+    ref: Path | None = None,
+    pan: Path | None = None,
+    ms: Path | None = None,
+    manifest: Path | None = None,
+) -> list[ReportItem]:
+    """Products to evaluate: files given, rasters of folders given (not recursive), or a manifest."""
+    if manifest is not None:
+        if inputs or ref or pan or ms:
+            raise FusionError("a manifest says everything: do not also give products, --ref, --pan or --ms")
+        items = read_manifest(manifest)
+    else:
+        inputs_used = {p.resolve() for p in (ref, pan, ms) if p is not None}
+        products: list[Path] = []
+        for p in inputs:
+            if p.is_dir():
+                products += _rasters_in(p)
+            elif p.is_file():
+                products.append(p)
+            else:
+                raise FusionError(f"not a file or folder: {p}")
+        products = [p for p in products if p.resolve() not in inputs_used]
+        items = [ReportItem(p, ref, pan, ms) for p in products]
+    if not items:
+        raise FusionError("no products to evaluate: give raster files, a folder of them, or --manifest")
+    return items
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _step(shape: tuple[int, ...], max_side: int) -> int:
+    return max(1, math.ceil(max(shape[-2:]) / max_side))
+
+
+def _zoom_window(h: int, w: int, side: int) -> tuple[slice, slice]:
+    """A centred square of `side` pixels (the whole image if smaller)."""
+    sh, sw = min(side, h), min(side, w)
+    r0, c0 = (h - sh) // 2, (w - sw) // 2
+    return slice(r0, r0 + sh), slice(c0, c0 + sw)
+
+
+def _save_rgb(path: Path, img: np.ndarray, rgb: tuple[int, int, int], mask: np.ndarray, limits) -> str:
+    _plt().imsave(path, stretch_rgb(img, rgb, mask=mask, limits=limits))
+    return path.name
+
+
+def _save_map(path: Path, data: np.ndarray, title: str, cmap: str, unit: str) -> str:
+    plt = _plt()
+    finite = data[np.isfinite(data)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    h, w = data.shape
+    fig, ax = plt.subplots(figsize=(5.0, 5.0 * h / max(w, 1) + 0.4), dpi=110)
+    im = ax.imshow(data, cmap=cmap, vmin=0, vmax=max(vmax, 1e-12), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=unit)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 2.8), dpi=110, squeeze=False)
+    for ax, (name, values) in zip(axes[0], series.items(), strict=True):
+        x = np.arange(1, len(values) + 1)
+        ax.bar(x, values, color="#4477aa")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("band", fontsize=8)
+        ax.set_xticks(x)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _save_grouped(path: Path, a: np.ndarray, b: np.ndarray, labels: tuple[str, str], title: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(a) + 2), 2.8), dpi=110)
+    x = np.arange(1, len(a) + 1)
+    ax.bar(x - 0.2, a, 0.4, label=labels[0], color="#999999")
+    ax.bar(x + 0.2, b, 0.4, label=labels[1], color="#4477aa")
+    ax.set_xticks(x)
+    ax.set_xlabel("band", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def _figures(
+    case: Case, result: dict[str, Any], img_dir: Path, stem: str, rgb: tuple[int, int, int] | None, opts: dict
+) -> list[tuple[str, str]]:
+    """Write the PNGs of one product; returns `(file name, caption)` pairs in display order."""
+    from fusion_cli.metrics import sam_map
+
+    f = case.fused
+    rgb = rgb or default_rgb(f.data.shape[0])
+    step = _step(f.data.shape, opts["max_side"])
+    zr, zc = _zoom_window(*f.data.shape[1:], opts["zoom"])
+    sub = (slice(None), slice(None, None, step), slice(None, None, step))
+    out: list[tuple[str, str]] = []
+
+    def rgb_pair(other: np.ndarray, other_valid: np.ndarray, other_name: str, tag: str) -> None:
+        # the product is shown with the stretch of what it is compared to, so colours compare
+        limits = stretch_limits(other[list(rgb)][sub], mask=other_valid[sub[1:]])
+        out.append(
+            (
+                _save_rgb(img_dir / f"{stem}_{tag}.png", other[sub], rgb, other_valid[sub[1:]], limits),
+                other_name,
+            )
+        )
+        out.append(
+            (
+                _save_rgb(img_dir / f"{stem}_product.png", f.data[sub], rgb, f.valid[sub[1:]], limits),
+                "product",
+            )
+        )
+        z = (slice(None), zr, zc)
+        out.append(
+            (
+                _save_rgb(img_dir / f"{stem}_{tag}_zoom.png", other[z], rgb, other_valid[zr, zc], limits),
+                f"{other_name}, zoom",
+            )
+        )
+        out.append(
+            (
+                _save_rgb(img_dir / f"{stem}_product_zoom.png", f.data[z], rgb, f.valid[zr, zc], limits),
+                "product, zoom",
+            )
+        )
+
+    if case.ref is not None:
+        r = case.ref
+        valid = f.valid & r.valid
+        rgb_pair(r.data, r.valid, "reference", "ref")
+        err = np.sqrt(
+            np.mean(
+                [
+                    (r.data[b][sub[1:]].astype(np.float64) - f.data[b][sub[1:]]) ** 2
+                    for b in range(r.data.shape[0])
+                ],
+                axis=0,
+            )
+        )
+        err[~valid[sub[1:]]] = np.nan
+        out.append(
+            (
+                _save_map(img_dir / f"{stem}_error.png", err, "RMS error over bands", "magma", "DN"),
+                "error map",
+            )
+        )
+        angles = sam_map(r.data[sub], f.data[sub], valid[sub[1:]])
+        out.append(
+            (
+                _save_map(img_dir / f"{stem}_sam.png", angles, "spectral angle", "viridis", "degrees"),
+                "SAM map",
+            )
+        )
+        pb = result.get("per_band", {})
+        series = {k: pb[k] for k in ("Q", "ERGAS", "PSNR", "SCC") if k in pb}
+        if series:
+            out.append((_save_bars(img_dir / f"{stem}_bands.png", series, "per band"), "per-band indices"))
+        return out
+    assert case.pan is not None and case.ms is not None
+    ratio = int(result["ratio"])
+    h, w = ratio * case.ms.data.shape[1], ratio * case.ms.data.shape[2]
+    ms_near = np.repeat(np.repeat(case.ms.data, ratio, axis=1), ratio, axis=2)  # display only
+    ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
+    pan = case.pan.data[:, :h, :w]
+    out.append(
+        (
+            _save_rgb(
+                img_dir / f"{stem}_pan.png", pan[sub], (0, 0, 0), case.pan.valid[:h, :w][sub[1:]], None
+            ),
+            "PAN",
+        )
+    )
+    out.append(
+        (
+            _save_rgb(
+                img_dir / f"{stem}_pan_zoom.png", pan[:, zr, zc], (0, 0, 0), case.pan.valid[zr, zc], None
+            ),
+            "PAN, zoom",
+        )
+    )
+    if ms_near.shape[0] == f.data.shape[0]:
+        fused = f.data[:, :h, :w]
+        rgb_pair(ms_near, ms_valid, "MS (pixel replication)", "ms")
+        valid = f.valid[:h, :w] & ms_valid
+        angles = sam_map(ms_near[sub], fused[sub], valid[sub[1:]])
+        out.append(
+            (
+                _save_map(
+                    img_dir / f"{stem}_sam.png", angles, "spectral angle to the MS", "viridis", "degrees"
+                ),
+                "SAM map vs MS",
+            )
+        )
+        means = [
+            np.array([float(img[b][v].mean()) if v.any() else np.nan for b in range(img.shape[0])])
+            for img, v in ((ms_near, valid), (fused, valid))
+        ]
+        out.append(
+            (
+                _save_grouped(img_dir / f"{stem}_bands.png", *means, ("MS", "product"), "band means (DN)"),
+                "per-band means",
+            )
+        )
+    return out
+
+
+# --- HTML ------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}
+.best{font-weight:bold;background:#e6f2e6}
+.err{color:#a00}
+figure{display:inline-block;margin:6px;vertical-align:top}
+figure img{max-width:360px;max-height:360px;border:1px solid #ddd;image-rendering:pixelated}
+figcaption{font-size:0.8em;color:#555;text-align:center}
+section{margin-top:2em;border-top:1px solid #ddd}
+.small{font-size:0.8em;color:#666}
+"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else ("" if math.isnan(v) else f"{v:.4f}")
+    return html.escape(str(v))
+
+
+def _summary_table(results: list[dict[str, Any]], anchors: list[str]) -> str:
+    cols = [k for k in INDEX_ORDER if any(k in r for r in results)]
+    best: dict[str, float] = {}
+    for k in cols:
+        vals = [r[k] for r in results if isinstance(r.get(k), float) and math.isfinite(r[k])]
+        if len(vals) > 1:
+            best[k] = max(vals) if HIGHER_IS_BETTER[k] else min(vals)
+    names = {"Q2n": next((r["q2n_name"] for r in results if "q2n_name" in r), "Q2n")}
+    head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in cols)
+    rows = []
+    for r, a in zip(results, anchors, strict=True):
+        link = f'<a href="#{a}">{html.escape(r["name"])}</a>'
+        if "error" in r:
+            err = html.escape(r["error"])
+            rows.append(f'<tr><td>{link}</td><td class="err" colspan="{len(cols) + 1}">{err}</td></tr>')
+            continue
+        cells = "".join(
+            f'<td class="{"best" if k in best and r.get(k) == best[k] else ""}">{_fmt(r.get(k, ""))}</td>'
+            for k in cols
+        )
+        rows.append(f"<tr><td>{link}</td><td>{html.escape(r['mode'])}</td>{cells}</tr>")
+    return f"<table><tr><th>product</th><th>mode</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _write_html(
+    path: Path, results: list[dict[str, Any]], figs: list[list[tuple[str, str]]], opts: EvalOptions
+) -> None:
+    from fusion_cli import __version__
+
+    anchors = [f"p{i}" for i in range(len(results))]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fusion report</title>",
+        f"<style>{_CSS}</style></head><body><h1>Fusion quality report</h1>",
+        f"<p class='small'>fusion-cli {html.escape(__version__)}, "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Settings: "
+        f"{html.escape(json.dumps(opts.to_dict()))}. Toolbox conventions (Vivone et al.): Q2n on 32x32 "
+        "blocks with uint16 rounding, SAM in degrees, ERGAS with 100/ratio; HQNR is what DLPan tables call "
+        "QNR. Best value per column in bold. Data: <a href='metrics.csv'>metrics.csv</a>, "
+        "<a href='metrics.json'>metrics.json</a>.</p>",
+        _summary_table(results, anchors),
+    ]
+    for r, a, fs in zip(results, anchors, figs, strict=True):
+        against = r.get("reference") or (f"PAN {r.get('pan')} + MS {r.get('ms')}" if "pan" in r else "")
+        parts.append(f"<section id='{a}'><h2>{html.escape(r['name'])}</h2>")
+        parts.append(
+            f"<p class='small'>{html.escape(r['product'])}<br>against {html.escape(str(against))}</p>"
+        )
+        if "error" in r:
+            parts.append(f"<p class='err'>{html.escape(r['error'])}</p>")
+        for name, caption in fs:
+            src, cap = html.escape(name), html.escape(caption)
+            parts.append(f"<figure><img src='img/{src}' alt='{cap}'><figcaption>{cap}</figcaption></figure>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def build_report(
+    items: list[ReportItem],
+    out_dir: str | Path,
+    opts: EvalOptions | None = None,
+    rgb: tuple[int, int, int] | None = None,
+    zoom: int = 256,
+    max_side: int = 1024,
+    progress=None,
+) -> dict[str, Any]:
+    """Evaluate every item and write `metrics.csv`, `metrics.json`, `index.html` and `img/*.png`.
+
+    A product that cannot be evaluated gets its one-line error in the report instead of stopping it.
+    `rgb` are 0-based display bands (default from the band count), `zoom` the crop side (PAN px),
+    `max_side` the largest side of the overview PNGs. `progress(i, n, name)` is called per product.
+    Returns `{"products", "failed", "csv", "json", "html"}`.
+    """
+    opts = replace(opts or EvalOptions(), per_band=True)
+    out = Path(out_dir)
+    img_dir = out / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    sources = {p.resolve() for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None}
+    if out.resolve() in sources or any(out.resolve() in s.parents for s in sources):
+        raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
+    results: list[dict[str, Any]] = []
+    figs: list[list[tuple[str, str]]] = []
+    fig_opts = {"zoom": zoom, "max_side": max_side}
+    for i, item in enumerate(items):
+        if progress is not None:
+            progress(i, len(items), item.name)
+        stem = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in item.name)[:60]}"
+        try:
+            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata)
+            result = score(case, opts)
+            result["name"] = item.name
+            results.append(result)
+            figs.append(_figures(case, result, img_dir, stem, rgb, fig_opts))
+        except FusionError as exc:
+            results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
+            figs.append([])
+    csv_path = write_csv(
+        [
+            {"name": r["name"], **flatten(r), **({"error": r["error"]} if "error" in r else {})}
+            for r in results
+        ],
+        out / "metrics.csv",
+    )
+    json_path = out / "metrics.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    html_path = out / "index.html"
+    _write_html(html_path, results, figs, opts)
+    return {
+        "products": len(results),
+        "failed": sum("error" in r for r in results),
+        "csv": str(csv_path),
+        "json": str(json_path),
+        "html": str(html_path),
+    }
