@@ -53,6 +53,7 @@ class BroveyHaze(ClassicalFuser):
         self.haze: torch.Tensor | None = None  # (C,) L_k
         self.alpha: torch.Tensor | None = None  # (C,) regression of the low-passed PAN on X
         self.pan_scale = self.pan_shift = 0.0  # P_eq = P * scale + shift
+        self.mean_i = 0.0
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         x = self.upsample(ms)
@@ -81,7 +82,7 @@ class BroveyHaze(ClassicalFuser):
         # alpha = X \ P_low (least squares, no constant), from the Gram matrix
         self.alpha = torch.linalg.lstsq(mom.gram[:c, :c], mom.gram[:c, c:]).solution[:, 0]
         cov, mean = mom.cov, mom.mean
-        mean_i = float(self.alpha @ (mean[:c] - self.haze))
+        mean_i = self.mean_i = float(self.alpha @ (mean[:c] - self.haze))
         std_i = float(torch.sqrt(torch.clamp(self.alpha @ cov[:c, :c] @ self.alpha, min=0)))
         std_low = float(torch.sqrt(cov[c, c]))
         self.pan_scale = std_i / max(std_low, EPS)
@@ -97,7 +98,12 @@ class BroveyHaze(ClassicalFuser):
         haze = self.haze.to(x.dtype).view(1, -1, 1, 1)
         i = _weighted_sum(x - haze, self.alpha)
         p_eq = pan * self.pan_scale + self.pan_shift
-        return torch.clamp(x - haze, min=0) * (p_eq / (i + EPS)) + haze
+        # I ~ 0 where every band is at its haze level: floor it (and the matched PAN) at 1 % of the
+        # mean intensity instead of the toolbox's `+ eps`, which divides by ~0 there
+        floor = max(0.01 * abs(self.mean_i), EPS)
+        return (
+            torch.clamp(x - haze, min=0) * (torch.clamp(p_eq, min=floor) / torch.clamp(i, min=floor)) + haze
+        )
 
 
 class GSA(ClassicalFuser):

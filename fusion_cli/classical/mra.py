@@ -38,6 +38,7 @@ class _GLP(ClassicalFuser):
         self.scale: torch.Tensor | None = None  # (C,) a_k: PAN std matched to band k
         self.offset: torch.Tensor | None = None  # (C,) b_k: PAN mean matched to band k
         self.ksum: torch.Tensor | None = None  # (C,) MTF kernel sums
+        self.band_mean: torch.Tensor | None = None  # (C,) |mean X_k|
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         # features: X (C), P, LPfilterGauss(P): the toolbox matches std(X_k) / std(P low-passed)
@@ -53,6 +54,7 @@ class _GLP(ClassicalFuser):
         c = m.shape[0] - 2
         self.scale = sd[:c] / torch.clamp(sd[c + 1], min=EPS)
         self.offset = m[:c] - self.scale * m[c]
+        self.band_mean = torch.clamp(m[:c].abs(), min=EPS)
         self.ksum = kernel_sums(self.gains(c), self.ratio)
 
     def _detail_terms(self, pan: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -86,7 +88,11 @@ class MTFGLPHPM(_GLP):
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         x, p, p_low = self._detail_terms(pan, ms)
-        return x * (p / (p_low + EPS))
+        # the mean/std-matched PAN goes negative on dark pixels (water, shadow) when a band's std is
+        # large relative to its mean; the toolbox then divides by ~0 and explodes. Floor both terms
+        # at 1 % of the band mean: identical wherever the toolbox's result is meaningful.
+        floor = (0.01 * self.band_mean.to(x.dtype)).view(1, -1, 1, 1)
+        return x * (torch.maximum(p, floor) / torch.maximum(p_low, floor))
 
 
 class MTFGLPFS(ClassicalFuser):
