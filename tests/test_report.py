@@ -1,0 +1,149 @@
+"""Quicklooks and `fusion report` on real rasters (golden WV3 products, a WV3 crop) written to tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import need_shared
+
+from fusion_cli.errors import FusionError
+from fusion_cli.evaluate import EvalOptions
+from fusion_cli.metrics import upsample
+from fusion_cli.quicklook import save_quicklook, stretch_limits, stretch_rgb
+from fusion_cli.report import ReportItem, build_report, collect_items, read_manifest
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+
+def _write(path: Path, arr: np.ndarray, tags: dict[str, str] | None = None) -> Path:
+    c, h, w = arr.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c, dtype=arr.dtype) as ds:
+        ds.write(arr)
+        if tags:
+            ds.update_tags(**tags)
+    return path
+
+
+# --- quicklook --------------------------------------------------------------------------------------
+
+
+def test_stretch_rgb_percentiles_mask_and_shared_limits() -> None:
+    img = np.stack([np.tile(np.arange(100.0), (10, 1)) * k for k in (1, 2, 3)])  # (3, 10, 100)
+    mask = np.ones((10, 100), bool)
+    mask[:, :10] = False
+    out = stretch_rgb(img, (0, 1, 2), pct=(0, 100), mask=mask)
+    assert out.shape == (10, 100, 3) and out.dtype == np.uint8
+    assert (out[:, :10] == 0).all()  # masked pixels are black
+    assert out[0, 10, 0] == 0 and out[0, 99, 0] == 255  # stretched over the valid range 10..99
+    limits = stretch_limits(img, pct=(0, 100))
+    brighter = stretch_rgb(img * 0.5, (0, 1, 2), limits=limits)
+    assert brighter[0, 99, 0] == round(255 * (49.5 / 99))  # the same stretch keeps images comparable
+    with pytest.raises(FusionError):
+        stretch_rgb(img, (0, 1, 5))
+
+
+def test_save_quicklook_subsamples_and_keeps_input(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as ds:
+        ms = ds.read()
+    before = ms.copy()
+    path = save_quicklook(tmp_path / "q" / "ms.png", ms, max_side=100)
+    png = plt.imread(path)
+    assert png.shape[:2] == (82, 82)  # 325 px, stride 4
+    assert png[..., :3].std() > 0.05  # a real scene, not a blank
+    np.testing.assert_array_equal(ms, before)
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def golden(tmp_path: Path) -> dict[str, Path]:
+    import torch
+
+    from fusion_cli.resample import interp23
+
+    g = need_shared("fusionmamba_official", "golden")
+    gt = np.load(g / "b_gt.npy").transpose(2, 0, 1).astype(np.float32)
+    out = np.load(g / "b_out.npy").transpose(2, 0, 1).astype(np.float32)
+    lr = torch.from_numpy(np.load(g / "b_ms_lr.npy").transpose(2, 0, 1).astype(np.float64))[None]
+    exp = interp23(lr, 4)[0].numpy().astype(np.float32)
+    d = tmp_path / "products"
+    d.mkdir()
+    return {
+        "gt": _write(tmp_path / "gt.tif", gt),
+        "mamba": _write(d / "fusionmamba.tif", out),
+        "exp": _write(d / "exp.tif", exp),
+        "bad": _write(d / "wrong_size.tif", out[:, :300, :300]),
+        "dir": d,
+    }
+
+
+def test_report_reduced_resolution_folder(golden: dict[str, Path], tmp_path: Path) -> None:
+    items = collect_items([golden["dir"]], ref=golden["gt"])
+    assert [i.product.name for i in items] == ["exp.tif", "fusionmamba.tif", "wrong_size.tif"]
+    summary = build_report(items, tmp_path / "rep", EvalOptions(ratio=4))
+    assert summary["products"] == 3 and summary["failed"] == 1
+    rows = {r["name"]: r for r in csv.DictReader(open(summary["csv"]))}
+    assert round(float(rows["fusionmamba"]["Q2n"]), 4) == 0.8609
+    assert float(rows["exp"]["Q2n"]) < float(rows["fusionmamba"]["Q2n"])
+    assert "differ" in rows["wrong_size"]["error"]
+    data = json.loads(Path(summary["json"]).read_text())
+    assert len(data[1]["per_band"]["ERGAS"]) == 8
+    page = Path(summary["html"]).read_text()
+    images = re.findall(r"src='img/([^']+)'", page)
+    assert len(images) >= 14 and all((tmp_path / "rep" / "img" / n).stat().st_size > 1000 for n in images)
+    for kind in ("error", "sam", "bands", "ref_zoom", "product_zoom"):
+        assert any(kind in n for n in images)
+    # the best Q8 is the network's, shown in bold
+    best = re.findall(r'<td class="best">([0-9.]+)</td>', page)
+    assert "0.8609" in best
+
+
+def test_report_full_resolution_from_tags_and_manifest(tmp_path: Path) -> None:
+    with (
+        rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
+        rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
+    ):
+        ms, pan = m.read()[:, :64, :64], p.read()[:, :256, :256]
+    ms_path, pan_path = _write(tmp_path / "ms.tif", ms), _write(tmp_path / "pan.tif", pan)
+    tags = {"FUSION_PAN": str(pan_path), "FUSION_MS": str(ms_path)}
+    prod = _write(tmp_path / "exp.tif", upsample(ms, 4).astype(np.float32), tags)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("product,pan,ms,label\nexp.tif,pan.tif,ms.tif,interpolated\n")
+    assert read_manifest(manifest)[0] == ReportItem(prod, None, pan_path, ms_path, "interpolated")
+    for items, name in (([ReportItem(prod)], "exp"), (read_manifest(manifest), "interpolated")):
+        summary = build_report(items, tmp_path / f"rep_{name}", EvalOptions(sensor="wv3"))
+        row = json.loads(Path(summary["json"]).read_text())[0]
+        assert summary["failed"] == 0 and row["name"] == name and row["mode"] == "full"
+        assert row["D_lambda"] == pytest.approx(0.0, abs=1e-6) and 0 < row["HQNR"] <= 1
+        page = Path(summary["html"]).read_text()
+        assert "pan_zoom" in page and "ms_zoom" in page and "sam" in page
+
+
+def test_report_refuses_to_write_among_inputs(golden: dict[str, Path]) -> None:
+    with pytest.raises(FusionError, match="holds inputs"):
+        build_report([ReportItem(golden["mamba"], ref=golden["gt"])], golden["dir"], EvalOptions(ratio=4))
+    with pytest.raises(FusionError, match="no products"):
+        collect_items([], ref=golden["gt"])
+
+
+def test_cli_report_exit_code_and_summary(golden: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cli_rep"
+    res = subprocess.run(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", "report", str(golden["dir"]),
+         "--ref", str(golden["gt"]), "--ratio", "4", "-o", str(out), "--json", "--rgb", "5,3,2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr  # wrong_size.tif fails, the rest is reported
+    summary = json.loads(res.stdout)
+    assert summary["products"] == 3 and summary["failed"] == 1 and (out / "index.html").exists()
