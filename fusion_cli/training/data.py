@@ -1,0 +1,466 @@
+"""Training data: real scenes -> Wald-reduced training pairs -> random augmented patches.
+
+A *scene* is one co-registered real pair at its native resolution (PAN + MS, PAN + HSI, or MSI + HSI
+for HISR). Training pairs are built once per scene with the project's Wald degradation
+(`fusion_cli.wald` / `fusion_cli.mtf`), so the network trains on exactly the degradation that
+`fusion simulate` and `fusion evaluate` use: the reduced inputs are the network's inputs and the
+original MS (or HSI) is the target.
+
+Validation is split by scene (or by spatially separate parts of a scene, cut *before* degradation so
+no filter support crosses the cut), never by patch: patches of one scene overlap and share content.
+
+Array conventions: a scene holds `pan (P, H, W)` and `ms (C, h, w)` in DN, float32, H = ratio * h.
+A `TrainPair` holds `pan (P, H, W)`, `ms (C, H/r, W/r)` and `ref (C, H, W)` in network units
+(DN / dn_max), where H, W are the *reduced* PAN grid. Batches are torch tensors `(B, C, H, W)`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion_cli.errors import FusionError
+
+TASKS = ("pansharpening", "hs-pansharpening", "hisr")
+
+
+@dataclass
+class Scene:
+    """One real pair at native resolution. `pan` is the high-resolution input (a PAN band or, for
+    HISR, an MSI), `ms` the low-resolution one (MS or HSI); both float32 DN."""
+
+    name: str
+    pan: np.ndarray  # (P, H, W)
+    ms: np.ndarray  # (C, h, w)
+    ratio: int  # H / h; 1 for HISR scenes whose HSI and MSI share a grid
+    dn_max: float  # DN that maps to 1.0 in network units
+    sensor: str | None = None  # key of fusion_cli.sensors (MTF gains for the degradation)
+    sensor_bands: list[int] | None = None  # 1-based sensor band numbers when `ms` holds a subset
+    group: str = ""  # scenes of one group (acquisition, path/row) go to the same split
+    source: str = ""
+    licence: str = ""
+    band_names: list[str] = field(default_factory=list)
+
+    def crop_rows(self, start: float, stop: float) -> Scene:
+        """Rows [start, stop) as fractions of the height: a spatially separate part of the scene,
+        cut on the low-resolution grid so both inputs stay aligned."""
+        h = self.ms.shape[1]
+        a, b = int(round(start * h)), int(round(stop * h))
+        r = self.ratio
+        part = f"{self.name}[rows {start:.2f}-{stop:.2f}]"
+        return replace(self, name=part, ms=self.ms[:, a:b], pan=self.pan[:, a * r : b * r])
+
+    def crop_cols(self, start: float, stop: float) -> Scene:
+        """Columns [start, stop) as fractions of the width (see `crop_rows`)."""
+        w = self.ms.shape[2]
+        a, b = int(round(start * w)), int(round(stop * w))
+        r = self.ratio
+        part = f"{self.name}[cols {start:.2f}-{stop:.2f}]"
+        return replace(self, name=part, ms=self.ms[:, :, a:b], pan=self.pan[:, :, a * r : b * r])
+
+    def select_bands(self, idx: Sequence[int], names: Sequence[str] | None = None) -> Scene:
+        """Keep MS bands `idx` (0-based) in that order, e.g. to reorder red, green, blue -> blue, ..."""
+        new_names = list(names) if names is not None else [self.band_names[i] for i in idx]
+        return replace(self, ms=self.ms[list(idx)], band_names=new_names)
+
+
+@dataclass
+class TrainPair:
+    """Reduced-resolution inputs and the native-resolution target, in network units."""
+
+    name: str
+    pan: np.ndarray  # (P, H, W) reduced PAN (or, for HISR, the MSI at its own resolution)
+    ms: np.ndarray  # (C, H/r, W/r) reduced MS / HSI
+    ref: np.ndarray  # (C, H, W) the original MS / HSI: the target
+    ratio: int
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_raster(path: str | Path) -> np.ndarray:
+    """Whole raster as float32 `(bands, rows, cols)` in DN; a clear error if it cannot be read."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    path = Path(path)
+    if not path.exists():
+        raise FusionError(f"training input not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.read().astype(np.float32)
+    except RasterioIOError as exc:
+        raise FusionError(f"cannot read {path} as a raster ({exc}); give GeoTIFF pairs") from None
+
+
+def raster_dtype(path: str | Path) -> str:
+    return _describe(path)[0]
+
+
+def _describe(path: str | Path) -> tuple[str, list[str]]:
+    """(dtype, band descriptions, "band N" where a band has none)."""
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as ds:
+            return ds.dtypes[0], [d or f"band {i + 1}" for i, d in enumerate(ds.descriptions)]
+
+
+def default_dn_max(dtype: str) -> float:
+    """The DN that maps to 1.0 when nothing better is known: the full range of the integer type.
+
+    Float data (reflectance-like) are taken as already in [0, 1] units.
+    """
+    return {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0, "uint32": 4294967295.0}.get(dtype, 1.0)
+
+
+# Role tokens in file names: the high-resolution input is "pan" (or "msi"/"ms" for HISR), the
+# low-resolution one "ms" (or "hs"/"hsi"). The rest of the name pairs the files: `3_pan.tif` with
+# `3_ms.tif`, `pan_2.tif` with `ms_2.tif`, `pan.tif` with `ms.tif`.
+_ROLE_TOKENS = {
+    "pansharpening": (("pan", "p"), ("ms", "mul", "mss")),
+    "hs-pansharpening": (("pan", "p"), ("hs", "hsi")),
+    "hisr": (("ms", "msi"), ("hs", "hsi")),
+}
+
+
+def _pair_key(stem: str, tokens: Sequence[str]) -> str | None:
+    """The stem with one role token removed (as a whole `_`/`-`/`.`-separated word), else None."""
+    parts = re.split(r"([_.\-])", stem)
+    for i, p in enumerate(parts):
+        if p.lower() in tokens:
+            return "".join(parts[:i] + ["<>"] + parts[i + 1 :]).lower()
+    return None
+
+
+def find_pairs(folder: str | Path, task: str = "pansharpening") -> list[tuple[Path, Path]]:
+    """(high-res, low-res) GeoTIFF pairs in a folder, matched by name (see `_ROLE_TOKENS`).
+
+    Raises a FusionError when nothing pairs, listing what was found, so a wrong folder or naming
+    scheme is obvious.
+    """
+    if task not in _ROLE_TOKENS:
+        raise FusionError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FusionError(f"training folder not found: {folder}")
+    hi_tokens, lo_tokens = _ROLE_TOKENS[task]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".tif", ".tiff"})
+    hi = {k: p for p in files if (k := _pair_key(p.stem, hi_tokens))}
+    lo = {k: p for p in files if (k := _pair_key(p.stem, lo_tokens))}
+    keys = sorted(set(hi) & set(lo), key=_natural)
+    if not keys:
+        names = ", ".join(p.name for p in files[:8]) or "no .tif files"
+        raise FusionError(
+            f"no {task} pairs found in {folder} ({names}); name them like 1_pan.tif + 1_ms.tif "
+            "(or hs/msi for hyperspectral data)"
+        )
+    return [(hi[k], lo[k]) for k in keys]
+
+
+def _natural(text: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def load_scene(
+    pan_path: str | Path,
+    ms_path: str | Path,
+    *,
+    ratio: int | None = None,
+    dn_max: float | None = None,
+    sensor: str | None = None,
+    group: str | None = None,
+    pan_shift: tuple[float, float] = (0.0, 0.0),
+    source: str = "",
+    licence: str = "",
+) -> Scene:
+    """Read one pair. `ratio` defaults to the size ratio of the files; `dn_max` to the MS dtype's range.
+
+    `pan_shift` (dy, dx) is a known misregistration in PAN pixels, meaning PAN content sits dy rows
+    lower and dx columns further right than the area-aligned MS; it is compensated (see
+    `compensate_shift`) so the network does not learn the shift.
+    """
+    pan = read_raster(pan_path)
+    ms = read_raster(ms_path)
+    if ratio is None:
+        if pan.shape[1] % ms.shape[1] or pan.shape[1] // ms.shape[1] != pan.shape[2] // max(ms.shape[2], 1):
+            raise FusionError(
+                f"{Path(pan_path).name} {pan.shape[1:]} is not an integer multiple of "
+                f"{Path(ms_path).name} {ms.shape[1:]}; give --ratio"
+            )
+        ratio = pan.shape[1] // ms.shape[1]
+    dtype, names = _describe(ms_path)
+    scene = Scene(
+        name=Path(ms_path).stem,
+        pan=pan,
+        ms=ms,
+        ratio=int(ratio),
+        dn_max=float(dn_max) if dn_max else default_dn_max(dtype),
+        sensor=sensor,
+        group=group if group is not None else Path(ms_path).stem,
+        source=source or str(Path(ms_path).parent),
+        licence=licence,
+        band_names=names,
+    )
+    if pan_shift != (0.0, 0.0):
+        scene = compensate_shift(scene, pan_shift)
+    return trim_to_ratio(scene)
+
+
+def compensate_shift(scene: Scene, shift: tuple[float, float]) -> Scene:
+    """Undo a known PAN-vs-MS content offset of (dy, dx) PAN pixels.
+
+    An integer shift is compensated exactly by
+    cropping (the FuseBox case, (-1, -1): `pan[r, c]` shows MS position (r+1, c+1), so dropping one
+    MS row/column and the matching PAN rows aligns them without resampling). A fractional shift (the
+    Landsat-8 half PAN pixel) resamples the PAN with a cubic spline; the Wald reduction that follows
+    removes the little smoothing this adds.
+    """
+    from scipy import ndimage
+
+    dy, dx = shift
+    r = scene.ratio
+    pan, ms = scene.pan, scene.ms
+    if float(dy).is_integer() and float(dx).is_integer():
+        # Aligned PAN at position p is pan[p + dy]; keep MS pixels whose PAN footprint is inside.
+        m = int(np.ceil(max(abs(dy), abs(dx)) / r))  # MS pixels to drop on each side
+        h, w = ms.shape[1] - 2 * m, ms.shape[2] - 2 * m
+        y0, x0 = m * r + int(dy), m * r + int(dx)
+        pan = pan[:, y0 : y0 + h * r, x0 : x0 + w * r]
+        ms = ms[:, m : m + h, m : m + w]
+    else:
+        # aligned[p] = pan[p + d]; ndimage.shift(x, s)[p] = x[p - s], hence s = -d.
+        pan = np.stack([ndimage.shift(b, (-dy, -dx), order=3, mode="nearest") for b in pan]).astype(
+            np.float32
+        )
+        m = int(np.ceil(max(abs(dy), abs(dx)) / r))
+        if m:
+            h, w = ms.shape[1] - 2 * m, ms.shape[2] - 2 * m
+            pan = pan[:, m * r : (m + h) * r, m * r : (m + w) * r]
+            ms = ms[:, m : m + h, m : m + w]
+    return replace(scene, pan=np.ascontiguousarray(pan), ms=np.ascontiguousarray(ms))
+
+
+def trim_to_ratio(scene: Scene) -> Scene:
+    """Drop trailing PAN rows/columns beyond ratio * MS size (e.g. Landsat-8's extra PAN row)."""
+    r = scene.ratio
+    h, w = scene.ms.shape[1:]
+    if scene.pan.shape[1] < h * r or scene.pan.shape[2] < w * r:
+        raise FusionError(
+            f"scene {scene.name}: PAN {scene.pan.shape[1:]} smaller than {r} x MS {scene.ms.shape[1:]}"
+        )
+    return replace(scene, pan=scene.pan[:, : h * r, : w * r])
+
+
+# ------------------------------------------------------------------------------------ Wald reduction
+
+
+def reduce_scene(
+    scene: Scene, ratio: int, task: str = "pansharpening", pan_mode: str = "bicubic"
+) -> TrainPair:
+    """Build the training pair of one scene with the shared Wald degradation.
+
+    Pansharpening and hyperspectral pansharpening: PAN and MS are both reduced by `ratio` and the
+    original MS is the target (`fusion_cli.wald.simulate_arrays`). HISR scenes come with the HSI and
+    the MSI on one grid (ratio 1): only the HSI is reduced (MTF filter and decimation), the MSI stays
+    as the high-resolution input and the original HSI is the target.
+    """
+    if task == "hisr":
+        from fusion_cli.mtf import degrade_ms
+        from fusion_cli.sensors import nyquist_gains
+
+        if scene.ratio != 1:
+            raise FusionError(f"HISR scene {scene.name} must have the HSI and MSI on one grid (ratio 1)")
+        c, h, w = scene.ms.shape
+        h, w = h - h % ratio, w - w % ratio
+        ref = scene.ms[:, :h, :w]
+        gains, _ = nyquist_gains(scene.sensor, c, scene.sensor_bands)
+        ms_lr = np.asarray(degrade_ms(ref, gains, ratio), dtype=np.float32)
+        pan_hr = scene.pan[:, :h, :w]
+    else:
+        from fusion_cli.wald import simulate_arrays
+
+        if scene.ratio != ratio:
+            raise FusionError(f"scene {scene.name} has ratio {scene.ratio}, the model {ratio}")
+        # Trim so that the reduced grids are whole: MS to a multiple of the ratio.
+        c, h, w = scene.ms.shape
+        h, w = h - h % ratio, w - w % ratio
+        ms = scene.ms[:, :h, :w]
+        pan = scene.pan[:, : h * ratio, : w * ratio]
+        pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, scene.sensor, pan_mode, scene.sensor_bands)
+        pan_hr, ms_lr, ref = np.asarray(pan_lr), np.asarray(ms_lr), np.asarray(ref)
+        if pan_hr.ndim == 2:
+            pan_hr = pan_hr[None]
+    s = 1.0 / scene.dn_max
+    return TrainPair(
+        name=scene.name,
+        pan=np.ascontiguousarray(pan_hr, dtype=np.float32) * s,
+        ms=np.ascontiguousarray(ms_lr, dtype=np.float32) * s,
+        ref=np.ascontiguousarray(ref, dtype=np.float32) * s,
+        ratio=ratio,
+    )
+
+
+# ----------------------------------------------------------------------------------------- HDF5 sets
+
+
+def load_h5(path: str | Path, dn_max: float, ratio: int | None = None) -> list[TrainPair]:
+    """PanCollection-style HDF5: `gt (N, C, H, W)`, `ms (N, C, h, w)`, `pan (N, 1, H, W)` (`lms` is
+    not needed: the network upsamples itself). Upper-case keys (`GT`, `MS`/`LRHSI`/`HSI`, `PAN`/`RGB`/
+    `HRMSI`) of the hyperspectral collections are accepted. Values are DN, divided by `dn_max`.
+
+    Each stored patch becomes one pair; the patches of one file come from the same scenes, so the
+    validation data must be a separate file (PanCollection ships `valid_*.h5`).
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FusionError(f"HDF5 training file not found: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise FusionError(f"cannot open {path} as HDF5 ({exc})") from None
+    with f:
+        keys = {k.lower(): k for k in f.keys()}
+
+        def pick(*names: str) -> np.ndarray:
+            for n in names:
+                if n in keys:
+                    return np.asarray(f[keys[n]], dtype=np.float32)
+            raise FusionError(f"{path.name} has no {'/'.join(names)} dataset (found: {', '.join(f.keys())})")
+
+        gt = pick("gt")
+        ms = pick("ms", "lrhsi", "hsi", "lr_hsi")
+        pan = pick("pan", "hrmsi", "rgb", "msi", "hr_msi")
+    if pan.ndim == 3:
+        pan = pan[:, None]
+    if not (gt.ndim == ms.ndim == pan.ndim == 4) or len({len(gt), len(ms), len(pan)}) != 1:
+        raise FusionError(f"{path.name}: expected (N, C, H, W) datasets of equal N")
+    r = gt.shape[2] // ms.shape[2]
+    if ratio is not None and r != ratio:
+        raise FusionError(f"{path.name} holds ratio-{r} patches, not {ratio}")
+    s = 1.0 / dn_max
+    return [
+        TrainPair(name=f"{path.stem}#{i}", pan=pan[i] * s, ms=ms[i] * s, ref=gt[i] * s, ratio=r)
+        for i in range(len(gt))
+    ]
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+class PatchSampler:
+    """Random patches with flips and 90-degree rotations from a set of training pairs.
+
+    All pairs live on `device` as tensors, so on a GPU the sampling costs no host transfers. Pairs
+    are drawn in proportion to their area (every pixel equally likely), positions snap to the MS
+    grid so the three crops stay aligned. `gain` draws one multiplicative factor per patch in
+    [lo, hi]: a radiometric augmentation for models that serve several DN scales.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[TrainPair],
+        patch: int,
+        *,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        gain: tuple[float, float] | None = None,
+    ) -> None:
+        if not pairs:
+            raise FusionError("no training data: give at least one scene")
+        self.ratio = pairs[0].ratio
+        if any(p.ratio != self.ratio for p in pairs):
+            raise FusionError("training pairs mix different ratios")
+        if patch % self.ratio:
+            raise FusionError(f"patch size {patch} must be a multiple of the ratio {self.ratio}")
+        usable = [p for p in pairs if min(p.ref.shape[1:]) >= patch]
+        if not usable:
+            smallest = min(min(p.ref.shape[1:]) for p in pairs)
+            raise FusionError(f"patch {patch} is larger than every training scene (smallest {smallest} px)")
+        self.device = torch.device(device)
+        self.patch = patch
+        self.gain = gain
+        self.pairs = [
+            tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (p.pan, p.ms, p.ref))
+            for p in usable
+        ]
+        areas = np.array([(p.ref.shape[1] - patch + 1) * (p.ref.shape[2] - patch + 1) for p in usable], float)
+        self.weights = areas / areas.sum()
+        self.rng = np.random.default_rng(seed)
+        self.pixels = int(sum(p.ref.shape[1] * p.ref.shape[2] for p in usable))
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pan (B, P, H, W), ms (B, C, H/r, W/r), ref (B, C, H, W)) on the sampler's device."""
+        r, p = self.ratio, self.patch
+        pans, mss, refs = [], [], []
+        idx = self.rng.choice(len(self.pairs), size=size, p=self.weights)
+        for i in idx:
+            pan, ms, ref = self.pairs[i]
+            hl, wl = ms.shape[1] - p // r, ms.shape[2] - p // r
+            y, x = int(self.rng.integers(0, hl + 1)), int(self.rng.integers(0, wl + 1))
+            t = (pan[:, y * r : y * r + p, x * r : x * r + p], ms[:, y : y + p // r, x : x + p // r])
+            t = t + (ref[:, y * r : y * r + p, x * r : x * r + p],)
+            k, flip = int(self.rng.integers(0, 4)), bool(self.rng.integers(0, 2))
+            t = tuple(_augment(a, k, flip) for a in t)
+            if self.gain is not None:
+                g = float(self.rng.uniform(*self.gain))
+                t = tuple(a * g for a in t)
+            pans.append(t[0])
+            mss.append(t[1])
+            refs.append(t[2])
+        return torch.stack(pans), torch.stack(mss), torch.stack(refs)
+
+
+def _augment(a: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """The same rotation/flip for all three crops: (C, H, W) -> (C, H, W)."""
+    if flip:
+        a = a.flip(-1)
+    return torch.rot90(a, k, dims=(-2, -1)) if k else a
+
+
+def validation_crops(pairs: Iterable[TrainPair], size: int, per_pair: int = 4) -> list[TrainPair]:
+    """Fixed, deterministic crops of the validation pairs (whole pairs when small): cheap enough to
+    run every epoch on a CPU while still covering each validation scene."""
+    out: list[TrainPair] = []
+    for p in pairs:
+        r = p.ratio
+        H, W = p.ref.shape[1:]
+        s = min(size, H - H % (4 * r) if H >= 4 * r else H, W - W % (4 * r) if W >= 4 * r else W)
+        s -= s % np.lcm(4, r)
+        if s <= 0:
+            continue
+        ys = np.linspace(0, H - s, num=int(np.sqrt(per_pair)) or 1).astype(int) // r * r
+        xs = np.linspace(0, W - s, num=int(np.ceil(per_pair / max(len(ys), 1)))).astype(int) // r * r
+        seen = set()
+        for y in ys:
+            for x in xs:
+                if (y, x) in seen:
+                    continue
+                seen.add((y, x))
+                out.append(
+                    TrainPair(
+                        name=f"{p.name}@{y},{x}",
+                        pan=p.pan[:, y : y + s, x : x + s],
+                        ms=p.ms[:, y // r : (y + s) // r, x // r : (x + s) // r],
+                        ref=p.ref[:, y : y + s, x : x + s],
+                        ratio=r,
+                    )
+                )
+    return out
