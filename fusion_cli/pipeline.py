@@ -302,11 +302,11 @@ def _run(
     source: _PairSource,
     plan: TilePlan,
     bands: int,
-    sink: Callable[[int, np.ndarray, np.ndarray], None],
+    sink: Callable[[int, int, np.ndarray, np.ndarray], None],
     batch: int,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Fuse every window of `plan`, blend, and pass finished rows to `sink(row0, data, valid)`."""
+    """Fuse every window of `plan`, blend, and pass finished blocks to `sink(row0, col0, data, valid)`."""
     dev = _fuser_device(fuser)
     capacity = plan.tile + plan.overlap + raster.BLOCK
     acc = StripAccumulator(bands, plan.height, plan.width, capacity)
@@ -344,9 +344,7 @@ def _run(
         final = plan.final_row_after(i)
         if final < plan.height:
             final = final // raster.BLOCK * raster.BLOCK
-        done = acc.flush(final)
-        if done is not None:
-            sink(*done)
+        acc.flush(final, sink)
 
 
 def _value_range(ms_dtype: str, dn_max: float | None) -> tuple[float | None, float | None]:
@@ -422,9 +420,9 @@ def fuse_arrays(
     out = np.empty((ms.shape[0], *geom.shape), np.float32)
     valid_all = np.empty(geom.shape, bool)
 
-    def sink(row0: int, data: np.ndarray, valid: np.ndarray) -> None:
-        out[:, row0 : row0 + data.shape[1]] = data
-        valid_all[row0 : row0 + data.shape[1]] = valid
+    def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:
+        out[:, row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = data
+        valid_all[row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = valid
 
     _set_threads(opts.threads)
     _run(fuser, source, plan, ms.shape[0], sink, opts.batch)
@@ -628,11 +626,11 @@ def fuse_files(
             _Progress(opts.progress, plan.count, mpx_tile, f"fusing {out.name}") as bar,
         ):
 
-            def sink(row0: int, data: np.ndarray, valid: np.ndarray) -> None:
+            def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:
                 nonlocal n_valid
                 n_valid += int(valid.sum())
                 writer.write(
-                    _finish(data, valid, out_dtype, lo, hi, nodata), row0, 0, valid if use_mask else None
+                    _finish(data, valid, out_dtype, lo, hi, nodata), row0, col0, valid if use_mask else None
                 )
 
             _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)

@@ -13,7 +13,7 @@ width, whatever the scene height.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,8 +149,8 @@ def weighted_region(plan: TilePlan, fused: np.ndarray) -> np.ndarray:
 class StripAccumulator:
     """Weighted sum of overlapping tile results over a band of rows of the full output width.
 
-    `add` accumulates a tile; `flush(upto)` returns finished rows [start, upto) (normalised by the
-    weights) and drops them from the buffer. Memory: `capacity` rows x width x bands.
+    `add` accumulates a tile; `flush(upto, sink)` hands finished rows [start, upto) (normalised by
+    the weights) to the sink and drops them from the buffer. Memory: `capacity` rows x width x bands.
     """
 
     def __init__(self, bands: int, height: int, width: int, capacity: int) -> None:
@@ -191,21 +191,31 @@ class StripAccumulator:
             dr, dc, sr, sc = s
             self.valid[dr, dc] = valid[sr, sc]
 
-    def flush(self, upto: int) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """Finished rows [start, upto): (row0, data `(C, n, width)` float32, valid `(n, width)`)."""
+    def flush(
+        self, upto: int, sink: Callable[[int, int, np.ndarray, np.ndarray], None], chunk: int = 1024
+    ) -> int:
+        """Pass finished rows [start, upto) to `sink(row0, col0, data (C, n, w), valid (n, w))` in column
+        chunks of `chunk` (views into the buffer, normalised in place: no scene-width temporaries),
+        then drop them. Returns the number of rows flushed."""
         n = min(upto, self.height) - self.start
         if n <= 0:
-            return None
+            return 0
         w = self.wsum[:n]
-        data = self.acc[:, :n] / np.where(w > 0, w, 1.0)
-        valid = self.valid[:n] & (w > 0)
-        row0 = self.start
-        # Shift the unfinished rows to the top of the buffer (numpy handles the overlapping copy).
-        self.acc[:, : self.capacity - n] = self.acc[:, n:]
+        self.valid[:n] &= w > 0
+        np.maximum(w, np.float32(1e-12), out=w)
+        for c in range(0, self.width, chunk):
+            cs = slice(c, min(c + chunk, self.width))
+            block = self.acc[:, :n, cs]
+            block /= w[None, :, cs]
+            sink(self.start, c, block, self.valid[:n, cs])
+        # Shift the unfinished rows up, one row at a time (a whole-array overlapping copy would
+        # allocate a temporary as large as the buffer).
+        for i in range(self.capacity - n):
+            self.acc[:, i] = self.acc[:, i + n]
+            self.wsum[i] = self.wsum[i + n]
+            self.valid[i] = self.valid[i + n]
         self.acc[:, self.capacity - n :] = 0.0
-        self.wsum[: self.capacity - n] = self.wsum[n:]
         self.wsum[self.capacity - n :] = 0.0
-        self.valid[: self.capacity - n] = self.valid[n:]
         self.valid[self.capacity - n :] = False
         self.start += n
-        return row0, data, valid.copy()
+        return n

@@ -44,13 +44,15 @@ def _blend(plan, data_fn, bands=2):
             acc.set_valid(np.ones((plan.tile, plan.tile), bool), win.core_row, win.core_col)
         final = plan.final_row_after(i)
         final = final if final == plan.height else final // 256 * 256
-        done = acc.flush(final)
-        if done is not None:
-            row0, data, valid = done
-            assert row0 == sum(wsum_check)  # rows arrive once, in order
-            wsum_check.append(data.shape[1])
-            out[:, row0 : row0 + data.shape[1]] = data
+        rows_before = acc.start
+
+        def sink(row0, col0, data, valid, rows_before=rows_before):
+            assert row0 == rows_before  # rows arrive once, in order
+            out[:, row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = data
             assert valid.all()
+
+        n = acc.flush(final, sink, chunk=200)
+        wsum_check.append(n)
     assert sum(wsum_check) == plan.height
     return out
 
