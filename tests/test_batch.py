@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.windows
 from conftest import need_shared
 from rasterio.crs import CRS
 
@@ -73,6 +74,19 @@ def popen_cli(*args: str) -> subprocess.Popen:
 def copy_pair(src_dir: str, pan: str, ms: str, dst: Path, stem: str) -> None:
     shutil.copy(need_shared(src_dir, pan), dst / f"{stem}_pan.tif")
     shutil.copy(need_shared(src_dir, ms), dst / f"{stem}_ms.tif")
+
+
+def copy_pair_cropped(src_dir: str, k: int, dst: Path, stem: str, pan_size: int) -> None:
+    """The top-left corner of a Landsat-7 pair (ratio 2, no georeferencing): real data, smaller."""
+    for role, size in (("pan", pan_size), ("ms", pan_size // 2)):
+        with rasterio.open(need_shared(src_dir, f"{k}_{role}.tif")) as src:
+            data = src.read(window=rasterio.windows.Window(0, 0, size, size))
+            profile = {**src.profile, "width": size, "height": size}
+            profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no georeferencing, as the source
+            with rasterio.open(dst / f"{stem}_{role}.tif", "w", **profile) as out:
+                out.write(data)
 
 
 def build_mixed_folder(root: Path) -> Path:
@@ -322,30 +336,32 @@ def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
 def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None:
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
-    ids = [2, 3, 8, 14]
+    ids = [2, 3, 8, 14, 20, 26]
     for k in ids:
-        copy_pair(L7, f"{k}_pan.tif", f"{k}_ms.tif", in_dir, f"s{k}")
+        copy_pair_cropped(L7, k, in_dir, f"s{k}", pan_size=512)
     args = ["batch", str(in_dir), str(out_dir), "--method", "exp", "--tile", "128", "--json"]
     outputs = [out_dir / f"s{k}_fused.tif" for k in ids]
 
-    def run_until_first_output(sig: int) -> subprocess.Popen:
+    def n_complete() -> int:
+        return sum(is_complete_output(o) for o in outputs)
+
+    def run_until_one_more_output(sig: int) -> tuple[subprocess.Popen, str]:
+        before = n_complete()
         proc = popen_cli(*args)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if sum(is_complete_output(o) for o in outputs) >= 1 + (sig == signal.SIGKILL):
-                break
+        while time.monotonic() < deadline and proc.poll() is None and n_complete() <= before:
             time.sleep(0.02)
         os.kill(proc.pid, sig)
-        proc.communicate(timeout=60)
-        return proc
+        _, err = proc.communicate(timeout=60)
+        return proc, err[-2000:]
 
     # Ctrl-C: the run stops cleanly (exit 130), the scene being fused leaves no partial file.
-    proc = run_until_first_output(signal.SIGINT)
-    assert proc.returncode == 130
-    assert hidden_files(out_dir) == []
+    proc, err = run_until_one_more_output(signal.SIGINT)
+    assert proc.returncode == 130, err
+    assert hidden_files(out_dir) == [], err
     # SIGKILL: nothing can clean up; the next run must.
-    proc = run_until_first_output(signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
+    proc, err = run_until_one_more_output(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, err
     present = [o for o in outputs if o.exists()]
     assert 0 < len(present) < len(outputs), "the run finished before it could be killed"
     assert all(is_complete_output(o) for o in present)  # never a half-written file under a final name
@@ -354,7 +370,7 @@ def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None
     summary = json.loads(res.stdout)
     assert (summary["skipped"], summary["done"]) == (len(present), len(outputs) - len(present))
     assert all(is_complete_output(o) for o in outputs)
-    assert hidden_files(out_dir) == []  # the killed run's temporary file is gone
+    assert hidden_files(out_dir) == []  # the killed run's temporary and lock files are gone
 
 
 def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> None:
