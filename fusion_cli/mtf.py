@@ -153,7 +153,10 @@ def degrade_ms(ms: ArrayT, gains: float | list[float], ratio: int) -> ArrayT:
 
     ms `(C, H, W)` numpy or `(B, C, H, W)` torch -> `(.., C, ceil(H/ratio), ceil(W/ratio))`.
     """
-    return decimate(mtf_filter(ms, gains, ratio), ratio)
+    if isinstance(ms, torch.Tensor):
+        return mtf_filter_decimate(ms, gains, ratio)
+    arr = torch.from_numpy(np.asarray(ms, dtype=np.float64))[None]
+    return mtf_filter_decimate(arr, gains, ratio)[0].numpy()
 
 
 def degrade_pan(
