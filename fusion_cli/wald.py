@@ -185,8 +185,8 @@ def simulate_files(
     ms_dtype = "float32" if dtype == "float32" else str(ms.dtype)
     pan_dtype = "float32" if dtype == "float32" else str(pan.dtype)
     _write(
-        paths.pan, pan_lr, pan_tf * scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
+        paths.pan, pan_lr, pan_tf @ scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
     )
-    _write(paths.ms, ms_lr, ms_tf * scale if ms_tf else None, ms_crs, ms_meta | {"extra": info}, ms_dtype)
+    _write(paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": info}, ms_dtype)
     _write(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype))  # the original DN, unchanged
     return paths
