@@ -251,11 +251,12 @@ def read_manifest(
         raise FusionError(f"manifest not found: {manifest}")
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            header = [h.strip().lower() for h in (rows[0].keys() if rows else [])]
+            reader = csv.DictReader(fh)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            rows = list(reader)
     except (csv.Error, UnicodeDecodeError) as exc:
         raise FusionError(f"manifest {manifest} is not a readable CSV: {exc}") from None
-    if rows and not {"pan", "ms"} <= set(header):
+    if not {"pan", "ms"} <= set(header):
         raise FusionError(
             f"manifest {manifest} needs a header with 'pan' and 'ms' columns (and optionally 'out', 'id')"
         )
