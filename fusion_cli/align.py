@@ -207,7 +207,7 @@ def support(u: np.ndarray) -> tuple[int, int]:
 
 def resample(data: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
     """`(C, n, m)` samples -> `(C, len(u_y), len(u_x))` through separable weight matrices."""
-    return np.einsum("ij,cjk,lk->cil", wy, data.astype(np.float32, copy=False), wx, optimize=True)
+    return np.matmul(np.matmul(wy, data.astype(np.float32, copy=False)), wx.T)
 
 
 def nearest_index(u: np.ndarray, start: int, n: int) -> np.ndarray:
