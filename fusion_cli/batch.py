@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -620,14 +620,18 @@ def run_batch(
     retries: int = 0,
     log: Path | None = None,
     io_workers: int = 1,
+    scene_workers: int = 1,
     is_complete: CompleteCheck | None = None,
     on_result: Callable[[SceneResult], None] | None = None,
 ) -> BatchSummary:
-    """Run the plan's scenes one after another with one `process` (one model instance).
+    """Run the plan's scenes with one `process` (one model instance).
 
     With `io_workers > 0`, threads read the inputs of the next `io_workers` scenes ahead while the
-    current one is fused, so disk or network reads overlap inference. Ctrl-C stops after the
-    running scene is cleaned up by the pipeline; the summary says the run was interrupted.
+    current one is fused, so disk or network reads overlap inference. With `scene_workers > 1`,
+    that many scenes are in flight at once through the same model (one scene's reads, blending
+    and writes overlap another's inference: what keeps a GPU busy); `process` must then be
+    thread-safe, as `make_scene_processor`'s is. Ctrl-C stops after the running scenes (the
+    pipeline removes their partial files); the summary says the run was interrupted.
     """
     journal = JsonlLog(log)
     results: list[SceneResult] = []
@@ -639,29 +643,50 @@ def run_batch(
         if on_result is not None:
             on_result(r)
 
+    def run_one(scene: Scene) -> SceneResult:
+        return execute_scene(scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete)
+
     for r in unpaired_results(plan):
         record(r)
-    pool = (
-        ThreadPoolExecutor(max_workers=io_workers, thread_name_prefix="fusion-readahead")
-        if io_workers
-        else None
-    )
+    reader = ThreadPoolExecutor(io_workers, thread_name_prefix="fusion-readahead") if io_workers > 0 else None
+    queued = 0  # scenes whose inputs were handed to the read-ahead threads
+
+    def read_ahead(upto: int) -> None:
+        nonlocal queued
+        while reader is not None and queued < min(upto, len(plan.scenes)):
+            nxt = plan.scenes[queued]
+            if overwrite or not nxt.out.exists():  # finished scenes are not read at all
+                reader.submit(_readahead, [nxt.pan, nxt.ms])
+            queued += 1
+
     interrupted = False
     try:
-        for i, scene in enumerate(plan.scenes):
-            if pool is not None:
-                ahead = plan.scenes[i + 1 : i + 1 + io_workers] if i else plan.scenes[: 1 + io_workers]
-                for nxt in ahead:
-                    if overwrite or not nxt.out.exists():
-                        pool.submit(_readahead, [nxt.pan, nxt.ms])
-            record(
-                execute_scene(scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete)
-            )
+        if scene_workers <= 1:
+            for i, scene in enumerate(plan.scenes):
+                read_ahead(i + 1 + io_workers)
+                record(run_one(scene))
+        else:
+            with ThreadPoolExecutor(scene_workers, thread_name_prefix="fusion-scene") as pool:
+                pending: set[Future[SceneResult]] = set()
+                try:
+                    for i, scene in enumerate(plan.scenes):
+                        read_ahead(i + scene_workers + io_workers)
+                        pending.add(pool.submit(run_one, scene))
+                        if len(pending) >= scene_workers:  # bounded: never the whole plan queued
+                            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                            for f in finished:
+                                record(f.result())
+                    for f in as_completed(pending):
+                        record(f.result())
+                except KeyboardInterrupt:
+                    for f in pending:
+                        f.cancel()
+                    raise
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if reader is not None:
+            reader.shutdown(wait=False, cancel_futures=True)
     return BatchSummary(results, time.perf_counter() - t0, plan.shard, interrupted)
 
 

@@ -373,6 +373,21 @@ def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None
     assert hidden_files(out_dir) == []  # the killed run's temporary and lock files are gone
 
 
+def test_scenes_in_flight_together_give_the_same_outputs(mixed: dict, tmp_path: Path) -> None:
+    """Two scenes at once through one processor (one fuser per ratio) and read-ahead threads."""
+    from fusion_cli.pipeline import FuseOptions
+
+    plan = batch.pair_by_patterns(mixed["in"], tmp_path / "out")
+    job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions(progress=False))
+    summary = batch.run_batch(plan, batch.make_scene_processor(job), scene_workers=2, io_workers=2)
+    assert sorted(r.scene for r in summary.results if r.status == "done") == sorted(GOOD)
+    assert (summary.failed, summary.exit_code) == (len(BAD), 1)
+    for name in GOOD:
+        with rasterio.open(tmp_path / "out" / f"{name}_fused.tif") as a:
+            with rasterio.open(mixed["out"] / f"{name}_fused.tif") as b:
+                np.testing.assert_array_equal(a.read(), b.read())
+
+
 def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     out_dir, log = tmp_path / "out", tmp_path / "log.jsonl"

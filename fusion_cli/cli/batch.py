@@ -139,6 +139,12 @@ def register(app: typer.Typer) -> None:
         io_workers: int = typer.Option(
             1, "--io-workers", help="Threads reading the next scenes' inputs ahead of inference (0: off)."
         ),
+        scene_workers: int = typer.Option(
+            1,
+            "--scene-workers",
+            help="Scenes in flight at once through the one model: one scene's I/O overlaps another's "
+            "inference (keeps a GPU busy; memory grows with N).",
+        ),
         retries: int = typer.Option(
             0, "--retries", help="Retries of a scene after an unexpected error (bad input is not retried)."
         ),
@@ -158,8 +164,8 @@ def register(app: typer.Typer) -> None:
         # Inputs without georeferencing are legitimate (size-related pairs); the pipeline reports
         # them in each scene's summary, so rasterio's per-open warning is only noise here.
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-        if io_workers < 0 or retries < 0:
-            raise FusionError("--io-workers and --retries must be 0 or more")
+        if io_workers < 0 or retries < 0 or scene_workers < 1:
+            raise FusionError("--io-workers and --retries must be 0 or more, --scene-workers 1 or more")
         if manifest is not None and (pan or ms):
             raise FusionError("give either --manifest or --pan/--ms patterns, not both")
         if method is not None and (model is not None or weights is not None):
@@ -200,7 +206,7 @@ def register(app: typer.Typer) -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
-                on_result=on_result,
+                scene_workers=scene_workers, on_result=on_result,
             )  # fmt: skip
         _show_summary(summary)
         if json_out:
