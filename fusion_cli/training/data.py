@@ -46,6 +46,7 @@ class Scene:
     source: str = ""
     licence: str = ""
     band_names: list[str] = field(default_factory=list)
+    pan_band_names: list[str] = field(default_factory=list)
 
     def crop_rows(self, start: float, stop: float) -> Scene:
         """Rows [start, stop) as fractions of the height: a spatially separate part of the scene,
@@ -199,6 +200,7 @@ def load_scene(
             )
         ratio = pan.shape[1] // ms.shape[1]
     dtype, names = _describe(ms_path)
+    pan_names = _describe(pan_path)[1]
     scene = Scene(
         name=Path(ms_path).stem,
         pan=pan,
@@ -210,6 +212,7 @@ def load_scene(
         source=source or str(Path(ms_path).parent),
         licence=licence,
         band_names=names,
+        pan_band_names=pan_names,
     )
     if pan_shift != (0.0, 0.0):
         scene = compensate_shift(scene, pan_shift)

@@ -80,6 +80,8 @@ class TrainResult:
     val: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "epochs"
+    model: nn.Module | None = None  # holding the best-validated weights
+    steps_per_epoch: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,7 +117,7 @@ def evaluate_pairs(
     """Mean L1 (network units) and Q2n / SAM / ERGAS (on DN) of the model over reduced-resolution pairs."""
     model.eval()
     l1s: list[float] = []
-    scores: dict[str, list[float]] = {"q2n": [], "sam": [], "ergas": []}
+    scores: dict[str, list[float]] = {"q2n": [], "sam": [], "ergas": [], "psnr": []}
     for p in pairs:
         pan = torch.from_numpy(np.ascontiguousarray(p.pan))[None].to(device)
         ms = torch.from_numpy(np.ascontiguousarray(p.ms))[None].to(device)
@@ -123,7 +125,7 @@ def evaluate_pairs(
             out = model(ms, pan)
         out = out.float()[0].cpu().numpy()
         l1s.append(float(np.abs(out - p.ref).mean()))
-        for k, v in _quality(p.ref * dn_max, np.clip(out, 0, None) * dn_max, p.ratio).items():
+        for k, v in quality(p.ref * dn_max, np.clip(out, 0, None) * dn_max, p.ratio, dn_max).items():
             scores[k].append(v)
     model.train()
     res = {"val_l1": float(np.mean(l1s)) if l1s else float("nan")}
@@ -131,27 +133,27 @@ def evaluate_pairs(
     return res
 
 
-def _quality(ref: np.ndarray, fused: np.ndarray, ratio: int) -> dict[str, float]:
-    """Q2n / SAM / ERGAS via the project's metrics module; an index that cannot be computed on this
-    crop (e.g. Q2n block larger than it) is left out rather than failing the run."""
-    try:
-        from fusion_cli import metrics
-    except ImportError:
-        return {}
+def quality(ref: np.ndarray, fused: np.ndarray, ratio: int, dn_max: float) -> dict[str, float]:
+    """Q2n / SAM / ERGAS / PSNR of `fused` against `ref`, `(C, H, W)` DN, with the project's metrics.
+
+    Integer DN products are rounded as the toolbox does for Q2n; float (reflectance-like) data,
+    `dn_max` <= 1, are not. An index that cannot be computed on this crop (e.g. a Q2n block larger
+    than it) is left out rather than failing a training run.
+    """
+    from fusion_cli import metrics
+
+    block = min(32, ref.shape[1], ref.shape[2])
+    calls = {
+        "q2n": lambda: metrics.q2n(ref, fused, block=block, shift=block, round_uint16=dn_max > 1),
+        "sam": lambda: metrics.sam(ref, fused),
+        "ergas": lambda: metrics.ergas(ref, fused, ratio),
+        "psnr": lambda: metrics.psnr(ref, fused, peak=dn_max),
+    }
     out: dict[str, float] = {}
-    for name in ("q2n", "sam", "ergas"):
-        fn = getattr(metrics, name, None)
-        if fn is None:
-            continue
+    for name, call in calls.items():
         try:
-            if name == "ergas":
-                v = fn(ref, fused, ratio)
-            elif name == "q2n":
-                v = fn(ref, fused, block=min(32, ref.shape[1], ref.shape[2]), shift=min(32, ref.shape[1]))
-            else:
-                v = fn(ref, fused)
-            out[name] = float(v[0] if isinstance(v, tuple) else v)
-        except Exception:  # noqa: BLE001 - a metric's own validity limits must not stop training
+            out[name] = float(call())
+        except (FusionError, ValueError, FloatingPointError):
             continue
     return out
 
@@ -259,6 +261,11 @@ def train(
         tmp.replace(ckpt_path)  # atomic: an interrupted save leaves the previous checkpoint
 
     t0 = time.perf_counter()
+    if step == 0 and val_set:
+        # The starting point of the validation curve (and what a fine-tuning run must beat).
+        rec0 = {"epoch": 0.0, "step": 0, **evaluate_pairs(model, val_set, device, config.dn_max, precision)}
+        history.append(rec0)
+        _append_log(log_path, rec0)
     bar = _progress(total, step, progress)
     model.train()
     epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
@@ -335,6 +342,8 @@ def train(
         val=best["metrics"],
         history=history,
         stopped_by=stopped_by,
+        model=model,
+        steps_per_epoch=spe,
     )
 
 
@@ -352,7 +361,7 @@ def _track_best(best: dict[str, Any], rec: dict[str, Any], model: nn.Module) -> 
         best["val_l1"] = rec["val_l1"]
         best["epoch"] = rec["epoch"]
         best["state"] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        best["metrics"] = {k: rec[k] for k in ("val_l1", "q2n", "sam", "ergas") if k in rec}
+        best["metrics"] = {k: rec[k] for k in ("val_l1", "q2n", "sam", "ergas", "psnr") if k in rec}
 
 
 def _append_log(path: Path, rec: dict[str, Any]) -> None:
@@ -362,7 +371,7 @@ def _append_log(path: Path, rec: dict[str, Any]) -> None:
 
 def _postfix(rec: dict[str, Any], patch: int) -> dict[str, str]:
     post = {"loss": f"{rec['loss']:.4f}", "patch/s": f"{rec['patches_per_s']:.1f}"}
-    for k in ("val_l1", "q2n", "sam", "ergas"):
+    for k in ("val_l1", "q2n", "sam", "ergas", "psnr"):
         if k in rec:
             post[k] = f"{rec[k]:.4f}" if k in ("val_l1", "q2n") else f"{rec[k]:.3f}"
     return post
@@ -383,9 +392,10 @@ def plot_history(history: Sequence[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(ep, [h["loss"] for h in history], label="train L1")
+    tr = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
+    if tr:
+        ax.plot(*zip(*tr, strict=True), label="train L1")
     val = [(h["epoch"], h["val_l1"]) for h in history if "val_l1" in h]
     if val:
         ax.plot(*zip(*val, strict=True), label="validation L1", marker=".")
@@ -412,8 +422,6 @@ def export(
     out_dir: Path,
 ) -> tuple[Path, Path]:
     """Fill in what the run knows and write safetensors + card through the registry."""
-    from fusion_cli.models.registry import ModelCard, save_model
-
     fields = dict(card)
     training = dict(fields.get("training", {}))
     training.update(
@@ -440,13 +448,33 @@ def export(
     metrics["validation"] = {k: round(v, 6) for k, v in best["metrics"].items()}
     fields["metrics"] = metrics
     fields["architecture"] = _arch_dict(model)
-    valid = {f for f in getattr(ModelCard, "__dataclass_fields__", {})}
+    try:
+        from fusion_cli.models.registry import ModelCard, save_model
+    except ImportError:
+        return _save_plain(model.cpu(), fields, out_dir)
+    valid = set(getattr(ModelCard, "__dataclass_fields__", {}))
     extra = {k: v for k, v in fields.items() if valid and k not in valid}
     if extra:
         # Fields the card does not define are kept under `training` rather than lost.
         fields = {k: v for k, v in fields.items() if k in valid}
         fields.setdefault("training", {}).update({"extra": extra})
     return save_model(model.cpu(), ModelCard(**fields), out_dir)
+
+
+def _save_plain(model: nn.Module, fields: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Only for an installation without the model registry: safetensors + the card as JSON, with the
+    sha256 the registry would record, so a long run is never lost for want of it."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{fields['name']}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    fields = dict(fields, weights=weights.name, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    card = out_dir / f"{fields['name']}.json"
+    card.write_text(json.dumps(fields, indent=2, default=str))
+    return weights, card
 
 
 def _arch_dict(model: nn.Module) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""`fusion train`: train (or fine-tune) FusionMamba on real scenes through Wald's protocol."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.errors import FusionError
+
+
+def _pair(text: str | None, what: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (float(t) for t in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{what}: expected two numbers like 0.5,1.5, got {text!r}") from None
+    return a, b
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        inputs: list[Path] = typer.Argument(
+            ...,
+            help="Folders of GeoTIFF pairs (1_pan.tif + 1_ms.tif, pan_2.tif + ms_2.tif; hs/msi for "
+            "hyperspectral tasks) or PanCollection-style HDF5 files (gt, ms, pan).",
+        ),
+        out: Path = typer.Option(..., "-o", "--out", help="Output folder: weights, card, checkpoint, log."),
+        name: str = typer.Option("custom", "--name", help="Model name (file names and card)."),
+        task: str = typer.Option("pansharpening", help="pansharpening | hs-pansharpening | hisr."),
+        ratio: int = typer.Option(4, help="Resolution ratio (HISR: the simulated ratio, e.g. 3)."),
+        sensor: str = typer.Option(
+            None, help="Sensor for the MTF gains of the degradation (wv3, landsat8...)."
+        ),
+        dn_max: float = typer.Option(None, "--dn-max", help="DN mapped to 1.0 (default: the dtype's range)."),
+        bands: str = typer.Option(None, help="MS bands to use, 1-based, in model order (e.g. 3,2,1,4)."),
+        pan_shift: str = typer.Option(
+            None, "--pan-shift", help="Known PAN-vs-MS content offset 'dy,dx' in PAN px to compensate."
+        ),
+        val: list[Path] = typer.Option(
+            [], "--val", help="Validation folders/HDF5 (other scenes). Default: the last rows of each scene."
+        ),
+        val_frac: float = typer.Option(0.2, "--val-frac", help="Fraction of rows held out when no --val."),
+        dim: int = typer.Option(32, help="Network width d (paper: 32)."),
+        d_state: int = typer.Option(8, "--d-state", help="Mamba state size."),
+        patch: int = typer.Option(64, help="PAN patch size on the reduced grid."),
+        batch: int = typer.Option(16, help="Patches per step."),
+        lr: float = typer.Option(5e-4, help="Adam learning rate."),
+        lr_step: int = typer.Option(200, "--lr-step", help="Epochs between learning-rate decays."),
+        lr_gamma: float = typer.Option(0.5, "--lr-gamma", help="Learning-rate decay factor."),
+        epochs: int = typer.Option(400, help="Epochs (see --steps-per-epoch)."),
+        steps_per_epoch: int = typer.Option(
+            None, "--steps-per-epoch", help="Default: enough patches to cover the training pixels once."
+        ),
+        max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock budget; stops cleanly."),
+        seed: int = typer.Option(0, help="Random seed."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
+        precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
+        gain_aug: str = typer.Option(None, "--gain-aug", help="Random radiometric gain per patch 'lo,hi'."),
+        init: Path = typer.Option(None, "--init", help="Start from these weights (fine-tuning)."),
+        resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
+        description: str = typer.Option("", help="Card description."),
+        licence: str = typer.Option("", help="Card licence of the weights/training data."),
+        quiet: bool = typer.Option(False, help="No progress bar."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    ) -> None:
+        """Train FusionMamba on real pairs: Wald-reduced inputs, the original MS as target.
+
+        Writes OUT/NAME.safetensors + OUT/NAME.json (model card), OUT/checkpoint.pt (resumable),
+        OUT/train_log.jsonl and OUT/loss.png.
+        """
+        from fusion_cli.training.api import train_from_inputs
+        from fusion_cli.training.loop import TrainConfig
+
+        shift = _pair(pan_shift, "--pan-shift") or (0.0, 0.0)
+        if (out / f"{name}.safetensors").exists() and not resume:
+            raise FusionError(f"{out / name}.safetensors exists; choose another --name/--out or --resume")
+        config = TrainConfig(
+            task=task,
+            ratio=ratio,
+            dim=dim,
+            d_state=d_state,
+            patch=patch,
+            batch=batch,
+            lr=lr,
+            lr_step=lr_step,
+            lr_gamma=lr_gamma,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            max_seconds=max_seconds,
+            seed=seed,
+            device=device,
+            precision=precision,
+            gain_aug=_pair(gain_aug, "--gain-aug"),
+        )
+        res = train_from_inputs(
+            inputs,
+            out,
+            name=name,
+            config=config,
+            val_inputs=val,
+            val_frac=val_frac,
+            sensor=sensor,
+            dn_max=dn_max,
+            pan_shift=shift,
+            bands=parse_bands(bands),
+            description=description,
+            licence=licence,
+            resume=resume,
+            init_weights=init,
+            progress=not quiet,
+            command="fusion " + " ".join(sys.argv[1:]),
+        )
+        summary = {
+            "weights": res.weights_path,
+            "card": res.card_path,
+            "steps": res.steps,
+            "epochs": round(res.epochs, 2),
+            "seconds": round(res.seconds, 1),
+            "stopped_by": res.stopped_by,
+            "best_epoch": res.best_epoch,
+            "validation": res.val,
+        }
+        if json_out:
+            echo_json(summary)
+        else:
+            typer.echo(
+                f"{res.weights_path}: {res.steps} steps ({res.epochs:.1f} epochs, {res.seconds:.0f} s, "
+                f"{res.stopped_by}); best validation {res.val}",
+                err=True,
+            )

