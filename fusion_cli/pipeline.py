@@ -684,8 +684,10 @@ def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
             ds, list(range(1, ds.count + 1)), RWindow(0, 0, ds.width, ds.height), shape
         )
         rgb = _rgb_bands(fuser, list(ds.descriptions), ds.count)
+        # Nodata stays out of the stretch percentiles (and is drawn black).
+        mask = ds.dataset_mask(out_shape=shape) > 0
     png = out.with_suffix(".png")
-    save_quicklook(png, img.astype(np.float32), rgb=rgb)
+    save_quicklook(png, img.astype(np.float32), rgb=rgb, mask=mask)
     return str(png)
 
 

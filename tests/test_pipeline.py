@@ -167,7 +167,7 @@ def test_pan_nodata_without_ms_nodata_gives_an_internal_mask(tmp_path):
 def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_2.tif")
     ms = need_shared("wv2_spacenet6", "ms_2.tif")
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(zero_is_nodata=True))
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(zero_is_nodata=True, quicklook=True))
     got = _read(tmp_path / "o.tif")
     p = _read(pan)[0]
     assert s.nodata == 0
@@ -175,6 +175,12 @@ def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     assert not (got[:, :190] != 0).any()
     assert 0.6 < s.valid_fraction < 0.7  # README: about 32 % zeros
     assert (got[:, 300:] > 0).all(axis=0).mean() > 0.95
+    # The quicklook sits beside the product; the nodata collar is black, the scene is not.
+    import matplotlib.image
+
+    png = matplotlib.image.imread(s.quicklook)
+    assert s.quicklook == str(tmp_path / "o.png") and png.shape[:2] == (600, 600)
+    assert png[:150, :, :3].max() == 0 and png[400:, :, :3].mean() > 0.1
 
 
 def test_overwrite_refusal_and_atomic_write(tmp_path):
