@@ -1,0 +1,39 @@
+"""`fusion info`: versions, torch devices, the scan backend that will be used and why, installed models."""
+
+from __future__ import annotations
+
+import typer
+
+from fusion_cli.cli.common import echo_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("info")
+    def info(
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Show versions, devices, the selective-scan backend and the available models."""
+        from fusion_cli.models.environment import environment_info
+
+        data = environment_info()
+        if json_out:
+            echo_json(data)
+            return
+        v, t, s = data["versions"], data["torch"], data["scan_backend"]
+        typer.echo("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+        gpus = ", ".join(t["cuda_devices"]) or "none"
+        typer.echo(
+            f"Torch devices: cpu ({t['cpu_threads']} threads); CUDA {t['cuda_version'] or '-'}: {gpus}"
+        )
+        typer.echo(f"Scan backend: {s['name']} on {s['device']} ({s['reason']})")
+        typer.echo(f"Models in {data['weights_dir']}:")
+        if not data["models"]:
+            typer.echo("  none installed (use --weights FILE, e.g. the official 420.pth, or `make weights`)")
+        for m in data["models"]:
+            mark = " (default)" if m["default"] else ""
+            typer.echo(
+                f"  {m['name']}{mark}: {m['task']}, {m['sensor']}, ratio {m['ratio']}, "
+                f"{len(m['bands'])} bands [{'; '.join(m['bands'])}], PAN [{'; '.join(m['pan_bands'])}]"
+            )
+        for w in data["model_warnings"]:
+            typer.echo(f"  warning: {w}", err=True)

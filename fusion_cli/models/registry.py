@@ -1,0 +1,362 @@
+"""The one registry of named models: `weights/<name>.safetensors` + `weights/<name>.json` (the card).
+
+A card says what the weights are for (task, sensor, band order, ratio, DN scale), how they were made
+(data, sources, licences, command, time), how good they are (metrics), their licence and the sha256 of the
+weights file. The authors' official `.pth` state_dict also loads (`weights_only=True`), with its config
+inferred from the tensor shapes and a card describing the WorldView-3 model it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusion_cli.errors import FusionError
+from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+from fusion_cli.paths import weights_dir
+
+TASKS = ("pansharpening", "hs-pansharpening", "hisr")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+WV3_BANDS = [
+    "coastal (400-450 nm)",
+    "blue (450-510 nm)",
+    "green (510-580 nm)",
+    "yellow (585-625 nm)",
+    "red (630-690 nm)",
+    "red edge (705-745 nm)",
+    "NIR1 (770-895 nm)",
+    "NIR2 (860-1040 nm)",
+]
+WV3_PAN = ["PAN (450-800 nm)"]
+
+
+@dataclass
+class ModelCard:
+    """Everything a user needs to know before trusting a set of weights."""
+
+    name: str
+    task: str
+    description: str
+    sensor: str
+    bands: list[str]  # MS bands in the order the model expects, with wavelengths where known
+    pan_bands: list[str]
+    ratio: int
+    dn_max: float  # inputs are divided by this before the network (the [0, 1] units it was trained on)
+    architecture: dict[str, Any] = field(default_factory=dict)  # FusionMambaConfig.to_dict()
+    training: dict[str, Any] = field(default_factory=dict)  # data, sources, licences, epochs, command, time
+    metrics: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
+    weights: str = ""  # file name of the safetensors beside the card
+    sha256: str = ""
+    default: bool = False
+    dn_max_by_dtype: dict[str, float] | None = None  # e.g. {"uint8": 255, "uint16": 65535}
+
+    def config(self) -> FusionMambaConfig:
+        return FusionMambaConfig.from_dict(dict(self.architecture))
+
+    def validate(self) -> None:
+        """Raise FusionError naming the first missing or invalid field."""
+        where = f"model card {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise FusionError(f"{where}: name must be letters, digits, '_', '-', '.' (got {self.name!r})")
+        if self.task not in TASKS:
+            raise FusionError(f"{where}: task must be one of {', '.join(TASKS)} (got {self.task!r})")
+        for name in ("description", "sensor", "licence"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise FusionError(f"{where}: field '{name}' is missing or empty")
+        for name in ("bands", "pan_bands"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value or not all(isinstance(b, str) for b in value):
+                raise FusionError(f"{where}: field '{name}' must be a non-empty list of band names")
+        if not isinstance(self.ratio, int) or self.ratio < 2:
+            raise FusionError(f"{where}: ratio must be an integer >= 2 (got {self.ratio!r})")
+        if not isinstance(self.dn_max, (int, float)) or not math.isfinite(self.dn_max) or self.dn_max <= 0:
+            raise FusionError(f"{where}: dn_max must be a positive number (got {self.dn_max!r})")
+        if not self.architecture:
+            raise FusionError(f"{where}: field 'architecture' is missing")
+        cfg = self.config()
+        checks = (
+            ("MS bands", len(self.bands), cfg.ms_bands),
+            ("PAN bands", len(self.pan_bands), cfg.pan_bands),
+            ("ratio", self.ratio, cfg.ratio),
+        )
+        for what, card_value, arch_value in checks:
+            if card_value != arch_value:
+                raise FusionError(
+                    f"{where}: {what} {card_value} disagree with the architecture's {arch_value}"
+                )
+        for name in ("training", "metrics"):
+            if not isinstance(getattr(self, name), dict):
+                raise FusionError(f"{where}: field '{name}' must be a mapping")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "card") -> ModelCard:
+        known = {f.name for f in fields(cls)}
+        required = ["name", "task", "description", "sensor", "bands", "pan_bands", "ratio", "dn_max"]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise FusionError(f"{source}: missing field(s) {', '.join(missing)}")
+        card = cls(**{k: v for k, v in data.items() if k in known})
+        extra = {k: v for k, v in data.items() if k not in known}
+        if extra:  # keep unknown fields instead of dropping them
+            card.training = dict(card.training, extra=dict(card.training.get("extra", {}), **extra))
+        return card
+
+
+@dataclass
+class LoadedModel:
+    model: FusionMamba  # in eval mode, on `device`
+    card: ModelCard
+    weights_path: Path | None
+    device: torch.device
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_card(path: Path) -> ModelCard:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FusionError(f"cannot read model card {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise FusionError(f"model card {path} is not a JSON object")
+    card = ModelCard.from_dict(data, source=str(path))
+    card.validate()
+    return card
+
+
+def list_models(directory: Path | None = None) -> list[ModelCard]:
+    """Valid cards in the weights folder, sorted by name (broken cards are skipped with a warning)."""
+    folder = Path(directory) if directory is not None else weights_dir()
+    cards = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            cards.append(_read_card(path))
+        except FusionError as exc:
+            warnings.warn(f"skipping {path.name}: {exc}", stacklevel=2)
+    return cards
+
+
+def default_model_name(directory: Path | None = None) -> str:
+    """Name of the card marked `"default": true`."""
+    defaults = [c.name for c in list_models(directory) if c.default]
+    if not defaults:
+        folder = directory or weights_dir()
+        raise FusionError(
+            f"no default model is installed in {folder} (run `make weights`, or pass --weights FILE "
+            "or --model NAME; `fusion info` lists the models)"
+        )
+    return "landsat" if "landsat" in defaults else defaults[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> FusionMambaConfig:
+    """FusionMambaConfig from the tensor shapes of a FusionMamba state_dict."""
+    keys = {
+        "up": "upsample.upsamle.0.weight",
+        "pan": "raise_pan_dim.0.weight",
+        "A": "stage0.fm.spa_mamba_layers.0.block.A_log",
+        "conv": "stage0.fm.spa_mamba_layers.0.block.conv1d.weight",
+        "in": "stage0.fm.spa_mamba_layers.0.block.in_proj.weight",
+        "attn": "spe_attn.block.0.weight",
+    }
+    missing = [k for k in keys.values() if k not in state]
+    if missing:
+        raise FusionError(f"{source} is not a FusionMamba state_dict (no tensor {missing[0]})")
+    up = state[keys["up"]].shape
+    ms_bands = int(up[1])
+    ratio = math.isqrt(int(up[0]) // ms_bands)
+    dim = int(state[keys["pan"]].shape[0])
+    return FusionMambaConfig(
+        ms_bands=ms_bands,
+        pan_bands=int(state[keys["pan"]].shape[1]),
+        ratio=ratio,
+        dim=dim,
+        d_state=int(state[keys["A"]].shape[1]),
+        d_conv=int(state[keys["conv"]].shape[-1]),
+        expand=int(state[keys["in"]].shape[0]) // (2 * dim),
+        attn_dim=int(state[keys["attn"]].shape[0]),
+    )
+
+
+def _official_card(path: Path, cfg: FusionMambaConfig, sha: str) -> ModelCard:
+    wv3 = cfg.ms_bands == 8 and cfg.ratio == 4 and cfg.pan_bands == 1
+    return ModelCard(
+        name=re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem) or "checkpoint",
+        task="pansharpening" if cfg.pan_bands == 1 else "hisr",
+        description=f"official FusionMamba checkpoint {path.name} (PSRben/FusionMamba)",
+        sensor="WorldView-3" if wv3 else "unknown",
+        bands=list(WV3_BANDS) if wv3 else [f"band {i + 1}" for i in range(cfg.ms_bands)],
+        pan_bands=list(WV3_PAN) if wv3 else [f"pan {i + 1}" for i in range(cfg.pan_bands)],
+        ratio=cfg.ratio,
+        dn_max=2047.0 if wv3 else 1.0,
+        architecture=cfg.to_dict(),
+        training={"source": "authors' release, trained on the PanCollection WV3 data (DN / 2047)"},
+        licence="none stated by the authors; not redistributable",
+        weights=path.name,
+        sha256=sha,
+    )
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads refused by weights_only
+        raise FusionError(
+            f"cannot load {path} as a PyTorch state_dict: {str(exc).splitlines()[0][:160]}"
+        ) from None
+    for key in ("state_dict", "model"):  # common wrappers around a state_dict
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FusionError(f"{path} does not hold a state_dict of tensors")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def build_model(
+    state: dict[str, torch.Tensor], cfg: FusionMambaConfig, source: str, scan_backend: str | None = None
+) -> FusionMamba:
+    """A FusionMamba with `cfg` and the tensors of `state`; a FusionError names any mismatch."""
+    if scan_backend is not None:
+        cfg = FusionMambaConfig.from_dict(dict(cfg.to_dict(), scan_backend=scan_backend))
+    model = FusionMamba(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong:
+        k, got, want = wrong[0]
+        hint = ""
+        if k == "upsample.upsamle.0.weight":
+            hint = f" (the checkpoint is for {got[1]} MS bands, the model for {want[1]})"
+        raise FusionError(
+            f"{source} does not fit the model: tensor {k} is {got} but the model needs {want}{hint}; "
+            f"{len(wrong)} tensor(s) differ"
+        )
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise FusionError(
+            f"{source} does not fit the model: {len(missing)} tensor(s) missing, "
+            f"{len(unexpected)} unexpected (first: {name})"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model(
+    name: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    scan_backend: str | None = None,
+) -> LoadedModel:
+    """Load a model by registry name, by file, or the default one.
+
+    `weights`: a card + safetensors pair (path to either file) or an official `.pth`/`.pt` state_dict.
+    With both `name` and a `.pth`, the named card's architecture is used and the file must fit it.
+    """
+    dev = torch.device(device)
+    card: ModelCard | None = None
+    if name is not None:
+        card_path = weights_dir() / f"{name}.json"
+        if not card_path.is_file():
+            names = ", ".join(c.name for c in list_models()) or "none installed"
+            raise FusionError(f"unknown model {name!r} (available: {names}); `fusion info` lists them")
+        card = _read_card(card_path)
+    if weights is None:
+        if card is None:
+            return load_model(default_model_name(), device=dev, scan_backend=scan_backend)
+        path = weights_dir() / (card.weights or f"{card.name}.safetensors")
+    else:
+        path = Path(weights)
+    if not path.exists():
+        raise FusionError(f"weights file not found: {path}")
+    if path.suffix in (".pth", ".pt"):
+        state = _torch_load(path)
+        sha = _sha256(path)
+        if card is None:
+            card = _official_card(path, infer_config(state, str(path)), sha)
+    elif path.suffix in (".safetensors", ".json"):
+        card_path, st_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for p in (card_path, st_path):
+            if not p.is_file():
+                raise FusionError(
+                    f"{p} not found: a model is a .safetensors file with its .json card beside it"
+                )
+        card = _read_card(card_path)  # a pair describes itself
+        sha = _sha256(st_path)
+        if card.sha256 and card.sha256 != sha:
+            raise FusionError(
+                f"{st_path} does not match the sha256 in its card {card_path.name}: file changed?"
+            )
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(st_path))
+        except Exception as exc:
+            raise FusionError(f"cannot read {st_path}: {str(exc).splitlines()[0][:160]}") from None
+        path = st_path
+    else:
+        raise FusionError(
+            f"unsupported weights file {path.name}: use a .safetensors (with its .json card) or .pth"
+        )
+    model = build_model(state, card.config(), str(path), scan_backend)
+    model.to(dev).eval()
+    return LoadedModel(model=model, card=card, weights_path=path, device=dev)
+
+
+def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.safetensors` (no pickle) and `<name>.json` with the weights' sha256."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg["scan_backend"] = None  # a run-time choice, not part of the architecture
+    if card.architecture:
+        declared = dict(card.architecture, scan_backend=None)
+        if declared != cfg:
+            raise FusionError(f"card {card.name!r} architecture {declared} differs from the model's {cfg}")
+    card.architecture = cfg
+    card.weights = f"{card.name}.safetensors"
+    card.sha256 = ""
+    card.validate()
+    weights_path, card_path = out / card.weights, out / f"{card.name}.json"
+    tmp = weights_path.with_suffix(".safetensors.tmp")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
+    card.sha256 = _sha256(tmp)
+    os.replace(tmp, weights_path)
+    tmp_card = card_path.with_suffix(".json.tmp")
+    tmp_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+    os.replace(tmp_card, card_path)
+    return weights_path, card_path
