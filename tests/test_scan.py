@@ -1,0 +1,152 @@
+"""Selective-scan backends: the golden single scan, torch vs reference (forward and gradients), the
+automatic backend choice and its overrides, and the causal depthwise conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import need_shared
+
+from fusion_cli.errors import FusionError
+from fusion_cli.models import scan
+from fusion_cli.models.scan import (
+    causal_conv1d,
+    resolve_backend,
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_torch,
+)
+
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _golden() -> dict[str, torch.Tensor]:
+    data = np.load(need_shared("fusionmamba_official", "golden", "scan_case.npz"))
+    return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch])
+def test_golden_scan_case(fn):
+    g = _golden()
+    y64 = fn(*(g[k] for k in ARGS), delta_softplus=True)
+    assert y64.dtype == torch.float64
+    np.testing.assert_allclose(y64.numpy(), g["out_fp64"].numpy(), rtol=0, atol=1e-12)
+    y32 = fn(*(g[k].float() for k in ARGS), delta_softplus=True)
+    assert y32.dtype == torch.float32
+    np.testing.assert_allclose(y32.numpy(), g["out_fp64"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _random_case(dtype: torch.dtype, length: int = 203, groups: int = 2, requires_grad: bool = False):
+    """A grouped scan (2 groups of 6 channels sharing B/C) with a length that is no multiple of the chunk."""
+    gen = torch.Generator().manual_seed(1)
+    b, d, n = 2, 12, 4
+    t = {
+        "u": torch.randn(b, d, length, generator=gen),
+        "delta": torch.randn(b, d, length, generator=gen) * 0.5,
+        "A": -torch.exp(torch.randn(d, n, generator=gen)),
+        "B": torch.randn(b, groups, n, length, generator=gen),
+        "C": torch.randn(b, groups, n, length, generator=gen),
+        "D": torch.randn(d, generator=gen),
+        "z": torch.randn(b, d, length, generator=gen),
+        "delta_bias": torch.randn(d, generator=gen) * 0.3,
+    }
+    return {k: v.to(dtype).requires_grad_(requires_grad) for k, v in t.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64, 256])
+def test_torch_matches_reference_forward_fp64(chunk):
+    t = _random_case(torch.float64)
+    ref = selective_scan_reference(**t, delta_softplus=True)
+    got = selective_scan_torch(**t, delta_softplus=True, chunk=chunk)
+    assert _rel(got, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-5)])
+def test_torch_matches_reference_gradients(dtype, tol):
+    grads = {}
+    outs = {}
+    for name, fn in (("ref", selective_scan_reference), ("torch", selective_scan_torch)):
+        t = _random_case(dtype, requires_grad=True)
+        kwargs = {"chunk": 16} if name == "torch" else {}
+        y = fn(**t, delta_softplus=True, **kwargs)
+        w = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)  # a non-trivial upstream grad
+        (y * w).sum().backward()
+        outs[name] = y.detach()
+        grads[name] = {k: v.grad for k, v in t.items()}
+    assert _rel(outs["torch"], outs["ref"]) < tol
+    for k in ARGS:
+        assert _rel(grads["torch"][k], grads["ref"][k]) < tol, k
+
+
+def test_fp32_torch_scan_agrees_with_fp64_oracle_on_long_sequence():
+    """Long sequences with strong decay: the chunked scan must stay finite and accurate in fp32."""
+    t = _random_case(torch.float64, length=4096, groups=1)
+    t["delta"] = t["delta"] * 4  # some steps forget almost everything, others keep state for long
+    ref = selective_scan_reference(**t, delta_softplus=True)
+    got = selective_scan_torch(**{k: v.float() for k, v in t.items()}, delta_softplus=True)
+    assert torch.isfinite(got).all()
+    assert _rel(got.double(), ref) < 1e-5
+
+
+def test_auto_backend_on_cpu_is_torch(monkeypatch):
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    name, reason = resolve_backend(None, "cpu")
+    assert name == "torch" and "no CUDA" in reason
+
+
+def test_mamba_ssm_absent_auto_picks_torch_with_reason(monkeypatch):
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(
+        scan, "_mamba_ssm_import", lambda: (None, "mamba_ssm is not importable (ImportError)")
+    )
+    name, reason = resolve_backend(None, "cuda")
+    assert name == "torch" and "mamba_ssm is not importable" in reason
+    with pytest.raises(FusionError, match="mamba_ssm requested .* not importable"):
+        resolve_backend("mamba_ssm", "cuda")
+
+
+def test_mamba_ssm_present_is_chosen_on_cuda_only(monkeypatch):
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(scan, "_mamba_ssm_import", lambda: (object(), "mamba_ssm imports"))
+    assert resolve_backend(None, "cuda")[0] == "mamba_ssm"
+    assert resolve_backend(None, "cpu")[0] == "torch"
+    with pytest.raises(FusionError, match="needs CUDA"):
+        resolve_backend("mamba_ssm", "cpu")
+
+
+def test_backend_overrides_argument_beats_env(monkeypatch):
+    monkeypatch.setenv(scan.ENV_VAR, "reference")
+    assert resolve_backend(None, "cpu") == ("reference", f"requested by ${scan.ENV_VAR}")
+    assert resolve_backend("torch", "cpu") == ("torch", "requested by argument")
+    monkeypatch.setenv(scan.ENV_VAR, "fastest")
+    with pytest.raises(FusionError, match="unknown scan backend 'fastest'"):
+        resolve_backend(None, "cpu")
+
+
+def test_dispatch_uses_the_env_backend(monkeypatch):
+    calls = []
+    monkeypatch.setitem(scan._IMPLS, "reference", lambda *a: calls.append("reference") or a[0])
+    monkeypatch.setenv(scan.ENV_VAR, "reference")
+    t = _random_case(torch.float32, length=8)
+    selective_scan(**t)
+    assert calls == ["reference"]
+
+
+def test_causal_conv1d_is_causal_and_matches_definition():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 30, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    y = causal_conv1d(x, w, b, activation="silu")
+    xp = F.pad(x, (3, 0))
+    expect = sum(w[None, :, k, None] * xp[:, :, k : k + 30] for k in range(4)) + b[None, :, None]
+    torch.testing.assert_close(y, F.silu(expect))
+    x2 = x.clone()
+    x2[..., 20:] += 1.0  # changing the future must not change the past
+    torch.testing.assert_close(causal_conv1d(x2, w, b)[..., :20], causal_conv1d(x, w, b)[..., :20])
