@@ -79,7 +79,10 @@ def connect(address: str) -> Any:
 def _failure_reason(exc: BaseException) -> str:
     name = type(exc).__name__
     if name == "KilledWorker":
-        return "the worker fusing this scene died repeatedly (KilledWorker); likely out of memory"
+        return (
+            "the Dask worker holding this scene died (KilledWorker, after the scheduler's allowed "
+            "retries): this scene or another one on that worker likely ran out of memory"
+        )
     return f"{name}: {exc}".strip()
 
 

@@ -388,10 +388,24 @@ def test_scenes_in_flight_together_give_the_same_outputs(mixed: dict, tmp_path: 
                 np.testing.assert_array_equal(a.read(), b.read())
 
 
+def dying_factory(job: batch.FuseJob) -> batch.SceneProcessor:
+    """A processor whose worker process dies on every scene, as under the kernel's OOM killer."""
+
+    def process(scene: batch.Scene) -> dict:
+        os._exit(3)
+
+    return process
+
+
 def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
+    import dask
+
+    from fusion_cli.batch_dask import run_batch_dask
+
     out_dir, log = tmp_path / "out", tmp_path / "log.jsonl"
     with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),  # one death is enough here
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
         ) as lc,
@@ -400,6 +414,13 @@ def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> No
         client.wait_for_workers(2)
         args = ["batch", str(mixed["in"]), str(out_dir), "--method", "exp", "--dask", lc.scheduler_address]
         res = run_cli(*args, "--json", "--log", str(log))
+        # A scene that kills its worker is a failed scene with a reason, not a hung or crashed batch.
+        pan, ms = mixed["in"] / "l7_1_pan.tif", mixed["in"] / "l7_1_ms.tif"
+        plan = batch.Plan([batch.Scene("boom", pan, ms, tmp_path / "boom.tif")])
+        job = batch.FuseJob(fuser={"method": "exp"}, options=None)
+        died = run_batch_dask(plan, job, client, factory=dying_factory)
+    assert died.exit_code == 1 and "KilledWorker" in (died.results[0].reason or "")
+    assert not (tmp_path / "boom.tif").exists()
     assert res.returncode == 1, res.stderr[-3000:]
     local = {r["scene"]: r for r in json.loads(mixed["res"].stdout)["scenes"]}
     remote = {r["scene"]: r for r in json.loads(res.stdout)["scenes"]}
