@@ -238,6 +238,16 @@ def pair_by_patterns(
     return plan
 
 
+def _stem_of(pan_name: str) -> str:
+    """Scene stem of a PAN file name: what a default convention's `*` captures (`A_PAN.tif` -> `A`),
+    else the name without extension."""
+    for pan_p, _ in DEFAULT_CONVENTIONS:
+        m = _pattern_regex(pan_p).match(pan_name)
+        if m:
+            return "_".join(m.groups())
+    return pan_name.split(".")[0]
+
+
 def read_manifest(
     manifest: Path, in_dir: Path, out_dir: Path, out_pattern: str = DEFAULT_OUT_PATTERN
 ) -> Plan:
@@ -266,7 +276,7 @@ def read_manifest(
         if not r.get("pan") or not r.get("ms"):
             raise FusionError(f"manifest {manifest} line {n}: empty 'pan' or 'ms'")
         pan, ms = in_dir / r["pan"], in_dir / r["ms"]  # absolute paths stay absolute
-        stem = Path(r["pan"]).name.split(".")[0]
+        stem = _stem_of(Path(r["pan"]).name)
         out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
         scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
     plan = Plan(scenes, source=f"--manifest {manifest}", total_scenes=len(scenes))

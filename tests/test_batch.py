@@ -163,7 +163,7 @@ def test_patterns_and_manifest(tmp_path: Path) -> None:
     manifest.write_text(f"pan,ms,out\nX_PAN.TIF,X_MUL.tif,\n{d / 'a/pan.tif'},a/ms.tif,sub/a.tif\n")
     plan = batch.read_manifest(manifest, d, tmp_path / "out")
     assert [(s.pan, s.ms, s.out) for s in plan.scenes] == [
-        (d / "X_PAN.TIF", d / "X_MUL.tif", tmp_path / "out" / "X_PAN_fused.tif"),
+        (d / "X_PAN.TIF", d / "X_MUL.tif", tmp_path / "out" / "X_fused.tif"),
         (d / "a/pan.tif", d / "a/ms.tif", tmp_path / "out" / "sub/a.tif"),
     ]
     manifest.write_text("pan,ms,out\nX_PAN.TIF,X_MUL.tif,same.tif\na/pan.tif,a/ms.tif,same.tif\n")
