@@ -161,7 +161,7 @@ def _tiled_stats(name: str, pan: torch.Tensor, ms: torch.Tensor, tile: int) -> t
 
 @pytest.mark.parametrize("name", STATS_METHODS)
 def test_streamed_statistics_equal_whole_image(name: str, wv2: tuple[torch.Tensor, torch.Tensor]) -> None:
-    pan, ms = wv2
+    pan, ms = wv2[0][..., :256, :256], wv2[1][..., :64, :64]
     whole, tiled = _tiled_stats(name, pan, ms, tile=128)
     a = whole.fuse(pan, ms).double()
     b = tiled.fuse(pan, ms).double()
@@ -174,9 +174,11 @@ def test_reduced_resolution_quality_on_wv3() -> None:
     from fusion_cli.metrics import ergas, sam
 
     golden = need_shared("fusionmamba_official", "golden")
-    gt = np.load(golden / "b_gt.npy").astype(np.float64).transpose(2, 0, 1)
+    # a 192 x 192 corner keeps the test quick; the whole 320 x 320 case ranks the methods the same way
+    gt = np.load(golden / "b_gt.npy").astype(np.float64).transpose(2, 0, 1)[:, :192, :192]
     ms = torch.from_numpy(np.load(golden / "b_ms_lr.npy").astype(np.float64).transpose(2, 0, 1))[None]
-    pan = torch.from_numpy(np.load(golden / "b_pan_lr.npy").astype(np.float64))[None, None]
+    ms = ms[..., :48, :48]
+    pan = torch.from_numpy(np.load(golden / "b_pan_lr.npy").astype(np.float64))[None, None, :192, :192]
     scores = {}
     for name in METHODS:
         out = make_method(name, 4, "wv3").fit(pan, ms).fuse(pan, ms)[0].double().numpy()
