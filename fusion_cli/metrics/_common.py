@@ -6,16 +6,22 @@ All statistics are computed in float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage
 
 from fusion_cli.errors import FusionError
 
 # Elements of float64 work arrays per chunk in block-wise code (~32 MB): memory stays proportional to
 # the image, not to blocks x image, whatever the scene size.
 CHUNK_ELEMENTS = 4_000_000
+
+T = TypeVar("T")
 
 
 def as_chw(img: np.ndarray, what: str = "image") -> np.ndarray:
@@ -73,8 +79,11 @@ def clip_to_bits(img: np.ndarray, bits: int | None) -> np.ndarray:
 
 def round_uint16(x: np.ndarray) -> np.ndarray:
     """MATLAB `uint16(x)`: round half away from zero, saturate to [0, 65535], NaN -> 0 (float64 out)."""
-    out = np.floor(np.nan_to_num(x, nan=0.0, posinf=65535.0, neginf=0.0) + 0.5)
-    return np.clip(out, 0.0, 65535.0)
+    out = np.add(x, 0.5, dtype=np.float64)
+    np.floor(out, out=out)
+    np.clip(out, 0.0, 65535.0, out=out)  # negatives (and -inf) saturate to 0, +inf to 65535
+    out[np.isnan(out)] = 0.0
+    return out
 
 
 def uiqi_from_moments(
@@ -90,27 +99,24 @@ def uiqi_from_moments(
     msq = mx * mx + my * my
     flat = vsum <= tiny
     q = np.ones(vsum.shape)
-    mean_only = flat & (msq != 0)
-    q[mean_only] = (2 * mx * my / np.where(mean_only, msq, 1.0))[mean_only]
-    full = ~flat & (msq != 0)
-    q[full] = (4 * cxy * mx * my / np.where(full, vsum * msq, 1.0))[full]
+    np.divide(2 * mx * my, msq, out=q, where=flat & (msq != 0))
+    np.divide(4 * cxy * mx * my, vsum * msq, out=q, where=~flat & (msq != 0))
     return q
 
 
 def box_mean_valid(a: np.ndarray, k: int) -> np.ndarray:
-    """Mean over every k x k window fully inside `(..., H, W)` ('valid' positions), float64.
+    """Mean over every k x k window fully inside `(H, W)` ('valid' positions), float64.
 
-    Separable running sums (one cumulative sum per axis) keep the cost O(1) per pixel; callers centre
-    the data first so the sums stay small and exact to ~1e-13 relative.
+    Separable running sums (scipy's uniform_filter1d, O(1) per pixel), anchored so that output (i, j)
+    is the window starting at (i, j). Both passes run along contiguous rows (the second on a transposed
+    copy, 4x faster than a strided column pass); the result is returned as a transposed view, which
+    elementwise maths does not mind. Callers centre the data first so the running sums stay small.
     """
     out = np.asarray(a, dtype=np.float64)
-    for axis in (-1, -2):
-        c = np.moveaxis(np.cumsum(out, axis=axis), axis, -1)
-        run = np.empty(c.shape[:-1] + (c.shape[-1] - k + 1,))
-        run[..., 0] = c[..., k - 1]
-        np.subtract(c[..., k:], c[..., :-k], out=run[..., 1:])
-        out = np.moveaxis(run, -1, axis)
-    return out / (k * k)
+    h, w = out.shape
+    out = ndimage.uniform_filter1d(out, k, axis=1, origin=-(k // 2), mode="constant")
+    out = ndimage.uniform_filter1d(np.ascontiguousarray(out.T), k, axis=1, origin=-(k // 2), mode="constant")
+    return out.T[: h - k + 1, : w - k + 1]
 
 
 def windows_all_valid(mask: np.ndarray | None, k: int) -> np.ndarray | None:
@@ -170,17 +176,36 @@ def iter_blocks(
         r = rows[y0 * shift : (y1 - 1) * shift + block]
         out = []
         for a in arrays:
-            chunk = np.asarray(a[:, r][:, :, cols], dtype=np.float64)
+            chunk = np.asarray(a[:, _as_slice(r)][:, :, _as_slice(cols)], dtype=np.float64)
             if transform is not None:
                 chunk = transform(chunk)
             out.append(_cut_blocks(chunk, block, shift))
         if mask is None:
             ok = np.ones(out[0].shape[0], bool)
         else:
-            m = mask[r][:, cols][None].astype(np.float64)
+            m = mask[_as_slice(r)][:, _as_slice(cols)][None].astype(np.float64)
             ok = _cut_blocks(m, block, shift)[:, 0].min(axis=-1) > 0.5
         yield out, ok
     _ = nx
+
+
+def _as_slice(idx: np.ndarray) -> slice | np.ndarray:
+    """A plain slice for a run of consecutive indices (a view, no copy), else the index array."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (np.diff(idx) == 1).all():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def parallel_map(fn: Callable[[int], T], n: int) -> list[T]:
+    """`[fn(0), ..., fn(n-1)]` on a few threads: per-band work in numpy/scipy releases the GIL.
+
+    At most 4 threads (each band's temporaries are ~10 image-sized float64 planes).
+    """
+    workers = min(n, os.cpu_count() or 1, 4)
+    if workers <= 1:
+        return [fn(i) for i in range(n)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, range(n)))
 
 
 def _cut_blocks(chunk: np.ndarray, block: int, shift: int) -> np.ndarray:

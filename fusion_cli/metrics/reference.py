@@ -14,12 +14,14 @@ from scipy import ndimage
 
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics._common import (
+    CHUNK_ELEMENTS,
     as_chw,
     as_mask,
     border_cut,
     box_mean_valid,
     check_pair,
     clip_to_bits,
+    parallel_map,
     uiqi_from_moments,
     windows_all_valid,
 )
@@ -77,12 +79,11 @@ def q_index_bands(
     if min(h, w) < block:
         raise FusionError(f"Q needs images of at least {block}x{block} pixels, got {h}x{w}")
     ok = windows_all_valid(m, block)
-    return np.array(
-        [
-            _mean_over(_window_uiqi(_band(ref, b), _band(fused, b), block, m), ok, "Q")
-            for b in range(ref.shape[0])
-        ]
-    )
+
+    def one(b: int) -> float:
+        return _mean_over(_window_uiqi(_band(ref, b), _band(fused, b), block, m), ok, "Q")
+
+    return np.array(parallel_map(one, ref.shape[0]))
 
 
 def q_index(ref: np.ndarray, fused: np.ndarray, block: int = 32, mask: np.ndarray | None = None) -> float:
@@ -96,14 +97,20 @@ def q_index(ref: np.ndarray, fused: np.ndarray, block: int = 32, mask: np.ndarra
 def sam_map(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Per-pixel spectral angle in degrees `(H, W)`; NaN where either spectrum has zero norm or is masked."""
     ref, fused, m = _prepare(ref, fused, mask)
-    r, f = ref.astype(np.float64, copy=False), fused.astype(np.float64, copy=False)
-    dot = np.einsum("chw,chw->hw", r, f)
-    norm = np.sqrt(np.einsum("chw,chw->hw", r, r) * np.einsum("chw,chw->hw", f, f))
-    ok = norm > 0
-    if m is not None:
-        ok &= m
-    cos = np.clip(dot / np.where(ok, norm, 1.0), -1.0, 1.0)
-    return np.where(ok, np.degrees(np.arccos(cos)), np.nan)
+    c, h, w = ref.shape
+    out = np.full((h, w), np.nan)
+    step = max(1, CHUNK_ELEMENTS // (c * w))  # strips of rows: float64 copies stay small
+    for r0 in range(0, h, step):
+        rows = slice(r0, r0 + step)
+        r = np.asarray(ref[:, rows], dtype=np.float64)
+        f = np.asarray(fused[:, rows], dtype=np.float64)
+        dot = np.einsum("chw,chw->hw", r, f)
+        norm = np.sqrt(np.einsum("chw,chw->hw", r, r) * np.einsum("chw,chw->hw", f, f))
+        ok = norm > 0
+        if m is not None:
+            ok &= m[rows]
+        out[rows][ok] = np.degrees(np.arccos(np.clip(dot[ok] / norm[ok], -1.0, 1.0)))
+    return out
 
 
 def sam(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -234,8 +241,8 @@ def ssim_bands(
     taps = _gauss_taps()
     ok = windows_all_valid(m, 11)
     peaks = _peaks(ref, m, peak)
-    out = []
-    for b in range(ref.shape[0]):
+
+    def one(b: int) -> float:
         x, y = _band(ref, b), _band(fused, b)
         c1, c2 = (k[0] * peaks[b]) ** 2, (k[1] * peaks[b]) ** 2
         mx, my = _filter_valid(x, taps), _filter_valid(y, taps)
@@ -243,8 +250,9 @@ def ssim_bands(
         vy = _filter_valid(y * y, taps) - my**2
         cxy = _filter_valid(x * y, taps) - mx * my
         smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-        out.append(_mean_over(smap, ok, "SSIM"))
-    return np.array(out)
+        return _mean_over(smap, ok, "SSIM")
+
+    return np.array(parallel_map(one, ref.shape[0]))
 
 
 def ssim(
@@ -289,10 +297,12 @@ def _scc(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None) -> tuple[f
     sel = slice(None)
     if m is not None:
         sel = ndimage.binary_erosion(m, np.ones((3, 3), bool), border_value=1)[1:-1, 1:-1]
-    ff, rr, fr = np.zeros(ref.shape[0]), np.zeros(ref.shape[0]), np.zeros(ref.shape[0])
-    for b in range(ref.shape[0]):
+
+    def one(b: int) -> tuple[float, float, float]:
         gf, gr = _sobel_magnitude(_band(fused, b))[sel], _sobel_magnitude(_band(ref, b))[sel]
-        fr[b], ff[b], rr[b] = (gf * gr).sum(), (gf * gf).sum(), (gr * gr).sum()
+        return (gf * gr).sum(), (gf * gf).sum(), (gr * gr).sum()
+
+    fr, ff, rr = np.array(parallel_map(one, ref.shape[0])).T
     with np.errstate(divide="ignore", invalid="ignore"):
         per_band = fr / np.sqrt(ff) / np.sqrt(rr)
         total = fr.sum() / np.sqrt(ff.sum()) / np.sqrt(rr.sum())
