@@ -336,9 +336,9 @@ def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
 def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None:
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
-    ids = [2, 3, 8, 14, 20, 26]
+    ids = [2, 8, 14, 20, 26]
     for k in ids:
-        copy_pair_cropped(L7, k, in_dir, f"s{k}", pan_size=512)
+        copy_pair_cropped(L7, k, in_dir, f"s{k}", pan_size=384)
     args = ["batch", str(in_dir), str(out_dir), "--method", "exp", "--tile", "128", "--json"]
     outputs = [out_dir / f"s{k}_fused.tif" for k in ids]
 
@@ -378,11 +378,12 @@ def test_scenes_in_flight_together_give_the_same_outputs(mixed: dict, tmp_path: 
     from fusion_cli.pipeline import FuseOptions
 
     plan = batch.pair_by_patterns(mixed["in"], tmp_path / "out")
+    plan.scenes = [sc for sc in plan.scenes if sc.id in ("l7_1", "wv2_1", "text")]
     job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions(progress=False))
     summary = batch.run_batch(plan, batch.make_scene_processor(job), scene_workers=2, io_workers=2)
-    assert sorted(r.scene for r in summary.results if r.status == "done") == sorted(GOOD)
-    assert (summary.failed, summary.exit_code) == (len(BAD), 1)
-    for name in GOOD:
+    assert sorted(r.scene for r in summary.results if r.status == "done") == ["l7_1", "wv2_1"]
+    assert (summary.failed, summary.exit_code) == (2, 1)  # "text" and the unpaired file
+    for name in ("l7_1", "wv2_1"):
         with rasterio.open(tmp_path / "out" / f"{name}_fused.tif") as a:
             with rasterio.open(mixed["out"] / f"{name}_fused.tif") as b:
                 np.testing.assert_array_equal(a.read(), b.read())
