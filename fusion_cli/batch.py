@@ -486,6 +486,12 @@ def scene_lock(out: Path) -> Iterator[bool]:
             os.close(fd)
             yield False
             return
+        except OSError:  # a filesystem without locks (some NFS mounts): no cross-run exclusion
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            yield True
+            return
         # The holder we waited on may have unlinked the file: our lock must be on the live inode.
         try:
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
@@ -533,7 +539,10 @@ def execute_scene(
     try:
         scene.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return SceneResult(status="failed", reason=f"cannot create output folder: {exc}", **base)
+        return SceneResult(status="failed", reason=f"cannot create the output folder: {exc}", **base)
+    if not os.access(scene.out.parent, os.W_OK | os.X_OK):
+        why = f"output folder {scene.out.parent} is not writable; choose another OUT_DIR"
+        return SceneResult(status="failed", reason=why, **base)
     with scene_lock(scene.out) as mine:
         if not mine:
             return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
