@@ -203,7 +203,10 @@ def register(app: typer.Typer) -> None:
             )
         else:
             process = lib.make_scene_processor(job)  # a bad model or method fails here, exit 2
-            out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FusionError(f"cannot create OUT_DIR {out_dir}: {exc.strerror}") from None
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
                 scene_workers=scene_workers, on_result=on_result,
