@@ -194,10 +194,10 @@ def register(app: typer.Typer) -> None:
         }  # fmt: skip
         job = lib.FuseJob(fuser=fuser_kwargs, options=options, metrics=metrics)
         on_result = None if quiet else _print_result
-        _announce(plan, quiet)
         if dask is not None:
             from fusion_cli.batch_dask import run_batch_dask
 
+            _announce(plan, quiet)
             summary = run_batch_dask(
                 plan, job, dask, overwrite=overwrite, retries=retries, log=log, on_result=on_result
             )
@@ -207,6 +207,7 @@ def register(app: typer.Typer) -> None:
                 out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise FusionError(f"cannot create OUT_DIR {out_dir}: {exc.strerror}") from None
+            _announce(plan, quiet)
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
                 scene_workers=scene_workers, on_result=on_result,
