@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fusion_cli import batch as lib
 from fusion_cli.cli.common import echo_json, parse_bands
@@ -61,7 +62,7 @@ def _announce(plan: lib.Plan, quiet: bool) -> None:
 def _print_result(r: lib.SceneResult) -> None:
     style = {"done": "green", "skipped": "dim", "failed": "bold red"}[r.status]
     what = f"{r.seconds:.1f} s, {r.pan_mpx:.2f} Mpx" if r.status == "done" else (r.reason or "")
-    _console().print(f"[{style}]{r.status:>7}[/] {r.scene}: {what}", markup=True)
+    _console().print(f"[{style}]{r.status:>7}[/] {escape(r.scene)}: {escape(what)}", markup=True)
 
 
 def _show_summary(summary: lib.BatchSummary) -> None:
@@ -78,7 +79,7 @@ def _show_summary(summary: lib.BatchSummary) -> None:
     con.print(table)
     for r in summary.results:
         if r.status == "failed":
-            con.print(f"[bold red]FAILED[/] {r.scene}: {r.reason}", markup=True)
+            con.print(f"[bold red]FAILED[/] {escape(r.scene)}: {escape(r.reason or '')}", markup=True)
 
 
 def register(app: typer.Typer) -> None:
