@@ -54,6 +54,7 @@ class Recipe:
     pan_bands: list[str]
     dn_max: float
     scenes: Callable[[Path], Splits]
+    mtf_sensor: str = "generic"  # fusion_cli.sensors key for the classical methods' MTF
     dim: int = 32
     patch: int = 64
     batch: int = 16
@@ -63,6 +64,8 @@ class Recipe:
     cpu_seconds: float = 2400.0  # default time budget on the 2-core CPU
     gain_aug: tuple[float, float] | None = None
     val_crop: int = 128
+    steps_per_epoch: int | None = None  # None: one epoch covers the training pixels once
+    gpu_batch: int | None = None  # a larger batch where a GPU has the memory for it
     default: bool = False
     licence: str = "MIT (weights); training data: see training.data"
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -247,14 +250,16 @@ RECIPES: dict[str, Recipe] = {
             task="pansharpening",
             description="Landsat-7 ETM+ and Landsat-8/9 OLI pansharpening, bands B, G, R, NIR, SWIR1, SWIR2",
             sensor="landsat",
+            mtf_sensor="landsat8",
             ratio=2,
             bands=LANDSAT_BANDS,
             pan_bands=["PAN (ETM+ B8 520-900 nm / OLI B8 503-676 nm)"],
             dn_max=65535.0,
             scenes=landsat_scenes,
             dim=32,
-            batch=32,
-            seconds=170.0,
+            batch=16,
+            gpu_batch=48,
+            seconds=160.0,
             # One model serves 8-bit ETM+ products and 16-bit OLI DN: random gains teach it both.
             gain_aug=(0.5, 1.5),
             default=True,
@@ -265,6 +270,7 @@ RECIPES: dict[str, Recipe] = {
             task="hs-pansharpening",
             description="EO-1 Hyperion (128 bands) + ALI PAN hyperspectral pansharpening, ratio 3",
             sensor="hyperion",
+            mtf_sensor="hyperion",
             ratio=3,
             bands=[],  # filled from the Hyperion band descriptions
             pan_bands=["ALI PAN (480-690 nm)"],
@@ -273,7 +279,9 @@ RECIPES: dict[str, Recipe] = {
             dim=16,
             patch=24,
             batch=16,
-            seconds=60.0,
+            gpu_batch=32,
+            steps_per_epoch=10,
+            seconds=50.0,
             cpu_seconds=1200.0,
             val_crop=48,
             classical=("exp", "gsa", "mtf-glp", "mtf-glp-hpm", "pca"),
@@ -283,6 +291,7 @@ RECIPES: dict[str, Recipe] = {
             task="hisr",
             description="HISR: EO-1 Hyperion VNIR (47 bands) x3 with ALI MS (6 bands, 1p-4p)",
             sensor="hyperion",
+            mtf_sensor="hyperion",
             ratio=3,
             bands=[],
             pan_bands=[],
@@ -291,7 +300,9 @@ RECIPES: dict[str, Recipe] = {
             dim=16,
             patch=48,
             batch=16,
-            seconds=70.0,
+            gpu_batch=32,
+            steps_per_epoch=10,
+            seconds=55.0,
             cpu_seconds=1200.0,
             val_crop=48,
             classical=("exp",),
@@ -301,6 +312,7 @@ RECIPES: dict[str, Recipe] = {
             task="pansharpening",
             description="Very-high-resolution 4-band (B, G, R, NIR) pansharpening, ratio 4 (WorldView-2/3)",
             sensor="wv3",
+            mtf_sensor="wv3",
             ratio=4,
             bands=VHR_BANDS,
             pan_bands=["PAN (450-800 nm)"],
@@ -308,7 +320,9 @@ RECIPES: dict[str, Recipe] = {
             scenes=vhr4_scenes,
             dim=16,
             batch=16,
-            seconds=70.0,
+            gpu_batch=32,
+            steps_per_epoch=10,
+            seconds=55.0,
             cpu_seconds=1200.0,
             val_crop=96,
             licence="weights MIT; trained on SpaceNet imagery, CC BY-SA 4.0 (SpaceNet on AWS, Maxar)",
@@ -455,10 +469,15 @@ def run_recipe(
     evaluate: bool = True,
     command: str | None = None,
     pack_dir: str | Path | None = None,
+    batch: int | None = None,
+    test_crop: int | None = None,
+    val_crop: int | None = None,
 ) -> dict[str, Any]:
     """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
 
     The data come from the shared folder, or from `pack_dir/<name>.npz` (see `pack_recipe`).
+    `batch` overrides the recipe's batch and `test_crop` limits the test scenes to their top-left
+    `test_crop` PAN px (both for quick smoke runs on a CPU).
     """
     from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
 
@@ -481,13 +500,15 @@ def run_recipe(
         ratio=recipe.ratio,
         dim=dim or recipe.dim,
         patch=recipe.patch,
-        batch=recipe.batch,
+        batch=batch or (recipe.gpu_batch if dev.type == "cuda" and recipe.gpu_batch else recipe.batch),
+        steps_per_epoch=recipe.steps_per_epoch,
+        val_interval_s=15.0 if dev.type == "cuda" else 0.0,
         lr=recipe.lr,
         epochs=recipe.epochs,
         max_seconds=budget,
         device=str(dev),
         precision="fp32",  # TF32 matmuls on CUDA; the scan stays in fp32
-        val_crop=recipe.val_crop,
+        val_crop=val_crop or recipe.val_crop,
         val_crops_per_scene=2,
         gain_aug=recipe.gain_aug,
         dn_max=recipe.dn_max,
@@ -509,7 +530,7 @@ def run_recipe(
     model = res.model
     if evaluate:
         t1 = time.perf_counter()
-        table = test_table(model, recipe, test_p, dev)
+        table = test_table(model, recipe, [_whole_crop(p, test_crop) for p in test_p], dev)
         card["metrics"] = {"test_reduced_resolution": table}
         summary["test"] = table["methods"]
         summary["test_s"] = round(time.perf_counter() - t1, 1)
@@ -542,14 +563,15 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
         scores_m = []
         for p in crops:
             try:
-                fuser = make_method(method, recipe.ratio, sensor=recipe.sensor)  # statistics are per scene
+                fuser = make_method(method, recipe.ratio, sensor=recipe.mtf_sensor)  # stats are per scene
                 pan = torch.from_numpy(np.ascontiguousarray(p.pan) * recipe.dn_max)[None]
                 ms = torch.from_numpy(np.ascontiguousarray(p.ms) * recipe.dn_max)[None]
                 if fuser.needs_stats:
                     fuser.accumulate(pan, ms, torch.ones_like(pan[:, :1], dtype=torch.bool))
                     fuser.finalize()
                 fused = fuser.fuse(pan, ms)[0].float().numpy()
-            except FusionError:
+            except FusionError as exc:
+                print(f"{recipe.name}: baseline {method} skipped: {exc}", file=sys.stderr)
                 break  # the method does not apply to this data (e.g. band count)
             scores_m.append(quality(p.ref * recipe.dn_max, np.clip(fused, 0, None), p.ratio, recipe.dn_max))
         if len(scores_m) == len(crops):
@@ -571,10 +593,14 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
     }
 
 
-def _whole_crop(p: TrainPair) -> TrainPair:
-    """The largest top-left part of a pair that the network takes (sides multiples of lcm(4, r))."""
+def _whole_crop(p: TrainPair, limit: int | None = None) -> TrainPair:
+    """The largest top-left part of a pair that the network takes (sides multiples of lcm(4, r)),
+    at most `limit` PAN px a side."""
     m, r = int(np.lcm(4, p.ratio)), p.ratio
-    H, W = p.ref.shape[1] // m * m, p.ref.shape[2] // m * m
+    H, W = p.ref.shape[1], p.ref.shape[2]
+    if limit:
+        H, W = min(H, limit), min(W, limit)
+    H, W = H // m * m, W // m * m
     return TrainPair(p.name, p.pan[:, :H, :W], p.ms[:, : H // r, : W // r], p.ref[:, :H, :W], r)
 
 
@@ -590,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip the test table")
     ap.add_argument("--pack-to", default=None, help="only build the training packs (.npz) into this folder")
     ap.add_argument("--from-pack", default=None, help="train from packs instead of the shared data")
+    ap.add_argument("--batch", type=int, default=None, help="override the batch size (smoke tests)")
+    ap.add_argument("--test-crop", type=int, default=None, help="limit test scenes to N px (smoke tests)")
+    ap.add_argument("--val-crop", type=int, default=None, help="validation crop size (smoke tests)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(args_in)
     names = list(RECIPES) if args.name == "all" else [args.name]
@@ -611,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate=not args.no_eval,
                 command=f"{PROG} " + shlex.join([n] + args_in[1:]),
                 pack_dir=args.from_pack,
+                batch=args.batch,
+                test_crop=args.test_crop,
+                val_crop=args.val_crop,
             )
             print(json.dumps(summary, default=str), flush=True)
     except FusionError as exc:

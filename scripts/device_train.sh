@@ -9,7 +9,9 @@
 #
 # Environment: DEVICE (default cuda), PY (python3), PACKS (.device_data), RECIPES (the four shipped
 # models), MAX_SECONDS (one training budget for every recipe, e.g. 20 for a CPU smoke test; default:
-# each recipe's GPU budget, 170 + 60 + 70 + 70 s), DIM (override every width, for smoke tests). Writes $OUT/fusion_weights.tar.gz (weights,
+# each recipe's GPU budget, 160 + 50 + 55 + 55 s), DIM (override every width, for smoke tests),
+# SMOKE=1 (tiny batches and test crops). CPU smoke test:
+#     DEVICE=cpu MAX_SECONDS=5 DIM=4 SMOKE=1 PY=.venv/bin/python OUT=/tmp/dev bash scripts/device_train.sh Writes $OUT/fusion_weights.tar.gz (weights,
 # cards, logs, loss curves), $OUT/summary.jsonl and $OUT/device_train.log.
 set -uo pipefail
 
@@ -36,6 +38,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET=()
 [ -n "${MAX_SECONDS:-}" ] && BUDGET+=(--max-seconds "$MAX_SECONDS")
 [ -n "${DIM:-}" ] && BUDGET+=(--dim "$DIM")
+# SMOKE=1: a tiny batch and test crops, so a CPU run checks every code path in a few minutes.
+[ -n "${SMOKE:-}" ] && BUDGET+=(--batch 2 --test-crop 48 --val-crop 24)
 T0=$(date +%s)
 status=0
 for name in $RECIPES; do

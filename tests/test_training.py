@@ -195,7 +195,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, pairs: dict[s
 
 
 def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
-    pairs: dict[str, list[TrainPair]],
+    tmp_path: Path, pairs: dict[str, list[TrainPair]]
 ) -> None:
     """Start from a network trained briefly on other path/rows; adapt it on a held-out scene's own
     inputs (reduced once more); the reduced-resolution ERGAS against the never-seen reference falls."""
@@ -203,7 +203,7 @@ def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
     from fusion_cli.training.adapt import adapt_model
 
     torch.manual_seed(0)
-    res = train(pairs["train"], pairs["val"], tiny(epochs=2), Path("/tmp") / "unused", None, progress=False)
+    res = train(pairs["train"], pairs["val"], tiny(epochs=2), tmp_path, None, progress=False)
     base = res.model.eval()
     p = pairs["test"][0]  # the user's "scene" is the reduced pair; its reference stays hidden
     adapted, report = adapt_model(
@@ -235,3 +235,57 @@ def test_evaluate_pairs_reports_toolbox_indices(pairs: dict[str, list[TrainPair]
     scores = evaluate_pairs(model, pairs["val"], torch.device("cpu"), 255.0)
     assert {"val_l1", "q2n", "sam", "ergas", "psnr"} <= set(scores)
     assert 0 <= scores["q2n"] <= 1 and scores["sam"] > 0 and scores["ergas"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
+    """A small top-left crop of a real raster, written to the test's temporary folder."""
+    import warnings
+
+    import rasterio
+    from rasterio.windows import Window
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(src) as ds:
+            data = ds.read(window=Window(0, 0, cols, rows))
+            profile = dict(ds.profile, width=cols, height=rows, tiled=False)
+            profile.pop("blockxsize", None)
+            profile.pop("blockysize", None)
+            with rasterio.open(dst, "w", **profile) as out:
+                out.write(data)
+                out.descriptions = ds.descriptions
+
+
+def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fusion_cli.cli.main import _register, app
+
+    d = need_shared("landsat7_etm_fusebox")
+    data = tmp_path / "scenes"
+    data.mkdir()
+    for i in (2, 9):
+        _write_crop(d / f"{i}_ms.tif", data / f"{i}_ms.tif", 56, 56)
+        _write_crop(d / f"{i}_pan.tif", data / f"{i}_pan.tif", 112, 112)
+    _register()
+    runner = CliRunner()
+    args = ["train", str(data), "-o", str(tmp_path / "run"), "--name", "cli_tiny", "--ratio", "2"]
+    args += ["--sensor", "landsat7", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
+    args += ["--patch", "32", "--batch", "2", "--epochs", "2", "--steps-per-epoch", "2", "--quiet", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
+    assert summary["steps"] == 4
+    card = json.loads((tmp_path / "run" / "cli_tiny.json").read_text())
+    assert card["bands"][0].startswith("blue") and card["dn_max"] == 255.0 and card["ratio"] == 2
+    assert card["training"]["command"].startswith(f"fusion train {data} -o ")
+    assert "--pan-shift -1,-1" in card["training"]["command"]
+    # A missing folder is a one-line user error (FusionError -> exit 2 in main()).
+    from fusion_cli.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path / "nope"), "-o", str(tmp_path / "x"), "--ratio", "2", "--quiet"])
+    assert exc.value.code == 2

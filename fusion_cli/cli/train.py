@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+import shlex
 from pathlib import Path
 
+import click
 import typer
 
 from fusion_cli.cli.common import echo_json, parse_bands
@@ -21,9 +22,30 @@ def _pair(text: str | None, what: str) -> tuple[float, float] | None:
     return a, b
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as the user gave it (options not left at their defaults), for the model card."""
+    from click.core import ParameterSource
+
+    parts = ["fusion", "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT or value in (None, [], False):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if isinstance(param, click.Argument):
+            parts += [str(v) for v in values]
+        elif value is True:
+            parts.append(param.opts[0])
+        else:
+            for v in values:
+                parts += [param.opts[0], str(v)]
+    return shlex.join(parts)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
+        ctx: typer.Context,
         inputs: list[Path] = typer.Argument(
             ...,
             help="Folders of GeoTIFF pairs (1_pan.tif + 1_ms.tif, pan_2.tif + ms_2.tif; hs/msi for "
@@ -113,7 +135,7 @@ def register(app: typer.Typer) -> None:
             resume=resume,
             init_weights=init,
             progress=not quiet,
-            command="fusion " + " ".join(sys.argv[1:]),
+            command=_command_line(ctx),
         )
         summary = {
             "weights": res.weights_path,

@@ -6,8 +6,8 @@ it adapt the network to the sensor, the season and the radiometry of this scene 
 scene at full resolution. No ground truth is needed, so a user with a sensor that no shipped model
 covers still gets a network-quality product.
 
-`adapt_model` works on arrays; the pipeline's `--adapt N` calls `adapt_fuser_model` with a window of
-the scene it is fusing.
+`adapt_model` works on arrays; the pipeline's `--adapt N` calls `adapt_fuser` with a window of the
+scene it is fusing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,3 +102,44 @@ def adapt_model(
         window=(pan_c.shape[1], pan_c.shape[2]),
     )
     return adapted.eval(), report
+
+
+def adapt_fuser(
+    fuser: Any,
+    pan: np.ndarray,
+    ms: np.ndarray,
+    steps: int,
+    *,
+    sensor: str | None = None,
+    lr: float = 1e-4,
+    batch: int = 8,
+    max_side: int = 1024,
+    seed: int = 0,
+) -> AdaptReport:
+    """`--adapt N` for the pipeline: adapt a network fuser's model on a window of the scene it is
+    about to fuse (pan `(P, H, W)`, ms `(C, H/r, W/r)` in DN, area-aligned, nodata already filled),
+    and swap the adapted copy in. Classical methods have nothing to adapt: a clear error."""
+    model = getattr(fuser, "model", None)
+    if not isinstance(model, nn.Module):
+        raise FusionError("--adapt applies to network models only, not to classical --method fusers")
+    card = getattr(fuser, "card", None)
+    task = getattr(card, "task", "pansharpening") if card is not None else "pansharpening"
+    dn_max = float(fuser.dn_max)
+    device = getattr(fuser, "device", next(model.parameters()).device)
+    adapted, report = adapt_model(
+        model,
+        pan,
+        ms,
+        ratio=int(fuser.ratio),
+        dn_max=dn_max,
+        steps=steps,
+        sensor=sensor,
+        task="pansharpening" if task == "hisr" else task,  # the MSI is reduced like a PAN here
+        lr=lr,
+        batch=batch,
+        max_side=max_side,
+        device=device,
+        seed=seed,
+    )
+    fuser.model = adapted
+    return report

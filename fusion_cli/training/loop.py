@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     val_every: int = 1  # epochs
+    val_interval_s: float = 0.0  # and at least this many seconds apart (cheap epochs on a GPU)
     val_crop: int = 128  # PAN-side size of the fixed validation crops
     val_crops_per_scene: int = 4
     gain_aug: tuple[float, float] | None = None  # random radiometric gain per patch
@@ -267,11 +268,13 @@ def train(
         history.append(rec0)
         _append_log(log_path, rec0)
     bar = _progress(total, step, progress)
+    last_val = time.perf_counter()
     model.train()
     epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
     stopped_by = "epochs"
+    t_budget = time.perf_counter()  # the budget is for training: the initial validation is not in it
     while step < total:
-        if config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds:
+        if config.max_seconds is not None and time.perf_counter() - t_budget >= config.max_seconds:
             stopped_by = "time budget"
             break
         epoch = step // spe
@@ -301,9 +304,11 @@ def train(
         if step % spe == 0 or step == total:
             rec = _end_epoch(step, spe, epoch_loss / max(epoch_n, 1), seen, time.perf_counter() - t_epoch)
             rec["lr"] = _lr_at(config, epoch)
-            if (step // spe) % config.val_every == 0 or step == total:
+            due = (step // spe) % config.val_every == 0
+            if step == total or (due and time.perf_counter() - last_val >= config.val_interval_s):
                 rec.update(evaluate_pairs(model, val_set, device, config.dn_max, precision))
                 _track_best(best, rec, model)
+                last_val = time.perf_counter()
             rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
             history.append(rec)
             _append_log(log_path, rec)
