@@ -207,7 +207,15 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
         out.update(
             full_resolution(
-                fused, pan, ms, ratio, opts.sensor, _mask_or_none(valid), opts.block, opts.clip_bits
+                fused,
+                pan,
+                ms,
+                ratio,
+                opts.sensor,
+                _mask_or_none(valid),
+                opts.block,
+                opts.clip_bits,
+                opts.per_band,
             )
         )
     out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())

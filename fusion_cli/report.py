@@ -310,6 +310,14 @@ def _figures(
                 "per-band means",
             )
         )
+    ds = result.get("per_band", {}).get("D_s")
+    if ds:
+        out.append(
+            (
+                _save_bars(img_dir / f"{stem}_ds.png", {"D_s": ds}, "spatial distortion per band"),
+                "per-band D_s",
+            )
+        )
     return out
 
 

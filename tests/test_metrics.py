@@ -373,7 +373,8 @@ def test_real_wv3_full_resolution_magnitudes() -> None:
     ms, pan = _wv3_crop()
     ms_up = upsample(ms, 4)
     # the interpolated MS as the "fused" product: no spectral distortion by construction
-    exp = full_resolution(ms_up, pan, ms, sensor="wv3")
+    exp = full_resolution(ms_up, pan, ms, sensor="wv3", per_band=True)
+    assert np.mean(exp.pop("per_band")["D_s"]) == pytest.approx(exp["D_s"], abs=1e-12)
     assert exp["D_lambda"] == pytest.approx(0.0, abs=1e-12)
     assert 0.0 < exp["D_s"] < 0.2 and 0.0 < exp["D_lambda_K"] < 0.15
     assert 0.7 < exp["HQNR"] < 1.0 and exp["QNR"] == pytest.approx(1 - exp["D_s"])

@@ -92,6 +92,30 @@ def upsample(ms: np.ndarray, ratio: int) -> np.ndarray:
     return upsample_ms(t, ratio)[0].numpy()
 
 
+def d_s_bands(
+    fused: np.ndarray,
+    ms_up: np.ndarray,
+    pan: np.ndarray,
+    ratio: int,
+    block: int = 32,
+    mask: np.ndarray | None = None,
+    pan_lp: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-band spatial distortion terms `(C,)`: |Q(F_b, P) - Q(M_b, P_lp)| (see `d_s`)."""
+    fused, ms_up, pan = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS"), as_chw(pan, "PAN")
+    check_pair(ms_up, fused, ("upsampled MS", "fused"))
+    if pan.shape[0] != 1 or pan.shape[1:] != fused.shape[1:]:
+        raise FusionError(f"PAN must be one band on the fused grid {fused.shape[1:]}, got {pan.shape}")
+    lp = pan_lowpass(pan, ratio) if pan_lp is None else as_chw(pan_lp, "low-passed PAN")
+    m = as_mask(mask, fused.shape[1:])
+    hi, lo, count = np.zeros(fused.shape[0]), np.zeros(fused.shape[0]), 0
+    for (f, ms, p, plp), ok in iter_blocks([fused, ms_up, pan, lp], block, mask=m):
+        hi += _block_uiqi(f[ok], p[ok]).sum(axis=0)
+        lo += _block_uiqi(ms[ok], plp[ok]).sum(axis=0)
+        count += int(ok.sum())
+    return np.abs(_check_block_mean(hi, count, block) - _check_block_mean(lo, count, block))
+
+
 def d_s(
     fused: np.ndarray,
     ms_up: np.ndarray,
@@ -107,19 +131,8 @@ def d_s(
     P_lp is the PAN degraded by 1/ratio (bicubic, antialiased) and interpolated back (`pan_lowpass`;
     pass it in to reuse it).
     """
-    fused, ms_up, pan = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS"), as_chw(pan, "PAN")
-    check_pair(ms_up, fused, ("upsampled MS", "fused"))
-    if pan.shape[0] != 1 or pan.shape[1:] != fused.shape[1:]:
-        raise FusionError(f"PAN must be one band on the fused grid {fused.shape[1:]}, got {pan.shape}")
-    lp = pan_lowpass(pan, ratio) if pan_lp is None else as_chw(pan_lp, "low-passed PAN")
-    m = as_mask(mask, fused.shape[1:])
-    hi, lo, count = np.zeros(fused.shape[0]), np.zeros(fused.shape[0]), 0
-    for (f, ms, p, plp), ok in iter_blocks([fused, ms_up, pan, lp], block, mask=m):
-        hi += _block_uiqi(f[ok], p[ok]).sum(axis=0)
-        lo += _block_uiqi(ms[ok], plp[ok]).sum(axis=0)
-        count += int(ok.sum())
-    diff = np.abs(_check_block_mean(hi, count, block) - _check_block_mean(lo, count, block)) ** q
-    return float(diff.mean() ** (1.0 / q))
+    terms = d_s_bands(fused, ms_up, pan, ratio, block, mask, pan_lp)
+    return float((terms**q).mean() ** (1.0 / q))
 
 
 def qnr(d_lambda_value: float, d_s_value: float, alpha: float = 1.0, beta: float = 1.0) -> float:
@@ -180,11 +193,13 @@ def full_resolution(
     mask: np.ndarray | None = None,
     block: int = 32,
     clip_bits: int | None = None,
+    per_band: bool = False,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
     `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
-    `th_values`). Returns floats keyed `D_lambda, D_s, QNR, D_lambda_K, HQNR`, plus `bands`, `ratio`.
+    `th_values`). Returns floats keyed `D_lambda, D_s, QNR, D_lambda_K, HQNR`, plus `bands`, `ratio`,
+    and with `per_band=True` a `per_band` dict holding the D_s terms of each band.
     """
     fused, pan, ms = as_chw(fused, "fused"), as_chw(pan, "PAN"), as_chw(ms, "MS")
     if ms.shape[0] != fused.shape[0]:
@@ -209,9 +224,10 @@ def full_resolution(
         fused = clip_to_bits(fused, clip_bits)
     ms_up = upsample(ms, ratio)
     dl = d_lambda(fused, ms_up, block, mask)
-    ds = d_s(fused, ms_up, pan, ratio, block, mask)
+    ds_terms = d_s_bands(fused, ms_up, pan, ratio, block, mask)
+    ds = float(ds_terms.mean())
     dk = d_lambda_khan(fused, ms_up, ratio, sensor, block, mask)
-    return {
+    out: dict[str, Any] = {
         "D_lambda": dl,
         "D_s": ds,
         "QNR": qnr(dl, ds),
@@ -220,3 +236,6 @@ def full_resolution(
         "bands": int(fused.shape[0]),
         "ratio": int(ratio),
     }
+    if per_band:
+        out["per_band"] = {"D_s": ds_terms.tolist()}
+    return out
