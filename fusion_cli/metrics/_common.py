@@ -208,6 +208,44 @@ def parallel_map(fn: Callable[[int], T], n: int) -> list[T]:
         return list(pool.map(fn, range(n)))
 
 
+STRIP_ROWS = 192  # output rows per strip of window maps: work arrays stay cache-sized
+
+
+def window_means(
+    n_bands: int,
+    h: int,
+    k: int,
+    ok: np.ndarray | None,
+    map_fn: Callable[[int, int, int], np.ndarray],
+    what: str,
+) -> np.ndarray:
+    """Per-band mean `(C,)` of a k x k window index map, computed strip by strip on a few threads.
+
+    `map_fn(b, o0, o1)` returns band b's map for window rows o0..o1-1 (it reads input rows o0..o1+k-2);
+    `ok` `(H-k+1, W-k+1)` marks the windows to average (None: all).
+    """
+    n_out = h - k + 1
+    items = [
+        (b, o0, min(o0 + STRIP_ROWS, n_out)) for b in range(n_bands) for o0 in range(0, n_out, STRIP_ROWS)
+    ]
+
+    def one(i: int) -> tuple[float, int]:
+        b, o0, o1 = items[i]
+        q = map_fn(b, o0, o1)
+        if ok is None:
+            return float(q.sum()), q.size
+        sel = ok[o0:o1]
+        return float(q[sel].sum()), int(sel.sum())
+
+    sums, counts = np.zeros(n_bands), np.zeros(n_bands)
+    for (b, _, _), (total, count) in zip(items, parallel_map(one, len(items)), strict=True):
+        sums[b] += total
+        counts[b] += count
+    if (counts == 0).any():
+        raise FusionError(f"no {k}x{k} window free of nodata is left for {what}: check the mask and the cut")
+    return sums / counts
+
+
 def _cut_blocks(chunk: np.ndarray, block: int, shift: int) -> np.ndarray:
     """`(C, rows, cols)` -> `(nb, C, block*block)` blocks at steps of `shift`, row-major block order."""
     c = chunk.shape[0]

@@ -23,6 +23,7 @@ from fusion_cli.metrics._common import (
     clip_to_bits,
     parallel_map,
     uiqi_from_moments,
+    window_means,
     windows_all_valid,
 )
 from fusion_cli.metrics.q2n import q2n, q2n_label
@@ -42,28 +43,18 @@ def _band(img: np.ndarray, b: int) -> np.ndarray:
     return np.asarray(img[b], dtype=np.float64)
 
 
-def _mean_over(values: np.ndarray, valid: np.ndarray | None, what: str) -> float:
-    if valid is None:
-        return float(values.mean())
-    if not valid.any():
-        raise FusionError(f"no valid pixels left for {what}: check the mask / nodata and the border cut")
-    return float(values[valid].mean())
-
-
 # --- Q: Wang-Bovik UIQI on a sliding window ---------------------------------------------------------
 
 
-def _window_uiqi(x: np.ndarray, y: np.ndarray, k: int, valid: np.ndarray | None) -> np.ndarray:
-    """UIQI map of two `(H, W)` float64 bands over all 'valid' k x k windows (toolbox `img_qi.m`)."""
-    # centre by a global offset: window sums of small numbers keep variances exact to ~1e-13
-    sel = slice(None) if valid is None else valid
-    ox, oy = x[sel].mean(), y[sel].mean()
-    x0, y0 = x - ox, y - oy
+def _window_uiqi(x0: np.ndarray, y0: np.ndarray, k: int, ox: float, oy: float, tiny: float) -> np.ndarray:
+    """UIQI map over the 'valid' k x k windows of two bands centred by offsets ox, oy (toolbox `img_qi.m`).
+
+    Centring keeps the window sums small, so variances stay exact to ~1e-13.
+    """
     mx0, my0 = box_mean_valid(x0, k), box_mean_valid(y0, k)
     vx = np.maximum(box_mean_valid(x0 * x0, k) - mx0**2, 0.0)
     vy = np.maximum(box_mean_valid(y0 * y0, k) - my0**2, 0.0)
     cxy = box_mean_valid(x0 * y0, k) - mx0 * my0
-    tiny = 1e-12 * ((x0[sel] ** 2).mean() + (y0[sel] ** 2).mean())
     return uiqi_from_moments(mx0 + ox, my0 + oy, vx, vy, cxy, tiny)
 
 
@@ -78,12 +69,21 @@ def q_index_bands(
     h, w = ref.shape[1:]
     if min(h, w) < block:
         raise FusionError(f"Q needs images of at least {block}x{block} pixels, got {h}x{w}")
-    ok = windows_all_valid(m, block)
+    sel = slice(None) if m is None else m
+    # global per-band offsets and the rounding floor for "both variances are zero"
+    stats = []
+    for b in range(ref.shape[0]):
+        x, y = _band(ref, b)[sel], _band(fused, b)[sel]
+        ox, oy = float(x.mean()), float(y.mean())
+        stats.append((ox, oy, 1e-12 * (float(((x - ox) ** 2).mean()) + float(((y - oy) ** 2).mean()))))
 
-    def one(b: int) -> float:
-        return _mean_over(_window_uiqi(_band(ref, b), _band(fused, b), block, m), ok, "Q")
+    def strip(b: int, o0: int, o1: int) -> np.ndarray:
+        ox, oy, tiny = stats[b]
+        rows = slice(o0, o1 + block - 1)
+        x0, y0 = _band(ref[:, rows], b) - ox, _band(fused[:, rows], b) - oy
+        return _window_uiqi(x0, y0, block, ox, oy, tiny)
 
-    return np.array(parallel_map(one, ref.shape[0]))
+    return window_means(ref.shape[0], h, block, windows_all_valid(m, block), strip, "Q")
 
 
 def q_index(ref: np.ndarray, fused: np.ndarray, block: int = 32, mask: np.ndarray | None = None) -> float:
@@ -239,20 +239,20 @@ def ssim_bands(
     if min(ref.shape[1:]) < 11:
         raise FusionError(f"SSIM needs images of at least 11x11 pixels, got {ref.shape[1:]}")
     taps = _gauss_taps()
-    ok = windows_all_valid(m, 11)
+    n = len(taps)
     peaks = _peaks(ref, m, peak)
 
-    def one(b: int) -> float:
-        x, y = _band(ref, b), _band(fused, b)
+    def strip(b: int, o0: int, o1: int) -> np.ndarray:
+        rows = slice(o0, o1 + n - 1)
+        x, y = _band(ref[:, rows], b), _band(fused[:, rows], b)
         c1, c2 = (k[0] * peaks[b]) ** 2, (k[1] * peaks[b]) ** 2
         mx, my = _filter_valid(x, taps), _filter_valid(y, taps)
         vx = _filter_valid(x * x, taps) - mx**2
         vy = _filter_valid(y * y, taps) - my**2
         cxy = _filter_valid(x * y, taps) - mx * my
-        smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-        return _mean_over(smap, ok, "SSIM")
+        return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
 
-    return np.array(parallel_map(one, ref.shape[0]))
+    return window_means(ref.shape[0], ref.shape[1], n, windows_all_valid(m, n), strip, "SSIM")
 
 
 def ssim(
