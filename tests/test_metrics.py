@@ -417,3 +417,36 @@ def test_real_wv2_nodata_mask_changes_full_resolution_scores() -> None:
     assert d_lambda(ms_up, ms_up, mask=valid) == 0.0
     with pytest.raises(FusionError, match="nodata"):
         d_lambda(ms_up, ms_up, mask=np.zeros(valid.shape, bool))
+
+
+# --- full resolution, hand-computed ------------------------------------------------------------------
+
+
+def test_d_lambda_hand_computed() -> None:
+    x = np.tile(np.arange(64.0), (64, 1)) + RNG.normal(0, 3, (64, 64))
+    fused = np.stack([x, x + 40])  # equal variances, cov = var: UIQI = 2 m1 m2 / (m1^2 + m2^2) per block
+    ms_up = np.stack([x, x])  # identical bands: UIQI = 1
+    terms = [1 - 2 * m * (m + 40) / (m**2 + (m + 40) ** 2) for m in (x[:32, :32].mean(), x[:32, 32:].mean())]
+    terms += [1 - 2 * m * (m + 40) / (m**2 + (m + 40) ** 2) for m in (x[32:, :32].mean(), x[32:, 32:].mean())]
+    assert d_lambda(fused, ms_up) == pytest.approx(np.mean(terms), abs=1e-12)
+    # only full blocks count: a 60 x 63 crop holds the first block alone
+    assert d_lambda(fused[:, :60, :63], ms_up[:, :60, :63]) == pytest.approx(terms[0], abs=1e-12)
+
+
+def test_d_s_hand_computed() -> None:
+    pan = (np.tile(np.arange(64.0), (64, 1)) + RNG.normal(0, 3, (64, 64)))[None] + 100
+    lp = pan + RNG.normal(0, 1, pan.shape)
+    fused = np.concatenate([pan, pan])  # Q(F_b, P) = 1
+    # Q(M, P_lp) = 1 for M = P_lp, and 4 (2 var)(2 m) m / ((4 var + var)(4 m^2 + m^2)) = 0.64 for M = 2 P_lp
+    ms_up = np.concatenate([lp, 2 * lp])
+    assert d_s(fused, ms_up, pan, 4, pan_lp=lp) == pytest.approx((0 + 0.36) / 2, abs=1e-12)
+
+
+def test_d_lambda_khan_is_zero_when_ms_is_the_filtered_product() -> None:
+    from fusion_cli.metrics import d_lambda_khan
+    from fusion_cli.mtf import mtf_filter
+
+    _, fused = _pair(4, 64, 64)
+    low = mtf_filter(torch.from_numpy(fused.astype(np.float32))[None], [0.3] * 4, 4)[0].double().numpy()
+    assert d_lambda_khan(fused, low, 4, gains=[0.3] * 4) == pytest.approx(0.0, abs=1e-12)
+    assert d_lambda_khan(fused, low, 4, gains=[0.15] * 4) > 0.0  # another MTF, another low-pass
