@@ -272,6 +272,7 @@ def train(
     model.train()
     epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
     stopped_by = "epochs"
+    batch = config.batch
     t_budget = time.perf_counter()  # the budget is for training: the initial validation is not in it
     while step < total:
         if config.max_seconds is not None and time.perf_counter() - t_budget >= config.max_seconds:
@@ -280,10 +281,27 @@ def train(
         epoch = step // spe
         for g in opt.param_groups:
             g["lr"] = _lr_at(config, epoch)
-        pan, ms, ref = sampler.batch(config.batch)
-        with _autocast(device, precision):
-            out = model(ms, pan)
-        loss = torch.nn.functional.l1_loss(out.float(), ref)
+        pan, ms, ref = sampler.batch(batch)
+        try:
+            with _autocast(device, precision):
+                out = model(ms, pan)
+            loss = torch.nn.functional.l1_loss(out.float(), ref)
+            if torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+        except torch.OutOfMemoryError:
+            # The pure-PyTorch scan keeps every step for backward: halve the batch rather than die.
+            del pan, ms, ref
+            out = loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if batch == 1:
+                raise FusionError(
+                    "out of GPU memory even with a batch of 1; lower --patch or --dim"
+                ) from None
+            batch //= 2
+            print(f"out of memory: batch lowered to {batch}", file=sys.stderr)
+            continue
         if not torch.isfinite(loss):
             if precision != "fp32":
                 # Reduced precision overflowed: continue in fp32 rather than lose the run.
@@ -291,15 +309,13 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 continue
             raise FusionError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         if config.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         step += 1
         epoch_loss += loss.item()
         epoch_n += 1
-        seen += config.batch
+        seen += batch
         bar.update(1)
         if step % spe == 0 or step == total:
             rec = _end_epoch(step, spe, epoch_loss / max(epoch_n, 1), seen, time.perf_counter() - t_epoch)
