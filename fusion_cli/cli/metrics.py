@@ -85,16 +85,9 @@ def register(app: typer.Typer) -> None:
         csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),
     ) -> None:
         from fusion_cli.evaluate import EvalOptions, evaluate, flatten, write_csv
+        from fusion_cli.metrics import parse_peak
 
-        if psnr_peak not in ("dnmax", "band-max"):
-            try:
-                peak: float | str = float(psnr_peak)
-            except ValueError:
-                raise FusionError(
-                    f"--psnr-peak must be a number, dnmax or band-max, got {psnr_peak!r}"
-                ) from None
-        else:
-            peak = psnr_peak
+        peak = parse_peak(psnr_peak)
         opts = EvalOptions(
             ratio=ratio,
             cut=cut,

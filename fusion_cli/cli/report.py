@@ -72,10 +72,9 @@ def register(app: typer.Typer) -> None:
         bands = parse_bands(rgb)
         if bands is not None and len(bands) != 3:
             raise FusionError(f"--rgb needs three band numbers like 5,3,2, got {rgb}")
-        try:
-            peak: float | str = float(psnr_peak) if psnr_peak not in ("dnmax", "band-max") else psnr_peak
-        except ValueError:
-            raise FusionError(f"--psnr-peak must be a number, dnmax or band-max, got {psnr_peak!r}") from None
+        from fusion_cli.metrics import parse_peak
+
+        peak = parse_peak(psnr_peak)
         opts = EvalOptions(
             ratio=ratio,
             cut=cut,

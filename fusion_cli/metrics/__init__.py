@@ -24,6 +24,7 @@ from fusion_cli.metrics.q2n import q2n, q2n_label, q2n_map
 from fusion_cli.metrics.reference import (
     ergas,
     ergas_bands,
+    parse_peak,
     psnr,
     psnr_bands,
     q_index,
@@ -53,6 +54,7 @@ __all__ = [
     "clip_to_bits",
     "ergas",
     "ergas_bands",
+    "parse_peak",
     "psnr",
     "psnr_bands",
     "q2n",

@@ -171,19 +171,26 @@ def rmse(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> 
     return float(np.sqrt((rmse_bands(ref, fused, mask) ** 2).mean()))
 
 
+def parse_peak(peak: float | str) -> float | str:
+    """A PSNR/SSIM peak as given by a user: a positive number, "dnmax" or "band-max"."""
+    if isinstance(peak, str) and peak in PSNR_PEAKS:
+        return peak
+    try:
+        value = float(peak)
+    except ValueError:
+        raise FusionError(f"PSNR peak must be a number, 'dnmax' or 'band-max', got {peak!r}") from None
+    if not value > 0:
+        raise FusionError(f"PSNR peak must be positive, got {peak}")
+    return value
+
+
 def _peaks(ref: np.ndarray, m: np.ndarray | None, peak: float | str) -> np.ndarray:
     sel = slice(None) if m is None else m
-    if isinstance(peak, str) and peak not in PSNR_PEAKS:
-        try:
-            peak = float(peak)
-        except ValueError:
-            raise FusionError(f"PSNR peak must be a number, 'dnmax' or 'band-max', got {peak!r}") from None
+    peak = parse_peak(peak)
     if peak == "dnmax":
         return np.full(ref.shape[0], max(float(_band(ref, b)[sel].max()) for b in range(ref.shape[0])))
     if peak == "band-max":
         return np.array([float(_band(ref, b)[sel].max()) for b in range(ref.shape[0])])
-    if float(peak) <= 0:
-        raise FusionError(f"PSNR peak must be positive, got {peak}")
     return np.full(ref.shape[0], float(peak))
 
 
