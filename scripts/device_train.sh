@@ -9,7 +9,7 @@
 #
 # Environment: DEVICE (default cuda), PY (python3), PACKS (.device_data), RECIPES (the four shipped
 # models), MAX_SECONDS (one training budget for every recipe, e.g. 20 for a CPU smoke test; default:
-# each recipe's GPU budget, 160 + 50 + 55 + 55 s), DIM (override every width, for smoke tests),
+# each recipe's GPU budget, 200 + 40 + 50 + 50 s), DIM (override every width, for smoke tests),
 # SMOKE=1 (tiny batches and test crops). CPU smoke test:
 #     DEVICE=cpu MAX_SECONDS=5 DIM=4 SMOKE=1 PY=.venv/bin/python OUT=/tmp/dev bash scripts/device_train.sh Writes $OUT/fusion_weights.tar.gz (weights,
 # cards, logs, loss curves), $OUT/summary.jsonl and $OUT/device_train.log.
