@@ -347,6 +347,14 @@ def _run(
         acc.flush(final, sink)
 
 
+def _adapt_dn_scale(fuser: Fuser, ms_dtype: str, override: float | None) -> None:
+    """A model trained on several bit depths names its DN scale per input dtype in its card
+    (`dn_max_by_dtype`, e.g. uint8 255 / uint16 65535); --dn-max, given to the fuser, wins."""
+    table = getattr(getattr(fuser, "card", None), "dn_max_by_dtype", None)
+    if override is None and table and ms_dtype in table and hasattr(fuser, "dn_max"):
+        fuser.dn_max = float(table[ms_dtype])  # type: ignore[attr-defined]
+
+
 def _value_range(ms_dtype: str, dn_max: float | None) -> tuple[float | None, float | None]:
     """Valid output range: [dtype min, dn_max or dtype max] for integer MS, unbounded for floats."""
     rng = raster.dtype_range(ms_dtype)
@@ -559,6 +567,7 @@ def fuse_files(
         except TypeError:
             raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
+        _adapt_dn_scale(fuser, ms_dtype, opts.dn_max)
         lo, hi = _value_range(ms_dtype, dn_max)
         nodata, use_mask = _output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
 
@@ -585,6 +594,7 @@ def fuse_files(
             "bands": bands,
             "pan_bands": pan_bands,
             "dn_max": dn_max,
+            "dn_scale": getattr(fuser, "dn_max", None),
             "dtype": out_dtype,
             "zero_is_nodata": opts.zero_is_nodata,
             "coregister": opts.coregister,
