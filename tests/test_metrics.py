@@ -450,3 +450,49 @@ def test_d_lambda_khan_is_zero_when_ms_is_the_filtered_product() -> None:
     low = mtf_filter(torch.from_numpy(fused.astype(np.float32))[None], [0.3] * 4, 4)[0].double().numpy()
     assert d_lambda_khan(fused, low, 4, gains=[0.3] * 4) == pytest.approx(0.0, abs=1e-12)
     assert d_lambda_khan(fused, low, 4, gains=[0.15] * 4) > 0.0  # another MTF, another low-pass
+
+
+def test_scc_row_strips_match_the_whole_image_formula() -> None:
+    from scipy import ndimage
+
+    ref, fused = _pair(2, 450, 40)  # several strips of rows
+    sobel = np.array([[1.0, 2, 1], [0, 0, 0], [-1, -2, -1]])
+
+    def grad(img: np.ndarray) -> np.ndarray:
+        inner = img[:, 1:-1, 1:-1]
+        return np.stack(
+            [
+                np.hypot(
+                    ndimage.correlate(b, sobel, mode="constant"),
+                    ndimage.correlate(b, sobel.T, mode="constant"),
+                )
+                for b in inner
+            ]
+        )
+
+    gf, gr = grad(fused), grad(ref)
+    expect = (gf * gr).sum() / np.sqrt((gf**2).sum()) / np.sqrt((gr**2).sum())
+    assert scc(ref, fused) == pytest.approx(expect, abs=1e-12)
+
+
+def test_q_and_ssim_row_strips_match_direct_window_statistics() -> None:
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    ref, fused = _pair(1, 430, 40)  # several strips of rows
+    x, y = sliding_window_view(ref[0], (32, 32)), sliding_window_view(fused[0], (32, 32))
+    mx, my = x.mean(axis=(-1, -2)), y.mean(axis=(-1, -2))
+    vx, vy = x.var(axis=(-1, -2)), y.var(axis=(-1, -2))
+    cxy = (x * y).mean(axis=(-1, -2)) - mx * my
+    assert q_index(ref, fused) == pytest.approx(
+        (4 * cxy * mx * my / ((vx + vy) * (mx**2 + my**2))).mean(), abs=1e-12
+    )
+
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    x, y = sliding_window_view(ref[0], (11, 11)), sliding_window_view(fused[0], (11, 11))
+    mx, my = (x * w).sum(axis=(-1, -2)), (y * w).sum(axis=(-1, -2))
+    vx, vy = (x * x * w).sum(axis=(-1, -2)) - mx**2, (y * y * w).sum(axis=(-1, -2)) - my**2
+    cxy = (x * y * w).sum(axis=(-1, -2)) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    smap = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert ssim(ref, fused, peak=255) == pytest.approx(smap.mean(), abs=1e-10)

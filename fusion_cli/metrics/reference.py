@@ -15,6 +15,7 @@ from scipy import ndimage
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics._common import (
     CHUNK_ELEMENTS,
+    STRIP_ROWS,
     as_chw,
     as_mask,
     border_cut,
@@ -274,12 +275,15 @@ def ssim(
 _SOBEL = np.array([[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
 
 
-def _sobel_magnitude(band: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude of the interior `(H-2, W-2)`, zero padding (toolbox `SCC.m`)."""
-    inner = band[1:-1, 1:-1]
+def _sobel_magnitude(inner: np.ndarray, top: bool, bottom: bool) -> np.ndarray:
+    """Sobel gradient magnitude of rows of the interior (the image without its 1-pixel frame).
+
+    `inner` holds the strip plus one halo row above (unless `top`: the strip starts the interior) and
+    below (unless `bottom`); the interior is zero-padded (toolbox `SCC.m`), halo rows are dropped.
+    """
     gy = ndimage.correlate(inner, _SOBEL, mode="constant", cval=0.0)
     gx = ndimage.correlate(inner, _SOBEL.T, mode="constant", cval=0.0)
-    return np.hypot(gx, gy)
+    return np.hypot(gx, gy)[(0 if top else 1) : (None if bottom else -1)]
 
 
 def scc_bands(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -301,15 +305,28 @@ def _scc(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None) -> tuple[f
     ref, fused, m = _prepare(ref, fused, mask)
     if min(ref.shape[1:]) < 3:
         raise FusionError("SCC needs images of at least 3x3 pixels")
-    sel = slice(None)
+    sel = None
     if m is not None:
         sel = ndimage.binary_erosion(m, np.ones((3, 3), bool), border_value=1)[1:-1, 1:-1]
+    n_in = ref.shape[1] - 2  # interior rows; interior row i is image row i + 1
+    items = [
+        (b, o0, min(o0 + STRIP_ROWS, n_in)) for b in range(ref.shape[0]) for o0 in range(0, n_in, STRIP_ROWS)
+    ]
 
-    def one(b: int) -> tuple[float, float, float]:
-        gf, gr = _sobel_magnitude(_band(fused, b))[sel], _sobel_magnitude(_band(ref, b))[sel]
-        return (gf * gr).sum(), (gf * gf).sum(), (gr * gr).sum()
+    def one(i: int) -> tuple[float, float, float]:
+        b, o0, o1 = items[i]
+        top, bottom = o0 == 0, o1 == n_in
+        rows = slice(o0 + (1 if top else 0), o1 + (1 if bottom else 2))  # image rows, with halo
+        gf = _sobel_magnitude(_band(fused[:, rows], b)[:, 1:-1], top, bottom)
+        gr = _sobel_magnitude(_band(ref[:, rows], b)[:, 1:-1], top, bottom)
+        if sel is not None:
+            gf, gr = gf[sel[o0:o1]], gr[sel[o0:o1]]
+        return float((gf * gr).sum()), float((gf * gf).sum()), float((gr * gr).sum())
 
-    fr, ff, rr = np.array(parallel_map(one, ref.shape[0])).T
+    sums = np.zeros((ref.shape[0], 3))
+    for (b, _, _), part in zip(items, parallel_map(one, len(items)), strict=True):
+        sums[b] += part
+    fr, ff, rr = sums.T
     with np.errstate(divide="ignore", invalid="ignore"):
         per_band = fr / np.sqrt(ff) / np.sqrt(rr)
         total = fr.sum() / np.sqrt(ff.sum()) / np.sqrt(rr.sum())
