@@ -193,9 +193,12 @@ def _scan_rows(
 
     track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
     if track_grad:
-        hs_list = [dBu[0]]
+        # unbind, not indexing: one backward node for all steps instead of a full-size zero gradient
+        # per indexed step (which made the backward quadratic in T).
+        dbu_steps, decay_steps = dBu.unbind(0), decay.unbind(0)
+        hs_list = [dbu_steps[0]]
         for t in range(1, T):
-            hs_list.append(torch.addcmul(dBu[t], decay[t], hs_list[-1]))
+            hs_list.append(torch.addcmul(dbu_steps[t], decay_steps[t], hs_list[-1]))
         hs = torch.stack(hs_list)
     else:
         # Inference: accumulate in place, no extra buffers.
@@ -209,9 +212,10 @@ def _scan_rows(
         cum = torch.cumsum(dt, dim=0) * A[None, :, :, :, None]
         chunk_decay = torch.exp(cum[-1]).movedim(-1, 0)  # (K, R, H, N)
         chunk_end = hs[-1].movedim(-1, 0)  # (K, R, H, N): local state at each chunk's end
-        carries = [torch.zeros_like(chunk_end[0])]
+        ends, decays = chunk_end.unbind(0), chunk_decay.unbind(0)
+        carries = [torch.zeros_like(ends[0])]
         for k in range(1, K):
-            carries.append(torch.addcmul(chunk_end[k - 1], chunk_decay[k - 1], carries[-1]))
+            carries.append(torch.addcmul(ends[k - 1], decays[k - 1], carries[-1]))
         carry = torch.stack(carries, dim=-1)  # (R, H, N, K): state entering each chunk
         if track_grad:
             hs = hs + torch.exp(cum) * carry

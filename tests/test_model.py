@@ -1,0 +1,170 @@
+"""FusionMamba with the official checkpoint: strict load, golden outputs (random and real WV3), any size,
+determinism, clear errors; and the configurable variants (ratios 2/3/4, hyperspectral, HISR)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import need_shared
+
+from fusion_cli.errors import FusionError
+from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+from fusion_cli.models.registry import build_model
+
+N_PARAMS = 735_401
+
+
+@pytest.fixture(scope="module")
+def official() -> FusionMamba:
+    sd = torch.load(need_shared("fusionmamba_official", "420.pth"), weights_only=True, map_location="cpu")
+    model = FusionMamba(FusionMambaConfig(ms_bands=8))
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def wv3_b() -> dict[str, torch.Tensor]:
+    """Golden case b in torch layout and [0, 1] units (DN / 2047)."""
+    g = need_shared("fusionmamba_official", "golden")
+
+    def chw(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.load(g / name)).float().permute(2, 0, 1)[None]
+
+    return {
+        "ms": chw("b_ms_lr.npy") / 2047,
+        "pan": torch.from_numpy(np.load(g / "b_pan_lr.npy")).float()[None, None] / 2047,
+        "gt": chw("b_gt.npy") / 2047,
+        "out": chw("b_out_raw.npy"),
+    }
+
+
+def test_strict_load_and_parameter_count(official):
+    assert sum(p.numel() for p in official.parameters()) == N_PARAMS
+    assert len(official.state_dict()) == 769
+
+
+def test_golden_random_case_with_intermediates(official):
+    g = need_shared("fusionmamba_official", "golden")
+    ms = torch.from_numpy(np.load(g / "a_ms.npy"))
+    pan = torch.from_numpy(np.load(g / "a_pan.npy"))
+    inter = np.load(g / "a_intermediates.npz")
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        official.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o[0] if isinstance(o, tuple) else o)
+        )
+        for name in ("upsample", "stage0", "stage1", "stage2", "stage3", "stage4", "spe_attn")
+    ]
+    try:
+        with torch.no_grad():
+            out = official(ms, pan)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, t in seen.items():
+        diff = np.abs(t.numpy() - inter[f"{name}.out0"]).max()
+        assert diff <= 1e-4, f"{name}: max abs diff {diff}"
+    np.testing.assert_allclose(seen["spe_attn"].numpy(), np.load(g / "a_spe_attn.npy"), rtol=0, atol=1e-5)
+    diff = np.abs(out.numpy() - np.load(g / "a_out.npy")).max()
+    assert diff <= 1e-4, f"output max abs diff {diff}"
+    # and against the authors' float64 run, the tighter reference
+    assert np.abs(out.numpy() - np.load(g / "a_out_fp64model.npy")).max() <= 1e-4
+
+
+def test_golden_real_wv3_case(official, wv3_b):
+    """One forward over the whole 320 x 320 reduced-resolution WV3 crop."""
+    with torch.inference_mode():
+        out = official(wv3_b["ms"], wv3_b["pan"])
+    diff = float((out - wv3_b["out"]).abs().max())
+    assert diff <= 1e-4, f"max abs diff {diff} (in [0, 1] units)"
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean().sqrt())
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 64), (96, 160)])
+def test_same_weights_any_size_beat_interpolation(official, wv3_b, rows, cols):
+    """Square and non-square crops of the real case, sizes decided at forward time: the product is
+    closer to the reference than bicubic interpolation of the MS, at both sizes."""
+    r0, c0 = 128, 64  # PAN pixels, multiples of 4
+    pan = wv3_b["pan"][..., r0 : r0 + rows, c0 : c0 + cols]
+    ms = wv3_b["ms"][..., r0 // 4 : (r0 + rows) // 4, c0 // 4 : (c0 + cols) // 4]
+    gt = wv3_b["gt"][..., r0 : r0 + rows, c0 : c0 + cols]
+    with torch.inference_mode():
+        out = official(ms, pan)
+    assert out.shape == (1, 8, rows, cols)
+    bicubic = F.interpolate(ms, scale_factor=4, mode="bicubic", align_corners=False)
+    assert _rmse(out, gt) < 0.85 * _rmse(bicubic, gt)
+
+
+def test_deterministic(official):
+    gen = torch.Generator().manual_seed(3)
+    ms, pan = torch.rand(2, 8, 8, 12, generator=gen), torch.rand(2, 1, 32, 48, generator=gen)
+    with torch.inference_mode():
+        a, b = official(ms, pan), official(ms, pan)
+        single = official(ms[1:], pan[1:])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a[1:], single, rtol=0, atol=1e-5)  # batching does not mix samples
+
+
+def test_torch_and_reference_backends_agree_on_the_model(official):
+    gen = torch.Generator().manual_seed(4)
+    ms, pan = torch.rand(1, 8, 4, 6, generator=gen), torch.rand(1, 1, 16, 24, generator=gen)
+    sd = official.state_dict()
+    outs = {}
+    for backend in ("torch", "reference"):
+        model = FusionMamba(FusionMambaConfig(ms_bands=8, scan_backend=backend)).double().eval()
+        model.load_state_dict(sd)
+        with torch.inference_mode():
+            outs[backend] = model(ms.double(), pan.double())
+    assert float((outs["torch"] - outs["reference"]).abs().max()) < 1e-10
+
+
+def test_mismatched_checkpoint_and_inputs_are_clear_errors(official):
+    sd = official.state_dict()
+    with pytest.raises(FusionError, match=r"upsample.upsamle.0.weight .* 8 MS bands, the model for 4"):
+        build_model(sd, FusionMambaConfig(ms_bands=4), "420.pth")
+    with pytest.raises(FusionError, match="expects 8 MS bands but the input has 4"):
+        official(torch.rand(1, 4, 8, 8), torch.rand(1, 1, 32, 32))
+    with pytest.raises(FusionError, match="not 4 x MS"):
+        official(torch.rand(1, 8, 8, 8), torch.rand(1, 1, 16, 16))
+    ratio2 = FusionMamba(FusionMambaConfig(ms_bands=3, ratio=2, dim=8))
+    with pytest.raises(FusionError, match="multiple of 4"):
+        ratio2(torch.rand(1, 3, 3, 4), torch.rand(1, 1, 6, 8))
+
+
+@pytest.mark.parametrize(
+    "cfg,hw",
+    [
+        (FusionMambaConfig(ms_bands=6, ratio=2, dim=8), (24, 16)),
+        (FusionMambaConfig(ms_bands=5, ratio=3, dim=8), (24, 36)),
+        (FusionMambaConfig(ms_bands=128, ratio=3, dim=16, d_state=4), (12, 12)),  # hyperspectral
+        (FusionMambaConfig(ms_bands=31, pan_bands=3, ratio=4, dim=8), (16, 32)),  # HISR: MSI as "PAN"
+    ],
+)
+def test_variants_build_run_and_train(cfg, hw):
+    torch.manual_seed(0)
+    model = FusionMamba(cfg)
+    h, w = hw
+    ms = torch.rand(2, cfg.ms_bands, h // cfg.ratio, w // cfg.ratio)
+    pan = torch.rand(2, cfg.pan_bands, h, w)
+    out = model(ms, pan)
+    assert out.shape == (2, cfg.ms_bands, h, w)
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.stage0.fm.spa_mamba_layers[0].block.A_c_log.grad.abs().sum() > 0  # column scans learn too
+
+
+def test_config_round_trip_and_validation():
+    cfg = FusionMambaConfig(ms_bands=128, ratio=3, dim=16)
+    assert FusionMambaConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.multiple == 12
+    with pytest.raises(FusionError, match="unknown field"):
+        FusionMambaConfig.from_dict({"ms_bands": 8, "depth": 3})
+    with pytest.raises(FusionError, match="ratio"):
+        FusionMambaConfig(ms_bands=8, ratio=1)
