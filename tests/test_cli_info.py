@@ -1,0 +1,75 @@
+"""`fusion info`: versions, devices, scan backend and why, installed models with the default marked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+from fusion_cli.models.registry import ModelCard, save_model
+
+
+def _fusion(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def _env(tmp_path, **extra) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FUSION_SCAN_BACKEND"}
+    env.update(FUSION_WEIGHTS_DIR=str(tmp_path), **extra)
+    return env
+
+
+def _install(tmp_path, name: str, default: bool) -> None:
+    model = FusionMamba(FusionMambaConfig(ms_bands=6, ratio=2, dim=8))
+    card = ModelCard(
+        name=name,
+        task="pansharpening",
+        description="test",
+        sensor="landsat",
+        bands=["B", "G", "R", "NIR", "SWIR1", "SWIR2"],
+        pan_bands=["PAN"],
+        ratio=2,
+        dn_max=65535.0,
+        licence="CC0-1.0",
+        default=default,
+    )
+    save_model(model, card, tmp_path)
+
+
+def test_info_text_and_json(tmp_path):
+    _install(tmp_path, "landsat", True)
+    _install(tmp_path, "other", False)
+    res = _fusion("info", env=_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert f"torch {torch.__version__}" in res.stdout and "rasterio" in res.stdout and "gdal" in res.stdout
+    assert "Scan backend: torch" in res.stdout and "no CUDA" in res.stdout or torch.cuda.is_available()
+    assert "landsat (default): pansharpening, landsat, ratio 2, 6 bands" in res.stdout
+    assert "other: pansharpening" in res.stdout
+    res = _fusion("info", "--json", env=_env(tmp_path))
+    data = json.loads(res.stdout)
+    assert data["default_model"] == "landsat"
+    assert [(m["name"], m["default"]) for m in data["models"]] == [("landsat", True), ("other", False)]
+    assert data["models"][0]["bands"][-1] == "SWIR2"
+    assert data["versions"]["fusion-cli"] and data["versions"]["numpy"]
+    assert data["torch"]["cuda_available"] == torch.cuda.is_available()
+
+
+def test_info_reports_backend_override_and_no_models(tmp_path):
+    res = _fusion("info", "--json", env=_env(tmp_path, FUSION_SCAN_BACKEND="reference"))
+    data = json.loads(res.stdout)
+    assert data["scan_backend"]["name"] == "reference"
+    assert "FUSION_SCAN_BACKEND" in data["scan_backend"]["reason"]
+    assert data["models"] == [] and data["default_model"] is None
+    res = _fusion("info", env=_env(tmp_path, FUSION_SCAN_BACKEND="bogus"))
+    assert res.returncode == 0 and "unknown scan backend 'bogus'" in res.stdout
+    assert "none installed" in res.stdout
