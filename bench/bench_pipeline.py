@@ -4,8 +4,9 @@
   (ratio 4), with a fast pass-through fuser so the 8k scene stays quick: the streaming design must
   keep the 8k peak within +25 % of the 2k peak. Each run is a fresh child process; its peak is read
   with `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` by a small wrapper process.
-- Throughput in PAN megapixels per second of the network (official FusionMamba WV3 checkpoint on
-  a 256 x 256 PAN crop of the real WorldView-3 pair (512 x 512 for the classical method), when available) and of a classical method, on CPU.
+- CPU throughput in PAN megapixels per second of the network (official FusionMamba WV3 checkpoint,
+  when available) on a 256 x 256 PAN crop of the real WorldView-3 pair, and of a classical method on
+  a 512 x 512 crop.
 
 `run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_pipeline.py` prints it.
 """
