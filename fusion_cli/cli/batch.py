@@ -143,8 +143,9 @@ def register(app: typer.Typer) -> None:
         scene_workers: int = typer.Option(
             1,
             "--scene-workers",
-            help="Scenes in flight at once through the one model: one scene's I/O overlaps another's "
-            "inference (keeps a GPU busy; memory grows with N).",
+            help="Scenes in flight at once through the one model, so one scene's I/O overlaps another's "
+            "inference. Helps when reading/writing dominates (slow storage, --cog); no gain measured "
+            "when the GPU is launch-bound. Memory grows with N.",
         ),
         retries: int = typer.Option(
             0, "--retries", help="Retries of a scene after an unexpected error (bad input is not retried)."
