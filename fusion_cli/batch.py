@@ -650,8 +650,8 @@ def run_batch(
     that many scenes are in flight at once through the same model (one scene's reads, blending
     and writes overlap another's inference); `process` must then be thread-safe, as
     `make_scene_processor`'s is (on an H100, 2 in flight gave bit-identical outputs but no speed-up
-    for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops after the running scenes (the
-    pipeline removes their partial files); the summary says the run was interrupted.
+    for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops after
+    the running scenes (the pipeline removes their partial files); the summary says so.
     """
     journal = JsonlLog(log)
     results: list[SceneResult] = []
