@@ -86,13 +86,13 @@ class EvalResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _fuse(spec: MethodSpec, pan: Path, ms: Path, out: Path, sensor: str, device: str) -> float:
+def _fuse(spec: MethodSpec, pan: Path, ms: Path, out: Path, sensor: str, device: str, tile: int) -> float:
     from fusion_cli.pipeline import pansharpen
 
     t0 = time.perf_counter()
     pansharpen(
         pan, ms, out, model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
-        device=device, overwrite=True, progress=False, measure_shift=False,
+        device=device, overwrite=True, progress=False, measure_shift=False, tile=tile,
     )  # fmt: skip
     return time.perf_counter() - t0
 
@@ -110,6 +110,7 @@ def evaluate_scene(
     full_resolution: bool = True,
     device: str = "auto",
     scene_id: str | None = None,
+    tile: int = 512,
 ) -> list[dict[str, Any]]:
     """Score every method on one PAN/MS pair; products are written under `work_dir`."""
     from fusion_cli.evaluate import EvalOptions
@@ -128,14 +129,14 @@ def evaluate_scene(
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
-        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device)
+        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile)
         rr = score_product(out, ref=sim.ref, opts=opts)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")
         row.update({k: float(rr[k]) for k in RR_KEYS})
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)
-            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device)
+            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile)
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
             row.update({k: float(fr[k]) for k in FR_KEYS})
         rows.append(row)
@@ -207,6 +208,7 @@ def evaluate(
     full_resolution: bool = True,
     device: str = "auto",
     keep_products: bool = True,
+    tile: int = 512,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`."""
@@ -219,6 +221,7 @@ def evaluate(
         rows += evaluate_scene(
             pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
             cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
+            tile=tile,
         )  # fmt: skip
     if not keep_products:
         import shutil

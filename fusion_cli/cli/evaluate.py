@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         clip_bits: int | None = typer.Option(None, "--clip-bits", help="Clip products to [0, 2^L] first."),
         no_full: bool = typer.Option(False, "--no-full", help="Skip the full-resolution indices."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (networks)."),
+        tile: int = typer.Option(512, "--tile", help="Pipeline tile side (PAN px); larger = fewer windows."),
         keep: bool = typer.Option(
             True, "--keep/--no-keep", help="Keep the fused products under OUT/products."
         ),
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
         scenes = find_scenes(inputs)
         res = run(
             scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut, clip_bits=clip_bits,
-            full_resolution=not no_full, device=device, keep_products=keep,
+            full_resolution=not no_full, device=device, keep_products=keep, tile=tile,
         )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})
