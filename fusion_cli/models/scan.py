@@ -37,8 +37,9 @@ BACKENDS = ("reference", "torch", "mamba_ssm")
 ENV_VAR = "FUSION_SCAN_BACKEND"
 
 # Elements (rows x channels x states x length) of one slab of the torch scan: bounds its peak memory
-# (a handful of float32 tensors of this size) and keeps the working set cache-friendly.
-_SLAB_ELEMENTS = 1 << 23
+# (a handful of float32 tensors of this size). Each slab pays the Python loops again (T + L/T steps),
+# so slabs are large: 32M elements (~0.7 GB peak) on CPU, 256M on CUDA where launches dominate.
+_SLAB_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 @lru_cache(maxsize=1)
@@ -253,8 +254,9 @@ def selective_scan_torch(
     C_r = C.reshape(b * g, n, length)
     # Slabs of rows and channels bound memory; channels are independent given their row's B and C.
     per_channel = n * length
-    ch_step = max(1, min(hch, _SLAB_ELEMENTS // per_channel))
-    row_step = max(1, _SLAB_ELEMENTS // (per_channel * ch_step)) if ch_step == hch else 1
+    slab = _SLAB_ELEMENTS.get(u.device.type, _SLAB_ELEMENTS["cpu"])
+    ch_step = max(1, min(hch, slab // per_channel))
+    row_step = max(1, slab // (per_channel * ch_step)) if ch_step == hch else 1
     if ch_step == hch and row_step >= b * g:
         y = _scan_rows(u_r, d_r, A_r, B_r, C_r, T)
     else:
