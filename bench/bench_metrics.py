@@ -2,6 +2,8 @@
 2048 x 2048 pair (goal: all of them in under 10 s on the 2-core CI machine, memory proportional to the
 image), and of the full-resolution indices on a 2048 x 2048 product with its PAN and 512 x 512 MS.
 
+`seconds` is wall time (it grows when other jobs share the cores), `cpu_seconds` the process CPU time
+(per-band work runs on up to 4 threads, so it can exceed the wall time on an idle machine).
 Peak memory is the tracemalloc peak of the numpy/Python allocations during each call (numpy reports
 its buffers to tracemalloc), next to the image size for scale. Tracing slows numpy a little, so times
 are measured in a separate untraced run.
