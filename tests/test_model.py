@@ -108,7 +108,7 @@ def test_deterministic(official):
         a, b = official(ms, pan), official(ms, pan)
         single = official(ms[1:], pan[1:])
     assert torch.equal(a, b)
-    torch.testing.assert_close(a[1:], single, rtol=0, atol=1e-5)  # batching does not mix samples
+    torch.testing.assert_close(a[1:], single, rtol=0, atol=1e-4)  # batching does not mix samples
 
 
 def test_torch_and_reference_backends_agree_on_the_model(official):

@@ -172,7 +172,8 @@ def _scan_rows(
 ) -> torch.Tensor:
     """Chunked scan core, no D/z. u, delta `(R, H, L)`; A `(R, H, N)`; B, C `(R, N, L)` -> y `(R, H, L)`.
 
-    Rows R are (batch, group) pairs: all H channels of a row share B and C.
+    Rows R are (batch, group) pairs: all H channels of a row share B and C. This differentiable form
+    keeps the state history for autograd; inference uses `_scan_rows_streaming`.
     """
     r, hch, length = u.shape
     T = chunk
@@ -192,20 +193,13 @@ def _scan_rows(
     dBu = ((dt * steps_first(u).unsqueeze(3)) * steps_first(B).unsqueeze(2)).contiguous()
     decay = torch.exp(dA)
 
-    track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
-    if track_grad:
-        # unbind, not indexing: one backward node for all steps instead of a full-size zero gradient
-        # per indexed step (which made the backward quadratic in T).
-        dbu_steps, decay_steps = dBu.unbind(0), decay.unbind(0)
-        hs_list = [dbu_steps[0]]
-        for t in range(1, T):
-            hs_list.append(torch.addcmul(dbu_steps[t], decay_steps[t], hs_list[-1]))
-        hs = torch.stack(hs_list)
-    else:
-        # Inference: accumulate in place, no extra buffers.
-        hs = dBu
-        for t in range(1, T):
-            hs[t].addcmul_(decay[t], hs[t - 1])
+    # unbind, not indexing: one backward node for all steps instead of a full-size zero gradient
+    # per indexed step (which made the backward quadratic in T).
+    dbu_steps, decay_steps = dBu.unbind(0), decay.unbind(0)
+    hs_list = [dbu_steps[0]]
+    for t in range(1, T):
+        hs_list.append(torch.addcmul(dbu_steps[t], decay_steps[t], hs_list[-1]))
+    hs = torch.stack(hs_list)
 
     if K > 1:
         # In-chunk cumulative log-decay (T, R, H, N, K), <= 0. A is constant along the sequence, so
@@ -218,11 +212,57 @@ def _scan_rows(
         for k in range(1, K):
             carries.append(torch.addcmul(ends[k - 1], decays[k - 1], carries[-1]))
         carry = torch.stack(carries, dim=-1)  # (R, H, N, K): state entering each chunk
-        if track_grad:
-            hs = hs + torch.exp(cum) * carry
-        else:
-            hs.addcmul_(cum.exp_(), carry)
+        hs = hs + torch.exp(cum) * carry
     y = (hs * steps_first(C).unsqueeze(2)).sum(3)  # (T, R, H, K)
+    y = y.permute(1, 2, 3, 0).reshape(r, hch, K * T)
+    return y[..., :length] if pad else y
+
+
+def _scan_rows_streaming(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Inference form of `_scan_rows`: the same chunked scan without any `(T, R, H, N, K)` tensor.
+
+    Pass 1 runs the in-chunk recurrence from a zero state to get each chunk's end state; a short loop
+    carries states across chunks; pass 2 reruns the recurrence from the carried state and contracts
+    with C at every step. Decays are recomputed per step, so the state-sized work stays in cache:
+    about 4x less CPU time than materialising the full state history.
+    """
+    r, hch, length = u.shape
+    n = A.shape[-1]
+    T = chunk
+    K = -(-length // T)
+    pad = K * T - length
+    if pad:
+        u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
+
+    def steps_first(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], K, T).permute(3, 0, 1, 2).contiguous()
+
+    dt = steps_first(delta).unsqueeze(3)  # (T, R, H, 1, K)
+    dtu = dt * steps_first(u).unsqueeze(3)  # (T, R, H, 1, K)
+    Bs = steps_first(B).unsqueeze(2)  # (T, R, 1, N, K)
+    Cs = steps_first(C).unsqueeze(2)
+    Ak = A.unsqueeze(-1)  # (R, H, N, 1)
+    dec = u.new_empty(r, hch, n, K)
+    tmp = u.new_empty(r, hch, n, K)
+    h = u.new_zeros(r, hch, n, K)
+    if K > 1:
+        for t in range(T):
+            torch.mul(dt[t], Ak, out=dec)
+            h.mul_(dec.exp_()).addcmul_(dtu[t], Bs[t])
+        chunk_decay = torch.exp(dt.sum(0) * Ak).movedim(-1, 0)  # (K, R, H, N)
+        ends = h.movedim(-1, 0)  # (K, R, H, N): local end state of each chunk
+        carry = torch.empty_like(ends)
+        carry[0] = 0
+        for k in range(1, K):
+            torch.addcmul(ends[k - 1], chunk_decay[k - 1], carry[k - 1], out=carry[k])
+        h = carry.movedim(0, -1).contiguous()  # state entering each chunk
+    y = u.new_empty(T, r, hch, K)
+    for t in range(T):
+        torch.mul(dt[t], Ak, out=dec)
+        h.mul_(dec.exp_()).addcmul_(dtu[t], Bs[t])
+        torch.sum(torch.mul(h, Cs[t], out=tmp), dim=2, out=y[t])
     y = y.permute(1, 2, 3, 0).reshape(r, hch, K * T)
     return y[..., :length] if pad else y
 
@@ -257,14 +297,16 @@ def selective_scan_torch(
     slab = _SLAB_ELEMENTS.get(u.device.type, _SLAB_ELEMENTS["cpu"])
     ch_step = max(1, min(hch, slab // per_channel))
     row_step = max(1, slab // (per_channel * ch_step)) if ch_step == hch else 1
+    track_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    core = _scan_rows if track_grad else _scan_rows_streaming
     if ch_step == hch and row_step >= b * g:
-        y = _scan_rows(u_r, d_r, A_r, B_r, C_r, T)
+        y = core(u_r, d_r, A_r, B_r, C_r, T)
     else:
         rows = []
         for r0 in range(0, b * g, row_step):
             rs = slice(r0, r0 + row_step)
             parts = [
-                _scan_rows(
+                core(
                     u_r[rs, c0 : c0 + ch_step],
                     d_r[rs, c0 : c0 + ch_step],
                     A_r[rs, c0 : c0 + ch_step],
