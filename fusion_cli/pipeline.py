@@ -55,6 +55,7 @@ class FuseOptions:
     zero_is_nodata: bool = False  # treat 0 (all-zero MS pixels, zero PAN) as nodata
     quicklook: bool = False  # also write OUT.png
     progress: bool = True
+    adapt: int = 0  # --adapt N: N target-adaptive training steps on this scene first (networks only)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class FuseSummary:
     ms: str | None = None
     quicklook: str | None = None
     warnings: list[str] = field(default_factory=list)
+    adapt: dict[str, Any] | None = None  # the target-adaptive fine-tuning report, with --adapt
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -582,6 +584,7 @@ def fuse_files(
             source.geom = geom
         plan = _plan(fuser, geom, opts)
         _set_threads(opts.threads)
+        adapted = _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
             _gather_stats(fuser, source, plan)
 
@@ -601,6 +604,7 @@ def fuse_files(
             "shift_pan_px": [geom.dy, geom.dx],
             "ratio": geom.ratio,
             "precision": opts.precision,
+            "adapt_steps": opts.adapt,
         }
         tags = {
             "FUSION_MODEL": name,
@@ -676,7 +680,24 @@ def fuse_files(
         ms=str(ms_path),
         quicklook=quick,
         warnings=caught,
+        adapt=adapted,
     )
+
+
+def _adapt(
+    fuser: Fuser, source: _PairSource, geom: align.Alignment, opts: FuseOptions
+) -> dict[str, Any] | None:
+    """`--adapt N`: fine-tune the network on the central part of this scene before fusing it
+    (target-adaptive, `fusion_cli.training.adapt`); the weights on disk are not changed."""
+    if not opts.adapt:
+        return None
+    from fusion_cli.training.adapt import adapt_fuser
+
+    m = math.lcm(geom.ratio, max(1, int(fuser.tile_multiple)))
+    h, w = min(geom.height, 1024) // m * m, min(geom.width, 1024) // m * m
+    row, col = (geom.height - h) // 2 // m * m, (geom.width - w) // 2 // m * m
+    window = source.read(row, col, h, w)
+    return asdict(adapt_fuser(fuser, window.pan, window.ms, opts.adapt))
 
 
 def _write_quicklook(out: Path, fuser: Fuser) -> str | None:

@@ -88,6 +88,12 @@ def register_fuse_command(
             False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars)."
         ),
         quicklook: bool = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside OUT."),
+        adapt: int = typer.Option(
+            0,
+            "--adapt",
+            help="Target-adaptive fine-tuning: N training steps on this scene at reduced "
+            "resolution before fusing it (network models).",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     ) -> None:
@@ -114,6 +120,7 @@ def register_fuse_command(
             coregister=coregister,
             zero_is_nodata=zero_nodata,
             quicklook=quicklook,
+            adapt=adapt,
             progress=not (quiet or json_out),
         )
         if json_out:
