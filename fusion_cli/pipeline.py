@@ -310,9 +310,10 @@ def _run(
 ) -> None:
     """Fuse every window of `plan`, blend, and pass finished blocks to `sink(row0, col0, data, valid)`."""
     dev = _fuser_device(fuser)
-    capacity = plan.tile + plan.overlap + raster.BLOCK
+    # One strip plus its blend zone; tiles that are not a multiple of the output block leave up to
+    # a block of finished rows waiting for block-aligned writing.
+    capacity = plan.tile + plan.overlap + (0 if plan.tile % raster.BLOCK == 0 else raster.BLOCK)
     acc = StripAccumulator(bands, plan.height, plan.width, capacity)
-    half = plan.overlap // 2
 
     def run_batch(items: list[tuple[Window, _Tile]]) -> None:
         if not items:
@@ -325,8 +326,8 @@ def _run(
             acc.add(
                 weighted_region(plan, fused),
                 blend_weights(plan, win),
-                win.core_row - half,
-                win.core_col - half,
+                win.core_row,
+                win.core_col,
             )
 
     for i in range(plan.rows):

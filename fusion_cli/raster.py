@@ -30,7 +30,7 @@ COMPLETE_TAG = "FUSION_COMPLETE"
 BLOCK = 256
 # Bounded GDAL block cache: without it GDAL may cache up to 5 % of RAM while writing, which
 # grows with the scene. Internal masks keep the mask inside the GeoTIFF (no .msk sidecar).
-GDAL_ENV = {"GDAL_CACHEMAX": 64, "GDAL_TIFF_INTERNAL_MASK": True}
+GDAL_ENV = {"GDAL_CACHEMAX": 32, "GDAL_TIFF_INTERNAL_MASK": True}
 
 
 def gdal_env() -> rasterio.Env:

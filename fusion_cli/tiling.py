@@ -2,12 +2,13 @@
 not grow with the scene.
 
 Each output tile (the "core", `tile` PAN pixels square) is fused inside a larger window: the core
-plus `overlap / 2` pixels of blend zone plus the fuser's `halo` of pure context on each side. Across
-an internal tile boundary the two neighbours' results are mixed with complementary raised-cosine
-ramps (sin^2 + cos^2 = 1) over `overlap` pixels, so there is no seam; weights are additionally
-normalised on accumulation. Tiles are processed one row strip at a time and finished rows are
-flushed to the writer in whole output blocks, so the buffer holds about two strips of the scene
-width, whatever the scene height.
+plus `overlap` pixels of blend zone after it (right and below), plus the fuser's `halo` of pure
+context on every side. Across an internal tile boundary b the two neighbours' results are mixed
+with complementary raised-cosine ramps (sin^2 + cos^2 = 1) over [b, b + overlap), so there is no
+seam; weights are additionally normalised on accumulation. Putting the blend zone after the
+boundary makes every row above the next tile row final once a tile row is done: tiles are
+processed one row strip at a time and finished rows go to the writer in whole output blocks, so the
+buffer holds one strip (tile + overlap rows) of the scene width, whatever the scene height.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ class TilePlan:
     width: int
     tile: int  # core side
     overlap: int  # blend-zone width across each internal boundary
-    margin: int  # window = core +- margin; margin >= overlap / 2 + halo
+    margin: int  # window = [core - margin, core + tile + overlap + margin); margin >= halo
     multiple: int
 
     @property
     def window(self) -> int:
-        return self.tile + 2 * self.margin
+        return self.tile + self.overlap + 2 * self.margin
 
     @property
     def rows(self) -> int:
@@ -97,7 +98,7 @@ class TilePlan:
         """Output rows above this one can no longer change once tile row `strip` is done."""
         if strip >= self.rows - 1:
             return self.height
-        return min(self.height, (strip + 1) * self.tile - self.overlap // 2)
+        return min(self.height, (strip + 1) * self.tile)
 
 
 def plan_tiles(height: int, width: int, tile: int, overlap: int, halo: int, multiple: int) -> TilePlan:
@@ -108,8 +109,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, halo: int, mult
     if tile < 1 or overlap < 0 or halo < 0:
         raise FusionError("--tile must be positive and --overlap non-negative")
     tile = round_up(min(tile, max(height, width)), multiple)
-    overlap = min(overlap + (overlap % 2), tile)  # even, so the blend zone splits evenly
-    margin = round_up(overlap // 2 + halo, multiple)
+    overlap = min(round_up(overlap, multiple), tile)  # windows stay multiples of `multiple`
+    margin = round_up(halo, multiple)
     return TilePlan(height, width, tile, overlap, margin, multiple)
 
 
@@ -119,10 +120,10 @@ def ramp(n: int) -> np.ndarray:
 
 
 def blend_weights(plan: TilePlan, win: Window) -> np.ndarray:
-    """Weights `(tile + overlap, tile + overlap)` over the core plus half the overlap each side.
+    """Weights `(tile + overlap, tile + overlap)` over the core and the blend zone after it.
 
     Outer scene edges get weight 1 (no neighbour to blend with)."""
-    n, half = plan.tile + plan.overlap, plan.overlap // 2
+    n = plan.tile + plan.overlap
 
     def axis(first: bool, last: bool) -> np.ndarray:
         w = np.ones(n, np.float32)
@@ -130,8 +131,6 @@ def blend_weights(plan: TilePlan, win: Window) -> np.ndarray:
             r = ramp(plan.overlap)
             if not first:
                 w[: plan.overlap] = r
-            else:
-                w[:half] = 0.0  # before the scene edge: outside the output anyway
             if not last:
                 w[n - plan.overlap :] = r[::-1]
         return w
@@ -140,8 +139,8 @@ def blend_weights(plan: TilePlan, win: Window) -> np.ndarray:
 
 
 def weighted_region(plan: TilePlan, fused: np.ndarray) -> np.ndarray:
-    """Crop a window's result `(C, window, window)` to its weighted region (core +- overlap/2)."""
-    a = plan.margin - plan.overlap // 2
+    """Crop a window's result `(C, window, window)` to its weighted region [core, core + tile + overlap)."""
+    a = plan.margin
     b = a + plan.tile + plan.overlap
     return fused[..., a:b, a:b]
 

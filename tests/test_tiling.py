@@ -11,7 +11,7 @@ from fusion_cli.tiling import StripAccumulator, blend_weights, plan_tiles, ramp,
 
 def test_plan_rounds_to_multiples_and_covers_the_scene():
     plan = plan_tiles(1205, 1253, tile=250, overlap=31, halo=5, multiple=4)
-    assert plan.tile == 252 and plan.overlap == 32 and plan.margin == 24  # 16 + 5 -> 24
+    assert plan.tile == 252 and plan.overlap == 32 and plan.margin == 8  # halo 5 -> 8
     assert plan.window % 4 == 0 and plan.rows == 5 and plan.cols == 5 and plan.count == 25
     cores = {(w.core_row, w.core_col) for w in plan}
     assert len(cores) == 25 and max(r for r, _ in cores) + plan.tile >= 1205
@@ -31,15 +31,14 @@ def _blend(plan, data_fn, bands=2):
     out = np.zeros((bands, plan.height, plan.width), np.float32)
     wsum_check = []
     acc = StripAccumulator(bands, plan.height, plan.width, plan.tile + plan.overlap + 256)
-    half = plan.overlap // 2
     for i in range(plan.rows):
         for win in plan.strip(i):
             fused = data_fn(win)
             acc.add(
                 weighted_region(plan, fused),
                 blend_weights(plan, win),
-                win.core_row - half,
-                win.core_col - half,
+                win.core_row,
+                win.core_col,
             )
             acc.set_valid(np.ones((plan.tile, plan.tile), bool), win.core_row, win.core_col)
         final = plan.final_row_after(i)
