@@ -248,7 +248,8 @@ def evaluate(
         f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "
         f"PAN {settings['pan_degradation']}), "
         f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}; "
-        "full resolution: D_lambda^K/HQNR with the sensor MTF. Times: wall-clock seconds per fusion."
+        + ("full resolution: D_lambda^K/HQNR with the sensor MTF. " if full_resolution else "")
+        + "Times: wall-clock seconds per fusion."
     )
     Path(files["markdown"]).write_text(markdown(summary, note))
     return EvalResult(rows, summary, files)
