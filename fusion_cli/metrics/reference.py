@@ -53,10 +53,17 @@ def _window_uiqi(x0: np.ndarray, y0: np.ndarray, k: int, ox: float, oy: float, t
     Centring keeps the window sums small, so variances stay exact to ~1e-13.
     """
     mx0, my0 = box_mean_valid(x0, k), box_mean_valid(y0, k)
-    vx = np.maximum(box_mean_valid(x0 * x0, k) - mx0**2, 0.0)
-    vy = np.maximum(box_mean_valid(y0 * y0, k) - my0**2, 0.0)
-    cxy = box_mean_valid(x0 * y0, k) - mx0 * my0
-    return uiqi_from_moments(mx0 + ox, my0 + oy, vx, vy, cxy, tiny)
+    vx = box_mean_valid(x0 * x0, k)
+    vx -= mx0 * mx0
+    np.maximum(vx, 0.0, out=vx)
+    vy = box_mean_valid(y0 * y0, k)
+    vy -= my0 * my0
+    np.maximum(vy, 0.0, out=vy)
+    cxy = box_mean_valid(x0 * y0, k)
+    cxy -= mx0 * my0
+    mx0 += ox
+    my0 += oy
+    return uiqi_from_moments(mx0, my0, vx, vy, cxy, tiny)
 
 
 def q_index_bands(
