@@ -300,6 +300,22 @@ class PixelShuffleUp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.upsamle(x)
 
+    @torch.no_grad()
+    def init_bilinear(self) -> None:
+        """Start as bilinear interpolation on the area-aligned grid, so a fresh network's residual is
+        already a sensible upsampled MS and training only has to learn the detail to inject."""
+        conv = self.upsamle[0]
+        bands, r = conv.in_channels, int(round((conv.out_channels // conv.in_channels) ** 0.5))
+        taps = torch.zeros(r, 3, dtype=conv.weight.dtype)  # (sub-pixel offset, 3 taps at -1, 0, +1)
+        for a in range(r):
+            delta = (a + 0.5) / r - 0.5  # low-res coordinate of sub-pixel a, relative to its pixel
+            taps[a, 1] = 1.0 - abs(delta)
+            taps[a, 2 if delta > 0 else 0] = abs(delta)
+        kernel = taps[:, None, :, None] * taps[None, :, None, :]  # (r, r, 3, 3), separable
+        conv.weight.zero_()
+        for c in range(bands):  # PixelShuffle reads channel c*r^2 + a*r + b for sub-pixel (a, b)
+            conv.weight[c * r * r : (c + 1) * r * r, c] = kernel.reshape(r * r, 3, 3)
+
 
 class SpectralAttention(nn.Module):
     """Band weights from the low-res MS: per-band max, Linear 1->a, LayerNorm, bidirectional Mamba over the
@@ -338,6 +354,16 @@ class FusionMamba(nn.Module):
         self.stage3 = Stage(2 * d, d, config, "up")
         self.stage4 = FusionMambaModule(d, config, final=True)
         self.spe_attn = SpectralAttention(config)
+        self.init_residual()
+
+    @torch.no_grad()
+    def init_residual(self) -> None:
+        """A fresh network outputs the bilinearly upsampled MS: the upsampler starts as interpolation and
+        the head's last conv at zero. Training then starts from an interpolation baseline instead of
+        noise, which matters on CPU budgets. (Loading a checkpoint overwrites all of this.)"""
+        self.upsample.init_bilinear()
+        nn.init.zeros_(self.to_hrms[2].weight)
+        nn.init.zeros_(self.to_hrms[2].bias)
 
     def check_inputs(self, ms: torch.Tensor, pan: torch.Tensor) -> None:
         """Clear errors for inputs that do not fit this network."""
