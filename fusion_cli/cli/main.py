@@ -15,6 +15,7 @@ app = typer.Typer(
     help="Fuse remote-sensing images with FusionMamba: pansharpening, hyperspectral pansharpening, HISR.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     add_completion=False,
 )
 
