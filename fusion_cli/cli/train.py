@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import click
 import typer
 
 from fusion_cli.cli.common import echo_json, parse_bands
@@ -24,15 +23,15 @@ def _pair(text: str | None, what: str) -> tuple[float, float] | None:
 
 def _command_line(ctx: typer.Context) -> str:
     """The command as the user gave it (options not left at their defaults), for the model card."""
-    from click.core import ParameterSource
-
     parts = ["fusion", "train"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if ctx.get_parameter_source(param.name) == ParameterSource.DEFAULT or value in (None, [], False):
+        source = ctx.get_parameter_source(param.name)
+        # Typer bundles its own click: compare by name, not with click's enum and classes.
+        if getattr(source, "name", "") == "DEFAULT" or value in (None, [], False):
             continue
         values = value if isinstance(value, list) else [value]
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":
             parts += [str(v) for v in values]
         elif value is True:
             parts.append(param.opts[0])
