@@ -39,29 +39,33 @@ def is_power_of_two(ratio: int) -> bool:
     return ratio >= 1 and (ratio & (ratio - 1)) == 0
 
 
-def _half_band_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The 12 non-zero (odd-offset) taps of the 23-tap kernel, in correlation order."""
-    return torch.as_tensor(CDF23[::2][::-1].copy(), dtype=dtype, device=device)
+@lru_cache(maxsize=1)
+def _half_band_pairs() -> tuple[float, ...]:
+    """The 6 distinct odd-offset taps of the symmetric 23-tap kernel, offset 1 first (0.61, -0.15, ...)."""
+    return tuple(float(v) for v in _CDF23_HALF[1::2])
 
 
-def _double(x: torch.Tensor, axis: int, samples_first: bool) -> torch.Tensor:
-    """One 2x stage of `(B, C, H, W)` along `axis` (-1 or -2): zero insertion + 23-tap filter, done
-    polyphase (the kernel's even offsets are 1 at the centre and 0 elsewhere, so the samples pass
-    unchanged and only the new positions are filtered, by the 12 odd taps). Zero outside the array.
+def _double_rows(x: torch.Tensor, samples_first: bool) -> torch.Tensor:
+    """One 2x stage of `(B, C, H, W)` along H: zero insertion + 23-tap filter, done polyphase (the
+    kernel's even offsets are 1 at the centre and 0 elsewhere, so the samples pass unchanged and only
+    the new rows are filtered, by the 12 odd taps). Zero outside the array. -> `(B, C, 2H, W)`.
 
-    `samples_first`: samples go to even output positions (else odd, as the toolbox's first stage).
+    `samples_first`: samples go to even output rows (else odd, as the toolbox's first stage).
+    Along H every shifted slice and the interleave are contiguous row blocks: no strided copies.
     """
-    n = x.shape[axis]
-    taps = _half_band_taps(x.dtype, x.device)
-    # unfold + matmul: measured ~3x faster on CPU than a depthwise conv with a 12-tap kernel
-    if axis == -1:
-        new = F.pad(x, (6, 6, 0, 0)).unfold(-1, 12, 1) @ taps  # new sample before x[j] at index j
-    else:  # along rows the unfolded taps would be strided: filter the transpose instead
-        new = (F.pad(x.transpose(-1, -2), (6, 6)).unfold(-1, 12, 1) @ taps).transpose(-1, -2)
-    new = new.narrow(axis, 1, n) if samples_first else new.narrow(axis, 0, n)
+    n = x.shape[-2]
+    xp = F.pad(x, (0, 0, 6, 6))
+    # the new row between x[j-1] and x[j] is sum_t tap_t (x[j-1-t] + x[j+t]) (symmetric kernel)
+    start = 1 if samples_first else 0
+    taps = _half_band_pairs()
+    new = torch.add(xp.narrow(-2, start + 5, n), xp.narrow(-2, start + 6, n)).mul_(taps[0])
+    pair = torch.empty_like(new)  # one scratch buffer for the 5 other tap pairs
+    for t in range(1, len(taps)):
+        torch.add(xp.narrow(-2, start + 5 - t, n), xp.narrow(-2, start + 6 + t, n), out=pair)
+        new.add_(pair, alpha=taps[t])
     pair = (x, new) if samples_first else (new, x)
-    out = torch.stack(pair, dim=axis)  # (..., n, 2) or (..., n, 2, W): interleave the phases
-    return out.flatten(-2) if axis == -1 else out.flatten(-3, -2)
+    out = torch.stack(pair, dim=-2)  # (B, C, H, 2, W): interleave whole rows
+    return out.reshape(*x.shape[:-2], 2 * n, x.shape[-1])
 
 
 def _pad_lr(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
@@ -80,10 +84,17 @@ def interp23(ms: torch.Tensor, ratio: int, pad_mode: str = "reflect") -> torch.T
     pad = math.ceil(11 * (1 - 1 / ratio)) + 1
     x = _pad_lr(x, pad, pad_mode)
     pad = (x.shape[-1] - ms.shape[-1]) // 2
-    for stage in range(int(math.log2(ratio))):
-        # the toolbox puts the samples on odd positions at the first stage, even ones after
-        first = stage > 0
-        x = _double(_double(x, -1, first), -2, first)
+    # The filter is separable and each 1-D stage acts on one axis only, so all column stages can run
+    # before all row stages (same values as the toolbox's interleaved order). Columns run as rows of
+    # the transposed LR image: one small transpose instead of strided interleaves at full size.
+    stages = int(math.log2(ratio))
+    x = x.transpose(-1, -2)
+    for axis_pass in range(2):
+        for stage in range(stages):
+            # the toolbox puts the samples on odd positions at the first stage, even ones after
+            x = _double_rows(x, stage > 0)
+        if axis_pass == 0:
+            x = x.transpose(-1, -2).contiguous()
     return x[..., ratio * pad : x.shape[-2] - ratio * pad, ratio * pad : x.shape[-1] - ratio * pad]
 
 
