@@ -282,19 +282,26 @@ def _measure_shift(source: _PairSource) -> dict[str, float] | None:
 
 
 def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
-    """First pass for fusers with global statistics: core tiles only, no overlap."""
+    """First pass for fusers with global statistics: every tile's core counted once, read with the
+    plan's margin (>= the fuser's halo) of context so the method's filters see the real neighbours,
+    not an artificial border at each tile edge; only the core is marked valid."""
     dev = _fuser_device(fuser)
+    m, side = plan.margin, plan.tile + 2 * plan.margin
     for win in plan:
-        t = source.read(win.core_row, win.core_col, plan.tile, plan.tile)
-        # The last tiles reach past the scene (reflect padding): those pixels must not count twice.
-        t.valid[plan.height - win.core_row :] = False
-        t.valid[:, plan.width - win.core_col :] = False
-        if not t.valid.any():
+        t = source.read(win.core_row - m, win.core_col - m, side, side)
+        core = np.zeros_like(t.valid)
+        # the last tiles reach past the scene (reflect padding): those pixels must not count twice
+        core[
+            m : m + min(plan.tile, plan.height - win.core_row),
+            m : m + min(plan.tile, plan.width - win.core_col),
+        ] = True
+        valid = t.valid & core
+        if not valid.any():
             continue
         fuser.accumulate(
             torch.from_numpy(t.pan)[None].to(dev),
             torch.from_numpy(t.ms)[None].to(dev),
-            torch.from_numpy(t.valid)[None, None].to(dev),
+            torch.from_numpy(valid)[None, None].to(dev),
         )
     fuser.finalize()
 
