@@ -116,7 +116,9 @@ class MTFGLPFS(ClassicalFuser):
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         c = ms.shape[1]
         low = pan_lowpass_per_band(pan, self.gains(c), self.ratio)
-        rows = rows_where(torch.cat([self.upsample(ms), low, pan], dim=1), valid)  # (N, 2C + 1)
+        rows = rows_where(torch.cat([self.upsample(ms), low, pan], dim=1), valid).to(
+            STATS_DTYPE
+        )  # (N, 2C + 1)
         if self._sums is None:
             self._sums = torch.zeros(2 * c + 1, dtype=STATS_DTYPE)
             self._cross = torch.zeros(2 * c, dtype=STATS_DTYPE)
