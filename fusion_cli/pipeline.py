@@ -31,13 +31,17 @@ from fusion_cli.tiling import StripAccumulator, TilePlan, Window, blend_weights,
 
 # Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
 SHIFT_WINDOW = 1024
+# Tile side (PAN px) for fusers that state no `preferred_tile` (the networks).
+DEFAULT_TILE = 256
 
 
 @dataclass
 class FuseOptions:
     """Everything that controls a run apart from the inputs, the output and the fuser."""
 
-    tile: int = 256  # output tile side, PAN px (rounded up to a multiple of the ratio/fuser multiple)
+    # output tile side, PAN px (rounded up to a multiple of the ratio/fuser multiple); None: the fuser's
+    # `preferred_tile` (classical methods: larger tiles, less halo re-read), else DEFAULT_TILE
+    tile: int | None = None
     overlap: int = 32  # blend-zone width between neighbouring tiles, PAN px
     batch: int = 4  # windows per fuser call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -455,7 +459,8 @@ def _plan(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan:
     multiple = math.lcm(geom.ratio, max(1, int(fuser.tile_multiple)))
     if opts.batch < 1:
         raise FusionError("--batch must be at least 1")
-    return plan_tiles(geom.height, geom.width, opts.tile, opts.overlap, int(fuser.halo), multiple)
+    tile = opts.tile if opts.tile is not None else int(getattr(fuser, "preferred_tile", DEFAULT_TILE))
+    return plan_tiles(geom.height, geom.width, tile, opts.overlap, int(fuser.halo), multiple)
 
 
 def _bound_heap() -> None:

@@ -69,7 +69,11 @@ def register_fuse_command(
         dn_max: float | None = typer.Option(
             None, "--dn-max", help="Largest valid DN (e.g. 2047 for 11-bit); default from the model/NBITS."
         ),
-        tile: int = typer.Option(256, "--tile", help="Tile side in output pixels."),
+        tile: int | None = typer.Option(
+            None,
+            "--tile",
+            help="Tile side in output pixels (default 256 for networks, 512 for classical methods).",
+        ),
         overlap: int = typer.Option(32, "--overlap", help="Blend zone between tiles, output pixels."),
         batch: int = typer.Option(4, "--batch", help="Tiles per inference call."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
