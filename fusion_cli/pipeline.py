@@ -10,13 +10,16 @@ high-resolution MSI plays the "pan" role (P > 1 bands) and the low-resolution HS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +294,26 @@ def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
     not an artificial border at each tile edge; only the core is marked valid."""
     dev = _fuser_device(fuser)
     m, side = plan.margin, plan.tile + 2 * plan.margin
+    with _single_threaded(_window_workers(fuser) > 1):
+        _accumulate_windows(fuser, source, plan, dev, m, side)
+    fuser.finalize()
+
+
+@contextlib.contextmanager
+def _single_threaded(enabled: bool) -> Iterator[None]:
+    """torch intra-op threads set to 1 meanwhile (restored after) when `enabled`."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _accumulate_windows(
+    fuser: Fuser, source: _PairSource, plan: TilePlan, dev: torch.device, m: int, side: int
+) -> None:
     for win in plan:
         t = source.read(win.core_row - m, win.core_col - m, side, side)
         core = np.zeros_like(t.valid)
@@ -307,7 +330,25 @@ def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
             torch.from_numpy(t.ms)[None].to(dev),
             torch.from_numpy(valid)[None, None].to(dev),
         )
-    fuser.finalize()
+
+
+def _window_workers(fuser: Fuser) -> int:
+    """Windows fused concurrently: CPU fusers that declare `parallel_windows` (the classical methods:
+    small element-wise ops, where torch's intra-op threads mostly wait on each other, and badly so on
+    a busy machine) run one single-threaded window per torch thread instead."""
+    if not getattr(fuser, "parallel_windows", False) or _fuser_device(fuser).type != "cpu":
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def _window_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of `workers` threads with torch intra-op threads set to 1 meanwhile (restored after)."""
+    if workers <= 1:
+        yield None
+        return
+    with _single_threaded(True), ThreadPoolExecutor(max_workers=workers) as pool:
+        yield pool
 
 
 def _run(
@@ -325,40 +366,56 @@ def _run(
     # a block of finished rows waiting for block-aligned writing.
     capacity = plan.tile + plan.overlap + (0 if plan.tile % raster.BLOCK == 0 else raster.BLOCK)
     acc = StripAccumulator(bands, plan.height, plan.width, capacity)
+    workers = _window_workers(fuser)
+    if workers > 1:
+        batch = 1  # one window per worker: the parallelism is across windows
 
-    def run_batch(items: list[tuple[Window, _Tile]]) -> None:
-        if not items:
-            return
+    def fuse_batch(items: list[tuple[Window, _Tile]]) -> np.ndarray:
         pan = torch.from_numpy(np.stack([t.pan for _, t in items])).to(dev)
         ms = torch.from_numpy(np.stack([t.ms for _, t in items])).to(dev)
         with torch.inference_mode():
-            out = fuser.fuse(pan, ms).float().cpu().numpy()
-        for (win, _), fused in zip(items, out, strict=True):
-            acc.add(
-                weighted_region(plan, fused),
-                blend_weights(plan, win),
-                win.core_row,
-                win.core_col,
-            )
+            return fuser.fuse(pan, ms).float().cpu().numpy()
 
-    for i in range(plan.rows):
-        pending: list[tuple[Window, _Tile]] = []
-        for win in plan.strip(i):
-            t = source.read(win.row, win.col, win.size, win.size)
-            m = plan.margin
-            acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
-            if t.valid.any():  # an all-nodata window (a collar) needs no inference
-                pending.append((win, t))
-            if len(pending) >= batch:
-                run_batch(pending)
-                pending = []
-            if progress is not None:
-                progress(1)
-        run_batch(pending)
-        final = plan.final_row_after(i)
-        if final < plan.height:
-            final = final // raster.BLOCK * raster.BLOCK
-        acc.flush(final, sink)
+    def blend(items: list[tuple[Window, _Tile]], out: np.ndarray) -> None:
+        for (win, _), fused in zip(items, out, strict=True):
+            acc.add(weighted_region(plan, fused), blend_weights(plan, win), win.core_row, win.core_col)
+
+    with _window_threads(workers) as pool:
+        # at most 2 windows per worker in flight: bounded memory, the workers never wait for reads
+        inflight: deque[tuple[list[tuple[Window, _Tile]], Future[np.ndarray]]] = deque()
+
+        def submit(items: list[tuple[Window, _Tile]]) -> None:
+            if not items:
+                return
+            if pool is None:
+                blend(items, fuse_batch(items))
+                return
+            inflight.append((items, pool.submit(fuse_batch, items)))
+            while len(inflight) > 2 * workers:
+                done, fut = inflight.popleft()
+                blend(done, fut.result())
+
+        for i in range(plan.rows):
+            pending: list[tuple[Window, _Tile]] = []
+            for win in plan.strip(i):
+                t = source.read(win.row, win.col, win.size, win.size)
+                m = plan.margin
+                acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
+                if t.valid.any():  # an all-nodata window (a collar) needs no inference
+                    pending.append((win, t))
+                if len(pending) >= batch:
+                    submit(pending)
+                    pending = []
+                if progress is not None:
+                    progress(1)
+            submit(pending)
+            while inflight:  # the strip must be complete before its rows are flushed
+                done, fut = inflight.popleft()
+                blend(done, fut.result())
+            final = plan.final_row_after(i)
+            if final < plan.height:
+                final = final // raster.BLOCK * raster.BLOCK
+            acc.flush(final, sink)
 
 
 def _adapt_dn_scale(fuser: Fuser, ms_dtype: str, override: float | None) -> None:

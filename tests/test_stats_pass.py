@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+import torch
 from conftest import need_shared
 
 from fusion_cli import align
@@ -55,3 +56,20 @@ def test_tiled_mtf_glp_output_matches_one_window() -> None:
     # the statistics are identical; what is left is float32 rounding of the per-tile arithmetic
     assert np.abs(out[0] - out[1]).max() < 0.05
     assert np.abs(out[1]).max() > 100  # a real fused image, not an empty one
+
+
+def test_parallel_windows_equal_sequential() -> None:
+    """Classical windows fused concurrently (one single-threaded window per torch thread) give the
+    same bytes as one thread fusing them in order."""
+    pan, ms = _wv2(384)
+    previous = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            opts = FuseOptions(tile=128, progress=False)
+            out.append(fuse_arrays(pan, ms, make_method("mtf-glp-hpm", 4, "wv2"), opts))
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(out[0], out[1])
+    assert torch.get_num_threads() == previous

@@ -141,6 +141,8 @@ class ClassicalFuser:
     # and its halo (up to ~90 PAN px) is re-read and re-filtered around every tile, so 256-px tiles
     # would process ~2.6x the scene; 512 px bring that to ~1.7x at ~70 MB per window.
     preferred_tile: ClassVar[int] = 512
+    # the pipeline fuses windows concurrently, one single-threaded window per CPU thread
+    parallel_windows: ClassVar[bool] = True
 
     def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
         if ratio < 1:
