@@ -99,6 +99,11 @@ class QuantileSample:
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.to(STATS_DTYPE)
         keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
+        if self.keys is not None and self.keys.shape[0] >= self.capacity:
+            # the sample keeps the `capacity` smallest keys: a new row above the largest kept key can
+            # never enter it, so drop those before the concatenation and top-k (same sample, less work)
+            keep = keys < self.keys.max()
+            rows, keys = rows[keep], keys[keep]
         if self.values is not None:
             rows = torch.cat([self.values, rows])
             keys = torch.cat([self.keys, keys])
@@ -111,12 +116,15 @@ class QuantileSample:
         """Per band, MATLAB `prctile` (midpoint interpolation of the sorted sample)."""
         if self.values is None or self.values.shape[0] == 0:
             raise FusionError("no valid pixels to estimate percentiles from")
-        v, _ = torch.sort(self.values, dim=0)
+        v = self.values
         n = v.shape[0]
         pos = min(max(q / 100 * n - 0.5, 0.0), n - 1.0)  # prctile: sample i at (i - 0.5)/n
         lo = math.floor(pos)
         hi = min(lo + 1, n - 1)
-        return v[lo] + (pos - lo) * (v[hi] - v[lo])
+        # two order statistics per band (selection, not a full sort of the sample)
+        v_lo = torch.kthvalue(v, lo + 1, dim=0).values
+        v_hi = torch.kthvalue(v, hi + 1, dim=0).values
+        return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
 def rows_where(img: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
