@@ -100,20 +100,26 @@ class QuantileSample:
         rows = rows.to(STATS_DTYPE)
         keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
         if self.keys is not None and self.keys.shape[0] >= self.capacity:
-            # the sample keeps the `capacity` smallest keys: a new row above the largest kept key can
-            # never enter it, so drop those before the concatenation and top-k (same sample, less work)
-            keep = keys < self.keys.max()
+            # the sample keeps the `capacity` smallest keys: a new row above the capacity-th smallest key
+            # held so far can never enter it, so drop those before the concatenation (same sample)
+            bound = torch.kthvalue(self.keys, self.capacity).values
+            keep = keys < bound
             rows, keys = rows[keep], keys[keep]
         if self.values is not None:
             rows = torch.cat([self.values, rows])
             keys = torch.cat([self.keys, keys])
-        if rows.shape[0] > self.capacity:
-            keep = torch.topk(keys, self.capacity, largest=False).indices
-            rows, keys = rows[keep], keys[keep]
         self.values, self.keys = rows, keys
+        if rows.shape[0] > 2 * self.capacity:  # trim lazily: one top-k per `capacity` new rows at most
+            self._trim()
+
+    def _trim(self) -> None:
+        if self.values is not None and self.keys is not None and self.values.shape[0] > self.capacity:
+            keep = torch.topk(self.keys, self.capacity, largest=False).indices
+            self.values, self.keys = self.values[keep], self.keys[keep]
 
     def percentile(self, q: float) -> torch.Tensor:
         """Per band, MATLAB `prctile` (midpoint interpolation of the sorted sample)."""
+        self._trim()
         if self.values is None or self.values.shape[0] == 0:
             raise FusionError("no valid pixels to estimate percentiles from")
         v = self.values
