@@ -164,6 +164,10 @@ def test_short_training_lowers_validation_loss_and_exports(
     out, res = trained
     start = res.history[0]
     assert start["epoch"] == 0.0  # the untrained network's validation score
+    print(
+        f"\nvalidation L1 {start['val_l1']:.4f} -> {res.val['val_l1']:.4f}; "
+        f"ERGAS {start['ergas']:.2f} -> {res.val['ergas']:.2f}"
+    )
     assert res.val["val_l1"] < 0.7 * start["val_l1"]
     assert res.steps == 12 and res.weights_path is not None and res.card_path is not None
     assert (out / "loss.png").stat().st_size > 1000
@@ -247,6 +251,7 @@ def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
         return ergas(p.ref * 255.0, np.clip(out, 0, None) * 255.0, 2)
 
     before, after = score(base), score(adapted)
+    print(f"\nadapt: reduced-resolution ERGAS {before:.3f} -> {after:.3f} ({report.seconds:.1f} s)")
     assert after < 0.9 * before
     assert score(base) == before  # the model it started from is untouched
 
