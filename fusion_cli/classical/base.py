@@ -93,29 +93,37 @@ class QuantileSample:
     def __init__(self, capacity: int = 2_000_000, seed: int = 0) -> None:
         self.capacity = capacity
         self.gen = torch.Generator().manual_seed(seed)
-        self.values: torch.Tensor | None = None  # (N, C)
+        self.values: torch.Tensor | None = None  # (N, C), after `_trim`
         self.keys: torch.Tensor | None = None
+        self._chunks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, keys) not merged yet
+        self._held = 0  # rows held in values + chunks
+        self._bound = math.inf  # no key at or above this can enter the sample
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.to(STATS_DTYPE)
         keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
-        if self.keys is not None and self.keys.shape[0] >= self.capacity:
-            # the sample keeps the `capacity` smallest keys: a new row above the capacity-th smallest key
-            # held so far can never enter it, so drop those before the concatenation (same sample)
-            bound = torch.kthvalue(self.keys, self.capacity).values
-            keep = keys < bound
+        if self._bound < math.inf:
+            # the sample keeps the `capacity` smallest keys: a row above a key that already has
+            # `capacity` smaller ones can never enter it, so drop those now (same sample, less work)
+            keep = keys < self._bound
             rows, keys = rows[keep], keys[keep]
-        if self.values is not None:
-            rows = torch.cat([self.values, rows])
-            keys = torch.cat([self.keys, keys])
-        self.values, self.keys = rows, keys
-        if rows.shape[0] > 2 * self.capacity:  # trim lazily: one top-k per `capacity` new rows at most
+        self._chunks.append((rows, keys))
+        self._held += rows.shape[0]
+        if self._held > 2 * self.capacity:  # merge and trim lazily: one top-k per `capacity` new rows
             self._trim()
 
     def _trim(self) -> None:
-        if self.values is not None and self.keys is not None and self.values.shape[0] > self.capacity:
+        if not self._chunks:
+            return
+        parts = ([(self.values, self.keys)] if self.values is not None else []) + self._chunks
+        self.values = torch.cat([v for v, _ in parts])
+        self.keys = torch.cat([k for _, k in parts])
+        self._chunks = []
+        if self.values.shape[0] > self.capacity:
             keep = torch.topk(self.keys, self.capacity, largest=False).indices
             self.values, self.keys = self.values[keep], self.keys[keep]
+            self._bound = float(self.keys.max())
+        self._held = self.values.shape[0]
 
     def percentile(self, q: float) -> torch.Tensor:
         """Per band, MATLAB `prctile` (midpoint interpolation of the sorted sample)."""
