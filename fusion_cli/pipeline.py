@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 import warnings
 from collections import deque
@@ -337,6 +338,10 @@ def _window_workers(fuser: Fuser) -> int:
     small element-wise ops, where torch's intra-op threads mostly wait on each other, and badly so on
     a busy machine) run one single-threaded window per torch thread instead."""
     if not getattr(fuser, "parallel_windows", False) or _fuser_device(fuser).type != "cpu":
+        return 1
+    # torch's thread count is process-wide: only the main thread may change it (a batch run fusing
+    # scenes in worker threads already keeps the cores busy)
+    if threading.current_thread() is not threading.main_thread():
         return 1
     return max(1, torch.get_num_threads())
 

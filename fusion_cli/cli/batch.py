@@ -103,7 +103,11 @@ def register(app: typer.Typer) -> None:
         sensor: str | None = typer.Option(
             None, "--sensor", help="Sensor (MTF table) for methods and metrics."
         ),
-        tile: int = typer.Option(256, "--tile", help="Tile side in PAN pixels."),
+        tile: int | None = typer.Option(
+            None,
+            "--tile",
+            help="Tile side in PAN pixels (default 256 for networks, 512 for classical methods).",
+        ),
         overlap: int = typer.Option(32, "--overlap", help="Blend overlap between tiles, PAN pixels."),
         batch_size: int = typer.Option(4, "--batch", help="Tiles per inference call."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
