@@ -33,7 +33,14 @@ def register(app: typer.Typer) -> None:
             mark = " (default)" if m["default"] else ""
             typer.echo(
                 f"  {m['name']}{mark}: {m['task']}, {m['sensor']}, ratio {m['ratio']}, "
-                f"{len(m['bands'])} bands [{'; '.join(m['bands'])}], PAN [{'; '.join(m['pan_bands'])}]"
+                f"{len(m['bands'])} bands [{_names(m['bands'])}], PAN [{_names(m['pan_bands'])}]"
             )
         for w in data["model_warnings"]:
             typer.echo(f"  warning: {w}", err=True)
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    """Band names for one line: hyperspectral lists are shortened to their first and last entries."""
+    if len(names) <= most:
+        return "; ".join(names)
+    return f"{'; '.join(names[:2])}; ... ; {names[-1]}"
