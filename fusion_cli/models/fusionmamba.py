@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
 from fusion_cli.models.scan import causal_conv1d, selective_scan
@@ -72,22 +72,24 @@ class FusionMambaConfig:
         return cls(**data)
 
 
-def _to_order(seq: torch.Tensor, k: int, hw: tuple[int, int] | None) -> torch.Tensor:
-    """Image-order sequence `(B, E, L)` -> scan order k: row-major, reversed, column-major, reversed."""
-    if k >= 2:
-        h, w = hw  # type: ignore[misc]
-        seq = seq.unflatten(-1, (h, w)).transpose(-2, -1).flatten(-2)
-    return seq.flip(-1) if k % 2 else seq
+@lru_cache(maxsize=64)
+def _scan_orders(h: int, w: int, directions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices of the scan orders of an h x w image (or a 1-D sequence of length h*w).
 
-
-def _from_order(seq: torch.Tensor, k: int, hw: tuple[int, int] | None) -> torch.Tensor:
-    """Inverse of `_to_order`."""
-    if k % 2:
-        seq = seq.flip(-1)
-    if k >= 2:
-        h, w = hw  # type: ignore[misc]
-        seq = seq.unflatten(-1, (w, h)).transpose(-2, -1).flatten(-2)
-    return seq
+    Returns ``(order, inverse)``, both `(G, L)` int64: position j of scan order k reads image token
+    ``order[k, j]`` (row-major, reversed, column-major, reversed column-major; 2 directions: the first
+    two), and image token p sits at position ``inverse[k, p]`` of order k. One index replaces the
+    flip/transpose/cat copies per direction. Built outside inference mode so that the cached tensors
+    are also usable where autograd saves them (training).
+    """
+    with torch.inference_mode(False):
+        row = torch.arange(h * w, device=device)
+        orders = [row, row.flip(0)]
+        if directions == 4:
+            col = row.view(h, w).t().flatten()
+            orders += [col, col.flip(0)]
+        order = torch.stack(orders)
+        return order, torch.argsort(order, dim=1)
 
 
 class MultiScanMamba(nn.Module):
@@ -153,23 +155,22 @@ class MultiScanMamba(nn.Module):
             raise ValueError("a 4-direction scan needs the image size hw")
         g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
         b, length, _ = x.shape
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L)
-        xi, z = xz.chunk(2, dim=1)
-        # All directions side by side on the channel axis: (B, G*E, L), group k = scan order k.
-        xs = torch.cat([_to_order(xi, k, hw) for k in range(g)], dim=1)
-        zs = torch.cat([_to_order(z, k, hw) for k in range(g)], dim=1)
+        order, inverse = _scan_orders(*(hw or (length, 1)), g, x.device)
+        # All directions side by side: one token gather (B, G*L, 2E) -> (B, G, 2E, L), group k = order k.
+        xz = self.in_proj(x).index_select(1, order.flatten()).view(b, g, length, 2 * e).transpose(2, 3)
+        xs = xz[:, :, :e].reshape(b, g * e, length)  # (B, G*E, L), contiguous for the conv
+        zs = xz[:, :, e:].reshape(b, g * e, length)
         conv_w = self._stacked("conv1d{s}.weight")[:, 0]  # (G*E, K)
         xs = causal_conv1d(xs, conv_w, self._stacked("conv1d{s}.bias"), activation="silu")
         if self.cross:
-            src = self.in_proj_b(extra).transpose(1, 2)  # (B, E, L)
-            src = torch.cat([_to_order(src, k, hw) for k in range(g)], dim=1)
+            src = self.in_proj_b(extra).index_select(1, order.flatten()).view(b, g, length, e)
         else:
-            src = xs
-        # Per-direction x_proj and dt_proj as grouped 1x1 convolutions: one call for all directions.
-        x_w = self._stacked("x_proj{s}.weight").unsqueeze(-1)  # (G*(R+2N), E, 1)
-        x_dbl = F.conv1d(src, x_w, groups=g).unflatten(1, (g, r + 2 * n))  # (B, G, R+2N, L)
-        dt_w = self._stacked("dt_proj{s}.weight").unsqueeze(-1)  # (G*E, R, 1)
-        delta = F.conv1d(x_dbl[:, :, :r].flatten(1, 2), dt_w, groups=g)  # (B, G*E, L)
+            src = xs.view(b, g, e, length).transpose(2, 3)  # (B, G, L, E)
+        # Per-direction x_proj and dt_proj as one batched matmul each, weights stacked (G, out, in).
+        x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e)
+        x_dbl = torch.matmul(src, x_w.transpose(1, 2)).transpose(2, 3)  # (B, G, R+2N, L)
+        dt_w = self._stacked("dt_proj{s}.weight").view(g, e, r)
+        delta = torch.matmul(dt_w, x_dbl[:, :, :r]).view(b, g * e, length)  # (B, G*E, L)
         A = -torch.exp(self._stacked("A{s}_log").float())  # (G*E, N)
         y = selective_scan(
             xs,
@@ -183,8 +184,9 @@ class MultiScanMamba(nn.Module):
             delta_softplus=True,
             backend=self.scan_backend,
         )
-        y = y.unflatten(1, (g, e))
-        y = sum(_from_order(y[:, k], k, hw) for k in range(g)) / g  # (B, E, L)
+        # Back to image order (one gather with the inverse index), averaged over directions: (B, E, L).
+        index = inverse.view(1, g, 1, length).expand(b, g, e, length)
+        y = torch.gather(y.view(b, g, e, length), 3, index).sum(1).div_(g)
         return self.out_proj(self.norm(y.transpose(1, 2).to(x.dtype)))
 
 
