@@ -327,3 +327,21 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["train", str(tmp_path / "nope"), "-o", str(tmp_path / "x"), "--ratio", "2", "--quiet"])
     assert exc.value.code == 2
+
+
+def test_shipping_bar_reads_the_held_out_table() -> None:
+    """The recipe marks a model default only if it beats every classical method on the held-out
+    scenes; the shipped Landsat card's own table does not clear it (so it is not the default)."""
+    from fusion_cli.paths import weights_dir
+    from fusion_cli.train_recipes import clears_bar
+
+    card = json.loads((weights_dir() / "landsat.json").read_text())
+    methods = card["metrics"]["test_reduced_resolution"]["methods"]
+    assert not clears_bar(methods, "pansharpening") and card["default"] is False
+    better = {k: {"mean": v["mean"]} for k, v in methods["bdsd-pc"].items()}
+    better["q2n"]["mean"] += 0.01
+    better["sam"]["mean"] -= 0.1
+    better["ergas"]["mean"] -= 0.1
+    assert clears_bar({**methods, "fusionmamba": better}, "pansharpening")
+    better["ergas"]["mean"] = methods["gsa"]["ergas"]["mean"]  # loses to BDSD-PC on ERGAS alone
+    assert not clears_bar({**methods, "fusionmamba": better}, "pansharpening")

@@ -163,7 +163,7 @@ def default_model_name(directory: Path | None = None) -> str:
         folder = directory or weights_dir()
         raise FusionError(
             f"no default model is installed in {folder} (run `make weights`, or pass --weights FILE "
-            "or --model NAME; `fusion info` lists the models)"
+            "or --model NAME, or a classical --method; `fusion info` lists the models)"
         )
     return "landsat" if "landsat" in defaults else defaults[0]
 
