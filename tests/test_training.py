@@ -158,15 +158,19 @@ def trained(
     A fresh network starts as bilinear interpolation, which a width-4 network cannot beat in 12
     steps; so the run starts with the head's last conv at PyTorch's default random init (as an
     untrained network would have), giving the loop a real error to learn away in a few steps."""
+    out = tmp_path_factory.mktemp("trained")
+    return out, train(
+        pairs["train"], pairs["val"], tiny(), out, CARD, progress=False, init_state=random_head_start()
+    )
+
+
+def random_head_start() -> dict[str, torch.Tensor]:
     from fusion_cli.training.loop import build_model
 
     torch.manual_seed(0)
     start = build_model(tiny(), 6, 1)
     start.to_hrms[2].reset_parameters()
-    out = tmp_path_factory.mktemp("trained")
-    return out, train(
-        pairs["train"], pairs["val"], tiny(), out, CARD, progress=False, init_state=start.state_dict()
-    )
+    return start.state_dict()
 
 
 def test_short_training_lowers_validation_loss_and_exports(
@@ -225,7 +229,15 @@ def test_resume_continues_exactly_where_it_stopped(
     tmp_path: Path, trained: tuple[Path, object], pairs: dict[str, list[TrainPair]]
 ) -> None:
     straight_dir, straight = trained
-    first = train(pairs["train"], pairs["val"], tiny(epochs=2), tmp_path, None, progress=False)
+    first = train(
+        pairs["train"],
+        pairs["val"],
+        tiny(epochs=2),
+        tmp_path,
+        None,
+        progress=False,
+        init_state=random_head_start(),
+    )
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 8 and ck["optimizer"]["state"]  # Adam moments are saved
     resumed = train(pairs["train"], pairs["val"], tiny(epochs=3), tmp_path, None, resume=True, progress=False)
