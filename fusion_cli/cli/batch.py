@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fusion_cli import batch as lib
-from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.cli.common import FuseOpt, echo_json, parse_bands
 from fusion_cli.errors import FusionError
 
 _EPILOG = (
@@ -97,34 +97,24 @@ def register(app: typer.Typer) -> None:
         out_pattern: str = typer.Option(
             "{stem}_fused.tif", "--out-pattern", help="Output file name; {stem} is the shared stem."
         ),
-        model: str | None = typer.Option(None, "--model", help="Shipped model name (default model if none)."),
-        weights: Path | None = typer.Option(None, "--weights", help="Weights file (.safetensors / .pth)."),
-        method: str | None = typer.Option(None, "--method", help="Classical method instead of a network."),
-        sensor: str | None = typer.Option(
-            None, "--sensor", help="Sensor (MTF table) for methods and metrics."
-        ),
-        tile: int | None = typer.Option(
-            None,
-            "--tile",
-            help="Tile side in PAN pixels (default 256 for networks, 512 for classical methods).",
-        ),
-        overlap: int = typer.Option(32, "--overlap", help="Blend overlap between tiles, PAN pixels."),
-        batch_size: int = typer.Option(4, "--batch", help="Tiles per inference call."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads for inference."),
-        dn_max: float | None = typer.Option(None, "--dn-max", help="DN scale / clip ceiling override."),
-        bands: str | None = typer.Option(None, "--bands", help="MS bands to use, 1-based, e.g. 1,2,3,5."),
-        dtype: str | None = typer.Option(None, "--dtype", help="Output dtype (default: the MS dtype)."),
-        cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs."),
-        coregister: bool = typer.Option(False, "--coregister", help="Correct the measured PAN/MS shift."),
-        compress: str = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none."),
-        zero_nodata: bool = typer.Option(
-            False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars)."
-        ),
-        quicklook: bool = typer.Option(
-            False, "--quicklook", help="Write a PNG quicklook beside each output."
-        ),
+        model: str | None = FuseOpt.model,
+        weights: Path | None = FuseOpt.weights,
+        method: str | None = FuseOpt.method,
+        sensor: str | None = FuseOpt.sensor,
+        tile: int | None = FuseOpt.tile,
+        overlap: int = FuseOpt.overlap,
+        batch_size: int = FuseOpt.batch,
+        device: str = FuseOpt.device,
+        precision: str = FuseOpt.precision,
+        threads: int | None = FuseOpt.threads,
+        dn_max: float | None = FuseOpt.dn_max,
+        bands: str | None = FuseOpt.bands,
+        dtype: str | None = FuseOpt.dtype,
+        cog: bool = FuseOpt.cog,
+        coregister: bool = FuseOpt.coregister,
+        compress: str = FuseOpt.compress,
+        zero_nodata: bool = FuseOpt.zero_nodata,
+        quicklook: bool = FuseOpt.quicklook,
         metrics: bool = typer.Option(
             False, "--metrics", help="Full-resolution QNR/HQNR per output (log, --json, <out>.metrics.json)."
         ),

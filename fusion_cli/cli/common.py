@@ -33,6 +33,45 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+class FuseOpt:
+    """The fusion options shared by `pansharpen`, `hisr` and `batch`: one definition each (Typer
+    option objects are plain metadata, so several commands can use the same one as a default)."""
+
+    model = typer.Option(None, "--model", help="Shipped model name (`fusion info` lists them).")
+    weights = typer.Option(
+        None, "--weights", help="Weights file: card + .safetensors, or an official .pth state_dict."
+    )
+    method = typer.Option(None, "--method", help="Classical method instead of a network.")
+    sensor = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods and metrics.")
+    bands = typer.Option(
+        None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
+    )
+    dn_max = typer.Option(
+        None, "--dn-max", help="Largest valid DN (e.g. 2047 for 11-bit); default from the model/NBITS."
+    )
+    tile = typer.Option(
+        None,
+        "--tile",
+        help="Tile side in output pixels (default 256 for networks, 512 for classical methods).",
+    )
+    overlap = typer.Option(32, "--overlap", help="Blend zone between tiles, output pixels.")
+    batch = typer.Option(4, "--batch", help="Tiles per inference call.")
+    device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+    precision = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU).")
+    threads = typer.Option(None, "--threads", help="CPU threads for inference.")
+    dtype = typer.Option(None, "--dtype", help="Output dtype (default: the input's, e.g. uint16).")
+    compress = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none.")
+    cog = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews.")
+    overwrite = typer.Option(False, "--overwrite", help="Replace an existing output.")
+    coregister = typer.Option(
+        False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
+    )
+    zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
+    quicklook = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside each output.")
+    quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
+    json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
+
+
 def register_fuse_command(
     app: typer.Typer,
     name: str,
@@ -55,51 +94,33 @@ def register_fuse_command(
         first: Path = typer.Argument(..., help=first_help, show_default=False, metavar=metavars[0]),
         second: Path = typer.Argument(..., help=second_help, show_default=False, metavar=metavars[1]),
         out: Path = typer.Option(..., "-o", "--out", help="Output GeoTIFF (on the high-resolution grid)."),
-        model: str | None = typer.Option(
-            None, "--model", help="Shipped model name (default: the default model)."
-        ),
-        weights: Path | None = typer.Option(
-            None, "--weights", help="Weights file (.pth/.safetensors) to load."
-        ),
-        method: str | None = typer.Option(None, "--method", help="Classical method instead of a network."),
-        sensor: str | None = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods."),
-        bands: str | None = typer.Option(
-            None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
-        ),
-        dn_max: float | None = typer.Option(
-            None, "--dn-max", help="Largest valid DN (e.g. 2047 for 11-bit); default from the model/NBITS."
-        ),
-        tile: int | None = typer.Option(
-            None,
-            "--tile",
-            help="Tile side in output pixels (default 256 for networks, 512 for classical methods).",
-        ),
-        overlap: int = typer.Option(32, "--overlap", help="Blend zone between tiles, output pixels."),
-        batch: int = typer.Option(4, "--batch", help="Tiles per inference call."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads for inference."),
-        dtype: str | None = typer.Option(
-            None, "--dtype", help="Output dtype (default: the input's, e.g. uint16)."
-        ),
-        compress: str = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none."),
-        cog: bool = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-        coregister: bool = typer.Option(
-            False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
-        ),
-        zero_nodata: bool = typer.Option(
-            False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars)."
-        ),
-        quicklook: bool = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside OUT."),
+        model: str | None = FuseOpt.model,
+        weights: Path | None = FuseOpt.weights,
+        method: str | None = FuseOpt.method,
+        sensor: str | None = FuseOpt.sensor,
+        bands: str | None = FuseOpt.bands,
+        dn_max: float | None = FuseOpt.dn_max,
+        tile: int | None = FuseOpt.tile,
+        overlap: int = FuseOpt.overlap,
+        batch: int = FuseOpt.batch,
+        device: str = FuseOpt.device,
+        precision: str = FuseOpt.precision,
+        threads: int | None = FuseOpt.threads,
+        dtype: str | None = FuseOpt.dtype,
+        compress: str = FuseOpt.compress,
+        cog: bool = FuseOpt.cog,
+        overwrite: bool = FuseOpt.overwrite,
+        coregister: bool = FuseOpt.coregister,
+        zero_nodata: bool = FuseOpt.zero_nodata,
+        quicklook: bool = FuseOpt.quicklook,
         adapt: int = typer.Option(
             0,
             "--adapt",
             help="Target-adaptive fine-tuning: N training steps on this scene at reduced "
             "resolution before fusing it (network models).",
         ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or messages."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        quiet: bool = FuseOpt.quiet,
+        json_out: bool = FuseOpt.json_out,
     ) -> None:
         summary = run(
             first,
