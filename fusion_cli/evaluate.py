@@ -1,277 +1,284 @@
-"""Evaluate fused rasters on disk: read the product and its reference (or its PAN and MS), build the
-validity mask, check the geometry, and call the quality indices of `fusion_cli.metrics`.
+"""The evaluation harness behind `fusion evaluate`: every method on every scene, at reduced and at
+full resolution, one table.
 
-Shared by `fusion metrics` and `fusion report`. Rasters are read whole (quality evaluation needs the
-whole scene at once; a 2048 x 2048 x 8 product is ~270 MB in float64).
+Per scene: Wald's protocol (`fusion_cli.wald.simulate_files`: MTF-degraded MS and PAN, the original MS
+as reference), each method fuses the reduced pair through the same streaming pipeline as `fusion
+pansharpen` and is scored with the toolbox's reduced-resolution indices (Q2n, Q, SAM, ERGAS, SCC);
+then each method fuses the original pair and is scored with the no-reference indices (D_lambda,
+D_s, QNR, D_lambda^K, HQNR). Times are wall-clock seconds of each fusion (statistics pass, I/O and
+writing included). Several scenes give mean and standard deviation per method, as published tables.
 
-Validity: a pixel is valid when every band is valid in every input, by the rasters' own masks (nodata
-value, internal mask, alpha) and by `nodata` if given (a pixel whose bands all equal it is invalid:
-for unflagged zero borders such as SpaceNet's). Low-resolution MS validity is carried to the PAN grid
-by pixel replication.
+Methods are classical names (`gsa`, `mtf-glp-hpm`, ...) or `fusionmamba:MODEL` where MODEL is a
+registry name or a weights file (a card + safetensors pair or the official `.pth`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics import full_resolution, reduced_resolution
+from fusion_cli.sensors import canonical_sensor
+
+RR_KEYS = ("Q2n", "Q", "SAM", "ERGAS", "SCC")
+FR_KEYS = ("D_lambda", "D_s", "QNR", "D_lambda_K", "HQNR")
+TIME_KEYS = ("time_rr_s", "time_fr_s")
+# which way is better, for the Markdown/terminal legend
+HIGHER_IS_BETTER = {"Q2n", "Q", "SCC", "QNR", "HQNR"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One column of the comparison: a classical method or a network."""
+
+    label: str
+    method: str | None = None
+    model: str | None = None
+    weights: str | None = None
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """`fusionmamba:MODEL,gsa,mtf-glp-hpm` -> specs; `classical` expands to every classical method."""
+    from fusion_cli.classical import METHODS
+
+    specs: list[MethodSpec] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item.lower() in {"classical", "all-classical"}:
+            specs += [MethodSpec(name, method=name) for name in METHODS]
+        elif ":" in item:
+            kind, _, ref = item.partition(":")
+            if kind.lower() != "fusionmamba" or not ref:
+                raise FusionError(f"network methods are written fusionmamba:MODEL_OR_WEIGHTS, got {item!r}")
+            if Path(ref).suffix.lower() in {".pth", ".pt", ".safetensors", ".json"} or Path(ref).exists():
+                if not Path(ref).is_file():
+                    raise FusionError(f"weights file not found: {ref}")
+                specs.append(MethodSpec(f"fusionmamba:{Path(ref).stem}", weights=ref))
+            else:
+                specs.append(MethodSpec(f"fusionmamba:{ref}", model=ref))
+        elif item.lower() in METHODS:
+            specs.append(MethodSpec(item.lower(), method=item.lower()))
+        else:
+            raise FusionError(
+                f"unknown method {item!r}: use fusionmamba:MODEL or one of {', '.join(METHODS)} "
+                "(or 'classical' for all of them)"
+            )
+    if not specs:
+        raise FusionError("no methods given: e.g. --methods fusionmamba:wv3,gsa,mtf-glp-hpm")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise FusionError(f"a method is listed twice in {text!r}")
+    return specs
 
 
 @dataclass
-class EvalOptions:
-    """Conventions of an evaluation (each is documented in `fusion metrics --help`)."""
-
-    ratio: int | None = None  # PAN/MS pixel-size ratio; full resolution infers it from the shapes
-    cut: int = 0  # toolbox border cut K: keep [K-1, H-K)
-    clip_bits: int | None = None  # clip the fused image to [0, 2^L] first
-    round_uint16: bool = True  # Q2n's uint16 rounding (the toolbox's); False is a deviation
-    per_band: bool = False
-    block: int = 32  # Q2n / Q / QNR block size
-    psnr_peak: float | str = "dnmax"
-    sensor: str | None = None  # MTF gains for D_lambda^K (None: generic gains)
-    nodata: float | None = None  # extra nodata value
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+class EvalResult:
+    rows: list[dict[str, Any]]  # one per (scene, method)
+    summary: list[dict[str, Any]]  # one per method: mean (and std over scenes)
+    files: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class Image:
-    """A raster read whole: `data (C, H, W)` native dtype, `valid (H, W)` bool, and where it came from."""
+def _fuse(spec: MethodSpec, pan: Path, ms: Path, out: Path, sensor: str, device: str, tile: int) -> float:
+    from fusion_cli.pipeline import pansharpen
 
-    path: Path
-    data: np.ndarray
-    valid: np.ndarray
-    tags: dict[str, str] = field(default_factory=dict)
-    descriptions: list[str | None] = field(default_factory=list)
-
-
-@dataclass
-class Case:
-    """One product to evaluate, with a reference (reduced resolution) or its PAN and MS (full)."""
-
-    fused: Image
-    ref: Image | None = None
-    pan: Image | None = None
-    ms: Image | None = None
-
-    @property
-    def mode(self) -> str:
-        return "reduced" if self.ref is not None else "full"
+    t0 = time.perf_counter()
+    pansharpen(
+        pan, ms, out, model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
+        device=device, overwrite=True, progress=False, measure_shift=False, tile=tile,
+    )  # fmt: skip
+    return time.perf_counter() - t0
 
 
-def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
-    """Read every band of a raster with its validity mask (see the module docstring)."""
-    from fusion_cli.raster import gdal_env, open_raster
+def evaluate_scene(
+    pan: str | Path,
+    ms: str | Path,
+    methods: list[MethodSpec],
+    work_dir: str | Path,
+    sensor: str | None = None,
+    ratio: int | None = None,
+    pan_mtf: bool = False,
+    cut: int = 0,
+    clip_bits: int | None = None,
+    full_resolution: bool = True,
+    device: str = "auto",
+    scene_id: str | None = None,
+    tile: int = 512,
+) -> list[dict[str, Any]]:
+    """Score every method on one PAN/MS pair; products are written under `work_dir`."""
+    from fusion_cli.assess import EvalOptions
+    from fusion_cli.assess import evaluate as score_product
+    from fusion_cli.wald import simulate_files
 
-    with gdal_env(), open_raster(path, what) as ds:
-        data = ds.read()
-        valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
-        tags = dict(ds.tags())
-        descriptions = list(ds.descriptions)
-    if nodata is not None:
-        valid &= ~(data == nodata).all(axis=0)
-    if np.issubdtype(data.dtype, np.floating):
-        valid &= np.isfinite(data).all(axis=0)
-    return Image(Path(path), data, valid, tags, descriptions)
-
-
-def _has_mask(ds: Any) -> bool:
-    from fusion_cli.raster import has_mask
-
-    return has_mask(ds)
-
-
-def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
-    """The PAN and MS paths and run parameters a `fusion` product records in its tags (or None)."""
-    try:
-        params = json.loads(fused.tags.get("FUSION_PARAMS", "{}"))
-    except json.JSONDecodeError:
-        params = {}
-    return (
-        fused.tags.get("FUSION_PAN"),
-        fused.tags.get("FUSION_MS"),
-        params if isinstance(params, dict) else {},
+    pan, ms, work_dir = Path(pan), Path(ms), Path(work_dir)
+    key = canonical_sensor(sensor)
+    scene_id = scene_id or pan.stem
+    sim = simulate_files(
+        pan, ms, work_dir / "reduced", sensor=key, ratio=ratio, pan_mtf=pan_mtf, overwrite=True
     )
+    opts = EvalOptions(ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key)
+    rows = []
+    for spec in methods:
+        row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
+        safe = spec.label.replace(":", "_").replace("/", "_")
+        out = work_dir / "reduced" / f"{safe}.tif"
+        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile)
+        rr = score_product(out, ref=sim.ref, opts=opts)
+        row["Q2n_name"] = rr.get("q2n_name", "Q2n")
+        row.update({k: float(rr[k]) for k in RR_KEYS})
+        if full_resolution:
+            out = work_dir / "full" / f"{safe}.tif"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile)
+            fr = score_product(out, pan=pan, ms=ms, opts=opts)
+            row.update({k: float(fr[k]) for k in FR_KEYS})
+        rows.append(row)
+    return rows
 
 
-def load_case(
-    fused: str | Path,
-    ref: str | Path | None = None,
-    pan: str | Path | None = None,
-    ms: str | Path | None = None,
-    nodata: float | None = None,
-) -> Case:
-    """Read a product and what it is judged against: `ref`, else `pan` + `ms`, else the product's tags."""
-    img = read_image(fused, "fused product", nodata)
-    if ref is not None:
-        if pan is not None or ms is not None:
-            raise FusionError("give either --ref (reduced resolution) or --pan and --ms (full), not both")
-        return Case(img, ref=read_image(ref, "reference", nodata))
-    if (pan is None) != (ms is None):
-        raise FusionError("full-resolution evaluation needs both --pan and --ms")
-    if pan is None:
-        pan, ms, _ = product_sources(img)
-        if pan is None or ms is None:
-            raise FusionError(
-                f"{img.path.name}: give --ref GT, or --pan and --ms (products written by fusion name them "
-                "in their FUSION_PAN / FUSION_MS tags, this one does not)"
-            )
-    return Case(img, pan=read_image(pan, "PAN", nodata), ms=read_image(ms, "MS", nodata))
-
-
-def _ms_for_product(case: Case) -> np.ndarray:
-    """The MS bands the product was made from: all, or the `bands` its FUSION_PARAMS tag records."""
-    assert case.ms is not None
-    ms = case.ms.data
-    c = case.fused.data.shape[0]
-    if ms.shape[0] == c:
-        return ms
-    bands = product_sources(case.fused)[2].get("bands")
-    if isinstance(bands, list) and len(bands) == c and all(isinstance(b, int) for b in bands):
-        if max(bands) <= ms.shape[0] and min(bands) >= 1:
-            return ms[[b - 1 for b in bands]]
-    raise FusionError(
-        f"fused has {c} bands but the MS {case.ms.path.name} has {ms.shape[0]}: pass the MS that was fused"
-    )
-
-
-def _crop_to(img: np.ndarray, h: int, w: int, ratio: int, what: str) -> np.ndarray:
-    """Accept a PAN-grid image up to ratio-1 pixels larger than ratio x MS (e.g. Landsat's extra PAN row)."""
-    eh, ew = img.shape[-2] - h, img.shape[-1] - w
-    if not (0 <= eh < ratio and 0 <= ew < ratio):
-        raise FusionError(
-            f"{what} is {img.shape[-2]}x{img.shape[-1]} but ratio {ratio} x MS gives {h}x{w}: "
-            "check --ratio and that PAN, MS and product cover the same area"
-        )
-    return img[..., :h, :w]
-
-
-def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
-    return None if valid.all() else valid
-
-
-def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
-    """All indices of a loaded case: reduced resolution with a reference, else full resolution.
-
-    Returns the index values (floats) with `product`, `mode`, the inputs' paths and `settings`.
-    """
-    opts = opts or EvalOptions()
-    f = case.fused
-    out: dict[str, Any] = {"product": str(f.path), "mode": case.mode}
-    if case.ref is not None:
-        r = case.ref
-        if r.data.shape != f.data.shape:
-            raise FusionError(
-                f"reference {r.path.name} {r.data.shape} and product {f.path.name} {f.data.shape} differ "
-                "in (bands, rows, cols): compare a product with the reference of the same scene"
-            )
-        if opts.ratio is None:
-            raise FusionError("reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)")
-        out["reference"] = str(r.path)
-        out.update(
-            reduced_resolution(
-                r.data,
-                f.data,
-                opts.ratio,
-                cut=opts.cut,
-                clip_bits=opts.clip_bits,
-                mask=_mask_or_none(f.valid & r.valid),
-                per_band=opts.per_band,
-                block=opts.block,
-                round_uint16=opts.round_uint16,
-                psnr_peak=opts.psnr_peak,
-            )
-        )
-    else:
-        assert case.pan is not None and case.ms is not None
-        ms = _ms_for_product(case)
-        h, w = ms.shape[1:]
-        ratio = opts.ratio or max(1, round(f.data.shape[1] / h))
-        size = (ratio * h, ratio * w)
-        fused = _crop_to(f.data, *size, ratio, f"product {f.path.name}")
-        pan = _crop_to(case.pan.data, *size, ratio, f"PAN {case.pan.path.name}")
-        if pan.shape[0] != 1:
-            raise FusionError(
-                f"PAN {case.pan.path.name} has {pan.shape[0]} bands: QNR needs a single PAN band"
-            )
-        ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
-        valid = _crop_to(f.valid, *size, ratio, "mask") & _crop_to(case.pan.valid, *size, ratio, "mask")
-        valid &= ms_valid
-        out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
-        out.update(
-            full_resolution(
-                fused,
-                pan,
-                ms,
-                ratio,
-                opts.sensor,
-                _mask_or_none(valid),
-                opts.block,
-                opts.clip_bits,
-                opts.per_band,
-            )
-        )
-    out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())
-    out["settings"] = opts.to_dict()
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over scenes per method, in first-seen method order."""
+    order: list[str] = []
+    for r in rows:
+        if r["method"] not in order:
+            order.append(r["method"])
+    out = []
+    for m in order:
+        mine = [r for r in rows if r["method"] == m]
+        s: dict[str, Any] = {"method": m, "scenes": len(mine)}
+        for k in (*RR_KEYS, *FR_KEYS, *TIME_KEYS):
+            vals = [r[k] for r in mine if k in r and r[k] is not None and not math.isnan(r[k])]
+            if vals:
+                s[k] = float(np.mean(vals))
+                s[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.append(s)
     return out
 
 
+def _fmt(value: float, key: str) -> str:
+    return f"{value:.2f}" if key in TIME_KEYS else f"{value:.4f}"
+
+
+def table_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table ("mean ± std" with several scenes)."""
+    keys = [k for k in (*RR_KEYS, *FR_KEYS, *TIME_KEYS) if any(k in s for s in summary)]
+    many = any(s["scenes"] > 1 for s in summary)
+    header = ["Method", *keys]
+    cells = []
+    for s in summary:
+        line = [s["method"]]
+        for k in keys:
+            if k not in s:
+                line.append("")
+            elif many:
+                line.append(f"{_fmt(s[k], k)} ± {_fmt(s[k + '_std'], k)}")
+            else:
+                line.append(_fmt(s[k], k))
+        cells.append(line)
+    return header, cells
+
+
+def markdown(summary: list[dict[str, Any]], note: str = "") -> str:
+    header, cells = table_cells(summary)
+    arrows = [
+        h + (" ↑" if h in HIGHER_IS_BETTER else " ↓" if h not in ("Method", *TIME_KEYS) else "")
+        for h in header
+    ]
+    lines = ["| " + " | ".join(arrows) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
 def evaluate(
-    fused: str | Path,
-    ref: str | Path | None = None,
-    pan: str | Path | None = None,
-    ms: str | Path | None = None,
-    opts: EvalOptions | None = None,
-) -> dict[str, Any]:
-    """Read and score one product (see `load_case` and `score`)."""
-    opts = opts or EvalOptions()
-    return score(load_case(fused, ref, pan, ms, opts.nodata), opts)
+    scenes: list[tuple[Path, Path, str]],
+    methods: list[MethodSpec],
+    out_dir: str | Path,
+    sensor: str | None = None,
+    ratio: int | None = None,
+    pan_mtf: bool = False,
+    cut: int = 0,
+    clip_bits: int | None = None,
+    full_resolution: bool = True,
+    device: str = "auto",
+    keep_products: bool = True,
+    tile: int = 512,
+) -> EvalResult:
+    """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
+    `summary.csv`, `results.json` and `results.md` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not scenes:
+        raise FusionError("no scenes to evaluate")
+    rows: list[dict[str, Any]] = []
+    for pan, ms, sid in scenes:
+        rows += evaluate_scene(
+            pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
+            cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
+            tile=tile,
+        )  # fmt: skip
+    if not keep_products:
+        import shutil
+
+        shutil.rmtree(out_dir / "products", ignore_errors=True)
+    summary = summarise(rows)
+    settings = {
+        "sensor": canonical_sensor(sensor), "ratio": ratio,
+        "pan_degradation": "mtf" if pan_mtf else "bicubic", "cut": cut, "clip_bits": clip_bits,
+        "scenes": [s[2] for s in scenes],
+    }  # fmt: skip
+    files = {
+        "results_csv": str(out_dir / "results.csv"),
+        "summary_csv": str(out_dir / "summary.csv"),
+        "json": str(out_dir / "results.json"),
+        "markdown": str(out_dir / "results.md"),
+    }
+    _write_csv(Path(files["results_csv"]), rows)
+    _write_csv(Path(files["summary_csv"]), summary)
+    Path(files["json"]).write_text(
+        json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=2)
+    )
+    note = (
+        f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "
+        f"PAN {settings['pan_degradation']}), "
+        f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}; "
+        + ("full resolution: D_lambda^K/HQNR with the sensor MTF. " if full_resolution else "")
+        + "Times: wall-clock seconds per fusion."
+    )
+    Path(files["markdown"]).write_text(markdown(summary, note))
+    return EvalResult(rows, summary, files)
 
 
-INDEX_ORDER = ("Q2n", "Q", "SAM", "ERGAS", "SCC", "PSNR", "SSIM", "RMSE", "D_lambda", "D_s", "QNR")
-INDEX_ORDER += ("D_lambda_K", "HQNR")
-
-
-def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """One flat row for CSV: paths, mode, indices in a fixed order, then per-band values as `Q_b1`..."""
-    row: dict[str, Any] = {k: result[k] for k in ("product", "mode", "reference", "pan", "ms") if k in result}
-    row.update({k: result[k] for k in INDEX_ORDER if k in result})
-    for k in ("q2n_name", "bands", "ratio", "valid_fraction"):
-        if k in result:
-            row[k] = result[k]
-    for name, values in result.get("per_band", {}).items():
-        row.update({f"{name}_b{i + 1}": v for i, v in enumerate(values)})
-    settings = result.get("settings", {})
-    row.update({f"opt_{k}": v for k, v in settings.items() if k != "per_band"})
-    return row
-
-
-def write_csv(rows: list[dict[str, Any]], path: str | Path, append: bool = False) -> Path:
-    """Write rows (union of their keys, first-seen order) to CSV; `append` adds to an existing file
-    whose header is kept (new columns are then dropped, missing ones left empty)."""
-    import csv
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
     for r in rows:
-        columns += [k for k in r if k not in columns]
-    if append and p.exists() and p.stat().st_size > 0:
-        with p.open(newline="") as fh:
-            columns = next(csv.reader(fh))
-        mode = "a"
-    else:
-        mode = "w"
-    with p.open(mode, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if mode == "w":
-            writer.writeheader()
+        cols += [k for k in r if k not in cols]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
         writer.writerows(rows)
-    return p
+
+
+def find_scenes(paths: list[str | Path]) -> list[tuple[Path, Path, str]]:
+    """Scenes from `PAN MS` (two rasters), a folder (paired by the batch naming conventions) or a
+    CSV manifest (`pan,ms[,out][,id]`)."""
+    from fusion_cli.batch import pair_by_patterns, read_manifest
+
+    paths = [Path(p) for p in paths]
+    if len(paths) == 2 and all(p.is_file() and p.suffix.lower() != ".csv" for p in paths):
+        return [(paths[0], paths[1], paths[0].stem)]
+    if len(paths) == 1 and paths[0].is_dir():
+        plan = pair_by_patterns(paths[0], paths[0])
+    elif len(paths) == 1 and paths[0].suffix.lower() == ".csv":
+        plan = read_manifest(paths[0], paths[0].parent, paths[0].parent)
+    else:
+        raise FusionError("give PAN MS (two files), a folder of pairs, or a CSV manifest (pan,ms[,id])")
+    if not plan.scenes:
+        raise FusionError(f"no PAN/MS pairs found in {paths[0]}")
+    return [(s.pan, s.ms, s.id) for s in plan.scenes]

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from fusion_cli.assess import INDEX_ORDER, Case, EvalOptions, flatten, load_case, score, write_csv
 from fusion_cli.errors import FusionError
-from fusion_cli.evaluate import INDEX_ORDER, Case, EvalOptions, flatten, load_case, score, write_csv
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}

@@ -13,8 +13,8 @@ import pytest
 import rasterio
 from conftest import need_shared
 
+from fusion_cli.assess import EvalOptions, evaluate, flatten, write_csv
 from fusion_cli.errors import FusionError
-from fusion_cli.evaluate import EvalOptions, evaluate, flatten, write_csv
 from fusion_cli.metrics import upsample
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

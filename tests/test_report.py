@@ -14,8 +14,8 @@ import pytest
 import rasterio
 from conftest import need_shared
 
+from fusion_cli.assess import EvalOptions
 from fusion_cli.errors import FusionError
-from fusion_cli.evaluate import EvalOptions
 from fusion_cli.metrics import upsample
 from fusion_cli.quicklook import save_quicklook, stretch_limits, stretch_rgb
 from fusion_cli.report import ReportItem, build_report, collect_items, read_manifest

@@ -49,8 +49,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from fusion_cli.harness import evaluate as run
-        from fusion_cli.harness import find_scenes, parse_methods, table_cells
+        from fusion_cli.evaluate import evaluate as run
+        from fusion_cli.evaluate import find_scenes, parse_methods, table_cells
 
         specs = parse_methods(methods)
         scenes = find_scenes(inputs)

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),
     ) -> None:
-        from fusion_cli.evaluate import EvalOptions, evaluate, flatten, write_csv
+        from fusion_cli.assess import EvalOptions, evaluate, flatten, write_csv
         from fusion_cli.metrics import parse_peak
 
         peak = parse_peak(psnr_peak)
@@ -129,7 +129,7 @@ _NOTES = {
 
 
 def _print(result: dict) -> None:
-    from fusion_cli.evaluate import INDEX_ORDER
+    from fusion_cli.assess import INDEX_ORDER
 
     console = Console()
     mode = "reduced resolution" if result["mode"] == "reduced" else "full resolution (no reference)"

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         zoom: int = typer.Option(256, "--zoom", min=16, help="Side of the centred zoom crop (pixels)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     ) -> None:
-        from fusion_cli.evaluate import EvalOptions
+        from fusion_cli.assess import EvalOptions
         from fusion_cli.report import build_report, collect_items
 
         bands = parse_bands(rgb)

@@ -11,7 +11,7 @@ from conftest import need_shared
 
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
-from fusion_cli.harness import MethodSpec, evaluate, find_scenes, parse_methods, summarise
+from fusion_cli.evaluate import MethodSpec, evaluate, find_scenes, parse_methods, summarise
 
 
 def test_parse_methods(tmp_path: Path) -> None:

@@ -1,0 +1,277 @@
+"""Assess fused rasters on disk: read the product and its reference (or its PAN and MS), build the
+validity mask, check the geometry, and call the quality indices of `fusion_cli.metrics`.
+
+Shared by `fusion metrics` and `fusion report`. Rasters are read whole (quality evaluation needs the
+whole scene at once; a 2048 x 2048 x 8 product is ~270 MB in float64).
+
+Validity: a pixel is valid when every band is valid in every input, by the rasters' own masks (nodata
+value, internal mask, alpha) and by `nodata` if given (a pixel whose bands all equal it is invalid:
+for unflagged zero borders such as SpaceNet's). Low-resolution MS validity is carried to the PAN grid
+by pixel replication.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion_cli.errors import FusionError
+from fusion_cli.metrics import full_resolution, reduced_resolution
+
+
+@dataclass
+class EvalOptions:
+    """Conventions of an evaluation (each is documented in `fusion metrics --help`)."""
+
+    ratio: int | None = None  # PAN/MS pixel-size ratio; full resolution infers it from the shapes
+    cut: int = 0  # toolbox border cut K: keep [K-1, H-K)
+    clip_bits: int | None = None  # clip the fused image to [0, 2^L] first
+    round_uint16: bool = True  # Q2n's uint16 rounding (the toolbox's); False is a deviation
+    per_band: bool = False
+    block: int = 32  # Q2n / Q / QNR block size
+    psnr_peak: float | str = "dnmax"
+    sensor: str | None = None  # MTF gains for D_lambda^K (None: generic gains)
+    nodata: float | None = None  # extra nodata value
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Image:
+    """A raster read whole: `data (C, H, W)` native dtype, `valid (H, W)` bool, and where it came from."""
+
+    path: Path
+    data: np.ndarray
+    valid: np.ndarray
+    tags: dict[str, str] = field(default_factory=dict)
+    descriptions: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One product to evaluate, with a reference (reduced resolution) or its PAN and MS (full)."""
+
+    fused: Image
+    ref: Image | None = None
+    pan: Image | None = None
+    ms: Image | None = None
+
+    @property
+    def mode(self) -> str:
+        return "reduced" if self.ref is not None else "full"
+
+
+def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
+    """Read every band of a raster with its validity mask (see the module docstring)."""
+    from fusion_cli.raster import gdal_env, open_raster
+
+    with gdal_env(), open_raster(path, what) as ds:
+        data = ds.read()
+        valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
+        tags = dict(ds.tags())
+        descriptions = list(ds.descriptions)
+    if nodata is not None:
+        valid &= ~(data == nodata).all(axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data).all(axis=0)
+    return Image(Path(path), data, valid, tags, descriptions)
+
+
+def _has_mask(ds: Any) -> bool:
+    from fusion_cli.raster import has_mask
+
+    return has_mask(ds)
+
+
+def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
+    """The PAN and MS paths and run parameters a `fusion` product records in its tags (or None)."""
+    try:
+        params = json.loads(fused.tags.get("FUSION_PARAMS", "{}"))
+    except json.JSONDecodeError:
+        params = {}
+    return (
+        fused.tags.get("FUSION_PAN"),
+        fused.tags.get("FUSION_MS"),
+        params if isinstance(params, dict) else {},
+    )
+
+
+def load_case(
+    fused: str | Path,
+    ref: str | Path | None = None,
+    pan: str | Path | None = None,
+    ms: str | Path | None = None,
+    nodata: float | None = None,
+) -> Case:
+    """Read a product and what it is judged against: `ref`, else `pan` + `ms`, else the product's tags."""
+    img = read_image(fused, "fused product", nodata)
+    if ref is not None:
+        if pan is not None or ms is not None:
+            raise FusionError("give either --ref (reduced resolution) or --pan and --ms (full), not both")
+        return Case(img, ref=read_image(ref, "reference", nodata))
+    if (pan is None) != (ms is None):
+        raise FusionError("full-resolution evaluation needs both --pan and --ms")
+    if pan is None:
+        pan, ms, _ = product_sources(img)
+        if pan is None or ms is None:
+            raise FusionError(
+                f"{img.path.name}: give --ref GT, or --pan and --ms (products written by fusion name them "
+                "in their FUSION_PAN / FUSION_MS tags, this one does not)"
+            )
+    return Case(img, pan=read_image(pan, "PAN", nodata), ms=read_image(ms, "MS", nodata))
+
+
+def _ms_for_product(case: Case) -> np.ndarray:
+    """The MS bands the product was made from: all, or the `bands` its FUSION_PARAMS tag records."""
+    assert case.ms is not None
+    ms = case.ms.data
+    c = case.fused.data.shape[0]
+    if ms.shape[0] == c:
+        return ms
+    bands = product_sources(case.fused)[2].get("bands")
+    if isinstance(bands, list) and len(bands) == c and all(isinstance(b, int) for b in bands):
+        if max(bands) <= ms.shape[0] and min(bands) >= 1:
+            return ms[[b - 1 for b in bands]]
+    raise FusionError(
+        f"fused has {c} bands but the MS {case.ms.path.name} has {ms.shape[0]}: pass the MS that was fused"
+    )
+
+
+def _crop_to(img: np.ndarray, h: int, w: int, ratio: int, what: str) -> np.ndarray:
+    """Accept a PAN-grid image up to ratio-1 pixels larger than ratio x MS (e.g. Landsat's extra PAN row)."""
+    eh, ew = img.shape[-2] - h, img.shape[-1] - w
+    if not (0 <= eh < ratio and 0 <= ew < ratio):
+        raise FusionError(
+            f"{what} is {img.shape[-2]}x{img.shape[-1]} but ratio {ratio} x MS gives {h}x{w}: "
+            "check --ratio and that PAN, MS and product cover the same area"
+        )
+    return img[..., :h, :w]
+
+
+def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
+    return None if valid.all() else valid
+
+
+def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
+    """All indices of a loaded case: reduced resolution with a reference, else full resolution.
+
+    Returns the index values (floats) with `product`, `mode`, the inputs' paths and `settings`.
+    """
+    opts = opts or EvalOptions()
+    f = case.fused
+    out: dict[str, Any] = {"product": str(f.path), "mode": case.mode}
+    if case.ref is not None:
+        r = case.ref
+        if r.data.shape != f.data.shape:
+            raise FusionError(
+                f"reference {r.path.name} {r.data.shape} and product {f.path.name} {f.data.shape} differ "
+                "in (bands, rows, cols): compare a product with the reference of the same scene"
+            )
+        if opts.ratio is None:
+            raise FusionError("reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)")
+        out["reference"] = str(r.path)
+        out.update(
+            reduced_resolution(
+                r.data,
+                f.data,
+                opts.ratio,
+                cut=opts.cut,
+                clip_bits=opts.clip_bits,
+                mask=_mask_or_none(f.valid & r.valid),
+                per_band=opts.per_band,
+                block=opts.block,
+                round_uint16=opts.round_uint16,
+                psnr_peak=opts.psnr_peak,
+            )
+        )
+    else:
+        assert case.pan is not None and case.ms is not None
+        ms = _ms_for_product(case)
+        h, w = ms.shape[1:]
+        ratio = opts.ratio or max(1, round(f.data.shape[1] / h))
+        size = (ratio * h, ratio * w)
+        fused = _crop_to(f.data, *size, ratio, f"product {f.path.name}")
+        pan = _crop_to(case.pan.data, *size, ratio, f"PAN {case.pan.path.name}")
+        if pan.shape[0] != 1:
+            raise FusionError(
+                f"PAN {case.pan.path.name} has {pan.shape[0]} bands: QNR needs a single PAN band"
+            )
+        ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
+        valid = _crop_to(f.valid, *size, ratio, "mask") & _crop_to(case.pan.valid, *size, ratio, "mask")
+        valid &= ms_valid
+        out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
+        out.update(
+            full_resolution(
+                fused,
+                pan,
+                ms,
+                ratio,
+                opts.sensor,
+                _mask_or_none(valid),
+                opts.block,
+                opts.clip_bits,
+                opts.per_band,
+            )
+        )
+    out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())
+    out["settings"] = opts.to_dict()
+    return out
+
+
+def evaluate(
+    fused: str | Path,
+    ref: str | Path | None = None,
+    pan: str | Path | None = None,
+    ms: str | Path | None = None,
+    opts: EvalOptions | None = None,
+) -> dict[str, Any]:
+    """Read and score one product (see `load_case` and `score`)."""
+    opts = opts or EvalOptions()
+    return score(load_case(fused, ref, pan, ms, opts.nodata), opts)
+
+
+INDEX_ORDER = ("Q2n", "Q", "SAM", "ERGAS", "SCC", "PSNR", "SSIM", "RMSE", "D_lambda", "D_s", "QNR")
+INDEX_ORDER += ("D_lambda_K", "HQNR")
+
+
+def flatten(result: dict[str, Any]) -> dict[str, Any]:
+    """One flat row for CSV: paths, mode, indices in a fixed order, then per-band values as `Q_b1`..."""
+    row: dict[str, Any] = {k: result[k] for k in ("product", "mode", "reference", "pan", "ms") if k in result}
+    row.update({k: result[k] for k in INDEX_ORDER if k in result})
+    for k in ("q2n_name", "bands", "ratio", "valid_fraction"):
+        if k in result:
+            row[k] = result[k]
+    for name, values in result.get("per_band", {}).items():
+        row.update({f"{name}_b{i + 1}": v for i, v in enumerate(values)})
+    settings = result.get("settings", {})
+    row.update({f"opt_{k}": v for k, v in settings.items() if k != "per_band"})
+    return row
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path, append: bool = False) -> Path:
+    """Write rows (union of their keys, first-seen order) to CSV; `append` adds to an existing file
+    whose header is kept (new columns are then dropped, missing ones left empty)."""
+    import csv
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    if append and p.exists() and p.stat().st_size > 0:
+        with p.open(newline="") as fh:
+            columns = next(csv.reader(fh))
+        mode = "a"
+    else:
+        mode = "w"
+    with p.open(mode, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(rows)
+    return p
