@@ -33,6 +33,22 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+class MetricOpt:
+    """Index conventions shared by `fusion metrics` and `fusion report` (one definition each)."""
+
+    ratio = typer.Option(
+        None, "--ratio", min=1, help="PAN/MS pixel-size ratio (e.g. 4). Required with a reference."
+    )
+    cut = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K).")
+    clip_bits = typer.Option(None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L] first.")
+    no_uint16 = typer.Option(
+        False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
+    )
+    psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
+    sensor = typer.Option(None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...).")
+    nodata = typer.Option(None, "--nodata", help="Extra nodata value (all bands equal to it).")
+
+
 class FuseOpt:
     """The fusion options shared by `pansharpen`, `hisr` and `batch`: one definition each (Typer
     option objects are plain metadata, so several commands can use the same one as a default)."""

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fusion_cli.cli.common import echo_json
+from fusion_cli.cli.common import MetricOpt, echo_json
 from fusion_cli.errors import FusionError
 
 HELP = """Quality indices of a fused product, with the conventions of the MATLAB toolbox of Vivone et al.
@@ -60,26 +60,14 @@ def register(app: typer.Typer) -> None:
             None, "--pan", help="PAN the product was made from (full resolution)."
         ),
         ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS the product was made from."),
-        ratio: int | None = typer.Option(
-            None, "--ratio", min=1, help="PAN/MS pixel-size ratio (e.g. 4). Required with --ref."
-        ),
-        cut: int = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K)."),
-        clip_bits: int | None = typer.Option(
-            None, "--clip-bits", min=1, max=32, help="Clip the product to [0, 2^L] first."
-        ),
-        no_uint16: bool = typer.Option(
-            False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
-        ),
+        ratio: int | None = MetricOpt.ratio,
+        cut: int = MetricOpt.cut,
+        clip_bits: int | None = MetricOpt.clip_bits,
+        no_uint16: bool = MetricOpt.no_uint16,
         per_band: bool = typer.Option(False, "--per-band", help="Also show per-band values."),
-        psnr_peak: str = typer.Option(
-            "dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max."
-        ),
-        sensor: str | None = typer.Option(
-            None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...)."
-        ),
-        nodata: float | None = typer.Option(
-            None, "--nodata", help="Extra nodata value (all bands equal to it)."
-        ),
+        psnr_peak: str = MetricOpt.psnr_peak,
+        sensor: str | None = MetricOpt.sensor,
+        nodata: float | None = MetricOpt.nodata,
         block: int = typer.Option(32, "--block", min=4, help="Block / window size of Q2n, Q and QNR."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
         csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),

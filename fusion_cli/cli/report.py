@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.cli.common import MetricOpt, echo_json, parse_bands
 from fusion_cli.errors import FusionError
 
 HELP = """Evaluate many fused products at once and write REPORT/metrics.csv, REPORT/metrics.json and
@@ -41,25 +41,13 @@ def register(app: typer.Typer) -> None:
         ),
         pan: Path | None = typer.Option(None, "--pan", help="PAN for every product (full resolution)."),
         ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS for every product."),
-        ratio: int | None = typer.Option(
-            None, "--ratio", min=1, help="PAN/MS ratio (required with references)."
-        ),
-        cut: int = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K)."),
-        clip_bits: int | None = typer.Option(
-            None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L]."
-        ),
-        no_uint16: bool = typer.Option(
-            False, "--no-uint16", help="Q2n without uint16 rounding (a deviation)."
-        ),
-        psnr_peak: str = typer.Option(
-            "dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max."
-        ),
-        sensor: str | None = typer.Option(
-            None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...)."
-        ),
-        nodata: float | None = typer.Option(
-            None, "--nodata", help="Extra nodata value (all bands equal to it)."
-        ),
+        ratio: int | None = MetricOpt.ratio,
+        cut: int = MetricOpt.cut,
+        clip_bits: int | None = MetricOpt.clip_bits,
+        no_uint16: bool = MetricOpt.no_uint16,
+        psnr_peak: str = MetricOpt.psnr_peak,
+        sensor: str | None = MetricOpt.sensor,
+        nodata: float | None = MetricOpt.nodata,
         rgb: str | None = typer.Option(
             None, "--rgb", help="Display bands, 1-based, e.g. 5,3,2 (default by count)."
         ),
