@@ -898,9 +898,7 @@ def hisr(
     **opts: Any,
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan")."""
-    options = _options(opts)
-    fuser = _resolve_fuser(msi, hsi, out, model, weights, method, options, sensor)
-    return fuse_files(msi, hsi, out, fuser, options)
+    return pansharpen(msi, hsi, out, model=model, weights=weights, method=method, sensor=sensor, **opts)
 
 
 def iter_windows(plan: TilePlan) -> Iterator[Window]:
