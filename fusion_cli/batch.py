@@ -10,6 +10,7 @@ The Dask path (`fusion_cli.batch_dask`) reuses `execute_scene`, so both report a
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import glob
 import hashlib
@@ -733,10 +734,11 @@ class FuseJob:
 def make_scene_processor(job: FuseJob) -> SceneProcessor:
     """`process(scene)` fusing with one fuser built once for the whole batch.
 
-    A network is built on the first scene and serves every scene. A classical method depends on
-    the pair's ratio (measured per scene from the geotransforms), so one instance is kept per
-    ratio; a method with scene statistics (`needs_stats`) gets a fresh instance per scene so that
-    no statistics leak from one scene into the next (cheap: classical methods have no weights).
+    A network is built once and serves every scene (a shallow copy per scene holds its statistics).
+    A classical method depends on the pair's ratio (measured per scene from the geotransforms), so
+    one instance is kept per ratio; a method with scene statistics (`needs_stats`) gets a fresh
+    instance per scene so that no statistics leak from one scene into the next (cheap: classical
+    methods have no weights).
     """
     from fusion_cli import pipeline
 
@@ -751,7 +753,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         fusers[None] = pipeline.make_fuser(**job.fuser)
 
     def fuser_for(scene: Scene) -> Any:
-        ratio = pipeline.measure_ratio(scene.pan, scene.ms) if classical else None
+        if not classical:
+            # One network serves the batch; its scene statistics (band max) live in a shallow
+            # per-scene copy, so scenes fused concurrently do not share them.
+            return copy.copy(fusers[None])
+        ratio = pipeline.measure_ratio(scene.pan, scene.ms)
         fuser = fusers.get(ratio)
         if fuser is None or fuser.needs_stats:
             fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio})

@@ -70,6 +70,14 @@ _ALIASES = {
 SENSORS: tuple[str, ...] = tuple(_TABLE)
 
 
+def sensor_or_generic(sensor: str | None) -> str | None:
+    """A known sensor's key, else None (generic gains): for free-text sensors of model cards."""
+    try:
+        return canonical_sensor(sensor) if sensor else None
+    except FusionError:
+        return None
+
+
 def canonical_sensor(sensor: str | None) -> str:
     """Normalise a user-given sensor name ("WV3", "WorldView-3", "QB", None) to a key of the table."""
     if sensor is None:

@@ -311,3 +311,43 @@ def test_official_network_on_wv3(tmp_path):
     np.testing.assert_allclose(got.mean(axis=(1, 2)), ms.mean(axis=(1, 2)), rtol=0.1)
     pan = _read(pan_path)[0].astype(np.float64)
     assert np.corrcoef(got.mean(axis=0).ravel(), pan.ravel())[0, 1] > 0.5
+
+
+def test_network_with_classical_base_streams_like_that_method(tmp_path):
+    """A FusionMamba whose config names a base method gets that method's product through the same
+    statistics pass and windows: a fresh one (zero head) writes exactly the method's output, and a
+    per-scene copy (batch) owns its statistics."""
+    import copy
+
+    import torch
+
+    from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+    from fusion_cli.models.registry import ModelCard, save_model
+    from fusion_cli.pipeline import make_fuser
+
+    pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
+    ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+    torch.manual_seed(0)
+    model = FusionMamba(FusionMambaConfig(ms_bands=6, ratio=2, dim=4, base="bdsd-pc"))
+    card = ModelCard(
+        name="based", task="pansharpening", description="test", sensor="landsat7",
+        bands=[f"b{i}" for i in range(6)], pan_bands=["PAN"], ratio=2, dn_max=255.0, licence="MIT",
+        training={"data": [{"source": "fusebox", "licence": "public domain"}]},
+    )  # fmt: skip
+    weights, _ = save_model(model, card, tmp_path)
+    net = make_fuser(weights=weights, device="cpu")
+    assert net.needs_stats and net.halo >= net.base_fuser.halo
+    twin = copy.copy(net)
+    assert twin.model is net.model and twin.base_fuser is not net.base_fuser
+
+    fuse_files(pan, ms, tmp_path / "net.tif", net, _opts(tile=256))
+    method = make_fuser(method="bdsd-pc", ratio=2, sensor="landsat7")
+    fuse_files(pan, ms, tmp_path / "bdsd.tif", method, _opts())
+    a, b = _read(tmp_path / "net.tif").astype(int), _read(tmp_path / "bdsd.tif").astype(int)
+    assert np.abs(a - b).max() <= 1
+
+    with torch.no_grad():  # a network that does correct the base changes the product
+        torch.nn.init.normal_(model.to_hrms[2].weight, std=0.05)
+    weights, _ = save_model(model, card, tmp_path)
+    fuse_files(pan, ms, tmp_path / "net2.tif", make_fuser(weights=weights, device="cpu"), _opts(tile=256))
+    assert np.abs(_read(tmp_path / "net2.tif").astype(int) - b).mean() > 0.5

@@ -201,6 +201,11 @@ class ClassicalFuser:
             raise FusionError(f"method {self.name} needs a statistics pass (accumulate, finalize) first")
         return self._fuse(pan.to(FUSE_DTYPE), ms.to(FUSE_DTYPE))
 
+    @property
+    def fitted(self) -> bool:
+        """Whether `fuse` may run: the statistics pass is done (or the method needs none)."""
+        return self._finalized
+
     # ---- convenience for arrays ------------------------------------------------------------
     def fit(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor | None = None) -> ClassicalFuser:
         """Whole-image statistics pass in one call (what the pipeline does tile by tile)."""

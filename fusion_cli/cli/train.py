@@ -82,6 +82,12 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
         precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
         gain_aug: str = typer.Option(None, "--gain-aug", help="Random radiometric gain per patch 'lo,hi'."),
+        base: str = typer.Option(
+            None,
+            "--base",
+            help="Classical method (e.g. bdsd-pc) whose product the network learns to correct, "
+            "instead of the paper's learned upsampling.",
+        ),
         init: Path = typer.Option(None, "--init", help="Start from these weights (fine-tuning)."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         description: str = typer.Option("", help="Card description."),
@@ -117,6 +123,8 @@ def register(app: typer.Typer) -> None:
             device=device,
             precision=precision,
             gain_aug=_pair(gain_aug, "--gain-aug"),
+            base=base,
+            sensor=sensor,
         )
         res = train_from_inputs(
             inputs,

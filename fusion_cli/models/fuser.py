@@ -1,7 +1,9 @@
 """`NetworkFuser`: a loaded FusionMamba behind the `Fuser` protocol of `fusion_cli.fusers`.
 
 The pipeline hands DN tiles; this divides by the card's dn_max (the units the network was trained on),
-runs the network on its device in batches, and returns DN float32 on the caller's device.
+runs the network on its device in batches, and returns DN float32 on the caller's device. A model
+whose config names a classical `base` method gets that method's product on the same windows (the
+method's scene statistics come from the same statistics pass).
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from fusion_cli.errors import FusionError
 from fusion_cli.models.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from fusion_cli.classical import ClassicalFuser
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,9 +43,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class NetworkFuser:
-    """Fuser for a FusionMamba model. `halo` defaults to 32 PAN px rounded up to `tile_multiple`."""
+    """Fuser for a FusionMamba model. `halo` defaults to 32 PAN px rounded up to `tile_multiple`.
 
-    needs_stats = False
+    The statistics pass gathers the scene's per-band MS max over valid pixels: the network's spectral
+    attention reads it, and per-tile maxima would give each tile different band weights (a seam).
+    Without that pass (`fuse` called directly) each window uses its own max, as in training.
+    `sensor` picks the MTF gains of a classical base method (default: the card's sensor).
+    """
+
+    needs_stats = True
 
     def __init__(
         self,
@@ -49,6 +61,7 @@ class NetworkFuser:
         dn_max: float | None = None,
         halo: int | None = None,
         batch_size: int = 8,
+        sensor: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
@@ -67,10 +80,17 @@ class NetworkFuser:
         self.ms_bands: int | None = cfg.ms_bands
         self.pan_bands = cfg.pan_bands
         self.tile_multiple = cfg.multiple
-        self.halo = halo if halo is not None else self.tile_multiple * math.ceil(32 / self.tile_multiple)
+        self.base_method = cfg.base
+        self.base_sensor = sensor or loaded.card.sensor
+        self.base_fuser = self._new_base_fuser()
+        base_halo = int(self.base_fuser.halo) if self.base_fuser is not None else 0
+        default_halo = self.tile_multiple * math.ceil(max(32, base_halo) / self.tile_multiple)
+        self.halo = halo if halo is not None else default_halo
         self.dn_max = float(dn_max if dn_max is not None else loaded.card.dn_max)
         self.batch_size = batch_size
         self.precision = precision
+        self.band_max: torch.Tensor | None = None  # (C,) DN, from the statistics pass
+        self._running_max: torch.Tensor | None = None
         if precision != "fp32" and self.device.type != "cuda":
             # Reduced precision only pays on GPUs; CPU autocast would be slower and less accurate.
             warnings.warn(
@@ -78,11 +98,41 @@ class NetworkFuser:
             )
             self.precision = "fp32"
 
+    def _new_base_fuser(self) -> ClassicalFuser | None:
+        if self.base_method is None:
+            return None
+        from fusion_cli.classical import make_method
+        from fusion_cli.sensors import sensor_or_generic
+
+        sensor = sensor_or_generic(self.base_sensor)  # as `training.data.attach_base` resolves it
+        return make_method(self.base_method, self.ratio, sensor=sensor, ms_bands=self.ms_bands)
+
+    def __copy__(self) -> NetworkFuser:
+        """A per-scene copy: shares the network, owns its statistics (and base method)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.band_max, new._running_max = None, None
+        new.base_fuser = self._new_base_fuser()
+        return new
+
     def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        """No scene statistics needed."""
+        """Running per-band max of the MS over MS pixels whose whole PAN block is valid."""
+        invalid = torch.nn.functional.max_pool2d((~valid).float(), self.ratio) > 0  # (1, 1, h, w)
+        masked = ms.float().masked_fill(invalid, float("-inf"))
+        tile_max = torch.amax(masked, dim=(0, 2, 3)).cpu()
+        self._running_max = (
+            tile_max if self._running_max is None else torch.maximum(self._running_max, tile_max)
+        )
+        if self.base_fuser is not None and self.base_fuser.needs_stats:
+            self.base_fuser.accumulate(pan, ms, valid)
 
     def finalize(self) -> None:
-        """No scene statistics needed."""
+        """The scene's band max; a band with no valid pixel leaves the per-window max in use."""
+        m = self._running_max
+        self.band_max = m if m is not None and bool(torch.isfinite(m).all()) else None
+        self._running_max = None
+        if self.base_fuser is not None and self.base_fuser.needs_stats:
+            self.base_fuser.finalize()
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         dtype = PRECISIONS[self.precision]
@@ -94,14 +144,26 @@ class NetworkFuser:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=dtype)
 
+    def _base(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        """The base method's product in DN; without a statistics pass, fitted on these windows."""
+        assert self.base_fuser is not None
+        method = self.base_fuser if self.base_fuser.fitted else self._new_base_fuser().fit(pan, ms)
+        return method.fuse(pan, ms)
+
     def fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         """pan `(B, P, H, W)`, ms `(B, C, H/r, W/r)` in DN -> `(B, C, H, W)` DN float32."""
         out_device = pan.device
         scale = 1.0 / self.dn_max
+        band_max = None if self.band_max is None else self.band_max.to(self.device) * scale
         outs = []
         with torch.inference_mode(), self._autocast():
             for i in range(0, pan.shape[0], self.batch_size):
                 p = pan[i : i + self.batch_size].to(self.device, torch.float32) * scale
                 m = ms[i : i + self.batch_size].to(self.device, torch.float32) * scale
-                outs.append((self.model(m, p).float() * self.dn_max).to(out_device))
+                base = None
+                if self.base_fuser is not None:
+                    b = self._base(pan[i : i + self.batch_size], ms[i : i + self.batch_size])
+                    base = b.to(self.device, torch.float32) * scale
+                out = self.model(m, p, band_max, base)
+                outs.append((out.float() * self.dn_max).to(out_device))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

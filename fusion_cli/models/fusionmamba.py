@@ -12,6 +12,10 @@ Data flow, `(B, C, h, w)` MS and `(B, P, H, W)` PAN with H = ratio*h, in [0, 1] 
     two decoder stages (module, shared transposed conv, + own skip, depthwise-separable conv)
     final module -> fused map (B, d, H, W)
     out = head(fused) * spectral_attention(ms) + up
+
+With `config.base` (a classical method's name) the caller also passes that method's product `base`
+`(B, C, H, W)`: it replaces `up` as the MS-branch input and as the global residual, so the network
+learns a correction of a strong classical result instead of a whole fusion.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class FusionMambaConfig:
     expand: int = 1
     attn_dim: int = 32  # width of the spectral-attention Mamba over the band sequence
     scan_backend: str | None = None
+    # A classical method (fusion_cli.classical) whose product is the global residual instead of the
+    # learned upsampling: the network then learns a correction of that method's output. None = paper.
+    base: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("ms_bands", "pan_bands", "ratio", "dim", "d_state", "d_conv", "expand", "attn_dim"):
@@ -52,6 +59,8 @@ class FusionMambaConfig:
                 raise FusionError(f"FusionMamba config: {name} must be a positive integer, got {value!r}")
         if self.ratio < 2:
             raise FusionError(f"FusionMamba config: ratio must be >= 2, got {self.ratio}")
+        if self.base is not None and not (isinstance(self.base, str) and self.base):
+            raise FusionError(f"FusionMamba config: base must be a method name or null, got {self.base!r}")
 
     @property
     def multiple(self) -> int:
@@ -321,7 +330,10 @@ class PixelShuffleUp(nn.Module):
 
 class SpectralAttention(nn.Module):
     """Band weights from the low-res MS: per-band max, Linear 1->a, LayerNorm, bidirectional Mamba over the
-    band sequence, Linear a->1, sigmoid. `(B, C, h, w)` -> `(B, C, 1, 1)`."""
+    band sequence, Linear a->1, sigmoid. `(B, C, h, w)` -> `(B, C, 1, 1)`.
+
+    The per-band max is a statistic of the whole input; a tiled run passes the scene's (`band_max`) so
+    that every tile gets the band weights the whole scene would get in one piece (no seams)."""
 
     def __init__(self, cfg: FusionMambaConfig) -> None:
         super().__init__()
@@ -334,8 +346,11 @@ class SpectralAttention(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, ms: torch.Tensor) -> torch.Tensor:
-        pooled = torch.amax(ms, dim=(-2, -1)).unsqueeze(-1)  # (B, C, 1): one token per band
+    def forward(self, ms: torch.Tensor, band_max: torch.Tensor | None = None) -> torch.Tensor:
+        """ms `(B, C, h, w)`; band_max `(B, C)` or `(C,)`, default the max of `ms` itself."""
+        if band_max is None:
+            band_max = torch.amax(ms, dim=(-2, -1))
+        pooled = band_max.to(ms.dtype).expand(ms.shape[0], ms.shape[1]).unsqueeze(-1)  # (B, C, 1)
         return self.block(pooled).unsqueeze(-1)
 
 
@@ -395,9 +410,23 @@ class FusionMamba(nn.Module):
         if ms.shape[0] != pan.shape[0]:
             raise FusionError(f"batch sizes differ: ms {ms.shape[0]}, pan {pan.shape[0]}")
 
-    def forward(self, ms: torch.Tensor, pan: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        ms: torch.Tensor,
+        pan: torch.Tensor,
+        band_max: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`band_max` `(B, C)` or `(C,)`: per-band max of the whole scene for the spectral attention,
+        when `ms` is one tile of it (default: the max of `ms`). `base` `(B, C, H, W)`: the product of
+        `config.base` on the same inputs, required exactly when the config names one."""
         self.check_inputs(ms, pan)
-        up = self.upsample(ms)
+        if (base is None) != (self.config.base is None):
+            need = f"the {self.config.base} product as `base`" if self.config.base else "no `base`"
+            raise FusionError(f"this FusionMamba takes {need}")
+        if base is not None and base.shape != (*ms.shape[:2], *pan.shape[-2:]):
+            raise FusionError(f"base {tuple(base.shape)} must be (B, C, H, W) of the PAN grid")
+        up = self.upsample(ms) if base is None else base
         pan_f = self.raise_pan_dim(pan)
         ms_f = self.raise_ms_dim(up)
         pan_f, ms_f, pan_skip0, ms_skip0 = self.stage0(pan_f, ms_f)
@@ -405,4 +434,4 @@ class FusionMamba(nn.Module):
         pan_f, ms_f = self.stage2(pan_f, ms_f, (pan_skip1, ms_skip1))
         pan_f, ms_f = self.stage3(pan_f, ms_f, (pan_skip0, ms_skip0))
         fused = self.stage4(pan_f, ms_f)
-        return self.to_hrms(fused) * self.spe_attn(ms) + up
+        return self.to_hrms(fused) * self.spe_attn(ms, band_max) + up

@@ -343,7 +343,7 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     cfg = model.config.to_dict()
     cfg["scan_backend"] = None  # a run-time choice, not part of the architecture
     if card.architecture:
-        declared = dict(card.architecture, scan_backend=None)
+        declared = {"base": None, **card.architecture, "scan_backend": None}  # older cards: no base
         if declared != cfg:
             raise FusionError(f"card {card.name!r} architecture {declared} differs from the model's {cfg}")
     card.architecture = cfg

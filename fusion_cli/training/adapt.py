@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from fusion_cli.errors import FusionError
-from fusion_cli.training.data import PatchSampler, Scene, reduce_scene
+from fusion_cli.training.data import PatchSampler, Scene, attach_base, reduce_scene
+from fusion_cli.training.loop import model_base
 
 
 @dataclass
@@ -72,6 +73,9 @@ def adapt_model(
     pan_c = pan[:, y0 * ratio : (y0 + h_side) * ratio, x0 * ratio : (x0 + w_side) * ratio]
     scene = Scene(name="adapt", pan=pan_c, ms=ms_c, ratio=ratio, dn_max=dn_max, sensor=sensor)
     pair = reduce_scene(scene, ratio, task)
+    method = model_base(model)
+    if method is not None:
+        pair = attach_base([pair], method, sensor)[0]
     m = math.lcm(4, ratio)
     side = min(pair.ref.shape[1], pair.ref.shape[2])
     patch = patch or min(64 // m * m or m, side // m * m)
@@ -87,8 +91,8 @@ def adapt_model(
     losses: list[float] = []
     t0 = time.perf_counter()
     for _ in range(steps):
-        p, s, r = sampler.batch(batch)
-        loss = torch.nn.functional.l1_loss(adapted(s, p), r)
+        p, s, r, b = sampler.batch(batch)
+        loss = torch.nn.functional.l1_loss(adapted(s, p, base=b), r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -105,7 +105,12 @@ def train_from_inputs(
     if init_weights is not None:
         from fusion_cli.models.registry import load_model
 
-        init_state = load_model(weights=init_weights, device="cpu").model.state_dict()
+        init_model = load_model(weights=init_weights, device="cpu").model
+        init_base = getattr(init_model.config, "base", None)
+        if config.base not in (None, init_base):
+            raise FusionError(f"--base {config.base}: the --init weights correct {init_base or 'no base'}")
+        config.base = init_base
+        init_state = init_model.state_dict()
     card: dict[str, Any] = {
         "name": name,
         "task": task,

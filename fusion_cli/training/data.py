@@ -80,6 +80,7 @@ class TrainPair:
     ms: np.ndarray  # (C, H/r, W/r) reduced MS / HSI
     ref: np.ndarray  # (C, H, W) the original MS / HSI: the target
     ratio: int
+    base: np.ndarray | None = None  # (C, H, W) a classical base method's product (see `attach_base`)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -313,6 +314,25 @@ def reduce_scene(
     )
 
 
+def attach_base(pairs: Iterable[TrainPair], method: str, sensor: str | None = None) -> list[TrainPair]:
+    """Each pair with `base`: the classical `method`'s product on its reduced inputs, the global
+    residual of a model whose config names that method. Statistics are fitted on the whole pair, as
+    the pipeline's statistics pass fits them on a whole scene. The methods are linear in the DN
+    scale, so they run in network units directly."""
+    from fusion_cli.classical import make_method
+    from fusion_cli.sensors import sensor_or_generic
+
+    out: list[TrainPair] = []
+    for p in pairs:
+        if p.base is None:
+            pan, ms = torch.from_numpy(p.pan)[None], torch.from_numpy(p.ms)[None]
+            fuser = make_method(method, p.ratio, sensor=sensor_or_generic(sensor), ms_bands=p.ms.shape[0])
+            base = fuser.fit(pan, ms).fuse(pan, ms)[0].numpy()
+            p = replace(p, base=np.ascontiguousarray(base, dtype=np.float32))
+        out.append(p)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- HDF5 sets
 
 
@@ -394,8 +414,12 @@ class PatchSampler:
         self.device = torch.device(device)
         self.patch = patch
         self.gain = gain
+        self.with_base = all(p.base is not None for p in usable)
         self.pairs = [
-            tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (p.pan, p.ms, p.ref))
+            tuple(
+                torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                for a in (p.pan, p.ms, p.ref) + ((p.base,) if self.with_base else ())
+            )
             for p in usable
         ]
         areas = np.array([(p.ref.shape[1] - patch + 1) * (p.ref.shape[2] - patch + 1) for p in usable], float)
@@ -409,26 +433,26 @@ class PatchSampler:
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pan (B, P, H, W), ms (B, C, H/r, W/r), ref (B, C, H, W)) on the sampler's device."""
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pan (B, P, H, W), ms (B, C, H/r, W/r), ref (B, C, H, W), base (B, C, H, W) or None when
+        the pairs carry no base) on the sampler's device."""
         r, p = self.ratio, self.patch
-        pans, mss, refs = [], [], []
+        crops: list[tuple[torch.Tensor, ...]] = []
         idx = self.rng.choice(len(self.pairs), size=size, p=self.weights)
         for i in idx:
-            pan, ms, ref = self.pairs[i]
+            pan, ms, *hr = self.pairs[i]  # hr: ref and, when present, base (both on the PAN grid)
             hl, wl = ms.shape[1] - p // r, ms.shape[2] - p // r
             y, x = int(self.rng.integers(0, hl + 1)), int(self.rng.integers(0, wl + 1))
             t = (pan[:, y * r : y * r + p, x * r : x * r + p], ms[:, y : y + p // r, x : x + p // r])
-            t = t + (ref[:, y * r : y * r + p, x * r : x * r + p],)
+            t = t + tuple(a[:, y * r : y * r + p, x * r : x * r + p] for a in hr)
             k, flip = int(self.rng.integers(0, 4)), bool(self.rng.integers(0, 2))
             t = tuple(_augment(a, k, flip) for a in t)
             if self.gain is not None:
                 g = float(self.rng.uniform(*self.gain))
                 t = tuple(a * g for a in t)
-            pans.append(t[0])
-            mss.append(t[1])
-            refs.append(t[2])
-        return torch.stack(pans), torch.stack(mss), torch.stack(refs)
+            crops.append(t)
+        stacked = [torch.stack(parts) for parts in zip(*crops, strict=True)]
+        return stacked[0], stacked[1], stacked[2], stacked[3] if self.with_base else None
 
 
 def _augment(a: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -464,6 +488,7 @@ def validation_crops(pairs: Iterable[TrainPair], size: int, per_pair: int = 4) -
                         ms=p.ms[:, y // r : (y + s) // r, x // r : (x + s) // r],
                         ref=p.ref[:, y : y + s, x : x + s],
                         ratio=r,
+                        base=None if p.base is None else p.base[:, y : y + s, x : x + s],
                     )
                 )
     return out

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fusion_cli.errors import FusionError
-from fusion_cli.training.data import PatchSampler, TrainPair, validation_crops
+from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, validation_crops
 
 
 @dataclass
@@ -59,6 +59,8 @@ class TrainConfig:
     gain_aug: tuple[float, float] | None = None  # random radiometric gain per patch
     dn_max: float = 1.0  # for metrics in DN units (validation data are in network units)
     scan_backend: str | None = None
+    base: str | None = None  # classical method whose product the network corrects (FusionMambaConfig.base)
+    sensor: str | None = None  # MTF gains of the base method (a free-text sensor means generic)
 
     def __post_init__(self) -> None:
         m = math.lcm(4, self.ratio)
@@ -97,7 +99,12 @@ def build_model(config: TrainConfig, ms_bands: int, pan_bands: int) -> nn.Module
     from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 
     cfg = FusionMambaConfig(
-        ms_bands=ms_bands, pan_bands=pan_bands, ratio=config.ratio, dim=config.dim, d_state=config.d_state
+        ms_bands=ms_bands,
+        pan_bands=pan_bands,
+        ratio=config.ratio,
+        dim=config.dim,
+        d_state=config.d_state,
+        base=config.base,
     )
     if config.scan_backend is not None and hasattr(cfg, "scan_backend"):
         cfg.scan_backend = config.scan_backend
@@ -111,19 +118,34 @@ def _autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def model_base(model: nn.Module) -> str | None:
+    """The classical base method a model corrects (FusionMambaConfig.base), None for the paper's."""
+    return getattr(getattr(model, "config", None), "base", None)
+
+
 @torch.no_grad()
 def evaluate_pairs(
-    model: nn.Module, pairs: Sequence[TrainPair], device: torch.device, dn_max: float, precision: str = "fp32"
+    model: nn.Module,
+    pairs: Sequence[TrainPair],
+    device: torch.device,
+    dn_max: float,
+    precision: str = "fp32",
+    sensor: str | None = None,
 ) -> dict[str, float]:
-    """Mean L1 (network units) and Q2n / SAM / ERGAS (on DN) of the model over reduced-resolution pairs."""
+    """Mean L1 (network units) and Q2n / SAM / ERGAS (on DN) of the model over reduced-resolution pairs.
+    A model with a base method gets it on each pair (fitted per pair, MTF gains of `sensor`)."""
     model.eval()
+    method = model_base(model)
+    if method is not None:
+        pairs = attach_base(pairs, method, sensor)
     l1s: list[float] = []
     scores: dict[str, list[float]] = {"q2n": [], "sam": [], "ergas": [], "psnr": []}
     for p in pairs:
         pan = torch.from_numpy(np.ascontiguousarray(p.pan))[None].to(device)
         ms = torch.from_numpy(np.ascontiguousarray(p.ms))[None].to(device)
+        base = None if p.base is None else torch.from_numpy(np.ascontiguousarray(p.base))[None].to(device)
         with _autocast(device, precision):
-            out = model(ms, pan)
+            out = model(ms, pan, base=base)
         out = out.float()[0].cpu().numpy()
         l1s.append(float(np.abs(out - p.ref).mean()))
         for k, v in quality(p.ref * dn_max, np.clip(out, 0, None) * dn_max, p.ratio, dn_max).items():
@@ -201,6 +223,10 @@ def train(
             raise FusionError(
                 f"{p.name} has {p.ms.shape[0]}+{p.pan.shape[0]} bands, the first scene {ms_bands}+{pan_bands}"
             )
+    if config.base is not None:
+        # The base product of each pair, once: patches and validation crops are cut from it.
+        train_pairs = attach_base(train_pairs, config.base, config.sensor)
+        val_pairs = attach_base(val_pairs, config.base, config.sensor)
     model = build_model(config, ms_bands, pan_bands).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -261,10 +287,13 @@ def train(
         )
         tmp.replace(ckpt_path)  # atomic: an interrupted save leaves the previous checkpoint
 
+    def validate() -> dict[str, float]:
+        return evaluate_pairs(model, val_set, device, config.dn_max, precision, config.sensor)
+
     t0 = time.perf_counter()
     if step == 0 and val_set:
         # The starting point of the validation curve (and what a fine-tuning run must beat).
-        rec0 = {"epoch": 0.0, "step": 0, **evaluate_pairs(model, val_set, device, config.dn_max, precision)}
+        rec0 = {"epoch": 0.0, "step": 0, **validate()}
         history.append(rec0)
         _append_log(log_path, rec0)
     bar = _progress(total, step, progress)
@@ -281,17 +310,17 @@ def train(
         epoch = step // spe
         for g in opt.param_groups:
             g["lr"] = _lr_at(config, epoch)
-        pan, ms, ref = sampler.batch(batch)
+        pan, ms, ref, base = sampler.batch(batch)
         try:
             with _autocast(device, precision):
-                out = model(ms, pan)
+                out = model(ms, pan, base=base)
             loss = torch.nn.functional.l1_loss(out.float(), ref)
             if torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
         except torch.OutOfMemoryError:
             # The pure-PyTorch scan keeps every step for backward: halve the batch rather than die.
-            del pan, ms, ref
+            del pan, ms, ref, base
             out = loss = None
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
@@ -322,7 +351,7 @@ def train(
             rec["lr"] = _lr_at(config, epoch)
             due = (step // spe) % config.val_every == 0
             if step == total or (due and time.perf_counter() - last_val >= config.val_interval_s):
-                rec.update(evaluate_pairs(model, val_set, device, config.dn_max, precision))
+                rec.update(validate())
                 _track_best(best, rec, model)
                 last_val = time.perf_counter()
             rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
@@ -337,7 +366,7 @@ def train(
 
     if epoch_n:  # a partial epoch at the time budget: log and validate it too
         rec = _end_epoch(step, spe, epoch_loss / epoch_n, seen, time.perf_counter() - t_epoch)
-        rec.update(evaluate_pairs(model, val_set, device, config.dn_max, precision))
+        rec.update(validate())
         _track_best(best, rec, model)
         rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
         history.append(rec)
