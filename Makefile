@@ -30,10 +30,10 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/make_example.py
 	mkdir -p demo_out
-	# The shipped Landsat model (see weights/landsat.json for its measured quality), then the best
+	# The shipped default model, landsat (weights/landsat.json: its measured quality), then the best
 	# classical method on the same scene for comparison.
 	$(BIN)/fusion pansharpen examples/landsat8_pan.tif examples/landsat8_ms.tif -o demo_out/landsat8_fused.tif \
-	  --model landsat --overwrite --quicklook
+	  --overwrite --quicklook
 	$(BIN)/fusion pansharpen examples/landsat8_pan.tif examples/landsat8_ms.tif -o demo_out/landsat8_bdsd_pc.tif \
 	  --method bdsd-pc --sensor landsat8 --overwrite --quicklook
 	@echo "Fused product: demo_out/landsat8_fused.tif (quicklook: demo_out/landsat8_fused.png)"
