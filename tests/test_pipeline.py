@@ -325,8 +325,9 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     from fusion_cli.models.registry import ModelCard, save_model
     from fusion_cli.pipeline import make_fuser
 
-    pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
-    ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+    # a 256 x 256 PAN crop of a real pair: four 128-px tiles (the CPU network is slow)
+    pan = _write(tmp_path / "pan.tif", _read(need_shared("landsat7_etm_fusebox", "1_pan.tif"))[:, :256, :256])
+    ms = _write(tmp_path / "ms.tif", _read(need_shared("landsat7_etm_fusebox", "1_ms.tif"))[:, :128, :128])
     torch.manual_seed(0)
     model = FusionMamba(FusionMambaConfig(ms_bands=6, ratio=2, dim=4, base="bdsd-pc"))
     card = ModelCard(
@@ -340,7 +341,7 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     twin = copy.copy(net)
     assert twin.model is net.model and twin.base_fuser is not net.base_fuser
 
-    fuse_files(pan, ms, tmp_path / "net.tif", net, _opts(tile=256))
+    fuse_files(pan, ms, tmp_path / "net.tif", net, _opts(tile=128))
     method = make_fuser(method="bdsd-pc", ratio=2, sensor="landsat7")
     fuse_files(pan, ms, tmp_path / "bdsd.tif", method, _opts())
     a, b = _read(tmp_path / "net.tif").astype(int), _read(tmp_path / "bdsd.tif").astype(int)
@@ -349,5 +350,5 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     with torch.no_grad():  # a network that does correct the base changes the product
         torch.nn.init.normal_(model.to_hrms[2].weight, std=0.05)
     weights, _ = save_model(model, card, tmp_path)
-    fuse_files(pan, ms, tmp_path / "net2.tif", make_fuser(weights=weights, device="cpu"), _opts(tile=256))
+    fuse_files(pan, ms, tmp_path / "net2.tif", make_fuser(weights=weights, device="cpu"), _opts(tile=128))
     assert np.abs(_read(tmp_path / "net2.tif").astype(int) - b).mean() > 0.5
