@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,20 +312,49 @@ def _single_threaded(enabled: bool) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _read_ahead(
+    source: _PairSource, boxes: Iterable[tuple[int, int, int, int]], depth: int = 2
+) -> Iterator[_Tile]:
+    """`source.read(*box)` for each box, in order, read by one background thread up to `depth` boxes
+    ahead: GDAL decodes (releasing the GIL) while the caller fuses or writes. Only that thread touches
+    the input datasets meanwhile; the generator must be exhausted or closed before anything else does."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-read") as pool:
+        ahead: deque[Future[_Tile]] = deque()
+        it = iter(boxes)
+        try:
+            for box in it:
+                ahead.append(pool.submit(source.read, *box))
+                if len(ahead) > depth:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for fut in ahead:
+                fut.cancel()
+
+
 def _accumulate_windows(
     fuser: Fuser, source: _PairSource, plan: TilePlan, dev: torch.device, m: int, side: int
 ) -> None:
-    for win in plan:
-        t = source.read(win.core_row - m, win.core_col - m, side, side)
-        core = np.zeros_like(t.valid)
-        # the last tiles reach past the scene (reflect padding): those pixels must not count twice
-        core[
-            m : m + min(plan.tile, plan.height - win.core_row),
-            m : m + min(plan.tile, plan.width - win.core_col),
-        ] = True
-        valid = t.valid & core
-        if not valid.any():
-            continue
+    windows = list(plan)
+    boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
+    with contextlib.closing(_read_ahead(source, boxes)) as tiles:
+        for win, t in zip(windows, tiles, strict=True):
+            _accumulate_window(fuser, plan, dev, m, win, t)
+
+
+def _accumulate_window(
+    fuser: Fuser, plan: TilePlan, dev: torch.device, m: int, win: Window, t: _Tile
+) -> None:
+    """Add one window's core to the fuser's statistics (its margin is context only)."""
+    core = np.zeros_like(t.valid)
+    # the last tiles reach past the scene (reflect padding): those pixels must not count twice
+    core[
+        m : m + min(plan.tile, plan.height - win.core_row),
+        m : m + min(plan.tile, plan.width - win.core_col),
+    ] = True
+    valid = t.valid & core
+    if valid.any():
         fuser.accumulate(
             torch.from_numpy(t.pan)[None].to(dev),
             torch.from_numpy(t.ms)[None].to(dev),
@@ -385,7 +414,8 @@ def _run(
         for (win, _), fused in zip(items, out, strict=True):
             acc.add(weighted_region(plan, fused), blend_weights(plan, win), win.core_row, win.core_col)
 
-    with _window_threads(workers) as pool:
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(_window_threads(workers))
         # at most 2 windows per worker in flight: bounded memory, the workers never wait for reads
         inflight: deque[tuple[list[tuple[Window, _Tile]], Future[np.ndarray]]] = deque()
 
@@ -400,10 +430,13 @@ def _run(
                 done, fut = inflight.popleft()
                 blend(done, fut.result())
 
+        windows = list(plan)  # strip by strip, as `plan.strip(i)` lists them
+        boxes = ((w.row, w.col, w.size, w.size) for w in windows)
+        tiles = stack.enter_context(contextlib.closing(_read_ahead(source, boxes)))
         for i in range(plan.rows):
             pending: list[tuple[Window, _Tile]] = []
             for win in plan.strip(i):
-                t = source.read(win.row, win.col, win.size, win.size)
+                t = next(tiles)
                 m = plan.margin
                 acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
                 if t.valid.any():  # an all-nodata window (a collar) needs no inference

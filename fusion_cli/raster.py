@@ -194,6 +194,7 @@ def output_profile(
         "BIGTIFF": "IF_SAFER",
     }
     if compress != "none":
+        profile["num_threads"] = "ALL_CPUS"  # GDAL compresses blocks in worker threads
         profile["compress"] = compress
         profile["predictor"] = 3 if np.issubdtype(np.dtype(dtype), np.floating) else 2
         if compress == "deflate":
