@@ -407,3 +407,22 @@ def test_shipped_landsat_beats_bdsd_pc_on_held_out_path_row(scene: int) -> None:
         f"BDSD-PC {ref['q2n']:.4f} {ref['ergas']:.3f}"
     )
     assert net["ergas"] < ref["ergas"] and net["q2n"] > ref["q2n"]
+
+
+def test_adapt_a_base_model_trains_its_correction(pairs: dict[str, list[TrainPair]]) -> None:
+    """--adapt on a model with a classical base: the base is computed on the adapted scene too, the
+    adapted copy moves away from the base (the head learns) and the original stays the base."""
+    from fusion_cli.training.adapt import adapt_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny(base="bdsd-pc"), 6, 1).eval()
+    p = attach_base(pairs["test"][:1], "bdsd-pc", "landsat7")[0]
+    adapted, report = adapt_model(
+        model, p.pan * 255.0, p.ms * 255.0, ratio=2, dn_max=255.0, steps=4, lr=1e-3, batch=2, patch=32,
+        sensor="landsat7",
+    )  # fmt: skip
+    ms, pan, base = (torch.from_numpy(a)[None] for a in (p.ms, p.pan, p.base))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ms, pan, base=base), base)
+        assert (adapted(ms, pan, base=base) - base).abs().mean() > 1e-5
+    assert report.steps == 4
