@@ -694,7 +694,8 @@ def fuse_files(
         except TypeError:
             raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
-        _adapt_dn_scale(fuser, ms_dtype, opts.dn_max)
+        # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
+        _adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
         lo, hi = _value_range(ms_dtype, dn_max)
         nodata, use_mask = _output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
 

@@ -32,6 +32,8 @@ BLOCK = 256
 # level 6 (smaller on the synthetic benchmark scene and on the WV3 MS) for ~3.5x less CPU; the
 # writer was ~60 % of an end-to-end EXP run at level 6.
 DEFLATE_LEVEL = 3
+# Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
+SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
 # Bounded GDAL block cache: without it GDAL may cache up to 5 % of RAM while writing, which
 # grows with the scene. Internal masks keep the mask inside the GeoTIFF (no .msk sidecar).
 GDAL_ENV = {"GDAL_CACHEMAX": 32, "GDAL_TIFF_INTERNAL_MASK": True}

@@ -21,6 +21,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
+from fusion_cli import raster
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan
 from fusion_cli.sensors import canonical_sensor, nyquist_gains
@@ -187,6 +188,8 @@ def simulate_files(
     _write(
         paths.pan, pan_lr, pan_tf @ scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
     )
-    _write(paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": info}, ms_dtype)
+    # A float MS keeps the source dtype in a tag: models with a DN scale per dtype read it from there.
+    ms_info = info | {raster.SOURCE_DTYPE_TAG: str(ms.dtype)}
+    _write(paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": ms_info}, ms_dtype)
     _write(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype))  # the original DN, unchanged
     return paths

@@ -140,3 +140,37 @@ def test_simulate_then_pansharpen_then_metrics(tmp_path: Path) -> None:
     # interpolation alone: a few degrees of SAM, ERGAS ~3-4 on this scene (golden README: 4.30 / 3.33)
     assert 3.0 < sam(ref, fused) < 6.0
     assert 2.0 < ergas(ref, fused, 4) < 5.0
+
+
+def test_reduced_uint8_pair_keeps_the_dn_scale_of_its_source(tmp_path):
+    """`fusion simulate` writes float32 DN; a model with a DN scale per dtype (the default landsat
+    model: uint8 255, uint16 65535) must still scale a reduced uint8 scene by 255 (before this, the
+    evaluate table of FuseBox scenes had the network at ERGAS ~45)."""
+    from fusion_cli import raster
+    from fusion_cli.assess import EvalOptions
+    from fusion_cli.assess import evaluate as score_product
+    from fusion_cli.pipeline import FuseOptions, fuse_files, make_fuser
+    from fusion_cli.wald import simulate_files
+
+    d = need_shared("landsat7_etm_fusebox")
+    crop = {}
+    for kind, side in (("pan", 256), ("ms", 128)):
+        with rasterio.open(d / f"19_{kind}.tif") as src:
+            data = src.read(window=((0, side), (0, side)))
+        if kind == "ms":
+            data = data[[2, 1, 0, 3, 4, 5]]  # FuseBox R, G, B, ... -> the model's B, G, R, ...
+        crop[kind] = tmp_path / f"{kind}.tif"
+        with rasterio.open(
+            crop[kind], "w", driver="GTiff", count=data.shape[0], height=side, width=side, dtype="uint8"
+        ) as dst:
+            dst.write(data)
+    sim = simulate_files(crop["pan"], crop["ms"], tmp_path / "sim", sensor="landsat7")
+    with rasterio.open(sim.ms) as ds:
+        assert ds.dtypes[0] == "float32" and ds.tags()[raster.SOURCE_DTYPE_TAG] == "uint8"
+    fuser = make_fuser(model="landsat", device="cpu")
+    out = tmp_path / "fused.tif"
+    fuse_files(sim.pan, sim.ms, out, fuser, FuseOptions(progress=False))
+    assert fuser.dn_max == 255.0  # the network ran in the units it was trained in
+    scores = score_product(out, ref=sim.ref, opts=EvalOptions(ratio=2, sensor="landsat7"))
+    print(f"\nreduced FuseBox 19 crop, landsat model: Q2n {scores['Q2n']:.3f} ERGAS {scores['ERGAS']:.2f}")
+    assert scores["ERGAS"] < 6.0 and scores["Q2n"] > 0.8  # measured 3.9 / 0.90 on this crop
