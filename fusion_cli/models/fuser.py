@@ -48,7 +48,7 @@ class NetworkFuser:
     The statistics pass gathers the scene's per-band MS max over valid pixels: the network's spectral
     attention reads it, and per-tile maxima would give each tile different band weights (a seam).
     Without that pass (`fuse` called directly) each window uses its own max, as in training.
-    `sensor` picks the MTF gains of a classical base method (default: the card's sensor).
+    A classical base method uses the MTF gains of the card's sensor, as training did.
     """
 
     needs_stats = True
@@ -61,7 +61,6 @@ class NetworkFuser:
         dn_max: float | None = None,
         halo: int | None = None,
         batch_size: int = 8,
-        sensor: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
@@ -81,7 +80,7 @@ class NetworkFuser:
         self.pan_bands = cfg.pan_bands
         self.tile_multiple = cfg.multiple
         self.base_method = cfg.base
-        self.base_sensor = sensor or loaded.card.sensor
+        self.base_sensor = loaded.card.sensor
         self.base_fuser = self._new_base_fuser()
         base_halo = int(self.base_fuser.halo) if self.base_fuser is not None else 0
         default_halo = self.tile_multiple * math.ceil(max(32, base_halo) / self.tile_multiple)
