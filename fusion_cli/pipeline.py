@@ -131,9 +131,10 @@ def make_fuser(
     precision: str = "fp32",
     dn_max: float | None = None,
     ms_bands: int | None = None,
+    pan_bands: int = 1,
 ) -> Fuser:
     """A network (`model` name or `weights` file; the default shipped model when both are None)
-    or a classical `method` (needs `ratio`)."""
+    or a classical `method` (needs `ratio`; `pan_bands > 1` for HISR: an MSI in place of the PAN)."""
     if method is not None and (model is not None or weights is not None):
         raise FusionError("give either --method or --model/--weights, not both")
     if precision not in {"fp32", "bf16", "fp16"}:
@@ -148,7 +149,7 @@ def make_fuser(
             raise FusionError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
         if ratio is None:
             raise FusionError("a classical method needs the resolution ratio (measured from the inputs)")
-        return make_method(method, ratio, sensor=sensor, ms_bands=ms_bands)
+        return make_method(method, ratio, sensor=sensor, ms_bands=ms_bands, pan_bands=pan_bands)
     try:
         from fusion_cli.models.fuser import NetworkFuser
         from fusion_cli.models.registry import load_model
@@ -882,6 +883,7 @@ def _resolve_fuser(
     raster.check_writable(out, opts.overwrite, [pan, ms])
     ratio = measure_ratio(pan, ms)
     n_bands = len(opts.bands) if opts.bands else None
+    pan_count = len(opts.pan_bands) if opts.pan_bands else _band_count(pan, "PAN")
     return make_fuser(
         model=model,
         weights=weights,
@@ -892,7 +894,13 @@ def _resolve_fuser(
         precision=opts.precision,
         dn_max=opts.dn_max,
         ms_bands=n_bands,
+        pan_bands=pan_count,
     )
+
+
+def _band_count(path: str | os.PathLike[str], what: str) -> int:
+    with raster.open_raster(path, what) as ds:
+        return int(ds.count)
 
 
 def _options(opts: dict[str, Any]) -> FuseOptions:

@@ -588,9 +588,9 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
         scores_m = []
         for p in crops:
             try:
-                fuser = make_method(method, recipe.ratio, sensor=recipe.mtf_sensor)  # stats are per scene
-                # HISR: the classical methods take the MSI's band mean as their PAN.
-                pan = torch.from_numpy(p.pan.mean(0, keepdims=True) * recipe.dn_max)[None]
+                # stats are per scene; HISR: the methods take the MSI's band mean as their PAN
+                fuser = make_method(method, recipe.ratio, sensor=recipe.mtf_sensor, pan_bands=p.pan.shape[0])
+                pan = torch.from_numpy(np.ascontiguousarray(p.pan) * recipe.dn_max)[None]
                 ms = torch.from_numpy(np.ascontiguousarray(p.ms) * recipe.dn_max)[None]
                 if fuser.needs_stats:
                     fuser.accumulate(pan, ms, torch.ones_like(pan[:, :1], dtype=torch.bool))

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 import rasterio
+import torch
 from conftest import need_shared
 from rasterio.transform import from_origin
 
 from fusion_cli import raster
 from fusion_cli.cli.main import main
+from fusion_cli.errors import FusionError
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -125,18 +127,30 @@ def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
 
 
 def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
-    """`fusion hisr HSI MSI`: the MSI is the high-resolution input; a pansharpening method (1-band
-    PAN) is refused in one line because the 9-band MSI does not fit it."""
+    """`fusion hisr HSI MSI`: the MSI is the high-resolution input; a classical method takes its band
+    mean as the PAN and sharpens the 128-band HSI (Paris pair reduced by 3) beyond plain upsampling."""
     pytest.importorskip("fusion_cli.classical")
-    ref = need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")
+    ref_path = need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")
     msi = str(need_shared("eo1_hyperion_ali_paris", "ms.tif"))
-    with rasterio.open(ref) as ds:
-        lr = ds.read().reshape(128, 24, 3, 24, 3).mean(axis=(2, 4)).astype(np.float32)
+    with rasterio.open(ref_path) as ds:
+        ref = ds.read().astype(np.float32)
+    lr = ref.reshape(128, 24, 3, 24, 3).mean(axis=(2, 4))
     hsi = tmp_path / "hsi.tif"
     with rasterio.open(hsi, "w", driver="GTiff", width=24, height=24, count=128, dtype="float32") as dst:
         dst.write(lr)
-    code, _, err = run(capsys, "hisr", str(hsi), msi, "-o", str(tmp_path / "o.tif"), "--method", "exp")
-    assert_one_line_error(code, err, "has 9 bands but exp expects 1")
+    out = tmp_path / "o.tif"
+    code, _, err = run(capsys, "hisr", str(hsi), msi, "-o", str(out), "--method", "bdsd-pc", "--quiet")
+    assert code == 0 and err == ""
+    with rasterio.open(out) as ds:
+        got = ds.read()
+    assert got.shape == ref.shape
+    up = np.repeat(np.repeat(lr, 3, 1), 3, 2)
+    assert np.abs(got - ref).mean() < 0.9 * np.abs(up - ref).mean()
+    # A method set up for a 1-band PAN refuses a 4-band one in one line.
+    from fusion_cli.classical import make_method
+
+    with pytest.raises(FusionError, match="set up for 1 PAN band"):
+        make_method("gsa", 3).fuse(torch.zeros(1, 4, 6, 6), torch.zeros(1, 2, 2, 2))
     # Swapped arguments put the 24x24 HSI in the high-resolution role: no integer ratio upwards.
-    code, _, err = run(capsys, "hisr", msi, str(hsi), "-o", str(tmp_path / "o.tif"), "--method", "exp")
+    code, _, err = run(capsys, "hisr", msi, str(hsi), "-o", str(tmp_path / "o2.tif"), "--method", "exp")
     assert_one_line_error(code, err, "not an exact integer ratio")

@@ -21,13 +21,14 @@ METHODS: dict[str, type[ClassicalFuser]] = {
 
 
 def make_method(
-    name: str, ratio: int, sensor: str | None = None, ms_bands: int | None = None
+    name: str, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
 ) -> ClassicalFuser:
-    """A fresh classical fuser (statistics are per scene: build one per scene)."""
+    """A fresh classical fuser (statistics are per scene: build one per scene). `pan_bands > 1`: HISR,
+    the high-resolution MSI's band mean is the method's PAN."""
     key = name.strip().lower()
     if key not in METHODS:
         raise FusionError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    return METHODS[key](ratio, sensor=sensor, ms_bands=ms_bands)
+    return METHODS[key](ratio, sensor=sensor, ms_bands=ms_bands, pan_bands=pan_bands)
 
 
 def describe(name: str) -> str:

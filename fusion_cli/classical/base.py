@@ -166,10 +166,16 @@ class ClassicalFuser:
     # the pipeline fuses windows concurrently, one single-threaded window per CPU thread
     parallel_windows: ClassVar[bool] = True
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
         if ratio < 1:
             raise FusionError(f"ratio must be a positive integer, got {ratio}")
+        if pan_bands < 1:
+            raise FusionError(f"pan_bands must be a positive integer, got {pan_bands}")
         self.ratio = int(ratio)
+        # HISR: a high-resolution MSI stands in for the PAN through its band mean (the intensity)
+        self.pan_bands = int(pan_bands)
         self.sensor = canonical_sensor(sensor)
         self.ms_bands = ms_bands
         self.tile_multiple = self.ratio
@@ -185,6 +191,7 @@ class ClassicalFuser:
     def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         if not self.needs_stats:
             return
+        pan = self._intensity(pan)
         self._check(pan, ms)
         # derived images (interpolation, MTF filters) in float32: float64 convolutions cost ~10x more on
         # CPU; the sums themselves are float64 (`Moments`), so the statistics keep ~1e-6 relative accuracy
@@ -196,6 +203,7 @@ class ClassicalFuser:
         self._finalized = True
 
     def fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        pan = self._intensity(pan)
         self._check(pan, ms)
         if not self._finalized:
             raise FusionError(f"method {self.name} needs a statistics pass (accumulate, finalize) first")
@@ -227,6 +235,14 @@ class ClassicalFuser:
         raise NotImplementedError
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _intensity(self, pan: torch.Tensor) -> torch.Tensor:
+        """`(B, P, H, W)` -> `(B, 1, H, W)`: the band mean of an MSI given as the PAN (HISR)."""
+        if pan.ndim == 4 and pan.shape[1] != self.pan_bands:
+            raise FusionError(f"{self.name} was set up for {self.pan_bands} PAN band(s), got {pan.shape[1]}")
+        if self.pan_bands == 1:
+            return pan
+        return pan.to(FUSE_DTYPE).mean(1, keepdim=True)
+
     def _check(self, pan: torch.Tensor, ms: torch.Tensor) -> None:
         if pan.ndim != 4 or ms.ndim != 4 or pan.shape[1] != 1:
             raise FusionError(f"expected pan (B, 1, H, W) and ms (B, C, h, w), got {pan.shape}, {ms.shape}")

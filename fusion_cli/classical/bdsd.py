@@ -31,8 +31,10 @@ class BDSDPC(ClassicalFuser):
         # statistics: MTF at the MS scale (20 MS px) after imresize (2) of the interpolated MS
         return (MTF_HALF + 2) * self.ratio + super().support()
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._moments: Moments | None = None
         self.coef: torch.Tensor | None = None  # (C + 1, C): rows [g; h_1..h_C], one column per band
 

@@ -45,8 +45,10 @@ class BroveyHaze(ClassicalFuser):
     def support(self) -> int:
         return max(super().support(), MTF_HALF)
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._moments: Moments | None = None
         self._quant = QuantileSample()
         self._min: torch.Tensor | None = None
@@ -114,8 +116,10 @@ class GSA(ClassicalFuser):
     name = "gsa"
     needs_stats = True
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._hr: Moments | None = None  # [X, P] on the PAN grid
         self._lr: Moments | None = None  # [MS, P low-passed and decimated] on the MS grid
         self.alpha: torch.Tensor | None = None  # (C,)
@@ -165,8 +169,10 @@ class PCA(ClassicalFuser):
     name = "pca"
     needs_stats = True
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._moments: Moments | None = None
         self.w: torch.Tensor | None = None  # (C,) first principal direction
         self.mean_x: torch.Tensor | None = None

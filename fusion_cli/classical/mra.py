@@ -32,8 +32,10 @@ class _GLP(ClassicalFuser):
     def support(self) -> int:
         return MTF_HALF + super().support()
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._moments: Moments | None = None
         self.scale: torch.Tensor | None = None  # (C,) a_k: PAN std matched to band k
         self.offset: torch.Tensor | None = None  # (C,) b_k: PAN mean matched to band k
@@ -106,8 +108,10 @@ class MTFGLPFS(ClassicalFuser):
     def support(self) -> int:
         return MTF_HALF + super().support()
 
-    def __init__(self, ratio: int, sensor: str | None = None, ms_bands: int | None = None) -> None:
-        super().__init__(ratio, sensor, ms_bands)
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
         self._n = 0
         self._sums: torch.Tensor | None = None  # (2C + 1,): sum X_k, sum L_k, sum P
         self._cross: torch.Tensor | None = None  # (2C,): sum X_k P, sum L_k P

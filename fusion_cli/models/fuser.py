@@ -104,7 +104,9 @@ class NetworkFuser:
         from fusion_cli.sensors import sensor_or_generic
 
         sensor = sensor_or_generic(self.base_sensor)  # as `training.data.attach_base` resolves it
-        return make_method(self.base_method, self.ratio, sensor=sensor, ms_bands=self.ms_bands)
+        return make_method(
+            self.base_method, self.ratio, sensor=sensor, ms_bands=self.ms_bands, pan_bands=self.pan_bands
+        )
 
     def __copy__(self) -> NetworkFuser:
         """A per-scene copy: shares the network, owns its statistics (and base method)."""

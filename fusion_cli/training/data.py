@@ -326,7 +326,9 @@ def attach_base(pairs: Iterable[TrainPair], method: str, sensor: str | None = No
     for p in pairs:
         if p.base is None:
             pan, ms = torch.from_numpy(p.pan)[None], torch.from_numpy(p.ms)[None]
-            fuser = make_method(method, p.ratio, sensor=sensor_or_generic(sensor), ms_bands=p.ms.shape[0])
+            fuser = make_method(
+                method, p.ratio, sensor_or_generic(sensor), ms_bands=p.ms.shape[0], pan_bands=p.pan.shape[0]
+            )
             base = fuser.fit(pan, ms).fuse(pan, ms)[0].numpy()
             p = replace(p, base=np.ascontiguousarray(base, dtype=np.float32))
         out.append(p)
