@@ -293,12 +293,49 @@ def _measure_shift(source: _PairSource) -> dict[str, float] | None:
 def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
     """First pass for fusers with global statistics: every tile's core counted once, read with the
     plan's margin (>= the fuser's halo) of context so the method's filters see the real neighbours,
-    not an artificial border at each tile edge; only the core is marked valid."""
+    not an artificial border at each tile edge; only the core is marked valid.
+
+    Where windows are fused in parallel and the fuser can merge statistics (`stats_copy`,
+    `merge_stats`: sums, so the split is exact), each worker thread accumulates every k-th window into
+    its own copy, merged at the end; the split depends on the thread count only, not on timing."""
     dev = _fuser_device(fuser)
     m, side = plan.margin, plan.tile + 2 * plan.margin
-    with _single_threaded(_window_workers(fuser) > 1):
-        _accumulate_windows(fuser, source, plan, dev, m, side)
+    workers = _window_workers(fuser)
+    with _single_threaded(workers > 1):
+        if workers > 1 and hasattr(fuser, "stats_copy") and hasattr(fuser, "merge_stats"):
+            parts = [fuser] + [fuser.stats_copy() for _ in range(workers - 1)]
+            _accumulate_parallel(parts, source, plan, dev, m, side)
+            for part in parts[1:]:
+                fuser.merge_stats(part)
+        else:
+            _accumulate_windows(fuser, source, plan, dev, m, side)
     fuser.finalize()
+
+
+def _accumulate_parallel(
+    parts: list[Any], source: _PairSource, plan: TilePlan, dev: torch.device, m: int, side: int
+) -> None:
+    """Window i goes to `parts[i % len(parts)]`, one thread per part (a part is never shared)."""
+    windows = list(plan)
+    boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
+    busy: list[Future[None] | None] = [None] * len(parts)
+    with (
+        ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="fusion-stats") as pool,
+        contextlib.closing(_read_ahead(source, boxes)) as tiles,
+    ):
+        try:
+            for i, (win, t) in enumerate(zip(windows, tiles, strict=True)):
+                k = i % len(parts)
+                if busy[k] is not None:
+                    busy[k].result()  # type: ignore[union-attr]
+                busy[k] = pool.submit(_accumulate_window, parts[k], plan, dev, m, win, t)
+            for fut in busy:
+                if fut is not None:
+                    fut.result()
+        finally:
+            for fut in busy:
+                if fut is not None:
+                    fut.cancel()
 
 
 @contextlib.contextmanager

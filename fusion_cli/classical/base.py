@@ -58,6 +58,13 @@ class Moments:
         self.s += rows.sum(0)
         self.ss += rows.T @ rows if self.full else (rows * rows).sum(0)
 
+    def merge(self, other: Moments) -> Moments:
+        """Add another accumulator's sums (the same features over other pixels)."""
+        self.n += other.n
+        self.s += other.s
+        self.ss += other.ss
+        return self
+
     @property
     def std(self) -> torch.Tensor:
         """Per-feature sample standard deviation (N - 1), as MATLAB's std2."""
@@ -112,6 +119,15 @@ class QuantileSample:
         if self._held > 2 * self.capacity:  # merge and trim lazily: one top-k per `capacity` new rows
             self._trim()
 
+    def merge(self, other: QuantileSample) -> QuantileSample:
+        """Pool another sample (other pixels): the union keeps the `capacity` smallest keys of both."""
+        other._trim()
+        if other.values is not None:
+            self._chunks.append((other.values, other.keys))
+            self._held += other.values.shape[0]
+        self._trim()
+        return self
+
     def _trim(self) -> None:
         if not self._chunks:
             return
@@ -120,9 +136,12 @@ class QuantileSample:
         self.keys = torch.cat([k for _, k in parts])
         self._chunks = []
         if self.values.shape[0] > self.capacity:
-            keep = torch.topk(self.keys, self.capacity, largest=False).indices
+            # the `capacity` smallest keys by selection (~6x cheaper than topk); random float64 keys
+            # do not tie, and `[: capacity]` bounds the sample even if they did
+            bound = torch.kthvalue(self.keys, self.capacity).values
+            keep = torch.nonzero(self.keys <= bound)[: self.capacity, 0]
             self.values, self.keys = self.values[keep], self.keys[keep]
-            self._bound = float(self.keys.max())
+            self._bound = float(bound)
         self._held = self.values.shape[0]
 
     def percentile(self, q: float) -> torch.Tensor:
@@ -135,10 +154,22 @@ class QuantileSample:
         pos = min(max(q / 100 * n - 0.5, 0.0), n - 1.0)  # prctile: sample i at (i - 0.5)/n
         lo = math.floor(pos)
         hi = min(lo + 1, n - 1)
-        # two order statistics per band (selection, not a full sort of the sample)
-        v_lo = torch.kthvalue(v, lo + 1, dim=0).values
-        v_hi = torch.kthvalue(v, hi + 1, dim=0).values
+        # order statistics lo and hi per band: a partial sort from the nearer end of each band
+        bands = v.T.contiguous()  # (C, N)
+        if hi < n // 2:
+            ends = torch.topk(bands, hi + 1, dim=1, largest=False, sorted=True).values
+            v_lo, v_hi = ends[:, lo], ends[:, hi]
+        else:
+            ends = torch.topk(bands, n - lo, dim=1, largest=True, sorted=True).values
+            v_lo, v_hi = ends[:, n - 1 - lo], ends[:, n - 1 - hi]
         return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def merged(a: Moments | None, b: Moments | None) -> Moments | None:
+    """`a` with `b`'s sums added; either may be None (no valid pixel seen yet)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a.merge(b)
 
 
 def rows_where(img: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -214,6 +245,19 @@ class ClassicalFuser:
         """Whether `fuse` may run: the statistics pass is done (or the method needs none)."""
         return self._finalized
 
+    # ---- statistics in parallel -------------------------------------------------------------
+    def stats_copy(self) -> ClassicalFuser:
+        """A fresh, unfitted fuser of the same configuration, to accumulate part of a scene in another
+        thread; `merge_stats` adds its statistics back (sums commute, so the split is exact)."""
+        return type(self)(self.ratio, sensor=self.sensor, ms_bands=self.ms_bands, pan_bands=self.pan_bands)
+
+    def merge_stats(self, other: ClassicalFuser) -> None:
+        """Add the statistics `other` (a `stats_copy`) accumulated; before `finalize`."""
+        if self._finalized and self.needs_stats:
+            raise FusionError(f"{self.name}: statistics are already finalized")
+        if self.needs_stats:
+            self._merge(other)
+
     # ---- convenience for arrays ------------------------------------------------------------
     def fit(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor | None = None) -> ClassicalFuser:
         """Whole-image statistics pass in one call (what the pipeline does tile by tile)."""
@@ -229,6 +273,9 @@ class ClassicalFuser:
         raise NotImplementedError
 
     def _finalize(self) -> None:
+        raise NotImplementedError
+
+    def _merge(self, other: ClassicalFuser) -> None:
         raise NotImplementedError
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, lr_valid, rows_where
+from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, lr_valid, merged, rows_where
 from fusion_cli.mtf import mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import imresize_down
 
@@ -48,6 +48,10 @@ class BDSDPC(ClassicalFuser):
         if self._moments is None:
             self._moments = Moments(rows.shape[1])
         self._moments.add(rows)
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, BDSDPC)
+        self._moments = merged(self._moments, other._moments)
 
     def _finalize(self) -> None:
         if self._moments is None or self._moments.n < 2:

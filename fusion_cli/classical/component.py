@@ -19,6 +19,7 @@ from fusion_cli.classical.base import (
     QuantileSample,
     gauss_lowpass,
     lr_valid,
+    merged,
     rows_where,
 )
 from fusion_cli.mtf import mtf_filter_decimate
@@ -69,6 +70,13 @@ class BroveyHaze(ClassicalFuser):
         elif xr.shape[0]:
             m = xr.min(0).values
             self._min = m if self._min is None else torch.minimum(self._min, m)
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, BroveyHaze)
+        self._moments = merged(self._moments, other._moments)
+        self._quant.merge(other._quant)
+        if other._min is not None:
+            self._min = other._min if self._min is None else torch.minimum(self._min, other._min)
 
     def _finalize(self) -> None:
         mom = self._moments
@@ -138,6 +146,10 @@ class GSA(ClassicalFuser):
         self._hr.add(hr)
         self._lr.add(lr)
 
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, GSA)
+        self._hr, self._lr = merged(self._hr, other._hr), merged(self._lr, other._lr)
+
     def _finalize(self) -> None:
         if self._hr is None or self._lr is None:
             raise ValueError("no statistics accumulated")
@@ -183,6 +195,10 @@ class PCA(ClassicalFuser):
         if self._moments is None:
             self._moments = Moments(rows.shape[1])
         self._moments.add(rows)
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, PCA)
+        self._moments = merged(self._moments, other._moments)
 
     def _finalize(self) -> None:
         if self._moments is None:

@@ -19,6 +19,7 @@ from fusion_cli.classical.base import (
     Moments,
     gauss_lowpass,
     kernel_sums,
+    merged,
     pan_lowpass_per_band,
     rows_where,
 )
@@ -48,6 +49,10 @@ class _GLP(ClassicalFuser):
         if self._moments is None:
             self._moments = Moments(feats.shape[1], full=False)
         self._moments.add(rows_where(feats, valid))
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, _GLP)
+        self._moments = merged(self._moments, other._moments)
 
     def _finalize(self) -> None:
         if self._moments is None:
@@ -129,6 +134,17 @@ class MTFGLPFS(ClassicalFuser):
         self._n += rows.shape[0]
         self._sums += rows.sum(0)
         self._cross += (rows[:, :-1] * rows[:, -1:]).sum(0)
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, MTFGLPFS)
+        if other._sums is None or other._cross is None:
+            return
+        if self._sums is None or self._cross is None:
+            self._sums, self._cross = other._sums.clone(), other._cross.clone()
+        else:
+            self._sums += other._sums
+            self._cross += other._cross
+        self._n += other._n
 
     def _finalize(self) -> None:
         if self._sums is None or self._n < 2:
