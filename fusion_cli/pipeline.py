@@ -64,6 +64,9 @@ class FuseOptions:
     quicklook: bool = False  # also write OUT.png
     progress: bool = True
     adapt: int = 0  # --adapt N: N target-adaptive training steps on this scene first (networks only)
+    # classical methods' global statistics from at most this many PAN Mpx of windows spread evenly over
+    # the scene (a regular sub-grid of tiles); None: every window (exact whole-scene statistics)
+    stats_mpx: float | None = None
 
 
 @dataclass
@@ -290,7 +293,7 @@ def _measure_shift(source: _PairSource) -> dict[str, float] | None:
     return {"dy": round(dy + g.dy, 3), "dx": round(dx + g.dx, 3), "peak": round(peak, 3)}
 
 
-def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
+def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan, stats_mpx: float | None = None) -> None:
     """First pass for fusers with global statistics: every tile's core counted once, read with the
     plan's margin (>= the fuser's halo) of context so the method's filters see the real neighbours,
     not an artificial border at each tile edge; only the core is marked valid.
@@ -301,22 +304,48 @@ def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan) -> None:
     dev = _fuser_device(fuser)
     m, side = plan.margin, plan.tile + 2 * plan.margin
     workers = _window_workers(fuser)
+    mergeable = hasattr(fuser, "stats_copy") and hasattr(fuser, "merge_stats")
+    # only sums of a classical method's statistics may be estimated from part of the scene (a
+    # network's per-band maximum may not)
+    windows = stats_windows(plan, stats_mpx) if mergeable else list(plan)
     with _single_threaded(workers > 1):
-        if workers > 1 and hasattr(fuser, "stats_copy") and hasattr(fuser, "merge_stats"):
-            parts = [fuser] + [fuser.stats_copy() for _ in range(workers - 1)]
-            _accumulate_parallel(parts, source, plan, dev, m, side)
+        if workers > 1 and mergeable:
+            parts = [fuser] + [fuser.stats_copy() for _ in range(workers - 1)]  # type: ignore[attr-defined]
+            _accumulate_parallel(parts, source, plan, windows, dev, m, side)
             for part in parts[1:]:
-                fuser.merge_stats(part)
+                fuser.merge_stats(part)  # type: ignore[attr-defined]
         else:
-            _accumulate_windows(fuser, source, plan, dev, m, side)
+            _accumulate_windows(fuser, source, plan, windows, dev, m, side)
     fuser.finalize()
 
 
+def stats_windows(plan: TilePlan, stats_mpx: float | None) -> list[Window]:
+    """The windows a statistics pass reads: all of them, or, when `stats_mpx` caps the PAN
+    megapixels, a regular sub-grid of the tile grid (every s-th row and column of tiles, centred)."""
+    windows = list(plan)
+    if stats_mpx is None:
+        return windows
+    if stats_mpx <= 0:
+        raise FusionError(f"--stats-mpx must be positive, got {stats_mpx}")
+    wanted = max(1, math.ceil(stats_mpx * 1e6 / plan.tile**2))
+    if wanted >= len(windows):
+        return windows
+    step = math.ceil(math.sqrt(len(windows) / wanted))
+    rows = range(min(step // 2, plan.rows - 1), plan.rows, step)
+    cols = range(min(step // 2, plan.cols - 1), plan.cols, step)
+    return [windows[i * plan.cols + j] for i in rows for j in cols]
+
+
 def _accumulate_parallel(
-    parts: list[Any], source: _PairSource, plan: TilePlan, dev: torch.device, m: int, side: int
+    parts: list[Any],
+    source: _PairSource,
+    plan: TilePlan,
+    windows: list[Window],
+    dev: torch.device,
+    m: int,
+    side: int,
 ) -> None:
     """Window i goes to `parts[i % len(parts)]`, one thread per part (a part is never shared)."""
-    windows = list(plan)
     boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
     busy: list[Future[None] | None] = [None] * len(parts)
     with (
@@ -372,9 +401,14 @@ def _read_ahead(
 
 
 def _accumulate_windows(
-    fuser: Fuser, source: _PairSource, plan: TilePlan, dev: torch.device, m: int, side: int
+    fuser: Fuser,
+    source: _PairSource,
+    plan: TilePlan,
+    windows: list[Window],
+    dev: torch.device,
+    m: int,
+    side: int,
 ) -> None:
-    windows = list(plan)
     boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
     with contextlib.closing(_read_ahead(source, boxes)) as tiles:
         for win, t in zip(windows, tiles, strict=True):
@@ -571,7 +605,7 @@ def fuse_arrays(
     source = _PairSource(geom, _array_reader(pan, pan_valid), _array_reader(ms, ms_valid))
     plan = _plan(fuser, geom, opts)
     if fuser.needs_stats:
-        _gather_stats(fuser, source, plan)
+        _gather_stats(fuser, source, plan, opts.stats_mpx)
     out = np.empty((ms.shape[0], *geom.shape), np.float32)
     valid_all = np.empty(geom.shape, bool)
 
@@ -750,7 +784,7 @@ def fuse_files(
         _set_threads(opts.threads)
         adapted = _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
-            _gather_stats(fuser, source, plan)
+            _gather_stats(fuser, source, plan, opts.stats_mpx)
 
         name, sha = fuser_label(fuser)
         params = {
@@ -769,6 +803,7 @@ def fuse_files(
             "ratio": geom.ratio,
             "precision": opts.precision,
             "adapt_steps": opts.adapt,
+            "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
         }
         tags = {
             "FUSION_MODEL": name,

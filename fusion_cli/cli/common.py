@@ -84,6 +84,12 @@ class FuseOpt:
     )
     zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
     quicklook = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside each output.")
+    stats_mpx = typer.Option(
+        None,
+        "--stats-mpx",
+        help="Classical methods: estimate their global statistics from at most N PAN megapixels of "
+        "tiles spread evenly over the scene (faster on big scenes; default: the whole scene, exact).",
+    )
     quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
     json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
 
@@ -129,6 +135,7 @@ def register_fuse_command(
         coregister: bool = FuseOpt.coregister,
         zero_nodata: bool = FuseOpt.zero_nodata,
         quicklook: bool = FuseOpt.quicklook,
+        stats_mpx: float | None = FuseOpt.stats_mpx,
         adapt: int = typer.Option(
             0,
             "--adapt",
@@ -161,6 +168,7 @@ def register_fuse_command(
             coregister=coregister,
             zero_is_nodata=zero_nodata,
             quicklook=quicklook,
+            stats_mpx=stats_mpx,
             adapt=adapt,
             progress=not (quiet or json_out),
         )
