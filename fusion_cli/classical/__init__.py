@@ -12,11 +12,11 @@ from fusion_cli.classical.base import ClassicalFuser
 from fusion_cli.classical.bdsd import BDSDPC
 from fusion_cli.classical.component import GSA, PCA, BroveyHaze
 from fusion_cli.classical.exp import Exp
-from fusion_cli.classical.mra import MTFGLP, MTFGLPFS, MTFGLPHPM
+from fusion_cli.classical.mra import MTFGLP, MTFGLPFS, MTFGLPHPM, MTFGLPHS
 from fusion_cli.errors import FusionError
 
 METHODS: dict[str, type[ClassicalFuser]] = {
-    cls.name: cls for cls in (Exp, BroveyHaze, GSA, PCA, MTFGLP, MTFGLPHPM, MTFGLPFS, BDSDPC)
+    cls.name: cls for cls in (Exp, BroveyHaze, GSA, PCA, MTFGLP, MTFGLPHPM, MTFGLPFS, BDSDPC, MTFGLPHS)
 }
 
 

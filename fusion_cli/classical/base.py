@@ -189,6 +189,9 @@ class ClassicalFuser:
 
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
+    # True: the method uses every band of a multi-band high-resolution input (HISR's MSI) itself;
+    # False: it sees their band mean as one PAN
+    multiband_pan: ClassVar[bool] = False
     pan_bands: int = 1
     # Pipeline tile side when the user gives none: a classical window costs little memory per pixel
     # and its halo (up to ~90 PAN px) is re-read and re-filtered around every tile, so 256-px tiles
@@ -286,13 +289,14 @@ class ClassicalFuser:
         """`(B, P, H, W)` -> `(B, 1, H, W)`: the band mean of an MSI given as the PAN (HISR)."""
         if pan.ndim == 4 and pan.shape[1] != self.pan_bands:
             raise FusionError(f"{self.name} was set up for {self.pan_bands} PAN band(s), got {pan.shape[1]}")
-        if self.pan_bands == 1:
+        if self.pan_bands == 1 or self.multiband_pan:
             return pan
         return pan.to(FUSE_DTYPE).mean(1, keepdim=True)
 
     def _check(self, pan: torch.Tensor, ms: torch.Tensor) -> None:
-        if pan.ndim != 4 or ms.ndim != 4 or pan.shape[1] != 1:
-            raise FusionError(f"expected pan (B, 1, H, W) and ms (B, C, h, w), got {pan.shape}, {ms.shape}")
+        p = self.pan_bands if self.multiband_pan else 1
+        if pan.ndim != 4 or ms.ndim != 4 or pan.shape[1] != p:
+            raise FusionError(f"expected pan (B, {p}, H, W) and ms (B, C, h, w), got {pan.shape}, {ms.shape}")
         if pan.shape[-2] != ms.shape[-2] * self.ratio or pan.shape[-1] != ms.shape[-1] * self.ratio:
             raise FusionError(
                 f"{self.name}: PAN tile {tuple(pan.shape[-2:])} is not {self.ratio} x "

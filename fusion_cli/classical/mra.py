@@ -9,6 +9,7 @@ scale (FS). All reproduce the reference toolbox's `MTF_GLP*.m`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fusion_cli.classical.base import (
@@ -19,10 +20,12 @@ from fusion_cli.classical.base import (
     Moments,
     gauss_lowpass,
     kernel_sums,
+    lr_valid,
     merged,
     pan_lowpass_per_band,
     rows_where,
 )
+from fusion_cli.mtf import mtf_filter_decimate
 
 
 class _GLP(ClassicalFuser):
@@ -100,6 +103,74 @@ class MTFGLPHPM(_GLP):
         # at 1 % of the band mean: identical wherever the toolbox's result is meaningful.
         floor = (0.01 * self.band_mean.to(x.dtype)).view(1, -1, 1, 1)
         return x * (torch.maximum(p, floor) / torch.maximum(p_low, floor))
+
+
+class MTFGLPHS(ClassicalFuser):
+    """Hypersharpening: for each band a synthetic PAN, regressed on the high-resolution bands (the HISR
+    MSI, or the PAN) at low resolution, is injected by MTF-GLP high-pass modulation; Selva, Aiazzi,
+    Butera, Chiarantini and Baronti, "Hyper-sharpening: a first approach on SIM-GA data", IEEE JSTARS
+    2015."""
+
+    name = "mtf-glp-hs"
+    needs_stats = True
+    multiband_pan = True
+
+    def support(self) -> int:
+        return MTF_HALF + super().support()
+
+    def __init__(
+        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    ) -> None:
+        super().__init__(ratio, sensor, ms_bands, pan_bands)
+        self._moments: Moments | None = None  # [high-res bands degraded (P), MS (C)] on the MS grid
+        self.weights: torch.Tensor | None = None  # (P, C): synthetic PAN of band k = pan . w_k + b_k
+        self.bias: torch.Tensor | None = None  # (C,)
+        self.band_mean: torch.Tensor | None = None  # (C,) |mean X_k|, the HPM floor's scale
+        self.ksum: torch.Tensor | None = None  # (C,) MTF kernel sums
+
+    def _regression_gain(self, c: int) -> float:
+        # one degradation for the regression features: the mean MTF gain of the bands they predict
+        return float(np.mean(self.gains(c)))
+
+    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+        c = ms.shape[1]
+        pan_lr = mtf_filter_decimate(pan, self._regression_gain(c), self.ratio, rank=1)
+        rows = rows_where(torch.cat([pan_lr, ms], dim=1), lr_valid(valid, self.ratio))
+        if self._moments is None:
+            self._moments = Moments(rows.shape[1])
+        self._moments.add(rows)
+
+    def _merge(self, other: ClassicalFuser) -> None:
+        assert isinstance(other, MTFGLPHS)
+        self._moments = merged(self._moments, other._moments)
+
+    def _finalize(self) -> None:
+        if self._moments is None:
+            raise ValueError("no statistics accumulated")
+        p = self.pan_bands
+        cov, mean = self._moments.cov, self._moments.mean
+        cxx = cov[:p, :p]
+        ridge = 1e-9 * float(torch.trace(cxx)) / p  # collinear MSI bands stay solvable
+        self.weights = torch.linalg.solve(cxx + ridge * torch.eye(p, dtype=cxx.dtype), cov[:p, p:])
+        self.bias = mean[p:] - mean[:p] @ self.weights
+        self.band_mean = torch.clamp(mean[p:].abs(), min=EPS)
+        self.ksum = kernel_sums(self.gains(cov.shape[0] - p), self.ratio)
+
+    def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        c = ms.shape[1]
+        w, b = self.weights.to(pan.dtype), self.bias.to(pan.dtype)
+        synth = torch.einsum("bphw,pc->bchw", pan, w) + b.view(1, c, 1, 1)
+        # the low-pass is linear: LP(pan . w_k + b_k) = LP(pan) . w_k + b_k sum(kernel_k), one LP(pan)
+        # per distinct band gain
+        gains = self.gains(c)
+        low = torch.empty_like(synth)
+        for g in sorted(set(gains)):
+            idx = torch.as_tensor([k for k in range(c) if gains[k] == g], device=pan.device)
+            lp = self.upsample(mtf_filter_decimate(pan, g, self.ratio, rank=1))
+            s = self.ksum.to(pan.dtype)[idx.cpu()].to(pan.device)
+            low[:, idx] = torch.einsum("bphw,pc->bchw", lp, w[:, idx]) + (b[idx] * s).view(1, -1, 1, 1)
+        floor = (0.01 * self.band_mean.to(pan.dtype)).view(1, -1, 1, 1)  # as MTF-GLP-HPM
+        return self.upsample(ms) * (torch.maximum(synth, floor) / torch.maximum(low, floor))
 
 
 class MTFGLPFS(ClassicalFuser):
