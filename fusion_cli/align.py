@@ -140,7 +140,7 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     if pan_ds.crs is not None and pan_ds.crs != ms_ds.crs:
         raise FusionError(
             f"CRS mismatch: PAN is {pan_ds.crs.to_string()} but MS is {ms_ds.crs.to_string()}; "
-            "reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)"
+            "pass --reproject to warp the MS onto the PAN's CRS, or reproject it first (gdalwarp -t_srs)"
         )
     for t, what in ((pt, "PAN"), (mt, "MS")):
         if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
@@ -183,6 +183,51 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
         crs=pan_ds.crs,
         out_transform=pt @ Affine.translation(col0, row0),
         georeferenced=pan_ds.crs is not None or not _is_identity(pt),
+    )
+
+
+def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) -> Any:
+    """The MS as a GDAL warped VRT in the PAN's CRS, on a grid aligned with the PAN grid: its pixel
+    is `ratio` PAN pixels, `ratio` being the MS/PAN pixel-size ratio measured in the PAN's CRS
+    (rounded; the model's ratio when given and within 5 %), its origin a PAN pixel corner. The pair
+    then relates like a same-CRS pair. Cubic resampling, done block by block by GDAL as windows are
+    read (memory stays bounded); pixels outside the MS footprint read as masked (its nodata, or an
+    alpha band when it has none, which `raster.select_bands` leaves out).
+
+    The caller closes the returned dataset. Raises FusionError when either input lacks a CRS or the
+    PAN grid is rotated.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.warp import calculate_default_transform, transform_bounds
+
+    if pan_ds.crs is None or ms_ds.crs is None:
+        raise FusionError("--reproject needs a CRS on both inputs")
+    pt = pan_ds.transform
+    if abs(pt.b) > 1e-12 * abs(pt.a) or abs(pt.d) > 1e-12 * abs(pt.e) or pt.a <= 0 or pt.e >= 0:
+        raise FusionError("--reproject needs a north-up PAN grid; warp the PAN first (gdalwarp)")
+    native, _, _ = calculate_default_transform(
+        ms_ds.crs, pan_ds.crs, ms_ds.width, ms_ds.height, *ms_ds.bounds
+    )
+    measured = math.sqrt(abs(native.a * native.e) / abs(pt.a * pt.e))
+    ratio = max(1, round(measured))
+    if expected_ratio is not None and abs(measured / expected_ratio - 1) < 0.05:
+        ratio = expected_ratio
+    cell_x, cell_y = ratio * pt.a, ratio * -pt.e
+    left, bottom, right, top = transform_bounds(ms_ds.crs, pan_ds.crs, *ms_ds.bounds, densify_pts=21)
+    col0, col1 = math.floor((left - pt.c) / cell_x), math.ceil((right - pt.c) / cell_x)
+    row0, row1 = math.floor((pt.f - top) / cell_y), math.ceil((pt.f - bottom) / cell_y)
+    transform = Affine(cell_x, 0.0, pt.c + col0 * cell_x, 0.0, -cell_y, pt.f - row0 * cell_y)
+    nodata = ms_ds.nodata
+    return WarpedVRT(
+        ms_ds,
+        crs=pan_ds.crs,
+        transform=transform,
+        width=col1 - col0,
+        height=row1 - row0,
+        resampling=Resampling.cubic,
+        nodata=nodata,
+        add_alpha=nodata is None,
     )
 
 

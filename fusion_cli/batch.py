@@ -757,7 +757,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             # One network serves the batch; its scene statistics (band max) live in a shallow
             # per-scene copy, so scenes fused concurrently do not share them.
             return copy.copy(fusers[None])
-        ratio = pipeline.measure_ratio(scene.pan, scene.ms)
+        ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
         fuser = fusers.get(ratio)
         if fuser is None or fuser.needs_stats:
             fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio})
@@ -771,7 +771,9 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         if job.metrics:
             # The product is already complete: a metrics problem is reported, not a failed scene.
             try:
-                details["metrics"] = scene_metrics(scene, ratio=summary.ratio, sensor=job.fuser.get("sensor"))
+                details["metrics"] = scene_metrics(
+                    scene, ratio=summary.ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject
+                )
             except (FusionError, ValueError, MemoryError) as exc:
                 details["metrics_error"] = str(exc)
         return details
@@ -779,7 +781,9 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     return process
 
 
-def scene_metrics(scene: Scene, ratio: int, sensor: str | None = None) -> dict[str, Any]:
+def scene_metrics(
+    scene: Scene, ratio: int, sensor: str | None = None, reproject: bool = False
+) -> dict[str, Any]:
     """Full-resolution indices (D_lambda, D_s, QNR, HQNR) of a finished scene, also written beside
     the output as `<out>.metrics.json` so a report can be built from the output folder alone.
 
@@ -793,9 +797,11 @@ def scene_metrics(scene: Scene, ratio: int, sensor: str | None = None) -> dict[s
     with raster.gdal_env(), raster.open_raster(scene.out, "output") as out_ds:
         fused = out_ds.read().astype(np.float32)
         valid = out_ds.dataset_mask() > 0
-    with raster.open_raster(scene.pan, "PAN") as pan_ds, raster.open_raster(scene.ms, "MS") as ms_ds:
+    from fusion_cli import pipeline
+
+    with pipeline.open_pair(scene.pan, scene.ms, reproject, ratio) as (pan_ds, ms_ds):
         pan = pan_ds.read(1)[None].astype(np.float32)
-        ms = ms_ds.read().astype(np.float32)
+        ms = ms_ds.read(raster.select_bands(ms_ds, None)).astype(np.float32)
     # The product covers the PAN pixels inside both inputs from the top-left: compare on the
     # largest area that is a whole number of MS pixels in all three.
     h = min(fused.shape[1], pan.shape[1], ms.shape[1] * ratio) // ratio * ratio

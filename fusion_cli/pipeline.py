@@ -67,6 +67,7 @@ class FuseOptions:
     # classical methods' global statistics from at most this many PAN Mpx of windows spread evenly over
     # the scene (a regular sub-grid of tiles); None: every window (exact whole-scene statistics)
     stats_mpx: float | None = None
+    reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
 
 
 @dataclass
@@ -653,15 +654,30 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def measure_ratio(pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str]) -> int:
+def measure_ratio(
+    pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str], reproject: bool = False
+) -> int:
     """Resolution ratio of a pair from its geotransforms (or sizes, without georeferencing)."""
-    with (
-        raster.open_raster(pan_path, "PAN") as p,
-        raster.open_raster(ms_path, "MS") as m,
-        warnings.catch_warnings(),
-    ):
+    with open_pair(pan_path, ms_path, reproject) as (p, m), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return align.relate_grids(p, m).ratio
+
+
+@contextlib.contextmanager
+def open_pair(
+    pan_path: str | os.PathLike[str],
+    ms_path: str | os.PathLike[str],
+    reproject: bool = False,
+    expected_ratio: int | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """(pan, ms) datasets, read-only; with `reproject`, an MS in another CRS than the PAN's comes as a
+    warped VRT on the PAN's CRS and grid (`align.warp_to_pan_crs`)."""
+    with contextlib.ExitStack() as stack:
+        pan_ds = stack.enter_context(raster.open_raster(pan_path, "PAN"))
+        ms_ds = stack.enter_context(raster.open_raster(ms_path, "MS"))
+        if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
+            ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio))
+        yield pan_ds, ms_ds
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -749,8 +765,7 @@ def fuse_files(
     caught: list[str] = []
     with (
         raster.gdal_env(),
-        raster.open_raster(pan_path, "PAN") as pan_ds,
-        raster.open_raster(ms_path, "MS") as ms_ds,
+        open_pair(pan_path, ms_path, opts.reproject, fuser.ratio) as (pan_ds, ms_ds),
     ):
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
@@ -804,6 +819,7 @@ def fuse_files(
             "precision": opts.precision,
             "adapt_steps": opts.adapt,
             "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
+            "reprojected_ms": raster.is_warped(ms_ds),
         }
         tags = {
             "FUSION_MODEL": name,
@@ -953,7 +969,7 @@ def _resolve_fuser(
 ) -> Fuser:
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
     raster.check_writable(out, opts.overwrite, [pan, ms])
-    ratio = measure_ratio(pan, ms)
+    ratio = measure_ratio(pan, ms, opts.reproject)
     n_bands = len(opts.bands) if opts.bands else None
     pan_count = len(opts.pan_bands) if opts.pan_bands else _band_count(pan, "PAN")
     return make_fuser(

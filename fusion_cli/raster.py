@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -60,10 +60,17 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.i
         raise FusionError(f"{what} is not a readable raster ({first}): {p}") from None
 
 
+def is_warped(ds: Any) -> bool:
+    """Whether `ds` is a GDAL warped VRT (an input reprojected on the fly)."""
+    from rasterio.vrt import WarpedVRT
+
+    return isinstance(ds, WarpedVRT)
+
+
 def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, what: str = "MS") -> list[int]:
-    """1-based band indexes to read; all bands when `bands` is None."""
+    """1-based band indexes to read; all bands but an alpha band when `bands` is None."""
     if bands is None:
-        return list(range(1, ds.count + 1))
+        return [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
     bad = [b for b in bands if b < 1 or b > ds.count]
     if bad:
         raise FusionError(

@@ -116,6 +116,7 @@ def register(app: typer.Typer) -> None:
         zero_nodata: bool = FuseOpt.zero_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
+        reproject: bool = FuseOpt.reproject,
         metrics: bool = typer.Option(
             False, "--metrics", help="Full-resolution QNR/HQNR per output (log, --json, <out>.metrics.json)."
         ),
@@ -182,7 +183,7 @@ def register(app: typer.Typer) -> None:
             tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
-            stats_mpx=stats_mpx, progress=False,
+            stats_mpx=stats_mpx, reproject=reproject, progress=False,
         )  # fmt: skip
         fuser_kwargs = {
             "model": model, "weights": None if weights is None else str(weights), "method": method,

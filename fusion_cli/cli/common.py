@@ -84,6 +84,9 @@ class FuseOpt:
     )
     zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
     quicklook = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside each output.")
+    reproject = typer.Option(
+        False, "--reproject", help="Warp an MS in another CRS onto the PAN's CRS and grid (GDAL, cubic)."
+    )
     stats_mpx = typer.Option(
         None,
         "--stats-mpx",
@@ -136,6 +139,7 @@ def register_fuse_command(
         zero_nodata: bool = FuseOpt.zero_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
+        reproject: bool = FuseOpt.reproject,
         adapt: int = typer.Option(
             0,
             "--adapt",
@@ -169,6 +173,7 @@ def register_fuse_command(
             zero_is_nodata=zero_nodata,
             quicklook=quicklook,
             stats_mpx=stats_mpx,
+            reproject=reproject,
             adapt=adapt,
             progress=not (quiet or json_out),
         )
