@@ -13,7 +13,7 @@ by pixel replication.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class EvalOptions:
     psnr_peak: float | str = "dnmax"
     sensor: str | None = None  # MTF gains for D_lambda^K (None: generic gains)
     nodata: float | None = None  # extra nodata value
+    # 1-based bands of the reference / MS that the product's bands are, in its order (what --bands
+    # selected when it was fused); None: all, or the selection its FUSION_PARAMS tag records
+    bands: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,19 +129,32 @@ def load_case(
     return Case(img, pan=read_image(pan, "PAN", nodata), ms=read_image(ms, "MS", nodata))
 
 
-def _ms_for_product(case: Case) -> np.ndarray:
-    """The MS bands the product was made from: all, or the `bands` its FUSION_PARAMS tag records."""
+def _ms_for_product(case: Case, bands: list[int] | None = None) -> np.ndarray:
+    """The MS bands the product was made from: `bands`, all, or the ones its FUSION_PARAMS tag records."""
     assert case.ms is not None
-    ms = case.ms.data
-    c = case.fused.data.shape[0]
-    if ms.shape[0] == c:
-        return ms
-    bands = product_sources(case.fused)[2].get("bands")
+    return _bands_of_product(case.fused, case.ms, "MS", bands)
+
+
+def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | None = None) -> np.ndarray:
+    """`img`'s bands that match the product's: the `given` 1-based bands (in the fused order), else
+    all when the counts agree, else the `bands` the product's FUSION_PARAMS tag records."""
+    data, c = img.data, fused.data.shape[0]
+    if given is not None:
+        if len(given) != c or min(given) < 1 or max(given) > data.shape[0]:
+            raise FusionError(
+                f"bands {given} do not fit: the product has {c} bands, the {what} {img.path.name} "
+                f"{data.shape[0]}"
+            )
+        return data[[b - 1 for b in given]]
+    if data.shape[0] == c:
+        return data
+    bands = product_sources(fused)[2].get("bands")
     if isinstance(bands, list) and len(bands) == c and all(isinstance(b, int) for b in bands):
-        if max(bands) <= ms.shape[0] and min(bands) >= 1:
-            return ms[[b - 1 for b in bands]]
+        if max(bands) <= data.shape[0] and min(bands) >= 1:
+            return data[[b - 1 for b in bands]]
     raise FusionError(
-        f"fused has {c} bands but the MS {case.ms.path.name} has {ms.shape[0]}: pass the MS that was fused"
+        f"fused has {c} bands but the {what} {img.path.name} has {data.shape[0]}: "
+        f"pass the {what} that was fused"
     )
 
 
@@ -166,7 +182,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     f = case.fused
     out: dict[str, Any] = {"product": str(f.path), "mode": case.mode}
     if case.ref is not None:
-        r = case.ref
+        r = replace(case.ref, data=_bands_of_product(f, case.ref, "reference", opts.bands))
         if r.data.shape != f.data.shape:
             raise FusionError(
                 f"reference {r.path.name} {r.data.shape} and product {f.path.name} {f.data.shape} differ "
@@ -191,7 +207,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         )
     else:
         assert case.pan is not None and case.ms is not None
-        ms = _ms_for_product(case)
+        ms = _ms_for_product(case, opts.bands)
         h, w = ms.shape[1:]
         ratio = opts.ratio or max(1, round(f.data.shape[1] / h))
         size = (ratio * h, ratio * w)

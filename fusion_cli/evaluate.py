@@ -86,13 +86,22 @@ class EvalResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _fuse(spec: MethodSpec, pan: Path, ms: Path, out: Path, sensor: str, device: str, tile: int) -> float:
+def _fuse(
+    spec: MethodSpec,
+    pan: Path,
+    ms: Path,
+    out: Path,
+    sensor: str,
+    device: str,
+    tile: int,
+    bands: list[int] | None,
+) -> float:
     from fusion_cli.pipeline import pansharpen
 
     t0 = time.perf_counter()
     pansharpen(
         pan, ms, out, model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
-        device=device, overwrite=True, progress=False, measure_shift=False, tile=tile,
+        device=device, overwrite=True, progress=False, measure_shift=False, tile=tile, bands=bands,
     )  # fmt: skip
     return time.perf_counter() - t0
 
@@ -111,8 +120,10 @@ def evaluate_scene(
     device: str = "auto",
     scene_id: str | None = None,
     tile: int = 512,
+    bands: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Score every method on one PAN/MS pair; products are written under `work_dir`."""
+    """Score every method on one PAN/MS pair; products are written under `work_dir`. `bands`: the
+    1-based MS bands every method fuses, in the order a model expects (the references follow)."""
     from fusion_cli.assess import EvalOptions
     from fusion_cli.assess import evaluate as score_product
     from fusion_cli.wald import simulate_files
@@ -123,20 +134,20 @@ def evaluate_scene(
     sim = simulate_files(
         pan, ms, work_dir / "reduced", sensor=key, ratio=ratio, pan_mtf=pan_mtf, overwrite=True
     )
-    opts = EvalOptions(ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key)
+    opts = EvalOptions(ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands)
     rows = []
     for spec in methods:
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
-        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile)
+        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands)
         rr = score_product(out, ref=sim.ref, opts=opts)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")
         row.update({k: float(rr[k]) for k in RR_KEYS})
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)
-            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile)
+            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands)
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
             row.update({k: float(fr[k]) for k in FR_KEYS})
         rows.append(row)
@@ -209,6 +220,7 @@ def evaluate(
     device: str = "auto",
     keep_products: bool = True,
     tile: int = 512,
+    bands: list[int] | None = None,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`."""
@@ -221,7 +233,7 @@ def evaluate(
         rows += evaluate_scene(
             pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
             cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-            tile=tile,
+            tile=tile, bands=bands,
         )  # fmt: skip
     if not keep_products:
         import shutil
@@ -231,7 +243,7 @@ def evaluate(
     settings = {
         "sensor": canonical_sensor(sensor), "ratio": ratio,
         "pan_degradation": "mtf" if pan_mtf else "bicubic", "cut": cut, "clip_bits": clip_bits,
-        "scenes": [s[2] for s in scenes],
+        "scenes": [s[2] for s in scenes], "bands": bands,
     }  # fmt: skip
     files = {
         "results_csv": str(out_dir / "results.csv"),

@@ -74,6 +74,23 @@ def test_evaluate_real_pair(tmp_path: Path) -> None:
     assert payload["settings"]["sensor"] == "wv2" and len(payload["summary"]) == 2
 
 
+def test_evaluate_bands_select_and_reorder(tmp_path: Path) -> None:
+    """--bands: every method fuses the selected bands in the given order and the reference and the
+    full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s) of the WV2 pair
+    with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    scenes = find_scenes([pan, ms])
+    kw = {"sensor": "wv2", "clip_bits": 11, "keep_products": False}
+    stored = evaluate(scenes, parse_methods("gsa"), tmp_path / "a", **kw).rows[0]
+    reversed_ = evaluate(scenes, parse_methods("gsa"), tmp_path / "b", bands=[4, 3, 2, 1], **kw).rows[0]
+    for key in ("SAM", "ERGAS", "D_lambda", "D_s"):
+        assert reversed_[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-6), key
+    kw["sensor"] = "generic"  # the WV2 MTF table names 4 or 8 bands, not a 2-band subset
+    subset = evaluate(scenes, parse_methods("exp"), tmp_path / "c", bands=[2, 3], **kw).rows[0]
+    assert subset["Q2n_name"] != stored["Q2n_name"] and 0 < subset["ERGAS"] < 50
+
+
 def test_evaluate_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pan = str(need_shared("wv2_spacenet6", "pan_1.tif"))
     ms = str(need_shared("wv2_spacenet6", "ms_1.tif"))

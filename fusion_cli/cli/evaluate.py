@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import echo_json
+from fusion_cli.cli.common import echo_json, parse_bands
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
             ...,
             "--methods",
             help="Comma-separated: fusionmamba:MODEL (registry name or weights file, e.g. the official "
-            ".pth), classical names (exp, brovey, gsa, pca, mtf-glp, mtf-glp-hpm, mtf-glp-fs, bdsd-pc) "
+            ".pth), classical names (exp, brovey, gsa, pca, mtf-glp, mtf-glp-hpm, mtf-glp-fs, bdsd-pc, "
+            "mtf-glp-hs) "
             "or 'classical' for all of them.",
         ),
         out: Path = typer.Option(..., "-o", "--out", help="Output folder for the tables and the products."),
@@ -35,6 +36,12 @@ def register(app: typer.Typer) -> None:
         no_full: bool = typer.Option(False, "--no-full", help="Skip the full-resolution indices."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (networks)."),
         tile: int = typer.Option(512, "--tile", help="Pipeline tile side (PAN px); larger = fewer windows."),
+        bands: str | None = typer.Option(
+            None,
+            "--bands",
+            help="1-based MS bands every method fuses, in model order (e.g. 3,2,1,4,5,6); the reference "
+            "and full-resolution MS follow.",
+        ),
         keep: bool = typer.Option(
             True, "--keep/--no-keep", help="Keep the fused products under OUT/products."
         ),
@@ -53,10 +60,11 @@ def register(app: typer.Typer) -> None:
         from fusion_cli.evaluate import find_scenes, parse_methods, table_cells
 
         specs = parse_methods(methods)
+        band_list = parse_bands(bands)
         scenes = find_scenes(inputs)
         res = run(
             scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut, clip_bits=clip_bits,
-            full_resolution=not no_full, device=device, keep_products=keep, tile=tile,
+            full_resolution=not no_full, device=device, keep_products=keep, tile=tile, bands=band_list,
         )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})
