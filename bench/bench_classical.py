@@ -6,8 +6,10 @@ default options (the method's preferred tile, DEFLATE output), statistics pass i
 methods that need one, as are reading, MS placement, blending and the compressed GeoTIFF writer.
 Figures are PAN megapixels per second: "wall" is elapsed time, "CPU" is the process's CPU time
 (user + system, all threads), which is what to compare on a shared machine where other jobs steal
-the cores. Rows are given with 1 torch thread and with the default thread count. Goal: >= 5 PAN
-Mpx/s end to end on the 2-core machine.
+the cores. Rows are given with 1 torch thread and with the default thread count, and for the methods
+with a statistics pass also with `stats_mpx=1` (statistics from 1 PAN Mpx of tiles on a regular
+sub-grid, `--stats-mpx 1`; here 4 of the 16 tiles). Goal: >= 5 PAN Mpx/s end to end on the 2-core
+machine.
 
 `run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_classical.py [METHOD ...]`
 prints it (`--tile N` to force a tile side).
@@ -26,7 +28,15 @@ SIZE = 2048
 RATIO = 4
 
 
-def fuse_once(pan: Path, ms: Path, out: Path, method: str, threads: int, tile: int | None = None) -> dict:
+def fuse_once(
+    pan: Path,
+    ms: Path,
+    out: Path,
+    method: str,
+    threads: int,
+    tile: int | None = None,
+    stats_mpx: float | None = None,
+) -> dict:
     """One `fuse_files` run: wall and CPU seconds, PAN Mpx/s for each."""
     import torch
 
@@ -37,7 +47,7 @@ def fuse_once(pan: Path, ms: Path, out: Path, method: str, threads: int, tile: i
     torch.set_num_threads(threads)
     try:
         fuser = make_method(method, RATIO, "wv2")
-        opts = FuseOptions(tile=tile, progress=False, overwrite=True)
+        opts = FuseOptions(tile=tile, progress=False, overwrite=True, stats_mpx=stats_mpx)
         c0, t0 = time.process_time(), time.perf_counter()
         summary = fuse_files(pan, ms, out, fuser, opts)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -48,6 +58,7 @@ def fuse_once(pan: Path, ms: Path, out: Path, method: str, threads: int, tile: i
         "method": method,
         "threads": threads,
         "tile": summary.tile,
+        "statistics": "exact" if stats_mpx is None else f"{stats_mpx:g} Mpx",
         "wall s": round(wall, 2),
         "CPU s": round(cpu, 2),
         "PAN Mpx/s (wall)": round(mpx / wall, 2),
@@ -69,8 +80,13 @@ def run(methods: list[str] | None = None, tile: int | None = None) -> list[dict]
         pan, ms = make_scene(folder, SIZE)
         out = folder / "out.tif"
         for name in methods or list(METHODS):
-            for threads in sorted({1, default_threads}):
-                row = fuse_once(pan, ms, out, name, threads, tile)
+            runs = [(threads, None) for threads in sorted({1, default_threads})]
+            if METHODS[name].needs_stats:
+                runs.append((default_threads, 1.0))
+            for threads, stats_mpx in runs:
+                row = fuse_once(pan, ms, out, name, threads, tile, stats_mpx)
+                if not METHODS[name].needs_stats:
+                    row["statistics"] = "-"
                 row["scene"] = f"{SIZE}x{SIZE} PAN, 4-band uint16"
                 row["load avg (1 min)"] = round(os.getloadavg()[0], 1)
                 rows.append(row)
