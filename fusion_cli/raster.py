@@ -28,10 +28,11 @@ from fusion_cli.errors import FusionError
 # The tag written last, just before the file is closed: a file without it was not finished.
 COMPLETE_TAG = "FUSION_COMPLETE"
 BLOCK = 256
-# DEFLATE level of the outputs: with the predictor, level 3 writes files within 2 % of GDAL's default
-# level 6 (smaller on the synthetic benchmark scene and on the WV3 MS) for ~3.5x less CPU; the
-# writer was ~60 % of an end-to-end EXP run at level 6.
-DEFLATE_LEVEL = 3
+# DEFLATE level of the outputs: with the horizontal predictor, real 16-bit products barely compress
+# further at higher levels (GSA on the WV3 pair: 14 267 KiB at level 1, 14 242 at 3, 14 379 at 6; the
+# Landsat-8 example: 1 876 / 1 921 / 1 931 KiB), while level 1 costs the least CPU: EXP on the
+# 2048-px benchmark scene runs at 6.2 PAN Mpx/s end to end against 5.3 at level 3.
+DEFLATE_LEVEL = 1
 # Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
 SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
 # Bounded GDAL block cache: without it GDAL may cache up to 5 % of RAM while writing, which
