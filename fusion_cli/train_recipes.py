@@ -235,10 +235,13 @@ def vhr4_scenes(root: Path) -> Splits:
     wv2.band_names = VHR_BANDS
     # Pair 2 is one third unflagged nodata with a diagonal edge: left out rather than masked.
     return Splits(
-        train=[wv3.crop_rows(0.0, 0.7), wv2.crop_rows(0.0, 0.7)],
-        val=[wv3.crop_rows(0.7, 1.0), wv2.crop_rows(0.7, 1.0)],
-        test=[wv3.crop_rows(0.7, 1.0), wv2.crop_rows(0.7, 1.0)],
-        notes="WV3 Shanghai and WV2 Rotterdam pair 1: rows 0-70% train, 70-100% held out (val = test).",
+        train=[wv3.crop_rows(0.0, 0.6), wv2.crop_rows(0.0, 0.6)],
+        val=[wv3.crop_rows(0.6, 0.75), wv2.crop_rows(0.6, 0.75)],
+        test=[wv3.crop_rows(0.75, 1.0), wv2.crop_rows(0.75, 1.0)],
+        notes=(
+            "WV3 Shanghai and WV2 Rotterdam pair 1: rows 0-60% train, 60-75% validation, 75-100% test "
+            "(spatially separate)."
+        ),
     )
 
 
@@ -332,6 +335,9 @@ RECIPES: dict[str, Recipe] = {
             seconds=50.0,
             cpu_seconds=1200.0,
             val_crop=96,
+            # On the validation rows BT-H has the best SAM (7.05 vs 7.40-9.55 for the others) and is
+            # within 0.24 of the best ERGAS and 0.007 of the best Q2n: the best compromise to correct.
+            base="brovey",
             licence="weights MIT; trained on SpaceNet imagery, CC BY-SA 4.0 (SpaceNet on AWS, Maxar)",
         ),
     )
