@@ -644,10 +644,26 @@ def _whole_crop(p: TrainPair, limit: int | None = None) -> TrainPair:
     return TrainPair(p.name, p.pan[:, :H, :W], p.ms[:, : H // r, : W // r], p.ref[:, :H, :W], r)
 
 
+def shipped_commands(folder: str | Path | None = None) -> list[list[str]]:
+    """The arguments (after `python -m fusion_cli.train_recipes`) that trained each shipped model,
+    read from the cards in `folder` (default: the weights folder)."""
+    from fusion_cli.paths import weights_dir
+
+    out = []
+    for card_path in sorted(Path(folder or weights_dir()).glob("*.json")):
+        command = json.loads(card_path.read_text()).get("training", {}).get("command", "")
+        argv = shlex.split(command)
+        if argv[: len(PROG.split())] == PROG.split():
+            out.append(argv[len(PROG.split()) :])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("name", help=f"{' | '.join(RECIPES)} | all")
+    ap.add_argument(
+        "name", help=f"{' | '.join(RECIPES)} | all | shipped (each card's recorded command in weights/)"
+    )
     ap.add_argument("--out", default="weights", help="where the weights and cards go")
     ap.add_argument("--work", default="out/train", help="run folders (checkpoint, log, loss curve)")
     ap.add_argument("--device", default="auto")
@@ -662,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=None, help="classical base method to correct, or none")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(args_in)
+    if args.name == "shipped":
+        # later options win in argparse: the caller's (e.g. --out) override the card's
+        return max([main(cmd + args_in[1:]) for cmd in shipped_commands()], default=0)
     names = list(RECIPES) if args.name == "all" else [args.name]
     try:
         for n in names:

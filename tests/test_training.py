@@ -387,6 +387,18 @@ def test_shipping_bar_reads_the_held_out_table() -> None:
     assert not clears_bar({**methods, "fusionmamba": worse}, "pansharpening")
 
 
+def test_make_weights_replays_each_cards_command() -> None:
+    """`make weights` (train_recipes shipped) retrains every shipped model with its card's command:
+    one command per card, naming that card's recipe."""
+    from fusion_cli.paths import weights_dir
+    from fusion_cli.train_recipes import RECIPES, shipped_commands
+
+    commands = shipped_commands()
+    cards = sorted(p.stem for p in weights_dir().glob("*.json"))
+    assert sorted(c[0] for c in commands) == cards and all(c[0] in RECIPES for c in commands)
+    assert ["landsat", "--dim", "8", "--batch", "8", "--max-seconds", "4200"] in commands
+
+
 @pytest.mark.parametrize("scene", [19, 23, 24])
 def test_shipped_landsat_beats_bdsd_pc_on_held_out_path_row(scene: int) -> None:
     """The default model on a Landsat-7 path/row it never saw (P092R086), reduced resolution: higher
