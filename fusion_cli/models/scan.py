@@ -167,6 +167,20 @@ def _chunk_length(length: int) -> int:
     return int(min(256, max(8, 2 ** round(math.log2(max(1.0, math.sqrt(length)))))))
 
 
+def _steps_first(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(R, X, K*T) -> (T, R, X, K): position t of every chunk is one contiguous slice. The move is one
+    2-D transpose of an (R*X*K, T) matrix, which torch copies ~4x faster than the equivalent 4-D permute
+    (the permuted copies were a third of a CPU forward pass)."""
+    r, c, length = x.shape
+    return x.reshape(-1, T).t().contiguous().view(T, r, c, length // T)
+
+
+def _steps_last(y: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    """(T, R, X, K) -> (R, X, K*T), the inverse of `_steps_first` (again one 2-D transpose)."""
+    T = y.shape[0]
+    return y.reshape(T, -1).t().contiguous().view(r, c, -1)
+
+
 def _scan_rows(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int
 ) -> torch.Tensor:
@@ -184,8 +198,7 @@ def _scan_rows(
         u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
 
     def steps_first(x: torch.Tensor) -> torch.Tensor:
-        # (R, X, L) -> (T, R, X, K): position t of every chunk is one contiguous slice.
-        return x.reshape(x.shape[0], x.shape[1], K, T).permute(3, 0, 1, 2).contiguous()
+        return _steps_first(x, T)
 
     dt = steps_first(delta).unsqueeze(3)  # (T, R, H, 1, K)
     # Contiguous in this order so that each step of the loops below reads one dense slice.
@@ -214,7 +227,7 @@ def _scan_rows(
         carry = torch.stack(carries, dim=-1)  # (R, H, N, K): state entering each chunk
         hs = hs + torch.exp(cum) * carry
     y = (hs * steps_first(C).unsqueeze(2)).sum(3)  # (T, R, H, K)
-    y = y.permute(1, 2, 3, 0).reshape(r, hch, K * T)
+    y = _steps_last(y, r, hch)
     return y[..., :length] if pad else y
 
 
@@ -237,7 +250,7 @@ def _scan_rows_streaming(
         u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
 
     def steps_first(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], K, T).permute(3, 0, 1, 2).contiguous()
+        return _steps_first(x, T)
 
     dt = steps_first(delta).unsqueeze(3)  # (T, R, H, 1, K)
     dtu = dt * steps_first(u).unsqueeze(3)  # (T, R, H, 1, K)
@@ -263,7 +276,7 @@ def _scan_rows_streaming(
         torch.mul(dt[t], Ak, out=dec)
         h.mul_(dec.exp_()).addcmul_(dtu[t], Bs[t])
         torch.sum(torch.mul(h, Cs[t], out=tmp), dim=2, out=y[t])
-    y = y.permute(1, 2, 3, 0).reshape(r, hch, K * T)
+    y = _steps_last(y, r, hch)
     return y[..., :length] if pad else y
 
 
