@@ -309,14 +309,13 @@ def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan, stats_mpx: 
     # only sums of a classical method's statistics may be estimated from part of the scene (a
     # network's per-band maximum may not)
     windows = stats_windows(plan, stats_mpx) if mergeable else list(plan)
+    parts = [fuser]
+    if workers > 1 and mergeable:
+        parts += [fuser.stats_copy() for _ in range(workers - 1)]  # type: ignore[attr-defined]
     with _single_threaded(workers > 1):
-        if workers > 1 and mergeable:
-            parts = [fuser] + [fuser.stats_copy() for _ in range(workers - 1)]  # type: ignore[attr-defined]
-            _accumulate_parallel(parts, source, plan, windows, dev, m, side)
-            for part in parts[1:]:
-                fuser.merge_stats(part)  # type: ignore[attr-defined]
-        else:
-            _accumulate_windows(fuser, source, plan, windows, dev, m, side)
+        _accumulate_windows(parts, source, plan, windows, dev, m, side)
+    for part in parts[1:]:
+        fuser.merge_stats(part)  # type: ignore[attr-defined]
     fuser.finalize()
 
 
@@ -337,7 +336,7 @@ def stats_windows(plan: TilePlan, stats_mpx: float | None) -> list[Window]:
     return [windows[i * plan.cols + j] for i in rows for j in cols]
 
 
-def _accumulate_parallel(
+def _accumulate_windows(
     parts: list[Any],
     source: _PairSource,
     plan: TilePlan,
@@ -346,8 +345,14 @@ def _accumulate_parallel(
     m: int,
     side: int,
 ) -> None:
-    """Window i goes to `parts[i % len(parts)]`, one thread per part (a part is never shared)."""
+    """Window i goes to `parts[i % len(parts)]`: in this thread for one part, else one thread per part
+    (a part is never shared)."""
     boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
+    if len(parts) == 1:
+        with contextlib.closing(_read_ahead(source, boxes)) as tiles:
+            for win, t in zip(windows, tiles, strict=True):
+                _accumulate_window(parts[0], plan, dev, m, win, t)
+        return
     busy: list[Future[None] | None] = [None] * len(parts)
     with (
         ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="fusion-stats") as pool,
@@ -399,21 +404,6 @@ def _read_ahead(
         finally:
             for fut in ahead:
                 fut.cancel()
-
-
-def _accumulate_windows(
-    fuser: Fuser,
-    source: _PairSource,
-    plan: TilePlan,
-    windows: list[Window],
-    dev: torch.device,
-    m: int,
-    side: int,
-) -> None:
-    boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
-    with contextlib.closing(_read_ahead(source, boxes)) as tiles:
-        for win, t in zip(windows, tiles, strict=True):
-            _accumulate_window(fuser, plan, dev, m, win, t)
 
 
 def _accumulate_window(
