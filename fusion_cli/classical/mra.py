@@ -28,13 +28,18 @@ from fusion_cli.classical.base import (
 from fusion_cli.mtf import mtf_filter_decimate
 
 
-class _GLP(ClassicalFuser):
-    """PAN detail through the MTF-matched GLP; equalisation statistics shared by GLP and HPM."""
+class _MRA(ClassicalFuser):
+    """The family's shared geometry: the PAN low-pass (MTF filter, half-width MTF_HALF) runs before
+    interpolation, so every output pixel depends on that much more context; all gather statistics."""
 
     needs_stats = True
 
     def support(self) -> int:
         return MTF_HALF + super().support()
+
+
+class _GLP(_MRA):
+    """PAN detail through the MTF-matched GLP; equalisation statistics shared by GLP and HPM."""
 
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
@@ -105,18 +110,14 @@ class MTFGLPHPM(_GLP):
         return x * (torch.maximum(p, floor) / torch.maximum(p_low, floor))
 
 
-class MTFGLPHS(ClassicalFuser):
+class MTFGLPHS(_MRA):
     """Hypersharpening: for each band a synthetic PAN, regressed on the high-resolution bands (the HISR
     MSI, or the PAN) at low resolution, is injected by MTF-GLP high-pass modulation; Selva, Aiazzi,
     Butera, Chiarantini and Baronti, "Hyper-sharpening: a first approach on SIM-GA data", IEEE JSTARS
     2015."""
 
     name = "mtf-glp-hs"
-    needs_stats = True
     multiband_pan = True
-
-    def support(self) -> int:
-        return MTF_HALF + super().support()
 
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
@@ -173,16 +174,12 @@ class MTFGLPHS(ClassicalFuser):
         return self.upsample(ms) * (torch.maximum(synth, floor) / torch.maximum(low, floor))
 
 
-class MTFGLPFS(ClassicalFuser):
+class MTFGLPFS(_MRA):
     """MTF-GLP with injection gains regressed at full scale, cov(X_k, P) / cov(P_low, P); Vivone, Restaino
     and Chanussot, "Full scale regression-based injection coefficients for panchromatic sharpening",
     IEEE TIP 2018."""
 
     name = "mtf-glp-fs"
-    needs_stats = True
-
-    def support(self) -> int:
-        return MTF_HALF + super().support()
 
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
