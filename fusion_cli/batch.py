@@ -479,33 +479,52 @@ def scene_lock(out: Path) -> Iterator[bool]:
         yield True
         return
     lock_path = out.with_name(f".{out.name}.lock")
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd: int | None = None
+    try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            held = _try_flock(fcntl, fd, lock_path)
+            if held is not None:
+                break
+            os.close(fd)  # the holder we waited on unlinked the file: lock the live one
+            fd = None
+        yield held
+    finally:
+        if fd is not None:
+            _release_lock_file(fcntl, fd, lock_path)
+
+
+def _try_flock(fcntl: Any, fd: int, lock_path: Path) -> bool | None:
+    """True: `fd` holds the live lock file; False: another run holds it; None: retry."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks (some NFS mounts): no cross-run exclusion
+        return True
+    try:
+        return True if os.fstat(fd).st_ino == os.stat(lock_path).st_ino else None
+    except FileNotFoundError:
+        return None
+
+
+def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
+    """Unlink the lock file unless another live run holds it, then close `fd`.
+
+    Re-locking is a no-op for the holder; for a run that was refused (or interrupted while
+    acquiring) it succeeds only when nobody holds the file, so a live run's lock is never removed.
+    """
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            yield False
             return
-        except OSError:  # a filesystem without locks (some NFS mounts): no cross-run exclusion
-            os.close(fd)
-            with contextlib.suppress(OSError):
+        except OSError:  # no locks on this filesystem: nothing to protect
+            pass
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
                 lock_path.unlink()
-            yield True
-            return
-        # The holder we waited on may have unlinked the file: our lock must be on the live inode.
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()
         os.close(fd)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -275,15 +276,18 @@ class AtomicWriter:
     def __enter__(self) -> AtomicWriter:
         self._env = gdal_env()
         self._env.__enter__()
-        try:
-            self._dst = rasterio.open(self._tmp, "w", **self.profile)
-        except Exception as exc:
-            self._cleanup()
-            raise FusionError(f"cannot write output {self.out}: {str(exc).splitlines()[0]}") from None
-        if self.descriptions:
-            for i, d in enumerate(self.descriptions, start=1):
-                self._dst.set_band_description(i, d)
-        self._dst.update_tags(**self.tags)
+        try:  # __exit__ does not run when __enter__ fails (or Ctrl-C lands in it): clean up here
+            try:
+                self._dst = rasterio.open(self._tmp, "w", **self.profile)
+            except Exception as exc:
+                raise FusionError(f"cannot write output {self.out}: {str(exc).splitlines()[0]}") from None
+            if self.descriptions:
+                for i, d in enumerate(self.descriptions, start=1):
+                    self._dst.set_band_description(i, d)
+            self._dst.update_tags(**self.tags)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def write(self, data: np.ndarray, row0: int, col0: int, valid: np.ndarray | None = None) -> None:

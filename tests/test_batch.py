@@ -326,11 +326,28 @@ def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
         assert mine
         r = batch.execute_scene(scene, flaky)
         assert r.status == "skipped" and "another running batch" in r.reason
+        assert hidden_files(scene.out.parent) == [f".{scene.out.name}.lock"]  # the refused run left it
     # A temporary file of a killed writer is removed once we own the scene.
     stale = scene.out.with_name(f".{scene.out.name}.partial-99999-abcd.tif")
     stale.write_bytes(b"half a file")
     batch.execute_scene(scene, lambda sc: {})
     assert hidden_files(scene.out.parent) == []
+
+
+def test_ctrl_c_while_taking_a_scene_lock_leaves_no_lock_file(tmp_path: Path, monkeypatch) -> None:
+    """SIGINT lands just after the lock file is created and locked, before the scene starts (the
+    moment a batch moves to its next scene): the file must still go."""
+    out = tmp_path / "s_fused.tif"
+    real = batch._try_flock
+
+    def interrupted(*args: object) -> bool | None:
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_try_flock", interrupted)
+    with pytest.raises(KeyboardInterrupt), batch.scene_lock(out):
+        pass
+    assert hidden_files(tmp_path) == []
 
 
 def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None:

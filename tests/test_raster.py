@@ -115,6 +115,23 @@ def test_atomic_writer_leaves_nothing_on_error(tmp_path, exc):
     assert list(tmp_path.iterdir()) == []
 
 
+class _InterruptedNames(list):
+    """Band names whose reading is interrupted: Ctrl-C lands while the writer is still opening."""
+
+    def __iter__(self):
+        raise KeyboardInterrupt
+
+
+def test_atomic_writer_interrupted_while_opening_leaves_nothing(tmp_path):
+    out = tmp_path / "o.tif"
+    with (
+        pytest.raises(KeyboardInterrupt),
+        raster.AtomicWriter(out, _profile(), descriptions=_InterruptedNames("ab")),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_is_complete_output_rejects_foreign_and_broken_files(tmp_path):
     plain = _write(tmp_path / "plain.tif", np.ones((1, 4, 4), np.uint8))
     assert not raster.is_complete_output(plain)
