@@ -3,11 +3,13 @@
 The scene is the shipped example (`examples/landsat8_{pan,ms}.tif`, Landsat-8 OLI, 16-bit DN,
 320 x 640 PAN), small enough to fuse as one window. Each row fuses it with `fuse_files` at a tile
 size and overlap and reports the max, mean and 99.9th percentile of |tiled - one piece| over all
-bands and pixels. Rows: the default network (`landsat`) and its base method alone (`bdsd-pc`), which
-separates what the pipeline does (windows, halo, blending, statistics pass) from what the network
-does: FusionMamba's selective scans run over each window's flattened rows and columns, so every
-output pixel depends on the whole window and on its width (the decay between a pixel and the one
-above it is one row of tokens), which no finite halo reproduces.
+bands and pixels. Rows: the default network (`landsat`, its card's scan memory of 20 tokens), the same
+network with unbounded scans (`--scan-memory 0`, as the paper), and its base method alone (`bdsd-pc`),
+which separates what the pipeline does (windows, halo, blending, statistics pass) from what the
+network does. FusionMamba's selective scans run over each window's flattened rows and columns; an
+unbounded trained scan keeps channels whose state barely decays, so every output pixel depends on the
+whole window, which no finite halo reproduces. Bounded memory (`FusionMambaConfig.scan_memory`) makes
+each pixel depend on a neighbourhood that the halo covers.
 
 `run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_seam.py` prints it.
 """
@@ -22,15 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PAN = ROOT / "examples" / "landsat8_pan.tif"
 MS = ROOT / "examples" / "landsat8_ms.tif"
 CASES = [(256, 32), (128, 32), (256, 128), (512, 128)]  # (tile, overlap) PAN px; default 256 / 32
+# (label, make_fuser keywords, cases)
+FUSERS = [
+    ("landsat (scan memory 20)", {"model": "landsat"}, CASES),
+    ("landsat unbounded (--scan-memory 0)", {"model": "landsat", "scan_memory": 0}, [CASES[0], CASES[3]]),
+    ("bdsd-pc", {"method": "bdsd-pc"}, CASES),
+]
 
 
-def _fuse(out: Path, model: str | None, method: str | None, tile: int, overlap: int) -> tuple[object, float]:
+def _fuse(out: Path, fuser_kw: dict, tile: int, overlap: int) -> tuple[object, float]:
     import numpy as np
     import rasterio
 
     from fusion_cli.pipeline import FuseOptions, fuse_files, make_fuser
 
-    fuser = make_fuser(model=model, method=method, ratio=2, sensor="landsat8", device="cpu")
+    fuser = make_fuser(**fuser_kw, ratio=2, sensor="landsat8", device="cpu")
     t0 = time.perf_counter()
     fuse_files(PAN, MS, out, fuser, FuseOptions(tile=tile, overlap=overlap, progress=False, overwrite=True))
     seconds = time.perf_counter() - t0
@@ -43,12 +51,10 @@ def run() -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model, method in (("landsat", None), (None, "bdsd-pc")):
-            name = model or method
-            kw = {"model": model, "method": method}
-            one, _ = _fuse(Path(tmp) / "one.tif", **kw, tile=1024, overlap=32)
-            for tile, overlap in CASES:
-                tiled, seconds = _fuse(Path(tmp) / "tiled.tif", **kw, tile=tile, overlap=overlap)
+        for name, kw, cases in FUSERS:
+            one, _ = _fuse(Path(tmp) / "one.tif", kw, tile=1024, overlap=32)
+            for tile, overlap in cases:
+                tiled, seconds = _fuse(Path(tmp) / "tiled.tif", kw, tile=tile, overlap=overlap)
                 diff = np.abs(tiled - one)
                 rows.append(
                     {

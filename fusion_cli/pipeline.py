@@ -68,6 +68,8 @@ class FuseOptions:
     # the scene (a regular sub-grid of tiles); None: every window (exact whole-scene statistics)
     stats_mpx: float | None = None
     reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
+    # network scan memory in tokens (FusionMambaConfig.scan_memory); None: the model card's, 0: unbounded
+    scan_memory: float | None = None
 
 
 @dataclass
@@ -136,11 +138,19 @@ def make_fuser(
     dn_max: float | None = None,
     ms_bands: int | None = None,
     pan_bands: int = 1,
+    scan_memory: float | None = None,
 ) -> Fuser:
     """A network (`model` name or `weights` file; the default shipped model when both are None)
-    or a classical `method` (needs `ratio`; `pan_bands > 1` for HISR: an MSI in place of the PAN)."""
+    or a classical `method` (needs `ratio`; `pan_bands > 1` for HISR: an MSI in place of the PAN).
+    `scan_memory` overrides the network's (tokens; 0 = unbounded, as the official checkpoint)."""
     if method is not None and (model is not None or weights is not None):
         raise FusionError("give either --method or --model/--weights, not both")
+    if scan_memory is not None and method is not None:
+        raise FusionError("--scan-memory applies to networks, not to classical methods")
+    if scan_memory is not None and scan_memory < 0:
+        raise FusionError(
+            f"--scan-memory must be a number of tokens > 0, or 0 for unbounded; got {scan_memory}"
+        )
     if precision not in {"fp32", "bf16", "fp16"}:
         raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
     dev = resolve_device(device)
@@ -160,6 +170,8 @@ def make_fuser(
     except ImportError:
         raise FusionError("no network models in this installation; use --method NAME") from None
     loaded = load_model(name=model, weights=None if weights is None else str(weights), device=dev)
+    if scan_memory is not None:
+        loaded.model.set_scan_memory(scan_memory or None)
     kwargs: dict[str, Any] = {"device": dev, "precision": precision}
     if dn_max is not None:
         kwargs["dn_max"] = dn_max
@@ -810,6 +822,10 @@ def fuse_files(
             "adapt_steps": opts.adapt,
             "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
             "reprojected_ms": raster.is_warped(ms_ds),
+            # the scan memory in effect (card's or --scan-memory's): it changes a network's output
+            "scan_memory": getattr(
+                getattr(getattr(fuser, "model", None), "config", None), "scan_memory", None
+            ),
         }
         tags = {
             "FUSION_MODEL": name,
@@ -973,6 +989,7 @@ def _resolve_fuser(
         dn_max=opts.dn_max,
         ms_bands=n_bands,
         pan_bands=pan_count,
+        scan_memory=opts.scan_memory,
     )
 
 

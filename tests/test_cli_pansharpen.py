@@ -84,6 +84,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
     assert_one_line_error(code, err, "unknown device")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "gsa", "--stats-mpx", "0")
     assert_one_line_error(code, err, "--stats-mpx must be positive")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--scan-memory", "20")
+    assert_one_line_error(code, err, "--scan-memory applies to networks")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--scan-memory", "-1")
+    assert_one_line_error(code, err, "--scan-memory must be")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "notes.tif", "odd.tif"]
 
 

@@ -172,6 +172,43 @@ def test_config_round_trip_and_validation():
         FusionMambaConfig(ms_bands=8, ratio=1)
 
 
+@pytest.mark.parametrize("memory", [None, 10.0])
+def test_scan_memory_bounds_how_far_a_token_reaches(memory):
+    """A slow-decay scan (tiny delta, as trained scans keep for context) carries token 0 undiminished
+    to the end of a 256-token sequence; with `memory` = 10 tokens its influence has died out by token
+    200 (exp(-20)), which is what lets a tile reproduce the whole image."""
+    from fusion_cli.models.fusionmamba import MultiScanMamba
+
+    torch.manual_seed(0)
+    block = MultiScanMamba(8, 4, 4, 1, directions=2, memory=memory).double()
+    with torch.no_grad():
+        for k in ("", "_b"):
+            block.get_submodule(f"dt_proj{k}").bias.fill_(-9.0)  # delta ~ 1e-4: memory ~ 1e4 tokens
+    x = torch.randn(1, 256, 8, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    with torch.no_grad():
+        change = (block(x2) - block(x)).abs().amax(dim=2)[0]  # (L,)
+    reach = float(change[200:].max() / change[:4].max())
+    if memory is None:
+        assert reach > 1e-6 and float(change[200:].max() / change[100:200].max()) > 0.5  # no decay
+    else:
+        assert reach < 1e-10
+
+
+def test_set_scan_memory_bounds_spatial_scans_only_and_validates():
+    model = FusionMamba(FusionMambaConfig(ms_bands=4, ratio=2, dim=8))
+    model.set_scan_memory(20)
+    assert model.config.scan_memory == 20
+    assert model.stage2.fm.spa_cross_mamba.block.memory == 20
+    assert model.spe_attn.block[2].memory is None  # the band-sequence scan is never tiled
+    assert FusionMambaConfig.from_dict(model.config.to_dict()).scan_memory == 20
+    with pytest.raises(FusionError, match="scan_memory"):
+        model.set_scan_memory(0)
+    with pytest.raises(FusionError, match="scan_memory"):
+        FusionMambaConfig(ms_bands=4, scan_memory=float("inf"))
+
+
 @pytest.mark.parametrize("ratio", [2, 3, 4])
 def test_fresh_network_starts_as_bilinear_interpolation(ratio):
     """Training starts from the interpolated MS, not from noise (init_residual)."""

@@ -364,6 +364,7 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
     assert card["bands"][0].startswith("blue") and card["dn_max"] == 255.0 and card["ratio"] == 2
     assert card["training"]["command"].startswith(f"fusion train {data} -o ")
     assert "--pan-shift -1,-1" in card["training"]["command"]
+    assert card["architecture"]["scan_memory"] == 20  # new models are seamless by default
     # A missing folder is a one-line user error (FusionError -> exit 2 in main()).
     from fusion_cli.cli.main import main
 

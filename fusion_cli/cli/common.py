@@ -93,6 +93,13 @@ class FuseOpt:
         help="Classical methods: estimate their global statistics from at most N PAN megapixels of "
         "tiles spread evenly over the scene (faster on big scenes; default: the whole scene, exact).",
     )
+    scan_memory = typer.Option(
+        None,
+        "--scan-memory",
+        help="Networks: how many tokens a scan remembers (default: the model card's; the shipped "
+        "models use 20, so tiles match the one-piece product within 1 DN). 0: unbounded, as trained "
+        "by the paper and in the official checkpoint.",
+    )
     quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
     json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
 
@@ -140,6 +147,7 @@ def register_fuse_command(
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
+        scan_memory: float | None = FuseOpt.scan_memory,
         adapt: int = typer.Option(
             0,
             "--adapt",
@@ -174,6 +182,7 @@ def register_fuse_command(
             quicklook=quicklook,
             stats_mpx=stats_mpx,
             reproject=reproject,
+            scan_memory=scan_memory,
             adapt=adapt,
             progress=not (quiet or json_out),
         )

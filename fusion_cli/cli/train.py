@@ -9,6 +9,7 @@ import typer
 
 from fusion_cli.cli.common import echo_json, parse_bands
 from fusion_cli.errors import FusionError
+from fusion_cli.models import SEAMLESS_SCAN_MEMORY
 
 
 def _pair(text: str | None, what: str) -> tuple[float, float] | None:
@@ -88,6 +89,12 @@ def register(app: typer.Typer) -> None:
             help="Classical method (e.g. bdsd-pc) whose product the network learns to correct, "
             "instead of the paper's learned upsampling.",
         ),
+        scan_memory: float = typer.Option(
+            SEAMLESS_SCAN_MEMORY,
+            "--scan-memory",
+            help="Tokens a spatial scan remembers (bounded: tiled fusion matches the one-piece product "
+            "within 1 DN); 0: unbounded, as in the paper.",
+        ),
         init: Path = typer.Option(None, "--init", help="Start from these weights (fine-tuning)."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         description: str = typer.Option("", help="Card description."),
@@ -125,6 +132,7 @@ def register(app: typer.Typer) -> None:
             gain_aug=_pair(gain_aug, "--gain-aug"),
             base=base,
             sensor=sensor,
+            scan_memory=scan_memory or None,
         )
         res = train_from_inputs(
             inputs,

@@ -51,6 +51,10 @@ class FusionMambaConfig:
     # A classical method (fusion_cli.classical) whose product is the global residual instead of the
     # learned upsampling: the network then learns a correction of that method's output. None = paper.
     base: str | None = None
+    # Longest memory of a spatial scan's state, in tokens: every state decays by at least e over this
+    # many tokens, so an output pixel depends on a bounded neighbourhood and tiled inference reproduces
+    # the whole image (see `MultiScanMamba`). None = unbounded, as in the paper and its checkpoint.
+    scan_memory: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("ms_bands", "pan_bands", "ratio", "dim", "d_state", "d_conv", "expand", "attn_dim"):
@@ -61,6 +65,15 @@ class FusionMambaConfig:
             raise FusionError(f"FusionMamba config: ratio must be >= 2, got {self.ratio}")
         if self.base is not None and not (isinstance(self.base, str) and self.base):
             raise FusionError(f"FusionMamba config: base must be a method name or null, got {self.base!r}")
+        if self.scan_memory is not None and not (
+            isinstance(self.scan_memory, (int, float))
+            and math.isfinite(self.scan_memory)
+            and self.scan_memory > 0
+        ):
+            raise FusionError(
+                f"FusionMamba config: scan_memory must be a positive number of tokens or null, "
+                f"got {self.scan_memory!r}"
+            )
 
     @property
     def multiple(self) -> int:
@@ -107,6 +120,12 @@ class MultiScanMamba(nn.Module):
     Each order has its own conv1d, x_proj, dt_proj, A and D; outputs are put back in input order, averaged,
     LayerNormed and projected. `cross=True`: dt, B and C come from a second input through `in_proj_b`
     (no conv, no activation) while x and z come from the main input.
+
+    `memory` (tokens) bounds how far back a state remembers: the step size delta is floored at
+    1 / (memory * min_n |A[d, n]|), so each step decays every state by at least exp(-1 / memory). A
+    trained scan keeps channels with tiny delta that carry a whole window's (or row's) content; on
+    a tile that content differs from the whole image's, which shows as seams. Bounded, a tile with a
+    halo of a few memories reproduces the one-piece output (1 DN on 16-bit Landsat at 20 tokens).
     """
 
     def __init__(
@@ -118,6 +137,7 @@ class MultiScanMamba(nn.Module):
         directions: int,
         cross: bool = False,
         scan_backend: str | None = None,
+        memory: float | None = None,
     ) -> None:
         super().__init__()
         if directions not in (2, 4):
@@ -128,6 +148,7 @@ class MultiScanMamba(nn.Module):
         self.directions = directions
         self.cross = cross
         self.scan_backend = scan_backend
+        self.memory = memory
         e, n, r = self.d_inner, d_state, self.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
         if cross:
@@ -181,6 +202,12 @@ class MultiScanMamba(nn.Module):
         dt_w = self._stacked("dt_proj{s}.weight").view(g, e, r)
         delta = torch.matmul(dt_w, x_dbl[:, :, :r]).view(b, g * e, length)  # (B, G*E, L)
         A = -torch.exp(self._stacked("A{s}_log").float())  # (G*E, N)
+        delta_bias: torch.Tensor | None = self._stacked("dt_proj{s}.bias").float()
+        if self.memory is not None:
+            # Activate here to floor the step: exp(delta * A) <= exp(-1 / memory) for every state.
+            delta = nn.functional.softplus(delta.float() + delta_bias[:, None])
+            delta = torch.maximum(delta, (1.0 / (self.memory * A.abs().amin(dim=1)))[:, None])
+            delta_bias = None
         y = selective_scan(
             xs,
             delta,
@@ -189,8 +216,8 @@ class MultiScanMamba(nn.Module):
             x_dbl[:, :, r + n :],
             self._stacked("D{s}").float(),
             zs,
-            self._stacked("dt_proj{s}.bias").float(),
-            delta_softplus=True,
+            delta_bias,
+            delta_softplus=delta_bias is not None,
             backend=self.scan_backend,
         )
         # Back to image order (one gather with the inverse index), averaged over directions: (B, E, L).
@@ -205,7 +232,9 @@ class SingleMambaBlock(nn.Module):
     def __init__(self, dim: int, cfg: FusionMambaConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.block = MultiScanMamba(dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, False, cfg.scan_backend)
+        self.block = MultiScanMamba(
+            dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, False, cfg.scan_backend, cfg.scan_memory
+        )
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         return self.block(self.norm(x), hw=hw) + x
@@ -218,7 +247,9 @@ class CrossMambaBlock(nn.Module):
         super().__init__()
         self.norm0 = nn.LayerNorm(dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.block = MultiScanMamba(dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, True, cfg.scan_backend)
+        self.block = MultiScanMamba(
+            dim, cfg.d_state, cfg.d_conv, cfg.expand, 4, True, cfg.scan_backend, cfg.scan_memory
+        )
 
     def forward(self, main: torch.Tensor, other: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         return self.block(self.norm0(main), self.norm1(other), hw=hw) + main
@@ -372,6 +403,16 @@ class FusionMamba(nn.Module):
         self.stage4 = FusionMambaModule(d, config, final=True)
         self.spe_attn = SpectralAttention(config)
         self.init_residual()
+
+    def set_scan_memory(self, memory: float | None) -> None:
+        """Bound (or unbound, None) the memory of every spatial scan, e.g. on a network trained
+        unbounded; the spectral attention's scan over the band sequence is never tiled and keeps its own."""
+        self.config.scan_memory = FusionMambaConfig(
+            **{**self.config.to_dict(), "scan_memory": memory}
+        ).scan_memory
+        for name, module in self.named_modules():
+            if isinstance(module, MultiScanMamba) and not name.startswith("spe_attn."):
+                module.memory = memory
 
     @torch.no_grad()
     def init_residual(self) -> None:

@@ -343,7 +343,8 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     cfg = model.config.to_dict()
     cfg["scan_backend"] = None  # a run-time choice, not part of the architecture
     if card.architecture:
-        declared = {"base": None, **card.architecture, "scan_backend": None}  # older cards: no base
+        # from_dict fills fields older cards lack (base, scan_memory) with their defaults
+        declared = FusionMambaConfig.from_dict({**card.architecture, "scan_backend": None}).to_dict()
         if declared != cfg:
             raise FusionError(f"card {card.name!r} architecture {declared} differs from the model's {cfg}")
     card.architecture = cfg

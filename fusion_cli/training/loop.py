@@ -61,6 +61,7 @@ class TrainConfig:
     scan_backend: str | None = None
     base: str | None = None  # classical method whose product the network corrects (FusionMambaConfig.base)
     sensor: str | None = None  # MTF gains of the base method (a free-text sensor means generic)
+    scan_memory: float | None = None  # bounded scan memory in tokens (FusionMambaConfig.scan_memory)
 
     def __post_init__(self) -> None:
         m = math.lcm(4, self.ratio)
@@ -105,6 +106,7 @@ def build_model(config: TrainConfig, ms_bands: int, pan_bands: int) -> nn.Module
         dim=config.dim,
         d_state=config.d_state,
         base=config.base,
+        scan_memory=config.scan_memory,
     )
     if config.scan_backend is not None and hasattr(cfg, "scan_backend"):
         cfg.scan_backend = config.scan_backend
