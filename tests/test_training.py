@@ -466,6 +466,32 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
     assert scores["net"][1] < scores["hs"][1] and scores["net"][2] < scores["hs"][2]
 
 
+def test_shipped_hisr_card_table_is_what_its_weights_measure(tmp_path: Path) -> None:
+    """`train_recipes NAME --retest` re-measures a shipped card's held-out table from its weights as
+    the card loads them (scan memory included): for hyperion_hisr it reproduces the card's figures."""
+    import shutil
+
+    from fusion_cli.paths import weights_dir
+    from fusion_cli.train_recipes import clears_bar, main
+
+    need_shared("eo1_sanfrancisco", "hs.tif")
+    for ext in ("json", "safetensors"):
+        shutil.copy(weights_dir() / f"hyperion_hisr.{ext}", tmp_path)
+    shipped = json.loads((weights_dir() / "hyperion_hisr.json").read_text())["metrics"]
+    assert main(["hyperion_hisr", "--retest", "--out", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "hyperion_hisr.json").read_text())
+    got = card["metrics"]["test_reduced_resolution"]["methods"]
+    want = shipped["test_reduced_resolution"]["methods"]
+    assert got.keys() == want.keys() and card["architecture"]["scan_memory"] == 20
+    for method, row in want.items():
+        for index, value in row.items():
+            assert got[method][index]["mean"] == pytest.approx(value["mean"], rel=1e-3, abs=1e-3), (
+                method,
+                index,
+            )
+    assert clears_bar(got, "hisr")
+
+
 def test_adapt_a_base_model_trains_its_correction(pairs: dict[str, list[TrainPair]]) -> None:
     """--adapt on a model with a classical base: the base is computed on the adapted scene too, the
     adapted copy moves away from the base (the head learns) and the original stays the base."""
