@@ -494,13 +494,17 @@ def run_recipe(
     test_crop: int | None = None,
     val_crop: int | None = None,
     base: str | None = None,
+    init: str | Path | None = None,
+    sam_weight: float = 0.0,
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
 
     The data come from the shared folder, or from `pack_dir/<name>.npz` (see `pack_recipe`).
     `batch` overrides the recipe's batch and `test_crop` limits the test scenes to their top-left
     `test_crop` PAN px (both for quick smoke runs on a CPU). `base` overrides the recipe's base
-    method ("none": the paper's learned upsampling).
+    method ("none": the paper's learned upsampling). `init` fine-tunes the weights of a card (its
+    architecture wins over `dim` and `base`); `sam_weight` adds the spectral-angle loss term.
     """
     from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
 
@@ -518,6 +522,12 @@ def run_recipe(
         splits, train_p, val_p, test_p = build_pairs(recipe, _shared_root())
         meta = describe_splits(recipe, splits)
     t_data = time.perf_counter() - t0
+    init_model = None
+    if init is not None:
+        from fusion_cli.models.registry import load_model
+
+        init_model = load_model(weights=init, device="cpu").model
+        dim, base = init_model.config.dim, init_model.config.base or "none"
     cfg = TrainConfig(
         task=recipe.task,
         ratio=recipe.ratio,
@@ -526,7 +536,7 @@ def run_recipe(
         batch=batch or (recipe.gpu_batch if dev.type == "cuda" and recipe.gpu_batch else recipe.batch),
         steps_per_epoch=recipe.steps_per_epoch,
         val_interval_s=15.0 if dev.type == "cuda" else 0.0,
-        lr=recipe.lr,
+        lr=lr or recipe.lr,
         epochs=recipe.epochs,
         max_seconds=budget,
         device=str(dev),
@@ -537,11 +547,13 @@ def run_recipe(
         dn_max=recipe.dn_max,
         base=recipe.base if base is None else (None if base == "none" else base),
         sensor=recipe.mtf_sensor,
+        sam_weight=sam_weight,
     )
     command = command or f"{PROG} {name} --device {dev.type} --max-seconds {budget:g}"
     card = _card(recipe, meta, command)
     card["training"]["data_preparation_s"] = round(t_data, 1)
-    res = train(train_p, val_p, cfg, work_dir, None, progress=progress)
+    init_state = None if init_model is None else init_model.state_dict()
+    res = train(train_p, val_p, cfg, work_dir, None, progress=progress, init_state=init_state)
     summary: dict[str, Any] = {
         "name": name,
         "device": str(dev),
@@ -707,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-crop", type=int, default=None, help="limit test scenes to N px (smoke tests)")
     ap.add_argument("--val-crop", type=int, default=None, help="validation crop size (smoke tests)")
     ap.add_argument("--base", default=None, help="classical base method to correct, or none")
+    ap.add_argument("--init", default=None, help="fine-tune these weights (a card or .safetensors)")
+    ap.add_argument("--sam-weight", type=float, default=0.0, help="spectral-angle loss weight (0: L1)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
@@ -742,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
                 test_crop=args.test_crop,
                 val_crop=args.val_crop,
                 base=args.base,
+                init=args.init,
+                sam_weight=args.sam_weight,
+                lr=args.lr,
             )
             print(json.dumps(summary, default=str), flush=True)
     except FusionError as exc:

@@ -340,6 +340,44 @@ def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
                 out.descriptions = ds.descriptions
 
 
+def test_spectral_angle_loss_term_and_selection() -> None:
+    """`sam_weight` adds mean (1 - cos) of the per-pixel spectral angle: zero for a spectrum scaled
+    without turning, positive for a turned one of the same L1; the epoch pick uses the same weight."""
+    import math
+
+    from fusion_cli.training.loop import training_loss, validation_objective
+
+    ref = torch.rand(2, 4, 8, 8) + 0.5
+    scaled = ref * 1.1
+    assert training_loss(scaled, ref, 1.0) == pytest.approx(float(training_loss(scaled, ref)), rel=1e-6)
+    turned = ref.clone()
+    turned[:, 0] += 0.1 * ref.mean()
+    turned[:, 1] -= 0.1 * ref.mean()  # same L1 as a uniform shift of half the size, but turned
+    assert float(training_loss(turned, ref, 1.0)) > float(training_loss(turned, ref)) + 1e-5
+    rec = {"val_l1": 0.02, "sam": 6.0}
+    assert validation_objective(rec) == 0.02
+    assert validation_objective(rec, 2.0) == pytest.approx(0.02 + 2 * (1 - math.cos(math.radians(6))))
+    with pytest.raises(FusionError, match="--sam-weight"):
+        TrainConfig(sam_weight=-1.0)
+
+
+def test_fine_tuning_that_never_improves_exports_its_start(
+    pairs: dict[str, list[TrainPair]], tmp_path: Path
+) -> None:
+    """With a zero learning rate nothing improves on the validation set: the run exports the weights
+    it started from (epoch 0), not its last or a worse epoch."""
+    torch.manual_seed(1)
+    start = build_model(tiny(), 6, 1)
+    torch.nn.init.normal_(start.to_hrms[2].weight, std=0.05)
+    init = {k: v.clone() for k, v in start.state_dict().items()}
+    res = train(
+        pairs["train"], pairs["val"], tiny(lr=0.0, epochs=2), tmp_path, progress=False, init_state=init
+    )
+    assert res.best_epoch == 0
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(v.cpu(), init[k])
+
+
 def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

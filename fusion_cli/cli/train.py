@@ -95,6 +95,12 @@ def register(app: typer.Typer) -> None:
             help="Tokens a spatial scan remembers (bounded: tiled fusion matches the one-piece product "
             "within 1 DN); 0: unbounded, as in the paper.",
         ),
+        sam_weight: float = typer.Option(
+            0.0,
+            "--sam-weight",
+            help="Add this weight times the mean (1 - cos) of the spectral angle to the L1 loss and to "
+            "the validation score that picks the exported epoch (0: L1 only, the paper's).",
+        ),
         init: Path = typer.Option(None, "--init", help="Start from these weights (fine-tuning)."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         description: str = typer.Option("", help="Card description."),
@@ -133,6 +139,7 @@ def register(app: typer.Typer) -> None:
             base=base,
             sensor=sensor,
             scan_memory=scan_memory or None,
+            sam_weight=sam_weight,
         )
         res = train_from_inputs(
             inputs,
