@@ -822,10 +822,7 @@ def fuse_files(
             "adapt_steps": opts.adapt,
             "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
             "reprojected_ms": raster.is_warped(ms_ds),
-            # the scan memory in effect (card's or --scan-memory's): it changes a network's output
-            "scan_memory": getattr(
-                getattr(getattr(fuser, "model", None), "config", None), "scan_memory", None
-            ),
+            "scan_memory": getattr(fuser, "scan_memory", None),  # networks: card's or --scan-memory's
         }
         tags = {
             "FUSION_MODEL": name,

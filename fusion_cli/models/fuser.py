@@ -97,6 +97,12 @@ class NetworkFuser:
             )
             self.precision = "fp32"
 
+    @property
+    def scan_memory(self) -> float | None:
+        """The network's scan memory in tokens (None: unbounded); it changes the output, so it is
+        recorded with each product."""
+        return self.model.config.scan_memory
+
     def _new_base_fuser(self) -> ClassicalFuser | None:
         if self.base_method is None:
             return None
