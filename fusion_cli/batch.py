@@ -503,9 +503,14 @@ def _try_flock(fcntl: Any, fd: int, lock_path: Path) -> bool | None:
     except OSError:  # a filesystem without locks (some NFS mounts): no cross-run exclusion
         return True
     try:
-        return True if os.fstat(fd).st_ino == os.stat(lock_path).st_ino else None
+        return True if _is_live(fd, lock_path) else None
     except FileNotFoundError:
         return None
+
+
+def _is_live(fd: int, lock_path: Path) -> bool:
+    """`fd` is the file now at `lock_path` (not one a previous holder unlinked)."""
+    return os.fstat(fd).st_ino == os.stat(lock_path).st_ino
 
 
 def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
@@ -522,7 +527,7 @@ def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
         except OSError:  # no locks on this filesystem: nothing to protect
             pass
         with contextlib.suppress(OSError):
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+            if _is_live(fd, lock_path):
                 lock_path.unlink()
     finally:
         os.close(fd)

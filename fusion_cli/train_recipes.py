@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -590,7 +589,7 @@ def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any
     memory) and write it into the card; the weights are not touched. Returns the new table."""
     import torch
 
-    from fusion_cli.models.registry import load_model
+    from fusion_cli.models.registry import load_model, write_card
     from fusion_cli.paths import weights_dir
 
     recipe = _recipe(name)
@@ -600,9 +599,7 @@ def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any
     table = test_table(model, recipe, test_p, torch.device("cpu"))
     card = json.loads(card_path.read_text())
     card.setdefault("metrics", {})["test_reduced_resolution"] = table
-    tmp = card_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, card_path)
+    write_card(card_path, card)
     return table
 
 

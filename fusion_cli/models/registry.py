@@ -357,7 +357,13 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
     card.sha256 = _sha256(tmp)
     os.replace(tmp, weights_path)
-    tmp_card = card_path.with_suffix(".json.tmp")
-    tmp_card.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-    os.replace(tmp_card, card_path)
+    write_card(card_path, card.to_dict())
     return weights_path, card_path
+
+
+def write_card(path: str | os.PathLike[str], card: dict[str, Any]) -> None:
+    """Write a card's JSON atomically (temporary file, then rename): a reader never sees half a card."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, path)
