@@ -11,7 +11,8 @@ toolbox's degraded images to 1e-4 DN. Filtering is a correlation with replicate 
 
 Speed: the kernel is numerically separable (second singular value ~6e-6 of the first), so it is applied
 as a sum of a few separable passes from its SVD; `rank=None` keeps every term above 1e-9 (exact to
-float precision), `rank=1` is the fast path used by the classical methods (error ~1e-5 relative).
+float precision), `rank=1` is the fast path used by the classical methods (error ~1e-5 relative), which
+also drops the outer taps that carry under 1e-6 of the kernel's weight (41 -> ~21 taps at ratio 4).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fusion_cli.errors import FusionError
 KERNEL_SIZE = 41
 _KAISER_BETA = 0.5  # MATLAB kaiser(N) default
 _EXACT_TOL = 1e-9
+_FAST_TAIL = 1e-6  # kernel weight the fast path may drop, relative (<= 0.07 DN at 16-bit full scale)
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -71,7 +73,15 @@ def _separable_terms(gain: float, ratio: int, size: int, rank: int | None) -> tu
     u, s, vt = np.linalg.svd(mtf_kernel(gain, ratio, size))
     keep = int(np.sum(s > s[0] * _EXACT_TOL)) if rank is None else max(1, min(rank, size))
     sq = np.sqrt(s[:keep])
-    return (u[:, :keep] * sq).T.copy(), (vt[:keep] * sq[:, None]).copy()
+    cols, rows = (u[:, :keep] * sq).T, vt[:keep] * sq[:, None]
+    if rank is not None:
+        # fast path: drop the outer taps (both factors alike) while the weight they carry stays
+        # below _FAST_TAIL of the total: for ratio 4 the 41 taps become ~21 (half the work)
+        mass = np.abs(cols).sum(0) + np.abs(rows).sum(0)
+        tail = np.cumsum(mass[: size // 2]) + np.cumsum(mass[::-1][: size // 2])
+        trim = int(np.sum(tail <= _FAST_TAIL * mass.sum()))
+        cols, rows = cols[:, trim : size - trim], rows[:, trim : size - trim]
+    return cols.copy(), rows.copy()
 
 
 def _filter_torch(
@@ -85,12 +95,15 @@ def _filter_torch(
     b, c, h, w = img.shape
     cols, rows = zip(*(_separable_terms(float(g), ratio, size, rank) for g in gains), strict=True)
     k = max(x.shape[0] for x in cols)
-    # pad every band to the same number of terms (zero terms contribute nothing)
-    col_w = np.zeros((c, k, size))
-    row_w = np.zeros((c, k, size))
+    n = max(x.shape[1] for x in cols)  # taps (odd, centred): the fast path trims negligible ends
+    # pad every band to the same number of terms and taps (zeros contribute nothing)
+    col_w = np.zeros((c, k, n))
+    row_w = np.zeros((c, k, n))
     for i, (cc, rr) in enumerate(zip(cols, rows, strict=True)):
-        col_w[i, : cc.shape[0]] = cc
-        row_w[i, : rr.shape[0]] = rr
+        off = (n - cc.shape[1]) // 2
+        col_w[i, : cc.shape[0], off : off + cc.shape[1]] = cc
+        row_w[i, : rr.shape[0], off : off + rr.shape[1]] = rr
+    size = n
     pad = size // 2
     x = F.pad(img, (pad, pad, pad, pad), mode="replicate")
     step, start = (ratio, ratio // 2) if decimate else (1, 0)
