@@ -13,6 +13,7 @@ gives `halo` pixels of context) counts every scene pixel once with full filter s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -57,6 +58,28 @@ class Moments:
         self.n += rows.shape[0]
         self.s += rows.sum(0)
         self.ss += rows.T @ rows if self.full else (rows * rows).sum(0)
+
+    def add_pixels(self, feats: Sequence[torch.Tensor], valid: torch.Tensor) -> None:
+        """Add the valid pixels of feature images: feats `(B, D_i, H, W)` (concatenated along D),
+        valid `(B, 1, H, W)` bool.
+
+        The images are cropped to the valid box first; invalid pixels inside it are zeroed, which
+        adds nothing to the sums, so no per-pixel gather is needed (a window's core is a box)."""
+        box = _valid_box(valid)
+        if box is None:
+            return
+        rows, cols = box
+        valid = valid[..., rows, cols]
+        x = torch.cat([f[..., rows, cols].to(STATS_DTYPE) for f in feats], dim=1)
+        if bool(valid.all()):
+            n = valid.numel()
+        else:
+            x = x * valid
+            n = int(valid.sum())
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (D, N)
+        self.n += n
+        self.s += flat.sum(1)
+        self.ss += flat @ flat.T if self.full else (flat * flat).sum(1)
 
     def merge(self, other: Moments) -> Moments:
         """Add another accumulator's sums (the same features over other pixels)."""
@@ -163,6 +186,25 @@ class QuantileSample:
             ends = torch.topk(bands, n - lo, dim=1, largest=True, sorted=True).values
             v_lo, v_hi = ends[:, n - 1 - lo], ends[:, n - 1 - hi]
         return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def _valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
+    """Row and column slices of the smallest box holding every True pixel of `(B, 1, H, W)`."""
+    rows = torch.nonzero(valid.any(dim=3).flatten(0, 1).any(dim=0))[:, 0]
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(valid.any(dim=2).flatten(0, 1).any(dim=0))[:, 0]
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def add_moments(
+    acc: Moments | None, feats: Sequence[torch.Tensor], valid: torch.Tensor, full: bool = True
+) -> Moments:
+    """`acc` (a new `Moments` when None) with the valid pixels of `feats` added (`Moments.add_pixels`)."""
+    if acc is None:
+        acc = Moments(sum(f.shape[1] for f in feats), full=full)
+    acc.add_pixels(feats, valid)
+    return acc
 
 
 def merged(a: Moments | None, b: Moments | None) -> Moments | None:
@@ -316,14 +358,18 @@ class ClassicalFuser:
         return upsample_ms(ms, self.ratio)
 
 
-def pan_lowpass_per_band(pan: torch.Tensor, gains: list[float], ratio: int) -> torch.Tensor:
+def pan_lowpass_per_band(
+    pan: torch.Tensor, gains: list[float], ratio: int, interpolate: bool = True
+) -> torch.Tensor:
     """The GLP low-pass of the PAN for each band: MTF-filter (band gain), decimate, 23-tap interpolate.
 
-    pan `(B, 1, H, W)` -> `(B, C, H, W)`. Bands with equal gains share one computation.
+    pan `(B, 1, H, W)` -> `(B, C, H, W)`, or `(B, C, H/r, W/r)` before interpolation with
+    `interpolate=False`. Bands with equal gains share one computation.
     """
     uniq = sorted(set(gains))
     lp = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, ratio, rank=1)
-    lp = upsample_ms(lp, ratio)
+    if interpolate:
+        lp = upsample_ms(lp, ratio)
     index = torch.as_tensor([uniq.index(g) for g in gains], device=pan.device)
     return lp.index_select(1, index)
 

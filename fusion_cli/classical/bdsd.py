@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, lr_valid, merged, rows_where
+from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, add_moments, lr_valid, merged
 from fusion_cli.mtf import mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import imresize_down
 
@@ -43,11 +43,8 @@ class BDSDPC(ClassicalFuser):
         gt = imresize_down(self.upsample(ms), self.ratio)
         degraded = mtf_filter(gt, self.gains(c), self.ratio, rank=1)
         pan_r = mtf_filter_decimate(pan, self.pan_gain(c), self.ratio, rank=1)
-        feats = torch.cat([pan_r, degraded, gt - degraded], dim=1)  # (B, 2C + 1, h, w)
-        rows = rows_where(feats, lr_valid(valid, self.ratio))
-        if self._moments is None:
-            self._moments = Moments(rows.shape[1])
-        self._moments.add(rows)
+        feats = [pan_r, degraded, gt - degraded]  # (B, 2C + 1, h, w) together
+        self._moments = add_moments(self._moments, feats, lr_valid(valid, self.ratio))
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, BDSDPC)

@@ -17,6 +17,7 @@ from fusion_cli.classical.base import (
     ClassicalFuser,
     Moments,
     QuantileSample,
+    add_moments,
     gauss_lowpass,
     lr_valid,
     merged,
@@ -60,11 +61,8 @@ class BroveyHaze(ClassicalFuser):
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         x = self.upsample(ms)
-        rows = rows_where(torch.cat([x, gauss_lowpass(pan, self.ratio)], dim=1), valid)
-        if self._moments is None:
-            self._moments = Moments(rows.shape[1])
-        self._moments.add(rows)
-        xr = rows[:, :-1]
+        self._moments = add_moments(self._moments, [x, gauss_lowpass(pan, self.ratio)], valid)
+        xr = rows_where(x, valid)
         if xr.shape[1] == len(_HAZE_FRACTIONS):
             self._quant.add(xr)
         elif xr.shape[0]:
@@ -136,15 +134,11 @@ class GSA(ClassicalFuser):
         self.mean_p = 0.0
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        hr = rows_where(torch.cat([self.upsample(ms), pan], dim=1), valid)
+        self._hr = add_moments(self._hr, [self.upsample(ms), pan], valid)
         # the toolbox low-passes the PAN with an undecimated starlet; a 0.3-gain Gaussian MTF plays
         # the same role
         p_low = mtf_filter_decimate(pan, GENERIC_MS_GAIN, self.ratio, rank=1)
-        lr = rows_where(torch.cat([ms, p_low], dim=1), lr_valid(valid, self.ratio))
-        if self._hr is None:
-            self._hr, self._lr = Moments(hr.shape[1]), Moments(lr.shape[1])
-        self._hr.add(hr)
-        self._lr.add(lr)
+        self._lr = add_moments(self._lr, [ms, p_low], lr_valid(valid, self.ratio))
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, GSA)
@@ -191,10 +185,7 @@ class PCA(ClassicalFuser):
         self.pan_scale = self.pan_shift = 0.0  # PAN matched to PC1: P * scale + shift
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        rows = rows_where(torch.cat([self.upsample(ms), pan], dim=1), valid)
-        if self._moments is None:
-            self._moments = Moments(rows.shape[1])
-        self._moments.add(rows)
+        self._moments = add_moments(self._moments, [self.upsample(ms), pan], valid)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, PCA)

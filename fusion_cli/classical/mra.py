@@ -15,15 +15,14 @@ import torch
 from fusion_cli.classical.base import (
     EPS,
     MTF_HALF,
-    STATS_DTYPE,
     ClassicalFuser,
     Moments,
+    add_moments,
     gauss_lowpass,
     kernel_sums,
     lr_valid,
     merged,
     pan_lowpass_per_band,
-    rows_where,
 )
 from fusion_cli.mtf import mtf_filter_decimate
 
@@ -36,6 +35,20 @@ class _MRA(ClassicalFuser):
 
     def support(self) -> int:
         return MTF_HALF + super().support()
+
+    def _inject(
+        self, pan: torch.Tensor, ms: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """Additive injection X_k + gain_k (P - P_low,k) + offset_k, `(B, C, H, W)`.
+
+        P_low,k is the GLP low-pass interp(D_k), D_k the PAN MTF-filtered (band k's gain) and
+        decimated; interpolation is linear, so this equals interp(MS_k - gain_k D_k) + gain_k P +
+        offset_k: one interpolation of C low-resolution bands, none of the PAN's low-pass."""
+        c = ms.shape[1]
+        g = gain.to(pan.dtype).view(1, c, 1, 1)
+        low_lr = pan_lowpass_per_band(pan, self.gains(c), self.ratio, interpolate=False)
+        out = self.upsample(ms - g * low_lr)
+        return out.addcmul_(g, pan).add_(offset.to(pan.dtype).view(1, c, 1, 1))
 
 
 class _GLP(_MRA):
@@ -53,10 +66,8 @@ class _GLP(_MRA):
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         # features: X (C), P, LPfilterGauss(P): the toolbox matches std(X_k) / std(P low-passed)
-        feats = torch.cat([self.upsample(ms), pan, gauss_lowpass(pan, self.ratio)], dim=1)
-        if self._moments is None:
-            self._moments = Moments(feats.shape[1], full=False)
-        self._moments.add(rows_where(feats, valid))
+        feats = [self.upsample(ms), pan, gauss_lowpass(pan, self.ratio)]
+        self._moments = add_moments(self._moments, feats, valid, full=False)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, _GLP)
@@ -90,8 +101,8 @@ class MTFGLP(_GLP):
     name = "mtf-glp"
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
-        x, p, p_low = self._detail_terms(pan, ms)
-        return x + p - p_low
+        # X + P_k - LP(P_k) with P_k = a_k P + b_k: gain a_k, offset b_k (1 - sum of the kernel)
+        return self._inject(pan, ms, self.scale, self.offset * (1 - self.ksum))
 
 
 class MTFGLPHPM(_GLP):
@@ -136,10 +147,7 @@ class MTFGLPHS(_MRA):
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         c = ms.shape[1]
         pan_lr = mtf_filter_decimate(pan, self._regression_gain(c), self.ratio, rank=1)
-        rows = rows_where(torch.cat([pan_lr, ms], dim=1), lr_valid(valid, self.ratio))
-        if self._moments is None:
-            self._moments = Moments(rows.shape[1])
-        self._moments.add(rows)
+        self._moments = add_moments(self._moments, [pan_lr, ms], lr_valid(valid, self.ratio))
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, MTFGLPHS)
@@ -185,45 +193,31 @@ class MTFGLPFS(_MRA):
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
     ) -> None:
         super().__init__(ratio, sensor, ms_bands, pan_bands)
-        self._n = 0
-        self._sums: torch.Tensor | None = None  # (2C + 1,): sum X_k, sum L_k, sum P
-        self._cross: torch.Tensor | None = None  # (2C,): sum X_k P, sum L_k P
+        self._moments: Moments | None = None  # [X (C), P, P_low per distinct band gain]
+        self._bands = 0
         self.gain: torch.Tensor | None = None  # (C,)
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        c = ms.shape[1]
-        low = pan_lowpass_per_band(pan, self.gains(c), self.ratio)
-        rows = rows_where(torch.cat([self.upsample(ms), low, pan], dim=1), valid).to(
-            STATS_DTYPE
-        )  # (N, 2C + 1)
-        if self._sums is None:
-            self._sums = torch.zeros(2 * c + 1, dtype=STATS_DTYPE)
-            self._cross = torch.zeros(2 * c, dtype=STATS_DTYPE)
-        self._n += rows.shape[0]
-        self._sums += rows.sum(0)
-        self._cross += (rows[:, :-1] * rows[:, -1:]).sum(0)
+        self._bands = c = ms.shape[1]
+        uniq = sorted(set(self.gains(c)))
+        low = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, self.ratio, rank=1)
+        x_and_low = self.upsample(torch.cat([ms, low], dim=1))  # one interpolation for both
+        self._moments = add_moments(self._moments, [x_and_low[:, :c], pan, x_and_low[:, c:]], valid)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, MTFGLPFS)
-        if other._sums is None or other._cross is None:
-            return
-        if self._sums is None or self._cross is None:
-            self._sums, self._cross = other._sums.clone(), other._cross.clone()
-        else:
-            self._sums += other._sums
-            self._cross += other._cross
-        self._n += other._n
+        self._moments = merged(self._moments, other._moments)
+        self._bands = self._bands or other._bands
 
     def _finalize(self) -> None:
-        if self._sums is None or self._n < 2:
+        if self._moments is None:
             raise ValueError("no statistics accumulated")
-        n = self._n
-        mean = self._sums / n
-        cov = (self._cross - n * mean[:-1] * mean[-1]) / (n - 1)  # cov(X_k, P), cov(L_k, P)
-        c = cov.shape[0] // 2
-        self.gain = cov[:c] / torch.where(cov[c:].abs() > EPS, cov[c:], torch.full_like(cov[c:], EPS))
+        c, gains = self._bands, self.gains(self._bands)
+        cov_with_pan = self._moments.cov[:, c]  # cov(X_k, P) for k < c, cov(P_low, P) after P
+        uniq = sorted(set(gains))
+        cov_low = cov_with_pan[c + 1 :][[uniq.index(g) for g in gains]]
+        safe = torch.where(cov_low.abs() > EPS, cov_low, torch.full_like(cov_low, EPS))
+        self.gain = cov_with_pan[:c] / safe
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
-        c = ms.shape[1]
-        low = pan_lowpass_per_band(pan, self.gains(c), self.ratio)
-        return self.upsample(ms) + self.gain.to(pan.dtype).view(1, c, 1, 1) * (pan - low)
+        return self._inject(pan, ms, self.gain, torch.zeros_like(self.gain))
