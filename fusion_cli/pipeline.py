@@ -31,12 +31,22 @@ import torch
 from fusion_cli import __version__, align, raster
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
-from fusion_cli.tiling import StripAccumulator, TilePlan, Window, blend_weights, plan_tiles, weighted_region
+from fusion_cli.tiling import (
+    StripAccumulator,
+    TilePlan,
+    Window,
+    blend_weights,
+    plan_tiles,
+    round_up,
+    weighted_region,
+)
 
 # Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
 SHIFT_WINDOW = 1024
 # Tile side (PAN px) for fusers that state no `preferred_tile` (the networks).
 DEFAULT_TILE = 256
+# Blend zone (PAN px) for fusers that state no `preferred_overlap` (the networks).
+DEFAULT_OVERLAP = 32
 
 
 @dataclass
@@ -46,7 +56,9 @@ class FuseOptions:
     # output tile side, PAN px (rounded up to a multiple of the ratio/fuser multiple); None: the fuser's
     # `preferred_tile` (classical methods: larger tiles, less halo re-read), else DEFAULT_TILE
     tile: int | None = None
-    overlap: int = 32  # blend-zone width between neighbouring tiles, PAN px
+    # blend-zone width between neighbouring tiles, PAN px; None: the fuser's `preferred_overlap`
+    # (classical methods: 0, nothing to blend), else DEFAULT_OVERLAP
+    overlap: int | None = None
     batch: int = 4  # windows per fuser call
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (network on GPU)
@@ -308,14 +320,17 @@ def _measure_shift(source: _PairSource) -> dict[str, float] | None:
 
 def _gather_stats(fuser: Fuser, source: _PairSource, plan: TilePlan, stats_mpx: float | None = None) -> None:
     """First pass for fusers with global statistics: every tile's core counted once, read with the
-    plan's margin (>= the fuser's halo) of context so the method's filters see the real neighbours,
-    not an artificial border at each tile edge; only the core is marked valid.
+    fuser's `stats_halo` (else the plan's margin) of context so the method's filters see the real
+    neighbours, not an artificial border at each tile edge; only the core is marked valid.
 
     Where windows are fused in parallel and the fuser can merge statistics (`stats_copy`,
     `merge_stats`: sums, so the split is exact), each worker thread accumulates every k-th window into
     its own copy, merged at the end; the split depends on the thread count only, not on timing."""
     dev = _fuser_device(fuser)
-    m, side = plan.margin, plan.tile + 2 * plan.margin
+    # the statistics' own context (`stats_halo`) where the fuser states it, else the fusion margin
+    halo = getattr(fuser, "stats_halo", None)
+    m = plan.margin if halo is None else round_up(int(halo), plan.multiple)
+    side = plan.tile + 2 * m
     workers = _window_workers(fuser)
     mergeable = hasattr(fuser, "stats_copy") and hasattr(fuser, "merge_stats")
     # only sums of a classical method's statistics may be estimated from part of the scene (a
@@ -487,48 +502,102 @@ def _run(
 
     def blend(items: list[tuple[Window, _Tile]], out: np.ndarray) -> None:
         for (win, _), fused in zip(items, out, strict=True):
-            acc.add(weighted_region(plan, fused), blend_weights(plan, win), win.core_row, win.core_col)
+            if plan.overlap:
+                acc.add(weighted_region(plan, fused), blend_weights(plan, win), win.core_row, win.core_col)
+            else:  # no blend zone: each pixel comes from one tile
+                acc.put(weighted_region(plan, fused), win.core_row, win.core_col)
+
+    # Windows go through one FIFO in plan order, a group per fuser call: (every window of the
+    # group, the ones with data, their result). Results are blended in that order, and a strip's rows
+    # are flushed when the first window of a later strip comes out, so the workers go on with the
+    # next strip meanwhile instead of idling at every strip's end.
+    queue: deque[tuple[list[tuple[Window, _Tile]], list[tuple[Window, _Tile]], Future[np.ndarray] | None]]
+    queue = deque()
+    flushed = 0  # strips [0, flushed) are written
+
+    def flush_before(strip: int) -> None:
+        nonlocal flushed
+        while flushed < strip:
+            final = plan.final_row_after(flushed)
+            if final < plan.height:
+                final = final // raster.BLOCK * raster.BLOCK
+            acc.flush(final, sink)
+            flushed += 1
+
+    def take() -> None:
+        group, work, fut = queue.popleft()
+        out = fut.result() if fut is not None else None
+        flush_before(group[0][0].strip)
+        m = plan.margin
+        for win, t in group:
+            acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
+        if out is not None:
+            blend(work, out)
 
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(_window_threads(workers))
-        # at most 2 windows per worker in flight: bounded memory, the workers never wait for reads
-        inflight: deque[tuple[list[tuple[Window, _Tile]], Future[np.ndarray]]] = deque()
+        depth = 2 * workers if pool is not None else 0  # results waiting: bounded memory
 
-        def submit(items: list[tuple[Window, _Tile]]) -> None:
-            if not items:
-                return
-            if pool is None:
-                blend(items, fuse_batch(items))
-                return
-            inflight.append((items, pool.submit(fuse_batch, items)))
-            while len(inflight) > 2 * workers:
-                done, fut = inflight.popleft()
-                blend(done, fut.result())
+        def submit(group: list[tuple[Window, _Tile]]) -> None:
+            work = [(w, t) for w, t in group if t.valid.any()]  # all-nodata windows need no inference
+            fut: Future[np.ndarray] | None = None
+            if work:
+                if pool is not None:
+                    fut = pool.submit(fuse_batch, work)
+                else:
+                    fut = Future()
+                    fut.set_result(fuse_batch(work))
+            queue.append((group, work, fut))
+            while len(queue) > depth:
+                take()
 
         windows = list(plan)  # strip by strip, as `plan.strip(i)` lists them
         boxes = ((w.row, w.col, w.size, w.size) for w in windows)
         tiles = stack.enter_context(contextlib.closing(_read_ahead(source, boxes)))
-        for i in range(plan.rows):
-            pending: list[tuple[Window, _Tile]] = []
-            for win in plan.strip(i):
-                t = next(tiles)
-                m = plan.margin
-                acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
-                if t.valid.any():  # an all-nodata window (a collar) needs no inference
-                    pending.append((win, t))
-                if len(pending) >= batch:
-                    submit(pending)
-                    pending = []
-                if progress is not None:
-                    progress(1)
-            submit(pending)
-            while inflight:  # the strip must be complete before its rows are flushed
-                done, fut = inflight.popleft()
-                blend(done, fut.result())
-            final = plan.final_row_after(i)
-            if final < plan.height:
-                final = final // raster.BLOCK * raster.BLOCK
-            acc.flush(final, sink)
+        group: list[tuple[Window, _Tile]] = []
+        n_work = 0
+        for win in windows:
+            t = next(tiles)
+            group.append((win, t))
+            n_work += bool(t.valid.any())
+            if n_work >= batch or win.last_col:  # a fuser call never spans two strips
+                submit(group)
+                group, n_work = [], 0
+            if progress is not None:
+                progress(1)
+        while queue:
+            take()
+        flush_before(plan.rows)
+
+
+class _WriteBehind:
+    """Runs write calls in order in one background thread, at most `depth` behind, so that GDAL
+    compresses and writes one strip while the next is fused. Only that thread touches the output
+    meanwhile; leaving the context waits for every write and re-raises the first error."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.depth = depth
+        self.pending: deque[Future[None]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-write")
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            while self.pending:
+                fut = self.pending.popleft()
+                if exc_type is None:
+                    fut.result()
+                else:  # already failing: just let the queued writes finish or be dropped
+                    fut.cancel()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _adapt_dn_scale(fuser: Fuser, ms_dtype: str, override: float | None) -> None:
@@ -555,14 +624,17 @@ def _finish(
     hi: float | None,
     nodata: float | None,
 ) -> np.ndarray:
-    """Clip to the valid range, round for integer outputs, and write nodata where invalid."""
+    """Clip to the valid range, round for integer outputs, and write nodata where invalid.
+
+    `data` (float32) is a scratch buffer: it is clipped and rounded in place."""
+    rng = raster.dtype_range(out_dtype) if np.issubdtype(np.dtype(out_dtype), np.integer) else None
+    if rng is not None:  # one clip to the tighter of the valid range and the dtype's
+        lo = rng[0] if lo is None else max(lo, rng[0])
+        hi = rng[1] if hi is None else min(hi, rng[1])
     if lo is not None or hi is not None:
-        data = np.clip(data, lo, hi)
-    if np.issubdtype(np.dtype(out_dtype), np.integer):
-        data = np.rint(data)
-        rng = raster.dtype_range(out_dtype)
-        assert rng is not None
-        data = np.clip(data, *rng)
+        np.clip(data, lo, hi, out=data)
+    if rng is not None:
+        np.rint(data, out=data)
     data = data.astype(out_dtype)
     if nodata is not None:
         nd = np.array(nodata, dtype=out_dtype)
@@ -630,7 +702,10 @@ def _plan(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan:
     if opts.batch < 1:
         raise FusionError("--batch must be at least 1")
     tile = opts.tile if opts.tile is not None else int(getattr(fuser, "preferred_tile", DEFAULT_TILE))
-    return plan_tiles(geom.height, geom.width, tile, opts.overlap, int(fuser.halo), multiple)
+    overlap = opts.overlap
+    if overlap is None:
+        overlap = int(getattr(fuser, "preferred_overlap", DEFAULT_OVERLAP))
+    return plan_tiles(geom.height, geom.width, tile, overlap, int(fuser.halo), multiple)
 
 
 def _bound_heap() -> None:
@@ -866,11 +941,11 @@ def fuse_files(
             def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:
                 nonlocal n_valid
                 n_valid += int(valid.sum())
-                writer.write(
-                    _finish(data, valid, out_dtype, lo, hi, nodata), row0, col0, valid if use_mask else None
-                )
+                block = _finish(data, valid, out_dtype, lo, hi, nodata)  # a new array: `data` is reused
+                behind.submit(writer.write, block, row0, col0, valid.copy() if use_mask else None)
 
-            _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)
+            with _WriteBehind() as behind:
+                _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)
             writer.commit()
 
     quick = None

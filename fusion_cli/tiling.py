@@ -183,6 +183,16 @@ class StripAccumulator:
         self.acc[:, dr, dc] += data[:, sr, sc] * w
         self.wsum[dr, dc] += w
 
+    def put(self, data: np.ndarray, row: int, col: int) -> None:
+        """Place `data` `(C, h, w)` at output (row, col) with weight 1, replacing what is there: for
+        plans without blend zones, where every output pixel comes from exactly one tile."""
+        s = self._clip(row, col, data.shape[-2], data.shape[-1])
+        if s is None:
+            return
+        dr, dc, sr, sc = s
+        self.acc[:, dr, dc] = data[:, sr, sc]
+        self.wsum[dr, dc] = 1.0
+
     def set_valid(self, valid: np.ndarray, row: int, col: int) -> None:
         """Validity of a tile core (each output pixel lies in exactly one core: no blending)."""
         s = self._clip(row, col, valid.shape[-2], valid.shape[-1])
