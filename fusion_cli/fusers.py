@@ -8,7 +8,8 @@ Geometry of a call to `fuse`: `pan` is `(B, P, H, W)` with H and W multiples of 
 `(B, C, H // ratio, W // ratio)` on the area-aligned low-resolution grid of the same window, so that
 `ms[..., i, j]` covers `pan[..., ratio*i:ratio*(i+1), ratio*j:ratio*(j+1)]`. The window includes
 `halo` PAN pixels of context on each side (reflect-padded at the scene edges); the pipeline crops
-the halo off the result and blends the overlaps.
+the halo off the result and blends the overlaps. A fuser whose statistics need another context than
+its fusion may state `stats_halo`; the statistics pass then reads its windows with that margin.
 """
 
 from __future__ import annotations

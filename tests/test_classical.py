@@ -142,7 +142,7 @@ def test_component_substitution_with_pan_equal_to_intensity(
 def _tiled_stats(name: str, pan: torch.Tensor, ms: torch.Tensor, tile: int) -> tuple[object, object]:
     """The same padded scene accumulated whole and as non-overlapping tiles with `halo` of context."""
     whole, tiled = make_method(name, 4, "wv2"), make_method(name, 4, "wv2")
-    h = whole.halo
+    h = whole.stats_halo
     pp = torch.nn.functional.pad(pan, (h, h, h, h), mode="reflect")
     mp = torch.nn.functional.pad(ms, (h // 4,) * 4, mode="reflect")
     size = pan.shape[-1]

@@ -14,7 +14,7 @@ import torch
 from conftest import need_shared
 
 from fusion_cli import align
-from fusion_cli.classical import make_method
+from fusion_cli.classical import METHODS, make_method
 from fusion_cli.pipeline import FuseOptions, _array_reader, _gather_stats, _PairSource, _plan, fuse_arrays
 
 
@@ -28,7 +28,7 @@ def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     return pan, ms
 
 
-@pytest.mark.parametrize("name", ["mtf-glp", "gsa", "brovey"])
+@pytest.mark.parametrize("name", ["mtf-glp", "gsa", "brovey", "bdsd-pc", "mtf-glp-fs", "mtf-glp-hs"])
 def test_tiled_statistics_equal_one_window(name: str) -> None:
     pan, ms = _wv2()
     geom = align.relate_shapes(pan.shape, ms.shape[-2:], 4)
@@ -42,19 +42,25 @@ def test_tiled_statistics_equal_one_window(name: str) -> None:
     # every scene pixel is counted once in both
     n_t = tiled._hr if name == "gsa" else tiled._moments
     n_w = whole._hr if name == "gsa" else whole._moments
-    assert n_t.n == n_w.n == pan.size
+    lr = name in ("bdsd-pc", "mtf-glp-hs")  # statistics on the MS grid
+    assert n_t.n == n_w.n == (pan.size // 16 if lr else pan.size)
     np.testing.assert_allclose(n_t.s.numpy(), n_w.s.numpy(), rtol=1e-6)
     np.testing.assert_allclose(n_t.ss.numpy(), n_w.ss.numpy(), rtol=1e-6)
 
 
-def test_tiled_mtf_glp_output_matches_one_window() -> None:
+@pytest.mark.parametrize("name", list(METHODS))
+def test_tiled_output_matches_one_window(name: str) -> None:
+    """Default tiling (no blend zone for classical methods, each pass with its own halo) against one
+    window: every pixel of a tile sees the context its filters need."""
     pan, ms = _wv2()
-    out = [
-        fuse_arrays(pan, ms, make_method("mtf-glp", 4, "wv2"), FuseOptions(tile=t, progress=False))
-        for t in (128, 1024)
-    ]
+    out = []
+    for tile in (128, 1024):
+        fuser = make_method(name, 4, "wv2")
+        out.append(fuse_arrays(pan, ms, fuser, FuseOptions(tile=tile, progress=False)))
+    assert fuser.preferred_overlap == 0
     # the statistics are identical; what is left is float32 rounding of the per-tile arithmetic
-    assert np.abs(out[0] - out[1]).max() < 0.05
+    # (amplified by the ratio methods where they divide by a small low-pass)
+    assert (np.abs(out[0] - out[1]) <= 0.05 + 1e-4 * np.abs(out[1])).all(), name
     assert np.abs(out[1]).max() > 100  # a real fused image, not an empty one
 
 
@@ -73,7 +79,10 @@ def test_parallel_windows_equal_sequential(name: str) -> None:
             out.append(fuse_arrays(pan, ms, make_method(name, 4, "wv2"), opts))
     finally:
         torch.set_num_threads(previous)
-    assert np.abs(out[0] - out[1]).max() < 0.01  # DN; float32 rounding of ratios of ~1e3 DN values
+    # float32 rounding (the sequential run fuses windows in batches of 4): 0.01 DN, or 1e-4 relative
+    # where a ratio method amplifies it (HPM divides by a low-pass near its floor on dark pixels: 5
+    # pixels differ by 2e-5, up to 0.08 DN at 10 868 DN); a miscounted window moves whole bands by %
+    assert (np.abs(out[0] - out[1]) <= 0.01 + 1e-4 * np.abs(out[0])).all()
     assert np.abs(out[0]).max() > 100
     assert torch.get_num_threads() == previous
 

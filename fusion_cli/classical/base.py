@@ -28,6 +28,10 @@ from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
 STATS_DTYPE = torch.float64  # sums over whole scenes
 FUSE_DTYPE = torch.float32  # per-tile arithmetic (fuse and the statistics' derived images)
 EPS = 1e-9  # guards a division by a (near) zero low-pass, as MATLAB's `+ eps`
+# Rows a `QuantileSample` keeps: the 1st percentile from 500 k random pixels is within ~0.15 % of
+# rank of the exact one (BT-H's haze moved by <= 0.3 DN against 2 M on the 4 Mpx benchmark scene),
+# and selecting from 4x fewer rows took 0.25 s off that scene's 1.3 s run.
+SAMPLE_CAPACITY = 500_000
 
 
 def interp_support(ratio: int) -> int:
@@ -120,7 +124,7 @@ class QuantileSample:
     """A uniform random subsample of each band's values (fixed seed), for global percentiles in bounded
     memory; exact while the scene has fewer valid pixels than `capacity`."""
 
-    def __init__(self, capacity: int = 2_000_000, seed: int = 0) -> None:
+    def __init__(self, capacity: int = SAMPLE_CAPACITY, seed: int = 0) -> None:
         self.capacity = capacity
         self.gen = torch.Generator().manual_seed(seed)
         self.values: torch.Tensor | None = None  # (N, C), after `_trim`
@@ -239,6 +243,9 @@ class ClassicalFuser:
     # and its halo (up to ~90 PAN px) is re-read and re-filtered around every tile, so 256-px tiles
     # would process ~2.6x the scene; 512 px bring that to ~1.7x at ~70 MB per window.
     preferred_tile: ClassVar[int] = 512
+    # the halo covers every operator's support, so neighbouring windows compute the same values on
+    # shared pixels (to float rounding): there is nothing to blend, and no blend zone to fuse twice
+    preferred_overlap: ClassVar[int] = 0
     # the pipeline fuses windows concurrently, one single-threaded window per CPU thread
     parallel_windows: ClassVar[bool] = True
 
@@ -256,12 +263,18 @@ class ClassicalFuser:
         self.ms_bands = ms_bands
         self.tile_multiple = self.ratio
         self.halo = round_up(self.support(), self.ratio)
+        self.stats_halo = round_up(self.stats_support(), self.ratio)
         self._finalized = not self.needs_stats
 
     # ---- geometry -------------------------------------------------------------------------
     def support(self) -> int:
         """PAN pixels of context each output pixel depends on (the `halo`)."""
         return interp_support(self.ratio)
+
+    def stats_support(self) -> int:
+        """PAN pixels of context the statistics of a pixel depend on (`stats_halo`): the statistics
+        pass reads its windows with this margin, which may differ from the fusion's."""
+        return self.support()
 
     # ---- Fuser protocol --------------------------------------------------------------------
     def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:

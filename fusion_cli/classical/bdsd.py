@@ -27,9 +27,10 @@ class BDSDPC(ClassicalFuser):
     name = "bdsd-pc"
     needs_stats = True
 
-    def support(self) -> int:
-        # statistics: MTF at the MS scale (20 MS px) after imresize (2) of the interpolated MS
-        return (MTF_HALF + 2) * self.ratio + super().support()
+    def stats_support(self) -> int:
+        # MTF at the MS scale (20 MS px) after imresize (2) of the interpolated MS; fusing needs
+        # only the interpolation's context
+        return (MTF_HALF + 2) * self.ratio + self.support()
 
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1

@@ -19,6 +19,7 @@ from fusion_cli.classical.base import (
     Moments,
     add_moments,
     gauss_lowpass,
+    interp_support,
     kernel_sums,
     lr_valid,
     merged,
@@ -35,6 +36,11 @@ class _MRA(ClassicalFuser):
 
     def support(self) -> int:
         return MTF_HALF + super().support()
+
+    def stats_support(self) -> int:
+        # the statistics' images (interpolated MS, PAN low-passed at full resolution or decimated)
+        # each need one operator's context, not the chain's
+        return max(MTF_HALF, interp_support(self.ratio))
 
     def _inject(
         self, pan: torch.Tensor, ms: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor
@@ -140,6 +146,9 @@ class MTFGLPHS(_MRA):
         self.band_mean: torch.Tensor | None = None  # (C,) |mean X_k|, the HPM floor's scale
         self.ksum: torch.Tensor | None = None  # (C,) MTF kernel sums
 
+    def stats_support(self) -> int:
+        return MTF_HALF  # the regression runs on the MS grid: only the PAN's MTF decimation
+
     def _regression_gain(self, c: int) -> float:
         # one degradation for the regression features: the mean MTF gain of the bands they predict
         return float(np.mean(self.gains(c)))
@@ -188,6 +197,9 @@ class MTFGLPFS(_MRA):
     IEEE TIP 2018."""
 
     name = "mtf-glp-fs"
+
+    def stats_support(self) -> int:
+        return self.support()  # P_low is interpolated: the whole chain
 
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1

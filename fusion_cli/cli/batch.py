@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         method: str | None = FuseOpt.method,
         sensor: str | None = FuseOpt.sensor,
         tile: int | None = FuseOpt.tile,
-        overlap: int = FuseOpt.overlap,
+        overlap: int | None = FuseOpt.overlap,
         batch_size: int = FuseOpt.batch,
         device: str = FuseOpt.device,
         precision: str = FuseOpt.precision,

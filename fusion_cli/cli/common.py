@@ -70,7 +70,12 @@ class FuseOpt:
         "--tile",
         help="Tile side in output pixels (default 256 for networks, 512 for classical methods).",
     )
-    overlap = typer.Option(32, "--overlap", help="Blend zone between tiles, output pixels.")
+    overlap = typer.Option(
+        None,
+        "--overlap",
+        help="Blend zone between tiles, output pixels [default: 32 for networks, 0 for classical methods, "
+        "whose tiles agree where they meet].",
+    )
     batch = typer.Option(4, "--batch", help="Tiles per inference call.")
     device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
     precision = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU).")
@@ -133,7 +138,7 @@ def register_fuse_command(
         bands: str | None = FuseOpt.bands,
         dn_max: float | None = FuseOpt.dn_max,
         tile: int | None = FuseOpt.tile,
-        overlap: int = FuseOpt.overlap,
+        overlap: int | None = FuseOpt.overlap,
         batch: int = FuseOpt.batch,
         device: str = FuseOpt.device,
         precision: str = FuseOpt.precision,

@@ -85,6 +85,9 @@ class NetworkFuser:
         base_halo = int(self.base_fuser.halo) if self.base_fuser is not None else 0
         default_halo = self.tile_multiple * math.ceil(max(32, base_halo) / self.tile_multiple)
         self.halo = halo if halo is not None else default_halo
+        # the base method's statistics may need more context than fusing does
+        base_stats = int(self.base_fuser.stats_halo) if self.base_fuser is not None else 0
+        self.stats_halo = max(self.halo, base_stats)
         self.dn_max = float(dn_max if dn_max is not None else loaded.card.dn_max)
         self.batch_size = batch_size
         self.precision = precision
