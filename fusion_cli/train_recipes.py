@@ -496,6 +496,7 @@ def run_recipe(
     init: str | Path | None = None,
     sam_weight: float = 0.0,
     lr: float | None = None,
+    train_bounded: bool = False,
 ) -> dict[str, Any]:
     """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
 
@@ -504,6 +505,8 @@ def run_recipe(
     `test_crop` PAN px (both for quick smoke runs on a CPU). `base` overrides the recipe's base
     method ("none": the paper's learned upsampling). `init` fine-tunes the weights of a card (its
     architecture wins over `dim` and `base`); `sam_weight` adds the spectral-angle loss term.
+    `train_bounded` trains (and validates) with the recipe's bounded scan memory already on, the
+    way the exported model runs, instead of bounding it after training.
     """
     from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
 
@@ -547,6 +550,7 @@ def run_recipe(
         base=recipe.base if base is None else (None if base == "none" else base),
         sensor=recipe.mtf_sensor,
         sam_weight=sam_weight,
+        scan_memory=recipe.scan_memory if train_bounded else None,
     )
     command = command or f"{PROG} {name} --device {dev.type} --max-seconds {budget:g}"
     card = _card(recipe, meta, command)
@@ -719,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default=None, help="fine-tune these weights (a card or .safetensors)")
     ap.add_argument("--sam-weight", type=float, default=0.0, help="spectral-angle loss weight (0: L1)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    ap.add_argument(
+        "--train-bounded", action="store_true", help="train with the recipe's bounded scan memory on"
+    )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
@@ -757,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                 init=args.init,
                 sam_weight=args.sam_weight,
                 lr=args.lr,
+                train_bounded=args.train_bounded,
             )
             print(json.dumps(summary, default=str), flush=True)
     except FusionError as exc:
