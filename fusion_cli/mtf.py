@@ -106,6 +106,9 @@ def _filter_torch(
     size = n
     pad = size // 2
     x = F.pad(img, (pad, pad, pad, pad), mode="replicate")
+    if k == 1 and not decimate:
+        # one separable term at full resolution: shifted multiply-adds beat a depthwise conv2d (~1.5x)
+        return _shift_filter(_shift_filter(x, row_w[:, 0], -1), col_w[:, 0], -2)
     step, start = (ratio, ratio // 2) if decimate else (1, 0)
     x = x[..., start:, start:]
     wr = torch.as_tensor(row_w, dtype=img.dtype, device=img.device).reshape(c * k, 1, 1, size)
@@ -113,6 +116,18 @@ def _filter_torch(
     x = F.conv2d(x, wr, stride=(1, step), groups=c)  # (B, C*k, H', W'): each band feeds its k row filters
     x = F.conv2d(x, wc, stride=(step, 1), groups=c * k)  # (B, C*k, H', W')
     return x.reshape(b, c, k, x.shape[-2], x.shape[-1]).sum(dim=2)
+
+
+def _shift_filter(x: torch.Tensor, taps: np.ndarray, axis: int) -> torch.Tensor:
+    """Valid correlation of `(B, C, H, W)` along `axis` with per-band taps `(C, n)`: the output is
+    n - 1 samples shorter on that axis."""
+    n = taps.shape[1]
+    length = x.shape[axis] - n + 1
+    w = torch.as_tensor(taps, dtype=x.dtype, device=x.device).T.reshape(n, 1, -1, 1, 1)  # (n, 1, C, 1, 1)
+    out = x.narrow(axis, 0, length) * w[0]
+    for t in range(1, n):
+        out.addcmul_(x.narrow(axis, t, length), w[t])
+    return out
 
 
 def _as_gains(gains: float | list[float], n_bands: int) -> list[float]:

@@ -73,6 +73,11 @@ def _pad_lr(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
     return F.pad(x, (pad, pad, pad, pad), mode=mode) if pad > 0 else x
 
 
+def _interp23_pad(ratio: int) -> int:
+    # LR pixels of support: 11/2 + 11/4 + ... + 11/ratio (one 12-tap half-band stage per octave)
+    return math.ceil(11 * (1 - 1 / ratio)) + 1
+
+
 def interp23(ms: torch.Tensor, ratio: int, pad_mode: str = "reflect") -> torch.Tensor:
     """23-tap polynomial interpolation (power-of-two ratio): `(B, C, h, w)` -> `(B, C, ratio*h, ratio*w)`."""
     if not is_power_of_two(ratio):
@@ -80,9 +85,7 @@ def interp23(ms: torch.Tensor, ratio: int, pad_mode: str = "reflect") -> torch.T
     if ratio == 1:
         return ms
     x = ms if ms.is_floating_point() else ms.float()
-    # LR pixels of support: 11/2 + 11/4 + ... + 11/ratio (one 12-tap half-band stage per octave)
-    pad = math.ceil(11 * (1 - 1 / ratio)) + 1
-    x = _pad_lr(x, pad, pad_mode)
+    x = _pad_lr(x, _interp23_pad(ratio), pad_mode)
     pad = (x.shape[-1] - ms.shape[-1]) // 2
     # The filter is separable and each 1-D stage acts on one axis only, so all column stages can run
     # before all row stages (same values as the toolbox's interleaved order). Columns run as rows of
@@ -166,20 +169,24 @@ def imresize_down(x: torch.Tensor, ratio: int) -> torch.Tensor:
     x = x if x.is_floating_point() else x.float()
     if ratio == 1:
         return x
+    for axis in (-2, -1):
+        x = _imresize_axis(x, ratio, axis)
+    return x
+
+
+def _imresize_axis(x: torch.Tensor, ratio: int, axis: int) -> torch.Tensor:
+    """One axis (-2 or -1) of `imresize_down`."""
     taps, first = _imresize_taps(ratio)
     n = len(taps)
     kernel = torch.as_tensor(taps, dtype=x.dtype, device=x.device)
     c = x.shape[1]
-    for axis in (-2, -1):
-        size = x.shape[axis]
-        out = math.ceil(size / ratio)
-        idx = _symmetric_index(size, first, first + ratio * (out - 1) + n).to(x.device)
-        xp = x.index_select(axis, idx)
-        if axis == -2:
-            x = F.conv2d(xp, kernel.reshape(1, 1, n, 1).expand(c, 1, n, 1), stride=(ratio, 1), groups=c)
-        else:
-            x = F.conv2d(xp, kernel.reshape(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, ratio), groups=c)
-    return x
+    size = x.shape[axis]
+    out = math.ceil(size / ratio)
+    idx = _symmetric_index(size, first, first + ratio * (out - 1) + n).to(x.device)
+    xp = x.index_select(axis, idx)
+    if axis == -2:
+        return F.conv2d(xp, kernel.reshape(1, 1, n, 1).expand(c, 1, n, 1), stride=(ratio, 1), groups=c)
+    return F.conv2d(xp, kernel.reshape(1, 1, 1, n).expand(c, 1, 1, n), stride=(1, ratio), groups=c)
 
 
 def upsample_ms(ms: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -190,3 +197,39 @@ def upsample_ms(ms: torch.Tensor, ratio: int) -> torch.Tensor:
     if is_power_of_two(ratio):
         return interp23(ms, ratio)
     return upsample_bicubic(ms, ratio)
+
+
+# Smallest low-resolution side for which `axis_matrix` describes `upsample_ms` exactly: below it the
+# reflect padding along one axis depends on the other axis's length.
+MIN_AXIS = 16
+
+
+@lru_cache(maxsize=32)
+def axis_matrix(n: int, ratio: int, down: bool = False) -> torch.Tensor:
+    """`upsample_ms` along one axis of `n` low-resolution samples, as a float64 matrix A `(ratio n, n)`:
+    for an MS band m `(h, w)` with h, w >= MIN_AXIS, upsample_ms(m) = A(h) m A(w)^T (the
+    interpolation is linear and separable, borders included). `down=True`: followed by
+    `imresize_down`, `(n, n)` (the MS interpolated and brought back to its grid).
+
+    Built by running the one-axis steps of the interpolator on the identity. With A, statistics of
+    the interpolated MS are computed on the MS grid instead of the ratio^2 times larger PAN grid.
+    """
+    if n < MIN_AXIS:
+        raise FusionError(f"axis_matrix needs at least {MIN_AXIS} samples, got {n}")
+    eye = torch.eye(n, dtype=torch.float64)[None, None]  # (1, 1, sample, impulse)
+    if ratio == 1:
+        a = eye
+    elif is_power_of_two(ratio):
+        # interp23's steps along H: reflect padding (as `_pad_lr` pads an image whose sides are
+        # >= MIN_AXIS), the half-band stages, the crop
+        pad = min(_interp23_pad(ratio), n - 1)
+        a = F.pad(eye, (0, 0, pad, pad), mode="reflect")
+        for stage in range(int(math.log2(ratio))):
+            a = _double_rows(a, stage > 0)
+        a = a[..., ratio * pad : ratio * (n + pad), :]
+    else:  # upsample_bicubic's steps along the last axis
+        a = _upsample_last_axis(F.pad(eye.transpose(-1, -2), (3, 3, 0, 0), mode="replicate"), ratio, 3, n)
+        a = a.transpose(-1, -2)
+    if down:
+        a = _imresize_axis(a, ratio, -2)
+    return a[0, 0].contiguous()

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import KERNEL_SIZE, mtf_filter, mtf_filter_decimate
-from fusion_cli.resample import is_power_of_two, upsample_ms
+from fusion_cli.resample import MIN_AXIS, axis_matrix, is_power_of_two, upsample_ms
 from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
 
 STATS_DTYPE = torch.float64  # sums over whole scenes
+MTF_HALF = KERNEL_SIZE // 2  # half-width of the MTF kernels: PAN px of context a low-pass needs
 FUSE_DTYPE = torch.float32  # per-tile arithmetic (fuse and the statistics' derived images)
 EPS = 1e-9  # guards a division by a (near) zero low-pass, as MATLAB's `+ eps`
 # Rows a `QuantileSample` keeps: the 1st percentile from 500 k random pixels is within ~0.15 % of
@@ -122,7 +123,8 @@ class Moments:
 
 class QuantileSample:
     """A uniform random subsample of each band's values (fixed seed), for global percentiles in bounded
-    memory; exact while the scene has fewer valid pixels than `capacity`."""
+    memory; exact while the scene has fewer valid pixels than `capacity`. Values keep the dtype they
+    come in (the order statistics of float32 pixels need no float64 copy)."""
 
     def __init__(self, capacity: int = SAMPLE_CAPACITY, seed: int = 0) -> None:
         self.capacity = capacity
@@ -134,7 +136,6 @@ class QuantileSample:
         self._bound = math.inf  # no key at or above this can enter the sample
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.to(STATS_DTYPE)
         keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
         if self._bound < math.inf:
             # the sample keeps the `capacity` smallest keys: a row above a key that already has
@@ -208,6 +209,81 @@ def add_moments(
     if acc is None:
         acc = Moments(sum(f.shape[1] for f in feats), full=full)
     acc.add_pixels(feats, valid)
+    return acc
+
+
+def valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
+    """The smallest row and column slices holding every valid pixel of `(B, 1, H, W)` (None: none)."""
+    return _valid_box(valid)
+
+
+def gauss_lowpass_on_box(pan: torch.Tensor, box: tuple[slice, slice], ratio: int) -> torch.Tensor:
+    """`gauss_lowpass(pan)[..., rows, cols]`, filtering only the box and the kernel's reach around it
+    (the same values: the filter sees the same neighbours, and the image edges where it reaches them)."""
+    rows, cols = box
+    r0, c0 = max(rows.start - MTF_HALF, 0), max(cols.start - MTF_HALF, 0)
+    r1, c1 = min(rows.stop + MTF_HALF, pan.shape[-2]), min(cols.stop + MTF_HALF, pan.shape[-1])
+    low = gauss_lowpass(pan[..., r0:r1, c0:c1], ratio)
+    return low[..., rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+
+
+def upsample_on_box(ms: torch.Tensor, box: tuple[slice, slice], ratio: int) -> torch.Tensor:
+    """`upsample_ms(ms)[..., rows, cols]`, `(B, C, Hb, Wb)`: by `axis_matrix` products for the box
+    alone where the window allows it, else by interpolating the window and cropping."""
+    rows, cols = box
+    h, w = ms.shape[-2:]
+    if min(h, w) < MIN_AXIS:
+        return upsample_ms(ms, ratio)[..., rows, cols]
+    a_h = axis_matrix(h, ratio)[rows].to(ms)
+    a_w = axis_matrix(w, ratio)[cols].to(ms)
+    return a_h @ ms @ a_w.T
+
+
+def add_interp_moments(
+    acc: Moments | None,
+    ms: torch.Tensor,
+    hr_feats: Sequence[torch.Tensor],
+    valid: torch.Tensor,
+    ratio: int,
+    full: bool = True,
+) -> Moments:
+    """`add_moments(acc, [upsample_ms(ms), *hr_feats], valid, full)`, without interpolating the MS.
+
+    With X = A_h M A_w^T (`axis_matrix`) over the valid box, every sum the moments need is one on the
+    MS grid: sum X = (A_h^T 1)^T M (A_w^T 1), sum X_k X_j = <M_k, G_h M_j G_w> with G = A^T A, and
+    sum X_k F = <M_k, A_h^T F A_w> for a PAN-grid feature F, all in float64. `hr_feats` are
+    window-sized or already cropped to the valid box. Windows with invalid pixels inside the box,
+    batches or sides under MIN_AXIS take the direct path.
+    """
+    box = _valid_box(valid)
+    if box is None:
+        return acc if acc is not None else Moments(ms.shape[1] + sum(f.shape[1] for f in hr_feats), full)
+    rows, cols = box
+    valid = valid[..., rows, cols]
+    hr_feats = [f if f.shape[-2:] == valid.shape[-2:] else f[..., rows, cols] for f in hr_feats]
+    h, w = ms.shape[-2:]
+    if ms.shape[0] != 1 or min(h, w) < MIN_AXIS or not bool(valid.all()):
+        return add_moments(acc, [upsample_on_box(ms, box, ratio), *hr_feats], valid, full)
+    a_h = axis_matrix(h, ratio)[rows].to(ms.device)  # (Hb, h)
+    a_w = axis_matrix(w, ratio)[cols].to(ms.device)  # (Wb, w)
+    m = ms[0].to(STATS_DTYPE)  # (C, h, w)
+    c = m.shape[0]
+    sum_x = torch.einsum("chw,h,w->c", m, a_h.sum(0), a_w.sum(0))
+    t = (a_h.T @ a_h) @ m @ (a_w.T @ a_w)  # (C, h, w)
+    feats = [f[0].to(STATS_DTYPE) for f in hr_feats]
+    f = torch.cat(feats) if feats else m.new_zeros((0, *m.shape[1:]))
+    flat = f.reshape(f.shape[0], -1)  # (D, N)
+    if full:
+        xx = torch.einsum("chw,dhw->cd", m, t)
+        xf = torch.einsum("chw,dhw->cd", m, a_h.T @ f @ a_w)  # (C, D)
+        ss = torch.cat([torch.cat([xx, xf], 1), torch.cat([xf.T, flat @ flat.T], 1)])
+    else:
+        ss = torch.cat([(m * t).sum((1, 2)), torch.linalg.vecdot(flat, flat)])
+    if acc is None:
+        acc = Moments(c + f.shape[0], full=full)
+    acc.n += flat.shape[1] if feats else (rows.stop - rows.start) * (cols.stop - cols.start)
+    acc.s += torch.cat([sum_x, flat.sum(1)])
+    acc.ss += ss
     return acc
 
 
@@ -397,6 +473,3 @@ def kernel_sums(gains: list[float], ratio: int) -> torch.Tensor:
     from fusion_cli.mtf import mtf_kernel
 
     return torch.as_tensor([float(np.sum(mtf_kernel(g, ratio))) for g in gains], dtype=STATS_DTYPE)
-
-
-MTF_HALF = KERNEL_SIZE // 2

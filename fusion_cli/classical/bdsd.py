@@ -16,7 +16,18 @@ from scipy.optimize import nnls
 
 from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, add_moments, lr_valid, merged
 from fusion_cli.mtf import mtf_filter, mtf_filter_decimate
-from fusion_cli.resample import imresize_down
+from fusion_cli.resample import MIN_AXIS, axis_matrix, imresize_down, upsample_ms
+
+
+def interp_and_back(ms: torch.Tensor, ratio: int) -> torch.Tensor:
+    """imresize_down(upsample_ms(ms)): `(B, C, h, w)` -> `(B, C, h, w)`, by the composite's matrices on
+    the MS grid (`axis_matrix(down=True)`) instead of through the ratio^2 larger PAN grid."""
+    h, w = ms.shape[-2:]
+    if min(h, w) < MIN_AXIS:
+        return imresize_down(upsample_ms(ms, ratio), ratio)
+    a_h = axis_matrix(h, ratio, down=True).to(ms)
+    a_w = axis_matrix(w, ratio, down=True).to(ms)
+    return a_h @ ms @ a_w.T
 
 
 class BDSDPC(ClassicalFuser):
@@ -41,7 +52,7 @@ class BDSDPC(ClassicalFuser):
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         c = ms.shape[1]
-        gt = imresize_down(self.upsample(ms), self.ratio)
+        gt = interp_and_back(ms, self.ratio)
         degraded = mtf_filter(gt, self.gains(c), self.ratio, rank=1)
         pan_r = mtf_filter_decimate(pan, self.pan_gain(c), self.ratio, rank=1)
         feats = [pan_r, degraded, gt - degraded]  # (B, 2C + 1, h, w) together

@@ -17,11 +17,14 @@ from fusion_cli.classical.base import (
     ClassicalFuser,
     Moments,
     QuantileSample,
+    add_interp_moments,
     add_moments,
-    gauss_lowpass,
+    gauss_lowpass_on_box,
     lr_valid,
     merged,
     rows_where,
+    upsample_on_box,
+    valid_box,
 )
 from fusion_cli.mtf import mtf_filter_decimate
 from fusion_cli.sensors import GENERIC_MS_GAIN
@@ -60,8 +63,14 @@ class BroveyHaze(ClassicalFuser):
         self.mean_i = 0.0
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        x = self.upsample(ms)
-        self._moments = add_moments(self._moments, [x, gauss_lowpass(pan, self.ratio)], valid)
+        box = valid_box(valid)
+        if box is None:
+            return
+        # everything on the valid box only: the window's margin is context
+        x = upsample_on_box(ms, box, self.ratio)
+        valid = valid[..., box[0], box[1]]
+        low = gauss_lowpass_on_box(pan, box, self.ratio)
+        self._moments = add_moments(self._moments, [x, low], valid)
         xr = rows_where(x, valid)
         if xr.shape[1] == len(_HAZE_FRACTIONS):
             self._quant.add(xr)
@@ -134,7 +143,7 @@ class GSA(ClassicalFuser):
         self.mean_p = 0.0
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        self._hr = add_moments(self._hr, [self.upsample(ms), pan], valid)
+        self._hr = add_interp_moments(self._hr, ms, [pan], valid, self.ratio)
         # the toolbox low-passes the PAN with an undecimated starlet; a 0.3-gain Gaussian MTF plays
         # the same role
         p_low = mtf_filter_decimate(pan, GENERIC_MS_GAIN, self.ratio, rank=1)
@@ -185,7 +194,7 @@ class PCA(ClassicalFuser):
         self.pan_scale = self.pan_shift = 0.0  # PAN matched to PC1: P * scale + shift
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
-        self._moments = add_moments(self._moments, [self.upsample(ms), pan], valid)
+        self._moments = add_interp_moments(self._moments, ms, [pan], valid, self.ratio)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, PCA)

@@ -17,13 +17,15 @@ from fusion_cli.classical.base import (
     MTF_HALF,
     ClassicalFuser,
     Moments,
+    add_interp_moments,
     add_moments,
-    gauss_lowpass,
+    gauss_lowpass_on_box,
     interp_support,
     kernel_sums,
     lr_valid,
     merged,
     pan_lowpass_per_band,
+    valid_box,
 )
 from fusion_cli.mtf import mtf_filter_decimate
 
@@ -72,8 +74,11 @@ class _GLP(_MRA):
 
     def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
         # features: X (C), P, LPfilterGauss(P): the toolbox matches std(X_k) / std(P low-passed)
-        feats = [self.upsample(ms), pan, gauss_lowpass(pan, self.ratio)]
-        self._moments = add_moments(self._moments, feats, valid, full=False)
+        box = valid_box(valid)
+        if box is None:
+            return
+        low = gauss_lowpass_on_box(pan, box, self.ratio)  # only the box counts: filter just that much
+        self._moments = add_interp_moments(self._moments, ms, [pan, low], valid, self.ratio, full=False)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, _GLP)
@@ -205,7 +210,7 @@ class MTFGLPFS(_MRA):
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
     ) -> None:
         super().__init__(ratio, sensor, ms_bands, pan_bands)
-        self._moments: Moments | None = None  # [X (C), P, P_low per distinct band gain]
+        self._moments: Moments | None = None  # [X (C), P_low per distinct band gain, P]
         self._bands = 0
         self.gain: torch.Tensor | None = None  # (C,)
 
@@ -213,8 +218,9 @@ class MTFGLPFS(_MRA):
         self._bands = c = ms.shape[1]
         uniq = sorted(set(self.gains(c)))
         low = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, self.ratio, rank=1)
-        x_and_low = self.upsample(torch.cat([ms, low], dim=1))  # one interpolation for both
-        self._moments = add_moments(self._moments, [x_and_low[:, :c], pan, x_and_low[:, c:]], valid)
+        # P_low is the interpolated decimated low-pass: both it and X are interpolations
+        lr = torch.cat([ms, low], dim=1)
+        self._moments = add_interp_moments(self._moments, lr, [pan], valid, self.ratio)
 
     def _merge(self, other: ClassicalFuser) -> None:
         assert isinstance(other, MTFGLPFS)
@@ -225,9 +231,9 @@ class MTFGLPFS(_MRA):
         if self._moments is None:
             raise ValueError("no statistics accumulated")
         c, gains = self._bands, self.gains(self._bands)
-        cov_with_pan = self._moments.cov[:, c]  # cov(X_k, P) for k < c, cov(P_low, P) after P
+        cov_with_pan = self._moments.cov[:, -1]  # cov(X_k, P) for k < c, then cov(P_low, P)
         uniq = sorted(set(gains))
-        cov_low = cov_with_pan[c + 1 :][[uniq.index(g) for g in gains]]
+        cov_low = cov_with_pan[c:-1][[uniq.index(g) for g in gains]]
         safe = torch.where(cov_low.abs() > EPS, cov_low, torch.full_like(cov_low, EPS))
         self.gain = cov_with_pan[:c] / safe
 
