@@ -111,16 +111,15 @@ class BroveyHaze(ClassicalFuser):
         return (i - self.pan_shift) / self.pan_scale
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
-        x = self.upsample(ms)
-        haze = self.haze.to(x.dtype).view(1, -1, 1, 1)
-        i = _weighted_sum(x - haze, self.alpha)
+        haze = self.haze.to(ms.dtype).view(1, -1, 1, 1)
+        dehazed = self.upsample(ms).sub_(haze)  # X - L, in place (X itself is not needed)
+        i = _weighted_sum(dehazed, self.alpha)
         p_eq = pan * self.pan_scale + self.pan_shift
         # I ~ 0 where every band is at its haze level: floor it (and the matched PAN) at 1 % of the
         # mean intensity instead of the toolbox's `+ eps`, which divides by ~0 there
         floor = max(0.01 * abs(self.mean_i), EPS)
-        return (
-            torch.clamp(x - haze, min=0) * (torch.clamp(p_eq, min=floor) / torch.clamp(i, min=floor)) + haze
-        )
+        gain = p_eq.clamp_(min=floor).div_(i.clamp_(min=floor))
+        return dehazed.clamp_(min=0).mul_(gain).add_(haze)
 
 
 class GSA(ClassicalFuser):
