@@ -57,20 +57,13 @@ class Moments:
         self.s = torch.zeros(dim, dtype=STATS_DTYPE)
         self.ss = torch.zeros((dim, dim) if full else (dim,), dtype=STATS_DTYPE)
 
-    def add(self, rows: torch.Tensor) -> None:
-        """rows `(N, D)`."""
-        rows = rows.to(STATS_DTYPE)
-        self.n += rows.shape[0]
-        self.s += rows.sum(0)
-        self.ss += rows.T @ rows if self.full else (rows * rows).sum(0)
-
     def add_pixels(self, feats: Sequence[torch.Tensor], valid: torch.Tensor) -> None:
         """Add the valid pixels of feature images: feats `(B, D_i, H, W)` (concatenated along D),
         valid `(B, 1, H, W)` bool.
 
         The images are cropped to the valid box first; invalid pixels inside it are zeroed, which
         adds nothing to the sums, so no per-pixel gather is needed (a window's core is a box)."""
-        box = _valid_box(valid)
+        box = valid_box(valid)
         if box is None:
             return
         rows, cols = box
@@ -193,8 +186,8 @@ class QuantileSample:
         return v_lo + (pos - lo) * (v_hi - v_lo)
 
 
-def _valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
-    """Row and column slices of the smallest box holding every True pixel of `(B, 1, H, W)`."""
+def valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
+    """The smallest row and column slices holding every valid pixel of `(B, 1, H, W)` (None: none)."""
     rows = torch.nonzero(valid.any(dim=3).flatten(0, 1).any(dim=0))[:, 0]
     if rows.numel() == 0:
         return None
@@ -210,11 +203,6 @@ def add_moments(
         acc = Moments(sum(f.shape[1] for f in feats), full=full)
     acc.add_pixels(feats, valid)
     return acc
-
-
-def valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
-    """The smallest row and column slices holding every valid pixel of `(B, 1, H, W)` (None: none)."""
-    return _valid_box(valid)
 
 
 def gauss_lowpass_on_box(pan: torch.Tensor, box: tuple[slice, slice], ratio: int) -> torch.Tensor:
@@ -255,7 +243,7 @@ def add_interp_moments(
     window-sized or already cropped to the valid box. Windows with invalid pixels inside the box,
     batches or sides under MIN_AXIS take the direct path.
     """
-    box = _valid_box(valid)
+    box = valid_box(valid)
     if box is None:
         return acc if acc is not None else Moments(ms.shape[1] + sum(f.shape[1] for f in hr_feats), full)
     rows, cols = box
@@ -297,7 +285,8 @@ def merged(a: Moments | None, b: Moments | None) -> Moments | None:
 def rows_where(img: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """img `(B, D, H, W)`, valid `(B, 1, H, W)` bool -> `(N, D)` of the valid pixels."""
     d = img.shape[1]
-    return img.permute(0, 2, 3, 1).reshape(-1, d)[valid.reshape(-1)]
+    rows = img.permute(0, 2, 3, 1).reshape(-1, d)
+    return rows if bool(valid.all()) else rows[valid.reshape(-1)]
 
 
 def lr_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -459,6 +448,8 @@ def pan_lowpass_per_band(
     lp = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, ratio, rank=1)
     if interpolate:
         lp = upsample_ms(lp, ratio)
+    if len(uniq) == 1:
+        return lp.expand(-1, len(gains), -1, -1)  # one low-pass for every band: a view, no copies
     index = torch.as_tensor([uniq.index(g) for g in gains], device=pan.device)
     return lp.index_select(1, index)
 

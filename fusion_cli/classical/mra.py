@@ -94,16 +94,6 @@ class _GLP(_MRA):
         self.band_mean = torch.clamp(m[:c].abs(), min=EPS)
         self.ksum = kernel_sums(self.gains(c), self.ratio)
 
-    def _detail_terms(self, pan: torch.Tensor, ms: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Interpolated MS X, equalised PAN P_k = a_k P + b_k and its low-pass, all `(B, C, H, W)`."""
-        c = ms.shape[1]
-        a = self.scale.to(pan.dtype).view(1, c, 1, 1)
-        b = self.offset.to(pan.dtype).view(1, c, 1, 1)
-        s = self.ksum.to(pan.dtype).view(1, c, 1, 1)
-        low = pan_lowpass_per_band(pan, self.gains(c), self.ratio)
-        # the filter is linear: LP(a P + b) = a LP(P) + b * sum(kernel)
-        return self.upsample(ms), a * pan + b, a * low + b * s
-
 
 class MTFGLP(_GLP):
     """Additive detail injection on the MTF-matched generalized Laplacian pyramid; Aiazzi et al.,
@@ -124,12 +114,19 @@ class MTFGLPHPM(_GLP):
     name = "mtf-glp-hpm"
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
-        x, p, p_low = self._detail_terms(pan, ms)
+        c = ms.shape[1]
+        a = self.scale.to(pan.dtype).view(1, c, 1, 1)
+        b = self.offset.to(pan.dtype).view(1, c, 1, 1)
+        # equalised PAN P_k = a_k P + b_k and, the filter being linear, LP(P_k) = a_k LP(P) + b_k sum(kernel)
+        p = torch.addcmul(b, a, pan)
+        low = pan_lowpass_per_band(pan, self.gains(c), self.ratio)
+        p_low = torch.addcmul(b * self.ksum.to(pan.dtype).view(1, c, 1, 1), a, low)
         # the mean/std-matched PAN goes negative on dark pixels (water, shadow) when a band's std is
         # large relative to its mean; the toolbox then divides by ~0 and explodes. Floor both terms
         # at 1 % of the band mean: identical wherever the toolbox's result is meaningful.
-        floor = (0.01 * self.band_mean.to(x.dtype)).view(1, -1, 1, 1)
-        return x * (torch.maximum(p, floor) / torch.maximum(p_low, floor))
+        floor = (0.01 * self.band_mean.to(pan.dtype)).view(1, c, 1, 1)
+        gain = torch.maximum(p, floor, out=p).div_(torch.maximum(p_low, floor, out=p_low))
+        return self.upsample(ms).mul_(gain)
 
 
 class MTFGLPHS(_MRA):
