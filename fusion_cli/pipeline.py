@@ -579,9 +579,19 @@ class _WriteBehind:
         self.depth = depth
         self.pending: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-write")
+        self.failed = False  # after a failed write the queued ones are skipped, not attempted
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self.pending.append(self.pool.submit(fn, *args))
+        self.pending.append(self.pool.submit(self._call, fn, *args))
         while len(self.pending) > self.depth:
             self.pending.popleft().result()
 

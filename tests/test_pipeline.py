@@ -227,6 +227,27 @@ def test_overwrite_refusal_and_atomic_write(tmp_path):
         assert o.dtypes[0] == "float32"
 
 
+def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypatch):
+    """Writes run one strip behind in a background thread: an error there (a full disk) still stops
+    the run with that error, and neither the output nor its temporary file is left."""
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    calls = []
+    real_write = raster.AtomicWriter.write
+
+    def write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(raster.AtomicWriter, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(tile=128))
+    assert len(calls) == 2  # the run stopped at the failing write
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_band_selection_dtype_and_clip(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_1.tif")
     ms = need_shared("wv2_spacenet6", "ms_1.tif")
