@@ -91,6 +91,18 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "notes.tif", "odd.tif"]
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, wv2, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(raster.AtomicWriter, "write", full)
+    out = str(tmp_path / "o.tif")
+    code, _, err = run(capsys, "pansharpen", *wv2, "-o", out, "--method", "exp", "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
     """The official checkpoint (8 bands, ratio 4) on a 4-band WV2 and on a ratio-2 Landsat pair."""
     weights = str(need_shared("fusionmamba_official", "420.pth"))

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # the system, not the input: a full disk, a lost mount, permissions
+        if debug:
+            raise
+        typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         sys.exit(130)
