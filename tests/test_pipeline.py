@@ -112,25 +112,21 @@ def test_seam_tiled_equals_one_piece_on_real_wv2(tmp_path):
 
 @pytest.mark.slow
 def test_seam_default_network_tiled_equals_one_piece_on_real_landsat8(tmp_path):
-    """The shipped default network (bounded scan memory) on a real Landsat-8 crop: tiles of 96 PAN px
-    with a 32 px halo reproduce the one-piece product within 1 DN."""
+    """The shipped default network (bounded scan memory, BDSD-PC base) on the real Landsat-8 example
+    scene (320 x 640 PAN): default tiles (256 px, 32 px blend zone, the model's default context)
+    reproduce the one-piece product within 1 DN."""
     from fusion_cli.pipeline import make_fuser
 
     root = Path(__file__).resolve().parent.parent / "examples"
-    with rasterio.open(root / "landsat8_pan.tif") as p, rasterio.open(root / "landsat8_ms.tif") as m:
-        w_ms, w_pan = rasterio.windows.Window(40, 20, 96, 96), rasterio.windows.Window(80, 40, 192, 192)
-        pan = _write(
-            tmp_path / "pan.tif", p.read(window=w_pan), crs=p.crs, transform=p.window_transform(w_pan)
-        )
-        ms = _write(tmp_path / "ms.tif", m.read(window=w_ms), crs=m.crs, transform=m.window_transform(w_ms))
+    pan, ms = root / "landsat8_pan.tif", root / "landsat8_ms.tif"
     fuser = make_fuser(device="cpu")
     assert fuser.model.config.scan_memory is not None
-    fuse_files(pan, ms, tmp_path / "tiled.tif", fuser, _opts(tile=96, overlap=32, batch=4))
+    fuse_files(pan, ms, tmp_path / "tiled.tif", fuser, _opts(tile=256, overlap=32))
     fuse_files(pan, ms, tmp_path / "one.tif", fuser, _opts(tile=4096))
     tiled = _read(tmp_path / "tiled.tif").astype(np.int64)
     one = _read(tmp_path / "one.tif").astype(np.int64)
     diff = np.abs(tiled - one)
-    print(f"seam test default network, Landsat-8 192 px, tile 96/32 vs one piece: max {diff.max()} DN")
+    print(f"seam test default network, Landsat-8 example, tile 256/32 vs one piece: max {diff.max()} DN")
     assert one.max() > 5000 and diff.max() <= 1
     with rasterio.open(tmp_path / "one.tif") as ds:
         assert json.loads(ds.tags()["FUSION_PARAMS"])["scan_memory"] == fuser.model.config.scan_memory

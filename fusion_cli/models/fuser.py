@@ -43,7 +43,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class NetworkFuser:
-    """Fuser for a FusionMamba model. `halo` defaults to 32 PAN px rounded up to `tile_multiple`.
+    """Fuser for a FusionMamba model. `halo` defaults to 32 PAN px (or the base method's context, if
+    larger) rounded up to `tile_multiple`.
 
     The statistics pass gathers the scene's per-band MS max over valid pixels: the network's spectral
     attention reads it, and per-tile maxima would give each tile different band weights (a seam).
@@ -82,12 +83,15 @@ class NetworkFuser:
         self.base_method = cfg.base
         self.base_sensor = loaded.card.sensor
         self.base_fuser = self._new_base_fuser()
-        base_halo = int(self.base_fuser.halo) if self.base_fuser is not None else 0
+        # Context: 32 px, or the base method's if larger, counting its statistics' context too. A
+        # bounded scan still reaches past 32 px: `landsat` (base BDSD-PC, whose statistics need 66 px
+        # at ratio 2) tiles within 1 DN of one piece with 66 px of context, and reaches 7 DN with 32
+        # (bench_seam). The shipped models' seams were measured with this geometry.
+        base = self.base_fuser
+        base_halo = max(int(base.halo), int(base.stats_halo)) if base is not None else 0
         default_halo = self.tile_multiple * math.ceil(max(32, base_halo) / self.tile_multiple)
         self.halo = halo if halo is not None else default_halo
-        # the base method's statistics may need more context than fusing does
-        base_stats = int(self.base_fuser.stats_halo) if self.base_fuser is not None else 0
-        self.stats_halo = max(self.halo, base_stats)
+        self.stats_halo = self.halo
         self.dn_max = float(dn_max if dn_max is not None else loaded.card.dn_max)
         self.batch_size = batch_size
         self.precision = precision
