@@ -172,6 +172,29 @@ def test_config_round_trip_and_validation():
         FusionMambaConfig(ms_bands=8, ratio=1)
 
 
+def test_transpose_ensemble_averages_the_transposed_pass_at_inference_only():
+    cfg = FusionMambaConfig(ms_bands=4, ratio=4, dim=8, scan_memory=20.0)
+    torch.manual_seed(0)
+    single = FusionMamba(cfg)
+    with torch.no_grad():  # a non-trivial head: the fresh network's last conv is zero
+        single.to_hrms[2].weight.normal_(0, 0.1)
+    ensemble = FusionMamba(FusionMambaConfig(**{**cfg.to_dict(), "transpose_ensemble": True}))
+    ensemble.load_state_dict(single.state_dict())
+    ms, pan = torch.rand(1, 4, 8, 12), torch.rand(1, 1, 32, 48)  # not square: the axes really swap
+    single.eval()
+    ensemble.eval()
+    with torch.no_grad():
+        one = single(ms, pan)
+        other = single(ms.transpose(-1, -2), pan.transpose(-1, -2)).transpose(-1, -2)
+        both = ensemble(ms, pan)
+    assert (one - other).abs().max() > 1e-4  # the scan order makes the passes differ
+    torch.testing.assert_close(both, 0.5 * (one + other))
+    ensemble.train()  # training runs one pass
+    torch.testing.assert_close(ensemble(ms, pan), single.train()(ms, pan))
+    with pytest.raises(FusionError, match="transpose_ensemble"):
+        FusionMambaConfig(ms_bands=4, transpose_ensemble="yes")
+
+
 @pytest.mark.parametrize("memory", [None, 10.0])
 def test_scan_memory_bounds_how_far_a_token_reaches(memory):
     """A slow-decay scan (tiny delta, as trained scans keep for context) carries token 0 undiminished

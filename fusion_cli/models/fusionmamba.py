@@ -55,6 +55,11 @@ class FusionMambaConfig:
     # many tokens, so an output pixel depends on a bounded neighbourhood and tiled inference reproduces
     # the whole image (see `MultiScanMamba`). None = unbounded, as in the paper and its checkpoint.
     scan_memory: float | None = None
+    # At inference (eval mode), average the output with that of the transposed inputs, transposed back:
+    # a two-member geometric self-ensemble (Lim et al., "Enhanced deep residual networks for single
+    # image super-resolution", CVPRW 2017). A transpose, unlike a flip, keeps the toolbox's MS/PAN
+    # sampling phase. Set per model where it improves its validation rows; doubles inference time.
+    transpose_ensemble: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ms_bands", "pan_bands", "ratio", "dim", "d_state", "d_conv", "expand", "attn_dim"):
@@ -65,6 +70,9 @@ class FusionMambaConfig:
             raise FusionError(f"FusionMamba config: ratio must be >= 2, got {self.ratio}")
         if self.base is not None and not (isinstance(self.base, str) and self.base):
             raise FusionError(f"FusionMamba config: base must be a method name or null, got {self.base!r}")
+        if not isinstance(self.transpose_ensemble, bool):
+            got = self.transpose_ensemble
+            raise FusionError(f"FusionMamba config: transpose_ensemble must be true or false, got {got!r}")
         if self.scan_memory is not None and not (
             isinstance(self.scan_memory, (int, float))
             and math.isfinite(self.scan_memory)
@@ -466,6 +474,19 @@ class FusionMamba(nn.Module):
             raise FusionError(f"this FusionMamba takes {need}")
         if base is not None and base.shape != (*ms.shape[:2], *pan.shape[-2:]):
             raise FusionError(f"base {tuple(base.shape)} must be (B, C, H, W) of the PAN grid")
+        if self.config.transpose_ensemble and not self.training:
+
+            def t(x: torch.Tensor | None) -> torch.Tensor | None:
+                return None if x is None else x.transpose(-1, -2)
+
+            transposed = t(self._fuse(t(ms), t(pan), band_max, t(base)))
+            return 0.5 * (self._fuse(ms, pan, band_max, base) + transposed)
+        return self._fuse(ms, pan, band_max, base)
+
+    def _fuse(
+        self, ms: torch.Tensor, pan: torch.Tensor, band_max: torch.Tensor | None, base: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One pass of the network on checked inputs (`forward` without the ensemble)."""
         up = self.upsample(ms) if base is None else base
         pan_f = self.raise_pan_dim(pan)
         ms_f = self.raise_ms_dim(up)
