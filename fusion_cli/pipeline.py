@@ -21,7 +21,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,8 @@ class FuseOptions:
     reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
     # network scan memory in tokens (FusionMambaConfig.scan_memory); None: the model card's, 0: unbounded
     scan_memory: float | None = None
+    # network transpose self-ensemble (FusionMambaConfig.transpose_ensemble); None: the model card's
+    ensemble: bool | None = None
 
 
 @dataclass
@@ -151,14 +153,18 @@ def make_fuser(
     ms_bands: int | None = None,
     pan_bands: int = 1,
     scan_memory: float | None = None,
+    ensemble: bool | None = None,
 ) -> Fuser:
     """A network (`model` name or `weights` file; the default shipped model when both are None)
     or a classical `method` (needs `ratio`; `pan_bands > 1` for HISR: an MSI in place of the PAN).
-    `scan_memory` overrides the network's (tokens; 0 = unbounded, as the official checkpoint)."""
+    `scan_memory` overrides the network's (tokens; 0 = unbounded, as the official checkpoint);
+    `ensemble` switches its transpose self-ensemble on or off (None: as its card says)."""
     if method is not None and (model is not None or weights is not None):
         raise FusionError("give either --method or --model/--weights, not both")
     if scan_memory is not None and method is not None:
         raise FusionError("--scan-memory applies to networks, not to classical methods")
+    if ensemble is not None and method is not None:
+        raise FusionError("--ensemble/--no-ensemble applies to networks, not to classical methods")
     if scan_memory is not None and scan_memory < 0:
         raise FusionError(
             f"--scan-memory must be a number of tokens > 0, or 0 for unbounded; got {scan_memory}"
@@ -184,6 +190,8 @@ def make_fuser(
     loaded = load_model(name=model, weights=None if weights is None else str(weights), device=dev)
     if scan_memory is not None:
         loaded.model.set_scan_memory(scan_memory or None)
+    if ensemble is not None:
+        loaded.model.config = replace(loaded.model.config, transpose_ensemble=ensemble)
     kwargs: dict[str, Any] = {"device": dev, "precision": precision}
     if dn_max is not None:
         kwargs["dn_max"] = dn_max
@@ -913,6 +921,7 @@ def fuse_files(
             "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
             "reprojected_ms": raster.is_warped(ms_ds),
             "scan_memory": getattr(fuser, "scan_memory", None),  # networks: card's or --scan-memory's
+            "transpose_ensemble": getattr(fuser, "transpose_ensemble", None),  # networks
         }
         tags = {
             "FUSION_MODEL": name,
@@ -1077,6 +1086,7 @@ def _resolve_fuser(
         ms_bands=n_bands,
         pan_bands=pan_count,
         scan_memory=opts.scan_memory,
+        ensemble=opts.ensemble,
     )
 
 

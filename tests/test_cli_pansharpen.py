@@ -88,6 +88,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
     assert_one_line_error(code, err, "--scan-memory applies to networks")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--scan-memory", "-1")
     assert_one_line_error(code, err, "--scan-memory must be")
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--no-ensemble")
+    assert_one_line_error(code, err, "--ensemble/--no-ensemble applies to networks")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "notes.tif", "odd.tif"]
 
 
@@ -101,6 +103,35 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, wv2, monke
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
+    """The default model's card turns its transpose ensemble on; --no-ensemble fuses one pass (a
+    different product, recorded in FUSION_PARAMS)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    with rasterio.open(root / "landsat8_pan.tif") as p, rasterio.open(root / "landsat8_ms.tif") as m:
+        w_pan, w_ms = rasterio.windows.Window(80, 40, 128, 128), rasterio.windows.Window(40, 20, 64, 64)
+        crops = {}
+        for name, ds, win in (("pan", p, w_pan), ("ms", m, w_ms)):
+            prof = {**ds.profile, "width": win.width, "height": win.height}
+            prof["transform"] = ds.window_transform(win)
+            crops[name] = str(tmp_path / f"{name}.tif")
+            with rasterio.open(crops[name], "w", **prof) as dst:
+                dst.write(ds.read(window=win))
+    products = {}
+    for flag in ("", "--ensemble", "--no-ensemble"):
+        out = str(tmp_path / f"o{flag}.tif")
+        args = ["pansharpen", crops["pan"], crops["ms"], "-o", out, "--quiet"] + ([flag] if flag else [])
+        code, _, err = run(capsys, *args)
+        assert code == 0, err
+        with rasterio.open(out) as ds:
+            products[flag] = ds.read().astype(np.int64)
+            assert json.loads(ds.tags()["FUSION_PARAMS"])["transpose_ensemble"] == (flag != "--no-ensemble")
+    assert np.array_equal(products[""], products["--ensemble"])  # the card's choice: on
+    diff = np.abs(products["--ensemble"] - products["--no-ensemble"])
+    assert 0 < diff.max() < 0.05 * products["--ensemble"].max()
 
 
 def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):

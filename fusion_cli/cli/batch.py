@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
         scan_memory: float | None = FuseOpt.scan_memory,
+        ensemble: bool | None = FuseOpt.ensemble,
         metrics: bool = typer.Option(
             False, "--metrics", help="Full-resolution QNR/HQNR per output (log, --json, <out>.metrics.json)."
         ),
@@ -184,12 +185,14 @@ def register(app: typer.Typer) -> None:
             tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
-            stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, progress=False,
+            stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, ensemble=ensemble,
+            progress=False,
         )  # fmt: skip
         fuser_kwargs = {
             "model": model, "weights": None if weights is None else str(weights), "method": method,
             "sensor": sensor, "device": device, "precision": precision, "dn_max": dn_max,
             "ms_bands": len(band_list) if band_list else None, "scan_memory": scan_memory,
+            "ensemble": ensemble,
         }  # fmt: skip
         job = lib.FuseJob(fuser=fuser_kwargs, options=options, metrics=metrics)
         on_result = None if quiet else _print_result

@@ -105,6 +105,13 @@ class FuseOpt:
         "models use 20, so tiles match the one-piece product within 1 DN). 0: unbounded, as trained "
         "by the paper and in the official checkpoint.",
     )
+    ensemble = typer.Option(
+        None,
+        "--ensemble/--no-ensemble",
+        help="Networks: also fuse each window transposed and average the two (better quality, twice "
+        "the time). Default: the model card's (on for landsat and vhr4).",
+        show_default=False,
+    )
     quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
     json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
 
@@ -153,6 +160,7 @@ def register_fuse_command(
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
         scan_memory: float | None = FuseOpt.scan_memory,
+        ensemble: bool | None = FuseOpt.ensemble,
         adapt: int = typer.Option(
             0,
             "--adapt",
@@ -188,6 +196,7 @@ def register_fuse_command(
             stats_mpx=stats_mpx,
             reproject=reproject,
             scan_memory=scan_memory,
+            ensemble=ensemble,
             adapt=adapt,
             progress=not (quiet or json_out),
         )

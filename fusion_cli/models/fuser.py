@@ -110,6 +110,12 @@ class NetworkFuser:
         recorded with each product."""
         return self.model.config.scan_memory
 
+    @property
+    def transpose_ensemble(self) -> bool:
+        """Whether each window is also fused transposed and the two averaged (recorded with the
+        product, as it changes the output)."""
+        return self.model.config.transpose_ensemble
+
     def _new_base_fuser(self) -> ClassicalFuser | None:
         if self.base_method is None:
             return None
