@@ -546,8 +546,7 @@ def _run(
         pool = stack.enter_context(_window_threads(workers))
         depth = 2 * workers if pool is not None else 0  # results waiting: bounded memory
 
-        def submit(group: list[tuple[Window, _Tile]]) -> None:
-            work = [(w, t) for w, t in group if t.valid.any()]  # all-nodata windows need no inference
+        def submit(group: list[tuple[Window, _Tile]], work: list[tuple[Window, _Tile]]) -> None:
             fut: Future[np.ndarray] | None = None
             if work:
                 if pool is not None:
@@ -562,15 +561,16 @@ def _run(
         windows = list(plan)  # strip by strip, as `plan.strip(i)` lists them
         boxes = ((w.row, w.col, w.size, w.size) for w in windows)
         tiles = stack.enter_context(contextlib.closing(_read_ahead(source, boxes)))
-        group: list[tuple[Window, _Tile]] = []
-        n_work = 0
+        group: list[tuple[Window, _Tile]] = []  # every window since the last fuser call
+        work: list[tuple[Window, _Tile]] = []  # those with data (an all-nodata window needs no inference)
         for win in windows:
             t = next(tiles)
             group.append((win, t))
-            n_work += bool(t.valid.any())
-            if n_work >= batch or win.last_col:  # a fuser call never spans two strips
-                submit(group)
-                group, n_work = [], 0
+            if t.valid.any():
+                work.append((win, t))
+            if len(work) >= batch or win.last_col:  # a fuser call never spans two strips
+                submit(group, work)
+                group, work = [], []
             if progress is not None:
                 progress(1)
         while queue:

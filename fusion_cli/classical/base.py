@@ -258,9 +258,10 @@ def add_interp_moments(
     c = m.shape[0]
     sum_x = torch.einsum("chw,h,w->c", m, a_h.sum(0), a_w.sum(0))
     t = (a_h.T @ a_h) @ m @ (a_w.T @ a_w)  # (C, h, w)
-    feats = [f[0].to(STATS_DTYPE) for f in hr_feats]
-    f = torch.cat(feats) if feats else m.new_zeros((0, *m.shape[1:]))
-    flat = f.reshape(f.shape[0], -1)  # (D, N)
+    n = (rows.stop - rows.start) * (cols.stop - cols.start)
+    box_shape = valid.shape[-2:]
+    f = torch.cat([x[0].to(STATS_DTYPE) for x in hr_feats]) if hr_feats else m.new_zeros((0, *box_shape))
+    flat = f.reshape(f.shape[0], n)  # (D, N)
     if full:
         xx = torch.einsum("chw,dhw->cd", m, t)
         xf = torch.einsum("chw,dhw->cd", m, a_h.T @ f @ a_w)  # (C, D)
@@ -269,7 +270,7 @@ def add_interp_moments(
         ss = torch.cat([(m * t).sum((1, 2)), torch.linalg.vecdot(flat, flat)])
     if acc is None:
         acc = Moments(c + f.shape[0], full=full)
-    acc.n += flat.shape[1] if feats else (rows.stop - rows.start) * (cols.stop - cols.start)
+    acc.n += n
     acc.s += torch.cat([sum_x, flat.sum(1)])
     acc.ss += ss
     return acc
