@@ -106,6 +106,15 @@ def _fuse(
     return time.perf_counter() - t0
 
 
+def integer_dn(path: str | Path) -> bool:
+    """Whether a raster holds integer DN. Q2n rounds to uint16 as the toolbox does only for such
+    data: rounding float reflectance in [0, 1.3] would leave two or three grey levels."""
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return bool(np.issubdtype(np.dtype(ds.dtypes[0]), np.integer))
+
+
 def evaluate_scene(
     pan: str | Path,
     ms: str | Path,
@@ -121,9 +130,11 @@ def evaluate_scene(
     scene_id: str | None = None,
     tile: int = 512,
     bands: list[int] | None = None,
+    block: int = 32,
 ) -> list[dict[str, Any]]:
     """Score every method on one PAN/MS pair; products are written under `work_dir`. `bands`: the
-    1-based MS bands every method fuses, in the order a model expects (the references follow)."""
+    1-based MS bands every method fuses, in the order a model expects (the references follow);
+    `block`: the Q2n / Q / QNR block size (the toolbox's 32; smaller for scenes under 32 px)."""
     from fusion_cli.assess import EvalOptions
     from fusion_cli.assess import evaluate as score_product
     from fusion_cli.wald import simulate_files
@@ -134,7 +145,10 @@ def evaluate_scene(
     sim = simulate_files(
         pan, ms, work_dir / "reduced", sensor=key, ratio=ratio, pan_mtf=pan_mtf, overwrite=True
     )
-    opts = EvalOptions(ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands)
+    opts = EvalOptions(
+        ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands, block=block,
+        round_uint16=integer_dn(sim.ref),
+    )  # fmt: skip
     rows = []
     for spec in methods:
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
@@ -221,6 +235,7 @@ def evaluate(
     keep_products: bool = True,
     tile: int = 512,
     bands: list[int] | None = None,
+    block: int = 32,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`."""
@@ -233,7 +248,7 @@ def evaluate(
         rows += evaluate_scene(
             pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
             cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-            tile=tile, bands=bands,
+            tile=tile, bands=bands, block=block,
         )  # fmt: skip
     if not keep_products:
         import shutil
@@ -243,7 +258,7 @@ def evaluate(
     settings = {
         "sensor": canonical_sensor(sensor), "ratio": ratio,
         "pan_degradation": "mtf" if pan_mtf else "bicubic", "cut": cut, "clip_bits": clip_bits,
-        "scenes": [s[2] for s in scenes], "bands": bands,
+        "scenes": [s[2] for s in scenes], "bands": bands, "block": block,
     }  # fmt: skip
     files = {
         "results_csv": str(out_dir / "results.csv"),
@@ -259,7 +274,8 @@ def evaluate(
     note = (
         f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "
         f"PAN {settings['pan_degradation']}), "
-        f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}; "
+        f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}, "
+        f"Q2n/Q/QNR blocks {block} px (Q2n rounds integer DN to uint16, not float data); "
         + ("full resolution: D_lambda^K/HQNR with the sensor MTF. " if full_resolution else "")
         + "Times: wall-clock seconds per fusion."
     )

@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         no_full: bool = typer.Option(False, "--no-full", help="Skip the full-resolution indices."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (networks)."),
         tile: int = typer.Option(512, "--tile", help="Pipeline tile side (PAN px); larger = fewer windows."),
+        block: int = typer.Option(
+            32, "--block", min=4, help="Q2n, Q and QNR block size (toolbox: 32; less for small scenes)."
+        ),
         bands: str | None = typer.Option(
             None,
             "--bands",
@@ -65,6 +68,7 @@ def register(app: typer.Typer) -> None:
         res = run(
             scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut, clip_bits=clip_bits,
             full_resolution=not no_full, device=device, keep_products=keep, tile=tile, bands=band_list,
+            block=block,
         )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})
