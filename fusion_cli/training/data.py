@@ -47,6 +47,9 @@ class Scene:
     licence: str = ""
     band_names: list[str] = field(default_factory=list)
     pan_band_names: list[str] = field(default_factory=list)
+    # The high-resolution input was synthesised on the MS grid (ratio 1), e.g. a PAN made from a
+    # hyperspectral cube: only the MS is reduced to build the training pair, as for HISR.
+    simulated: bool = False
 
     def crop_rows(self, start: float, stop: float) -> Scene:
         """Rows [start, stop) as fractions of the height: a spatially separate part of the scene,
@@ -276,14 +279,15 @@ def reduce_scene(
     Pansharpening and hyperspectral pansharpening: PAN and MS are both reduced by `ratio` and the
     original MS is the target (`fusion_cli.wald.simulate_arrays`). HISR scenes come with the HSI and
     the MSI on one grid (ratio 1): only the HSI is reduced (MTF filter and decimation), the MSI stays
-    as the high-resolution input and the original HSI is the target.
+    as the high-resolution input and the original HSI is the target; so is a `simulated` scene.
     """
-    if task == "hisr":
+    if task == "hisr" or scene.simulated:
         from fusion_cli.mtf import degrade_ms
         from fusion_cli.sensors import nyquist_gains
 
         if scene.ratio != 1:
-            raise FusionError(f"HISR scene {scene.name} must have the HSI and MSI on one grid (ratio 1)")
+            kind = "simulated" if scene.simulated else "HISR"
+            raise FusionError(f"{kind} scene {scene.name} must have both inputs on one grid (ratio 1)")
         c, h, w = scene.ms.shape
         h, w = h - h % ratio, w - w % ratio
         ref = scene.ms[:, :h, :w]
@@ -471,12 +475,13 @@ def validation_crops(pairs: Iterable[TrainPair], size: int, per_pair: int = 4) -
     for p in pairs:
         r = p.ratio
         H, W = p.ref.shape[1:]
-        s = min(size, H - H % (4 * r) if H >= 4 * r else H, W - W % (4 * r) if W >= 4 * r else W)
-        s -= s % np.lcm(4, r)
-        if s <= 0:
+        m = int(np.lcm(4, r))
+        # square crops, narrowed to a strip along a side shorter than `size` (a thin held-out part)
+        sh, sw = min(size, H - H % m), min(size, W - W % m)
+        if sh <= 0 or sw <= 0:
             continue
-        ys = np.linspace(0, H - s, num=int(np.sqrt(per_pair)) or 1).astype(int) // r * r
-        xs = np.linspace(0, W - s, num=int(np.ceil(per_pair / max(len(ys), 1)))).astype(int) // r * r
+        ys = np.linspace(0, H - sh, num=int(np.sqrt(per_pair)) or 1).astype(int) // r * r
+        xs = np.linspace(0, W - sw, num=int(np.ceil(per_pair / max(len(ys), 1)))).astype(int) // r * r
         seen = set()
         for y in ys:
             for x in xs:
@@ -486,11 +491,11 @@ def validation_crops(pairs: Iterable[TrainPair], size: int, per_pair: int = 4) -
                 out.append(
                     TrainPair(
                         name=f"{p.name}@{y},{x}",
-                        pan=p.pan[:, y : y + s, x : x + s],
-                        ms=p.ms[:, y // r : (y + s) // r, x // r : (x + s) // r],
-                        ref=p.ref[:, y : y + s, x : x + s],
+                        pan=p.pan[:, y : y + sh, x : x + sw],
+                        ms=p.ms[:, y // r : (y + sh) // r, x // r : (x + sw) // r],
+                        ref=p.ref[:, y : y + sh, x : x + sw],
                         ratio=r,
-                        base=None if p.base is None else p.base[:, y : y + s, x : x + s],
+                        base=None if p.base is None else p.base[:, y : y + sh, x : x + sw],
                     )
                 )
     return out
