@@ -214,7 +214,7 @@ def describe_summary(s: Any) -> str:
     """One human line about a finished fusion run (a FuseSummary)."""
     c, h, w = s.shape
     line = f"wrote {s.output}: {c}x{h}x{w} {s.dtype}, {s.fuser} on {s.device}, "
-    line += f"{s.seconds:.1f} s ({s.mpx_per_s:.2f} Mpx/s)"
+    line += f"{s.seconds:.1f} s ({s.mpx_per_s:.3g} Mpx/s)"
     if s.shift_measured:
         state = "applied" if s.shift_applied else "not applied; --coregister applies it"
         line += (
