@@ -9,6 +9,7 @@ PAN equal to it returns X unchanged, the defining property of component substitu
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fusion_cli.classical.base import (
@@ -97,8 +98,16 @@ class BroveyHaze(ClassicalFuser):
         else:
             self.haze = self._min
         # alpha = X \ P_low (least squares, no constant), from the Gram matrix
-        self.alpha = torch.linalg.lstsq(mom.gram[:c, :c], mom.gram[:c, c:]).solution[:, 0]
+        gram, rhs = mom.gram[:c, :c], mom.gram[:c, c]
+        self.alpha = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
         cov, mean = mom.cov, mom.mean
+        mean_i = float(self.alpha @ (mean[:c] - self.haze))
+        if mean_i <= float(torch.sqrt(torch.clamp(self.alpha @ cov[:c, :c] @ self.alpha, min=0))):
+            # The free fit's intensity lies within one standard deviation of zero, so the ratio P / I
+            # explodes: the fit is ill-posed with about as many bands as MS pixels (Hyperion, 128
+            # bands on 8 x 19 MS px: weights of +-200, ERGAS 273 and 391 on two Paris thirds). A PAN
+            # is a non-negative mix of band responses: fit that instead.
+            self.alpha = nonneg_lstsq(gram, rhs)
         mean_i = self.mean_i = float(self.alpha @ (mean[:c] - self.haze))
         std_i = float(torch.sqrt(torch.clamp(self.alpha @ cov[:c, :c] @ self.alpha, min=0)))
         std_low = float(torch.sqrt(cov[c, c]))
@@ -120,6 +129,21 @@ class BroveyHaze(ClassicalFuser):
         floor = max(0.01 * abs(self.mean_i), EPS)
         gain = p_eq.clamp_(min=floor).div_(i.clamp_(min=floor))
         return dehazed.clamp_(min=0).mul_(gain).add_(haze)
+
+
+def nonneg_lstsq(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """argmin ||X a - y||^2 subject to a >= 0, from the normal equations (gram = X^T X, rhs = X^T y).
+
+    With gram = V L V^T, the rows sqrt(L) V^T and the target L^-1/2 V^T rhs give the same objective
+    up to a constant, so SciPy's Lawson-Hanson solver runs on a C x C system, not on every pixel."""
+    from scipy.optimize import nnls
+
+    g, b = gram.double().numpy(), rhs.double().numpy()
+    vals, vecs = np.linalg.eigh(g)
+    keep = vals > max(float(vals.max()), EPS) * 1e-12  # rhs = X^T y lies in the range of gram
+    root = np.sqrt(vals[keep])
+    a, _ = nnls(root[:, None] * vecs[:, keep].T, (vecs[:, keep].T @ b) / root, maxiter=50 * g.shape[0])
+    return torch.from_numpy(a).to(gram.dtype)
 
 
 class GSA(ClassicalFuser):
