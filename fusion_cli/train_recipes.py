@@ -75,6 +75,7 @@ class Recipe:
     # Trained unbounded (the paper's scan), then bounded to this many tokens before the test table and
     # the export, so that tiled inference reproduces the one-piece output (FusionMambaConfig.scan_memory).
     scan_memory: float | None = SEAMLESS_SCAN_MEMORY
+    folds: Callable[[Path, int], Splits] | None = None  # cross-validation splits (`--fold K`)
     # Inference averages with the transposed inputs (FusionMambaConfig.transpose_ensemble), set with the
     # scan memory; on where it improved every index on the validation rows (landsat, vhr4, hyperion_pan),
     # off where it did not (hyperion_hisr: SAM 1.494 -> 1.521).
@@ -240,7 +241,19 @@ def aviris_as_hyperion(root: Path, paris: Scene) -> Scene:
     )
 
 
-def hyperion_pan_scenes(root: Path) -> Splits:
+# Cross-validation folds of the Paris rows (HS rows of 72): (train, validation, test) row ranges.
+# The test third never trains or picks the exported epoch; validation is the 12 rows next to it.
+# Fold 2 is the shipped model's split.
+HYPERION_PAN_FOLDS: tuple[tuple[list[tuple[int, int]], tuple[int, int], tuple[int, int]], ...] = (
+    ([(36, 72)], (24, 36), (0, 24)),
+    ([(0, 24)], (48, 60), (24, 48)),  # a 12-row training part would be under one 24-px patch
+    ([(0, 36)], (36, 48), (48, 72)),
+)
+
+
+def hyperion_pan_fold(root: Path, fold: int) -> Splits:
+    """The hyperion_pan data with test third `fold` of the Paris rows held out (see
+    `HYPERION_PAN_FOLDS`); the simulated AVIRIS scene is fitted to that fold's training rows."""
     d = root / "eo1_hyperion_ali_paris"
     s = load_scene(
         d / "pan.tif",
@@ -252,19 +265,37 @@ def hyperion_pan_scenes(root: Path) -> Splits:
         source="eo1_hyperion_ali_paris/hs.tif + pan.tif (alfaiate/HySure, EO-1 Hyperion + ALI PAN, Paris)",
         licence=PUBLIC_DOMAIN,
     )
-    # One real pair, cut into spatially separate parts; the test third is never seen, not even to
-    # pick the exported epoch. The simulated AVIRIS scene adds data the network cannot overfit; its
-    # PAN response and radiometry are fitted on the training rows only.
-    train = s.crop_rows(0.0, 0.5)
+    if not 0 <= fold < len(HYPERION_PAN_FOLDS):
+        raise FusionError(f"--fold must be 0 to {len(HYPERION_PAN_FOLDS) - 1}, got {fold}")
+    h = s.ms.shape[1]
+    train_rows, val_rows, test_rows = HYPERION_PAN_FOLDS[fold]
+
+    def rows(a: int, b: int) -> Scene:
+        return s.crop_rows(a / h, b / h)
+
+    train = [rows(a, b) for a, b in train_rows]
+    # the PAN response and radiometry of the simulated scene come from the training rows only
+    fit_on = replace(
+        train[0],
+        ms=np.concatenate([t.ms for t in train], axis=1),
+        pan=np.concatenate([t.pan for t in train], axis=1),
+    )
+    span = ", ".join(f"{a}-{b}" for a, b in train_rows)
     return Splits(
-        train=[train, aviris_as_hyperion(root, train)],
-        val=[s.crop_rows(0.5, 2 / 3)],
-        test=[s.crop_rows(2 / 3, 1.0)],
+        train=[*train, aviris_as_hyperion(root, fit_on)],
+        val=[rows(*val_rows)],
+        test=[rows(*test_rows)],
         notes=(
-            "Paris Hyperion/ALI: HS rows 0-36 train, 36-48 validation, 48-72 test (spatially "
-            "separate); plus AVIRIS Indian Pines simulated as Hyperion + ALI PAN for training."
+            f"Paris Hyperion/ALI: HS rows {span} train, {val_rows[0]}-{val_rows[1]} validation, "
+            f"{test_rows[0]}-{test_rows[1]} test (spatially separate); plus AVIRIS Indian Pines "
+            "simulated as Hyperion + ALI PAN for training."
         ),
     )
+
+
+def hyperion_pan_scenes(root: Path) -> Splits:
+    """The shipped hyperion_pan split: one real pair cut into spatially separate parts (fold 2)."""
+    return hyperion_pan_fold(root, 2)
 
 
 def hyperion_hisr_scenes(root: Path) -> Splits:
@@ -365,6 +396,7 @@ RECIPES: dict[str, Recipe] = {
             pan_bands=["ALI PAN (480-690 nm)"],
             dn_max=1.0,
             scenes=hyperion_pan_scenes,
+            folds=hyperion_pan_fold,
             dim=8,
             patch=24,
             batch=8,
@@ -579,6 +611,7 @@ def run_recipe(
     sam_weight: float = 0.0,
     lr: float | None = None,
     train_bounded: bool = False,
+    fold: int | None = None,
 ) -> dict[str, Any]:
     """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
 
@@ -588,11 +621,17 @@ def run_recipe(
     method ("none": the paper's learned upsampling). `init` fine-tunes the weights of a card (its
     architecture wins over `dim` and `base`); `sam_weight` adds the spectral-angle loss term.
     `train_bounded` trains (and validates) with the recipe's bounded scan memory already on, the
-    way the exported model runs, instead of bounding it after training.
+    way the exported model runs, instead of bounding it after training. `fold` trains on a
+    cross-validation split of the recipe's data instead of the shipped one (`Recipe.folds`).
     """
     from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
 
     recipe = _recipe(name)
+    if fold is not None:
+        if recipe.folds is None:
+            raise FusionError(f"recipe {name} has no cross-validation folds")
+        folds = recipe.folds
+        recipe = replace(recipe, scenes=lambda root: folds(root, fold))
     dev = resolve_device(device)
     budget = max_seconds
     if budget is None:
@@ -812,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--train-bounded", action="store_true", help="train with the recipe's bounded scan memory on"
     )
+    ap.add_argument("--fold", type=int, default=None, help="train on cross-validation fold K (hyperion_pan)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
@@ -851,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
                 sam_weight=args.sam_weight,
                 lr=args.lr,
                 train_bounded=args.train_bounded,
+                fold=args.fold,
             )
             print(json.dumps(summary, default=str), flush=True)
     except FusionError as exc:

@@ -198,6 +198,20 @@ def test_hyperion_pan_training_data_simulated_aviris_and_thin_validation_part() 
     with pytest.raises(FusionError, match="simulated scene .* one grid"):
         reduce_scene(replace(aviris, ratio=3), 3, "hs-pansharpening")
 
+    # cross-validation folds: each test third is disjoint from its fold's training and validation
+    # rows (the row ranges partition part of the cube), fold 2 is the shipped split
+    from fusion_cli.train_recipes import HYPERION_PAN_FOLDS, hyperion_pan_fold
+
+    for fold, (train_ranges, val_range, test_range) in enumerate(HYPERION_PAN_FOLDS):
+        used = [r for a, b in [*train_ranges, val_range, test_range] for r in range(a, b)]
+        assert len(used) == len(set(used)) and len(range(*test_range)) == 24
+        s = hyperion_pan_fold(root, fold)
+        assert s.test[0].ms.shape[1] == 24 and s.train[-1].simulated
+        np.testing.assert_array_equal(s.test[0].ms, read_raster(paris)[:, slice(*test_range)])
+    np.testing.assert_array_equal(hyperion_pan_fold(root, 2).val[0].ms, val_rows.ms)
+    with pytest.raises(FusionError, match="--fold must be 0 to 2"):
+        hyperion_pan_fold(root, 3)
+
     val = reduce_scene(val_rows, 3, "hs-pansharpening")  # ref (128, 12, 57)
     crops = validation_crops([val], 48, 2)
     assert [c.ref.shape for c in crops] == [(128, 12, 48)] * 2
