@@ -99,17 +99,23 @@ class BroveyHaze(ClassicalFuser):
             self.haze = self._min
         # alpha = X \ P_low (least squares, no constant), from the Gram matrix
         gram, rhs = mom.gram[:c, :c], mom.gram[:c, c]
-        self.alpha = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
         cov, mean = mom.cov, mom.mean
-        mean_i = float(self.alpha @ (mean[:c] - self.haze))
-        if mean_i <= float(torch.sqrt(torch.clamp(self.alpha @ cov[:c, :c] @ self.alpha, min=0))):
+
+        def intensity_stats(alpha: torch.Tensor) -> tuple[float, float]:
+            """Mean and std of the dehazed intensity I = sum alpha_k (X_k - L_k)."""
+            spread = torch.sqrt(torch.clamp(alpha @ cov[:c, :c] @ alpha, min=0))
+            return float(alpha @ (mean[:c] - self.haze)), float(spread)
+
+        self.alpha = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+        mean_i, std_i = intensity_stats(self.alpha)
+        if mean_i <= std_i:
             # The free fit's intensity lies within one standard deviation of zero, so the ratio P / I
             # explodes: the fit is ill-posed with about as many bands as MS pixels (Hyperion, 128
             # bands on 8 x 19 MS px: weights of +-200, ERGAS 273 and 391 on two Paris thirds). A PAN
             # is a non-negative mix of band responses: fit that instead.
             self.alpha = nonneg_lstsq(gram, rhs)
-        mean_i = self.mean_i = float(self.alpha @ (mean[:c] - self.haze))
-        std_i = float(torch.sqrt(torch.clamp(self.alpha @ cov[:c, :c] @ self.alpha, min=0)))
+            mean_i, std_i = intensity_stats(self.alpha)
+        self.mean_i = mean_i
         std_low = float(torch.sqrt(cov[c, c]))
         self.pan_scale = std_i / max(std_low, EPS)
         self.pan_shift = mean_i - float(mean[c]) * self.pan_scale
