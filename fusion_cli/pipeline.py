@@ -36,6 +36,7 @@ from fusion_cli.tiling import (
     TilePlan,
     Window,
     blend_weights,
+    core_region,
     plan_tiles,
     round_up,
     weighted_region,
@@ -492,7 +493,9 @@ def _run(
     batch: int,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Fuse every window of `plan`, blend, and pass finished blocks to `sink(row0, col0, data, valid)`."""
+    """Fuse every window of `plan`, blend, and pass finished blocks to `sink(row0, col0, data, valid)`.
+    `progress(pixels)` is called once per window when its result is blended, with its core's output
+    pixels."""
     dev = _fuser_device(fuser)
     # One strip plus its blend zone; tiles that are not a multiple of the output block leave up to
     # a block of finished rows waiting for block-aligned writing.
@@ -502,24 +505,36 @@ def _run(
     if workers > 1:
         batch = 1  # one window per worker: the parallelism is across windows
 
-    def fuse_batch(items: list[tuple[Window, _Tile]]) -> np.ndarray:
-        pan = torch.from_numpy(np.stack([t.pan for _, t in items])).to(dev)
-        ms = torch.from_numpy(np.stack([t.ms for _, t in items])).to(dev)
-        with torch.inference_mode():
-            return fuser.fuse(pan, ms).float().cpu().numpy()
+    def fuse_batch(items: list[tuple[Window, _Tile]]) -> list[np.ndarray]:
+        """One fuser call per window shape (windows cropped at the scene's edges differ in size)."""
+        out: list[np.ndarray | None] = [None] * len(items)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, t) in enumerate(items):
+            shapes.setdefault(t.pan.shape, []).append(i)
+        for idx in shapes.values():
+            pan = torch.from_numpy(np.stack([items[i][1].pan for i in idx])).to(dev)
+            ms = torch.from_numpy(np.stack([items[i][1].ms for i in idx])).to(dev)
+            with torch.inference_mode():
+                fused = fuser.fuse(pan, ms).float().cpu().numpy()
+            for i, f in zip(idx, fused, strict=True):
+                out[i] = f
+        return out  # type: ignore[return-value]
 
-    def blend(items: list[tuple[Window, _Tile]], out: np.ndarray) -> None:
+    def blend(items: list[tuple[Window, _Tile]], out: list[np.ndarray]) -> None:
         for (win, _), fused in zip(items, out, strict=True):
+            region = weighted_region(plan, win, fused)
             if plan.overlap:
-                acc.add(weighted_region(plan, fused), blend_weights(plan, win), win.core_row, win.core_col)
+                acc.add(region, blend_weights(plan, win), win.core_row, win.core_col)
             else:  # no blend zone: each pixel comes from one tile
-                acc.put(weighted_region(plan, fused), win.core_row, win.core_col)
+                acc.put(region, win.core_row, win.core_col)
 
     # Windows go through one FIFO in plan order, a group per fuser call: (every window of the
     # group, the ones with data, their result). Results are blended in that order, and a strip's rows
     # are flushed when the first window of a later strip comes out, so the workers go on with the
     # next strip meanwhile instead of idling at every strip's end.
-    queue: deque[tuple[list[tuple[Window, _Tile]], list[tuple[Window, _Tile]], Future[np.ndarray] | None]]
+    queue: deque[
+        tuple[list[tuple[Window, _Tile]], list[tuple[Window, _Tile]], Future[list[np.ndarray]] | None]
+    ]
     queue = deque()
     flushed = 0  # strips [0, flushed) are written
 
@@ -536,18 +551,22 @@ def _run(
         group, work, fut = queue.popleft()
         out = fut.result() if fut is not None else None
         flush_before(group[0][0].strip)
-        m = plan.margin
         for win, t in group:
-            acc.set_valid(t.valid[m : m + plan.tile, m : m + plan.tile], win.core_row, win.core_col)
+            acc.set_valid(core_region(plan, win, t.valid), win.core_row, win.core_col)
         if out is not None:
             blend(work, out)
+        if progress is not None:
+            for win, _ in group:  # output pixels of each finished core, inside the scene
+                progress(
+                    (min(plan.tile, plan.height - win.core_row)) * (min(plan.tile, plan.width - win.core_col))
+                )
 
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(_window_threads(workers))
         depth = 2 * workers if pool is not None else 0  # results waiting: bounded memory
 
         def submit(group: list[tuple[Window, _Tile]], work: list[tuple[Window, _Tile]]) -> None:
-            fut: Future[np.ndarray] | None = None
+            fut: Future[list[np.ndarray]] | None = None
             if work:
                 if pool is not None:
                     fut = pool.submit(fuse_batch, work)
@@ -559,7 +578,7 @@ def _run(
                 take()
 
         windows = list(plan)  # strip by strip, as `plan.strip(i)` lists them
-        boxes = ((w.row, w.col, w.size, w.size) for w in windows)
+        boxes = ((w.row, w.col, w.height, w.width) for w in windows)
         tiles = stack.enter_context(contextlib.closing(_read_ahead(source, boxes)))
         group: list[tuple[Window, _Tile]] = []  # every window since the last fuser call
         work: list[tuple[Window, _Tile]] = []  # those with data (an all-nodata window needs no inference)
@@ -571,8 +590,6 @@ def _run(
             if len(work) >= batch or win.last_col:  # a fuser call never spans two strips
                 submit(group, work)
                 group, work = [], []
-            if progress is not None:
-                progress(1)
         while queue:
             take()
         flush_before(plan.rows)
@@ -789,10 +806,10 @@ def _sha256(path: str | os.PathLike[str]) -> str:
 
 
 class _Progress:
-    """rich progress on stderr: tiles, PAN Mpx/s, ETA. A no-op when disabled."""
+    """rich progress on stderr: tiles, PAN Mpx/s of finished output, ETA. A no-op when disabled."""
 
-    def __init__(self, enabled: bool, total: int, mpx_per_tile: float, label: str) -> None:
-        self.enabled, self.total, self.mpx_per_tile = enabled, total, mpx_per_tile
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total = enabled, total
         self.label = label
         self._p: Any = None
 
@@ -814,14 +831,15 @@ class _Progress:
             self._p.__enter__()
             self._task = self._p.add_task(self.label, total=self.total, rate="-")
             self._t0 = time.perf_counter()
-            self._n = 0
+            self._pixels = 0
         return self
 
-    def advance(self, n: int) -> None:
+    def advance(self, pixels: int) -> None:
+        """One more window done, with `pixels` output pixels."""
         if self._p is not None:
-            self._n += n
-            rate = self._n * self.mpx_per_tile / max(time.perf_counter() - self._t0, 1e-6)
-            self._p.update(self._task, advance=n, rate=f"{rate:.2f}")
+            self._pixels += pixels
+            rate = self._pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-6)
+            self._p.update(self._task, advance=1, rate=f"{rate:.3g}")
 
     def __exit__(self, *exc: Any) -> None:
         if self._p is not None:
@@ -943,7 +961,6 @@ def fuse_files(
             compress=opts.compress,
         )
         n_valid = 0
-        mpx_tile = plan.tile * plan.tile / 1e6
         with (
             raster.AtomicWriter(
                 out,
@@ -954,7 +971,7 @@ def fuse_files(
                 overwrite=opts.overwrite,
                 cog=opts.cog,
             ) as writer,
-            _Progress(opts.progress, plan.count, mpx_tile, f"fusing {out.name}") as bar,
+            _Progress(opts.progress, plan.count, f"fusing {out.name}") as bar,
         ):
 
             def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:

@@ -3,7 +3,11 @@ not grow with the scene.
 
 Each output tile (the "core", `tile` PAN pixels square) is fused inside a larger window: the core
 plus `overlap` pixels of blend zone after it (right and below), plus the fuser's `halo` of pure
-context on every side. Across an internal tile boundary b the two neighbours' results are mixed
+context on every side. Windows never reach past the scene: at its edges a window is cropped to the
+real data (its sides still multiples of the plan's `multiple`, so only a scene side that is no such
+multiple gets up to `multiple - 1` padded pixels), so a scene that fits in one tile is fused in one
+piece, exactly as a network's authors run it, and no work is spent on invented context.
+Across an internal tile boundary b the two neighbours' results are mixed
 with complementary raised-cosine ramps (sin^2 + cos^2 = 1) over [b, b + overlap), so there is no
 seam; weights are additionally normalised on accumulation. Putting the blend zone after the
 boundary makes every row above the next tile row final once a tile row is done: tiles are
@@ -28,11 +32,12 @@ def round_up(value: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class Window:
-    """One fusion window, in output pixel coordinates (may extend past the output edges)."""
+    """One fusion window, in output pixel coordinates: the box read and fused, and its core."""
 
-    row: int  # top-left of the whole window (core - margin)
+    row: int  # top-left of the box: core - margin, or 0 at the scene's first row/column
     col: int
-    size: int  # window side (square), a multiple of the plan's `multiple`
+    height: int  # box sides, multiples of the plan's `multiple`; past the scene only by the rounding
+    width: int
     core_row: int
     core_col: int
     strip: int  # index of the tile row this window belongs to
@@ -69,16 +74,27 @@ class TilePlan:
     def count(self) -> int:
         return self.rows * self.cols
 
+    def _span(self, core: int, extent: int) -> tuple[int, int]:
+        """(start, length) of a window along one axis: the core with its blend zone and margin,
+        cropped to [0, extent) and rounded up to `multiple` (starts stay on the multiple's grid)."""
+        start = max(0, core - self.margin)
+        stop = min(extent, core + self.tile + self.overlap + self.margin)
+        return start, round_up(stop - start, self.multiple)
+
     def strip(self, i: int) -> list[Window]:
         """The windows of tile row i, left to right."""
         out = []
+        r = i * self.tile
+        row, height = self._span(r, self.height)
         for j in range(self.cols):
-            r, c = i * self.tile, j * self.tile
+            c = j * self.tile
+            col, width = self._span(c, self.width)
             out.append(
                 Window(
-                    row=r - self.margin,
-                    col=c - self.margin,
-                    size=self.window,
+                    row=row,
+                    col=col,
+                    height=height,
+                    width=width,
                     core_row=r,
                     core_col=c,
                     strip=i,
@@ -138,11 +154,18 @@ def blend_weights(plan: TilePlan, win: Window) -> np.ndarray:
     return np.outer(axis(win.first_row, win.last_row), axis(win.first_col, win.last_col))
 
 
-def weighted_region(plan: TilePlan, fused: np.ndarray) -> np.ndarray:
-    """Crop a window's result `(C, window, window)` to its weighted region [core, core + tile + overlap)."""
-    a = plan.margin
-    b = a + plan.tile + plan.overlap
-    return fused[..., a:b, a:b]
+def weighted_region(plan: TilePlan, win: Window, fused: np.ndarray) -> np.ndarray:
+    """Crop a window's result `(C, height, width)` to its weighted region [core, core + tile + overlap)
+    (smaller where the window stops at the scene's edge; the weights are indexed from the core)."""
+    n = plan.tile + plan.overlap
+    r, c = win.core_row - win.row, win.core_col - win.col
+    return fused[..., r : r + n, c : c + n]
+
+
+def core_region(plan: TilePlan, win: Window, data: np.ndarray) -> np.ndarray:
+    """Crop a window-sized array `(..., height, width)` to the window's core `(..., <= tile, <= tile)`."""
+    r, c = win.core_row - win.row, win.core_col - win.col
+    return data[..., r : r + plan.tile, c : c + plan.tile]
 
 
 class StripAccumulator:

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fusion_cli.errors import FusionError
-from fusion_cli.tiling import StripAccumulator, blend_weights, plan_tiles, ramp, weighted_region
+from fusion_cli.tiling import (
+    StripAccumulator,
+    blend_weights,
+    core_region,
+    plan_tiles,
+    ramp,
+    weighted_region,
+)
 
 
 def test_plan_rounds_to_multiples_and_covers_the_scene():
@@ -35,12 +42,14 @@ def _blend(plan, data_fn, bands=2):
         for win in plan.strip(i):
             fused = data_fn(win)
             acc.add(
-                weighted_region(plan, fused),
+                weighted_region(plan, win, fused),
                 blend_weights(plan, win),
                 win.core_row,
                 win.core_col,
             )
-            acc.set_valid(np.ones((plan.tile, plan.tile), bool), win.core_row, win.core_col)
+            acc.set_valid(
+                core_region(plan, win, np.ones((win.height, win.width), bool)), win.core_row, win.core_col
+            )
         final = plan.final_row_after(i)
         final = final if final == plan.height else final // 256 * 256
         rows_before = acc.start
@@ -66,7 +75,7 @@ def test_blending_reproduces_a_global_image_exactly():
     off = plan.window
 
     def crop(win):
-        return glob[:, off + win.row : off + win.row + win.size, off + win.col : off + win.col + win.size]
+        return glob[:, off + win.row : off + win.row + win.height, off + win.col : off + win.col + win.width]
 
     out = _blend(plan, crop)
     np.testing.assert_allclose(out, glob[:, off : off + 700, off : off + 530], atol=1e-5)
@@ -76,7 +85,7 @@ def test_blending_weights_sum_to_one_and_smooth_a_step():
     """Windows returning different constants blend with a smooth transition (no step at a seam)."""
     plan = plan_tiles(512, 512, tile=128, overlap=32, halo=0, multiple=1)
     out = _blend(
-        plan, lambda win: np.full((1, plan.window, plan.window), float(win.core_col // 128), np.float32), 1
+        plan, lambda win: np.full((1, win.height, win.width), float(win.core_col // 128), np.float32), 1
     )
     row = out[0, 200]
     assert row[0] == 0 and row[-1] == 3
@@ -87,3 +96,24 @@ def test_accumulator_memory_does_not_depend_on_height():
     small = StripAccumulator(4, 2048, 1024, 512)
     tall = StripAccumulator(4, 65536, 1024, 512)
     assert small.acc.nbytes == tall.acc.nbytes
+
+
+def test_windows_stay_inside_the_scene():
+    """Windows are cropped at the scene's edges (never reflect-padded context), their sides stay
+    multiples of the plan's multiple, and a scene that fits in one tile is one window of its size."""
+    plan = plan_tiles(1205, 1253, tile=250, overlap=31, halo=5, multiple=4)
+    for win in plan:
+        assert win.row >= 0 and win.col >= 0
+        assert win.height % 4 == 0 and win.width % 4 == 0
+        # past the scene only by the rounding of a side that is no multiple of 4
+        assert win.row + win.height < 1205 + 4 and win.col + win.width < 1253 + 4
+        assert win.row <= win.core_row and win.col <= win.core_col
+        # interior windows keep their full context
+        if win.core_row >= plan.margin and win.core_row + plan.tile + plan.overlap + plan.margin <= 1205:
+            assert win.height == plan.window and win.core_row - win.row == plan.margin
+    one = plan_tiles(320, 320, tile=320, overlap=0, halo=32, multiple=4)
+    (win,) = list(one)
+    assert (win.row, win.col, win.height, win.width) == (0, 0, 320, 320)
+    odd = plan_tiles(319, 639, tile=1024, overlap=32, halo=68, multiple=4)
+    (win,) = list(odd)
+    assert (win.row, win.col, win.height, win.width) == (0, 0, 320, 640)

@@ -1,0 +1,174 @@
+"""Where a network's CPU time goes: one 256 x 256 PAN window of the official WV3 checkpoint and of the
+default `landsat` model, fused by `NetworkFuser.fuse` (so the BDSD-PC base and the transpose ensemble
+count as they do in a run), split by part of the network with forward hooks, on one thread (so the
+split is not blurred by threads waiting on each other), with the scan backend the pipeline picks.
+
+Parts: the selective scans of the spatial Mamba blocks; the rest of those blocks (projections,
+token gathers, conv1d, LayerNorm); the spectral attention; everything else of a network pass
+(stems, stride-2 and transposed convs, head, residuals); the base method; and the second, transposed
+pass of the ensemble. "halo x" is what the default plan computes per output pixel for that model on
+a large scene (window area over core area at the default tile): the same work again at the edges.
+
+`run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_profile.py` prints it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from fusion_cli.models import fusionmamba
+from fusion_cli.models.scan import resolve_backend
+from fusion_cli.paths import shared_data_dir
+
+SIDE = 256
+
+
+@contextmanager
+def _timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> Iterator[None]:
+    """Accumulate seconds per part into `totals` while the context is open."""
+    handles = []
+    starts: dict[int, float] = {}
+
+    def enter(module: torch.nn.Module, *_: Any) -> None:
+        starts[id(module)] = time.perf_counter()
+
+    def leave(key: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, *_: Any) -> None:
+            totals[key] += time.perf_counter() - starts.pop(id(module))
+
+        return hook
+
+    for name, module in model.named_modules():
+        key = None
+        if name == "spe_attn":
+            key = "spectral attention"
+        elif isinstance(module, fusionmamba.MultiScanMamba) and not name.startswith("spe_attn"):
+            key = "mamba blocks (all)"
+        if key is not None:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave(key)))
+    scan_fn = fusionmamba.selective_scan
+
+    def timed_scan(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = scan_fn(*args, **kwargs)
+        totals["scan (all)"] += time.perf_counter() - t0
+        return out
+
+    fusionmamba.selective_scan = timed_scan  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fusionmamba.selective_scan = scan_fn  # type: ignore[assignment]
+        for h in handles:
+            h.remove()
+
+
+def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
+    """One SIDE x SIDE window through `fuser.fuse`, split into parts (seconds and % of the whole)."""
+    cfg = fuser.model.config
+    r = cfg.ratio
+    gen = torch.Generator().manual_seed(0)
+    dn = fuser.dn_max * 0.3
+    pan = torch.rand(1, cfg.pan_bands, SIDE, SIDE, generator=gen) * dn
+    ms = torch.rand(1, cfg.ms_bands, SIDE // r, SIDE // r, generator=gen) * dn
+    fuser.fuse(pan[..., :64, :64], ms[..., : 64 // r, : 64 // r])  # warm-up (JIT, allocator)
+    totals: dict[str, float] = defaultdict(float)
+    base_fn = fuser._base if fuser.base_fuser is not None else None
+    if base_fn is not None:
+
+        def timed_base(*args: Any) -> torch.Tensor:
+            t0 = time.perf_counter()
+            out = base_fn(*args)
+            totals["base method"] += time.perf_counter() - t0
+            return out
+
+        fuser._base = timed_base
+    ensemble = cfg.transpose_ensemble
+    try:
+        with _timed_parts(fuser.model, totals):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fuser.fuse(pan, ms)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        if base_fn is not None:
+            del fuser._base
+    passes = 2 if ensemble else 1
+    per_pass = {k: v / passes for k, v in totals.items() if k != "base method"}
+    net = wall - totals.get("base method", 0.0)
+    parts = {
+        "selective scans": per_pass.get("scan (all)", 0.0),
+        "rest of the Mamba blocks": per_pass.get("mamba blocks (all)", 0.0) - per_pass.get("scan (all)", 0.0),
+        "spectral attention": per_pass.get("spectral attention", 0.0),
+        "convs, stems, head, residuals": net / passes
+        - per_pass.get("mamba blocks (all)", 0.0)
+        - per_pass.get("spectral attention", 0.0),
+        "second (transposed) pass of the ensemble": net / 2 if ensemble else 0.0,
+        "base method": totals.get("base method", 0.0),
+    }
+    halo = fuser.halo
+    window = SIDE + 32 + 2 * halo  # default tile 256 + default 32 px blend zone + context
+    rows = []
+    for part, seconds in parts.items():
+        rows.append(
+            {
+                "bench": "profile",
+                "model": label,
+                "part": part,
+                "seconds": round(seconds, 4),
+                "% of window": round(100 * seconds / wall, 1),
+            }
+        )
+    rows.append(
+        {
+            "bench": "profile",
+            "model": label,
+            "part": f"whole window ({SIDE}^2, {resolve_backend(None, 'cpu')[0]} scan)",
+            "seconds": round(wall, 4),
+            "% of window": 100.0,
+            "cpu_seconds": round(cpu, 4),
+            "PAN Mpx/s per pass": round(SIDE * SIDE / 1e6 / (net / passes), 4),
+            "halo x (tile 256)": round(window**2 / SIDE**2, 2),
+        }
+    )
+    return rows
+
+
+def run() -> list[dict[str, Any]]:
+    from fusion_cli.models.fuser import NetworkFuser
+    from fusion_cli.models.registry import load_model
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        official = shared_data_dir() / "fusionmamba_official" / "420.pth"
+        if official.exists():
+            fuser = NetworkFuser(load_model(weights=official, device="cpu"), device="cpu")
+            rows += profile_fuser(fuser, "official 420.pth (d=32, WV3)")
+        else:
+            rows.append({"bench": "profile", "model": "official", "part": f"skipped: {official} missing"})
+        landsat = NetworkFuser(load_model(name="landsat", device="cpu"), device="cpu")
+        rows += profile_fuser(landsat, "landsat (d=8, BDSD-PC base, ensemble)")
+        one_pass = NetworkFuser(load_model(name="landsat", device="cpu"), device="cpu")
+        one_pass.model.config = replace(one_pass.model.config, transpose_ensemble=False)
+        rows += profile_fuser(one_pass, "landsat, one pass (--no-ensemble)")
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from run import table
+
+    print(table(run()))
