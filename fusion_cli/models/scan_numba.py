@@ -1,0 +1,329 @@
+"""Fused CPU selective scan in numba: forward and backward kernels, and the autograd wrapper.
+
+Computes exactly the recurrence of `fusion_cli.models.scan` (see its docstring). The torch backend runs
+the scan as thousands of small tensor ops per call; on a shared CPU each pays OpenMP start/stop costs.
+Here each (batch, channel) pair is one sequential pass over L with the N-dim state in a small local
+array, and the pairs run in parallel (`prange`). delta_bias + softplus, the D skip and the silu(z) gate
+are fused, so no `(B, D, N, L)` tensor ever exists.
+
+Backward (`SelectiveScanNumba`): per (batch, channel) the forward states are recomputed into a
+per-work-item `(L, N)` buffer, then a reverse-time pass gives the gradients of u, delta (before the
+softplus, hence also delta_bias), A, B, C, D and z. Work items are (batch, group, slice of the group's
+channels) so that the B/C gradients of a group are accumulated without races; the slices' partial
+sums are added in torch.
+
+The kernels compute in the input's floating dtype (float32 or float64); sums over the sequence
+(y's sum over states and the per-channel A/D/bias gradients) accumulate in float64.
+
+Importing this module needs numba; `scan._numba_import` guards it. `cache=True` stores the compiled
+kernels beside this file or, when that is read-only, in numba's user cache dir; where neither is
+writable, the kernels are compiled without a cache (each process pays the compile once).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+
+
+def _njit(fn: Callable[..., Any]) -> Any:
+    """`njit(parallel, cache)`, without the cache where numba finds no writable cache location
+    (a read-only install with an unwritable home): numba raises at decoration time then."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", numba.NumbaWarning)
+            return numba.njit(parallel=True, cache=True, nogil=True)(fn)
+    except RuntimeError:
+        return numba.njit(parallel=True, cache=False, nogil=True)(fn)
+
+
+@numba.njit(inline="always", cache=False)
+def _softplus(x: float) -> float:
+    # torch's threshold: above 20, softplus(x) == x in float32 and float64 alike.
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
+@numba.njit(inline="always", cache=False)
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _forward_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):  # type: ignore[no-untyped-def]
+    """u, delta, z, y `(B, D, L)`; A `(D, N)`; Bt, Ct `(B, G, L, N)` (state last: one cache line per
+    step); Dv, bias `(D,)`. Writes y."""
+    nb, nd, length = u.shape
+    groups = Bt.shape[1]
+    n = A.shape[1]
+    hch = nd // groups
+    for item in prange(nb * nd):
+        b = item // nd
+        d = item % nd
+        g = d // hch
+        h = np.zeros(n, dtype=u.dtype)
+        a_d = A[d]
+        bt = Bt[b, g]
+        ct = Ct[b, g]
+        for t in range(length):
+            dt = delta[b, d, t] + bias[d]
+            if softplus:
+                dt = _softplus(dt)
+            ut = u[b, d, t]
+            dtu = dt * ut
+            acc = 0.0
+            for k in range(n):
+                hk = math.exp(dt * a_d[k]) * h[k] + dtu * bt[t, k]
+                h[k] = hk
+                acc += ct[t, k] * hk
+            out = acc + Dv[d] * ut
+            if has_z:
+                zt = z[b, d, t]
+                out *= zt * _sigmoid(zt)
+            y[b, d, t] = out
+
+
+def _backward_kernel(  # type: ignore[no-untyped-def]
+    u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, dy, nsplit, du, ddelta, dz, dA, dD, dbias, dBt, dCt
+):
+    """Gradients of the scan. Inputs as `_forward_kernel`, dy `(B, D, L)`. Writes du, ddelta, dz
+    `(B, D, L)` (ddelta is with respect to the delta before bias and softplus); per batch dA `(B, D, N)`,
+    dD and dbias `(B, D)`; per channel slice dBt, dCt `(B, G, S, L, N)` (S = nsplit, zero on entry)."""
+    nb, nd, length = u.shape
+    groups = Bt.shape[1]
+    n = A.shape[1]
+    hch = nd // groups
+    per = (hch + nsplit - 1) // nsplit
+    for item in prange(nb * groups * nsplit):
+        b = item // (groups * nsplit)
+        g = (item // nsplit) % groups
+        s = item % nsplit
+        bt = Bt[b, g]
+        ct = Ct[b, g]
+        dbt = dBt[b, g, s]
+        dct = dCt[b, g, s]
+        # Per-item buffers: one channel's state history and decays, reused for the slice's channels.
+        hs = np.empty((length, n), dtype=u.dtype)
+        dec = np.empty((length, n), dtype=u.dtype)
+        dts = np.empty(length, dtype=u.dtype)
+        h = np.empty(n, dtype=u.dtype)
+        gs = np.empty(n, dtype=u.dtype)
+        da_acc = np.empty(n, dtype=np.float64)
+        d0 = g * hch + s * per
+        d1 = min(d0 + per, (g + 1) * hch)
+        for d in range(d0, d1):
+            a_d = A[d]
+            # Forward again, keeping the states: h[t] = dec[t] * h[t-1] + dt[t] * u[t] * B[t].
+            h[:] = 0.0
+            for t in range(length):
+                dt = delta[b, d, t] + bias[d]
+                if softplus:
+                    dt = _softplus(dt)
+                dts[t] = dt
+                dtu = dt * u[b, d, t]
+                for k in range(n):
+                    e = math.exp(dt * a_d[k])
+                    dec[t, k] = e
+                    h[k] = e * h[k] + dtu * bt[t, k]
+                    hs[t, k] = h[k]
+            # Reverse time: gs carries dL/dh[t+1] * dec[t+1] into step t.
+            gs[:] = 0.0
+            da_acc[:] = 0.0
+            dd_acc = 0.0
+            db_acc = 0.0
+            dv = Dv[d]
+            for t in range(length - 1, -1, -1):
+                ut = u[b, d, t]
+                dt = dts[t]
+                g_out = dy[b, d, t]
+                if has_z:
+                    pre = 0.0
+                    for k in range(n):
+                        pre += ct[t, k] * hs[t, k]
+                    pre += dv * ut
+                    zt = z[b, d, t]
+                    sg = _sigmoid(zt)
+                    dz[b, d, t] = g_out * pre * sg * (1.0 + zt * (1.0 - sg))
+                    g_out = g_out * zt * sg
+                dd_acc += g_out * ut
+                du_t = g_out * dv
+                ddt = 0.0
+                dtu = dt * ut
+                for k in range(n):
+                    gk = gs[k] + g_out * ct[t, k]  # dL/dh[t, k]
+                    hprev = hs[t - 1, k] if t > 0 else 0.0
+                    e = dec[t, k]
+                    da_acc[k] += gk * hprev * e * dt
+                    ddt += gk * (hprev * e * a_d[k] + bt[t, k] * ut)
+                    dct[t, k] += g_out * hs[t, k]
+                    dbt[t, k] += gk * dtu
+                    du_t += gk * dt * bt[t, k]
+                    gs[k] = gk * e
+                du[b, d, t] = du_t
+                if softplus:
+                    ddt *= _sigmoid(delta[b, d, t] + bias[d])
+                ddelta[b, d, t] = ddt
+                db_acc += ddt
+            for k in range(n):
+                dA[b, d, k] = da_acc[k]
+            dD[b, d] = dd_acc
+            dbias[b, d] = db_acc
+
+
+_forward = _njit(_forward_kernel)
+_backward = _njit(_backward_kernel)
+
+
+def _set_threads() -> None:
+    """As many numba threads as torch uses (which follows the user's and the machine's limits)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _arrays(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+) -> tuple[np.ndarray, ...]:
+    """Kernel arguments in one compute dtype (>= float32): B/C as `(B, G, L, N)`, absent D/bias as
+    zeros, absent z as a 1-element dummy."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    d = u.shape[1]
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    if d % B.shape[1] or B.shape[1] != C.shape[1]:
+        raise ValueError(f"channels {d} not divisible into B/C groups {B.shape[1]}/{C.shape[1]}")
+    zeros = torch.zeros(d, dtype=dtype)
+    return (
+        _np(u.to(dtype)),
+        _np(delta.to(dtype)),
+        _np(A.to(dtype)),
+        _np(B.to(dtype).transpose(-1, -2)),
+        _np(C.to(dtype).transpose(-1, -2)),
+        _np(zeros if D is None else D.to(dtype)),
+        _np(torch.zeros(1, 1, 1, dtype=dtype) if z is None else z.to(dtype)),
+        _np(zeros if delta_bias is None else delta_bias.to(dtype)),
+    )
+
+
+def scan_forward(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The fused forward, no autograd. Returns `(B, D, L)` in the compute dtype (>= float32)."""
+    args = _arrays(u, delta, A, B, C, D, z, delta_bias)
+    y = np.empty(args[0].shape, dtype=args[0].dtype)
+    _set_threads()
+    _forward(*args[:7], args[7], bool(delta_softplus), z is not None, y)
+    return torch.from_numpy(y)
+
+
+def _splits(batch: int, groups: int, channels: int) -> int:
+    """Channel slices per group in the backward: enough work items for every thread (x2 for balance)
+    without more partial B/C gradient buffers than needed."""
+    want = 2 * numba.get_num_threads()
+    return max(1, min(channels // groups, -(-want // (batch * groups))))
+
+
+class SelectiveScanNumba(torch.autograd.Function):
+    """Autograd wrapper: forward keeps only the inputs, backward recomputes the states per channel."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None,
+        z: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        delta_softplus: bool,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        args = _arrays(u, delta, A, B, C, D, z, delta_bias)
+        dtype = args[0].dtype
+        nb, nd, length = u.shape
+        groups, n = args[3].shape[1], args[2].shape[1]
+        _set_threads()
+        nsplit = _splits(nb, groups, nd)
+        du = np.empty((nb, nd, length), dtype=dtype)
+        ddelta = np.empty_like(du)
+        dz = np.empty_like(du) if z is not None else np.empty((1, 1, 1), dtype=dtype)
+        dA = np.empty((nb, nd, n), dtype=dtype)
+        dD = np.empty((nb, nd), dtype=dtype)
+        dbias = np.empty((nb, nd), dtype=dtype)
+        dBt = np.zeros((nb, groups, nsplit, length, n), dtype=dtype)
+        dCt = np.zeros_like(dBt)
+        dy_np = _np(dy.to(torch.from_numpy(du).dtype))
+        _backward(*args[:7], args[7], bool(ctx.delta_softplus), z is not None, dy_np, nsplit,
+                  du, ddelta, dz, dA, dD, dbias, dBt, dCt)  # fmt: skip
+
+        def back(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(x).to(like.dtype)
+
+        def bc(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+            g = torch.from_numpy(x).sum(2).transpose(-1, -2)  # (B, G, N, L)
+            return (g.squeeze(1) if like.dim() == 3 else g).to(like.dtype)
+
+        need = ctx.needs_input_grad
+        return (
+            back(du, u) if need[0] else None,
+            back(ddelta, delta) if need[1] else None,
+            back(dA.sum(0), A) if need[2] else None,
+            bc(dBt, B) if need[3] else None,
+            bc(dCt, C) if need[4] else None,
+            back(dD.sum(0), D) if D is not None and need[5] else None,
+            back(dz, z) if z is not None and need[6] else None,
+            back(dbias.sum(0), delta_bias) if delta_bias is not None and need[7] else None,
+            None,
+        )
+
+
+def selective_scan_numba(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Fused numba scan on CPU tensors, differentiable. Returns `(B, D, L)` in u's dtype."""
+    if u.device.type != "cpu":
+        raise ValueError(f"the numba scan runs on CPU tensors, got {u.device}")
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return SelectiveScanNumba.apply(*tensors, delta_softplus)
+    return scan_forward(*tensors, delta_softplus).to(u.dtype)
