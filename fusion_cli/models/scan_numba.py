@@ -186,6 +186,79 @@ def _forward_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):  # ty
                     y_row[t0 + i] *= zt * _sigmoid(zt)
 
 
+@numba.njit(inline="always", fastmath=_FASTMATH, cache=False)
+def _recompute(n, length, dts, dec, hs, u_row, bt):  # type: ignore[no-untyped-def]
+    """States of one channel, hs[(t + 1) * n + k] = h[t, k] (flat; hs[:n] = 0 is the state before
+    t = 0, so the reverse pass needs no branch for it)."""
+    for k in range(n):
+        hs[k] = 0.0
+    for t in range(length):
+        dtu = dts[t] * u_row[t]
+        for k in range(n):
+            hs[(t + 1) * n + k] = dec[t * n + k] * hs[t * n + k] + dtu * bt[t, k]
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH, cache=False)
+def _reverse(
+    n,
+    length,
+    a_d,
+    dv,
+    dts,
+    dec,
+    hs,
+    u_row,
+    dy_row,
+    gate,
+    ds_row,
+    bt,
+    ct,
+    dct,
+    dbt,
+    gs,
+    da_blk,
+    da_acc,
+    du_row,
+    dd_row,
+):  # type: ignore[no-untyped-def]  # noqa: E501
+    """Reverse-time pass of one channel. gate[t]: dy -> d(pre-gate y) factor (silu(z) or 1); ds_row[t]:
+    d softplus / d raw (or 1). gs carries dL/dh[t+1] * dec[t+1] into step t. Writes du_row, dd_row
+    (gradient of the raw delta), adds into dct, dbt and da_acc (float64, through per-block partials in
+    the compute dtype); returns the channel's (dL/dD, dL/d delta_bias) sums."""
+    for k in range(n):
+        gs[k] = 0.0
+        da_blk[k] = 0.0
+    dd_acc = 0.0
+    db_acc = 0.0
+    for t in range(length - 1, -1, -1):
+        ut = u_row[t]
+        dt = dts[t]
+        g_out = dy_row[t] * gate[t]
+        dd_acc += g_out * ut
+        du_t = g_out * dv
+        ddt = ut * 0.0
+        dtu = dt * ut
+        for k in range(n):
+            gk = gs[k] + g_out * ct[t, k]  # dL/dh[t, k]
+            e = dec[t * n + k]
+            dh = gk * hs[t * n + k] * e  # dL/d(delta * A[k]) at step t, times 1/delta
+            da_blk[k] += dh * dt
+            ddt += dh * a_d[k] + gk * bt[t, k] * ut
+            dct[t, k] += g_out * hs[(t + 1) * n + k]
+            dbt[t, k] += gk * dtu
+            du_t += gk * dt * bt[t, k]
+            gs[k] = gk * e
+        du_row[t] = du_t
+        ddt *= ds_row[t]
+        dd_row[t] = ddt
+        db_acc += ddt
+        if t % BLOCK == 0:
+            for k in range(n):
+                da_acc[k] += da_blk[k]
+                da_blk[k] = 0.0
+    return dd_acc, db_acc
+
+
 def _backward_kernel(  # type: ignore[no-untyped-def]
     u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, dy, nsplit, du, ddelta, dz, dA, dD, dbias, dBt, dCt
 ):
@@ -205,12 +278,13 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
         ct = Ct[b, g]
         dbt = dBt[b, g, s]
         dct = dCt[b, g, s]
-        # Per-item buffers: one channel's state history and decays (flat, (L * N,)), reused for
-        # every channel of the slice.
-        hs = np.empty(length * n, dtype=u.dtype)
+        # Per-item buffers: one channel's state history and decays (flat), reused for every channel of
+        # the slice; the per-step gate and softplus factors, computed in vectorised passes.
+        hs = np.empty((length + 1) * n, dtype=u.dtype)
         dec = np.empty(length * n, dtype=u.dtype)
         dts = np.empty(length, dtype=u.dtype)
-        h = np.empty(n, dtype=u.dtype)
+        gate = np.ones(length, dtype=u.dtype)
+        ds = np.ones(length, dtype=u.dtype)
         gs = np.empty(n, dtype=u.dtype)
         da_blk = np.empty(n, dtype=u.dtype)
         da_acc = np.empty(n, dtype=np.float64)
@@ -218,60 +292,35 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
         d1 = min(d0 + per, (g + 1) * hch)
         for d in range(d0, d1):
             a_d = A[d]
-            # Forward again, keeping the states: h[t] = dec[t] * h[t-1] + dt[t] * u[t] * B[t].
+            u_row = u[b, d]
             for t0 in range(0, length, BLOCK):
                 m = min(BLOCK, length - t0)
                 _steps(delta[b, d, t0 : t0 + m], bias[d], softplus, dts[t0:], dec[t0 * n :], a_d)
-            h[:] = 0.0
-            for t in range(length):
-                dtu = dts[t] * u[b, d, t]
-                for k in range(n):
-                    h[k] = dec[t * n + k] * h[k] + dtu * bt[t, k]
-                    hs[t * n + k] = h[k]
-            # Reverse time: gs carries dL/dh[t+1] * dec[t+1] into step t. Sums over L go through
-            # per-block partials (dtype) into float64 totals.
-            gs[:] = 0.0
-            da_acc[:] = 0.0
-            da_blk[:] = 0.0
-            dd_acc = 0.0
-            db_acc = 0.0
+            if softplus:
+                for t in range(length):
+                    ds[t] = _sigmoid(delta[b, d, t] + bias[d])
+            if n == 8:
+                _recompute(8, length, dts, dec, hs, u_row, bt)
+            else:
+                _recompute(n, length, dts, dec, hs, u_row, bt)
             dv = Dv[d]
-            for t in range(length - 1, -1, -1):
-                ut = u[b, d, t]
-                dt = dts[t]
-                g_out = dy[b, d, t]
-                if has_z:
-                    pre = dv * ut
+            if has_z:
+                # y = pre * silu(z): dz = dy * pre * silu'(z), d pre = dy * silu(z).
+                for t in range(length):
+                    pre = dv * u_row[t]
                     for k in range(n):
-                        pre += ct[t, k] * hs[t * n + k]
+                        pre += ct[t, k] * hs[(t + 1) * n + k]
                     zt = z[b, d, t]
                     sg = _sigmoid(zt)
-                    dz[b, d, t] = g_out * pre * sg * (1.0 + zt * (1.0 - sg))
-                    g_out = g_out * zt * sg
-                dd_acc += g_out * ut
-                du_t = g_out * dv
-                ddt = ut * 0.0
-                dtu = dt * ut
-                for k in range(n):
-                    gk = gs[k] + g_out * ct[t, k]  # dL/dh[t, k]
-                    hprev = hs[(t - 1) * n + k] if t > 0 else hs[k] * 0.0
-                    e = dec[t * n + k]
-                    dh = gk * hprev * e  # dL/d(log-decay) of state k at step t
-                    da_blk[k] += dh * dt
-                    ddt += dh * a_d[k] + gk * bt[t, k] * ut
-                    dct[t, k] += g_out * hs[t * n + k]
-                    dbt[t, k] += gk * dtu
-                    du_t += gk * dt * bt[t, k]
-                    gs[k] = gk * e
-                du[b, d, t] = du_t
-                if softplus:
-                    ddt *= _sigmoid(delta[b, d, t] + bias[d])
-                ddelta[b, d, t] = ddt
-                db_acc += ddt
-                if t % BLOCK == 0:
-                    for k in range(n):
-                        da_acc[k] += da_blk[k]
-                    da_blk[:] = 0.0
+                    dz[b, d, t] = dy[b, d, t] * pre * sg * (1.0 + zt * (1.0 - sg))
+                    gate[t] = zt * sg
+            da_acc[:] = 0.0
+            if n == 8:
+                dd_acc, db_acc = _reverse(8, length, a_d, dv, dts, dec, hs, u_row, dy[b, d], gate, ds, bt, ct,
+                                          dct, dbt, gs, da_blk, da_acc, du[b, d], ddelta[b, d])  # fmt: skip
+            else:
+                dd_acc, db_acc = _reverse(n, length, a_d, dv, dts, dec, hs, u_row, dy[b, d], gate, ds, bt, ct,
+                                          dct, dbt, gs, da_blk, da_acc, du[b, d], ddelta[b, d])  # fmt: skip
             for k in range(n):
                 dA[b, d, k] = da_acc[k]
             dD[b, d] = dd_acc
