@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from fusion_cli.models import scan
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.models.registry import ModelCard, save_model
 
@@ -52,7 +53,8 @@ def test_info_text_and_json(tmp_path):
     res = _fusion("info", env=_env(tmp_path))
     assert res.returncode == 0, res.stderr
     assert f"torch {torch.__version__}" in res.stdout and "rasterio" in res.stdout and "gdal" in res.stdout
-    assert "Scan backend: torch" in res.stdout and "no CUDA" in res.stdout or torch.cuda.is_available()
+    cpu = "numba" if scan._numba_import()[0] is not None else "torch"
+    assert f"Scan backend: {cpu}" in res.stdout and "no CUDA" in res.stdout or torch.cuda.is_available()
     assert "landsat (default): pansharpening, landsat, ratio 2, 6 bands" in res.stdout
     assert "other: pansharpening" in res.stdout
     res = _fusion("info", "--json", env=_env(tmp_path))

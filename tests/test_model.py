@@ -3,6 +3,9 @@ determinism, clear errors; and the configurable variants (ratios 2/3/4, hyperspe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,8 @@ import torch.nn.functional as F
 from conftest import need_shared
 
 from fusion_cli.errors import FusionError
-from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+from fusion_cli.models import scan
+from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig, MultiScanMamba
 from fusion_cli.models.registry import build_model
 
 N_PARAMS = 735_401
@@ -39,6 +43,28 @@ def wv3_b() -> dict[str, torch.Tensor]:
         "gt": chw("b_gt.npy") / 2047,
         "out": chw("b_out_raw.npy"),
     }
+
+
+def _need(backend: str) -> str:
+    """The backend's name; skips where it is the optional numba and numba is not installed."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+        assert scan._numba_import()[0] is not None, scan._numba_import()[1]
+    return backend
+
+
+@contextmanager
+def _scan_backend(model: FusionMamba, backend: str) -> Iterator[FusionMamba]:
+    """Run every scan of `model` with `backend` inside the block (the shared fixture is restored)."""
+    blocks = [m for m in model.modules() if isinstance(m, MultiScanMamba)]
+    before = [m.scan_backend for m in blocks]
+    for m in blocks:
+        m.scan_backend = _need(backend)
+    try:
+        yield model
+    finally:
+        for m, b in zip(blocks, before, strict=True):
+            m.scan_backend = b
 
 
 def test_strict_load_and_parameter_count(official):
@@ -74,9 +100,10 @@ def test_golden_random_case_with_intermediates(official):
     assert np.abs(out.numpy() - np.load(g / "a_out_fp64model.npy")).max() <= 1e-4
 
 
-def test_golden_real_wv3_case(official, wv3_b):
-    """One forward over the whole 320 x 320 reduced-resolution WV3 crop."""
-    with torch.inference_mode():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_golden_real_wv3_case(official, wv3_b, backend):
+    """One forward over the whole 320 x 320 reduced-resolution WV3 crop, with each CPU scan."""
+    with _scan_backend(official, backend), torch.inference_mode():
         out = official(wv3_b["ms"], wv3_b["pan"])
     diff = float((out - wv3_b["out"]).abs().max())
     assert diff <= 1e-4, f"max abs diff {diff} (in [0, 1] units)"
@@ -111,17 +138,36 @@ def test_deterministic(official):
     torch.testing.assert_close(a[1:], single, rtol=0, atol=1e-4)  # batching does not mix samples
 
 
-def test_torch_and_reference_backends_agree_on_the_model(official):
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_cpu_backends_agree_with_reference_on_the_model(official, backend):
     gen = torch.Generator().manual_seed(4)
     ms, pan = torch.rand(1, 8, 4, 6, generator=gen), torch.rand(1, 1, 16, 24, generator=gen)
     sd = official.state_dict()
     outs = {}
-    for backend in ("torch", "reference"):
-        model = FusionMamba(FusionMambaConfig(ms_bands=8, scan_backend=backend)).double().eval()
+    for name in (_need(backend), "reference"):
+        model = FusionMamba(FusionMambaConfig(ms_bands=8, scan_backend=name)).double().eval()
         model.load_state_dict(sd)
         with torch.inference_mode():
-            outs[backend] = model(ms.double(), pan.double())
-    assert float((outs["torch"] - outs["reference"]).abs().max()) < 1e-10
+            outs[name] = model(ms.double(), pan.double())
+    assert float((outs[backend] - outs["reference"]).abs().max()) < 1e-10
+
+
+def test_numba_and_torch_agree_with_scan_memory_forward_and_gradients(official):
+    """The bounded-memory path (delta activated and floored before the scan, which then runs with
+    delta_softplus=False), fp32, the official weights: outputs and every parameter's gradient."""
+    gen = torch.Generator().manual_seed(5)
+    ms, pan = torch.rand(1, 8, 6, 5, generator=gen), torch.rand(1, 1, 24, 20, generator=gen)
+    runs = {}
+    for backend in ("torch", _need("numba")):
+        model = FusionMamba(FusionMambaConfig(ms_bands=8, scan_backend=backend, scan_memory=20.0))
+        model.load_state_dict(official.state_dict())
+        out = model(ms, pan)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        runs[backend] = out.detach(), {k: p.grad for k, p in model.named_parameters()}
+    (out_t, grad_t), (out_n, grad_n) = runs["torch"], runs["numba"]
+    assert float((out_n - out_t).abs().max() / out_t.abs().max()) < 1e-5
+    for k, g in grad_t.items():
+        assert float((grad_n[k] - g).abs().max()) <= 1e-4 * float(g.abs().max()) + 1e-9, k
 
 
 def test_mismatched_checkpoint_and_inputs_are_clear_errors(official):

@@ -1,5 +1,5 @@
-"""Selective-scan backends: the golden single scan, torch vs reference (forward and gradients), the
-automatic backend choice and its overrides, and the causal depthwise conv."""
+"""Selective-scan backends: the golden single scan, torch and numba vs reference (forward and gradients),
+the automatic backend choice and its overrides, and the causal depthwise conv."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ from fusion_cli.models.scan import (
 )
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+FAST = ["torch", "numba"]  # the backends checked against the reference
+
+
+def _impl(name: str):
+    """The backend's scan function; skips the numba cases where numba (optional) is not installed."""
+    if name == "numba":
+        pytest.importorskip("numba")
+        assert scan._numba_import()[0] is not None, scan._numba_import()[1]
+    return scan._IMPLS[name]
 
 
 def _golden() -> dict[str, torch.Tensor]:
@@ -27,8 +36,9 @@ def _golden() -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(data[k]) for k in data.files}
 
 
-@pytest.mark.parametrize("fn", [selective_scan_reference, selective_scan_torch])
-def test_golden_scan_case(fn):
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_golden_scan_case(name):
+    fn = _impl(name)
     g = _golden()
     y64 = fn(*(g[k] for k in ARGS), delta_softplus=True)
     assert y64.dtype == torch.float64
@@ -84,20 +94,134 @@ def test_torch_matches_reference_gradients(dtype, tol):
         assert _rel(grads["torch"][k], grads["ref"][k]) < tol, k
 
 
-def test_fp32_torch_scan_agrees_with_fp64_oracle_on_long_sequence():
-    """Long sequences with strong decay: the chunked scan must stay finite and accurate in fp32."""
+@pytest.mark.parametrize("name", FAST)
+def test_fp32_scan_agrees_with_fp64_oracle_on_long_sequence(name):
+    """Long sequences with strong decay: the scan must stay finite and accurate in fp32."""
+    fn = _impl(name)
     t = _random_case(torch.float64, length=4096, groups=1)
     t["delta"] = t["delta"] * 4  # some steps forget almost everything, others keep state for long
     ref = selective_scan_reference(**t, delta_softplus=True)
-    got = selective_scan_torch(**{k: v.float() for k, v in t.items()}, delta_softplus=True)
+    got = fn(**{k: v.float() for k, v in t.items()}, delta_softplus=True)
     assert torch.isfinite(got).all()
     assert _rel(got.double(), ref) < 1e-5
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+@pytest.mark.parametrize(
+    "groups,length,softplus,drop",
+    [
+        (2, 203, True, ()),
+        (1, 203, True, ()),  # B/C shared by all channels, given 3-D
+        (12, 37, True, ()),  # one channel per group
+        (3, 1, True, ()),  # a single step
+        (2, 1001, False, ()),
+        (2, 203, True, ("D", "z")),
+        (4, 130, False, ("D", "z", "delta_bias")),
+    ],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_numba_matches_reference_forward(groups, length, softplus, drop, dtype, tol):
+    fn = _impl("numba")
+    t = _random_case(torch.float64, length=length, groups=groups)
+    if groups == 1:
+        t["B"], t["C"] = t["B"][:, 0], t["C"][:, 0]
+    if not softplus:  # a positive step, as the model's floored one: no blow-up
+        t["delta"], t["delta_bias"] = t["delta"].abs(), t["delta_bias"].abs()
+    for k in drop:
+        t[k] = None
+    ref = selective_scan_reference(**t, delta_softplus=softplus)
+    got = fn(**{k: None if v is None else v.to(dtype) for k, v in t.items()}, delta_softplus=softplus)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert _rel(got.double(), ref) < tol
+
+
+@pytest.mark.parametrize("groups,softplus,drop", [(2, True, ()), (1, False, ("D", "z")), (3, True, ("z",))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_numba_matches_reference_gradients(groups, softplus, drop, dtype, tol):
+    """Every input's gradient, in the input's own dtype; fp32 against the fp64 oracle."""
+    fn = _impl("numba")
+    grads = {}
+    for name, f, dt in (("ref", selective_scan_reference, torch.float64), ("numba", fn, dtype)):
+        t = _random_case(dt, groups=groups, requires_grad=True)
+        if groups == 1:
+            t["B"], t["C"] = (x[:, 0].detach().requires_grad_() for x in (t["B"], t["C"]))
+        if not softplus:
+            for k in ("delta", "delta_bias"):
+                t[k] = t[k].detach().abs().requires_grad_()
+        for k in drop:
+            t[k] = None
+        y = f(**t, delta_softplus=softplus)
+        w = torch.linspace(-1, 1, y.numel(), dtype=dt).reshape(y.shape)
+        (y * w).sum().backward()
+        grads[name] = {k: v.grad for k, v in t.items() if v is not None}
+    assert grads["numba"].keys() == grads["ref"].keys()
+    for k, g in grads["numba"].items():
+        assert g.dtype == dtype and g.shape == grads["ref"][k].shape, k
+        assert _rel(g.double(), grads["ref"][k]) < tol, k
+
+
+def test_numba_gradients_only_where_asked():
+    fn = _impl("numba")
+    t = _random_case(torch.float64, length=50)
+    t["u"].requires_grad_()
+    fn(**t, delta_softplus=True).sum().backward()
+    assert t["u"].grad is not None and all(t[k].grad is None for k in ARGS if k != "u")
+
+
+def test_numba_scan_in_inference_mode():
+    fn = _impl("numba")
+    t = _random_case(torch.float32, length=64)
+    with torch.inference_mode():
+        got = fn(**t, delta_softplus=True)
+    assert _rel(got, selective_scan_reference(**t, delta_softplus=True)) < 1e-5
+
+
+def test_auto_backend_on_cpu_is_numba_when_it_imports(monkeypatch):
+    _impl("numba")
     monkeypatch.delenv(scan.ENV_VAR, raising=False)
     name, reason = resolve_backend(None, "cpu")
-    assert name == "torch" and "no CUDA" in reason
+    assert name == "numba" and "no CUDA" in reason
+    monkeypatch.setenv(scan.ENV_VAR, "torch")  # the override still forces torch
+    assert resolve_backend(None, "cpu") == ("torch", f"requested by ${scan.ENV_VAR}")
+
+
+def test_auto_backend_on_cpu_is_torch_without_numba(monkeypatch):
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(scan, "_numba_import", lambda: (None, "numba is not importable (ImportError)"))
+    name, reason = resolve_backend(None, "cpu")
+    assert name == "torch" and "no CUDA" in reason and "numba is not importable" in reason
+    with pytest.raises(
+        FusionError, match=r"^scan backend numba requested \(argument\) but numba is not"
+    ) as e:
+        resolve_backend("numba", "cpu")
+    assert "\n" not in str(e.value)
+    t = _random_case(torch.float32, length=8)
+    with pytest.raises(FusionError, match="numba unavailable"):
+        scan.selective_scan_numba(**t)
+
+
+def test_numba_backend_is_cpu_only(monkeypatch):
+    monkeypatch.setattr(scan, "_numba_import", lambda: (object(), "numba imports"))
+    with pytest.raises(FusionError, match="CPU-only"):
+        resolve_backend("numba", "cuda")
+
+
+def test_numba_compile_failure_falls_back_to_torch_when_automatic(monkeypatch):
+    errors = pytest.importorskip("numba.core.errors")
+
+    def broken(*args, **kwargs):
+        raise errors.TypingError("simulated")
+
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(scan, "_numba_import", lambda: (broken, "numba imports"))
+    monkeypatch.setitem(scan._IMPLS, "numba", broken)
+    monkeypatch.setattr(scan, "_numba_broken", None)
+    t = _random_case(torch.float64, length=20)
+    with pytest.raises(FusionError, match="numba kernel failed to compile"):
+        selective_scan(**t, backend="numba")
+    got = selective_scan(**t)  # automatic: torch, and from now on resolve says why
+    assert _rel(got, selective_scan_reference(**t)) < 1e-12
+    name, reason = resolve_backend(None, "cpu")
+    assert name == "torch" and "failed to compile" in reason
 
 
 def test_mamba_ssm_absent_auto_picks_torch_with_reason(monkeypatch):
@@ -115,7 +239,7 @@ def test_mamba_ssm_present_is_chosen_on_cuda_only(monkeypatch):
     monkeypatch.delenv(scan.ENV_VAR, raising=False)
     monkeypatch.setattr(scan, "_mamba_ssm_import", lambda: (object(), "mamba_ssm imports"))
     assert resolve_backend(None, "cuda")[0] == "mamba_ssm"
-    assert resolve_backend(None, "cpu")[0] == "torch"
+    assert resolve_backend(None, "cpu")[0] in ("torch", "numba")
     with pytest.raises(FusionError, match="needs CUDA"):
         resolve_backend("mamba_ssm", "cpu")
 

@@ -17,9 +17,12 @@ Backends:
   step but vectorised over all chunks at once; a short loop then carries the state across chunks, and a
   correction adds the carried state, decayed by exp(cumulative log-decay), to every position. Every
   exponent is a sum of delta*A <= 0, so nothing overflows in float32, and the work is O(L), not O(L*T).
+- ``numba``: fused CPU kernels (`fusion_cli.models.scan_numba`): one pass over L per (batch, channel)
+  in parallel, with a numba backward. Needs the optional numba (``pip install fusion-cli[cpu]``).
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, used only when it imports and the tensors are on CUDA.
 
-The backend is chosen by the ``backend`` argument, else ``$FUSION_SCAN_BACKEND``, else automatically.
+The backend is chosen by the ``backend`` argument, else ``$FUSION_SCAN_BACKEND``, else automatically:
+mamba_ssm on CUDA, numba on CPU, torch where those are missing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
 
-BACKENDS = ("reference", "torch", "mamba_ssm")
+BACKENDS = ("reference", "torch", "numba", "mamba_ssm")
 ENV_VAR = "FUSION_SCAN_BACKEND"
 
 # Elements (rows x channels x states x length) of one slab of the torch scan: bounds its peak memory
@@ -53,6 +56,20 @@ def _mamba_ssm_import() -> tuple[object | None, str]:
 
 
 @lru_cache(maxsize=1)
+def _numba_import() -> tuple[object | None, str]:
+    """(selective_scan_numba or None, why not). numba is optional: without it CPU scans use torch."""
+    try:
+        from fusion_cli.models.scan_numba import selective_scan_numba
+    except Exception as exc:  # ImportError, or a numba/llvmlite that fails to load
+        return None, f"numba is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    return selective_scan_numba, "numba imports"
+
+
+# Set when a numba kernel failed to compile in this process: automatic choice then stays on torch.
+_numba_broken: str | None = None
+
+
+@lru_cache(maxsize=1)
 def _causal_conv1d_import() -> object | None:
     try:
         from causal_conv1d import causal_conv1d_fn
@@ -65,7 +82,7 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
     """Which backend a scan on ``device`` will use, and why: ``(name, reason)``.
 
     ``backend`` (argument) wins over ``$FUSION_SCAN_BACKEND``; ``None``/"auto" means automatic:
-    mamba_ssm on CUDA when it imports, else torch.
+    mamba_ssm on CUDA when it imports, numba on CPU when it imports, else torch.
     """
     dev = torch.device(device) if device is not None else None
     source = "argument"
@@ -87,10 +104,22 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
                 raise FusionError(
                     f"scan backend mamba_ssm requested ({source}) but the model runs on {dev}; it needs CUDA"
                 )
+        if backend == "numba":
+            fn, why = _numba_import()
+            if fn is None:
+                raise FusionError(f"scan backend numba requested ({source}) but {why}; use torch")
+            if dev is not None and dev.type != "cpu":
+                raise FusionError(
+                    f"scan backend numba requested ({source}) but the model runs on {dev}; it is CPU-only"
+                )
         return backend, f"requested by {source}"
     on_cuda = (dev.type == "cuda") if dev is not None else torch.cuda.is_available()
     if not on_cuda:
-        return "torch", "automatic: no CUDA device, chunked pure-PyTorch scan"
+        fn, why = _numba_import()
+        if fn is not None and _numba_broken is None:
+            return "numba", "automatic: no CUDA device, fused numba CPU scan"
+        why = _numba_broken or why
+        return "torch", f"automatic: no CUDA device and {why}, chunked pure-PyTorch scan"
     fn, why = _mamba_ssm_import()
     if fn is None:
         return "torch", f"automatic: {why}, chunked pure-PyTorch scan on CUDA"
@@ -365,9 +394,28 @@ def selective_scan_mamba_ssm(
     )
 
 
+def selective_scan_numba(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Fused numba CPU scan (differentiable); see `fusion_cli.models.scan_numba`."""
+    fn, why = _numba_import()
+    if fn is None:
+        raise FusionError(f"scan backend numba unavailable: {why}")
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # type: ignore[operator]
+
+
 _IMPLS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_torch,
+    "numba": selective_scan_numba,
     "mamba_ssm": selective_scan_mamba_ssm,
 }
 
@@ -385,8 +433,23 @@ def selective_scan(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Selective scan with the chosen backend (see module docstring). Returns `(B, D, L)`."""
-    name, _ = resolve_backend(backend, u.device)
-    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    global _numba_broken
+    name, why = resolve_backend(backend, u.device)
+    if name != "numba":
+        return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    try:
+        return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    except Exception as exc:
+        from numba.core.errors import NumbaError  # importable: resolve_backend chose numba
+
+        if not isinstance(exc, NumbaError):
+            raise
+        reason = f"the numba kernel failed to compile ({type(exc).__name__})"
+        if not why.startswith("automatic"):
+            raise FusionError(f"scan backend numba: {reason}; use torch") from exc
+        # Automatic choice: fall back to torch for the rest of the process, and say why in `info`.
+        _numba_broken = reason
+        return _IMPLS["torch"](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def causal_conv1d(
