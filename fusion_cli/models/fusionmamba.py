@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from fusion_cli.errors import FusionError
-from fusion_cli.models.scan import causal_conv1d, selective_scan
+from fusion_cli.models.scan import causal_conv1d, resolve_backend, selective_scan
 
 # Checkpoint names of the per-direction tensors: direction k uses suffix _SUFFIX[k].
 _SUFFIX = ("", "_b", "_c", "_d")
@@ -192,6 +192,8 @@ class MultiScanMamba(nn.Module):
         """x, extra `(B, L, d_model)` tokens (row-major H*W when hw=(H, W)) -> `(B, L, d_model)`."""
         if self.directions == 4 and hw is None:
             raise ValueError("a 4-direction scan needs the image size hw")
+        if self._fused_inference(x):
+            return self._forward_fused(x, extra, hw or (x.shape[1], 1))
         g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
         b, length, _ = x.shape
         order, inverse = _scan_orders(*(hw or (length, 1)), g, x.device)
@@ -233,6 +235,45 @@ class MultiScanMamba(nn.Module):
         index = inverse.view(1, g, 1, length).expand(b, g, e, length)
         y = torch.gather(y.view(b, g, e, length), 3, index).sum(1).div_(g)
         return self.out_proj(self.norm(y.transpose(1, 2).to(x.dtype)))
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        """The fused CPU path (`mamba_numba`) serves float32 inference where the scan backend is numba;
+        training, other dtypes and devices take the generic path."""
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False
+        return resolve_backend(self.scan_backend, x.device)[0] == "numba"
+
+    def _forward_fused(
+        self, x: torch.Tensor, extra: torch.Tensor | None, hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """`forward` without token gathers: scan orders are index arithmetic in the kernels."""
+        from fusion_cli.models import mamba_numba
+
+        g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(x)  # (B, L, 2E), image order
+        conv_w = self._stacked("conv1d{s}.weight").view(g, e, -1)
+        u = mamba_numba.conv_silu(xz, conv_w, self._stacked("conv1d{s}.bias").view(g, e), hw)  # (B, G, L, E)
+        x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e).transpose(1, 2)  # (G, E, R+2N)
+        if self.cross:
+            # dt, B, C from the other input: per-token projections, so computed in image order.
+            x_dbl = torch.matmul(self.in_proj_b(extra).unsqueeze(1), x_w)  # (B, G, L, R+2N)
+        else:
+            x_dbl = torch.matmul(u, x_w)  # (B, G, L, R+2N), scan order
+        A = -torch.exp(self._stacked("A{s}_log").float()).view(g, e, n)
+        floor = None if self.memory is None else 1.0 / (self.memory * A.abs().amin(dim=2))
+        y = mamba_numba.scan_directions(
+            u,
+            x_dbl,
+            xz,
+            self._stacked("dt_proj{s}.weight").view(g, e, r),
+            self._stacked("dt_proj{s}.bias").view(g, e),
+            floor,
+            A,
+            self._stacked("D{s}").view(g, e),
+            hw,
+            bc_by_token=self.cross,
+        )
+        return self.out_proj(self.norm(y))
 
 
 class SingleMambaBlock(nn.Module):
