@@ -272,8 +272,19 @@ class MultiScanMamba(nn.Module):
             self._stacked("D{s}").view(g, e),
             hw,
             bc_by_token=self.cross,
+            norm=self.norm,
         )
-        return self.out_proj(self.norm(y))
+        return self.out_proj(y)
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, block: MultiScanMamba) -> torch.Tensor:
+    """`norm(x)`, by the fused CPU kernel where `block` runs fused (torch's LayerNorm is slow over a
+    few channels)."""
+    if block._fused_inference(x):
+        from fusion_cli.models import mamba_numba
+
+        return mamba_numba.layer_norm(x, norm)
+    return norm(x)
 
 
 class SingleMambaBlock(nn.Module):
@@ -287,7 +298,7 @@ class SingleMambaBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        return self.block(self.norm(x), hw=hw) + x
+        return self.block(_norm(self.norm, x, self.block), hw=hw) + x
 
 
 class CrossMambaBlock(nn.Module):
@@ -302,7 +313,10 @@ class CrossMambaBlock(nn.Module):
         )
 
     def forward(self, main: torch.Tensor, other: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        return self.block(self.norm0(main), self.norm1(other), hw=hw) + main
+        return (
+            self.block(_norm(self.norm0, main, self.block), _norm(self.norm1, other, self.block), hw=hw)
+            + main
+        )
 
 
 class FusionMambaModule(nn.Module):
@@ -529,6 +543,10 @@ class FusionMamba(nn.Module):
     ) -> torch.Tensor:
         """One pass of the network on checked inputs (`forward` without the ensemble)."""
         up = self.upsample(ms) if base is None else base
+        if not torch.is_grad_enabled() and pan.device.type == "cpu":
+            # Channels-last maps: the modules' (B, C, H, W) <-> (B, H*W, C) token views are then free
+            # instead of a strided copy per block (a few channels over a whole window, slow on a CPU).
+            pan, up = (t.contiguous(memory_format=torch.channels_last) for t in (pan, up))
         pan_f = self.raise_pan_dim(pan)
         ms_f = self.raise_ms_dim(up)
         pan_f, ms_f, pan_skip0, ms_skip0 = self.stage0(pan_f, ms_f)

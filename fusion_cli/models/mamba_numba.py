@@ -26,9 +26,10 @@ from numba import prange
 
 from fusion_cli.models.scan_numba import _exp, _set_threads, _sigmoid, _softplus
 
-# Channels per work item of the scan: their states (CHANNELS x N) stay in registers/L1 and the
-# exps of one step vectorise over CHANNELS x N.
-CHANNELS = 32
+# Channels per work item of the scan (their states, CHANNELS x N, stay in L1), and positions per
+# block (its steps and decays, BLOCK x CHANNELS x N floats, stay in L2).
+CHANNELS = 16
+BLOCK = 64
 
 
 def _njit(fn):  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def _conv_silu_kernel(x, weight, bias, height, width, u):  # type: ignore[no-unt
     bias `(G, E)` -> u `(B, G, L, E)`: silu(causal conv along each scan order)."""
     nb, length, _ = x.shape
     groups, channels, k = weight.shape
-    chunk = 1024
+    chunk = 2048
     nchunks = (length + chunk - 1) // chunk
     for item in prange(nb * groups * nchunks):
         b = item // (groups * nchunks)
@@ -60,69 +61,102 @@ def _conv_silu_kernel(x, weight, bias, height, width, u):  # type: ignore[no-unt
         start = (item % nchunks) * chunk
         stop = min(length, start + chunk)
         acc = np.empty(channels, dtype=u.dtype)
+        wt = np.empty((k, channels), dtype=u.dtype)  # taps first: each tap's weights contiguous
+        for j in range(k):
+            for e in range(channels):
+                wt[j, e] = weight[g, e, j]
+        toks = np.full(k, -1, dtype=np.int64)  # tokens of the last k positions (-1: before the start)
+        for j in range(k - 1):
+            src = start - (k - 1) + j
+            if src >= 0:
+                toks[j] = _token(g, src, length, height, width)
         for pos in range(start, stop):
+            toks[k - 1] = _token(g, pos, length, height, width)
             for e in range(channels):
                 acc[e] = bias[g, e]
             for j in range(k):
-                src = pos - (k - 1) + j
-                if src >= 0:
-                    tok = _token(g, src, length, height, width)
+                if toks[j] >= 0:
+                    xr = x[b, toks[j]]
                     for e in range(channels):
-                        acc[e] += weight[g, e, j] * x[b, tok, e]
+                        acc[e] += wt[j, e] * xr[e]
+            ur = u[b, g, pos]
             for e in range(channels):
-                u[b, g, pos, e] = acc[e] * _sigmoid(acc[e])
+                ur[e] = acc[e] * _sigmoid(acc[e])
+            for j in range(k - 1):
+                toks[j] = toks[j + 1]
 
 
-@numba.njit(inline="always", fastmath=True, cache=False)
-def _step(
-    n,
-    m,
-    rank,
-    xrow,
-    urow,
-    zrow,
-    orow,
-    e0,
-    channels,
-    w,
-    bias,
-    floor,
-    a_g,
-    d_g,
-    softplus,
-    scale,
-    first,
-    h,
-    dt,
-    dec,
-):  # type: ignore[no-untyped-def]  # noqa: E501
-    """One position of one direction for channels e0..e0+m: step sizes, decays, the state update and
-    the gated output added into the token's output row. Called with a literal n (unrolled states)."""
-    for e in range(m):
-        raw = bias[e0 + e]
-        for r in range(rank):
-            raw += w[e0 + e, r] * xrow[r]
-        step = _softplus(raw) if softplus else raw
-        dt[e] = max(step, floor[e0 + e])
-    for e in range(m):
-        for k in range(n):
-            dec[e * n + k] = dt[e] * a_g[e0 + e, k]
-    for j in range(m * n):
-        dec[j] = _exp(dec[j])
-    for e in range(m):
-        ut = urow[e0 + e]
-        dtu = dt[e] * ut
-        acc = d_g[e0 + e] * ut
-        for k in range(n):
-            hk = dec[e * n + k] * h[e * n + k] + dtu * xrow[rank + k]
-            h[e * n + k] = hk
-            acc += xrow[rank + n + k] * hk
-        zt = zrow[channels + e0 + e]
-        y = acc * zt * _sigmoid(zt) * scale
-        if first:
-            orow[e0 + e] = y
-        else:
-            orow[e0 + e] += y
+def _mean_norm_kernel(y, weight, bias, eps, out):  # type: ignore[no-untyped-def]
+    """y `(B, G, L, E)` -> out `(B, L, E)`: the mean over the G directions, LayerNormed over E
+    (weight, bias `(E,)`), in one pass instead of a sum, a division and a LayerNorm over the block."""
+    nb, groups, length, channels = y.shape
+    chunk = 4096
+    nchunks = (length + chunk - 1) // chunk
+    inv_g = 1.0 / groups
+    for item in prange(nb * nchunks):
+        b = item // nchunks
+        start = (item % nchunks) * chunk
+        row = np.empty(channels, dtype=np.float32)
+        for pos in range(start, min(length, start + chunk)):
+            mean = 0.0
+            for e in range(channels):
+                v = y[b, 0, pos, e]
+                for g in range(1, groups):
+                    v += y[b, g, pos, e]
+                v *= inv_g
+                row[e] = v
+                mean += v
+            mean /= channels
+            var = 0.0
+            for e in range(channels):
+                d = row[e] - mean
+                var += d * d
+            rstd = 1.0 / np.sqrt(var / channels + eps)
+            o = out[b, pos]
+            for e in range(channels):
+                o[e] = (row[e] - mean) * rstd * weight[e] + bias[e]
+
+
+def _layer_norm_kernel(x, weight, bias, eps, out):  # type: ignore[no-untyped-def]
+    """LayerNorm over the last axis of x `(R, E)` -> out: torch's is ~10 ns per element when E is a
+    handful of channels (the d = 8 networks), this one pass per row ~1."""
+    rows, channels = x.shape
+    chunk = 4096
+    for item in prange((rows + chunk - 1) // chunk):
+        for r in range(item * chunk, min(rows, (item + 1) * chunk)):
+            xr = x[r]
+            mean = 0.0
+            for e in range(channels):
+                mean += xr[e]
+            mean /= channels
+            var = 0.0
+            for e in range(channels):
+                d = xr[e] - mean
+                var += d * d
+            rstd = 1.0 / np.sqrt(var / channels + eps)
+            o = out[r]
+            for e in range(channels):
+                o[e] = (xr[e] - mean) * rstd * weight[e] + bias[e]
+
+
+@numba.njit(inline="always", cache=False)
+def _recurrence(n, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys):  # type: ignore[no-untyped-def]
+    """The state update of one block of `mt` positions for channels e0..e0+m (dts, dec, ys flat
+    `(mt, m)` / `(mt, m, n)`): h = dec h + dt u B, y = C h + D u. Called with a literal n, so the
+    state loop unrolls into SIMD lanes."""
+    for i in range(mt):
+        xr = xg[rows[i]]
+        ur = ug[t0 + i]
+        for e in range(m):
+            j = i * m + e
+            ut = ur[e0 + e]
+            dtu = dts[j] * ut
+            acc = d_g[e0 + e] * ut
+            for k in range(n):
+                hk = dec[j * n + k] * h[e * n + k] + dtu * xr[rank + k]
+                h[e * n + k] = hk
+                acc += xr[rank + n + k] * hk
+            ys[j] = acc
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
@@ -130,39 +164,73 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, L, R + 2N)` (dt, B, C) in scan order, or in image
     order when `bc_by_token`; xz `(B, L, 2E)` (z is its second half, image order); dt_w `(G, E, R)`,
-    dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, L, E)`: the gated scans, averaged over
-    the G directions, in image order. Work items are (batch, slice of CHANNELS channels); each runs
-    the G directions one after the other, so the accumulation into `out` needs no lock."""
+    dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, G, L, E)`: each direction's gated scan, in
+    image order. Work items are (batch, direction, slice of CHANNELS channels). Positions go in blocks
+    of BLOCK: the steps, decays and gates of a block are flat loops that vectorise (exp included), and
+    only the recurrence itself runs position by position."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
     nslices = (channels + CHANNELS - 1) // CHANNELS
-    scale = u.dtype.type(1.0 / groups)
-    for item in prange(nb * nslices):
-        b = item // nslices
+    for item in prange(nb * groups * nslices):
+        b = item // (groups * nslices)
+        g = (item // nslices) % groups
         e0 = (item % nslices) * CHANNELS
         m = min(CHANNELS, channels - e0)
-        h = np.empty(CHANNELS * n, dtype=u.dtype)
-        dec = np.empty(CHANNELS * n, dtype=u.dtype)
-        dt = np.empty(CHANNELS, dtype=u.dtype)
-        for g in range(groups):
-            h[:] = 0.0
-            w, bias, fl, a_g, d_g = dt_w[g], dt_bias[g], floor[g], A[g], Dv[g]
-            ug, xg, first = u[b, g], xdbl[b, g], g == 0
-            for pos in range(length):
-                tok = _token(g, pos, length, height, width)
-                xrow = xg[tok] if bc_by_token else xg[pos]
-                zrow, orow, urow = xz[b, tok], out[b, tok], ug[pos]
-                if n == 8:
-                    _step(8, m, rank, xrow, urow, zrow, orow, e0, channels, w, bias, fl, a_g, d_g,
-                          softplus, scale, first, h, dt, dec)  # fmt: skip
-                else:
-                    _step(n, m, rank, xrow, urow, zrow, orow, e0, channels, w, bias, fl, a_g, d_g,
-                          softplus, scale, first, h, dt, dec)  # fmt: skip
+        h = np.zeros(CHANNELS * n, dtype=u.dtype)
+        dts = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
+        zs = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
+        ys = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
+        dec = np.empty(BLOCK * CHANNELS * n, dtype=u.dtype)
+        toks = np.empty(BLOCK, dtype=np.int64)
+        rows = np.empty(BLOCK, dtype=np.int64)
+        w, bias, fl, a_g, d_g = dt_w[g], dt_bias[g], floor[g], A[g], Dv[g]
+        ug, xg, og = u[b, g], xdbl[b, g], out[b, g]
+        for t0 in range(0, length, BLOCK):
+            mt = min(BLOCK, length - t0)
+            for i in range(mt):
+                tok = _token(g, t0 + i, length, height, width)
+                toks[i] = tok
+                rows[i] = tok if bc_by_token else t0 + i
+            for i in range(mt):  # steps: dt_proj of x_proj's dt part, bias
+                xr = xg[rows[i]]
+                zr = xz[b, toks[i]]
+                for e in range(m):
+                    raw = bias[e0 + e]
+                    for r in range(rank):
+                        raw += w[e0 + e, r] * xr[r]
+                    dts[i * m + e] = raw
+                    zs[i * m + e] = zr[channels + e0 + e]
+            if softplus:
+                for j in range(mt * m):
+                    dts[j] = _softplus(dts[j])
+            for i in range(mt):  # the scan-memory floor (zero when unbounded)
+                for e in range(m):
+                    dts[i * m + e] = max(dts[i * m + e], fl[e0 + e])
+            for j in range(mt * m):
+                for k in range(n):
+                    dec[j * n + k] = dts[j] * a_g[e0 + j % m, k]
+            for j in range(mt * m * n):
+                dec[j] = _exp(dec[j])
+            if n == 8:
+                _recurrence(8, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
+            elif n == 16:
+                _recurrence(16, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
+            else:
+                _recurrence(n, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
+            for j in range(mt * m):  # the silu(z) gate
+                zt = zs[j]
+                ys[j] *= zt * _sigmoid(zt)
+            for i in range(mt):
+                orow = og[toks[i]]
+                for e in range(m):
+                    orow[e0 + e] = ys[i * m + e]
 
 
 _conv_silu = _njit(_conv_silu_kernel)
 _scan = _njit(_scan_kernel)
+_mean_norm = _njit(_mean_norm_kernel)
+_layer_norm = _njit(_layer_norm_kernel)
 
 
 def conv_silu(
@@ -188,17 +256,30 @@ def scan_directions(
     D: torch.Tensor,
     hw: tuple[int, int],
     bc_by_token: bool,
+    norm: torch.nn.LayerNorm,
 ) -> torch.Tensor:
-    """The G directions' scans, gated and averaged in image order: `(B, L, E)` (see `_scan_kernel`).
-    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded, softplus only)."""
-    b, _, length, e = u.shape
-    out = np.empty((b, length, e), dtype=np.float32)
+    """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
+    (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded)."""
+    b, g, length, e = u.shape
+    out = np.empty((b, g, length, e), dtype=np.float32)
     softplus = True
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     _set_threads()
     _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
           hw[0], hw[1], bc_by_token, softplus, out)  # fmt: skip
-    return torch.from_numpy(out)
+    # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
+    normed = np.empty((b, length, e), dtype=np.float32)
+    _mean_norm(out, _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
+    return torch.from_numpy(normed)
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """`norm(x)` for float32 CPU x `(..., E)`, one pass per row (see `_layer_norm_kernel`)."""
+    flat = _f32(x).reshape(-1, x.shape[-1])
+    out = np.empty_like(flat)
+    _set_threads()
+    _layer_norm(flat, _f32(norm.weight), _f32(norm.bias), float(norm.eps), out)
+    return torch.from_numpy(out).view(x.shape)
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
