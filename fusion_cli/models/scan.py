@@ -18,6 +18,8 @@ Backends:
   correction adds the carried state, decayed by exp(cumulative log-decay), to every position. Every
   exponent is a sum of delta*A <= 0, so nothing overflows in float32, and the work is O(L), not O(L*T).
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, used only when it imports and the tensors are on CUDA.
+- ``triton``: a fused Triton kernel (scan_triton.py), forward and backward; automatic on CUDA when
+  mamba_ssm does not import but triton does; on CPU only on request under ``TRITON_INTERPRET=1``.
 
 The backend is chosen by the ``backend`` argument, else ``$FUSION_SCAN_BACKEND``, else automatically.
 """
@@ -32,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
+from fusion_cli.models import scan_triton
 
-BACKENDS = ("reference", "torch", "mamba_ssm")
+BACKENDS = ("reference", "torch", "mamba_ssm", "triton")
 ENV_VAR = "FUSION_SCAN_BACKEND"
 
 # Elements (rows x channels x states x length) of one slab of the torch scan: bounds its peak memory
@@ -65,7 +68,7 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
     """Which backend a scan on ``device`` will use, and why: ``(name, reason)``.
 
     ``backend`` (argument) wins over ``$FUSION_SCAN_BACKEND``; ``None``/"auto" means automatic:
-    mamba_ssm on CUDA when it imports, else torch.
+    mamba_ssm on CUDA when it imports, else triton when it imports, else torch.
     """
     dev = torch.device(device) if device is not None else None
     source = "argument"
@@ -87,12 +90,25 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
                 raise FusionError(
                     f"scan backend mamba_ssm requested ({source}) but the model runs on {dev}; it needs CUDA"
                 )
+        if backend == "triton":
+            ok, why = scan_triton.triton_import()
+            if not ok:
+                raise FusionError(f"scan backend triton requested ({source}) but {why}; use torch")
+            on_cuda = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
+            if not on_cuda and not scan_triton.interpret_enabled():
+                raise FusionError(
+                    f"scan backend triton requested ({source}) but the model runs on {dev or 'cpu'}; "
+                    "it needs CUDA, or TRITON_INTERPRET=1 for the (slow) CPU interpreter"
+                )
         return backend, f"requested by {source}"
     on_cuda = (dev.type == "cuda") if dev is not None else torch.cuda.is_available()
     if not on_cuda:
         return "torch", "automatic: no CUDA device, chunked pure-PyTorch scan"
     fn, why = _mamba_ssm_import()
     if fn is None:
+        ok, why_triton = scan_triton.triton_import()
+        if ok:
+            return "triton", f"automatic: {why}, {why_triton}: fused Triton scan on CUDA"
         return "torch", f"automatic: {why}, chunked pure-PyTorch scan on CUDA"
     return "mamba_ssm", "automatic: CUDA device and mamba_ssm imports"
 
@@ -369,6 +385,7 @@ _IMPLS = {
     "reference": selective_scan_reference,
     "torch": selective_scan_torch,
     "mamba_ssm": selective_scan_mamba_ssm,
+    "triton": scan_triton.selective_scan_triton,
 }
 
 
