@@ -62,11 +62,26 @@ def _kernels() -> ModuleType:
     if not ok:
         raise FusionError(f"scan backend triton unavailable: {why}")
     interp = interpret_enabled()
+    if interp and not _library_interpreted():
+        raise FusionError(
+            "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
+        )
     if _loaded is None or _loaded[0] != interp:
         mod = sys.modules.get(_KERNELS)
         mod = importlib.reload(mod) if mod is not None else importlib.import_module(_KERNELS)
         _loaded = (interp, mod)
     return _loaded[1]
+
+
+def _library_interpreted() -> bool:
+    """Whether triton's own jit library (tl.sum) was defined for the interpreter: it is built once, when
+    triton is imported, and a kernel run by the interpreter cannot call the compiled versions."""
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # a triton without these names: let the launch report what is wrong
+        return True
+    return isinstance(getattr(tl.standard, "sum", None), InterpretedFunction)
 
 
 def _next_pow2(x: int) -> int:
