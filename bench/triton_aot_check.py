@@ -103,7 +103,8 @@ def main() -> int:
                 row.update(block_d=block_d, chunk=chunk, num_warps=warps)
                 t0 = time.perf_counter()
                 try:
-                    src = ASTSource(fn, _signature(fn, constexprs, dtype), constexprs=constexprs)
+                    # positional: the keyword was `constants` before triton 3.3
+                    src = ASTSource(fn, _signature(fn, constexprs, dtype), constexprs)
                     compiled = triton.compile(src, target=target, options={"num_warps": warps})
                 except Exception as exc:
                     failed += 1
