@@ -16,6 +16,7 @@ defined: `_kernels` re-imports them if the setting changed since.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -123,6 +124,11 @@ class _Config:
         self.warps_bwd = num_warps or 8
 
 
+def _on_device(t: torch.Tensor) -> Any:
+    """Launch on t's GPU (triton launches on the current device), a no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
@@ -154,35 +160,36 @@ class _SelectiveScanTriton(torch.autograd.Function):
         )  # (B, chunks, D, N): state entering each chunk
         dummy = u  # never read: the constexpr flags switch those loads off
         grid = (b * g, -(-h // cfg.block_d))
-        k.scan_fwd_kernel[grid](
-            u,
-            delta,
-            A,
-            B,
-            C,
-            dummy if D is None else D,
-            dummy if z is None else z,
-            dummy if delta_bias is None else delta_bias,
-            y,
-            states,
-            length,
-            n_chunks,
-            *_strides(B),
-            *_strides(C),
-            G=g,
-            H=h,
-            N=n,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus),
-            STORE_STATES=store,
-            LOOP=cfg.loop,
-            BLOCK_D=cfg.block_d,
-            BLOCK_N=cfg.block_n,
-            CHUNK=cfg.chunk,
-            num_warps=cfg.warps_fwd,
-        )
+        with _on_device(u):
+            k.scan_fwd_kernel[grid](
+                u,
+                delta,
+                A,
+                B,
+                C,
+                dummy if D is None else D,
+                dummy if z is None else z,
+                dummy if delta_bias is None else delta_bias,
+                y,
+                states,
+                length,
+                n_chunks,
+                *_strides(B),
+                *_strides(C),
+                G=g,
+                H=h,
+                N=n,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=bool(delta_softplus),
+                STORE_STATES=store,
+                LOOP=cfg.loop,
+                BLOCK_D=cfg.block_d,
+                BLOCK_N=cfg.block_n,
+                CHUNK=cfg.chunk,
+                num_warps=cfg.warps_fwd,
+            )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.cfg = cfg
@@ -212,43 +219,44 @@ class _SelectiveScanTriton(torch.autograd.Function):
             (b * g * n_dblocks, cfg.block_d, cfg.block_n, cfg.chunk) if cfg.loop else (1,), **f32
         )
         dummy = u
-        k.scan_bwd_kernel[(b * g, n_dblocks)](
-            u,
-            delta,
-            A,
-            B,
-            C,
-            dummy if D is None else D,
-            dummy if z is None else z,
-            dummy if delta_bias is None else delta_bias,
-            dout,
-            states,
-            du,
-            ddelta,
-            dummy if dz is None else dz,
-            dA,
-            dD,
-            dbias,
-            dB,
-            dC,
-            scratch,
-            length,
-            n_chunks,
-            *_strides(B),
-            *_strides(C),
-            G=g,
-            H=h,
-            N=n,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus,
-            LOOP=cfg.loop,
-            BLOCK_D=cfg.block_d,
-            BLOCK_N=cfg.block_n,
-            CHUNK=cfg.chunk,
-            num_warps=cfg.warps_bwd,
-        )
+        with _on_device(u):
+            k.scan_bwd_kernel[(b * g, n_dblocks)](
+                u,
+                delta,
+                A,
+                B,
+                C,
+                dummy if D is None else D,
+                dummy if z is None else z,
+                dummy if delta_bias is None else delta_bias,
+                dout,
+                states,
+                du,
+                ddelta,
+                dummy if dz is None else dz,
+                dA,
+                dD,
+                dbias,
+                dB,
+                dC,
+                scratch,
+                length,
+                n_chunks,
+                *_strides(B),
+                *_strides(C),
+                G=g,
+                H=h,
+                N=n,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=ctx.delta_softplus,
+                LOOP=cfg.loop,
+                BLOCK_D=cfg.block_d,
+                BLOCK_N=cfg.block_n,
+                CHUNK=cfg.chunk,
+                num_warps=cfg.warps_bwd,
+            )
 
         def blocks_sum(x: torch.Tensor) -> torch.Tensor:  # (B*G*blocks, N, L) -> (B, G, N, L)
             return x.view(b, g, n_dblocks, n, length).sum(2)
