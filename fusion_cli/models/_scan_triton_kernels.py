@@ -126,7 +126,7 @@ def scan_fwd_kernel(
                 yt = tl.sum(h * Ct[None, :], axis=1) + Dv * uu
                 if HAS_Z:
                     zz = tl.load(z_ptr + row + t, mask=dmask, other=0.0).to(tl.float32)
-                    yt = yt * zz * 1.0 / (1.0 + tl.exp(-tl.maximum(zz, -80.0)))
+                    yt = yt * zz / (1.0 + tl.exp(-tl.maximum(zz, -80.0)))  # silu gate
                 tl.store(y_ptr + row + t, yt.to(y_ptr.dtype.element_ty), mask=dmask)
         else:
             tt = tl.arange(0, CHUNK)
@@ -156,7 +156,7 @@ def scan_fwd_kernel(
             yt = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * uu  # (BLOCK_D, CHUNK)
             if HAS_Z:
                 zz = tl.load(z_ptr + off2, mask=m2, other=0.0).to(tl.float32)
-                yt = yt * zz * 1.0 / (1.0 + tl.exp(-tl.maximum(zz, -80.0)))
+                yt = yt * zz / (1.0 + tl.exp(-tl.maximum(zz, -80.0)))  # silu gate
             tl.store(y_ptr + off2, yt.to(y_ptr.dtype.element_ty), mask=m2)
             h = tl.sum(tl.where((tt == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
 
@@ -294,7 +294,7 @@ def scan_bwd_kernel(
                 gB = tl.sum(gs * Bt[None, :], axis=1)
                 dd = tl.sum(A * w, axis=1) + gB * uu
                 if SOFTPLUS:
-                    dd = dd * 1.0 / (1.0 + tl.exp(-tl.maximum(raw, -80.0)))
+                    dd = dd / (1.0 + tl.exp(-tl.maximum(raw, -80.0)))  # softplus' = sigmoid
                 duv = gB * dt + Dv * dy
                 dA_acc += dt[:, None] * w
                 dD_acc += dy * uu
@@ -358,7 +358,7 @@ def scan_bwd_kernel(
             gB = tl.sum(gs * Bt[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
             dd = tl.sum(A[:, :, None] * w, axis=1) + gB * uu
             if SOFTPLUS:
-                dd = dd * 1.0 / (1.0 + tl.exp(-tl.maximum(raw, -80.0)))
+                dd = dd / (1.0 + tl.exp(-tl.maximum(raw, -80.0)))  # softplus' = sigmoid
             dd = tl.where(m2, dd, 0.0)
             dy = tl.where(m2, dy, 0.0)
             duv = gB * dt + Dv[:, None] * dy
