@@ -229,6 +229,8 @@ def test_mamba_ssm_absent_auto_picks_torch_with_reason(monkeypatch):
     monkeypatch.setattr(
         scan, "_mamba_ssm_import", lambda: (None, "mamba_ssm is not importable (ImportError)")
     )
+    # triton, when it imports, would come before torch (tests/test_scan_triton.py)
+    monkeypatch.setattr(scan.scan_triton, "triton_import", lambda: (False, "triton is not importable"))
     name, reason = resolve_backend(None, "cuda")
     assert name == "torch" and "mamba_ssm is not importable" in reason
     with pytest.raises(FusionError, match="mamba_ssm requested .* not importable"):

@@ -20,9 +20,11 @@ Backends:
 - ``numba``: fused CPU kernels (`fusion_cli.models.scan_numba`): one pass over L per (batch, channel)
   in parallel, with a numba backward. Needs the optional numba (``pip install fusion-cli[cpu]``).
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, used only when it imports and the tensors are on CUDA.
+- ``triton``: a fused Triton kernel (scan_triton.py), forward and backward; automatic on CUDA when
+  mamba_ssm does not import but triton does; on CPU only on request under ``TRITON_INTERPRET=1``.
 
 The backend is chosen by the ``backend`` argument, else ``$FUSION_SCAN_BACKEND``, else automatically:
-mamba_ssm on CUDA, numba on CPU, torch where those are missing.
+mamba_ssm, else triton on CUDA; numba on CPU; torch where those are missing.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
+from fusion_cli.models import scan_triton
 
-BACKENDS = ("reference", "torch", "numba", "mamba_ssm")
+BACKENDS = ("reference", "torch", "numba", "mamba_ssm", "triton")
 ENV_VAR = "FUSION_SCAN_BACKEND"
 
 # Elements (rows x channels x states x length) of one slab of the torch scan: bounds its peak memory
@@ -82,7 +85,8 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
     """Which backend a scan on ``device`` will use, and why: ``(name, reason)``.
 
     ``backend`` (argument) wins over ``$FUSION_SCAN_BACKEND``; ``None``/"auto" means automatic:
-    mamba_ssm on CUDA when it imports, numba on CPU when it imports, else torch.
+    on CUDA mamba_ssm when it imports, else triton when it imports; on CPU numba when it imports;
+    else torch.
     """
     dev = torch.device(device) if device is not None else None
     source = "argument"
@@ -112,6 +116,16 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
                 raise FusionError(
                     f"scan backend numba requested ({source}) but the model runs on {dev}; it is CPU-only"
                 )
+        if backend == "triton":
+            ok, why = scan_triton.triton_import()
+            if not ok:
+                raise FusionError(f"scan backend triton requested ({source}) but {why}; use torch")
+            on_cuda = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
+            if not on_cuda and not scan_triton.interpret_enabled():
+                raise FusionError(
+                    f"scan backend triton requested ({source}) but the model runs on {dev or 'cpu'}; "
+                    "it needs CUDA, or TRITON_INTERPRET=1 for the (slow) CPU interpreter"
+                )
         return backend, f"requested by {source}"
     on_cuda = (dev.type == "cuda") if dev is not None else torch.cuda.is_available()
     if not on_cuda:
@@ -122,6 +136,9 @@ def resolve_backend(backend: str | None = None, device: torch.device | str | Non
         return "torch", f"automatic: no CUDA device and {why}, chunked pure-PyTorch scan"
     fn, why = _mamba_ssm_import()
     if fn is None:
+        ok, why_triton = scan_triton.triton_import()
+        if ok:
+            return "triton", f"automatic: {why}, {why_triton}: fused Triton scan on CUDA"
         return "torch", f"automatic: {why}, chunked pure-PyTorch scan on CUDA"
     return "mamba_ssm", "automatic: CUDA device and mamba_ssm imports"
 
@@ -417,6 +434,7 @@ _IMPLS = {
     "torch": selective_scan_torch,
     "numba": selective_scan_numba,
     "mamba_ssm": selective_scan_mamba_ssm,
+    "triton": scan_triton.selective_scan_triton,
 }
 
 
