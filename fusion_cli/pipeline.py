@@ -44,7 +44,7 @@ from fusion_cli.tiling import (
 
 # Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
 SHIFT_WINDOW = 1024
-# Tile side (PAN px) for fusers that state no `preferred_tile` (the networks).
+# Tile side (PAN px) for fusers that state no `preferred_tile`.
 DEFAULT_TILE = 256
 # Blend zone (PAN px) for fusers that state no `preferred_overlap` (the networks).
 DEFAULT_OVERLAP = 32

@@ -1,0 +1,163 @@
+"""Networks end to end on the CPU: `fusion pansharpen` (the CLI, in a subprocess, as a user runs it)
+with the official checkpoint on a 1024 x 1024 PAN crop of the WorldView-3 pair and with the default
+`landsat` model on the shipped example scene, at the default options (tile, ensemble, threads).
+
+Each row gives PAN Mpx/s on the wall clock and per CPU-second, and, beside it, the machine's 2048^2
+fp32 matmul rate measured in the same run and the network's matmul/conv FLOPs per PAN pixel (counted
+by torch's FlopCounterMode over one 256^2 window, times 2 with a transpose ensemble): their quotient
+is the rate at which the machine could run the network's dense algebra alone ("matmul floor"), and
+the last column is the fraction of it reached. The scans' own arithmetic is not in that floor. Rows
+for two runs at once (each run's rate and their sum) show what sharing the cores costs.
+
+`run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_network.py` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusion_cli.paths import shared_data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CROP = 1024
+
+
+def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def flops_per_pixel(model: str | None, weights: str | None) -> float:
+    """Dense FLOPs (matmuls, convs) per output PAN pixel of one network call (both passes of a
+    transpose ensemble)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusion_cli.models.registry import load_model
+
+    net = load_model(name=model, weights=weights, device="cpu").model.eval()
+    cfg = net.config
+    side = 256
+    pan = torch.rand(1, cfg.pan_bands, side, side)
+    ms = torch.rand(1, cfg.ms_bands, side // cfg.ratio, side // cfg.ratio)
+    base = torch.rand(1, cfg.ms_bands, side, side) if cfg.base else None
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(ms, pan, None, base)  # no_grad, not inference: FlopCounterMode needs the dispatcher
+    return counter.get_total_flops() / side**2
+
+
+def _crop_wv3(folder: Path) -> tuple[Path, Path] | None:
+    import rasterio
+    from rasterio.windows import Window
+
+    src = shared_data_dir() / "wv3_spacenet2"
+    if not (src / "pan.tif").exists():
+        return None
+    out = []
+    for name, side in (("pan", CROP), ("ms", CROP // 4)):
+        with rasterio.open(src / f"{name}.tif") as ds:
+            win = Window(0, 0, side, side)
+            profile = ds.profile | {"width": side, "height": side, "transform": ds.window_transform(win)}
+            path = folder / f"wv3_{name}.tif"
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(ds.read(window=win))
+        out.append(path)
+    return out[0], out[1]
+
+
+def _fuse_cmd(pan: Path, ms: Path, out: Path, extra: list[str]) -> list[str]:
+    code = "import sys; from fusion_cli.cli.main import main; main(sys.argv[1:])"
+    return [sys.executable, "-c", code, "pansharpen", str(pan), str(ms), "-o", str(out), "--overwrite",
+            "--json", *extra]  # fmt: skip
+
+
+def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any], float, float]]:
+    """Run the commands at once; (JSON summary, wall s, CPU s) of each."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for cmd, _ in cases]
+    results = []
+    for proc, (cmd, _) in zip(procs, cases, strict=True):
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        cpu = _cpu_seconds(proc)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[3:6])} failed with exit {proc.returncode}")
+        results.append((json.loads(out), wall, cpu))
+    return results
+
+
+def run() -> list[dict[str, Any]]:
+    gflops = matmul_gflops()
+    rows: list[dict[str, Any]] = []
+    official = shared_data_dir() / "fusionmamba_official" / "420.pth"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        scenes = []
+        wv3 = _crop_wv3(folder)
+        if wv3 is not None and official.exists():
+            scenes.append(("official 420.pth, WV3 1024^2 crop", wv3, ["--weights", str(official)],
+                           flops_per_pixel(None, str(official))))  # fmt: skip
+        else:
+            rows.append({"bench": "network", "case": "official: skipped, ../shared/data missing"})
+        landsat = ROOT / "examples" / "landsat8_pan.tif", ROOT / "examples" / "landsat8_ms.tif"
+        scenes.append(
+            ("landsat (default model), example scene", landsat, [], flops_per_pixel("landsat", None))
+        )
+        for label, (pan, ms), extra, fpp in scenes:
+            floor = gflops * 1e9 / fpp / 1e6  # PAN Mpx/s if only the dense algebra ran, at the matmul rate
+            single = _run_cases([(_fuse_cmd(pan, ms, folder / "o.tif", extra), folder / "o.tif")])
+            pair = _run_cases(
+                [(_fuse_cmd(pan, ms, folder / f"o{i}.tif", extra), folder / f"o{i}.tif") for i in range(2)]
+            )
+            for mode, results in (("one run", single), ("two runs at once", pair)):
+                total = sum(s["shape"][1] * s["shape"][2] / 1e6 for s, _, _ in results)
+                wall = max(w for _, w, _ in results)
+                cpu = sum(c for _, _, c in results)
+                summary = results[0][0]
+                rows.append(
+                    {
+                        "bench": "network",
+                        "case": label,
+                        "mode": mode,
+                        "tile": summary["tile"],
+                        "PAN Mpx": round(total, 3),
+                        "wall s": round(wall, 2),
+                        "CPU s": round(cpu, 2),
+                        "PAN Mpx/s (wall)": round(total / wall, 4),
+                        "PAN Mpx/s per CPU s": round(total / cpu, 4),
+                        "matmul GFLOP/s": round(gflops, 1),
+                        "dense MFLOP / PAN px": round(fpp / 1e6, 3),
+                        "matmul floor Mpx/s": round(floor, 3),
+                        "fraction of floor": round(total / wall / floor, 3),
+                    }
+                )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import table
+
+    print(table(run()))
