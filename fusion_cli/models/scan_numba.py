@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -331,9 +332,17 @@ _forward = _njit(_forward_kernel)
 _backward = _njit(_backward_kernel)
 
 
-def _set_threads() -> None:
-    """As many numba threads as torch uses (which follows the user's and the machine's limits)."""
+@contextmanager
+def _threads() -> Iterator[None]:
+    """As many numba threads as torch uses (which follows the user's and the machine's limits), and
+    work items handed out one at a time: on shared cores a descheduled thread then delays only its
+    current (batch, channel) item instead of a static share of them. Restores the chunk size after."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    before = numba.set_parallel_chunksize(1)  # per calling thread; each item is a whole pass over L
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(before)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -387,8 +396,8 @@ def scan_forward(
     """The fused forward, no autograd. Returns `(B, D, L)` in the compute dtype (>= float32)."""
     args = _arrays(u, delta, A, B, C, D, z, delta_bias)
     y = np.empty(args[0].shape, dtype=args[0].dtype)
-    _set_threads()
-    _forward(*args[:7], args[7], bool(delta_softplus), z is not None, y)
+    with _threads():
+        _forward(*args[:7], args[7], bool(delta_softplus), z is not None, y)
     return torch.from_numpy(y)
 
 
@@ -426,19 +435,19 @@ class SelectiveScanNumba(torch.autograd.Function):
         dtype = args[0].dtype
         nb, nd, length = u.shape
         groups, n = args[3].shape[1], args[2].shape[1]
-        _set_threads()
-        nsplit = _splits(nb, groups, nd)
-        du = np.empty((nb, nd, length), dtype=dtype)
-        ddelta = np.empty_like(du)
-        dz = np.empty_like(du) if z is not None else np.empty((1, 1, 1), dtype=dtype)
-        dA = np.empty((nb, nd, n), dtype=dtype)
-        dD = np.empty((nb, nd), dtype=dtype)
-        dbias = np.empty((nb, nd), dtype=dtype)
-        dBt = np.zeros((nb, groups, nsplit, length, n), dtype=dtype)
-        dCt = np.zeros_like(dBt)
-        dy_np = _np(dy.to(torch.from_numpy(du).dtype))
-        _backward(*args[:7], args[7], bool(ctx.delta_softplus), z is not None, dy_np, nsplit,
-                  du, ddelta, dz, dA, dD, dbias, dBt, dCt)  # fmt: skip
+        with _threads():
+            nsplit = _splits(nb, groups, nd)
+            du = np.empty((nb, nd, length), dtype=dtype)
+            ddelta = np.empty_like(du)
+            dz = np.empty_like(du) if z is not None else np.empty((1, 1, 1), dtype=dtype)
+            dA = np.empty((nb, nd, n), dtype=dtype)
+            dD = np.empty((nb, nd), dtype=dtype)
+            dbias = np.empty((nb, nd), dtype=dtype)
+            dBt = np.zeros((nb, groups, nsplit, length, n), dtype=dtype)
+            dCt = np.zeros_like(dBt)
+            dy_np = _np(dy.to(torch.from_numpy(du).dtype))
+            _backward(*args[:7], args[7], bool(ctx.delta_softplus), z is not None, dy_np, nsplit,
+                      du, ddelta, dz, dA, dD, dbias, dBt, dCt)  # fmt: skip
 
         def back(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(x).to(like.dtype)
