@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from fusion_cli.models.scan_numba import _exp, _set_threads, _sigmoid, _softplus
+from fusion_cli.models.scan_numba import _exp, _sigmoid, _softplus, _threads
 
 # Channels per work item of the scan (their states, CHANNELS x N, stay in L1), and positions per
 # block (its steps and decays, BLOCK x CHANNELS x N floats, stay in L2).
@@ -240,8 +240,8 @@ def conv_silu(
     b, length, _ = xz.shape
     g, e, _ = weight.shape
     u = np.empty((b, g, length, e), dtype=np.float32)
-    _set_threads()
-    _conv_silu(_f32(xz), _f32(weight), _f32(bias), hw[0], hw[1], u)
+    with _threads():
+        _conv_silu(_f32(xz), _f32(weight), _f32(bias), hw[0], hw[1], u)
     return torch.from_numpy(u)
 
 
@@ -264,12 +264,13 @@ def scan_directions(
     out = np.empty((b, g, length, e), dtype=np.float32)
     softplus = True
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
-    _set_threads()
-    _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
-          hw[0], hw[1], bc_by_token, softplus, out)  # fmt: skip
+    with _threads():
+        _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
+              hw[0], hw[1], bc_by_token, softplus, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = np.empty((b, length, e), dtype=np.float32)
-    _mean_norm(out, _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
+    with _threads():
+        _mean_norm(out, _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
     return torch.from_numpy(normed)
 
 
@@ -277,8 +278,8 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """`norm(x)` for float32 CPU x `(..., E)`, one pass per row (see `_layer_norm_kernel`)."""
     flat = _f32(x).reshape(-1, x.shape[-1])
     out = np.empty_like(flat)
-    _set_threads()
-    _layer_norm(flat, _f32(norm.weight), _f32(norm.bias), float(norm.eps), out)
+    with _threads():
+        _layer_norm(flat, _f32(norm.weight), _f32(norm.bias), float(norm.eps), out)
     return torch.from_numpy(out).view(x.shape)
 
 

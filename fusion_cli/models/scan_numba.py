@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -123,12 +124,11 @@ def _steps(raw, bias, softplus, dts, dec, a_d):  # type: ignore[no-untyped-def]
     (dec flat, `(m * N,)`), each as a flat loop that vectorises."""
     m = raw.shape[0]
     n = a_d.shape[0]
-    if softplus:
+    for i in range(m):
+        dts[i] = raw[i] + bias
+    if softplus:  # in place: a loop from one array into another may alias and would not vectorise
         for i in range(m):
-            dts[i] = _softplus(raw[i] + bias)
-    else:
-        for i in range(m):
-            dts[i] = raw[i] + bias
+            dts[i] = _softplus(dts[i])
     for i in range(m):
         for k in range(n):
             dec[i * n + k] = dts[i] * a_d[k]
@@ -152,6 +152,31 @@ def _block_forward(n, m, t0, dts, dec, h, u_row, bt, ct, dv, y_row):  # type: ig
         y_row[t] = acc
 
 
+@numba.njit(inline="always", fastmath=_FASTMATH, cache=False)
+def _block_forward8(m, t0, dts, dec, h, u_row, bt, ct, dv, y_row):  # type: ignore[no-untyped-def]
+    """`_block_forward` for N=8 with the state in eight scalars: LLVM cannot prove that the output
+    row does not alias the state array, so an array state goes through memory at every step (~25%
+    slower)."""
+    h0, h1, h2, h3, h4, h5, h6, h7 = h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
+    for i in range(m):
+        t = t0 + i
+        ut = u_row[t]
+        dtu = dts[i] * ut
+        j = i * 8
+        h0 = dec[j] * h0 + dtu * bt[t, 0]
+        h1 = dec[j + 1] * h1 + dtu * bt[t, 1]
+        h2 = dec[j + 2] * h2 + dtu * bt[t, 2]
+        h3 = dec[j + 3] * h3 + dtu * bt[t, 3]
+        h4 = dec[j + 4] * h4 + dtu * bt[t, 4]
+        h5 = dec[j + 5] * h5 + dtu * bt[t, 5]
+        h6 = dec[j + 6] * h6 + dtu * bt[t, 6]
+        h7 = dec[j + 7] * h7 + dtu * bt[t, 7]
+        c = ct[t]
+        lo = (c[0] * h0 + c[1] * h1) + (c[2] * h2 + c[3] * h3)
+        y_row[t] = dv * ut + (lo + ((c[4] * h4 + c[5] * h5) + (c[6] * h6 + c[7] * h7)))
+    h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7] = h0, h1, h2, h3, h4, h5, h6, h7
+
+
 def _forward_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):  # type: ignore[no-untyped-def]
     """u, delta, z, y `(B, D, L)`; A `(D, N)`; Bt, Ct `(B, G, L, N)` (state last: one cache line per
     step); Dv, bias `(D,)`. Writes y."""
@@ -166,6 +191,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):  # ty
         h = np.zeros(n, dtype=u.dtype)
         dts = np.empty(BLOCK, dtype=u.dtype)
         dec = np.empty(BLOCK * n, dtype=u.dtype)
+        gate = np.empty(BLOCK, dtype=u.dtype)
         a_d = A[d]
         bt = Bt[b, g]
         ct = Ct[b, g]
@@ -175,15 +201,20 @@ def _forward_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):  # ty
             m = min(BLOCK, length - t0)
             _steps(delta[b, d, t0 : t0 + m], bias[d], softplus, dts, dec, a_d)
             if n == 8:  # the model's d_state
-                _block_forward(8, m, t0, dts, dec, h, u_row, bt, ct, Dv[d], y_row)
+                _block_forward8(m, t0, dts, dec, h, u_row, bt, ct, Dv[d], y_row)
             elif n == 16:
                 _block_forward(16, m, t0, dts, dec, h, u_row, bt, ct, Dv[d], y_row)
             else:
                 _block_forward(n, m, t0, dts, dec, h, u_row, bt, ct, Dv[d], y_row)
             if has_z:
+                # silu(z) in place in a local buffer first: a loop reading z and writing y may alias
+                # as far as LLVM knows, and would not vectorise.
                 for i in range(m):
-                    zt = z[b, d, t0 + i]
-                    y_row[t0 + i] *= zt * _sigmoid(zt)
+                    gate[i] = z[b, d, t0 + i]
+                for i in range(m):
+                    gate[i] = gate[i] * _sigmoid(gate[i])
+                for i in range(m):
+                    y_row[t0 + i] *= gate[i]
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH, cache=False)
@@ -296,9 +327,11 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             for t0 in range(0, length, BLOCK):
                 m = min(BLOCK, length - t0)
                 _steps(delta[b, d, t0 : t0 + m], bias[d], softplus, dts[t0:], dec[t0 * n :], a_d)
-            if softplus:
+            if softplus:  # sigmoids in place (vectorises, see `_steps`)
                 for t in range(length):
-                    ds[t] = _sigmoid(delta[b, d, t] + bias[d])
+                    ds[t] = delta[b, d, t] + bias[d]
+                for t in range(length):
+                    ds[t] = _sigmoid(ds[t])
             if n == 8:
                 _recompute(8, length, dts, dec, hs, u_row, bt)
             else:
@@ -307,11 +340,15 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
             if has_z:
                 # y = pre * silu(z): dz = dy * pre * silu'(z), d pre = dy * silu(z).
                 for t in range(length):
+                    gate[t] = z[b, d, t]
+                for t in range(length):
+                    gate[t] = _sigmoid(gate[t])
+                for t in range(length):
                     pre = dv * u_row[t]
                     for k in range(n):
                         pre += ct[t, k] * hs[(t + 1) * n + k]
                     zt = z[b, d, t]
-                    sg = _sigmoid(zt)
+                    sg = gate[t]
                     dz[b, d, t] = dy[b, d, t] * pre * sg * (1.0 + zt * (1.0 - sg))
                     gate[t] = zt * sg
             da_acc[:] = 0.0
@@ -331,9 +368,17 @@ _forward = _njit(_forward_kernel)
 _backward = _njit(_backward_kernel)
 
 
-def _set_threads() -> None:
-    """As many numba threads as torch uses (which follows the user's and the machine's limits)."""
+@contextmanager
+def _threads() -> Iterator[None]:
+    """As many numba threads as torch uses (which follows the user's and the machine's limits), and
+    work items handed out one at a time: on shared cores a descheduled thread then delays only its
+    current (batch, channel) item instead of a static share of them. Restores the chunk size after."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    before = numba.set_parallel_chunksize(1)  # per calling thread; each item is a whole pass over L
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(before)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -387,8 +432,8 @@ def scan_forward(
     """The fused forward, no autograd. Returns `(B, D, L)` in the compute dtype (>= float32)."""
     args = _arrays(u, delta, A, B, C, D, z, delta_bias)
     y = np.empty(args[0].shape, dtype=args[0].dtype)
-    _set_threads()
-    _forward(*args[:7], args[7], bool(delta_softplus), z is not None, y)
+    with _threads():
+        _forward(*args[:7], args[7], bool(delta_softplus), z is not None, y)
     return torch.from_numpy(y)
 
 
@@ -426,19 +471,19 @@ class SelectiveScanNumba(torch.autograd.Function):
         dtype = args[0].dtype
         nb, nd, length = u.shape
         groups, n = args[3].shape[1], args[2].shape[1]
-        _set_threads()
-        nsplit = _splits(nb, groups, nd)
-        du = np.empty((nb, nd, length), dtype=dtype)
-        ddelta = np.empty_like(du)
-        dz = np.empty_like(du) if z is not None else np.empty((1, 1, 1), dtype=dtype)
-        dA = np.empty((nb, nd, n), dtype=dtype)
-        dD = np.empty((nb, nd), dtype=dtype)
-        dbias = np.empty((nb, nd), dtype=dtype)
-        dBt = np.zeros((nb, groups, nsplit, length, n), dtype=dtype)
-        dCt = np.zeros_like(dBt)
-        dy_np = _np(dy.to(torch.from_numpy(du).dtype))
-        _backward(*args[:7], args[7], bool(ctx.delta_softplus), z is not None, dy_np, nsplit,
-                  du, ddelta, dz, dA, dD, dbias, dBt, dCt)  # fmt: skip
+        with _threads():
+            nsplit = _splits(nb, groups, nd)
+            du = np.empty((nb, nd, length), dtype=dtype)
+            ddelta = np.empty_like(du)
+            dz = np.empty_like(du) if z is not None else np.empty((1, 1, 1), dtype=dtype)
+            dA = np.empty((nb, nd, n), dtype=dtype)
+            dD = np.empty((nb, nd), dtype=dtype)
+            dbias = np.empty((nb, nd), dtype=dtype)
+            dBt = np.zeros((nb, groups, nsplit, length, n), dtype=dtype)
+            dCt = np.zeros_like(dBt)
+            dy_np = _np(dy.to(torch.from_numpy(du).dtype))
+            _backward(*args[:7], args[7], bool(ctx.delta_softplus), z is not None, dy_np, nsplit,
+                      du, ddelta, dz, dA, dD, dbias, dBt, dCt)  # fmt: skip
 
         def back(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(x).to(like.dtype)
