@@ -3,3 +3,17 @@
 
 class FusionError(Exception):
     """Bad input or usage. The message is shown to the user as is, without a traceback."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (a full disk, a file-size limit, a lost mount): the system, not the
+    input, so the CLI exits 1; the message names the output, and no file is left under its name."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be so that the same cleanup runs (no partial
+    file is left); the CLI exits 128 + `signum`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -861,7 +861,7 @@ def fuse_files(
     opts = options or FuseOptions()
     t0 = time.perf_counter()
     _bound_heap()
-    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path])
+    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path], _side_outputs(out_path, opts))
     caught: list[str] = []
     with (
         raster.gdal_env(),
@@ -969,7 +969,7 @@ def fuse_files(
 
     quick = None
     if opts.quicklook:
-        quick = _write_quicklook(out, fuser)
+        quick = _write_quicklook(out, fuser, opts.overwrite)
     seconds = time.perf_counter() - t0
     return FuseSummary(
         output=str(out),
@@ -1017,7 +1017,12 @@ def _adapt(
     return asdict(adapt_fuser(fuser, window.pan, window.ms, opts.adapt))
 
 
-def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
+def _side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:
+    """Files written beside the product, which obey --overwrite as it does."""
+    return [Path(out).with_suffix(".png")] if opts.quicklook else []
+
+
+def _write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
     """A PNG beside the product, from a decimated read (bounded memory)."""
     try:
         from fusion_cli.quicklook import save_quicklook
@@ -1035,7 +1040,8 @@ def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
         # Nodata stays out of the stretch percentiles (and is drawn black).
         mask = ds.dataset_mask(out_shape=shape) > 0
     png = out.with_suffix(".png")
-    save_quicklook(png, img.astype(np.float32), rgb=rgb, mask=mask)
+    with raster.atomic_output(png, overwrite, "quicklook") as tmp:
+        save_quicklook(tmp, img.astype(np.float32), rgb=rgb, mask=mask)
     return str(png)
 
 
@@ -1070,7 +1076,7 @@ def _resolve_fuser(
     sensor: str | None,
 ) -> Fuser:
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
-    raster.check_writable(out, opts.overwrite, [pan, ms])
+    raster.check_writable(out, opts.overwrite, [pan, ms], _side_outputs(out, opts))
     ratio = measure_ratio(pan, ms, opts.reproject)
     n_bands = len(opts.bands) if opts.bands else None
     pan_count = len(opts.pan_bands) if opts.pan_bands else _band_count(pan, "PAN")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sys
 import warnings
@@ -20,11 +21,11 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, OutputWriteError
 
 # The tag written last, just before the file is closed: a file without it was not finished.
 COMPLETE_TAG = "FUSION_COMPLETE"
@@ -219,10 +220,17 @@ def output_profile(
 
 
 def check_writable(
-    out_path: str | os.PathLike[str], overwrite: bool, inputs: Sequence[str | os.PathLike[str]]
+    out_path: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]],
+    side_outputs: Sequence[Path] = (),
 ) -> Path:
-    """Fail early (before any work) if the output cannot be written where asked."""
+    """Fail early (before any work) if the output, or a side file written with it (a quicklook),
+    cannot be written where asked."""
     out = Path(out_path)
+    for side in side_outputs:
+        if side.exists() and not overwrite:
+            raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src in inputs:
         if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
             raise FusionError(f"output {out} is one of the inputs; choose another output path")
@@ -238,9 +246,71 @@ def check_writable(
     return out
 
 
-def _temp_name(out: Path, tag: str) -> Path:
+# Temporary names this tool writes beside an output: `.<name>.<tag>-<pid>-<8 hex><suffix>`, plus
+# GDAL's own sidecars of such a file. Only names of this shape are ever removed as stale.
+TEMP_TAGS = ("partial", "cog", "tmp")
+_TEMP_RE = re.compile(r"\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z")
+
+
+def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}.tif")
+    assert tag in TEMP_TAGS
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def is_own_temporary(out: Path, candidate: Path) -> bool:
+    """Whether `candidate` is a temporary file this tool names for `out` (`_temp_name`)."""
+    prefix = f".{out.name}"
+    name = candidate.name
+    return (
+        candidate.parent == out.parent
+        and name.startswith(prefix)
+        and bool(_TEMP_RE.match(name[len(prefix) :]))
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+
+
+def verify_geotiff(path: Path) -> None:
+    """Raise OSError unless `path` opens, carries the completion tag and holds every block it
+    indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
+    rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
+    size = path.stat().st_size
+    with gdal_env(), rasterio.open(path) as ds:
+        if ds.tags().get(COMPLETE_TAG) != "1":
+            raise OSError("the completion tag is missing")
+        # pixel-interleaved files share one block index for all bands
+        for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
+            for (i, j), _ in ds.block_windows(b):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
+                n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
+                if not off or not n or int(off) + int(n) > size:
+                    raise OSError(f"block {i},{j} of band {b} is missing")
+
+
+@contextlib.contextmanager
+def atomic_output(
+    out: str | os.PathLike[str], overwrite: bool = False, what: str = "output"
+) -> Iterator[Path]:
+    """A temporary path beside `out` to write a side file (PNG, CSV, JSON, HTML) to; renamed onto
+    `out` only when the body succeeds and wrote something, else removed. An existing `out` needs
+    `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file."""
+    final = Path(out)
+    if final.exists() and not overwrite:
+        raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
+    tmp = _temp_name(final, "tmp", final.suffix)
+    try:
+        yield tmp
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError("nothing was written")
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {what} {final}: {_reason(exc)}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 class AtomicWriter:
@@ -280,7 +350,7 @@ class AtomicWriter:
             try:
                 self._dst = rasterio.open(self._tmp, "w", **self.profile)
             except Exception as exc:
-                raise FusionError(f"cannot write output {self.out}: {str(exc).splitlines()[0]}") from None
+                raise FusionError(f"cannot write output {self.out}: {_reason(exc)}") from None
             if self.descriptions:
                 for i, d in enumerate(self.descriptions, start=1):
                     self._dst.set_band_description(i, d)
@@ -294,14 +364,25 @@ class AtomicWriter:
         """Write `(C, h, w)` at (row0, col0); `valid (h, w)` goes to the internal mask if enabled."""
         assert self._dst is not None
         win = Window(col0, row0, data.shape[-1], data.shape[-2])
-        self._dst.write(data, window=win)
-        if self.use_mask:
-            m = (
-                np.full(data.shape[-2:], 255, np.uint8)
-                if valid is None
-                else np.where(valid, 255, 0).astype(np.uint8)
-            )
-            self._dst.write_mask(m, window=win)
+        with self._failing_write():
+            self._dst.write(data, window=win)
+            if self.use_mask:
+                m = (
+                    np.full(data.shape[-2:], 255, np.uint8)
+                    if valid is None
+                    else np.where(valid, 255, 0).astype(np.uint8)
+                )
+                self._dst.write_mask(m, window=win)
+
+    @contextlib.contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """Any GDAL/OS error while writing is an OutputWriteError naming the output (exit 1)."""
+        try:
+            yield
+        except (FusionError, OutputWriteError):
+            raise
+        except Exception as exc:
+            raise OutputWriteError(f"writing output {self.out} failed: {_reason(exc)}") from exc
 
     def update_tags(self, **tags: Any) -> None:
         assert self._dst is not None
@@ -312,8 +393,14 @@ class AtomicWriter:
         assert self._dst is not None
         if self.out.exists() and not self.overwrite:
             raise FusionError(f"output {self.out} appeared while fusing; pass --overwrite to replace it")
+        with self._failing_write():
+            return self._finish()
+
+    def _finish(self) -> Path:
+        assert self._dst is not None
         self._dst.update_tags(**{COMPLETE_TAG: "1"})
         self._dst.close()
+        verify_geotiff(self._tmp)
         final = self._tmp
         if self.cog:
             final = _temp_name(self.out, "cog")
@@ -328,6 +415,7 @@ class AtomicWriter:
                 opts["level"] = self.profile["zlevel"]
             rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
             self._tmp.unlink()
+            verify_geotiff(final)
         os.replace(final, self.out)
         self._committed = True
         return self.out
