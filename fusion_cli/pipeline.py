@@ -84,6 +84,7 @@ class FuseOptions:
     scan_memory: float | None = None
     # network transpose self-ensemble (FusionMambaConfig.transpose_ensemble); None: the model card's
     ensemble: bool | None = None
+    max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
 
 
 @dataclass
@@ -171,6 +172,7 @@ def make_fuser(
         )
     if precision not in {"fp32", "bf16", "fp16"}:
         raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    raster.check_dn_max(dn_max)
     dev = resolve_device(device)
     if method is not None:
         try:
@@ -775,6 +777,9 @@ def open_pair(
     with contextlib.ExitStack() as stack:
         pan_ds = stack.enter_context(raster.open_raster(pan_path, "PAN"))
         ms_ds = stack.enter_context(raster.open_raster(ms_path, "MS"))
+        raster.check_same_file(pan_path, ms_path)
+        raster.check_pixel_type(pan_ds, "PAN")
+        raster.check_pixel_type(ms_ds, "MS")
         if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
             ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio))
         yield pan_ds, ms_ds
@@ -870,6 +875,7 @@ def fuse_files(
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
+        raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
@@ -880,10 +886,12 @@ def fuse_files(
             np.dtype(out_dtype)
         except TypeError:
             raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
+        raster.check_dn_max(opts.dn_max)
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
         # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
         _adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
         lo, hi = _value_range(ms_dtype, dn_max)
+        raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         nodata, use_mask = _output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
 
         source = _PairSource(
@@ -965,6 +973,11 @@ def fuse_files(
 
             with _WriteBehind() as behind:
                 _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)
+            if n_valid == 0:  # all nodata: an empty product is no product
+                raise FusionError(
+                    f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
+                    "check the inputs and their nodata"
+                )
             writer.commit()
 
     quick = None
@@ -1122,6 +1135,25 @@ def pansharpen(
 ) -> FuseSummary:
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
     options = _options(opts)
+    if method is not None and options.pan_bands is None and _band_count(pan, "PAN") > 1:
+        # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
+        raise FusionError(
+            f"the PAN {pan} has {_band_count(pan, 'PAN')} bands; pansharpening needs a single-band PAN "
+            "(for a multispectral high-resolution image use `fusion hisr`)"
+        )
+    return _fuse(pan, ms, out, model, weights, method, options, sensor)
+
+
+def _fuse(
+    pan: str | os.PathLike[str],
+    ms: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    model: str | None,
+    weights: str | os.PathLike[str] | None,
+    method: str | None,
+    options: FuseOptions,
+    sensor: str | None,
+) -> FuseSummary:
     fuser = _resolve_fuser(pan, ms, out, model, weights, method, options, sensor)
     return fuse_files(pan, ms, out, fuser, options)
 
@@ -1138,7 +1170,7 @@ def hisr(
     **opts: Any,
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan")."""
-    return pansharpen(msi, hsi, out, model=model, weights=weights, method=method, sensor=sensor, **opts)
+    return _fuse(msi, hsi, out, model, weights, method, _options(opts), sensor)
 
 
 def iter_windows(plan: TilePlan) -> Iterator[Window]:

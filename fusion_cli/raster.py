@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError, OutputWriteError
@@ -93,6 +95,58 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
         return None
 
 
+# Default ceiling on a product's pixels (PAN grid): 10 Gpx, far above real scenes (a WorldView
+# strip is ~1.5 Gpx), far below what a sparse or mistaken header can declare (10^12 px = 12 TB).
+MAX_PIXELS = 1e10
+
+
+def check_scene_size(height: int, width: int, max_pixels: float | None) -> None:
+    """Refuse a product larger than `max_pixels` (None: MAX_PIXELS) before any work."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if height * width > limit:
+        raise FusionError(
+            f"the product would be {height} x {width} = {height * width / 1e9:.3g} Gpx, over the "
+            f"limit of {limit / 1e9:.3g} Gpx; check the inputs' sizes, or raise --max-pixels"
+        )
+
+
+def check_dn_max(dn_max: float | None) -> None:
+    """--dn-max is the largest valid DN: a positive finite number (0 or NaN clip everything to 0)."""
+    if dn_max is not None and not (math.isfinite(dn_max) and dn_max > 0):
+        raise FusionError(f"--dn-max must be a positive number like 2047 or 65535, got {dn_max}")
+
+
+def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
+    """Complex pixels would lose their imaginary part: refuse them (and anything not numeric)."""
+    for dt in set(ds.dtypes):
+        kind = np.dtype(dt).kind
+        if kind not in "uif":
+            raise FusionError(
+                f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
+                "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
+            )
+
+
+def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:
+    """The two inputs of a fusion must be two files: one given twice 'fuses' with itself."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(pan, ms):
+            raise FusionError(f"the PAN and MS are the same file ({ms}); give the two images of the pair")
+
+
+def check_narrowing(in_dtype: str, out_dtype: str, lo: float | None, hi: float | None) -> None:
+    """Refuse an integer --dtype that cannot hold the input's value range [lo, hi] (every value past
+    it would be clipped: int8 output of uint16 data is 127 everywhere)."""
+    rng = dtype_range(out_dtype)
+    if rng is None or lo is None or hi is None:
+        return
+    if lo < rng[0] or hi > rng[1]:
+        raise FusionError(
+            f"--dtype {out_dtype} holds {rng[0]:g}..{rng[1]:g} but the {in_dtype} input's values reach "
+            f"{lo:g}..{hi:g}; use {in_dtype} or float32, or state the real ceiling with --dn-max"
+        )
+
+
 def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
     """Representable range of an integer dtype; None for floats (no clipping)."""
     dt = np.dtype(dtype)
@@ -144,15 +198,29 @@ def read_padded(
     r, rh, pt, pb = _pad_spec(row0, height, ds.height)
     c, cw, pl, pr = _pad_spec(col0, width, ds.width)
     win = Window(c, r, cw, rh)
-    data = ds.read(list(bands), window=win)
-    if has_mask(ds, bands):
-        valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
-    else:
-        valid = np.ones((rh, cw), dtype=bool)
+    with damaged_input(ds):
+        data = ds.read(list(bands), window=win)
+        if has_mask(ds, bands):
+            valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
+        else:
+            valid = np.ones((rh, cw), dtype=bool)
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
+    if data.dtype.kind == "f":
+        _refuse_non_finite(ds, data, valid)
     pads = [(pt, pb), (pl, pr)]
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
+
+
+def _refuse_non_finite(ds: Any, data: np.ndarray, valid: np.ndarray) -> None:
+    """NaN or inf outside the declared nodata would spread through every filter and regression of
+    the fusion (a singular matrix, NaN statistics): refuse them, saying how to declare them."""
+    bad = valid & ~np.isfinite(data).all(axis=0)
+    if bad.any():
+        raise FusionError(
+            f"{ds.name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px in one "
+            "window); declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
+        )
 
 
 def pad_array(
@@ -169,9 +237,22 @@ def read_decimated(
     ds: rasterio.io.DatasetReader, bands: Sequence[int], window: Window, out_shape: tuple[int, int]
 ) -> np.ndarray:
     """Area-averaged read of a window to a smaller shape `(C, h, w)` (uses overviews when present)."""
-    return ds.read(
-        list(bands), window=window, out_shape=(len(bands), *out_shape), resampling=Resampling.average
-    )
+    with damaged_input(ds):
+        return ds.read(
+            list(bands), window=window, out_shape=(len(bands), *out_shape), resampling=Resampling.average
+        )
+
+
+@contextlib.contextmanager
+def damaged_input(ds: Any) -> Iterator[None]:
+    """A file that opened but cannot be decoded (truncated, corrupted bytes) is bad input naming
+    the file (exit 2), not a disk problem: GDAL reports both as the same I/O error."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise FusionError(
+            f"{ds.name} is damaged (truncated or corrupted: {_reason(exc)}); re-download or re-export it"
+        ) from exc
 
 
 def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> list[str]:
@@ -249,7 +330,8 @@ def check_writable(
 # Temporary names this tool writes beside an output: `.<name>.<tag>-<pid>-<8 hex><suffix>`, plus
 # GDAL's own sidecars of such a file. Only names of this shape are ever removed as stale.
 TEMP_TAGS = ("partial", "cog", "tmp")
-_TEMP_RE = re.compile(r"\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z")
+# (a sidecar of `out`, like `<out>.metrics.json`, has its name between)
+_TEMP_RE = re.compile(r"(?:\.[^/]+?)?\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]+(?:\.[A-Za-z0-9]+)*\Z")
 
 
 def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:

@@ -132,11 +132,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A card is a few KiB of JSON; anything far larger is not a card (and is not read into memory).
+MAX_CARD_BYTES = 1 << 20
+
+
 def _read_card(path: Path) -> ModelCard:
     try:
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise FusionError(f"model card {path} is over {MAX_CARD_BYTES >> 20} MiB: not a model card")
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FusionError(f"cannot read model card {path}: {exc}") from None
+    except RecursionError:  # a deeply nested document
+        raise FusionError(f"model card {path} is nested too deeply: not a model card") from None
     if not isinstance(data, dict):
         raise FusionError(f"model card {path} is not a JSON object")
     card = ModelCard.from_dict(data, source=str(path))
