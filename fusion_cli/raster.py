@@ -206,20 +206,24 @@ def read_padded(
             valid = np.ones((rh, cw), dtype=bool)
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
-    if data.dtype.kind == "f":
-        _refuse_non_finite(ds, data, valid)
+    refuse_non_finite(ds.name, data, valid)
     pads = [(pt, pb), (pl, pr)]
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
 
 
-def _refuse_non_finite(ds: Any, data: np.ndarray, valid: np.ndarray) -> None:
-    """NaN or inf outside the declared nodata would spread through every filter and regression of
-    the fusion (a singular matrix, NaN statistics): refuse them, saying how to declare them."""
-    bad = valid & ~np.isfinite(data).all(axis=0)
+def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+    """NaN or inf outside the declared nodata (`valid`: where data counts; None: everywhere) would
+    spread through every filter and regression (a singular matrix, NaN statistics, a failed
+    assert in a metric): refuse them, saying how to declare them."""
+    if data.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(data).all(axis=0)
+    if valid is not None:
+        bad &= valid
     if bad.any():
         raise FusionError(
-            f"{ds.name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px in one "
-            "window); declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
+            f"{name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px); "
+            "declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
         )
 
 
@@ -355,13 +359,13 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
 
 
-def verify_geotiff(path: Path) -> None:
+def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
     """Raise OSError unless `path` opens, carries the completion tag and holds every block it
     indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
     rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
     size = path.stat().st_size
     with gdal_env(), rasterio.open(path) as ds:
-        if ds.tags().get(COMPLETE_TAG) != "1":
+        if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
             raise OSError("the completion tag is missing")
         # pixel-interleaved files share one block index for all bands
         for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
