@@ -1135,6 +1135,7 @@ def pansharpen(
 ) -> FuseSummary:
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
     options = _options(opts)
+    raster.check_same_file(pan, ms)
     if method is not None and options.pan_bands is None and _band_count(pan, "PAN") > 1:
         # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
         raise FusionError(
