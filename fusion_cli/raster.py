@@ -392,7 +392,9 @@ def atomic_output(
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError("nothing was written")
         os.replace(tmp, final)
-    except OSError as exc:
+    except FusionError:
+        raise
+    except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
         raise OutputWriteError(f"cannot write {what} {final}: {_reason(exc)}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
