@@ -27,7 +27,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from fusion_cli import batch, raster
-from fusion_cli.errors import FusionError, OutputWriteError
+from fusion_cli.errors import OutputWriteError
 
 CRS = "EPSG:32631"
 REPO = Path(__file__).resolve().parents[1]
@@ -498,8 +498,3 @@ def test_report_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None
     rc, _, err = cli("report", out, "-o", rep)
     one_line_error(rc, err, "index.html", "--overwrite")
     assert (rep / "index.html").read_text() == "mine"
-
-
-def test_fusion_error_is_not_an_output_error() -> None:
-    # exit codes: bad input 2 (FusionError), the system 1 (OSError, OutputWriteError among them)
-    assert issubclass(OutputWriteError, OSError) and not issubclass(OutputWriteError, FusionError)
