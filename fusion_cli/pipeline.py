@@ -1136,10 +1136,11 @@ def pansharpen(
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
     options = _options(opts)
     raster.check_same_file(pan, ms)
-    if method is not None and options.pan_bands is None and _band_count(pan, "PAN") > 1:
-        # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
+    # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
+    pan_count = _band_count(pan, "PAN") if method is not None and options.pan_bands is None else 1
+    if pan_count > 1:
         raise FusionError(
-            f"the PAN {pan} has {_band_count(pan, 'PAN')} bands; pansharpening needs a single-band PAN "
+            f"the PAN {pan} has {pan_count} bands; pansharpening needs a single-band PAN "
             "(for a multispectral high-resolution image use `fusion hisr`)"
         )
     return _fuse(pan, ms, out, model, weights, method, options, sensor)

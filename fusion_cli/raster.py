@@ -356,6 +356,9 @@ def is_own_temporary(out: Path, candidate: Path) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
+    """First line of an error; rasterio's 'See previous exception' points at GDAL's own, its cause."""
+    while exc.__cause__ is not None and "previous exception" in str(exc):
+        exc = exc.__cause__
     return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
 
 

@@ -425,6 +425,25 @@ def test_termination_signal_leaves_no_partial_file(tmp_path: Path, sig: signal.S
     assert list(out_dir.iterdir()) == []
 
 
+def test_sigterm_stops_a_batch_like_ctrl_c(tmp_path: Path) -> None:
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    make_pair(src, n=3072, stem="a_")
+    for role in ("pan", "ms"):
+        os.rename(src / f"a_{role}.tif", src / f"a_{role.upper()}.tif")
+    proc = cli_process("batch", src, out_dir, "--method", "exp", "--tile", "32", "--json")
+    deadline = time.monotonic() + 240
+    while not (out_dir.is_dir() and any(".partial" in p.name for p in out_dir.iterdir())):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert json.loads(stdout)["interrupted"] is True
+    assert not (out_dir / "a_fused.tif").exists() and hidden(out_dir) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Damaged inputs are named as damaged
 
