@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio._err import CPLE_BaseError
+from rasterio._err import CPLE_BaseError  # GDAL errors (CPLE_*): rasterio exports them only here
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
