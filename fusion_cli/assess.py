@@ -71,9 +71,10 @@ class Case:
 
 def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
     """Read every band of a raster with its validity mask (see the module docstring)."""
-    from fusion_cli.raster import gdal_env, open_raster
+    from fusion_cli.raster import check_pixel_type, damaged_input, gdal_env, open_raster
 
-    with gdal_env(), open_raster(path, what) as ds:
+    with gdal_env(), open_raster(path, what) as ds, damaged_input(ds):
+        check_pixel_type(ds, what)
         data = ds.read()
         valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
         tags = dict(ds.tags())
@@ -269,25 +270,43 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | Path, append: bool = False) -> Path:
+# The first columns of every metrics row (`flatten`): how an appended-to CSV is recognised as ours.
+CSV_KEY = ("product", "mode")
+
+
+def write_csv(
+    rows: list[dict[str, Any]], path: str | Path, append: bool = False, overwrite: bool = True
+) -> Path:
     """Write rows (union of their keys, first-seen order) to CSV; `append` adds to an existing file
-    whose header is kept (new columns are then dropped, missing ones left empty)."""
+    whose header is kept (new columns are then dropped, missing ones left empty) and that must be a
+    metrics CSV (header starting with CSV_KEY), never a foreign one. The file is replaced whole,
+    atomically: a failed write leaves the previous file as it was."""
     import csv
+
+    from fusion_cli.raster import atomic_output
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
+    previous = ""
     if append and p.exists() and p.stat().st_size > 0:
-        with p.open(newline="") as fh:
-            columns = next(csv.reader(fh))
-        mode = "a"
-    else:
-        mode = "w"
-    with p.open(mode, newline="") as fh:
+        try:
+            with p.open(newline="", encoding="utf-8") as fh:
+                previous = fh.read()
+            columns = next(csv.reader(previous.splitlines()))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            columns = []
+        if tuple(columns[: len(CSV_KEY)]) != CSV_KEY:
+            raise FusionError(
+                f"{p} is not a metrics CSV (its header does not start with {','.join(CSV_KEY)}); "
+                "choose another --csv file"
+            )
+    with atomic_output(p, overwrite=overwrite or append, what="CSV") as tmp, tmp.open("w", newline="") as fh:
+        fh.write(previous)
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if mode == "w":
+        if not previous:
             writer.writeheader()
         writer.writerows(rows)
     return p

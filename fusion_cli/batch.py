@@ -139,6 +139,24 @@ def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str
     return sorted(rel)
 
 
+def escapes(out_dir: Path, out: str | Path) -> str | None:
+    """Why output `out` (as the user wrote it, relative to `out_dir`) would be written outside
+    `out_dir`, or None: outputs, their lock and temporary files are confined to OUT_DIR, so a
+    manifest or pattern can never overwrite or clean up files elsewhere."""
+    given = Path(out)
+    if given.is_absolute():
+        return f"output {out} is an absolute path; outputs must be relative to OUT_DIR {out_dir}"
+    if ".." in given.parts:
+        return f"output {out} climbs out of OUT_DIR with '..'; write it inside {out_dir}"
+    root = os.path.realpath(out_dir)
+    # the folder it lands in, with every symlink followed, must be OUT_DIR or below it
+    if os.path.commonpath([root, os.path.realpath(Path(out_dir) / given.parent)]) != root:
+        return f"output {out} leaves OUT_DIR {out_dir} through a symlink; write it elsewhere inside OUT_DIR"
+    if (Path(out_dir) / given).is_symlink():
+        return f"output {out} is a symlink; remove it or choose another name"
+    return None
+
+
 def out_path_for(out_dir: Path, stem: str, out_pattern: str = DEFAULT_OUT_PATTERN) -> Path:
     """Output of a scene: `out_pattern` with `{stem}` filled, under `out_dir`."""
     if "{stem}" not in out_pattern:
@@ -231,7 +249,11 @@ def pair_by_patterns(
             )
         else:
             out = out_path_for(out_dir, stem, out_pattern)
-            scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
+            why = escapes(out_dir, out_path_for(Path(), stem, out_pattern))
+            if why is not None:
+                unpaired.append(Unpaired(in_dir / p_list[0], why))
+            else:
+                scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
     matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
     ignored = [in_dir / f for f in files if f not in matched]
     plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
@@ -272,6 +294,7 @@ def read_manifest(
             f"manifest {manifest} needs a header with 'pan' and 'ms' columns (and optionally 'out', 'id')"
         )
     scenes: list[Scene] = []
+    refused: list[Unpaired] = []
     for n, row in enumerate(rows, start=2):
         r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not r.get("pan") or not r.get("ms"):
@@ -279,8 +302,12 @@ def read_manifest(
         pan, ms = in_dir / r["pan"], in_dir / r["ms"]  # absolute paths stay absolute
         stem = _stem_of(Path(r["pan"]).name)
         out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
+        why = escapes(out_dir, r.get("out") or out_path_for(Path(), stem, out_pattern))
+        if why is not None:  # this row fails with its reason; the other rows go on
+            refused.append(Unpaired(Path(r.get("id") or r["out"]), f"manifest line {n}: {why}"))
+            continue
         scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
-    plan = Plan(scenes, source=f"--manifest {manifest}", total_scenes=len(scenes))
+    plan = Plan(scenes, refused, source=f"--manifest {manifest}", total_scenes=len(scenes))
     _check_outputs(plan)
     return plan
 
@@ -534,10 +561,13 @@ def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete hidden `.<name>.*` files a killed writer left beside `out` (call under `scene_lock`)."""
+    """Delete the temporary files a killed writer of this tool left beside `out` (call under
+    `scene_lock`): only names of the shape this tool gives them (`raster.is_own_temporary`)."""
+    from fusion_cli.raster import is_own_temporary
+
     removed = []
     for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        if p.name != f".{out.name}.lock" and p.is_file():
+        if is_own_temporary(out, p) and p.is_file() and not p.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)
@@ -842,7 +872,6 @@ def scene_metrics(
     )
     sidecar = scene.out.with_name(scene.out.name + ".metrics.json")
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
-    tmp = sidecar.with_name("." + sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, sidecar)
+    with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=float))
     return values

@@ -3,3 +3,27 @@
 
 class FusionError(Exception):
     """Bad input or usage. The message is shown to the user as is, without a traceback."""
+
+
+class NoValidPixels(FusionError):
+    """A method's scene statistics found no valid pixel: the inputs are all nodata where they meet."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no valid pixel to fuse: the inputs are all nodata (or masked) where they overlap; "
+            "check the inputs and their nodata"
+        )
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (a full disk, a file-size limit, a lost mount): the system, not the
+    input, so the CLI exits 1; the message names the output, and no file is left under its name."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C would be so that the same cleanup runs (no partial
+    file is left); the CLI exits 128 + `signum`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

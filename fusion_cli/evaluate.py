@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fusion_cli.errors import FusionError
+from fusion_cli.raster import atomic_output
 from fusion_cli.sensors import canonical_sensor
 
 RR_KEYS = ("Q2n", "Q", "SAM", "ERGAS", "SCC")
@@ -268,8 +269,8 @@ def evaluate(
     }
     _write_csv(Path(files["results_csv"]), rows)
     _write_csv(Path(files["summary_csv"]), summary)
-    Path(files["json"]).write_text(
-        json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=2)
+    _write_text(
+        Path(files["json"]), json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=2)
     )
     note = (
         f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "
@@ -279,15 +280,24 @@ def evaluate(
         + ("full resolution: D_lambda^K/HQNR with the sensor MTF. " if full_resolution else "")
         + "Times: wall-clock seconds per fusion."
     )
-    Path(files["markdown"]).write_text(markdown(summary, note))
+    _write_text(Path(files["markdown"]), markdown(summary, note))
     return EvalResult(rows, summary, files)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Results replace the previous ones whole, or not at all (a full disk leaves no half file)."""
+    with atomic_output(path, overwrite=True, what="evaluation result") as tmp:
+        tmp.write_text(text)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with path.open("w", newline="") as fh:
+    with (
+        atomic_output(path, overwrite=True, what="evaluation result") as tmp,
+        tmp.open("w", newline="") as fh,
+    ):
         writer = csv.DictWriter(fh, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)

@@ -85,6 +85,7 @@ class FuseOptions:
     scan_memory: float | None = None
     # network transpose self-ensemble (FusionMambaConfig.transpose_ensemble); None: the model card's
     ensemble: bool | None = None
+    max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
 
 
 @dataclass
@@ -172,6 +173,7 @@ def make_fuser(
         )
     if precision not in {"fp32", "bf16", "fp16"}:
         raise FusionError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    raster.check_dn_max(dn_max)
     dev = resolve_device(device)
     if method is not None:
         try:
@@ -792,6 +794,9 @@ def open_pair(
     with contextlib.ExitStack() as stack:
         pan_ds = stack.enter_context(raster.open_raster(pan_path, "PAN"))
         ms_ds = stack.enter_context(raster.open_raster(ms_path, "MS"))
+        raster.check_same_file(pan_path, ms_path)
+        raster.check_pixel_type(pan_ds, "PAN")
+        raster.check_pixel_type(ms_ds, "MS")
         if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
             ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio))
         yield pan_ds, ms_ds
@@ -879,7 +884,7 @@ def fuse_files(
     opts = options or FuseOptions()
     t0 = time.perf_counter()
     _bound_heap()
-    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path])
+    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path], _side_outputs(out_path, opts))
     caught: list[str] = []
     with (
         raster.gdal_env(),
@@ -888,6 +893,7 @@ def fuse_files(
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
+        raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
@@ -898,10 +904,12 @@ def fuse_files(
             np.dtype(out_dtype)
         except TypeError:
             raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
+        raster.check_dn_max(opts.dn_max)
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
         # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
         _adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
         lo, hi = _value_range(ms_dtype, dn_max)
+        raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         nodata, use_mask = _output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
 
         source = _PairSource(
@@ -982,11 +990,16 @@ def fuse_files(
 
             with _WriteBehind() as behind:
                 _run(fuser, source, plan, len(bands), sink, opts.batch, bar.advance)
+            if n_valid == 0:  # all nodata: an empty product is no product
+                raise FusionError(
+                    f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
+                    "check the inputs and their nodata"
+                )
             writer.commit()
 
     quick = None
     if opts.quicklook:
-        quick = _write_quicklook(out, fuser)
+        quick = _write_quicklook(out, fuser, opts.overwrite)
     seconds = time.perf_counter() - t0
     return FuseSummary(
         output=str(out),
@@ -1034,7 +1047,12 @@ def _adapt(
     return asdict(adapt_fuser(fuser, window.pan, window.ms, opts.adapt))
 
 
-def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
+def _side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:
+    """Files written beside the product, which obey --overwrite as it does."""
+    return [Path(out).with_suffix(".png")] if opts.quicklook else []
+
+
+def _write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
     """A PNG beside the product, from a decimated read (bounded memory)."""
     try:
         from fusion_cli.quicklook import save_quicklook
@@ -1052,7 +1070,8 @@ def _write_quicklook(out: Path, fuser: Fuser) -> str | None:
         # Nodata stays out of the stretch percentiles (and is drawn black).
         mask = ds.dataset_mask(out_shape=shape) > 0
     png = out.with_suffix(".png")
-    save_quicklook(png, img.astype(np.float32), rgb=rgb, mask=mask)
+    with raster.atomic_output(png, overwrite, "quicklook") as tmp:
+        save_quicklook(tmp, img.astype(np.float32), rgb=rgb, mask=mask)
     return str(png)
 
 
@@ -1087,7 +1106,7 @@ def _resolve_fuser(
     sensor: str | None,
 ) -> Fuser:
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
-    raster.check_writable(out, opts.overwrite, [pan, ms])
+    raster.check_writable(out, opts.overwrite, [pan, ms], _side_outputs(out, opts))
     ratio = measure_ratio(pan, ms, opts.reproject)
     n_bands = len(opts.bands) if opts.bands else None
     pan_count = len(opts.pan_bands) if opts.pan_bands else _band_count(pan, "PAN")
@@ -1133,6 +1152,27 @@ def pansharpen(
 ) -> FuseSummary:
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF; options as FuseOptions."""
     options = _options(opts)
+    raster.check_same_file(pan, ms)
+    # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
+    pan_count = _band_count(pan, "PAN") if method is not None and options.pan_bands is None else 1
+    if pan_count > 1:
+        raise FusionError(
+            f"the PAN {pan} has {pan_count} bands; pansharpening needs a single-band PAN "
+            "(for a multispectral high-resolution image use `fusion hisr`)"
+        )
+    return _fuse(pan, ms, out, model, weights, method, options, sensor)
+
+
+def _fuse(
+    pan: str | os.PathLike[str],
+    ms: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    model: str | None,
+    weights: str | os.PathLike[str] | None,
+    method: str | None,
+    options: FuseOptions,
+    sensor: str | None,
+) -> FuseSummary:
     fuser = _resolve_fuser(pan, ms, out, model, weights, method, options, sensor)
     return fuse_files(pan, ms, out, fuser, options)
 
@@ -1149,7 +1189,7 @@ def hisr(
     **opts: Any,
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan")."""
-    return pansharpen(msi, hsi, out, model=model, weights=weights, method=method, sensor=sensor, **opts)
+    return _fuse(msi, hsi, out, model, weights, method, _options(opts), sensor)
 
 
 def iter_windows(plan: TilePlan) -> Iterator[Window]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import secrets
 import sys
 import warnings
@@ -20,11 +22,12 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio._err import CPLE_BaseError  # GDAL errors (CPLE_*): rasterio exports them only here
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, OutputWriteError
 
 # The tag written last, just before the file is closed: a file without it was not finished.
 COMPLETE_TAG = "FUSION_COMPLETE"
@@ -92,6 +95,58 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
         return None
 
 
+# Default ceiling on a product's pixels (PAN grid): 10 Gpx, far above real scenes (a WorldView
+# strip is ~1.5 Gpx), far below what a sparse or mistaken header can declare (10^12 px = 12 TB).
+MAX_PIXELS = 1e10
+
+
+def check_scene_size(height: int, width: int, max_pixels: float | None) -> None:
+    """Refuse a product larger than `max_pixels` (None: MAX_PIXELS) before any work."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if height * width > limit:
+        raise FusionError(
+            f"the product would be {height} x {width} = {height * width / 1e9:.3g} Gpx, over the "
+            f"limit of {limit / 1e9:.3g} Gpx; check the inputs' sizes, or raise --max-pixels"
+        )
+
+
+def check_dn_max(dn_max: float | None) -> None:
+    """--dn-max is the largest valid DN: a positive finite number (0 or NaN clip everything to 0)."""
+    if dn_max is not None and not (math.isfinite(dn_max) and dn_max > 0):
+        raise FusionError(f"--dn-max must be a positive number like 2047 or 65535, got {dn_max}")
+
+
+def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
+    """Complex pixels would lose their imaginary part: refuse them (and anything not numeric)."""
+    for dt in set(ds.dtypes):
+        kind = np.dtype(dt).kind
+        if kind not in "uif":
+            raise FusionError(
+                f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
+                "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
+            )
+
+
+def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:
+    """The two inputs of a fusion must be two files: one given twice 'fuses' with itself."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(pan, ms):
+            raise FusionError(f"the PAN and MS are the same file ({ms}); give the two images of the pair")
+
+
+def check_narrowing(in_dtype: str, out_dtype: str, lo: float | None, hi: float | None) -> None:
+    """Refuse an integer --dtype that cannot hold the input's value range [lo, hi] (every value past
+    it would be clipped: int8 output of uint16 data is 127 everywhere)."""
+    rng = dtype_range(out_dtype)
+    if rng is None or lo is None or hi is None:
+        return
+    if lo < rng[0] or hi > rng[1]:
+        raise FusionError(
+            f"--dtype {out_dtype} holds {rng[0]:g}..{rng[1]:g} but the {in_dtype} input's values reach "
+            f"{lo:g}..{hi:g}; use {in_dtype} or float32, or state the real ceiling with --dn-max"
+        )
+
+
 def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
     """Representable range of an integer dtype; None for floats (no clipping)."""
     dt = np.dtype(dtype)
@@ -143,15 +198,33 @@ def read_padded(
     r, rh, pt, pb = _pad_spec(row0, height, ds.height)
     c, cw, pl, pr = _pad_spec(col0, width, ds.width)
     win = Window(c, r, cw, rh)
-    data = ds.read(list(bands), window=win)
-    if has_mask(ds, bands):
-        valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
-    else:
-        valid = np.ones((rh, cw), dtype=bool)
+    with damaged_input(ds):
+        data = ds.read(list(bands), window=win)
+        if has_mask(ds, bands):
+            valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
+        else:
+            valid = np.ones((rh, cw), dtype=bool)
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
+    refuse_non_finite(ds.name, data, valid)
     pads = [(pt, pb), (pl, pr)]
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
+
+
+def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+    """NaN or inf outside the declared nodata (`valid`: where data counts; None: everywhere) would
+    spread through every filter and regression (a singular matrix, NaN statistics, a failed
+    assert in a metric): refuse them, saying how to declare them."""
+    if data.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(data).all(axis=0)
+    if valid is not None:
+        bad &= valid
+    if bad.any():
+        raise FusionError(
+            f"{name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px); "
+            "declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
+        )
 
 
 def pad_array(
@@ -168,9 +241,22 @@ def read_decimated(
     ds: rasterio.io.DatasetReader, bands: Sequence[int], window: Window, out_shape: tuple[int, int]
 ) -> np.ndarray:
     """Area-averaged read of a window to a smaller shape `(C, h, w)` (uses overviews when present)."""
-    return ds.read(
-        list(bands), window=window, out_shape=(len(bands), *out_shape), resampling=Resampling.average
-    )
+    with damaged_input(ds):
+        return ds.read(
+            list(bands), window=window, out_shape=(len(bands), *out_shape), resampling=Resampling.average
+        )
+
+
+@contextlib.contextmanager
+def damaged_input(ds: Any) -> Iterator[None]:
+    """A file that opened but cannot be decoded (truncated, corrupted bytes) is bad input naming
+    the file (exit 2), not a disk problem: GDAL reports both as the same I/O error."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise FusionError(
+            f"{ds.name} is damaged (truncated or corrupted: {_reason(exc)}); re-download or re-export it"
+        ) from exc
 
 
 def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> list[str]:
@@ -219,10 +305,17 @@ def output_profile(
 
 
 def check_writable(
-    out_path: str | os.PathLike[str], overwrite: bool, inputs: Sequence[str | os.PathLike[str]]
+    out_path: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]],
+    side_outputs: Sequence[Path] = (),
 ) -> Path:
-    """Fail early (before any work) if the output cannot be written where asked."""
+    """Fail early (before any work) if the output, or a side file written with it (a quicklook),
+    cannot be written where asked."""
     out = Path(out_path)
+    for side in side_outputs:
+        if side.exists() and not overwrite:
+            raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src in inputs:
         if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
             raise FusionError(f"output {out} is one of the inputs; choose another output path")
@@ -238,9 +331,77 @@ def check_writable(
     return out
 
 
-def _temp_name(out: Path, tag: str) -> Path:
+# Temporary names this tool writes beside an output: `.<name>.<tag>-<pid>-<8 hex><suffix>`, plus
+# GDAL's own sidecars of such a file. Only names of this shape are ever removed as stale.
+TEMP_TAGS = ("partial", "cog", "tmp")
+# (a sidecar of `out`, like `<out>.metrics.json`, has its name between)
+_TEMP_RE = re.compile(r"(?:\.[^/]+?)?\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]+(?:\.[A-Za-z0-9]+)*\Z")
+
+
+def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}.tif")
+    assert tag in TEMP_TAGS
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def is_own_temporary(out: Path, candidate: Path) -> bool:
+    """Whether `candidate` is a temporary file this tool names for `out` (`_temp_name`)."""
+    prefix = f".{out.name}"
+    name = candidate.name
+    return (
+        candidate.parent == out.parent
+        and name.startswith(prefix)
+        and bool(_TEMP_RE.match(name[len(prefix) :]))
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """First line of an error; rasterio's 'See previous exception' points at GDAL's own, its cause."""
+    while exc.__cause__ is not None and "previous exception" in str(exc):
+        exc = exc.__cause__
+    return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+
+
+def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
+    """Raise OSError unless `path` opens, carries the completion tag and holds every block it
+    indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
+    rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
+    size = path.stat().st_size
+    with gdal_env(), rasterio.open(path) as ds:
+        if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
+            raise OSError("the completion tag is missing")
+        # pixel-interleaved files share one block index for all bands
+        for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
+            for (i, j), _ in ds.block_windows(b):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
+                n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
+                if not off or not n or int(off) + int(n) > size:
+                    raise OSError(f"block {i},{j} of band {b} is missing")
+
+
+@contextlib.contextmanager
+def atomic_output(
+    out: str | os.PathLike[str], overwrite: bool = False, what: str = "output"
+) -> Iterator[Path]:
+    """A temporary path beside `out` to write a side file (PNG, CSV, JSON, HTML) to; renamed onto
+    `out` only when the body succeeds and wrote something, else removed. An existing `out` needs
+    `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file."""
+    final = Path(out)
+    if final.exists() and not overwrite:
+        raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
+    tmp = _temp_name(final, "tmp", final.suffix)
+    try:
+        yield tmp
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError("nothing was written")
+        os.replace(tmp, final)
+    except FusionError:
+        raise
+    except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
+        raise OutputWriteError(f"cannot write {what} {final}: {_reason(exc)}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 class AtomicWriter:
@@ -280,7 +441,7 @@ class AtomicWriter:
             try:
                 self._dst = rasterio.open(self._tmp, "w", **self.profile)
             except Exception as exc:
-                raise FusionError(f"cannot write output {self.out}: {str(exc).splitlines()[0]}") from None
+                raise FusionError(f"cannot write output {self.out}: {_reason(exc)}") from None
             if self.descriptions:
                 for i, d in enumerate(self.descriptions, start=1):
                     self._dst.set_band_description(i, d)
@@ -294,14 +455,25 @@ class AtomicWriter:
         """Write `(C, h, w)` at (row0, col0); `valid (h, w)` goes to the internal mask if enabled."""
         assert self._dst is not None
         win = Window(col0, row0, data.shape[-1], data.shape[-2])
-        self._dst.write(data, window=win)
-        if self.use_mask:
-            m = (
-                np.full(data.shape[-2:], 255, np.uint8)
-                if valid is None
-                else np.where(valid, 255, 0).astype(np.uint8)
-            )
-            self._dst.write_mask(m, window=win)
+        with self._failing_write():
+            self._dst.write(data, window=win)
+            if self.use_mask:
+                m = (
+                    np.full(data.shape[-2:], 255, np.uint8)
+                    if valid is None
+                    else np.where(valid, 255, 0).astype(np.uint8)
+                )
+                self._dst.write_mask(m, window=win)
+
+    @contextlib.contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """Any GDAL/OS error while writing is an OutputWriteError naming the output (exit 1)."""
+        try:
+            yield
+        except (FusionError, OutputWriteError):
+            raise
+        except Exception as exc:
+            raise OutputWriteError(f"writing output {self.out} failed: {_reason(exc)}") from exc
 
     def update_tags(self, **tags: Any) -> None:
         assert self._dst is not None
@@ -312,8 +484,14 @@ class AtomicWriter:
         assert self._dst is not None
         if self.out.exists() and not self.overwrite:
             raise FusionError(f"output {self.out} appeared while fusing; pass --overwrite to replace it")
+        with self._failing_write():
+            return self._finish()
+
+    def _finish(self) -> Path:
+        assert self._dst is not None
         self._dst.update_tags(**{COMPLETE_TAG: "1"})
         self._dst.close()
+        verify_geotiff(self._tmp)
         final = self._tmp
         if self.cog:
             final = _temp_name(self.out, "cog")
@@ -328,6 +506,7 @@ class AtomicWriter:
                 opts["level"] = self.profile["zlevel"]
             rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
             self._tmp.unlink()
+            verify_geotiff(final)
         os.replace(final, self.out)
         self._committed = True
         return self.out

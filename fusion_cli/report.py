@@ -26,6 +26,7 @@ import numpy as np
 from fusion_cli.assess import INDEX_ORDER, Case, EvalOptions, flatten, load_case, score, write_csv
 from fusion_cli.errors import FusionError
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
+from fusion_cli.raster import atomic_output
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 # True: higher is better; for highlighting the best product of each column
@@ -398,7 +399,8 @@ def _write_html(
             parts.append(f"<figure><img src='img/{src}' alt='{cap}'><figcaption>{cap}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    with atomic_output(path, overwrite=True, what="report") as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
 
 
 def build_report(
@@ -409,6 +411,7 @@ def build_report(
     zoom: int = 256,
     max_side: int = 1024,
     progress=None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every item and write `metrics.csv`, `metrics.json`, `index.html` and `img/*.png`.
 
@@ -419,6 +422,9 @@ def build_report(
     """
     opts = replace(opts or EvalOptions(), per_band=True)
     out = Path(out_dir)
+    html_path = out / "index.html"
+    if html_path.exists() and not overwrite:  # a report is replaced whole or not at all
+        raise FusionError(f"report {html_path} already exists; pass --overwrite to replace it")
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     sources = {p.resolve() for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None}
@@ -448,8 +454,8 @@ def build_report(
         out / "metrics.csv",
     )
     json_path = out / "metrics.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    html_path = out / "index.html"
+    with atomic_output(json_path, overwrite=True, what="report") as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     _write_html(html_path, results, figs, opts)
     return {
         "products": len(results),

@@ -11,7 +11,6 @@ pan_lr `(P, h, w)` with h, w multiples of r.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +81,10 @@ def _read(path: Path) -> tuple[np.ndarray, dict, Affine | None, object]:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             ds = rasterio.open(path)
         with ds:
+            raster.check_pixel_type(ds, "input")
             data = ds.read()
+            # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
+            raster.refuse_non_finite(str(path), data)
             georef = ds.crs is not None or not ds.transform.is_identity
             tags = ds.tags()
             return (
@@ -126,21 +128,22 @@ def _write(
         profile.update(transform=transform, crs=crs)
     if meta["nodata"] is not None:
         profile["nodata"] = meta["nodata"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        # a no-georef input gives a no-georef output, by design
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        ds = rasterio.open(tmp, "w", **profile)
-    with ds:
-        ds.write(out.astype(dtype))
-        tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
-        ds.update_tags(**tags, **meta.get("extra", {}))
-        descs = meta["desc"]
-        if descs and len(descs) == data.shape[0]:
-            for i, d in enumerate(descs, start=1):
-                if d:
-                    ds.set_band_description(i, d)
-    os.replace(tmp, path)
+    # existing outputs were refused (or allowed by --overwrite) before any work
+    with raster.atomic_output(path, overwrite=True, what="simulated image") as tmp:
+        with warnings.catch_warnings():
+            # a no-georef input gives a no-georef output, by design
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(tmp, "w", **profile)
+        with ds:
+            ds.write(out.astype(dtype))
+            tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
+            ds.update_tags(**tags, **meta.get("extra", {}))
+            descs = meta["desc"]
+            if descs and len(descs) == data.shape[0]:
+                for i, d in enumerate(descs, start=1):
+                    if d:
+                        ds.set_band_description(i, d)
+        raster.verify_geotiff(tmp, complete_tag=False)
 
 
 def simulate_files(

@@ -415,6 +415,18 @@ def dying_factory(job: batch.FuseJob) -> batch.SceneProcessor:
     return process
 
 
+def assert_same_up_to_blas_rounding(remote: np.ndarray, local: np.ndarray) -> None:
+    """Dask workers start with OMP_NUM_THREADS = MKL_NUM_THREADS = OPENBLAS_NUM_THREADS = 1
+    (`distributed.nanny.pre-spawn-environ`) while this process uses every core, and a BLAS may sum a
+    float32 product in another order, or with another kernel, for another thread count: on some
+    CPUs a value lands on the other side of a rounding boundary (2 of 1,440,000 WV2 values by 1 DN
+    were seen). So: at most 1 DN apart, on at most 1 value in 100,000; anything more is a real
+    difference between the two paths."""
+    diff = np.abs(remote.astype(np.int64) - local.astype(np.int64))
+    assert diff.max() <= 1, f"outputs differ by up to {diff.max()} DN"
+    assert np.count_nonzero(diff) <= max(1, local.size // 100_000), f"{np.count_nonzero(diff)} values differ"
+
+
 def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     import dask
@@ -452,6 +464,6 @@ def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> No
             rasterio.open(out_dir / f"{name}_fused.tif") as a,
             rasterio.open(mixed["out"] / f"{name}_fused.tif") as b,
         ):
-            np.testing.assert_array_equal(a.read(), b.read())
+            assert_same_up_to_blas_rounding(a.read(), b.read())
             assert (a.profile, a.transform, a.crs) == (b.profile, b.transform, b.crs)
     assert len(log.read_text().splitlines()) == len(GOOD) + len(BAD)

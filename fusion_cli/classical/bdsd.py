@@ -15,6 +15,7 @@ import torch
 from scipy.optimize import nnls
 
 from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, add_moments, lr_valid, merged
+from fusion_cli.errors import NoValidPixels
 from fusion_cli.mtf import mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import MIN_AXIS, axis_matrix, imresize_down, upsample_ms
 
@@ -64,7 +65,7 @@ class BDSDPC(ClassicalFuser):
 
     def _finalize(self) -> None:
         if self._moments is None or self._moments.n < 2:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         gram = self._moments.gram.numpy()
         d = (gram.shape[0] - 1) // 2 + 1  # regressors: P_r and the C degraded bands
         hth, hty = gram[:d, :d], gram[:d, d:]

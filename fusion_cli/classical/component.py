@@ -27,6 +27,7 @@ from fusion_cli.classical.base import (
     upsample_on_box,
     valid_box,
 )
+from fusion_cli.errors import NoValidPixels
 from fusion_cli.mtf import mtf_filter_decimate
 from fusion_cli.sensors import GENERIC_MS_GAIN
 
@@ -89,7 +90,7 @@ class BroveyHaze(ClassicalFuser):
     def _finalize(self) -> None:
         mom = self._moments
         if mom is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         c = mom.s.shape[0] - 1
         if c == len(_HAZE_FRACTIONS):
             self.haze = torch.as_tensor(_HAZE_FRACTIONS, dtype=mom.s.dtype) * self._quant.percentile(
@@ -184,7 +185,7 @@ class GSA(ClassicalFuser):
 
     def _finalize(self) -> None:
         if self._hr is None or self._lr is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         c = self._lr.s.shape[0] - 1
         lr_cov = self._lr.cov
         # regression with a constant term = regression of the centred variables
@@ -231,7 +232,7 @@ class PCA(ClassicalFuser):
 
     def _finalize(self) -> None:
         if self._moments is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         cov, mean = self._moments.cov, self._moments.mean
         c = cov.shape[0] - 1
         evals, evecs = torch.linalg.eigh(cov[:c, :c])

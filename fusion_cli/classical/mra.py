@@ -27,6 +27,7 @@ from fusion_cli.classical.base import (
     pan_lowpass_per_band,
     valid_box,
 )
+from fusion_cli.errors import NoValidPixels
 from fusion_cli.mtf import mtf_filter_decimate
 
 
@@ -86,7 +87,7 @@ class _GLP(_MRA):
 
     def _finalize(self) -> None:
         if self._moments is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         m, sd = self._moments.mean, self._moments.std
         c = m.shape[0] - 2
         self.scale = sd[:c] / torch.clamp(sd[c + 1], min=EPS)
@@ -166,7 +167,7 @@ class MTFGLPHS(_MRA):
 
     def _finalize(self) -> None:
         if self._moments is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         p = self.pan_bands
         cov, mean = self._moments.cov, self._moments.mean
         cxx = cov[:p, :p]
@@ -226,7 +227,7 @@ class MTFGLPFS(_MRA):
 
     def _finalize(self) -> None:
         if self._moments is None:
-            raise ValueError("no statistics accumulated")
+            raise NoValidPixels()
         c, gains = self._bands, self.gains(self._bands)
         cov_with_pan = self._moments.cov[:, -1]  # cov(X_k, P) for k < c, then cov(P_low, P)
         uniq = sorted(set(gains))

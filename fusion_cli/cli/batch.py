@@ -119,6 +119,7 @@ def register(app: typer.Typer) -> None:
         reproject: bool = FuseOpt.reproject,
         scan_memory: float | None = FuseOpt.scan_memory,
         ensemble: bool | None = FuseOpt.ensemble,
+        max_pixels: float | None = FuseOpt.max_pixels,
         metrics: bool = typer.Option(
             False, "--metrics", help="Full-resolution QNR/HQNR per output (log, --json, <out>.metrics.json)."
         ),
@@ -186,7 +187,7 @@ def register(app: typer.Typer) -> None:
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
             stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, ensemble=ensemble,
-            progress=False,
+            max_pixels=max_pixels, progress=False,
         )  # fmt: skip
         fuser_kwargs = {
             "model": model, "weights": None if weights is None else str(weights), "method": method,

@@ -112,6 +112,13 @@ class FuseOpt:
         "the time). Default: the model card's (on for landsat and vhr4).",
         show_default=False,
     )
+    max_pixels = typer.Option(
+        None,
+        "--max-pixels",
+        help="Largest product in PAN-grid pixels, checked before any work [default: 1e10]; a guard "
+        "against a mistaken or sparse input heading for a terabyte product.",
+        show_default=False,
+    )
     quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
     json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
 
@@ -167,6 +174,7 @@ def register_fuse_command(
             help="Target-adaptive fine-tuning: N training steps on this scene at reduced "
             "resolution before fusing it (network models).",
         ),
+        max_pixels: float | None = FuseOpt.max_pixels,
         quiet: bool = FuseOpt.quiet,
         json_out: bool = FuseOpt.json_out,
     ) -> None:
@@ -198,6 +206,7 @@ def register_fuse_command(
             scan_memory=scan_memory,
             ensemble=ensemble,
             adapt=adapt,
+            max_pixels=max_pixels,
             progress=not (quiet or json_out),
         )
         if json_out:

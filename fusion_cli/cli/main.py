@@ -3,12 +3,16 @@ library errors into one line on stderr with exit code 2 (a traceback only with -
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import typer
 
 from fusion_cli import __version__
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, Terminated
 
 app = typer.Typer(
     name="fusion",
@@ -57,11 +61,42 @@ def _register() -> None:
     app._fusion_registered = True  # type: ignore[attr-defined]
 
 
+_signals: list[int] = []  # termination signals received by this process
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    _signals.append(signum)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's kill, `timeout`) and SIGHUP (a closed terminal) unwind like Ctrl-C,
+    so the writers' cleanup runs; the previous handlers come back afterwards (the CLI may be
+    called in-process, by tests). Python only lets the main thread install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=True)
+        with _signals_as_interrupt():
+            try:
+                app(args=argv, standalone_mode=True)
+            except SystemExit as exc:
+                # Typer turns any KeyboardInterrupt (ours included) into exit 130: say which signal
+                if exc.code == 130 and _signals:
+                    raise Terminated(_signals[-1]) from None
+                raise
     except FusionError as exc:
         if debug:
             raise
@@ -72,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        typer.echo("Interrupted." if signum == signal.SIGINT else f"Terminated by signal {signum}.", err=True)
+        sys.exit(128 + signum)

@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         ),
         zoom: int = typer.Option(256, "--zoom", min=16, help="Side of the centred zoom crop (pixels)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
     ) -> None:
         from fusion_cli.assess import EvalOptions
         from fusion_cli.report import build_report, collect_items
@@ -79,7 +80,9 @@ def register(app: typer.Typer) -> None:
             console.print(f"[{i + 1}/{n}] {name}")
 
         display = None if bands is None else (bands[0] - 1, bands[1] - 1, bands[2] - 1)
-        summary = build_report(items, out, opts, rgb=display, zoom=zoom, progress=progress)
+        summary = build_report(
+            items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite
+        )
         if as_json:
             echo_json(summary)
         else:

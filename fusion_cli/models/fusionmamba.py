@@ -35,6 +35,18 @@ from fusion_cli.models.scan import causal_conv1d, resolve_backend, selective_sca
 _SUFFIX = ("", "_b", "_c", "_d")
 
 
+_CONFIG_LIMITS = {
+    "ms_bands": 1024,
+    "pan_bands": 1024,
+    "ratio": 64,
+    "dim": 1024,
+    "d_state": 256,
+    "d_conv": 16,
+    "expand": 16,
+    "attn_dim": 1024,
+}
+
+
 @dataclass
 class FusionMambaConfig:
     """Everything that defines the network's shape. `scan_backend` None = automatic (see scan.py)."""
@@ -62,10 +74,14 @@ class FusionMambaConfig:
     transpose_ensemble: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("ms_bands", "pan_bands", "ratio", "dim", "d_state", "d_conv", "expand", "attn_dim"):
+        # Upper bounds far above any trained model, checked before anything is allocated: a card
+        # with dim=200000 would otherwise try to allocate terabytes.
+        for name, most in _CONFIG_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise FusionError(f"FusionMamba config: {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise FusionError(
+                    f"FusionMamba config: {name} must be an integer from 1 to {most}, got {value!r}"
+                )
         if self.ratio < 2:
             raise FusionError(f"FusionMamba config: ratio must be >= 2, got {self.ratio}")
         if self.base is not None and not (isinstance(self.base, str) and self.base):

@@ -23,6 +23,7 @@ import torch
 from fusion_cli.errors import FusionError
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.paths import weights_dir
+from fusion_cli.raster import atomic_output
 
 TASKS = ("pansharpening", "hs-pansharpening", "hisr")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -132,11 +133,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A card is a few KiB of JSON; anything far larger is not a card (and is not read into memory).
+MAX_CARD_BYTES = 1 << 20
+
+
 def _read_card(path: Path) -> ModelCard:
     try:
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise FusionError(f"model card {path} is over {MAX_CARD_BYTES >> 20} MiB: not a model card")
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FusionError(f"cannot read model card {path}: {exc}") from None
+    except RecursionError:  # a deeply nested document
+        raise FusionError(f"model card {path} is nested too deeply: not a model card") from None
     if not isinstance(data, dict):
         raise FusionError(f"model card {path} is not a JSON object")
     card = ModelCard.from_dict(data, source=str(path))
@@ -352,18 +361,15 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     card.sha256 = ""
     card.validate()
     weights_path, card_path = out / card.weights, out / f"{card.name}.json"
-    tmp = weights_path.with_suffix(".safetensors.tmp")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
-    card.sha256 = _sha256(tmp)
-    os.replace(tmp, weights_path)
+    with atomic_output(weights_path, overwrite=True, what="weights") as tmp:
+        save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
+        card.sha256 = _sha256(tmp)
     write_card(card_path, card.to_dict())
     return weights_path, card_path
 
 
 def write_card(path: str | os.PathLike[str], card: dict[str, Any]) -> None:
     """Write a card's JSON atomically (temporary file, then rename): a reader never sees half a card."""
-    path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path, overwrite=True, what="model card") as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")

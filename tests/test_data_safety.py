@@ -1,0 +1,519 @@
+"""The data-safety catalogue of issue 17: each probe that once gave exit 0 with a corrupt or silently
+wrong product, a traceback, or a file touched outside the output folder, kept as a test.
+
+Everything here is tiny synthetic GeoTIFFs and the classical `gsa` / `exp` methods: the whole file
+runs in seconds of CPU. Limits (`ulimit -f`) and signals need a real process, so those cases run
+the CLI in a subprocess; the others call it in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from fusion_cli import batch, raster
+from fusion_cli.errors import OutputWriteError
+
+CRS = "EPSG:32631"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def write_tif(path: Path, data: np.ndarray, pixel: float = 1.0, **profile: object) -> Path:
+    """A georeferenced GeoTIFF of `(C, H, W)` `data` with pixel size `pixel` (m), origin (0, 0)."""
+    c, h, w = data.shape
+    base = {"driver": "GTiff", "width": w, "height": h, "count": c, "dtype": str(data.dtype)}
+    base.update(crs=CRS, transform=from_origin(500000, 0, pixel, pixel))
+    with rasterio.open(path, "w", **{**base, **profile}) as dst:
+        dst.write(data)
+    return path
+
+
+def make_pair(
+    folder: Path, n: int = 64, dtype: str = "uint16", stem: str = "", noise: bool = False
+) -> tuple[Path, Path]:
+    """A ratio-4 PAN/MS pair of side `n` (PAN px): smooth content, or incompressible noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:n, 0:n] / n
+    pan = 400 + 300 * np.sin(6 * yy) * np.cos(5 * xx) + (rng.random((n, n)) * 600 if noise else 0)
+    ms = np.stack([pan[2::4, 2::4] * (0.8 + 0.1 * b) for b in range(4)])
+    pan_p = write_tif(folder / f"{stem}pan.tif", pan[None].astype(dtype), 1.0)
+    ms_p = write_tif(folder / f"{stem}ms.tif", ms.astype(dtype), 4.0)
+    return pan_p, ms_p
+
+
+def cli(*args: str | Path) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    from fusion_cli.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            main([str(a) for a in args])
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def cli_process(*args: str | Path, fsize: int | None = None) -> subprocess.Popen:
+    """The CLI in a child process, optionally under a file-size limit (`ulimit -f`, bytes)."""
+
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def error_line(rc: int, err: str, code: int, *words: str) -> str:
+    """The last non-empty stderr line, checked: exit `code`, `Error: ...` holding `words`, no traceback."""
+    assert rc == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("Error: "), err[-3000:]
+    for w in words:
+        assert w.lower() in lines[-1].lower(), lines[-1]
+    return lines[-1]
+
+
+def one_line_error(rc: int, err: str, *words: str) -> None:
+    """Bad input: exit 2 and exactly one `Error:` line."""
+    error_line(rc, err, 2, *words)
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    return make_pair(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Write errors are errors
+
+
+@pytest.mark.parametrize("cog", [False, True], ids=["gtiff", "cog"])
+def test_file_size_limit_is_an_error_not_a_corrupt_product(tmp_path: Path, cog: bool) -> None:
+    pan, ms = make_pair(tmp_path, n=512, noise=True)  # ~2 MB of incompressible product
+    out = tmp_path / "out" / "x.tif"
+    out.parent.mkdir()
+    args = ["pansharpen", pan, ms, "-o", out, "--method", "gsa", "--json", *(["--cog"] if cog else [])]
+    proc = cli_process(*args, fsize=256 << 10)
+    stdout, stderr = proc.communicate(timeout=300)
+    line = error_line(proc.returncode, stderr, 1, str(out))
+    assert "fail" in line
+    assert stdout == ""  # no JSON summary of a product that does not exist
+    assert not out.exists() and hidden(out.parent) == []
+
+
+def test_batch_under_a_size_limit_fails_the_scene(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pair(src, n=512, noise=True, stem="a_")
+    os.rename(src / "a_pan.tif", src / "a_PAN.tif")
+    os.rename(src / "a_ms.tif", src / "a_MS.tif")
+    out_dir = tmp_path / "out"
+    proc = cli_process("batch", src, out_dir, "--method", "gsa", "--json", fsize=256 << 10)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    scenes = json.loads(stdout)["scenes"]
+    assert [s["status"] for s in scenes] == ["failed"], scenes
+    assert "a_fused.tif" in scenes[0]["reason"]
+    assert not (out_dir / "a_fused.tif").exists()
+    assert not raster.is_complete_output(out_dir / "a_fused.tif")
+
+
+def test_simulate_under_a_size_limit_leaves_nothing(tmp_path: Path) -> None:
+    pan, ms = make_pair(tmp_path, n=512, noise=True)
+    out = tmp_path / "sim"
+    proc = cli_process("simulate", pan, ms, "-o", out, fsize=16 << 10)
+    _, stderr = proc.communicate(timeout=300)
+    error_line(proc.returncode, stderr, 1, str(out))
+    assert [p.name for p in out.iterdir() if p.stat().st_size > 0 and raster.is_complete_output(p)] == []
+    assert hidden(out) == []
+
+
+def test_a_failed_side_file_write_leaves_no_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    with pytest.raises(OutputWriteError, match="report.json"), raster.atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    assert not target.exists() and hidden(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Outputs confined to OUT_DIR; cleanup removes only this tool's temporaries
+
+
+def test_manifest_cannot_write_or_clean_outside_out_dir(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pair(src, stem="a_")
+    make_pair(src, stem="b_")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("important.txt", ".important.txt.bak", ".important.txt.partial-1-abcdef12.tif"):
+        (victim / name).write_text("keep me")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "link").symlink_to(victim, target_is_directory=True)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "pan,ms,out,id\n"
+        "a_pan.tif,a_ms.tif,../victim/important.txt,dots\n"
+        f"a_pan.tif,a_ms.tif,{victim / 'important.txt'},absolute\n"
+        "a_pan.tif,a_ms.tif,link/important.txt,symlink\n"
+        "b_pan.tif,b_ms.tif,good.tif,good\n"
+    )
+    rc, out, err = cli("batch", src, out_dir, "--manifest", manifest, "--method", "gsa", "--json")
+    assert rc == 1, err
+    status = {s["scene"]: (s["status"], s["reason"]) for s in json.loads(out)["scenes"]}
+    assert status["good"] == ("done", None)
+    for bad in ("dots", "absolute", "symlink"):
+        assert status[bad][0] == "failed" and "OUT_DIR" in status[bad][1], status[bad]
+    assert sorted(p.name for p in victim.iterdir()) == sorted(
+        ["important.txt", ".important.txt.bak", ".important.txt.partial-1-abcdef12.tif"]
+    )
+    assert all(p.read_text() == "keep me" for p in victim.iterdir())
+
+
+def test_out_pattern_cannot_leave_out_dir(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pair(src, stem="a_")
+    plan = batch.pair_by_patterns(src, tmp_path / "out", "*_pan.tif", "*_ms.tif", "../{stem}.tif")
+    assert plan.scenes == [] and "OUT_DIR" in plan.unpaired[0].reason
+
+
+def test_stale_cleanup_removes_only_own_temporaries(tmp_path: Path) -> None:
+    out = tmp_path / "x_fused.tif"
+    own = [".x_fused.tif.partial-12-0123abcd.tif", ".x_fused.tif.cog-3-deadbeef.tif.ovr"]
+    own.append(".x_fused.tif.metrics.json.tmp-5-00ff00ff.json")
+    foreign = [".x_fused.tif.lock", ".x_fused.tif.notes", ".x_fused.tif.partial", ".x_fused.tif.bak.tif"]
+    for name in own + foreign:
+        (tmp_path / name).write_text("x")
+    removed = batch.remove_stale_temporaries(out)
+    assert sorted(p.name for p in removed) == sorted(own)
+    assert hidden(tmp_path) == sorted(foreign)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Bad values are input errors
+
+
+def _float_pair(tmp_path: Path, nodata: float | None = None) -> tuple[Path, Path, np.ndarray]:
+    pan, ms = make_pair(tmp_path, dtype="float32")
+    with rasterio.open(ms) as ds:
+        data = ds.read()
+    return pan, ms, data
+
+
+def test_nan_and_inf_outside_nodata_are_refused(tmp_path: Path) -> None:
+    pan, ms, data = _float_pair(tmp_path)
+    for value in (np.nan, np.inf):
+        bad = data.copy()
+        bad[:, 3, 5] = value
+        write_tif(ms, bad, 4.0)
+        rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+        one_line_error(rc, err, "NaN or infinite", str(ms))
+        assert not (tmp_path / "o.tif").exists()
+
+
+def test_nan_declared_as_nodata_is_masked(tmp_path: Path) -> None:
+    pan, ms, data = _float_pair(tmp_path)
+    data[:, 3, 5] = np.nan
+    write_tif(ms, data, 4.0, nodata=float("nan"))
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "-q")
+    assert rc == 0, err
+    with rasterio.open(out) as ds:
+        fused, valid = ds.read(), ds.dataset_mask() > 0
+    assert np.isfinite(fused[:, valid]).all() and not valid.all()
+
+
+def test_inf_with_nan_nodata_is_refused(tmp_path: Path) -> None:
+    pan, ms, data = _float_pair(tmp_path)
+    data[:, 3, 5], data[:, 7, 7] = np.nan, np.inf
+    write_tif(ms, data, 4.0, nodata=float("nan"))
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    one_line_error(rc, err, "NaN or infinite")
+
+
+def test_all_nodata_ms_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    with rasterio.open(ms) as ds:
+        shape = (ds.count, ds.height, ds.width)
+    write_tif(ms, np.zeros(shape, np.uint16), 4.0, nodata=0)
+    for method in ("gsa", "exp"):  # with and without scene statistics
+        rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", method, "-q")
+        one_line_error(rc, err, "no valid pixel")
+        assert not (tmp_path / "o.tif").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "-5", "inf"])
+def test_dn_max_must_be_positive_and_finite(tmp_path: Path, pair: tuple[Path, Path], value: str) -> None:
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", f"--dn-max={value}", "-q")
+    one_line_error(rc, err, "--dn-max")
+    assert not out.exists()
+
+
+def test_complex_input_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    with rasterio.open(ms) as ds:
+        data = ds.read().astype(np.complex64) * (1 + 1j)
+    write_tif(ms, data, 4.0)
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    one_line_error(rc, err, "complex")
+
+
+def test_same_file_as_pan_and_ms_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    _, ms = pair
+    rc, _, err = cli("pansharpen", ms, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    one_line_error(rc, err, "same file")
+
+
+def test_multiband_pan_is_not_silently_hisr(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    with rasterio.open(pan) as ds:
+        data = ds.read()
+    write_tif(pan, np.concatenate([data] * 3), 1.0)
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    one_line_error(rc, err, "3 bands", "fusion hisr")
+    rc, _, err = cli("hisr", ms, pan, "-o", tmp_path / "h.tif", "--method", "gsa", "-q")
+    assert rc == 0, err  # the same files as HISR, asked for by name, still work
+
+
+def test_lossy_dtype_narrowing_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "--dtype", "int8")
+    one_line_error(rc, err, "--dtype int8", "uint16")
+    # stating the real ceiling makes a narrower type safe
+    args = ["--dtype", "uint8", "--dn-max", "255", "-q"]
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", *args)
+    assert rc == 0, err
+
+
+def _card(tmp_path: Path, **architecture: object) -> Path:
+    card = {
+        "name": "probe", "task": "pansharpening", "description": "d", "sensor": "s", "licence": "l",
+        "bands": ["b1", "b2", "b3", "b4"], "pan_bands": ["p"], "ratio": 4, "dn_max": 2047,
+        "architecture": {"ms_bands": 4, "pan_bands": 1, "ratio": 4, **architecture},
+    }  # fmt: skip
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(card))
+    (tmp_path / "probe.safetensors").write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind", ["huge_dim", "deep_nesting", "huge_file"], ids=["dim", "nesting", "file-size"]
+)
+def test_absurd_model_cards_are_refused_before_allocation(
+    tmp_path: Path, pair: tuple[Path, Path], kind: str
+) -> None:
+    pan, ms = pair
+    card = _card(tmp_path, dim=200000)
+    if kind == "deep_nesting":
+        card.write_text('{"name": ' + "[" * 100000 + "]" * 100000 + "}")
+    elif kind == "huge_file":  # a valid card but for its 2 MB description
+        card.write_text(
+            card.read_text().replace('"description": "d"', '"description": "' + "x" * (2 << 20) + '"')
+        )
+        card.write_text(card.read_text().replace('"dim": 200000', '"dim": 8'))
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--weights", card, "--device", "cpu")
+    one_line_error(rc, err, "probe.json" if kind != "huge_dim" else "dim")
+
+
+def test_absurd_scene_size_is_refused(tmp_path: Path) -> None:
+    # 1,000,000 x 1,000,000 px declared, no block written: a few hundred KB on disk
+    n = 1_000_000
+    common = {"driver": "GTiff", "dtype": "uint16", "crs": CRS, "tiled": True, "sparse_ok": True}
+    with rasterio.open(
+        tmp_path / "pan.tif", "w", width=n, height=n, count=1,
+        transform=from_origin(500000, 0, 1, 1), BIGTIFF="YES", **common,
+    ):  # fmt: skip
+        pass
+    with rasterio.open(
+        tmp_path / "ms.tif", "w", width=n // 4, height=n // 4, count=4,
+        transform=from_origin(500000, 0, 4, 4), BIGTIFF="YES", **common,
+    ):  # fmt: skip
+        pass
+    out = tmp_path / "o.tif"
+    # a child process: without the guard this run heads for a 12 TB product and must be stopped
+    proc = cli_process("pansharpen", tmp_path / "pan.tif", tmp_path / "ms.tif", "-o", out, "--method", "exp")
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    one_line_error(proc.returncode, err, "Gpx", "--max-pixels")
+    assert not out.exists() and hidden(tmp_path) == []
+
+
+def test_max_pixels_option(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--max-pixels", "1000")
+    one_line_error(rc, err, "--max-pixels")
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--max-pixels", "5000", "-q")
+    assert rc == 0, err
+
+
+def test_evaluate_with_nan_is_an_input_error(tmp_path: Path) -> None:
+    pan, ms, data = _float_pair(tmp_path)
+    data[:, 3, 5] = np.nan
+    write_tif(ms, data, 4.0)
+    rc, _, err = cli("evaluate", pan, ms, "--methods", "exp", "-o", tmp_path / "ev", "--no-full")
+    one_line_error(rc, err, "NaN or infinite", str(ms))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. SIGTERM and SIGHUP behave like Ctrl-C
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_termination_signal_leaves_no_partial_file(tmp_path: Path, sig: signal.Signals) -> None:
+    pan, ms = make_pair(tmp_path, n=3072)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    # tiny tiles: thousands of windows, so the signal lands while the product is being written
+    proc = cli_process("pansharpen", pan, ms, "-o", out_dir / "x.tif", "--method", "exp", "--tile", "32")
+    deadline = time.monotonic() + 240
+    while not any(p.name.startswith(".x.tif.partial") for p in out_dir.iterdir()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_sigterm_stops_a_batch_like_ctrl_c(tmp_path: Path) -> None:
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    make_pair(src, n=3072, stem="a_")
+    for role in ("pan", "ms"):
+        os.rename(src / f"a_{role}.tif", src / f"a_{role.upper()}.tif")
+    proc = cli_process("batch", src, out_dir, "--method", "exp", "--tile", "32", "--json")
+    deadline = time.monotonic() + 240
+    while not (out_dir.is_dir() and any(".partial" in p.name for p in out_dir.iterdir())):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert json.loads(stdout)["interrupted"] is True
+    assert not (out_dir / "a_fused.tif").exists() and hidden(out_dir) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Damaged inputs are named as damaged
+
+
+def test_truncated_uncompressed_tiff_is_named_damaged(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    data = pan.read_bytes()
+    pan.write_bytes(data[: len(data) // 2])  # the header opens; half of the pixels are missing
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    line = error_line(rc, err, 2, str(pan))
+    assert "damaged" in line or "not a readable raster" in line
+    assert "disk space" not in line
+
+
+def test_corrupted_compressed_blocks_are_named_damaged(tmp_path: Path) -> None:
+    pan, ms = make_pair(tmp_path, n=1024, noise=True)
+    with rasterio.open(pan) as ds:
+        data = ds.read()
+    write_tif(pan, data, 1.0, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
+    raw = bytearray(pan.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 4096] = b"\xab" * 4096
+    pan.write_bytes(bytes(raw))
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "-q")
+    line = error_line(rc, err, 2, str(pan), "damaged")
+    assert "disk space" not in line
+    assert not (tmp_path / "o.tif").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Side outputs obey --overwrite
+
+
+def test_quicklook_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    png = tmp_path / "o.png"
+    png.write_bytes(b"my own picture")
+    args = ["pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "exp", "--quicklook", "-q"]
+    rc, _, err = cli(*args)
+    one_line_error(rc, err, "o.png", "--overwrite")
+    assert png.read_bytes() == b"my own picture" and not (tmp_path / "o.tif").exists()
+    rc, _, err = cli(*args, "--overwrite")
+    assert rc == 0, err
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_metrics_csv_refuses_a_foreign_csv(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    foreign = tmp_path / "people.csv"
+    foreign.write_text("name,age\nada,36\n")
+    rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", foreign)
+    one_line_error(rc, err, "people.csv", "not a metrics CSV")
+    assert foreign.read_text() == "name,age\nada,36\n"
+    own = tmp_path / "m.csv"
+    for _ in range(2):  # its own CSV is appended to
+        assert cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", own)[0] == 0
+    with own.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][:2] == ["product", "mode"] and len(rows) == 3
+
+
+def test_report_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "index.html").write_text("mine")
+    rc, _, err = cli("report", out, "-o", rep)
+    one_line_error(rc, err, "index.html", "--overwrite")
+    assert (rep / "index.html").read_text() == "mine"
