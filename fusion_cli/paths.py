@@ -7,11 +7,32 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
+# The top-level `weights/` folder is installed as this package (pyproject's package-dir), so an
+# installed wheel carries its cards and weights; a source checkout on sys.path finds them beside it.
+WEIGHTS_PACKAGE = "fusion_cli.weights"
+
+
+def weights_location() -> tuple[Path, str]:
+    """The shipped-weights folder and how it was found: `$FUSION_WEIGHTS_DIR`, else the installed
+    package data (`fusion_cli.weights`), else `weights/` of the source checkout the package is in."""
+    env = os.environ.get("FUSION_WEIGHTS_DIR")
+    if env:
+        return Path(env), "$FUSION_WEIGHTS_DIR"
+    from importlib import resources
+
+    try:
+        folder = resources.files(WEIGHTS_PACKAGE)
+    except ModuleNotFoundError:  # running from a source tree that was not installed
+        folder = None
+    # Installed as files (not from a zip) it is a real folder, which the registry globs and opens.
+    if isinstance(folder, Path) and folder.is_dir():
+        return folder, "installed package data"
+    return REPO_DIR / "weights", "source checkout"
 
 
 def weights_dir() -> Path:
-    """Shipped weights: `$FUSION_WEIGHTS_DIR`, else `weights/` beside the package."""
-    return Path(os.environ.get("FUSION_WEIGHTS_DIR", REPO_DIR / "weights"))
+    """Shipped weights folder (see `weights_location`)."""
+    return weights_location()[0]
 
 
 def shared_data_dir() -> Path:

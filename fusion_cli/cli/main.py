@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, prog_name="fusion", standalone_mode=True)  # also under `python -m fusion_cli`
     except FusionError as exc:
         if debug:
             raise
