@@ -130,3 +130,12 @@ def test_installed_wheel_runs_outside_the_repository(installed: tuple[Path, Path
         with rasterio.open(work / f"{fuser}.tif") as ds:
             assert (ds.count, ds.height, ds.width) == (6, 31, 31)  # the half-pixel offset drops one
             assert ds.read().max() > 0
+
+
+def test_weights_location_in_a_source_checkout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from fusion_cli.paths import weights_location
+
+    monkeypatch.delenv("FUSION_WEIGHTS_DIR", raising=False)
+    assert weights_location() == (REPO_DIR / "weights", "source checkout")
+    monkeypatch.setenv("FUSION_WEIGHTS_DIR", str(tmp_path))
+    assert weights_location() == (tmp_path, "$FUSION_WEIGHTS_DIR")
