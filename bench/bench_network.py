@@ -86,25 +86,26 @@ def _fuse_cmd(pan: Path, ms: Path, out: Path, extra: list[str]) -> list[str]:
             "--json", *extra]  # fmt: skip
 
 
-def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
+def _wait(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(CPU seconds, peak RSS MB) of a finished child."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any], float, float]]:
-    """Run the commands at once; (JSON summary, wall s, CPU s) of each."""
+def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any], float, float, float]]:
+    """Run the commands at once; (JSON summary, wall s, CPU s, peak RSS MB) of each."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for cmd, _ in cases]
     results = []
     for proc, (cmd, _) in zip(procs, cases, strict=True):
         assert proc.stdout is not None
         out = proc.stdout.read()
-        cpu = _cpu_seconds(proc)
+        cpu, rss = _wait(proc)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[3:6])} failed with exit {proc.returncode}")
-        results.append((json.loads(out), wall, cpu))
+        results.append((json.loads(out), wall, cpu, rss))
     return results
 
 
@@ -132,9 +133,9 @@ def run() -> list[dict[str, Any]]:
                 [(_fuse_cmd(pan, ms, folder / f"o{i}.tif", extra), folder / f"o{i}.tif") for i in range(2)]
             )
             for mode, results in (("one run", single), ("two runs at once", pair)):
-                total = sum(s["shape"][1] * s["shape"][2] / 1e6 for s, _, _ in results)
-                wall = max(w for _, w, _ in results)
-                cpu = sum(c for _, _, c in results)
+                total = sum(s["shape"][1] * s["shape"][2] / 1e6 for s, _, _, _ in results)
+                wall = max(r[1] for r in results)
+                cpu = sum(r[2] for r in results)
                 summary = results[0][0]
                 rows.append(
                     {
@@ -147,6 +148,7 @@ def run() -> list[dict[str, Any]]:
                         "CPU s": round(cpu, 2),
                         "PAN Mpx/s (wall)": round(total / wall, 4),
                         "PAN Mpx/s per CPU s": round(total / cpu, 4),
+                        "peak RSS MB (per run)": round(max(r[3] for r in results)),
                         "matmul GFLOP/s": round(gflops, 1),
                         "dense MFLOP / PAN px": round(fpp / 1e6, 3),
                         "matmul floor Mpx/s": round(floor, 3),

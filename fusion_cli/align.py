@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from rasterio.transform import Affine
+from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError
 
@@ -120,6 +122,40 @@ def relate_shapes(
     )
 
 
+def _georef_ratio(
+    fine: Any, coarse: Any, names: tuple[str, str] = ("PAN", "MS"), crs_hint: str = ""
+) -> tuple[int, float, float] | None:
+    """The integer pixel-size ratio coarse/fine of two georeferenced grids (rasterio datasets or
+    anything with `transform`, `crs`, `width`, `height`), with the measured (y, x) ratios; None when
+    neither grid is georeferenced. Raises FusionError for one grid without CRS, a CRS mismatch,
+    rotated or flipped grids, or a non-integer ratio."""
+    ft, ct = fine.transform, coarse.transform
+    f_name, c_name = names
+    if fine.crs is None and coarse.crs is None and _is_identity(ft) and _is_identity(ct):
+        return None
+    if (fine.crs is None) != (coarse.crs is None):
+        which = f_name if fine.crs is None else c_name
+        raise FusionError(f"the {which} has no CRS but the other input has one; assign the same CRS to both")
+    if fine.crs is not None and fine.crs != coarse.crs:
+        raise FusionError(
+            f"CRS mismatch: {f_name} is {fine.crs.to_string()} but {c_name} is {coarse.crs.to_string()}; "
+            + (crs_hint or "reproject one onto the other's grid first (gdalwarp -t_srs)")
+        )
+    for t, what in ((ft, f_name), (ct, c_name)):
+        if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
+            raise FusionError(f"the {what} grid is rotated; warp it to a north-up grid first (gdalwarp)")
+    if np.sign(ft.a) != np.sign(ct.a) or np.sign(ft.e) != np.sign(ct.e):
+        raise FusionError(
+            f"{f_name} and {c_name} grids are flipped relative to each other; warp one to match the other"
+        )
+    rx, ry = ct.a / ft.a, ct.e / ft.e
+    pair = f"{c_name}/{f_name}"
+    ratio = _ratio_or_error(rx, f"the {pair} pixel-size ratio along x")
+    if _ratio_or_error(ry, f"the {pair} pixel-size ratio along y") != ratio:
+        raise FusionError(f"{pair} pixel-size ratios differ between x ({rx:.5g}) and y ({ry:.5g})")
+    return ratio, ry, rx
+
+
 def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> Alignment:
     """Check that two open rasters can be fused and describe how their grids relate.
 
@@ -127,31 +163,16 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     overlap. Inputs without CRS and transform fall back to `relate_shapes` with a warning.
     """
     pt, mt = pan_ds.transform, ms_ds.transform
-    if pan_ds.crs is None and ms_ds.crs is None and _is_identity(pt) and _is_identity(mt):
+    hint = "pass --reproject to warp the MS onto the PAN's CRS, or reproject it first (gdalwarp -t_srs)"
+    measured = _georef_ratio(pan_ds, ms_ds, crs_hint=hint)
+    if measured is None:
         warnings.warn(
             "inputs have no georeferencing: assuming their grids share the top-left corner; "
             "the output is written without CRS",
             stacklevel=2,
         )
         return relate_shapes(pan_ds.shape, ms_ds.shape, expected_ratio)
-    if (pan_ds.crs is None) != (ms_ds.crs is None):
-        which = "PAN" if pan_ds.crs is None else "MS"
-        raise FusionError(f"the {which} has no CRS but the other input has one; assign the same CRS to both")
-    if pan_ds.crs is not None and pan_ds.crs != ms_ds.crs:
-        raise FusionError(
-            f"CRS mismatch: PAN is {pan_ds.crs.to_string()} but MS is {ms_ds.crs.to_string()}; "
-            "pass --reproject to warp the MS onto the PAN's CRS, or reproject it first (gdalwarp -t_srs)"
-        )
-    for t, what in ((pt, "PAN"), (mt, "MS")):
-        if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
-            raise FusionError(f"the {what} grid is rotated; warp it to a north-up grid first (gdalwarp)")
-    if np.sign(pt.a) != np.sign(mt.a) or np.sign(pt.e) != np.sign(mt.e):
-        raise FusionError("PAN and MS grids are flipped relative to each other; warp one to match the other")
-    rx = mt.a / pt.a
-    ry = mt.e / pt.e
-    ratio = _ratio_or_error(rx, "the MS/PAN pixel-size ratio along x")
-    if _ratio_or_error(ry, "the MS/PAN pixel-size ratio along y") != ratio:
-        raise FusionError(f"MS/PAN pixel-size ratios differ between x ({rx:.5g}) and y ({ry:.5g})")
+    ratio, ry, rx = measured
     _check_expected(ratio, expected_ratio)
 
     # PAN pixel (y, x) -> world -> MS pixel: both affine and axis-aligned, so one scale+offset per axis.
@@ -184,6 +205,72 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
         out_transform=pt @ Affine.translation(col0, row0),
         georeferenced=pan_ds.crs is not None or not _is_identity(pt),
     )
+
+
+def shape_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], names: Sequence[str]) -> int:
+    """Ratio of two grids without georeferencing that share their top-left corner: the fine grid is
+    r times the coarse one plus fewer than r pixels per axis (e.g. Landsat's extra PAN row)."""
+    (fh, fw), (ch, cw) = fine_shape[-2:], coarse_shape[-2:]
+    r = fw // cw if cw else 0
+    if r < 1 or not (0 <= fw - r * cw < r and 0 <= fh - r * ch < r):
+        raise FusionError(
+            f"{names[1]} {fh}x{fw} and {names[0]} {ch}x{cw} differ in size by other than an integer ratio "
+            "(r times as large, plus fewer than r pixels) and have no georeferencing to line them up; "
+            "crop them to the same area or add georeferencing"
+        )
+    return r
+
+
+def block_windows(
+    coarse: Any, fines: Sequence[Any], ratio: int | None = None, names: Sequence[str] = ("MS", "PAN")
+) -> tuple[int, Window, list[Window]]:
+    """Line grids up by their geotransforms for pixel-wise comparison (metrics, the Wald protocol).
+
+    `coarse` and each of `fines` have `transform`, `crs`, `width`, `height` (a rasterio dataset, an
+    `assess.Image`); `names` are the coarse one's then the fines' for messages. The ratio r comes from
+    the pixel sizes (or, where a grid has no georeferencing, from the sizes: `shape_ratio`) and must be
+    `ratio` when given. Returns r, the coarse window common to all grids and the window of each fine
+    grid that it covers: coarse pixel (i, j) of the window over fine pixels [r*i, r*i+r) x [r*j, r*j+r)
+    of that fine window, to the nearest fine pixel (a tie, such as Landsat's half PAN pixel, goes to
+    the earlier pixel). Raises FusionError when the grids cannot be compared or do not overlap.
+    """
+    offsets = []  # per fine grid: its pixel coordinates (y, x) of the coarse grid's corner, rounded
+    rs = set()
+    for fine, name in zip(fines, names[1:], strict=True):
+        # a grid without any georeferencing (e.g. a reference made from a .mat) pairs by its size
+        bare = any(g.crs is None and _is_identity(g.transform) for g in (fine, coarse))
+        measured = None if bare else _georef_ratio(fine, coarse, (name, names[0]))
+        if measured is None:
+            rs.add(shape_ratio((fine.height, fine.width), (coarse.height, coarse.width), (names[0], name)))
+            offsets.append((0, 0))
+            continue
+        rs.add(measured[0])
+        ft, ct = fine.transform, coarse.transform
+        # ceil(u - 0.5): the nearest integer, ties down (1e-6: a tie computed as 0.5000001 stays a tie)
+        offsets.append(tuple(math.ceil(u - 0.5 - 1e-6) for u in ((ct.f - ft.f) / ft.e, (ct.c - ft.c) / ft.a)))
+    if len(rs) > 1:
+        raise FusionError(f"{', '.join(names[1:])} have different pixel sizes: give images on one grid")
+    r = rs.pop()
+    if ratio is not None and r != ratio:
+        raise FusionError(
+            f"the {names[0]}/{names[1]} pixel-size ratio is {r}, not {ratio}: check that the files belong "
+            "together (and --ratio)"
+        )
+    spans = []
+    for axis, n_coarse in enumerate((coarse.height, coarse.width)):
+        lo, hi = 0, n_coarse
+        for fine, off in zip(fines, offsets, strict=True):
+            n_fine = (fine.height, fine.width)[axis]
+            lo, hi = max(lo, -(off[axis] // r)), min(hi, (n_fine - off[axis]) // r)
+        if hi <= lo:
+            raise FusionError(
+                f"{' and '.join(names)} do not overlap (their bounds do not intersect by a whole "
+                f"{names[0]} pixel): check that they are the same scene"
+            )
+        spans.append((lo, hi - lo))
+    (row0, h), (col0, w) = spans
+    fine_windows = [Window(oc + r * col0, orow + r * row0, r * w, r * h) for orow, oc in offsets]
+    return r, Window(col0, row0, w, h), fine_windows
 
 
 def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) -> Any:

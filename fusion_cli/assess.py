@@ -13,12 +13,16 @@ by pixel replication.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.transform import Affine
+from rasterio.windows import Window
 
+from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 
@@ -27,7 +31,7 @@ from fusion_cli.metrics import full_resolution, reduced_resolution
 class EvalOptions:
     """Conventions of an evaluation (each is documented in `fusion metrics --help`)."""
 
-    ratio: int | None = None  # PAN/MS pixel-size ratio; full resolution infers it from the shapes
+    ratio: int | None = None  # PAN/MS pixel-size ratio; default: from the grids, or the product's tags
     cut: int = 0  # toolbox border cut K: keep [K-1, H-K)
     clip_bits: int | None = None  # clip the fused image to [0, 2^L] first
     round_uint16: bool = True  # Q2n's uint16 rounding (the toolbox's); False is a deviation
@@ -48,11 +52,33 @@ class EvalOptions:
 class Image:
     """A raster read whole: `data (C, H, W)` native dtype, `valid (H, W)` bool, and where it came from."""
 
-    path: Path
+    path: Path | str  # a str for a GDAL virtual path (/vsizip/...), which Path would fold
     data: np.ndarray
     valid: np.ndarray
     tags: dict[str, str] = field(default_factory=dict)
     descriptions: list[str | None] = field(default_factory=list)
+    transform: Affine = field(default_factory=Affine.identity)
+    crs: Any = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.fspath(self.path))
+
+    @property
+    def height(self) -> int:
+        return self.data.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.data.shape[-1]
+
+    def crop(self, win: Window) -> Image:
+        """The part of the image in `win`; the transform follows (a grid without georeferencing keeps
+        the identity: such grids are related by their top-left corners)."""
+        rows, cols = win.toslices()
+        georef = self.crs is not None or not self.transform.is_identity
+        t = self.transform @ Affine.translation(win.col_off, win.row_off) if georef else self.transform
+        return replace(self, data=self.data[:, rows, cols], valid=self.valid[rows, cols], transform=t)
 
 
 @dataclass
@@ -63,6 +89,7 @@ class Case:
     ref: Image | None = None
     pan: Image | None = None
     ms: Image | None = None
+    ratio: int | None = None  # PAN/MS pixel-size ratio
 
     @property
     def mode(self) -> str:
@@ -71,7 +98,7 @@ class Case:
 
 def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
     """Read every band of a raster with its validity mask (see the module docstring)."""
-    from fusion_cli.raster import check_pixel_type, damaged_input, gdal_env, open_raster
+    from fusion_cli.raster import check_pixel_type, damaged_input, gdal_env, is_gdal_path, open_raster
 
     with gdal_env(), open_raster(path, what) as ds, damaged_input(ds):
         check_pixel_type(ds, what)
@@ -79,11 +106,13 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
         tags = dict(ds.tags())
         descriptions = list(ds.descriptions)
+        transform, crs = ds.transform, ds.crs
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
-    return Image(Path(path), data, valid, tags, descriptions)
+    where = os.fspath(path) if is_gdal_path(path) else Path(path)
+    return Image(where, data, valid, tags, descriptions, transform, crs)
 
 
 def _has_mask(ds: Any) -> bool:
@@ -111,23 +140,38 @@ def load_case(
     pan: str | Path | None = None,
     ms: str | Path | None = None,
     nodata: float | None = None,
+    ratio: int | None = None,
 ) -> Case:
-    """Read a product and what it is judged against: `ref`, else `pan` + `ms`, else the product's tags."""
+    """Read a product and what it is judged against: `ref`, else `pan` + `ms`, else the product's tags.
+
+    The images are lined up by their geotransforms (`align.block_windows`) and cropped to the area
+    they all cover, so that the arrays compare pixel for pixel: the product and its reference on one
+    grid; the product and PAN `ratio` times the MS (e.g. the demo's Landsat product, which lacks the
+    half-covered first PAN row and column). `ratio` (the PAN/MS pixel-size ratio) is checked against
+    the grids; with a reference it defaults to the one the product's FUSION_PARAMS tag records.
+    """
     img = read_image(fused, "fused product", nodata)
     if ref is not None:
         if pan is not None or ms is not None:
             raise FusionError("give either --ref (reduced resolution) or --pan and --ms (full), not both")
-        return Case(img, ref=read_image(ref, "reference", nodata))
+        gt = read_image(ref, "reference", nodata)
+        _, win, (f_win,) = block_windows(gt, [img], 1, ("reference", "product"))
+        recorded = product_sources(img)[2].get("ratio")
+        if ratio is None and isinstance(recorded, int):
+            ratio = recorded
+        return Case(img.crop(f_win), ref=gt.crop(win), ratio=ratio)
     if (pan is None) != (ms is None):
         raise FusionError("full-resolution evaluation needs both --pan and --ms")
     if pan is None:
         pan, ms, _ = product_sources(img)
         if pan is None or ms is None:
             raise FusionError(
-                f"{img.path.name}: give --ref GT, or --pan and --ms (products written by fusion name them "
+                f"{img.name}: give --ref GT, or --pan and --ms (products written by fusion name them "
                 "in their FUSION_PAN / FUSION_MS tags, this one does not)"
             )
-    return Case(img, pan=read_image(pan, "PAN", nodata), ms=read_image(ms, "MS", nodata))
+    pan_img, ms_img = read_image(pan, "PAN", nodata), read_image(ms, "MS", nodata)
+    r, win, (f_win, p_win) = block_windows(ms_img, [img, pan_img], ratio, ("MS", "product", "PAN"))
+    return Case(img.crop(f_win), pan=pan_img.crop(p_win), ms=ms_img.crop(win), ratio=r)
 
 
 def _ms_for_product(case: Case, bands: list[int] | None = None) -> np.ndarray:
@@ -143,8 +187,7 @@ def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | No
     if given is not None:
         if len(given) != c or min(given) < 1 or max(given) > data.shape[0]:
             raise FusionError(
-                f"bands {given} do not fit: the product has {c} bands, the {what} {img.path.name} "
-                f"{data.shape[0]}"
+                f"bands {given} do not fit: the product has {c} bands, the {what} {img.name} {data.shape[0]}"
             )
         return data[[b - 1 for b in given]]
     if data.shape[0] == c:
@@ -154,20 +197,8 @@ def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | No
         if max(bands) <= data.shape[0] and min(bands) >= 1:
             return data[[b - 1 for b in bands]]
     raise FusionError(
-        f"fused has {c} bands but the {what} {img.path.name} has {data.shape[0]}: "
-        f"pass the {what} that was fused"
+        f"fused has {c} bands but the {what} {img.name} has {data.shape[0]}: pass the {what} that was fused"
     )
-
-
-def _crop_to(img: np.ndarray, h: int, w: int, ratio: int, what: str) -> np.ndarray:
-    """Accept a PAN-grid image up to ratio-1 pixels larger than ratio x MS (e.g. Landsat's extra PAN row)."""
-    eh, ew = img.shape[-2] - h, img.shape[-1] - w
-    if not (0 <= eh < ratio and 0 <= ew < ratio):
-        raise FusionError(
-            f"{what} is {img.shape[-2]}x{img.shape[-1]} but ratio {ratio} x MS gives {h}x{w}: "
-            "check --ratio and that PAN, MS and product cover the same area"
-        )
-    return img[..., :h, :w]
 
 
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
@@ -186,17 +217,18 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         r = replace(case.ref, data=_bands_of_product(f, case.ref, "reference", opts.bands))
         if r.data.shape != f.data.shape:
             raise FusionError(
-                f"reference {r.path.name} {r.data.shape} and product {f.path.name} {f.data.shape} differ "
+                f"reference {r.name} {r.data.shape} and product {f.name} {f.data.shape} differ "
                 "in (bands, rows, cols): compare a product with the reference of the same scene"
             )
-        if opts.ratio is None:
+        ratio = opts.ratio or case.ratio
+        if ratio is None:
             raise FusionError("reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)")
         out["reference"] = str(r.path)
         out.update(
             reduced_resolution(
                 r.data,
                 f.data,
-                opts.ratio,
+                ratio,
                 cut=opts.cut,
                 clip_bits=opts.clip_bits,
                 mask=_mask_or_none(f.valid & r.valid),
@@ -209,18 +241,13 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     else:
         assert case.pan is not None and case.ms is not None
         ms = _ms_for_product(case, opts.bands)
-        h, w = ms.shape[1:]
-        ratio = opts.ratio or max(1, round(f.data.shape[1] / h))
-        size = (ratio * h, ratio * w)
-        fused = _crop_to(f.data, *size, ratio, f"product {f.path.name}")
-        pan = _crop_to(case.pan.data, *size, ratio, f"PAN {case.pan.path.name}")
+        ratio = case.ratio  # load_case lined the grids up: product and PAN are ratio x MS
+        assert ratio is not None
+        fused, pan = f.data, case.pan.data
         if pan.shape[0] != 1:
-            raise FusionError(
-                f"PAN {case.pan.path.name} has {pan.shape[0]} bands: QNR needs a single PAN band"
-            )
+            raise FusionError(f"PAN {case.pan.name} has {pan.shape[0]} bands: QNR needs a single PAN band")
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
-        valid = _crop_to(f.valid, *size, ratio, "mask") & _crop_to(case.pan.valid, *size, ratio, "mask")
-        valid &= ms_valid
+        valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
         out.update(
             full_resolution(
@@ -249,7 +276,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Read and score one product (see `load_case` and `score`)."""
     opts = opts or EvalOptions()
-    return score(load_case(fused, ref, pan, ms, opts.nodata), opts)
+    return score(load_case(fused, ref, pan, ms, opts.nodata, opts.ratio), opts)
 
 
 INDEX_ORDER = ("Q2n", "Q", "SAM", "ERGAS", "SCC", "PSNR", "SSIM", "RMSE", "D_lambda", "D_s", "QNR")

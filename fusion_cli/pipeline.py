@@ -69,6 +69,7 @@ class FuseOptions:
     pan_bands: list[int] | None = None  # 1-based PAN (MSI) bands; all by default
     out_dtype: str | None = None  # default: the MS dtype
     compress: str = "deflate"
+    creation_options: dict[str, str] | None = None  # --co KEY=VALUE: more GTiff creation options
     cog: bool = False
     overwrite: bool = False
     coregister: bool = False  # apply the measured PAN/MS shift (it is always measured and reported)
@@ -954,8 +955,8 @@ def fuse_files(
             "FUSION_WEIGHTS_SHA256": sha or "none",
             "FUSION_VERSION": __version__,
             "FUSION_PARAMS": json.dumps(params, sort_keys=True),
-            "FUSION_PAN": str(Path(pan_path).resolve()),
-            "FUSION_MS": str(Path(ms_path).resolve()),
+            "FUSION_PAN": raster.recorded_path(pan_path),
+            "FUSION_MS": raster.recorded_path(ms_path),
             "FUSION_SHIFT_MEASURED": json.dumps(shift),
         }
         profile = raster.output_profile(
@@ -967,17 +968,23 @@ def fuse_files(
             transform=geom.out_transform,
             nodata=nodata,
             compress=opts.compress,
+            creation_options=opts.creation_options,
         )
         n_valid = 0
+        descriptions = raster.band_descriptions(ms_ds, bands)
         with (
             raster.AtomicWriter(
                 out,
                 profile,
-                descriptions=raster.band_descriptions(ms_ds, bands),
+                descriptions=descriptions,
                 tags=tags,
                 use_mask=use_mask,
                 overwrite=opts.overwrite,
                 cog=opts.cog,
+                # RGB by the MS's band descriptions, else by the model card's band names
+                colorinterp=raster.rgb_colorinterp(
+                    len(bands), descriptions, getattr(getattr(fuser, "card", None), "bands", None) or []
+                ),
             ) as writer,
             _Progress(opts.progress, plan.count, f"fusing {out.name}") as bar,
         ):

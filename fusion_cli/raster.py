@@ -48,12 +48,24 @@ def gdal_env() -> rasterio.Env:
     return rasterio.Env(**GDAL_ENV)
 
 
+def is_gdal_path(path: str | os.PathLike[str]) -> bool:
+    """A GDAL virtual path (`/vsizip/...`, `/vsicurl/...`, `s3://...`): not a local file to check with
+    `Path.exists()`, nor to pass through `Path` (which folds the `//` these paths rely on)."""
+    text = os.fspath(path)
+    return text.startswith("/vsi") or "://" in text
+
+
+def recorded_path(path: str | os.PathLike[str]) -> str:
+    """How a product's tags name an input: absolute for a local file, a GDAL path as given."""
+    return os.fspath(path) if is_gdal_path(path) else str(Path(path).resolve())
+
+
 def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.io.DatasetReader:
     """Open a raster read-only, or raise a one-line FusionError saying what is wrong."""
-    p = Path(path)
-    if not p.exists():
+    p: str | Path = os.fspath(path) if is_gdal_path(path) else Path(path)
+    if isinstance(p, Path) and not p.exists():
         raise FusionError(f"{what} file not found: {p}")
-    if p.is_dir():
+    if isinstance(p, Path) and p.is_dir():
         raise FusionError(f"{what} is a folder, not a raster file: {p}")
     try:
         with warnings.catch_warnings():
@@ -62,6 +74,10 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.i
             return rasterio.open(p, "r")
     except RasterioIOError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "unknown format"
+        if isinstance(p, str):  # GDAL decides whether a virtual path exists
+            raise FusionError(
+                f"{what} cannot be opened by GDAL ({first}): {p}; check the path inside the archive or URL"
+            ) from None
         raise FusionError(f"{what} is not a readable raster ({first}): {p}") from None
 
 
@@ -263,6 +279,25 @@ def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> li
     return [ds.descriptions[b - 1] or f"band {b}" for b in bands]
 
 
+def rgb_colorinterp(count: int, *namings: Sequence[str]) -> list[ColorInterp] | None:
+    """Colour interpretation of a `count`-band product: red, green and blue for the bands named so
+    (e.g. "B4 red", "red (630-690 nm)"; not "red edge"), the others undefined, from the first of
+    `namings` (band descriptions, a model card's bands) that names each of the three exactly once;
+    None when none does (GIS viewers then show the first three bands)."""
+    for names in namings:
+        if len(names) != count:
+            continue
+        words = [set(re.findall(r"[a-z]+", name.lower())) for name in names]
+        colours = ("red", "green", "blue")
+        hits = {c: [i for i, w in enumerate(words) if c in w and "edge" not in w] for c in colours}
+        if all(len(v) == 1 for v in hits.values()):
+            interp = [ColorInterp.undefined] * count
+            for colour, (i,) in hits.items():
+                interp[i] = ColorInterp[colour]
+            return interp
+    return None
+
+
 def output_profile(
     *,
     width: int,
@@ -273,8 +308,10 @@ def output_profile(
     transform: Any,
     nodata: float | None,
     compress: str = "deflate",
+    creation_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats."""
+    """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats. `creation_options`
+    (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name."""
     compress = compress.lower()
     if compress not in {"deflate", "zstd", "lzw", "none"}:
         raise FusionError(f"unknown compression {compress!r}; use deflate, zstd, lzw or none")
@@ -301,6 +338,10 @@ def output_profile(
         profile["transform"] = transform
     if nodata is not None:
         profile["nodata"] = nodata
+    for key, value in (creation_options or {}).items():
+        # lower case, as the keys above: one entry per option, and the COG step finds compress/zlevel
+        profile = {k: v for k, v in profile.items() if k.lower() != key.lower()}
+        profile[key.lower()] = value
     return profile
 
 
@@ -421,8 +462,10 @@ class AtomicWriter:
         use_mask: bool = False,
         overwrite: bool = False,
         cog: bool = False,
+        colorinterp: Sequence[ColorInterp] | None = None,
     ) -> None:
         self.out = Path(out)
+        self.colorinterp = colorinterp
         self.profile = profile
         self.descriptions = descriptions
         self.tags = {k: _tag_text(v) for k, v in (tags or {}).items()}
@@ -445,6 +488,8 @@ class AtomicWriter:
             if self.descriptions:
                 for i, d in enumerate(self.descriptions, start=1):
                     self._dst.set_band_description(i, d)
+            if self.colorinterp:
+                self._dst.colorinterp = self.colorinterp
             self._dst.update_tags(**self.tags)
         except BaseException:
             self.__exit__(*sys.exc_info())

@@ -438,7 +438,7 @@ def build_report(
             progress(i, len(items), item.name)
         stem = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in item.name)[:60]}"
         try:
-            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata)
+            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio)
             result = score(case, opts)
             result["name"] = item.name
             results.append(result)

@@ -19,8 +19,10 @@ from typing import Literal
 import numpy as np
 import rasterio
 from rasterio.transform import Affine
+from rasterio.windows import Window
 
 from fusion_cli import raster
+from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan
 from fusion_cli.sensors import canonical_sensor, nyquist_gains
@@ -73,37 +75,29 @@ class SimulatedPair:
     pan_mode: str
 
 
-def _read(path: Path) -> tuple[np.ndarray, dict, Affine | None, object]:
-    if not path.exists():
-        raise FusionError(f"input not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            ds = rasterio.open(path)
-        with ds:
-            raster.check_pixel_type(ds, "input")
-            data = ds.read()
-            # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
-            raster.refuse_non_finite(str(path), data)
-            georef = ds.crs is not None or not ds.transform.is_identity
-            tags = ds.tags()
-            return (
-                data,
-                {"nodata": ds.nodata, "tags": tags, "desc": ds.descriptions},
-                (ds.transform if georef else None),
-                ds.crs,
-            )
-    except rasterio.errors.RasterioIOError as exc:
-        raise FusionError(f"cannot read {path} as a raster: {exc}") from None
+Read = tuple[np.ndarray, dict, Affine | None, object]  # data, metadata, transform (None: no georef), CRS
 
 
-def infer_ratio(pan_shape: tuple[int, ...], ms_shape: tuple[int, ...]) -> int:
-    """PAN/MS size ratio, an integer within 1 % (e.g. Landsat's one extra PAN row), else an error."""
-    r = pan_shape[-1] / ms_shape[-1]
-    ratio = round(r)
-    if ratio < 2 or abs(r - ratio) > 0.01 * ratio:
-        raise FusionError(f"PAN/MS size ratio {r:.3f} is not an integer >= 2: give --ratio")
-    return ratio
+def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
+    """The window of an open raster, its metadata, its transform (None without georeferencing), CRS."""
+    raster.check_pixel_type(ds, "input")
+    georef = ds.crs is not None or not ds.transform.is_identity
+    meta = {"nodata": ds.nodata, "tags": ds.tags(), "desc": ds.descriptions}
+    transform = ds.transform @ Affine.translation(win.col_off, win.row_off) if georef else None
+    with raster.damaged_input(ds):
+        data = ds.read(window=win)
+    # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
+    raster.refuse_non_finite(ds.name, data)
+    return data, meta, transform, ds.crs
+
+
+def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = None) -> tuple[int, Read, Read]:
+    """The ratio and the PAN and MS over the area both cover, lined up by their geotransforms
+    (`align.block_windows`: MS pixel i over PAN pixels [r*i, r*i+r)), each as `_read` gives it."""
+    with raster.gdal_env(), raster.open_raster(pan_path, "PAN") as pan:
+        with raster.open_raster(ms_path, "MS") as ms:
+            r, ms_win, (pan_win,) = block_windows(ms, [pan], ratio, ("MS", "PAN"))
+            return r, _read(pan, pan_win), _read(ms, ms_win)
 
 
 def _write(
@@ -159,25 +153,26 @@ def simulate_files(
 ) -> SimulatedPair:
     """Write `pan_lr.tif`, `ms_lr.tif` and `ms_ref.tif` (the cropped original MS) into `out_dir`.
 
-    Geotransforms keep the origin and multiply the pixel size by the ratio, so `fusion pansharpen
-    pan_lr.tif ms_lr.tif` lands on the grid of `ms_ref.tif`. Inputs without georeferencing give
-    outputs without it. `dtype="source"` rounds to the input types; float32 (default) keeps the
-    unrounded DN, as the toolbox does.
+    PAN and MS are lined up by their geotransforms and cropped to the area both cover (`read_pair`);
+    the outputs keep that area's origin and multiply the pixel size by the ratio, so `fusion
+    pansharpen pan_lr.tif ms_lr.tif` covers the ground of `ms_ref.tif` and `fusion metrics --ref`
+    lines the two up (to the nearest pixel: Landsat's reduced PAN grid is a quarter pixel off the
+    MS grid). Inputs without georeferencing give outputs without it. `dtype="source"` rounds to the
+    input types; float32 (default) keeps the unrounded DN, as the toolbox does.
     """
-    pan_path, ms_path, out_dir = Path(pan_path), Path(ms_path), Path(out_dir)
+    out_dir = Path(out_dir)
     key = canonical_sensor(sensor)
-    pan, pan_meta, pan_tf, pan_crs = _read(pan_path)
-    ms, ms_meta, ms_tf, ms_crs = _read(ms_path)
-    if (pan_tf is None) != (ms_tf is None):
-        raise FusionError("one input is georeferenced and the other is not: give two georeferenced files")
-    ratio = ratio or infer_ratio(pan.shape, ms.shape)
+    ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
+    (pan, pan_meta, pan_tf, pan_crs), (ms, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
+    if ratio < 2:
+        raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = SimulatedPair(
         out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif", ratio, key,
         "mtf" if pan_mtf else "bicubic",
     )  # fmt: skip
     targets = [paths.pan, paths.ms, paths.ref]
-    inputs = {pan_path.resolve(), ms_path.resolve()}
+    inputs = {Path(pan_path).resolve(), Path(ms_path).resolve()}
     for t in targets:
         if t.resolve() in inputs:
             raise FusionError(f"output {t} would overwrite an input: choose another -o folder")

@@ -24,3 +24,19 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared real data folder not found: {SHARED}")
     return SHARED
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def landsat_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`make demo` on the shipped Landsat-8 example with BDSD-PC (fast; the demo's network runs the
+    same pipeline): its PAN, MS and product (319 x 639: the half-covered first PAN row and column
+    lie outside the MS)."""
+    from fusion_cli.pipeline import pansharpen
+
+    pan, ms = EXAMPLES / "landsat8_pan.tif", EXAMPLES / "landsat8_ms.tif"
+    out = tmp_path_factory.mktemp("demo") / "landsat8_bdsd_pc.tif"
+    pansharpen(pan, ms, out, method="bdsd-pc", sensor="landsat8", progress=False)
+    return {"pan": pan, "ms": ms, "product": out}

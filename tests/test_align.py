@@ -145,3 +145,48 @@ def test_shift_estimate_on_wv3():
     valid[:650, :650] = False
     dy2, dx2, _ = align.estimate_shift(pan, ms, 4, valid)
     assert (dy2, dx2) == pytest.approx((dy, dx), abs=0.5)
+
+
+def _grid(transform: rasterio.Affine, shape: tuple[int, int], crs: str | None = "EPSG:32616"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        transform=transform, crs=rasterio.crs.CRS.from_string(crs) if crs else None,
+        height=shape[0], width=shape[1],
+    )  # fmt: skip
+
+
+def test_block_windows_line_grids_up_by_their_transforms():
+    """The one rule metrics, report and simulate compare grids by: the ratio from the pixel sizes, the
+    coarse grid's corner to the nearest fine pixel (ties to the earlier one), the common area."""
+    ms = _grid(from_origin(475, 1000, 30, 30), (160, 320))
+    pan = _grid(from_origin(467.5, 1007.5, 15, 15), (320, 640))  # Landsat: half a PAN pixel off
+    product = _grid(from_origin(482.5, 992.5, 15, 15), (319, 639))  # what pansharpen writes
+    r, win, (p_win,) = align.block_windows(ms, [pan])
+    assert r == 2 and (win.row_off, win.col_off, win.height, win.width) == (0, 0, 160, 320)
+    assert (p_win.row_off, p_win.col_off, p_win.height, p_win.width) == (0, 0, 320, 640)
+    r, win, (f_win, p_win) = align.block_windows(ms, [product, pan], 2, ("MS", "product", "PAN"))
+    assert (win.row_off, win.col_off, win.height, win.width) == (1, 1, 159, 319)
+    assert (f_win.row_off, f_win.col_off, f_win.height, f_win.width) == (1, 1, 318, 638)
+    assert (p_win.row_off, p_win.col_off) == (2, 2)  # the same ground as product pixel (1, 1)
+    # same pixel size, a quarter pixel apart (a simulated Landsat pair): nearest pixel, common area
+    ref = _grid(from_origin(475, 1000, 30, 30), (160, 320))
+    fused = _grid(from_origin(497.5, 977.5, 30, 30), (159, 319))
+    _, win, (f_win,) = align.block_windows(ref, [fused], 1, ("reference", "product"))
+    assert (win.row_off, win.col_off, win.height, win.width) == (1, 1, 159, 319)
+    assert (f_win.row_off, f_win.col_off) == (0, 0)
+    with pytest.raises(FusionError, match="ratio is 2, not 1"):
+        align.block_windows(ms, [pan], 1)
+    with pytest.raises(FusionError, match="do not overlap"):
+        align.block_windows(ms, [_grid(from_origin(99475, 1000, 15, 15), (320, 640))])
+    with pytest.raises(FusionError, match="CRS mismatch"):
+        align.block_windows(ms, [_grid(pan.transform, (320, 640), "EPSG:32617")])
+    # without georeferencing: shared top-left corner, fewer than r extra fine pixels
+    bare = rasterio.Affine.identity()
+    r, win, (p_win,) = align.block_windows(_grid(bare, (603, 627), None), [_grid(bare, (1207, 1254), None)])
+    assert r == 2 and (p_win.height, p_win.width) == (1206, 1254)
+    with pytest.raises(FusionError, match="by other than an integer ratio"):
+        align.block_windows(_grid(bare, (100, 100), None), [_grid(bare, (99, 100), None)], 1)
+    # a reference without georeferencing (made from a .mat) pairs with a georeferenced product by size
+    r, win, _ = align.block_windows(_grid(bare, (159, 319), None), [fused], 1)
+    assert r == 1 and (win.height, win.width) == (159, 319)

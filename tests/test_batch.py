@@ -467,3 +467,15 @@ def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> No
             assert_same_up_to_blas_rounding(a.read(), b.read())
             assert (a.profile, a.transform, a.crs) == (b.profile, b.transform, b.crs)
     assert len(log.read_text().splitlines()) == len(GOOD) + len(BAD)
+
+
+def test_batch_passes_creation_options(tmp_path: Path, landsat_demo: dict[str, Path]) -> None:
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for role in ("pan", "ms"):
+        shutil.copy(landsat_demo[role], in_dir / f"l8_{role}.tif")
+    out_dir = tmp_path / "out"
+    co = ["--co", "BLOCKXSIZE=128", "--co", "BLOCKYSIZE=128"]
+    run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quiet", *co, check_rc=0)
+    with rasterio.open(out_dir / "l8_fused.tif") as ds:
+        assert ds.block_shapes[0] == (128, 128)

@@ -104,7 +104,7 @@ def test_evaluate_full_resolution_explicit_inputs_and_errors(wv3_crop, tmp_path:
         evaluate(product)
     with pytest.raises(FusionError, match="both --pan and --ms"):
         evaluate(product, pan=pan_path)
-    with pytest.raises(FusionError, match="ratio 2"):
+    with pytest.raises(FusionError, match="ratio is 4, not 2"):  # the grids say 4
         evaluate(product, pan=pan_path, ms=ms_path, opts=EvalOptions(ratio=2))
 
 
@@ -129,3 +129,30 @@ def test_csv_append_keeps_header(tmp_path: Path) -> None:
     write_csv([flatten({"product": "b", "mode": "reduced", "Q": 0.7, "SAM": 3.0})], p, append=True)
     rows = list(csv.DictReader(p.open()))
     assert [r["product"] for r in rows] == ["a", "b"] and rows[1]["Q"] == "0.7"
+
+
+def test_cli_metrics_scores_the_demo_product(landsat_demo: dict[str, Path]) -> None:
+    """The demo's product lacks the half-covered first PAN row and column (319 x 639, not 2 x MS):
+    lined up by the geotransforms, product pixels [1, 639) and PAN pixels [2, 640) lie over MS
+    pixels [1, 320) (the half-PAN-pixel tie goes to the earlier pixel), and the indices are those of
+    these crops (the product's tags name its PAN and MS)."""
+    from fusion_cli.metrics import full_resolution
+
+    res = run_cli("metrics", str(landsat_demo["product"]), "--sensor", "landsat8", "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["mode"] == "full" and got["ratio"] == 2
+    with (
+        rasterio.open(landsat_demo["product"]) as f,
+        rasterio.open(landsat_demo["pan"]) as p,
+        rasterio.open(landsat_demo["ms"]) as m,
+    ):
+        assert f.shape == (319, 639)
+        fused, pan, ms = f.read()[:, 1:, 1:], p.read()[:, 2:, 2:], m.read()[:, 1:, 1:]
+    want = full_resolution(fused, pan, ms, 2, "landsat8")
+    for key in ("D_lambda", "D_s", "QNR", "HQNR"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert 0.8 < got["QNR"] <= 1
+    # a ratio that contradicts the grids is refused in one line
+    res = run_cli("metrics", str(landsat_demo["product"]), "--ratio", "4")
+    assert res.returncode == 2 and "ratio is 2, not 4" in res.stderr and res.stderr.count("\n") == 1

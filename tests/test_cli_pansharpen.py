@@ -237,3 +237,82 @@ def test_official_checkpoint_reproduces_its_authors_output_through_the_cli(tmp_p
             got = ds.read().astype(np.float64)
             assert json.loads(ds.tags()["FUSION_PARAMS"])["tile"] >= 320  # one window
         assert np.abs(got - expected).max() <= 0.25
+
+
+def test_gdal_virtual_paths_are_inputs(tmp_path, capsys, landsat_demo):
+    """Inputs are handed to GDAL as given: a `/vsizip/` member of a zip of the example and a VRT of
+    its MS fuse like the files themselves; the product's tags name the virtual paths, so `fusion
+    metrics` reads them again; a missing member is one line and exit 2."""
+    import zipfile
+
+    archive = tmp_path / "example.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for key in ("pan", "ms"):
+            z.write(landsat_demo[key], landsat_demo[key].name)
+    zpan, zms = (f"/vsizip/{archive}/{landsat_demo[k].name}" for k in ("pan", "ms"))
+    assert zpan.startswith("/vsizip//")  # an absolute archive path: the `//` GDAL needs
+    with rasterio.open(landsat_demo["ms"]) as ms:
+        bands = "".join(
+            f'<VRTRasterBand dataType="UInt16" band="{b}"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="0">{landsat_demo["ms"]}</SourceFilename>'
+            f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+            for b in range(1, ms.count + 1)
+        )
+        vrt = tmp_path / "ms.vrt"
+        vrt.write_text(
+            f'<VRTDataset rasterXSize="{ms.width}" rasterYSize="{ms.height}">'
+            f"<SRS>{ms.crs.to_wkt()}</SRS><GeoTransform>{', '.join(map(str, ms.transform.to_gdal()))}"
+            f"</GeoTransform>{bands}</VRTDataset>"
+        )
+    base = ["--method", "gsa", "-q"]
+    cases = {
+        "plain": (str(landsat_demo["pan"]), str(landsat_demo["ms"])),
+        "zip": (zpan, zms),
+        "vrt": (zpan, str(vrt)),
+    }
+    products = {}
+    for name, (pan, ms) in cases.items():
+        out = tmp_path / f"{name}.tif"
+        code, _, err = run(capsys, "pansharpen", pan, ms, "-o", str(out), *base)
+        assert code == 0, err
+        with rasterio.open(out) as ds:
+            products[name] = ds.read()
+            tags = ds.tags()
+        assert tags["FUSION_MS"] == (ms if name != "plain" else str(landsat_demo["ms"].resolve()))
+    np.testing.assert_array_equal(products["zip"], products["plain"])
+    np.testing.assert_array_equal(products["vrt"], products["plain"])
+    code, out, err = run(capsys, "metrics", str(tmp_path / "zip.tif"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["ms"] == zms
+    missing = f"/vsizip/{archive}/nosuch.tif"
+    code, _, err = run(capsys, "pansharpen", zpan, missing, "-o", str(tmp_path / "x.tif"), *base)
+    assert_one_line_error(code, err, "MS cannot be opened by GDAL")
+    assert raster.is_gdal_path("/vsicurl/https://example.com/a.tif") and raster.is_gdal_path("s3://b/a.tif")
+    assert not raster.is_gdal_path(tmp_path / "a.tif")
+
+
+def test_creation_options_and_rgb_colour_interpretation(tmp_path, capsys, landsat_demo):
+    """`--co KEY=VALUE` reaches the GTiff writer (replacing the default of that name); products
+    mark the bands their MS descriptions (or model card) name red, green, blue."""
+    from rasterio.enums import ColorInterp
+
+    from fusion_cli.models.registry import WV3_BANDS
+
+    out = tmp_path / "co.tif"
+    inputs = [str(landsat_demo["pan"]), str(landsat_demo["ms"]), "--method", "gsa", "-q"]
+    co = ["--co", "BLOCKXSIZE=128", "--co", "blockysize=128", "--co", "COMPRESS=ZSTD"]
+    code, _, err = run(capsys, "pansharpen", *inputs, "-o", str(out), *co)
+    assert code == 0, err
+    rgb = [ColorInterp.blue, ColorInterp.green, ColorInterp.red] + [ColorInterp.undefined] * 3
+    with rasterio.open(out) as ds, rasterio.open(landsat_demo["product"]) as default:
+        assert ds.block_shapes[0] == (128, 128) and default.block_shapes[0] == (256, 256)
+        assert ds.compression.name == "zstd" and default.compression.name == "deflate"
+        assert list(ds.colorinterp) == rgb and list(default.colorinterp) == rgb
+    code, _, err = run(capsys, "pansharpen", *inputs, "-o", str(tmp_path / "bad.tif"), "--co", "ZLEVEL")
+    assert_one_line_error(code, err, "--co expects KEY=VALUE")
+    assert not (tmp_path / "bad.tif").exists()
+    # the card's names when the MS has no descriptions; "red edge" is not red
+    names = [f"band {b}" for b in range(1, 9)]
+    assert raster.rgb_colorinterp(8, names, WV3_BANDS)[1:5] == rgb[:2] + [ColorInterp.undefined, rgb[2]]
+    assert raster.rgb_colorinterp(8, names) is None
+    assert raster.rgb_colorinterp(3, ["red", "red edge", "green"]) is None  # no blue

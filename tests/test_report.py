@@ -147,3 +147,20 @@ def test_cli_report_exit_code_and_summary(golden: dict[str, Path], tmp_path: Pat
     assert res.returncode == 1, res.stderr  # wrong_size.tif fails, the rest is reported
     summary = json.loads(res.stdout)
     assert summary["products"] == 3 and summary["failed"] == 1 and (out / "index.html").exists()
+
+
+def test_cli_report_on_the_demo_product(landsat_demo: dict[str, Path], tmp_path: Path) -> None:
+    """`fusion report` scores the demo's own product (319 x 639 on 160 x 320 MS pixels) from its tags."""
+    out = tmp_path / "rep"
+    res = subprocess.run(
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", "report",
+         str(landsat_demo["product"]), "-o", str(out), "--sensor", "landsat8", "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["failed"] == 0
+    (row,) = json.loads((out / "metrics.json").read_text())
+    assert row["mode"] == "full" and row["ratio"] == 2 and 0.8 < row["QNR"] <= 1
+    assert row["ms"] == str(landsat_demo["ms"])
+    page = (out / "index.html").read_text()
+    assert "pan_zoom" in page and "ms_zoom" in page

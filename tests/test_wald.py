@@ -12,11 +12,12 @@ import rasterio
 from conftest import need_shared
 from rasterio.transform import Affine
 
+from fusion_cli.align import shape_ratio
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms
 from fusion_cli.sensors import nyquist_gains
-from fusion_cli.wald import infer_ratio, simulate_arrays, simulate_files
+from fusion_cli.wald import simulate_arrays, simulate_files
 
 
 def _read(path: Path) -> np.ndarray:
@@ -61,9 +62,10 @@ def test_simulate_arrays_rejects_bad_input() -> None:
         simulate_arrays(np.zeros((1, 40, 40)), ms, 1)
     with pytest.raises(FusionError, match="unknown sensor"):
         simulate_arrays(np.zeros((1, 400, 400)), np.zeros((4, 100, 100)), 4, "spot42")
-    assert infer_ratio((1, 1207, 1254), (4, 603, 627)) == 2  # Landsat's extra PAN row
-    with pytest.raises(FusionError, match="--ratio"):
-        infer_ratio((1, 100, 150), (4, 100, 100))
+    names = ("MS", "PAN")
+    assert shape_ratio((1, 1207, 1254), (4, 603, 627), names) == 2  # Landsat's extra PAN row
+    with pytest.raises(FusionError, match="by other than an integer ratio"):
+        shape_ratio((1, 100, 150), (4, 100, 100), names)
 
 
 def test_simulate_files_georeferenced(tmp_path: Path) -> None:
@@ -140,6 +142,37 @@ def test_simulate_then_pansharpen_then_metrics(tmp_path: Path) -> None:
     # interpolation alone: a few degrees of SAM, ERGAS ~3-4 on this scene (golden README: 4.30 / 3.33)
     assert 3.0 < sam(ref, fused) < 6.0
     assert 2.0 < ergas(ref, fused, 4) < 5.0
+
+
+def test_simulate_landsat_example_then_metrics_ref(
+    tmp_path: Path, landsat_demo: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The example's reduced PAN grid sits a quarter pixel off the MS (reference) grid and the product
+    lacks its half-covered first row and column (159 x 319 against 160 x 320): `fusion metrics --ref`
+    lines them up to the nearest pixel (product (0, 0) over reference (1, 1)), with the ratio the
+    product records."""
+    from fusion_cli.metrics import ergas, sam
+    from fusion_cli.pipeline import pansharpen
+
+    sim = tmp_path / "sim"
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", str(landsat_demo["pan"]), str(landsat_demo["ms"]), "-o", str(sim), "--sensor",
+              "landsat8", "--json"])  # fmt: skip
+    assert exc.value.code == 0 and json.loads(capsys.readouterr().out)["ratio"] == 2
+    out = tmp_path / "x.tif"
+    pansharpen(
+        sim / "pan_lr.tif", sim / "ms_lr.tif", out, method="bdsd-pc", sensor="landsat8", progress=False
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["metrics", str(out), "--ref", str(sim / "ms_ref.tif"), "--json"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    got = json.loads(capsys.readouterr().out)
+    with rasterio.open(out) as f, rasterio.open(sim / "ms_ref.tif") as r:
+        assert (f.shape, r.shape) == ((159, 319), (160, 320))
+        fused, ref = f.read().astype(np.float64), r.read()[:, 1:, 1:].astype(np.float64)
+    assert got["ERGAS"] == pytest.approx(ergas(ref, fused, 2), rel=1e-6)
+    assert got["SAM"] == pytest.approx(sam(ref, fused), rel=1e-6)
+    assert got["ERGAS"] < 4 and got["Q2n"] > 0.85
 
 
 def test_reduced_uint8_pair_keeps_the_dn_scale_of_its_source(tmp_path):

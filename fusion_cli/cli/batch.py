@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fusion_cli import batch as lib
-from fusion_cli.cli.common import FuseOpt, echo_json, parse_bands
+from fusion_cli.cli.common import FuseOpt, echo_json, parse_bands, parse_creation_options
 from fusion_cli.errors import FusionError
 
 _EPILOG = (
@@ -113,6 +113,7 @@ def register(app: typer.Typer) -> None:
         cog: bool = FuseOpt.cog,
         coregister: bool = FuseOpt.coregister,
         compress: str = FuseOpt.compress,
+        co: list[str] | None = FuseOpt.co,
         zero_nodata: bool = FuseOpt.zero_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
@@ -186,6 +187,7 @@ def register(app: typer.Typer) -> None:
             tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
+            creation_options=parse_creation_options(co),
             stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, ensemble=ensemble,
             max_pixels=max_pixels, progress=False,
         )  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,26 @@ from typing import Any
 
 import typer
 
+from fusion_cli.errors import FusionError
+
 
 def echo_json(payload: dict[str, Any]) -> None:
     """Machine-readable summary on stdout (progress and messages go to stderr)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def parse_creation_options(items: list[str] | None) -> dict[str, str] | None:
+    """`--co ZLEVEL=9 --co BLOCKXSIZE=512` -> {"ZLEVEL": "9", "BLOCKXSIZE": "512"} (GDAL's syntax)."""
+    if not items:
+        return None
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key.strip()) or not value.strip():
+            raise FusionError(f"--co expects KEY=VALUE, a GTiff creation option like ZLEVEL=9, got {item!r}")
+        options[key.strip().upper()] = value.strip()
+    return options
 
 
 def parse_bands(text: str | None) -> list[int] | None:
@@ -82,6 +98,12 @@ class FuseOpt:
     threads = typer.Option(None, "--threads", help="CPU threads for inference.")
     dtype = typer.Option(None, "--dtype", help="Output dtype (default: the input's, e.g. uint16).")
     compress = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none.")
+    co = typer.Option(
+        None,
+        "--co",
+        help="GTiff creation option KEY=VALUE, repeatable (e.g. --co ZLEVEL=9 --co BLOCKXSIZE=512); "
+        "replaces the default of that name. GDAL warns about options GTiff does not know.",
+    )
     cog = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews.")
     overwrite = typer.Option(False, "--overwrite", help="Replace an existing output.")
     coregister = typer.Option(
@@ -141,9 +163,10 @@ def register_fuse_command(
     """
     first_help, second_help = (hi_help, lo_help) if hi_first else (lo_help, hi_help)
 
+    # Inputs stay strings: GDAL paths such as /vsizip//data/a.zip/pan.tif need their `//`, which Path folds.
     def command(
-        first: Path = typer.Argument(..., help=first_help, show_default=False, metavar=metavars[0]),
-        second: Path = typer.Argument(..., help=second_help, show_default=False, metavar=metavars[1]),
+        first: str = typer.Argument(..., help=first_help, show_default=False, metavar=metavars[0]),
+        second: str = typer.Argument(..., help=second_help, show_default=False, metavar=metavars[1]),
         out: Path = typer.Option(..., "-o", "--out", help="Output GeoTIFF (on the high-resolution grid)."),
         model: str | None = FuseOpt.model,
         weights: Path | None = FuseOpt.weights,
@@ -159,6 +182,7 @@ def register_fuse_command(
         threads: int | None = FuseOpt.threads,
         dtype: str | None = FuseOpt.dtype,
         compress: str = FuseOpt.compress,
+        co: list[str] | None = FuseOpt.co,
         cog: bool = FuseOpt.cog,
         overwrite: bool = FuseOpt.overwrite,
         coregister: bool = FuseOpt.coregister,
@@ -196,6 +220,7 @@ def register_fuse_command(
             threads=threads,
             out_dtype=dtype,
             compress=compress,
+            creation_options=parse_creation_options(co),
             cog=cog,
             overwrite=overwrite,
             coregister=coregister,

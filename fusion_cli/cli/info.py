@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             f"Torch devices: cpu ({t['cpu_threads']} threads); CUDA {t['cuda_version'] or '-'}: {gpus}"
         )
         typer.echo(f"Scan backend: {s['name']} on {s['device']} ({s['reason']})")
-        typer.echo(f"Models in {data['weights_dir']}:")
+        typer.echo(f"Models in {data['weights_dir']} ({data['weights_source']}):")
         if not data["models"]:
             typer.echo("  none installed (use --weights FILE, e.g. the official 420.pth, or `make weights`)")
         for m in data["models"]:

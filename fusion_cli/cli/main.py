@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with _signals_as_interrupt():
             try:
-                app(args=argv, standalone_mode=True)
+                app(args=argv, prog_name="fusion", standalone_mode=True)  # also under `python -m fusion_cli`
             except SystemExit as exc:
                 # Typer turns any KeyboardInterrupt (ours included) into exit 130: say which signal
                 if exc.code == 130 and _signals:

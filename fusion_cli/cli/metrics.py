@@ -52,14 +52,13 @@ that touch them, of SCC sums near them. The toolbox itself has no masks.
 def register(app: typer.Typer) -> None:
     @app.command("metrics", help=HELP)
     def metrics(
-        fused: Path = typer.Argument(..., help="Fused product (GeoTIFF or any raster GDAL reads)."),
-        ref: Path | None = typer.Option(
-            None, "--ref", help="Reference (ground truth) on the product's grid."
-        ),
-        pan: Path | None = typer.Option(
+        # str, not Path: GDAL paths (/vsizip//a.zip/x.tif, /vsicurl/https://...) need their `//`
+        fused: str = typer.Argument(..., help="Fused product (GeoTIFF or any raster GDAL reads)."),
+        ref: str | None = typer.Option(None, "--ref", help="Reference (ground truth) on the product's grid."),
+        pan: str | None = typer.Option(
             None, "--pan", help="PAN the product was made from (full resolution)."
         ),
-        ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS the product was made from."),
+        ms: str | None = typer.Option(None, "--ms", help="Low-resolution MS the product was made from."),
         ratio: int | None = MetricOpt.ratio,
         cut: int = MetricOpt.cut,
         clip_bits: int | None = MetricOpt.clip_bits,
@@ -88,7 +87,7 @@ def register(app: typer.Typer) -> None:
             nodata=nodata,
         )
         for p in (fused, ref, pan, ms):
-            if csv is not None and p is not None and csv.resolve() == p.resolve():
+            if csv is not None and p is not None and csv.resolve() == Path(p).resolve():
                 raise FusionError(f"--csv {csv} is an input file: choose another name")
         result = evaluate(fused, ref, pan, ms, opts)
         if csv is not None:

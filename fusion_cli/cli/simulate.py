@@ -12,8 +12,9 @@ from fusion_cli.cli.common import echo_json, parse_bands
 def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
-        pan: Path = typer.Argument(..., help="PAN GeoTIFF."),
-        ms: Path = typer.Argument(..., help="MS (or HS) GeoTIFF at its own resolution."),
+        # str, not Path: GDAL paths (/vsizip//a.zip/x.tif) need their `//`
+        pan: str = typer.Argument(..., help="PAN GeoTIFF."),
+        ms: str = typer.Argument(..., help="MS (or HS) GeoTIFF at its own resolution."),
         out: Path = typer.Option(
             ..., "-o", "--out", help="Output folder for pan_lr.tif, ms_lr.tif, ms_ref.tif."
         ),

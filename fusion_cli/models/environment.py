@@ -13,7 +13,7 @@ from fusion_cli import __version__
 from fusion_cli.errors import FusionError
 from fusion_cli.models.registry import list_models
 from fusion_cli.models.scan import resolve_backend
-from fusion_cli.paths import weights_dir
+from fusion_cli.paths import weights_location
 
 
 def environment_info() -> dict[str, Any]:
@@ -27,6 +27,7 @@ def environment_info() -> dict[str, Any]:
         backend, reason = resolve_backend(None, device)
     except FusionError as exc:  # e.g. a bad $FUSION_SCAN_BACKEND
         backend, reason = "error", str(exc)
+    folder, source = weights_location()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cards = list_models()
@@ -48,7 +49,8 @@ def environment_info() -> dict[str, Any]:
             "default_device": device,
         },
         "scan_backend": {"name": backend, "reason": reason, "device": device},
-        "weights_dir": str(weights_dir()),
+        "weights_dir": str(folder),
+        "weights_source": source,  # $FUSION_WEIGHTS_DIR, installed package data or source checkout
         "default_model": default,
         "models": [
             {

@@ -1,0 +1,1 @@
+"""Shipped model cards (`*.json`) and weights (`*.safetensors`), installed as `fusion_cli.weights`."""
