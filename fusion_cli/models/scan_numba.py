@@ -22,7 +22,9 @@ writable, the kernels are compiled without a cache (each process pays the compil
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -375,10 +377,26 @@ def _threads() -> Iterator[None]:
     current (batch, channel) item instead of a static share of them. Restores the chunk size after."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     before = numba.set_parallel_chunksize(1)  # per calling thread; each item is a whole pass over L
+    # numba's fallback threading layer (workqueue, where neither OpenMP nor TBB loads) aborts the
+    # process when two threads launch kernels at once (batch --scene-workers): one at a time then.
+    lock = _launch_lock if _layer_is_unsafe() else contextlib.nullcontext()
     try:
-        yield
+        with lock:
+            yield
     finally:
         numba.set_parallel_chunksize(before)
+
+
+_launch_lock = threading.Lock()
+
+
+def _layer_is_unsafe() -> bool:
+    """Whether concurrent kernel launches could hit the workqueue layer (unknown until the first
+    parallel kernel has run, so the first launches are serialised too)."""
+    try:
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # no parallel kernel has run yet
+        return True
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
