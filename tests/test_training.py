@@ -571,7 +571,9 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
     print(f"\nSF held out: net PSNR/SAM/ERGAS {scores['net']}, mtf-glp-hs {scores['hs']}")
     assert scores["net"][0] > scores["hs"][0]
     assert scores["net"][1] < scores["hs"][1] and scores["net"][2] < scores["hs"][2]
-    # Seams: the 72 x 132 scene in 48-px tiles equals the one-piece product within 1 DN (0.20 measured).
+    # Seams: the 72 x 132 scene in 48-px tiles equals the one-piece product within 1 DN away from
+    # the scene's edges. Near them the one piece (as the authors run a whole image) differs: its
+    # scans wrap to the scene's far side, a tile's to its own (see the Seams section of the README).
     hisr(
         paths["hsi"],
         paths["msi"],
@@ -583,7 +585,11 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
         overlap=24,
     )
     with rasterio.open(tmp_path / "tiled.tif") as a, rasterio.open(tmp_path / "net.tif") as b:
-        assert np.abs(a.read().astype(np.float64) - b.read()).max() <= 1.0
+        diff = np.abs(a.read().astype(np.float64) - b.read()).max(axis=0)
+    edge = 24
+    print(f"hyperion_hisr 48-px tiles vs one piece: max {diff.max():.2f} DN, "
+          f"{diff[edge:-edge, edge:-edge].max():.2f} DN >= {edge} px from the edges")  # fmt: skip
+    assert diff[edge:-edge, edge:-edge].max() <= 1.0
 
 
 @pytest.mark.parametrize(
