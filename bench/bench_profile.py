@@ -4,8 +4,9 @@ count as they do in a run), split by part of the network with forward hooks, on 
 split is not blurred by threads waiting on each other), with the scan backend the pipeline picks.
 Seconds are process CPU seconds (what the part costs, whatever else shares the machine).
 
-Parts: the selective scans of the spatial Mamba blocks; the rest of those blocks (projections,
-token gathers, conv1d, LayerNorm); the spectral attention; everything else of a network pass
+Parts: the selective scans of the spatial Mamba blocks (on the fused CPU path: the four directions'
+scans with their gates, mean and LayerNorm); the rest of those blocks (projections, token gathers or
+the fused conv1d, LayerNorms); the spectral attention; everything else of a network pass
 (stems, stride-2 and transposed convs, head, residuals); the base method; and the second, transposed
 pass of the ensemble. "halo x" is what the default plan computes per output pixel for that model on
 a large scene (window area over core area at the default tile): the same work again at the edges.
@@ -64,10 +65,28 @@ def _timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> Iterator[N
         return out
 
     fusionmamba.selective_scan = timed_scan  # type: ignore[assignment]
+    # the fused CPU inference path scans in mamba_numba (the four directions, gate, mean and norm)
+    fused_fn = None
+    try:
+        from fusion_cli.models import mamba_numba
+
+        fused_fn = mamba_numba.scan_directions
+
+        def timed_fused(*args: Any, **kwargs: Any) -> torch.Tensor:
+            t0 = time.process_time()
+            out = fused_fn(*args, **kwargs)
+            totals["scan (all)"] += time.process_time() - t0
+            return out
+
+        mamba_numba.scan_directions = timed_fused  # type: ignore[assignment]
+    except ImportError:
+        pass
     try:
         yield
     finally:
         fusionmamba.selective_scan = scan_fn  # type: ignore[assignment]
+        if fused_fn is not None:
+            mamba_numba.scan_directions = fused_fn  # type: ignore[assignment]
         for h in handles:
             h.remove()
 
