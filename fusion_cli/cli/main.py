@@ -4,8 +4,10 @@ library errors into one line on stderr with exit code 2 (a traceback only with -
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -85,9 +87,45 @@ def _signals_as_interrupt() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def _c_stderr_quiet(enabled: bool) -> Iterator[None]:
+    """Keep what C libraries print straight to the process's stderr (libtiff's default error
+    handler writes a line per failed block when a disk fills up: dozens of lines before ours) out
+    of the user's terminal; the tool says what failed in one line. Python's own stderr (our
+    messages, progress, warnings) still goes to the terminal. Only when stderr is the real file
+    descriptor 2 (not under a test's capture), and not with --debug."""
+    try:
+        real = enabled and sys.stderr is not None and sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a replaced stderr without a descriptor
+        real = False
+    if not real:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_err = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_err.encoding,
+                               errors=python_err.errors)  # fmt: skip
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = python_err
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> None:
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    with _c_stderr_quiet(not debug):
+        _main(argv, debug)
+
+
+def _main(argv: list[str] | None, debug: bool) -> None:
     try:
         with _signals_as_interrupt():
             try:
