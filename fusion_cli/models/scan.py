@@ -18,7 +18,7 @@ Backends:
   correction adds the carried state, decayed by exp(cumulative log-decay), to every position. Every
   exponent is a sum of delta*A <= 0, so nothing overflows in float32, and the work is O(L), not O(L*T).
 - ``numba``: fused CPU kernels (`fusion_cli.models.scan_numba`): one pass over L per (batch, channel)
-  in parallel, with a numba backward. Needs the optional numba (``pip install fusion-cli[cpu]``).
+  in parallel, with a numba backward (numba is a dependency; where it cannot load, torch runs).
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, used only when it imports and the tensors are on CUDA.
 - ``triton``: a fused Triton kernel (scan_triton.py), forward and backward; automatic on CUDA when
   mamba_ssm does not import but triton does; on CPU only on request under ``TRITON_INTERPRET=1``.
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
 from fusion_cli.models import scan_triton
+from fusion_cli.models.scan_shapes import grouped_bc
 
 BACKENDS = ("reference", "torch", "numba", "mamba_ssm", "triton")
 ENV_VAR = "FUSION_SCAN_BACKEND"
@@ -60,7 +61,7 @@ def _mamba_ssm_import() -> tuple[object | None, str]:
 
 @lru_cache(maxsize=1)
 def _numba_import() -> tuple[object | None, str]:
-    """(selective_scan_numba or None, why not). numba is optional: without it CPU scans use torch."""
+    """(selective_scan_numba or None, why not): where numba cannot load, CPU scans use torch."""
     try:
         from fusion_cli.models.scan_numba import selective_scan_numba
     except Exception as exc:  # ImportError, or a numba/llvmlite that fails to load
@@ -159,13 +160,7 @@ def _prepare(
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    d = u.shape[1]
-    if d % B.shape[1] or d % C.shape[1] or B.shape[1] != C.shape[1]:
-        raise ValueError(f"channels {d} not divisible into B/C groups {B.shape[1]}/{C.shape[1]}")
+    B, C = grouped_bc(u.shape[1], B, C)
     return u, delta, A, B, C
 
 

@@ -32,7 +32,6 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 from numba import prange, types
 from numba.extending import overload
+
+from fusion_cli.models.scan_shapes import grouped_bc
 
 # fastmath without nnan/ninf: lets LLVM vectorise the per-state loops and reorder their sums, and keeps
 # inf/nan semantics (an overflowing scan still shows as inf, as in the other backends).
@@ -375,7 +376,7 @@ _forward = _njit(_forward_kernel)
 _backward = _njit(_backward_kernel)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _threads() -> Iterator[None]:
     """As many numba threads as torch uses (which follows the user's and the machine's limits), and
     work items handed out one at a time: on shared cores a descheduled thread then delays only its
@@ -422,12 +423,7 @@ def _arrays(
     zeros, absent z as a 1-element dummy."""
     dtype = torch.promote_types(u.dtype, torch.float32)
     d = u.shape[1]
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    if d % B.shape[1] or B.shape[1] != C.shape[1]:
-        raise ValueError(f"channels {d} not divisible into B/C groups {B.shape[1]}/{C.shape[1]}")
+    B, C = grouped_bc(d, B, C)
     zeros = torch.zeros(d, dtype=dtype)
     return (
         _np(u.to(dtype)),

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fusion_cli.errors import FusionError
+from fusion_cli.models.scan_shapes import grouped_bc
 
 _KERNELS = "fusion_cli.models._scan_triton_kernels"
 # Programs wanted in flight before a block holds several channels (~2 per SM on an H100/H200).
@@ -302,14 +303,11 @@ def selective_scan_triton(
         raise FusionError(
             "scan backend triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
         )
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
     b, dt, length = u.shape
+    B, C = grouped_bc(dt, B, C)
     g, n = B.shape[1], B.shape[2]
-    if dt % g or C.shape[1] != g or C.shape[2] != n or A.shape != (dt, n):
-        raise ValueError(f"scan shapes: u {tuple(u.shape)}, A {tuple(A.shape)}, B/C groups {g}/{C.shape[1]}")
+    if A.shape != (dt, n):
+        raise ValueError(f"scan shapes: u {tuple(u.shape)} needs A of ({dt}, {n}), got {tuple(A.shape)}")
     loop = interp if loop is None else loop
     bd, bn, ch = choose_blocks(b, g, dt // g, n, length, loop)
     if chunk is not None and chunk & (chunk - 1):
