@@ -9,9 +9,11 @@ are index arithmetic instead of copies:
   (2-direction blocks: 0 and 1 over a 1-D sequence), exactly `fusionmamba._scan_orders`;
 - `conv_silu` writes the causal depthwise conv + silu of every direction in its scan order,
   `(B, G, L, E)`, channels last, so the per-direction x_proj is one batched matmul;
-- `scan_directions` runs the four scans per (batch, slice of channels), computes the step from
-  x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline, and accumulates the gated
-  outputs of all directions into image order `(B, L, E)`, averaged.
+- `scan_directions` runs each direction's scan per (batch, direction, slice of channels), computing
+  the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline, writes the
+  gated outputs in image order, then averages the directions and applies the block's LayerNorm in
+  one pass: `(B, L, E)`;
+- `layer_norm` is the same LayerNorm pass for the blocks' input norms.
 
 Same arithmetic as the generic path in float32 (sums in another order: ~1e-6 relative). No autograd:
 training keeps the generic path.
@@ -24,18 +26,12 @@ import numpy as np
 import torch
 from numba import prange
 
-from fusion_cli.models.scan_numba import _exp, _sigmoid, _softplus, _threads
+from fusion_cli.models.scan_numba import _exp, _njit, _sigmoid, _softplus, _threads
 
 # Channels per work item of the scan (their states, CHANNELS x N, stay in L1), and positions per
 # block (its steps and decays, BLOCK x CHANNELS x N floats, stay in L2).
 CHANNELS = 16
 BLOCK = 64
-
-
-def _njit(fn):  # type: ignore[no-untyped-def]
-    from fusion_cli.models.scan_numba import _njit as njit
-
-    return njit(fn)
 
 
 @numba.njit(inline="always", cache=False)
@@ -86,6 +82,23 @@ def _conv_silu_kernel(x, weight, bias, height, width, u):  # type: ignore[no-unt
                 toks[j] = toks[j + 1]
 
 
+@numba.njit(inline="always", cache=False)
+def _normalize(row, weight, bias, eps, out):  # type: ignore[no-untyped-def]
+    """out = LayerNorm(row) over its E channels, with weight and bias `(E,)`."""
+    channels = row.shape[0]
+    mean = 0.0
+    for e in range(channels):
+        mean += row[e]
+    mean /= channels
+    var = 0.0
+    for e in range(channels):
+        d = row[e] - mean
+        var += d * d
+    rstd = 1.0 / np.sqrt(var / channels + eps)
+    for e in range(channels):
+        out[e] = (row[e] - mean) * rstd * weight[e] + bias[e]
+
+
 def _mean_norm_kernel(y, weight, bias, eps, out):  # type: ignore[no-untyped-def]
     """y `(B, G, L, E)` -> out `(B, L, E)`: the mean over the G directions, LayerNormed over E
     (weight, bias `(E,)`), in one pass instead of a sum, a division and a LayerNorm over the block."""
@@ -98,45 +111,22 @@ def _mean_norm_kernel(y, weight, bias, eps, out):  # type: ignore[no-untyped-def
         start = (item % nchunks) * chunk
         row = np.empty(channels, dtype=np.float32)
         for pos in range(start, min(length, start + chunk)):
-            mean = 0.0
             for e in range(channels):
                 v = y[b, 0, pos, e]
                 for g in range(1, groups):
                     v += y[b, g, pos, e]
-                v *= inv_g
-                row[e] = v
-                mean += v
-            mean /= channels
-            var = 0.0
-            for e in range(channels):
-                d = row[e] - mean
-                var += d * d
-            rstd = 1.0 / np.sqrt(var / channels + eps)
-            o = out[b, pos]
-            for e in range(channels):
-                o[e] = (row[e] - mean) * rstd * weight[e] + bias[e]
+                row[e] = v * inv_g
+            _normalize(row, weight, bias, eps, out[b, pos])
 
 
 def _layer_norm_kernel(x, weight, bias, eps, out):  # type: ignore[no-untyped-def]
     """LayerNorm over the last axis of x `(R, E)` -> out: torch's is ~10 ns per element when E is a
     handful of channels (the d = 8 networks), this one pass per row ~1."""
-    rows, channels = x.shape
+    rows = x.shape[0]
     chunk = 4096
     for item in prange((rows + chunk - 1) // chunk):
         for r in range(item * chunk, min(rows, (item + 1) * chunk)):
-            xr = x[r]
-            mean = 0.0
-            for e in range(channels):
-                mean += xr[e]
-            mean /= channels
-            var = 0.0
-            for e in range(channels):
-                d = xr[e] - mean
-                var += d * d
-            rstd = 1.0 / np.sqrt(var / channels + eps)
-            o = out[r]
-            for e in range(channels):
-                o[e] = (xr[e] - mean) * rstd * weight[e] + bias[e]
+            _normalize(x[r], weight, bias, eps, out[r])
 
 
 @numba.njit(inline="always", cache=False)
@@ -160,7 +150,7 @@ def _recurrence(n, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, xz, dt_w, dt_bias, floor, A, Dv, height, width, bc_by_token, softplus, out
+    u, xdbl, xz, dt_w, dt_bias, floor, A, Dv, height, width, bc_by_token, out
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, L, R + 2N)` (dt, B, C) in scan order, or in image
     order when `bc_by_token`; xz `(B, L, 2E)` (z is its second half, image order); dt_w `(G, E, R)`,
@@ -201,9 +191,8 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
                         raw += w[e0 + e, r] * xr[r]
                     dts[i * m + e] = raw
                     zs[i * m + e] = zr[channels + e0 + e]
-            if softplus:
-                for j in range(mt * m):
-                    dts[j] = _softplus(dts[j])
+            for j in range(mt * m):
+                dts[j] = _softplus(dts[j])
             for i in range(mt):  # the scan-memory floor (zero when unbounded)
                 for e in range(m):
                     dts[i * m + e] = max(dts[i * m + e], fl[e0 + e])
@@ -262,11 +251,10 @@ def scan_directions(
     (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded)."""
     b, g, length, e = u.shape
     out = np.empty((b, g, length, e), dtype=np.float32)
-    softplus = True
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
         _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
-              hw[0], hw[1], bc_by_token, softplus, out)  # fmt: skip
+              hw[0], hw[1], bc_by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = np.empty((b, length, e), dtype=np.float32)
     with _threads():
