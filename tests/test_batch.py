@@ -26,6 +26,7 @@ from conftest import need_shared
 from rasterio.crs import CRS
 
 from fusion_cli import batch
+from fusion_cli.batch import locking
 from fusion_cli.errors import FusionError
 from fusion_cli.raster import is_complete_output
 
@@ -338,13 +339,13 @@ def test_ctrl_c_while_taking_a_scene_lock_leaves_no_lock_file(tmp_path: Path, mo
     """SIGINT lands just after the lock file is created and locked, before the scene starts (the
     moment a batch moves to its next scene): the file must still go."""
     out = tmp_path / "s_fused.tif"
-    real = batch._try_flock
+    real = locking._try_flock
 
     def interrupted(*args: object) -> bool | None:
         real(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch, "_try_flock", interrupted)
+    monkeypatch.setattr(locking, "_try_flock", interrupted)
     with pytest.raises(KeyboardInterrupt), batch.scene_lock(out):
         pass
     assert hidden_files(tmp_path) == []

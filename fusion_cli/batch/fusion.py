@@ -1,0 +1,121 @@
+"""The real per-scene processor: one fuser built once for the batch, `pipeline.fuse_files` per scene,
+and optional full-resolution metrics written beside each output."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fusion_cli.batch.execution import SceneProcessor
+from fusion_cli.batch.pairing import Scene
+from fusion_cli.errors import FusionError
+
+
+@dataclass
+class FuseJob:
+    """Everything a worker needs to build its fuser and fuse a scene (picklable, for Dask).
+
+    `fuser` holds the keyword arguments of `pipeline.make_fuser` (model, weights, method, sensor,
+    device, precision, dn_max, ms_bands); `options` is a `pipeline.FuseOptions`.
+    """
+
+    fuser: dict[str, Any]
+    options: Any
+    metrics: bool = False
+
+    def cache_key(self) -> str:
+        return json.dumps(self.fuser, sort_keys=True, default=str)
+
+
+def make_scene_processor(job: FuseJob) -> SceneProcessor:
+    """`process(scene)` fusing with one fuser built once for the whole batch.
+
+    A network is built once and serves every scene (a shallow copy per scene holds its statistics).
+    A classical method depends on the pair's ratio (measured per scene from the geotransforms), so
+    one instance is kept per ratio; a method with scene statistics (`needs_stats`) gets a fresh
+    instance per scene so that no statistics leak from one scene into the next (cheap: classical
+    methods have no weights).
+    """
+    from fusion_cli import pipeline
+
+    # The batch already decided the scene must be (re)done, so the writer may replace the target.
+    options = replace(job.options, overwrite=True)
+    classical = job.fuser.get("method") is not None
+    fusers: dict[int | None, Any] = {}
+    # Bad model / weights / method names are a bad invocation: fail before the first scene.
+    if classical:
+        pipeline.make_fuser(**{**job.fuser, "ratio": 4})
+    else:
+        fusers[None] = pipeline.make_fuser(**job.fuser)
+
+    def fuser_for(scene: Scene) -> Any:
+        if not classical:
+            # One network serves the batch; its scene statistics (band max) live in a shallow
+            # per-scene copy, so scenes fused concurrently do not share them.
+            return copy.copy(fusers[None])
+        ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
+        fuser = fusers.get(ratio)
+        if fuser is None or fuser.needs_stats:
+            fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio})
+            fusers[ratio] = fuser
+        return fuser
+
+    def process(scene: Scene) -> dict[str, Any]:
+        fuser = fuser_for(scene)
+        summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
+        details = summary.to_dict()
+        if job.metrics:
+            # The product is already complete: a metrics problem is reported, not a failed scene.
+            try:
+                details["metrics"] = scene_metrics(
+                    scene, ratio=summary.ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject
+                )
+            except (FusionError, ValueError, MemoryError) as exc:
+                details["metrics_error"] = str(exc)
+        return details
+
+    return process
+
+
+def scene_metrics(
+    scene: Scene, ratio: int, sensor: str | None = None, reproject: bool = False
+) -> dict[str, Any]:
+    """Full-resolution indices (D_lambda, D_s, QNR, HQNR) of a finished scene, also written beside
+    the output as `<out>.metrics.json` so a report can be built from the output folder alone.
+
+    Reads the three images whole (the indices are global): memory grows with the scene.
+    """
+    import numpy as np
+
+    from fusion_cli import raster
+    from fusion_cli.metrics import full_resolution
+
+    with raster.gdal_env(), raster.open_raster(scene.out, "output") as out_ds:
+        fused = out_ds.read().astype(np.float32)
+        valid = out_ds.dataset_mask() > 0
+    from fusion_cli import pipeline
+
+    with pipeline.open_pair(scene.pan, scene.ms, reproject, ratio) as (pan_ds, ms_ds):
+        pan = pan_ds.read(1)[None].astype(np.float32)
+        ms = ms_ds.read(raster.select_bands(ms_ds, None)).astype(np.float32)
+    # The product covers the PAN pixels inside both inputs from the top-left: compare on the
+    # largest area that is a whole number of MS pixels in all three.
+    h = min(fused.shape[1], pan.shape[1], ms.shape[1] * ratio) // ratio * ratio
+    w = min(fused.shape[2], pan.shape[2], ms.shape[2] * ratio) // ratio * ratio
+    if h < 32 or w < 32:
+        raise FusionError(f"scene {scene.id} is too small for full-resolution metrics ({h}x{w} px)")
+    values = full_resolution(
+        fused[:, :h, :w],
+        pan[:, :h, :w],
+        ms[:, : h // ratio, : w // ratio],
+        ratio=ratio,
+        sensor=sensor,
+        mask=valid[:h, :w],
+    )
+    sidecar = scene.out.with_name(scene.out.name + ".metrics.json")
+    payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
+    with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=float))
+    return values

@@ -1,0 +1,92 @@
+"""One writer per output across runs: a per-output flock, and removal of a killed writer's temporaries."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def scene_lock(out: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on one output while it is made; yields False if another live run
+    holds it (an overlapping cron run, a duplicate array task).
+
+    flock is released by the kernel when its holder dies, so a lock we obtain proves that any
+    temporary file left beside the output belongs to a killed run and may be removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no cross-run exclusion, nothing else changes
+        yield True
+        return
+    lock_path = out.with_name(f".{out.name}.lock")
+    fd: int | None = None
+    try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            held = _try_flock(fcntl, fd, lock_path)
+            if held is not None:
+                break
+            os.close(fd)  # the holder we waited on unlinked the file: lock the live one
+            fd = None
+        yield held
+    finally:
+        if fd is not None:
+            _release_lock_file(fcntl, fd, lock_path)
+
+
+def _try_flock(fcntl: Any, fd: int, lock_path: Path) -> bool | None:
+    """True: `fd` holds the live lock file; False: another run holds it; None: retry."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks (some NFS mounts): no cross-run exclusion
+        return True
+    try:
+        return True if _is_live(fd, lock_path) else None
+    except FileNotFoundError:
+        return None
+
+
+def _is_live(fd: int, lock_path: Path) -> bool:
+    """`fd` is the file now at `lock_path` (not one a previous holder unlinked)."""
+    return os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+
+
+def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
+    """Unlink the lock file unless another live run holds it, then close `fd`.
+
+    Re-locking is a no-op for the holder; for a run that was refused (or interrupted while
+    acquiring) it succeeds only when nobody holds the file, so a live run's lock is never removed.
+    """
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        except OSError:  # no locks on this filesystem: nothing to protect
+            pass
+        with contextlib.suppress(OSError):
+            if _is_live(fd, lock_path):
+                lock_path.unlink()
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the temporary files a killed writer of this tool left beside `out` (call under
+    `scene_lock`): only names of the shape this tool gives them (`raster.is_own_temporary`)."""
+    from fusion_cli.raster import is_own_temporary
+
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if is_own_temporary(out, p) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed

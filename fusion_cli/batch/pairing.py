@@ -1,0 +1,351 @@
+"""Which files make a scene: PAN/MS pairing by file-name patterns or a manifest, and output names.
+
+`group_by_role` is the one pairing rule of the package (`fusion train` pairs its folders with it too,
+with role words instead of patterns): files grouped by the key their role's naming rule gives them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fusion_cli.errors import FusionError
+
+K = TypeVar("K", bound=Hashable)
+
+# Naming conventions tried, in order, when the user gives no --pan/--ms patterns. Matching is
+# case-insensitive and `.tif` also matches `.tiff`; each `*` captures part of the shared stem.
+DEFAULT_CONVENTIONS: tuple[tuple[str, str], ...] = (
+    ("*_PAN.tif", "*_MS.tif"),
+    ("*_P.tif", "*_MS.tif"),
+    ("*_PAN.tif", "*_MUL.tif"),
+    ("PAN_*.tif", "MS_*.tif"),  # wv2_spacenet6: pan_1.tif / ms_1.tif
+    ("PAN_*.tif", "MUL_*.tif"),  # SpaceNet: PAN_AOI_..._img1.tif / MUL_AOI_..._img1.tif
+    ("*-P?AS-*.tif", "*-M?AS-*.tif"),  # Maxar ordering: ...-P2AS-..._P001.TIF / ...-M2AS-...
+    ("IMG_*_P_*.tif", "IMG_*_MS_*.tif"),  # Pleiades / SPOT DIMAP image names
+    ("*_B8.tif", "*_MS.tif"),  # Landsat 7/8/9 PAN band + a stacked MS of the same product id
+    ("*_B8.tif", "*_stack.tif"),
+)
+DEFAULT_OUT_PATTERN = "{stem}_fused.tif"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One unit of work: a PAN (or MSI) file, its MS (or HSI) partner and the output path."""
+
+    id: str
+    pan: Path
+    ms: Path
+    out: Path
+
+    def to_dict(self) -> dict[str, str]:
+        return {"scene": self.id, "pan": str(self.pan), "ms": str(self.ms), "out": str(self.out)}
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """An input that could not be turned into a scene; reported as a failure, never ignored."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Plan:
+    """What a batch will do, before doing it (`--dry-run` prints it)."""
+
+    scenes: list[Scene]
+    unpaired: list[Unpaired] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)  # files matching neither pattern (listed only)
+    source: str = ""  # how pairs were found: the patterns or the manifest
+    shard: tuple[int, int] | None = None  # (index 0-based, count) when sharded
+    total_scenes: int = 0  # before sharding
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "shard": None if self.shard is None else f"{self.shard[0]}/{self.shard[1]}",
+            "total_scenes": self.total_scenes,
+            "scenes": [s.to_dict() for s in self.scenes],
+            "unpaired": [{"path": str(u.path), "reason": u.reason} for u in self.unpaired],
+            "ignored": [str(p) for p in self.ignored],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Glob -> regex where each `*` is a capture group (the stem); `?` matches one character.
+
+    `*` does not cross `/`, `**` does; a trailing `.tif` also accepts `.tiff`.
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append("(.*)")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("([^/]*)")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    regex = "".join(out)
+    if pattern.lower().endswith(".tif"):
+        regex += "f?"
+    return re.compile(regex + r"\Z", re.IGNORECASE)
+
+
+def _literal_length(pattern: str) -> int:
+    return len(pattern.replace("*", "").replace("?", ""))
+
+
+def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str]:
+    """Relative posix paths of the non-hidden files in `in_dir`, sorted (stable plans)."""
+    if recursive:
+        paths = [p for p in in_dir.rglob("*") if p.is_file()]
+    else:
+        paths = [p for p in in_dir.iterdir() if p.is_file()]
+    rel = []
+    for p in paths:
+        r = p.relative_to(in_dir)
+        if any(part.startswith(".") for part in r.parts):
+            continue  # hidden files and our own temporary outputs
+        if exclude is not None and exclude != in_dir and exclude in p.parents:
+            continue  # outputs written inside the input tree are not inputs
+        rel.append(r.as_posix())
+    return sorted(rel)
+
+
+def escapes(out_dir: Path, out: str | Path) -> str | None:
+    """Why output `out` (as the user wrote it, relative to `out_dir`) would be written outside
+    `out_dir`, or None: outputs, their lock and temporary files are confined to OUT_DIR, so a
+    manifest or pattern can never overwrite or clean up files elsewhere."""
+    given = Path(out)
+    if given.is_absolute():
+        return f"output {out} is an absolute path; outputs must be relative to OUT_DIR {out_dir}"
+    if ".." in given.parts:
+        return f"output {out} climbs out of OUT_DIR with '..'; write it inside {out_dir}"
+    root = os.path.realpath(out_dir)
+    # the folder it lands in, with every symlink followed, must be OUT_DIR or below it
+    if os.path.commonpath([root, os.path.realpath(Path(out_dir) / given.parent)]) != root:
+        return f"output {out} leaves OUT_DIR {out_dir} through a symlink; write it elsewhere inside OUT_DIR"
+    if (Path(out_dir) / given).is_symlink():
+        return f"output {out} is a symlink; remove it or choose another name"
+    return None
+
+
+def out_path_for(out_dir: Path, stem: str, out_pattern: str = DEFAULT_OUT_PATTERN) -> Path:
+    """Output of a scene: `out_pattern` with `{stem}` filled, under `out_dir`."""
+    if "{stem}" not in out_pattern:
+        raise FusionError(
+            f"--out-pattern must contain {{stem}} (e.g. {DEFAULT_OUT_PATTERN}), got {out_pattern!r}"
+        )
+    name = out_pattern.replace("{stem}", stem) if stem else out_pattern.replace("{stem}", "fused").lstrip("_")
+    return out_dir / name
+
+
+def pattern_key(pattern: str) -> Callable[[str], tuple[str, ...] | None]:
+    """A naming rule from a glob: a file's key is what the pattern's `*`s capture (`_pattern_regex`)."""
+    regex = _pattern_regex(pattern)
+
+    def key(name: str) -> tuple[str, ...] | None:
+        m = regex.match(name)
+        return m.groups() if m else None
+
+    return key
+
+
+def token_key(tokens: Sequence[str]) -> Callable[[str], str | None]:
+    """A naming rule from role words: a file's key is its stem with one of `tokens` removed as a whole
+    `_`/`-`/`.`-separated word, lower-cased (`3_PAN.tif` -> `3_<>`, `pan.tif` -> `<>`), else None."""
+
+    def key(name: str) -> str | None:
+        parts = re.split(r"([_.\-])", Path(name).stem)
+        for i, p in enumerate(parts):
+            if p.lower() in tokens:
+                return "".join(parts[:i] + ["<>"] + parts[i + 1 :]).lower()
+        return None
+
+    return key
+
+
+def group_by_role(
+    files: Iterable[str], hi_key: Callable[[str], K | None], lo_key: Callable[[str], K | None], hi_wins: bool
+) -> tuple[dict[K, list[str]], dict[K, list[str]]]:
+    """The one pairing rule: files of the high-resolution role (PAN, or MSI) and of the low-resolution
+    one (MS, or HSI) grouped by the key their role's naming rule gives them, in `files` order; the
+    files of one key pair when each role has exactly one (several: the key is ambiguous). A file both
+    rules name counts for the high-resolution role if `hi_wins` (the more specific rule), else the other.
+    """
+    his: dict[K, list[str]] = {}
+    los: dict[K, list[str]] = {}
+    for f in files:
+        kh, kl = hi_key(f), lo_key(f)
+        if kh is not None and kl is not None:  # e.g. '*.tif' and '*_ms.tif': the more specific wins
+            kh, kl = (kh, None) if hi_wins else (None, kl)
+        if kh is not None:
+            his.setdefault(kh, []).append(f)
+        elif kl is not None:
+            los.setdefault(kl, []).append(f)
+    return his, los
+
+
+def _match_files(
+    files: Sequence[str], pan_pattern: str, ms_pattern: str
+) -> tuple[dict[tuple[str, ...], list[str]], dict[tuple[str, ...], list[str]]]:
+    pan_first = _literal_length(pan_pattern) >= _literal_length(ms_pattern)
+    return group_by_role(files, pattern_key(pan_pattern), pattern_key(ms_pattern), pan_first)
+
+
+def pair_by_patterns(
+    in_dir: Path,
+    out_dir: Path,
+    pan_pattern: str | None = None,
+    ms_pattern: str | None = None,
+    out_pattern: str = DEFAULT_OUT_PATTERN,
+) -> Plan:
+    """Pair files of `in_dir` whose names share the stem captured by the patterns' `*`.
+
+    Without patterns, the naming convention of `DEFAULT_CONVENTIONS` that pairs the most files
+    is used. A pattern containing `/` matches paths below `in_dir` (e.g. `*/pan.tif`).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FusionError(f"input folder not found: {in_dir}")
+    if (pan_pattern is None) != (ms_pattern is None):
+        raise FusionError(
+            "give both --pan and --ms patterns (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'), or neither"
+        )
+    if pan_pattern is not None and ms_pattern is not None:
+        for name, pat in (("--pan", pan_pattern), ("--ms", ms_pattern)):
+            if "*" not in pat:
+                raise FusionError(f"{name} pattern {pat!r} needs a '*' for the stem that pairs files")
+        conventions: Sequence[tuple[str, str]] = [(pan_pattern, ms_pattern)]
+    else:
+        conventions = DEFAULT_CONVENTIONS
+    recursive = any("/" in p for conv in conventions for p in conv)
+    files = _list_files(in_dir, recursive, out_dir.resolve() if out_dir.exists() else None)
+
+    best: tuple[int, str, str] | None = None
+    for pan_p, ms_p in conventions:
+        pans, mss = _match_files(files, pan_p, ms_p)
+        n = len(set(pans) & set(mss))
+        if best is None or n > best[0]:
+            best = (n, pan_p, ms_p)
+    assert best is not None
+    n, pan_p, ms_p = best
+    if n == 0 and pan_pattern is None and files:
+        tried = ", ".join(f"{p}+{m}" for p, m in DEFAULT_CONVENTIONS)
+        raise FusionError(
+            f"no PAN/MS pairs found in {in_dir} with the default naming conventions ({tried}); "
+            "pass --pan and --ms patterns or --manifest"
+        )
+    pans, mss = _match_files(files, pan_p, ms_p)
+    scenes: list[Scene] = []
+    unpaired: list[Unpaired] = []
+    for key in sorted(set(pans) | set(mss)):
+        p_list, m_list = pans.get(key, []), mss.get(key, [])
+        stem = "_".join(k for k in key)
+        if len(p_list) > 1 or len(m_list) > 1:
+            for f in p_list + m_list:
+                unpaired.append(
+                    Unpaired(in_dir / f, f"stem {stem!r} is ambiguous: {', '.join(p_list + m_list)}")
+                )
+        elif not m_list:
+            unpaired.append(
+                Unpaired(in_dir / p_list[0], f"no MS partner matching {ms_p!r} for stem {stem!r}")
+            )
+        elif not p_list:
+            unpaired.append(
+                Unpaired(in_dir / m_list[0], f"no PAN partner matching {pan_p!r} for stem {stem!r}")
+            )
+        else:
+            out = out_path_for(out_dir, stem, out_pattern)
+            why = escapes(out_dir, out_path_for(Path(), stem, out_pattern))
+            if why is not None:
+                unpaired.append(Unpaired(in_dir / p_list[0], why))
+            else:
+                scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
+    matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
+    ignored = [in_dir / f for f in files if f not in matched]
+    plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
+    _check_outputs(plan)
+    return plan
+
+
+def _stem_of(pan_name: str) -> str:
+    """Scene stem of a PAN file name: what a default convention's `*` captures (`A_PAN.tif` -> `A`),
+    else the name without extension."""
+    for pan_p, _ in DEFAULT_CONVENTIONS:
+        m = _pattern_regex(pan_p).match(pan_name)
+        if m:
+            return "_".join(m.groups())
+    return pan_name.split(".")[0]
+
+
+def read_manifest(
+    manifest: Path, in_dir: Path, out_dir: Path, out_pattern: str = DEFAULT_OUT_PATTERN
+) -> Plan:
+    """Scenes from a CSV with a header: `pan,ms[,out][,id]`.
+
+    Relative `pan`/`ms` paths are taken from `in_dir`, relative `out` paths from `out_dir`;
+    without `out`, the output is named from the PAN file's stem and `out_pattern`.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FusionError(f"manifest not found: {manifest}")
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise FusionError(f"manifest {manifest} is not a readable CSV: {exc}") from None
+    if not {"pan", "ms"} <= set(header):
+        raise FusionError(
+            f"manifest {manifest} needs a header with 'pan' and 'ms' columns (and optionally 'out', 'id')"
+        )
+    scenes: list[Scene] = []
+    refused: list[Unpaired] = []
+    for n, row in enumerate(rows, start=2):
+        r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not r.get("pan") or not r.get("ms"):
+            raise FusionError(f"manifest {manifest} line {n}: empty 'pan' or 'ms'")
+        pan, ms = in_dir / r["pan"], in_dir / r["ms"]  # absolute paths stay absolute
+        stem = _stem_of(Path(r["pan"]).name)
+        out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
+        why = escapes(out_dir, r.get("out") or out_path_for(Path(), stem, out_pattern))
+        if why is not None:  # this row fails with its reason; the other rows go on
+            refused.append(Unpaired(Path(r.get("id") or r["out"]), f"manifest line {n}: {why}"))
+            continue
+        scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
+    plan = Plan(scenes, refused, source=f"--manifest {manifest}", total_scenes=len(scenes))
+    _check_outputs(plan)
+    return plan
+
+
+def _check_outputs(plan: Plan) -> None:
+    """Two scenes writing one file, or an output that is an input, is a bad invocation."""
+    seen: dict[Path, str] = {}
+    for s in plan.scenes:
+        key = s.out.resolve()
+        if key in seen:
+            raise FusionError(
+                f"scenes {seen[key]!r} and {s.id!r} would both write {s.out}; fix the names or --out-pattern"
+            )
+        seen[key] = s.id
+    inputs = {p.resolve() for s in plan.scenes for p in (s.pan, s.ms)}
+    for s in plan.scenes:
+        if s.out.resolve() in inputs:
+            raise FusionError(f"output {s.out} of scene {s.id!r} is an input file; choose another OUT_DIR")
