@@ -99,13 +99,13 @@ def relate_shapes(
 ) -> Alignment:
     """Grids without georeferencing: accepted when the sizes are an exact integer ratio apart."""
     (ph, pw), (mh, mw) = pan_shape, ms_shape
-    if mh == 0 or mw == 0 or ph % mh or pw % mw or ph // mh != pw // mw:
+    ratio = size_ratio(pan_shape, ms_shape, exact=True)
+    if ratio is None:
         hint = f" (the model expects ratio {expected_ratio})" if expected_ratio else ""
         raise FusionError(
             f"inputs have no georeferencing and their sizes {ph}x{pw} (PAN) and {mh}x{mw} (MS) are not an "
             f"exact integer ratio apart{hint}; crop them or add georeferencing"
         )
-    ratio = ph // mh
     _check_expected(ratio, expected_ratio)
     return Alignment(
         ratio=ratio,
@@ -207,12 +207,26 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     )
 
 
-def shape_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], names: Sequence[str]) -> int:
-    """Ratio of two grids without georeferencing that share their top-left corner: the fine grid is
-    r times the coarse one plus fewer than r pixels per axis (e.g. Landsat's extra PAN row)."""
+def size_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], exact: bool = False) -> int | None:
+    """The PAN/MS ratio r of two grids from their sizes alone (the last two entries of each shape), or
+    None when they are not a ratio apart: the one rule wherever no georeferencing tells the ratio.
+
+    The fine grid is r times the coarse one along both axes, plus, unless `exact`, fewer than r extra
+    pixels per axis (e.g. Landsat's extra PAN row, which is then cropped)."""
     (fh, fw), (ch, cw) = fine_shape[-2:], coarse_shape[-2:]
     r = fw // cw if cw else 0
-    if r < 1 or not (0 <= fw - r * cw < r and 0 <= fh - r * ch < r):
+    extra = r if not exact else 1
+    if r < 1 or not (0 <= fw - r * cw < extra and 0 <= fh - r * ch < extra):
+        return None
+    return r
+
+
+def shape_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], names: Sequence[str]) -> int:
+    """Ratio of two grids without georeferencing that share their top-left corner (`size_ratio`); a
+    FusionError naming the grids (`names`: coarse, fine) when they are not a ratio apart."""
+    (fh, fw), (ch, cw) = fine_shape[-2:], coarse_shape[-2:]
+    r = size_ratio(fine_shape, coarse_shape)
+    if r is None:
         raise FusionError(
             f"{names[1]} {fh}x{fw} and {names[0]} {ch}x{cw} differ in size by other than an integer ratio "
             "(r times as large, plus fewer than r pixels) and have no georeferencing to line them up; "

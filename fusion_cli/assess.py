@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
+from fusion_cli.metrics.table import index_order
 
 
 @dataclass
@@ -279,14 +280,11 @@ def evaluate(
     return score(load_case(fused, ref, pan, ms, opts.nodata, opts.ratio), opts)
 
 
-INDEX_ORDER = ("Q2n", "Q", "SAM", "ERGAS", "SCC", "PSNR", "SSIM", "RMSE", "D_lambda", "D_s", "QNR")
-INDEX_ORDER += ("D_lambda_K", "HQNR")
-
-
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """One flat row for CSV: paths, mode, indices in a fixed order, then per-band values as `Q_b1`..."""
+    """One flat row for CSV: paths, mode, indices in the metric table's order, then per-band values as
+    `Q_b1`..."""
     row: dict[str, Any] = {k: result[k] for k in ("product", "mode", "reference", "pan", "ms") if k in result}
-    row.update({k: result[k] for k in INDEX_ORDER if k in result})
+    row.update({k: result[k] for k in index_order() if k in result})
     for k in ("q2n_name", "bands", "ratio", "valid_fraction"):
         if k in result:
             row[k] = result[k]

@@ -25,14 +25,16 @@ from typing import Any
 import numpy as np
 
 from fusion_cli.errors import FusionError
+from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.raster import atomic_output
 from fusion_cli.sensors import canonical_sensor
 
-RR_KEYS = ("Q2n", "Q", "SAM", "ERGAS", "SCC")
-FR_KEYS = ("D_lambda", "D_s", "QNR", "D_lambda_K", "HQNR")
 TIME_KEYS = ("time_rr_s", "time_fr_s")
-# which way is better, for the Markdown/terminal legend
-HIGHER_IS_BETTER = {"Q2n", "Q", "SCC", "QNR", "HQNR"}
+
+
+def _index_keys() -> tuple[str, ...]:
+    """The indices of the comparison table (the metric table's `evaluate` entries), reduced then full."""
+    return (*evaluate_keys("reduced"), *evaluate_keys("full"))
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,13 @@ def evaluate_scene(
         row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands)
         rr = score_product(out, ref=sim.ref, opts=opts)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")
-        row.update({k: float(rr[k]) for k in RR_KEYS})
+        row.update({k: float(rr[k]) for k in evaluate_keys("reduced")})
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)
             row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands)
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
-            row.update({k: float(fr[k]) for k in FR_KEYS})
+            row.update({k: float(fr[k]) for k in evaluate_keys("full")})
         rows.append(row)
     return rows
 
@@ -179,7 +181,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in order:
         mine = [r for r in rows if r["method"] == m]
         s: dict[str, Any] = {"method": m, "scenes": len(mine)}
-        for k in (*RR_KEYS, *FR_KEYS, *TIME_KEYS):
+        for k in (*_index_keys(), *TIME_KEYS):
             vals = [r[k] for r in mine if k in r and r[k] is not None and not math.isnan(r[k])]
             if vals:
                 s[k] = float(np.mean(vals))
@@ -194,7 +196,7 @@ def _fmt(value: float, key: str) -> str:
 
 def table_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison table ("mean ± std" with several scenes)."""
-    keys = [k for k in (*RR_KEYS, *FR_KEYS, *TIME_KEYS) if any(k in s for s in summary)]
+    keys = [k for k in (*_index_keys(), *TIME_KEYS) if any(k in s for s in summary)]
     many = any(s["scenes"] > 1 for s in summary)
     header = ["Method", *keys]
     cells = []
@@ -213,10 +215,8 @@ def table_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str
 
 def markdown(summary: list[dict[str, Any]], note: str = "") -> str:
     header, cells = table_cells(summary)
-    arrows = [
-        h + (" ↑" if h in HIGHER_IS_BETTER else " ↓" if h not in ("Method", *TIME_KEYS) else "")
-        for h in header
-    ]
+    plain = ("Method", *TIME_KEYS)
+    arrows = [h if h in plain else h + (" ↑" if higher_is_better(h) else " ↓") for h in header]
     lines = ["| " + " | ".join(arrows) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"

@@ -23,17 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from fusion_cli.assess import INDEX_ORDER, Case, EvalOptions, flatten, load_case, score, write_csv
+from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, write_csv
 from fusion_cli.errors import FusionError
+from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
 from fusion_cli.raster import atomic_output
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
-# True: higher is better; for highlighting the best product of each column
-HIGHER_IS_BETTER = {
-    "Q2n": True, "Q": True, "SAM": False, "ERGAS": False, "SCC": True, "PSNR": True, "SSIM": True,
-    "RMSE": False, "D_lambda": False, "D_s": False, "QNR": True, "D_lambda_K": False, "HQNR": True,
-}  # fmt: skip
 
 
 @dataclass
@@ -346,12 +342,12 @@ def _fmt(v: Any) -> str:
 
 
 def _summary_table(results: list[dict[str, Any]], anchors: list[str]) -> str:
-    cols = [k for k in INDEX_ORDER if any(k in r for r in results)]
+    cols = [k for k in index_order() if any(k in r for r in results)]
     best: dict[str, float] = {}
     for k in cols:
         vals = [r[k] for r in results if isinstance(r.get(k), float) and math.isfinite(r[k])]
         if len(vals) > 1:
-            best[k] = max(vals) if HIGHER_IS_BETTER[k] else min(vals)
+            best[k] = max(vals) if higher_is_better(k) else min(vals)
     names = {"Q2n": next((r["q2n_name"] for r in results if "q2n_name" in r), "Q2n")}
     head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in cols)
     rows = []

@@ -98,25 +98,8 @@ def register(app: typer.Typer) -> None:
             _print(result)
 
 
-_NOTES = {
-    "Q2n": "hypercomplex, 32x32 blocks",
-    "Q": "UIQI, 32x32 sliding window",
-    "SAM": "degrees",
-    "ERGAS": "100/ratio scaling",
-    "SCC": "Sobel magnitudes",
-    "PSNR": "dB, band mean",
-    "SSIM": "band mean",
-    "RMSE": "DN",
-    "D_lambda": "QNR spectral",
-    "D_s": "QNR spatial",
-    "QNR": "(1-D_lambda)(1-D_s)",
-    "D_lambda_K": "Khan, sensor MTF",
-    "HQNR": "DLPan's published 'QNR'",
-}
-
-
 def _print(result: dict) -> None:
-    from fusion_cli.assess import INDEX_ORDER
+    from fusion_cli.metrics.table import metrics
 
     console = Console()
     mode = "reduced resolution" if result["mode"] == "reduced" else "full resolution (no reference)"
@@ -124,10 +107,10 @@ def _print(result: dict) -> None:
     table.add_column("index")
     table.add_column("value", justify="right")
     table.add_column("convention", style="dim")
-    for key in INDEX_ORDER:
-        if key in result:
-            label = result.get("q2n_name", key) if key == "Q2n" else key
-            table.add_row(label, f"{result[key]:.4f}", _NOTES[key])
+    for m in metrics():
+        if m.name in result:
+            label = result.get("q2n_name", m.name) if m.name == "Q2n" else m.name
+            table.add_row(label, f"{result[m.name]:.4f}", m.note)
     console.print(table)
     per_band = result.get("per_band")
     if per_band:

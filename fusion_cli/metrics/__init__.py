@@ -6,6 +6,9 @@ Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` 
   `rmse`, and `reduced_resolution` for all of them at once.
 * Full resolution (no reference): `d_lambda`, `d_s`, `qnr`, `d_lambda_khan`, `hqnr`, and
   `full_resolution` for all of them at once.
+
+`table` lists them (name, function, resolution, direction, unit, note): what every command that shows
+or compares indices reads. A new index is its function and one entry there.
 """
 
 from fusion_cli.metrics._common import border_cut, clip_to_bits, round_uint16
@@ -14,7 +17,6 @@ from fusion_cli.metrics.noreference import (
     d_lambda_khan,
     d_s,
     d_s_bands,
-    full_resolution,
     hqnr,
     pan_lowpass,
     qnr,
@@ -29,7 +31,6 @@ from fusion_cli.metrics.reference import (
     psnr_bands,
     q_index,
     q_index_bands,
-    reduced_resolution,
     rmse,
     rmse_bands,
     sam,
@@ -39,8 +40,11 @@ from fusion_cli.metrics.reference import (
     ssim,
     ssim_bands,
 )
+from fusion_cli.metrics.table import Metric, full_resolution, reduced_resolution, register
 
 __all__ = [
+    "Metric",
+    "register",
     "d_lambda",
     "d_lambda_khan",
     "d_s",

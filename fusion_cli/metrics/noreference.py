@@ -13,8 +13,6 @@ Published "QNR" columns of DLPan-Toolbox tables are HQNR (D_lambda^K with the se
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -182,60 +180,3 @@ def hqnr(
     """HQNR = (1 - D_lambda^K)(1 - D_s): what DLPan tables publish as "QNR"."""
     dk = d_lambda_khan(fused, ms_up, ratio, sensor, block, mask)
     return qnr(dk, d_s(fused, ms_up, pan, ratio, block, mask))
-
-
-def full_resolution(
-    fused: np.ndarray,
-    pan: np.ndarray,
-    ms: np.ndarray,
-    ratio: int | None = None,
-    sensor: str | None = None,
-    mask: np.ndarray | None = None,
-    block: int = 32,
-    clip_bits: int | None = None,
-    per_band: bool = False,
-) -> dict[str, Any]:
-    """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
-
-    `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
-    `th_values`). Returns floats keyed `D_lambda, D_s, QNR, D_lambda_K, HQNR`, plus `bands`, `ratio`,
-    and with `per_band=True` a `per_band` dict holding the D_s terms of each band.
-    """
-    fused, pan, ms = as_chw(fused, "fused"), as_chw(pan, "PAN"), as_chw(ms, "MS")
-    if ms.shape[0] != fused.shape[0]:
-        raise FusionError(
-            f"fused has {fused.shape[0]} bands but the MS has {ms.shape[0]}: pass the matching MS"
-        )
-    h, w = fused.shape[1:]
-    if ratio is None:
-        ratio = h // ms.shape[1] if ms.shape[1] else 0
-    if ratio < 1 or (ms.shape[1] * ratio, ms.shape[2] * ratio) != (h, w):
-        raise FusionError(
-            f"MS {ms.shape[1]}x{ms.shape[2]} times ratio {ratio} does not give the fused grid {h}x{w}: "
-            "check --ratio and that PAN, MS and fused cover the same area"
-        )
-    if pan.shape[1:] != (h, w):
-        raise FusionError(
-            f"PAN {pan.shape[1:]} and fused {(h, w)} differ in size: use the PAN that was fused"
-        )
-    if clip_bits is not None:
-        from fusion_cli.metrics._common import clip_to_bits
-
-        fused = clip_to_bits(fused, clip_bits)
-    ms_up = upsample(ms, ratio)
-    dl = d_lambda(fused, ms_up, block, mask)
-    ds_terms = d_s_bands(fused, ms_up, pan, ratio, block, mask)
-    ds = float(ds_terms.mean())
-    dk = d_lambda_khan(fused, ms_up, ratio, sensor, block, mask)
-    out: dict[str, Any] = {
-        "D_lambda": dl,
-        "D_s": ds,
-        "QNR": qnr(dl, ds),
-        "D_lambda_K": dk,
-        "HQNR": qnr(dk, ds),
-        "bands": int(fused.shape[0]),
-        "ratio": int(ratio),
-    }
-    if per_band:
-        out["per_band"] = {"D_s": ds_terms.tolist()}
-    return out

@@ -6,8 +6,6 @@ how each index leaves out invalid pixels is said in its docstring. Loops run ove
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage
@@ -18,16 +16,13 @@ from fusion_cli.metrics._common import (
     STRIP_ROWS,
     as_chw,
     as_mask,
-    border_cut,
     box_mean_valid,
     check_pair,
-    clip_to_bits,
     parallel_map,
     uiqi_from_moments,
     window_means,
     windows_all_valid,
 )
-from fusion_cli.metrics.q2n import q2n, q2n_label
 
 PSNR_PEAKS = ("dnmax", "band-max")  # named peaks; a number is also accepted
 
@@ -338,59 +333,3 @@ def _scc(ref: np.ndarray, fused: np.ndarray, mask: np.ndarray | None) -> tuple[f
         per_band = fr / np.sqrt(ff) / np.sqrt(rr)
         total = fr.sum() / np.sqrt(ff.sum()) / np.sqrt(rr.sum())
     return float(total), per_band
-
-
-# --- everything at once ----------------------------------------------------------------------------
-
-
-def reduced_resolution(
-    ref: np.ndarray,
-    fused: np.ndarray,
-    ratio: float,
-    cut: int = 0,
-    clip_bits: int | None = None,
-    mask: np.ndarray | None = None,
-    per_band: bool = False,
-    block: int = 32,
-    round_uint16: bool = True,
-    psnr_peak: float | str = "dnmax",
-) -> dict[str, Any]:
-    """All reduced-resolution indices of `fused` against `ref` (both `(C, H, W)` DN) in one call.
-
-    Order of operations as the toolbox's `indexes_evaluation.m`: border cut of both images (and the
-    mask), then clipping of the fused image to [0, 2^clip_bits], then the indices. Returns floats keyed
-    `Q2n, Q, SAM, ERGAS, SCC, PSNR, SSIM, RMSE`, plus `q2n_name` ("Q8" for 8 bands ...), `bands`, and
-    with `per_band=True` a `per_band` dict of lists (`Q, ERGAS, SCC, PSNR, SSIM, RMSE`).
-    """
-    ref, fused, m = _prepare(ref, fused, mask)
-    ref, fused = border_cut(ref, cut), border_cut(fused, cut)
-    m = None if m is None else border_cut(m, cut)
-    fused = clip_to_bits(fused, clip_bits)
-    q_bands = q_index_bands(ref, fused, block, m)
-    e_bands = ergas_bands(ref, fused, ratio, m)
-    scc_total, s_bands = _scc(ref, fused, m)
-    p_bands = psnr_bands(ref, fused, psnr_peak, m)
-    ss_bands = ssim_bands(ref, fused, psnr_peak, m)
-    r_bands = rmse_bands(ref, fused, m)
-    out: dict[str, Any] = {
-        "Q2n": q2n(ref, fused, block, block, round_uint16, m),
-        "Q": float(q_bands.mean()),
-        "SAM": sam(ref, fused, m),
-        "ERGAS": float(np.sqrt((e_bands**2).mean())),
-        "SCC": scc_total,
-        "PSNR": float(p_bands.mean()),
-        "SSIM": float(ss_bands.mean()),
-        "RMSE": float(np.sqrt((r_bands**2).mean())),
-        "q2n_name": q2n_label(ref.shape[0]),
-        "bands": int(ref.shape[0]),
-    }
-    if per_band:
-        out["per_band"] = {
-            "Q": q_bands.tolist(),
-            "ERGAS": e_bands.tolist(),
-            "SCC": s_bands.tolist(),
-            "PSNR": p_bands.tolist(),
-            "SSIM": ss_bands.tolist(),
-            "RMSE": r_bands.tolist(),
-        }
-    return out

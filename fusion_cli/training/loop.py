@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fusion_cli.errors import FusionError
+from fusion_cli.metrics.table import validation_keys
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, validation_crops
 
 
@@ -139,14 +140,15 @@ def evaluate_pairs(
     precision: str = "fp32",
     sensor: str | None = None,
 ) -> dict[str, float]:
-    """Mean L1 (network units) and Q2n / SAM / ERGAS (on DN) of the model over reduced-resolution pairs.
+    """Mean L1 (network units) and the metric table's validation indices (on DN: `quality`) of the model
+    over reduced-resolution pairs.
     A model with a base method gets it on each pair (fitted per pair, MTF gains of `sensor`)."""
     model.eval()
     method = model_base(model)
     if method is not None:
         pairs = attach_base(pairs, method, sensor)
     l1s: list[float] = []
-    scores: dict[str, list[float]] = {"q2n": [], "sam": [], "ergas": [], "psnr": []}
+    scores: dict[str, list[float]] = {}
     for p in pairs:
         pan = torch.from_numpy(np.ascontiguousarray(p.pan))[None].to(device)
         ms = torch.from_numpy(np.ascontiguousarray(p.ms))[None].to(device)
@@ -156,7 +158,7 @@ def evaluate_pairs(
         out = out.float()[0].cpu().numpy()
         l1s.append(float(np.abs(out - p.ref).mean()))
         for k, v in quality(p.ref * dn_max, np.clip(out, 0, None) * dn_max, p.ratio, dn_max).items():
-            scores[k].append(v)
+            scores.setdefault(k, []).append(v)
     model.train()
     res = {"val_l1": float(np.mean(l1s)) if l1s else float("nan")}
     res.update({k: float(np.mean(v)) for k, v in scores.items() if v})
@@ -164,27 +166,26 @@ def evaluate_pairs(
 
 
 def quality(ref: np.ndarray, fused: np.ndarray, ratio: int, dn_max: float) -> dict[str, float]:
-    """Q2n / SAM / ERGAS / PSNR of `fused` against `ref`, `(C, H, W)` DN, with the project's metrics.
+    """The validation indices of the metric table (Q2n, SAM, ERGAS, PSNR), keyed in lower case, of
+    `fused` against `ref`, `(C, H, W)` DN.
 
     Integer DN products are rounded as the toolbox does for Q2n; float (reflectance-like) data,
-    `dn_max` <= 1, are not. An index that cannot be computed on this crop (e.g. a Q2n block larger
-    than it) is left out rather than failing a training run.
+    `dn_max` <= 1, are not; the PSNR peak is `dn_max`. An index that cannot be computed on this crop
+    (e.g. a Q2n block larger than it) is left out rather than failing a training run.
     """
-    from fusion_cli import metrics
+    from fusion_cli.metrics.table import Inputs, metrics
 
     block = min(32, ref.shape[1], ref.shape[2])
-    calls = {
-        "q2n": lambda: metrics.q2n(ref, fused, block=block, shift=block, round_uint16=dn_max > 1),
-        "sam": lambda: metrics.sam(ref, fused),
-        "ergas": lambda: metrics.ergas(ref, fused, ratio),
-        "psnr": lambda: metrics.psnr(ref, fused, peak=dn_max),
-    }
+    x = Inputs(fused, ratio, ref=ref, block=block, round_uint16=dn_max > 1, psnr_peak=dn_max)
     out: dict[str, float] = {}
-    for name, call in calls.items():
+    for m in metrics("reduced"):
+        if not m.validate:
+            continue
         try:
-            out[name] = float(call())
+            value = m.function(x)
         except (FusionError, ValueError, FloatingPointError):
             continue
+        out[m.name.lower()] = float(value[0] if isinstance(value, tuple) else value)
     return out
 
 
@@ -439,7 +440,7 @@ def _track_best(best: dict[str, Any], rec: dict[str, Any], model: nn.Module, sam
         best["val_l1"] = objective  # (the objective: plain validation L1 unless sam_weight)
         best["epoch"] = rec["epoch"]
         best["state"] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        best["metrics"] = {k: rec[k] for k in ("val_l1", "q2n", "sam", "ergas", "psnr") if k in rec}
+        best["metrics"] = {k: rec[k] for k in ("val_l1", *validation_keys()) if k in rec}
 
 
 def _append_log(path: Path, rec: dict[str, Any]) -> None:
@@ -449,7 +450,7 @@ def _append_log(path: Path, rec: dict[str, Any]) -> None:
 
 def _postfix(rec: dict[str, Any], patch: int) -> dict[str, str]:
     post = {"loss": f"{rec['loss']:.4f}", "patch/s": f"{rec['patches_per_s']:.1f}"}
-    for k in ("val_l1", "q2n", "sam", "ergas", "psnr"):
+    for k in ("val_l1", *validation_keys()):
         if k in rec:
             post[k] = f"{rec[k]:.4f}" if k in ("val_l1", "q2n") else f"{rec[k]:.3f}"
     return post
