@@ -99,11 +99,10 @@ class Case:
 
 def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
     """Read every band of a raster with its validity mask (see the module docstring)."""
-    from fusion_cli.raster import check_pixel_type, damaged_input, gdal_env, is_gdal_path, open_raster
+    from fusion_cli.raster import damaged_input, gdal_env, is_gdal_path, open_raster, read_whole
 
     with gdal_env(), open_raster(path, what) as ds, damaged_input(ds):
-        check_pixel_type(ds, what)
-        data = ds.read()
+        data = read_whole(ds, what)
         valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
         tags = dict(ds.tags())
         descriptions = list(ds.descriptions)

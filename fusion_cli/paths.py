@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def weights_dir() -> Path:
 def shared_data_dir() -> Path:
     """Real imagery for tests, training and benchmarks: `$FUSION_SHARED_DATA`, else `../shared/data`."""
     return Path(os.environ.get("FUSION_SHARED_DATA", REPO_DIR.parent / "shared" / "data"))
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

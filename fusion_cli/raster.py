@@ -227,6 +227,17 @@ def read_padded(
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
 
 
+def read_whole(
+    ds: rasterio.io.DatasetReader, what: str = "input", window: Window | None = None
+) -> np.ndarray:
+    """Every band of `ds` (or of its `window`) in its own dtype, `(C, H, W)`: reads that need the whole
+    scene at once (metrics, the Wald protocol, training). Complex pixels and damaged files are
+    one-line errors."""
+    check_pixel_type(ds, what)
+    with damaged_input(ds):
+        return ds.read(window=window)
+
+
 def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = None) -> None:
     """NaN or inf outside the declared nodata (`valid`: where data counts; None: everywhere) would
     spread through every filter and regression (a singular matrix, NaN statistics, a failed
@@ -418,6 +429,54 @@ def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
                 n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
                 if not off or not n or int(off) + int(n) > size:
                     raise OSError(f"block {i},{j} of band {b} is missing")
+
+
+def write_geotiff(
+    path: Path,
+    data: np.ndarray,
+    dtype: str,
+    transform: Any = None,
+    crs: Any = None,
+    nodata: float | None = None,
+    tags: dict[str, str] | None = None,
+    descriptions: Sequence[str | None] | None = None,
+    what: str = "image",
+) -> None:
+    """Write a whole `(C, H, W)` array as a deflate GeoTIFF (tiled when over 256 px), atomically and
+    verified: integer `dtype`s get the values rounded and clipped to their range. `transform` None
+    writes no georeferencing (for an input that had none); `descriptions` name the bands."""
+    out = data
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        info = np.iinfo(dtype)
+        out = np.clip(np.round(data), info.min, info.max)
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": dtype,
+        "compress": "deflate",
+        "predictor": 3 if dtype == "float32" else 2,
+    }
+    if data.shape[1] > BLOCK and data.shape[2] > BLOCK:
+        profile.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
+    if transform is not None:
+        profile.update(transform=transform, crs=crs)
+    if nodata is not None:
+        profile["nodata"] = nodata
+    with atomic_output(path, overwrite=True, what=what) as tmp:
+        with warnings.catch_warnings():
+            # a no-georef input gives a no-georef output, by design
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(tmp, "w", **profile)
+        with ds:
+            ds.write(out.astype(dtype))
+            ds.update_tags(**(tags or {}))
+            if descriptions and len(descriptions) == data.shape[0]:
+                for i, d in enumerate(descriptions, start=1):
+                    if d:
+                        ds.set_band_description(i, d)
+        verify_geotiff(tmp, complete_tag=False)
 
 
 @contextlib.contextmanager

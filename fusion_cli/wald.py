@@ -11,7 +11,6 @@ pan_lr `(P, h, w)` with h, w multiples of r.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -80,12 +79,10 @@ Read = tuple[np.ndarray, dict, Affine | None, object]  # data, metadata, transfo
 
 def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
     """The window of an open raster, its metadata, its transform (None without georeferencing), CRS."""
-    raster.check_pixel_type(ds, "input")
     georef = ds.crs is not None or not ds.transform.is_identity
     meta = {"nodata": ds.nodata, "tags": ds.tags(), "desc": ds.descriptions}
     transform = ds.transform @ Affine.translation(win.col_off, win.row_off) if georef else None
-    with raster.damaged_input(ds):
-        data = ds.read(window=win)
+    data = raster.read_whole(ds, "input", win)
     # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
     raster.refuse_non_finite(ds.name, data)
     return data, meta, transform, ds.crs
@@ -103,41 +100,13 @@ def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = Non
 def _write(
     path: Path, data: np.ndarray, transform: Affine | None, crs: object, meta: dict, dtype: str
 ) -> None:
-    out = data
-    if not np.issubdtype(np.dtype(dtype), np.floating):
-        info = np.iinfo(dtype)
-        out = np.clip(np.round(data), info.min, info.max)
-    profile = {
-        "driver": "GTiff",
-        "width": data.shape[2],
-        "height": data.shape[1],
-        "count": data.shape[0],
-        "dtype": dtype,
-        "compress": "deflate",
-        "predictor": 3 if dtype == "float32" else 2,
-    }
-    if data.shape[1] > 256 and data.shape[2] > 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    if transform is not None:
-        profile.update(transform=transform, crs=crs)
-    if meta["nodata"] is not None:
-        profile["nodata"] = meta["nodata"]
-    # existing outputs were refused (or allowed by --overwrite) before any work
-    with raster.atomic_output(path, overwrite=True, what="simulated image") as tmp:
-        with warnings.catch_warnings():
-            # a no-georef input gives a no-georef output, by design
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            ds = rasterio.open(tmp, "w", **profile)
-        with ds:
-            ds.write(out.astype(dtype))
-            tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
-            ds.update_tags(**tags, **meta.get("extra", {}))
-            descs = meta["desc"]
-            if descs and len(descs) == data.shape[0]:
-                for i, d in enumerate(descs, start=1):
-                    if d:
-                        ds.set_band_description(i, d)
-        raster.verify_geotiff(tmp, complete_tag=False)
+    """One simulated image, with the source's nodata, NBITS/SOURCE tags and band names (existing
+    outputs were refused, or allowed by --overwrite, before any work)."""
+    tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
+    tags |= meta.get("extra", {})
+    raster.write_geotiff(
+        path, data, dtype, transform, crs, meta["nodata"], tags, meta["desc"], "simulated image"
+    )
 
 
 def simulate_files(

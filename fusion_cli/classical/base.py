@@ -24,6 +24,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.mtf import KERNEL_SIZE, mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import MIN_AXIS, axis_matrix, is_power_of_two, upsample_ms
 from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
+from fusion_cli.tiling import round_up
 
 STATS_DTYPE = torch.float64  # sums over whole scenes
 MTF_HALF = KERNEL_SIZE // 2  # half-width of the MTF kernels: PAN px of context a low-pass needs
@@ -39,10 +40,6 @@ def interp_support(ratio: int) -> int:
     """PAN pixels on each side that MS interpolation to the PAN grid depends on."""
     # 23-tap cascade: +-11 samples at each 2x stage = 11 * (r/2 + r/4 + ... + 1) < 11 r; bicubic: 2 LR px
     return 11 * ratio if is_power_of_two(ratio) else 3 * ratio
-
-
-def round_up(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
 
 
 class Moments:

@@ -8,7 +8,6 @@ inferred from the tensor shapes and a card describing the WorldView-3 model it i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 
 from fusion_cli.errors import FusionError
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
-from fusion_cli.paths import weights_dir
+from fusion_cli.paths import sha256_file, weights_dir
 from fusion_cli.raster import atomic_output
 
 TASKS = ("pansharpening", "hs-pansharpening", "hisr")
@@ -123,14 +122,6 @@ class LoadedModel:
     card: ModelCard
     weights_path: Path | None
     device: torch.device
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # A card is a few KiB of JSON; anything far larger is not a card (and is not read into memory).
@@ -311,7 +302,7 @@ def load_model(
         raise FusionError(f"weights file not found: {path}")
     if path.suffix in (".pth", ".pt"):
         state = _torch_load(path)
-        sha = _sha256(path)
+        sha = sha256_file(path)
         if card is None:
             card = _official_card(path, infer_config(state, str(path)), sha)
     elif path.suffix in (".safetensors", ".json"):
@@ -322,7 +313,7 @@ def load_model(
                     f"{p} not found: a model is a .safetensors file with its .json card beside it"
                 )
         card = _read_card(card_path)  # a pair describes itself
-        sha = _sha256(st_path)
+        sha = sha256_file(st_path)
         if card.sha256 and card.sha256 != sha:
             raise FusionError(
                 f"{st_path} does not match the sha256 in its card {card_path.name}: file changed?"
@@ -364,7 +355,7 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     with atomic_output(weights_path, overwrite=True, what="weights") as tmp:
         save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
-        card.sha256 = _sha256(tmp)
+        card.sha256 = sha256_file(tmp)
     write_card(card_path, card.to_dict())
     return weights_path, card_path
 

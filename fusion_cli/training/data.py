@@ -17,7 +17,6 @@ A `TrainPair` holds `pan (P, H, W)`, `ms (C, H/r, W/r)` and `ref (C, H, W)` in n
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_cli.align import size_ratio
 from fusion_cli.errors import FusionError
 
 TASKS = ("pansharpening", "hs-pansharpening", "hisr")
@@ -90,20 +90,11 @@ class TrainPair:
 
 
 def read_raster(path: str | Path) -> np.ndarray:
-    """Whole raster as float32 `(bands, rows, cols)` in DN; a clear error if it cannot be read."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    """Whole raster as float32 `(bands, rows, cols)` in DN; a one-line error if it cannot be read."""
+    from fusion_cli import raster
 
-    path = Path(path)
-    if not path.exists():
-        raise FusionError(f"training input not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                return ds.read().astype(np.float32)
-    except RasterioIOError as exc:
-        raise FusionError(f"cannot read {path} as a raster ({exc}); give GeoTIFF pairs") from None
+    with raster.gdal_env(), raster.open_raster(path, "training input") as ds:
+        return raster.read_whole(ds, "training input").astype(np.float32)
 
 
 def raster_dtype(path: str | Path) -> str:
@@ -112,12 +103,10 @@ def raster_dtype(path: str | Path) -> str:
 
 def _describe(path: str | Path) -> tuple[str, list[str]]:
     """(dtype, band descriptions, "band N" where a band has none)."""
-    import rasterio
+    from fusion_cli import raster
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with rasterio.open(path) as ds:
-            return ds.dtypes[0], [d or f"band {i + 1}" for i, d in enumerate(ds.descriptions)]
+    with raster.gdal_env(), raster.open_raster(path, "training input") as ds:
+        return ds.dtypes[0], raster.band_descriptions(ds, range(1, ds.count + 1))
 
 
 def default_dn_max(dtype: str) -> float:
@@ -138,38 +127,34 @@ _ROLE_TOKENS = {
 }
 
 
-def _pair_key(stem: str, tokens: Sequence[str]) -> str | None:
-    """The stem with one role token removed (as a whole `_`/`-`/`.`-separated word), else None."""
-    parts = re.split(r"([_.\-])", stem)
-    for i, p in enumerate(parts):
-        if p.lower() in tokens:
-            return "".join(parts[:i] + ["<>"] + parts[i + 1 :]).lower()
-    return None
-
-
 def find_pairs(folder: str | Path, task: str = "pansharpening") -> list[tuple[Path, Path]]:
-    """(high-res, low-res) GeoTIFF pairs in a folder, matched by name (see `_ROLE_TOKENS`).
+    """(high-res, low-res) GeoTIFF pairs in a folder, matched by name (see `_ROLE_TOKENS`) with the
+    batch's pairing rule (`batch.pairing.group_by_role`).
 
     Raises a FusionError when nothing pairs, listing what was found, so a wrong folder or naming
-    scheme is obvious.
+    scheme is obvious, and when a name stem has several files of one role.
     """
+    from fusion_cli.batch.pairing import group_by_role, token_key
+
     if task not in _ROLE_TOKENS:
         raise FusionError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     folder = Path(folder)
     if not folder.is_dir():
         raise FusionError(f"training folder not found: {folder}")
     hi_tokens, lo_tokens = _ROLE_TOKENS[task]
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".tif", ".tiff"})
-    hi = {k: p for p in files if (k := _pair_key(p.stem, hi_tokens))}
-    lo = {k: p for p in files if (k := _pair_key(p.stem, lo_tokens))}
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {".tif", ".tiff"})
+    hi, lo = group_by_role(files, token_key(hi_tokens), token_key(lo_tokens), hi_wins=True)
     keys = sorted(set(hi) & set(lo), key=_natural)
     if not keys:
-        names = ", ".join(p.name for p in files[:8]) or "no .tif files"
+        names = ", ".join(files[:8]) or "no .tif files"
         raise FusionError(
             f"no {task} pairs found in {folder} ({names}); name them like 1_pan.tif + 1_ms.tif "
             "(or hs/msi for hyperspectral data)"
         )
-    return [(hi[k], lo[k]) for k in keys]
+    for k in keys:
+        if len(hi[k]) > 1 or len(lo[k]) > 1:
+            raise FusionError(f"ambiguous pair in {folder}: {', '.join(hi[k] + lo[k])}; keep one of each")
+    return [(folder / hi[k][0], folder / lo[k][0]) for k in keys]
 
 
 def _natural(text: str) -> list[object]:
@@ -197,12 +182,12 @@ def load_scene(
     pan = read_raster(pan_path)
     ms = read_raster(ms_path)
     if ratio is None:
-        if pan.shape[1] % ms.shape[1] or pan.shape[1] // ms.shape[1] != pan.shape[2] // max(ms.shape[2], 1):
+        ratio = size_ratio(pan.shape, ms.shape)
+        if ratio is None:
             raise FusionError(
                 f"{Path(pan_path).name} {pan.shape[1:]} is not an integer multiple of "
                 f"{Path(ms_path).name} {ms.shape[1:]}; give --ratio"
             )
-        ratio = pan.shape[1] // ms.shape[1]
     dtype, names = _describe(ms_path)
     pan_names = _describe(pan_path)[1]
     scene = Scene(
@@ -375,7 +360,9 @@ def load_h5(path: str | Path, dn_max: float, ratio: int | None = None) -> list[T
         pan = pan[:, None]
     if not (gt.ndim == ms.ndim == pan.ndim == 4) or len({len(gt), len(ms), len(pan)}) != 1:
         raise FusionError(f"{path.name}: expected (N, C, H, W) datasets of equal N")
-    r = gt.shape[2] // ms.shape[2]
+    r = size_ratio(gt.shape, ms.shape, exact=True)
+    if r is None:
+        raise FusionError(f"{path.name}: gt {gt.shape[2:]} is not an integer multiple of ms {ms.shape[2:]}")
     if ratio is not None and r != ratio:
         raise FusionError(f"{path.name} holds ratio-{r} patches, not {ratio}")
     s = 1.0 / dn_max

@@ -545,14 +545,14 @@ def export(
 def _save_plain(model: nn.Module, fields: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """Only for an installation without the model registry: safetensors + the card as JSON, with the
     sha256 the registry would record, so a long run is never lost for want of it."""
-    import hashlib
-
     from safetensors.torch import save_file
+
+    from fusion_cli.paths import sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{fields['name']}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    fields = dict(fields, weights=weights.name, sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    fields = dict(fields, weights=weights.name, sha256=sha256_file(weights))
     card = out_dir / f"{fields['name']}.json"
     card.write_text(json.dumps(fields, indent=2, default=str))
     return weights, card
