@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check fusion_cli tests bench examples
-	$(BIN)/ruff format --check fusion_cli tests bench examples
+	$(BIN)/ruff check fusion_cli recipes tests bench examples
+	$(BIN)/ruff format --check fusion_cli recipes tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
@@ -40,7 +40,7 @@ demo: $(STAMP)
 
 weights: $(STAMP)
 	# every shipped model, retrained with the command its card records
-	$(BIN)/python -m fusion_cli.train_recipes shipped
+	$(BIN)/python recipes/train_recipes.py shipped
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -2,7 +2,7 @@
 # Train every shipped model on a lent GPU in about 7 minutes and bring the results back in one file.
 #
 # Run from the repository root, with the training packs carried in .device_data/ (built here by
-# `python -m fusion_cli.train_recipes all --pack-to .device_data`; they hold the Wald-reduced pairs,
+# `python recipes/train_recipes.py all --pack-to .device_data`; they hold the Wald-reduced pairs,
 # so the GPU machine needs neither rasterio nor the shared data):
 #
 #     OUT=/some/dir bash scripts/device_train.sh
@@ -46,7 +46,7 @@ for name in $RECIPES; do
   t=$(date +%s)
   echo "== $name: start $(date -u +%T)" | tee -a "$LOG"
   # One recipe failing must not cost the others their turn.
-  if "$PY" -m fusion_cli.train_recipes "$name" --device "$DEVICE" --from-pack "$PACKS" \
+  if "$PY" recipes/train_recipes.py "$name" --device "$DEVICE" --from-pack "$PACKS" \
       --out "$STAGE/weights" --work "$STAGE/runs" --quiet "${BUDGET[@]}" \
       > >(tee -a "$OUT/summary.jsonl") 2> >(tee -a "$LOG" >&2); then
     echo "== $name: done in $(( $(date +%s) - t )) s" | tee -a "$LOG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 from fusion_cli.paths import shared_data_dir
 
 SHARED = shared_data_dir()
+# The repository root, so that tests import the build-time scripts as `recipes.train_recipes` (they
+# are not in the installed package).
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 
 def need_shared(*parts: str) -> Path:

@@ -157,14 +157,14 @@ def test_hyperion_pan_training_data_simulated_aviris_and_thin_validation_part() 
     ALI PAN is a linear mix of Hyperion VNIR bands (a fit on the training rows predicts the PAN of the
     other rows); AVIRIS resampled to the Hyperion bands becomes a simulated scene whose pair keeps
     its PAN on the reference grid; the thin validation part is validated across its whole width."""
-    from fusion_cli.train_recipes import (
+    from fusion_cli.training.data import validation_crops
+    from recipes.train_recipes import (
         _wavelengths,
         fit_pan_response,
         hyperion_pan_scenes,
         resample_spectra,
         synthesise_pan,
     )
-    from fusion_cli.training.data import validation_crops
 
     need_shared("aviris_indian_pines", "hs.tif")
     paris = need_shared("eo1_hyperion_ali_paris", "hs.tif")
@@ -200,7 +200,7 @@ def test_hyperion_pan_training_data_simulated_aviris_and_thin_validation_part() 
 
     # cross-validation folds: each test third is disjoint from its fold's training and validation
     # rows (the row ranges partition part of the cube), fold 2 is the shipped split
-    from fusion_cli.train_recipes import HYPERION_PAN_FOLDS, hyperion_pan_fold
+    from recipes.train_recipes import HYPERION_PAN_FOLDS, hyperion_pan_fold
 
     for fold, (train_ranges, val_range, test_range) in enumerate(HYPERION_PAN_FOLDS):
         used = [r for a, b in [*train_ranges, val_range, test_range] for r in range(a, b)]
@@ -484,7 +484,7 @@ def test_shipping_bar_reads_the_held_out_table() -> None:
     """A model is the default only if its card's held-out table beats every classical method: the
     shipped Landsat card does (so it is the default), and a table that loses on one index does not."""
     from fusion_cli.paths import weights_dir
-    from fusion_cli.train_recipes import clears_bar
+    from recipes.train_recipes import clears_bar
 
     card = json.loads((weights_dir() / "landsat.json").read_text())
     methods = card["metrics"]["test_reduced_resolution"]["methods"]
@@ -496,10 +496,10 @@ def test_shipping_bar_reads_the_held_out_table() -> None:
 
 
 def test_make_weights_replays_each_cards_command() -> None:
-    """`make weights` (train_recipes shipped) retrains every shipped model with its card's command:
+    """`make weights` (recipes/train_recipes.py shipped) retrains every shipped model with its card's command:
     one command per card, naming that card's recipe."""
     from fusion_cli.paths import weights_dir
-    from fusion_cli.train_recipes import RECIPES, shipped_commands
+    from recipes.train_recipes import RECIPES, shipped_commands
 
     commands = shipped_commands()
     cards = sorted(p.stem for p in weights_dir().glob("*.json"))
@@ -538,7 +538,7 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
 
     from fusion_cli.metrics import ergas, psnr, sam
     from fusion_cli.pipeline import hisr
-    from fusion_cli.train_recipes import RECIPES, build_pairs
+    from recipes.train_recipes import RECIPES, build_pairs
 
     root = need_shared("eo1_sanfrancisco", "hs.tif").parents[1]
     _, _, _, test = build_pairs(RECIPES["hyperion_hisr"], root)
@@ -609,7 +609,7 @@ def test_shipped_card_table_is_what_its_weights_measure(
     import shutil
 
     from fusion_cli.paths import weights_dir
-    from fusion_cli.train_recipes import clears_bar, main
+    from recipes.train_recipes import clears_bar, main
 
     need_shared(*data)
     need_shared("eo1_hyperion_ali_paris", "hs.tif")  # hyperion_pan's test rows

@@ -1,6 +1,6 @@
 """The exact recipes of the shipped models: data, bands, splits, width, length, seed.
 
-    python -m fusion_cli.train_recipes NAME|all [--device cuda] [--out weights/] [--max-seconds S]
+    python recipes/train_recipes.py NAME|all [--device cuda] [--out weights/] [--max-seconds S]
 
 Each recipe reads the real data in `../shared/data` (see its README), builds Wald-reduced training
 pairs with the project's degradation, holds out whole scenes (or spatially separate parts of a
@@ -28,7 +28,7 @@ from fusion_cli.models import SEAMLESS_SCAN_MEMORY
 from fusion_cli.paths import shared_data_dir
 from fusion_cli.training.data import Scene, TrainPair, load_scene, reduce_scene
 
-PROG = "python -m fusion_cli.train_recipes"
+PROG = "python recipes/train_recipes.py"
 PUBLIC_DOMAIN = "public domain (USGS)"
 CC_BY_SA = "CC BY-SA 4.0 (SpaceNet; attribution: SpaceNet on AWS, Maxar/DigitalGlobe)"
 
@@ -814,7 +814,7 @@ def _whole_crop(p: TrainPair, limit: int | None = None) -> TrainPair:
 
 
 def shipped_commands(folder: str | Path | None = None) -> list[list[str]]:
-    """The arguments (after `python -m fusion_cli.train_recipes`) that trained each shipped model,
+    """The arguments (after `python recipes/train_recipes.py`) that trained each shipped model,
     read from the cards in `folder` (default: the weights folder)."""
     from fusion_cli.paths import weights_dir
 
