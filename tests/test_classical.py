@@ -18,6 +18,21 @@ from fusion_cli.sensors import nyquist_gains
 STATS_METHODS = [name for name, cls in METHODS.items() if cls.needs_stats]
 
 
+@pytest.mark.parametrize("command", ["pansharpen", "hisr"])
+def test_fusion_help_cites_each_methods_paper(command: str, capsys, monkeypatch) -> None:
+    """`fusion pansharpen --help` (and hisr's) lists every --method with its description and paper."""
+    from fusion_cli.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal
+    assert "Classical methods (--method NAME):" in text
+    for name in METHODS:
+        assert f"• {name}: {' '.join(describe(name).split())}" in text, name
+
+
 @pytest.fixture(scope="module")
 def wv2() -> tuple[torch.Tensor, torch.Tensor]:
     """WorldView-2 pair 1 (no nodata), cropped to 384 PAN px: pan (1, 1, 384, 384), ms (1, 4, 96, 96)."""

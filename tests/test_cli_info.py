@@ -53,8 +53,12 @@ def test_info_text_and_json(tmp_path):
     res = _fusion("info", env=_env(tmp_path))
     assert res.returncode == 0, res.stderr
     assert f"torch {torch.__version__}" in res.stdout and "rasterio" in res.stdout and "gdal" in res.stdout
-    cpu = "numba" if scan._numba_import()[0] is not None else "torch"
-    assert f"Scan backend: {cpu}" in res.stdout and "no CUDA" in res.stdout or torch.cuda.is_available()
+    if torch.cuda.is_available():  # a GPU machine: the scan runs there, and the GPU is listed
+        assert "no CUDA" not in res.stdout and "Scan backend: " in res.stdout and " on cuda" in res.stdout
+        assert torch.cuda.get_device_name(0) in res.stdout
+    else:
+        cpu = "numba" if scan._numba_import()[0] is not None else "torch"
+        assert f"Scan backend: {cpu} on cpu" in res.stdout and "no CUDA" in res.stdout
     assert "landsat (default): pansharpening, landsat, ratio 2, 6 bands" in res.stdout
     assert "other: pansharpening" in res.stdout
     res = _fusion("info", "--json", env=_env(tmp_path))

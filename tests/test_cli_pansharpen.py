@@ -137,7 +137,6 @@ def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
 def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
     """The official checkpoint (8 bands, ratio 4) on a 4-band WV2 and on a ratio-2 Landsat pair."""
     weights = str(need_shared("fusionmamba_official", "420.pth"))
-    pytest.importorskip("fusion_cli.models.registry")
     pan, ms = wv2
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", str(tmp_path / "o.tif"), "--weights", weights)
     assert_one_line_error(code, err, "bands")
@@ -149,7 +148,6 @@ def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
 
 
 def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
-    pytest.importorskip("fusion_cli.classical")
     pan, ms = wv2
     out = tmp_path / "o.tif"
     code, stdout, err = run(
@@ -178,7 +176,6 @@ def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
 def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
     """`fusion hisr HSI MSI`: the MSI is the high-resolution input; a classical method takes its band
     mean as the PAN and sharpens the 128-band HSI (Paris pair reduced by 3) beyond plain upsampling."""
-    pytest.importorskip("fusion_cli.classical")
     ref_path = need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")
     msi = str(need_shared("eo1_hyperion_ali_paris", "ms.tif"))
     with rasterio.open(ref_path) as ds:

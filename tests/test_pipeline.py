@@ -331,7 +331,6 @@ def test_official_network_on_wv3(tmp_path):
     """The official FusionMamba checkpoint (8 bands, ratio 4, DN/2047) through fuse_files on a real WV3
     crop. Kept to one small window: the pure-PyTorch scan is slow on CPU (seams: see the report)."""
     weights = need_shared("fusionmamba_official", "420.pth")
-    pytest.importorskip("fusion_cli.models.fuser")
     from fusion_cli.models.fuser import NetworkFuser
     from fusion_cli.models.registry import load_model
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from fusion_cli.errors import FusionError
 
@@ -73,7 +74,9 @@ class FuseOpt:
     weights = typer.Option(
         None, "--weights", help="Weights file: card + .safetensors, or an official .pth state_dict."
     )
-    method = typer.Option(None, "--method", help="Classical method instead of a network.")
+    method = typer.Option(
+        None, "--method", help="Classical method instead of a network (each is listed below with its paper)."
+    )
     sensor = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods and metrics.")
     bands = typer.Option(
         None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
@@ -143,6 +146,31 @@ class FuseOpt:
     )
     quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
     json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
+
+
+def classical_methods_help() -> str:
+    """The epilog of the fusion commands: every `--method` with what it does and its paper
+    (`classical.describe`), one Markdown list item each."""
+    from fusion_cli.classical import METHODS, describe
+
+    items = "\n".join(f"- **{name}**: {describe(name)}" for name in METHODS)
+    return f"Classical methods (`--method NAME`):\n\n{items}"
+
+
+def lazy_epilog(source: Callable[[], str]) -> type[TyperCommand]:
+    """A command class whose epilog is `source()`, built only when the help is shown (the methods'
+    descriptions import torch, which `fusion` does not load to start up)."""
+
+    class Command(TyperCommand):
+        @property  # type: ignore[override]
+        def epilog(self) -> str:
+            return source()
+
+        @epilog.setter
+        def epilog(self, value: str | None) -> None:
+            pass  # click's constructor sets it; the source is what counts
+
+    return Command
 
 
 def register_fuse_command(
@@ -241,7 +269,7 @@ def register_fuse_command(
 
     # Rich help keeps line breaks: join each paragraph into one line so it reflows to the terminal.
     command.__doc__ = "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc).split("\n\n"))
-    app.command(name)(command)
+    app.command(name, cls=lazy_epilog(classical_methods_help))(command)
 
 
 def describe_summary(s: Any) -> str:
