@@ -286,7 +286,7 @@ class MultiScanMamba(nn.Module):
             floor,
             A,
             self._stacked("D{s}").view(g, e),
-            hw,
+            _scan_orders(*hw, g, x.device)[0],
             bc_by_token=self.cross,
             norm=self.norm,
         )

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from numba import prange
 
-from fusion_cli.models.scan_numba import _exp, _njit, _sigmoid, _softplus, _threads
+from fusion_cli.models.scan_numba import _FASTMATH, _exp, _njit, _sigmoid, _softplus, _threads
 
-# Channels per work item of the scan (their states, CHANNELS x N, stay in L1), and positions per
-# block (its steps and decays, BLOCK x CHANNELS x N floats, stay in L2).
-CHANNELS = 16
+# Channels per work item of the scan: its SIMD lanes (one AVX-512 or two AVX2 registers per state).
+# A literal 8 would be unrolled by LLVM before its vectoriser sees the loop, and the exps stay scalar.
+LANES = 16
+# Positions per block: the block's inputs and outputs, BLOCK x LANES floats each, stay in L1.
 BLOCK = 64
 
 
@@ -129,91 +130,143 @@ def _layer_norm_kernel(x, weight, bias, eps, out):  # type: ignore[no-untyped-de
             _normalize(x[r], weight, bias, eps, out[r])
 
 
-@numba.njit(inline="always", cache=False)
-def _recurrence(n, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys):  # type: ignore[no-untyped-def]
-    """The state update of one block of `mt` positions for channels e0..e0+m (dts, dec, ys flat
-    `(mt, m)` / `(mt, m, n)`): h = dec h + dt u B, y = C h + D u. Called with a literal n, so the
-    state loop unrolls into SIMD lanes."""
+_LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _load_u(lanes, mt, t0, e0, ug, us):  # type: ignore[no-untyped-def]
+    """us[i, :lanes] = u of positions t0 + i, channels e0.. (ug `(L, E)`)."""
+    for i in range(mt):
+        src = ug[t0 + i, e0:]
+        dst = us[i]
+        for e in range(lanes):
+            dst[e] = src[e]
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _steps(rank, mt, rows, xg, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
+    """dts[i] = max(softplus(dt_proj(x_proj's dt part of row rows[i]) + bias), floor), per lane."""
     for i in range(mt):
         xr = xg[rows[i]]
-        ur = ug[t0 + i]
-        for e in range(m):
-            j = i * m + e
-            ut = ur[e0 + e]
-            dtu = dts[j] * ut
-            acc = d_g[e0 + e] * ut
-            for k in range(n):
-                hk = dec[j * n + k] * h[e * n + k] + dtu * xr[rank + k]
-                h[e * n + k] = hk
-                acc += xr[rank + n + k] * hk
-            ys[j] = acc
+        di = dts[i]
+        for e in range(LANES):
+            raw = bias[e]
+            for r in range(rank):
+                raw += w_t[r, e] * xr[r]
+            di[e] = max(_softplus(raw), floor[e])
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _recurrence(n, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]
+    """h = exp(dt A) h + dt u B, y = C h + D u for one block of positions. Lanes are channels: each
+    state k is a LANES-wide vector and B_k, C_k are broadcast, so the exps vectorise and y needs no
+    horizontal sum. Called with a literal n, so the state loop unrolls."""
+    for i in range(mt):
+        xr = xg[rows[i]]
+        ui = us[i]
+        di = dts[i]
+        acc = np.empty(LANES, np.float32)
+        for e in range(LANES):
+            acc[e] = d_l[e] * ui[e]
+        for k in range(n):
+            bk = xr[rank + k]
+            ck = xr[rank + n + k]
+            hk = h[k]
+            ak = a_t[k]
+            for e in range(LANES):
+                dt = di[e]
+                v = _exp(dt * ak[e]) * hk[e] + dt * ui[e] * bk
+                hk[e] = v
+                acc[e] += ck * v
+        yi = ys[i]
+        for e in range(LANES):
+            yi[e] = acc[e]
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _gate_store(lanes, mt, t0, e0, channels, order, zb, og, ys):  # type: ignore[no-untyped-def]
+    """out[token] = y silu(z) for the block's positions, in image order (zb `(L, 2E)`, og `(L, E)`)."""
+    zs = np.empty((BLOCK, LANES), np.float32)
+    for i in range(mt):
+        src = zb[order[t0 + i], channels + e0 :]
+        zi = zs[i]
+        for e in range(lanes):
+            zi[e] = src[e]
+    for i in range(mt):
+        for e in range(LANES):
+            zt = zs[i, e]
+            ys[i, e] *= zt * _sigmoid(zt)
+    for i in range(mt):
+        dst = og[order[t0 + i], e0:]
+        yi = ys[i]
+        for e in range(lanes):
+            dst[e] = yi[e]
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, xz, dt_w, dt_bias, floor, A, Dv, height, width, bc_by_token, out
+    u, xdbl, xz, dt_w, dt_bias, floor, A, Dv, orders, bc_by_token, out
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, L, R + 2N)` (dt, B, C) in scan order, or in image
     order when `bc_by_token`; xz `(B, L, 2E)` (z is its second half, image order); dt_w `(G, E, R)`,
-    dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, G, L, E)`: each direction's gated scan, in
-    image order. Work items are (batch, direction, slice of CHANNELS channels). Positions go in blocks
-    of BLOCK: the steps, decays and gates of a block are flat loops that vectorise (exp included), and
-    only the recurrence itself runs position by position."""
+    dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders `(G, L)` the image token at each position of
+    each scan order -> out `(B, G, L, E)`: each direction's gated scan, in image order.
+
+    Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
+    zeros (they stay zero). Positions go in blocks of BLOCK: loads, steps, recurrence and gate are
+    each one loop over (position, lane) that vectorises across lanes."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
-    nslices = (channels + CHANNELS - 1) // CHANNELS
+    nslices = (channels + LANES - 1) // LANES
     for item in prange(nb * groups * nslices):
         b = item // (groups * nslices)
         g = (item // nslices) % groups
-        e0 = (item % nslices) * CHANNELS
-        m = min(CHANNELS, channels - e0)
-        h = np.zeros(CHANNELS * n, dtype=u.dtype)
-        dts = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
-        zs = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
-        ys = np.empty(BLOCK * CHANNELS, dtype=u.dtype)
-        dec = np.empty(BLOCK * CHANNELS * n, dtype=u.dtype)
-        toks = np.empty(BLOCK, dtype=np.int64)
+        e0 = (item % nslices) * LANES
+        m = min(LANES, channels - e0)
+        h = np.zeros((n, LANES), dtype=np.float32)
+        a_t = np.zeros((n, LANES), dtype=np.float32)
+        w_t = np.zeros((rank, LANES), dtype=np.float32)
+        bias = np.zeros(LANES, dtype=np.float32)
+        fl = np.zeros(LANES, dtype=np.float32)
+        d_l = np.zeros(LANES, dtype=np.float32)
+        for e in range(m):
+            for k in range(n):
+                a_t[k, e] = A[g, e0 + e, k]
+            for r in range(rank):
+                w_t[r, e] = dt_w[g, e0 + e, r]
+            bias[e] = dt_bias[g, e0 + e]
+            fl[e] = floor[g, e0 + e]
+            d_l[e] = Dv[g, e0 + e]
+        us = np.zeros((BLOCK, LANES), dtype=np.float32)
+        dts = np.zeros((BLOCK, LANES), dtype=np.float32)
+        ys = np.zeros((BLOCK, LANES), dtype=np.float32)
         rows = np.empty(BLOCK, dtype=np.int64)
-        w, bias, fl, a_g, d_g = dt_w[g], dt_bias[g], floor[g], A[g], Dv[g]
-        ug, xg, og = u[b, g], xdbl[b, g], out[b, g]
+        xg, ug, zb, og, order = xdbl[b, g], u[b, g], xz[b], out[b, g], orders[g]
         for t0 in range(0, length, BLOCK):
             mt = min(BLOCK, length - t0)
             for i in range(mt):
-                tok = _token(g, t0 + i, length, height, width)
-                toks[i] = tok
-                rows[i] = tok if bc_by_token else t0 + i
-            for i in range(mt):  # steps: dt_proj of x_proj's dt part, bias
-                xr = xg[rows[i]]
-                zr = xz[b, toks[i]]
-                for e in range(m):
-                    raw = bias[e0 + e]
-                    for r in range(rank):
-                        raw += w[e0 + e, r] * xr[r]
-                    dts[i * m + e] = raw
-                    zs[i * m + e] = zr[channels + e0 + e]
-            for j in range(mt * m):
-                dts[j] = _softplus(dts[j])
-            for i in range(mt):  # the scan-memory floor (zero when unbounded)
-                for e in range(m):
-                    dts[i * m + e] = max(dts[i * m + e], fl[e0 + e])
-            for j in range(mt * m):
-                for k in range(n):
-                    dec[j * n + k] = dts[j] * a_g[e0 + j % m, k]
-            for j in range(mt * m * n):
-                dec[j] = _exp(dec[j])
-            if n == 8:
-                _recurrence(8, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
-            elif n == 16:
-                _recurrence(16, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
+                rows[i] = order[t0 + i] if bc_by_token else t0 + i
+            # literal sizes where they are the common ones, so the loops unroll and vectorise
+            if m == LANES:
+                _load_u(LANES, mt, t0, e0, ug, us)
             else:
-                _recurrence(n, mt, m, rank, rows, xg, ug, t0, e0, h, dts, dec, a_g, d_g, ys)
-            for j in range(mt * m):  # the silu(z) gate
-                zt = zs[j]
-                ys[j] *= zt * _sigmoid(zt)
-            for i in range(mt):
-                orow = og[toks[i]]
-                for e in range(m):
-                    orow[e0 + e] = ys[i * m + e]
+                _load_u(m, mt, t0, e0, ug, us)
+            if rank == 1:
+                _steps(1, mt, rows, xg, w_t, bias, fl, dts)
+            elif rank == 2:
+                _steps(2, mt, rows, xg, w_t, bias, fl, dts)
+            else:
+                _steps(rank, mt, rows, xg, w_t, bias, fl, dts)
+            if n == 8:
+                _recurrence(8, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+            elif n == 16:
+                _recurrence(16, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+            else:
+                _recurrence(n, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+            if m == LANES:
+                _gate_store(LANES, mt, t0, e0, channels, order, zb, og, ys)
+            else:
+                _gate_store(m, mt, t0, e0, channels, order, zb, og, ys)
 
 
 _conv_silu = _njit(_conv_silu_kernel)
@@ -243,18 +296,19 @@ def scan_directions(
     floor: torch.Tensor | None,
     A: torch.Tensor,
     D: torch.Tensor,
-    hw: tuple[int, int],
+    orders: torch.Tensor,
     bc_by_token: bool,
     norm: torch.nn.LayerNorm,
 ) -> torch.Tensor:
     """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
-    (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded)."""
+    (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded);
+    `orders` `(G, L)`: the image token read at each position of each scan order."""
     b, g, length, e = u.shape
     out = np.empty((b, g, length, e), dtype=np.float32)
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
         _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
-              hw[0], hw[1], bc_by_token, out)  # fmt: skip
+              orders.numpy(), bc_by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = np.empty((b, length, e), dtype=np.float32)
     with _threads():

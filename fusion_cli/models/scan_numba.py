@@ -52,7 +52,7 @@ BLOCK = 256
 def _njit(fn: Callable[..., Any]) -> Any:
     """`njit(parallel, cache)`, without the cache where numba finds no writable cache location
     (a read-only install with an unwritable home): numba raises at decoration time then."""
-    opts: dict[str, Any] = {"parallel": True, "nogil": True, "fastmath": _FASTMATH}
+    opts: dict[str, Any] = {"parallel": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", numba.NumbaWarning)
