@@ -27,6 +27,7 @@ from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
+from fusion_cli.choices import COMPRESSIONS
 from fusion_cli.errors import FusionError, OutputWriteError
 
 # The tag written last, just before the file is closed: a file without it was not finished.
@@ -313,8 +314,8 @@ def output_profile(
     """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats. `creation_options`
     (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name."""
     compress = compress.lower()
-    if compress not in {"deflate", "zstd", "lzw", "none"}:
-        raise FusionError(f"unknown compression {compress!r}; use deflate, zstd, lzw or none")
+    if compress not in COMPRESSIONS:
+        raise FusionError(f"unknown compression {compress!r}; use {', '.join(COMPRESSIONS)}")
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "width": width,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from fusion_cli import choices
 from fusion_cli.errors import FusionError
 
 
@@ -19,6 +20,53 @@ def echo_json(payload: dict[str, Any]) -> None:
     """Machine-readable summary on stdout (progress and messages go to stderr)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+class OutputOpt:
+    """`-q` and `--json`, the same on every command: --json puts the result on stdout and leaves the
+    progress on stderr (a pipe reads stdout only); -q silences progress and messages."""
+
+    quiet = typer.Option(
+        False, "--quiet", "-q", help="No progress or messages on stderr (errors still print)."
+    )
+    json_out = typer.Option(
+        False, "--json", help="Print the result as JSON on stdout (progress stays on stderr; -q hides it)."
+    )
+
+
+def table_console(stderr: bool = False) -> Any:
+    """A rich console for tables: a terminal's own width; piped or redirected, wide enough that no
+    column is cut (rich assumes 80 columns there and would print `0.…` for numbers)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        tty = False
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 4096)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, enabled: bool) -> Iterator[Callable[..., None] | None]:
+    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback; None when
+    disabled, so the library skips the calls. On a terminal it is redrawn and gone once the work is
+    done; into a file (a CI or batch log) rich writes its final state once."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=console.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=label if what is None else what)
+
+        yield update
 
 
 def parse_creation_options(items: list[str] | None) -> dict[str, str] | None:
@@ -49,6 +97,74 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+class Choice:
+    """A fixed set of values of an option: `--help` shows them as the metavar, shell completion lists
+    them, and a value outside them is a usage error (one line, exit 2) before any work. The value
+    reaches the library as the user typed it (the library normalises case and aliases itself)."""
+
+    def __init__(
+        self,
+        what: str,
+        values: Sequence[str],
+        *,
+        fold_case: bool = False,
+        also: Callable[[str], bool] | None = None,
+        shown: Sequence[str] | None = None,
+        completions: Sequence[str] | None = None,
+    ) -> None:
+        self.what = what  # the error says "unknown <what>"
+        self.values = tuple(values)
+        self.fold_case = fold_case
+        self.also = also  # accepts values beyond the list (cuda:N, sensor aliases)
+        self.shown = tuple(shown or values)
+        self.completions = tuple(completions or self.shown)
+
+    def parse(self, text: str) -> str:
+        key = text.strip().lower() if self.fold_case else text
+        if key in self.values or (self.also is not None and self.also(text)):
+            return text
+        raise typer.BadParameter(f"unknown {self.what} {text!r}: use one of {', '.join(self.shown)}")
+
+    def complete(self, incomplete: str) -> list[str]:
+        start = incomplete.lower() if self.fold_case else incomplete
+        return [v for v in self.completions if v.startswith(start)]
+
+    def option(self, default: Any, *decls: str, help: str, **kwargs: Any) -> Any:  # noqa: A002
+        return typer.Option(
+            default, *decls, help=help, parser=self.parse, autocompletion=self.complete,
+            metavar="[" + "|".join(self.shown) + "]", **kwargs,
+        )  # fmt: skip
+
+
+def _known_sensor(text: str) -> bool:
+    from fusion_cli.sensors import canonical_sensor
+
+    try:
+        canonical_sensor(text)
+    except FusionError:
+        return False
+    return True
+
+
+class Choices:
+    """Every enumerated option's value set, defined once from the library's registries."""
+
+    method = Choice("method", choices.METHODS, fold_case=True)
+    # canonical names in the help; aliases (WorldView-3, l8, quickbird ...) accepted and completed
+    sensor = Choice(
+        "sensor", choices.SENSORS, also=_known_sensor,
+        completions=choices.SENSORS + choices.sensor_aliases(),
+    )  # fmt: skip
+    device = Choice(
+        "device", choices.DEVICES, also=lambda t: re.fullmatch(r"cuda:\d+", t) is not None,
+        shown=(*choices.DEVICES, "cuda:N"), completions=(*choices.DEVICES, "cuda:0"),
+    )  # fmt: skip
+    precision = Choice("precision", choices.PRECISIONS)
+    compress = Choice("compression", choices.COMPRESSIONS, fold_case=True)
+    task = Choice("task", choices.TASKS)
+    simulate_dtype = Choice("dtype", choices.SIMULATE_DTYPES)
+
+
 class MetricOpt:
     """Index conventions shared by `fusion metrics` and `fusion report` (one definition each)."""
 
@@ -61,7 +177,9 @@ class MetricOpt:
         False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
-    sensor = typer.Option(None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...).")
+    sensor = Choices.sensor.option(
+        None, "--sensor", help="Sensor MTF for D_lambda^K (generic gains without it)."
+    )
     nodata = typer.Option(None, "--nodata", help="Extra nodata value (all bands equal to it).")
 
 
@@ -73,8 +191,10 @@ class FuseOpt:
     weights = typer.Option(
         None, "--weights", help="Weights file: card + .safetensors, or an official .pth state_dict."
     )
-    method = typer.Option(None, "--method", help="Classical method instead of a network.")
-    sensor = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods and metrics.")
+    method = Choices.method.option(None, "--method", help="Classical method instead of a network.")
+    sensor = Choices.sensor.option(
+        None, "--sensor", help="Sensor (MTF table) for classical methods and metrics."
+    )
     bands = typer.Option(
         None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
     )
@@ -93,11 +213,11 @@ class FuseOpt:
         "whose tiles agree where they meet].",
     )
     batch = typer.Option(4, "--batch", help="Tiles per inference call.")
-    device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-    precision = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU).")
+    device = Choices.device.option("auto", "--device", help="Where the network runs.")
+    precision = Choices.precision.option("fp32", "--precision", help="Network arithmetic (bf16, fp16: GPU).")
     threads = typer.Option(None, "--threads", help="CPU threads for inference.")
     dtype = typer.Option(None, "--dtype", help="Output dtype (default: the input's, e.g. uint16).")
-    compress = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none.")
+    compress = Choices.compress.option("deflate", "--compress", help="GTiff compression of the product.")
     co = typer.Option(
         None,
         "--co",
@@ -141,8 +261,8 @@ class FuseOpt:
         "against a mistaken or sparse input heading for a terabyte product.",
         show_default=False,
     )
-    quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
-    json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
+    quiet = OutputOpt.quiet
+    json_out = OutputOpt.json_out
 
 
 def register_fuse_command(
@@ -232,15 +352,14 @@ def register_fuse_command(
             ensemble=ensemble,
             adapt=adapt,
             max_pixels=max_pixels,
-            progress=not (quiet or json_out),
+            progress=not quiet,
         )
         if json_out:
             echo_json(summary.to_dict())
         elif not quiet:
             typer.echo(describe_summary(summary), err=True)
 
-    # Rich help keeps line breaks: join each paragraph into one line so it reflows to the terminal.
-    command.__doc__ = "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc).split("\n\n"))
+    command.__doc__ = doc  # click rewraps each paragraph to the terminal
     app.command(name)(command)
 
 
