@@ -230,6 +230,19 @@ class FuseOpt:
         False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
     )
     zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
+    nodata = typer.Option(
+        None,
+        "--nodata",
+        help="Input nodata value of both inputs, on top of their own (GDAL's meaning: a band equal to it "
+        "is invalid); the product gets it as its nodata. For files without a nodata flag.",
+        show_default=False,
+    )
+    pan_nodata = typer.Option(
+        None, "--pan-nodata", help="Nodata value of the PAN (hisr: the MSI) only; overrides --nodata."
+    )
+    ms_nodata = typer.Option(
+        None, "--ms-nodata", help="Nodata value of the MS (hisr: the HSI) only; overrides --nodata."
+    )
     quicklook = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside each output.")
     reproject = typer.Option(
         False, "--reproject", help="Warp an MS in another CRS onto the PAN's CRS and grid (GDAL, cubic)."
@@ -263,6 +276,11 @@ class FuseOpt:
     )
     quiet = OutputOpt.quiet
     json_out = OutputOpt.json_out
+
+
+def input_nodata(nodata: float | None, pan: float | None, ms: float | None) -> dict[str, float | None]:
+    """`--nodata` for both inputs, `--pan-nodata` / `--ms-nodata` for one: FuseOptions fields."""
+    return {"pan_nodata": nodata if pan is None else pan, "ms_nodata": nodata if ms is None else ms}
 
 
 def register_fuse_command(
@@ -307,6 +325,9 @@ def register_fuse_command(
         overwrite: bool = FuseOpt.overwrite,
         coregister: bool = FuseOpt.coregister,
         zero_nodata: bool = FuseOpt.zero_nodata,
+        nodata: float | None = FuseOpt.nodata,
+        pan_nodata: float | None = FuseOpt.pan_nodata,
+        ms_nodata: float | None = FuseOpt.ms_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
@@ -345,6 +366,7 @@ def register_fuse_command(
             overwrite=overwrite,
             coregister=coregister,
             zero_is_nodata=zero_nodata,
+            **input_nodata(nodata, pan_nodata, ms_nodata),
             quicklook=quicklook,
             stats_mpx=stats_mpx,
             reproject=reproject,
