@@ -218,3 +218,32 @@ def test_evaluate_progress_and_a_piped_table_keeps_every_number(tmp_path, monkey
     row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     for key in ("Q2n", "SAM", "ERGAS", "QNR", "HQNR"):
         assert f"{row[key]:.4f}" in out, key
+
+
+def test_progress_is_drawn_on_a_terminal_whatever_json_says(tmp_path, monkeypatch, capsys) -> None:
+    """One rule for every command: a bar on stderr when it is a terminal (TTY_COMPATIBLE=1 tells rich
+    so under capsys), unless -q; --json only moves the result to stdout. The pipeline gets it as
+    its `progress` switch; simulate's own bar draws the library's steps."""
+    seen: list[bool] = []
+
+    class Summary:
+        def to_dict(self) -> dict[str, str]:
+            return {"output": "o.tif"}
+
+    def fake_pansharpen(pan: str, ms: str, out: object, **kwargs: object) -> Summary:
+        seen.append(bool(kwargs["progress"]))
+        return Summary()
+
+    monkeypatch.setattr("fusion_cli.pipeline.pansharpen", fake_pansharpen)
+    args = ["pansharpen", "p.tif", "m.tif", "-o", str(tmp_path / "o.tif"), "--method", "exp", "--json"]
+    for tty, extra, drawn in (("1", [], True), ("1", ["-q"], False), ("0", [], False)):
+        monkeypatch.setenv("TTY_COMPATIBLE", tty)
+        code, out, _ = run(capsys, *args, *extra)
+        assert code == 0 and json.loads(out) == {"output": "o.tif"} and seen[-1] is drawn, (tty, extra)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    pan, ms = str(EXAMPLES / "landsat8_pan.tif"), str(EXAMPLES / "landsat8_ms.tif")
+    code, out, err = run(capsys, "simulate", pan, ms, "-o", str(tmp_path / "sim"), "--json")
+    assert code == 0 and json.loads(out)["ratio"] == 2 and "simulate" in err and "5/5" in err
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    code, out, err = run(capsys, "simulate", pan, ms, "-o", str(tmp_path / "sim"), "--json", "--overwrite")
+    assert code == 0 and err == ""

@@ -14,6 +14,7 @@ import typer
 
 from fusion_cli import choices
 from fusion_cli.errors import FusionError
+from fusion_cli.sensors import canonical_sensor
 
 
 def echo_json(payload: dict[str, Any]) -> None:
@@ -47,20 +48,28 @@ def table_console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 4096)
 
 
+def show_progress(quiet: bool) -> bool:
+    """The one rule for progress bars: drawn on stderr when it is a terminal, unless -q; --json does
+    not matter (its result goes to stdout). Redirected to a file or a pipe, stderr keeps only
+    messages and errors, one line each, instead of a bar's last frame."""
+    from rich.console import Console
+
+    return not quiet and Console(stderr=True).is_terminal
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, enabled: bool) -> Iterator[Callable[..., None] | None]:
-    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback; None when
-    disabled, so the library skips the calls. On a terminal it is redrawn and gone once the work is
-    done; into a file (a CI or batch log) rich writes its final state once."""
-    if not enabled:
+    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback, drawn
+    while the work runs and gone after (`show_progress` rules; `enabled`: not -q). None when not
+    drawn, so the library skips the calls."""
+    if not (enabled and show_progress(quiet=False)):
         yield None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    console = Console(stderr=True)
-    with Progress(*columns, console=console, transient=console.is_terminal) as bar:
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=None)
 
         def update(done: int, total: int, what: str | None = None) -> None:
@@ -129,7 +138,7 @@ class Choice:
         start = incomplete.lower() if self.fold_case else incomplete
         return [v for v in self.completions if v.startswith(start)]
 
-    def option(self, default: Any, *decls: str, help: str, **kwargs: Any) -> Any:  # noqa: A002
+    def option(self, default: Any, *decls: str, help: str, **kwargs: Any) -> Any:
         return typer.Option(
             default, *decls, help=help, parser=self.parse, autocompletion=self.complete,
             metavar="[" + "|".join(self.shown) + "]", **kwargs,
@@ -137,8 +146,6 @@ class Choice:
 
 
 def _known_sensor(text: str) -> bool:
-    from fusion_cli.sensors import canonical_sensor
-
     try:
         canonical_sensor(text)
     except FusionError:
@@ -374,7 +381,7 @@ def register_fuse_command(
             ensemble=ensemble,
             adapt=adapt,
             max_pixels=max_pixels,
-            progress=not quiet,
+            progress=show_progress(quiet),
         )
         if json_out:
             echo_json(summary.to_dict())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, show_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.models import SEAMLESS_SCAN_MEMORY
 
@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
             licence=licence,
             resume=resume,
             init_weights=init,
-            progress=not quiet,
+            progress=show_progress(quiet),
             command=_command_line(ctx),
         )
         summary = {
