@@ -287,7 +287,9 @@ def block_windows(
     return r, Window(col0, row0, w, h), fine_windows
 
 
-def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) -> Any:
+def warp_to_pan_crs(
+    ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None, nodata: float | None = None
+) -> Any:
     """The MS as a GDAL warped VRT in the PAN's CRS, on a grid aligned with the PAN grid: its pixel
     is `ratio` PAN pixels, `ratio` being the MS/PAN pixel-size ratio measured in the PAN's CRS
     (rounded; the model's ratio when given and within 5 %), its origin a PAN pixel corner. The pair
@@ -295,6 +297,7 @@ def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) 
     read (memory stays bounded); pixels outside the MS footprint read as masked (its nodata, or an
     alpha band when it has none, which `raster.select_bands` leaves out).
 
+    `nodata` replaces the MS's own nodata value (--ms-nodata), so the resampling leaves it out too.
     The caller closes the returned dataset. Raises FusionError when either input lacks a CRS or the
     PAN grid is rotated.
     """
@@ -319,7 +322,7 @@ def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) 
     col0, col1 = math.floor((left - pt.c) / cell_x), math.ceil((right - pt.c) / cell_x)
     row0, row1 = math.floor((pt.f - top) / cell_y), math.ceil((pt.f - bottom) / cell_y)
     transform = Affine(cell_x, 0.0, pt.c + col0 * cell_x, 0.0, -cell_y, pt.f - row0 * cell_y)
-    nodata = ms_ds.nodata
+    nodata = ms_ds.nodata if nodata is None else nodata
     return WarpedVRT(
         ms_ds,
         crs=pan_ds.crs,
@@ -327,6 +330,7 @@ def warp_to_pan_crs(ms_ds: Any, pan_ds: Any, expected_ratio: int | None = None) 
         width=col1 - col0,
         height=row1 - row0,
         resampling=Resampling.cubic,
+        src_nodata=nodata,
         nodata=nodata,
         add_alpha=nodata is None,
     )

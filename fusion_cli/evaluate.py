@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,12 @@ def evaluate_scene(
     tile: int = 512,
     bands: list[int] | None = None,
     block: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every method on one PAN/MS pair; products are written under `work_dir`. `bands`: the
     1-based MS bands every method fuses, in the order a model expects (the references follow);
-    `block`: the Q2n / Q / QNR block size (the toolbox's 32; smaller for scenes under 32 px)."""
+    `block`: the Q2n / Q / QNR block size (the toolbox's 32; smaller for scenes under 32 px);
+    `progress(done, total)` is called after each fusion."""
     from fusion_cli.assess import EvalOptions
     from fusion_cli.assess import evaluate as score_product
     from fusion_cli.wald import simulate_files
@@ -153,12 +156,16 @@ def evaluate_scene(
         round_uint16=integer_dn(sim.ref),
     )  # fmt: skip
     rows = []
-    for spec in methods:
+    per = 2 if full_resolution else 1  # fusions per method
+    total = per * len(methods)
+    for i, spec in enumerate(methods):
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
         row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands)
         rr = score_product(out, ref=sim.ref, opts=opts)
+        if progress is not None:
+            progress(per * i + 1, total)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")
         row.update({k: float(rr[k]) for k in evaluate_keys("reduced")})
         if full_resolution:
@@ -166,6 +173,8 @@ def evaluate_scene(
             out.parent.mkdir(parents=True, exist_ok=True)
             row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands)
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
+            if progress is not None:
+                progress(per * i + 2, total)
             row.update({k: float(fr[k]) for k in evaluate_keys("full")})
         rows.append(row)
     return rows
@@ -237,19 +246,23 @@ def evaluate(
     tile: int = 512,
     bands: list[int] | None = None,
     block: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
-    `summary.csv`, `results.json` and `results.md` into `out_dir`."""
+    `summary.csv`, `results.json` and `results.md` into `out_dir`. `progress(done, total)` is
+    called after each fusion (methods x scenes, twice with `full_resolution`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not scenes:
         raise FusionError("no scenes to evaluate")
     rows: list[dict[str, Any]] = []
-    for pan, ms, sid in scenes:
+    for k, (pan, ms, sid) in enumerate(scenes):
+        # a scene's steps, offset by the scenes before it
+        step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
         rows += evaluate_scene(
             pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
             cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-            tile=tile, bands=bands, block=block,
+            tile=tile, bands=bands, block=block, progress=step,
         )  # fmt: skip
     if not keep_products:
         import shutil

@@ -75,6 +75,9 @@ class FuseOptions:
     coregister: bool = False  # apply the measured PAN/MS shift (it is always measured and reported)
     measure_shift: bool = True
     zero_is_nodata: bool = False  # treat 0 (all-zero MS pixels, zero PAN) as nodata
+    # input nodata values on top of the files' own (--pan-nodata / --ms-nodata; raster.NodataOverride)
+    pan_nodata: float | None = None
+    ms_nodata: float | None = None
     quicklook: bool = False  # also write OUT.png
     progress: bool = True
     adapt: int = 0  # --adapt N: N target-adaptive training steps on this scene first (networks only)
@@ -789,9 +792,12 @@ def open_pair(
     ms_path: str | os.PathLike[str],
     reproject: bool = False,
     expected_ratio: int | None = None,
+    pan_nodata: float | None = None,
+    ms_nodata: float | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """(pan, ms) datasets, read-only; with `reproject`, an MS in another CRS than the PAN's comes as a
-    warped VRT on the PAN's CRS and grid (`align.warp_to_pan_crs`)."""
+    warped VRT on the PAN's CRS and grid (`align.warp_to_pan_crs`). `pan_nodata` / `ms_nodata`: nodata
+    values added to the files' own (`raster.with_nodata`; the warp leaves the MS's out)."""
     with contextlib.ExitStack() as stack:
         pan_ds = stack.enter_context(raster.open_raster(pan_path, "PAN"))
         ms_ds = stack.enter_context(raster.open_raster(ms_path, "MS"))
@@ -799,8 +805,8 @@ def open_pair(
         raster.check_pixel_type(pan_ds, "PAN")
         raster.check_pixel_type(ms_ds, "MS")
         if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
-            ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio))
-        yield pan_ds, ms_ds
+            ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio, ms_nodata))
+        yield raster.with_nodata(pan_ds, pan_nodata), raster.with_nodata(ms_ds, ms_nodata)
 
 
 def _sha256(path: str | os.PathLike[str]) -> str:
@@ -889,7 +895,10 @@ def fuse_files(
     caught: list[str] = []
     with (
         raster.gdal_env(),
-        open_pair(pan_path, ms_path, opts.reproject, fuser.ratio) as (pan_ds, ms_ds),
+        open_pair(pan_path, ms_path, opts.reproject, fuser.ratio, opts.pan_nodata, opts.ms_nodata) as (
+            pan_ds,
+            ms_ds,
+        ),
     ):
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
@@ -940,6 +949,7 @@ def fuse_files(
             "dn_scale": getattr(fuser, "dn_max", None),
             "dtype": out_dtype,
             "zero_is_nodata": opts.zero_is_nodata,
+            "input_nodata": [opts.pan_nodata, opts.ms_nodata],
             "coregister": opts.coregister,
             "shift_pan_px": [geom.dy, geom.dx],
             "ratio": geom.ratio,

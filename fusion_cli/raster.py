@@ -27,6 +27,7 @@ from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
+from fusion_cli.choices import COMPRESSIONS
 from fusion_cli.errors import FusionError, OutputWriteError
 
 # The tag written last, just before the file is closed: a file without it was not finished.
@@ -170,6 +171,45 @@ def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
         info = np.iinfo(dt)
         return float(info.min), float(info.max)
     return None
+
+
+class NodataOverride:
+    """An input read with a nodata value given on the command line (`--nodata`, `--pan-nodata`,
+    `--ms-nodata`) for files that carry none, such as a zero collar without a flag: a pixel of a
+    band is invalid where it equals the value (GDAL's meaning), on top of the file's own nodata or
+    masks. Everything else is the wrapped dataset's; closing this closes it."""
+
+    def __init__(self, ds: Any, value: float) -> None:
+        self._ds = ds
+        self.nodata = float(value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+    def __enter__(self) -> NodataOverride:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ds.close()
+
+    @property
+    def nodatavals(self) -> tuple[float, ...]:
+        return (self.nodata,) * self._ds.count
+
+    @property
+    def mask_flag_enums(self) -> tuple[list[MaskFlags], ...]:
+        return tuple([MaskFlags.nodata] for _ in range(self._ds.count))
+
+    def read_masks(self, indexes: Any = None, window: Any = None, **kwargs: Any) -> np.ndarray:
+        own = self._ds.read_masks(indexes, window=window, **kwargs)
+        data = self._ds.read(indexes, window=window, **kwargs)  # blocks just read: GDAL's cache
+        hit = np.isnan(data) if math.isnan(self.nodata) else data == self.nodata
+        return np.where(hit, np.uint8(0), own)
+
+
+def with_nodata(ds: Any, value: float | None) -> Any:
+    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None."""
+    return ds if value is None else NodataOverride(ds, value)
 
 
 def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
@@ -324,8 +364,8 @@ def output_profile(
     """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats. `creation_options`
     (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name."""
     compress = compress.lower()
-    if compress not in {"deflate", "zstd", "lzw", "none"}:
-        raise FusionError(f"unknown compression {compress!r}; use deflate, zstd, lzw or none")
+    if compress not in COMPRESSIONS:
+        raise FusionError(f"unknown compression {compress!r}; use {', '.join(COMPRESSIONS)}")
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "width": width,

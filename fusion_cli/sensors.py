@@ -70,6 +70,11 @@ _ALIASES = {
 SENSORS: tuple[str, ...] = tuple(_TABLE)
 
 
+def sensor_aliases() -> tuple[str, ...]:
+    """Other names `canonical_sensor` accepts (quickbird, worldview3, l8 ...), for shell completion."""
+    return tuple(_ALIASES)
+
+
 def sensor_or_generic(sensor: str | None) -> str | None:
     """A known sensor's key, else None (generic gains): for free-text sensors of model cards."""
     try:

@@ -11,6 +11,7 @@ pan_lr `(P, h, w)` with h, w multiples of r.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -119,6 +120,7 @@ def simulate_files(
     dtype: Literal["float32", "source"] = "float32",
     overwrite: bool = False,
     bands: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SimulatedPair:
     """Write `pan_lr.tif`, `ms_lr.tif` and `ms_ref.tif` (the cropped original MS) into `out_dir`.
 
@@ -127,12 +129,19 @@ def simulate_files(
     pansharpen pan_lr.tif ms_lr.tif` covers the ground of `ms_ref.tif` and `fusion metrics --ref`
     lines the two up (to the nearest pixel: Landsat's reduced PAN grid is a quarter pixel off the
     MS grid). Inputs without georeferencing give outputs without it. `dtype="source"` rounds to the
-    input types; float32 (default) keeps the unrounded DN, as the toolbox does.
+    input types; float32 (default) keeps the unrounded DN, as the toolbox does. `progress(done, 5)`
+    is called after each step: read, degrade, and each of the three writes.
     """
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress(done, 5)
+
     out_dir = Path(out_dir)
     key = canonical_sensor(sensor)
     ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
     (pan, pan_meta, pan_tf, pan_crs), (ms, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
+    step(1)
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +157,7 @@ def simulate_files(
         if t.exists() and not overwrite:
             raise FusionError(f"{t} exists: pass --overwrite or choose another -o folder")
     pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands)
+    step(2)
     scale = Affine.scale(ratio)
     info = {"WALD_RATIO": str(ratio), "WALD_SENSOR": key, "WALD_PAN_MODE": paths.pan_mode}
     ms_dtype = "float32" if dtype == "float32" else str(ms.dtype)
@@ -155,8 +165,11 @@ def simulate_files(
     _write(
         paths.pan, pan_lr, pan_tf @ scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
     )
+    step(3)
     # A float MS keeps the source dtype in a tag: models with a DN scale per dtype read it from there.
     ms_info = info | {raster.SOURCE_DTYPE_TAG: str(ms.dtype)}
     _write(paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": ms_info}, ms_dtype)
+    step(4)
     _write(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype))  # the original DN, unchanged
+    step(5)
     return paths

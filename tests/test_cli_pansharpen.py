@@ -313,3 +313,52 @@ def test_creation_options_and_rgb_colour_interpretation(tmp_path, capsys, landsa
     assert raster.rgb_colorinterp(8, names, WV3_BANDS)[1:5] == rgb[:2] + [ColorInterp.undefined, rgb[2]]
     assert raster.rgb_colorinterp(8, names) is None
     assert raster.rgb_colorinterp(3, ["red", "red edge", "green"]) is None  # no blue
+
+
+def test_input_nodata_masks_an_unflagged_collar(tmp_path, capsys, landsat_demo):
+    """A copy of the example with a zero collar over its first 40 PAN rows (20 MS rows) and no nodata
+    flag: plain, the collar is fused as data and the product has no nodata; `--nodata 0` masks it
+    (the product's nodata is 0, its collar invalid, the rest valid); `--ms-nodata` overrides
+    --nodata for the MS alone while the PAN keeps 0, which still masks the collar."""
+    paths = {}
+    for key, rows in (("pan", 40), ("ms", 20)):
+        with rasterio.open(landsat_demo[key]) as src:
+            profile, data = src.profile, src.read()
+        assert src.nodata is None and data.min() > 0
+        data[:, :rows] = 0
+        paths[key] = str(tmp_path / f"{key}.tif")
+        with rasterio.open(paths[key], "w", **profile) as dst:
+            dst.write(data)
+    base = [paths["pan"], paths["ms"], "--method", "gsa", "-q"]
+    masks, nodata = {}, {}
+    for name, flags in {
+        "plain": [],
+        "nodata": ["--nodata", "0"],
+        "ms_own": ["--nodata", "0", "--ms-nodata", "65535"],
+    }.items():
+        out = tmp_path / f"{name}.tif"
+        code, _, err = run(capsys, "pansharpen", *base, "-o", str(out), *flags)
+        assert code == 0, err
+        with rasterio.open(out) as ds:
+            nodata[name], masks[name] = ds.nodata, ds.dataset_mask() > 0
+            assert ds.height == 319  # the demo's grid: the half-covered first PAN row is left out
+    assert nodata == {"plain": None, "nodata": 0.0, "ms_own": 65535.0}
+    assert masks["plain"].all()
+    # product row r is PAN row r + 1 (the demo's half-pixel offset): the PAN collar is product rows
+    # 0..38; row 39 also lies half over the last collar row of the MS, masked only while MS 0 is nodata
+    for name, first_valid in (("nodata", 40), ("ms_own", 39)):
+        assert not masks[name][:first_valid].any() and masks[name][first_valid:].all(), name
+
+
+def test_nodata_override_adds_to_the_file_mask(tmp_path):
+    """raster.with_nodata: pixels equal to the value are invalid on top of the file's own nodata."""
+    path = tmp_path / "a.tif"
+    data = np.array([[[0, 5, 7], [9, 9, 5]]], np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", width=3, height=2, count=1, dtype="uint16", nodata=9) as d:
+        d.write(data)
+    with raster.open_raster(path) as ds, raster.with_nodata(raster.open_raster(path), 5) as wrapped:
+        assert raster.with_nodata(ds, None) is ds and wrapped.nodata == 5.0
+        assert raster.has_mask(wrapped) and wrapped.count == 1
+        np.testing.assert_array_equal(wrapped.read_masks(1) > 0, [[True, False, True], [False, False, False]])
+        _, valid = raster.read_padded(wrapped, 0, 0, 2, 3, [1])
+        np.testing.assert_array_equal(valid, [[True, False, True], [False, False, False]])

@@ -10,7 +10,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from fusion_cli import batch as lib
-from fusion_cli.cli.common import FuseOpt, echo_json, parse_bands, parse_creation_options
+from fusion_cli.cli.common import (
+    FuseOpt,
+    OutputOpt,
+    echo_json,
+    input_nodata,
+    parse_bands,
+    parse_creation_options,
+    table_console,
+)
 from fusion_cli.errors import FusionError
 
 _EPILOG = (
@@ -23,9 +31,9 @@ _EPILOG = (
 
 
 def _console() -> Console:
-
-    # soft_wrap: a reason is one line in a log file or a CI console, whatever the terminal width.
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # soft_wrap: a reason is one line in a log file or a CI console, whatever the terminal width;
+    # the summary table keeps its columns when stderr goes to a file.
+    return table_console(stderr=True)
 
 
 def _show_plan(plan: lib.Plan, as_json: bool) -> None:
@@ -115,6 +123,9 @@ def register(app: typer.Typer) -> None:
         compress: str = FuseOpt.compress,
         co: list[str] | None = FuseOpt.co,
         zero_nodata: bool = FuseOpt.zero_nodata,
+        nodata: float | None = FuseOpt.nodata,
+        pan_nodata: float | None = FuseOpt.pan_nodata,
+        ms_nodata: float | None = FuseOpt.ms_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
@@ -150,10 +161,8 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(
             0, "--retries", help="Retries of a scene after an unexpected error (bad input is not retried)."
         ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-scene lines, only the summary."),
-        json_out: bool = typer.Option(
-            False, "--json", help="Print the plan or the summary as JSON on stdout."
-        ),
+        quiet: bool = OutputOpt.quiet,
+        json_out: bool = OutputOpt.json_out,
     ) -> None:
         """Fuse every PAN/MS pair of IN_DIR into OUT_DIR with one model instance: finished scenes are
         skipped (validated, not just present), a failing scene is logged and the batch goes on,
@@ -187,7 +196,7 @@ def register(app: typer.Typer) -> None:
             tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
-            creation_options=parse_creation_options(co),
+            creation_options=parse_creation_options(co), **input_nodata(nodata, pan_nodata, ms_nodata),
             stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, ensemble=ensemble,
             max_pixels=max_pixels, progress=False,
         )  # fmt: skip
@@ -217,7 +226,8 @@ def register(app: typer.Typer) -> None:
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
                 scene_workers=scene_workers, on_result=on_result,
             )  # fmt: skip
-        _show_summary(summary)
+        if not quiet or summary.failed:  # -q: the summary only to list failures
+            _show_summary(summary)
         if json_out:
             echo_json(summary.to_dict())
         raise typer.Exit(summary.exit_code)

@@ -2,24 +2,81 @@
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
 from typer.core import TyperCommand
 
+from fusion_cli import choices
 from fusion_cli.errors import FusionError
+from fusion_cli.sensors import canonical_sensor
 
 
 def echo_json(payload: dict[str, Any]) -> None:
     """Machine-readable summary on stdout (progress and messages go to stderr)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+class OutputOpt:
+    """`-q` and `--json`, the same on every command: --json puts the result on stdout and leaves the
+    progress on stderr (a pipe reads stdout only); -q silences progress and messages."""
+
+    quiet = typer.Option(
+        False, "--quiet", "-q", help="No progress or messages on stderr (errors still print)."
+    )
+    json_out = typer.Option(
+        False, "--json", help="Print the result as JSON on stdout (progress stays on stderr; -q hides it)."
+    )
+
+
+def table_console(stderr: bool = False) -> Any:
+    """A rich console for tables: a terminal's own width; piped or redirected, wide enough that no
+    column is cut (rich assumes 80 columns there and would print `0.…` for numbers)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        tty = False
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 4096)
+
+
+def show_progress(quiet: bool) -> bool:
+    """The one rule for progress bars: drawn on stderr when it is a terminal, unless -q; --json does
+    not matter (its result goes to stdout). Redirected to a file or a pipe, stderr keeps only
+    messages and errors, one line each, instead of a bar's last frame."""
+    from rich.console import Console
+
+    return not quiet and Console(stderr=True).is_terminal
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, enabled: bool) -> Iterator[Callable[..., None] | None]:
+    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback, drawn
+    while the work runs and gone after (`show_progress` rules; `enabled`: not -q). None when not
+    drawn, so the library skips the calls."""
+    if not (enabled and show_progress(quiet=False)):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=label if what is None else what)
+
+        yield update
 
 
 def parse_creation_options(items: list[str] | None) -> dict[str, str] | None:
@@ -50,6 +107,72 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+class Choice:
+    """A fixed set of values of an option: `--help` shows them as the metavar, shell completion lists
+    them, and a value outside them is a usage error (one line, exit 2) before any work. The value
+    reaches the library as the user typed it (the library normalises case and aliases itself)."""
+
+    def __init__(
+        self,
+        what: str,
+        values: Sequence[str],
+        *,
+        fold_case: bool = False,
+        also: Callable[[str], bool] | None = None,
+        shown: Sequence[str] | None = None,
+        completions: Sequence[str] | None = None,
+    ) -> None:
+        self.what = what  # the error says "unknown <what>"
+        self.values = tuple(values)
+        self.fold_case = fold_case
+        self.also = also  # accepts values beyond the list (cuda:N, sensor aliases)
+        self.shown = tuple(shown or values)
+        self.completions = tuple(completions or self.shown)
+
+    def parse(self, text: str) -> str:
+        key = text.strip().lower() if self.fold_case else text
+        if key in self.values or (self.also is not None and self.also(text)):
+            return text
+        raise typer.BadParameter(f"unknown {self.what} {text!r}: use one of {', '.join(self.shown)}")
+
+    def complete(self, incomplete: str) -> list[str]:
+        start = incomplete.lower() if self.fold_case else incomplete
+        return [v for v in self.completions if v.startswith(start)]
+
+    def option(self, default: Any, *decls: str, help: str, **kwargs: Any) -> Any:
+        return typer.Option(
+            default, *decls, help=help, parser=self.parse, autocompletion=self.complete,
+            metavar="[" + "|".join(self.shown) + "]", **kwargs,
+        )  # fmt: skip
+
+
+def _known_sensor(text: str) -> bool:
+    try:
+        canonical_sensor(text)
+    except FusionError:
+        return False
+    return True
+
+
+class Choices:
+    """Every enumerated option's value set, defined once from the library's registries."""
+
+    method = Choice("method", choices.METHODS, fold_case=True)
+    # canonical names in the help; aliases (WorldView-3, l8, quickbird ...) accepted and completed
+    sensor = Choice(
+        "sensor", choices.SENSORS, also=_known_sensor,
+        completions=choices.SENSORS + choices.sensor_aliases(),
+    )  # fmt: skip
+    device = Choice(
+        "device", choices.DEVICES, also=lambda t: re.fullmatch(r"cuda:\d+", t) is not None,
+        shown=(*choices.DEVICES, "cuda:N"), completions=(*choices.DEVICES, "cuda:0"),
+    )  # fmt: skip
+    precision = Choice("precision", choices.PRECISIONS)
+    compress = Choice("compression", choices.COMPRESSIONS, fold_case=True)
+    task = Choice("task", choices.TASKS)
+    simulate_dtype = Choice("dtype", choices.SIMULATE_DTYPES)
+
+
 class MetricOpt:
     """Index conventions shared by `fusion metrics` and `fusion report` (one definition each)."""
 
@@ -62,7 +185,9 @@ class MetricOpt:
         False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
-    sensor = typer.Option(None, "--sensor", help="Sensor MTF for D_lambda^K (wv3, wv2, qb ...).")
+    sensor = Choices.sensor.option(
+        None, "--sensor", help="Sensor MTF for D_lambda^K (generic gains without it)."
+    )
     nodata = typer.Option(None, "--nodata", help="Extra nodata value (all bands equal to it).")
 
 
@@ -74,10 +199,12 @@ class FuseOpt:
     weights = typer.Option(
         None, "--weights", help="Weights file: card + .safetensors, or an official .pth state_dict."
     )
-    method = typer.Option(
+    method = Choices.method.option(
         None, "--method", help="Classical method instead of a network (each is listed below with its paper)."
     )
-    sensor = typer.Option(None, "--sensor", help="Sensor (MTF table) for classical methods and metrics.")
+    sensor = Choices.sensor.option(
+        None, "--sensor", help="Sensor (MTF table) for classical methods and metrics."
+    )
     bands = typer.Option(
         None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
     )
@@ -96,11 +223,11 @@ class FuseOpt:
         "whose tiles agree where they meet].",
     )
     batch = typer.Option(4, "--batch", help="Tiles per inference call.")
-    device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-    precision = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU).")
+    device = Choices.device.option("auto", "--device", help="Where the network runs.")
+    precision = Choices.precision.option("fp32", "--precision", help="Network arithmetic (bf16, fp16: GPU).")
     threads = typer.Option(None, "--threads", help="CPU threads for inference.")
     dtype = typer.Option(None, "--dtype", help="Output dtype (default: the input's, e.g. uint16).")
-    compress = typer.Option("deflate", "--compress", help="deflate, zstd, lzw or none.")
+    compress = Choices.compress.option("deflate", "--compress", help="GTiff compression of the product.")
     co = typer.Option(
         None,
         "--co",
@@ -113,6 +240,19 @@ class FuseOpt:
         False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
     )
     zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
+    nodata = typer.Option(
+        None,
+        "--nodata",
+        help="Input nodata value of both inputs, on top of their own (GDAL's meaning: a band equal to it "
+        "is invalid); the product gets it as its nodata. For files without a nodata flag.",
+        show_default=False,
+    )
+    pan_nodata = typer.Option(
+        None, "--pan-nodata", help="Nodata value of the PAN (hisr: the MSI) only; overrides --nodata."
+    )
+    ms_nodata = typer.Option(
+        None, "--ms-nodata", help="Nodata value of the MS (hisr: the HSI) only; overrides --nodata."
+    )
     quicklook = typer.Option(False, "--quicklook", help="Also write a true-colour PNG beside each output.")
     reproject = typer.Option(
         False, "--reproject", help="Warp an MS in another CRS onto the PAN's CRS and grid (GDAL, cubic)."
@@ -144,17 +284,22 @@ class FuseOpt:
         "against a mistaken or sparse input heading for a terabyte product.",
         show_default=False,
     )
-    quiet = typer.Option(False, "--quiet", "-q", help="No progress bar or messages.")
-    json_out = typer.Option(False, "--json", help="Print a JSON summary on stdout.")
+    quiet = OutputOpt.quiet
+    json_out = OutputOpt.json_out
+
+
+def input_nodata(nodata: float | None, pan: float | None, ms: float | None) -> dict[str, float | None]:
+    """`--nodata` for both inputs, `--pan-nodata` / `--ms-nodata` for one: FuseOptions fields."""
+    return {"pan_nodata": nodata if pan is None else pan, "ms_nodata": nodata if ms is None else ms}
 
 
 def classical_methods_help() -> str:
     """The epilog of the fusion commands: every `--method` with what it does and its paper
-    (`classical.describe`), one Markdown list item each."""
+    (`classical.describe`), one paragraph each (click rewraps paragraphs, keeps the breaks)."""
     from fusion_cli.classical import METHODS, describe
 
-    items = "\n".join(f"- **{name}**: {describe(name)}" for name in METHODS)
-    return f"Classical methods (`--method NAME`):\n\n{items}"
+    items = "\n\n".join(f"{name}: {describe(name)}" for name in METHODS)
+    return f"Classical methods (--method NAME):\n\n{items}"
 
 
 def lazy_epilog(source: Callable[[], str]) -> type[TyperCommand]:
@@ -215,6 +360,9 @@ def register_fuse_command(
         overwrite: bool = FuseOpt.overwrite,
         coregister: bool = FuseOpt.coregister,
         zero_nodata: bool = FuseOpt.zero_nodata,
+        nodata: float | None = FuseOpt.nodata,
+        pan_nodata: float | None = FuseOpt.pan_nodata,
+        ms_nodata: float | None = FuseOpt.ms_nodata,
         quicklook: bool = FuseOpt.quicklook,
         stats_mpx: float | None = FuseOpt.stats_mpx,
         reproject: bool = FuseOpt.reproject,
@@ -253,6 +401,7 @@ def register_fuse_command(
             overwrite=overwrite,
             coregister=coregister,
             zero_is_nodata=zero_nodata,
+            **input_nodata(nodata, pan_nodata, ms_nodata),
             quicklook=quicklook,
             stats_mpx=stats_mpx,
             reproject=reproject,
@@ -260,15 +409,14 @@ def register_fuse_command(
             ensemble=ensemble,
             adapt=adapt,
             max_pixels=max_pixels,
-            progress=not (quiet or json_out),
+            progress=show_progress(quiet),
         )
         if json_out:
             echo_json(summary.to_dict())
         elif not quiet:
             typer.echo(describe_summary(summary), err=True)
 
-    # Rich help keeps line breaks: join each paragraph into one line so it reflows to the terminal.
-    command.__doc__ = "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc).split("\n\n"))
+    command.__doc__ = doc  # click rewraps each paragraph to the terminal
     app.command(name, cls=lazy_epilog(classical_methods_help))(command)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, progress_bar, table_console
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             "or 'classical' for all of them.",
         ),
         out: Path = typer.Option(..., "-o", "--out", help="Output folder for the tables and the products."),
-        sensor: str = typer.Option(
+        sensor: str = Choices.sensor.option(
             "generic", "--sensor", help="Sensor MTF table for the Wald protocol and HQNR."
         ),
         ratio: int | None = typer.Option(
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         cut: int = typer.Option(0, "--cut", help="Toolbox border cut K for reduced-resolution indices."),
         clip_bits: int | None = typer.Option(None, "--clip-bits", help="Clip products to [0, 2^L] first."),
         no_full: bool = typer.Option(False, "--no-full", help="Skip the full-resolution indices."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (networks)."),
+        device: str = Choices.device.option("auto", "--device", help="Where networks run."),
         tile: int = typer.Option(512, "--tile", help="Pipeline tile side (PAN px); larger = fewer windows."),
         block: int = typer.Option(
             32, "--block", min=4, help="Q2n, Q and QNR block size (toolbox: 32; less for small scenes)."
@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
         keep: bool = typer.Option(
             True, "--keep/--no-keep", help="Keep the fused products under OUT/products."
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        quiet: bool = OutputOpt.quiet,
+        json_out: bool = OutputOpt.json_out,
     ) -> None:
         """Compare methods the way published tables do. For each scene: Wald's protocol (MS and PAN
         degraded by the ratio with the sensor MTF, as `fusion simulate`), every method fuses the reduced
@@ -56,7 +57,6 @@ def register(app: typer.Typer) -> None:
         original pair and gets the no-reference indices (D_lambda, D_s, QNR, D_lambda^K, HQNR). Writes
         results.csv (per scene), summary.csv, results.json and results.md (mean ± std over scenes) into
         OUT, with wall-clock seconds per fusion."""
-        from rich.console import Console
         from rich.table import Table
 
         from fusion_cli.evaluate import evaluate as run
@@ -65,11 +65,12 @@ def register(app: typer.Typer) -> None:
         specs = parse_methods(methods)
         band_list = parse_bands(bands)
         scenes = find_scenes(inputs)
-        res = run(
-            scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut, clip_bits=clip_bits,
-            full_resolution=not no_full, device=device, keep_products=keep, tile=tile, bands=band_list,
-            block=block,
-        )  # fmt: skip
+        with progress_bar("evaluate (fusions)", not quiet) as update:
+            res = run(
+                scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut,
+                clip_bits=clip_bits, full_resolution=not no_full, device=device, keep_products=keep,
+                tile=tile, bands=band_list, block=block, progress=update,
+            )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})
             return
@@ -79,7 +80,8 @@ def register(app: typer.Typer) -> None:
             table.add_column(h, justify="left" if h == "Method" else "right")
         for line in cells:
             table.add_row(*line)
-        Console(stderr=False).print(table)
-        typer.echo(
-            f"wrote {res.files['markdown']}, {res.files['summary_csv']}, {res.files['json']}", err=True
-        )
+        table_console().print(table)
+        if not quiet:
+            typer.echo(
+                f"wrote {res.files['markdown']}, {res.files['summary_csv']}, {res.files['json']}", err=True
+            )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from fusion_cli.cli.common import echo_json
+from fusion_cli.cli.common import OutputOpt, echo_json
 
 
 def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
-        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        quiet: bool = OutputOpt.quiet,
+        json_out: bool = OutputOpt.json_out,
     ) -> None:
         """Show versions, devices, the selective-scan backend and the available models."""
         from fusion_cli.models.environment import environment_info
@@ -36,7 +37,8 @@ def register(app: typer.Typer) -> None:
                 f"{len(m['bands'])} bands [{_names(m['bands'])}], PAN [{_names(m['pan_bands'])}]"
             )
         for w in data["model_warnings"]:
-            typer.echo(f"  warning: {w}", err=True)
+            if not quiet:
+                typer.echo(f"  warning: {w}", err=True)
 
 
 def _names(names: list[str], most: int = 8) -> str:

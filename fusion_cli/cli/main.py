@@ -21,8 +21,15 @@ app = typer.Typer(
     help="Fuse remote-sensing images with FusionMamba: pansharpening, hyperspectral pansharpening, HISR.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-    add_completion=False,
+    # Plain click help: what the help texts say is printed as written (markdown ate `*` and `_`,
+    # rich markup would eat `[...]`), and `\b` paragraphs keep their line breaks.
+    rich_markup_mode=None,
+)
+
+# Typer ships its own copy of click in recent versions: find click's base exception through a public
+# Typer class rather than importing either click.
+_ClickException: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
 )
 
 _state = {"debug": False}
@@ -129,12 +136,17 @@ def _main(argv: list[str] | None, debug: bool) -> None:
     try:
         with _signals_as_interrupt():
             try:
-                app(args=argv, prog_name="fusion", standalone_mode=True)  # also under `python -m fusion_cli`
-            except SystemExit as exc:
-                # Typer turns any KeyboardInterrupt (ours included) into exit 130: say which signal
-                if exc.code == 130 and _signals:
-                    raise Terminated(_signals[-1]) from None
-                raise
+                # standalone_mode=False: usage errors come back here and are told in one line
+                code = app(args=argv, prog_name="fusion", standalone_mode=False)
+            except _ClickException as exc:
+                _usage_error(exc)
+            except typer.Abort:  # end of input at a prompt
+                typer.echo("Aborted.", err=True)
+                sys.exit(1)
+            # Typer turns any KeyboardInterrupt (ours included) into exit 130: say which signal
+            if code == 130 and _signals:
+                raise Terminated(_signals[-1]) from None
+            sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
     except FusionError as exc:
         if debug:
             raise
@@ -149,3 +161,18 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         signum = getattr(exc, "signum", signal.SIGINT)
         typer.echo("Interrupted." if signum == signal.SIGINT else f"Terminated by signal {signum}.", err=True)
         sys.exit(128 + signum)
+
+
+def _usage_error(exc: Exception) -> None:
+    """A bad invocation (unknown option, missing argument, a value not among the choices): one line
+    `Error: ... (see 'fusion CMD --help')` on stderr and exit 2, like the library's errors; `fusion`
+    alone prints the help."""
+    exit_code = getattr(exc, "exit_code", 2)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help, printed as the message
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exit_code)
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"Error: {message}{hint}", err=True)
+    sys.exit(exit_code)

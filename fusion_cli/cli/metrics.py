@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fusion_cli.cli.common import MetricOpt, echo_json
+from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, table_console
 from fusion_cli.errors import FusionError
 
 HELP = """Quality indices of a fused product, with the conventions of the MATLAB toolbox of Vivone et al.
@@ -68,7 +67,8 @@ def register(app: typer.Typer) -> None:
         sensor: str | None = MetricOpt.sensor,
         nodata: float | None = MetricOpt.nodata,
         block: int = typer.Option(32, "--block", min=4, help="Block / window size of Q2n, Q and QNR."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+        quiet: bool = OutputOpt.quiet,
+        as_json: bool = OutputOpt.json_out,
         csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),
     ) -> None:
         from fusion_cli.assess import EvalOptions, evaluate, flatten, write_csv
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
 def _print(result: dict) -> None:
     from fusion_cli.metrics.table import metrics
 
-    console = Console()
+    console = table_console()
     mode = "reduced resolution" if result["mode"] == "reduced" else "full resolution (no reference)"
     table = Table(title=f"{Path(result['product']).name}: {mode}")
     table.add_column("index")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fusion_cli.cli.common import MetricOpt, echo_json, parse_bands
+from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, parse_bands, progress_bar
 from fusion_cli.errors import FusionError
 
 HELP = """Evaluate many fused products at once and write REPORT/metrics.csv, REPORT/metrics.json and
@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
             None, "--rgb", help="Display bands, 1-based, e.g. 5,3,2 (default by count)."
         ),
         zoom: int = typer.Option(256, "--zoom", min=16, help="Side of the centred zoom crop (pixels)."),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        quiet: bool = OutputOpt.quiet,
+        as_json: bool = OutputOpt.json_out,
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report."),
     ) -> None:
         from fusion_cli.assess import EvalOptions
@@ -74,18 +75,17 @@ def register(app: typer.Typer) -> None:
             nodata=nodata,
         )
         items = collect_items(list(inputs or []), ref, pan, ms, manifest)
-        console = Console(stderr=True, highlight=False)
-
-        def progress(i: int, n: int, name: str) -> None:
-            console.print(f"[{i + 1}/{n}] {name}")
-
         display = None if bands is None else (bands[0] - 1, bands[1] - 1, bands[2] - 1)
-        summary = build_report(
-            items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite
-        )
+        with progress_bar("report", not quiet) as update:
+            # build_report calls progress(i, n, name) before product i: i products are done
+            progress = None if update is None else (lambda i, n, name: update(i, n, f"report: {name}"))
+            summary = build_report(
+                items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite
+            )
         if as_json:
             echo_json(summary)
-        else:
+        elif not quiet:
+            console = Console(stderr=True, highlight=False)
             console.print(
                 f"{summary['products']} product(s), {summary['failed']} failed: open {summary['html']}"
             )

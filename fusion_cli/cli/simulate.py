@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, progress_bar
 
 
 def register(app: typer.Typer) -> None:
@@ -18,11 +18,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "-o", "--out", help="Output folder for pan_lr.tif, ms_lr.tif, ms_ref.tif."
         ),
-        sensor: str = typer.Option(
-            "generic",
-            "--sensor",
-            help="Sensor of the MTF table (wv3, wv2, qb, ikonos, geoeye1, landsat8, ...).",
-        ),
+        sensor: str = Choices.sensor.option("generic", "--sensor", help="Sensor of the MTF table."),
         ratio: int | None = typer.Option(
             None, "--ratio", help="PAN/MS ratio (default: from the image sizes)."
         ),
@@ -31,16 +27,15 @@ def register(app: typer.Typer) -> None:
             "--pan-mtf",
             help="Degrade the PAN with its MTF gain instead of bicubic (imresize) reduction.",
         ),
-        dtype: str = typer.Option(
-            "float32",
-            "--dtype",
-            help="float32 (unrounded DN, as the toolbox) or source (round to input type).",
+        dtype: str = Choices.simulate_dtype.option(
+            "float32", "--dtype", help="float32 (unrounded DN, as the toolbox) or source (the input's type)."
         ),
         bands: str | None = typer.Option(
             None, "--bands", help="Sensor band numbers the MS holds, e.g. 2,3,5,7 (picks the MTF gains)."
         ),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        quiet: bool = OutputOpt.quiet,
+        json_out: bool = OutputOpt.json_out,
     ) -> None:
         """Degrade PAN and MS by the ratio with the sensor's MTF (Wald protocol) and write the reduced
         pair plus the original MS as the reference: MS bands Gaussian-filtered to the sensor's Nyquist
@@ -49,19 +44,18 @@ def register(app: typer.Typer) -> None:
         `fusion metrics --ref` run on the outputs unchanged."""
         from fusion_cli.wald import simulate_files
 
-        if dtype not in {"float32", "source"}:
-            raise typer.BadParameter("--dtype must be float32 or source")
-        res = simulate_files(
-            pan, ms, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, dtype=dtype,  # type: ignore[arg-type]
-            overwrite=overwrite, bands=parse_bands(bands),
-        )  # fmt: skip
+        with progress_bar("simulate", not quiet) as update:
+            res = simulate_files(
+                pan, ms, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, dtype=dtype,  # type: ignore[arg-type]
+                overwrite=overwrite, bands=parse_bands(bands), progress=update,
+            )  # fmt: skip
         summary = {
             "pan_lr": str(res.pan), "ms_lr": str(res.ms), "ref": str(res.ref),
             "ratio": res.ratio, "sensor": res.sensor, "pan_mode": res.pan_mode,
         }  # fmt: skip
         if json_out:
             echo_json(summary)
-        else:
+        elif not quiet:
             typer.echo(
                 f"wrote {res.pan}, {res.ms}, {res.ref} (ratio {res.ratio}, sensor {res.sensor})", err=True
             )

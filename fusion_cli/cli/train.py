@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, show_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.models import SEAMLESS_SCAN_MEMORY
 
@@ -53,10 +53,10 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "-o", "--out", help="Output folder: weights, card, checkpoint, log."),
         name: str = typer.Option("custom", "--name", help="Model name (file names and card)."),
-        task: str = typer.Option("pansharpening", help="pansharpening | hs-pansharpening | hisr."),
+        task: str = Choices.task.option("pansharpening", "--task", help="What the network learns."),
         ratio: int = typer.Option(4, help="Resolution ratio (HISR: the simulated ratio, e.g. 3)."),
-        sensor: str = typer.Option(
-            None, help="Sensor for the MTF gains of the degradation (wv3, landsat8...)."
+        sensor: str = Choices.sensor.option(
+            None, "--sensor", help="Sensor for the MTF gains of the degradation (generic without it)."
         ),
         dn_max: float = typer.Option(None, "--dn-max", help="DN mapped to 1.0 (default: the dtype's range)."),
         bands: str = typer.Option(None, help="MS bands to use, 1-based, in model order (e.g. 3,2,1,4)."),
@@ -80,10 +80,12 @@ def register(app: typer.Typer) -> None:
         ),
         max_seconds: float = typer.Option(None, "--max-seconds", help="Wall-clock budget; stops cleanly."),
         seed: int = typer.Option(0, help="Random seed."),
-        device: str = typer.Option("auto", help="auto | cpu | cuda[:N]."),
-        precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast, CUDA only)."),
+        device: str = Choices.device.option("auto", "--device", help="Where the network trains."),
+        precision: str = Choices.precision.option(
+            "fp32", "--precision", help="Arithmetic (bf16, fp16: autocast, CUDA only)."
+        ),
         gain_aug: str = typer.Option(None, "--gain-aug", help="Random radiometric gain per patch 'lo,hi'."),
-        base: str = typer.Option(
+        base: str = Choices.method.option(
             None,
             "--base",
             help="Classical method (e.g. bdsd-pc) whose product the network learns to correct, "
@@ -105,8 +107,8 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         description: str = typer.Option("", help="Card description."),
         licence: str = typer.Option("", help="Card licence of the weights/training data."),
-        quiet: bool = typer.Option(False, help="No progress bar."),
-        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        quiet: bool = OutputOpt.quiet,
+        json_out: bool = OutputOpt.json_out,
     ) -> None:
         """Train FusionMamba on real pairs: Wald-reduced inputs, the original MS as target.
 
@@ -156,7 +158,7 @@ def register(app: typer.Typer) -> None:
             licence=licence,
             resume=resume,
             init_weights=init,
-            progress=not quiet,
+            progress=show_progress(quiet),
             command=_command_line(ctx),
         )
         summary = {
@@ -171,7 +173,7 @@ def register(app: typer.Typer) -> None:
         }
         if json_out:
             echo_json(summary)
-        else:
+        elif not quiet:
             typer.echo(
                 f"{res.weights_path}: {res.steps} steps ({res.epochs:.1f} epochs, {res.seconds:.0f} s, "
                 f"{res.stopped_by}); best validation {res.val}",
