@@ -11,8 +11,8 @@ are index arithmetic instead of copies:
   `(B, G, L, E)`, channels last, so the per-direction x_proj is one batched matmul;
 - `scan_directions` runs each direction's scan per (batch, direction, slice of channels), computing
   the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline, writes the
-  gated outputs in image order, then averages the directions and applies the block's LayerNorm in
-  one pass: `(B, L, E)`;
+  outputs in image order, then averages the directions, applies the silu(z) gate once (it is the
+  same token's for every direction) and the block's LayerNorm in one pass: `(B, L, E)`;
 - `layer_norm` is the same LayerNorm pass for the blocks' input norms.
 
 Same arithmetic as the generic path in float32 (sums in another order: ~1e-6 relative). No autograd:
@@ -26,13 +26,19 @@ import numpy as np
 import torch
 from numba import prange
 
-from fusion_cli.models.scan_numba import _FASTMATH, _exp, _njit, _sigmoid, _softplus, _threads
+from fusion_cli.models.scan_numba import (
+    _FASTMATH,
+    LANE_BLOCK,
+    LANES,
+    _lane_recurrence,
+    _njit,
+    _sigmoid,
+    _softplus,
+    _threads,
+)
 
-# Channels per work item of the scan: its SIMD lanes (one AVX-512 or two AVX2 registers per state).
-# A literal 8 would be unrolled by LLVM before its vectoriser sees the loop, and the exps stay scalar.
-LANES = 16
-# Positions per block: the block's inputs and outputs, BLOCK x LANES floats each, stay in L1.
-BLOCK = 64
+# Channels per work item of the scan are SIMD lanes, positions go in blocks (see scan_numba.LANES).
+BLOCK = LANE_BLOCK
 
 
 @numba.njit(inline="always", cache=False)
@@ -100,9 +106,10 @@ def _normalize(row, weight, bias, eps, out):  # type: ignore[no-untyped-def]
         out[e] = (row[e] - mean) * rstd * weight[e] + bias[e]
 
 
-def _mean_norm_kernel(y, weight, bias, eps, out):  # type: ignore[no-untyped-def]
-    """y `(B, G, L, E)` -> out `(B, L, E)`: the mean over the G directions, LayerNormed over E
-    (weight, bias `(E,)`), in one pass instead of a sum, a division and a LayerNorm over the block."""
+def _mean_norm_kernel(y, xz, weight, bias, eps, out):  # type: ignore[no-untyped-def]
+    """y `(B, G, L, E)`, xz `(B, L, 2E)` -> out `(B, L, E)`: the mean over the G directions, gated
+    by silu(z) (z: xz's second half), LayerNormed over E (weight, bias `(E,)`), in one pass. Every
+    direction's gate is the same token's silu(z), so it applies once to the mean."""
     nb, groups, length, channels = y.shape
     chunk = 4096
     nchunks = (length + chunk - 1) // chunk
@@ -112,11 +119,18 @@ def _mean_norm_kernel(y, weight, bias, eps, out):  # type: ignore[no-untyped-def
         start = (item % nchunks) * chunk
         row = np.empty(channels, dtype=np.float32)
         for pos in range(start, min(length, start + chunk)):
+            # one loop per step, each over contiguous channels, so that each vectorises
+            first = y[b, 0, pos]
             for e in range(channels):
-                v = y[b, 0, pos, e]
-                for g in range(1, groups):
-                    v += y[b, g, pos, e]
-                row[e] = v * inv_g
+                row[e] = first[e]
+            for g in range(1, groups):
+                yr = y[b, g, pos]
+                for e in range(channels):
+                    row[e] += yr[e]
+            zr = xz[b, pos, channels:]
+            for e in range(channels):
+                zt = zr[e]
+                row[e] *= inv_g * zt * _sigmoid(zt)
             _normalize(row, weight, bias, eps, out[b, pos])
 
 
@@ -157,45 +171,8 @@ def _steps(rank, mt, rows, xg, w_t, bias, floor, dts):  # type: ignore[no-untype
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _recurrence(n, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]
-    """h = exp(dt A) h + dt u B, y = C h + D u for one block of positions. Lanes are channels: each
-    state k is a LANES-wide vector and B_k, C_k are broadcast, so the exps vectorise and y needs no
-    horizontal sum. Called with a literal n, so the state loop unrolls."""
-    for i in range(mt):
-        xr = xg[rows[i]]
-        ui = us[i]
-        di = dts[i]
-        acc = np.empty(LANES, np.float32)
-        for e in range(LANES):
-            acc[e] = d_l[e] * ui[e]
-        for k in range(n):
-            bk = xr[rank + k]
-            ck = xr[rank + n + k]
-            hk = h[k]
-            ak = a_t[k]
-            for e in range(LANES):
-                dt = di[e]
-                v = _exp(dt * ak[e]) * hk[e] + dt * ui[e] * bk
-                hk[e] = v
-                acc[e] += ck * v
-        yi = ys[i]
-        for e in range(LANES):
-            yi[e] = acc[e]
-
-
-@numba.njit(inline="always", **_LOCAL)
-def _gate_store(lanes, mt, t0, e0, channels, order, zb, og, ys):  # type: ignore[no-untyped-def]
-    """out[token] = y silu(z) for the block's positions, in image order (zb `(L, 2E)`, og `(L, E)`)."""
-    zs = np.empty((BLOCK, LANES), np.float32)
-    for i in range(mt):
-        src = zb[order[t0 + i], channels + e0 :]
-        zi = zs[i]
-        for e in range(lanes):
-            zi[e] = src[e]
-    for i in range(mt):
-        for e in range(LANES):
-            zt = zs[i, e]
-            ys[i, e] *= zt * _sigmoid(zt)
+def _store(lanes, mt, t0, e0, order, og, ys):  # type: ignore[no-untyped-def]
+    """og[token, e0:e0 + lanes] = ys[i] for the block's positions: back to image order."""
     for i in range(mt):
         dst = og[order[t0 + i], e0:]
         yi = ys[i]
@@ -204,16 +181,16 @@ def _gate_store(lanes, mt, t0, e0, channels, order, zb, og, ys):  # type: ignore
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, xz, dt_w, dt_bias, floor, A, Dv, orders, bc_by_token, out
+    u, xdbl, dt_w, dt_bias, floor, A, Dv, orders, bc_by_token, out
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, L, R + 2N)` (dt, B, C) in scan order, or in image
-    order when `bc_by_token`; xz `(B, L, 2E)` (z is its second half, image order); dt_w `(G, E, R)`,
-    dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders `(G, L)` the image token at each position of
-    each scan order -> out `(B, G, L, E)`: each direction's gated scan, in image order.
+    order when `bc_by_token`; dt_w `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders
+    `(G, L)` the image token at each position of each scan order -> out `(B, G, L, E)`: each
+    direction's scan (before the gate, see `_mean_norm_kernel`), in image order.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
-    zeros (they stay zero). Positions go in blocks of BLOCK: loads, steps, recurrence and gate are
-    each one loop over (position, lane) that vectorises across lanes."""
+    zeros (they stay zero). Positions go in blocks of BLOCK: loads, steps, recurrence and stores are
+    each one loop over (position, lane) that vectorises across lanes (`scan_numba.LANES`)."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
@@ -241,7 +218,8 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
         dts = np.zeros((BLOCK, LANES), dtype=np.float32)
         ys = np.zeros((BLOCK, LANES), dtype=np.float32)
         rows = np.empty(BLOCK, dtype=np.int64)
-        xg, ug, zb, og, order = xdbl[b, g], u[b, g], xz[b], out[b, g], orders[g]
+        xg, ug, og, order = xdbl[b, g], u[b, g], out[b, g], orders[g]
+        bt, ct = xg[:, rank : rank + n], xg[:, rank + n :]
         for t0 in range(0, length, BLOCK):
             mt = min(BLOCK, length - t0)
             for i in range(mt):
@@ -258,15 +236,15 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             else:
                 _steps(rank, mt, rows, xg, w_t, bias, fl, dts)
             if n == 8:
-                _recurrence(8, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(8, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             elif n == 16:
-                _recurrence(16, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(16, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             else:
-                _recurrence(n, mt, rows, xg, rank, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(n, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             if m == LANES:
-                _gate_store(LANES, mt, t0, e0, channels, order, zb, og, ys)
+                _store(LANES, mt, t0, e0, order, og, ys)
             else:
-                _gate_store(m, mt, t0, e0, channels, order, zb, og, ys)
+                _store(m, mt, t0, e0, order, og, ys)
 
 
 _conv_silu = _njit(_conv_silu_kernel)
@@ -307,12 +285,12 @@ def scan_directions(
     out = np.empty((b, g, length, e), dtype=np.float32)
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
-        _scan(_f32(u), _f32(xdbl), _f32(xz), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
+        _scan(_f32(u), _f32(xdbl), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
               orders.numpy(), bc_by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = np.empty((b, length, e), dtype=np.float32)
     with _threads():
-        _mean_norm(out, _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
+        _mean_norm(out, _f32(xz), _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
     return torch.from_numpy(normed)
 
 
