@@ -159,14 +159,15 @@ def _load_u(lanes, mt, t0, e0, ug, us):  # type: ignore[no-untyped-def]
 
 @numba.njit(inline="always", **_LOCAL)
 def _steps(rank, mt, rows, xg, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
-    """dts[i] = max(softplus(dt_proj(x_proj's dt part of row rows[i]) + bias), floor), per lane."""
+    """dts[i] = max(softplus(dt_proj(x_proj's dt part at position rows[i]) + bias), floor), per lane
+    (xg `(R + 2N, L)`)."""
     for i in range(mt):
-        xr = xg[rows[i]]
+        row = rows[i]
         di = dts[i]
         for e in range(LANES):
             raw = bias[e]
             for r in range(rank):
-                raw += w_t[r, e] * xr[r]
+                raw += w_t[r, e] * xg[r, row]
             di[e] = max(_softplus(raw), floor[e])
 
 
@@ -183,7 +184,7 @@ def _store(lanes, mt, t0, e0, order, og, ys):  # type: ignore[no-untyped-def]
 def _scan_kernel(  # type: ignore[no-untyped-def]
     u, xdbl, dt_w, dt_bias, floor, A, Dv, orders, bc_by_token, out
 ):
-    """u `(B, G, L, E)` in scan order; xdbl `(B, G, L, R + 2N)` (dt, B, C) in scan order, or in image
+    """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or in image
     order when `bc_by_token`; dt_w `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders
     `(G, L)` the image token at each position of each scan order -> out `(B, G, L, E)`: each
     direction's scan (before the gate, see `_mean_norm_kernel`), in image order.
@@ -219,7 +220,7 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
         ys = np.zeros((BLOCK, LANES), dtype=np.float32)
         rows = np.empty(BLOCK, dtype=np.int64)
         xg, ug, og, order = xdbl[b, g], u[b, g], out[b, g], orders[g]
-        bt, ct = xg[:, rank : rank + n], xg[:, rank + n :]
+        bt, ct = xg[rank : rank + n].T, xg[rank + n :].T  # (L, N) views
         for t0 in range(0, length, BLOCK):
             mt = min(BLOCK, length - t0)
             for i in range(mt):
