@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from fusion_cli.cli.progress import tile_progress
 from fusion_cli.errors import FusionError
 
 
@@ -232,7 +233,7 @@ def register_fuse_command(
             ensemble=ensemble,
             adapt=adapt,
             max_pixels=max_pixels,
-            progress=not (quiet or json_out),
+            progress=tile_progress(not (quiet or json_out)),
         )
         if json_out:
             echo_json(summary.to_dict())
