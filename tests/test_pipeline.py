@@ -209,6 +209,55 @@ def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     assert png[:150, :, :3].max() == 0 and png[400:, :, :3].mean() > 0.1
 
 
+class _Recorder:
+    """A `pipeline.Progress` that records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, total: int, label: str) -> None:
+        self.calls.append(("start", total, label))
+
+    def advance(self, pixels: int) -> None:
+        self.calls.append(("advance", pixels))
+
+    def stop(self) -> None:
+        self.calls.append(("stop",))
+
+
+def test_progress_is_reported_through_the_callback_and_nothing_is_drawn(tmp_path, capfd):
+    """The library draws nothing: a run tells its `progress` object the window count, each finished
+    window's output pixels (they add up to the product) and the end, also when the run fails."""
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    rec = _Recorder()
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(tile=128, progress=rec))
+    assert rec.calls[0] == ("start", s.tiles, "fusing o.tif") and rec.calls[-1] == ("stop",)
+    advances = [c[1] for c in rec.calls[1:-1]]
+    assert len(advances) == s.tiles > 1 and sum(advances) == s.shape[1] * s.shape[2]
+    fuse_files(pan, ms, tmp_path / "quiet.tif", DetailFuser(4), FuseOptions(tile=128))
+    assert capfd.readouterr().err == ""
+    failed = _Recorder()
+    with pytest.raises(RuntimeError):
+        opts = FuseOptions(tile=128, progress=failed)
+        fuse_files(pan, ms, tmp_path / "x.tif", FailingFuser(4, after=1), opts)
+    assert failed.calls[0][0] == "start" and failed.calls[-1] == ("stop",)
+
+
+def test_make_fuser_lets_an_import_error_of_its_own_modules_through(monkeypatch):
+    """A broken module of the package is a bug to see, not a "not available in this installation"."""
+    import sys
+
+    from fusion_cli.pipeline import make_fuser
+
+    monkeypatch.setitem(sys.modules, "fusion_cli.models.fuser", None)  # importing it raises ImportError
+    with pytest.raises(ImportError):
+        make_fuser(device="cpu")
+    monkeypatch.setitem(sys.modules, "fusion_cli.classical", None)
+    with pytest.raises(ImportError):
+        make_fuser(method="gsa", ratio=4)
+
+
 def test_overwrite_refusal_and_atomic_write(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_1.tif")
     ms = need_shared("wv2_spacenet6", "ms_1.tif")
