@@ -19,16 +19,13 @@ The modules follow the data flow:
 - `api`: `fuse_files`, `fuse_arrays`, `pansharpen`, `hisr`
 """
 
-from fusion_cli.pipeline.api import fuse_arrays, fuse_files, hisr, pansharpen, split_options
+from fusion_cli.pipeline.api import fuse_arrays, fuse_files, hisr, pansharpen
 from fusion_cli.pipeline.factory import FuserSpec, build_fuser, make_fuser
-from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions, FuseSummary, Progress
-from fusion_cli.pipeline.readers import SHIFT_WINDOW, measure_ratio, open_pair
+from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
+from fusion_cli.pipeline.readers import measure_ratio, open_pair
 from fusion_cli.pipeline.stats import stats_windows
 
 __all__ = [
-    "DEFAULT_OVERLAP",
-    "DEFAULT_TILE",
-    "SHIFT_WINDOW",
     "FuseOptions",
     "FuseSummary",
     "FuserSpec",
@@ -41,6 +38,5 @@ __all__ = [
     "measure_ratio",
     "open_pair",
     "pansharpen",
-    "split_options",
     "stats_windows",
 ]

@@ -266,15 +266,15 @@ def _adapt(
     return asdict(adapt_fuser(fuser, window.pan, window.ms, opts.adapt))
 
 
-def split_options(opts: dict[str, Any]) -> tuple[dict[str, Any], FuseOptions]:
-    """Flat keyword options -> (the `FuserSpec` fields among them, `FuseOptions`). `dn_max` is both:
-    the network's DN scale and the product's clip ceiling."""
+def _split_options(names: dict[str, Any], opts: dict[str, Any]) -> tuple[FuserSpec, FuseOptions]:
+    """`names` (model, weights, method, sensor) and flat keyword options -> (FuserSpec, FuseOptions).
+    `dn_max` goes to both: the network's DN scale and the product's clip ceiling."""
     spec_keys = FuserSpec.field_names()
     run_keys = set(FuseOptions.__dataclass_fields__)
     bad = sorted(set(opts) - spec_keys - run_keys)
     if bad:
         raise TypeError(f"unknown option(s): {', '.join(bad)}")
-    spec = {k: v for k, v in opts.items() if k in spec_keys}
+    spec = FuserSpec(**names, **{k: v for k, v in opts.items() if k in spec_keys})
     return spec, FuseOptions(**{k: v for k, v in opts.items() if k in run_keys})
 
 
@@ -314,8 +314,8 @@ def pansharpen(
 ) -> FuseSummary:
     """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF. `opts`: the fields of
     `FuserSpec` (device, precision, dn_max, scan_memory, ensemble) and of `FuseOptions`."""
-    spec_fields, options = split_options(opts)
-    spec = FuserSpec(model=model, weights=weights, method=method, sensor=sensor, **spec_fields)
+    names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
+    spec, options = _split_options(names, opts)
     raster.check_same_file(pan, ms)
     # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
     pan_count = band_count(pan, "PAN") if method is not None and options.pan_bands is None else 1
@@ -340,6 +340,6 @@ def hisr(
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan").
     `opts` as for `pansharpen`."""
-    spec_fields, options = split_options(opts)
-    spec = FuserSpec(model=model, weights=weights, method=method, sensor=sensor, **spec_fields)
+    names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
+    spec, options = _split_options(names, opts)
     return _fuse(msi, hsi, out, spec, options)
