@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from fusion_cli import batch
+from fusion_cli.cli.main import bound_heap
 from fusion_cli.paths import shared_data_dir
 from fusion_cli.pipeline import FuseOptions
 
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--method", default="exp")
     args = ap.parse_args()
+    bound_heap()  # as the `fusion` entry point does
     src = shared_data_dir() / "landsat7_etm_fusebox"
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +38,7 @@ def main() -> None:
             for role in ("pan", "ms"):
                 shutil.copy(src / f"{k}_{role}.tif", in_dir / f"{k}_{role}.tif")
         plan = batch.pair_by_patterns(in_dir, Path(tmp) / "out")
-        job = batch.FuseJob({"method": args.method, "device": "cpu"}, FuseOptions(progress=False))
+        job = batch.FuseJob({"method": args.method, "device": "cpu"}, FuseOptions())
         process = batch.make_scene_processor(job)
         result: dict[str, object] = {
             "scenes": len(plan.scenes),

@@ -19,6 +19,7 @@ import torch
 from rasterio.transform import from_origin
 
 from fusion_cli import batch
+from fusion_cli.cli.main import bound_heap
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.pipeline import FuseOptions
 
@@ -62,7 +63,8 @@ for k in range(n + 1):
         **common,
     ) as d:
         d.write(pan[None])
-opts = FuseOptions(device=device, progress=False, batch=8, measure_shift=False)
+bound_heap()  # as the `fusion` entry point does
+opts = FuseOptions(batch=8, measure_shift=False)
 job = batch.FuseJob({"weights": str(wpath), "device": device}, opts)
 t0 = time.perf_counter()
 process = batch.make_scene_processor(job)  # the one model instance

@@ -47,7 +47,7 @@ def fuse_once(
     torch.set_num_threads(threads)
     try:
         fuser = make_method(method, RATIO, "wv2")
-        opts = FuseOptions(tile=tile, progress=False, overwrite=True, stats_mpx=stats_mpx)
+        opts = FuseOptions(tile=tile, overwrite=True, stats_mpx=stats_mpx)
         c0, t0 = time.process_time(), time.perf_counter()
         summary = fuse_files(pan, ms, out, fuser, opts)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -72,7 +72,9 @@ def run(methods: list[str] | None = None, tile: int | None = None) -> list[dict]
     from bench_pipeline import make_scene
 
     from fusion_cli.classical import METHODS
+    from fusion_cli.cli.main import bound_heap
 
+    bound_heap()  # the malloc thresholds the `fusion` entry point sets
     rows = []
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,36 +62,43 @@ def make_scene(folder: Path, size: int) -> tuple[Path, Path]:
     return pan_path, ms_path
 
 
-class PassThroughFuser:
-    """Nearest-upsampled MS: no arithmetic, so the run measures the pipeline itself."""
+def _pass_through_fuser() -> object:
+    """Nearest-upsampled MS: no arithmetic, so the run measures the pipeline itself. (Built in the
+    child: the wrapper process imports nothing heavy.)"""
+    import torch.nn.functional as F
 
-    name = "pass-through"
-    ratio = RATIO
-    ms_bands = None
-    pan_bands = 1
-    halo = 0
-    tile_multiple = 1
-    needs_stats = False
+    from fusion_cli.fusers import FuserDefaults
 
-    def accumulate(self, pan, ms, valid) -> None:  # noqa: ANN001
-        pass
+    class PassThroughFuser(FuserDefaults):
+        name = "pass-through"
+        ratio = RATIO
+        ms_bands = None
+        pan_bands = 1
+        halo = 0
+        tile_multiple = 1
+        needs_stats = False
 
-    def finalize(self) -> None:
-        pass
+        def accumulate(self, pan, ms, valid) -> None:  # noqa: ANN001
+            pass
 
-    def fuse(self, pan, ms):  # noqa: ANN001, ANN201
-        import torch.nn.functional as F
+        def finalize(self) -> None:
+            pass
 
-        return F.interpolate(ms, scale_factor=RATIO, mode="nearest")
+        def fuse(self, pan, ms):  # noqa: ANN001, ANN201
+            return F.interpolate(ms, scale_factor=RATIO, mode="nearest")
+
+    return PassThroughFuser()
 
 
 def _child(pan: str, ms: str, out: str) -> None:
-    """Runs in its own process: one fusion, summary on stdout."""
+    """Runs in its own process: one fusion, summary on stdout, with the malloc thresholds the
+    `fusion` entry point sets (they bound the peak RSS measured here)."""
+    from fusion_cli.cli.main import bound_heap
     from fusion_cli.pipeline import FuseOptions, fuse_files
 
-    s = fuse_files(
-        pan, ms, out, PassThroughFuser(), FuseOptions(progress=False, overwrite=True, measure_shift=True)
-    )
+    bound_heap()
+
+    s = fuse_files(pan, ms, out, _pass_through_fuser(), FuseOptions(overwrite=True, measure_shift=True))
     print(json.dumps({"seconds": s.seconds, "mpx_per_s": s.mpx_per_s, "shape": s.shape}))
 
 
@@ -154,9 +161,12 @@ def _crop(src: Path, dst: Path, window: tuple[int, int, int, int]) -> Path:
 
 def throughput_rows(side: int = 512) -> list[dict]:
     """Network and classical CPU throughput on a `side` x `side` PAN crop of the real WV3 pair."""
+    from fusion_cli.cli.main import bound_heap
     from fusion_cli.errors import FusionError
     from fusion_cli.paths import shared_data_dir
     from fusion_cli.pipeline import FuseOptions, fuse_files, make_fuser
+
+    bound_heap()  # as the `fusion` entry point does
 
     data = shared_data_dir()
     pan, ms = data / "wv3_spacenet2" / "pan.tif", data / "wv3_spacenet2" / "ms.tif"
@@ -183,9 +193,7 @@ def throughput_rows(side: int = 512) -> list[dict]:
                     {"bench": "pipeline", "case": f"CPU throughput, {label}", "note": f"skipped: {exc}"}
                 )
                 continue
-            s = fuse_files(
-                pan_c, ms_c, Path(tmp) / "o.tif", fuser, FuseOptions(progress=False, overwrite=True)
-            )
+            s = fuse_files(pan_c, ms_c, Path(tmp) / "o.tif", fuser, FuseOptions(overwrite=True))
             rows.append(
                 {
                     "bench": "pipeline",

@@ -44,7 +44,7 @@ def _fuse(out: Path, fuser_kw: dict, tile: int, overlap: int) -> tuple[object, f
 
     fuser = make_fuser(**fuser_kw, ratio=2, sensor="landsat8", device="cpu")
     t0 = time.perf_counter()
-    fuse_files(PAN, MS, out, fuser, FuseOptions(tile=tile, overlap=overlap, progress=False, overwrite=True))
+    fuse_files(PAN, MS, out, fuser, FuseOptions(tile=tile, overlap=overlap, overwrite=True))
     seconds = time.perf_counter() - t0
     with rasterio.open(out) as ds:
         return ds.read().astype(np.int64), seconds

@@ -105,7 +105,7 @@ def _fuse(
     t0 = time.perf_counter()
     pansharpen(
         pan, ms, out, model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
-        device=device, overwrite=True, progress=False, measure_shift=False, tile=tile, bands=bands,
+        device=device, overwrite=True, measure_shift=False, tile=tile, bands=bands,
     )  # fmt: skip
     return time.perf_counter() - t0
 

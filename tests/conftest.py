@@ -44,5 +44,5 @@ def landsat_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     pan, ms = EXAMPLES / "landsat8_pan.tif", EXAMPLES / "landsat8_ms.tif"
     out = tmp_path_factory.mktemp("demo") / "landsat8_bdsd_pc.tif"
-    pansharpen(pan, ms, out, method="bdsd-pc", sensor="landsat8", progress=False)
+    pansharpen(pan, ms, out, method="bdsd-pc", sensor="landsat8")
     return {"pan": pan, "ms": ms, "product": out}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusion_cli.fusers import FuserDefaults
 
-class RepeatFuser:
+
+class RepeatFuser(FuserDefaults):
     """Returns the MS nearest-upsampled (each low-res sample fills its ratio x ratio block): exposes
     exactly what the pipeline fed as MS, so placement can be checked pixel by pixel."""
 

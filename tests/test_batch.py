@@ -397,7 +397,7 @@ def test_scenes_in_flight_together_give_the_same_outputs(mixed: dict, tmp_path: 
 
     plan = batch.pair_by_patterns(mixed["in"], tmp_path / "out")
     plan.scenes = [sc for sc in plan.scenes if sc.id in ("l7_1", "wv2_1", "text")]
-    job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions(progress=False))
+    job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions())
     summary = batch.run_batch(plan, batch.make_scene_processor(job), scene_workers=2, io_workers=2)
     assert sorted(r.scene for r in summary.results if r.status == "done") == ["l7_1", "wv2_1"]
     assert (summary.failed, summary.exit_code) == (2, 1)  # "text" and the unpaired file

@@ -105,9 +105,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, wv2, monke
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
-def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
-    """The default model's card turns its transpose ensemble on; --no-ensemble fuses one pass (a
-    different product, recorded in FUSION_PARAMS)."""
+def _example_crop(tmp_path) -> dict[str, str]:
+    """A 128 x 128 PAN-px crop of the in-repo Landsat example (PAN and MS, georeferencing kept)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "examples"
@@ -120,6 +119,13 @@ def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
             crops[name] = str(tmp_path / f"{name}.tif")
             with rasterio.open(crops[name], "w", **prof) as dst:
                 dst.write(ds.read(window=win))
+    return crops
+
+
+def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
+    """The default model's card turns its transpose ensemble on; --no-ensemble fuses one pass (a
+    different product, recorded in FUSION_PARAMS)."""
+    crops = _example_crop(tmp_path)
     products = {}
     for flag in ("", "--ensemble", "--no-ensemble"):
         out = str(tmp_path / f"o{flag}.tif")
@@ -132,6 +138,37 @@ def test_ensemble_switch_follows_the_card_and_is_recorded(tmp_path, capsys):
     assert np.array_equal(products[""], products["--ensemble"])  # the card's choice: on
     diff = np.abs(products["--ensemble"] - products["--no-ensemble"])
     assert 0 < diff.max() < 0.05 * products["--ensemble"].max()
+
+
+def test_tags_and_json_record_the_precision_that_ran(tmp_path, capsys):
+    """`--precision bf16 --device cpu`: the network runs fp32 (reduced precision is CUDA-only), and
+    the product's FUSION_PARAMS and the --json summary say fp32, with the device and scan backend
+    that ran; the product is the fp32 one. A classical method computes in fp32 whatever is asked."""
+    crops = _example_crop(tmp_path)
+    products = {}
+    for precision in ("bf16", "fp32"):
+        out = str(tmp_path / f"{precision}.tif")
+        args = ["pansharpen", crops["pan"], crops["ms"], "-o", out, "--device", "cpu", "--json"]
+        code, stdout, err = run(capsys, *args, "--precision", precision)
+        assert code == 0, err
+        summary = json.loads(stdout)
+        with rasterio.open(out) as ds:
+            params = json.loads(ds.tags()["FUSION_PARAMS"])
+            products[precision] = ds.read()
+        assert summary["precision"] == params["precision"] == "fp32"
+        assert summary["device"] == params["device"] == "cpu"
+        assert summary["scan_backend"] == params["scan_backend"] in {"numba", "torch"}
+    np.testing.assert_array_equal(products["bf16"], products["fp32"])
+    out = str(tmp_path / "gsa.tif")
+    code, stdout, err = run(
+        capsys, "pansharpen", crops["pan"], crops["ms"], "-o", out, "--method", "gsa", "--sensor",
+        "landsat8", "--precision", "bf16", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        params = json.loads(ds.tags()["FUSION_PARAMS"])
+    assert json.loads(stdout)["precision"] == params["precision"] == "fp32"
+    assert params["scan_backend"] is None
 
 
 def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):

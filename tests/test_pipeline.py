@@ -20,10 +20,6 @@ from fusion_cli.errors import FusionError
 from fusion_cli.pipeline import FuseOptions, fuse_arrays, fuse_files
 
 
-def _opts(**kw):
-    return FuseOptions(progress=False, **kw)
-
-
 def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -49,7 +45,7 @@ def test_landsat8_output_is_the_pan_grid_over_the_common_area(tmp_path):
     ms = need_shared("landsat8_oli", "ms.tif")
     before = (_sha(pan), _sha(ms))
     out = tmp_path / "l8.tif"
-    s = fuse_files(pan, ms, out, DetailFuser(2), _opts())
+    s = fuse_files(pan, ms, out, DetailFuser(2), FuseOptions())
     assert (_sha(pan), _sha(ms)) == before  # inputs untouched
     with rasterio.open(pan) as p, rasterio.open(ms) as m, rasterio.open(out) as o:
         assert o.crs == p.crs and o.res == p.res
@@ -86,7 +82,7 @@ def test_half_pixel_placement_follows_the_transforms(tmp_path):
         tmp_path / "pan.tif", pan, crs="EPSG:32616", transform=from_origin(x0 - 7.5, y0 + 7.5, 15, 15)
     )
     out = tmp_path / "o.tif"
-    fuse_files(pan_path, ms_path, out, RepeatFuser(2), _opts(tile=32, overlap=0, measure_shift=False))
+    fuse_files(pan_path, ms_path, out, RepeatFuser(2), FuseOptions(tile=32, overlap=0, measure_shift=False))
     with rasterio.open(out) as o:
         got, t = o.read(), o.transform
     r, c = np.meshgrid(np.arange(got.shape[1]), np.arange(got.shape[2]), indexing="ij")
@@ -101,8 +97,8 @@ def test_half_pixel_placement_follows_the_transforms(tmp_path):
 def test_seam_tiled_equals_one_piece_on_real_wv2(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_1.tif")
     ms = need_shared("wv2_spacenet6", "ms_1.tif")
-    fuse_files(pan, ms, tmp_path / "tiled.tif", DetailFuser(4), _opts(tile=96, overlap=16, batch=3))
-    fuse_files(pan, ms, tmp_path / "one.tif", DetailFuser(4), _opts(tile=4096))
+    fuse_files(pan, ms, tmp_path / "tiled.tif", DetailFuser(4), FuseOptions(tile=96, overlap=16, batch=3))
+    fuse_files(pan, ms, tmp_path / "one.tif", DetailFuser(4), FuseOptions(tile=4096))
     tiled = _read(tmp_path / "tiled.tif").astype(np.int64)
     one = _read(tmp_path / "one.tif").astype(np.int64)
     diff = np.abs(tiled - one).max()
@@ -123,8 +119,8 @@ def test_seam_default_network_tiled_equals_one_piece_on_real_landsat8(tmp_path):
     pan, ms = root / "landsat8_pan.tif", root / "landsat8_ms.tif"
     fuser = make_fuser(device="cpu")
     assert fuser.model.config.scan_memory is not None
-    fuse_files(pan, ms, tmp_path / "tiled.tif", fuser, _opts(tile=256, overlap=32))
-    fuse_files(pan, ms, tmp_path / "one.tif", fuser, _opts(tile=4096))
+    fuse_files(pan, ms, tmp_path / "tiled.tif", fuser, FuseOptions(tile=256, overlap=32))
+    fuse_files(pan, ms, tmp_path / "one.tif", fuser, FuseOptions(tile=4096))
     tiled = _read(tmp_path / "tiled.tif").astype(np.int64)
     one = _read(tmp_path / "one.tif").astype(np.int64)
     diff = np.abs(tiled - one).max(axis=0)
@@ -163,7 +159,7 @@ def test_nodata_in_ms_or_pan_is_nodata_in_output(tmp_path):
             return super().fuse(p, m)
 
     out = tmp_path / "o.tif"
-    s = fuse_files(pan_path, ms_path, out, Spy(4), _opts(tile=128, overlap=16))
+    s = fuse_files(pan_path, ms_path, out, Spy(4), FuseOptions(tile=128, overlap=16))
     assert seen["ms_max"] < 1600 and seen["pan_min"] >= 100  # nodata filled before inference
     got = _read(out)
     invalid = np.zeros((400, 400), bool)
@@ -184,7 +180,7 @@ def test_pan_nodata_without_ms_nodata_gives_an_internal_mask(tmp_path):
     pan_path = _write(
         tmp_path / "pan.tif", pan, crs="EPSG:32631", transform=from_origin(0, 512, 2, 2), nodata=0
     )
-    s = fuse_files(pan_path, ms_path, tmp_path / "o.tif", DetailFuser(4), _opts())
+    s = fuse_files(pan_path, ms_path, tmp_path / "o.tif", DetailFuser(4), FuseOptions())
     assert s.internal_mask and s.nodata is None
     with rasterio.open(tmp_path / "o.tif") as o:
         assert rasterio.enums.MaskFlags.per_dataset in o.mask_flag_enums[0]
@@ -195,7 +191,9 @@ def test_pan_nodata_without_ms_nodata_gives_an_internal_mask(tmp_path):
 def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_2.tif")
     ms = need_shared("wv2_spacenet6", "ms_2.tif")
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(zero_is_nodata=True, quicklook=True))
+    s = fuse_files(
+        pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(zero_is_nodata=True, quicklook=True)
+    )
     got = _read(tmp_path / "o.tif")
     p = _read(pan)[0]
     assert s.nodata == 0
@@ -211,20 +209,69 @@ def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     assert png[:150, :, :3].max() == 0 and png[400:, :, :3].mean() > 0.1
 
 
+class _Recorder:
+    """A `pipeline.Progress` that records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, total: int, label: str) -> None:
+        self.calls.append(("start", total, label))
+
+    def advance(self, pixels: int) -> None:
+        self.calls.append(("advance", pixels))
+
+    def stop(self) -> None:
+        self.calls.append(("stop",))
+
+
+def test_progress_is_reported_through_the_callback_and_nothing_is_drawn(tmp_path, capfd):
+    """The library draws nothing: a run tells its `progress` object the window count, each finished
+    window's output pixels (they add up to the product) and the end, also when the run fails."""
+    pan = need_shared("wv2_spacenet6", "pan_1.tif")
+    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    rec = _Recorder()
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(tile=128, progress=rec))
+    assert rec.calls[0] == ("start", s.tiles, "fusing o.tif") and rec.calls[-1] == ("stop",)
+    advances = [c[1] for c in rec.calls[1:-1]]
+    assert len(advances) == s.tiles > 1 and sum(advances) == s.shape[1] * s.shape[2]
+    fuse_files(pan, ms, tmp_path / "quiet.tif", DetailFuser(4), FuseOptions(tile=128))
+    assert capfd.readouterr().err == ""
+    failed = _Recorder()
+    with pytest.raises(RuntimeError):
+        opts = FuseOptions(tile=128, progress=failed)
+        fuse_files(pan, ms, tmp_path / "x.tif", FailingFuser(4, after=1), opts)
+    assert failed.calls[0][0] == "start" and failed.calls[-1] == ("stop",)
+
+
+def test_make_fuser_lets_an_import_error_of_its_own_modules_through(monkeypatch):
+    """A broken module of the package is a bug to see, not a "not available in this installation"."""
+    import sys
+
+    from fusion_cli.pipeline import make_fuser
+
+    monkeypatch.setitem(sys.modules, "fusion_cli.models.fuser", None)  # importing it raises ImportError
+    with pytest.raises(ImportError):
+        make_fuser(device="cpu")
+    monkeypatch.setitem(sys.modules, "fusion_cli.classical", None)
+    with pytest.raises(ImportError):
+        make_fuser(method="gsa", ratio=4)
+
+
 def test_overwrite_refusal_and_atomic_write(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_1.tif")
     ms = need_shared("wv2_spacenet6", "ms_1.tif")
     out = tmp_path / "o.tif"
     for exc in (RuntimeError, KeyboardInterrupt):
         with pytest.raises(exc):
-            fuse_files(pan, ms, out, FailingFuser(4, after=1, exc=exc), _opts(tile=128, batch=1))
+            fuse_files(pan, ms, out, FailingFuser(4, after=1, exc=exc), FuseOptions(tile=128, batch=1))
         assert list(tmp_path.iterdir()) == []  # neither output nor temporary left
-    fuse_files(pan, ms, out, DetailFuser(4), _opts())
+    fuse_files(pan, ms, out, DetailFuser(4), FuseOptions())
     first = _sha(out)
     with pytest.raises(FusionError, match="--overwrite"):
-        fuse_files(pan, ms, out, DetailFuser(4), _opts())
+        fuse_files(pan, ms, out, DetailFuser(4), FuseOptions())
     assert _sha(out) == first
-    fuse_files(pan, ms, out, DetailFuser(4), _opts(overwrite=True, out_dtype="float32"))
+    fuse_files(pan, ms, out, DetailFuser(4), FuseOptions(overwrite=True, out_dtype="float32"))
     with rasterio.open(out) as o:
         assert o.dtypes[0] == "float32"
 
@@ -245,7 +292,7 @@ def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(raster.AtomicWriter, "write", write)
     with pytest.raises(OSError, match="No space left"):
-        fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(tile=128))
+        fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(tile=128))
     assert len(calls) == 2  # the run stopped at the failing write
     assert list(tmp_path.iterdir()) == []
 
@@ -253,15 +300,15 @@ def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypat
 def test_band_selection_dtype_and_clip(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_1.tif")
     ms = need_shared("wv2_spacenet6", "ms_1.tif")
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), _opts(bands=[3, 2, 1], dn_max=1000))
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(bands=[3, 2, 1], dn_max=1000))
     got = _read(tmp_path / "o.tif")
     assert s.shape == (3, 600, 600) and got.max() <= 1000
     with pytest.raises(FusionError, match="cannot select band"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4), _opts(bands=[5]))
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4), FuseOptions(bands=[5]))
     with pytest.raises(FusionError, match="expects 8"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4, ms_bands=8), _opts())
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4, ms_bands=8), FuseOptions())
     with pytest.raises(FusionError, match="ratio is 4 but the model expects 2"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(2), _opts())
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(2), FuseOptions())
     assert not (tmp_path / "x.tif").exists()
 
 
@@ -269,11 +316,11 @@ def test_arrays_and_files_share_the_tiling_fusebox(tmp_path):
     pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
     ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
     stats = StatsFuser(2)
-    s = fuse_files(pan, ms, tmp_path / "o.tif", stats, _opts(tile=128))
+    s = fuse_files(pan, ms, tmp_path / "o.tif", stats, FuseOptions(tile=128))
     assert stats.sums[1] == 800 * 800  # the statistics pass saw every pixel once
     assert s.crs is None and any("no georeferencing" in w for w in s.warnings)
     from_file = _read(tmp_path / "o.tif")
-    arr = fuse_arrays(_read(pan), _read(ms), DetailFuser(2), _opts(tile=128, dn_max=255))
+    arr = fuse_arrays(_read(pan), _read(ms), DetailFuser(2), FuseOptions(tile=128, dn_max=255))
     assert arr.dtype == np.float32 and arr.shape == (6, 800, 800)
     np.testing.assert_array_equal(np.rint(arr).astype(np.uint8), from_file)
 
@@ -281,8 +328,10 @@ def test_arrays_and_files_share_the_tiling_fusebox(tmp_path):
 def test_coregister_applies_the_measured_fusebox_shift(tmp_path):
     pan = need_shared("landsat7_etm_fusebox", "7_pan.tif")
     ms = need_shared("landsat7_etm_fusebox", "7_ms.tif")
-    plain = fuse_files(pan, ms, tmp_path / "a.tif", RepeatFuser(2), _opts(out_dtype="float32"))
-    reg = fuse_files(pan, ms, tmp_path / "b.tif", RepeatFuser(2), _opts(out_dtype="float32", coregister=True))
+    plain = fuse_files(pan, ms, tmp_path / "a.tif", RepeatFuser(2), FuseOptions(out_dtype="float32"))
+    reg = fuse_files(
+        pan, ms, tmp_path / "b.tif", RepeatFuser(2), FuseOptions(out_dtype="float32", coregister=True)
+    )
     assert plain.shift_measured["dy"] == pytest.approx(-1.0, abs=0.2)
     assert plain.shift_measured["dx"] == pytest.approx(-1.05, abs=0.2)
     assert not plain.shift_applied and reg.shift_applied
@@ -298,7 +347,7 @@ def test_coregister_applies_the_measured_fusebox_shift(tmp_path):
 def test_hyperion_hs_pansharpening_float_ratio_3(tmp_path):
     pan = need_shared("eo1_hyperion_ali_paris", "pan.tif")
     hs = need_shared("eo1_hyperion_ali_paris", "hs.tif")
-    s = fuse_files(pan, hs, tmp_path / "o.tif", DetailFuser(3), _opts(tile=96))
+    s = fuse_files(pan, hs, tmp_path / "o.tif", DetailFuser(3), FuseOptions(tile=96))
     with rasterio.open(tmp_path / "o.tif") as o:
         assert (o.count, o.height, o.width) == (128, 216, 174) and o.dtypes[0] == "float32"
         assert o.crs is None and o.descriptions[0].startswith("Hyperion band")
@@ -314,13 +363,15 @@ def test_hisr_msi_drives_the_hsi(tmp_path):
     msi = need_shared("eo1_hyperion_ali_paris", "ms.tif")  # (9, 72, 72)
     lr = ref.reshape(128, 24, 3, 24, 3).mean(axis=(2, 4)).astype(np.float32)
     hsi = _write(tmp_path / "hsi.tif", lr)
-    s = fuse_files(msi, hsi, tmp_path / "o.tif", DetailFuser(3, pan_bands=9), _opts(tile=48, overlap=12))
+    s = fuse_files(
+        msi, hsi, tmp_path / "o.tif", DetailFuser(3, pan_bands=9), FuseOptions(tile=48, overlap=12)
+    )
     got = _read(tmp_path / "o.tif")
     assert s.shape == (128, 72, 72) and got.shape == ref.shape
     up = np.repeat(np.repeat(lr, 3, 1), 3, 2)
     assert np.abs(got - ref).mean() < np.abs(up - ref).mean()  # better than the blocky HSI
     with pytest.raises(FusionError, match="has 9 bands but detail expects 4"):
-        fuse_files(msi, hsi, tmp_path / "x.tif", DetailFuser(3, pan_bands=4), _opts())
+        fuse_files(msi, hsi, tmp_path / "x.tif", DetailFuser(3, pan_bands=4), FuseOptions())
 
 
 OFFICIAL_SHA = "5214e111fa09db34e446a8cfc1e5a86dc97edca2bb3ce6751193e623f5e83017"
@@ -347,7 +398,7 @@ def test_official_network_on_wv3(tmp_path):
             tmp_path / "ms.tif", m.read(window=w_ms), crs=m.crs, transform=m.window_transform(w_ms)
         )
     s = fuse_files(
-        pan_path, ms_path, tmp_path / "o.tif", fuser, _opts(tile=4096, overlap=0, measure_shift=False)
+        pan_path, ms_path, tmp_path / "o.tif", fuser, FuseOptions(tile=4096, overlap=0, measure_shift=False)
     )
     got = _read(tmp_path / "o.tif").astype(np.float64)
     ms = _read(ms_path).astype(np.float64)
@@ -390,16 +441,18 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     twin = copy.copy(net)
     assert twin.model is net.model and twin.base_fuser is not net.base_fuser
 
-    fuse_files(pan, ms, tmp_path / "net.tif", net, _opts(tile=128))
+    fuse_files(pan, ms, tmp_path / "net.tif", net, FuseOptions(tile=128))
     method = make_fuser(method="bdsd-pc", ratio=2, sensor="landsat7")
-    fuse_files(pan, ms, tmp_path / "bdsd.tif", method, _opts())
+    fuse_files(pan, ms, tmp_path / "bdsd.tif", method, FuseOptions())
     a, b = _read(tmp_path / "net.tif").astype(int), _read(tmp_path / "bdsd.tif").astype(int)
     assert np.abs(a - b).max() <= 1
 
     with torch.no_grad():  # a network that does correct the base changes the product
         torch.nn.init.normal_(model.to_hrms[2].weight, std=0.05)
     weights, _ = save_model(model, card, tmp_path)
-    fuse_files(pan, ms, tmp_path / "net2.tif", make_fuser(weights=weights, device="cpu"), _opts(tile=128))
+    fuse_files(
+        pan, ms, tmp_path / "net2.tif", make_fuser(weights=weights, device="cpu"), FuseOptions(tile=128)
+    )
     assert np.abs(_read(tmp_path / "net2.tif").astype(int) - b).mean() > 0.5
 
 
@@ -426,8 +479,8 @@ def test_hisr_network_with_hypersharpening_base(tmp_path):
     weights, _ = save_model(model, card, tmp_path)
     net = make_fuser(weights=weights, device="cpu")
     assert net.base_fuser.pan_bands == 9
-    hisr(hsi, msi, tmp_path / "net.tif", weights=weights, device="cpu", tile=36, progress=False)
-    hisr(hsi, msi, tmp_path / "hs.tif", method="mtf-glp-hs", sensor="hyperion", progress=False)
+    hisr(hsi, msi, tmp_path / "net.tif", weights=weights, device="cpu", tile=36)
+    hisr(hsi, msi, tmp_path / "hs.tif", method="mtf-glp-hs", sensor="hyperion")
     a, b = _read(tmp_path / "net.tif"), _read(tmp_path / "hs.tif")
     assert a.shape == b.shape == ref.shape
     assert np.abs(a - b).max() < 1e-4 * np.abs(b).max()
@@ -455,9 +508,9 @@ def test_reproject_warps_the_ms_onto_the_pan_grid(tmp_path, nodata):
                 reproject(rasterio.band(s, b), rasterio.band(d, b), resampling=Resampling.cubic, dst_nodata=0)
     before = _sha(warped)
     with pytest.raises(FusionError, match="--reproject"):
-        pansharpen(pan, warped, tmp_path / "x.tif", method="exp", progress=False)
-    same = pansharpen(pan, src, tmp_path / "a.tif", method="exp", progress=False)
-    other = pansharpen(pan, warped, tmp_path / "b.tif", method="exp", progress=False, reproject=True)
+        pansharpen(pan, warped, tmp_path / "x.tif", method="exp")
+    same = pansharpen(pan, src, tmp_path / "a.tif", method="exp")
+    other = pansharpen(pan, warped, tmp_path / "b.tif", method="exp", reproject=True)
     assert _sha(warped) == before and not (tmp_path / "x.tif").exists()
     with (
         rasterio.open(tmp_path / "a.tif") as a,

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import need_shared
 
+from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
-from fusion_cli.models.fuser import NetworkFuser, resolve_device
+from fusion_cli.models.fuser import NetworkFuser
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.models.registry import (
     ModelCard,

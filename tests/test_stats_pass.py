@@ -15,7 +15,10 @@ from conftest import need_shared
 
 from fusion_cli import align
 from fusion_cli.classical import METHODS, make_method
-from fusion_cli.pipeline import FuseOptions, _array_reader, _gather_stats, _PairSource, _plan, fuse_arrays
+from fusion_cli.pipeline import FuseOptions, fuse_arrays
+from fusion_cli.pipeline.engine import plan_for
+from fusion_cli.pipeline.readers import PairSource, array_reader
+from fusion_cli.pipeline.stats import gather_stats
 
 
 def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -32,11 +35,11 @@ def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
 def test_tiled_statistics_equal_one_window(name: str) -> None:
     pan, ms = _wv2()
     geom = align.relate_shapes(pan.shape, ms.shape[-2:], 4)
-    source = _PairSource(geom, _array_reader(pan[None], None), _array_reader(ms, None))
+    source = PairSource(geom, array_reader(pan[None], None), array_reader(ms, None))
     fits = []
     for tile in (128, 1024):
         f = make_method(name, 4, "wv2")
-        _gather_stats(f, source, _plan(f, geom, FuseOptions(tile=tile, progress=False)))
+        gather_stats(f, source, plan_for(f, geom, FuseOptions(tile=tile)))
         fits.append(f)
     tiled, whole = fits
     # every scene pixel is counted once in both
@@ -56,7 +59,7 @@ def test_tiled_output_matches_one_window(name: str) -> None:
     out = []
     for tile in (128, 1024):
         fuser = make_method(name, 4, "wv2")
-        out.append(fuse_arrays(pan, ms, fuser, FuseOptions(tile=tile, progress=False)))
+        out.append(fuse_arrays(pan, ms, fuser, FuseOptions(tile=tile)))
     assert fuser.preferred_overlap == 0
     # the statistics are identical; what is left is float32 rounding of the per-tile arithmetic
     # (amplified by the ratio methods where they divide by a small low-pass)
@@ -75,7 +78,7 @@ def test_parallel_windows_equal_sequential(name: str) -> None:
         out = []
         for threads in (1, 3):  # 3: an uneven split of the 9 windows
             torch.set_num_threads(threads)
-            opts = FuseOptions(tile=128, progress=False)
+            opts = FuseOptions(tile=128)
             out.append(fuse_arrays(pan, ms, make_method(name, 4, "wv2"), opts))
     finally:
         torch.set_num_threads(previous)
@@ -141,9 +144,7 @@ def test_sampled_statistics_approximate_the_exact_ones(name: str) -> None:
         pan = p.read(1)[:1024, :1024].astype(np.float32)
         ms = m.read()[:, :256, :256].astype(np.float32)
     exact, sampled = (
-        fuse_arrays(
-            pan, ms, make_method(name, 4, "wv3"), FuseOptions(tile=256, progress=False, stats_mpx=cap)
-        )
+        fuse_arrays(pan, ms, make_method(name, 4, "wv3"), FuseOptions(tile=256, stats_mpx=cap))
         for cap in (None, 0.3)
     )
     rel = np.abs(exact - sampled).mean() / np.abs(exact).mean()

@@ -322,7 +322,7 @@ def test_card_validation_and_band_mismatch(trained: tuple[Path, object], tmp_pat
     fuser = make_fuser(weights=res.weights_path, device="cpu")
     s = fusebox(20, 32)
     with pytest.raises(FusionError, match="6 MS bands|6 bands|bands"):
-        fuse_arrays(s.pan, s.ms[:4], fuser, FuseOptions(progress=False))
+        fuse_arrays(s.pan, s.ms[:4], fuser, FuseOptions())
 
 
 def test_resume_continues_exactly_where_it_stopped(
@@ -564,7 +564,7 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
         ("net", {"model": "hyperion_hisr"}),
         ("hs", {"method": "mtf-glp-hs", "sensor": "hyperion"}),
     ):
-        hisr(paths["hsi"], paths["msi"], tmp_path / f"{label}.tif", device="cpu", progress=False, **kw)
+        hisr(paths["hsi"], paths["msi"], tmp_path / f"{label}.tif", device="cpu", **kw)
         with rasterio.open(tmp_path / f"{label}.tif") as ds:
             out = ds.read().astype(np.float64)
         scores[label] = (psnr(ref, out, "dnmax"), sam(ref, out), ergas(ref, out, 3))

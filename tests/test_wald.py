@@ -135,7 +135,7 @@ def test_simulate_then_pansharpen_then_metrics(tmp_path: Path) -> None:
         sensor="wv3",
     )
     out = tmp_path / "exp.tif"
-    pansharpen(res.pan, res.ms, out, method="exp", sensor="wv3", out_dtype="float32", progress=False)
+    pansharpen(res.pan, res.ms, out, method="exp", sensor="wv3", out_dtype="float32")
     with rasterio.open(out) as f, rasterio.open(res.ref) as r:
         assert f.transform.almost_equals(r.transform) and f.shape == r.shape and f.crs == r.crs
         fused, ref = f.read().astype(np.float64), r.read().astype(np.float64)
@@ -160,9 +160,7 @@ def test_simulate_landsat_example_then_metrics_ref(
               "landsat8", "--json"])  # fmt: skip
     assert exc.value.code == 0 and json.loads(capsys.readouterr().out)["ratio"] == 2
     out = tmp_path / "x.tif"
-    pansharpen(
-        sim / "pan_lr.tif", sim / "ms_lr.tif", out, method="bdsd-pc", sensor="landsat8", progress=False
-    )
+    pansharpen(sim / "pan_lr.tif", sim / "ms_lr.tif", out, method="bdsd-pc", sensor="landsat8")
     with pytest.raises(SystemExit) as exc:
         main(["metrics", str(out), "--ref", str(sim / "ms_ref.tif"), "--json"])
     assert exc.value.code == 0, capsys.readouterr().err
@@ -202,7 +200,7 @@ def test_reduced_uint8_pair_keeps_the_dn_scale_of_its_source(tmp_path):
         assert ds.dtypes[0] == "float32" and ds.tags()[raster.SOURCE_DTYPE_TAG] == "uint8"
     fuser = make_fuser(model="landsat", device="cpu")
     out = tmp_path / "fused.tif"
-    fuse_files(sim.pan, sim.ms, out, fuser, FuseOptions(progress=False))
+    fuse_files(sim.pan, sim.ms, out, fuser, FuseOptions())
     assert fuser.dn_max == 255.0  # the network ran in the units it was trained in
     scores = score_product(out, ref=sim.ref, opts=EvalOptions(ratio=2, sensor="landsat7"))
     print(f"\nreduced FuseBox 19 crop, landsat model: Q2n {scores['Q2n']:.3f} ERGAS {scores['ERGAS']:.2f}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion_cli.errors import FusionError
+from fusion_cli.fusers import FuserDefaults
 from fusion_cli.mtf import KERNEL_SIZE, mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import MIN_AXIS, axis_matrix, is_power_of_two, upsample_ms
 from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
@@ -293,8 +294,10 @@ def lr_valid(valid: torch.Tensor, ratio: int) -> torch.Tensor:
     return (-F.max_pool2d(-valid.to(torch.float32), ratio, ratio)) > 0.5
 
 
-class ClassicalFuser:
-    """Base of the classical methods: `Fuser` attributes, dtype handling and default no-op statistics."""
+class ClassicalFuser(FuserDefaults):
+    """Base of the classical methods: `Fuser` attributes, dtype handling and default no-op statistics.
+    They run on the CPU, in float32 tiles with float64 statistics (`precision` "fp32"), whatever device
+    or precision a run asks for (`FuserDefaults`)."""
 
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False

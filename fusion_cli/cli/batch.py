@@ -193,12 +193,12 @@ def register(app: typer.Typer) -> None:
 
         band_list = parse_bands(bands)
         options = FuseOptions(
-            tile=tile, overlap=overlap, batch=batch_size, device=device, precision=precision,
+            tile=tile, overlap=overlap, batch=batch_size,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
             creation_options=parse_creation_options(co), **input_nodata(nodata, pan_nodata, ms_nodata),
-            stats_mpx=stats_mpx, reproject=reproject, scan_memory=scan_memory, ensemble=ensemble,
-            max_pixels=max_pixels, progress=False,
+            stats_mpx=stats_mpx, reproject=reproject,
+            max_pixels=max_pixels,
         )  # fmt: skip
         fuser_kwargs = {
             "model": model, "weights": None if weights is None else str(weights), "method": method,

@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from fusion_cli import choices
+from fusion_cli.cli.progress import tile_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.sensors import canonical_sensor
 
@@ -409,7 +410,7 @@ def register_fuse_command(
             ensemble=ensemble,
             adapt=adapt,
             max_pixels=max_pixels,
-            progress=show_progress(quiet),
+            progress=tile_progress(show_progress(quiet)),
         )
         if json_out:
             echo_json(summary.to_dict())

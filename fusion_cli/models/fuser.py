@@ -15,31 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.models.registry import LoadedModel
+from fusion_cli.models.scan import resolve_backend
 
 if TYPE_CHECKING:
     from fusion_cli.classical import ClassicalFuser
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> first CUDA device when present, else CPU; "cuda[:N]" without CUDA is a FusionError."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise FusionError(f"device {device} requested but CUDA is not available here; use cpu")
-        index = device.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise FusionError(f"device {device}: no such GPU ({torch.cuda.device_count()} visible)")
-        return torch.device(device)
-    raise FusionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
 class NetworkFuser:
@@ -53,6 +37,8 @@ class NetworkFuser:
     """
 
     needs_stats = True
+    preferred_overlap: int | None = None  # the pipeline's blend zone
+    parallel_windows = False  # one window at a time: its torch ops use every thread
 
     def __init__(
         self,
@@ -71,7 +57,7 @@ class NetworkFuser:
             raise FusionError(f"batch size must be >= 1, got {batch_size}")
         self.loaded = loaded
         self.card = loaded.card
-        self.weights_sha256 = loaded.card.sha256
+        self.weights_sha256: str | None = loaded.card.sha256 or None
         self.device = resolve_device(device)
         self.model = loaded.model.to(self.device).eval()
         cfg = self.model.config
@@ -91,7 +77,7 @@ class NetworkFuser:
         base_halo = max(int(base.halo), int(base.stats_halo)) if base is not None else 0
         default_halo = self.tile_multiple * math.ceil(max(32, base_halo) / self.tile_multiple)
         self.halo = halo if halo is not None else default_halo
-        self.stats_halo = self.halo
+        self.stats_halo: int | None = self.halo
         self.dn_max = float(dn_max if dn_max is not None else loaded.card.dn_max)
         # windows per network call: batching pays on a GPU (fewer launches); on a CPU it only
         # multiplies the memory of a call
@@ -114,6 +100,11 @@ class NetworkFuser:
         (bench_profile), and most scenes' edge strips are cropped, not padded. One window at a time
         (`batch_size` 1) keeps that to ~3 GB for a d = 32 network. On a GPU, 256 (batched)."""
         return 1024 if self.device.type == "cpu" else 256
+
+    @property
+    def scan_backend(self) -> str:
+        """The selective-scan backend the network runs on its device (recorded with each product)."""
+        return resolve_backend(self.model.config.scan_backend, self.device)[0]
 
     @property
     def scan_memory(self) -> float | None:

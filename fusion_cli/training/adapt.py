@@ -16,13 +16,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fusion_cli.errors import FusionError
+from fusion_cli.fusers import Fuser
+from fusion_cli.models.fuser import NetworkFuser
 from fusion_cli.training.data import PatchSampler, Scene, attach_base, reduce_scene
 from fusion_cli.training.loop import model_base
 
@@ -109,7 +110,7 @@ def adapt_model(
 
 
 def adapt_fuser(
-    fuser: Any,
+    fuser: Fuser,
     pan: np.ndarray,
     ms: np.ndarray,
     steps: int,
@@ -123,13 +124,9 @@ def adapt_fuser(
     """`--adapt N` for the pipeline: adapt a network fuser's model on a window of the scene it is
     about to fuse (pan `(P, H, W)`, ms `(C, H/r, W/r)` in DN, area-aligned, nodata already filled),
     and swap the adapted copy in. Classical methods have nothing to adapt: a clear error."""
-    model = getattr(fuser, "model", None)
-    if not isinstance(model, nn.Module):
+    if not isinstance(fuser, NetworkFuser):
         raise FusionError("--adapt applies to network models only, not to classical --method fusers")
-    card = getattr(fuser, "card", None)
-    task = getattr(card, "task", "pansharpening") if card is not None else "pansharpening"
-    dn_max = float(fuser.dn_max)
-    device = getattr(fuser, "device", next(model.parameters()).device)
+    model, task, dn_max, device = fuser.model, fuser.card.task, float(fuser.dn_max), fuser.device
     adapted, report = adapt_model(
         model,
         pan,

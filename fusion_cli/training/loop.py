@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, validation_crops
@@ -92,14 +93,6 @@ class TrainResult:
     stopped_by: str = "epochs"
     model: nn.Module | None = None  # holding the best-validated weights
     steps_per_epoch: int = 0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FusionError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def build_model(config: TrainConfig, ms_bands: int, pan_bands: int) -> nn.Module:

@@ -1,0 +1,348 @@
+"""The public entry points: `fuse_files` (a PAN/MS pair of files -> GeoTIFF), `fuse_arrays` (the
+same tiling on in-memory arrays), and `pansharpen` / `hisr`, which build the fuser from keyword
+options (a `FuserSpec` and `FuseOptions` in one flat set) and fuse files."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from fusion_cli import align, raster
+from fusion_cli.errors import FusionError
+from fusion_cli.fusers import Fuser
+from fusion_cli.pipeline.engine import check_fuser, plan_for, run, set_threads
+from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser
+from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
+from fusion_cli.pipeline.output import (
+    finish_block,
+    model_band_names,
+    output_nodata,
+    product_tags,
+    side_outputs,
+    value_range,
+    write_quicklook,
+)
+from fusion_cli.pipeline.readers import (
+    PairSource,
+    array_reader,
+    band_count,
+    file_reader,
+    measure_ratio,
+    measure_shift,
+    open_pair,
+)
+from fusion_cli.pipeline.stats import gather_stats
+from fusion_cli.pipeline.writer import WriteBehind
+
+PathLike = str | os.PathLike[str]
+
+
+def fuse_arrays(
+    pan: np.ndarray,
+    ms: np.ndarray,
+    fuser: Fuser,
+    options: FuseOptions | None = None,
+    *,
+    pan_valid: np.ndarray | None = None,
+    ms_valid: np.ndarray | None = None,
+    shift: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Fuse in-memory arrays with the same tiling as `fuse_files`.
+
+    pan `(P, H, W)` (or `(H, W)`), ms `(C, H/r, W/r)` area-aligned (sample (i, j) covers PAN
+    [r*i, r*(i+1)) x [r*j, r*(j+1))). Optional validity masks `(H, W)` / `(H/r, W/r)`; `shift`
+    (dy, dx) PAN px re-places the MS. Returns float32 `(C, H, W)` in DN, clipped to
+    `[0, options.dn_max]` when given, NaN where invalid.
+    """
+    opts = options or FuseOptions()
+    pan = pan[None] if pan.ndim == 2 else pan
+    if pan.ndim != 3 or ms.ndim != 3:
+        raise FusionError("fuse_arrays expects pan (P, H, W) and ms (C, h, w) arrays")
+    geom = align.relate_shapes(pan.shape[-2:], ms.shape[-2:], fuser.ratio)
+    if shift is not None:
+        geom = geom.with_shift(*shift)
+    check_fuser(fuser, pan.shape[0], ms.shape[0])
+    source = PairSource(geom, array_reader(pan, pan_valid), array_reader(ms, ms_valid))
+    plan = plan_for(fuser, geom, opts)
+    if fuser.needs_stats:
+        gather_stats(fuser, source, plan, opts.stats_mpx)
+    out = np.empty((ms.shape[0], *geom.shape), np.float32)
+    valid_all = np.empty(geom.shape, bool)
+
+    def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:
+        out[:, row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = data
+        valid_all[row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = valid
+
+    set_threads(opts.threads)
+    run(fuser, source, plan, ms.shape[0], sink, opts.batch)
+    if opts.dn_max is not None:
+        np.clip(out, 0.0, opts.dn_max, out=out)
+    if pan_valid is not None or ms_valid is not None:
+        out[:, ~valid_all] = np.nan
+    return out
+
+
+@contextlib.contextmanager
+def _reporting(progress: Progress | None, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """`progress.advance` between `start` and `stop` (stopped on errors too); None without progress
+    (None, or False: the boolean this option once was)."""
+    if not progress:
+        yield None
+        return
+    progress.start(total, label)
+    try:
+        yield progress.advance
+    finally:
+        progress.stop()
+
+
+def fuse_files(
+    pan_path: PathLike,
+    ms_path: PathLike,
+    out_path: PathLike,
+    fuser: Fuser,
+    options: FuseOptions | None = None,
+) -> FuseSummary:
+    """Fuse a georeferenced (or size-related) PAN/MS pair into a GeoTIFF on the PAN grid.
+
+    The output covers the PAN pixels inside both inputs; it appears atomically at `out_path`.
+    """
+    opts = options or FuseOptions()
+    t0 = time.perf_counter()
+    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path], side_outputs(out_path, opts))
+    caught: list[str] = []
+    with (
+        raster.gdal_env(),
+        open_pair(pan_path, ms_path, opts.reproject, fuser.ratio, opts.pan_nodata, opts.ms_nodata) as (
+            pan_ds,
+            ms_ds,
+        ),
+    ):
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
+        raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
+        caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
+        bands = raster.select_bands(ms_ds, opts.bands, "MS")
+        pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
+        check_fuser(fuser, len(pan_bands), len(bands))
+        ms_dtype = ms_ds.dtypes[bands[0] - 1]
+        out_dtype = opts.out_dtype or ms_dtype
+        try:
+            np.dtype(out_dtype)
+        except TypeError:
+            raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
+        raster.check_dn_max(opts.dn_max)
+        dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
+        # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
+        adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
+        lo, hi = value_range(ms_dtype, dn_max)
+        raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
+        nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
+
+        source = PairSource(
+            geom,
+            file_reader(pan_ds, pan_bands, opts.zero_is_nodata),
+            file_reader(ms_ds, bands, opts.zero_is_nodata),
+        )
+        shift = measure_shift(source) if (opts.measure_shift or opts.coregister) else None
+        if opts.coregister and shift is not None:
+            geom = geom.with_shift(shift["dy"], shift["dx"])
+            source.geom = geom
+        plan = plan_for(fuser, geom, opts)
+        set_threads(opts.threads)
+        adapted = _adapt(fuser, source, geom, opts)
+        if fuser.needs_stats:
+            gather_stats(fuser, source, plan, opts.stats_mpx)
+
+        tags = product_tags(
+            fuser,
+            opts,
+            plan,
+            geom,
+            bands=bands,
+            pan_bands=pan_bands,
+            dn_max=dn_max,
+            out_dtype=out_dtype,
+            reprojected=raster.is_warped(ms_ds),
+            pan_path=pan_path,
+            ms_path=ms_path,
+            shift=shift,
+        )
+        profile = raster.output_profile(
+            width=geom.width,
+            height=geom.height,
+            count=len(bands),
+            dtype=out_dtype,
+            crs=geom.crs,
+            transform=geom.out_transform,
+            nodata=nodata,
+            compress=opts.compress,
+            creation_options=opts.creation_options,
+        )
+        n_valid = 0
+        descriptions = raster.band_descriptions(ms_ds, bands)
+        with (
+            raster.AtomicWriter(
+                out,
+                profile,
+                descriptions=descriptions,
+                tags=tags,
+                use_mask=use_mask,
+                overwrite=opts.overwrite,
+                cog=opts.cog,
+                # RGB by the MS's band descriptions, else by the model card's band names
+                colorinterp=raster.rgb_colorinterp(len(bands), descriptions, model_band_names(fuser)),
+            ) as writer,
+            _reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,
+        ):
+
+            def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:
+                nonlocal n_valid
+                n_valid += int(valid.sum())
+                block = finish_block(data, valid, out_dtype, lo, hi, nodata)  # new array: `data` is reused
+                behind.submit(writer.write, block, row0, col0, valid.copy() if use_mask else None)
+
+            with WriteBehind() as behind:
+                run(fuser, source, plan, len(bands), sink, opts.batch, advance)
+            if n_valid == 0:  # all nodata: an empty product is no product
+                raise FusionError(
+                    f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
+                    "check the inputs and their nodata"
+                )
+            writer.commit()
+
+    quick = write_quicklook(out, fuser, opts.overwrite) if opts.quicklook else None
+    seconds = time.perf_counter() - t0
+    return FuseSummary(
+        output=str(out),
+        shape=(len(bands), geom.height, geom.width),
+        dtype=out_dtype,
+        crs=geom.crs.to_string() if geom.crs is not None else None,
+        transform=list(geom.out_transform)[:6] if geom.out_transform is not None else None,
+        fuser=fuser.name,
+        weights_sha256=fuser.weights_sha256,
+        device=str(fuser.device),
+        precision=fuser.precision,
+        scan_backend=fuser.scan_backend,
+        ratio=geom.ratio,
+        tiles=plan.count,
+        tile=plan.tile,
+        overlap=plan.overlap,
+        seconds=round(seconds, 3),
+        mpx_per_s=round(geom.height * geom.width / 1e6 / max(seconds, 1e-9), 4),
+        nodata=nodata,
+        internal_mask=use_mask,
+        valid_fraction=round(n_valid / (geom.height * geom.width), 6),
+        shift_measured=shift,
+        shift_applied=bool(opts.coregister and shift is not None),
+        bytes=out.stat().st_size,
+        pan=str(pan_path),
+        ms=str(ms_path),
+        quicklook=quick,
+        warnings=caught,
+        adapt=adapted,
+    )
+
+
+def _adapt(
+    fuser: Fuser, source: PairSource, geom: align.Alignment, opts: FuseOptions
+) -> dict[str, Any] | None:
+    """`--adapt N`: fine-tune the network on the central part of this scene before fusing it
+    (target-adaptive, `fusion_cli.training.adapt`); the weights on disk are not changed."""
+    if not opts.adapt:
+        return None
+    from fusion_cli.training.adapt import adapt_fuser
+
+    m = math.lcm(geom.ratio, max(1, int(fuser.tile_multiple)))
+    h, w = min(geom.height, 1024) // m * m, min(geom.width, 1024) // m * m
+    row, col = (geom.height - h) // 2 // m * m, (geom.width - w) // 2 // m * m
+    window = source.read(row, col, h, w)
+    return asdict(adapt_fuser(fuser, window.pan, window.ms, opts.adapt))
+
+
+def _split_options(names: dict[str, Any], opts: dict[str, Any]) -> tuple[FuserSpec, FuseOptions]:
+    """`names` (model, weights, method, sensor) and flat keyword options -> (FuserSpec, FuseOptions).
+    `dn_max` goes to both: the network's DN scale and the product's clip ceiling."""
+    spec_keys = FuserSpec.field_names()
+    run_keys = set(FuseOptions.__dataclass_fields__)
+    bad = sorted(set(opts) - spec_keys - run_keys)
+    if bad:
+        raise TypeError(f"unknown option(s): {', '.join(bad)}")
+    spec = FuserSpec(**names, **{k: v for k, v in opts.items() if k in spec_keys})
+    return spec, FuseOptions(**{k: v for k, v in opts.items() if k in run_keys})
+
+
+def _resolve_fuser(pan: PathLike, ms: PathLike, out: PathLike, spec: FuserSpec, opts: FuseOptions) -> Fuser:
+    # Fail on bad inputs or an unwritable output before loading a model (which takes time).
+    raster.check_writable(out, opts.overwrite, [pan, ms], side_outputs(out, opts))
+    ratio = measure_ratio(pan, ms, opts.reproject)
+    return build_fuser(
+        spec,
+        ratio=ratio if spec.method is not None else None,
+        ms_bands=len(opts.bands) if opts.bands else None,
+        pan_bands=len(opts.pan_bands) if opts.pan_bands else band_count(pan, "PAN"),
+    )
+
+
+def _fuse(
+    pan: PathLike,
+    ms: PathLike,
+    out: PathLike,
+    spec: FuserSpec,
+    options: FuseOptions,
+) -> FuseSummary:
+    fuser = _resolve_fuser(pan, ms, out, spec, options)
+    return fuse_files(pan, ms, out, fuser, options)
+
+
+def pansharpen(
+    pan: PathLike,
+    ms: PathLike,
+    out: PathLike,
+    *,
+    model: str | None = None,
+    weights: PathLike | None = None,
+    method: str | None = None,
+    sensor: str | None = None,
+    **opts: Any,
+) -> FuseSummary:
+    """PAN + MS (or PAN + HSI with a hyperspectral model) -> fused GeoTIFF. `opts`: the fields of
+    `FuserSpec` (device, precision, dn_max, scan_memory, ensemble) and of `FuseOptions`."""
+    names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
+    spec, options = _split_options(names, opts)
+    raster.check_same_file(pan, ms)
+    # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
+    pan_count = band_count(pan, "PAN") if method is not None and options.pan_bands is None else 1
+    if pan_count > 1:
+        raise FusionError(
+            f"the PAN {pan} has {pan_count} bands; pansharpening needs a single-band PAN "
+            "(for a multispectral high-resolution image use `fusion hisr`)"
+        )
+    return _fuse(pan, ms, out, spec, options)
+
+
+def hisr(
+    hsi: PathLike,
+    msi: PathLike,
+    out: PathLike,
+    *,
+    model: str | None = None,
+    weights: PathLike | None = None,
+    method: str | None = None,
+    sensor: str | None = None,
+    **opts: Any,
+) -> FuseSummary:
+    """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan").
+    `opts` as for `pansharpen`."""
+    names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
+    spec, options = _split_options(names, opts)
+    return _fuse(msi, hsi, out, spec, options)

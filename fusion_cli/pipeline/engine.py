@@ -1,0 +1,236 @@
+"""The streaming engine shared by files and arrays: plan the tiles, read windows ahead in a
+background thread, fuse them in batches (CPU fusers: one single-threaded window per torch thread),
+blend the results strip by strip and hand finished blocks to a sink."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from fusion_cli import align, raster
+from fusion_cli.errors import FusionError
+from fusion_cli.fusers import Fuser
+from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
+from fusion_cli.pipeline.readers import PairSource, Tile
+from fusion_cli.tiling import (
+    StripAccumulator,
+    TilePlan,
+    Window,
+    blend_weights,
+    core_region,
+    plan_tiles,
+    weighted_region,
+)
+
+# (row0, col0, data (C, h, w) float32, valid (h, w) bool) of a finished output block
+Sink = Callable[[int, int, np.ndarray, np.ndarray], None]
+
+
+def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
+    """The pair's band counts against what the fuser expects (one-line errors that say what to do)."""
+    if fuser.ms_bands is not None and ms_count != fuser.ms_bands:
+        expected = fuser.card.bands if fuser.card is not None else None
+        hint = f" ({', '.join(map(str, expected))})" if expected else ""
+        raise FusionError(
+            f"the MS has {ms_count} bands but {fuser.name} expects {fuser.ms_bands}{hint}; "
+            "select them in that order with --bands, e.g. --bands 1,2,3,5"
+        )
+    if pan_count != fuser.pan_bands:
+        raise FusionError(
+            f"the high-resolution input (PAN, or MSI for HISR) has {pan_count} bands but {fuser.name} "
+            f"expects {fuser.pan_bands}; pick a model or method for this pair"
+        )
+
+
+def plan_for(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan:
+    """The tile plan of a scene: the options' tile and overlap, else the fuser's preferred ones."""
+    multiple = math.lcm(geom.ratio, max(1, int(fuser.tile_multiple)))
+    if opts.batch < 1:
+        raise FusionError("--batch must be at least 1")
+    tile = opts.tile
+    if tile is None:
+        tile = fuser.preferred_tile if fuser.preferred_tile is not None else DEFAULT_TILE
+    overlap = opts.overlap
+    if overlap is None:
+        overlap = fuser.preferred_overlap if fuser.preferred_overlap is not None else DEFAULT_OVERLAP
+    return plan_tiles(geom.height, geom.width, int(tile), int(overlap), int(fuser.halo), multiple)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads for the run (process-wide), when given."""
+    if threads is not None:
+        if threads < 1:
+            raise FusionError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def single_threaded(enabled: bool) -> Iterator[None]:
+    """torch intra-op threads set to 1 meanwhile (restored after) when `enabled`."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def read_ahead(
+    source: PairSource, boxes: Iterable[tuple[int, int, int, int]], depth: int = 2
+) -> Iterator[Tile]:
+    """`source.read(*box)` for each box, in order, read by one background thread up to `depth` boxes
+    ahead: GDAL decodes (releasing the GIL) while the caller fuses or writes. Only that thread touches
+    the input datasets meanwhile; the generator must be exhausted or closed before anything else does."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-read") as pool:
+        ahead: deque[Future[Tile]] = deque()
+        it = iter(boxes)
+        try:
+            for box in it:
+                ahead.append(pool.submit(source.read, *box))
+                if len(ahead) > depth:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for fut in ahead:
+                fut.cancel()
+
+
+def window_workers(fuser: Fuser) -> int:
+    """Windows fused concurrently: CPU fusers that declare `parallel_windows` (the classical methods:
+    small element-wise ops, where torch's intra-op threads mostly wait on each other, and badly so on
+    a busy machine) run one single-threaded window per torch thread instead."""
+    if not fuser.parallel_windows or fuser.device.type != "cpu":
+        return 1
+    # torch's thread count is process-wide: only the main thread may change it (a batch run fusing
+    # scenes in worker threads already keeps the cores busy)
+    if threading.current_thread() is not threading.main_thread():
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def _window_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of `workers` threads with torch intra-op threads set to 1 meanwhile (restored after)."""
+    if workers <= 1:
+        yield None
+        return
+    with single_threaded(True), ThreadPoolExecutor(max_workers=workers) as pool:
+        yield pool
+
+
+def run(
+    fuser: Fuser,
+    source: PairSource,
+    plan: TilePlan,
+    bands: int,
+    sink: Sink,
+    batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Fuse every window of `plan`, blend, and pass finished blocks to `sink(row0, col0, data, valid)`.
+    `progress(pixels)` is called once per window when its result is blended, with its core's output
+    pixels."""
+    dev = fuser.device
+    # One strip plus its blend zone; tiles that are not a multiple of the output block leave up to
+    # a block of finished rows waiting for block-aligned writing.
+    capacity = plan.tile + plan.overlap + (0 if plan.tile % raster.BLOCK == 0 else raster.BLOCK)
+    acc = StripAccumulator(bands, plan.height, plan.width, capacity)
+    workers = window_workers(fuser)
+    if workers > 1:
+        batch = 1  # one window per worker: the parallelism is across windows
+
+    def fuse_batch(items: list[tuple[Window, Tile]]) -> list[np.ndarray]:
+        """One fuser call per window shape (windows cropped at the scene's edges differ in size)."""
+        out: list[np.ndarray | None] = [None] * len(items)
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, t) in enumerate(items):
+            shapes.setdefault(t.pan.shape, []).append(i)
+        for idx in shapes.values():
+            pan = torch.from_numpy(np.stack([items[i][1].pan for i in idx])).to(dev)
+            ms = torch.from_numpy(np.stack([items[i][1].ms for i in idx])).to(dev)
+            with torch.inference_mode():
+                fused = fuser.fuse(pan, ms).float().cpu().numpy()
+            for i, f in zip(idx, fused, strict=True):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def blend(items: list[tuple[Window, Tile]], out: list[np.ndarray]) -> None:
+        for (win, _), fused in zip(items, out, strict=True):
+            region = weighted_region(plan, win, fused)
+            if plan.overlap:
+                acc.add(region, blend_weights(plan, win), win.core_row, win.core_col)
+            else:  # no blend zone: each pixel comes from one tile
+                acc.put(region, win.core_row, win.core_col)
+
+    # Windows go through one FIFO in plan order, a group per fuser call: (every window of the
+    # group, the ones with data, their result). Results are blended in that order, and a strip's rows
+    # are flushed when the first window of a later strip comes out, so the workers go on with the
+    # next strip meanwhile instead of idling at every strip's end.
+    queue: deque[tuple[list[tuple[Window, Tile]], list[tuple[Window, Tile]], Future[list[np.ndarray]] | None]]
+    queue = deque()
+    flushed = 0  # strips [0, flushed) are written
+
+    def flush_before(strip: int) -> None:
+        nonlocal flushed
+        while flushed < strip:
+            final = plan.final_row_after(flushed)
+            if final < plan.height:
+                final = final // raster.BLOCK * raster.BLOCK
+            acc.flush(final, sink)
+            flushed += 1
+
+    def take() -> None:
+        group, work, fut = queue.popleft()
+        out = fut.result() if fut is not None else None
+        flush_before(group[0][0].strip)
+        for win, t in group:
+            acc.set_valid(core_region(plan, win, t.valid), win.core_row, win.core_col)
+        if out is not None:
+            blend(work, out)
+        if progress is not None:
+            for win, _ in group:  # output pixels of each finished core, inside the scene
+                progress(
+                    (min(plan.tile, plan.height - win.core_row)) * (min(plan.tile, plan.width - win.core_col))
+                )
+
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(_window_threads(workers))
+        depth = 2 * workers if pool is not None else 0  # results waiting: bounded memory
+
+        def submit(group: list[tuple[Window, Tile]], work: list[tuple[Window, Tile]]) -> None:
+            fut: Future[list[np.ndarray]] | None = None
+            if work:
+                if pool is not None:
+                    fut = pool.submit(fuse_batch, work)
+                else:
+                    fut = Future()
+                    fut.set_result(fuse_batch(work))
+            queue.append((group, work, fut))
+            while len(queue) > depth:
+                take()
+
+        windows = list(plan)  # strip by strip, as `plan.strip(i)` lists them
+        boxes = ((w.row, w.col, w.height, w.width) for w in windows)
+        tiles = stack.enter_context(contextlib.closing(read_ahead(source, boxes)))
+        group: list[tuple[Window, Tile]] = []  # every window since the last fuser call
+        work: list[tuple[Window, Tile]] = []  # those with data (an all-nodata window needs no inference)
+        for win in windows:
+            t = next(tiles)
+            group.append((win, t))
+            if t.valid.any():
+                work.append((win, t))
+            if len(work) >= batch or win.last_col:  # a fuser call never spans two strips
+                submit(group, work)
+                group, work = [], []
+        while queue:
+            take()
+        flush_before(plan.rows)

@@ -1,0 +1,103 @@
+"""What a run is given and what it reports: the run options (`FuseOptions`), the progress callback
+(`Progress`) and the summary (`FuseSummary`). What fuser to build is a `factory.FuserSpec`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+# Tile side (PAN px) for fusers that state no `preferred_tile`.
+DEFAULT_TILE = 256
+# Blend zone (PAN px) for fusers that state no `preferred_overlap` (the networks).
+DEFAULT_OVERLAP = 32
+
+
+class Progress(Protocol):
+    """Told how far a file run is; the caller draws it (the CLI: a bar on stderr). `start` comes once
+    the tiles are planned, `advance` once per finished window, `stop` always at the end (also on
+    errors)."""
+
+    def start(self, total: int, label: str) -> None:
+        """`total` windows to fuse; `label` says what (e.g. "fusing out.tif")."""
+
+    def advance(self, pixels: int) -> None:
+        """One more window done, with `pixels` output pixels (its core inside the scene)."""
+
+    def stop(self) -> None:
+        """The run is over (finished or failed)."""
+
+
+@dataclass
+class FuseOptions:
+    """How to run a fuser over a scene and write the product: tiling, threads, inputs' bands and
+    nodata, output format. What fuser to build (model, device, precision...) is a `FuserSpec`."""
+
+    # output tile side, PAN px (rounded up to a multiple of the ratio/fuser multiple); None: the fuser's
+    # `preferred_tile` (classical methods: larger tiles, less halo re-read), else DEFAULT_TILE
+    tile: int | None = None
+    # blend-zone width between neighbouring tiles, PAN px; None: the fuser's `preferred_overlap`
+    # (classical methods: 0, nothing to blend), else DEFAULT_OVERLAP
+    overlap: int | None = None
+    batch: int = 4  # windows per fuser call
+    threads: int | None = None  # torch CPU threads
+    # clip ceiling of the product (else NBITS, else the dtype range); given, it also overrides a
+    # model card's per-dtype DN scale (the fuser's own DN scale is `FuserSpec.dn_max`)
+    dn_max: float | None = None
+    bands: list[int] | None = None  # 1-based MS (HSI) bands to use, in the order the fuser expects
+    pan_bands: list[int] | None = None  # 1-based PAN (MSI) bands; all by default
+    out_dtype: str | None = None  # default: the MS dtype
+    compress: str = "deflate"
+    creation_options: dict[str, str] | None = None  # --co KEY=VALUE: more GTiff creation options
+    cog: bool = False
+    overwrite: bool = False
+    coregister: bool = False  # apply the measured PAN/MS shift (it is always measured and reported)
+    measure_shift: bool = True
+    zero_is_nodata: bool = False  # treat 0 (all-zero MS pixels, zero PAN) as nodata
+    # input nodata values on top of the files' own (--pan-nodata / --ms-nodata; raster.NodataOverride)
+    pan_nodata: float | None = None
+    ms_nodata: float | None = None
+    quicklook: bool = False  # also write OUT.png
+    progress: Progress | None = None  # told how far a file run is; None: nothing reported
+    adapt: int = 0  # --adapt N: N target-adaptive training steps on this scene first (networks only)
+    # classical methods' global statistics from at most this many PAN Mpx of windows spread evenly over
+    # the scene (a regular sub-grid of tiles); None: every window (exact whole-scene statistics)
+    stats_mpx: float | None = None
+    reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
+    max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
+
+
+@dataclass
+class FuseSummary:
+    """What a run did; `to_dict()` is the `--json` output. `device`, `precision` and `scan_backend`
+    are what the fuser ran, not what was asked for."""
+
+    output: str
+    shape: tuple[int, int, int]  # (C, H, W)
+    dtype: str
+    crs: str | None
+    transform: list[float] | None
+    fuser: str
+    weights_sha256: str | None
+    device: str
+    precision: str
+    ratio: int
+    tiles: int
+    tile: int
+    overlap: int
+    seconds: float
+    mpx_per_s: float  # PAN megapixels per second, whole run
+    nodata: float | None
+    internal_mask: bool
+    valid_fraction: float
+    shift_measured: dict[str, float] | None  # {"dy", "dx", "peak"} in PAN px
+    shift_applied: bool
+    bytes: int
+    pan: str | None = None
+    ms: str | None = None
+    quicklook: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    adapt: dict[str, Any] | None = None  # the target-adaptive fine-tuning report, with --adapt
+    scan_backend: str | None = None  # a network's selective-scan backend
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,178 @@
+"""Finishing the product: its value range and nodata, each block clipped, rounded and masked, the
+tags that record how it was made, and the quicklook PNG beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion_cli import __version__, align, raster
+from fusion_cli.fusers import Fuser
+from fusion_cli.pipeline.options import FuseOptions
+from fusion_cli.tiling import TilePlan
+
+
+def value_range(ms_dtype: str, dn_max: float | None) -> tuple[float | None, float | None]:
+    """Valid output range: [dtype min, dn_max or dtype max] for integer MS, unbounded for floats."""
+    rng = raster.dtype_range(ms_dtype)
+    lo = rng[0] if rng else None
+    hi = dn_max if dn_max is not None else (rng[1] if rng else None)
+    return lo, hi
+
+
+def finish_block(
+    data: np.ndarray,
+    valid: np.ndarray,
+    out_dtype: str,
+    lo: float | None,
+    hi: float | None,
+    nodata: float | None,
+) -> np.ndarray:
+    """Clip to the valid range, round for integer outputs, and write nodata where invalid.
+
+    `data` (C, h, w) float32 is a scratch buffer: it is clipped and rounded in place."""
+    rng = raster.dtype_range(out_dtype) if np.issubdtype(np.dtype(out_dtype), np.integer) else None
+    if rng is not None:  # one clip to the tighter of the valid range and the dtype's
+        lo = rng[0] if lo is None else max(lo, rng[0])
+        hi = rng[1] if hi is None else min(hi, rng[1])
+    if lo is not None or hi is not None:
+        np.clip(data, lo, hi, out=data)
+    if rng is not None:
+        np.rint(data, out=data)
+    data = data.astype(out_dtype)
+    if nodata is not None:
+        nd = np.array(nodata, dtype=out_dtype)
+        if not np.isnan(nd):
+            # A fused value equal to the nodata value would vanish: nudge it by one step inwards.
+            rng = raster.dtype_range(out_dtype)
+            step = 1.0 if rng is not None else float(np.finfo(data.dtype).eps) * max(1.0, abs(float(nd)))
+            bump = -step if rng is not None and float(nd) >= rng[1] else step
+            data[(data == nd) & valid[None]] = data.dtype.type(float(nd) + bump)
+        data[:, ~valid] = nd
+    return data
+
+
+def output_nodata(
+    pan_ds: Any, ms_ds: Any, bands: Sequence[int], pan_bands: Sequence[int], out_dtype: str, opts: FuseOptions
+) -> tuple[float | None, bool]:
+    """(nodata value, use an internal mask): the MS nodata if it has one, 0 with zero_is_nodata,
+    else an internal mask when either input can have invalid pixels."""
+    if ms_ds.nodata is not None:
+        nd = float(ms_ds.nodata)
+        rng = raster.dtype_range(out_dtype)
+        if np.isnan(nd) and rng is not None:
+            return float(rng[0]), False
+        if rng is None or rng[0] <= nd <= rng[1]:
+            return nd, False
+    if opts.zero_is_nodata:
+        return 0.0, False
+    if raster.has_mask(pan_ds, pan_bands) or raster.has_mask(ms_ds, bands):
+        return None, True
+    return None, False
+
+
+def product_tags(
+    fuser: Fuser,
+    opts: FuseOptions,
+    plan: TilePlan,
+    geom: align.Alignment,
+    *,
+    bands: list[int],
+    pan_bands: list[int],
+    dn_max: float | None,
+    out_dtype: str,
+    reprojected: bool,
+    pan_path: str | os.PathLike[str],
+    ms_path: str | os.PathLike[str],
+    shift: dict[str, float] | None,
+) -> dict[str, str]:
+    """The dataset tags that record how a product was made. The device, precision and scan backend
+    are what the fuser ran (a network asked for bf16 on a CPU runs, and records, fp32)."""
+    params = {
+        "tile": plan.tile,
+        "overlap": plan.overlap,
+        "margin": plan.margin,
+        "batch": opts.batch,
+        "bands": bands,
+        "pan_bands": pan_bands,
+        "dn_max": dn_max,
+        "dn_scale": fuser.dn_max,
+        "dtype": out_dtype,
+        "zero_is_nodata": opts.zero_is_nodata,
+        "input_nodata": [opts.pan_nodata, opts.ms_nodata],
+        "coregister": opts.coregister,
+        "shift_pan_px": [geom.dy, geom.dx],
+        "ratio": geom.ratio,
+        "device": str(fuser.device),
+        "precision": fuser.precision,
+        "scan_backend": fuser.scan_backend,  # networks
+        "adapt_steps": opts.adapt,
+        "stats_mpx": opts.stats_mpx if fuser.needs_stats else None,
+        "reprojected_ms": reprojected,
+        "scan_memory": fuser.scan_memory,  # networks: card's or --scan-memory's
+        "transpose_ensemble": fuser.transpose_ensemble,  # networks
+    }
+    return {
+        "FUSION_MODEL": fuser.name,
+        "FUSION_WEIGHTS_SHA256": fuser.weights_sha256 or "none",
+        "FUSION_VERSION": __version__,
+        "FUSION_PARAMS": json.dumps(params, sort_keys=True),
+        "FUSION_PAN": raster.recorded_path(pan_path),
+        "FUSION_MS": raster.recorded_path(ms_path),
+        "FUSION_SHIFT_MEASURED": json.dumps(shift),
+    }
+
+
+def model_band_names(fuser: Fuser) -> list[str]:
+    """The band names of a network's card (empty without one)."""
+    return list(fuser.card.bands) if fuser.card is not None and fuser.card.bands else []
+
+
+def side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:
+    """Files written beside the product, which obey --overwrite as it does."""
+    return [Path(out).with_suffix(".png")] if opts.quicklook else []
+
+
+def write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
+    """A PNG beside the product, from a decimated read (bounded memory)."""
+    from rasterio.windows import Window as RWindow
+
+    from fusion_cli.quicklook import save_quicklook
+
+    with raster.gdal_env(), raster.open_raster(out, "output") as ds:
+        scale = max(1, math.ceil(max(ds.height, ds.width) / 1024))
+        shape = (max(1, ds.height // scale), max(1, ds.width // scale))
+        img = raster.read_decimated(
+            ds, list(range(1, ds.count + 1)), RWindow(0, 0, ds.width, ds.height), shape
+        )
+        rgb = rgb_bands(fuser, list(ds.descriptions), ds.count)
+        # Nodata stays out of the stretch percentiles (and is drawn black).
+        mask = ds.dataset_mask(out_shape=shape) > 0
+    png = out.with_suffix(".png")
+    with raster.atomic_output(png, overwrite, "quicklook") as tmp:
+        save_quicklook(tmp, img.astype(np.float32), rgb=rgb, mask=mask)
+    return str(png)
+
+
+def rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tuple[int, int, int]:
+    """0-based (r, g, b) band indexes: from the fuser's card or band names, else a common guess."""
+    names = [str(n or "").lower() for n in (model_band_names(fuser) or descriptions)]
+
+    def find(*keys: str) -> int | None:
+        for i, n in enumerate(names):
+            if any(k in n for k in keys):
+                return i
+        return None
+
+    r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
+    if r is not None and g is not None and b is not None:
+        return r, g, b
+    if count >= 3:
+        return (2, 1, 0) if count <= 4 else (4, 2, 1)  # BGR(N) order; WV3 8-band: red, green, blue
+    return 0, 0, 0

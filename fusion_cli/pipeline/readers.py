@@ -1,0 +1,143 @@
+"""Reading windows of a pair: a PAN tile, the MS resampled onto the tile's area-aligned grid, and
+their validity, from files or from arrays; opening a pair of files; measuring its PAN/MS shift."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fusion_cli import align, raster
+
+# Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
+SHIFT_WINDOW = 1024
+
+# (row, col, height, width) in a raster's own pixels -> (data (B, h, w), valid (h, w)), reflect-padded
+Reader = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Tile:
+    pan: np.ndarray  # (P, h, w) float32, nodata filled
+    ms: np.ndarray  # (C, h/r, w/r) float32, nodata filled, area-aligned to pan
+    valid: np.ndarray  # (h, w) bool
+
+
+def fill_invalid(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Replace invalid pixels by the band means of the valid ones, so a fuser never sees nodata."""
+    data = data.astype(np.float32, copy=True)
+    if valid.all():
+        return data
+    if not valid.any():
+        data[:] = 0.0
+        return data
+    means = data[:, valid].mean(axis=1)
+    data[:, ~valid] = means[:, None]
+    return data
+
+
+class PairSource:
+    """Reads output windows (output pixel coordinates) from a PAN/MS pair.
+
+    `pan_reader(row, col, h, w)` and `ms_reader(row, col, h, w)` return (data, valid) in their own
+    pixel coordinates, reflect-padded; `geom` maps output rows/cols to MS coordinates.
+    """
+
+    def __init__(self, geom: align.Alignment, pan_reader: Reader, ms_reader: Reader) -> None:
+        self.geom = geom
+        self.pan_reader = pan_reader
+        self.ms_reader = ms_reader
+
+    def read(self, row: int, col: int, size_h: int, size_w: int) -> Tile:
+        g, r = self.geom, self.geom.ratio
+        pan, pvalid = self.pan_reader(g.row0 + row, g.col0 + col, size_h, size_w)
+        uy = g.ms_centres(g.row0 + row, size_h // r, 0)
+        ux = g.ms_centres(g.col0 + col, size_w // r, 1)
+        (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
+        ms, mvalid = self.ms_reader(y0, x0, y1 - y0, x1 - x0)
+        ms_lr = align.resample(
+            fill_invalid(ms, mvalid),
+            align.cubic_matrix(uy, y0, y1 - y0),
+            align.cubic_matrix(ux, x0, x1 - x0),
+        )
+        # MS validity at each low-resolution sample: that of the MS pixel under its centre.
+        v_lr = mvalid[np.ix_(align.nearest_index(uy, y0, y1 - y0), align.nearest_index(ux, x0, x1 - x0))]
+        valid = pvalid & np.repeat(np.repeat(v_lr, r, axis=0), r, axis=1)
+        return Tile(fill_invalid(pan, pvalid), ms_lr.astype(np.float32), valid)
+
+
+def array_reader(arr: np.ndarray, valid: np.ndarray | None) -> Reader:
+    """Windows of an in-memory `(B, H, W)` array with an optional `(H, W)` validity mask."""
+    v = np.ones(arr.shape[-2:], bool) if valid is None else valid.astype(bool)
+
+    def read(row: int, col: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return raster.pad_array(arr, v, row, col, h, w)
+
+    return read
+
+
+def file_reader(ds: Any, bands: Sequence[int], zero_is_nodata: bool) -> Reader:
+    """Windows of the 1-based `bands` of an open dataset, validity from its nodata/masks."""
+
+    def read(row: int, col: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return raster.read_padded(ds, row, col, h, w, bands, zero_is_nodata)
+
+    return read
+
+
+def measure_shift(source: PairSource) -> dict[str, float] | None:
+    """PAN/MS content shift on a central window of at most SHIFT_WINDOW PAN px (bounded memory)."""
+    g = source.geom
+    side_h = min(g.height, SHIFT_WINDOW) // g.ratio * g.ratio
+    side_w = min(g.width, SHIFT_WINDOW) // g.ratio * g.ratio
+    if min(side_h, side_w) < 16 * g.ratio:
+        return None
+    row, col = (g.height - side_h) // 2, (g.width - side_w) // 2
+    t = source.read(row, col, side_h, side_w)
+    if t.valid.mean() < 0.2:
+        return None
+    pan = t.pan.mean(axis=0) if t.pan.shape[0] > 1 else t.pan[0]
+    dy, dx, peak = align.estimate_shift(pan, t.ms, g.ratio, t.valid)
+    return {"dy": round(dy + g.dy, 3), "dx": round(dx + g.dx, 3), "peak": round(peak, 3)}
+
+
+@contextlib.contextmanager
+def open_pair(
+    pan_path: str | os.PathLike[str],
+    ms_path: str | os.PathLike[str],
+    reproject: bool = False,
+    expected_ratio: int | None = None,
+    pan_nodata: float | None = None,
+    ms_nodata: float | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """(pan, ms) datasets, read-only; with `reproject`, an MS in another CRS than the PAN's comes as a
+    warped VRT on the PAN's CRS and grid (`align.warp_to_pan_crs`). `pan_nodata` / `ms_nodata`: nodata
+    values added to the files' own (`raster.with_nodata`; the warp leaves the MS's out)."""
+    with contextlib.ExitStack() as stack:
+        pan_ds = stack.enter_context(raster.open_raster(pan_path, "PAN"))
+        ms_ds = stack.enter_context(raster.open_raster(ms_path, "MS"))
+        raster.check_same_file(pan_path, ms_path)
+        raster.check_pixel_type(pan_ds, "PAN")
+        raster.check_pixel_type(ms_ds, "MS")
+        if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
+            ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio, ms_nodata))
+        yield raster.with_nodata(pan_ds, pan_nodata), raster.with_nodata(ms_ds, ms_nodata)
+
+
+def measure_ratio(
+    pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str], reproject: bool = False
+) -> int:
+    """Resolution ratio of a pair from its geotransforms (or sizes, without georeferencing)."""
+    with open_pair(pan_path, ms_path, reproject) as (p, m), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return align.relate_grids(p, m).ratio
+
+
+def band_count(path: str | os.PathLike[str], what: str) -> int:
+    with raster.open_raster(path, what) as ds:
+        return int(ds.count)
