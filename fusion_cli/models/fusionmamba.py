@@ -264,13 +264,15 @@ class MultiScanMamba(nn.Module):
     def _forward_fused(
         self, x: torch.Tensor, extra: torch.Tensor | None, hw: tuple[int, int]
     ) -> torch.Tensor:
-        """`forward` without token gathers: scan orders are index arithmetic in the kernels."""
+        """`forward` without token gathers: the kernels read and write through the order tables."""
         from fusion_cli.models import mamba_numba
 
         g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
+        order, inverse = _scan_orders(*hw, g, x.device)
         xz = self.in_proj(x)  # (B, L, 2E), image order
         conv_w = self._stacked("conv1d{s}.weight").view(g, e, -1)
-        u = mamba_numba.conv_silu(xz, conv_w, self._stacked("conv1d{s}.bias").view(g, e), hw)  # (B, G, L, E)
+        conv_b = self._stacked("conv1d{s}.bias").view(g, e)
+        u = mamba_numba.conv_silu(xz, conv_w, conv_b, order)  # (B, G, L, E), scan orders
         x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e)  # (G, R+2N, E)
         if self.cross:
             # dt, B, C from the other input: per-token projections, so computed in image order.
@@ -288,7 +290,8 @@ class MultiScanMamba(nn.Module):
             floor,
             A,
             self._stacked("D{s}").view(g, e),
-            _scan_orders(*hw, g, x.device)[0],
+            order,
+            inverse,
             bc_by_token=self.cross,
             norm=self.norm,
         )

@@ -2,17 +2,17 @@
 
 The generic path gathers every token into each scan order (a copy of the block's activations per
 direction), transposes them to `(B, D, L)` for the depthwise conv and the scan, and gathers the
-outputs back: on a CPU those copies cost more than the scan itself (bench_profile). Here the orders
-are index arithmetic instead of copies:
+outputs back: on a CPU those copies cost more than the scan itself (bench_profile). Here the kernels
+read and write through the order tables of `fusionmamba._scan_orders` instead (direction 0 row-major,
+1 reversed, 2 column-major, 3 reversed column-major; 2-direction blocks: 0 and 1 over a 1-D sequence):
 
-- direction 0 reads tokens in row-major order, 1 in reverse, 2 column-major, 3 reverse column-major
-  (2-direction blocks: 0 and 1 over a 1-D sequence), exactly `fusionmamba._scan_orders`;
 - `conv_silu` writes the causal depthwise conv + silu of every direction in its scan order,
   `(B, G, L, E)`, channels last, so the per-direction x_proj is one batched matmul;
 - `scan_directions` runs each direction's scan per (batch, direction, slice of channels), computing
-  the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline, writes the
-  outputs in image order, then averages the directions, applies the silu(z) gate once (it is the
-  same token's for every direction) and the block's LayerNorm in one pass: `(B, L, E)`;
+  the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline and writing
+  the outputs in scan order, then averages the directions in image order, applies the silu(z) gate
+  once (it is the same token's for every direction) and the block's LayerNorm in one pass:
+  `(B, L, E)`;
 - `layer_norm` is the same LayerNorm pass for the blocks' input norms.
 
 Same arithmetic as the generic path in float32 (sums in another order: ~1e-6 relative). No autograd:
@@ -41,17 +41,7 @@ from fusion_cli.models.scan_numba import (
 BLOCK = LANE_BLOCK
 
 
-@numba.njit(inline="always", cache=False)
-def _token(direction, pos, length, height, width):  # type: ignore[no-untyped-def]
-    """Image token (row-major index) read at position `pos` of scan order `direction`."""
-    if direction == 1 or direction == 3:
-        pos = length - 1 - pos
-    if direction >= 2:  # column-major: pos walks down a column, then to the next column
-        return (pos % height) * width + pos // height
-    return pos
-
-
-def _conv_silu_kernel(x, weight, bias, height, width, u):  # type: ignore[no-untyped-def]
+def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-def]
     """x `(B, L, 2E)` (the in_proj output; its first E channels are convolved), weight `(G, E, K)`,
     bias `(G, E)` -> u `(B, G, L, E)`: silu(causal conv along each scan order)."""
     nb, length, _ = x.shape
@@ -72,9 +62,9 @@ def _conv_silu_kernel(x, weight, bias, height, width, u):  # type: ignore[no-unt
         for j in range(k - 1):
             src = start - (k - 1) + j
             if src >= 0:
-                toks[j] = _token(g, src, length, height, width)
+                toks[j] = orders[g, src]
         for pos in range(start, stop):
-            toks[k - 1] = _token(g, pos, length, height, width)
+            toks[k - 1] = orders[g, pos]
             for e in range(channels):
                 acc[e] = bias[g, e]
             for j in range(k):
@@ -106,8 +96,9 @@ def _normalize(row, weight, bias, eps, out):  # type: ignore[no-untyped-def]
         out[e] = (row[e] - mean) * rstd * weight[e] + bias[e]
 
 
-def _mean_norm_kernel(y, xz, weight, bias, eps, out):  # type: ignore[no-untyped-def]
-    """y `(B, G, L, E)`, xz `(B, L, 2E)` -> out `(B, L, E)`: the mean over the G directions, gated
+def _mean_norm_kernel(y, inverse, xz, weight, bias, eps, out):  # type: ignore[no-untyped-def]
+    """y `(B, G, L, E)` in scan orders, inverse `(G, L)` (the position of each image token in each
+    order), xz `(B, L, 2E)` -> out `(B, L, E)` in image order: the mean over the G directions, gated
     by silu(z) (z: xz's second half), LayerNormed over E (weight, bias `(E,)`), in one pass. Every
     direction's gate is the same token's silu(z), so it applies once to the mean."""
     nb, groups, length, channels = y.shape
@@ -120,11 +111,11 @@ def _mean_norm_kernel(y, xz, weight, bias, eps, out):  # type: ignore[no-untyped
         row = np.empty(channels, dtype=np.float32)
         for pos in range(start, min(length, start + chunk)):
             # one loop per step, each over contiguous channels, so that each vectorises
-            first = y[b, 0, pos]
+            first = y[b, 0, inverse[0, pos]]
             for e in range(channels):
                 row[e] = first[e]
             for g in range(1, groups):
-                yr = y[b, g, pos]
+                yr = y[b, g, inverse[g, pos]]
                 for e in range(channels):
                     row[e] += yr[e]
             zr = xz[b, pos, channels:]
@@ -172,10 +163,11 @@ def _steps(rank, mt, rows, xg, w_t, bias, floor, dts):  # type: ignore[no-untype
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _store(lanes, mt, t0, e0, order, og, ys):  # type: ignore[no-untyped-def]
-    """og[token, e0:e0 + lanes] = ys[i] for the block's positions: back to image order."""
+def _store(lanes, mt, t0, e0, og, ys):  # type: ignore[no-untyped-def]
+    """og[t0 + i, e0:e0 + lanes] = ys[i]: outputs stay in scan order, contiguous (scattering them to
+    image order here wrote a cache line per position; `_mean_norm_kernel` gathers them instead)."""
     for i in range(mt):
-        dst = og[order[t0 + i], e0:]
+        dst = og[t0 + i, e0:]
         yi = ys[i]
         for e in range(lanes):
             dst[e] = yi[e]
@@ -187,7 +179,7 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or in image
     order when `bc_by_token`; dt_w `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders
     `(G, L)` the image token at each position of each scan order -> out `(B, G, L, E)`: each
-    direction's scan (before the gate, see `_mean_norm_kernel`), in image order.
+    direction's scan (before the gate, see `_mean_norm_kernel`), in its scan order.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
     zeros (they stay zero). Positions go in blocks of BLOCK: loads, steps, recurrence and stores are
@@ -243,9 +235,9 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             else:
                 _lane_recurrence(n, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             if m == LANES:
-                _store(LANES, mt, t0, e0, order, og, ys)
+                _store(LANES, mt, t0, e0, og, ys)
             else:
-                _store(m, mt, t0, e0, order, og, ys)
+                _store(m, mt, t0, e0, og, ys)
 
 
 _conv_silu = _njit(_conv_silu_kernel)
@@ -255,14 +247,15 @@ _layer_norm = _njit(_layer_norm_kernel)
 
 
 def conv_silu(
-    xz: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hw: tuple[int, int]
+    xz: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, orders: torch.Tensor
 ) -> torch.Tensor:
-    """xz `(B, L, 2E)`, weight `(G, E, K)`, bias `(G, E)` -> u `(B, G, L, E)` in each scan order."""
+    """xz `(B, L, 2E)`, weight `(G, E, K)`, bias `(G, E)`, orders `(G, L)` -> u `(B, G, L, E)` in
+    each scan order."""
     b, length, _ = xz.shape
     g, e, _ = weight.shape
     u = np.empty((b, g, length, e), dtype=np.float32)
     with _threads():
-        _conv_silu(_f32(xz), _f32(weight), _f32(bias), hw[0], hw[1], u)
+        _conv_silu(_f32(xz), _f32(weight), _f32(bias), orders.numpy(), u)
     return torch.from_numpy(u)
 
 
@@ -276,12 +269,14 @@ def scan_directions(
     A: torch.Tensor,
     D: torch.Tensor,
     orders: torch.Tensor,
+    inverse: torch.Tensor,
     bc_by_token: bool,
     norm: torch.nn.LayerNorm,
 ) -> torch.Tensor:
     """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
     (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded);
-    `orders` `(G, L)`: the image token read at each position of each scan order."""
+    `orders` `(G, L)`: the image token read at each position of each scan order, `inverse` `(G, L)`
+    the position of each image token in each order (`fusionmamba._scan_orders`)."""
     b, g, length, e = u.shape
     out = np.empty((b, g, length, e), dtype=np.float32)
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
@@ -291,7 +286,8 @@ def scan_directions(
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = np.empty((b, length, e), dtype=np.float32)
     with _threads():
-        _mean_norm(out, _f32(xz), _f32(norm.weight), _f32(norm.bias), float(norm.eps), normed)
+        weight, bias = _f32(norm.weight), _f32(norm.bias)
+        _mean_norm(out, inverse.numpy(), _f32(xz), weight, bias, float(norm.eps), normed)
     return torch.from_numpy(normed)
 
 
