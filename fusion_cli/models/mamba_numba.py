@@ -39,6 +39,7 @@ from fusion_cli.models.scan_numba import (
 
 # Channels per work item of the scan are SIMD lanes, positions go in blocks (see scan_numba.LANES).
 BLOCK = LANE_BLOCK
+HALF = LANES // 2
 
 
 def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-def]
@@ -139,38 +140,64 @@ _LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _load_u(lanes, mt, t0, e0, ug, us):  # type: ignore[no-untyped-def]
-    """us[i, :lanes] = u of positions t0 + i, channels e0.. (ug `(L, E)`)."""
+def _load_u(half, cnt, mt, t0, e0, ug0, ug1, us):  # type: ignore[no-untyped-def]
+    """us[i, :cnt] = u of positions t0 + i, channels e0.. of the first direction (ug0 `(L, E)`);
+    with two directions (half < LANES), us[i, half:] those of the second (ug1)."""
     for i in range(mt):
-        src = ug[t0 + i, e0:]
+        src = ug0[t0 + i, e0:]
         dst = us[i]
-        for e in range(lanes):
+        for e in range(cnt):
             dst[e] = src[e]
+        if half < LANES:
+            src = ug1[t0 + i, e0:]
+            for e in range(half):
+                dst[half + e] = src[e]
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _steps(rank, mt, rows, xg, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
+def _steps(rank, half, mt, rows0, xg0, rows1, xg1, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
     """dts[i] = max(softplus(dt_proj(x_proj's dt part at position rows[i]) + bias), floor), per lane
-    (xg `(R + 2N, L)`)."""
+    (xg `(R + 2N, L)`; lanes from `half` on: the second direction's, xg1 at rows1)."""
     for i in range(mt):
-        row = rows[i]
+        r0 = rows0[i]
+        r1 = rows1[i]
         di = dts[i]
         for e in range(LANES):
             raw = bias[e]
             for r in range(rank):
-                raw += w_t[r, e] * xg[r, row]
+                raw += w_t[r, e] * (xg0[r, r0] if e < half else xg1[r, r1])
             di[e] = max(_softplus(raw), floor[e])
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _store(lanes, mt, t0, e0, og, ys):  # type: ignore[no-untyped-def]
-    """og[t0 + i, e0:e0 + lanes] = ys[i]: outputs stay in scan order, contiguous (scattering them to
-    image order here wrote a cache line per position; `_mean_norm_kernel` gathers them instead)."""
+def _store(half, cnt, mt, t0, e0, og0, og1, ys):  # type: ignore[no-untyped-def]
+    """og0[t0 + i, e0:e0 + cnt] = ys[i, :cnt] (and og1 the lanes from `half` with two directions):
+    outputs stay in scan order, contiguous (scattering them to image order here wrote a cache line
+    per position; `_mean_norm_kernel` gathers them instead)."""
     for i in range(mt):
-        dst = og[t0 + i, e0:]
+        dst = og0[t0 + i, e0:]
         yi = ys[i]
-        for e in range(lanes):
+        for e in range(cnt):
             dst[e] = yi[e]
+        if half < LANES:
+            dst = og1[t0 + i, e0:]
+            for e in range(half):
+                dst[e] = yi[half + e]
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _scan_block(half, cnt, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state):  # type: ignore[no-untyped-def]  # noqa: E501
+    """One block of positions of one work item: loads, steps, recurrence, stores. Called with literal
+    half, cnt (lanes used), rank and n where they are the common ones, so each loop has a constant trip
+    count and vectorises."""
+    a_t, w_t, bias, fl, d_l = params
+    h, us, dts, ys = state
+    _load_u(half, cnt, mt, t0, e0, ug0, ug1, us)
+    _steps(rank, half, mt, rows0, xg0, rows1, xg1, w_t, bias, fl, dts)
+    bt0, ct0 = xg0[rank : rank + n].T, xg0[rank + n :].T  # (L, N) views
+    bt1, ct1 = xg1[rank : rank + n].T, xg1[rank + n :].T
+    _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t, d_l, h, ys)
+    _store(half, cnt, mt, t0, e0, og0, og1, ys)
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
@@ -182,62 +209,76 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
     direction's scan (before the gate, see `_mean_norm_kernel`), in its scan order.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
-    zeros (they stay zero). Positions go in blocks of BLOCK: loads, steps, recurrence and stores are
-    each one loop over (position, lane) that vectorises across lanes (`scan_numba.LANES`)."""
+    zeros (they stay zero), except that blocks of exactly LANES / 2 channels (the d = 8 networks'
+    full-resolution blocks) put two directions side by side in the lanes instead of leaving half of
+    them idle. Positions go in blocks of BLOCK: loads, steps, recurrence and stores are each one loop
+    over (position, lane) that vectorises across lanes (`scan_numba.LANES`)."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
-    nslices = (channels + LANES - 1) // LANES
-    for item in prange(nb * groups * nslices):
-        b = item // (groups * nslices)
-        g = (item // nslices) % groups
-        e0 = (item % nslices) * LANES
-        m = min(LANES, channels - e0)
-        h = np.zeros((n, LANES), dtype=np.float32)
+    pair = channels == HALF and groups % 2 == 0
+    per = 2 if pair else 1  # directions per item
+    width = HALF if pair else LANES  # lanes per direction
+    nslices = (channels + width - 1) // width
+    ngroups = groups // per
+    for item in prange(nb * ngroups * nslices):
+        b = item // (ngroups * nslices)
+        g0 = ((item // nslices) % ngroups) * per
+        g1 = g0 + per - 1
+        e0 = (item % nslices) * width
+        m = min(width, channels - e0)
         a_t = np.zeros((n, LANES), dtype=np.float32)
         w_t = np.zeros((rank, LANES), dtype=np.float32)
         bias = np.zeros(LANES, dtype=np.float32)
         fl = np.zeros(LANES, dtype=np.float32)
         d_l = np.zeros(LANES, dtype=np.float32)
-        for e in range(m):
-            for k in range(n):
-                a_t[k, e] = A[g, e0 + e, k]
-            for r in range(rank):
-                w_t[r, e] = dt_w[g, e0 + e, r]
-            bias[e] = dt_bias[g, e0 + e]
-            fl[e] = floor[g, e0 + e]
-            d_l[e] = Dv[g, e0 + e]
-        us = np.zeros((BLOCK, LANES), dtype=np.float32)
-        dts = np.zeros((BLOCK, LANES), dtype=np.float32)
-        ys = np.zeros((BLOCK, LANES), dtype=np.float32)
-        rows = np.empty(BLOCK, dtype=np.int64)
-        xg, ug, og, order = xdbl[b, g], u[b, g], out[b, g], orders[g]
-        bt, ct = xg[rank : rank + n].T, xg[rank + n :].T  # (L, N) views
+        for p in range(per):
+            g = g0 + p
+            for e in range(m):
+                j = p * width + e
+                for k in range(n):
+                    a_t[k, j] = A[g, e0 + e, k]
+                for r in range(rank):
+                    w_t[r, j] = dt_w[g, e0 + e, r]
+                bias[j] = dt_bias[g, e0 + e]
+                fl[j] = floor[g, e0 + e]
+                d_l[j] = Dv[g, e0 + e]
+        params = (a_t, w_t, bias, fl, d_l)
+        state = (
+            np.zeros((n, LANES), dtype=np.float32),
+            np.zeros((BLOCK, LANES), dtype=np.float32),
+            np.zeros((BLOCK, LANES), dtype=np.float32),
+            np.zeros((BLOCK, LANES), dtype=np.float32),
+        )
+        rows0 = np.empty(BLOCK, dtype=np.int64)
+        rows1 = np.empty(BLOCK, dtype=np.int64)
+        xg0, ug0, og0, order0 = xdbl[b, g0], u[b, g0], out[b, g0], orders[g0]
+        xg1, ug1, og1, order1 = xdbl[b, g1], u[b, g1], out[b, g1], orders[g1]
         for t0 in range(0, length, BLOCK):
             mt = min(BLOCK, length - t0)
             for i in range(mt):
-                rows[i] = order[t0 + i] if bc_by_token else t0 + i
-            # literal sizes where they are the common ones, so the loops unroll and vectorise
-            if m == LANES:
-                _load_u(LANES, mt, t0, e0, ug, us)
+                rows0[i] = order0[t0 + i] if bc_by_token else t0 + i
+                rows1[i] = order1[t0 + i] if bc_by_token else t0 + i
+            if pair and rank == 1 and n == 8:  # the d = 8 networks' full-resolution blocks
+                _scan_block(
+                    HALF, HALF, 1, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
+                )
+            elif pair:
+                _scan_block(
+                    HALF, HALF, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
+                )
+            elif m == LANES and rank == 2 and n == 8:  # the official d = 32 network
+                _scan_block(
+                    LANES, LANES, 2, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
+                )
+            elif m == LANES and rank == 1 and n == 8:
+                _scan_block(
+                    LANES, LANES, 1, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
+                )
             else:
-                _load_u(m, mt, t0, e0, ug, us)
-            if rank == 1:
-                _steps(1, mt, rows, xg, w_t, bias, fl, dts)
-            elif rank == 2:
-                _steps(2, mt, rows, xg, w_t, bias, fl, dts)
-            else:
-                _steps(rank, mt, rows, xg, w_t, bias, fl, dts)
-            if n == 8:
-                _lane_recurrence(8, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
-            elif n == 16:
-                _lane_recurrence(16, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
-            else:
-                _lane_recurrence(n, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
-            if m == LANES:
-                _store(LANES, mt, t0, e0, og, ys)
-            else:
-                _store(m, mt, t0, e0, og, ys)
+                _scan_block(
+                    LANES, m, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
+                )
 
 
 _conv_silu = _njit(_conv_silu_kernel)

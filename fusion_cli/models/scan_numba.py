@@ -382,27 +382,32 @@ _LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _lane_recurrence(n, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]
+def _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]  # noqa: E501
     """One block of positions, LANES channels at once: h = exp(dt A) h + dt u B, y = C h + D u.
-    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)`; d_l `(LANES,)`; B and C of position i are
-    bt[rows[i]], ct[rows[i]] `(N,)`. Called with a literal n, so the state loop unrolls."""
+    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)`; d_l `(LANES,)`. Lanes below `half` take B
+    and C of position i from bt0[rows0[i]], ct0[rows0[i]] `(N,)`, the others from bt1/ct1 at rows1[i]
+    (two scan directions sharing the lanes; half = LANES: one source). Called with a literal n and
+    half, so the state loop unrolls and the source choice is a fixed lane mask."""
     for i in range(mt):
-        row = rows[i]
+        r0 = rows0[i]
+        r1 = rows1[i]
         ui = us[i]
         di = dts[i]
         acc = np.empty(LANES, np.float32)
         for e in range(LANES):
             acc[e] = d_l[e] * ui[e]
         for k in range(n):
-            bk = bt[row, k]
-            ck = ct[row, k]
+            b0 = bt0[r0, k]
+            c0 = ct0[r0, k]
+            b1 = bt1[r1, k]
+            c1 = ct1[r1, k]
             hk = h[k]
             ak = a_t[k]
             for e in range(LANES):
                 dt = di[e]
-                v = _exp(dt * ak[e]) * hk[e] + dt * ui[e] * bk
+                v = _exp(dt * ak[e]) * hk[e] + dt * ui[e] * (b0 if e < half else b1)
                 hk[e] = v
-                acc[e] += ck * v
+                acc[e] += (c0 if e < half else c1) * v
         yi = ys[i]
         for e in range(LANES):
             yi[e] = acc[e]
@@ -461,11 +466,11 @@ def _forward_lanes_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):
                     for e in range(LANES):
                         di[e] = _softplus(di[e])
             if n == 8:
-                _lane_recurrence(8, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(8, LANES, mt, rows, bt, ct, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             elif n == 16:
-                _lane_recurrence(16, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(16, LANES, mt, rows, bt, ct, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             else:
-                _lane_recurrence(n, mt, rows, bt, ct, us, dts, a_t, d_l, h, ys)
+                _lane_recurrence(n, LANES, mt, rows, bt, ct, rows, bt, ct, us, dts, a_t, d_l, h, ys)
             if has_z:
                 _load_lanes(m, mt, zb, t0, zero, zs)
                 for i in range(mt):
