@@ -3,7 +3,7 @@
 
 One module per job: `gdal` (environment, virtual paths, error text), `read` (opening, band selection,
 DN scale, padded window reads with validity masks), `nodata` (nodata overrides and masks), `checks`
-(refusals before any work), `bands` (band descriptions, colour interpretation, wavelengths),
+(refusals before any work), `bands` (band descriptions, colour interpretation),
 `profile` (the product's GeoTIFF profile and overviews) and `write` (the atomic, verified writers).
 Every name is re-exported here: callers use `raster.open_raster`, `raster.AtomicWriter`...
 """

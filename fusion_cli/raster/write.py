@@ -162,9 +162,11 @@ class AtomicWriter:
         overwrite: bool = False,
         cog: bool = False,
         colorinterp: Sequence[ColorInterp] | None = None,
+        imagery: Sequence[dict[str, str]] | None = None,
     ) -> None:
         self.out = Path(out)
         self.colorinterp = colorinterp
+        self.imagery = imagery  # per band, items of GDAL's IMAGERY domain (wavelengths)
         self.profile = profile
         self.descriptions = descriptions
         self.tags = {k: _tag_text(v) for k, v in (tags or {}).items()}
@@ -189,6 +191,8 @@ class AtomicWriter:
                     self._dst.set_band_description(i, d)
             if self.colorinterp:
                 self._dst.colorinterp = self.colorinterp
+            for i, items in enumerate(self.imagery or (), start=1):
+                self._dst.update_tags(i, ns="IMAGERY", **items)
             self._dst.update_tags(**self.tags)
         except BaseException:
             self.__exit__(*sys.exc_info())
