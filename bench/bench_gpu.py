@@ -387,7 +387,7 @@ def bench_train(report: Report, device: str, dry: bool, work: Path, seconds: flo
             scan_backend=backend,
             val_every=10**6,
         )
-        res = train(pairs, [], cfg, work / f"train_{backend}_{precision}", progress=False)
+        res = train(pairs, [], cfg, work / f"train_{backend}_{precision}")
         # Whole epochs after the first (which pays compiles and warm-up) give the steady rate.
         rates = [h["patches_per_s"] for h in res.history if "patches_per_s" in h]
         steady = rates[1:-1] or rates

@@ -79,6 +79,14 @@ class SplittableStats(Protocol):
         """Add the statistics a `stats_copy` accumulated; before `finalize`."""
 
 
+@runtime_checkable
+class SensorBound(Protocol):
+    """A fuser set up for one sensor's bands (the classical methods: their MTF gains), whose products
+    can carry that sensor's band wavelengths."""
+
+    sensor: str  # a key of the sensor table (`sensors.canonical_sensor`); "generic" when none given
+
+
 class FuserDefaults:
     """The optional `Fuser` attributes at their neutral values, for fusers without a network (the
     classical methods, test fusers): on the CPU in fp32, no card, weights or scan; the pipeline's

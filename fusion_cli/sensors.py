@@ -75,6 +75,12 @@ def sensor_aliases() -> tuple[str, ...]:
     return tuple(_ALIASES)
 
 
+def four_band(sensor: str) -> tuple[int, ...] | None:
+    """0-based positions of B, G, R, NIR in an 8-band sensor's bands (its 4-band products); None
+    for other sensors. `sensor`: a key of the table (`canonical_sensor`)."""
+    return _TABLE[sensor].four_band
+
+
 def sensor_or_generic(sensor: str | None) -> str | None:
     """A known sensor's key, else None (generic gains): for free-text sensors of model cards."""
     try:

@@ -677,7 +677,10 @@ def run_recipe(
     card = _card(recipe, meta, command)
     card["training"]["data_preparation_s"] = round(t_data, 1)
     init_state = None if init_model is None else init_model.state_dict()
-    res = train(train_p, val_p, cfg, work_dir, None, progress=progress, init_state=init_state)
+    from fusion_cli.cli.progress import progress_bar
+
+    with progress_bar(f"train {name}", progress, eta=True) as update:
+        res = train(train_p, val_p, cfg, work_dir, None, progress=update, init_state=init_state)
     summary: dict[str, Any] = {
         "name": name,
         "device": str(dev),
@@ -751,7 +754,7 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
     per method, mean and std over the test scenes of Q2n, SAM, ERGAS and PSNR."""
     import torch
 
-    from fusion_cli.training.loop import evaluate_pairs, quality
+    from fusion_cli.training.validation import evaluate_pairs, quality
 
     crops = [_whole_crop(p) for p in pairs]
     per_method: dict[str, list[dict[str, float]]] = {"fusionmamba": []}

@@ -352,6 +352,65 @@ def test_creation_options_and_rgb_colour_interpretation(tmp_path, capsys, landsa
     assert raster.rgb_colorinterp(3, ["red", "red edge", "green"]) is None  # no blue
 
 
+def _imagery(path: str) -> list[tuple[float, float | None]]:
+    """(CENTRAL_WAVELENGTH_UM, FWHM_UM) of each band, from GDAL's IMAGERY domain."""
+    with rasterio.open(path) as ds:
+        tags = [ds.tags(b, ns="IMAGERY") for b in range(1, ds.count + 1)]
+    return [
+        (float(t["CENTRAL_WAVELENGTH_UM"]), float(t["FWHM_UM"]) if "FWHM_UM" in t else None) for t in tags
+    ]
+
+
+def test_products_carry_band_wavelengths(tmp_path, capsys, landsat_demo):
+    """A network product has its card's wavelengths in the IMAGERY domain (the landsat card names
+    ETM+ and OLI bandpasses: their common part, the OLI ones), a classical one its sensor table's
+    (the example's MS descriptions place the bands: B2 blue ... B7 swir2); without a sensor, none."""
+    from fusion_cli.models.registry import load_model
+    from fusion_cli.wavelengths import BANDS, from_names
+
+    crops = _example_crop(tmp_path)
+    code, _, err = run(capsys, "pansharpen", crops["pan"], crops["ms"], "-o", str(tmp_path / "net.tif"), "-q")
+    assert code == 0, err
+    card = load_model(device="cpu").card
+    assert card.name == "landsat"
+    expected = [(0.482, 0.060), (0.5615, 0.057), (0.6545, 0.037), (0.865, 0.028), (1.6085, 0.085)]
+    assert _imagery(str(tmp_path / "net.tif")) == [*expected, (2.2005, 0.187)]
+    assert [(w.centre_um, w.fwhm_um) for w in from_names(card.bands)] == _imagery(str(tmp_path / "net.tif"))
+    # bdsd-pc --sensor landsat8 on the example: OLI bands 2-7 (Barsi et al. 2014)
+    oli = BANDS["landsat8"]
+    table = [(oli[b].centre_um, oli[b].fwhm_um) for b in ("blue", "green", "red", "nir", "swir1", "swir2")]
+    assert _imagery(str(landsat_demo["product"])) == table
+    assert table[0] == (0.482, 0.060) and table[3] == (0.865, 0.028)
+    inputs = [str(landsat_demo["pan"]), str(landsat_demo["ms"]), "--method", "exp", "-q"]
+    code, _, err = run(capsys, "pansharpen", *inputs, "-o", str(tmp_path / "generic.tif"))
+    assert code == 0, err
+    with rasterio.open(tmp_path / "generic.tif") as ds:
+        assert ds.tags(1, ns="IMAGERY") == {}
+
+
+def test_wavelengths_from_card_names_and_sensor_bands() -> None:
+    """Card band names: a bandpass gives centre and width, one value a centre only, disjoint
+    bandpasses nothing; sensor bands are placed by name, else by number for a full-band MS."""
+    from fusion_cli.wavelengths import Wavelength, from_names, from_sensor, imagery_metadata
+
+    assert from_names(["red (630-690 nm)", "Hyperion band 11 (457.34 nm) [inferred]"]) == [
+        Wavelength(0.66, 0.06),
+        Wavelength(0.45734),
+    ]
+    assert from_names(["red (630-690 nm)", "NIR"]) is None
+    assert from_names(["A 400-450 nm / B 500-550 nm"]) is None
+    assert imagery_metadata([Wavelength(0.66, 0.06), Wavelength(0.45734)]) == [
+        {"CENTRAL_WAVELENGTH_UM": "0.66", "FWHM_UM": "0.06"},
+        {"CENTRAL_WAVELENGTH_UM": "0.45734"},
+    ]
+    wv3 = from_sensor("WorldView-3", ["band 1"] * 2, [5, 6], 8)  # by number: red, red edge
+    assert wv3 == [Wavelength(0.66, 0.06), Wavelength(0.725, 0.04)]
+    assert from_sensor("wv3", ["Red Edge", "red"], [1, 2], 2) == wv3[::-1]  # by name; red edge is not red
+    assert from_sensor("wv2", ["band 1"] * 4, [1, 2, 3, 4], 4)[3] == Wavelength(0.8325, 0.125)  # NIR1
+    assert from_sensor("landsat8", ["band 1"] * 6, list(range(1, 7)), 6) is None  # OLI has 7
+    assert from_sensor(None, ["blue"], [1], 1) is None and from_sensor("sentinel2", ["blue"], [1], 1) is None
+
+
 def test_input_nodata_masks_an_unflagged_collar(tmp_path, capsys, landsat_demo):
     """A copy of the example with a zero collar over its first 40 PAN rows (20 MS rows) and no nodata
     flag: plain, the collar is fused as data and the product has no nodata; `--nodata 0` masks it

@@ -20,7 +20,7 @@ from fusion_cli.assess import evaluate as assess_product
 from fusion_cli.metrics import reduced_resolution, table
 from fusion_cli.metrics.table import Inputs, Metric
 from fusion_cli.report import ReportItem, build_report
-from fusion_cli.training.loop import quality
+from fusion_cli.training.validation import quality
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 

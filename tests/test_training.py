@@ -30,7 +30,8 @@ from fusion_cli.training.data import (
     read_raster,
     reduce_scene,
 )
-from fusion_cli.training.loop import TrainConfig, build_model, evaluate_pairs, train
+from fusion_cli.training.loop import TrainConfig, build_model, train
+from fusion_cli.training.validation import evaluate_pairs
 
 ORDER = [2, 1, 0, 3, 4, 5]  # FuseBox red, green, blue, ... -> blue, green, red, ...
 
@@ -259,9 +260,7 @@ def trained(
     steps; so the run starts with the head's last conv at PyTorch's default random init (as an
     untrained network would have), giving the loop a real error to learn away in a few steps."""
     out = tmp_path_factory.mktemp("trained")
-    return out, train(
-        pairs["train"], pairs["val"], tiny(), out, CARD, progress=False, init_state=random_head_start()
-    )
+    return out, train(pairs["train"], pairs["val"], tiny(), out, CARD, init_state=random_head_start())
 
 
 def random_head_start() -> dict[str, torch.Tensor]:
@@ -329,18 +328,25 @@ def test_resume_continues_exactly_where_it_stopped(
     tmp_path: Path, trained: tuple[Path, object], pairs: dict[str, list[TrainPair]]
 ) -> None:
     straight_dir, straight = trained
+    told: list[tuple[int, int, str]] = []
     first = train(
         pairs["train"],
         pairs["val"],
         tiny(epochs=2),
         tmp_path,
         None,
-        progress=False,
+        progress=lambda done, total, what: told.append((done, total, what)),
         init_state=random_head_start(),
     )
+    # The loop reports progress through the callback (the CLI draws it): every step of 8, in order,
+    # with the last epoch's loss and validation once one has ended.
+    assert told[0] == (0, 8, "training") and {t for _, t, _ in told} == {8}
+    steps = [d for d, _, _ in told]
+    assert steps == sorted(steps) and set(steps) == set(range(9))
+    assert told[-1][0] == 8 and told[-1][2].startswith("epoch 2: loss ") and "val_l1" in told[-1][2]
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 8 and ck["optimizer"]["state"]  # Adam moments are saved
-    resumed = train(pairs["train"], pairs["val"], tiny(epochs=3), tmp_path, None, resume=True, progress=False)
+    resumed = train(pairs["train"], pairs["val"], tiny(epochs=3), tmp_path, None, resume=True)
     assert first.steps == 8 and resumed.steps == 12
     assert [h["step"] for h in resumed.history] == [0, 4, 8, 12]
     # Same weights as the uninterrupted run of the fixture: sampler, RNG and Adam state all resumed.
@@ -350,7 +356,7 @@ def test_resume_continues_exactly_where_it_stopped(
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
     assert straight.val["val_l1"] == pytest.approx(resumed.val["val_l1"], rel=1e-5)
     with pytest.raises(FusionError, match="no checkpoint"):
-        train(pairs["train"], pairs["val"], tiny(), tmp_path / "c", None, resume=True, progress=False)
+        train(pairs["train"], pairs["val"], tiny(), tmp_path / "c", None, resume=True)
 
 
 def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
@@ -439,15 +445,13 @@ def test_fine_tuning_that_never_improves_exports_its_start(
     start = build_model(tiny(), 6, 1)
     torch.nn.init.normal_(start.to_hrms[2].weight, std=0.05)
     init = {k: v.clone() for k, v in start.state_dict().items()}
-    res = train(
-        pairs["train"], pairs["val"], tiny(lr=0.0, epochs=2), tmp_path, progress=False, init_state=init
-    )
+    res = train(pairs["train"], pairs["val"], tiny(lr=0.0, epochs=2), tmp_path, init_state=init)
     assert res.best_epoch == 0
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(v.cpu(), init[k])
 
 
-def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
+def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from fusion_cli.cli.main import _register, app
@@ -462,11 +466,14 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["train", str(data), "-o", str(tmp_path / "run"), "--name", "cli_tiny", "--ratio", "2"]
     args += ["--sensor", "landsat7", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
-    args += ["--patch", "32", "--batch", "2", "--epochs", "2", "--steps-per-epoch", "2", "--quiet", "--json"]
+    args += ["--patch", "32", "--batch", "2", "--epochs", "2", "--steps-per-epoch", "2", "--json"]
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # stderr counts as a terminal: the CLI draws the bar
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout[res.stdout.index("{") :])
     assert summary["steps"] == 4
+    # the loop reported its steps and epochs through the callback, the CLI drew them on stderr
+    assert "4/4" in res.stderr and "epoch 2: loss" in res.stderr
     card = json.loads((tmp_path / "run" / "cli_tiny.json").read_text())
     assert card["bands"][0].startswith("blue") and card["dn_max"] == 255.0 and card["ratio"] == 2
     assert card["training"]["command"].startswith(f"fusion train {data} -o ")
@@ -514,7 +521,7 @@ def test_shipped_landsat_beats_bdsd_pc_on_held_out_path_row(scene: int) -> None:
     crops: ERGAS 3.35 vs 3.69, 2.38 vs 2.48, 4.28 vs 4.56)."""
     from fusion_cli.classical import make_method
     from fusion_cli.models.registry import load_model
-    from fusion_cli.training.loop import quality
+    from fusion_cli.training.validation import quality
 
     model = load_model(name="landsat", device="cpu").model
     p = reduce_scene(fusebox(scene, 256, 0, 0), 2)  # 256 x 256 reduced PAN

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import typer
 from typer.core import TyperCommand
 
 from fusion_cli import choices
-from fusion_cli.cli.progress import tile_progress
+from fusion_cli.cli.progress import show_progress, tile_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.sensors import canonical_sensor
 
@@ -48,36 +47,6 @@ def table_console(stderr: bool = False) -> Any:
     except (AttributeError, ValueError):  # a closed or replaced stream
         tty = False
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=None if tty else 4096)
-
-
-def show_progress(quiet: bool) -> bool:
-    """The one rule for progress bars: drawn on stderr when it is a terminal, unless -q; --json does
-    not matter (its result goes to stdout). Redirected to a file or a pipe, stderr keeps only
-    messages and errors, one line each, instead of a bar's last frame."""
-    from rich.console import Console
-
-    return not quiet and Console(stderr=True).is_terminal
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, enabled: bool) -> Iterator[Callable[..., None] | None]:
-    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback, drawn
-    while the work runs and gone after (`show_progress` rules; `enabled`: not -q). None when not
-    drawn, so the library skips the calls."""
-    if not (enabled and show_progress(quiet=False)):
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int, what: str | None = None) -> None:
-            bar.update(task, completed=done, total=total, description=label if what is None else what)
-
-        yield update
 
 
 def parse_creation_options(items: list[str] | None) -> dict[str, str] | None:

@@ -1,10 +1,59 @@
-"""The fusion progress bar: the library reports progress through `pipeline.Progress`; this draws
-it with rich on stderr (windows done of total, PAN Mpx/s of finished output, time left)."""
+"""Every progress display of the CLI, drawn with rich on stderr. The library only reports progress,
+through a callback: a fusion through `pipeline.Progress` (drawn by `TileProgress`: windows done of
+total, PAN Mpx/s of finished output, time left), everything else (evaluate, report, simulate, train)
+through `progress(done, total[, what])` (drawn by `progress_bar`). `show_progress` is the one rule
+for when a bar is drawn."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
+
+
+def show_progress(quiet: bool) -> bool:
+    """The one rule for progress bars: drawn on stderr when it is a terminal, unless -q; --json does
+    not matter (its result goes to stdout). Redirected to a file or a pipe, stderr keeps only
+    messages and errors, one line each, instead of a bar's last frame."""
+    from rich.console import Console
+
+    return not quiet and Console(stderr=True).is_terminal
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, enabled: bool, eta: bool = False) -> Iterator[Callable[..., None] | None]:
+    """A progress bar on stderr fed by a library's `progress(done, total[, what])` callback, drawn
+    while the work runs and gone after (`show_progress` rules; `enabled`: not -q); `eta` adds the
+    time left (long runs: training). None when not drawn, so the library skips the calls."""
+    if not (enabled and show_progress(quiet=False)):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns: list[Any] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=label if what is None else what)
+
+        yield update
 
 
 class TileProgress:

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, parse_bands, progress_bar
+from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.progress import progress_bar
 from fusion_cli.errors import FusionError
 
 HELP = """Evaluate many fused products at once and write REPORT/metrics.csv, REPORT/metrics.json and

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, progress_bar
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.progress import progress_bar
 
 
 def register(app: typer.Typer) -> None:

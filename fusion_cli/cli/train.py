@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, show_progress
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.progress import progress_bar
 from fusion_cli.errors import FusionError
 from fusion_cli.models import SEAMLESS_SCAN_MEMORY
 
@@ -143,24 +144,25 @@ def register(app: typer.Typer) -> None:
             scan_memory=scan_memory or None,
             sam_weight=sam_weight,
         )
-        res = train_from_inputs(
-            inputs,
-            out,
-            name=name,
-            config=config,
-            val_inputs=val,
-            val_frac=val_frac,
-            sensor=sensor,
-            dn_max=dn_max,
-            pan_shift=shift,
-            bands=parse_bands(bands),
-            description=description,
-            licence=licence,
-            resume=resume,
-            init_weights=init,
-            progress=show_progress(quiet),
-            command=_command_line(ctx),
-        )
+        with progress_bar("training", not quiet, eta=True) as update:
+            res = train_from_inputs(
+                inputs,
+                out,
+                name=name,
+                config=config,
+                val_inputs=val,
+                val_frac=val_frac,
+                sensor=sensor,
+                dn_max=dn_max,
+                pan_shift=shift,
+                bands=parse_bands(bands),
+                description=description,
+                licence=licence,
+                resume=resume,
+                init_weights=init,
+                progress=update,
+                command=_command_line(ctx),
+            )
         summary = {
             "weights": res.weights_path,
             "card": res.card_path,

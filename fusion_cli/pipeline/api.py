@@ -22,6 +22,7 @@ from fusion_cli.pipeline.engine import check_fuser, plan_for, run, set_threads
 from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
 from fusion_cli.pipeline.output import (
+    band_imagery,
     finish_block,
     model_band_names,
     output_nodata,
@@ -201,6 +202,7 @@ def fuse_files(
                 cog=opts.cog,
                 # RGB by the MS's band descriptions, else by the model card's band names
                 colorinterp=raster.rgb_colorinterp(len(bands), descriptions, model_band_names(fuser)),
+                imagery=band_imagery(fuser, descriptions, bands, ms_ds.count),
             ) as writer,
             _reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,
         ):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from fusion_cli import __version__, align, raster
-from fusion_cli.fusers import Fuser
+from fusion_cli.fusers import Fuser, SensorBound
 from fusion_cli.pipeline.options import FuseOptions
 from fusion_cli.tiling import TilePlan
 
@@ -132,6 +132,24 @@ def product_tags(
 def model_band_names(fuser: Fuser) -> list[str]:
     """The band names of a network's card (empty without one)."""
     return list(fuser.card.bands) if fuser.card is not None and fuser.card.bands else []
+
+
+def band_imagery(
+    fuser: Fuser, descriptions: Sequence[str], bands: Sequence[int], file_bands: int
+) -> list[dict[str, str]] | None:
+    """The product bands' wavelengths as IMAGERY-domain items: a network's from its card's band
+    names, a classical method's from its sensor's band table (placed by the MS `descriptions`, or by
+    the `bands` numbers of an MS with `file_bands`, all the sensor's); None when unknown."""
+    from fusion_cli.wavelengths import from_names, from_sensor, imagery_metadata
+
+    if fuser.card is not None:
+        names = model_band_names(fuser)
+        found = from_names(names) if len(names) == len(bands) else None
+    elif isinstance(fuser, SensorBound):
+        found = from_sensor(fuser.sensor, descriptions, bands, file_bands)
+    else:
+        found = None
+    return None if found is None else imagery_metadata(found)
 
 
 def side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:

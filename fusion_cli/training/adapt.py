@@ -25,7 +25,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
 from fusion_cli.models.fuser import NetworkFuser
 from fusion_cli.training.data import PatchSampler, Scene, attach_base, reduce_scene
-from fusion_cli.training.loop import model_base
+from fusion_cli.training.validation import model_base
 
 
 @dataclass

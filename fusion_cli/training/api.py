@@ -14,7 +14,7 @@ from typing import Any
 
 from fusion_cli.errors import FusionError
 from fusion_cli.training.data import Scene, TrainPair, find_pairs, load_h5, load_scene, reduce_scene
-from fusion_cli.training.loop import TrainConfig, TrainResult, train
+from fusion_cli.training.loop import StepProgress, TrainConfig, TrainResult, train
 
 
 def _is_h5(path: Path) -> bool:
@@ -75,10 +75,11 @@ def train_from_inputs(
     licence: str = "",
     resume: bool = False,
     init_weights: str | Path | None = None,
-    progress: bool = True,
+    progress: StepProgress | None = None,
     command: str | None = None,
 ) -> TrainResult:
-    """Train on the inputs and export `<out_dir>/<name>.safetensors` + `<name>.json`."""
+    """Train on the inputs and export `<out_dir>/<name>.safetensors` + `<name>.json`; `progress` is
+    told the steps done (`loop.StepProgress`)."""
     task, ratio = config.task, config.ratio
     kw: dict[str, Any] = dict(task=task, ratio=ratio, sensor=sensor, dn_max=dn_max, pan_shift=pan_shift)
     scenes, h5_train = load_inputs(inputs, bands=bands, **kw)

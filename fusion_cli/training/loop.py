@@ -12,9 +12,7 @@ Files written to `out_dir`: `checkpoint.pt`, `train_log.jsonl` (one JSON line pe
 from __future__ import annotations
 
 import copy
-import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +28,13 @@ from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, validation_crops
+from fusion_cli.training.export import export
+from fusion_cli.training.history import append_log, plot_history, status
+from fusion_cli.training.validation import autocast, evaluate_pairs
+
+# Told how far a run is: `progress(step, total_steps, what)` after each optimizer step, `what` a short
+# line about the last epoch (loss, speed, validation); the caller draws it (the CLI: a bar on stderr).
+StepProgress = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -112,76 +117,6 @@ def build_model(config: TrainConfig, ms_bands: int, pan_bands: int) -> nn.Module
     return FusionMamba(cfg)
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    if device.type != "cuda" or precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def model_base(model: nn.Module) -> str | None:
-    """The classical base method a model corrects (FusionMambaConfig.base), None for the paper's."""
-    return getattr(getattr(model, "config", None), "base", None)
-
-
-@torch.no_grad()
-def evaluate_pairs(
-    model: nn.Module,
-    pairs: Sequence[TrainPair],
-    device: torch.device,
-    dn_max: float,
-    precision: str = "fp32",
-    sensor: str | None = None,
-) -> dict[str, float]:
-    """Mean L1 (network units) and the metric table's validation indices (on DN: `quality`) of the model
-    over reduced-resolution pairs.
-    A model with a base method gets it on each pair (fitted per pair, MTF gains of `sensor`)."""
-    model.eval()
-    method = model_base(model)
-    if method is not None:
-        pairs = attach_base(pairs, method, sensor)
-    l1s: list[float] = []
-    scores: dict[str, list[float]] = {}
-    for p in pairs:
-        pan = torch.from_numpy(np.ascontiguousarray(p.pan))[None].to(device)
-        ms = torch.from_numpy(np.ascontiguousarray(p.ms))[None].to(device)
-        base = None if p.base is None else torch.from_numpy(np.ascontiguousarray(p.base))[None].to(device)
-        with _autocast(device, precision):
-            out = model(ms, pan, base=base)
-        out = out.float()[0].cpu().numpy()
-        l1s.append(float(np.abs(out - p.ref).mean()))
-        for k, v in quality(p.ref * dn_max, np.clip(out, 0, None) * dn_max, p.ratio, dn_max).items():
-            scores.setdefault(k, []).append(v)
-    model.train()
-    res = {"val_l1": float(np.mean(l1s)) if l1s else float("nan")}
-    res.update({k: float(np.mean(v)) for k, v in scores.items() if v})
-    return res
-
-
-def quality(ref: np.ndarray, fused: np.ndarray, ratio: int, dn_max: float) -> dict[str, float]:
-    """The validation indices of the metric table (Q2n, SAM, ERGAS, PSNR), keyed in lower case, of
-    `fused` against `ref`, `(C, H, W)` DN.
-
-    Integer DN products are rounded as the toolbox does for Q2n; float (reflectance-like) data,
-    `dn_max` <= 1, are not; the PSNR peak is `dn_max`. An index that cannot be computed on this crop
-    (e.g. a Q2n block larger than it) is left out rather than failing a training run.
-    """
-    from fusion_cli.metrics.table import Inputs, metrics
-
-    block = min(32, ref.shape[1], ref.shape[2])
-    x = Inputs(fused, ratio, ref=ref, block=block, round_uint16=dn_max > 1, psnr_peak=dn_max)
-    out: dict[str, float] = {}
-    for m in metrics("reduced"):
-        if not m.validate:
-            continue
-        try:
-            value = m.function(x)
-        except (FusionError, ValueError, FloatingPointError):
-            continue
-        out[m.name.lower()] = float(value[0] if isinstance(value, tuple) else value)
-    return out
-
-
 def _lr_at(config: TrainConfig, epoch: int) -> float:
     # Step decay as a pure function of the epoch, so a resumed run needs no scheduler state.
     return config.lr * config.lr_gamma ** (epoch // max(config.lr_step, 1))
@@ -195,7 +130,7 @@ def train(
     card: dict[str, Any] | None = None,
     *,
     resume: bool = False,
-    progress: bool = True,
+    progress: StepProgress | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
@@ -205,7 +140,8 @@ def train(
     scale, training data with sources and licences, command, ...); the loop adds the architecture,
     epochs, steps, validation metrics, time and device, then calls `registry.save_model`. Without a
     `card["name"]` nothing is exported (the checkpoint still is). `init_state` starts from given
-    weights (fine-tuning) instead of a random initialisation.
+    weights (fine-tuning) instead of a random initialisation. `progress` is told the steps done
+    (`StepProgress`); `on_epoch` gets each epoch's log record.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,8 +234,10 @@ def train(
         history.append(rec0)
         # A fine-tuning run that never improves exports its starting weights, not a worse epoch.
         _track_best(best, rec0, model, config.sam_weight)
-        _append_log(log_path, rec0)
-    bar = _progress(total, step, progress)
+        append_log(log_path, rec0)
+    what = "training"
+    if progress is not None:
+        progress(step, total, what)
     last_val = time.perf_counter()
     model.train()
     epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
@@ -315,7 +253,7 @@ def train(
             g["lr"] = _lr_at(config, epoch)
         pan, ms, ref, base = sampler.batch(batch)
         try:
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 out = model(ms, pan, base=base)
             loss = training_loss(out.float(), ref, config.sam_weight)
             if torch.isfinite(loss):
@@ -348,7 +286,8 @@ def train(
         epoch_loss += loss.item()
         epoch_n += 1
         seen += batch
-        bar.update(1)
+        if progress is not None:
+            progress(step, total, what)
         if step % spe == 0 or step == total:
             rec = _end_epoch(step, spe, epoch_loss / max(epoch_n, 1), seen, time.perf_counter() - t_epoch)
             rec["lr"] = _lr_at(config, epoch)
@@ -359,13 +298,14 @@ def train(
                 last_val = time.perf_counter()
             rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
             history.append(rec)
-            _append_log(log_path, rec)
-            bar.set_postfix(_postfix(rec, config.patch), refresh=False)
+            append_log(log_path, rec)
+            what = f"epoch {rec['epoch']:g}: {status(rec)}"
+            if progress is not None:
+                progress(step, total, what)
             save_checkpoint()
             if on_epoch:
                 on_epoch(rec)
             epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
-    bar.close()
 
     if epoch_n:  # a partial epoch at the time budget: log and validate it too
         rec = _end_epoch(step, spe, epoch_loss / epoch_n, seen, time.perf_counter() - t_epoch)
@@ -373,7 +313,7 @@ def train(
         _track_best(best, rec, model, config.sam_weight)
         rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
         history.append(rec)
-        _append_log(log_path, rec)
+        append_log(log_path, rec)
     save_checkpoint()
     seconds = elapsed_before + time.perf_counter() - t0
     plot_history(history, out_dir / "loss.png")
@@ -434,133 +374,3 @@ def _track_best(best: dict[str, Any], rec: dict[str, Any], model: nn.Module, sam
         best["epoch"] = rec["epoch"]
         best["state"] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         best["metrics"] = {k: rec[k] for k in ("val_l1", *validation_keys()) if k in rec}
-
-
-def _append_log(path: Path, rec: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _postfix(rec: dict[str, Any], patch: int) -> dict[str, str]:
-    post = {"loss": f"{rec['loss']:.4f}", "patch/s": f"{rec['patches_per_s']:.1f}"}
-    for k in ("val_l1", *validation_keys()):
-        if k in rec:
-            post[k] = f"{rec[k]:.4f}" if k in ("val_l1", "q2n") else f"{rec[k]:.3f}"
-    return post
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", file=sys.stderr, leave=False)
-
-
-def plot_history(history: Sequence[dict[str, Any]], png: Path) -> None:
-    """Training and validation L1 against epochs (log scale), as a PNG."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    tr = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
-    if tr:
-        ax.plot(*zip(*tr, strict=True), label="train L1")
-    val = [(h["epoch"], h["val_l1"]) for h in history if "val_l1" in h]
-    if val:
-        ax.plot(*zip(*val, strict=True), label="validation L1", marker=".")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("L1 (network units)")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-
-
-def export(
-    model: nn.Module,
-    config: TrainConfig,
-    card: dict[str, Any],
-    history: Sequence[dict[str, Any]],
-    best: dict[str, Any],
-    seconds: float,
-    device: torch.device,
-    steps: int,
-    spe: int,
-    out_dir: Path,
-) -> tuple[Path, Path]:
-    """Fill in what the run knows and write safetensors + card through the registry."""
-    fields = dict(card)
-    training = dict(fields.get("training", {}))
-    training.update(
-        {
-            "epochs": round(steps / spe, 2),
-            "steps": steps,
-            "steps_per_epoch": spe,
-            "best_epoch": best["epoch"],
-            "batch": config.batch,
-            "patch": config.patch,
-            "optimizer": f"Adam lr {config.lr} x{config.lr_gamma} every {config.lr_step} epochs",
-            "loss": "L1"
-            if not config.sam_weight
-            else f"L1 + {config.sam_weight:g} * (1 - cos spectral angle)",
-            "seed": config.seed,
-            "precision": config.precision,
-            "gain_augmentation": list(config.gain_aug) if config.gain_aug else None,
-            "time_s": round(seconds, 1),
-            "device": _device_name(device),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        }
-    )
-    fields["training"] = training
-    metrics = dict(fields.get("metrics", {}))
-    metrics["validation"] = {k: round(v, 6) for k, v in best["metrics"].items()}
-    fields["metrics"] = metrics
-    fields["architecture"] = _arch_dict(model)
-    try:
-        from fusion_cli.models.registry import ModelCard, save_model
-    except ImportError:
-        return _save_plain(model.cpu(), fields, out_dir)
-    valid = set(getattr(ModelCard, "__dataclass_fields__", {}))
-    extra = {k: v for k, v in fields.items() if valid and k not in valid}
-    if extra:
-        # Fields the card does not define are kept under `training` rather than lost.
-        fields = {k: v for k, v in fields.items() if k in valid}
-        fields.setdefault("training", {}).update({"extra": extra})
-    return save_model(model.cpu(), ModelCard(**fields), out_dir)
-
-
-def _save_plain(model: nn.Module, fields: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Only for an installation without the model registry: safetensors + the card as JSON, with the
-    sha256 the registry would record, so a long run is never lost for want of it."""
-    from safetensors.torch import save_file
-
-    from fusion_cli.paths import sha256_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{fields['name']}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    fields = dict(fields, weights=weights.name, sha256=sha256_file(weights))
-    card = out_dir / f"{fields['name']}.json"
-    card.write_text(json.dumps(fields, indent=2, default=str))
-    return weights, card
-
-
-def _arch_dict(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    return asdict(cfg)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

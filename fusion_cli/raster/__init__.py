@@ -1,0 +1,92 @@
+"""Raster I/O with rasterio: everything that touches a GeoTIFF on disk. Geometry between two grids is
+`align`, windows and blending are `tiling`.
+
+One module per job: `gdal` (environment, virtual paths, error text), `read` (opening, band selection,
+DN scale, padded window reads with validity masks), `nodata` (nodata overrides and masks), `checks`
+(refusals before any work), `bands` (band descriptions, colour interpretation),
+`profile` (the product's GeoTIFF profile and overviews) and `write` (the atomic, verified writers).
+Every name is re-exported here: callers use `raster.open_raster`, `raster.AtomicWriter`...
+"""
+
+from fusion_cli.choices import COMPRESSIONS
+from fusion_cli.raster.bands import band_descriptions, rgb_colorinterp
+from fusion_cli.raster.checks import (
+    MAX_PIXELS,
+    check_dn_max,
+    check_narrowing,
+    check_pixel_type,
+    check_same_file,
+    check_scene_size,
+    check_writable,
+    dtype_range,
+    refuse_non_finite,
+)
+from fusion_cli.raster.gdal import GDAL_ENV, gdal_env, is_gdal_path, recorded_path
+from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
+from fusion_cli.raster.profile import BLOCK, DEFLATE_LEVEL, output_profile, overview_factors
+from fusion_cli.raster.read import (
+    SOURCE_DTYPE_TAG,
+    damaged_input,
+    detect_dn_max,
+    is_warped,
+    open_raster,
+    pad_array,
+    read_decimated,
+    read_padded,
+    read_whole,
+    select_bands,
+)
+from fusion_cli.raster.write import (
+    COMPLETE_TAG,
+    TEMP_TAGS,
+    AtomicWriter,
+    atomic_output,
+    is_complete_output,
+    is_own_temporary,
+    verify_geotiff,
+    write_geotiff,
+)
+
+__all__ = [
+    "BLOCK",
+    "COMPLETE_TAG",
+    "COMPRESSIONS",
+    "DEFLATE_LEVEL",
+    "GDAL_ENV",
+    "MAX_PIXELS",
+    "SOURCE_DTYPE_TAG",
+    "TEMP_TAGS",
+    "AtomicWriter",
+    "NodataOverride",
+    "atomic_output",
+    "band_descriptions",
+    "check_dn_max",
+    "check_narrowing",
+    "check_pixel_type",
+    "check_same_file",
+    "check_scene_size",
+    "check_writable",
+    "damaged_input",
+    "detect_dn_max",
+    "dtype_range",
+    "gdal_env",
+    "has_mask",
+    "is_complete_output",
+    "is_gdal_path",
+    "is_own_temporary",
+    "is_warped",
+    "open_raster",
+    "output_profile",
+    "overview_factors",
+    "pad_array",
+    "read_decimated",
+    "read_padded",
+    "read_whole",
+    "recorded_path",
+    "refuse_non_finite",
+    "rgb_colorinterp",
+    "select_bands",
+    "verify_geotiff",
+    "with_nodata",
+    "write_geotiff",
+]

@@ -1,0 +1,118 @@
+"""Refusals before any work: pixel types, sizes, value ranges, NaN outside nodata, the same file
+given twice, and an output that cannot be written where asked."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from fusion_cli.errors import FusionError
+
+# Default ceiling on a product's pixels (PAN grid): 10 Gpx, far above real scenes (a WorldView
+# strip is ~1.5 Gpx), far below what a sparse or mistaken header can declare (10^12 px = 12 TB).
+MAX_PIXELS = 1e10
+
+
+def check_scene_size(height: int, width: int, max_pixels: float | None) -> None:
+    """Refuse a product larger than `max_pixels` (None: MAX_PIXELS) before any work."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if height * width > limit:
+        raise FusionError(
+            f"the product would be {height} x {width} = {height * width / 1e9:.3g} Gpx, over the "
+            f"limit of {limit / 1e9:.3g} Gpx; check the inputs' sizes, or raise --max-pixels"
+        )
+
+
+def check_dn_max(dn_max: float | None) -> None:
+    """--dn-max is the largest valid DN: a positive finite number (0 or NaN clip everything to 0)."""
+    if dn_max is not None and not (math.isfinite(dn_max) and dn_max > 0):
+        raise FusionError(f"--dn-max must be a positive number like 2047 or 65535, got {dn_max}")
+
+
+def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
+    """Complex pixels would lose their imaginary part: refuse them (and anything not numeric)."""
+    for dt in set(ds.dtypes):
+        kind = np.dtype(dt).kind
+        if kind not in "uif":
+            raise FusionError(
+                f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
+                "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
+            )
+
+
+def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:
+    """The two inputs of a fusion must be two files: one given twice 'fuses' with itself."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(pan, ms):
+            raise FusionError(f"the PAN and MS are the same file ({ms}); give the two images of the pair")
+
+
+def check_narrowing(in_dtype: str, out_dtype: str, lo: float | None, hi: float | None) -> None:
+    """Refuse an integer --dtype that cannot hold the input's value range [lo, hi] (every value past
+    it would be clipped: int8 output of uint16 data is 127 everywhere)."""
+    rng = dtype_range(out_dtype)
+    if rng is None or lo is None or hi is None:
+        return
+    if lo < rng[0] or hi > rng[1]:
+        raise FusionError(
+            f"--dtype {out_dtype} holds {rng[0]:g}..{rng[1]:g} but the {in_dtype} input's values reach "
+            f"{lo:g}..{hi:g}; use {in_dtype} or float32, or state the real ceiling with --dn-max"
+        )
+
+
+def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
+    """Representable range of an integer dtype; None for floats (no clipping)."""
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return float(info.min), float(info.max)
+    return None
+
+
+def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+    """NaN or inf outside the declared nodata (`valid`: where data counts; None: everywhere) would
+    spread through every filter and regression (a singular matrix, NaN statistics, a failed
+    assert in a metric): refuse them, saying how to declare them."""
+    if data.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(data).all(axis=0)
+    if valid is not None:
+        bad &= valid
+    if bad.any():
+        raise FusionError(
+            f"{name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px); "
+            "declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
+        )
+
+
+def check_writable(
+    out_path: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]],
+    side_outputs: Sequence[Path] = (),
+) -> Path:
+    """Fail early (before any work) if the output, or a side file written with it (a quicklook),
+    cannot be written where asked."""
+    out = Path(out_path)
+    for side in side_outputs:
+        if side.exists() and not overwrite:
+            raise FusionError(f"{side} already exists; pass --overwrite to replace it")
+    for src in inputs:
+        if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise FusionError(f"output {out} is one of the inputs; choose another output path")
+    if out.is_dir():
+        raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
+    if out.exists() and not overwrite:
+        raise FusionError(f"output {out} already exists; pass --overwrite to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FusionError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FusionError(f"output folder {parent} is not writable; choose another output path")
+    return out

@@ -1,0 +1,57 @@
+"""Which pixels are invalid: a nodata value given on the command line on top of a file's own
+(`NodataOverride`), and whether a file can have invalid pixels at all (`has_mask`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+
+
+class NodataOverride:
+    """An input read with a nodata value given on the command line (`--nodata`, `--pan-nodata`,
+    `--ms-nodata`) for files that carry none, such as a zero collar without a flag: a pixel of a
+    band is invalid where it equals the value (GDAL's meaning), on top of the file's own nodata or
+    masks. Everything else is the wrapped dataset's; closing this closes it."""
+
+    def __init__(self, ds: Any, value: float) -> None:
+        self._ds = ds
+        self.nodata = float(value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+    def __enter__(self) -> NodataOverride:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ds.close()
+
+    @property
+    def nodatavals(self) -> tuple[float, ...]:
+        return (self.nodata,) * self._ds.count
+
+    @property
+    def mask_flag_enums(self) -> tuple[list[MaskFlags], ...]:
+        return tuple([MaskFlags.nodata] for _ in range(self._ds.count))
+
+    def read_masks(self, indexes: Any = None, window: Any = None, **kwargs: Any) -> np.ndarray:
+        own = self._ds.read_masks(indexes, window=window, **kwargs)
+        data = self._ds.read(indexes, window=window, **kwargs)  # blocks just read: GDAL's cache
+        hit = np.isnan(data) if math.isnan(self.nodata) else data == self.nodata
+        return np.where(hit, np.uint8(0), own)
+
+
+def with_nodata(ds: Any, value: float | None) -> Any:
+    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None."""
+    return ds if value is None else NodataOverride(ds, value)
+
+
+def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
+    """True if some pixels may be invalid: a nodata value, an internal/sidecar mask or alpha."""
+    idx = [b - 1 for b in (bands or range(1, ds.count + 1))]
+    return any(MaskFlags.all_valid not in ds.mask_flag_enums[i] for i in idx)

@@ -1,0 +1,169 @@
+"""Reading rasters: opening with one-line errors, band selection, the DN scale, padded window reads
+with validity masks, whole and decimated reads, and damaged files as bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio._err import CPLE_BaseError  # GDAL errors (CPLE_*): rasterio exports them only here
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from fusion_cli.errors import FusionError
+from fusion_cli.raster.checks import check_pixel_type, refuse_non_finite
+from fusion_cli.raster.gdal import is_gdal_path, reason
+from fusion_cli.raster.nodata import has_mask
+
+# Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
+SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
+
+
+def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.io.DatasetReader:
+    """Open a raster read-only, or raise a one-line FusionError saying what is wrong."""
+    p: str | Path = os.fspath(path) if is_gdal_path(path) else Path(path)
+    if isinstance(p, Path) and not p.exists():
+        raise FusionError(f"{what} file not found: {p}")
+    if isinstance(p, Path) and p.is_dir():
+        raise FusionError(f"{what} is a folder, not a raster file: {p}")
+    try:
+        with warnings.catch_warnings():
+            # Missing georeferencing is handled (and reported once) by align.relate_grids.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(p, "r")
+    except RasterioIOError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "unknown format"
+        if isinstance(p, str):  # GDAL decides whether a virtual path exists
+            raise FusionError(
+                f"{what} cannot be opened by GDAL ({first}): {p}; check the path inside the archive or URL"
+            ) from None
+        raise FusionError(f"{what} is not a readable raster ({first}): {p}") from None
+
+
+def is_warped(ds: Any) -> bool:
+    """Whether `ds` is a GDAL warped VRT (an input reprojected on the fly)."""
+    from rasterio.vrt import WarpedVRT
+
+    return isinstance(ds, WarpedVRT)
+
+
+def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, what: str = "MS") -> list[int]:
+    """1-based band indexes to read; all bands but an alpha band when `bands` is None."""
+    if bands is None:
+        return [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
+    bad = [b for b in bands if b < 1 or b > ds.count]
+    if bad:
+        raise FusionError(
+            f"{what} has {ds.count} bands, cannot select band(s) {bad}; use --bands 1..{ds.count}"
+        )
+    return list(bands)
+
+
+def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
+    """Largest DN the sensor can produce, from NBITS metadata (e.g. 11 -> 2047); None if unknown."""
+    nbits = ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") or ds.tags(ns="IMAGE_STRUCTURE").get("NBITS")
+    if nbits is None:
+        return None
+    try:
+        return float(2 ** int(nbits) - 1)
+    except ValueError:
+        return None
+
+
+def _pad_spec(start: int, size: int, limit: int) -> tuple[int, int, int, int]:
+    """Clamp [start, start+size) to [0, limit): (read_start, read_size, pad_before, pad_after)."""
+    a = max(start, 0)
+    b = min(start + size, limit)
+    if b <= a:  # entirely outside: read the nearest edge line and pad from it
+        a = 0 if start + size <= 0 else limit - 1
+        b = a + 1
+    return a, b - a, a - start, (start + size) - b
+
+
+def _pad(arr: np.ndarray, pads: list[tuple[int, int]]) -> np.ndarray:
+    if not any(p for pair in pads for p in pair):
+        return arr
+    # Reflect (mirror without repeating the edge) keeps image statistics at the scene edges;
+    # a 1-pixel-wide read cannot be reflected, so it is extended instead.
+    small = any(arr.shape[i] < 2 and (pads[i][0] or pads[i][1]) for i in range(arr.ndim))
+    return np.pad(arr, pads, mode="edge" if small else "reflect")
+
+
+def read_padded(
+    ds: rasterio.io.DatasetReader,
+    row0: int,
+    col0: int,
+    height: int,
+    width: int,
+    bands: Sequence[int],
+    zero_is_nodata: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read `(C, height, width)` starting at pixel (row0, col0), reflect-padded outside the raster.
+
+    Returns the data in its native dtype and a validity mask `(height, width)` bool: False where
+    any selected band is nodata or masked (or, with zero_is_nodata, where all bands are 0).
+    """
+    r, rh, pt, pb = _pad_spec(row0, height, ds.height)
+    c, cw, pl, pr = _pad_spec(col0, width, ds.width)
+    win = Window(c, r, cw, rh)
+    with damaged_input(ds):
+        data = ds.read(list(bands), window=win)
+        if has_mask(ds, bands):
+            valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
+        else:
+            valid = np.ones((rh, cw), dtype=bool)
+    if zero_is_nodata:
+        valid &= (data != 0).any(axis=0)
+    refuse_non_finite(ds.name, data, valid)
+    pads = [(pt, pb), (pl, pr)]
+    return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
+
+
+def read_whole(
+    ds: rasterio.io.DatasetReader, what: str = "input", window: Window | None = None
+) -> np.ndarray:
+    """Every band of `ds` (or of its `window`) in its own dtype, `(C, H, W)`: reads that need the whole
+    scene at once (metrics, the Wald protocol, training). Complex pixels and damaged files are
+    one-line errors."""
+    check_pixel_type(ds, what)
+    with damaged_input(ds):
+        return ds.read(window=window)
+
+
+def pad_array(
+    arr: np.ndarray, valid: np.ndarray, row0: int, col0: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`read_padded` for an in-memory `(C, H, W)` array and its `(H, W)` validity."""
+    r, rh, pt, pb = _pad_spec(row0, height, arr.shape[-2])
+    c, cw, pl, pr = _pad_spec(col0, width, arr.shape[-1])
+    pads = [(pt, pb), (pl, pr)]
+    return _pad(arr[:, r : r + rh, c : c + cw], [(0, 0), *pads]), _pad(valid[r : r + rh, c : c + cw], pads)
+
+
+def read_decimated(
+    ds: rasterio.io.DatasetReader, bands: Sequence[int], window: Window, out_shape: tuple[int, int]
+) -> np.ndarray:
+    """Area-averaged read of a window to a smaller shape `(C, h, w)` (uses overviews when present)."""
+    with damaged_input(ds):
+        return ds.read(
+            list(bands), window=window, out_shape=(len(bands), *out_shape), resampling=Resampling.average
+        )
+
+
+@contextlib.contextmanager
+def damaged_input(ds: Any) -> Iterator[None]:
+    """A file that opened but cannot be decoded (truncated, corrupted bytes) is bad input naming
+    the file (exit 2), not a disk problem: GDAL reports both as the same I/O error."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise FusionError(
+            f"{ds.name} is damaged (truncated or corrupted: {reason(exc)}); re-download or re-export it"
+        ) from exc

@@ -1,0 +1,296 @@
+"""Writing GeoTIFFs and side files atomically: a temporary name beside the output, renamed into
+place only when complete and verified (`AtomicWriter` streams windows and converts to a COG;
+`write_geotiff` writes a whole array; `atomic_output` any other file)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import ColorInterp, Interleaving, Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from fusion_cli.errors import FusionError, OutputWriteError
+from fusion_cli.raster.gdal import gdal_env, reason
+from fusion_cli.raster.profile import BLOCK, overview_factors
+
+# The tag written last, just before the file is closed: a file without it was not finished.
+COMPLETE_TAG = "FUSION_COMPLETE"
+
+
+# Temporary names this tool writes beside an output: `.<name>.<tag>-<pid>-<8 hex><suffix>`, plus
+# GDAL's own sidecars of such a file. Only names of this shape are ever removed as stale.
+TEMP_TAGS = ("partial", "cog", "tmp")
+# (a sidecar of `out`, like `<out>.metrics.json`, has its name between)
+_TEMP_RE = re.compile(r"(?:\.[^/]+?)?\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]+(?:\.[A-Za-z0-9]+)*\Z")
+
+
+def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
+    # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
+    assert tag in TEMP_TAGS
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def is_own_temporary(out: Path, candidate: Path) -> bool:
+    """Whether `candidate` is a temporary file this tool names for `out` (`_temp_name`)."""
+    prefix = f".{out.name}"
+    name = candidate.name
+    return (
+        candidate.parent == out.parent
+        and name.startswith(prefix)
+        and bool(_TEMP_RE.match(name[len(prefix) :]))
+    )
+
+
+def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
+    """Raise OSError unless `path` opens, carries the completion tag and holds every block it
+    indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
+    rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
+    size = path.stat().st_size
+    with gdal_env(), rasterio.open(path) as ds:
+        if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
+            raise OSError("the completion tag is missing")
+        # pixel-interleaved files share one block index for all bands
+        for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
+            for (i, j), _ in ds.block_windows(b):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
+                n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
+                if not off or not n or int(off) + int(n) > size:
+                    raise OSError(f"block {i},{j} of band {b} is missing")
+
+
+def write_geotiff(
+    path: Path,
+    data: np.ndarray,
+    dtype: str,
+    transform: Any = None,
+    crs: Any = None,
+    nodata: float | None = None,
+    tags: dict[str, str] | None = None,
+    descriptions: Sequence[str | None] | None = None,
+    what: str = "image",
+) -> None:
+    """Write a whole `(C, H, W)` array as a deflate GeoTIFF (tiled when over 256 px), atomically and
+    verified: integer `dtype`s get the values rounded and clipped to their range. `transform` None
+    writes no georeferencing (for an input that had none); `descriptions` name the bands."""
+    out = data
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        info = np.iinfo(dtype)
+        out = np.clip(np.round(data), info.min, info.max)
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": dtype,
+        "compress": "deflate",
+        "predictor": 3 if dtype == "float32" else 2,
+    }
+    if data.shape[1] > BLOCK and data.shape[2] > BLOCK:
+        profile.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
+    if transform is not None:
+        profile.update(transform=transform, crs=crs)
+    if nodata is not None:
+        profile["nodata"] = nodata
+    with atomic_output(path, overwrite=True, what=what) as tmp:
+        with warnings.catch_warnings():
+            # a no-georef input gives a no-georef output, by design
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(tmp, "w", **profile)
+        with ds:
+            ds.write(out.astype(dtype))
+            ds.update_tags(**(tags or {}))
+            if descriptions and len(descriptions) == data.shape[0]:
+                for i, d in enumerate(descriptions, start=1):
+                    if d:
+                        ds.set_band_description(i, d)
+        verify_geotiff(tmp, complete_tag=False)
+
+
+@contextlib.contextmanager
+def atomic_output(
+    out: str | os.PathLike[str], overwrite: bool = False, what: str = "output"
+) -> Iterator[Path]:
+    """A temporary path beside `out` to write a side file (PNG, CSV, JSON, HTML) to; renamed onto
+    `out` only when the body succeeds and wrote something, else removed. An existing `out` needs
+    `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file."""
+    final = Path(out)
+    if final.exists() and not overwrite:
+        raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
+    tmp = _temp_name(final, "tmp", final.suffix)
+    try:
+        yield tmp
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError("nothing was written")
+        os.replace(tmp, final)
+    except FusionError:
+        raise
+    except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
+        raise OutputWriteError(f"cannot write {what} {final}: {reason(exc)}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class AtomicWriter:
+    """Streams windows to a temporary GeoTIFF beside `out`; `commit()` renames it into place.
+
+    Use as a context manager: on any exception (including KeyboardInterrupt) before commit the
+    temporary files are removed, so no partial output ever appears under the final name.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        profile: dict[str, Any],
+        *,
+        descriptions: Sequence[str] | None = None,
+        tags: dict[str, Any] | None = None,
+        use_mask: bool = False,
+        overwrite: bool = False,
+        cog: bool = False,
+        colorinterp: Sequence[ColorInterp] | None = None,
+        imagery: Sequence[dict[str, str]] | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.colorinterp = colorinterp
+        self.imagery = imagery  # per band, items of GDAL's IMAGERY domain (wavelengths)
+        self.profile = profile
+        self.descriptions = descriptions
+        self.tags = {k: _tag_text(v) for k, v in (tags or {}).items()}
+        self.use_mask = use_mask
+        self.overwrite = overwrite
+        self.cog = cog
+        self._tmp = _temp_name(self.out, "partial")
+        self._env: rasterio.Env | None = None
+        self._dst: rasterio.io.DatasetWriter | None = None
+        self._committed = False
+
+    def __enter__(self) -> AtomicWriter:
+        self._env = gdal_env()
+        self._env.__enter__()
+        try:  # __exit__ does not run when __enter__ fails (or Ctrl-C lands in it): clean up here
+            try:
+                self._dst = rasterio.open(self._tmp, "w", **self.profile)
+            except Exception as exc:
+                raise FusionError(f"cannot write output {self.out}: {reason(exc)}") from None
+            if self.descriptions:
+                for i, d in enumerate(self.descriptions, start=1):
+                    self._dst.set_band_description(i, d)
+            if self.colorinterp:
+                self._dst.colorinterp = self.colorinterp
+            for i, items in enumerate(self.imagery or (), start=1):
+                self._dst.update_tags(i, ns="IMAGERY", **items)
+            self._dst.update_tags(**self.tags)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, data: np.ndarray, row0: int, col0: int, valid: np.ndarray | None = None) -> None:
+        """Write `(C, h, w)` at (row0, col0); `valid (h, w)` goes to the internal mask if enabled."""
+        assert self._dst is not None
+        win = Window(col0, row0, data.shape[-1], data.shape[-2])
+        with self._failing_write():
+            self._dst.write(data, window=win)
+            if self.use_mask:
+                m = (
+                    np.full(data.shape[-2:], 255, np.uint8)
+                    if valid is None
+                    else np.where(valid, 255, 0).astype(np.uint8)
+                )
+                self._dst.write_mask(m, window=win)
+
+    @contextlib.contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """Any GDAL/OS error while writing is an OutputWriteError naming the output (exit 1)."""
+        try:
+            yield
+        except (FusionError, OutputWriteError):
+            raise
+        except Exception as exc:
+            raise OutputWriteError(f"writing output {self.out} failed: {reason(exc)}") from exc
+
+    def update_tags(self, **tags: Any) -> None:
+        assert self._dst is not None
+        self._dst.update_tags(**{k: _tag_text(v) for k, v in tags.items()})
+
+    def commit(self) -> Path:
+        """Mark complete, close, convert to COG if asked, and rename into place."""
+        assert self._dst is not None
+        if self.out.exists() and not self.overwrite:
+            raise FusionError(f"output {self.out} appeared while fusing; pass --overwrite to replace it")
+        with self._failing_write():
+            return self._finish()
+
+    def _finish(self) -> Path:
+        assert self._dst is not None
+        self._dst.update_tags(**{COMPLETE_TAG: "1"})
+        self._dst.close()
+        verify_geotiff(self._tmp)
+        final = self._tmp
+        if self.cog:
+            final = _temp_name(self.out, "cog")
+            self._cog_tmp = final
+            with rasterio.open(self._tmp, "r+") as dst:
+                factors = overview_factors(dst.width, dst.height)
+                if factors:
+                    dst.build_overviews(factors, Resampling.average)
+            # The COG driver reuses the overviews just built and streams block by block.
+            opts = {k: v for k, v in self.profile.items() if k in {"compress", "predictor"}}
+            if "zlevel" in self.profile:  # the COG driver names the DEFLATE level LEVEL
+                opts["level"] = self.profile["zlevel"]
+            rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
+            self._tmp.unlink()
+            verify_geotiff(final)
+        os.replace(final, self.out)
+        self._committed = True
+        return self.out
+
+    def _cleanup(self) -> None:
+        for p in (self._tmp, getattr(self, "_cog_tmp", None)):
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(p).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    Path(str(p) + ".ovr").unlink()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._dst is not None and not self._dst.closed:
+                self._dst.close()
+            if not self._committed:
+                self._cleanup()
+        finally:
+            if self._env is not None:
+                self._env.__exit__(exc_type, exc, tb)
+
+
+def _tag_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def is_complete_output(path: str | os.PathLike[str]) -> bool:
+    """True if `path` is a fusion-cli product that was written to the end (completion tag present)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with gdal_env(), rasterio.open(p) as ds:
+            return ds.tags().get(COMPLETE_TAG) == "1"
+    except Exception:
+        return False

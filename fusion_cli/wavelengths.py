@@ -1,0 +1,152 @@
+"""The wavelengths of a product's bands, for GDAL's IMAGERY metadata domain: from a sensor's band
+table (the classical methods, given `--sensor`) or from the band names of a model card (a network).
+
+The tables give each band's centre and full width at half maximum in micrometres:
+
+* Landsat-8/9 OLI: the measured relative spectral responses (Barsi et al., "The Spectral Response of
+  the Landsat-8 Operational Land Imager", Remote Sens. 2014, 6, 10232), bands 1-7.
+* Landsat-7 ETM+: the bandpasses of the Landsat 7 Science Data Users Handbook, bands 1-5 and 7.
+* WorldView-2/3 (8 VNIR bands), QuickBird, IKONOS, GeoEye-1, WorldView-4: the nominal bandpasses of
+  the vendors' spectral sheets (centre: the middle; width: the bandpass).
+
+Sentinel-2, Hyperion and the generic entry have no table here: their products get no wavelengths
+from `--sensor`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fusion_cli.sensors import four_band, sensor_or_generic
+
+
+@dataclass(frozen=True)
+class Wavelength:
+    centre_um: float
+    fwhm_um: float | None = None  # None: the source gives a centre only
+
+    @classmethod
+    def span(cls, lo_um: float, hi_um: float) -> Wavelength:
+        return cls(round((lo_um + hi_um) / 2, 6), round(hi_um - lo_um, 6))
+
+
+def _spans(*bands: tuple[str, float, float]) -> dict[str, Wavelength]:
+    return {name: Wavelength.span(lo, hi) for name, lo, hi in bands}
+
+
+_VNIR8 = _spans(
+    ("coastal", 0.400, 0.450),
+    ("blue", 0.450, 0.510),
+    ("green", 0.510, 0.580),
+    ("yellow", 0.585, 0.625),
+    ("red", 0.630, 0.690),
+    ("rededge", 0.705, 0.745),
+    ("nir1", 0.770, 0.895),
+    ("nir2", 0.860, 1.040),
+)
+_GEOEYE = _spans(
+    ("blue", 0.450, 0.510), ("green", 0.510, 0.580), ("red", 0.655, 0.690), ("nir", 0.780, 0.920)
+)
+
+# Per sensor (a key of `sensors.SENSORS`), its MS bands in the sensor's band order.
+BANDS: dict[str, dict[str, Wavelength]] = {
+    "landsat8": {
+        "coastal": Wavelength(0.443, 0.016),
+        "blue": Wavelength(0.482, 0.060),
+        "green": Wavelength(0.561, 0.057),
+        "red": Wavelength(0.655, 0.037),
+        "nir": Wavelength(0.865, 0.028),
+        "swir1": Wavelength(1.609, 0.085),
+        "swir2": Wavelength(2.201, 0.187),
+    },
+    "landsat7": _spans(
+        ("blue", 0.450, 0.515),
+        ("green", 0.525, 0.605),
+        ("red", 0.630, 0.690),
+        ("nir", 0.775, 0.900),
+        ("swir1", 1.550, 1.750),
+        ("swir2", 2.090, 2.350),
+    ),
+    "wv2": _VNIR8,
+    "wv3": _VNIR8,
+    "qb": _spans(
+        ("blue", 0.450, 0.520), ("green", 0.520, 0.600), ("red", 0.630, 0.690), ("nir", 0.760, 0.900)
+    ),
+    "ikonos": _spans(
+        ("blue", 0.445, 0.516), ("green", 0.506, 0.595), ("red", 0.632, 0.698), ("nir", 0.757, 0.853)
+    ),
+    "geoeye1": _GEOEYE,
+    "wv4": _GEOEYE,
+}
+
+
+def _words(name: str) -> set[str]:
+    """The band words of a name: "B5 NIR" -> {b5, nir}; "SWIR 1" -> {swir1}; "red edge" -> {rededge}."""
+    text = re.sub(r"([a-z])[\s_-]+(\d)\b", r"\1\2", name.lower())
+    words = set(re.findall(r"[a-z]+\d*", text))
+    if "edge" in words:  # red edge is its own band, not red
+        words = (words - {"red", "edge"}) | {"rededge"}
+    return words
+
+
+def from_sensor(
+    sensor: str | None, names: Sequence[str], bands: Sequence[int], file_bands: int
+) -> list[Wavelength] | None:
+    """The product bands' wavelengths from the sensor's table: each band by the one table band its
+    `names` (the MS band descriptions) name (e.g. "B4 red"); else, for an MS with all the sensor's
+    bands, by number (`bands`, 1-based in the file), or its blue, green, red and NIR1 for a 4-band
+    MS of an 8-band sensor. None for an unknown sensor or bands it cannot place."""
+    key = sensor_or_generic(sensor)
+    table = BANDS.get(key or "")
+    if table is None:
+        return None
+    order = list(table)
+    picks = []
+    for name in names:
+        hits = [b for b in order if b in _words(name)]
+        picks.append(hits[0] if len(hits) == 1 else None)
+    if all(picks) and len(set(picks)) == len(picks):
+        return [table[b] for b in picks]
+    four = four_band(key) if key else None
+    if file_bands == len(order):
+        return [table[order[b - 1]] for b in bands]
+    if file_bands == 4 and four is not None:
+        return [table[order[four[b - 1]]] for b in bands]
+    return None
+
+
+_RANGE = re.compile(r"(\d+(?:\.\d+)?)\s*[-\u2013]\s*(\d+(?:\.\d+)?)\s*nm")
+_VALUE = re.compile(r"(\d+(?:\.\d+)?)\s*nm")
+
+
+def from_names(names: Sequence[str]) -> list[Wavelength] | None:
+    """Wavelengths from band names that state them in nm, as model cards do: "red (630-690 nm)" ->
+    0.66 um wide 0.06, "Hyperion band 11 (457.34 nm)" -> 0.45734 um. A name giving several sensors'
+    bandpasses ("ETM+ B3 630-690 nm / OLI B4 636-673 nm") gets their common part (636-673 nm): what
+    every sensor the card names sees. None unless every name gives one."""
+    out = []
+    for name in names:
+        spans = [(float(a), float(b)) for a, b in _RANGE.findall(name)]
+        spans += [(float(v), float(v)) for v in _VALUE.findall(_RANGE.sub("", name))]
+        if not spans:
+            return None
+        lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)
+        if lo > hi:  # bandpasses that do not overlap: no one wavelength
+            return None
+        w = Wavelength.span(lo / 1000, hi / 1000)
+        out.append(w if w.fwhm_um else Wavelength(w.centre_um))
+    return out
+
+
+def imagery_metadata(wavelengths: Sequence[Wavelength]) -> list[dict[str, str]]:
+    """Each band's items of GDAL's IMAGERY metadata domain, where GDAL (3.10+) and GIS tools read a
+    band's wavelength: CENTRAL_WAVELENGTH_UM, and FWHM_UM when known."""
+    items = []
+    for w in wavelengths:
+        band = {"CENTRAL_WAVELENGTH_UM": f"{w.centre_um:.6g}"}
+        if w.fwhm_um is not None:
+            band["FWHM_UM"] = f"{w.fwhm_um:.6g}"
+        items.append(band)
+    return items
