@@ -4,10 +4,11 @@ count as they do in a run), split by part of the network with forward hooks, on 
 split is not blurred by threads waiting on each other), with the scan backend the pipeline picks.
 Seconds are process CPU seconds (what the part costs, whatever else shares the machine).
 
-Parts: the selective scans of the spatial Mamba blocks (on the fused CPU path: the four directions'
-scans with their gates, mean and LayerNorm); the rest of those blocks (projections, token gathers or
-the fused conv1d, LayerNorms); the spectral attention; everything else of a network pass
-(stems, stride-2 and transposed convs, head, residuals); the base method; and the second, transposed
+Parts: the selective scans of the Mamba blocks (on the fused CPU path: the directions' scans with
+their mean, gate and LayerNorm); their conv1d + silu (fused path); the rest of those blocks (in, x
+and out projections; token gathers on the generic path); the LayerNorms before the blocks (fused
+path); the spectral attention; everything else of a network pass (stems, stride-2 and transposed
+convs, head, residuals); the base method; and the second, transposed
 pass of the ensemble. "halo x" is what the default plan computes per output pixel for that model on
 a large scene (window area over core area at the default tile): the same work again at the edges.
 
@@ -30,6 +31,18 @@ from fusion_cli.models.scan import resolve_backend
 from fusion_cli.paths import shared_data_dir
 
 SIDE = 256
+
+
+def _timer(fn: Callable[..., Any], key: str, totals: dict[str, float]) -> Callable[..., Any]:
+    """`fn`, adding its CPU seconds to totals[key]."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.process_time()
+        out = fn(*args, **kwargs)
+        totals[key] += time.process_time() - t0
+        return out
+
+    return timed
 
 
 @contextmanager
@@ -65,28 +78,27 @@ def _timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> Iterator[N
         return out
 
     fusionmamba.selective_scan = timed_scan  # type: ignore[assignment]
-    # the fused CPU inference path scans in mamba_numba (the four directions, gate, mean and norm)
-    fused_fn = None
+    # the fused CPU inference path runs in mamba_numba: its scans (the four directions, mean, gate,
+    # norm), its conv1d + silu, and the LayerNorms before the blocks (outside MultiScanMamba)
+    fused: dict[str, Callable[..., Any]] = {}
     try:
         from fusion_cli.models import mamba_numba
 
-        fused_fn = mamba_numba.scan_directions
-
-        def timed_fused(*args: Any, **kwargs: Any) -> torch.Tensor:
-            t0 = time.process_time()
-            out = fused_fn(*args, **kwargs)
-            totals["scan (all)"] += time.process_time() - t0
-            return out
-
-        mamba_numba.scan_directions = timed_fused  # type: ignore[assignment]
+        for attr, key in (
+            ("scan_directions", "scan (all)"),
+            ("conv_silu", "conv1d (all)"),
+            ("layer_norm", "layer norms"),
+        ):
+            fused[attr] = getattr(mamba_numba, attr)
+            setattr(mamba_numba, attr, _timer(fused[attr], key, totals))
     except ImportError:
         pass
     try:
         yield
     finally:
         fusionmamba.selective_scan = scan_fn  # type: ignore[assignment]
-        if fused_fn is not None:
-            mamba_numba.scan_directions = fused_fn  # type: ignore[assignment]
+        for attr, fn in fused.items():
+            setattr(mamba_numba, attr, fn)
         for h in handles:
             h.remove()
 
@@ -123,13 +135,22 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
     passes = 2 if ensemble else 1
     per_pass = {k: v / passes for k, v in totals.items() if k != "base method"}
     net = cpu - totals.get("base method", 0.0)
+    scans, conv1d = per_pass.get("scan (all)", 0.0), per_pass.get("conv1d (all)", 0.0)
+    norms = per_pass.get("layer norms", 0.0)
     parts = {
-        "selective scans": per_pass.get("scan (all)", 0.0),
-        "rest of the Mamba blocks": per_pass.get("mamba blocks (all)", 0.0) - per_pass.get("scan (all)", 0.0),
+        "selective scans": scans,
+        "conv1d + silu of the Mamba blocks (fused path)": conv1d,
+        "rest of the Mamba blocks (projections; gathers on the generic path)": per_pass.get(
+            "mamba blocks (all)", 0.0
+        )
+        - scans
+        - conv1d,
+        "LayerNorms before the Mamba blocks (fused path)": norms,
         "spectral attention": per_pass.get("spectral attention", 0.0),
         "convs, stems, head, residuals": net / passes
         - per_pass.get("mamba blocks (all)", 0.0)
-        - per_pass.get("spectral attention", 0.0),
+        - per_pass.get("spectral attention", 0.0)
+        - norms,
         "second (transposed) pass of the ensemble": net / 2 if ensemble else 0.0,
         "base method": totals.get("base method", 0.0),
     }
