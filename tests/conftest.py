@@ -1,10 +1,14 @@
-"""Shared fixtures: real imagery from ../shared/data, read at run time (never copied in)."""
+"""Shared fixtures: real imagery from ../shared/data, read at run time (never copied in), and the
+in-repository Landsat-8 example scene, so that each module also has tests on a fresh clone."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fusion_cli.paths import shared_data_dir
@@ -33,6 +37,39 @@ def shared() -> Path:
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_PAN, EXAMPLE_MS = EXAMPLES / "landsat8_pan.tif", EXAMPLES / "landsat8_ms.tif"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A PAN/MS pair as arrays: `pan (1, H, W)`, `ms (C, H / ratio, W / ratio)`, float64 DN."""
+
+    pan: np.ndarray
+    ms: np.ndarray
+    ratio: int
+    sensor: str
+
+
+@cache
+def _example_arrays() -> tuple[np.ndarray, np.ndarray]:
+    import rasterio
+
+    # Tracked in git (examples/make_example.py rebuilds them); a fresh clone has them.
+    with rasterio.open(EXAMPLE_PAN) as p, rasterio.open(EXAMPLE_MS) as m:
+        return p.read(), m.read()
+
+
+def example_pair(ms_rows: int = 160, ms_cols: int = 320) -> Pair:
+    """The shipped Landsat-8 example (ratio 2, 6 bands B, G, R, NIR, SWIR1, SWIR2) as arrays, the
+    MS's top-left `ms_rows x ms_cols` pixels and the PAN over them. Indexed by array position: the
+    PAN grid sits half a PAN pixel off the MS grid, a real misregistration the methods must bear."""
+    pan, ms = _example_arrays()
+    return Pair(
+        pan[:, : 2 * ms_rows, : 2 * ms_cols].astype(np.float64),
+        ms[:, :ms_rows, :ms_cols].astype(np.float64),
+        2,
+        "landsat8",
+    )
 
 
 @pytest.fixture(scope="session")
