@@ -117,9 +117,7 @@ def test_every_method_injects_pan_detail(scene: Scene, fused: dict[str, np.ndarr
 
 
 @pytest.mark.parametrize("name", ["mtf-glp", "mtf-glp-fs", "mtf-glp-hpm", "mtf-glp-hs"])
-def test_mra_methods_keep_the_low_pass_content(
-    name: str, scene: Scene, fused: dict[str, np.ndarray]
-) -> None:
+def test_mra_methods_keep_the_low_pass_content(name: str, scene: Scene, fused: dict[str, np.ndarray]) -> None:
     """MTF-filtering and decimating the product gives back (about) the input MS: the injected detail
     lives above the MS band, so the product is no further from the MS than plain interpolation."""
     ms, r = scene.ms[0].numpy(), scene.ratio
@@ -164,9 +162,7 @@ def test_hpm_modulates_instead_of_adding(fused: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("name", ["gsa", "pca", "brovey"])
-def test_component_substitution_with_pan_equal_to_intensity(
-    name: str, scene: Scene
-) -> None:
+def test_component_substitution_with_pan_equal_to_intensity(name: str, scene: Scene) -> None:
     """With the PAN replaced by the MS's own intensity component there is nothing to inject."""
     pan, ms = scene.pan, scene.ms
     f = scene.method(name).fit(pan, ms)

@@ -21,7 +21,6 @@ from fusion_cli.pipeline.engine import plan_for
 from fusion_cli.pipeline.readers import PairSource, array_reader
 from fusion_cli.pipeline.stats import gather_stats
 
-
 SOURCES = ["wv2", "landsat8-example"]
 
 

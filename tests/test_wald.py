@@ -147,12 +147,14 @@ def test_simulate_files_without_georeferencing(tmp_path: Path) -> None:
         simulate_files(res.pan, res.ms, tmp_path / "out", sensor="landsat7", overwrite=True)
 
 
-@pytest.mark.parametrize(("source", "sensor", "ratio"), [("wv2", "wv2", 4), ("landsat8-example", "landsat8", 2)])
+@pytest.mark.parametrize(
+    ("source", "sensor", "ratio"), [("wv2", "wv2", 4), ("landsat8-example", "landsat8", 2)]
+)
 def test_simulate_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, sensor: str, ratio: int
 ) -> None:
     if source == "wv2":
-        pan, ms = str(need_shared("wv2_spacenet6", "pan_1.tif")), str(need_shared("wv2_spacenet6", "ms_1.tif"))
+        pan, ms = (str(need_shared("wv2_spacenet6", f"{k}_1.tif")) for k in ("pan", "ms"))
     else:
         pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
     with pytest.raises(SystemExit) as exc:
