@@ -49,10 +49,11 @@ class Scene:
         return make_method(name, self.ratio, self.sensor)
 
 
-@pytest.fixture(scope="module", params=["wv2", "landsat8-example"])
+@pytest.fixture(scope="module", params=["wv2", "landsat8-example", "landsat8-example-r4"])
 def scene(request: pytest.FixtureRequest) -> Scene:
     """WorldView-2 pair 1 (no nodata) cropped to 384 PAN px (pan 384 x 384, ms 4 x 96 x 96), or the
-    in-repository Landsat-8 example's left half (pan 320 x 320, ms 6 x 160 x 160, ratio 2)."""
+    in-repository Landsat-8 example's left half (pan 320 x 320, ms 6 x 160 x 160, ratio 2; or its MS
+    reduced to 6 x 80 x 80, ratio 4)."""
     if request.param == "wv2":
         with (
             rasterio.open(need_shared("wv2_spacenet6", "pan_1.tif")) as p,
@@ -61,7 +62,7 @@ def scene(request: pytest.FixtureRequest) -> Scene:
             pan = p.read(window=((100, 484), (100, 484))).astype(np.float64)
             ms = m.read(window=((25, 121), (25, 121))).astype(np.float64)
         return Scene(torch.from_numpy(pan)[None], torch.from_numpy(ms)[None], 4, "wv2")
-    ex = example_pair(160, 160)
+    ex = example_pair(160, 160, ratio=4 if request.param.endswith("r4") else 2)
     return Scene(torch.from_numpy(ex.pan)[None], torch.from_numpy(ex.ms)[None], ex.ratio, ex.sensor)
 
 
@@ -140,7 +141,9 @@ def test_brovey_preserves_haze_corrected_band_ratios(scene: Scene) -> None:
     out = f.fuse(pan, ms)[0].double().numpy()
     haze = f.haze.numpy()[:, None, None]
     assert (haze > 0).all() and (haze[:, 0, 0] < ms[0].numpy().mean((1, 2))).all()
-    ok = (x > haze + 5).all(0)
+    # 5 DN above the haze level, or 1 % of it: float32 products of ~10 000 DN (Landsat) round by
+    # 1e-3 DN, which a difference of a few DN would blow up past the tolerance
+    ok = (x > haze + max(5.0, 0.01 * float(haze.max()))).all(0)
     assert ok.mean() > 0.9
     src = (x - haze)[:, ok]
     dst = (out - haze)[:, ok]

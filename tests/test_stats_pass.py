@@ -21,7 +21,7 @@ from fusion_cli.pipeline.engine import plan_for
 from fusion_cli.pipeline.readers import PairSource, array_reader
 from fusion_cli.pipeline.stats import gather_stats
 
-SOURCES = ["wv2", "landsat8-example"]
+SOURCES = ["wv2", "landsat8-example", "landsat8-example-r4"]
 
 
 def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -36,10 +36,11 @@ def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
 
 def _pair(source: str, size: int) -> tuple[np.ndarray, np.ndarray, int, str]:
     """pan (size, size), ms (C, size / r, size / r) float32, ratio r and sensor: the WV2 pair, or the
-    example (at most 320 PAN px square)."""
+    example (at most 320 PAN px square; `-r4`: its MS reduced to ratio 4)."""
     if source == "wv2":
         return (*_wv2(size), 4, "wv2")
-    ex = example_pair(min(size, 320) // 2, min(size, 320) // 2)
+    side = min(size, 320) // 2
+    ex = example_pair(side, side, ratio=4 if source.endswith("r4") else 2)
     return ex.pan[0].astype(np.float32), ex.ms.astype(np.float32), ex.ratio, ex.sensor
 
 
