@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,9 +146,10 @@ def evaluate_scene(
     from fusion_cli.assess import evaluate as score_product
     from fusion_cli.wald import simulate_files
 
-    pan, ms, work_dir = Path(pan), Path(ms), Path(work_dir)
+    # pan and ms stay as given: GDAL virtual paths (/vsizip/...) are strings that Path would fold
+    work_dir = Path(work_dir)
     key = canonical_sensor(sensor)
-    scene_id = scene_id or pan.stem
+    scene_id = scene_id or _stem(pan)
     sim = simulate_files(
         pan, ms, work_dir / "reduced", sensor=key, ratio=ratio, pan_mtf=pan_mtf, overwrite=True
     )
@@ -316,14 +318,27 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def find_scenes(paths: list[str | Path]) -> list[tuple[Path, Path, str]]:
-    """Scenes from `PAN MS` (two rasters), a folder (paired by the batch naming conventions) or a
-    CSV manifest (`pan,ms[,out][,id]`)."""
-    from fusion_cli.batch import pair_by_patterns, read_manifest
+def _stem(path: str | Path) -> str:
+    return Path(os.path.basename(os.fspath(path))).stem
 
-    paths = [Path(p) for p in paths]
-    if len(paths) == 2 and all(p.is_file() and p.suffix.lower() != ".csv" for p in paths):
-        return [(paths[0], paths[1], paths[0].stem)]
+
+def find_scenes(paths: list[str | Path]) -> list[tuple[Path | str, Path | str, str]]:
+    """Scenes from `PAN MS` (two rasters: files or GDAL virtual paths such as /vsizip/a.zip/pan.tif),
+    a folder (paired by the batch naming conventions) or a CSV manifest (`pan,ms[,out][,id]`, whose
+    paths may be GDAL paths too). A GDAL path is a raster, never a folder to list."""
+    from fusion_cli.batch import pair_by_patterns, read_manifest
+    from fusion_cli.raster import is_gdal_path
+
+    given = [os.fspath(p) if is_gdal_path(p) else Path(p) for p in paths]
+    rasters = [isinstance(p, str) or (p.is_file() and p.suffix.lower() != ".csv") for p in given]
+    if len(given) == 2 and all(rasters):
+        return [(given[0], given[1], _stem(given[0]))]
+    if any(isinstance(p, str) for p in given):
+        raise FusionError(
+            "GDAL virtual paths are rasters: give PAN MS (two of them), or list them in a CSV manifest "
+            "(pan,ms[,id]); a folder inside an archive or bucket is not listed"
+        )
+    paths = [Path(p) for p in given]
     if len(paths) == 1 and paths[0].is_dir():
         plan = pair_by_patterns(paths[0], paths[0])
     elif len(paths) == 1 and paths[0].suffix.lower() == ".csv":

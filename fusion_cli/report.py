@@ -16,6 +16,7 @@ import csv
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,24 +28,39 @@ from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, writ
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
-from fusion_cli.raster import atomic_output
+from fusion_cli.raster import atomic_output, is_gdal_path
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+
+
+# A raster: a local file, or a GDAL virtual path (/vsizip/..., s3://...) kept as the string given
+# (a Path would fold the `//` such paths need).
+Source = Path | str
+
+
+def as_source(path: str | os.PathLike[str]) -> Source:
+    """`path` as a report input: a GDAL virtual path stays a string, anything else is a Path."""
+    return os.fspath(path) if is_gdal_path(path) else Path(path)
+
+
+def _local_key(path: Source) -> Path | str:
+    """What identifies an input for "is it one of the inputs" checks: local files resolved."""
+    return path.resolve() if isinstance(path, Path) else path
 
 
 @dataclass
 class ReportItem:
     """One product and what it is judged against (None: taken from the product's tags)."""
 
-    product: Path
-    ref: Path | None = None
-    pan: Path | None = None
-    ms: Path | None = None
+    product: Source
+    ref: Source | None = None
+    pan: Source | None = None
+    ms: Source | None = None
     label: str = ""
 
     @property
     def name(self) -> str:
-        return self.label or self.product.stem
+        return self.label or Path(os.path.basename(os.fspath(self.product))).stem
 
 
 def _rasters_in(folder: Path) -> list[Path]:
@@ -61,8 +77,10 @@ def read_manifest(path: str | Path) -> list[ReportItem]:
     if not rows or "product" not in rows[0]:
         raise FusionError(f"manifest {p} needs a header with a 'product' column and 'ref' or 'pan','ms'")
 
-    def resolve(v: str | None) -> Path | None:
-        return None if not v or not v.strip() else (p.parent / v.strip())
+    def resolve(v: str | None) -> Source | None:
+        if not v or not v.strip():
+            return None
+        return v.strip() if is_gdal_path(v.strip()) else p.parent / v.strip()
 
     items = []
     for i, row in enumerate(rows, start=2):
@@ -82,29 +100,35 @@ def read_manifest(path: str | Path) -> list[ReportItem]:
 
 
 def collect_items(
-    inputs: list[Path],
-    ref: Path | None = None,
-    pan: Path | None = None,
-    ms: Path | None = None,
+    inputs: list[str | Path],
+    ref: str | Path | None = None,
+    pan: str | Path | None = None,
+    ms: str | Path | None = None,
     manifest: Path | None = None,
 ) -> list[ReportItem]:
-    """Products to evaluate: files given, rasters of folders given (not recursive), or a manifest."""
+    """Products to evaluate: files given, rasters of folders given (not recursive), or a manifest.
+    GDAL virtual paths (/vsizip/..., /vsicurl/...) are taken as raster files: GDAL opens them, but
+    they are not listed as folders."""
     if manifest is not None:
         if inputs or ref or pan or ms:
             raise FusionError("a manifest says everything: do not also give products, --ref, --pan or --ms")
         items = read_manifest(manifest)
     else:
-        inputs_used = {p.resolve() for p in (ref, pan, ms) if p is not None}
-        products: list[Path] = []
-        for p in inputs:
-            if p.is_dir():
+        ref_, pan_, ms_ = (None if v is None else as_source(v) for v in (ref, pan, ms))
+        inputs_used = {_local_key(p) for p in (ref_, pan_, ms_) if p is not None}
+        products: list[Source] = []
+        for given in inputs:
+            p = as_source(given)
+            if isinstance(p, str):
+                products.append(p)  # GDAL says whether it exists when the product is read
+            elif p.is_dir():
                 products += _rasters_in(p)
             elif p.is_file():
                 products.append(p)
             else:
                 raise FusionError(f"not a file or folder: {p}")
-        products = [p for p in products if p.resolve() not in inputs_used]
-        items = [ReportItem(p, ref, pan, ms) for p in products]
+        products = [p for p in products if _local_key(p) not in inputs_used]
+        items = [ReportItem(p, ref_, pan_, ms_) for p in products]
     if not items:
         raise FusionError("no products to evaluate: give raster files, a folder of them, or --manifest")
     return items
@@ -423,7 +447,9 @@ def build_report(
         raise FusionError(f"report {html_path} already exists; pass --overwrite to replace it")
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    sources = {p.resolve() for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None}
+    sources = {
+        p.resolve() for it in items for p in (it.product, it.ref, it.pan, it.ms) if isinstance(p, Path)
+    }
     if out.resolve() in sources or any(out.resolve() in s.parents for s in sources):
         raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     results: list[dict[str, Any]] = []

@@ -1,10 +1,14 @@
-"""Shared fixtures: real imagery from ../shared/data, read at run time (never copied in)."""
+"""Shared fixtures: real imagery from ../shared/data, read at run time (never copied in), and the
+in-repository Landsat-8 example scene, so that each module also has tests on a fresh clone."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fusion_cli.paths import shared_data_dir
@@ -33,6 +37,44 @@ def shared() -> Path:
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_PAN, EXAMPLE_MS = EXAMPLES / "landsat8_pan.tif", EXAMPLES / "landsat8_ms.tif"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A PAN/MS pair as arrays: `pan (1, H, W)`, `ms (C, H / ratio, W / ratio)`, float64 DN."""
+
+    pan: np.ndarray
+    ms: np.ndarray
+    ratio: int
+    sensor: str
+
+
+@cache
+def _example_arrays() -> tuple[np.ndarray, np.ndarray]:
+    import rasterio
+
+    # Tracked in git (examples/make_example.py rebuilds them); a fresh clone has them.
+    with rasterio.open(EXAMPLE_PAN) as p, rasterio.open(EXAMPLE_MS) as m:
+        return p.read(), m.read()
+
+
+def example_pair(ms_rows: int = 160, ms_cols: int = 320, ratio: int = 2) -> Pair:
+    """The shipped Landsat-8 example (ratio 2, 6 bands B, G, R, NIR, SWIR1, SWIR2) as arrays, the
+    MS's top-left `ms_rows x ms_cols` pixels and the PAN over them. Indexed by array position: the
+    PAN grid sits half a PAN pixel off the MS grid, a real misregistration the methods must bear.
+    `ratio=4` reduces the 30 m MS once more by 2 with the Landsat MTF (a 60 m MS, as Wald's protocol
+    would), so that ratio-4 code paths run on real content too."""
+    from fusion_cli.mtf import degrade_ms
+    from fusion_cli.sensors import nyquist_gains
+
+    pan, ms = _example_arrays()
+    lo = ms[:, :ms_rows, :ms_cols].astype(np.float64)
+    if ratio == 4:
+        lo = degrade_ms(lo, nyquist_gains("landsat8", lo.shape[0])[0], 2)
+    elif ratio != 2:
+        raise ValueError(f"the example pair has ratio 2 or 4, not {ratio}")
+    return Pair(pan[:, : 2 * ms_rows, : 2 * ms_cols].astype(np.float64), lo, ratio, "landsat8")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, need_shared
 from rasterio.transform import from_origin
 
 from fusion_cli import align
@@ -40,6 +40,27 @@ def test_landsat8_half_pixel_offset_and_odd_pan():
         x_world = pan.transform.c + pan.transform.a * (g.col0 + 2 * 3 + 1)
         x_ms = ms.transform.c + ms.transform.a * (ux[3] + 0.5)
         assert x_world == pytest.approx(x_ms)
+
+
+def test_example_half_pixel_offset_follows_the_transforms():
+    """The in-repository example (a crop of a Landsat-8 scene) keeps the half-PAN-pixel offset: the
+    output is the PAN grid from its second row and column, 319 x 639 inside the MS area."""
+    with rasterio.open(EXAMPLE_PAN) as pan, rasterio.open(EXAMPLE_MS) as ms:
+        g = align.relate_grids(pan, ms, expected_ratio=2)
+        assert g.ratio == 2 and g.georeferenced and g.crs == pan.crs
+        assert (g.row0, g.col0, g.height, g.width) == (1, 1, 319, 639)
+        assert g.out_transform == pan.transform @ rasterio.Affine.translation(1, 1)
+        left, top = g.out_transform * (0, 0)
+        right, bottom = g.out_transform * (g.width, g.height)
+        assert (left, top) == (ms.bounds.left + 7.5, ms.bounds.top - 7.5)
+        assert ms.bounds.left <= left and right <= ms.bounds.right
+        assert ms.bounds.bottom <= bottom and top <= ms.bounds.top
+        uy, ux = g.ms_centres(g.row0, 4, axis=0), g.ms_centres(g.col0, 4, axis=1)
+        np.testing.assert_allclose(uy, [0.25, 1.25, 2.25, 3.25])
+        np.testing.assert_allclose(ux, [0.25, 1.25, 2.25, 3.25])
+        y_world = pan.transform.f + pan.transform.e * (g.row0 + 2 * 2 + 1)
+        y_ms = ms.transform.f + ms.transform.e * (uy[2] + 0.5)
+        assert y_world == pytest.approx(y_ms)
 
 
 def test_wv2_non_exact_ratio_passes():
@@ -109,12 +130,14 @@ def test_no_georef_pairs_by_exact_size_ratio():
         align.relate_shapes((800, 800), (400, 400), expected_ratio=4)
 
 
-def test_phase_correlation_recovers_a_known_subpixel_shift():
-    img = need_shared("wv3_spacenet2", "pan.tif")
+@pytest.mark.parametrize("source", ["wv3", "landsat8-example"])
+def test_phase_correlation_recovers_a_known_subpixel_shift(source):
+    img = need_shared("wv3_spacenet2", "pan.tif") if source == "wv3" else EXAMPLE_PAN
     with rasterio.open(img) as ds:
         base = ds.read(1, window=rasterio.windows.Window(0, 0, 512, 512)).astype(np.float64)
+    n, m = base.shape  # the example: 320 x 512
     # Shift by (+1.5, -2.25) px with an exact Fourier shift.
-    ky, kx = np.meshgrid(np.fft.fftfreq(512), np.fft.fftfreq(512), indexing="ij")
+    ky, kx = np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(m), indexing="ij")
     moved = np.fft.ifft2(np.fft.fft2(base) * np.exp(-2j * np.pi * (ky * 1.5 + kx * -2.25))).real
     dy, dx, peak = align.phase_correlation(base, moved, upsample=20)
     assert (dy, dx) == pytest.approx((1.5, -2.25), abs=0.05)
@@ -131,6 +154,20 @@ def test_shift_estimate_on_fusebox_known_one_pixel_offset(pair):
     dy, dx, _ = align.estimate_shift(pan.astype(np.float64), ms.astype(np.float64), 2)
     assert dy == pytest.approx(-1.0, abs=0.2)
     assert dx == pytest.approx(-1.05, abs=0.2)
+
+
+def test_shift_estimate_on_the_example_sees_the_grid_offset_and_known_shifts():
+    """Indexed by array position, the example's PAN content sits half a PAN pixel down-right of the
+    MS (its geotransforms say so): the estimate is within 0.25 px of it, and rolling the PAN by whole
+    pixels moves the estimate by exactly those pixels."""
+    ex = example_pair()
+    pan, ms = ex.pan[0], ex.ms[:, 4:-4, 4:-4]
+    dy, dx, peak = align.estimate_shift(pan[8:-8, 8:-8], ms, 2)
+    assert (dy, dx) == pytest.approx((0.5, 0.5), abs=0.25) and peak > 0.5  # measured 0.3, 0.4
+    for sy, sx in ((2, 0), (0, -2), (4, 2)):
+        moved = np.roll(pan, (sy, sx), axis=(0, 1))[8:-8, 8:-8]
+        my, mx, _ = align.estimate_shift(moved, ms, 2)
+        assert (my - dy, mx - dx) == pytest.approx((sy, sx), abs=0.15), (sy, sx)
 
 
 def test_shift_estimate_on_wv3():

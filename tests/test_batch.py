@@ -1,4 +1,5 @@
-"""`fusion batch` on folders built from the real pairs of ../shared/data plus deliberately broken files.
+"""`fusion batch` on folders built from the real pairs of ../shared/data, or from crops of the
+in-repository Landsat-8 example, plus deliberately broken files.
 
 The folders live in tmp_path (copies made at test time; nothing from the shared data enters the
 repository). Fusion uses the classical `exp` method so the whole file stays fast on 2 cores.
@@ -22,10 +23,10 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.windows
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
 from rasterio.crs import CRS
 
-from fusion_cli import batch
+from fusion_cli import align, batch
 from fusion_cli.batch import locking
 from fusion_cli.errors import FusionError
 from fusion_cli.raster import is_complete_output
@@ -33,6 +34,9 @@ from fusion_cli.raster import is_complete_output
 L7 = "landsat7_etm_fusebox"
 WV2 = "wv2_spacenet6"
 GOOD = ["l7_1", "l7_7", "wv2_1"]
+# The same roles from the example: a ratio-2 pair without georeferencing, a georeferenced ratio-2
+# pair, and a georeferenced ratio-4 pair (its MS reduced once more by 2 with the Landsat MTF).
+GOOD_EXAMPLE = ["ex_nogeo", "ex_top", "ex_r4"]
 BAD = {  # scene (or file) -> words its failure reason must contain
     "trunc": None,  # whatever GDAL says about the cut file, it must be a failure with a reason
     "text": "not a readable raster",
@@ -90,11 +94,42 @@ def copy_pair_cropped(src_dir: str, k: int, dst: Path, stem: str, pan_size: int)
                 out.write(data)
 
 
-def build_mixed_folder(root: Path) -> Path:
-    """3 good real pairs (Landsat-7 ratio 2 without georeferencing, WorldView-2 ratio 4 in UTM)
-    and 4 broken cases: a truncated GeoTIFF, a text file named .tif, mismatched CRS, no partner."""
+def write_example_crop(
+    dst: Path, stem: str, ms_window: rasterio.windows.Window, georef: bool = True, ms_reduce: int = 1
+) -> None:
+    """`stem_pan.tif` / `stem_ms.tif`: the example's MS `ms_window` and the PAN over it (the PAN
+    window keeps Landsat's half-pixel offset), optionally without georeferencing or with the MS
+    MTF-reduced by `ms_reduce` (its pixel size grows accordingly)."""
+    from fusion_cli.mtf import degrade_ms
+    from fusion_cli.sensors import nyquist_gains
+
+    pan_window = rasterio.windows.Window(
+        2 * ms_window.col_off, 2 * ms_window.row_off, 2 * ms_window.width, 2 * ms_window.height
+    )
+    for role, src_path, win in (("pan", EXAMPLE_PAN, pan_window), ("ms", EXAMPLE_MS, ms_window)):
+        with rasterio.open(src_path) as src:
+            data, transform, profile = src.read(window=win), src.window_transform(win), src.profile
+        if role == "ms" and ms_reduce > 1:
+            gains = nyquist_gains("landsat8", data.shape[0])[0]
+            data = np.round(degrade_ms(data.astype(np.float64), gains, ms_reduce)).astype(data.dtype)
+            transform = transform * rasterio.Affine.scale(ms_reduce)
+        profile.update(width=data.shape[2], height=data.shape[1], transform=transform)
+        if not georef:
+            profile.update(crs=None, transform=rasterio.Affine.identity())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no georeferencing, on purpose
+            with rasterio.open(dst / f"{stem}_{role}.tif", "w", **profile) as out:
+                out.write(data)
+
+
+def build_mixed_folder(root: Path, source: str = "shared") -> Path:
+    """3 good real pairs (Landsat-7 ratio 2 without georeferencing, WorldView-2 ratio 4 in UTM; or
+    the example's crops of `GOOD_EXAMPLE`) and 4 broken cases: a truncated GeoTIFF, a text file named
+    .tif, mismatched CRS, no partner."""
     d = root / "in"
     d.mkdir()
+    if source == "example":
+        return build_example_mixed_folder(d)
     copy_pair(L7, "1_pan.tif", "1_ms.tif", d, "l7_1")
     copy_pair(L7, "7_pan.tif", "7_ms.tif", d, "l7_7")
     copy_pair(WV2, "pan_1.tif", "ms_1.tif", d, "wv2_1")
@@ -111,18 +146,39 @@ def build_mixed_folder(root: Path) -> Path:
     return d
 
 
+def build_example_mixed_folder(d: Path) -> Path:
+    """`build_mixed_folder` from the in-repository example."""
+    Window = rasterio.windows.Window
+    write_example_crop(d, "ex_nogeo", Window(0, 0, 160, 96), georef=False)
+    write_example_crop(d, "ex_top", Window(100, 0, 128, 80))
+    write_example_crop(d, "ex_r4", Window(0, 32, 320, 128), ms_reduce=2)
+    write_example_crop(d, "trunc", Window(0, 0, 320, 160))
+    data = (d / "trunc_ms.tif").read_bytes()
+    (d / "trunc_ms.tif").write_bytes(data[: len(data) * 2 // 5])
+    write_example_crop(d, "text", Window(0, 0, 64, 64))
+    (d / "text_pan.tif").write_text("this is not a GeoTIFF\n")
+    write_example_crop(d, "crs", Window(64, 64, 64, 64))
+    with rasterio.open(d / "crs_ms.tif", "r+") as ds:
+        ds.crs = CRS.from_epsg(32632)
+    shutil.copy(EXAMPLE_PAN, d / "lonely_pan.tif")
+    (d / "notes.txt").write_text("a file that matches no pattern is listed, not fused\n")
+    return d
+
+
 def hidden_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The mixed folder fused once by the CLI (shared by the tests that inspect that run)."""
+@pytest.fixture(scope="module", params=["shared", "example"])
+def mixed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The mixed folder fused once by the CLI (shared by the tests that inspect that run); `good`
+    names its good scenes: ratio 2 without georeferencing, ratio 2 and ratio 4 georeferenced."""
     root = tmp_path_factory.mktemp("batch")
-    in_dir = build_mixed_folder(root)
+    in_dir = build_mixed_folder(root, request.param)
     out_dir, log = root / "out", root / "log.jsonl"
     res = run_cli("batch", str(in_dir), str(out_dir), "--method", "exp", "--log", str(log), "--json")
-    return {"in": in_dir, "out": out_dir, "log": log, "res": res}
+    good = GOOD if request.param == "shared" else GOOD_EXAMPLE
+    return {"in": in_dir, "out": out_dir, "log": log, "res": res, "good": good}
 
 
 def test_default_conventions_pair_the_real_folders() -> None:
@@ -210,18 +266,19 @@ def test_two_cli_shards_split_the_mixed_folder(mixed: dict) -> None:
         )
         plans.append(json.loads(res.stdout))
     scenes = [s["scene"] for p in plans for s in p["scenes"]]
-    assert sorted(scenes) == sorted(GOOD + ["trunc", "text", "crs"])
+    good = mixed["good"]
+    assert sorted(scenes) == sorted(good + ["trunc", "text", "crs"])
     assert [u["path"] for p in plans for u in p["unpaired"]] == [str(mixed["in"] / "lonely_pan.tif")]
-    assert all(s["state"] == "complete" for p in plans for s in p["scenes"] if s["scene"] in GOOD)
+    assert all(s["state"] == "complete" for p in plans for s in p["scenes"] if s["scene"] in good)
 
 
 def test_mixed_folder_fuses_good_scenes_and_reports_each_bad_one(mixed: dict) -> None:
-    res, out_dir = mixed["res"], mixed["out"]
+    res, out_dir, good = mixed["res"], mixed["out"], mixed["good"]
     assert res.returncode == 1, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     by_scene = {r["scene"]: r for r in summary["scenes"]}
     assert (summary["done"], summary["skipped"], summary["failed"]) == (3, 0, 4)
-    for name in GOOD:
+    for name in good:
         r = by_scene[name]
         assert r["status"] == "done", r
         out = Path(r["out"])
@@ -229,8 +286,12 @@ def test_mixed_folder_fuses_good_scenes_and_reports_each_bad_one(mixed: dict) ->
         with rasterio.open(out) as o, rasterio.open(mixed["in"] / f"{name}_pan.tif") as p:
             with rasterio.open(mixed["in"] / f"{name}_ms.tif") as m:
                 assert (o.count, o.dtypes[0]) == (m.count, m.dtypes[0])
-            assert (o.width, o.height, o.crs) == (p.width, p.height, p.crs)
-            assert o.transform.almost_equals(p.transform)
+                g = align.relate_grids(p, m)
+            # the PAN grid over the area the MS covers: the whole PAN for the shared pairs; from
+            # the second row and column for the example's crops (Landsat's half-pixel offset)
+            assert (g.row0, g.col0) == ((0, 0) if name in GOOD or not g.georeferenced else (1, 1))
+            assert (o.width, o.height, o.crs) == (g.width, g.height, p.crs)
+            assert o.transform.almost_equals(p.transform @ rasterio.Affine.translation(g.col0, g.row0))
         assert r["pan_mpx"] == pytest.approx(out_px(out) / 1e6)
     for name, words in BAD.items():
         r = by_scene[name]
@@ -242,18 +303,18 @@ def test_mixed_folder_fuses_good_scenes_and_reports_each_bad_one(mixed: dict) ->
     assert "FAILED" in res.stderr and "Traceback" not in res.stderr
     assert hidden_files(out_dir) == []  # no temporary or lock file left behind
     lines = [json.loads(x) for x in mixed["log"].read_text().splitlines()]
-    assert sorted(x["scene"] for x in lines) == sorted(GOOD + list(BAD))
-    assert {x["status"] for x in lines if x["scene"] in GOOD} == {"done"}
+    assert sorted(x["scene"] for x in lines) == sorted(good + list(BAD))
+    assert {x["status"] for x in lines if x["scene"] in good} == {"done"}
 
     # Rerun: finished scenes are validated and skipped (not rewritten), bad ones fail again.
-    stamps = {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in GOOD}
+    stamps = {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in good}
     again = run_cli(
         "batch", str(mixed["in"]), str(out_dir), "--method", "exp", "--json", "--log", str(mixed["log"])
     )
     assert again.returncode == 1
     s2 = json.loads(again.stdout)
     assert (s2["done"], s2["skipped"], s2["failed"]) == (0, 3, 4)
-    assert {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in GOOD} == stamps
+    assert {n: (out_dir / f"{n}_fused.tif").stat().st_mtime_ns for n in good} == stamps
     assert len(mixed["log"].read_text().splitlines()) == 2 * len(lines)
 
 
@@ -265,7 +326,8 @@ def out_px(path: Path) -> int:
 def test_overwrite_redoes_and_a_foreign_output_is_not_clobbered(mixed: dict, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     manifest = tmp_path / "one.csv"
-    manifest.write_text("pan,ms,out\nl7_7_pan.tif,l7_7_ms.tif,l7_7.tif\n")
+    name = mixed["good"][1]  # a ratio-2 scene
+    manifest.write_text(f"pan,ms,out\n{name}_pan.tif,{name}_ms.tif,l7_7.tif\n")
     # A file that is not a complete fusion-cli product already sits at the output name.
     out_dir.mkdir()
     (out_dir / "l7_7.tif").write_text("somebody else's file")
@@ -281,7 +343,7 @@ def test_overwrite_redoes_and_a_foreign_output_is_not_clobbered(mixed: dict, tmp
     sidecar = json.loads((out_dir / "l7_7.tif.metrics.json").read_text())
     assert sidecar["metrics"] == pytest.approx(metrics)
     assert 0 < metrics["QNR"] <= 1 and 0 <= metrics["D_s"] < 1 and metrics["ratio"] == 2
-    ref = mixed["out"] / "l7_7_fused.tif"
+    ref = mixed["out"] / f"{name}_fused.tif"
     with rasterio.open(out_dir / "l7_7.tif") as a, rasterio.open(ref) as b:
         np.testing.assert_array_equal(a.read(), b.read())
 
@@ -396,12 +458,13 @@ def test_scenes_in_flight_together_give_the_same_outputs(mixed: dict, tmp_path: 
     from fusion_cli.pipeline import FuseOptions
 
     plan = batch.pair_by_patterns(mixed["in"], tmp_path / "out")
-    plan.scenes = [sc for sc in plan.scenes if sc.id in ("l7_1", "wv2_1", "text")]
+    two = [mixed["good"][0], mixed["good"][2]]  # ratio 2 and ratio 4
+    plan.scenes = [sc for sc in plan.scenes if sc.id in (*two, "text")]
     job = batch.FuseJob(fuser={"method": "exp", "device": "cpu"}, options=FuseOptions())
     summary = batch.run_batch(plan, batch.make_scene_processor(job), scene_workers=2, io_workers=2)
-    assert sorted(r.scene for r in summary.results if r.status == "done") == ["l7_1", "wv2_1"]
+    assert sorted(r.scene for r in summary.results if r.status == "done") == sorted(two)
     assert (summary.failed, summary.exit_code) == (2, 1)  # "text" and the unpaired file
-    for name in ("l7_1", "wv2_1"):
+    for name in two:
         with rasterio.open(tmp_path / "out" / f"{name}_fused.tif") as a:
             with rasterio.open(mixed["out"] / f"{name}_fused.tif") as b:
                 np.testing.assert_array_equal(a.read(), b.read())
@@ -446,7 +509,7 @@ def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> No
         args = ["batch", str(mixed["in"]), str(out_dir), "--method", "exp", "--dask", lc.scheduler_address]
         res = run_cli(*args, "--json", "--log", str(log))
         # A scene that kills its worker is a failed scene with a reason, not a hung or crashed batch.
-        pan, ms = mixed["in"] / "l7_1_pan.tif", mixed["in"] / "l7_1_ms.tif"
+        pan, ms = mixed["in"] / f"{mixed['good'][0]}_pan.tif", mixed["in"] / f"{mixed['good'][0]}_ms.tif"
         plan = batch.Plan([batch.Scene("boom", pan, ms, tmp_path / "boom.tif")])
         job = batch.FuseJob(fuser={"method": "exp"}, options=None)
         died = run_batch_dask(plan, job, client, factory=dying_factory)
@@ -460,14 +523,14 @@ def test_dask_cluster_gives_the_local_outputs(mixed: dict, tmp_path: Path) -> No
     # The scenes ran in the worker processes, each with its own fuser, not in this one.
     workers = {r["worker"] for r in remote.values() if r["status"] == "done"}
     assert workers and all(not w.endswith(f":{os.getpid()}") for w in workers)
-    for name in GOOD:
+    for name in mixed["good"]:
         with (
             rasterio.open(out_dir / f"{name}_fused.tif") as a,
             rasterio.open(mixed["out"] / f"{name}_fused.tif") as b,
         ):
             assert_same_up_to_blas_rounding(a.read(), b.read())
             assert (a.profile, a.transform, a.crs) == (b.profile, b.transform, b.crs)
-    assert len(log.read_text().splitlines()) == len(GOOD) + len(BAD)
+    assert len(log.read_text().splitlines()) == len(mixed["good"]) + len(BAD)
 
 
 def test_batch_passes_creation_options(tmp_path: Path, landsat_demo: dict[str, Path]) -> None:

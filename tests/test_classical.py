@@ -1,12 +1,15 @@
-"""Classical methods: each one's defining property, on real WorldView-2/3 pairs from ../shared/data."""
+"""Classical methods: each one's defining property, on real WorldView-2/3 pairs from ../shared/data and
+on the in-repository Landsat-8 example (ratio 2, six bands, half a PAN pixel of misregistration)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import need_shared
+from conftest import example_pair, need_shared
 
 from fusion_cli.classical import METHODS, describe, make_method
 from fusion_cli.errors import FusionError
@@ -33,24 +36,40 @@ def test_fusion_help_cites_each_methods_paper(command: str, capsys, monkeypatch)
         assert "".join(f"{name}: {describe(name)}".split()) in text, name
 
 
-@pytest.fixture(scope="module")
-def wv2() -> tuple[torch.Tensor, torch.Tensor]:
-    """WorldView-2 pair 1 (no nodata), cropped to 384 PAN px: pan (1, 1, 384, 384), ms (1, 4, 96, 96)."""
-    with (
-        rasterio.open(need_shared("wv2_spacenet6", "pan_1.tif")) as p,
-        rasterio.open(need_shared("wv2_spacenet6", "ms_1.tif")) as m,
-    ):
-        pan = p.read(window=((100, 484), (100, 484))).astype(np.float64)
-        ms = m.read(window=((25, 121), (25, 121))).astype(np.float64)
-    return torch.from_numpy(pan)[None], torch.from_numpy(ms)[None]
+@dataclass(frozen=True)
+class Scene:
+    """pan (1, 1, H, W), ms (1, C, H / ratio, W / ratio) float64 DN, the ratio and the sensor."""
+
+    pan: torch.Tensor
+    ms: torch.Tensor
+    ratio: int
+    sensor: str
+
+    def method(self, name: str) -> Fuser:
+        return make_method(name, self.ratio, self.sensor)
+
+
+@pytest.fixture(scope="module", params=["wv2", "landsat8-example", "landsat8-example-r4"])
+def scene(request: pytest.FixtureRequest) -> Scene:
+    """WorldView-2 pair 1 (no nodata) cropped to 384 PAN px (pan 384 x 384, ms 4 x 96 x 96), or the
+    in-repository Landsat-8 example's left half (pan 320 x 320, ms 6 x 160 x 160, ratio 2; or its MS
+    reduced to 6 x 80 x 80, ratio 4)."""
+    if request.param == "wv2":
+        with (
+            rasterio.open(need_shared("wv2_spacenet6", "pan_1.tif")) as p,
+            rasterio.open(need_shared("wv2_spacenet6", "ms_1.tif")) as m,
+        ):
+            pan = p.read(window=((100, 484), (100, 484))).astype(np.float64)
+            ms = m.read(window=((25, 121), (25, 121))).astype(np.float64)
+        return Scene(torch.from_numpy(pan)[None], torch.from_numpy(ms)[None], 4, "wv2")
+    ex = example_pair(160, 160, ratio=4 if request.param.endswith("r4") else 2)
+    return Scene(torch.from_numpy(ex.pan)[None], torch.from_numpy(ex.ms)[None], ex.ratio, ex.sensor)
 
 
 @pytest.fixture(scope="module")
-def fused(wv2: tuple[torch.Tensor, torch.Tensor]) -> dict[str, np.ndarray]:
-    pan, ms = wv2
-    return {
-        name: make_method(name, 4, "wv2").fit(pan, ms).fuse(pan, ms)[0].double().numpy() for name in METHODS
-    }
+def fused(scene: Scene) -> dict[str, np.ndarray]:
+    pan, ms = scene.pan, scene.ms
+    return {name: scene.method(name).fit(pan, ms).fuse(pan, ms)[0].double().numpy() for name in METHODS}
 
 
 def test_registry() -> None:
@@ -75,51 +94,56 @@ def test_registry() -> None:
         make_method("exp", 4).fuse(torch.zeros(1, 1, 64, 64), torch.zeros(1, 4, 15, 16))
 
 
-def test_exp_is_the_interpolated_ms(
-    wv2: tuple[torch.Tensor, torch.Tensor], fused: dict[str, np.ndarray]
-) -> None:
-    pan, ms = wv2
-    np.testing.assert_allclose(fused["exp"], upsample_ms(ms, 4)[0].numpy(), atol=1e-3)
+def test_exp_is_the_interpolated_ms(scene: Scene, fused: dict[str, np.ndarray]) -> None:
+    ms, r = scene.ms, scene.ratio
+    # (float32 products: rounding is relative, 1e-3 DN of the example's ~10 000 DN would be 1e-7)
+    np.testing.assert_allclose(fused["exp"], upsample_ms(ms, r)[0].numpy(), atol=1e-3, rtol=1e-6)
     # and interpolation keeps every MS sample on its PAN-grid position
-    np.testing.assert_allclose(fused["exp"][:, 2::4, 2::4], ms[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(fused["exp"][:, r // 2 :: r, r // 2 :: r], ms[0].numpy(), atol=1e-3, rtol=1e-6)
 
 
-def test_every_method_injects_pan_detail(fused: dict[str, np.ndarray]) -> None:
+# Mean injected detail against the interpolated MS's mean: ratio 2 leaves half the frequencies to
+# inject, over Landsat's large dark level (measured 0.015-0.046 on the example; 0.12-0.28 on WV2).
+DETAIL_RANGE = {"wv2": (0.05, 0.6), "landsat8": (0.01, 0.1)}
+
+
+def test_every_method_injects_pan_detail(scene: Scene, fused: dict[str, np.ndarray]) -> None:
     exp = fused["exp"]
+    lo, hi = DETAIL_RANGE[scene.sensor]
     for name, out in fused.items():
         assert out.shape == exp.shape and np.isfinite(out).all(), name
         if name != "exp":
             detail = np.abs(out - exp).mean()
-            assert 0.05 * exp.mean() < detail < 0.6 * exp.mean(), (name, detail)
+            assert lo * exp.mean() < detail < hi * exp.mean(), (name, detail)
 
 
 @pytest.mark.parametrize("name", ["mtf-glp", "mtf-glp-fs", "mtf-glp-hpm", "mtf-glp-hs"])
-def test_mra_methods_keep_the_low_pass_content(
-    name: str, wv2: tuple[torch.Tensor, torch.Tensor], fused: dict[str, np.ndarray]
-) -> None:
+def test_mra_methods_keep_the_low_pass_content(name: str, scene: Scene, fused: dict[str, np.ndarray]) -> None:
     """MTF-filtering and decimating the product gives back (about) the input MS: the injected detail
     lives above the MS band, so the product is no further from the MS than plain interpolation."""
-    ms = wv2[1][0].numpy()
-    gains = nyquist_gains("wv2", 4)[0]
+    ms, r = scene.ms[0].numpy(), scene.ratio
+    gains = nyquist_gains(scene.sensor, ms.shape[0])[0]
     inner = (slice(None), slice(8, -8), slice(8, -8))
-    err_method = np.abs(degrade_ms(fused[name], gains, 4) - ms)[inner].mean()
-    err_exp = np.abs(degrade_ms(fused["exp"], gains, 4) - ms)[inner].mean()
+    err_method = np.abs(degrade_ms(fused[name], gains, r) - ms)[inner].mean()
+    err_exp = np.abs(degrade_ms(fused["exp"], gains, r) - ms)[inner].mean()
     assert err_method < 1.25 * err_exp, (err_method, err_exp)
     assert err_method < 0.15 * ms.mean()
     # most of the injected detail is removed by the sensor MTF (it is high-pass)
     detail = fused[name] - fused["exp"]
-    low_detail = degrade_ms(detail, gains, 4)
+    low_detail = degrade_ms(detail, gains, r)
     assert np.sqrt((low_detail[inner] ** 2).mean() / (detail[:, 32:-32, 32:-32] ** 2).mean()) < 0.4
 
 
-def test_brovey_preserves_haze_corrected_band_ratios(wv2: tuple[torch.Tensor, torch.Tensor]) -> None:
-    pan, ms = wv2
-    f = make_method("brovey", 4, "wv2").fit(pan, ms)
-    x = upsample_ms(ms, 4)[0].numpy()
+def test_brovey_preserves_haze_corrected_band_ratios(scene: Scene) -> None:
+    pan, ms = scene.pan, scene.ms
+    f = scene.method("brovey").fit(pan, ms)
+    x = upsample_ms(ms, scene.ratio)[0].numpy()
     out = f.fuse(pan, ms)[0].double().numpy()
     haze = f.haze.numpy()[:, None, None]
     assert (haze > 0).all() and (haze[:, 0, 0] < ms[0].numpy().mean((1, 2))).all()
-    ok = (x > haze + 5).all(0)
+    # 5 DN above the haze level, or 1 % of it: float32 products of ~10 000 DN (Landsat) round by
+    # 1e-3 DN, which a difference of a few DN would blow up past the tolerance
+    ok = (x > haze + max(5.0, 0.01 * float(haze.max()))).all(0)
     assert ok.mean() > 0.9
     src = (x - haze)[:, ok]
     dst = (out - haze)[:, ok]
@@ -127,9 +151,11 @@ def test_brovey_preserves_haze_corrected_band_ratios(wv2: tuple[torch.Tensor, to
     np.testing.assert_allclose(dst[1:] / dst[0], src[1:] / src[0], rtol=1e-4)
 
 
+@pytest.mark.parametrize("scene", ["wv2"], indirect=True)
 def test_hpm_modulates_instead_of_adding(fused: dict[str, np.ndarray]) -> None:
     """HPM multiplies each band by P / P_low: spectral angles to the interpolated MS stay smaller than
-    with additive injection of the same detail."""
+    with additive injection of the same detail. (WV2 only: over the example's Landsat dark level of
+    ~7000 DN a modulation and an addition of the same small detail turn the angles alike.)"""
 
     def median_sam(a: np.ndarray, b: np.ndarray) -> float:
         cos = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
@@ -139,13 +165,11 @@ def test_hpm_modulates_instead_of_adding(fused: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("name", ["gsa", "pca", "brovey"])
-def test_component_substitution_with_pan_equal_to_intensity(
-    name: str, wv2: tuple[torch.Tensor, torch.Tensor]
-) -> None:
+def test_component_substitution_with_pan_equal_to_intensity(name: str, scene: Scene) -> None:
     """With the PAN replaced by the MS's own intensity component there is nothing to inject."""
-    pan, ms = wv2
-    f = make_method(name, 4, "wv2").fit(pan, ms)
-    x = upsample_ms(ms, 4)
+    pan, ms = scene.pan, scene.ms
+    f = scene.method(name).fit(pan, ms)
+    x = upsample_ms(ms, scene.ratio)
     out = f.fuse(f.intensity(x), ms)[0].double()
     x = x[0]
     keep = torch.ones_like(x[0], dtype=torch.bool)
@@ -154,20 +178,22 @@ def test_component_substitution_with_pan_equal_to_intensity(
     assert (out - x).abs()[:, keep].max() < 1e-3 * x.mean()
 
 
-def _tiled_stats(name: str, pan: torch.Tensor, ms: torch.Tensor, tile: int) -> tuple[object, object]:
-    """The same padded scene accumulated whole and as non-overlapping tiles with `halo` of context."""
-    whole, tiled = make_method(name, 4, "wv2"), make_method(name, 4, "wv2")
+def _tiled_stats(scene: Scene, name: str, size: int, tile: int) -> tuple[object, object]:
+    """The scene's top-left `size` PAN px, padded, accumulated whole and as non-overlapping tiles with
+    `halo` of context."""
+    r = scene.ratio
+    pan, ms = scene.pan[..., :size, :size], scene.ms[..., : size // r, : size // r]
+    whole, tiled = scene.method(name), scene.method(name)
     h = whole.stats_halo
     pp = torch.nn.functional.pad(pan, (h, h, h, h), mode="reflect")
-    mp = torch.nn.functional.pad(ms, (h // 4,) * 4, mode="reflect")
-    size = pan.shape[-1]
+    mp = torch.nn.functional.pad(ms, (h // r,) * 4, mode="reflect")
     valid = torch.zeros_like(pp, dtype=torch.bool)
     valid[..., h : h + size, h : h + size] = True
     whole.accumulate(pp, mp, valid)
-    for r in range(0, size, tile):
-        for c in range(0, size, tile):
-            pw = pp[..., r : r + tile + 2 * h, c : c + tile + 2 * h]
-            mw = mp[..., r // 4 : (r + tile + 2 * h) // 4, c // 4 : (c + tile + 2 * h) // 4]
+    for y in range(0, size, tile):
+        for x in range(0, size, tile):
+            pw = pp[..., y : y + tile + 2 * h, x : x + tile + 2 * h]
+            mw = mp[..., y // r : (y + tile + 2 * h) // r, x // r : (x + tile + 2 * h) // r]
             v = torch.zeros_like(pw, dtype=torch.bool)
             v[..., h : h + tile, h : h + tile] = True
             tiled.accumulate(pw, mw, v)
@@ -177,9 +203,9 @@ def _tiled_stats(name: str, pan: torch.Tensor, ms: torch.Tensor, tile: int) -> t
 
 
 @pytest.mark.parametrize("name", STATS_METHODS)
-def test_streamed_statistics_equal_whole_image(name: str, wv2: tuple[torch.Tensor, torch.Tensor]) -> None:
-    pan, ms = wv2[0][..., :256, :256], wv2[1][..., :64, :64]
-    whole, tiled = _tiled_stats(name, pan, ms, tile=128)
+def test_streamed_statistics_equal_whole_image(name: str, scene: Scene) -> None:
+    pan, ms = scene.pan[..., :256, :256], scene.ms[..., : 256 // scene.ratio, : 256 // scene.ratio]
+    whole, tiled = _tiled_stats(scene, name, 256, tile=128)
     a = whole.fuse(pan, ms).double()
     b = tiled.fuse(pan, ms).double()
     assert (a - b).abs().max() < 1e-3 * a.abs().mean(), name
@@ -261,3 +287,31 @@ def test_brovey_haze_on_a_small_hyperspectral_scene_keeps_a_positive_intensity()
     y = x @ np.abs(rng.normal(size=40)) + rng.normal(size=300)
     a = nonneg_lstsq(torch.from_numpy(x.T @ x), torch.from_numpy(x.T @ y)).numpy()
     np.testing.assert_allclose(a, nnls(x, y)[0], atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def example_reduced() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Wald's protocol on the in-repository example: pan (1, 1, 160, 320), ms (1, 6, 80, 160) reduced
+    by 2 with the Landsat-8 MTF, and the original MS (6, 160, 320) as the reference."""
+    from fusion_cli.wald import simulate_arrays
+
+    ex = example_pair()
+    pan_lr, ms_lr, ref = simulate_arrays(ex.pan, ex.ms, ex.ratio, ex.sensor)
+    return torch.from_numpy(pan_lr)[None], torch.from_numpy(ms_lr)[None], ref
+
+
+@pytest.mark.parametrize("name", ["mtf-glp", "mtf-glp-hpm", "mtf-glp-fs", "bdsd-pc", "mtf-glp-hs"])
+def test_mra_and_bdsd_beat_interpolation_at_reduced_resolution_on_the_example(
+    name: str, example_reduced: tuple[torch.Tensor, torch.Tensor, np.ndarray]
+) -> None:
+    """MTF-matched injection (and BDSD's per-band least squares) beats plain interpolation on ERGAS
+    and SAM at reduced resolution, also with the SWIR bands the PAN does not cover (measured ERGAS
+    2.05-2.25 against 2.38). Brovey and PCA, which inject the one PAN intensity into SWIR too, do not
+    on this scene, which is why they are not listed."""
+    from fusion_cli.metrics import ergas, sam
+
+    pan, ms, ref = example_reduced
+    exp = make_method("exp", 2).fuse(pan, ms)[0].double().numpy()
+    out = make_method(name, 2, "landsat8").fit(pan, ms).fuse(pan, ms)[0].double().numpy()
+    assert ergas(ref, out, 2) < 0.97 * ergas(ref, exp, 2)
+    assert sam(ref, out) < sam(ref, exp)

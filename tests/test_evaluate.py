@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
 
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
@@ -49,12 +49,51 @@ def test_summary_mean_and_std() -> None:
     assert s[1]["SAM_std"] == 0.0
 
 
-def test_evaluate_real_pair(tmp_path: Path) -> None:
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
-    assert find_scenes([pan, ms]) == [(pan, ms, "pan_1")]
+# (PAN, MS, sensor, --clip-bits): WorldView-2 pair 1 of ../shared (11-bit DN), or a 96 x 192 MS px
+# corner of the in-repository Landsat-8 example (16-bit L1 DN)
+PAIRS = {
+    "wv2": (("wv2_spacenet6", "pan_1.tif"), ("wv2_spacenet6", "ms_1.tif"), "wv2", 11),
+    "landsat8-example": (None, None, "landsat8", 16),
+}
+
+
+@pytest.fixture(scope="module")
+def example_corner(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The example's top-left 96 x 192 MS pixels and the PAN over them, georeferenced as cropped."""
+    import rasterio
+    from rasterio.windows import Window
+
+    d = tmp_path_factory.mktemp("example_corner")
+    out = []
+    for src, win in ((EXAMPLE_PAN, Window(0, 0, 384, 192)), (EXAMPLE_MS, Window(0, 0, 192, 96))):
+        with rasterio.open(src) as ds:
+            data, profile = ds.read(window=win), ds.profile
+            profile.update(width=win.width, height=win.height, transform=ds.window_transform(win))
+        out.append(d / f"l8_{src.stem.split('_')[-1]}.tif")
+        with rasterio.open(out[-1], "w", **profile) as dst:
+            dst.write(data)
+    return out[0], out[1]
+
+
+def _pair(source: str, request: pytest.FixtureRequest, whole: bool = False) -> tuple[Path, Path, str, int]:
+    """The pair of `source`; for the example its corner, or with `whole` the whole scene."""
+    pan, ms, sensor, bits = PAIRS[source]
+    if source == "wv2":
+        pan, ms = need_shared(*pan), need_shared(*ms)
+    elif whole:
+        pan, ms = EXAMPLE_PAN, EXAMPLE_MS
+    else:
+        pan, ms = request.getfixturevalue("example_corner")
+    return pan, ms, sensor, bits
+
+
+@pytest.mark.parametrize("source", PAIRS)
+def test_evaluate_real_pair(tmp_path: Path, source: str, request: pytest.FixtureRequest) -> None:
+    # the whole example: on its corner interpolation happens to have a lower D_s than MTF-GLP-FS
+    pan, ms, sensor, bits = _pair(source, request, whole=True)
+    assert find_scenes([pan, ms]) == [(pan, ms, pan.stem)]
     res = evaluate(
-        find_scenes([pan, ms]), parse_methods("exp,mtf-glp-fs"), tmp_path, sensor="wv2", clip_bits=11
+        find_scenes([pan, ms]), parse_methods("exp,mtf-glp-fs"), tmp_path, sensor=sensor, clip_bits=bits
     )
     by = {r["method"]: r for r in res.rows}
     assert set(by) == {"exp", "mtf-glp-fs"}
@@ -71,19 +110,22 @@ def test_evaluate_real_pair(tmp_path: Path) -> None:
     with open(res.files["results_csv"]) as fh:
         assert len(list(csv.DictReader(fh))) == 2
     payload = json.loads(Path(res.files["json"]).read_text())
-    assert payload["settings"]["sensor"] == "wv2" and len(payload["summary"]) == 2
+    assert payload["settings"]["sensor"] == sensor and len(payload["summary"]) == 2
 
 
-def test_evaluate_bands_select_and_reorder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", PAIRS)
+def test_evaluate_bands_select_and_reorder(
+    tmp_path: Path, source: str, request: pytest.FixtureRequest
+) -> None:
     """--bands: every method fuses the selected bands in the given order and the reference and the
     full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s) of the WV2 pair
     with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    pan, ms, sensor, bits = _pair(source, request)
     scenes = find_scenes([pan, ms])
-    kw = {"sensor": "wv2", "clip_bits": 11, "keep_products": False}
+    kw = {"sensor": sensor, "clip_bits": bits, "keep_products": False}
     stored = evaluate(scenes, parse_methods("gsa"), tmp_path / "a", **kw).rows[0]
-    reversed_ = evaluate(scenes, parse_methods("gsa"), tmp_path / "b", bands=[4, 3, 2, 1], **kw).rows[0]
+    backwards = list(range(6 if source != "wv2" else 4, 0, -1))
+    reversed_ = evaluate(scenes, parse_methods("gsa"), tmp_path / "b", bands=backwards, **kw).rows[0]
     for key in ("SAM", "ERGAS", "D_lambda", "D_s"):
         assert reversed_[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-6), key
     kw["sensor"] = "generic"  # the WV2 MTF table names 4 or 8 bands, not a 2-band subset
@@ -91,9 +133,11 @@ def test_evaluate_bands_select_and_reorder(tmp_path: Path) -> None:
     assert subset["Q2n_name"] != stored["Q2n_name"] and 0 < subset["ERGAS"] < 50
 
 
-def test_evaluate_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pan = str(need_shared("wv2_spacenet6", "pan_1.tif"))
-    ms = str(need_shared("wv2_spacenet6", "ms_1.tif"))
+@pytest.mark.parametrize("source", PAIRS)
+def test_evaluate_cli_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, request: pytest.FixtureRequest
+) -> None:
+    pan, ms = (str(p) for p in _pair(source, request)[:2])
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", pan, ms, "--methods", "gsa,magic", "-o", str(tmp_path)])
     assert exc.value.code == 2

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import need_shared
+from conftest import example_pair, need_shared
 
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import (
@@ -369,11 +369,23 @@ def _wv3_crop() -> tuple[np.ndarray, np.ndarray]:
         return ms.read()[:, :128, :128], pan.read()[:, :512, :512]
 
 
-def test_real_wv3_full_resolution_magnitudes() -> None:
-    ms, pan = _wv3_crop()
-    ms_up = upsample(ms, 4)
+def _crop(source: str) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """ms (C, h, w), pan (1, r h, r w), ratio r and sensor: a WV3 crop or the in-repository example."""
+    if source == "wv3":
+        return (*_wv3_crop(), 4, "wv3")
+    ex = example_pair(128, 256)
+    return ex.ms, ex.pan, ex.ratio, ex.sensor
+
+
+SOURCES = ["wv3", "landsat8-example"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_real_wv3_full_resolution_magnitudes(source: str) -> None:
+    ms, pan, r, sensor = _crop(source)
+    ms_up = upsample(ms, r)
     # the interpolated MS as the "fused" product: no spectral distortion by construction
-    exp = full_resolution(ms_up, pan, ms, sensor="wv3", per_band=True)
+    exp = full_resolution(ms_up, pan, ms, sensor=sensor, per_band=True)
     assert np.mean(exp.pop("per_band")["D_s"]) == pytest.approx(exp["D_s"], abs=1e-12)
     assert exp["D_lambda"] == pytest.approx(0.0, abs=1e-12)
     assert 0.0 < exp["D_s"] < 0.2 and 0.0 < exp["D_lambda_K"] < 0.15
@@ -381,19 +393,20 @@ def test_real_wv3_full_resolution_magnitudes() -> None:
     # a crude detail injection (PAN minus the band mean, histogram-matched) distorts the spectra
     intensity = ms_up.mean(axis=0, keepdims=True)
     p = (pan - pan.mean()) / pan.std() * intensity.std() + intensity.mean()
-    gihs = full_resolution(ms_up + (p - intensity), pan, ms, ratio=4, sensor="wv3")
+    gihs = full_resolution(ms_up + (p - intensity), pan, ms, ratio=r, sensor=sensor)
     assert gihs["D_lambda"] > 0.02 and gihs["D_lambda_K"] > exp["D_lambda_K"]
     for v in (*exp.values(), *gihs.values()):
         assert np.isfinite(v)
 
 
-def test_real_wv3_reduced_resolution_magnitudes() -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_real_wv3_reduced_resolution_magnitudes(source: str) -> None:
     # Wald protocol on the real scene: MTF-degrade the MS by 4, interpolate back, compare with the MS
     from fusion_cli.mtf import degrade_ms
     from fusion_cli.sensors import nyquist_gains
 
-    ms, _ = _wv3_crop()
-    gains, _ = nyquist_gains("wv3", 8)
+    ms, _, _, sensor = _crop(source)
+    gains, _ = nyquist_gains(sensor, ms.shape[0])
     up = upsample(degrade_ms(ms.astype(np.float64), gains, 4), 4)
     r = reduced_resolution(ms, up, 4, per_band=True)
     assert 0.4 < r["Q2n"] < 0.9 and 0.4 < r["Q"] < 0.9

@@ -1,4 +1,5 @@
-"""MTF kernel, degradation and interpolation against the reference toolbox, on real WorldView-3 data."""
+"""MTF kernel, degradation and interpolation against the reference toolbox, on real WorldView-3 data
+(../shared) and the in-repository Landsat-8 example."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import need_shared
+from conftest import example_pair, need_shared
 
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan, mtf_filter, mtf_filter_decimate, mtf_kernel
@@ -26,6 +27,17 @@ def _wv3() -> tuple[np.ndarray, np.ndarray]:
         rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
     ):
         return p.read().astype(np.float64), m.read().astype(np.float64)
+
+
+SOURCES = ["wv3", "landsat8-example"]
+
+
+def _scene(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """pan (1, H, W), ms (C, h, w) float64: WV3 (8 bands, 1300 px) or the example (6 bands, 640 px)."""
+    if source == "wv3":
+        return _wv3()
+    ex = example_pair()
+    return ex.pan, ex.ms
 
 
 def test_sensor_table() -> None:
@@ -81,16 +93,19 @@ def test_degradation_matches_golden_pan() -> None:
     assert np.abs(pan_lr[0] - expected).max() < 1e-3
 
 
-def test_measured_nyquist_gain_of_simulated_ms() -> None:
+@pytest.mark.parametrize(("source", "ratio"), [("wv3", 4), ("landsat8-example", 4), ("landsat8-example", 2)])
+def test_measured_nyquist_gain_of_simulated_ms(source: str, ratio: int) -> None:
     """The MTF applied to real MS bands, measured from their spectra, is the table's gain within 0.02."""
-    _, ms = _wv3()
-    ms = ms[:, :320, :320]
-    filtered = mtf_filter(ms, WV3_GAINS, 4)
-    n = 320
+    _, ms = _scene(source)
+    n = 160 if source != "wv3" else 320
+    ms = ms[:, :n, :n]
+    gains = WV3_GAINS if source == "wv3" else nyquist_gains("landsat8", 6)[0]
+    filtered = mtf_filter(ms, gains, ratio)
     win = np.outer(np.hanning(n), np.hanning(n))
     f = np.fft.fftfreq(n)
-    ring = np.abs(np.hypot(f[:, None], f[None, :]) - 1 / 8) < 0.5 / n  # |f| = Nyquist of the 4x coarser grid
-    for b, gain in enumerate(WV3_GAINS):
+    # |f| = Nyquist of the `ratio` x coarser grid
+    ring = np.abs(np.hypot(f[:, None], f[None, :]) - 1 / (2 * ratio)) < 0.5 / n
+    for b, gain in enumerate(gains):
         x = np.abs(np.fft.fft2((ms[b] - ms[b].mean()) * win))
         y = np.abs(np.fft.fft2((filtered[b] - filtered[b].mean()) * win))
         measured = y[ring].sum() / x[ring].sum()
@@ -98,8 +113,9 @@ def test_measured_nyquist_gain_of_simulated_ms() -> None:
         assert abs(measured - gain ** ((41 / 40) ** 2)) < 0.006
 
 
-def test_filter_input_kinds_and_fast_rank() -> None:
-    _, ms = _wv3()
+@pytest.mark.parametrize("source", SOURCES)
+def test_filter_input_kinds_and_fast_rank(source: str) -> None:
+    _, ms = _scene(source)
     ms = ms[:3, :96, :96]
     exact = mtf_filter(ms, [0.3, 0.25, 0.35], 4)
     as_torch = mtf_filter(torch.from_numpy(ms)[None], [0.3, 0.25, 0.35], 4)[0].numpy()
@@ -131,26 +147,29 @@ def test_interp23_reproduces_published_exp_figures() -> None:
     np.testing.assert_allclose(default[:, 48:-48, 48:-48], up[:, 48:-48, 48:-48], atol=1e-9)
 
 
-def test_interpolators_keep_samples_and_phase() -> None:
-    _, ms = _wv3()
+@pytest.mark.parametrize("source", SOURCES)
+def test_interpolators_keep_samples_and_phase(source: str) -> None:
+    _, ms = _scene(source)
     x = torch.from_numpy(ms[:, :40, :40])[None]
+    c = x.shape[1]
     for ratio in (2, 4):
         up = interp23(x, ratio)
-        assert up.shape == (1, 8, 40 * ratio, 40 * ratio)
+        assert up.shape == (1, c, 40 * ratio, 40 * ratio)
         # the 23-tap kernel is interpolating: LR sample k lands on HR index ratio*k + ratio//2
         torch.testing.assert_close(up[..., ratio // 2 :: ratio, ratio // 2 :: ratio], x)
     up3 = upsample_bicubic(x, 3)
-    assert up3.shape == (1, 8, 120, 120)
+    assert up3.shape == (1, c, 120, 120)
     torch.testing.assert_close(up3[..., 1::3, 1::3], x)
     with pytest.raises(FusionError):
         interp23(x, 3)
 
 
-def test_imresize_down_is_antialiased_bicubic() -> None:
-    pan, _ = _wv3()
-    x = torch.from_numpy(pan[:, :400, :400])[None]
+@pytest.mark.parametrize("source", SOURCES)
+def test_imresize_down_is_antialiased_bicubic(source: str) -> None:
+    pan, _ = _scene(source)
+    x = torch.from_numpy(pan[:, :400, :400])[None]  # the example: 320 x 400
     small = imresize_down(x, 4)
-    assert small.shape == (1, 1, 100, 100)
+    assert small.shape == (1, 1, x.shape[-2] // 4, 100)
     # interior equals torch's antialiased bicubic (same kernel); only the border rule differs
     ref = torch.nn.functional.interpolate(x, scale_factor=0.25, mode="bicubic", antialias=True)
     torch.testing.assert_close(small[..., 3:-3, 3:-3], ref[..., 3:-3, 3:-3], rtol=0, atol=1e-6)

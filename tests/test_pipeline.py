@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
 from pipeline_fusers import DetailFuser, FailingFuser, RepeatFuser, StatsFuser
 from rasterio.transform import from_origin
 
@@ -40,23 +41,51 @@ def _write(path, data, **kw):
     return path
 
 
-def test_landsat8_output_is_the_pan_grid_over_the_common_area(tmp_path):
-    pan = need_shared("landsat8_oli", "l8_B8.tif")
-    ms = need_shared("landsat8_oli", "ms.tif")
+@dataclass(frozen=True)
+class PairFiles:
+    """A real PAN/MS pair on disk: its ratio, MS band count and the product's (height, width)."""
+
+    pan: Path
+    ms: Path
+    ratio: int
+    bands: int
+    out_shape: tuple[int, int]
+
+
+@pytest.fixture(params=["wv2", "landsat8-example"])
+def pair(request: pytest.FixtureRequest) -> PairFiles:
+    """WorldView-2 pair 1 from ../shared (ratio 4, exact grids), or the in-repository Landsat-8
+    example (ratio 2; the product lacks the PAN's half-covered first row and column)."""
+    if request.param == "wv2":
+        pan, ms = need_shared("wv2_spacenet6", "pan_1.tif"), need_shared("wv2_spacenet6", "ms_1.tif")
+        return PairFiles(pan, ms, 4, 4, (600, 600))
+    return PairFiles(EXAMPLE_PAN, EXAMPLE_MS, 2, 6, (319, 639))
+
+
+@pytest.mark.parametrize("source", ["landsat8_oli", "landsat8-example"])
+def test_landsat8_output_is_the_pan_grid_over_the_common_area(tmp_path, source):
+    """The whole Landsat-8 scene of ../shared (PAN 1207 x 1254, 4 bands) or the in-repository crop of
+    another one (PAN 320 x 640, 6 bands): the half-covered first PAN row and column and any extra
+    PAN row fall outside the MS."""
+    if source == "landsat8_oli":
+        pan, ms = need_shared("landsat8_oli", "l8_B8.tif"), need_shared("landsat8_oli", "ms.tif")
+        shape = (4, 1205, 1253)
+    else:
+        pan, ms, shape = EXAMPLE_PAN, EXAMPLE_MS, (6, 319, 639)
     before = (_sha(pan), _sha(ms))
     out = tmp_path / "l8.tif"
     s = fuse_files(pan, ms, out, DetailFuser(2), FuseOptions())
     assert (_sha(pan), _sha(ms)) == before  # inputs untouched
     with rasterio.open(pan) as p, rasterio.open(ms) as m, rasterio.open(out) as o:
         assert o.crs == p.crs and o.res == p.res
-        assert (o.height, o.width) == (1205, 1253)
+        assert (o.count, o.height, o.width) == shape
         # The output transform is the PAN's, moved by a whole number of PAN pixels.
         col, row = ~p.transform * (o.transform.c, o.transform.f)
         assert (col, row) == (1.0, 1.0)
-        assert o.dtypes == m.dtypes and o.count == 4
+        assert o.dtypes == m.dtypes
         assert o.descriptions == m.descriptions
         tags = o.tags()
-        assert tags["FUSION_MODEL"] == "detail" and tags["FUSION_PAN"].endswith("l8_B8.tif")
+        assert tags["FUSION_MODEL"] == "detail" and tags["FUSION_PAN"] == str(pan.resolve())
         assert json.loads(tags["FUSION_PARAMS"])["ratio"] == 2 and "FUSION_VERSION" in tags
         assert o.block_shapes[0] == (256, 256) and o.compression is not None
         fused = o.read().astype(np.float64)
@@ -64,7 +93,7 @@ def test_landsat8_output_is_the_pan_grid_over_the_common_area(tmp_path):
     assert raster.is_complete_output(out)
     # Radiometry is preserved: band means within 1 % of the MS band means.
     np.testing.assert_allclose(fused.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), rtol=0.01)
-    assert s.shape == (4, 1205, 1253) and s.ratio == 2 and s.valid_fraction == 1.0
+    assert s.shape == shape and s.ratio == 2 and s.valid_fraction == 1.0
     assert s.shift_measured is not None and not s.shift_applied
     json.dumps(s.to_dict())
 
@@ -94,15 +123,15 @@ def test_half_pixel_placement_follows_the_transforms(tmp_path):
     np.testing.assert_allclose(got[inner], expected[inner], atol=1e-3)
 
 
-def test_seam_tiled_equals_one_piece_on_real_wv2(tmp_path):
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
-    fuse_files(pan, ms, tmp_path / "tiled.tif", DetailFuser(4), FuseOptions(tile=96, overlap=16, batch=3))
-    fuse_files(pan, ms, tmp_path / "one.tif", DetailFuser(4), FuseOptions(tile=4096))
+def test_seam_tiled_equals_one_piece_on_real_wv2(tmp_path, pair):
+    pan, ms, r = pair.pan, pair.ms, pair.ratio
+    fuse_files(pan, ms, tmp_path / "tiled.tif", DetailFuser(r), FuseOptions(tile=96, overlap=16, batch=3))
+    fuse_files(pan, ms, tmp_path / "one.tif", DetailFuser(r), FuseOptions(tile=4096))
     tiled = _read(tmp_path / "tiled.tif").astype(np.int64)
     one = _read(tmp_path / "one.tif").astype(np.int64)
+    assert one.shape == (pair.bands, *pair.out_shape)
     diff = np.abs(tiled - one).max()
-    print(f"seam test WV2 pair 1, tile 96 vs one piece: max |diff| = {diff} DN")
+    print(f"seam test {pan.name}, tile 96 vs one piece: max |diff| = {diff} DN")
     assert diff <= 1
 
 
@@ -225,22 +254,21 @@ class _Recorder:
         self.calls.append(("stop",))
 
 
-def test_progress_is_reported_through_the_callback_and_nothing_is_drawn(tmp_path, capfd):
+def test_progress_is_reported_through_the_callback_and_nothing_is_drawn(tmp_path, capfd, pair):
     """The library draws nothing: a run tells its `progress` object the window count, each finished
     window's output pixels (they add up to the product) and the end, also when the run fails."""
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    pan, ms, r = pair.pan, pair.ms, pair.ratio
     rec = _Recorder()
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(tile=128, progress=rec))
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(r), FuseOptions(tile=128, progress=rec))
     assert rec.calls[0] == ("start", s.tiles, "fusing o.tif") and rec.calls[-1] == ("stop",)
     advances = [c[1] for c in rec.calls[1:-1]]
     assert len(advances) == s.tiles > 1 and sum(advances) == s.shape[1] * s.shape[2]
-    fuse_files(pan, ms, tmp_path / "quiet.tif", DetailFuser(4), FuseOptions(tile=128))
+    fuse_files(pan, ms, tmp_path / "quiet.tif", DetailFuser(r), FuseOptions(tile=128))
     assert capfd.readouterr().err == ""
     failed = _Recorder()
     with pytest.raises(RuntimeError):
         opts = FuseOptions(tile=128, progress=failed)
-        fuse_files(pan, ms, tmp_path / "x.tif", FailingFuser(4, after=1), opts)
+        fuse_files(pan, ms, tmp_path / "x.tif", FailingFuser(r, after=1), opts)
     assert failed.calls[0][0] == "start" and failed.calls[-1] == ("stop",)
 
 
@@ -258,29 +286,27 @@ def test_make_fuser_lets_an_import_error_of_its_own_modules_through(monkeypatch)
         make_fuser(method="gsa", ratio=4)
 
 
-def test_overwrite_refusal_and_atomic_write(tmp_path):
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+def test_overwrite_refusal_and_atomic_write(tmp_path, pair):
+    pan, ms, r = pair.pan, pair.ms, pair.ratio
     out = tmp_path / "o.tif"
     for exc in (RuntimeError, KeyboardInterrupt):
         with pytest.raises(exc):
-            fuse_files(pan, ms, out, FailingFuser(4, after=1, exc=exc), FuseOptions(tile=128, batch=1))
+            fuse_files(pan, ms, out, FailingFuser(r, after=1, exc=exc), FuseOptions(tile=128, batch=1))
         assert list(tmp_path.iterdir()) == []  # neither output nor temporary left
-    fuse_files(pan, ms, out, DetailFuser(4), FuseOptions())
+    fuse_files(pan, ms, out, DetailFuser(r), FuseOptions())
     first = _sha(out)
     with pytest.raises(FusionError, match="--overwrite"):
-        fuse_files(pan, ms, out, DetailFuser(4), FuseOptions())
+        fuse_files(pan, ms, out, DetailFuser(r), FuseOptions())
     assert _sha(out) == first
-    fuse_files(pan, ms, out, DetailFuser(4), FuseOptions(overwrite=True, out_dtype="float32"))
+    fuse_files(pan, ms, out, DetailFuser(r), FuseOptions(overwrite=True, out_dtype="float32"))
     with rasterio.open(out) as o:
         assert o.dtypes[0] == "float32"
 
 
-def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypatch):
+def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypatch, pair):
     """Writes run one strip behind in a background thread: an error there (a full disk) still stops
     the run with that error, and neither the output nor its temporary file is left."""
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
+    pan, ms = pair.pan, pair.ms
     calls = []
     real_write = raster.AtomicWriter.write
 
@@ -292,23 +318,22 @@ def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(raster.AtomicWriter, "write", write)
     with pytest.raises(OSError, match="No space left"):
-        fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(tile=128))
+        fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(pair.ratio), FuseOptions(tile=128))
     assert len(calls) == 2  # the run stopped at the failing write
     assert list(tmp_path.iterdir()) == []
 
 
-def test_band_selection_dtype_and_clip(tmp_path):
-    pan = need_shared("wv2_spacenet6", "pan_1.tif")
-    ms = need_shared("wv2_spacenet6", "ms_1.tif")
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(4), FuseOptions(bands=[3, 2, 1], dn_max=1000))
+def test_band_selection_dtype_and_clip(tmp_path, pair):
+    pan, ms, r = pair.pan, pair.ms, pair.ratio
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(r), FuseOptions(bands=[3, 2, 1], dn_max=1000))
     got = _read(tmp_path / "o.tif")
-    assert s.shape == (3, 600, 600) and got.max() <= 1000
+    assert s.shape == (3, *pair.out_shape) and got.max() <= 1000
     with pytest.raises(FusionError, match="cannot select band"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4), FuseOptions(bands=[5]))
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(r), FuseOptions(bands=[pair.bands + 1]))
     with pytest.raises(FusionError, match="expects 8"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(4, ms_bands=8), FuseOptions())
-    with pytest.raises(FusionError, match="ratio is 4 but the model expects 2"):
-        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(2), FuseOptions())
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(r, ms_bands=8), FuseOptions())
+    with pytest.raises(FusionError, match=f"ratio is {r} but the model expects {6 - r}"):
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(6 - r), FuseOptions())
     assert not (tmp_path / "x.tif").exists()
 
 

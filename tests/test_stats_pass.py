@@ -2,7 +2,8 @@
 
 Before the fix the first pass read only each tile's core, so the methods' filters saw an artificial
 border at every tile edge and the global statistics moved (up to 17 DN for MTF-GLP on WV2 with
-128-px tiles). Each check fuses the real WorldView-2 pair with 128-px tiles and as one window.
+128-px tiles). Each check fuses the real WorldView-2 pair (../shared) and the in-repository Landsat-8
+example (ratio 2) with 128-px tiles and as one window.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import need_shared
+from conftest import example_pair, need_shared
 
 from fusion_cli import align
 from fusion_cli.classical import METHODS, make_method
@@ -19,6 +20,8 @@ from fusion_cli.pipeline import FuseOptions, fuse_arrays
 from fusion_cli.pipeline.engine import plan_for
 from fusion_cli.pipeline.readers import PairSource, array_reader
 from fusion_cli.pipeline.stats import gather_stats
+
+SOURCES = ["wv2", "landsat8-example", "landsat8-example-r4"]
 
 
 def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -31,34 +34,46 @@ def _wv2(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     return pan, ms
 
 
+def _pair(source: str, size: int) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """pan (size, size), ms (C, size / r, size / r) float32, ratio r and sensor: the WV2 pair, or the
+    example (at most 320 PAN px square; `-r4`: its MS reduced to ratio 4)."""
+    if source == "wv2":
+        return (*_wv2(size), 4, "wv2")
+    side = min(size, 320) // 2
+    ex = example_pair(side, side, ratio=4 if source.endswith("r4") else 2)
+    return ex.pan[0].astype(np.float32), ex.ms.astype(np.float32), ex.ratio, ex.sensor
+
+
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("name", ["mtf-glp", "gsa", "brovey", "bdsd-pc", "mtf-glp-fs", "mtf-glp-hs"])
-def test_tiled_statistics_equal_one_window(name: str) -> None:
-    pan, ms = _wv2()
-    geom = align.relate_shapes(pan.shape, ms.shape[-2:], 4)
-    source = PairSource(geom, array_reader(pan[None], None), array_reader(ms, None))
+def test_tiled_statistics_equal_one_window(name: str, source: str) -> None:
+    pan, ms, r, sensor = _pair(source, 512)
+    geom = align.relate_shapes(pan.shape, ms.shape[-2:], r)
+    pair = PairSource(geom, array_reader(pan[None], None), array_reader(ms, None))
     fits = []
     for tile in (128, 1024):
-        f = make_method(name, 4, "wv2")
-        gather_stats(f, source, plan_for(f, geom, FuseOptions(tile=tile)))
+        f = make_method(name, r, sensor)
+        gather_stats(f, pair, plan_for(f, geom, FuseOptions(tile=tile)))
         fits.append(f)
     tiled, whole = fits
     # every scene pixel is counted once in both
     n_t = tiled._hr if name == "gsa" else tiled._moments
     n_w = whole._hr if name == "gsa" else whole._moments
     lr = name in ("bdsd-pc", "mtf-glp-hs")  # statistics on the MS grid
-    assert n_t.n == n_w.n == (pan.size // 16 if lr else pan.size)
+    assert n_t.n == n_w.n == (pan.size // r**2 if lr else pan.size)
     np.testing.assert_allclose(n_t.s.numpy(), n_w.s.numpy(), rtol=1e-6)
     np.testing.assert_allclose(n_t.ss.numpy(), n_w.ss.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("name", list(METHODS))
-def test_tiled_output_matches_one_window(name: str) -> None:
+def test_tiled_output_matches_one_window(name: str, source: str) -> None:
     """Default tiling (no blend zone for classical methods, each pass with its own halo) against one
     window: every pixel of a tile sees the context its filters need."""
-    pan, ms = _wv2()
+    pan, ms, r, sensor = _pair(source, 512)
     out = []
     for tile in (128, 1024):
-        fuser = make_method(name, 4, "wv2")
+        fuser = make_method(name, r, sensor)
         out.append(fuse_arrays(pan, ms, fuser, FuseOptions(tile=tile)))
     assert fuser.preferred_overlap == 0
     # the statistics are identical; what is left is float32 rounding of the per-tile arithmetic
@@ -67,19 +82,20 @@ def test_tiled_output_matches_one_window(name: str) -> None:
     assert np.abs(out[1]).max() > 100  # a real fused image, not an empty one
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("name", ["mtf-glp-hpm", "mtf-glp-fs", "gsa", "pca", "brovey", "bdsd-pc"])
-def test_parallel_windows_equal_sequential(name: str) -> None:
+def test_parallel_windows_equal_sequential(name: str, source: str) -> None:
     """Classical windows fused concurrently (one single-threaded window per torch thread, statistics
     accumulated by per-thread copies and merged) match one thread doing everything in order: the
     merged sums differ by float64 rounding only."""
-    pan, ms = _wv2(384)
+    pan, ms, r, sensor = _pair(source, 384)
     previous = torch.get_num_threads()
     try:
         out = []
         for threads in (1, 3):  # 3: an uneven split of the 9 windows
             torch.set_num_threads(threads)
             opts = FuseOptions(tile=128)
-            out.append(fuse_arrays(pan, ms, make_method(name, 4, "wv2"), opts))
+            out.append(fuse_arrays(pan, ms, make_method(name, r, sensor), opts))
     finally:
         torch.set_num_threads(previous)
     # float32 rounding (the sequential run fuses windows in batches of 4): 0.01 DN, or 1e-4 relative
@@ -151,13 +167,14 @@ def test_sampled_statistics_approximate_the_exact_ones(name: str) -> None:
     assert 0 < rel < 0.01  # different (a sample), close (a representative one)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("ratio", [4, 3])
-def test_axis_matrices_reproduce_the_interpolators(ratio: int) -> None:
+def test_axis_matrices_reproduce_the_interpolators(ratio: int, source: str) -> None:
     """`axis_matrix` is the interpolator itself along one axis, borders included: A_h m A_w^T equals
     upsample_ms(m), and with `down=True` imresize_down(upsample_ms(m)), on real MS bands."""
     from fusion_cli.resample import axis_matrix, imresize_down, upsample_ms
 
-    _, ms = _wv2(256)
+    _, ms, _, _ = _pair(source, 256)
     m = torch.from_numpy(ms[:2, :40, :52]).double()[None]  # a non-square window
     up = upsample_ms(m, ratio)[0]
     assert torch.allclose(axis_matrix(40, ratio) @ m[0] @ axis_matrix(52, ratio).T, up, atol=1e-9)
@@ -167,13 +184,14 @@ def test_axis_matrices_reproduce_the_interpolators(ratio: int) -> None:
     assert (up - up.mean()).abs().max() > 100  # real texture, not a flat test image
 
 
-def test_interp_moments_equal_the_direct_sums() -> None:
+@pytest.mark.parametrize("source", SOURCES)
+def test_interp_moments_equal_the_direct_sums(source: str) -> None:
     """Moments of [interpolated MS, PAN features] from the MS-grid products equal those summed over
     the interpolated window: on a window whose valid box is a core, and (direct path) with holes."""
     from fusion_cli.classical.base import add_interp_moments, add_moments
     from fusion_cli.resample import upsample_ms
 
-    pan, ms = _wv2(256)
+    pan, ms, r, _ = _pair(source, 256)
     p = torch.from_numpy(pan)[None, None]
     m = torch.from_numpy(ms)[None]
     valid = torch.zeros_like(p, dtype=torch.bool)
@@ -182,8 +200,8 @@ def test_interp_moments_equal_the_direct_sums() -> None:
     holed[..., 100:110, 90:95] = False
     for v in (valid, holed):
         for full in (True, False):
-            fast = add_interp_moments(None, m, [p, p.sqrt()], v, 4, full=full)
-            direct = add_moments(None, [upsample_ms(m, 4), p, p.sqrt()], v, full=full)
+            fast = add_interp_moments(None, m, [p, p.sqrt()], v, r, full=full)
+            direct = add_moments(None, [upsample_ms(m, r), p, p.sqrt()], v, full=full)
             assert fast.n == direct.n == int(v.sum())
             torch.testing.assert_close(fast.s, direct.s, rtol=1e-6, atol=0)
             torch.testing.assert_close(fast.ss, direct.ss, rtol=1e-6, atol=0)

@@ -1,4 +1,5 @@
-"""Wald protocol on real pairs: arrays, GeoTIFF products and the simulate -> pansharpen -> metrics chain."""
+"""Wald protocol on real pairs (../shared and the in-repository Landsat-8 example): arrays, GeoTIFF
+products and the simulate -> pansharpen -> metrics chain."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, need_shared
 from rasterio.transform import Affine
 
 from fusion_cli.align import shape_ratio
@@ -54,6 +55,24 @@ def test_simulate_arrays_wv3() -> None:
     assert 0 < np.abs(pan_mtf - pan_lr).mean() < 0.05 * pan_lr.mean()
 
 
+def test_simulate_arrays_example() -> None:
+    """The example (PAN 320 x 640, MS 160 x 320, ratio 2) reduces to a 160 x 320 reference, its MTF-
+    degraded 80 x 160 MS and a bicubic 160 x 320 PAN that lines up with the reference in place (the
+    half-PAN-pixel offset of Landsat's grids is a quarter of a reduced pixel)."""
+    ex = example_pair()
+    pan_lr, ms_lr, ref = simulate_arrays(ex.pan, ex.ms, 2, "landsat8")
+    assert ref.shape == (6, 160, 320) and ms_lr.shape == (6, 80, 160) and pan_lr.shape == (1, 160, 320)
+    np.testing.assert_array_equal(ref, ex.ms)
+    np.testing.assert_allclose(ms_lr, degrade_ms(ref, nyquist_gains("landsat8", 6)[0], 2), atol=1e-9)
+    assert pan_lr.mean() == pytest.approx(ex.pan.mean(), rel=1e-3)
+    visible = ref[:3].mean(0)[4:-4, 4:-4]  # B, G, R: what Landsat's PAN band sees
+    in_place = _corr(pan_lr[0, 4:-4, 4:-4], visible)
+    assert in_place > 0.9  # measured 0.946; one pixel off: 0.78-0.89
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        moved = pan_lr[0, 4 + dy : 156 + dy, 4 + dx : 316 + dx]
+        assert in_place > _corr(moved, visible) + 0.04, (dy, dx)
+
+
 def test_simulate_arrays_rejects_bad_input() -> None:
     ms = np.zeros((4, 10, 10))
     with pytest.raises(FusionError, match="too small"):
@@ -90,6 +109,27 @@ def test_simulate_files_georeferenced(tmp_path: Path) -> None:
         simulate_files(pan_path, ms_path, tmp_path, sensor="wv3")
 
 
+def test_simulate_files_georeferenced_example(tmp_path: Path) -> None:
+    """The example's reduced files keep each input's origin and double its pixel size, so the reduced
+    PAN keeps Landsat's half-pixel offset to the reference; the reference is the MS as stored."""
+    res = simulate_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path, sensor="landsat8")
+    assert res.ratio == 2 and res.sensor == "landsat8" and res.pan_mode == "bicubic"
+    with rasterio.open(EXAMPLE_PAN) as p, rasterio.open(EXAMPLE_MS) as m:
+        pan_tf, ms_tf, crs, ms_data = p.transform, m.transform, m.crs, m.read()
+    with rasterio.open(res.pan) as a, rasterio.open(res.ms) as b, rasterio.open(res.ref) as c:
+        assert a.transform.almost_equals(pan_tf @ Affine.scale(2))
+        assert b.transform.almost_equals(ms_tf @ Affine.scale(2)) and c.transform == ms_tf
+        # reduced PAN and reference: same pixel size, origins a quarter of that pixel apart
+        assert (a.transform.c - c.transform.c, a.transform.f - c.transform.f) == (-7.5, 7.5)
+        assert a.crs == b.crs == c.crs == crs
+        assert (a.shape, b.shape, c.shape) == ((160, 320), (80, 160), (160, 320))
+        assert a.dtypes[0] == b.dtypes[0] == "float32" and c.dtypes[0] == "uint16"
+        np.testing.assert_array_equal(c.read(), ms_data)
+        assert b.tags()["WALD_SENSOR"] == "landsat8" and b.tags()["WALD_RATIO"] == "2"
+    with pytest.raises(FusionError, match="--overwrite"):
+        simulate_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path, sensor="landsat8")
+
+
 def test_simulate_files_without_georeferencing(tmp_path: Path) -> None:
     pan_path = need_shared("landsat7_etm_fusebox", "1_pan.tif")
     ms_path = need_shared("landsat7_etm_fusebox", "1_ms.tif")
@@ -107,19 +147,26 @@ def test_simulate_files_without_georeferencing(tmp_path: Path) -> None:
         simulate_files(res.pan, res.ms, tmp_path / "out", sensor="landsat7", overwrite=True)
 
 
-def test_simulate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pan = str(need_shared("wv2_spacenet6", "pan_1.tif"))
-    ms = str(need_shared("wv2_spacenet6", "ms_1.tif"))
+@pytest.mark.parametrize(
+    ("source", "sensor", "ratio"), [("wv2", "wv2", 4), ("landsat8-example", "landsat8", 2)]
+)
+def test_simulate_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, sensor: str, ratio: int
+) -> None:
+    if source == "wv2":
+        pan, ms = (str(need_shared("wv2_spacenet6", f"{k}_1.tif")) for k in ("pan", "ms"))
+    else:
+        pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
     with pytest.raises(SystemExit) as exc:
         main(["simulate", pan, ms, "-o", str(tmp_path), "--sensor", "nosuch"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown sensor" in err and "Traceback" not in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as exc:
-        main(["simulate", pan, ms, "-o", str(tmp_path), "--sensor", "wv2", "--pan-mtf", "--json"])
+        main(["simulate", pan, ms, "-o", str(tmp_path), "--sensor", sensor, "--pan-mtf", "--json"])
     assert exc.value.code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["ratio"] == 4 and summary["pan_mode"] == "mtf"
+    assert summary["ratio"] == ratio and summary["pan_mode"] == "mtf"
     assert Path(summary["ms_lr"]).exists()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fusion_cli.errors import FusionError
+from fusion_cli.raster import is_gdal_path
 
 K = TypeVar("K", bound=Hashable)
 
@@ -36,11 +37,13 @@ DEFAULT_OUT_PATTERN = "{stem}_fused.tif"
 
 @dataclass(frozen=True)
 class Scene:
-    """One unit of work: a PAN (or MSI) file, its MS (or HSI) partner and the output path."""
+    """One unit of work: a PAN (or MSI) file, its MS (or HSI) partner and the output path. An input
+    is a Path, or a str for a GDAL virtual path (/vsizip/..., s3://...) from a manifest, which Path
+    would fold."""
 
     id: str
-    pan: Path
-    ms: Path
+    pan: Path | str
+    ms: Path | str
     out: Path
 
     def to_dict(self) -> dict[str, str]:
@@ -220,6 +223,11 @@ def pair_by_patterns(
     Without patterns, the naming convention of `DEFAULT_CONVENTIONS` that pairs the most files
     is used. A pattern containing `/` matches paths below `in_dir` (e.g. `*/pan.tif`).
     """
+    if is_gdal_path(in_dir):
+        raise FusionError(
+            f"IN_DIR {in_dir} is a GDAL virtual path, which batch does not list: give its files in a "
+            "--manifest (pan,ms columns accept /vsizip/... paths)"
+        )
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FusionError(f"input folder not found: {in_dir}")
@@ -300,7 +308,8 @@ def read_manifest(
     """Scenes from a CSV with a header: `pan,ms[,out][,id]`.
 
     Relative `pan`/`ms` paths are taken from `in_dir`, relative `out` paths from `out_dir`;
-    without `out`, the output is named from the PAN file's stem and `out_pattern`.
+    without `out`, the output is named from the PAN file's stem and `out_pattern`. GDAL virtual
+    paths (`/vsizip//data/a.zip/pan.tif`, `/vsis3/...`) are kept as written.
     """
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -322,7 +331,8 @@ def read_manifest(
         r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not r.get("pan") or not r.get("ms"):
             raise FusionError(f"manifest {manifest} line {n}: empty 'pan' or 'ms'")
-        pan, ms = in_dir / r["pan"], in_dir / r["ms"]  # absolute paths stay absolute
+        # absolute paths stay absolute; GDAL paths stay strings (Path would fold their `//`)
+        pan, ms = (r[k] if is_gdal_path(r[k]) else in_dir / r[k] for k in ("pan", "ms"))
         stem = _stem_of(Path(r["pan"]).name)
         out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
         why = escapes(out_dir, r.get("out") or out_path_for(Path(), stem, out_pattern))
@@ -345,7 +355,7 @@ def _check_outputs(plan: Plan) -> None:
                 f"scenes {seen[key]!r} and {s.id!r} would both write {s.out}; fix the names or --out-pattern"
             )
         seen[key] = s.id
-    inputs = {p.resolve() for s in plan.scenes for p in (s.pan, s.ms)}
+    inputs = {p.resolve() for s in plan.scenes for p in (s.pan, s.ms) if isinstance(p, Path)}
     for s in plan.scenes:
         if s.out.resolve() in inputs:
             raise FusionError(f"output {s.out} of scene {s.id!r} is an input file; choose another OUT_DIR")

@@ -13,8 +13,11 @@ from fusion_cli.cli.progress import progress_bar
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
-        inputs: list[Path] = typer.Argument(
-            ..., help="PAN MS (two rasters), a folder of PAN/MS pairs, or a CSV manifest (pan,ms[,id])."
+        # str, not Path: GDAL paths (/vsizip//a.zip/x.tif, /vsicurl/https://...) need their `//`
+        inputs: list[str] = typer.Argument(
+            ...,
+            help="PAN MS (two rasters: files or GDAL paths such as /vsizip/a.zip/pan.tif), a folder of "
+            "PAN/MS pairs, or a CSV manifest (pan,ms[,id]).",
         ),
         methods: str = typer.Option(
             ...,

@@ -25,23 +25,27 @@ What each product is judged against, in order of precedence:
   --pan P --ms M     every product in full resolution against these inputs.
   (nothing)          the product's FUSION_PAN / FUSION_MS tags, written by `fusion` (full resolution).
 Folders are scanned for rasters (.tif, .tiff, .vrt, .img, .jp2; not recursive); the reference, PAN and
-MS files themselves are skipped. Index conventions are those of `fusion metrics` (see its --help);
-DLPan's published "QNR" is HQNR. A product that fails gets its one-line reason in the report; the exit
-code is then 1.
+MS files themselves are skipped. Any raster may be a GDAL virtual path (/vsizip/a.zip/x.tif,
+/vsicurl/https://...; a folder inside an archive is not listed: name its files). Index conventions
+are those of `fusion metrics` (see its --help); DLPan's published "QNR" is HQNR. A product that fails
+gets its one-line reason in the report; the exit code is then 1.
 """
 
 
 def register(app: typer.Typer) -> None:
     @app.command("report", help=HELP)
     def report(
-        inputs: list[Path] = typer.Argument(None, help="Products (files) or folders of products."),
+        # str, not Path: GDAL paths (/vsizip//a.zip/x.tif, /vsicurl/https://...) need their `//`
+        inputs: list[str] = typer.Argument(
+            None, help="Products (files, GDAL paths such as /vsizip/...) or folders of products."
+        ),
         out: Path = typer.Option(..., "-o", "--out", help="Report folder (created)."),
         manifest: Path | None = typer.Option(None, "--manifest", help="CSV: product,ref or product,pan,ms."),
-        ref: Path | None = typer.Option(
+        ref: str | None = typer.Option(
             None, "--ref", help="Reference for every product (reduced resolution)."
         ),
-        pan: Path | None = typer.Option(None, "--pan", help="PAN for every product (full resolution)."),
-        ms: Path | None = typer.Option(None, "--ms", help="Low-resolution MS for every product."),
+        pan: str | None = typer.Option(None, "--pan", help="PAN for every product (full resolution)."),
+        ms: str | None = typer.Option(None, "--ms", help="Low-resolution MS for every product."),
         ratio: int | None = MetricOpt.ratio,
         cut: int = MetricOpt.cut,
         clip_bits: int | None = MetricOpt.clip_bits,
