@@ -132,7 +132,11 @@ def bound_heap() -> None:
     64 MiB (trim), tile-sized arrays (a few MB) are reused from the heap instead of being mapped,
     zero-filled by page faults and unmapped on every call (that cost a 4 Mpx classical run ~0.9 M
     page faults and a third of its time), while the memory kept is bounded by the trim threshold:
-    8k-scene peak +18 % over 2k (BENCHMARKS.md; 1 MiB / default trim gave +12 %)."""
+    8k-scene peak +18 % over 2k (BENCHMARKS.md; 1 MiB / default trim gave +12 %). Larger arrays come
+    from the heap too (no mmap'd chunks): a network window allocates 0.1-0.6 GB arrays in every block,
+    and each mapped one was unmapped again on free (a TLB shootdown across the threads) and
+    zero-filled by page faults on the next block: the kernel's share was a third of a 1024^2 official
+    run's CPU time (sys 25 s of 71), 2.5 s of 54 from the heap."""
     import ctypes
     import ctypes.util
 
@@ -143,6 +147,7 @@ def bound_heap() -> None:
         libc = ctypes.CDLL(name)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
     except (OSError, AttributeError):
         pass
 

@@ -96,10 +96,11 @@ class NetworkFuser:
     def preferred_tile(self) -> int:
         """Output tile side (PAN px) when the user gives none. On a CPU a window's cost is its area
         (no fixed per-call cost to amortise) while the halo and blend zone around every tile are paid
-        again: 1024 px tiles compute 1.2-1.35x their area where 256 px tiles computed 1.9-2.7x
-        (bench_profile), and most scenes' edge strips are cropped, not padded. One window at a time
-        (`batch_size` 1) keeps that to ~3 GB for a d = 32 network. On a GPU, 256 (batched)."""
-        return 1024 if self.device.type == "cpu" else 256
+        again (256 px tiles compute 1.9-2.7x their area, bench_profile), and windows larger than 512
+        px were measured to cost more per pixel again, with twice the memory (official checkpoint,
+        1024^2 WV3 crop, 2 cores: 29.8 s at 512, 36.6 s at 1024, 2.4 vs 5.9 GB peak).
+        One window at a time (`batch_size` 1). On a GPU, 256 (batched)."""
+        return 512 if self.device.type == "cpu" else 256
 
     @property
     def scan_backend(self) -> str:

@@ -568,6 +568,16 @@ class FusionMamba(nn.Module):
             # Channels-last maps: the modules' (B, C, H, W) <-> (B, H*W, C) token views are then free
             # instead of a strided copy per block (a few channels over a whole window, slow on a CPU).
             pan, up = (t.contiguous(memory_format=torch.channels_last) for t in (pan, up))
+            if resolve_backend(self.config.scan_backend, pan.device)[0] == "numba":
+                from fusion_cli.models import mamba_numba
+
+                with mamba_numba.scratch():  # the fused blocks reuse their largest arrays
+                    return self._stages(ms, pan, up, band_max)
+        return self._stages(ms, pan, up, band_max)
+
+    def _stages(
+        self, ms: torch.Tensor, pan: torch.Tensor, up: torch.Tensor, band_max: torch.Tensor | None
+    ) -> torch.Tensor:
         pan_f = self.raise_pan_dim(pan)
         ms_f = self.raise_ms_dim(up)
         pan_f, ms_f, pan_skip0, ms_skip0 = self.stage0(pan_f, ms_f)
