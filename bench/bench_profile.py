@@ -155,7 +155,8 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
         "base method": totals.get("base method", 0.0),
     }
     halo = fuser.halo
-    window = SIDE + 32 + 2 * halo  # default tile 256 + default 32 px blend zone + context
+    tile = fuser.preferred_tile  # the default tile on this device
+    window = tile + 32 + 2 * halo  # tile + default 32 px blend zone + context
     rows = []
     for part, seconds in parts.items():
         rows.append(
@@ -176,7 +177,8 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
             "% of window": 100.0,
             "wall_seconds": round(wall, 4),
             "PAN Mpx/s per pass": round(SIDE * SIDE / 1e6 / (net / passes), 4),
-            "halo x (tile 256)": round(window**2 / SIDE**2, 2),
+            "default tile": tile,
+            "halo x (default tile)": round(window**2 / tile**2, 2),
         }
     )
     return rows
