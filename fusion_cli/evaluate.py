@@ -114,9 +114,9 @@ def _fuse(
 def integer_dn(path: str | Path) -> bool:
     """Whether a raster holds integer DN. Q2n rounds to uint16 as the toolbox does only for such
     data: rounding float reflectance in [0, 1.3] would leave two or three grey levels."""
-    import rasterio
+    from fusion_cli.raster import open_raster
 
-    with rasterio.open(path) as ds:
+    with open_raster(path, "product") as ds:
         return bool(np.issubdtype(np.dtype(ds.dtypes[0]), np.integer))
 
 

@@ -117,9 +117,9 @@ def _default_complete_check(path: Path) -> bool:
 
 def _output_mpx(path: Path) -> float:
     try:
-        import rasterio
+        from fusion_cli.raster import open_raster
 
-        with rasterio.open(path) as ds:
+        with open_raster(path, "product") as ds:
             return ds.width * ds.height / 1e6
     except Exception:  # throughput is informative; never fail a finished scene over it
         return 0.0
