@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAN = ROOT / "examples" / "landsat8_pan.tif"
 MS = ROOT / "examples" / "landsat8_ms.tif"
-CASES = [(256, 32), (128, 32), (256, 128), (512, 128)]  # (tile, overlap) PAN px
+# (tile, overlap) PAN px; 512/32 is the CPU default
+CASES = [(512, 32), (256, 32), (128, 32), (256, 128), (512, 128)]
 # Windows stop at the scene's edges (a scene that fits in one is fused as its authors run a whole
 # image); within about 5 scan memories of those edges each window's row- and column-major scans wrap
 # around to its own far side, not the one piece's, so the two differ there: reported apart.
