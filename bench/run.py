@@ -83,6 +83,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str]) -> int:
     wanted = set(argv)
     sys.path.insert(0, str(BENCH))
+    # the process settings of the `fusion` entry point (idle OpenMP threads sleep: spinning ones
+    # would add CPU seconds to the one-thread profile), before any bench imports torch
+    from fusion_cli.cli.main import share_cores
+
+    share_cores()
     sections: dict[str, str] = {}
     failed = 0
     for path in sorted(BENCH.glob("bench_*.py")):

@@ -276,3 +276,22 @@ def test_causal_conv1d_is_causal_and_matches_definition():
     x2 = x.clone()
     x2[..., 20:] += 1.0  # changing the future must not change the past
     torch.testing.assert_close(causal_conv1d(x2, w, b)[..., :20], causal_conv1d(x, w, b)[..., :20])
+
+
+def test_numba_scan_keeps_torchs_thread_count():
+    """numba's OpenMP layer shares torch's OpenMP runtime; its first launch must not raise torch's
+    thread count (a `--threads 1` run computed torch's ops on every core). Fresh process: the reset
+    happened on numba's first parallel launch."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    probe = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from fusion_cli.models import scan\n"
+        "u = torch.randn(1, 32, 256); A = -torch.rand(32, 8); B = torch.randn(1, 8, 256)\n"
+        "scan.selective_scan(u, u.abs(), A, B, B, backend='numba')\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "1"

@@ -492,8 +492,11 @@ _backward = _njit(_backward_kernel)
 def _threads() -> Iterator[None]:
     """As many numba threads as torch uses (which follows the user's and the machine's limits), and
     work items handed out one at a time: on shared cores a descheduled thread then delays only its
-    current (batch, channel) item instead of a static share of them. Restores the chunk size after."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    current (batch, channel) item instead of a static share of them. Restores the chunk size after,
+    and torch's thread count: numba's OpenMP layer shares torch's OpenMP runtime, and its first launch
+    set that runtime's count to all cores (a `--threads 1` run then ran torch on 2)."""
+    torch_threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
     before = numba.set_parallel_chunksize(1)  # per calling thread; each item is a whole pass over L
     # numba's fallback threading layer (workqueue, where neither OpenMP nor TBB loads) aborts the
     # process when two threads launch kernels at once (batch --scene-workers): one at a time then.
@@ -503,6 +506,8 @@ def _threads() -> Iterator[None]:
             yield
     finally:
         numba.set_parallel_chunksize(before)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 _launch_lock = threading.Lock()
