@@ -443,8 +443,8 @@ def test_evaluate_pairs_reports_toolbox_indices(ex_pairs: dict[str, list[TrainPa
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
-    """A small top-left crop of a real raster, written to the test's temporary folder."""
+def _write_crop(src: Path, dst: Path, rows: int, cols: int, row_off: int = 0, col_off: int = 0) -> None:
+    """A small crop of a real raster (top-left unless offset), written to the test's temporary folder."""
     import warnings
 
     import rasterio
@@ -453,7 +453,7 @@ def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with rasterio.open(src) as ds:
-            data = ds.read(window=Window(0, 0, cols, rows))
+            data = ds.read(window=Window(col_off, row_off, cols, rows))
             profile = dict(ds.profile, width=cols, height=rows, tiled=False)
             profile.pop("blockxsize", None)
             profile.pop("blockysize", None)
@@ -503,16 +503,16 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
 
     from fusion_cli.cli.main import _register, app
 
-    d = need_shared("landsat7_etm_fusebox")
+    # Two pairs cut from disjoint parts of the shipped example (any real pair serves the CLI path).
     data = tmp_path / "scenes"
     data.mkdir()
-    for i in (2, 9):
-        _write_crop(d / f"{i}_ms.tif", data / f"{i}_ms.tif", 56, 56)
-        _write_crop(d / f"{i}_pan.tif", data / f"{i}_pan.tif", 112, 112)
+    for i, col in ((2, 0), (9, 160)):
+        _write_crop(EXAMPLE_MS, data / f"{i}_ms.tif", 56, 56, 0, col)
+        _write_crop(EXAMPLE_PAN, data / f"{i}_pan.tif", 112, 112, 0, 2 * col)
     _register()
     runner = CliRunner()
     args = ["train", str(data), "-o", str(tmp_path / "run"), "--name", "cli_tiny", "--ratio", "2"]
-    args += ["--sensor", "landsat7", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
+    args += ["--sensor", "landsat8", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
     args += ["--patch", "32", "--batch", "2", "--epochs", "2", "--steps-per-epoch", "2", "--json"]
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # stderr counts as a terminal: the CLI draws the bar
     res = runner.invoke(app, args)
@@ -522,7 +522,9 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
     # the loop reported its steps and epochs through the callback, the CLI drew them on stderr
     assert "4/4" in res.stderr and "epoch 2: loss" in res.stderr
     card = json.loads((tmp_path / "run" / "cli_tiny.json").read_text())
-    assert card["bands"][0].startswith("blue") and card["dn_max"] == 255.0 and card["ratio"] == 2
+    # --bands 3,2,1,...: the card names the bands in the selected order (red first), DN scale from uint16
+    assert card["bands"][0] == "B4 red" and card["bands"][2] == "B2 blue"
+    assert card["dn_max"] == EX_DN and card["ratio"] == 2
     assert card["training"]["command"].startswith(f"fusion train {data} -o ")
     assert "--pan-shift -1,-1" in card["training"]["command"]
     assert card["architecture"]["scan_memory"] == 20  # new models are seamless by default
