@@ -184,15 +184,16 @@ def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
     assert_one_line_error(code, err, "ratio is 2 but the model expects 4")
 
 
-def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
-    pan, ms = wv2
+def test_json_summary_overwrite_and_cog(tmp_path, capsys):
+    # The shipped example: the product is the PAN grid less its half-covered first row and column.
+    pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
     out = tmp_path / "o.tif"
     code, stdout, err = run(
         capsys, "pansharpen", pan, ms, "-o", str(out), "--method", "exp", "--json", "--tile", "128"
     )
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["output"] == str(out) and summary["shape"] == [4, 600, 600]
+    assert summary["output"] == str(out) and summary["shape"] == [6, 319, 639]
     assert summary["fuser"] == "exp" and summary["device"] == "cpu" and summary["seconds"] > 0
     assert set(summary["shift_measured"]) == {"dy", "dx", "peak"} and summary["shift_applied"] is False
     assert raster.is_complete_output(out)
@@ -207,7 +208,8 @@ def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
     with rasterio.open(out) as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.overviews(1)
         with rasterio.open(pan) as p:
-            assert ds.transform == p.transform and ds.crs == p.crs and ds.shape == p.shape
+            inner = rasterio.windows.Window(1, 1, p.width - 1, p.height - 1)
+            assert ds.transform == p.window_transform(inner) and ds.crs == p.crs and ds.shape == (319, 639)
 
 
 def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
