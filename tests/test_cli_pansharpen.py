@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
 from rasterio.transform import from_origin
 
 from fusion_cli import raster
@@ -47,23 +47,22 @@ def wv2():
     return str(need_shared("wv2_spacenet6", "pan_1.tif")), str(need_shared("wv2_spacenet6", "ms_1.tif"))
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
-    pan, ms = wv2
-    wv3_pan = str(need_shared("wv3_spacenet2", "pan.tif"))
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    # The shipped example pair (UTM 16N, PAN 15 m, MS 30 m): the errors do not depend on the scene.
+    pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
     text = tmp_path / "notes.tif"
     text.write_text("hello")
-    far = _write(
-        tmp_path / "far.tif",
-        (150, 150),
-        "EPSG:32631",
-        from_origin(0, 0, 2.0000966311901034, 2.0000966311901034),
+    # The example's PAN footprint in another UTM zone: same numbers, another CRS.
+    other_crs = _write(
+        tmp_path / "crs.tif", (320, 640), "EPSG:32631", from_origin(461467.5, 3395362.5, 15, 15)
     )
-    odd = _write(tmp_path / "odd.tif", (100, 100), "EPSG:32631", from_origin(595455.31, 5751487.27, 1.7, 1.7))
+    far = _write(tmp_path / "far.tif", (150, 150), "EPSG:32616", from_origin(0, 0, 30, 30))
+    odd = _write(tmp_path / "odd.tif", (100, 100), "EPSG:32616", from_origin(461467.5, 3395362.5, 25.5, 25.5))
     out = str(tmp_path / "o.tif")
     cases = [
         ((pan, str(tmp_path / "missing.tif")), "not found"),
         ((pan, str(text)), "not a readable raster"),
-        ((wv3_pan, ms), "CRS mismatch"),
+        ((other_crs, ms), "CRS mismatch"),
         ((pan, far), "do not overlap"),
         ((pan, odd), "not an integer"),
     ]
@@ -90,16 +89,17 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, wv2):
     assert_one_line_error(code, err, "--scan-memory must be")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--no-ensemble")
     assert_one_line_error(code, err, "--ensemble/--no-ensemble applies to networks")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.tif", "notes.tif", "odd.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crs.tif", "far.tif", "notes.tif", "odd.tif"]
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, wv2, monkeypatch):
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     def full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(raster.AtomicWriter, "write", full)
     out = str(tmp_path / "o.tif")
-    code, _, err = run(capsys, "pansharpen", *wv2, "-o", out, "--method", "exp", "--quiet")
+    pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--quiet")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
@@ -184,15 +184,16 @@ def test_network_band_count_and_ratio_mismatch(tmp_path, capsys, wv2):
     assert_one_line_error(code, err, "ratio is 2 but the model expects 4")
 
 
-def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
-    pan, ms = wv2
+def test_json_summary_overwrite_and_cog(tmp_path, capsys):
+    # The shipped example: the product is the PAN grid less its half-covered first row and column.
+    pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
     out = tmp_path / "o.tif"
     code, stdout, err = run(
         capsys, "pansharpen", pan, ms, "-o", str(out), "--method", "exp", "--json", "--tile", "128"
     )
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["output"] == str(out) and summary["shape"] == [4, 600, 600]
+    assert summary["output"] == str(out) and summary["shape"] == [6, 319, 639]
     assert summary["fuser"] == "exp" and summary["device"] == "cpu" and summary["seconds"] > 0
     assert set(summary["shift_measured"]) == {"dy", "dx", "peak"} and summary["shift_applied"] is False
     assert raster.is_complete_output(out)
@@ -207,7 +208,8 @@ def test_json_summary_overwrite_and_cog(tmp_path, capsys, wv2):
     with rasterio.open(out) as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.overviews(1)
         with rasterio.open(pan) as p:
-            assert ds.transform == p.transform and ds.crs == p.crs and ds.shape == p.shape
+            inner = rasterio.windows.Window(1, 1, p.width - 1, p.height - 1)
+            assert ds.transform == p.window_transform(inner) and ds.crs == p.crs and ds.shape == (319, 639)
 
 
 def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):

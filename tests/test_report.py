@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import need_shared
+from conftest import example_pair, need_shared
 
 from fusion_cli.assess import EvalOptions
 from fusion_cli.errors import FusionError
@@ -130,18 +130,37 @@ def test_report_full_resolution_from_tags_and_manifest(tmp_path: Path) -> None:
         assert "pan_zoom" in page and "ms_zoom" in page and "sam" in page
 
 
-def test_report_refuses_to_write_among_inputs(golden: dict[str, Path]) -> None:
+@pytest.fixture
+def example_products(tmp_path: Path) -> dict[str, Path]:
+    """The shipped Landsat example's MS (6, 160, 320) as the reference, and a folder of three
+    products of it: noisy, interpolated from half resolution and one of the wrong size."""
+    ms = example_pair().ms.astype(np.float32)
+    noisy = ms + np.random.default_rng(0).normal(0, 50, ms.shape).astype(np.float32)
+    d = tmp_path / "products"
+    d.mkdir()
+    return {
+        "gt": _write(tmp_path / "gt.tif", ms),
+        "noisy": _write(d / "noisy.tif", noisy),
+        "exp": _write(d / "exp.tif", upsample(ms[:, ::2, ::2], 2).astype(np.float32)),
+        "bad": _write(d / "wrong_size.tif", noisy[:, :100, :100]),
+        "dir": d,
+    }
+
+
+def test_report_refuses_to_write_among_inputs(example_products: dict[str, Path]) -> None:
+    p = example_products
     with pytest.raises(FusionError, match="holds inputs"):
-        build_report([ReportItem(golden["mamba"], ref=golden["gt"])], golden["dir"], EvalOptions(ratio=4))
+        build_report([ReportItem(p["noisy"], ref=p["gt"])], p["dir"], EvalOptions(ratio=2))
     with pytest.raises(FusionError, match="no products"):
-        collect_items([], ref=golden["gt"])
+        collect_items([], ref=p["gt"])
 
 
-def test_cli_report_exit_code_and_summary(golden: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_report_exit_code_and_summary(example_products: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli_rep"
+    p = example_products
     res = subprocess.run(
-        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", "report", str(golden["dir"]),
-         "--ref", str(golden["gt"]), "--ratio", "4", "-o", str(out), "--json", "--rgb", "5,3,2"],
+        [sys.executable, "-c", "from fusion_cli.cli.main import main; main()", "report", str(p["dir"]),
+         "--ref", str(p["gt"]), "--ratio", "2", "-o", str(out), "--json", "--rgb", "3,2,1"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 1, res.stderr  # wrong_size.tif fails, the rest is reported

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
 
 from fusion_cli.errors import FusionError
 from fusion_cli.training.data import (
@@ -57,6 +57,36 @@ def pairs() -> dict[str, list[TrainPair]]:
     return {"train": train_p, "val": val_p, "test": test_p}
 
 
+EX_DN = 65535.0  # the shipped example is uint16
+
+
+def example_crop(y: int, x: int, ms_size: int) -> Scene:
+    """The shipped Landsat-8 example (ratio 2, bands blue .. SWIR2) cropped to ms_size MS px at (y, x)."""
+    s = load_scene(EXAMPLE_PAN, EXAMPLE_MS, ratio=2, sensor="landsat8")
+    return replace(
+        s,
+        ms=s.ms[:, y : y + ms_size, x : x + ms_size],
+        pan=s.pan[:, 2 * y : 2 * (y + ms_size), 2 * x : 2 * (x + ms_size)],
+    )
+
+
+@pytest.fixture(scope="module")
+def ex_pairs() -> dict[str, list[TrainPair]]:
+    """Wald pairs from disjoint parts of the shipped example scene, for the tests of the loop's
+    mechanics (resume, export, progress, errors), which hold on any data and so run on a fresh clone;
+    what the network learns is judged on the FuseBox scenes above."""
+    train_p = [reduce_scene(example_crop(0, x, 80), 2) for x in (0, 80)]
+    return {
+        "train": train_p,
+        "val": [reduce_scene(example_crop(80, 0, 64), 2)],
+        "test": [reduce_scene(example_crop(64, 160, 96), 2)],
+    }
+
+
+def tiny_ex(**kw: object) -> TrainConfig:
+    return tiny(**{"dn_max": EX_DN, **kw})
+
+
 def tiny(**kw: object) -> TrainConfig:
     base = dict(
         ratio=2, dim=4, patch=32, batch=4, lr=2e-3, epochs=3, steps_per_epoch=4, val_crop=64, dn_max=255.0
@@ -77,6 +107,12 @@ CARD = {
     "licence": "MIT",
     "training": {"data": [{"role": "train", "source": "landsat7_etm_fusebox", "licence": "public domain"}]},
 }
+EX_CARD = dict(
+    CARD,
+    sensor="landsat8",
+    dn_max=EX_DN,
+    training={"data": [{"role": "train", "source": "examples/landsat8_*.tif", "licence": "public domain"}]},
+)
 
 
 # ------------------------------------------------------------------------------------------ data side
@@ -231,10 +267,10 @@ def test_find_pairs_names_and_errors(tmp_path: Path) -> None:
         find_pairs(tmp_path)
 
 
-def test_hdf5_pancollection_layout(tmp_path: Path, pairs: dict[str, list[TrainPair]]) -> None:
+def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[TrainPair]]) -> None:
     import h5py
 
-    p = pairs["train"][0]
+    p = ex_pairs["train"][0]
     gt = np.stack([p.ref[:, :32, :32], p.ref[:, 32:64, 32:64]]) * 2047
     ms = np.stack([p.ms[:, :16, :16], p.ms[:, 16:32, 16:32]]) * 2047
     pan = np.stack([p.pan[:, :32, :32], p.pan[:, 32:64, 32:64]]) * 2047
@@ -261,6 +297,17 @@ def trained(
     untrained network would have), giving the loop a real error to learn away in a few steps."""
     out = tmp_path_factory.mktemp("trained")
     return out, train(pairs["train"], pairs["val"], tiny(), out, CARD, init_state=random_head_start())
+
+
+@pytest.fixture(scope="module")
+def ex_trained(
+    ex_pairs: dict[str, list[TrainPair]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, object]:
+    """The same short run on the example's pairs, for the mechanics tests (resume, card, errors)."""
+    out = tmp_path_factory.mktemp("ex_trained")
+    return out, train(
+        ex_pairs["train"], ex_pairs["val"], tiny_ex(), out, EX_CARD, init_state=random_head_start()
+    )
 
 
 def random_head_start() -> dict[str, torch.Tensor]:
@@ -302,13 +349,13 @@ def test_short_training_lowers_validation_loss_and_exports(
         torch.testing.assert_close(loaded.model(ms, pan), res.model.eval()(ms, pan))
 
 
-def test_card_validation_and_band_mismatch(trained: tuple[Path, object], tmp_path: Path) -> None:
+def test_card_validation_and_band_mismatch(ex_trained: tuple[Path, object], tmp_path: Path) -> None:
     """A card without bands or DN scale is refused; a 6-band model refuses 4-band input clearly."""
     import shutil
 
     from fusion_cli.models.registry import load_model
 
-    _, res = trained
+    _, res = ex_trained
     card = json.loads(res.card_path.read_text())
     for field, bad in (("bands", []), ("dn_max", 0), ("ratio", 1)):
         shutil.copy(res.weights_path, tmp_path / res.weights_path.name)
@@ -319,20 +366,20 @@ def test_card_validation_and_band_mismatch(trained: tuple[Path, object], tmp_pat
     from fusion_cli.pipeline import FuseOptions, fuse_arrays, make_fuser
 
     fuser = make_fuser(weights=res.weights_path, device="cpu")
-    s = fusebox(20, 32)
+    s = example_crop(0, 200, 32)
     with pytest.raises(FusionError, match="6 MS bands|6 bands|bands"):
         fuse_arrays(s.pan, s.ms[:4], fuser, FuseOptions())
 
 
 def test_resume_continues_exactly_where_it_stopped(
-    tmp_path: Path, trained: tuple[Path, object], pairs: dict[str, list[TrainPair]]
+    tmp_path: Path, ex_trained: tuple[Path, object], ex_pairs: dict[str, list[TrainPair]]
 ) -> None:
-    straight_dir, straight = trained
+    straight_dir, straight = ex_trained
     told: list[tuple[int, int, str]] = []
     first = train(
-        pairs["train"],
-        pairs["val"],
-        tiny(epochs=2),
+        ex_pairs["train"],
+        ex_pairs["val"],
+        tiny_ex(epochs=2),
         tmp_path,
         None,
         progress=lambda done, total, what: told.append((done, total, what)),
@@ -346,7 +393,7 @@ def test_resume_continues_exactly_where_it_stopped(
     assert told[-1][0] == 8 and told[-1][2].startswith("epoch 2: loss ") and "val_l1" in told[-1][2]
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 8 and ck["optimizer"]["state"]  # Adam moments are saved
-    resumed = train(pairs["train"], pairs["val"], tiny(epochs=3), tmp_path, None, resume=True)
+    resumed = train(ex_pairs["train"], ex_pairs["val"], tiny_ex(epochs=3), tmp_path, None, resume=True)
     assert first.steps == 8 and resumed.steps == 12
     assert [h["step"] for h in resumed.history] == [0, 4, 8, 12]
     # Same weights as the uninterrupted run of the fixture: sampler, RNG and Adam state all resumed.
@@ -356,7 +403,7 @@ def test_resume_continues_exactly_where_it_stopped(
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
     assert straight.val["val_l1"] == pytest.approx(resumed.val["val_l1"], rel=1e-5)
     with pytest.raises(FusionError, match="no checkpoint"):
-        train(pairs["train"], pairs["val"], tiny(), tmp_path / "c", None, resume=True)
+        train(ex_pairs["train"], ex_pairs["val"], tiny_ex(), tmp_path / "c", None, resume=True)
 
 
 def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
@@ -385,10 +432,10 @@ def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
     assert score(base) == before  # the model it started from is untouched
 
 
-def test_evaluate_pairs_reports_toolbox_indices(pairs: dict[str, list[TrainPair]]) -> None:
+def test_evaluate_pairs_reports_toolbox_indices(ex_pairs: dict[str, list[TrainPair]]) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny(), 6, 1)
-    scores = evaluate_pairs(model, pairs["val"], torch.device("cpu"), 255.0)
+    model = build_model(tiny_ex(), 6, 1)
+    scores = evaluate_pairs(model, ex_pairs["val"], torch.device("cpu"), EX_DN)
     assert {"val_l1", "q2n", "sam", "ergas", "psnr"} <= set(scores)
     assert 0 <= scores["q2n"] <= 1 and scores["sam"] > 0 and scores["ergas"] > 0
 
@@ -396,8 +443,8 @@ def test_evaluate_pairs_reports_toolbox_indices(pairs: dict[str, list[TrainPair]
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
-    """A small top-left crop of a real raster, written to the test's temporary folder."""
+def _write_crop(src: Path, dst: Path, rows: int, cols: int, row_off: int = 0, col_off: int = 0) -> None:
+    """A small crop of a real raster (top-left unless offset), written to the test's temporary folder."""
     import warnings
 
     import rasterio
@@ -406,7 +453,7 @@ def _write_crop(src: Path, dst: Path, rows: int, cols: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with rasterio.open(src) as ds:
-            data = ds.read(window=Window(0, 0, cols, rows))
+            data = ds.read(window=Window(col_off, row_off, cols, rows))
             profile = dict(ds.profile, width=cols, height=rows, tiled=False)
             profile.pop("blockxsize", None)
             profile.pop("blockysize", None)
@@ -437,15 +484,15 @@ def test_spectral_angle_loss_term_and_selection() -> None:
 
 
 def test_fine_tuning_that_never_improves_exports_its_start(
-    pairs: dict[str, list[TrainPair]], tmp_path: Path
+    ex_pairs: dict[str, list[TrainPair]], tmp_path: Path
 ) -> None:
     """With a zero learning rate nothing improves on the validation set: the run exports the weights
     it started from (epoch 0), not its last or a worse epoch."""
     torch.manual_seed(1)
-    start = build_model(tiny(), 6, 1)
+    start = build_model(tiny_ex(), 6, 1)
     torch.nn.init.normal_(start.to_hrms[2].weight, std=0.05)
     init = {k: v.clone() for k, v in start.state_dict().items()}
-    res = train(pairs["train"], pairs["val"], tiny(lr=0.0, epochs=2), tmp_path, init_state=init)
+    res = train(ex_pairs["train"], ex_pairs["val"], tiny_ex(lr=0.0, epochs=2), tmp_path, init_state=init)
     assert res.best_epoch == 0
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(v.cpu(), init[k])
@@ -456,16 +503,16 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
 
     from fusion_cli.cli.main import _register, app
 
-    d = need_shared("landsat7_etm_fusebox")
+    # Two pairs cut from disjoint parts of the shipped example (any real pair serves the CLI path).
     data = tmp_path / "scenes"
     data.mkdir()
-    for i in (2, 9):
-        _write_crop(d / f"{i}_ms.tif", data / f"{i}_ms.tif", 56, 56)
-        _write_crop(d / f"{i}_pan.tif", data / f"{i}_pan.tif", 112, 112)
+    for i, col in ((2, 0), (9, 160)):
+        _write_crop(EXAMPLE_MS, data / f"{i}_ms.tif", 56, 56, 0, col)
+        _write_crop(EXAMPLE_PAN, data / f"{i}_pan.tif", 112, 112, 0, 2 * col)
     _register()
     runner = CliRunner()
     args = ["train", str(data), "-o", str(tmp_path / "run"), "--name", "cli_tiny", "--ratio", "2"]
-    args += ["--sensor", "landsat7", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
+    args += ["--sensor", "landsat8", "--bands", "3,2,1,4,5,6", "--pan-shift=-1,-1", "--dim", "4"]
     args += ["--patch", "32", "--batch", "2", "--epochs", "2", "--steps-per-epoch", "2", "--json"]
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # stderr counts as a terminal: the CLI draws the bar
     res = runner.invoke(app, args)
@@ -475,7 +522,9 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
     # the loop reported its steps and epochs through the callback, the CLI drew them on stderr
     assert "4/4" in res.stderr and "epoch 2: loss" in res.stderr
     card = json.loads((tmp_path / "run" / "cli_tiny.json").read_text())
-    assert card["bands"][0].startswith("blue") and card["dn_max"] == 255.0 and card["ratio"] == 2
+    # --bands 3,2,1,...: the card names the bands in the selected order (red first), DN scale from uint16
+    assert card["bands"][0] == "B4 red" and card["bands"][2] == "B2 blue"
+    assert card["dn_max"] == EX_DN and card["ratio"] == 2
     assert card["training"]["command"].startswith(f"fusion train {data} -o ")
     assert "--pan-shift -1,-1" in card["training"]["command"]
     assert card["architecture"]["scan_memory"] == 20  # new models are seamless by default
@@ -638,17 +687,17 @@ def test_shipped_card_table_is_what_its_weights_measure(
     assert clears_bar(got, task)
 
 
-def test_adapt_a_base_model_trains_its_correction(pairs: dict[str, list[TrainPair]]) -> None:
+def test_adapt_a_base_model_trains_its_correction(ex_pairs: dict[str, list[TrainPair]]) -> None:
     """--adapt on a model with a classical base: the base is computed on the adapted scene too, the
     adapted copy moves away from the base (the head learns) and the original stays the base."""
     from fusion_cli.training.adapt import adapt_model
 
     torch.manual_seed(0)
-    model = build_model(tiny(base="bdsd-pc"), 6, 1).eval()
-    p = attach_base(pairs["test"][:1], "bdsd-pc", "landsat7")[0]
+    model = build_model(tiny_ex(base="bdsd-pc"), 6, 1).eval()
+    p = attach_base(ex_pairs["test"][:1], "bdsd-pc", "landsat8")[0]
     adapted, report = adapt_model(
-        model, p.pan * 255.0, p.ms * 255.0, ratio=2, dn_max=255.0, steps=4, lr=1e-3, batch=2, patch=32,
-        sensor="landsat7",
+        model, p.pan * EX_DN, p.ms * EX_DN, ratio=2, dn_max=EX_DN, steps=4, lr=1e-3, batch=2, patch=32,
+        sensor="landsat8",
     )  # fmt: skip
     ms, pan, base = (torch.from_numpy(a)[None] for a in (p.ms, p.pan, p.base))
     with torch.no_grad():
