@@ -71,13 +71,7 @@ def _timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> Iterator[N
             handles.append(module.register_forward_hook(leave(key)))
     scan_fn = fusionmamba.selective_scan
 
-    def timed_scan(*args: Any, **kwargs: Any) -> torch.Tensor:
-        t0 = time.process_time()
-        out = scan_fn(*args, **kwargs)
-        totals["scan (all)"] += time.process_time() - t0
-        return out
-
-    fusionmamba.selective_scan = timed_scan  # type: ignore[assignment]
+    fusionmamba.selective_scan = _timer(scan_fn, "scan (all)", totals)  # type: ignore[assignment]
     # the fused CPU inference path runs in mamba_numba: its scans (the four directions, mean, gate,
     # norm), its conv1d + silu, and the LayerNorms before the blocks (outside MultiScanMamba)
     fused: dict[str, Callable[..., Any]] = {}
@@ -115,14 +109,7 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
     totals: dict[str, float] = defaultdict(float)
     base_fn = fuser._base if fuser.base_fuser is not None else None
     if base_fn is not None:
-
-        def timed_base(*args: Any) -> torch.Tensor:
-            t0 = time.process_time()
-            out = base_fn(*args)
-            totals["base method"] += time.process_time() - t0
-            return out
-
-        fuser._base = timed_base
+        fuser._base = _timer(base_fn, "base method", totals)
     ensemble = cfg.transpose_ensemble
     try:
         with _timed_parts(fuser.model, totals):
