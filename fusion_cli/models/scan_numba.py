@@ -2,9 +2,11 @@
 
 Computes exactly the recurrence of `fusion_cli.models.scan` (see its docstring). The torch backend runs
 the scan as thousands of small tensor ops per call; on a shared CPU each pays OpenMP start/stop costs.
-Here each (batch, channel) pair is one sequential pass over L with the N-dim state in a small local
-array, and the pairs run in parallel (`prange`). delta_bias + softplus, the D skip and the silu(z) gate
-are fused, so no `(B, D, N, L)` tensor ever exists.
+Here each sequential pass over L keeps the N-dim states in small local arrays, and passes run in
+parallel (`prange`): in float32 the forward takes LANES channels of a group per pass as SIMD lanes
+(`_forward_lanes_kernel`, `_lane_recurrence`, shared with `mamba_numba`), float64 one channel per
+pass. delta_bias + softplus, the D skip and the silu(z) gate are fused, so no `(B, D, N, L)` tensor
+ever exists.
 
 Backward (`SelectiveScanNumba`): per (batch, channel) the forward states are recomputed into a
 per-work-item `(L, N)` buffer, then a reverse-time pass gives the gradients of u, delta (before the
