@@ -704,3 +704,35 @@ def test_adapt_a_base_model_trains_its_correction(ex_pairs: dict[str, list[Train
         torch.testing.assert_close(model(ms, pan, base=base), base)
         assert (adapted(ms, pan, base=base) - base).abs().mean() > 1e-5
     assert report.steps == 4
+
+
+def test_ensemble_pays_only_beyond_the_card_resolution() -> None:
+    """The transpose ensemble is kept where it moves a validation index by more than the cards treat as
+    real and makes none worse: the recorded validation scores of the shipped models decide as follows."""
+    from fusion_cli.training.validation import ensemble_pays
+
+    def s(q2n: float, sam: float, ergas: float) -> dict[str, float]:
+        return {"q2n": q2n, "sam": sam, "ergas": ergas}
+
+    assert ensemble_pays(s(0.9050, 1.907, 2.970), s(0.9061, 1.896, 2.946))  # landsat: ERGAS -0.024
+    assert ensemble_pays(s(0.8351, 6.992, 6.087), s(0.8370, 6.800, 6.059))  # vhr4: SAM -0.19
+    assert not ensemble_pays(s(0.7046, 3.7339, 5.615), s(0.7055, 3.7332, 5.610))  # hyperion_pan: < 0.002
+    assert not ensemble_pays(s(0.90, 1.494, 1.70), s(0.91, 1.521, 1.60))  # hyperion_hisr: SAM worse
+
+
+def test_choose_ensemble_scores_both_and_sets_the_choice(ex_pairs: dict[str, list[TrainPair]]) -> None:
+    """choose_ensemble scores a network on validation pairs in one pass and transposed-and-averaged
+    (two different products), and leaves the model configured as `ensemble_pays` decides."""
+    from fusion_cli.training.validation import choose_ensemble, ensemble_pays
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(task="pansharpening", ratio=2, dim=4, patch=32, batch=2, dn_max=EX_DN)
+    model = build_model(cfg, 6, 1)
+    with torch.no_grad():  # the fresh head is zero (output = upsampled MS): give the net a say
+        for param in model.parameters():
+            param.normal_(0.0, 0.1)
+    chosen, scores = choose_ensemble(model, ex_pairs["val"], torch.device("cpu"), EX_DN, "landsat8")
+    assert set(scores) == {"one_pass", "ensemble"}
+    assert scores["one_pass"]["val_l1"] != scores["ensemble"]["val_l1"]
+    assert chosen == ensemble_pays(scores["one_pass"], scores["ensemble"])
+    assert model.config.transpose_ensemble is chosen and not model.training

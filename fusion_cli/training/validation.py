@@ -4,6 +4,7 @@ table's validation indices in DN (`quality`), as the training loop and the recip
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -83,3 +84,35 @@ def quality(ref: np.ndarray, fused: np.ndarray, ratio: int, dn_max: float) -> di
             continue
         out[m.name.lower()] = float(value[0] if isinstance(value, tuple) else value)
     return out
+
+
+# The smallest change of a validation index that the cards treat as real (issue 15's bound on what a
+# speed change may move): a transpose ensemble, which doubles inference time, must buy more than this.
+ENSEMBLE_MIN_GAIN = {"q2n": 0.002, "sam": 0.01, "ergas": 0.01}
+_HIGHER_IS_BETTER = {"q2n": True, "sam": False, "ergas": False}
+
+
+def ensemble_pays(one_pass: dict[str, float], ensemble: dict[str, float]) -> bool:
+    """Whether the transpose ensemble earns its second pass on these validation scores: it improves at
+    least one of Q2n, SAM, ERGAS by more than `ENSEMBLE_MIN_GAIN` and makes none of them worse."""
+    gains = {}
+    for key, higher in _HIGHER_IS_BETTER.items():
+        if key in one_pass and key in ensemble:
+            gains[key] = (ensemble[key] - one_pass[key]) * (1 if higher else -1)
+    return all(g >= 0 for g in gains.values()) and any(g > ENSEMBLE_MIN_GAIN[k] for k, g in gains.items())
+
+
+def choose_ensemble(
+    model: nn.Module, pairs: Sequence[TrainPair], device: torch.device, dn_max: float, sensor: str | None
+) -> tuple[bool, dict[str, dict[str, float]]]:
+    """Score the model on validation pairs in one pass and with its transpose ensemble, set
+    `model.config.transpose_ensemble` by `ensemble_pays`, and return the choice with both scores
+    (`{"one_pass": ..., "ensemble": ...}`, for the card)."""
+    scores = {}
+    for label, on in (("one_pass", False), ("ensemble", True)):
+        model.config = replace(model.config, transpose_ensemble=on)
+        scores[label] = evaluate_pairs(model, pairs, device, dn_max, sensor=sensor)
+    chosen = ensemble_pays(scores["one_pass"], scores["ensemble"])
+    model.config = replace(model.config, transpose_ensemble=chosen)
+    model.eval()
+    return chosen, scores
