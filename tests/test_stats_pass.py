@@ -205,3 +205,20 @@ def test_interp_moments_equal_the_direct_sums(source: str) -> None:
             assert fast.n == direct.n == int(v.sum())
             torch.testing.assert_close(fast.s, direct.s, rtol=1e-6, atol=0)
             torch.testing.assert_close(fast.ss, direct.ss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "default", "tile_512"), [(320, 640, 1, 2), (640, 640, 1, 4), (644, 300, 2, 2)]
+)
+def test_default_plan_fuses_a_scene_slightly_larger_than_the_tile_in_one_window(
+    height: int, width: int, default: int, tile_512: int
+) -> None:
+    """With no --tile, a scene up to 1.25x the fuser's preferred tile (512 for the classical methods)
+    is one window (the 320 x 640 example: a quarter fewer pixels computed than 512 + a 128-px sliver);
+    beyond it, the preferred tile is kept; an explicit --tile is always obeyed."""
+    r = 2
+    geom = align.relate_shapes((height, width), (height // r, width // r), r)
+    f = make_method("gsa", r, "landsat8")
+    assert f.preferred_tile == 512
+    assert plan_for(f, geom, FuseOptions()).count == default
+    assert plan_for(f, geom, FuseOptions(tile=512)).count == tile_512
