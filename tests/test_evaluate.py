@@ -118,15 +118,15 @@ def test_evaluate_bands_select_and_reorder(
     tmp_path: Path, source: str, request: pytest.FixtureRequest
 ) -> None:
     """--bands: every method fuses the selected bands in the given order and the reference and the
-    full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s) of the WV2 pair
-    with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
+    full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s, HPC) of the WV2
+    pair with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
     pan, ms, sensor, bits = _pair(source, request)
     scenes = find_scenes([pan, ms])
     kw = {"sensor": sensor, "clip_bits": bits, "keep_products": False}
     stored = evaluate(scenes, parse_methods("gsa"), tmp_path / "a", **kw).rows[0]
     backwards = list(range(6 if source != "wv2" else 4, 0, -1))
     reversed_ = evaluate(scenes, parse_methods("gsa"), tmp_path / "b", bands=backwards, **kw).rows[0]
-    for key in ("SAM", "ERGAS", "D_lambda", "D_s"):
+    for key in ("SAM", "ERGAS", "D_lambda", "D_s", "HPC"):
         assert reversed_[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-6), key
     kw["sensor"] = "generic"  # the WV2 MTF table names 4 or 8 bands, not a 2-band subset
     subset = evaluate(scenes, parse_methods("exp"), tmp_path / "c", bands=[2, 3], **kw).rows[0]
