@@ -711,8 +711,8 @@ def run_recipe(
     model.config = replace(model.config, transpose_ensemble=recipe.transpose_ensemble)
     if evaluate:
         t1 = time.perf_counter()
-        pairs = [_whole_crop(p, test_crop) for p in test_p]
-        table = measure_card(card, model, recipe, pairs, test_scenes, dev)
+        test_pairs = [_whole_crop(p, test_crop) for p in test_p]
+        table = measure_card(card, model, recipe, test_pairs, test_scenes, dev)
         # A model becomes the default only if it beats every classical method on the held-out scenes.
         clears = clears_bar(table["methods"], recipe.task)
         card["default"] = recipe.default and clears
