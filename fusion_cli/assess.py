@@ -35,7 +35,7 @@ class EvalOptions:
     ratio: int | None = None  # PAN/MS pixel-size ratio; default: from the grids, or the product's tags
     cut: int = 0  # toolbox border cut K: keep [K-1, H-K)
     clip_bits: int | None = None  # clip the fused image to [0, 2^L] first
-    round_uint16: bool = True  # Q2n's uint16 rounding (the toolbox's); False is a deviation
+    round_uint16: bool = True  # Q2n's and D_lambda^K's uint16 rounding (toolbox); False is a deviation
     per_band: bool = False
     block: int = 32  # Q2n / Q / QNR block size
     psnr_peak: float | str = "dnmax"
@@ -260,6 +260,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 opts.block,
                 opts.clip_bits,
                 opts.per_band,
+                opts.round_uint16,
             )
         )
     out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())

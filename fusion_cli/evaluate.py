@@ -5,8 +5,9 @@ Per scene: Wald's protocol (`fusion_cli.wald.simulate_files`: MTF-degraded MS an
 as reference), each method fuses the reduced pair through the same streaming pipeline as `fusion
 pansharpen` and is scored with the toolbox's reduced-resolution indices (Q2n, Q, SAM, ERGAS, SCC);
 then each method fuses the original pair and is scored with the no-reference indices (D_lambda,
-D_s, QNR, D_lambda^K, HQNR). Times are wall-clock seconds of each fusion (statistics pass, I/O and
-writing included). Several scenes give mean and standard deviation per method, as published tables.
+D_s, QNR, D_lambda^K, HQNR) and the sharpness index HPC. Times are wall-clock seconds of each fusion
+(statistics pass, I/O and writing included). Several scenes give mean and standard deviation per
+method, as published tables.
 
 Methods are classical names (`gsa`, `mtf-glp-hpm`, ...) or `fusionmamba:MODEL` where MODEL is a
 registry name or a weights file (a card + safetensors pair or the official `.pth`).
@@ -292,7 +293,12 @@ def evaluate(
         f"PAN {settings['pan_degradation']}), "
         f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}, "
         f"Q2n/Q/QNR blocks {block} px (Q2n rounds integer DN to uint16, not float data); "
-        + ("full resolution: D_lambda^K/HQNR with the sensor MTF. " if full_resolution else "")
+        + (
+            "full resolution: D_lambda^K/HQNR with the sensor MTF, HPC = high-pass correlation with "
+            "the PAN (high-pass: minus the sensor-MTF low-pass). "
+            if full_resolution
+            else ""
+        )
         + "Times: wall-clock seconds per fusion."
     )
     _write_text(Path(files["markdown"]), markdown(summary, note))

@@ -5,8 +5,11 @@
 Each recipe reads the real data in `../shared/data` (see its README), builds Wald-reduced training
 pairs with the project's degradation, holds out whole scenes (or spatially separate parts of a
 scene) for validation and for the test table, trains within a time budget, and exports
-`<out>/<name>.safetensors` + `<name>.json` with a full card. The test table compares the model with
-the classical methods on the held-out data at reduced resolution (same protocol, same metrics).
+`<out>/<name>.safetensors` + `<name>.json` with a full card. The test tables compare the model with
+the classical methods on the held-out data at reduced resolution (same protocol, same metrics) and at
+the scenes' original resolution (HQNR, HPC); the card's `bar` holds issue 20's criteria against the
+best classical method and its `status` says whether the model clears them (`stable`) or not
+(`experimental`). `NAME --retest` re-measures a shipped card from its weights.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class Splits:
 
 
 CLASSICAL = ("exp", "brovey", "gsa", "pca", "mtf-glp", "mtf-glp-hpm", "mtf-glp-fs", "bdsd-pc", "mtf-glp-hs")
+NETWORK = "fusionmamba"  # the network's row in the test tables
+# The bar of a card's status (issue 20): ERGAS and SAM each this far below the best classical method.
+BAR_BELOW = 0.15
 
 
 @dataclass
@@ -644,12 +650,14 @@ def run_recipe(
         budget = recipe.seconds if dev.type == "cuda" else recipe.cpu_seconds
     work_dir = Path(work) if work is not None else Path("out") / "train" / name
     t0 = time.perf_counter()
+    test_scenes: list[Scene] | None = None  # a pack holds only the reduced pairs
     if pack_dir is not None:
         meta, pairs = load_pack(Path(pack_dir) / f"{name}.npz", recipe.ratio)
         train_p, val_p, test_p = pairs["train"], pairs["val"], pairs["test"]
     else:
         splits, train_p, val_p, test_p = build_pairs(recipe, _shared_root())
         meta = describe_splits(recipe, splits)
+        test_scenes = [_scene_crop(s, test_crop) for s in splits.test]
     t_data = time.perf_counter() - t0
     init_model = None
     if init is not None:
@@ -703,15 +711,16 @@ def run_recipe(
     model.config = replace(model.config, transpose_ensemble=recipe.transpose_ensemble)
     if evaluate:
         t1 = time.perf_counter()
-        table = test_table(model, recipe, [_whole_crop(p, test_crop) for p in test_p], dev)
-        card["metrics"] = {"test_reduced_resolution": table}
-        # A model becomes the default only if it clears the bar on the held-out scenes.
+        test_pairs = [_whole_crop(p, test_crop) for p in test_p]
+        table = measure_card(card, model, recipe, test_pairs, test_scenes, dev)
+        # A model becomes the default only if it beats every classical method on the held-out scenes.
         clears = clears_bar(table["methods"], recipe.task)
         card["default"] = recipe.default and clears
         if not clears:
             card["description"] = f"EXPERIMENTAL, does not clear the bar (see metrics): {recipe.description}"
         summary["test"] = table["methods"]
         summary["clears_bar"] = clears
+        summary["status"] = card["status"]
         summary["test_s"] = round(time.perf_counter() - t1, 1)
     best = {"epoch": res.best_epoch, "metrics": res.val}
     wpath, cpath = export(
@@ -723,8 +732,9 @@ def run_recipe(
 
 
 def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any]:
-    """Re-measure a shipped model's test table as its card loads it (e.g. after bounding its scan
-    memory) and write it into the card; the weights are not touched. Returns the new table."""
+    """Re-measure a shipped model's test tables as its card loads it (e.g. after bounding its scan
+    memory) and write them, the margins, the bar and the status into the card; the weights are not
+    touched. Returns the updated card."""
     import torch
 
     from fusion_cli.models.registry import load_model, write_card
@@ -733,19 +743,49 @@ def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any
     recipe = _recipe(name)
     card_path = Path(folder or weights_dir()) / f"{name}.json"
     model = load_model(weights=card_path, device="cpu").model
-    _, _, _, test_p = build_pairs(recipe, _shared_root())
-    table = test_table(model, recipe, test_p, torch.device("cpu"))
+    splits, _, _, test_p = build_pairs(recipe, _shared_root())
     card = json.loads(card_path.read_text())
-    card.setdefault("metrics", {})["test_reduced_resolution"] = table
+    measure_card(card, model, recipe, test_p, splits.test, torch.device("cpu"))
     write_card(card_path, card)
-    return table
+    return card
+
+
+def measure_card(
+    card: dict[str, Any],
+    model: Any,
+    recipe: Recipe,
+    pairs: list[TrainPair],
+    scenes: list[Scene] | None,
+    device: Any,
+) -> dict[str, Any]:
+    """Measure the held-out tables into `card`: `metrics.test_reduced_resolution` (the Wald pairs),
+    `metrics.test_full_resolution` (the original `scenes`; None: not measured), `metrics.vs_best_classical`
+    (the margins), `bar` and `status`. Returns the reduced-resolution table."""
+    reduced = test_table(model, recipe, pairs, device)
+    if scenes is None:
+        full: dict[str, Any] = {"skipped": "trained from a pack, which holds no original-resolution scenes"}
+    else:
+        full = full_resolution_table(model, recipe, scenes, device)
+    from fusion_cli.training.validation import model_base
+
+    best = best_classical(reduced["methods"])
+    reduced["best_classical"] = best
+    base = model_base(model) or best  # the paper's network has no base: HPC against the best method
+    vs = margins(reduced["methods"], full.get("methods"), recipe.task, best, base)
+    metrics = card.setdefault("metrics", {})
+    metrics["test_reduced_resolution"] = reduced
+    metrics["test_full_resolution"] = full
+    metrics["vs_best_classical"] = vs
+    card["bar"] = bar(vs, recipe.task, full.get("skipped"))
+    card["status"] = "stable" if card["bar"]["pass"] else "experimental"
+    return reduced
 
 
 def clears_bar(methods: dict[str, dict[str, dict[str, float]]], task: str) -> bool:
-    """The shipping bar: FusionMamba beats the best classical method on Q2n (PSNR for HISR), SAM and
-    ERGAS (means over the held-out scenes)."""
-    net = methods["fusionmamba"]
-    others = [v for k, v in methods.items() if k != "fusionmamba"]
+    """The default-model rule: FusionMamba beats every classical method on Q2n (PSNR for HISR), SAM
+    and ERGAS (means over the held-out scenes). The stricter bar of a card's `status` is `bar`."""
+    net = methods[NETWORK]
+    others = [v for k, v in methods.items() if k != NETWORK]
     quality = "psnr" if task == "hisr" else "q2n"
     return all(
         net[quality]["mean"] > o[quality]["mean"]
@@ -753,6 +793,155 @@ def clears_bar(methods: dict[str, dict[str, dict[str, float]]], task: str) -> bo
         and net["ergas"]["mean"] < o["ergas"]["mean"]
         for o in others
     )
+
+
+def best_classical(methods: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The classical method with the lowest mean reduced-resolution ERGAS on the held-out scenes."""
+    return min((k for k in methods if k != NETWORK), key=lambda k: methods[k]["ergas"]["mean"])
+
+
+def margins(
+    reduced: dict[str, dict[str, dict[str, float]]],
+    full: dict[str, dict[str, dict[str, float]]] | None,
+    task: str,
+    best: str,
+    base: str,
+) -> dict[str, Any]:
+    """The network against the best classical method `best`: ERGAS and SAM in % below it, Q2n (PSNR
+    for HISR) and, at full resolution, HQNR as differences (network minus it); HPC as the difference
+    from the `base` method's (the one the network corrects). None where not measured."""
+    net, ref = reduced[NETWORK], reduced[best]
+    quality = "psnr" if task == "hisr" else "q2n"
+
+    def below(key: str) -> float:
+        return round(100.0 * (1.0 - net[key]["mean"] / ref[key]["mean"]), 2)
+
+    def full_diff(key: str, other: str) -> float | None:
+        if full is None or other not in full:
+            return None
+        return round(full[NETWORK][key]["mean"] - full[other][key]["mean"], 5)
+
+    return {
+        "best_classical": best,
+        "base": base,
+        "ergas_below_pct": below("ergas"),
+        "sam_below_pct": below("sam"),
+        f"{quality}_difference": round(net[quality]["mean"] - ref[quality]["mean"], 5),
+        "hqnr_difference": full_diff("hqnr", best),
+        "hpc_difference_vs_base": full_diff("hpc", base),
+    }
+
+
+def bar(vs: dict[str, Any], task: str, full_skipped: str | None = None) -> dict[str, Any]:
+    """Issue 20's criteria with pass/fail from the margins `vs`: ERGAS and SAM each >= 15 % below the
+    best classical method, Q2n (PSNR for HISR) above it, HQNR at least its, HPC at least the base
+    method's. A full-resolution criterion that could not be measured (`full_skipped` says why) is
+    `pass: null` and does not count; the bar passes when no criterion fails."""
+    best, base = vs["best_classical"], vs["base"]
+    quality, label = ("psnr", "PSNR") if task == "hisr" else ("q2n", "Q2n")
+    pct = round(100 * BAR_BELOW)
+
+    def item(text: str, key: str, ok: Callable[[float], bool]) -> dict[str, Any]:
+        value = vs[key]
+        out: dict[str, Any] = {"criterion": text, key: value, "pass": None if value is None else ok(value)}
+        if value is None:
+            out["not_measured"] = full_skipped or "no full-resolution table"
+        return out
+
+    criteria = [
+        item(f"ERGAS >= {pct} % below {best}", "ergas_below_pct", lambda v: v >= 100 * BAR_BELOW),
+        item(f"SAM >= {pct} % below {best}", "sam_below_pct", lambda v: v >= 100 * BAR_BELOW),
+        item(f"{label} above {best}", f"{quality}_difference", lambda v: v > 0),
+        item(f"HQNR (full resolution) at least {best}'s", "hqnr_difference", lambda v: v >= 0),
+        item(f"HPC (full resolution) at least its base {base}'s", "hpc_difference_vs_base", lambda v: v >= 0),
+    ]  # fmt: skip
+    return {
+        "best_classical": best,
+        "base": base,
+        "criteria": criteria,
+        "pass": all(c["pass"] is not False for c in criteria),
+    }
+
+
+def full_resolution_table(model: Any, recipe: Recipe, scenes: list[Scene], device: Any) -> dict[str, Any]:
+    """Full-resolution indices of the model and of the classical methods on the held-out scenes at their
+    original resolution (no reference): per method, mean and std over the scenes of HQNR, D_lambda_K,
+    D_s and HPC, from `fusion_cli.metrics.full_resolution` (the functions of `fusion metrics`).
+
+    Every product is made by `fuse_arrays`, the tiled pipeline of `fusion pansharpen` (the network with
+    its card's base method and statistics pass), and clipped at 0 as the reduced table's; the indices use
+    each scene's sensor MTF. HISR scenes (HSI and MSI on one grid, the ratio simulated) have no
+    full-resolution pair: the table says so."""
+    from fusion_cli.metrics import full_resolution
+    from fusion_cli.pipeline import fuse_arrays, make_fuser
+    from fusion_cli.sensors import sensor_or_generic
+
+    if recipe.task == "hisr" or any(s.ratio != recipe.ratio or s.simulated for s in scenes):
+        return {
+            "skipped": "not applicable: the held-out HSI and MSI share one grid (the ratio is simulated), "
+            "so there is no original-resolution pair to fuse"
+        }
+    keys = {"hqnr": "HQNR", "d_lambda_k": "D_lambda_K", "d_s": "D_s", "hpc": "HPC"}
+    per_method: dict[str, list[dict[str, float]]] = {}
+    for s in scenes:
+        pan, ms = np.ascontiguousarray(s.pan), np.ascontiguousarray(s.ms)
+        fusers = {NETWORK: _network_fuser(model, recipe, s.dn_max, device)}
+        for method in recipe.classical:
+            try:
+                fusers[method] = make_fuser(method=method, ratio=recipe.ratio, sensor=recipe.mtf_sensor,
+                                            ms_bands=ms.shape[0])  # fmt: skip
+            except FusionError as exc:
+                print(f"{recipe.name}: baseline {method} skipped: {exc}", file=sys.stderr)
+        block = min(32, pan.shape[1], pan.shape[2])
+        for method, fuser in fusers.items():
+            fused = np.clip(fuse_arrays(pan, ms, fuser), 0, None)
+            r = full_resolution(fused, pan, ms, recipe.ratio, sensor_or_generic(s.sensor), block=block,
+                                round_uint16=s.dn_max > 1)  # fmt: skip
+            per_method.setdefault(method, []).append({k: float(r[name]) for k, name in keys.items()})
+    rows = {m: _mean_std(v) for m, v in per_method.items() if len(v) == len(scenes)}
+    return {
+        "scenes": [s.name for s in scenes],
+        "protocol": "full resolution, original held-out scenes/parts, fusion_cli.metrics.full_resolution "
+        "(HQNR = (1 - D_lambda_K)(1 - D_s), HPC = high-pass correlation with the PAN); products by "
+        "fuse_arrays (the pansharpen pipeline)",
+        "methods": rows,
+    }
+
+
+def _network_fuser(model: Any, recipe: Recipe, dn_max: float, device: Any) -> Any:
+    """The pipeline's fuser for a trained network, with the card's sensor for its base method (as a
+    shipped card loads) and the scene's DN scale."""
+    from fusion_cli.models.fuser import NetworkFuser
+    from fusion_cli.models.registry import LoadedModel, ModelCard
+
+    card = ModelCard(
+        name=recipe.name, task=recipe.task, description=recipe.description, sensor=recipe.sensor,
+        bands=list(recipe.bands), pan_bands=list(recipe.pan_bands), ratio=recipe.ratio, dn_max=recipe.dn_max,
+    )  # fmt: skip
+    loaded = LoadedModel(model=model, card=card, weights_path=None, device=device)
+    return NetworkFuser(loaded, device=device, dn_max=dn_max)
+
+
+def _mean_std(scores: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and std over scenes of each index (rounded as the cards show them)."""
+    keys = sorted({k for s in scores for k in s})
+    return {
+        k: {
+            "mean": round(float(np.mean([s[k] for s in scores if k in s])), 5),
+            "std": round(float(np.std([s[k] for s in scores if k in s])), 5),
+        }
+        for k in keys
+    }
+
+
+def _scene_crop(s: Scene, limit: int | None) -> Scene:
+    """The top-left part of a scene, at most `limit` PAN px a side (smoke runs); the scene itself
+    without a limit."""
+    if not limit:
+        return s
+    r = s.ratio
+    h, w = min(s.ms.shape[1], limit // r), min(s.ms.shape[2], limit // r)
+    return replace(s, ms=s.ms[:, :h, :w], pan=s.pan[:, : h * r, : w * r])
 
 
 def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) -> dict[str, Any]:
@@ -763,10 +952,10 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
     from fusion_cli.training.validation import evaluate_pairs, quality
 
     crops = [_whole_crop(p) for p in pairs]
-    per_method: dict[str, list[dict[str, float]]] = {"fusionmamba": []}
+    per_method: dict[str, list[dict[str, float]]] = {NETWORK: []}
     for p in crops:
         scores = evaluate_pairs(model, [p], device, recipe.dn_max, sensor=recipe.mtf_sensor)
-        per_method["fusionmamba"].append({k: v for k, v in scores.items() if k != "val_l1"})
+        per_method[NETWORK].append({k: v for k, v in scores.items() if k != "val_l1"})
     for method in recipe.classical:
         try:
             from fusion_cli.classical import make_method
@@ -789,16 +978,7 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
             scores_m.append(quality(p.ref * recipe.dn_max, np.clip(fused, 0, None), p.ratio, recipe.dn_max))
         if len(scores_m) == len(crops):
             per_method[method] = scores_m
-    rows: dict[str, dict[str, dict[str, float]]] = {}
-    for method, scores_list in per_method.items():
-        keys = sorted({k for s in scores_list for k in s})
-        rows[method] = {
-            k: {
-                "mean": round(float(np.mean([s[k] for s in scores_list if k in s])), 5),
-                "std": round(float(np.std([s[k] for s in scores_list if k in s])), 5),
-            }
-            for k in keys
-        }
+    rows = {method: _mean_std(scores_list) for method, scores_list in per_method.items()}
     return {
         "scenes": [p.name for p in pairs],
         "protocol": "reduced resolution (Wald), whole held-out scenes/parts, fusion_cli.metrics"
@@ -867,8 +1047,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(args_in)
     if args.retest:
-        table = retest_shipped(args.name, args.out)
-        print(json.dumps({"name": args.name, "test": table["methods"]}, default=str))
+        card = retest_shipped(args.name, args.out)
+        m = card["metrics"]
+        print(json.dumps({
+            "name": args.name, "status": card["status"], "vs_best_classical": m["vs_best_classical"],
+            "test": m["test_reduced_resolution"]["methods"],
+            "test_full_resolution": m["test_full_resolution"].get("methods"),
+        }, default=str))  # fmt: skip
         return 0
     if args.name == "shipped":
         # later options win in argparse: the caller's (e.g. --out) override the card's

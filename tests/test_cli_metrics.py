@@ -155,7 +155,7 @@ def test_cli_metrics_scores_the_demo_product(landsat_demo: dict[str, Path]) -> N
         assert f.shape == (319, 639)
         fused, pan, ms = f.read()[:, 1:, 1:], p.read()[:, 2:, 2:], m.read()[:, 1:, 1:]
     want = full_resolution(fused, pan, ms, 2, "landsat8")
-    for key in ("D_lambda", "D_s", "QNR", "HQNR"):
+    for key in ("D_lambda", "D_s", "QNR", "HQNR", "HPC"):
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
     assert 0.8 < got["QNR"] <= 1
     # a ratio that contradicts the grids is refused in one line

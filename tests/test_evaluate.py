@@ -118,15 +118,15 @@ def test_evaluate_bands_select_and_reorder(
     tmp_path: Path, source: str, request: pytest.FixtureRequest
 ) -> None:
     """--bands: every method fuses the selected bands in the given order and the reference and the
-    full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s) of the WV2 pair
-    with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
+    full-resolution MS follow them, so order-free indices (SAM, ERGAS, D_lambda, D_s, HPC) of the WV2
+    pair with its bands reversed equal those of the pair as stored, and a subset scores only its bands."""
     pan, ms, sensor, bits = _pair(source, request)
     scenes = find_scenes([pan, ms])
     kw = {"sensor": sensor, "clip_bits": bits, "keep_products": False}
     stored = evaluate(scenes, parse_methods("gsa"), tmp_path / "a", **kw).rows[0]
     backwards = list(range(6 if source != "wv2" else 4, 0, -1))
     reversed_ = evaluate(scenes, parse_methods("gsa"), tmp_path / "b", bands=backwards, **kw).rows[0]
-    for key in ("SAM", "ERGAS", "D_lambda", "D_s"):
+    for key in ("SAM", "ERGAS", "D_lambda", "D_s", "HPC"):
         assert reversed_[key] == pytest.approx(stored[key], rel=1e-4, abs=1e-6), key
     kw["sensor"] = "generic"  # the WV2 MTF table names 4 or 8 bands, not a 2-band subset
     subset = evaluate(scenes, parse_methods("exp"), tmp_path / "c", bands=[2, 3], **kw).rows[0]
@@ -181,3 +181,39 @@ def test_evaluate_small_float_scene_and_shipped_hyperion_pan(tmp_path: Path) -> 
     # unrounded Q2n of float data: rounding reflectance to integers would drop EXP's Q2n to ~0.2
     assert by["exp"]["Q2n"] > 0.4 and np.isfinite(by["exp"]["Q2n"])
     assert json.loads(Path(res.files["json"]).read_text())["settings"]["block"] == 24
+
+
+def test_evaluate_runs_vhr4_on_the_four_bands_of_the_wv3_pair(tmp_path: Path) -> None:
+    """The 4-band `vhr4` on the 8-band WorldView-3 pair (docs/evaluation.md): without --bands the
+    network refuses the 8-band MS in one line naming --bands; with --bands 2,3,5,7 (B, G, R, NIR1)
+    it and the classical methods fuse and are scored on those four bands (Q4), at both resolutions,
+    HPC included, and the network beats interpolation on every reduced-resolution index."""
+    import rasterio
+    from rasterio.windows import Window
+
+    paths = {}
+    # the bottom-left 256 x 256 PAN px (64 x 64 MS px), inside vhr4's held-out rows
+    for name, row, side in (("pan", 1044, 256), ("ms", 261, 64)):
+        src = need_shared("wv3_spacenet2", f"{name}.tif")
+        with rasterio.open(src) as ds:
+            win = Window(0, row, side, side)
+            profile = ds.profile | {"height": side, "width": side, "transform": ds.window_transform(win)}
+            data = ds.read(window=win)
+        paths[name] = tmp_path / f"{name}.tif"
+        with rasterio.open(paths[name], "w", **profile) as out:
+            out.write(data)
+    scenes = [(paths["pan"], paths["ms"], "wv3_corner")]
+    methods = parse_methods("fusionmamba:vhr4,exp,brovey")
+    with pytest.raises(FusionError, match="expects 4 .*--bands"):
+        evaluate(scenes, methods[:1], tmp_path / "all", sensor="wv3", device="cpu")
+    res = evaluate(
+        scenes, methods, tmp_path / "ev", sensor="wv3", bands=[2, 3, 5, 7], clip_bits=11, device="cpu"
+    )
+    by = {r["method"]: r for r in res.rows}
+    assert set(by) == {"fusionmamba:vhr4", "exp", "brovey"}
+    assert {r["Q2n_name"] for r in res.rows} == {"Q4"}
+    net, exp = by["fusionmamba:vhr4"], by["exp"]
+    assert net["Q2n"] > exp["Q2n"] and net["SAM"] < exp["SAM"] and net["ERGAS"] < exp["ERGAS"]
+    assert all(0 < r["HQNR"] <= 1 and -1 <= r["HPC"] <= 1 for r in res.rows)
+    assert net["HPC"] > exp["HPC"] + 0.3  # the network injects PAN detail, interpolation none
+    assert json.loads(Path(res.files["json"]).read_text())["settings"]["bands"] == [2, 3, 5, 7]

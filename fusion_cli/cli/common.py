@@ -152,7 +152,9 @@ class MetricOpt:
     cut = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K).")
     clip_bits = typer.Option(None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L] first.")
     no_uint16 = typer.Option(
-        False, "--no-uint16", help="Q2n without the toolbox's uint16 rounding (a deviation)."
+        False,
+        "--no-uint16",
+        help="Q2n and D_lambda^K without the toolbox's uint16 rounding (a deviation; for float data).",
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
     sensor = Choices.sensor.option(

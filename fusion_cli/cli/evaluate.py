@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
         """Compare methods the way published tables do. For each scene: Wald's protocol (MS and PAN
         degraded by the ratio with the sensor MTF, as `fusion simulate`), every method fuses the reduced
         pair and is scored against the original MS (Q2n, Q, SAM, ERGAS, SCC); then every method fuses the
-        original pair and gets the no-reference indices (D_lambda, D_s, QNR, D_lambda^K, HQNR). Writes
+        original pair and gets the no-reference indices (D_lambda, D_s, QNR, D_lambda^K, HQNR) and the
+        sharpness index HPC (high-pass correlation with the PAN). Writes
         results.csv (per scene), summary.csv, results.json and results.md (mean ± std over scenes) into
         OUT, with wall-clock seconds per fusion."""
         from rich.table import Table

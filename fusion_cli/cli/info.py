@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         if not data["models"]:
             typer.echo("  none installed (use --weights FILE, e.g. the official 420.pth, or `make weights`)")
         for m in data["models"]:
-            mark = " (default)" if m["default"] else ""
+            mark = (" (default)" if m["default"] else "") + (f" [{m['status']}]" if m["status"] else "")
             typer.echo(
                 f"  {m['name']}{mark}: {m['task']}, {m['sensor']}, ratio {m['ratio']}, "
                 f"{len(m['bands'])} bands [{_names(m['bands'])}], PAN [{_names(m['pan_bands'])}]"

@@ -40,6 +40,9 @@ FUSION_MS tags name them; the ratio is taken from the shapes):
   D_lambda^K (Khan) = 1 - Q2n(interpolated MS, product low-passed by the sensor MTF); --sensor picks
     the Nyquist gains (generic 0.3 without it). HQNR = (1 - D_lambda^K)(1 - D_s).
   Published "QNR" columns of DLPan tables are HQNR.
+  HPC (sharpness): per band, the correlation of the product's high-pass with the PAN's, the
+    high-pass being the image minus its low-pass by that band's sensor MTF at the ratio (the detail
+    the MS does not have); band mean. PAN copied into every band scores 1; higher is sharper.
 
 \b
 Nodata: pixels invalid in any input (raster masks/nodata, --nodata V for unflagged values such as

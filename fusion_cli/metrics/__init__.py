@@ -4,8 +4,8 @@ Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` 
 
 * Reduced resolution (a reference exists): `q2n`, `q_index`, `sam`, `ergas`, `scc`, `psnr`, `ssim`,
   `rmse`, and `reduced_resolution` for all of them at once.
-* Full resolution (no reference): `d_lambda`, `d_s`, `qnr`, `d_lambda_khan`, `hqnr`, and
-  `full_resolution` for all of them at once.
+* Full resolution (no reference): `d_lambda`, `d_s`, `qnr`, `d_lambda_khan`, `hqnr`, the sharpness
+  index `hpc` (high-pass correlation with the PAN), and `full_resolution` for all of them at once.
 
 `table` lists them (name, function, resolution, direction, unit, note): what every command that shows
 or compares indices reads. A new index is its function and one entry there.
@@ -40,6 +40,7 @@ from fusion_cli.metrics.reference import (
     ssim,
     ssim_bands,
 )
+from fusion_cli.metrics.sharpness import hpc, hpc_bands
 from fusion_cli.metrics.table import Metric, full_resolution, reduced_resolution, register
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "d_s",
     "d_s_bands",
     "full_resolution",
+    "hpc",
+    "hpc_bands",
     "hqnr",
     "pan_lowpass",
     "qnr",

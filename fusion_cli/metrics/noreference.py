@@ -146,10 +146,12 @@ def d_lambda_khan(
     block: int = 32,
     mask: np.ndarray | None = None,
     gains: list[float] | None = None,
+    round_uint16: bool = True,
 ) -> float:
     """Khan's D_lambda^K = 1 - Q2n(upsampled MS, fused low-passed by the sensor MTF, no decimation).
 
-    As the toolbox's `D_lambda_K.m`: Q2n with the uint16 rounding, blocks of `block`.
+    As the toolbox's `D_lambda_K.m`: Q2n with the uint16 rounding, blocks of `block`. `round_uint16=False`
+    skips the rounding, for float (reflectance-like) data that it would flatten to a few grey levels.
 
     `gains` (one per band) overrides the sensor table; `sensor=None` uses the generic gains.
     """
@@ -165,7 +167,7 @@ def d_lambda_khan(
     # the uint16 rounding q2n applies next
     t = torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))[None]
     low = mtf_filter(t, list(gains), ratio)[0].double().numpy()
-    return 1.0 - q2n(ms_up, low, block, block, True, mask)
+    return 1.0 - q2n(ms_up, low, block, block, round_uint16, mask)
 
 
 def hqnr(

@@ -36,6 +36,7 @@ from fusion_cli.metrics.reference import (
     sam,
     ssim_bands,
 )
+from fusion_cli.metrics.sharpness import hpc_bands
 
 Resolution = Literal["reduced", "full"]
 # An index's value, or its value and its per-band terms `(C,)` (shown by --per-band)
@@ -57,7 +58,7 @@ class Inputs:
     ms_up: np.ndarray | None = None
     mask: np.ndarray | None = None
     block: int = 32  # Q2n / Q / QNR block (and Q2n shift)
-    round_uint16: bool = True  # Q2n's uint16 rounding
+    round_uint16: bool = True  # Q2n's (and D_lambda^K's) uint16 rounding
     psnr_peak: float | str = "dnmax"
     sensor: str | None = None  # MTF gains of D_lambda^K
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -140,7 +141,10 @@ def _d_s_terms(x: Inputs) -> np.ndarray:
 
 def _d_lambda_k(x: Inputs) -> float:
     return x.memo(
-        "D_lambda_K", lambda: d_lambda_khan(x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask)
+        "D_lambda_K",
+        lambda: d_lambda_khan(
+            x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask, round_uint16=x.round_uint16
+        ),
     )
 
 
@@ -170,6 +174,8 @@ register(Metric("QNR", lambda x: qnr(_d_lambda(x), float(_d_s_terms(x).mean())),
 register(Metric("D_lambda_K", _d_lambda_k, F, False, "", "Khan, sensor MTF", evaluate=True))
 register(Metric("HQNR", lambda x: qnr(_d_lambda_k(x), float(_d_s_terms(x).mean())), F, True, "",
                 "DLPan's published 'QNR'", evaluate=True))
+register(Metric("HPC", lambda x: _mean(hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask)), F, True,
+                "", "high-pass corr. with PAN, sensor MTF", evaluate=True))
 # fmt: on
 
 
@@ -235,13 +241,15 @@ def full_resolution(
     block: int = 32,
     clip_bits: int | None = None,
     per_band: bool = False,
+    round_uint16: bool = True,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
     `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
-    `th_values`). Returns floats keyed by the table's full-resolution names (`D_lambda, D_s, QNR,
-    D_lambda_K, HQNR`), plus `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the
-    D_s terms of each band.
+    `th_values`); `round_uint16=False` skips D_lambda^K's uint16 rounding (float data). Returns floats
+    keyed by the table's full-resolution names (`D_lambda, D_s, QNR, D_lambda_K, HQNR, HPC`), plus
+    `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the D_s and HPC terms of each
+    band.
     """
     from fusion_cli.align import size_ratio
     from fusion_cli.metrics._common import as_chw
@@ -270,7 +278,10 @@ def full_resolution(
         )
     if clip_bits is not None:
         fused = clip_to_bits(fused, clip_bits)
-    x = Inputs(fused, ratio, pan=pan, ms_up=upsample(ms, ratio), mask=mask, block=block, sensor=sensor)
+    x = Inputs(
+        fused, ratio, pan=pan, ms_up=upsample(ms, ratio), mask=mask, block=block, sensor=sensor,
+        round_uint16=round_uint16,
+    )  # fmt: skip
     values = score(x, "full", per_band)
     terms = values.pop("per_band", None)
     out: dict[str, Any] = {**values, "bands": int(fused.shape[0]), "ratio": int(ratio)}

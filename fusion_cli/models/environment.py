@@ -63,6 +63,7 @@ def environment_info() -> dict[str, Any]:
                 "dn_max": c.dn_max,
                 "licence": c.licence,
                 "default": c.name == default,
+                "status": c.status,
             }
             for c in cards
         ],

@@ -25,6 +25,7 @@ from fusion_cli.paths import sha256_file, weights_dir
 from fusion_cli.raster import atomic_output
 
 TASKS = ("pansharpening", "hs-pansharpening", "hisr")
+STATUSES = ("", "stable", "experimental")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 WV3_BANDS = [
@@ -60,6 +61,10 @@ class ModelCard:
     sha256: str = ""
     default: bool = False
     dn_max_by_dtype: dict[str, float] | None = None  # e.g. {"uint8": 255, "uint16": 65535}
+    # "stable" when the held-out tables clear every criterion of `bar`, "experimental" when one is
+    # missed, "" when not measured (e.g. the official checkpoint)
+    status: str = ""
+    bar: dict[str, Any] = field(default_factory=dict)  # the criteria, their values and pass/fail
 
     def config(self) -> FusionMambaConfig:
         return FusionMambaConfig.from_dict(dict(self.architecture))
@@ -95,9 +100,11 @@ class ModelCard:
                 raise FusionError(
                     f"{where}: {what} {card_value} disagree with the architecture's {arch_value}"
                 )
-        for name in ("training", "metrics"):
+        for name in ("training", "metrics", "bar"):
             if not isinstance(getattr(self, name), dict):
                 raise FusionError(f"{where}: field '{name}' must be a mapping")
+        if self.status not in STATUSES:
+            raise FusionError(f"{where}: status must be one of {', '.join(map(repr, STATUSES))}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
