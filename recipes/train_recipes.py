@@ -88,10 +88,6 @@ class Recipe:
     # the export, so that tiled inference reproduces the one-piece output (FusionMambaConfig.scan_memory).
     scan_memory: float | None = SEAMLESS_SCAN_MEMORY
     folds: Callable[[Path, int], Splits] | None = None  # cross-validation splits (`--fold K`)
-    # Inference averages with the transposed inputs (FusionMambaConfig.transpose_ensemble), set with the
-    # scan memory; on where it improved every index on the validation rows (landsat, vhr4, hyperion_pan),
-    # off where it did not (hyperion_hisr: SAM 1.494 -> 1.521).
-    transpose_ensemble: bool = False
 
 
 # ------------------------------------------------------------------------------------------ datasets
@@ -394,7 +390,6 @@ RECIPES: dict[str, Recipe] = {
             # 2-core CPU the plain network stays below BDSD-PC after 75 min (Q2n 0.873 vs 0.900).
             base="bdsd-pc",
             default=True,
-            transpose_ensemble=True,
             extra_card={"dn_max_by_dtype": {"uint8": 255.0, "uint16": 65535.0}},
         ),
         Recipe(
@@ -423,7 +418,6 @@ RECIPES: dict[str, Recipe] = {
             # a BDSD-PC base overfit (validation Q2n 0.690 -> 0.578 in 490 steps); with the
             # simulated AVIRIS scene in the training set a d=8 correction stays close to its base.
             base="bdsd-pc",
-            transpose_ensemble=True,
         ),
         Recipe(
             name="hyperion_hisr",
@@ -470,7 +464,6 @@ RECIPES: dict[str, Recipe] = {
             # On the validation rows BT-H has the best SAM (7.05 vs 7.40-9.55 for the others) and is
             # within 0.24 of the best ERGAS and 0.007 of the best Q2n: the best compromise to correct.
             base="brovey",
-            transpose_ensemble=True,
             licence="weights MIT; trained on SpaceNet imagery, CC BY-SA 4.0 (SpaceNet on AWS, Maxar)",
         ),
     )
@@ -708,7 +701,8 @@ def run_recipe(
     model = res.model
     if recipe.scan_memory is not None:
         model.set_scan_memory(recipe.scan_memory)
-    model.config = replace(model.config, transpose_ensemble=recipe.transpose_ensemble)
+    ensemble = choose_recipe_ensemble(model, recipe, val_p, dev)
+    card.setdefault("metrics", {})["ensemble_validation"] = ensemble
     if evaluate:
         t1 = time.perf_counter()
         test_pairs = [_whole_crop(p, test_crop) for p in test_p]
@@ -731,6 +725,23 @@ def run_recipe(
     return summary
 
 
+def choose_recipe_ensemble(
+    model: Any, recipe: Recipe, val_pairs: list[TrainPair], device: Any
+) -> dict[str, Any]:
+    """Switch the model's transpose ensemble on only where the whole validation scenes say it earns its
+    second pass (`training.validation.ensemble_pays`); returns the choice with both scores, for the card."""
+    from fusion_cli.training.validation import ENSEMBLE_MIN_GAIN, choose_ensemble
+
+    pairs = [_whole_crop(p) for p in val_pairs]
+    chosen, scores = choose_ensemble(model, pairs, device, recipe.dn_max, recipe.mtf_sensor)
+    gains = ", ".join(f"{k} {v:g}" for k, v in ENSEMBLE_MIN_GAIN.items())
+    return {
+        "chosen": chosen,
+        "rule": f"on if it improves a validation index by more than ({gains}) and worsens none",
+        **{label: {k: round(v, 6) for k, v in sc.items()} for label, sc in scores.items()},
+    }
+
+
 def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any]:
     """Re-measure a shipped model's test tables as its card loads it (e.g. after bounding its scan
     memory) and write them, the margins, the bar and the status into the card; the weights are not
@@ -743,8 +754,11 @@ def retest_shipped(name: str, folder: str | Path | None = None) -> dict[str, Any
     recipe = _recipe(name)
     card_path = Path(folder or weights_dir()) / f"{name}.json"
     model = load_model(weights=card_path, device="cpu").model
-    splits, _, _, test_p = build_pairs(recipe, _shared_root())
+    splits, _, val_p, test_p = build_pairs(recipe, _shared_root())
     card = json.loads(card_path.read_text())
+    ensemble = choose_recipe_ensemble(model, recipe, val_p, torch.device("cpu"))
+    card["architecture"]["transpose_ensemble"] = ensemble["chosen"]
+    card.setdefault("metrics", {})["ensemble_validation"] = ensemble
     measure_card(card, model, recipe, test_p, splits.test, torch.device("cpu"))
     write_card(card_path, card)
     return card
