@@ -7,11 +7,15 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from fusion_cli.paths import shared_data_dir
+
+if TYPE_CHECKING:
+    from rasterio.windows import Window
 
 SHARED = shared_data_dir()
 # The repository root, so that tests import the build-time scripts as `recipes.train_recipes` (they
@@ -27,6 +31,33 @@ def need_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared real data not found: {path} (the ../shared/data folder is missing)")
     return path
+
+
+def have_shared(*parts: str) -> bool:
+    """Whether the shared data folder holds `parts`: a test that checks a real file's figures where it
+    can, and the same behaviour on the shipped example otherwise, asks this instead of skipping."""
+    return SHARED.joinpath(*parts).exists()
+
+
+# The shared folders' file names, for the tests of pairing by name (which opens no file).
+SHARED_NAMES = {
+    "landsat7_etm_fusebox": [f"{k}_{role}.tif" for k in range(1, 31) for role in ("pan", "ms")]
+    + ["LICENSE", "README.txt", "locations.txt"],
+    "wv2_spacenet6": ["pan_1.tif", "ms_1.tif", "pan_2.tif", "ms_2.tif"],
+    "wv3_spacenet2": ["pan.tif", "ms.tif"],
+}
+
+
+def shared_or_named_alike(folder: str, tmp: Path) -> Path:
+    """The shared `folder`, or where ../shared is missing a folder in `tmp` of empty files named as
+    its files are (pairing reads names, not pixels)."""
+    if have_shared(folder):
+        return SHARED / folder
+    d = tmp / folder
+    d.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_NAMES[folder]:
+        (d / name).touch()
+    return d
 
 
 @pytest.fixture
@@ -75,6 +106,44 @@ def example_pair(ms_rows: int = 160, ms_cols: int = 320, ratio: int = 2) -> Pair
     elif ratio != 2:
         raise ValueError(f"the example pair has ratio 2 or 4, not {ratio}")
     return Pair(pan[:, : 2 * ms_rows, : 2 * ms_cols].astype(np.float64), lo, ratio, "landsat8")
+
+
+def write_example_crop(
+    dst: Path, stem: str, ms_window: Window | None = None, georef: bool = True, ms_reduce: int = 1
+) -> tuple[Path, Path]:
+    """`stem_pan.tif` / `stem_ms.tif` in `dst`: the example's MS `ms_window` (default: all of it) and
+    the PAN over it (the PAN window keeps Landsat's half-pixel offset), optionally without
+    georeferencing (the ratio then comes from the sizes) or with the MS MTF-reduced by `ms_reduce`
+    (its pixel size grows accordingly). Returns the PAN and MS paths."""
+    import warnings
+
+    import rasterio
+    from rasterio.windows import Window
+
+    from fusion_cli.mtf import degrade_ms
+    from fusion_cli.sensors import nyquist_gains
+
+    ms_window = ms_window or Window(0, 0, 320, 160)
+    pan_window = Window(
+        2 * ms_window.col_off, 2 * ms_window.row_off, 2 * ms_window.width, 2 * ms_window.height
+    )
+    paths = []
+    for role, src_path, win in (("pan", EXAMPLE_PAN, pan_window), ("ms", EXAMPLE_MS, ms_window)):
+        with rasterio.open(src_path) as src:
+            data, transform, profile = src.read(window=win), src.window_transform(win), src.profile
+        if role == "ms" and ms_reduce > 1:
+            gains = nyquist_gains("landsat8", data.shape[0])[0]
+            data = np.round(degrade_ms(data.astype(np.float64), gains, ms_reduce)).astype(data.dtype)
+            transform = transform * rasterio.Affine.scale(ms_reduce)
+        profile.update(width=data.shape[2], height=data.shape[1], transform=transform)
+        if not georef:
+            profile.update(crs=None, transform=rasterio.Affine.identity())
+        paths.append(dst / f"{stem}_{role}.tif")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no georeferencing, on purpose
+            with rasterio.open(paths[-1], "w", **profile) as out:
+                out.write(data)
+    return paths[0], paths[1]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, have_shared, need_shared, write_example_crop
 from rasterio.transform import from_origin
 
 from fusion_cli import align
@@ -71,19 +71,27 @@ def test_wv2_non_exact_ratio_passes():
     assert g.shape == (600, 600) and (g.row0, g.col0) == (0, 0)
 
 
-def test_wv3_exact_grid_resamples_to_an_exact_copy():
-    pan, ms = _pair("wv3_spacenet2", "pan.tif", parts_ms=("wv3_spacenet2", "ms.tif"))
+def test_wv3_exact_grid_resamples_to_an_exact_copy(tmp_path):
+    """Grids with a common corner (the WV3 pair; without ../shared, the example's MS under a PAN grid
+    put on its corner): the MS at the PAN blocks' centres is the MS itself, sample for sample."""
+    if have_shared("wv3_spacenet2"):
+        pan, ms = _pair("wv3_spacenet2", "pan.tif", parts_ms=("wv3_spacenet2", "ms.tif"))
+        r, shape = 4, (1300, 1300)
+    else:
+        ms = rasterio.open(EXAMPLE_MS)
+        pan_tf = ms.transform * rasterio.Affine.scale(0.5)
+        pan, r, shape = _synthetic(tmp_path, "pan.tif", ms.crs, pan_tf, (320, 640)), 2, (320, 640)
     with pan, ms:
-        g = align.relate_grids(pan, ms, expected_ratio=4)
+        g = align.relate_grids(pan, ms, expected_ratio=r)
         data = ms.read(window=rasterio.windows.Window(0, 0, 40, 40)).astype(np.float32)
-    assert g.shape == (1300, 1300)
-    uy = g.ms_centres(32, 8, 0)  # PAN row 32 = MS row 8
+    assert g.shape == shape
+    uy = g.ms_centres(32, 8, 0)  # PAN row 32 = MS row 32 / r
     ux = g.ms_centres(16, 8, 1)
     (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
     out = align.resample(
         data[:, y0:y1, x0:x1], align.cubic_matrix(uy, y0, y1 - y0), align.cubic_matrix(ux, x0, x1 - x0)
     )
-    np.testing.assert_array_equal(out, data[:, 8:16, 4:12])
+    np.testing.assert_array_equal(out, data[:, 32 // r : 32 // r + 8, 16 // r : 16 // r + 8])
 
 
 def _synthetic(tmp_path, name, crs, transform, shape, count=1):
@@ -119,11 +127,14 @@ def test_bad_pairs_raise_one_line_errors(tmp_path):
     assert align.relate_grids(pan, good).ratio == 2
 
 
-def test_no_georef_pairs_by_exact_size_ratio():
-    pan, ms = _pair("landsat7_etm_fusebox", "1_pan.tif", parts_ms=("landsat7_etm_fusebox", "1_ms.tif"))
+def test_no_georef_pairs_by_exact_size_ratio(tmp_path):
+    """The example written without georeferencing (as the FuseBox pairs are): paired by sizes."""
+    pan_path, ms_path = write_example_crop(tmp_path, "nogeo", georef=False)
+    pan, ms = rasterio.open(pan_path), rasterio.open(ms_path)
     with pan, ms, pytest.warns(UserWarning, match="no georeferencing"):
         g = align.relate_grids(pan, ms, expected_ratio=2)
-    assert not g.georeferenced and g.crs is None and g.shape == (800, 800)
+    assert not g.georeferenced and g.crs is None and g.shape == (320, 640)
+    assert (g.row0, g.col0, g.height, g.width) == (0, 0, 320, 640)  # the whole PAN, not the grid's offset
     with pytest.raises(FusionError, match="not an exact integer ratio"):
         align.relate_shapes((801, 800), (400, 400))
     with pytest.raises(FusionError, match="expects 4"):

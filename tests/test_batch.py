@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.windows
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
+from conftest import EXAMPLE_PAN, need_shared, shared_or_named_alike, write_example_crop
 from rasterio.crs import CRS
 
 from fusion_cli import align, batch
@@ -79,47 +79,6 @@ def popen_cli(*args: str) -> subprocess.Popen:
 def copy_pair(src_dir: str, pan: str, ms: str, dst: Path, stem: str) -> None:
     shutil.copy(need_shared(src_dir, pan), dst / f"{stem}_pan.tif")
     shutil.copy(need_shared(src_dir, ms), dst / f"{stem}_ms.tif")
-
-
-def copy_pair_cropped(src_dir: str, k: int, dst: Path, stem: str, pan_size: int) -> None:
-    """The top-left corner of a Landsat-7 pair (ratio 2, no georeferencing): real data, smaller."""
-    for role, size in (("pan", pan_size), ("ms", pan_size // 2)):
-        with rasterio.open(need_shared(src_dir, f"{k}_{role}.tif")) as src:
-            data = src.read(window=rasterio.windows.Window(0, 0, size, size))
-            profile = {**src.profile, "width": size, "height": size}
-            profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no georeferencing, as the source
-            with rasterio.open(dst / f"{stem}_{role}.tif", "w", **profile) as out:
-                out.write(data)
-
-
-def write_example_crop(
-    dst: Path, stem: str, ms_window: rasterio.windows.Window, georef: bool = True, ms_reduce: int = 1
-) -> None:
-    """`stem_pan.tif` / `stem_ms.tif`: the example's MS `ms_window` and the PAN over it (the PAN
-    window keeps Landsat's half-pixel offset), optionally without georeferencing or with the MS
-    MTF-reduced by `ms_reduce` (its pixel size grows accordingly)."""
-    from fusion_cli.mtf import degrade_ms
-    from fusion_cli.sensors import nyquist_gains
-
-    pan_window = rasterio.windows.Window(
-        2 * ms_window.col_off, 2 * ms_window.row_off, 2 * ms_window.width, 2 * ms_window.height
-    )
-    for role, src_path, win in (("pan", EXAMPLE_PAN, pan_window), ("ms", EXAMPLE_MS, ms_window)):
-        with rasterio.open(src_path) as src:
-            data, transform, profile = src.read(window=win), src.window_transform(win), src.profile
-        if role == "ms" and ms_reduce > 1:
-            gains = nyquist_gains("landsat8", data.shape[0])[0]
-            data = np.round(degrade_ms(data.astype(np.float64), gains, ms_reduce)).astype(data.dtype)
-            transform = transform * rasterio.Affine.scale(ms_reduce)
-        profile.update(width=data.shape[2], height=data.shape[1], transform=transform)
-        if not georef:
-            profile.update(crs=None, transform=rasterio.Affine.identity())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # no georeferencing, on purpose
-            with rasterio.open(dst / f"{stem}_{role}.tif", "w", **profile) as out:
-                out.write(data)
 
 
 def build_mixed_folder(root: Path, source: str = "shared") -> Path:
@@ -181,8 +140,10 @@ def mixed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return {"in": in_dir, "out": out_dir, "log": log, "res": res, "good": good}
 
 
-def test_default_conventions_pair_the_real_folders() -> None:
-    fusebox = need_shared(L7)
+def test_default_conventions_pair_the_real_folders(tmp_path: Path) -> None:
+    """The shared folders' naming conventions (FuseBox `7_pan.tif`, SpaceNet-6 `pan_1.tif`, one
+    unnumbered SpaceNet-2 pair); without ../shared, folders of empty files named alike."""
+    fusebox = shared_or_named_alike(L7, tmp_path)
     plan = batch.pair_by_patterns(fusebox, Path("/nonexistent/out"))
     assert sorted(int(s.id) for s in plan.scenes) == list(range(1, 31))
     s7 = next(s for s in plan.scenes if s.id == "7")
@@ -190,13 +151,13 @@ def test_default_conventions_pair_the_real_folders() -> None:
     assert not plan.unpaired
     assert {p.name for p in plan.ignored} == {"LICENSE", "README.txt", "locations.txt"}
 
-    wv2 = batch.pair_by_patterns(need_shared(WV2), Path("/nonexistent/out"))
+    wv2 = batch.pair_by_patterns(shared_or_named_alike(WV2, tmp_path), Path("/nonexistent/out"))
     assert [(s.id, s.pan.name, s.ms.name) for s in wv2.scenes] == [
         ("1", "pan_1.tif", "ms_1.tif"),
         ("2", "pan_2.tif", "ms_2.tif"),
     ]
     with pytest.raises(FusionError, match="--pan and --ms patterns"):
-        batch.pair_by_patterns(need_shared("wv3_spacenet2"), Path("/nonexistent/out"))
+        batch.pair_by_patterns(shared_or_named_alike("wv3_spacenet2", tmp_path), Path("/nonexistent/out"))
 
 
 def test_patterns_and_manifest(tmp_path: Path) -> None:
@@ -231,8 +192,8 @@ def test_patterns_and_manifest(tmp_path: Path) -> None:
         batch.read_manifest(manifest, d, tmp_path / "out")
 
 
-def test_shards_cover_every_pair_exactly_once() -> None:
-    plan = batch.pair_by_patterns(need_shared(L7), Path("/nonexistent/out"))
+def test_shards_cover_every_pair_exactly_once(tmp_path: Path) -> None:
+    plan = batch.pair_by_patterns(shared_or_named_alike(L7, tmp_path), Path("/nonexistent/out"))
     ids = sorted(s.id for s in plan.scenes)
     for n in (2, 3, 7):
         parts = [
@@ -417,8 +378,10 @@ def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()
     ids = [2, 8, 14, 20, 26]
+    # five 320 x 600 PAN px crops of the example, without georeferencing (interrupting a run does
+    # not depend on the scene)
     for k in ids:
-        copy_pair_cropped(L7, k, in_dir, f"s{k}", pan_size=384)
+        write_example_crop(in_dir, f"s{k}", rasterio.windows.Window(k, 0, 300, 160), georef=False)
     args = ["batch", str(in_dir), str(out_dir), "--method", "exp", "--tile", "128", "--json"]
     outputs = [out_dir / f"s{k}_fused.tif" for k in ids]
 

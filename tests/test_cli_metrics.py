@@ -6,12 +6,13 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-from conftest import example_pair, need_shared
+from conftest import example_pair, have_shared, need_shared
 
 from fusion_cli.assess import EvalOptions, evaluate, flatten, write_csv
 from fusion_cli.errors import FusionError
@@ -49,14 +50,32 @@ def golden_tifs(tmp_path: Path) -> tuple[Path, Path]:
     return _write(tmp_path / "gt.tif", gt), _write(tmp_path / "out.tif", out)
 
 
+@dataclass(frozen=True)
+class Crop:
+    """A PAN/MS crop written without georeferencing (the ratio comes from the sizes), as arrays too."""
+
+    ms_path: Path
+    pan_path: Path
+    ms: np.ndarray
+    pan: np.ndarray
+    ratio: int
+    sensor: str
+
+
 @pytest.fixture
-def wv3_crop(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
-    with (
-        rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
-        rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
-    ):
-        ms, pan = m.read()[:, :96, :96], p.read()[:, :384, :384]
-    return _write(tmp_path / "ms.tif", ms), _write(tmp_path / "pan.tif", pan), ms, pan
+def wv3_crop(tmp_path: Path) -> Crop:
+    """A WV3 corner of ../shared (ms 8 x 96 x 96, pan 384 x 384); without it, the shipped example's
+    (ms 6 x 96 x 96, pan 192 x 192, ratio 2): reading a product's inputs does not depend on the scene."""
+    if have_shared("wv3_spacenet2"):
+        with (
+            rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
+            rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
+        ):
+            ms, pan, r, sensor = m.read()[:, :96, :96], p.read()[:, :384, :384], 4, "wv3"
+    else:
+        ex = example_pair(96, 96)
+        ms, pan, r, sensor = ex.ms.astype(np.uint16), ex.pan.astype(np.uint16), ex.ratio, ex.sensor
+    return Crop(_write(tmp_path / "ms.tif", ms), _write(tmp_path / "pan.tif", pan), ms, pan, r, sensor)
 
 
 def test_cli_reduced_resolution_json_and_csv(golden_tifs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -88,40 +107,47 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 2 and "differ" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_cli_full_resolution_from_product_tags(wv3_crop, tmp_path: Path) -> None:
-    ms_path, pan_path, ms, pan = wv3_crop
-    up = upsample(ms, 4).astype(np.float32)
-    product = _write(tmp_path / "exp.tif", up, {"FUSION_PAN": str(pan_path), "FUSION_MS": str(ms_path)})
-    res = run_cli("metrics", str(product), "--sensor", "wv3", "--json")
+def test_cli_full_resolution_from_product_tags(wv3_crop: Crop, tmp_path: Path) -> None:
+    c = wv3_crop
+    up = upsample(c.ms, c.ratio).astype(np.float32)
+    product = _write(tmp_path / "exp.tif", up, {"FUSION_PAN": str(c.pan_path), "FUSION_MS": str(c.ms_path)})
+    res = run_cli("metrics", str(product), "--sensor", c.sensor, "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
-    assert r["mode"] == "full" and r["ratio"] == 4 and r["pan"] == str(pan_path)
+    assert r["mode"] == "full" and r["ratio"] == c.ratio and r["pan"] == str(c.pan_path)
     assert r["D_lambda"] == pytest.approx(0.0, abs=1e-6)  # the interpolated MS itself (stored as float32)
     assert 0 < r["D_s"] < 0.25 and 0.6 < r["HQNR"] < 1.0
 
 
-def test_evaluate_full_resolution_explicit_inputs_and_errors(wv3_crop, tmp_path: Path) -> None:
-    ms_path, pan_path, ms, pan = wv3_crop
-    product = _write(tmp_path / "p.tif", upsample(ms, 4).astype(np.float32))
-    r = evaluate(product, pan=pan_path, ms=ms_path, opts=EvalOptions(sensor="wv3"))
+def test_evaluate_full_resolution_explicit_inputs_and_errors(wv3_crop: Crop, tmp_path: Path) -> None:
+    c = wv3_crop
+    product = _write(tmp_path / "p.tif", upsample(c.ms, c.ratio).astype(np.float32))
+    r = evaluate(product, pan=c.pan_path, ms=c.ms_path, opts=EvalOptions(sensor=c.sensor))
     assert r["D_lambda"] == pytest.approx(0.0, abs=1e-6) and r["QNR"] == pytest.approx(1 - r["D_s"])
     with pytest.raises(FusionError, match="FUSION_PAN"):
         evaluate(product)
     with pytest.raises(FusionError, match="both --pan and --ms"):
-        evaluate(product, pan=pan_path)
-    with pytest.raises(FusionError, match="ratio is 4, not 2"):  # the grids say 4
-        evaluate(product, pan=pan_path, ms=ms_path, opts=EvalOptions(ratio=2))
+        evaluate(product, pan=c.pan_path)
+    other = 6 - c.ratio
+    with pytest.raises(FusionError, match=f"ratio is {c.ratio}, not {other}"):  # the grids say c.ratio
+        evaluate(product, pan=c.pan_path, ms=c.ms_path, opts=EvalOptions(ratio=other))
 
 
 def test_evaluate_nodata_on_real_wv2_pair(tmp_path: Path) -> None:
-    # SpaceNet-6 pair 2: a third of the scene is unflagged zeros; --nodata 0 leaves it out
-    with rasterio.open(need_shared("wv2_spacenet6", "ms_2.tif")) as m:
-        ms = m.read()
+    # SpaceNet-6 pair 2: a third of the scene is unflagged zeros; --nodata 0 leaves it out. Without
+    # ../shared, the example's MS with such a collar over its left third.
+    if have_shared("wv2_spacenet6"):
+        with rasterio.open(need_shared("wv2_spacenet6", "ms_2.tif")) as m:
+            ms, r = m.read(), 4
+    else:
+        ex = example_pair()
+        ms, r = ex.ms.astype(np.uint16), ex.ratio
+        ms[:, :, : ms.shape[2] // 3] = 0
     gt = _write(tmp_path / "gt.tif", ms)
     noisy = (ms + np.where(ms > 0, 25, 0)).astype(np.uint16)  # a bias on valid pixels only
     prod = _write(tmp_path / "p.tif", noisy)
-    plain = evaluate(prod, ref=gt, opts=EvalOptions(ratio=4))
-    masked = evaluate(prod, ref=gt, opts=EvalOptions(ratio=4, nodata=0))
+    plain = evaluate(prod, ref=gt, opts=EvalOptions(ratio=r))
+    masked = evaluate(prod, ref=gt, opts=EvalOptions(ratio=r, nodata=0))
     assert masked["valid_fraction"] < 0.75 and plain["valid_fraction"] == 1.0
     # zero pixels are a perfect match, so leaving them out makes the score worse and honest
     assert masked["RMSE"] > plain["RMSE"] and masked["ERGAS"] != pytest.approx(plain["ERGAS"])

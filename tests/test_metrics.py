@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import example_pair, need_shared
+from conftest import example_pair, have_shared, need_shared
 
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import (
@@ -415,17 +415,25 @@ def test_real_wv3_reduced_resolution_magnitudes(source: str) -> None:
 
 
 def test_real_wv2_nodata_mask_changes_full_resolution_scores() -> None:
+    """WV2 pair 2, whose unflagged zero collar covers a third of the scene; without ../shared, the
+    example with such a collar over its left third."""
     import rasterio
 
-    with (
-        rasterio.open(need_shared("wv2_spacenet6", "ms_2.tif")) as m,
-        rasterio.open(need_shared("wv2_spacenet6", "pan_2.tif")) as p,
-    ):
-        ms, pan = m.read().astype(np.float64), p.read().astype(np.float64)
-    ms_up = upsample(ms, 4)
-    valid = (pan[0] > 0) & np.repeat(np.repeat(ms.sum(axis=0) > 0, 4, axis=0), 4, axis=1)
-    masked = d_s(ms_up, ms_up, pan, 4, mask=valid)
-    unmasked = d_s(ms_up, ms_up, pan, 4)
+    if have_shared("wv2_spacenet6"):
+        with (
+            rasterio.open(need_shared("wv2_spacenet6", "ms_2.tif")) as m,
+            rasterio.open(need_shared("wv2_spacenet6", "pan_2.tif")) as p,
+        ):
+            ms, pan, r = m.read().astype(np.float64), p.read().astype(np.float64), 4
+    else:
+        ex = example_pair()
+        ms, pan, r = ex.ms.copy(), ex.pan.copy(), ex.ratio
+        ms[:, :, : ms.shape[2] // 3] = 0
+        pan[:, :, : r * (ms.shape[2] // 3)] = 0
+    ms_up = upsample(ms, r)
+    valid = (pan[0] > 0) & np.repeat(np.repeat(ms.sum(axis=0) > 0, r, axis=0), r, axis=1)
+    masked = d_s(ms_up, ms_up, pan, r, mask=valid)
+    unmasked = d_s(ms_up, ms_up, pan, r)
     assert np.isfinite(masked) and masked != pytest.approx(unmasked, abs=1e-4)
     assert d_lambda(ms_up, ms_up, mask=valid) == 0.0
     with pytest.raises(FusionError, match="nodata"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, have_shared, need_shared, write_example_crop
 from pipeline_fusers import DetailFuser, FailingFuser, RepeatFuser, StatsFuser
 from rasterio.transform import from_origin
 
@@ -338,16 +338,24 @@ def test_band_selection_dtype_and_clip(tmp_path, pair):
 
 
 def test_arrays_and_files_share_the_tiling_fusebox(tmp_path):
-    pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
-    ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+    """FuseBox pair 1 (uint8, 800 x 800 PAN px, no georeferencing); without ../shared, the example
+    written without georeferencing (uint16, 320 x 640)."""
+    if have_shared("landsat7_etm_fusebox"):
+        pan = need_shared("landsat7_etm_fusebox", "1_pan.tif")
+        ms = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+        shape, dtype = (800, 800), np.uint8
+    else:
+        pan, ms = write_example_crop(tmp_path, "nogeo", georef=False)
+        shape, dtype = (320, 640), np.uint16
     stats = StatsFuser(2)
     s = fuse_files(pan, ms, tmp_path / "o.tif", stats, FuseOptions(tile=128))
-    assert stats.sums[1] == 800 * 800  # the statistics pass saw every pixel once
+    assert stats.sums[1] == shape[0] * shape[1]  # the statistics pass saw every pixel once
     assert s.crs is None and any("no georeferencing" in w for w in s.warnings)
     from_file = _read(tmp_path / "o.tif")
-    arr = fuse_arrays(_read(pan), _read(ms), DetailFuser(2), FuseOptions(tile=128, dn_max=255))
-    assert arr.dtype == np.float32 and arr.shape == (6, 800, 800)
-    np.testing.assert_array_equal(np.rint(arr).astype(np.uint8), from_file)
+    dn_max = np.iinfo(dtype).max
+    arr = fuse_arrays(_read(pan), _read(ms), DetailFuser(2), FuseOptions(tile=128, dn_max=dn_max))
+    assert arr.dtype == np.float32 and arr.shape == (6, *shape)
+    np.testing.assert_array_equal(np.rint(arr).astype(dtype), from_file)
 
 
 def test_coregister_applies_the_measured_fusebox_shift(tmp_path):
@@ -450,15 +458,15 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     from fusion_cli.models.registry import ModelCard, save_model
     from fusion_cli.pipeline import make_fuser
 
-    # a 256 x 256 PAN crop of a real pair: four 128-px tiles (the CPU network is slow)
-    pan = _write(tmp_path / "pan.tif", _read(need_shared("landsat7_etm_fusebox", "1_pan.tif"))[:, :256, :256])
-    ms = _write(tmp_path / "ms.tif", _read(need_shared("landsat7_etm_fusebox", "1_ms.tif"))[:, :128, :128])
+    # a 256 x 256 PAN crop of the shipped example, without georeferencing: four 128-px tiles (the
+    # CPU network is slow)
+    pan, ms = write_example_crop(tmp_path, "crop", rasterio.windows.Window(0, 0, 128, 128), georef=False)
     torch.manual_seed(0)
     model = FusionMamba(FusionMambaConfig(ms_bands=6, ratio=2, dim=4, base="bdsd-pc"))
     card = ModelCard(
-        name="based", task="pansharpening", description="test", sensor="landsat7",
-        bands=[f"b{i}" for i in range(6)], pan_bands=["PAN"], ratio=2, dn_max=255.0, licence="MIT",
-        training={"data": [{"source": "fusebox", "licence": "public domain"}]},
+        name="based", task="pansharpening", description="test", sensor="landsat8",
+        bands=[f"b{i}" for i in range(6)], pan_bands=["PAN"], ratio=2, dn_max=65535.0, licence="MIT",
+        training={"data": [{"source": "examples/landsat8_*.tif", "licence": "public domain"}]},
     )  # fmt: skip
     weights, _ = save_model(model, card, tmp_path)
     net = make_fuser(weights=weights, device="cpu")
@@ -467,7 +475,7 @@ def test_network_with_classical_base_streams_like_that_method(tmp_path):
     assert twin.model is net.model and twin.base_fuser is not net.base_fuser
 
     fuse_files(pan, ms, tmp_path / "net.tif", net, FuseOptions(tile=128))
-    method = make_fuser(method="bdsd-pc", ratio=2, sensor="landsat7")
+    method = make_fuser(method="bdsd-pc", ratio=2, sensor="landsat8")
     fuse_files(pan, ms, tmp_path / "bdsd.tif", method, FuseOptions())
     a, b = _read(tmp_path / "net.tif").astype(int), _read(tmp_path / "bdsd.tif").astype(int)
     assert np.abs(a - b).max() <= 1

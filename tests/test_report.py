@@ -1,4 +1,5 @@
-"""Quicklooks and `fusion report` on real rasters (golden WV3 products, a WV3 crop) written to tmp_path."""
+"""Quicklooks and `fusion report` on real rasters (golden WV3 products of ../shared, the shipped
+Landsat-8 example) written to tmp_path."""
 
 from __future__ import annotations
 
@@ -53,12 +54,11 @@ def test_stretch_rgb_percentiles_mask_and_shared_limits() -> None:
 def test_save_quicklook_subsamples_and_keeps_input(tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    with rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as ds:
-        ms = ds.read()
+    ms = example_pair().ms.astype(np.uint16)  # (6, 160, 320)
     before = ms.copy()
     path = save_quicklook(tmp_path / "q" / "ms.png", ms, max_side=100)
     png = plt.imread(path)
-    assert png.shape[:2] == (82, 82)  # 325 px, stride 4
+    assert png.shape[:2] == (40, 80)  # 320 px, stride 4
     assert png[..., :3].std() > 0.05  # a real scene, not a blank
     np.testing.assert_array_equal(ms, before)
 
@@ -110,21 +110,19 @@ def test_report_reduced_resolution_folder(golden: dict[str, Path], tmp_path: Pat
 
 
 def test_report_full_resolution_from_tags_and_manifest(tmp_path: Path) -> None:
-    with (
-        rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as m,
-        rasterio.open(need_shared("wv3_spacenet2", "pan.tif")) as p,
-    ):
-        ms, pan = m.read()[:, :64, :64], p.read()[:, :256, :256]
+    ex = example_pair(64, 64)  # inputs found from tags or a manifest: any scene shows it
+    ms, pan = ex.ms.astype(np.uint16), ex.pan.astype(np.uint16)
     ms_path, pan_path = _write(tmp_path / "ms.tif", ms), _write(tmp_path / "pan.tif", pan)
     tags = {"FUSION_PAN": str(pan_path), "FUSION_MS": str(ms_path)}
-    prod = _write(tmp_path / "exp.tif", upsample(ms, 4).astype(np.float32), tags)
+    prod = _write(tmp_path / "exp.tif", upsample(ms, ex.ratio).astype(np.float32), tags)
     manifest = tmp_path / "m.csv"
     manifest.write_text("product,pan,ms,label\nexp.tif,pan.tif,ms.tif,interpolated\n")
     assert read_manifest(manifest)[0] == ReportItem(prod, None, pan_path, ms_path, "interpolated")
     for items, name in (([ReportItem(prod)], "exp"), (read_manifest(manifest), "interpolated")):
-        summary = build_report(items, tmp_path / f"rep_{name}", EvalOptions(sensor="wv3"))
+        summary = build_report(items, tmp_path / f"rep_{name}", EvalOptions(sensor=ex.sensor))
         row = json.loads(Path(summary["json"]).read_text())[0]
         assert summary["failed"] == 0 and row["name"] == name and row["mode"] == "full"
+        assert row["ratio"] == ex.ratio
         assert row["D_lambda"] == pytest.approx(0.0, abs=1e-6) and 0 < row["HQNR"] <= 1
         page = Path(summary["html"]).read_text()
         assert "pan_zoom" in page and "ms_zoom" in page and "sam" in page

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, shared_or_named_alike
 
 from fusion_cli.errors import FusionError
 from fusion_cli.training.data import (
@@ -72,9 +72,10 @@ def example_crop(y: int, x: int, ms_size: int) -> Scene:
 
 @pytest.fixture(scope="module")
 def ex_pairs() -> dict[str, list[TrainPair]]:
-    """Wald pairs from disjoint parts of the shipped example scene, for the tests of the loop's
-    mechanics (resume, export, progress, errors), which hold on any data and so run on a fresh clone;
-    what the network learns is judged on the FuseBox scenes above."""
+    """Wald pairs from disjoint parts of the shipped example scene, for the tests of the data's and
+    the loop's mechanics (pair and patch alignment, resume, export, progress, errors), which hold on
+    any data and so run on a fresh clone; what the network learns is judged on the FuseBox scenes
+    above."""
     train_p = [reduce_scene(example_crop(0, x, 80), 2) for x in (0, 80)]
     return {
         "train": train_p,
@@ -143,11 +144,11 @@ def test_fusebox_shift_compensation_aligns_pan_with_ms() -> None:
     assert fixed.pan.shape[1:] == (2 * fixed.ms.shape[1], 2 * fixed.ms.shape[2])
 
 
-def test_wald_pairs_and_patches_stay_aligned(pairs: dict[str, list[TrainPair]]) -> None:
-    p = pairs["train"][0]
+def test_wald_pairs_and_patches_stay_aligned(ex_pairs: dict[str, list[TrainPair]]) -> None:
+    p = ex_pairs["train"][0]
     assert p.pan.shape == (1, 80, 80) and p.ms.shape == (6, 40, 40) and p.ref.shape == (6, 80, 80)
     # The target is the original MS (cropped), in network units.
-    ref_dn = fusebox(1).ms[:, :80, :80] / 255.0
+    ref_dn = example_crop(0, 0, 80).ms / EX_DN
     np.testing.assert_allclose(p.ref, ref_dn, atol=1e-6)
     sampler = PatchSampler([p], 32, seed=3)
     pan, ms, ref, base = sampler.batch(8)
@@ -258,13 +259,18 @@ def test_hyperion_pan_training_data_simulated_aviris_and_thin_validation_part() 
 
 
 def test_find_pairs_names_and_errors(tmp_path: Path) -> None:
-    d = need_shared("landsat7_etm_fusebox")
+    """The shared FuseBox and SpaceNet-6 folders (without ../shared, empty files named alike: pairs
+    are found by name) in natural order, and an empty folder refused."""
+    d = shared_or_named_alike("landsat7_etm_fusebox", tmp_path / "named")
     found = find_pairs(d)
     assert len(found) == 30 and found[0] == (d / "1_pan.tif", d / "1_ms.tif")
-    wv2 = find_pairs(need_shared("wv2_spacenet6"))
+    assert found[9] == (d / "10_pan.tif", d / "10_ms.tif")
+    wv2 = find_pairs(shared_or_named_alike("wv2_spacenet6", tmp_path / "named"))
     assert [p.name for p, _ in wv2] == ["pan_1.tif", "pan_2.tif"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(FusionError, match="no pansharpening pairs"):
-        find_pairs(tmp_path)
+        find_pairs(empty)
 
 
 def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[TrainPair]]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, have_shared, need_shared, write_example_crop
 from rasterio.transform import Affine
 
 from fusion_cli.align import shape_ratio
@@ -131,20 +131,27 @@ def test_simulate_files_georeferenced_example(tmp_path: Path) -> None:
 
 
 def test_simulate_files_without_georeferencing(tmp_path: Path) -> None:
-    pan_path = need_shared("landsat7_etm_fusebox", "1_pan.tif")
-    ms_path = need_shared("landsat7_etm_fusebox", "1_ms.tif")
-    res = simulate_files(pan_path, ms_path, tmp_path / "out", sensor="landsat7", dtype="source")
+    """FuseBox pair 1 (uint8, 800 x 800 PAN px); without ../shared, the example written without
+    georeferencing (uint16, 320 x 640)."""
+    if have_shared("landsat7_etm_fusebox"):
+        pan_path = need_shared("landsat7_etm_fusebox", "1_pan.tif")
+        ms_path = need_shared("landsat7_etm_fusebox", "1_ms.tif")
+        sensor, (h, w), dtype = "landsat7", (400, 400), "uint8"
+    else:
+        pan_path, ms_path = write_example_crop(tmp_path, "nogeo", georef=False)
+        sensor, (h, w), dtype = "landsat8", (160, 320), "uint16"
+    res = simulate_files(pan_path, ms_path, tmp_path / "out", sensor=sensor, dtype="source")
     assert res.ratio == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        for path, shape in ((res.pan, (1, 400, 400)), (res.ms, (6, 200, 200)), (res.ref, (6, 400, 400))):
+        for path, shape in ((res.pan, (1, h, w)), (res.ms, (6, h // 2, w // 2)), (res.ref, (6, h, w))):
             with rasterio.open(path) as ds:
                 assert ds.crs is None and ds.transform.is_identity
                 assert (ds.count, ds.height, ds.width) == shape
-                assert ds.dtypes[0] == "uint8"
+                assert ds.dtypes[0] == dtype
     # never writes over an input
     with pytest.raises(FusionError, match="overwrite an input"):
-        simulate_files(res.pan, res.ms, tmp_path / "out", sensor="landsat7", overwrite=True)
+        simulate_files(res.pan, res.ms, tmp_path / "out", sensor=sensor, overwrite=True)
 
 
 @pytest.mark.parametrize(
