@@ -374,6 +374,28 @@ def test_ctrl_c_while_taking_a_scene_lock_leaves_no_lock_file(tmp_path: Path, mo
     assert hidden_files(tmp_path) == []
 
 
+def test_ctrl_c_surfacing_as_a_cleanup_error_still_stops_the_batch(tmp_path: Path) -> None:
+    """Ctrl-C inside rasterio's nested environments can leave GDAL's environment stack broken, and
+    the next `Env.__exit__` on the way out raises EnvError instead: that scene was interrupted, not
+    failed, so the batch stops with exit 130 rather than logging a failure and going on."""
+    from rasterio.errors import EnvError
+
+    out = tmp_path / "out"
+    scenes = [batch.Scene(n, tmp_path / "p.tif", tmp_path / "m.tif", out / f"{n}.tif") for n in "ab"]
+    seen: list[str] = []
+
+    def process(sc: batch.Scene) -> dict:
+        seen.append(sc.id)
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise EnvError("No GDAL environment exists")  # noqa: B012 - what the cleanup did
+
+    summary = batch.run_batch(batch.Plan(scenes), process, io_workers=0)
+    assert (seen, summary.interrupted, summary.exit_code, summary.failed) == (["a"], True, 130, 0)
+    assert hidden_files(out) == []  # the scene's lock went with it
+
+
 def test_interrupted_runs_resume_with_only_valid_outputs(tmp_path: Path) -> None:
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     in_dir.mkdir()

@@ -519,3 +519,33 @@ def test_report_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None
     rc, _, err = cli("report", out, "-o", rep)
     one_line_error(rc, err, "index.html", "--overwrite")
     assert (rep / "index.html").read_text() == "mine"
+
+
+def test_a_signal_in_a_deferred_section_arrives_when_it_ends() -> None:
+    """The lock file's removal and GDAL's environment bookkeeping run to their end under Ctrl-C;
+    the interrupt is delivered right after, and the handler is the previous one again."""
+    from fusion_cli.signals import deferred_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # without deferral, KeyboardInterrupt is raised in here
+            steps.append("finished")
+        steps.append("after")  # never reached: the signal lands as the block ends
+    assert steps == ["finished"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_is_not_replaced_by_a_broken_gdal_environment_error() -> None:
+    """Ctrl-C cut a nested rasterio.Env's exit between clearing its environment and restoring the
+    parent's: the outer `gdal_env()` must let the interrupt through, not raise EnvError over it."""
+    import rasterio.env
+
+    with pytest.raises(KeyboardInterrupt):
+        with raster.gdal_env():
+            rasterio.env.delenv()  # the state such a cut leaves behind
+            raise KeyboardInterrupt
+    with raster.gdal_env():  # and the next environment starts cleanly
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == 32

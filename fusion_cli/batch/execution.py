@@ -23,6 +23,7 @@ from typing import Any
 from fusion_cli.batch.locking import remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
+from fusion_cli.signals import interrupt_behind
 
 LOG_VERSION = 1
 
@@ -140,7 +141,8 @@ def execute_scene(
     """Fuse one scene unless its output is already complete; never raises for a bad scene.
 
     A `FusionError` (bad input: the same on every attempt) fails at once; other exceptions (an
-    I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes.
+    I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes,
+    also when it surfaces as another error raised by a cleanup step on its way out.
     """
     check = is_complete or _default_complete_check
     base = dict(
@@ -171,10 +173,13 @@ def execute_scene(
             attempts += 1
             try:
                 details = process(scene) or {}
-            except FusionError as exc:
-                reason, details = str(exc), {}
-                break
             except Exception as exc:  # noqa: BLE001 - one corrupt scene must not stop the batch
+                interrupt = interrupt_behind(exc)
+                if interrupt is not None:  # a cleanup step failed under Ctrl-C: still Ctrl-C
+                    raise interrupt from None
+                if isinstance(exc, FusionError):
+                    reason, details = str(exc), {}
+                    break
                 reason = f"{type(exc).__name__}: {exc}".strip()
                 details = {"traceback": traceback.format_exc(limit=6)}
                 if attempts <= retries:

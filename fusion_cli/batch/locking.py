@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fusion_cli.signals import deferred_signals
+
 
 @contextlib.contextmanager
 def scene_lock(out: Path) -> Iterator[bool]:
@@ -26,17 +28,19 @@ def scene_lock(out: Path) -> Iterator[bool]:
     lock_path = out.with_name(f".{out.name}.lock")
     fd: int | None = None
     try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            held = _try_flock(fcntl, fd, lock_path)
-            if held is not None:
-                break
-            os.close(fd)  # the holder we waited on unlinked the file: lock the live one
-            fd = None
+        with deferred_signals():  # and a signal cannot land between os.open and `fd =`
+            while True:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                held = _try_flock(fcntl, fd, lock_path)
+                if held is not None:
+                    break
+                os.close(fd)  # the holder we waited on unlinked the file: lock the live one
+                fd = None
         yield held
     finally:
         if fd is not None:
-            _release_lock_file(fcntl, fd, lock_path)
+            with deferred_signals():  # a release cut in two would leave the lock file behind
+                _release_lock_file(fcntl, fd, lock_path)
 
 
 def _try_flock(fcntl: Any, fd: int, lock_path: Path) -> bool | None:

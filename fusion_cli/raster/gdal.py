@@ -6,14 +6,36 @@ import os
 from pathlib import Path
 
 import rasterio
+from rasterio.errors import EnvError
+
+from fusion_cli.signals import deferred_signals
 
 # Bounded GDAL block cache: without it GDAL may cache up to 5 % of RAM while writing, which
 # grows with the scene. Internal masks keep the mask inside the GeoTIFF (no .msk sidecar).
 GDAL_ENV = {"GDAL_CACHEMAX": 32, "GDAL_TIFF_INTERNAL_MASK": True}
 
 
+class _GuardedEnv(rasterio.Env):
+    """rasterio.Env whose entry and exit are not cut in two by Ctrl-C (see `fusion_cli.signals`),
+    and whose exit never replaces an exception already on its way out with the EnvError of a
+    stack that rasterio's own nested environments (`rasterio.open`) left broken."""
+
+    def __enter__(self) -> _GuardedEnv:
+        with deferred_signals():
+            super().__enter__()
+        return self
+
+    def __exit__(self, exc_type: object = None, exc_val: object = None, exc_tb: object = None) -> None:
+        with deferred_signals():
+            try:
+                super().__exit__(exc_type, exc_val, exc_tb)
+            except EnvError:
+                if exc_type is None:
+                    raise
+
+
 def gdal_env() -> rasterio.Env:
-    return rasterio.Env(**GDAL_ENV)
+    return _GuardedEnv(**GDAL_ENV)
 
 
 def is_gdal_path(path: str | os.PathLike[str]) -> bool:
