@@ -549,3 +549,25 @@ def test_ctrl_c_is_not_replaced_by_a_broken_gdal_environment_error() -> None:
             raise KeyboardInterrupt
     with raster.gdal_env():  # and the next environment starts cleanly
         assert rasterio.env.getenv()["GDAL_CACHEMAX"] == 32
+
+
+def test_a_second_ctrl_c_during_cleanup_still_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C pressed again while the first one unwinds (the writer closing and removing its
+    temporary): the second interrupt waits for the cleanup instead of cutting it short."""
+    from fusion_cli.raster import write
+
+    real_cleanup = write.AtomicWriter._cleanup
+
+    def pressed_again(self: write.AtomicWriter) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # undeferred, the second KeyboardInterrupt is raised in here
+        real_cleanup(self)
+
+    monkeypatch.setattr(write.AtomicWriter, "_cleanup", pressed_again)
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint16"}
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with raster.AtomicWriter(tmp_path / "x.tif", profile) as writer:
+            writer.write(np.ones((1, 32, 64), np.uint16), 0, 0)
+            raise KeyboardInterrupt  # the first Ctrl-C, mid-product
+    assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from fusion_cli.errors import FusionError, OutputWriteError
 from fusion_cli.raster.gdal import gdal_env, reason
 from fusion_cli.raster.profile import BLOCK, overview_factors
+from fusion_cli.signals import deferred_signals
 
 # The tag written last, just before the file is closed: a file without it was not finished.
 COMPLETE_TAG = "FUSION_COMPLETE"
@@ -140,7 +141,7 @@ def atomic_output(
     except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
         raise OutputWriteError(f"cannot write {what} {final}: {reason(exc)}") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with deferred_signals(), contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
@@ -268,14 +269,17 @@ class AtomicWriter:
                     Path(str(p) + ".ovr").unlink()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            if self._dst is not None and not self._dst.closed:
-                self._dst.close()
-            if not self._committed:
-                self._cleanup()
-        finally:
-            if self._env is not None:
-                self._env.__exit__(exc_type, exc, tb)
+        # A second Ctrl-C (the user pressing it again while the first unwinds) waits until the
+        # temporaries are gone instead of leaving them behind.
+        with deferred_signals():
+            try:
+                if self._dst is not None and not self._dst.closed:
+                    self._dst.close()
+                if not self._committed:
+                    self._cleanup()
+            finally:
+                if self._env is not None:
+                    self._env.__exit__(exc_type, exc, tb)
 
 
 def _tag_text(value: Any) -> str:
