@@ -160,6 +160,29 @@ def test_network_fuser_on_real_wv3_dn():
     np.testing.assert_allclose(out[0].mean((1, 2)).numpy(), ms[0].mean((1, 2)).numpy(), rtol=0.05)
 
 
+@pytest.mark.parametrize(
+    ("name", "tile"), [("landsat", 768), ("vhr4", 768), ("hyperion_pan", 512), ("hyperion_hisr", 512)]
+)
+def test_cpu_default_tile_follows_the_network_size(name: str, tile: int) -> None:
+    """On a CPU, narrow networks with few bands (d <= 16, <= 16 bands) take 768-px tiles (the halo is
+    a large share of a 512 tile, their windows are small); wide ones or many bands keep 512."""
+    fuser = NetworkFuser(load_model(name), device="cpu")
+    cfg = fuser.model.config
+    assert (cfg.dim <= 16 and cfg.ms_bands <= 16) == (tile == 768)
+    assert fuser.preferred_tile == tile
+
+
+def test_paper_width_network_keeps_512_px_cpu_tiles() -> None:
+    """The paper's d = 32 (random weights, 4 bands): 512 on a CPU."""
+    from fusion_cli.models.registry import LoadedModel
+
+    _, card = _tiny_card()
+    wide = FusionMamba(FusionMambaConfig(ms_bands=4, ratio=2, dim=32))
+    card.architecture = wide.config.to_dict()
+    lm = LoadedModel(model=wide, card=card, weights_path=None, device=torch.device("cpu"))
+    assert NetworkFuser(lm, device="cpu").preferred_tile == 512
+
+
 def test_fuser_options_and_devices():
     model, card = _tiny_card()
     card.architecture = model.config.to_dict()

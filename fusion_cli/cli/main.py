@@ -128,15 +128,18 @@ def _c_stderr_quiet(enabled: bool) -> Iterator[None]:
 def bound_heap() -> None:
     """Fixed glibc malloc thresholds for the process (a process-wide setting, so the entry point's,
     not the library's). Left dynamic, glibc raises its mmap threshold after large frees and keeps
-    ever more freed memory, so peak RSS drifts with the run's length. Fixed at 32 MiB (mmap) and
-    64 MiB (trim), tile-sized arrays (a few MB) are reused from the heap instead of being mapped,
-    zero-filled by page faults and unmapped on every call (that cost a 4 Mpx classical run ~0.9 M
-    page faults and a third of its time), while the memory kept is bounded by the trim threshold:
-    8k-scene peak +18 % over 2k (BENCHMARKS.md; 1 MiB / default trim gave +12 %). Larger arrays come
-    from the heap too (no mmap'd chunks): a network window allocates 0.1-0.6 GB arrays in every block,
-    and each mapped one was unmapped again on free (a TLB shootdown across the threads) and
-    zero-filled by page faults on the next block: the kernel's share was a third of a 1024^2 official
-    run's CPU time (sys 25 s of 71), 2.5 s of 54 from the heap."""
+    ever more freed memory, so peak RSS drifts with the run's length. Fixed at 32 MiB (mmap),
+    tile-sized arrays (a few MB) are reused from the heap instead of being mapped, zero-filled by
+    page faults and unmapped on every call (that cost a 4 Mpx classical run ~0.9 M page faults and a
+    third of its time). Larger arrays come from the heap too (no mmap'd chunks): a network window
+    allocates 0.1-0.6 GB arrays in every block, and each mapped one was unmapped again on free (a TLB
+    shootdown across the threads) and zero-filled by page faults on the next block: the kernel's
+    share was a third of a 1024^2 official run's CPU time (sys 25 s of 71), 2.5 s of 54 from the heap.
+    The trim threshold (1 GiB) is above those arrays, so the heap top they free is kept for the next
+    block and window instead of being returned and faulted in again: at 64 MiB, a 6 Mpx `landsat`
+    run at tile 512 spent 12 s in the kernel (139.6 s wall), at 2 GiB 3 s (131.2 s); at tile 1024,
+    46 s and 143 s against 10 s and 102 s. The memory kept is what the run already peaked at:
+    8k-scene pass-through peak +22 % over 2k (+14 % at 64 MiB; limit +25 %, bench_pipeline)."""
     import ctypes
     import ctypes.util
 
@@ -146,7 +149,7 @@ def bound_heap() -> None:
     try:
         libc = ctypes.CDLL(name)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
         libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
     except (OSError, AttributeError):
         pass

@@ -96,11 +96,17 @@ class NetworkFuser:
     def preferred_tile(self) -> int:
         """Output tile side (PAN px) when the user gives none. On a CPU a window's cost is its area
         (no fixed per-call cost to amortise) while the halo and blend zone around every tile are paid
-        again (256 px tiles compute 1.9-2.7x their area, bench_profile), and windows larger than 512
-        px were measured to cost more per pixel again, with twice the memory (official checkpoint,
-        1024^2 WV3 crop, 2 cores: 29.8 s at 512, 36.6 s at 1024, 2.4 vs 5.9 GB peak).
-        One window at a time (`batch_size` 1). On a GPU, 256 (batched)."""
-        return 512 if self.device.type == "cpu" else 256
+        again (256 px tiles compute 1.9-2.7x their area, bench_profile). For the paper's width
+        (d = 32) windows larger than 512 px cost more per pixel again, with twice the memory (official
+        checkpoint, 1024^2 WV3 crop, 2 cores: 29.8 s at 512, 36.6 s at 1024, 2.4 vs 5.9 GB peak).
+        Narrow networks with few bands (d <= 16, <= 16 bands: `landsat`, `vhr4`) take 768: their
+        windows are a fraction of that memory, and the halo (66 px for a BDSD-PC base) is a large
+        share of a 512 tile (6 Mpx Landsat-8 scene, 2 cores: 131 s at 512, 109 s at 768; peak 2.1 vs
+        3.3 GB). One window at a time (`batch_size` 1). On a GPU, 256 (batched)."""
+        if self.device.type != "cpu":
+            return 256
+        cfg = self.model.config
+        return 768 if cfg.dim <= 16 and cfg.ms_bands <= 16 else 512
 
     @property
     def scan_backend(self) -> str:
