@@ -1,6 +1,8 @@
 """Networks end to end on the CPU: `fusion pansharpen` (the CLI, in a subprocess, as a user runs it)
 with the official checkpoint on a 1024 x 1024 PAN crop of the WorldView-3 pair and with the default
-`landsat` model on the shipped example scene, at the default options (tile, ensemble, threads).
+`landsat` model on the shipped example scene (one window) and on the shared Landsat-8 crop (1254 x
+1207 PAN px, several windows: at the default tile and at the 512 px the default was before), at the
+default options (tile, ensemble, threads).
 
 Each row gives PAN Mpx/s on the wall clock and per CPU-second, and, beside it, the machine's 2048^2
 fp32 matmul rate measured in the same run and the network's matmul/conv FLOPs per PAN pixel (counted
@@ -80,6 +82,25 @@ def _crop_wv3(folder: Path) -> tuple[Path, Path] | None:
     return out[0], out[1]
 
 
+def _l8_six_bands(folder: Path) -> tuple[Path, Path] | None:
+    """The shared Landsat-8 crop (1254 x 1207 PAN px) with the `landsat` model's six MS bands
+    (B2-B7, stacked from the per-band files): a scene that needs several windows."""
+    import rasterio
+
+    src = shared_data_dir() / "landsat8_oli"
+    if not (src / "l8_B8.tif").exists():
+        return None
+    bands = [src / f"l8_B{i}.tif" for i in range(2, 8)]
+    with rasterio.open(bands[0]) as ds:
+        profile = ds.profile | {"count": 6}
+    ms = folder / "l8_ms6.tif"
+    with rasterio.open(ms, "w", **profile) as dst:
+        for i, path in enumerate(bands, start=1):
+            with rasterio.open(path) as ds:
+                dst.write(ds.read(1), i)
+    return src / "l8_B8.tif", ms
+
+
 def _fuse_cmd(pan: Path, ms: Path, out: Path, extra: list[str]) -> list[str]:
     code = "import sys; from fusion_cli.cli.main import main; main(sys.argv[1:])"
     return [sys.executable, "-c", code, "pansharpen", str(pan), str(ms), "-o", str(out), "--overwrite",
@@ -109,6 +130,9 @@ def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any]
     return results
 
 
+BOTH = ("one run", "two runs at once")
+
+
 def run() -> list[dict[str, Any]]:
     gflops = matmul_gflops()
     rows: list[dict[str, Any]] = []
@@ -119,20 +143,22 @@ def run() -> list[dict[str, Any]]:
         wv3 = _crop_wv3(folder)
         if wv3 is not None and official.exists():
             scenes.append(("official 420.pth, WV3 1024^2 crop", wv3, ["--weights", str(official)],
-                           flops_per_pixel(None, str(official))))  # fmt: skip
+                           flops_per_pixel(None, str(official)), BOTH))  # fmt: skip
         else:
             rows.append({"bench": "network", "case": "official: skipped, ../shared/data missing"})
+        landsat_fpp = flops_per_pixel("landsat", None)
         landsat = ROOT / "examples" / "landsat8_pan.tif", ROOT / "examples" / "landsat8_ms.tif"
-        scenes.append(
-            ("landsat (default model), example scene", landsat, [], flops_per_pixel("landsat", None))
-        )
-        for label, (pan, ms), extra, fpp in scenes:
+        scenes.append(("landsat (default model), example scene", landsat, [], landsat_fpp, BOTH))
+        l8 = _l8_six_bands(folder)
+        if l8 is not None:  # the default tile against the previous one, on a scene of several windows
+            label = "landsat (default model), Landsat-8 1254 x 1207 crop"
+            scenes.append((label, l8, [], landsat_fpp, ("one run",)))
+            scenes.append((label, l8, ["--tile", "512"], landsat_fpp, ("one run, --tile 512",)))
+        for label, (pan, ms), extra, fpp, modes in scenes:
             floor = gflops * 1e9 / fpp / 1e6  # PAN Mpx/s if only the dense algebra ran, at the matmul rate
-            single = _run_cases([(_fuse_cmd(pan, ms, folder / "o.tif", extra), folder / "o.tif")])
-            pair = _run_cases(
-                [(_fuse_cmd(pan, ms, folder / f"o{i}.tif", extra), folder / f"o{i}.tif") for i in range(2)]
-            )
-            for mode, results in (("one run", single), ("two runs at once", pair)):
+            for mode in modes:
+                outs = [folder / f"o{i}.tif" for i in range(2 if mode == "two runs at once" else 1)]
+                results = _run_cases([(_fuse_cmd(pan, ms, out, extra), out) for out in outs])
                 total = sum(s["shape"][1] * s["shape"][2] / 1e6 for s, _, _, _ in results)
                 wall = max(r[1] for r in results)
                 cpu = sum(r[2] for r in results)
