@@ -137,9 +137,9 @@ def bound_heap() -> None:
     share was a third of a 1024^2 official run's CPU time (sys 25 s of 71), 2.5 s of 54 from the heap.
     The trim threshold (1 GiB) is above those arrays, so the heap top they free is kept for the next
     block and window instead of being returned and faulted in again: at 64 MiB, a 6 Mpx `landsat`
-    run at tile 512 spent 12 s in the kernel (139.6 s wall), at 2 GiB 3 s (131.2 s); at tile 1024,
-    46 s and 143 s against 10 s and 102 s. The memory kept is what the run already peaked at:
-    8k-scene pass-through peak +22 % over 2k (+14 % at 64 MiB; limit +25 %, bench_pipeline)."""
+    run at tile 768 spent 26 s in the kernel (141 s wall), at 1 GiB 4 s (111 s; 2 GiB: 109 s); at
+    tile 1024 (2 GiB), 46 s and 143 s against 10 s and 102 s. The memory kept is what the run already
+    peaked at: 8k-scene pass-through peak +22 % over 2k (+14 % at 64 MiB; limit +25 %, bench_pipeline)."""
     import ctypes
     import ctypes.util
 
