@@ -296,12 +296,13 @@ _local = threading.local()
 
 @contextlib.contextmanager
 def scratch() -> Iterator[None]:
-    """While open (in this thread), the fused path's largest arrays (each block's u, its directions'
-    outputs and their normed mean, 0.15-0.6 GB each for a 1024-px window) are reused by the next block
-    of the same shape instead of being allocated anew: above glibc's mmap threshold every new array
-    is mapped and zero-filled by page faults, which cost a third of a 1024-px run's CPU time. Reused
-    arrays are only valid until the next block: the caller (`FusionMamba`'s CPU inference pass) keeps
-    none of them past it. Released on exit; nested use joins the outer pool."""
+    """While open (in this thread), the fused path's largest arrays (each block's u, which its
+    directions' outputs then overwrite, and their normed mean, 0.15-0.6 GB each for a 1024-px window)
+    are reused by the next block of the same shape instead of being allocated anew: above glibc's
+    mmap threshold every new array is mapped and zero-filled by page faults, which cost a third of a
+    1024-px run's CPU time. Reused arrays are only valid until the next block: the caller
+    (`FusionMamba`'s CPU inference pass) keeps none of them past it. Released on exit; nested use
+    joins the outer pool."""
     if getattr(_local, "pool", None) is not None:
         yield
         return
@@ -351,14 +352,18 @@ def scan_directions(
     norm: torch.nn.LayerNorm,
 ) -> torch.Tensor:
     """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
-    (see `_scan_kernel`). `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded);
-    `orders` `(G, L)`: the image token read at each position of each scan order, `inverse` `(G, L)`
-    the position of each image token in each order (`fusionmamba._scan_orders`)."""
-    b, g, length, e = u.shape
-    out = _buffer("directions", (b, g, length, e))
+    (see `_scan_kernel`); overwrites u (float32 CPU `(B, G, L, E)`) with the directions' outputs.
+    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); `orders` `(G, L)`: the
+    image token read at each position of each scan order, `inverse` `(G, L)` the position of each
+    image token in each order (`fusionmamba._scan_orders`)."""
+    # Each work item reads a block of u before it writes the same block's outputs, so the outputs
+    # go over u in place (u is not needed after the scan): one (B, G, L, E) array less per block.
+    b, _, length, e = u.shape
+    u_np = _f32(u)
+    out = u_np
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
-        _scan(_f32(u), _f32(xdbl), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
+        _scan(u_np, _f32(xdbl), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
               orders.numpy(), bc_by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = _buffer("normed", (b, length, e))
