@@ -19,6 +19,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.raster import atomic_output
 from fusion_cli.sensors import canonical_sensor
+from fusion_cli.signals import deferred_signals
 
 TIME_KEYS = ("time_rr_s", "time_fr_s")
 
@@ -259,18 +262,24 @@ def evaluate(
     if not scenes:
         raise FusionError("no scenes to evaluate")
     rows: list[dict[str, Any]] = []
-    for k, (pan, ms, sid) in enumerate(scenes):
-        # a scene's steps, offset by the scenes before it
-        step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
-        rows += evaluate_scene(
-            pan, ms, methods, out_dir / "products" / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
-            cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-            tile=tile, bands=bands, block=block, progress=step,
-        )  # fmt: skip
-    if not keep_products:
-        import shutil
-
-        shutil.rmtree(out_dir / "products", ignore_errors=True)
+    # Products not kept go to a hidden folder this run creates, and only that folder is removed: an
+    # OUT/products that already exists (earlier results, the inputs themselves) is never deleted.
+    products = (
+        out_dir / "products" if keep_products else Path(tempfile.mkdtemp(prefix=".products-", dir=out_dir))
+    )
+    try:
+        for k, (pan, ms, sid) in enumerate(scenes):
+            # a scene's steps, offset by the scenes before it
+            step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
+            rows += evaluate_scene(
+                pan, ms, methods, products / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
+                cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
+                tile=tile, bands=bands, block=block, progress=step,
+            )  # fmt: skip
+    finally:
+        if not keep_products:
+            with deferred_signals():
+                shutil.rmtree(products, ignore_errors=True)
     summary = summarise(rows)
     settings = {
         "sensor": canonical_sensor(sensor), "ratio": ratio,

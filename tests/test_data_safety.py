@@ -571,3 +571,21 @@ def test_a_second_ctrl_c_during_cleanup_still_leaves_no_partial_file(tmp_path: P
             writer.write(np.ones((1, 32, 64), np.uint16), 0, 0)
             raise KeyboardInterrupt  # the first Ctrl-C, mid-product
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Nothing but the tool's own files is written or removed
+
+
+def test_evaluate_no_keep_removes_only_its_own_products(tmp_path: Path) -> None:
+    """--no-keep once removed OUT/products whole: with the inputs in it (or earlier results), they
+    were deleted. Only the products this run wrote go."""
+    inputs = tmp_path / "products"
+    inputs.mkdir()
+    pan, ms = make_pair(inputs, n=128)
+    (inputs / "notes.txt").write_text("mine")
+    args = ["evaluate", pan, ms, "--methods", "exp", "-o", tmp_path, "--no-keep", "--no-full", "--block", "8"]
+    rc, _, err = cli(*args, "-q")
+    assert rc == 0, err
+    assert sorted(p.name for p in inputs.iterdir()) == ["ms.tif", "notes.txt", "pan.tif"]
+    assert hidden(tmp_path) == [] and (tmp_path / "results.csv").is_file()
