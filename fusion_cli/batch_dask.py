@@ -102,7 +102,7 @@ def run_batch_dask(
     from distributed import as_completed
 
     client = connect(address) if isinstance(address, str) else address
-    journal = JsonlLog(log)
+    journal = JsonlLog(log, plan)
     results: list[SceneResult] = []
     t0 = time.perf_counter()
 

@@ -589,3 +589,24 @@ def test_evaluate_no_keep_removes_only_its_own_products(tmp_path: Path) -> None:
     assert rc == 0, err
     assert sorted(p.name for p in inputs.iterdir()) == ["ms.tif", "notes.txt", "pan.tif"]
     assert hidden(tmp_path) == [] and (tmp_path / "results.csv").is_file()
+
+
+def test_batch_log_is_never_an_input_or_a_foreign_file(tmp_path: Path) -> None:
+    """--log appends JSON lines: given an input (or any file that is not a batch log) it once appended
+    them to that file and reported success; given a folder it failed mid-batch with exit 1."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pan, _ = make_pair(folder, stem="a_")  # a_pan.tif + a_ms.tif: a scene by the default conventions
+    elsewhere = tmp_path / "elsewhere.tif"
+    elsewhere.write_bytes(pan.read_bytes())
+    before = {p: p.read_bytes() for p in (pan, elsewhere)}
+    out = tmp_path / "out"
+    for log, words in ((pan, "a_pan.tif"), (elsewhere, "not a batch log"), (tmp_path, "folder")):
+        rc, _, err = cli("batch", folder, out, "--method", "exp", "--log", log, "-q")
+        one_line_error(rc, err, "--log", words)
+        assert not out.exists() or not list(out.iterdir())
+    assert {p: p.read_bytes() for p in before} == before
+    log = tmp_path / "batch.jsonl"
+    for _ in range(2):  # its own log is appended to
+        assert cli("batch", folder, out, "--method", "exp", "--log", log, "-q")[0] == 0
+    assert [json.loads(x)["status"] for x in log.read_text().splitlines()] == ["done", "skipped"]

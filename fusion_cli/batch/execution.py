@@ -207,10 +207,47 @@ def unpaired_results(plan: Plan) -> list[SceneResult]:
     ]
 
 
-class JsonlLog:
-    """Append-only JSON-lines log, one line per scene, flushed at once (a killed run keeps its lines)."""
+def _same_path(a: Path, b: Path | str) -> bool:
+    if isinstance(b, str):  # a GDAL virtual path is never a local log file
+        return False
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return a.resolve() == Path(b).resolve()
 
-    def __init__(self, path: Path | None) -> None:
+
+def check_log(path: Path | None, plan: Plan | None = None) -> None:
+    """`--log` is appended to, so it must be a batch log: not a folder, not an input or output of the
+    plan, and, when it exists, a JSON-lines log (an image or document given by mistake would be
+    modified). Refused with a FusionError before any scene runs."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise FusionError(f"--log {p} is a folder; give a file name like {p / 'batch.jsonl'}")
+    for s in plan.scenes if plan is not None else ():
+        for f in (s.pan, s.ms, s.out):
+            if _same_path(p, f):
+                raise FusionError(f"--log {p} is a file of scene {s.id!r} ({f}); choose another log file")
+    if p.is_file() and p.stat().st_size > 0:
+        with p.open("rb") as fh:
+            first = fh.read(1 << 16).split(b"\n", 1)[0]
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "v" not in record:
+            raise FusionError(
+                f"--log {p} exists and is not a batch log (JSON lines); choose another log file"
+            )
+
+
+class JsonlLog:
+    """Append-only JSON-lines log, one line per scene, flushed at once (a killed run keeps its lines).
+    With the `plan`, the path is checked first (`check_log`)."""
+
+    def __init__(self, path: Path | None, plan: Plan | None = None) -> None:
+        check_log(path, plan)
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         if self.path is not None:
@@ -268,7 +305,7 @@ def run_batch(
     for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops after
     the running scenes (the pipeline removes their partial files); the summary says so.
     """
-    journal = JsonlLog(log)
+    journal = JsonlLog(log, plan)
     results: list[SceneResult] = []
     t0 = time.perf_counter()
 

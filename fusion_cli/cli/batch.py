@@ -187,6 +187,7 @@ def register(app: typer.Typer) -> None:
             plan = lib.pair_by_patterns(in_dir, out_dir, pan, ms, out_pattern)
         if shard is not None:
             plan = lib.apply_shard(plan, *lib.parse_shard(shard))
+        lib.check_log(log, plan)  # before the model loads: an input given as --log is refused
         if dry_run:
             _show_plan(plan, json_out)
             return
