@@ -610,3 +610,12 @@ def test_batch_log_is_never_an_input_or_a_foreign_file(tmp_path: Path) -> None:
     for _ in range(2):  # its own log is appended to
         assert cli("batch", folder, out, "--method", "exp", "--log", log, "-q")[0] == 0
     assert [json.loads(x)["status"] for x in log.read_text().splitlines()] == ["done", "skipped"]
+
+
+def test_an_output_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    link = tmp_path / "link.tif"
+    os.link(ms, link)
+    rc, _, err = cli("pansharpen", pan, ms, "-o", link, "--method", "exp", "--overwrite")
+    one_line_error(rc, err, "link.tif", "one of the inputs")
+    assert os.path.samefile(link, ms)

@@ -104,7 +104,7 @@ def check_writable(
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src in inputs:
-        if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+        if _same_file(out, src):
             raise FusionError(f"output {out} is one of the inputs; choose another output path")
     if out.is_dir():
         raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
@@ -116,3 +116,14 @@ def check_writable(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FusionError(f"output folder {parent} is not writable; choose another output path")
     return out
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two local paths name one file: the same path, a symlink or a hard link to it."""
+    pa, pb = Path(a), Path(b)
+    if not (pa.exists() and pb.exists()):
+        return pa.resolve() == pb.resolve()
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:
+        return pa.resolve() == pb.resolve()
