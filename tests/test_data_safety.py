@@ -612,6 +612,25 @@ def test_batch_log_is_never_an_input_or_a_foreign_file(tmp_path: Path) -> None:
     assert [json.loads(x)["status"] for x in log.read_text().splitlines()] == ["done", "skipped"]
 
 
+def test_a_quicklook_never_replaces_an_input(tmp_path: Path) -> None:
+    """`pansharpen pan.tif ms.png -o ms.tif --quicklook --overwrite`: the quicklook ms.png is the MS."""
+    rng = np.random.default_rng(1)
+    pan = tmp_path / "pan.tif"
+    ms = tmp_path / "ms.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(pan, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint16") as dst:
+            dst.write((rng.random((1, 64, 64)) * 1000 + 100).astype("uint16"))
+        with rasterio.open(ms, "w", driver="PNG", width=16, height=16, count=3, dtype="uint16") as dst:
+            dst.write((rng.random((3, 16, 16)) * 1000 + 100).astype("uint16"))
+    before = ms.read_bytes()
+    rc, _, err = cli(
+        "pansharpen", pan, ms, "-o", tmp_path / "ms.tif", "--method", "exp", "--quicklook", "--overwrite"
+    )
+    one_line_error(rc, err, "ms.png", "input")
+    assert ms.read_bytes() == before and not (tmp_path / "ms.tif").exists()
+
+
 def test_an_output_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     pan, ms = pair
     link = tmp_path / "link.tif"

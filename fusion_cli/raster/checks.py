@@ -101,6 +101,11 @@ def check_writable(
     cannot be written where asked."""
     out = Path(out_path)
     for side in side_outputs:
+        for src in inputs:
+            if _same_file(side, src):
+                raise FusionError(
+                    f"{side}, written beside output {out}, is an input; choose another output name"
+                )
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src in inputs:
