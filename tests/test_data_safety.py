@@ -612,6 +612,20 @@ def test_batch_log_is_never_an_input_or_a_foreign_file(tmp_path: Path) -> None:
     assert [json.loads(x)["status"] for x in log.read_text().splitlines()] == ["done", "skipped"]
 
 
+@pytest.mark.parametrize("name", ["o.png", "o.jpg", "o.vrt"])
+def test_an_output_named_for_another_format_is_refused(
+    tmp_path: Path, pair: tuple[Path, Path], name: str
+) -> None:
+    """The product is always a GeoTIFF: `-o o.png` once wrote a TIFF named .png, and with --quicklook
+    --overwrite the quicklook then replaced the product while the summary reported it written."""
+    pan, ms = pair
+    rc, _, err = cli(
+        "pansharpen", pan, ms, "-o", tmp_path / name, "--method", "exp", "--quicklook", "--overwrite"
+    )
+    one_line_error(rc, err, name, ".tif")
+    assert not (tmp_path / name).exists() and hidden(tmp_path) == []
+
+
 def test_a_quicklook_never_replaces_an_input(tmp_path: Path) -> None:
     """`pansharpen pan.tif ms.png -o ms.tif --quicklook --overwrite`: the quicklook ms.png is the MS."""
     rng = np.random.default_rng(1)

@@ -100,6 +100,12 @@ def check_writable(
     """Fail early (before any work) if the output, or a side file written with it (a quicklook),
     cannot be written where asked."""
     out = Path(out_path)
+    other = _other_format(out)
+    if other is not None:
+        raise FusionError(
+            f"output {out}: the product is a GeoTIFF, but {out.suffix} names GDAL's {other} format; "
+            f"name it {out.stem}.tif"
+        )
     for side in side_outputs:
         for src in inputs:
             if _same_file(side, src):
@@ -132,3 +138,15 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return os.path.samefile(pa, pb)
     except OSError:
         return pa.resolve() == pb.resolve()
+
+
+def _other_format(out: Path) -> str | None:
+    """The GDAL driver other than GeoTIFF that the output's extension names (.png, .jpg, .vrt, .img
+    ...), or None (.tif, .tiff, no extension or one GDAL does not know)."""
+    from rasterio.drivers import driver_from_extension
+
+    try:
+        driver = driver_from_extension(out)
+    except ValueError:
+        return None
+    return None if driver in ("GTiff", "COG") else driver
