@@ -652,3 +652,17 @@ def test_an_output_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tupl
     rc, _, err = cli("pansharpen", pan, ms, "-o", link, "--method", "exp", "--overwrite")
     one_line_error(rc, err, "link.tif", "one of the inputs")
     assert os.path.samefile(link, ms)
+
+
+@pytest.mark.parametrize("co", ["COMPRESS=JPEG", "COMPRESS=WEBP"])
+def test_creation_options_gtiff_cannot_encode_are_bad_input(
+    tmp_path: Path, pair: tuple[Path, Path], co: str
+) -> None:
+    """GTiff creates a 16-bit JPEG/WEBP file, then drops every block: the scene was fused and failed
+    at the end with exit 1 and 'check the disk space'. Refused before any work, with GDAL's reason."""
+    pan, ms = pair
+    out = tmp_path / "out" / "o.tif"
+    out.parent.mkdir()
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--co", co)
+    one_line_error(rc, err, co, "uint16")
+    assert list(out.parent.iterdir()) == []

@@ -3,6 +3,7 @@ its overview levels."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,57 @@ def output_profile(
         # lower case, as the keys above: one entry per option, and the COG step finds compress/zlevel
         profile = {k: v for k, v in profile.items() if k.lower() != key.lower()}
         profile[key.lower()] = value
+    if creation_options:
+        probe_profile(profile, creation_options)
     return profile
+
+
+def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> None:
+    """Write one block with `profile` to memory and read it back. GTiff accepts some creation options
+    at creation that it cannot encode (COMPRESS=JPEG for 16-bit data, WEBP for more than 4 bands):
+    the blocks are then dropped with only a message, and the product failed after the whole scene was
+    fused, as a write error. Refused here, before any work, with GDAL's reason (bad input, exit 2)."""
+    import secrets
+    import warnings
+
+    import rasterio
+    import rasterio.shutil
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from fusion_cli.raster.gdal import gdal_env, reason
+
+    def flag(key: str) -> bool:
+        return str(profile.get(key, False)).strip().upper() in ("TRUE", "YES", "ON", "1")
+
+    try:
+        if flag("tiled"):
+            w, h = int(profile.get("blockxsize", BLOCK)), int(profile.get("blockysize", BLOCK))
+        else:
+            w, h = min(int(profile["width"]), BLOCK), min(int(profile["height"]), BLOCK)
+    except (TypeError, ValueError):
+        w = h = BLOCK  # an unreadable block size: GDAL's own error comes from the open below
+    path = f"/vsimem/fusion-probe-{secrets.token_hex(4)}.tif"
+    probe = {k: v for k, v in profile.items() if k not in ("crs", "transform", "nodata")}
+    probe.update(width=w, height=h)
+    data = np.ones((int(profile["count"]), h, w), dtype=profile["dtype"])
+    try:
+        with gdal_env(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path, "w", **probe) as dst:
+                dst.write(data)
+            with rasterio.open(path) as src:
+                if not src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1):
+                    raise OSError("the block was not written")
+                src.read(1)
+    except Exception as exc:
+        given = " ".join(f"--co {k}={v}" for k, v in creation_options.items())
+        raise FusionError(
+            f"GTiff cannot write this {profile['dtype']} product of {profile['count']} band(s) with "
+            f"{given}: {reason(exc)}; change or drop these options"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            rasterio.shutil.delete(path)
 
 
 def overview_factors(width: int, height: int, min_size: int = BLOCK) -> list[int]:
