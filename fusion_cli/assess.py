@@ -311,6 +311,8 @@ def write_csv(
     from fusion_cli.raster import atomic_output
 
     p = Path(path)
+    if p.is_dir():
+        raise FusionError(f"CSV {p} is a folder; give a file name like {p / 'metrics.csv'}")
     p.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for r in rows:

@@ -666,3 +666,15 @@ def test_creation_options_gtiff_cannot_encode_are_bad_input(
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--co", co)
     one_line_error(rc, err, co, "uint16")
     assert list(out.parent.iterdir()) == []
+
+
+def test_metrics_csv_naming_a_folder_is_bad_input(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """--csv DIR once failed with exit 1, Errno 21 and advice to check the disk space."""
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", folder)
+    one_line_error(rc, err, "tables", "folder")
+    assert list(folder.iterdir()) == []

@@ -128,6 +128,8 @@ def atomic_output(
     `out` only when the body succeeds and wrote something, else removed. An existing `out` needs
     `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file."""
     final = Path(out)
+    if final.is_dir():
+        raise FusionError(f"{what} {final} is a folder; give a file name inside it")
     if final.exists() and not overwrite:
         raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
     tmp = _temp_name(final, "tmp", final.suffix)
