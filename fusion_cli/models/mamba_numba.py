@@ -167,10 +167,17 @@ def _steps(rank, half, mt, rows0, xg0, rows1, xg1, w_t, bias, floor, dts):  # ty
         r1 = rows1[i]
         di = dts[i]
         for e in range(LANES):
-            raw = bias[e]
-            for r in range(rank):
-                raw += w_t[r, e] * (xg0[r, r0] if e < half else xg1[r, r1])
-            di[e] = max(_softplus(raw), floor[e])
+            di[e] = bias[e]
+        # rank outermost, lanes innermost: each loop over lanes vectorises whatever the rank (a rank
+        # loop inside the lane loop did not unless the rank was a literal)
+        for r in range(rank):
+            x0 = xg0[r, r0]
+            x1 = xg1[r, r1]
+            wr = w_t[r]
+            for e in range(LANES):
+                di[e] += wr[e] * (x0 if e < half else x1)
+        for e in range(LANES):
+            di[e] = max(_softplus(di[e]), floor[e])
 
 
 @numba.njit(inline="always", **_LOCAL)
@@ -190,10 +197,11 @@ def _store(half, cnt, mt, t0, e0, og0, og1, ys):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _scan_block(half, cnt, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state):  # type: ignore[no-untyped-def]  # noqa: E501
+def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
     """One block of positions of one work item: loads, steps, recurrence, stores. Called with literal
-    half, cnt (lanes used), rank and n where they are the common ones, so each loop has a constant trip
-    count and vectorises."""
+    half, cnt (lanes used) and n where they are the common ones, so each loop has a constant trip
+    count and vectorises. blk: (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)."""
+    mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state = blk
     a_t, w_t, bias, fl, d_l = params
     h, us, dts, ys = state
     _load_u(half, cnt, mt, t0, e0, ug0, ug1, us)
@@ -263,26 +271,17 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             for i in range(mt):
                 rows0[i] = order0[t0 + i] if bc_by_token else t0 + i
                 rows1[i] = order1[t0 + i] if bc_by_token else t0 + i
-            if pair and rank == 1 and n == 8:  # the d = 8 networks' full-resolution blocks
-                _scan_block(
-                    HALF, HALF, 1, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
-                )
+            blk = (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)
+            # literal lane counts and N = 8 (every shipped network's) where they apply, so that the
+            # state loop unrolls; the rank may vary (1, 2, 4, 8 at the paper's width, by level)
+            if pair and n == 8:  # the d = 8 networks' full-resolution blocks
+                _scan_block(HALF, HALF, rank, 8, blk)
             elif pair:
-                _scan_block(
-                    HALF, HALF, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
-                )
-            elif m == LANES and rank == 2 and n == 8:  # the official d = 32 network
-                _scan_block(
-                    LANES, LANES, 2, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
-                )
-            elif m == LANES and rank == 1 and n == 8:
-                _scan_block(
-                    LANES, LANES, 1, 8, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
-                )
+                _scan_block(HALF, HALF, rank, n, blk)
+            elif m == LANES and n == 8:
+                _scan_block(LANES, LANES, rank, 8, blk)
             else:
-                _scan_block(
-                    LANES, m, rank, n, mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state
-                )
+                _scan_block(LANES, m, rank, n, blk)
 
 
 _conv_silu = _njit(_conv_silu_kernel)
