@@ -12,11 +12,20 @@ convs, head, residuals); the base method; and the second, transposed
 pass of the ensemble. "halo x" is what the default plan computes per output pixel for that model on
 a large scene (window area over core area at the default tile): the same work again at the edges.
 
+"ceiling" rows: what the network's arithmetic alone would allow on this CPU. Per PAN pixel of a
+window (ensemble included): the scans' state updates (counted in the fused kernel's calls) times the
+best per-update cost the scan kernel reaches on one core in isolation (its float32 kernel at the
+model shape, L = 65 536, D = 128 in 4 groups, N = 8, softplus on, inputs in its layout), plus the dense FLOPs
+(matmuls, convs: torch's FlopCounterMode) at the one-thread 2048^2 matmul rate. Everything else
+(conv1d, gates, norms, gathers, memory traffic, the base method) counted as free. The row gives that
+ceiling per core and on every core, beside the window's measured rate per core.
+
 `run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_profile.py` prints it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -24,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from fusion_cli.models import fusionmamba
@@ -171,6 +181,82 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _state_updates_per_pixel(fuser: Any) -> float:
+    """State updates (batch x directions x channels x N x positions) the fused scan kernel performs
+    per PAN pixel of a SIDE x SIDE window through `fuser.fuse`."""
+    from fusion_cli.models import mamba_numba
+
+    count = [0]
+    kernel = mamba_numba._scan
+
+    def counted(u: Any, xdbl: Any, dt_w: Any, dt_bias: Any, floor: Any, A: Any, *rest: Any) -> Any:
+        b, g, length, e = u.shape
+        count[0] += b * g * length * e * A.shape[2]
+        return kernel(u, xdbl, dt_w, dt_bias, floor, A, *rest)
+
+    cfg = fuser.model.config
+    gen = torch.Generator().manual_seed(0)
+    pan = torch.rand(1, cfg.pan_bands, SIDE, SIDE, generator=gen) * fuser.dn_max * 0.3
+    ms = torch.rand(1, cfg.ms_bands, SIDE // cfg.ratio, SIDE // cfg.ratio, generator=gen) * fuser.dn_max * 0.3
+    mamba_numba._scan = counted
+    try:
+        fuser.fuse(pan, ms)
+    finally:
+        mamba_numba._scan = kernel
+    return count[0] / SIDE**2
+
+
+def _scan_ns_per_update() -> float:
+    """Best CPU nanoseconds per state update of the fused float32 scan kernel on one core, in
+    isolation: inputs already in its layout, output array reused, no gate (the fused path gates
+    after the directions' mean)."""
+    from fusion_cli.models import scan_numba
+
+    gen = torch.Generator().manual_seed(0)
+    batch, channels, groups, n, length = 1, 128, 4, 8, 65_536
+    u, delta = (torch.randn(batch, channels, length, generator=gen) for _ in range(2))
+    A = -torch.rand(channels, n, generator=gen) * 8 - 0.5
+    B, C = (torch.randn(batch, groups, n, length, generator=gen) for _ in range(2))
+    D, bias = torch.randn(channels, generator=gen), torch.full((channels,), -1.0)
+    args = scan_numba._arrays(u, delta, A, B, C, D, None, bias)
+    y = np.empty(args[0].shape, dtype=np.float32)
+    best = float("inf")
+    with scan_numba._threads():
+        for _ in range(5):
+            t0 = time.process_time()
+            scan_numba._forward_lanes(*args[:7], args[7], True, False, y)
+            best = min(best, time.process_time() - t0)
+    return best / (batch * channels * n * length) * 1e9
+
+
+def ceiling_rows(fusers: list[tuple[Any, str, float, float]]) -> list[dict[str, Any]]:
+    """One "ceiling" row per (fuser, label, dense FLOPs per PAN px, measured CPU-s per window)."""
+    import bench_network
+
+    ns = _scan_ns_per_update()
+    gflops = bench_network.matmul_gflops()  # one thread: run() holds torch at 1
+    cores = os.cpu_count() or 1
+    rows = []
+    for fuser, label, flops, cpu in fusers:
+        updates = _state_updates_per_pixel(fuser)
+        per_core = 1e-6 / (updates * ns * 1e-9 + flops / (gflops * 1e9))
+        rows.append(
+            {
+                "bench": "profile",
+                "model": label,
+                "part": "ceiling: scans at the kernel's best rate + dense FLOPs at the matmul rate",
+                "state updates per PAN px": round(updates),
+                "scan ns per update (1 core)": round(ns, 3),
+                "dense MFLOP per PAN px": round(flops / 1e6, 4),
+                "matmul GFLOP/s (1 core)": round(gflops, 1),
+                "ceiling PAN Mpx/s per core": round(per_core, 4),
+                f"ceiling PAN Mpx/s ({cores} cores)": round(per_core * cores, 4),
+                "measured PAN Mpx/s per core": round(SIDE**2 / 1e6 / cpu, 4),
+            }
+        )
+    return rows
+
+
 def run() -> list[dict[str, Any]]:
     from fusion_cli.models.fuser import NetworkFuser
     from fusion_cli.models.registry import load_model
@@ -178,19 +264,29 @@ def run() -> list[dict[str, Any]]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = []
+        import bench_network
+
+        rows: list[dict[str, Any]] = []
+        ceilings = []
+
+        def profile(fuser: Any, label: str, flops: float) -> None:
+            part_rows = profile_fuser(fuser, label)
+            rows.extend(part_rows)
+            ceilings.append((fuser, label, flops, part_rows[-1]["seconds"]))
+
         official = shared_data_dir() / "fusionmamba_official" / "420.pth"
         if official.exists():
             fuser = NetworkFuser(load_model(weights=official, device="cpu"), device="cpu")
-            rows += profile_fuser(fuser, "official 420.pth (d=32, WV3)")
+            profile(fuser, "official 420.pth (d=32, WV3)", bench_network.flops_per_pixel(None, str(official)))
         else:
             rows.append({"bench": "profile", "model": "official", "part": f"skipped: {official} missing"})
         landsat = NetworkFuser(load_model(name="landsat", device="cpu"), device="cpu")
-        rows += profile_fuser(landsat, "landsat (d=8, BDSD-PC base, ensemble)")
+        landsat_flops = bench_network.flops_per_pixel("landsat", None)
+        profile(landsat, "landsat (d=8, BDSD-PC base, ensemble)", landsat_flops)
         one_pass = NetworkFuser(load_model(name="landsat", device="cpu"), device="cpu")
         one_pass.model.config = replace(one_pass.model.config, transpose_ensemble=False)
         rows += profile_fuser(one_pass, "landsat, one pass (--no-ensemble)")
-        return rows
+        return rows + ceiling_rows(ceilings)
     finally:
         torch.set_num_threads(previous)
 
