@@ -678,3 +678,23 @@ def test_metrics_csv_naming_a_folder_is_bad_input(tmp_path: Path, pair: tuple[Pa
     rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", folder)
     one_line_error(rc, err, "tables", "folder")
     assert list(folder.iterdir()) == []
+
+
+def test_metrics_csv_through_a_symlink_appends_to_its_target(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """--csv LINK once replaced the link with a regular file (old rows plus the new one) and left the
+    CSV it pointed to unchanged: the rows go to the target, atomically, and the link stays a link."""
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    target = tables / "all.csv"
+    assert cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", target)[0] == 0
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", link)
+    assert rc == 0, err
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    with target.open(newline="") as fh:
+        assert len(list(csv.reader(fh))) == 3
+    assert hidden(tmp_path) == [] and hidden(tables) == []

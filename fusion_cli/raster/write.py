@@ -126,12 +126,16 @@ def atomic_output(
 ) -> Iterator[Path]:
     """A temporary path beside `out` to write a side file (PNG, CSV, JSON, HTML) to; renamed onto
     `out` only when the body succeeds and wrote something, else removed. An existing `out` needs
-    `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file."""
+    `overwrite`; a failed write is an OutputWriteError naming `out` (exit 1), never a half file.
+    A symbolic link is written through, as `open(out, "w")` would: the file it points to is replaced
+    (its temporary beside it, so the rename stays atomic) and the link stays a link."""
     final = Path(out)
     if final.is_dir():
         raise FusionError(f"{what} {final} is a folder; give a file name inside it")
     if final.exists() and not overwrite:
         raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
+    if final.is_symlink():  # renaming onto the link would replace it with a file, its target unchanged
+        final = Path(os.path.realpath(final))
     tmp = _temp_name(final, "tmp", final.suffix)
     try:
         yield tmp
