@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,20 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
 CSV_KEY = ("product", "mode")
 
 
+def check_csv(path: str | Path, inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
+    """Refuse, before any work, a CSV path that names a folder or one of the `inputs` (the same path,
+    a symbolic or a hard link to it: appending would modify the input)."""
+    from fusion_cli.raster import same_file
+
+    p = Path(path)
+    if p.is_dir():
+        raise FusionError(f"CSV {p} is a folder; give a file name like {p / 'metrics.csv'}")
+    for src in inputs:
+        if src is not None and same_file(p, src):
+            raise FusionError(f"--csv {p} is an input file ({src}); choose another name")
+    return p
+
+
 def write_csv(
     rows: list[dict[str, Any]], path: str | Path, append: bool = False, overwrite: bool = True
 ) -> Path:
@@ -310,9 +325,7 @@ def write_csv(
 
     from fusion_cli.raster import atomic_output
 
-    p = Path(path)
-    if p.is_dir():
-        raise FusionError(f"CSV {p} is a folder; give a file name like {p / 'metrics.csv'}")
+    p = check_csv(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for r in rows:

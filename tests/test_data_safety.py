@@ -698,3 +698,23 @@ def test_metrics_csv_through_a_symlink_appends_to_its_target(tmp_path: Path, pai
     with target.open(newline="") as fh:
         assert len(list(csv.reader(fh))) == 3
     assert hidden(tmp_path) == [] and hidden(tables) == []
+
+
+def test_metrics_csv_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """The --csv "is an input" check compared resolved paths, so a hard link to an input passed it
+    (and the scene was scored before any refusal). The library's check_csv counts hard links."""
+    from fusion_cli.assess import check_csv
+    from fusion_cli.errors import FusionError
+
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    link = tmp_path / "link.csv"
+    os.link(pan, link)
+    before = pan.read_bytes()
+    rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", link)
+    one_line_error(rc, err, "link.csv", "input")
+    assert pan.read_bytes() == before and os.path.samefile(link, pan)
+    with pytest.raises(FusionError, match="input"):
+        check_csv(link, [out, None, pan, ms])
+    assert check_csv(tmp_path / "new.csv", [out, pan, ms]) == tmp_path / "new.csv"

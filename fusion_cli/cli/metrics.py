@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, table_console
-from fusion_cli.errors import FusionError
 
 HELP = """Quality indices of a fused product, with the conventions of the MATLAB toolbox of Vivone et al.
 (the version in DLPan-Toolbox), so the numbers compare with published tables.
@@ -74,7 +73,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = OutputOpt.json_out,
         csv: Path | None = typer.Option(None, "--csv", help="Append the result as a row to this CSV file."),
     ) -> None:
-        from fusion_cli.assess import EvalOptions, evaluate, flatten, write_csv
+        from fusion_cli.assess import EvalOptions, check_csv, evaluate, flatten, write_csv
         from fusion_cli.metrics import parse_peak
 
         peak = parse_peak(psnr_peak)
@@ -89,9 +88,8 @@ def register(app: typer.Typer) -> None:
             sensor=sensor,
             nodata=nodata,
         )
-        for p in (fused, ref, pan, ms):
-            if csv is not None and p is not None and csv.resolve() == Path(p).resolve():
-                raise FusionError(f"--csv {csv} is an input file: choose another name")
+        if csv is not None:
+            check_csv(csv, (fused, ref, pan, ms))
         result = evaluate(fused, ref, pan, ms, opts)
         if csv is not None:
             write_csv([flatten(result)], csv, append=True)

@@ -20,6 +20,7 @@ from fusion_cli.raster.checks import (
     check_writable,
     dtype_range,
     refuse_non_finite,
+    same_file,
 )
 from fusion_cli.raster.gdal import GDAL_ENV, gdal_env, is_gdal_path, recorded_path
 from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
@@ -85,6 +86,7 @@ __all__ = [
     "recorded_path",
     "refuse_non_finite",
     "rgb_colorinterp",
+    "same_file",
     "select_bands",
     "verify_geotiff",
     "with_nodata",

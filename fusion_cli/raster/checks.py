@@ -108,14 +108,14 @@ def check_writable(
         )
     for side in side_outputs:
         for src in inputs:
-            if _same_file(side, src):
+            if same_file(side, src):
                 raise FusionError(
                     f"{side}, written beside output {out}, is an input; choose another output name"
                 )
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src in inputs:
-        if _same_file(out, src):
+        if same_file(out, src):
             raise FusionError(f"output {out} is one of the inputs; choose another output path")
     if out.is_dir():
         raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
@@ -129,7 +129,7 @@ def check_writable(
     return out
 
 
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether two local paths name one file: the same path, a symlink or a hard link to it."""
     pa, pb = Path(a), Path(b)
     if not (pa.exists() and pb.exists()):
