@@ -718,3 +718,18 @@ def test_metrics_csv_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tu
     with pytest.raises(FusionError, match="input"):
         check_csv(link, [out, None, pan, ms])
     assert check_csv(tmp_path / "new.csv", [out, pan, ms]) == tmp_path / "new.csv"
+
+
+@pytest.mark.parametrize("co", ["FOO=BAR", "ZLEVLE=9"])
+def test_creation_options_gtiff_does_not_know_are_refused(
+    tmp_path: Path, pair: tuple[Path, Path], co: str
+) -> None:
+    """--co FOO=BAR (or a misspelt ZLEVLE=9) was accepted silently and the product written without it,
+    although the help said GDAL warns: GDAL's warning went to a logger that prints nothing."""
+    pan, ms = pair
+    out = tmp_path / "out" / "o.tif"
+    out.parent.mkdir()
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--co", co)
+    one_line_error(rc, err, f"--co {co}", "GTiff")
+    assert list(out.parent.iterdir()) == []
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q", "--co", "ZLEVEL=9")[0] == 0

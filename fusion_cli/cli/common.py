@@ -204,7 +204,8 @@ class FuseOpt:
         None,
         "--co",
         help="GTiff creation option KEY=VALUE, repeatable (e.g. --co ZLEVEL=9 --co BLOCKXSIZE=512); "
-        "replaces the default of that name. GDAL warns about options GTiff does not know.",
+        "replaces the default of that name. An option GTiff does not know (a misspelt name) is refused "
+        "before any work, not ignored.",
     )
     cog = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews.")
     overwrite = typer.Option(False, "--overwrite", help="Replace an existing output.")

@@ -4,6 +4,9 @@ its overview levels."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -72,7 +75,9 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> 
     """Write one block with `profile` to memory and read it back. GTiff accepts some creation options
     at creation that it cannot encode (COMPRESS=JPEG for 16-bit data, WEBP for more than 4 bands):
     the blocks are then dropped with only a message, and the product failed after the whole scene was
-    fused, as a write error. Refused here, before any work, with GDAL's reason (bad input, exit 2)."""
+    fused, as a write error. Refused here, before any work, with GDAL's reason (bad input, exit 2).
+    An option GTiff does not know (a misspelt ZLEVLE=9, another driver's option) is refused too:
+    GDAL only warns about it (on rasterio's logger, which prints nothing) and writes without it."""
     import secrets
     import warnings
 
@@ -99,12 +104,21 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> 
     try:
         with gdal_env(), warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path, "w", **probe) as dst:
+            with _unknown_options() as unknown, rasterio.open(path, "w", **probe) as dst:
                 dst.write(data)
+            if unknown:
+                values = {k.upper(): v for k, v in creation_options.items()}
+                given = " ".join(f"--co {k}={values[k]}" if k in values else k for k in unknown)
+                raise FusionError(
+                    f"GTiff has no creation option {given}: GDAL would write the product without it; "
+                    "check the name (gdalinfo --format GTiff lists them) or drop it"
+                )
             with rasterio.open(path) as src:
                 if not src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1):
                     raise OSError("the block was not written")
                 src.read(1)
+    except FusionError:
+        raise
     except Exception as exc:
         given = " ".join(f"--co {k}={v}" for k, v in creation_options.items())
         raise FusionError(
@@ -114,6 +128,27 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> 
     finally:
         with contextlib.suppress(Exception):
             rasterio.shutil.delete(path)
+
+
+@contextlib.contextmanager
+def _unknown_options() -> Iterator[list[str]]:
+    """The creation options GDAL reports as unknown to the driver while the block runs: its
+    CPLE_NotSupported warnings, which rasterio passes to the `rasterio` logger."""
+    unknown: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"does not support creation option (\S+)", record.getMessage())
+            if found and found.group(1).upper() not in unknown:
+                unknown.append(found.group(1).upper())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("rasterio")
+    logger.addHandler(handler)
+    try:
+        yield unknown
+    finally:
+        logger.removeHandler(handler)
 
 
 def overview_factors(width: int, height: int, min_size: int = BLOCK) -> list[int]:
