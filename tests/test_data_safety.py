@@ -733,3 +733,28 @@ def test_creation_options_gtiff_does_not_know_are_refused(
     one_line_error(rc, err, f"--co {co}", "GTiff")
     assert list(out.parent.iterdir()) == []
     assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q", "--co", "ZLEVEL=9")[0] == 0
+
+
+def _png_pair(folder: Path) -> tuple[Path, Path]:
+    """A PAN/MS pair of PNGs: no georeferencing, related by their sizes (ratio 4)."""
+    rng = np.random.default_rng(1)
+    pan, ms = folder / "pan.png", folder / "ms.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(pan, "w", driver="PNG", width=64, height=64, count=1, dtype="uint16") as dst:
+            dst.write((rng.random((1, 64, 64)) * 1000 + 100).astype("uint16"))
+        with rasterio.open(ms, "w", driver="PNG", width=16, height=16, count=3, dtype="uint16") as dst:
+            dst.write((rng.random((3, 16, 16)) * 1000 + 100).astype("uint16"))
+    return pan, ms
+
+
+def test_a_pair_without_georeferencing_prints_no_rasterio_warning(tmp_path: Path) -> None:
+    """PNG inputs (supported, no georeferencing) printed rasterio's NotGeoreferencedWarning with its
+    source lines, twice, beside the tool's own one-line warning that says the same."""
+    pan, ms = _png_pair(tmp_path)
+    proc = cli_process("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "exp", "--cog")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "NotGeoreferencedWarning" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 2 and lines[0].startswith("wrote ") and "no georeferencing" in lines[1], err

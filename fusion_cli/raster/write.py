@@ -55,12 +55,21 @@ def is_own_temporary(out: Path, candidate: Path) -> bool:
     )
 
 
+def _open(path: Path, mode: str = "r", **profile: Any) -> Any:
+    """rasterio.open of a product or its temporary. A product of a pair without georeferencing has
+    none, by design (the run reports it once); rasterio's NotGeoreferencedWarning on each open would
+    only print its source lines to stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, mode, **profile)
+
+
 def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
     """Raise OSError unless `path` opens, carries the completion tag and holds every block it
     indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
     rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
     size = path.stat().st_size
-    with gdal_env(), rasterio.open(path) as ds:
+    with gdal_env(), _open(path) as ds:
         if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
             raise OSError("the completion tag is missing")
         # pixel-interleaved files share one block index for all bands
@@ -106,11 +115,7 @@ def write_geotiff(
     if nodata is not None:
         profile["nodata"] = nodata
     with atomic_output(path, overwrite=True, what=what) as tmp:
-        with warnings.catch_warnings():
-            # a no-georef input gives a no-georef output, by design
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(tmp, "w", **profile)
-        with ds:
+        with _open(tmp, "w", **profile) as ds:
             ds.write(out.astype(dtype))
             ds.update_tags(**(tags or {}))
             if descriptions and len(descriptions) == data.shape[0]:
@@ -190,7 +195,7 @@ class AtomicWriter:
         self._env.__enter__()
         try:  # __exit__ does not run when __enter__ fails (or Ctrl-C lands in it): clean up here
             try:
-                self._dst = rasterio.open(self._tmp, "w", **self.profile)
+                self._dst = _open(self._tmp, "w", **self.profile)
             except Exception as exc:
                 raise FusionError(f"cannot write output {self.out}: {reason(exc)}") from None
             if self.descriptions:
@@ -251,7 +256,7 @@ class AtomicWriter:
         if self.cog:
             final = _temp_name(self.out, "cog")
             self._cog_tmp = final
-            with rasterio.open(self._tmp, "r+") as dst:
+            with _open(self._tmp, "r+") as dst:
                 factors = overview_factors(dst.width, dst.height)
                 if factors:
                     dst.build_overviews(factors, Resampling.average)
@@ -300,7 +305,7 @@ def is_complete_output(path: str | os.PathLike[str]) -> bool:
     if not p.is_file():
         return False
     try:
-        with gdal_env(), rasterio.open(p) as ds:
+        with gdal_env(), _open(p) as ds:
             return ds.tags().get(COMPLETE_TAG) == "1"
     except Exception:
         return False
