@@ -758,3 +758,17 @@ def test_a_pair_without_georeferencing_prints_no_rasterio_warning(tmp_path: Path
     assert "NotGeoreferencedWarning" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 2 and lines[0].startswith("wrote ") and "no georeferencing" in lines[1], err
+
+
+@pytest.mark.parametrize("pattern", ["{stem}.png", "{stem}_fused.vrt"])
+def test_batch_out_pattern_for_another_format_is_refused_up_front(tmp_path: Path, pattern: str) -> None:
+    """--out-pattern '{stem}.png' let every scene fail one by one with the 'another format' message
+    (exit 1): refused before any scene runs, by the rule pansharpen's -o follows."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for stem in ("a_", "b_"):
+        make_pair(folder, stem=stem)
+    out = tmp_path / "out"
+    rc, _, err = cli("batch", folder, out, "--method", "exp", "--out-pattern", pattern)
+    one_line_error(rc, err, "--out-pattern", pattern, "{stem}")
+    assert not out.exists() or not list(out.iterdir())

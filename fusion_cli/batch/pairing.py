@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fusion_cli.errors import FusionError
-from fusion_cli.raster import is_gdal_path
+from fusion_cli.raster import check_product_name, is_gdal_path
 
 K = TypeVar("K", bound=Hashable)
 
@@ -154,6 +154,7 @@ def out_path_for(out_dir: Path, stem: str, out_pattern: str = DEFAULT_OUT_PATTER
         raise FusionError(
             f"--out-pattern must contain {{stem}} (e.g. {DEFAULT_OUT_PATTERN}), got {out_pattern!r}"
         )
+    check_product_name(out_pattern, "--out-pattern")  # every scene would fail on it, one by one
     name = out_pattern.replace("{stem}", stem) if stem else out_pattern.replace("{stem}", "fused").lstrip("_")
     return out_dir / name
 

@@ -100,12 +100,7 @@ def check_writable(
     """Fail early (before any work) if the output, or a side file written with it (a quicklook),
     cannot be written where asked."""
     out = Path(out_path)
-    other = _other_format(out)
-    if other is not None:
-        raise FusionError(
-            f"output {out}: the product is a GeoTIFF, but {out.suffix} names GDAL's {other} format; "
-            f"name it {out.stem}.tif"
-        )
+    check_product_name(out)
     for side in side_outputs:
         for src in inputs:
             if same_file(side, src):
@@ -127,6 +122,19 @@ def check_writable(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FusionError(f"output folder {parent} is not writable; choose another output path")
     return out
+
+
+def check_product_name(out: str | os.PathLike[str], what: str = "output") -> None:
+    """A product is always a GeoTIFF: refuse a name whose extension GDAL maps to another format
+    (.png, .jpg, .vrt ...), which would hold a TIFF under a PNG's name. `out` may be a name pattern
+    (`{stem}.png` of batch's --out-pattern): only its extension counts."""
+    name = Path(out)
+    other = _other_format(name)
+    if other is not None:
+        raise FusionError(
+            f"{what} {out}: the product is a GeoTIFF, but {name.suffix} names GDAL's {other} format; "
+            f"name it {name.stem}.tif"
+        )
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
