@@ -383,19 +383,35 @@ def nearest_index(u: np.ndarray, start: int, n: int) -> np.ndarray:
 # Misregistration: phase correlation with an upsampled-DFT peak (Guizar-Sicairos et al. 2008).
 
 
+class ShiftNotMeasurable(FusionError):
+    """No shift can be measured: an image has no features (it is constant) where it is measured.
+    Phase correlation of a constant image divides zero by zero and returns an arbitrary peak."""
+
+
+def _featureless(image: np.ndarray, valid: np.ndarray | None = None) -> bool:
+    """Whether `image` is constant over its `valid` pixels (to 1e-6 of its magnitude)."""
+    values = image[valid] if valid is not None else image
+    if values.size == 0:
+        return True
+    return not float(np.ptp(values)) > 1e-6 * float(np.abs(values).max())
+
+
 def _hann2d(h: int, w: int) -> np.ndarray:
     return np.outer(np.hanning(h), np.hanning(w)).astype(np.float64)
 
 
 def phase_correlation(ref: np.ndarray, mov: np.ndarray, upsample: int = 20) -> tuple[float, float, float]:
     """Sub-pixel shift (dy, dx) such that mov(y, x) ~ ref(y - dy, x - dx); also the peak height
-    (0..1, how much the two images agree)."""
+    (0..1, how much the two images agree). Raises ShiftNotMeasurable when either is constant."""
     h, w = ref.shape
     win = _hann2d(h, w)
     fa = np.fft.fft2((ref - ref.mean()) * win)
     fb = np.fft.fft2((mov - mov.mean()) * win)
     cross = fb * np.conj(fa)
-    cross /= np.abs(cross) + 1e-12 * np.abs(cross).max()
+    magnitude = np.abs(cross)
+    if not magnitude.max() > 0:
+        raise ShiftNotMeasurable("cannot measure a shift: one of the images is constant (featureless)")
+    cross /= magnitude + 1e-12 * magnitude.max()
     cc = np.fft.ifft2(cross).real
     py, px = np.unravel_index(int(np.argmax(cc)), cc.shape)
     py = py - h if py > h // 2 else py
@@ -435,7 +451,8 @@ def estimate_shift(
     (H, W)`. `(+a, +b)` means the PAN content sits a rows lower and b columns further right than
     the MS (the convention of ../shared/data/README.md). The PAN is area-averaged to the MS grid
     (the low-pass), an intensity is fitted from the MS bands, and both are phase-correlated at
-    the MS resolution; returns (dy, dx, peak).
+    the MS resolution; returns (dy, dx, peak). A PAN or MS without features (constant over the
+    valid pixels) has no shift to measure: ShiftNotMeasurable, not an arbitrary peak.
     """
     h, w = ms_lr.shape[-2:]
     pan_lr = pan[: h * ratio, : w * ratio].reshape(h, ratio, w, ratio).mean(axis=(1, 3))
@@ -443,6 +460,11 @@ def estimate_shift(
     if valid is not None:
         v_lr = valid[: h * ratio, : w * ratio].reshape(h, ratio, w, ratio).all(axis=(1, 3))
     inten = fit_intensity(ms_lr, pan_lr, v_lr)
+    for name, image in (("PAN", pan_lr), ("MS", inten)):
+        if _featureless(image, v_lr):
+            raise ShiftNotMeasurable(
+                f"cannot measure the PAN/MS shift: the {name} is featureless (constant) where it is measured"
+            )
     if v_lr is not None and not v_lr.all():
         # Invalid pixels would dominate the correlation: give them the valid mean in both images.
         inten = np.where(v_lr, inten, inten[v_lr].mean())

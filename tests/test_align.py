@@ -195,6 +195,28 @@ def test_shift_estimate_on_wv3():
     assert (dy2, dx2) == pytest.approx((dy, dx), abs=0.5)
 
 
+@pytest.mark.parametrize("featureless", ["PAN", "MS"])
+def test_shift_estimate_refuses_a_featureless_image(featureless):
+    """A constant PAN once gave 0/0 in the phase correlation (numpy's RuntimeWarning) and an arbitrary
+    peak reported as a shift of (-6, -6) px; a constant image has no shift to measure."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    pan = 400 + 300 * np.sin(6 * yy) * np.cos(5 * xx) + rng.random((64, 64))
+    ms = np.stack([pan.reshape(16, 4, 16, 4).mean(axis=(1, 3)) * (0.8 + 0.1 * b) for b in range(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw numpy warning either
+        dy, dx, _ = align.estimate_shift(pan, ms, 4)  # the textured pair: measured, aligned
+        assert (dy, dx) == pytest.approx((0, 0), abs=0.5)
+        if featureless == "PAN":
+            pan = np.full_like(pan, 700.0)
+        else:
+            ms = np.full_like(ms, 500.0)
+        with pytest.raises(align.ShiftNotMeasurable, match=f"{featureless} is featureless"):
+            align.estimate_shift(pan, ms, 4)
+        with pytest.raises(align.ShiftNotMeasurable):
+            align.phase_correlation(np.full((16, 16), 3.0), rng.random((16, 16)))
+
+
 def _grid(transform: rasterio.Affine, shape: tuple[int, int], crs: str | None = "EPSG:32616"):
     from types import SimpleNamespace
 

@@ -772,3 +772,19 @@ def test_batch_out_pattern_for_another_format_is_refused_up_front(tmp_path: Path
     rc, _, err = cli("batch", folder, out, "--method", "exp", "--out-pattern", pattern)
     one_line_error(rc, err, "--out-pattern", pattern, "{stem}")
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_featureless_pan_has_no_shift_to_measure_or_apply(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """A constant PAN printed numpy's divide RuntimeWarning and reported (and with --coregister
+    applied) a meaningless shift of dy = dx = -6 px. No shift is measured; --coregister refuses."""
+    _, ms = pair
+    pan = write_tif(tmp_path / "flat.tif", np.full((1, 64, 64), 700, np.uint16), 1.0)
+    proc = cli_process("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "exp")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "RuntimeWarning" not in err and "PAN/MS shift dy" not in err, err
+    assert "PAN is featureless" in err, err
+    out = tmp_path / "co.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--coregister")
+    one_line_error(rc, err, "--coregister", "featureless")
+    assert not out.exists() and hidden(tmp_path) == []

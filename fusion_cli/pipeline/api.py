@@ -154,7 +154,14 @@ def fuse_files(
             file_reader(pan_ds, pan_bands, opts.zero_is_nodata),
             file_reader(ms_ds, bands, opts.zero_is_nodata),
         )
-        shift = measure_shift(source) if (opts.measure_shift or opts.coregister) else None
+        shift = None
+        if opts.measure_shift or opts.coregister:
+            try:
+                shift = measure_shift(source)
+            except align.ShiftNotMeasurable as exc:
+                if opts.coregister:  # applying an arbitrary shift would misplace the product
+                    raise FusionError(f"--coregister: {exc}; fuse without --coregister") from None
+                caught.append(f"{exc}; none reported")
         if opts.coregister and shift is not None:
             geom = geom.with_shift(shift["dy"], shift["dx"])
             source.geom = geom
