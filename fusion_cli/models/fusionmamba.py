@@ -294,6 +294,7 @@ class MultiScanMamba(nn.Module):
             inverse,
             bc_by_token=self.cross,
             norm=self.norm,
+            width=hw[1],
         )
         return self.out_proj(y)
 
