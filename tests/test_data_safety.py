@@ -788,3 +788,53 @@ def test_a_featureless_pan_has_no_shift_to_measure_or_apply(tmp_path: Path, pair
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--coregister")
     one_line_error(rc, err, "--coregister", "featureless")
     assert not out.exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["pansharpen", "hisr"])
+def test_a_product_through_a_symlink_replaces_its_target(tmp_path: Path, command: str) -> None:
+    """-o LINK --overwrite (LINK a symlink to an earlier product) replaced the link with a regular
+    file and left the product it pointed to unchanged. The product goes to the link's target,
+    atomically, and the link stays a link; a link to an input is still refused."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if command == "hisr":  # HSI (8 bands, low resolution) then MSI (3 bands, high resolution)
+        rng = np.random.default_rng(2)
+        msi = write_tif(folder / "msi.tif", (rng.random((3, 64, 64)) * 900 + 100).astype("uint16"), 1.0)
+        hsi = write_tif(folder / "hsi.tif", (rng.random((8, 16, 16)) * 900 + 100).astype("uint16"), 4.0)
+        inputs = (hsi, msi)
+    else:
+        inputs = make_pair(folder)
+    products = tmp_path / "products"
+    products.mkdir()
+    target = products / "fused.tif"
+    target.write_bytes(b"an earlier product")
+    link = tmp_path / "link.tif"
+    link.symlink_to(target)
+    for cog in ([], ["--cog"]):
+        rc, _, err = cli(command, *inputs, "-o", link, "--method", "exp", "--overwrite", "-q", *cog)
+        assert rc == 0, err
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert raster.is_complete_output(target)
+        assert hidden(tmp_path) == [] and hidden(products) == []
+    link.unlink()
+    link.symlink_to(inputs[1])
+    before = inputs[1].read_bytes()
+    rc, _, err = cli(command, *inputs, "-o", link, "--method", "exp", "--overwrite")
+    one_line_error(rc, err, "link.tif", "one of the inputs")
+    assert inputs[1].read_bytes() == before and link.is_symlink()
+
+
+def test_a_batch_output_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    """batch writes nothing outside OUT_DIR: an output name that is a symlink (to a file anywhere) is
+    refused for its scene, through the same writer's path as pansharpen, and the link's target kept."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_pair(folder, stem="a_")
+    target = tmp_path / "elsewhere.tif"
+    target.write_bytes(b"not ours")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "a_fused.tif").symlink_to(target)
+    rc, _, err = cli("batch", folder, out_dir, "--method", "exp", "--overwrite", "-q")
+    assert rc == 1 and "a_fused.tif is a symlink" in err, err
+    assert (out_dir / "a_fused.tif").is_symlink() and target.read_bytes() == b"not ours"

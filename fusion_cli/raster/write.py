@@ -38,6 +38,14 @@ TEMP_TAGS = ("partial", "cog", "tmp")
 _TEMP_RE = re.compile(r"(?:\.[^/]+?)?\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]+(?:\.[A-Za-z0-9]+)*\Z")
 
 
+def _write_target(out: str | os.PathLike[str]) -> Path:
+    """The file a write to `out` replaces: `out` itself, or the file a symbolic link `out` points to.
+    Renaming a temporary onto the link would replace the link with a regular file and leave its
+    target unchanged; writing through it, as `open(out, "w")` does, keeps the link a link."""
+    final = Path(out)
+    return Path(os.path.realpath(final)) if final.is_symlink() else final
+
+
 def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
     assert tag in TEMP_TAGS
@@ -139,8 +147,7 @@ def atomic_output(
         raise FusionError(f"{what} {final} is a folder; give a file name inside it")
     if final.exists() and not overwrite:
         raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
-    if final.is_symlink():  # renaming onto the link would replace it with a file, its target unchanged
-        final = Path(os.path.realpath(final))
+    final = _write_target(final)
     tmp = _temp_name(final, "tmp", final.suffix)
     try:
         yield tmp
@@ -160,7 +167,9 @@ class AtomicWriter:
     """Streams windows to a temporary GeoTIFF beside `out`; `commit()` renames it into place.
 
     Use as a context manager: on any exception (including KeyboardInterrupt) before commit the
-    temporary files are removed, so no partial output ever appears under the final name.
+    temporary files are removed, so no partial output ever appears under the final name. A symbolic
+    link `out` is written through (`_write_target`), as `atomic_output` does: the temporaries go beside
+    the file it points to, which the product replaces, and the link stays a link.
     """
 
     def __init__(
@@ -185,7 +194,8 @@ class AtomicWriter:
         self.use_mask = use_mask
         self.overwrite = overwrite
         self.cog = cog
-        self._tmp = _temp_name(self.out, "partial")
+        self._target = _write_target(self.out)
+        self._tmp = _temp_name(self._target, "partial")
         self._env: rasterio.Env | None = None
         self._dst: rasterio.io.DatasetWriter | None = None
         self._committed = False
@@ -254,7 +264,7 @@ class AtomicWriter:
         verify_geotiff(self._tmp)
         final = self._tmp
         if self.cog:
-            final = _temp_name(self.out, "cog")
+            final = _temp_name(self._target, "cog")
             self._cog_tmp = final
             with _open(self._tmp, "r+") as dst:
                 factors = overview_factors(dst.width, dst.height)
@@ -267,7 +277,7 @@ class AtomicWriter:
             rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
             self._tmp.unlink()
             verify_geotiff(final)
-        os.replace(final, self.out)
+        os.replace(final, self._target)
         self._committed = True
         return self.out
 
