@@ -838,3 +838,20 @@ def test_a_batch_output_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     rc, _, err = cli("batch", folder, out_dir, "--method", "exp", "--overwrite", "-q")
     assert rc == 1 and "a_fused.tif is a symlink" in err, err
     assert (out_dir / "a_fused.tif").is_symlink() and target.read_bytes() == b"not ours"
+
+
+def test_a_batch_output_hard_linked_to_an_input_is_refused_up_front(tmp_path: Path) -> None:
+    """The plan's 'output is an input' check compared resolved paths: an OUT_DIR name hard-linked to
+    an input passed it, and the scene ran into pansharpen's check one by one (exit 1). Refused while
+    the plan is made, by raster.same_file's rule (hard links too), before any scene runs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _, ms = make_pair(folder, stem="a_")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(ms, out / "a_fused.tif")
+    before = ms.read_bytes()
+    rc, _, err = cli("batch", folder, out, "--method", "exp", "--overwrite")
+    one_line_error(rc, err, "a_fused.tif", "is an input")
+    assert ms.read_bytes() == before and os.path.samefile(out / "a_fused.tif", ms)
+    assert raster.same_file(out / "a_fused.tif", ms) and not raster.same_file(out / "new.tif", ms)

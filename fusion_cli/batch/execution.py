@@ -23,6 +23,7 @@ from typing import Any
 from fusion_cli.batch.locking import remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
+from fusion_cli.raster import same_file
 from fusion_cli.signals import interrupt_behind
 
 LOG_VERSION = 1
@@ -207,15 +208,6 @@ def unpaired_results(plan: Plan) -> list[SceneResult]:
     ]
 
 
-def _same_path(a: Path, b: Path | str) -> bool:
-    if isinstance(b, str):  # a GDAL virtual path is never a local log file
-        return False
-    try:
-        return os.path.samefile(a, b)  # hard links too
-    except OSError:  # one of them does not exist (yet): compare where they would be
-        return a.resolve() == Path(b).resolve()
-
-
 def check_log(path: Path | None, plan: Plan | None = None) -> None:
     """`--log` is appended to, so it must be a batch log: not a folder, not an input or output of the
     plan, and, when it exists, a JSON-lines log (an image or document given by mistake would be
@@ -227,7 +219,7 @@ def check_log(path: Path | None, plan: Plan | None = None) -> None:
         raise FusionError(f"--log {p} is a folder; give a file name like {p / 'batch.jsonl'}")
     for s in plan.scenes if plan is not None else ():
         for f in (s.pan, s.ms, s.out):
-            if _same_path(p, f):
+            if isinstance(f, Path) and same_file(p, f):  # a GDAL path (str) is never a local log
                 raise FusionError(f"--log {p} is a file of scene {s.id!r} ({f}); choose another log file")
     if p.is_file() and p.stat().st_size > 0:
         with p.open("rb") as fh:

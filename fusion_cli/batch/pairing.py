@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fusion_cli.errors import FusionError
-from fusion_cli.raster import check_product_name, is_gdal_path
+from fusion_cli.raster import check_product_name, file_identity, is_gdal_path
 
 K = TypeVar("K", bound=Hashable)
 
@@ -347,7 +347,8 @@ def read_manifest(
 
 
 def _check_outputs(plan: Plan) -> None:
-    """Two scenes writing one file, or an output that is an input, is a bad invocation."""
+    """Two scenes writing one file, or an output that is an input (the same path, a symlink or a hard
+    link to it: raster.same_file's rule, keyed for a set), is a bad invocation."""
     seen: dict[Path, str] = {}
     for s in plan.scenes:
         key = s.out.resolve()
@@ -356,7 +357,7 @@ def _check_outputs(plan: Plan) -> None:
                 f"scenes {seen[key]!r} and {s.id!r} would both write {s.out}; fix the names or --out-pattern"
             )
         seen[key] = s.id
-    inputs = {p.resolve() for s in plan.scenes for p in (s.pan, s.ms) if isinstance(p, Path)}
+    inputs = {file_identity(p) for s in plan.scenes for p in (s.pan, s.ms) if isinstance(p, Path)}
     for s in plan.scenes:
-        if s.out.resolve() in inputs:
+        if file_identity(s.out) in inputs:
             raise FusionError(f"output {s.out} of scene {s.id!r} is an input file; choose another OUT_DIR")

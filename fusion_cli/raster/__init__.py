@@ -20,6 +20,7 @@ from fusion_cli.raster.checks import (
     check_scene_size,
     check_writable,
     dtype_range,
+    file_identity,
     refuse_non_finite,
     same_file,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "damaged_input",
     "detect_dn_max",
     "dtype_range",
+    "file_identity",
     "gdal_env",
     "has_mask",
     "is_complete_output",

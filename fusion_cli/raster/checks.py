@@ -139,13 +139,19 @@ def check_product_name(out: str | os.PathLike[str], what: str = "output") -> Non
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether two local paths name one file: the same path, a symlink or a hard link to it."""
-    pa, pb = Path(a), Path(b)
-    if not (pa.exists() and pb.exists()):
-        return pa.resolve() == pb.resolve()
+    return file_identity(a) == file_identity(b)
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[object, ...]:
+    """What `same_file` compares, as a key for a set or dict (many paths checked at once): an existing
+    file's device and inode (as os.path.samefile: symlinks and hard links too), else the path it
+    would have with every symlink followed."""
+    p = Path(path)
     try:
-        return os.path.samefile(pa, pb)
+        st = p.stat()
     except OSError:
-        return pa.resolve() == pb.resolve()
+        return ("path", str(p.resolve()))
+    return ("file", st.st_dev, st.st_ino)
 
 
 def _other_format(out: Path) -> str | None:
