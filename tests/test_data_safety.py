@@ -855,3 +855,37 @@ def test_a_batch_output_hard_linked_to_an_input_is_refused_up_front(tmp_path: Pa
     one_line_error(rc, err, "a_fused.tif", "is an input")
     assert ms.read_bytes() == before and os.path.samefile(out / "a_fused.tif", ms)
     assert raster.same_file(out / "a_fused.tif", ms) and not raster.same_file(out / "new.tif", ms)
+
+
+@pytest.mark.parametrize(
+    ("co", "hint"),
+    [
+        ("NODATA=5", "--nodata"),
+        ("DTYPE=uint8", "--dtype"),
+        ("DRIVER=PNG", "GeoTIFF"),
+        ("COUNT=1", "--bands"),
+        ("WIDTH=3", "PAN grid"),
+        ("CRS=EPSG:4326", "PAN's grid"),
+        ("TRANSFORM=1,0,0,0,-1,0", "PAN's grid"),
+    ],
+)
+def test_creation_options_that_are_the_products_own_settings_are_refused(
+    tmp_path: Path, pair: tuple[Path, Path], co: str, hint: str
+) -> None:
+    """rasterio takes --co NODATA=5, DTYPE=uint8, CRS=... as the dataset's own settings, not GTiff's:
+    the product silently got another nodata, pixel type or CRS (COUNT=1: a traceback after the
+    fusion). Refused before any work, naming the key and the option that sets it; batch too, before
+    its first scene."""
+    pan, ms = pair
+    out = tmp_path / "out" / "o.tif"
+    out.parent.mkdir()
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--co", co.lower())
+    one_line_error(rc, err, f"--co {co.split('=')[0]}=", "not a GTiff creation option", hint)
+    assert list(out.parent.iterdir()) == []
+    if co == "NODATA=5":
+        folder = tmp_path / "in"
+        folder.mkdir()
+        make_pair(folder, stem="a_")
+        rc, _, err = cli("batch", folder, tmp_path / "bout", "--method", "exp", "--co", co)
+        one_line_error(rc, err, "--co NODATA=5", "--nodata")
+        assert not (tmp_path / "bout").exists()

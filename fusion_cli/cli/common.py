@@ -204,8 +204,8 @@ class FuseOpt:
         None,
         "--co",
         help="GTiff creation option KEY=VALUE, repeatable (e.g. --co ZLEVEL=9 --co BLOCKXSIZE=512); "
-        "replaces the default of that name. An option GTiff does not know (a misspelt name) is refused "
-        "before any work, not ignored.",
+        "replaces the default of that name. An option GTiff does not know (a misspelt name), or a setting "
+        "of the product itself (DTYPE, NODATA, CRS...: see --dtype, --nodata), is refused before any work.",
     )
     cog = typer.Option(False, "--cog", help="Write a Cloud-Optimized GeoTIFF with overviews.")
     overwrite = typer.Option(False, "--overwrite", help="Replace an existing output.")

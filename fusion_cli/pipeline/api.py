@@ -148,6 +148,19 @@ def fuse_files(
         lo, hi = value_range(ms_dtype, dn_max)
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
+        # before the shift, --adapt and the statistics: bad creation options are refused before any
+        # work (a shift moves the MS, not the product's grid)
+        profile = raster.output_profile(
+            width=geom.width,
+            height=geom.height,
+            count=len(bands),
+            dtype=out_dtype,
+            crs=geom.crs,
+            transform=geom.out_transform,
+            nodata=nodata,
+            compress=opts.compress,
+            creation_options=opts.creation_options,
+        )
 
         source = PairSource(
             geom,
@@ -184,17 +197,6 @@ def fuse_files(
             pan_path=pan_path,
             ms_path=ms_path,
             shift=shift,
-        )
-        profile = raster.output_profile(
-            width=geom.width,
-            height=geom.height,
-            count=len(bands),
-            dtype=out_dtype,
-            crs=geom.crs,
-            transform=geom.out_transform,
-            nodata=nodata,
-            compress=opts.compress,
-            creation_options=opts.creation_options,
         )
         n_valid = 0
         descriptions = raster.band_descriptions(ms_ds, bands)

@@ -65,6 +65,13 @@ class FuseOptions:
     reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
     max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
 
+    def __post_init__(self) -> None:
+        # --co DTYPE=uint8 or NODATA=5 would change the product itself: refused when the options are
+        # made, so a batch stops before its first scene (output_profile checks again for direct use)
+        from fusion_cli.raster.profile import check_creation_options
+
+        check_creation_options(self.creation_options)
+
 
 @dataclass
 class FuseSummary:

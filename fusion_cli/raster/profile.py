@@ -21,6 +21,27 @@ BLOCK = 256
 # 2048-px benchmark scene runs at 6.2 PAN Mpx/s end to end against 5.3 at level 3.
 DEFLATE_LEVEL = 1
 
+# Keywords rasterio.open takes as the dataset's own settings, not as GTiff creation options: given
+# as --co they would replace the product's driver, size, band count, pixel type, georeferencing or
+# nodata (or break the open itself). Each with what sets that instead.
+RESERVED_OPTIONS = {
+    "DRIVER": "the product is always a GeoTIFF",
+    "WIDTH": "the product's size is the PAN grid's; crop the inputs for a smaller one",
+    "HEIGHT": "the product's size is the PAN grid's; crop the inputs for a smaller one",
+    "COUNT": "its bands are the MS bands fused; choose them with --bands",
+    "DTYPE": "use --dtype",
+    "NODATA": "use --nodata",
+    "CRS": "the product is on the PAN's grid; warp the PAN first (gdalwarp) for another one",
+    "TRANSFORM": "the product is on the PAN's grid; warp the PAN first (gdalwarp) for another one",
+    "GCPS": "the product is georeferenced as the PAN",
+    "RPCS": "the product is georeferenced as the PAN",
+    "SHARING": "it is not a creation option",
+    "OPENER": "it is not a creation option",
+    "FP": "it is not a creation option",
+    "PATH": "it is not a creation option",
+    "MODE": "it is not a creation option",
+}
+
 
 def output_profile(
     *,
@@ -36,6 +57,7 @@ def output_profile(
 ) -> dict[str, Any]:
     """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats. `creation_options`
     (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name."""
+    check_creation_options(creation_options)
     compress = compress.lower()
     if compress not in COMPRESSIONS:
         raise FusionError(f"unknown compression {compress!r}; use {', '.join(COMPRESSIONS)}")
@@ -69,6 +91,19 @@ def output_profile(
     if creation_options:
         probe_profile(profile, creation_options)
     return profile
+
+
+def check_creation_options(creation_options: dict[str, str] | None) -> None:
+    """Refuse a creation option that rasterio would take as the dataset's own setting (DRIVER, DTYPE,
+    NODATA, CRS... `RESERVED_OPTIONS`) rather than pass to GTiff: `--co NODATA=5` silently gave the
+    product another nodata, `--co COUNT=1` failed with a traceback after the fusion."""
+    for key, value in (creation_options or {}).items():
+        why = RESERVED_OPTIONS.get(key.upper())
+        if why is not None:
+            raise FusionError(
+                f"--co {key.upper()}={value} is not a GTiff creation option but a setting of the product "
+                f"itself, which --co cannot change: {why}"
+            )
 
 
 def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> None:
