@@ -384,8 +384,9 @@ def nearest_index(u: np.ndarray, start: int, n: int) -> np.ndarray:
 
 
 class ShiftNotMeasurable(FusionError):
-    """No shift can be measured: an image has no features (it is constant) where it is measured.
-    Phase correlation of a constant image divides zero by zero and returns an arbitrary peak."""
+    """No shift can be measured: an image has no features (it is constant) where it is measured
+    (phase correlation of a constant image divides zero by zero and returns an arbitrary peak), or,
+    when the shift is to be applied, the scene is too small or mostly nodata (`measure_shift`)."""
 
 
 def _featureless(image: np.ndarray, valid: np.ndarray | None = None) -> bool:

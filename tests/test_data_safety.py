@@ -889,3 +889,22 @@ def test_creation_options_that_are_the_products_own_settings_are_refused(
         rc, _, err = cli("batch", folder, tmp_path / "bout", "--method", "exp", "--co", co)
         one_line_error(rc, err, "--co NODATA=5", "--nodata")
         assert not (tmp_path / "bout").exists()
+
+
+def test_coregister_refuses_a_scene_too_small_or_empty_to_measure(tmp_path: Path) -> None:
+    """--coregister on a scene under 64 PAN px per side (ratio 4), or one whose centre is mostly
+    nodata, applied no shift and said nothing: the user asked for a registration that never happened.
+    Refused as a featureless scene is; without --coregister such scenes fuse as before, silently."""
+    small = make_pair(tmp_path, n=48, stem="small_")
+    pan, ms = make_pair(tmp_path, n=128, stem="big_")
+    with rasterio.open(pan) as ds:
+        data = ds.read()
+    data[:, :60] = data[:, 68:] = 0  # a strip of 8 rows valid: 6 % of the scene
+    empty = (write_tif(tmp_path / "strip_pan.tif", data, 1.0, nodata=0), ms)
+    for (p, m), words in ((small, ("48 x 48", "64 px")), (empty, ("6%", "valid"))):
+        out = tmp_path / "co.tif"
+        rc, _, err = cli("pansharpen", p, m, "-o", out, "--method", "exp", "--coregister")
+        one_line_error(rc, err, "--coregister", "cannot measure", *words, "fuse without --coregister")
+        assert not out.exists() and hidden(tmp_path) == []
+        rc, _, err = cli("pansharpen", p, m, "-o", tmp_path / "plain.tif", "--method", "exp", "--overwrite")
+        assert rc == 0 and [ln for ln in err.splitlines() if ln.strip()][1:] == [], err

@@ -170,7 +170,7 @@ def fuse_files(
         shift = None
         if opts.measure_shift or opts.coregister:
             try:
-                shift = measure_shift(source)
+                shift = measure_shift(source, required=opts.coregister)
             except align.ShiftNotMeasurable as exc:
                 if opts.coregister:  # applying an arbitrary shift would misplace the product
                     raise FusionError(f"--coregister: {exc}; fuse without --coregister") from None

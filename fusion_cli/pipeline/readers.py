@@ -90,16 +90,29 @@ def file_reader(ds: Any, bands: Sequence[int], zero_is_nodata: bool) -> Reader:
     return read
 
 
-def measure_shift(source: PairSource) -> dict[str, float] | None:
-    """PAN/MS content shift on a central window of at most SHIFT_WINDOW PAN px (bounded memory)."""
+def measure_shift(source: PairSource, required: bool = False) -> dict[str, float] | None:
+    """PAN/MS content shift on a central window of at most SHIFT_WINDOW PAN px (bounded memory).
+    None when the scene is too small (under 16 MS px per side) or that window mostly nodata (under
+    20 % valid): there is not enough to measure. `required` (the shift is to be applied, --coregister)
+    makes those cases a ShiftNotMeasurable saying why, as a featureless scene always is."""
     g = source.geom
     side_h = min(g.height, SHIFT_WINDOW) // g.ratio * g.ratio
     side_w = min(g.width, SHIFT_WINDOW) // g.ratio * g.ratio
     if min(side_h, side_w) < 16 * g.ratio:
+        if required:
+            raise align.ShiftNotMeasurable(
+                f"cannot measure the PAN/MS shift on this scene: it is {g.height} x {g.width} PAN px, "
+                f"under the {16 * g.ratio} px per side the measurement needs at ratio {g.ratio}"
+            )
         return None
     row, col = (g.height - side_h) // 2, (g.width - side_w) // 2
     t = source.read(row, col, side_h, side_w)
     if t.valid.mean() < 0.2:
+        if required:
+            raise align.ShiftNotMeasurable(
+                f"cannot measure the PAN/MS shift on this scene: only {t.valid.mean():.0%} of its central "
+                f"{side_h} x {side_w} PAN px is valid data (the measurement needs 20%)"
+            )
         return None
     pan = t.pan.mean(axis=0) if t.pan.shape[0] > 1 else t.pan[0]
     dy, dx, peak = align.estimate_shift(pan, t.ms, g.ratio, t.valid)
