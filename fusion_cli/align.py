@@ -437,7 +437,7 @@ def fit_intensity(ms: np.ndarray, target: np.ndarray, valid: np.ndarray | None =
         sel = valid.reshape(-1)
         x, y = x[sel], y[sel]
     if y.size < 16:
-        raise FusionError("too few valid pixels to estimate the PAN/MS shift")
+        raise ShiftNotMeasurable("too few valid pixels to estimate the PAN/MS shift")
     a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
     coef, *_ = np.linalg.lstsq(a, y, rcond=None)
     return np.tensordot(coef[:c], ms.astype(np.float64), axes=1) + coef[c]

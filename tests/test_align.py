@@ -217,6 +217,18 @@ def test_shift_estimate_refuses_a_featureless_image(featureless):
             align.phase_correlation(np.full((16, 16), 3.0), rng.random((16, 16)))
 
 
+def test_too_few_valid_pixels_is_a_shift_that_cannot_be_measured():
+    """The intensity fit on under 16 valid pixels is a ShiftNotMeasurable like the other cases, so a
+    run without --coregister fuses on (with a warning) instead of stopping."""
+    rng = np.random.default_rng(4)
+    ms, target = rng.random((3, 8, 8)), rng.random((8, 8))
+    valid = np.zeros((8, 8), dtype=bool)
+    valid[0, :5] = True
+    with pytest.raises(align.ShiftNotMeasurable, match="too few valid pixels"):
+        align.fit_intensity(ms, target, valid)
+    assert align.fit_intensity(ms, target, np.ones((8, 8), dtype=bool)).shape == (8, 8)
+
+
 def _grid(transform: rasterio.Affine, shape: tuple[int, int], crs: str | None = "EPSG:32616"):
     from types import SimpleNamespace
 
