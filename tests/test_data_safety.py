@@ -120,6 +120,15 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     return make_pair(tmp_path)
 
 
+@pytest.fixture
+def fused(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
+    """The pair and its EXP product `o.tif`, for the commands that score or report a product."""
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    return pan, ms, out
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Write errors are errors
 
@@ -492,10 +501,8 @@ def test_quicklook_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> N
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
-def test_metrics_csv_refuses_a_foreign_csv(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    pan, ms = pair
-    out = tmp_path / "o.tif"
-    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+def test_metrics_csv_refuses_a_foreign_csv(tmp_path: Path, fused: tuple[Path, Path, Path]) -> None:
+    pan, ms, out = fused
     foreign = tmp_path / "people.csv"
     foreign.write_text("name,age\nada,36\n")
     rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", foreign)
@@ -509,10 +516,8 @@ def test_metrics_csv_refuses_a_foreign_csv(tmp_path: Path, pair: tuple[Path, Pat
     assert rows[0][:2] == ["product", "mode"] and len(rows) == 3
 
 
-def test_report_obeys_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    pan, ms = pair
-    out = tmp_path / "o.tif"
-    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+def test_report_obeys_overwrite(tmp_path: Path, fused: tuple[Path, Path, Path]) -> None:
+    pan, ms, out = fused
     rep = tmp_path / "rep"
     rep.mkdir()
     (rep / "index.html").write_text("mine")
@@ -668,11 +673,9 @@ def test_creation_options_gtiff_cannot_encode_are_bad_input(
     assert list(out.parent.iterdir()) == []
 
 
-def test_metrics_csv_naming_a_folder_is_bad_input(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_metrics_csv_naming_a_folder_is_bad_input(tmp_path: Path, fused: tuple[Path, Path, Path]) -> None:
     """--csv DIR once failed with exit 1, Errno 21 and advice to check the disk space."""
-    pan, ms = pair
-    out = tmp_path / "o.tif"
-    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    pan, ms, out = fused
     folder = tmp_path / "tables"
     folder.mkdir()
     rc, _, err = cli("metrics", out, "--pan", pan, "--ms", ms, "--csv", folder)
@@ -680,12 +683,12 @@ def test_metrics_csv_naming_a_folder_is_bad_input(tmp_path: Path, pair: tuple[Pa
     assert list(folder.iterdir()) == []
 
 
-def test_metrics_csv_through_a_symlink_appends_to_its_target(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_metrics_csv_through_a_symlink_appends_to_its_target(
+    tmp_path: Path, fused: tuple[Path, Path, Path]
+) -> None:
     """--csv LINK once replaced the link with a regular file (old rows plus the new one) and left the
     CSV it pointed to unchanged: the rows go to the target, atomically, and the link stays a link."""
-    pan, ms = pair
-    out = tmp_path / "o.tif"
-    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    pan, ms, out = fused
     tables = tmp_path / "tables"
     tables.mkdir()
     target = tables / "all.csv"
@@ -700,15 +703,15 @@ def test_metrics_csv_through_a_symlink_appends_to_its_target(tmp_path: Path, pai
     assert hidden(tmp_path) == [] and hidden(tables) == []
 
 
-def test_metrics_csv_hard_linked_to_an_input_is_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_metrics_csv_hard_linked_to_an_input_is_refused(
+    tmp_path: Path, fused: tuple[Path, Path, Path]
+) -> None:
     """The --csv "is an input" check compared resolved paths, so a hard link to an input passed it
     (and the scene was scored before any refusal). The library's check_csv counts hard links."""
     from fusion_cli.assess import check_csv
     from fusion_cli.errors import FusionError
 
-    pan, ms = pair
-    out = tmp_path / "o.tif"
-    assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q")[0] == 0
+    pan, ms, out = fused
     link = tmp_path / "link.csv"
     os.link(pan, link)
     before = pan.read_bytes()
