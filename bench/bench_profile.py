@@ -107,14 +107,21 @@ def _timed_parts(model: torch.nn.Module, totals: dict[str, float]) -> Iterator[N
             h.remove()
 
 
+def _window(fuser: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SIDE x SIDE window of seeded random PAN `(1, P, SIDE, SIDE)` and MS at 30 % of the DN range."""
+    cfg = fuser.model.config
+    gen = torch.Generator().manual_seed(0)
+    dn = fuser.dn_max * 0.3
+    pan = torch.rand(1, cfg.pan_bands, SIDE, SIDE, generator=gen) * dn
+    ms = torch.rand(1, cfg.ms_bands, SIDE // cfg.ratio, SIDE // cfg.ratio, generator=gen) * dn
+    return pan, ms
+
+
 def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
     """One SIDE x SIDE window through `fuser.fuse`, split into parts (seconds and % of the whole)."""
     cfg = fuser.model.config
     r = cfg.ratio
-    gen = torch.Generator().manual_seed(0)
-    dn = fuser.dn_max * 0.3
-    pan = torch.rand(1, cfg.pan_bands, SIDE, SIDE, generator=gen) * dn
-    ms = torch.rand(1, cfg.ms_bands, SIDE // r, SIDE // r, generator=gen) * dn
+    pan, ms = _window(fuser)
     fuser.fuse(pan[..., :64, :64], ms[..., : 64 // r, : 64 // r])  # warm-up (JIT, allocator)
     totals: dict[str, float] = defaultdict(float)
     base_fn = fuser._base if fuser.base_fuser is not None else None
@@ -194,10 +201,7 @@ def _state_updates_per_pixel(fuser: Any) -> float:
         count[0] += b * g * length * e * A.shape[2]
         return kernel(u, xdbl, dt_w, dt_bias, floor, A, *rest)
 
-    cfg = fuser.model.config
-    gen = torch.Generator().manual_seed(0)
-    pan = torch.rand(1, cfg.pan_bands, SIDE, SIDE, generator=gen) * fuser.dn_max * 0.3
-    ms = torch.rand(1, cfg.ms_bands, SIDE // cfg.ratio, SIDE // cfg.ratio, generator=gen) * fuser.dn_max * 0.3
+    pan, ms = _window(fuser)
     mamba_numba._scan = counted
     try:
         fuser.fuse(pan, ms)
