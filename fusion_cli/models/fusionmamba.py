@@ -274,11 +274,11 @@ class MultiScanMamba(nn.Module):
         conv_b = self._stacked("conv1d{s}.bias").view(g, e)
         u = mamba_numba.conv_silu(xz, conv_w, conv_b, order)  # (B, G, L, E), scan orders
         x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e)  # (G, R+2N, E)
+        bc_index = None
         if self.cross:
-            # dt, B, C from the other input: per-token projections, so computed in image order.
-            x_dbl = torch.matmul(x_w, self.in_proj_b(extra).transpose(1, 2).unsqueeze(1))  # (B, G, R+2N, L)
+            x_dbl, bc_index = mamba_numba.cross_projections(self.in_proj_b(extra), x_w, order, hw)
         else:
-            x_dbl = torch.matmul(x_w, u.transpose(2, 3))  # (B, G, R+2N, L), scan order
+            x_dbl = mamba_numba.project(u, x_w)  # (B, G, R+2N, L), scan order
         A = -torch.exp(self._stacked("A{s}_log").float()).view(g, e, n)
         floor = None if self.memory is None else 1.0 / (self.memory * A.abs().amin(dim=2))
         y = mamba_numba.scan_directions(
@@ -290,9 +290,8 @@ class MultiScanMamba(nn.Module):
             floor,
             A,
             self._stacked("D{s}").view(g, e),
-            order,
+            bc_index,
             inverse,
-            bc_by_token=self.cross,
             norm=self.norm,
             width=hw[1],
         )

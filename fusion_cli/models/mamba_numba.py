@@ -7,7 +7,9 @@ read and write through the order tables of `fusionmamba._scan_orders` instead (d
 1 reversed, 2 column-major, 3 reversed column-major; 2-direction blocks: 0 and 1 over a 1-D sequence):
 
 - `conv_silu` writes the causal depthwise conv + silu of every direction in its scan order,
-  `(B, G, L, E)`, channels last, so the per-direction x_proj is one batched matmul;
+  `(B, G, L, E)`, channels last;
+- `project` is x_proj of every position, `(B, G, R + 2N, L)` (a kernel at E = 8, where MKL's thin
+  matmul is slow; MKL above);
 - `scan_directions` runs each direction's scan per (batch, direction, slice of channels), computing
   the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline and writing
   the outputs in scan order, then averages the directions in image order, applies the silu(z) gate
@@ -15,6 +17,7 @@ read and write through the order tables of `fusionmamba._scan_orders` instead (d
   `(B, L, E)`;
 - `layer_norm` is the same LayerNorm pass for the blocks' input norms.
 
+The inner loops hold 16 lanes as one `simd.vec16` value (channels, or two positions of 8 channels).
 Same arithmetic as the generic path in float32 (sums in another order: ~1e-6 relative). No autograd:
 training keeps the generic path.
 """
@@ -37,51 +40,140 @@ from fusion_cli.models.scan_numba import (
     _lane_recurrence,
     _njit,
     _sigmoid,
-    _softplus,
     _threads,
+)
+from fusion_cli.models.simd import (
+    WIDTH,
+    vfma,
+    vload,
+    vload_halves,
+    vmax,
+    vmul,
+    vpair,
+    vsilu,
+    vsoftplus,
+    vsplat,
+    vstore,
 )
 
 # Channels per work item of the scan are SIMD lanes, positions go in blocks (see scan_numba.LANES).
 BLOCK = LANE_BLOCK
 HALF = LANES // 2
+_LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 
 
 def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-def]
     """x `(B, L, 2E)` (the in_proj output; its first E channels are convolved), weight `(G, E, K)`,
-    bias `(G, E)` -> u `(B, G, L, E)`: silu(causal conv along each scan order)."""
+    bias `(G, E)` -> u `(B, G, L, E)`: silu(causal conv along each scan order). Sixteen outputs per
+    `simd.vec16`: 16 channels of a position, or, at E = 8, two positions' 8; other E take the scalar
+    path (`_conv_silu_scalar`)."""
     nb, length, _ = x.shape
     groups, channels, k = weight.shape
     chunk = 2048
+    nchunks = (length + chunk - 1) // chunk
+    stride = x.shape[2]
+    paired = channels == HALF
+    for item in prange(nb * groups * nchunks):
+        b = item // (groups * nchunks)
+        g = (item // nchunks) % groups
+        start = (item % nchunks) * chunk
+        stop = min(length, start + chunk)
+        xb, ub, order = x[b], u[b, g], orders[g]
+        wt = np.empty(k * max(channels, LANES), dtype=np.float32)  # taps first, channels (twice at E = 8)
+        bias_l = np.empty(max(channels, LANES), dtype=np.float32)
+        for e in range(max(channels, LANES)):
+            bias_l[e] = bias[g, e % channels]
+            for j in range(k):
+                wt[j * max(channels, LANES) + e] = weight[g, e % channels, j]
+        if paired:
+            for pos in range(start, stop, 2):
+                if pos + 1 == stop:  # an odd last position: the scalar path
+                    _conv_silu_scalar(xb, weight[g], bias[g], order, ub, pos, pos + 1)
+                    continue
+                acc = vload(bias_l, 0)
+                for j in range(k):
+                    src = pos - (k - 1) + j  # the tap's position for the pair's first one
+                    if src >= 0:
+                        v = vload_halves(xb, order[src] * stride, order[src + 1] * stride)
+                        acc = vfma(vload(wt, j * LANES), v, acc)
+                    elif src + 1 >= 0:  # before the start for the first position only
+                        v = vload_halves(xb, order[src + 1] * stride, order[src + 1] * stride)
+                        acc = vfma(vload(wt, j * LANES), vmul(v, vload(_UPPER, 0)), acc)
+                vstore(ub, pos * channels, vsilu(acc))
+        elif channels % LANES == 0:
+            for pos in range(start, stop):
+                for c0 in range(0, channels, LANES):
+                    acc = vload(bias_l, c0)
+                    for j in range(k):
+                        src = pos - (k - 1) + j
+                        if src >= 0:
+                            v = vload(xb, order[src] * stride + c0)
+                            acc = vfma(vload(wt, j * channels + c0), v, acc)
+                    vstore(ub, pos * channels + c0, vsilu(acc))
+        else:
+            _conv_silu_scalar(xb, weight[g], bias[g], order, ub, start, stop)
+
+
+# 0 in the lower 8 lanes, 1 in the upper 8: masks the first position of a pair out of a tap
+_UPPER = np.array([0.0] * HALF + [1.0] * HALF, dtype=np.float32)
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _conv_silu_scalar(xb, weight, bias, order, ub, start, stop):  # type: ignore[no-untyped-def]
+    """Positions [start, stop) of one direction, channel by channel: xb `(L, 2E)`, weight `(E, K)`,
+    bias `(E,)`, order `(L,)` -> ub `(L, E)`."""
+    channels, k = weight.shape
+    for pos in range(start, stop):
+        for e in range(channels):
+            acc = bias[e]
+            for j in range(k):
+                src = pos - (k - 1) + j
+                if src >= 0:
+                    acc += weight[e, j] * xb[order[src], e]
+            ub[pos, e] = acc * _sigmoid(acc)
+
+
+# Positions per block of `_project_kernel`: a block's inputs, transposed, stay in L1.
+PROJECT_BLOCK = 64
+
+
+def _project_kernel(src, weight, out):  # type: ignore[no-untyped-def]
+    """out[b, g] = weight[g] @ src[b, s].T for src `(B, S, L, E)` (S sources, each read by G / S
+    consecutive groups: s = g * S // G), weight `(G, J, E)` -> out `(B, G, J, L)`: x_proj for every
+    position, J = R + 2N outputs of E = 8-64 channels. MKL runs this thin product at ~7 GFLOP/s; here
+    each block of positions is transposed into L1 and its outputs are 16 positions per FMA."""
+    nb, nsrc, length, channels = src.shape
+    groups, nout, _ = weight.shape
+    chunk = 4096
     nchunks = (length + chunk - 1) // chunk
     for item in prange(nb * groups * nchunks):
         b = item // (groups * nchunks)
         g = (item // nchunks) % groups
         start = (item % nchunks) * chunk
         stop = min(length, start + chunk)
-        acc = np.empty(channels, dtype=u.dtype)
-        wt = np.empty((k, channels), dtype=u.dtype)  # taps first: each tap's weights contiguous
-        for j in range(k):
-            for e in range(channels):
-                wt[j, e] = weight[g, e, j]
-        toks = np.full(k, -1, dtype=np.int64)  # tokens of the last k positions (-1: before the start)
-        for j in range(k - 1):
-            src = start - (k - 1) + j
-            if src >= 0:
-                toks[j] = orders[g, src]
-        for pos in range(start, stop):
-            toks[k - 1] = orders[g, pos]
-            for e in range(channels):
-                acc[e] = bias[g, e]
-            for j in range(k):
-                if toks[j] >= 0:
-                    xr = x[b, toks[j]]
-                    for e in range(channels):
-                        acc[e] += wt[j, e] * xr[e]
-            ur = u[b, g, pos]
-            for e in range(channels):
-                ur[e] = acc[e] * _sigmoid(acc[e])
-            for j in range(k - 1):
-                toks[j] = toks[j + 1]
+        rows = src[b, g * nsrc // groups]
+        w = weight[g]
+        tile = np.empty(channels * PROJECT_BLOCK, dtype=np.float32)  # (E, block) positions last
+        for t0 in range(start, stop, PROJECT_BLOCK):
+            mt = min(PROJECT_BLOCK, stop - t0)
+            for i in range(mt):
+                row = rows[t0 + i]
+                for c in range(channels):
+                    tile[c * PROJECT_BLOCK + i] = row[c]
+            full = mt - mt % WIDTH
+            for j in range(nout):
+                wj = w[j]
+                dst = out[b, g, j]
+                for i0 in range(0, full, WIDTH):
+                    acc = vmul(vsplat(wj[0]), vload(tile, i0))
+                    for c in range(1, channels):
+                        acc = vfma(vsplat(wj[c]), vload(tile, c * PROJECT_BLOCK + i0), acc)
+                    vstore(dst, t0 + i0, acc)
+                for i in range(full, mt):  # the block's last positions, fewer than a vector
+                    total = np.float32(0.0)
+                    for c in range(channels):
+                        total += wj[c] * tile[c * PROJECT_BLOCK + i]
+                    dst[t0 + i] = total
 
 
 @numba.njit(inline="always", cache=False)
@@ -168,9 +260,6 @@ def _layer_norm_kernel(x, weight, bias, eps, out):  # type: ignore[no-untyped-de
             _normalize(x[r], weight, bias, eps, out[r])
 
 
-_LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
-
-
 @numba.njit(inline="always", **_LOCAL)
 def _load_u(half, cnt, mt, t0, e0, ug0, ug1, us):  # type: ignore[no-untyped-def]
     """us[i, :cnt] = u of positions t0 + i, channels e0.. of the first direction (ug0 `(L, E)`);
@@ -187,25 +276,16 @@ def _load_u(half, cnt, mt, t0, e0, ug0, ug1, us):  # type: ignore[no-untyped-def
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _steps(rank, half, mt, rows0, xg0, rows1, xg1, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
-    """dts[i] = max(softplus(dt_proj(x_proj's dt part at position rows[i]) + bias), floor), per lane
-    (xg `(R + 2N, L)`; lanes from `half` on: the second direction's, xg1 at rows1)."""
+def _steps(rank, half, mt, xs0, xs1, w_t, bias, floor, dts):  # type: ignore[no-untyped-def]
+    """dts[i] = max(softplus(dt_proj(x_proj's dt part of position i) + bias), floor), per lane (xs
+    `(BLOCK, R + 2N)`, dt part first; lanes from `half` on: the second direction's, xs1)."""
+    bias_v = vload(bias, 0)
+    floor_v = vload(floor, 0)
     for i in range(mt):
-        r0 = rows0[i]
-        r1 = rows1[i]
-        di = dts[i]
-        for e in range(LANES):
-            di[e] = bias[e]
-        # rank outermost, lanes innermost: each loop over lanes vectorises whatever the rank (a rank
-        # loop inside the lane loop did not unless the rank was a literal)
+        d = bias_v
         for r in range(rank):
-            x0 = xg0[r, r0]
-            x1 = xg1[r, r1]
-            wr = w_t[r]
-            for e in range(LANES):
-                di[e] += wr[e] * (x0 if e < half else x1)
-        for e in range(LANES):
-            di[e] = max(_softplus(di[e]), floor[e])
+            d = vfma(vload(w_t, r * LANES), vpair(xs0[i, r], xs1[i, r], half), d)
+        vstore(dts, i * LANES, vmax(vsoftplus(d), floor_v))
 
 
 @numba.njit(inline="always", **_LOCAL)
@@ -225,34 +305,47 @@ def _store(half, cnt, mt, t0, e0, og0, og1, ys):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", **_LOCAL)
+def _load_rows(mt, rows, xg, xs):  # type: ignore[no-untyped-def]
+    """xs[i, j] = xg[j, rows[i]]: a block's dt, B and C from x_proj's `(R + 2N, L)` rows, position
+    by position, read one row at a time."""
+    for j in range(xg.shape[0]):
+        src = xg[j]
+        for i in range(mt):
+            xs[i, j] = src[rows[i]]
+
+
+@numba.njit(inline="always", **_LOCAL)
 def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
     """One block of positions of one work item: loads, steps, recurrence, stores. Called with literal
     half, cnt (lanes used) and n where they are the common ones, so each loop has a constant trip
     count and vectorises. blk: (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)."""
     mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state = blk
     a_t, w_t, bias, fl, d_l = params
-    h, us, dts, ys = state
+    h, us, dts, ys, xs0, xs1, local = state
     _load_u(half, cnt, mt, t0, e0, ug0, ug1, us)
-    _steps(rank, half, mt, rows0, xg0, rows1, xg1, w_t, bias, fl, dts)
-    bt0, ct0 = xg0[rank : rank + n].T, xg0[rank + n :].T  # (L, N) views
-    bt1, ct1 = xg1[rank : rank + n].T, xg1[rank + n :].T
-    _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t, d_l, h, ys)
+    _load_rows(mt, rows0, xg0, xs0)
+    if half < LANES:
+        _load_rows(mt, rows1, xg1, xs1)
+    _steps(rank, half, mt, xs0, xs1, w_t, bias, fl, dts)
+    bt0, ct0 = xs0[:, rank : rank + n], xs0[:, rank + n :]  # (BLOCK, N) views
+    bt1, ct1 = xs1[:, rank : rank + n], xs1[:, rank + n :]
+    _lane_recurrence(n, half, mt, local, bt0, ct0, local, bt1, ct1, us, dts, a_t, d_l, h, ys)
     _store(half, cnt, mt, t0, e0, og0, og1, ys)
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, dt_w, dt_bias, floor, A, Dv, orders, bc_by_token, out
+    u, xdbl, dt_w, dt_bias, floor, A, Dv, bc_index, bc_by_token, out
 ):
-    """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or in image
-    order when `bc_by_token`; dt_w `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)`; orders
-    `(G, L)` the image token at each position of each scan order -> out `(B, G, L, E)`: each
-    direction's scan (before the gate, see `_mean_norm_kernel`), in its scan order.
+    """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or, when
+    `bc_by_token`, read at position i of order g from column bc_index[g, i] (`(G, L)`); dt_w
+    `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, G, L, E)`: each direction's
+    scan (before the gate, see `_mean_norm_kernel`), in its scan order.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
     zeros (they stay zero), except that blocks of exactly LANES / 2 channels (the d = 8 networks'
     full-resolution blocks) put two directions side by side in the lanes instead of leaving half of
-    them idle. Positions go in blocks of BLOCK: loads, steps, recurrence and stores are each one loop
-    over (position, lane) that vectorises across lanes (`scan_numba.LANES`)."""
+    them idle. Positions go in blocks of BLOCK: u and the block's dt, B and C are copied into L1,
+    then steps and recurrence run on 16-lane values (`simd`), and the outputs are stored."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
@@ -289,11 +382,14 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
+            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
+            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
+            np.arange(BLOCK),
         )
         rows0 = np.empty(BLOCK, dtype=np.int64)
         rows1 = np.empty(BLOCK, dtype=np.int64)
-        xg0, ug0, og0, order0 = xdbl[b, g0], u[b, g0], out[b, g0], orders[g0]
-        xg1, ug1, og1, order1 = xdbl[b, g1], u[b, g1], out[b, g1], orders[g1]
+        xg0, ug0, og0, order0 = xdbl[b, g0], u[b, g0], out[b, g0], bc_index[g0]
+        xg1, ug1, og1, order1 = xdbl[b, g1], u[b, g1], out[b, g1], bc_index[g1]
         for t0 in range(0, length, BLOCK):
             mt = min(BLOCK, length - t0)
             for i in range(mt):
@@ -313,6 +409,7 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
 
 
 _conv_silu = _njit(_conv_silu_kernel)
+_project = _njit(_project_kernel)
 _scan = _njit(_scan_kernel)
 _mean_norm = _njit(_mean_norm_kernel)
 _layer_norm = _njit(_layer_norm_kernel)
@@ -324,7 +421,8 @@ _local = threading.local()
 @contextlib.contextmanager
 def scratch() -> Iterator[None]:
     """While open (in this thread), the fused path's largest arrays (each block's u, which its
-    directions' outputs then overwrite, and their normed mean, 0.15-0.6 GB each for a 1024-px window)
+    directions' outputs then overwrite, its x_proj output, and their normed mean, 0.15-0.6 GB each
+    for a 1024-px window)
     are reused by the next block of the same shape instead of being allocated anew: above glibc's
     mmap threshold every new array is mapped and zero-filled by page faults, which cost a third of a
     1024-px run's CPU time. Reused arrays are only valid until the next block: the caller
@@ -364,6 +462,48 @@ def conv_silu(
     return torch.from_numpy(u)
 
 
+def project(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x_proj of every position: src `(B, S, L, E)`, weight `(G, J, E)` (G a multiple of S; group g
+    reads source g * S // G) -> `(B, G, J, L)`. At E = 8 by `_project_kernel` (MKL: 42 ms for a
+    512^2 level, this: 19); wider, MKL is as fast or faster (E = 16 at L = 65 536: 3.4 ms against 5.8)."""
+    b, nsrc, length, e = src.shape
+    g, j, _ = weight.shape
+    out = torch.from_numpy(_buffer("x_dbl", (b, g, j, length)))
+    if e <= HALF:
+        with _threads():
+            _project(_f32(src), _f32(weight), out.numpy())
+    elif nsrc == g:
+        torch.matmul(weight, src.transpose(2, 3), out=out)
+    else:
+        per = g // nsrc
+        for k in range(nsrc):
+            group = slice(k * per, (k + 1) * per)
+            out[:, group] = torch.matmul(weight[group], src[:, k].transpose(1, 2).unsqueeze(1))
+    return out
+
+
+def cross_projections(
+    src: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_proj of a cross block's other input, src `(B, L, E)` in image order, by the G directions'
+    weights `(G, R+2N, E)`: (x_dbl `(B, G, R+2N, L)`, bc_index `(G, L)`, the column of x_dbl that
+    position i of order g reads; `order`: the scan orders, `fusionmamba._scan_orders`). Per-token
+    projections, so computed once per token, not per position: the row orders read image-order tokens
+    (forwards, backwards); on an image with four directions the column orders read them from a
+    transposed copy of src, forwards and backwards too, instead of a column apart at every position
+    (a cache miss each: the cross blocks' scans ran 70 % slower than the others')."""
+    b, length, e = src.shape
+    g = weight.shape[0]
+    h, w = hw
+    if g != 4 or h == 1 or w == 1:
+        return project(src.unsqueeze(1), weight), order
+    both = torch.from_numpy(_buffer("cross_src", (b, 2, length, e)))
+    both[:, 0] = src
+    both[:, 1].view(b, w, h, e).copy_(src.view(b, h, w, e).transpose(1, 2))
+    forward = torch.arange(length, device=src.device)
+    return project(both, weight), torch.stack([forward, forward.flip(0)] * 2)  # rows (0, 1), columns (2, 3)
+
+
 def scan_directions(
     u: torch.Tensor,
     xdbl: torch.Tensor,
@@ -373,18 +513,18 @@ def scan_directions(
     floor: torch.Tensor | None,
     A: torch.Tensor,
     D: torch.Tensor,
-    orders: torch.Tensor,
+    bc_index: torch.Tensor | None,
     inverse: torch.Tensor,
-    bc_by_token: bool,
     norm: torch.nn.LayerNorm,
     width: int,
 ) -> torch.Tensor:
     """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
     (see `_scan_kernel`), for an image of `width` columns (1-D sequences: their length); overwrites u
     (float32 CPU `(B, G, L, E)`) with the directions' outputs.
-    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); `orders` `(G, L)`: the
-    image token read at each position of each scan order, `inverse` `(G, L)` the position of each
-    image token in each order (`fusionmamba._scan_orders`)."""
+    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); xdbl `(B, G, R + 2N, L)`:
+    x_proj's dt, B and C in scan order, or, with `bc_index` `(G, L)`, at column bc_index[g, i] for
+    position i of order g; `inverse` `(G, L)` the position of each image token in each order
+    (`fusionmamba._scan_orders`)."""
     # Each work item reads a block of u before it writes the same block's outputs, so the outputs
     # go over u in place (u is not needed after the scan): one (B, G, L, E) array less per block.
     b, _, length, e = u.shape
@@ -392,8 +532,10 @@ def scan_directions(
     out = u_np
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
+        by_token = bc_index is not None
+        index = bc_index.numpy() if by_token else inverse.numpy()  # (unread without bc_index)
         _scan(u_np, _f32(xdbl), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
-              orders.numpy(), bc_by_token, out)  # fmt: skip
+              index, by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = _buffer("normed", (b, length, e))
     with _threads():

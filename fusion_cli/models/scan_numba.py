@@ -43,6 +43,19 @@ from numba import prange, types
 from numba.extending import overload
 
 from fusion_cli.models.scan_shapes import grouped_bc
+from fusion_cli.models.simd import (
+    EXP_POLY,
+    EXP_RANGE,
+    EXP_REDUCTION,
+    LOG1P_SERIES,
+    WIDTH,
+    vexp,
+    vfma,
+    vload,
+    vmul,
+    vpair,
+    vstore,
+)
 
 # fastmath without nnan/ninf: lets LLVM vectorise the per-state loops and reorder their sums, and keeps
 # inf/nan semantics (an overflowing scan still shows as inf, as in the other backends).
@@ -69,12 +82,13 @@ def _njit(fn: Callable[..., Any]) -> Any:
 # into the exponent bits. Inputs are clamped to [-87, 88]: below, the true value is < 1.7e-38 (a state
 # that has forgotten everything either way). log1p(v) for v in [0, 1]: 2 atanh(v / (2 + v)), series to
 # s^13 (relative error 1.5e-8).
+# The constants live in `simd`, whose 16-lane versions compute the same.
 _F = np.float32
-_LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
-_E0, _E1, _E2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
-_E3, _E4, _E5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
-_LO, _HI, _HALF, _ONE, _TWO, _ZERO = _F(-87.0), _F(88.0), _F(0.5), _F(1.0), _F(2.0), _F(0.0)
-_L3, _L5, _L7, _L9, _L11, _L13 = (_F(1 / k) for k in (3, 5, 7, 9, 11, 13))
+_LOG2E, _LN2_HI, _LN2_LO = EXP_REDUCTION
+_E0, _E1, _E2, _E3, _E4, _E5 = EXP_POLY
+_LO, _HI = EXP_RANGE
+_HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
+_L3, _L5, _L7, _L9, _L11, _L13 = LOG1P_SERIES
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH, cache=False)
@@ -375,10 +389,10 @@ def _backward_kernel(  # type: ignore[no-untyped-def]
 
 
 # float32 forward with channels as SIMD lanes: LANES channels of one group per work item, so B_k and
-# C_k are broadcast, each state is one LANES-wide vector, and y needs no horizontal sum. LANES is a
-# literal 16: LLVM fully unrolls a literal 8 before its vectoriser sees the loop, and the exps stay
-# scalar. LANE_BLOCK positions x LANES floats per block buffer stay in L1.
-LANES = 16
+# C_k are broadcast, each state is one LANES-wide vector (`simd.vec16`), and y needs no horizontal
+# sum. Loops over LANES elsewhere (loads, steps, stores) use the literal 16 so that they vectorise
+# with no remainder. LANE_BLOCK positions x LANES floats per block buffer stay in L1.
+LANES = WIDTH  # 16
 LANE_BLOCK = 64
 _LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 
@@ -386,33 +400,24 @@ _LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 @numba.njit(inline="always", **_LOCAL)
 def _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]  # noqa: E501
     """One block of positions, LANES channels at once: h = exp(dt A) h + dt u B, y = C h + D u.
-    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)`; d_l `(LANES,)`. Lanes below `half` take B
-    and C of position i from bt0[rows0[i]], ct0[rows0[i]] `(N,)`, the others from bt1/ct1 at rows1[i]
-    (two scan directions sharing the lanes; half = LANES: one source). Called with a literal n and
-    half, so the state loop unrolls and the source choice is a fixed lane mask."""
+    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)`; d_l `(LANES,)`, all C-contiguous. Lanes
+    below `half` take B and C of position i from bt0[rows0[i]], ct0[rows0[i]] `(N,)`, the others from
+    bt1/ct1 at rows1[i] (two scan directions sharing the lanes; half = LANES: one source). The lanes
+    are one `simd.vec16` value (see there for why); a literal `half` folds the source choice."""
+    d_v = vload(d_l, 0)
     for i in range(mt):
         r0 = rows0[i]
         r1 = rows1[i]
-        ui = us[i]
-        di = dts[i]
-        acc = np.empty(LANES, np.float32)
-        for e in range(LANES):
-            acc[e] = d_l[e] * ui[e]
+        u = vload(us, i * LANES)
+        dt = vload(dts, i * LANES)
+        du = vmul(dt, u)
+        acc = vmul(d_v, u)
         for k in range(n):
-            b0 = bt0[r0, k]
-            c0 = ct0[r0, k]
-            b1 = bt1[r1, k]
-            c1 = ct1[r1, k]
-            hk = h[k]
-            ak = a_t[k]
-            for e in range(LANES):
-                dt = di[e]
-                v = _exp(dt * ak[e]) * hk[e] + dt * ui[e] * (b0 if e < half else b1)
-                hk[e] = v
-                acc[e] += (c0 if e < half else c1) * v
-        yi = ys[i]
-        for e in range(LANES):
-            yi[e] = acc[e]
+            decay = vexp(vmul(dt, vload(a_t, k * LANES)))
+            v = vfma(decay, vload(h, k * LANES), vmul(du, vpair(bt0[r0, k], bt1[r1, k], half)))
+            vstore(h, k * LANES, v)
+            acc = vfma(vpair(ct0[r0, k], ct1[r1, k], half), v, acc)
+        vstore(ys, i * LANES, acc)
 
 
 @numba.njit(inline="always", **_LOCAL)

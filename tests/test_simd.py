@@ -1,0 +1,95 @@
+"""The 16-lane kernels of the fused CPU path (`models.simd`, `models.mamba_numba`) against plain
+numpy/torch arithmetic: the vector exp/softplus/silu, the depthwise conv in each of its three forms
+(16 channels per vector, two positions of 8 channels, scalar) and the x_proj kernel, on lengths that
+are no multiple of a vector or a block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+numba = pytest.importorskip("numba")
+
+from fusion_cli.models import mamba_numba  # noqa: E402
+from fusion_cli.models.fusionmamba import _scan_orders  # noqa: E402
+from fusion_cli.models.simd import vexp, vload, vsilu, vsoftplus, vstore  # noqa: E402
+
+
+def _lanewise(op):  # type: ignore[no-untyped-def]
+    @numba.njit
+    def apply(x, out):  # type: ignore[no-untyped-def]
+        for i in range(0, x.shape[0], 16):
+            vstore(out, i, op(vload(x, i)))
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "op,reference,tol",
+    [
+        (vexp, np.exp, 3e-7),
+        (vsoftplus, lambda x: np.logaddexp(0.0, x), 3e-7),
+        (vsilu, lambda x: x / (1.0 + np.exp(-x)), 5e-7),
+    ],
+)
+def test_vector_functions_match_float64(op, reference, tol):  # type: ignore[no-untyped-def]
+    x = np.linspace(-80.0, 80.0, 16 * 4001, dtype=np.float32)
+    out = np.empty_like(x)
+    _lanewise(op)(x, out)
+    expected = reference(x.astype(np.float64))
+    rel = np.abs(out - expected) / np.maximum(np.abs(expected), 1e-30)
+    assert float(rel.max()) < tol
+
+
+def test_vexp_clamps_like_the_scalar_exp():
+    x = np.array([-1000.0, -88.0, -87.0, 0.0, 88.0, 89.0, 1e6, -0.0] * 2, dtype=np.float32)
+    out = np.empty_like(x)
+    _lanewise(vexp)(x, out)
+    assert np.all(np.isfinite(out))
+    assert out[0] == out[2] and out[5] == out[4] and out[6] == out[4]  # clamped to [-87, 88]
+    assert out[3] == 1.0
+
+
+def _conv_reference(x, weight, bias, orders):  # type: ignore[no-untyped-def]
+    """silu(causal depthwise conv along each order), in float64 torch."""
+    b, length, _ = x.shape
+    g, e, k = weight.shape
+    out = np.empty((b, g, length, e), np.float32)
+    for gi in range(g):
+        xs = torch.from_numpy(x[:, orders[gi], :e]).double().transpose(1, 2)  # (B, E, L)
+        w, bi = torch.from_numpy(weight[gi]).double().unsqueeze(1), torch.from_numpy(bias[gi]).double()
+        y = torch.nn.functional.conv1d(xs, w, bi, padding=k - 1, groups=e)
+        out[:, gi] = torch.nn.functional.silu(y[..., :length]).transpose(1, 2).float().numpy()
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels,hw,groups",
+    [(8, (7, 5), 4), (8, (33, 1), 2), (16, (6, 10), 4), (32, (5, 3), 4), (12, (9, 11), 4)],
+)
+def test_conv_silu_every_path(channels, hw, groups):  # type: ignore[no-untyped-def]
+    """E = 8 (two positions per vector; an odd length ends on the scalar path), 16 and 32 (channels
+    per vector) and 12 (scalar), along row and column orders, with batch 2."""
+    rng = np.random.default_rng(0)
+    length = hw[0] * hw[1]
+    x = rng.standard_normal((2, length, 2 * channels)).astype(np.float32)
+    weight = rng.standard_normal((groups, channels, 4)).astype(np.float32)
+    bias = rng.standard_normal((groups, channels)).astype(np.float32)
+    orders = _scan_orders(*hw, groups, torch.device("cpu"))[0]
+    got = mamba_numba.conv_silu(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias), orders)
+    expected = _conv_reference(x, weight, bias, orders.numpy())
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("channels,sources", [(8, 4), (8, 2), (8, 1), (16, 4), (32, 2)])
+def test_project_equals_matmul(channels, sources):  # type: ignore[no-untyped-def]
+    """x_proj of every position: the E = 8 kernel (length 1000: a block and a vector tail) and the
+    MKL path, with as many sources as groups (self blocks) or fewer (cross blocks)."""
+    torch.manual_seed(0)
+    src = torch.randn(2, sources, 1000, channels)
+    weight = torch.randn(4, 17, channels)
+    got = mamba_numba.project(src, weight)
+    per = 4 // sources
+    expected = torch.stack([weight[g] @ src[:, g // per].transpose(1, 2) for g in range(4)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
