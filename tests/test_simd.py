@@ -93,3 +93,27 @@ def test_project_equals_matmul(channels, sources):  # type: ignore[no-untyped-de
     per = 4 // sources
     expected = torch.stack([weight[g] @ src[:, g // per].transpose(1, 2) for g in range(4)], dim=1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "channels,hw,groups",
+    [(8, (40, 37), 4), (8, (33, 1), 2), (16, (6, 10), 4), (64, (5, 3), 4), (12, (9, 11), 4)],
+)
+def test_directions_mean_gate_and_norm_every_path(channels, hw, groups):  # type: ignore[no-untyped-def]
+    """The directions' mean, silu(z) gate and LayerNorm: E = 8 (two tokens per value; 37 columns end
+    tiles on an odd token), 16 and 64 (channels per value), 12 (scalar), against numpy in float64."""
+    rng = np.random.default_rng(1)
+    length = hw[0] * hw[1]
+    y = rng.standard_normal((2, groups, length, channels)).astype(np.float32)
+    xz = rng.standard_normal((2, length, 2 * channels)).astype(np.float32)
+    weight, bias = rng.random(channels).astype(np.float32), rng.random(channels).astype(np.float32)
+    inverse = _scan_orders(*hw, groups, torch.device("cpu"))[1].numpy()
+    got = np.empty((2, length, channels), np.float32)
+    mamba_numba._mean_norm(y, inverse, xz, weight, bias, 1e-5, hw[1], got)
+    tokens = np.arange(length)
+    mean = np.mean([y[:, g, inverse[g, tokens]].astype(np.float64) for g in range(groups)], axis=0)
+    z = xz[..., channels:].astype(np.float64)
+    gated = mean * z / (1.0 + np.exp(-z))
+    centred = gated - gated.mean(-1, keepdims=True)
+    expected = centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-5) * weight + bias
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -44,16 +44,21 @@ from fusion_cli.models.scan_numba import (
 )
 from fusion_cli.models.simd import (
     WIDTH,
+    vadd,
     vfma,
     vload,
     vload_halves,
     vmax,
     vmul,
     vpair,
+    vrsqrt,
     vsilu,
     vsoftplus,
     vsplat,
     vstore,
+    vsub,
+    vsum_all,
+    vsum_halves,
 )
 
 # Channels per work item of the scan are SIMD lanes, positions go in blocks (see scan_numba.LANES).
@@ -201,6 +206,69 @@ def _normalize(row, weight, bias, eps, out):  # type: ignore[no-untyped-def]
 TILE = 32
 
 
+@numba.njit(inline="always", **_LOCAL)
+def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile, r0, c0, rows, cols, ob):  # type: ignore[no-untyped-def]  # noqa: E501
+    """One tile of `_mean_norm_kernel` on 16-lane values, for E = 8 (two tokens of a row per value;
+    an odd last column alone, its upper lanes a copy of it) or a multiple of 16 (channels)."""
+    groups, _, channels = yb.shape
+    inv_e = np.float32(1.0 / channels)
+    inv_g = vsplat(1.0 / groups)
+    eps_v = vsplat(eps)
+    if channels == HALF:
+        w_v = vload_halves(weight, 0, 0)
+        b_v = vload_halves(bias, 0, 0)
+        for r in range(rows):
+            for c in range(0, cols, 2):
+                pos = (r0 + r) * width + c0 + c
+                nxt = pos + 1 if c + 1 < cols else pos  # the pair's second token
+                acc = vsplat(0.0)
+                for g in range(groups):
+                    if by_column[g]:
+                        src = tile[g, r]  # (TILE, E): tokens c and c + 1 side by side
+                        acc = vadd(acc, vload_halves(src, c * channels, (c + nxt - pos) * channels))
+                    else:
+                        acc = vadd(
+                            acc, vload_halves(yb[g], inverse[g, pos] * channels, inverse[g, nxt] * channels)
+                        )
+                z = vload_halves(xzb, pos * 2 * channels + channels, nxt * 2 * channels + channels)
+                acc = vmul(vmul(acc, inv_g), vsilu(z))
+                mean = vmul(vsum_halves(acc), vsplat(inv_e))
+                d = vsub(acc, mean)
+                rstd = vrsqrt(vfma(vsum_halves(vmul(d, d)), vsplat(inv_e), eps_v))
+                res = vfma(vmul(d, rstd), w_v, b_v)
+                if nxt == pos + 1:
+                    vstore(ob, pos * channels, res)
+                else:  # lower half only
+                    part = np.empty(LANES, dtype=np.float32)
+                    vstore(part, 0, res)
+                    for e in range(channels):
+                        ob[pos, e] = part[e]
+        return
+    row = np.empty(channels, dtype=np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            pos = (r0 + r) * width + c0 + c
+            total = vsplat(0.0)
+            for e0 in range(0, channels, LANES):
+                acc = vsplat(0.0)
+                for g in range(groups):
+                    src = tile[g, r, c] if by_column[g] else yb[g, inverse[g, pos]]
+                    acc = vadd(acc, vload(src, e0))
+                acc = vmul(vmul(acc, inv_g), vsilu(vload(xzb[pos], channels + e0)))
+                vstore(row, e0, acc)
+                total = vadd(total, acc)
+            mean = vmul(vsum_all(total), vsplat(inv_e))
+            var = vsplat(0.0)
+            for e0 in range(0, channels, LANES):
+                d = vsub(vload(row, e0), mean)
+                var = vfma(d, d, var)
+            rstd = vrsqrt(vfma(vsum_all(var), vsplat(inv_e), eps_v))
+            orow = ob[pos]
+            for e0 in range(0, channels, LANES):
+                d = vsub(vload(row, e0), mean)
+                vstore(orow, e0, vfma(vmul(d, rstd), vload(weight, e0), vload(bias, e0)))
+
+
 def _mean_norm_kernel(y, inverse, xz, weight, bias, eps, width, out):  # type: ignore[no-untyped-def]
     """y `(B, G, L, E)` in scan orders, inverse `(G, L)` (the position of each image token in each
     order), xz `(B, L, 2E)` -> out `(B, L, E)` in image order: the mean over the G directions, gated
@@ -233,6 +301,10 @@ def _mean_norm_kernel(y, inverse, xz, weight, bias, eps, width, out):  # type: i
                         dst = tile[g, r, c]
                         for e in range(channels):
                             dst[e] = src[e]
+        if channels == HALF or channels % LANES == 0:
+            _mean_norm_lanes(y[b], inverse, xz[b], weight, bias, eps, width, by_column, tile, r0, c0, rows,
+                             cols, out[b])  # fmt: skip
+            continue
         for r in range(rows):
             for c in range(cols):
                 pos = (r0 + r) * width + c0 + c

@@ -156,6 +156,7 @@ def _binary(op: str, doc: str) -> Any:
 
 
 vadd = _binary("fadd", "a + b, lane by lane.")
+vsub = _binary("fsub", "a - b, lane by lane.")
 vmul = _binary("fmul", "a * b, lane by lane.")
 
 
@@ -249,5 +250,46 @@ def vsilu(typingctx: Any, x: Any) -> Any:
         x = args[0]
         denominator = builder.fadd(_exp_ir(builder, builder.fneg(x)), _const(1.0), flags=_FAST)
         return builder.fdiv(x, denominator, flags=_FAST)
+
+    return vec16(x), codegen
+
+
+@intrinsic
+def vrsqrt(typingctx: Any, x: Any) -> Any:
+    """1 / sqrt(x), lane by lane."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        root = builder.call(_intrinsic_fn(builder, "sqrt", 1), [args[0]])
+        return builder.fdiv(_const(1.0), root, flags=_FAST)
+
+    return vec16(x), codegen
+
+
+def _butterfly(builder: ir.IRBuilder, v: Any, spans: tuple[int, ...]) -> Any:
+    """v plus its lanes swapped at each span in turn: every lane ends with the sum of its group of
+    2 * spans[0] lanes."""
+    for span in spans:
+        swapped = [i ^ span for i in range(WIDTH)]
+        other = builder.shuffle_vector(v, ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, swapped))
+        v = builder.fadd(v, other, flags=_FAST)
+    return v
+
+
+@intrinsic
+def vsum_halves(typingctx: Any, x: Any) -> Any:
+    """Every lane: the sum of its half (lanes 0-7 or 8-15)."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        return _butterfly(builder, args[0], (4, 2, 1))
+
+    return vec16(x), codegen
+
+
+@intrinsic
+def vsum_all(typingctx: Any, x: Any) -> Any:
+    """Every lane: the sum of all 16."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        return _butterfly(builder, args[0], (8, 4, 2, 1))
 
     return vec16(x), codegen
