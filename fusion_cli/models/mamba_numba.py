@@ -44,6 +44,7 @@ from fusion_cli.models.scan_numba import (
 )
 from fusion_cli.models.simd import (
     WIDTH,
+    prefetch,
     vadd,
     vfma,
     vload,
@@ -84,6 +85,9 @@ def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-de
         start = (item % nchunks) * chunk
         stop = min(length, start + chunk)
         xb, ub, order = x[b], u[b, g], orders[g]
+        # column orders read a token a row apart: no hardware prefetcher follows, so the kernel asks
+        # for the rows AHEAD positions early (rows in order stream without it, and slower with it)
+        scattered = length > 1 and abs(order[1] - order[0]) != 1
         wt = np.empty(k * max(channels, LANES), dtype=np.float32)  # taps first, channels (twice at E = 8)
         bias_l = np.empty(max(channels, LANES), dtype=np.float32)
         for e in range(max(channels, LANES)):
@@ -95,6 +99,9 @@ def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-de
                 if pos + 1 == stop:  # an odd last position: the scalar path
                     _conv_silu_scalar(xb, weight[g], bias[g], order, ub, pos, pos + 1)
                     continue
+                if scattered and pos + AHEAD + 1 < stop:
+                    prefetch(xb, order[pos + AHEAD] * stride)
+                    prefetch(xb, order[pos + AHEAD + 1] * stride)
                 acc = vload(bias_l, 0)
                 for j in range(k):
                     src = pos - (k - 1) + j  # the tap's position for the pair's first one
@@ -107,6 +114,10 @@ def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-de
                 vstore(ub, pos * channels, vsilu(acc))
         elif channels % LANES == 0:
             for pos in range(start, stop):
+                if scattered and pos + AHEAD < stop:
+                    ahead = order[pos + AHEAD] * stride
+                    for c0 in range(0, channels, LANES):
+                        prefetch(xb, ahead + c0)
                 for c0 in range(0, channels, LANES):
                     acc = vload(bias_l, c0)
                     for j in range(k):
@@ -118,6 +129,10 @@ def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-de
         else:
             _conv_silu_scalar(xb, weight[g], bias[g], order, ub, start, stop)
 
+
+# Positions ahead whose input rows the conv asks the caches for: enough to cover a DRAM access at the
+# kernel's rate (~10 ns per position and 16 channels).
+AHEAD = 16
 
 # 0 in the lower 8 lanes, 1 in the upper 8: masks the first position of a pair out of a tap
 _UPPER = np.array([0.0] * HALF + [1.0] * HALF, dtype=np.float32)

@@ -293,3 +293,20 @@ def vsum_all(typingctx: Any, x: Any) -> Any:
         return _butterfly(builder, args[0], (8, 4, 2, 1))
 
     return vec16(x), codegen
+
+
+@intrinsic
+def prefetch(typingctx: Any, arr: Any, offset: Any) -> Any:
+    """Hint the cache line holding flat index `offset` of a C-contiguous float32 array into the
+    caches (no fault if it is out of bounds: a hint, not a load)."""
+    _check_array(arr)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        fn_type = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, offset), codegen
