@@ -25,6 +25,7 @@ training keeps the generic path.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 
@@ -509,12 +510,11 @@ _local = threading.local()
 def scratch() -> Iterator[None]:
     """While open (in this thread), the fused path's largest arrays (each block's u, which its
     directions' outputs then overwrite, its x_proj output, and their normed mean, 0.15-0.6 GB each
-    for a 1024-px window)
-    are reused by the next block of the same shape instead of being allocated anew: above glibc's
-    mmap threshold every new array is mapped and zero-filled by page faults, which cost a third of a
-    1024-px run's CPU time. Reused arrays are only valid until the next block: the caller
-    (`FusionMamba`'s CPU inference pass) keeps none of them past it. Released on exit; nested use
-    joins the outer pool."""
+    for a 1024-px window) are kept, one per name, and reused by the next block that asks for as much
+    or less, instead of being allocated anew: above glibc's mmap threshold every new array is mapped
+    and zero-filled by page faults, which cost a third of a 1024-px run's CPU time. Reused arrays are
+    only valid until the next block: the caller (`FusionMamba`'s CPU inference pass) keeps none of
+    them past it. Released on exit; nested use joins the outer pool."""
     if getattr(_local, "pool", None) is not None:
         yield
         return
@@ -526,14 +526,16 @@ def scratch() -> Iterator[None]:
 
 
 def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array of `shape`: the scratch pool's for (name, shape) while `scratch` is open."""
+    """A float32 array of `shape`: while `scratch` is open, a view of the pool's array for `name`
+    (grown when too small), else a new one."""
     pool = getattr(_local, "pool", None)
     if pool is None:
         return np.empty(shape, dtype=np.float32)
-    key = (name, shape)
-    if key not in pool:
-        pool[key] = np.empty(shape, dtype=np.float32)
-    return pool[key]
+    size = math.prod(shape)
+    if name not in pool or pool[name].size < size:
+        pool.pop(name, None)  # the old one is freed before the larger one is mapped
+        pool[name] = np.empty(size, dtype=np.float32)
+    return pool[name][:size].reshape(shape)
 
 
 def conv_silu(
