@@ -36,6 +36,7 @@ from numba import prange
 
 from fusion_cli.models.scan_numba import (
     _FASTMATH,
+    _LOG2E,
     LANE_BLOCK,
     LANES,
     _lane_recurrence,
@@ -458,7 +459,7 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             for e in range(m):
                 j = p * width + e
                 for k in range(n):
-                    a_t[k, j] = A[g, e0 + e, k]
+                    a_t[k, j] = A[g, e0 + e, k] * _LOG2E  # see _lane_recurrence
                 for r in range(rank):
                     w_t[r, j] = dt_w[g, e0 + e, r]
                 bias[j] = dt_bias[g, e0 + e]

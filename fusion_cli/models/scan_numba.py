@@ -49,7 +49,7 @@ from fusion_cli.models.simd import (
     EXP_REDUCTION,
     LOG1P_SERIES,
     WIDTH,
-    vexp,
+    vexp2,
     vfma,
     vload,
     vmul,
@@ -400,7 +400,8 @@ _LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 @numba.njit(inline="always", **_LOCAL)
 def _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t, d_l, h, ys):  # type: ignore[no-untyped-def]  # noqa: E501
     """One block of positions, LANES channels at once: h = exp(dt A) h + dt u B, y = C h + D u.
-    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)`; d_l `(LANES,)`, all C-contiguous. Lanes
+    us, dts, ys `(LANE_BLOCK, LANES)`; a_t, h `(N, LANES)` (a_t: A times log2(e), so that the decays
+    are `simd.vexp2`s); d_l `(LANES,)`, all C-contiguous. Lanes
     below `half` take B and C of position i from bt0[rows0[i]], ct0[rows0[i]] `(N,)`, the others from
     bt1/ct1 at rows1[i] (two scan directions sharing the lanes; half = LANES: one source). The lanes
     are one `simd.vec16` value (see there for why); a literal `half` folds the source choice."""
@@ -413,7 +414,7 @@ def _lane_recurrence(n, half, mt, rows0, bt0, ct0, rows1, bt1, ct1, us, dts, a_t
         du = vmul(dt, u)
         acc = vmul(d_v, u)
         for k in range(n):
-            decay = vexp(vmul(dt, vload(a_t, k * LANES)))
+            decay = vexp2(vmul(dt, vload(a_t, k * LANES)))
             v = vfma(decay, vload(h, k * LANES), vmul(du, vpair(bt0[r0, k], bt1[r1, k], half)))
             vstore(h, k * LANES, v)
             acc = vfma(vpair(ct0[r0, k], ct1[r1, k], half), v, acc)
@@ -450,7 +451,7 @@ def _forward_lanes_kernel(u, delta, A, Bt, Ct, Dv, z, bias, softplus, has_z, y):
         zero = np.zeros(LANES, dtype=np.float32)
         for e in range(m):
             for k in range(n):
-                a_t[k, e] = A[d0 + e, k]
+                a_t[k, e] = A[d0 + e, k] * _LOG2E  # decays as powers of 2 (see _lane_recurrence)
             d_l[e] = Dv[d0 + e]
             bias_l[e] = bias[d0 + e]
         us = np.zeros((LANE_BLOCK, LANES), dtype=np.float32)

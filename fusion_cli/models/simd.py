@@ -211,6 +211,36 @@ def vexp(typingctx: Any, x: Any) -> Any:
     return vec16(x), codegen
 
 
+# 2^f for f in [-1/2, 1/2]: degree-6 polynomial fitted for the least maximum relative error
+# (9.7e-8 evaluated in float32, against Cephes' exp's ~6e-8)
+_EXP2_COEFFICIENTS = (1.0, 0.6931471824645996, 0.24022647738456726, 0.055503323674201965, 0.00961843691766262,
+                      0.0013398875016719103, 0.00015353361959569156)  # fmt: skip
+EXP2_POLY = tuple(_F(c) for c in _EXP2_COEFFICIENTS)
+
+
+@intrinsic
+def vexp2(typingctx: Any, y: Any) -> Any:
+    """2^y, lane by lane, for y clamped to [-126, 127]: 2^round(y) into the exponent bits times a
+    polynomial in y - round(y). The scan's decays exp(dt A) are 2^(dt A log2 e), A pre-scaled: five
+    instructions fewer per state update than `vexp`'s range reduction and clamps (0.29 -> 0.21 ns per
+    update). A rounding of y of relative size u costs |y| ln2 u of the result: decays that matter
+    (|y| of a few) stay within ~1e-6 relative, as `vexp` of the same float32 product does."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        fmin, fmax = _intrinsic_fn(builder, "minnum", 2), _intrinsic_fn(builder, "maxnum", 2)
+        v = builder.call(fmin, [builder.call(fmax, [args[0], _const(-126.0)]), _const(127.0)])
+        k = builder.call(_intrinsic_fn(builder, "roundeven", 1), [v])
+        f = builder.fsub(v, k, flags=_FAST)
+        p = _const(EXP2_POLY[-1])
+        for c in EXP2_POLY[-2::-1]:
+            p = builder.fadd(builder.fmul(p, f, flags=_FAST), _const(c), flags=_FAST)
+        exponent = builder.shl(builder.add(builder.fptosi(k, _VI), ir.Constant(_VI, [127] * WIDTH)),
+                               ir.Constant(_VI, [23] * WIDTH))  # fmt: skip
+        return builder.fmul(p, builder.bitcast(exponent, _VF), flags=_FAST)
+
+    return vec16(y), codegen
+
+
 @intrinsic
 def vsoftplus(typingctx: Any, x: Any) -> Any:
     """log(1 + exp(x)), lane by lane, as `scan_numba._softplus` on float32: max(x, 0) +
