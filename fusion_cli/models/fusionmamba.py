@@ -276,16 +276,15 @@ class MultiScanMamba(nn.Module):
         conv_b = self._stacked("conv1d{s}.bias").view(g, e)
         u = mamba_numba.conv_silu(xz, conv_w, conv_b, order)  # (B, G, L, E), scan orders
         x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e)  # (G, R+2N, E)
-        bc_index = None
+        sources, bc_index = None, None  # x_proj reads u, in scan order
         if self.cross:
-            x_dbl, bc_index = mamba_numba.cross_projections(self.in_proj_b(extra), x_w, order, hw)
-        else:
-            x_dbl = mamba_numba.project(u, x_w)  # (B, G, R+2N, L), scan order
+            sources, bc_index = mamba_numba.cross_sources(self.in_proj_b(extra), order, hw)
         A = -torch.exp(self._stacked("A{s}_log").float()).view(g, e, n)
         floor = None if self.memory is None else 1.0 / (self.memory * A.abs().amin(dim=2))
         y = mamba_numba.scan_directions(
             u,
-            x_dbl,
+            sources,
+            x_w,
             xz,
             self._stacked("dt_proj{s}.weight").view(g, e, r),
             self._stacked("dt_proj{s}.bias").view(g, e),

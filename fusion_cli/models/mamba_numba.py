@@ -404,17 +404,40 @@ def _load_rows(mt, rows, xg, xs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", **_LOCAL)
+def _project_rows(mt, rows, src, wt, xs):  # type: ignore[no-untyped-def]
+    """xs[i, :] = x_proj of src[rows[i]] `(E,)` for a block: wt `(E, 2 LANES)` the weights transposed
+    and padded, xs `(BLOCK, 2 LANES)`; two 16-lane values of outputs per position."""
+    channels = src.shape[1]
+    for i in range(mt):
+        row = src[rows[i]]
+        x = vsplat(row[0])
+        lo = vmul(x, vload(wt, 0))
+        hi = vmul(x, vload(wt, LANES))
+        for c in range(1, channels):
+            x = vsplat(row[c])
+            lo = vfma(x, vload(wt, 2 * c * LANES), lo)
+            hi = vfma(x, vload(wt, 2 * c * LANES + LANES), hi)
+        vstore(xs, 2 * i * LANES, lo)
+        vstore(xs, 2 * i * LANES + LANES, hi)
+
+
+@numba.njit(inline="always", **_LOCAL)
 def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
     """One block of positions of one work item: loads, steps, recurrence, stores. Called with literal
     half, cnt (lanes used) and n where they are the common ones, so each loop has a constant trip
     count and vectorises. blk: (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)."""
-    mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state = blk
+    mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state, inline = blk
     a_t, w_t, bias, fl, d_l = params
     h, us, dts, ys, xs0, xs1, local = state
     _load_u(half, cnt, mt, t0, e0, ug0, ug1, us)
-    _load_rows(mt, rows0, xg0, xs0)
-    if half < LANES:
-        _load_rows(mt, rows1, xg1, xs1)
+    if inline[0]:  # x_proj here, from the sources' rows (before this block's outputs overwrite u)
+        _, src0, src1, wt0, wt1 = inline
+        _project_rows(mt, rows0, src0, wt0, xs0)
+        _project_rows(mt, rows1, src1, wt1, xs1)
+    else:
+        _load_rows(mt, rows0, xg0, xs0)
+        if half < LANES:
+            _load_rows(mt, rows1, xg1, xs1)
     _steps(rank, half, mt, xs0, xs1, w_t, bias, fl, dts)
     bt0, ct0 = xs0[:, rank : rank + n], xs0[:, rank + n :]  # (BLOCK, N) views
     bt1, ct1 = xs1[:, rank : rank + n], xs1[:, rank + n :]
@@ -423,12 +446,14 @@ def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, dt_w, dt_bias, floor, A, Dv, bc_index, bc_by_token, out
+    u, xdbl, src, x_wt, inline, dt_w, dt_bias, floor, A, Dv, bc_index, bc_by_token, out
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or, when
     `bc_by_token`, read at position i of order g from column bc_index[g, i] (`(G, L)`); dt_w
     `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, G, L, E)`: each direction's
-    scan (before the gate, see `_mean_norm_kernel`), in its scan order.
+    scan (before the gate, see `_mean_norm_kernel`), in its scan order. With `inline` (E = LANES / 2
+    only), x_proj is computed here from src `(B, S, L, E)` (group g reads source g * S // G; rows as
+    xdbl's columns) and x_wt `(G, E, 2 LANES)`, and xdbl is not read.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
     zeros (they stay zero), except that blocks of exactly LANES / 2 channels (the d = 8 networks'
@@ -471,10 +496,12 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
-            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
-            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
+            np.zeros((BLOCK, x_wt.shape[2] if inline else xdbl.shape[2]), dtype=np.float32),
+            np.zeros((BLOCK, x_wt.shape[2] if inline else xdbl.shape[2]), dtype=np.float32),
             np.arange(BLOCK),
         )
+        nsrc = src.shape[1]
+        sources = (inline, src[b, g0 * nsrc // groups], src[b, g1 * nsrc // groups], x_wt[g0], x_wt[g1])
         rows0 = np.empty(BLOCK, dtype=np.int64)
         rows1 = np.empty(BLOCK, dtype=np.int64)
         xg0, ug0, og0, order0 = xdbl[b, g0], u[b, g0], out[b, g0], bc_index[g0]
@@ -484,7 +511,7 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             for i in range(mt):
                 rows0[i] = order0[t0 + i] if bc_by_token else t0 + i
                 rows1[i] = order1[t0 + i] if bc_by_token else t0 + i
-            blk = (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)
+            blk = (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state, sources)
             # literal lane counts and N = 8 (every shipped network's) where they apply, so that the
             # state loop unrolls; the rank may vary (1, 2, 4, 8 at the paper's width, by level)
             if pair and n == 8:  # the d = 8 networks' full-resolution blocks
@@ -572,31 +599,31 @@ def project(src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cross_projections(
-    src: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, hw: tuple[int, int]
+def cross_sources(
+    src: torch.Tensor, order: torch.Tensor, hw: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_proj of a cross block's other input, src `(B, L, E)` in image order, by the G directions'
-    weights `(G, R+2N, E)`: (x_dbl `(B, G, R+2N, L)`, bc_index `(G, L)`, the column of x_dbl that
-    position i of order g reads; `order`: the scan orders, `fusionmamba._scan_orders`). Per-token
-    projections, so computed once per token, not per position: the row orders read image-order tokens
-    (forwards, backwards); on an image with four directions the column orders read them from a
-    transposed copy of src, forwards and backwards too, instead of a column apart at every position
-    (a cache miss each: the cross blocks' scans ran 70 % slower than the others')."""
+    """Where a cross block's dt, B and C come from: its other input, src `(B, L, E)` in image order.
+    Returns (sources `(B, S, L, E)`, bc_index `(G, L)`: the source row that position i of order g
+    reads; `order`: the scan orders, `fusionmamba._scan_orders`). Per-token projections, so computed
+    once per token, not per position: the row orders read image-order tokens (forwards, backwards);
+    on an image with four directions the column orders read them from a transposed copy of src,
+    forwards and backwards too, instead of a column apart at every position (a cache miss each: the
+    cross blocks' scans ran 70 % slower than the others')."""
     b, length, e = src.shape
-    g = weight.shape[0]
     h, w = hw
-    if g != 4 or h == 1 or w == 1:
-        return project(src.unsqueeze(1), weight), order
+    if order.shape[0] != 4 or h == 1 or w == 1:
+        return src.unsqueeze(1), order
     both = torch.from_numpy(_buffer("cross_src", (b, 2, length, e)))
     both[:, 0] = src
     both[:, 1].view(b, w, h, e).copy_(src.view(b, h, w, e).transpose(1, 2))
     forward = torch.arange(length, device=src.device)
-    return project(both, weight), torch.stack([forward, forward.flip(0)] * 2)  # rows (0, 1), columns (2, 3)
+    return both, torch.stack([forward, forward.flip(0)] * 2)  # rows (0, 1), columns (2, 3)
 
 
 def scan_directions(
     u: torch.Tensor,
-    xdbl: torch.Tensor,
+    sources: torch.Tensor | None,
+    x_w: torch.Tensor,
     xz: torch.Tensor,
     dt_w: torch.Tensor,
     dt_bias: torch.Tensor,
@@ -611,20 +638,32 @@ def scan_directions(
     """The G directions' scans, gated, averaged in image order and LayerNormed by `norm`: `(B, L, E)`
     (see `_scan_kernel`), for an image of `width` columns (1-D sequences: their length); overwrites u
     (float32 CPU `(B, G, L, E)`) with the directions' outputs.
-    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); xdbl `(B, G, R + 2N, L)`:
-    x_proj's dt, B and C in scan order, or, with `bc_index` `(G, L)`, at column bc_index[g, i] for
-    position i of order g; `inverse` `(G, L)` the position of each image token in each order
-    (`fusionmamba._scan_orders`)."""
+    x_proj (weights x_w `(G, R + 2N, E)`) reads u itself (sources None) or a cross block's sources
+    (`cross_sources`), row bc_index[g, i] `(G, L)` for position i of order g. At E = 8 it runs inside
+    the scan, on each block's rows (the full x_proj output, 17 x 4 floats per token, written and read
+    back, cost as much as the rest of the scan's loads); otherwise first, by `project`.
+    `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); `inverse` `(G, L)` the
+    position of each image token in each order (`fusionmamba._scan_orders`)."""
     # Each work item reads a block of u before it writes the same block's outputs, so the outputs
     # go over u in place (u is not needed after the scan): one (B, G, L, E) array less per block.
-    b, _, length, e = u.shape
+    b, g, length, e = u.shape
+    outputs = x_w.shape[1]
+    src = u if sources is None else sources
+    inline = e == HALF and g % 2 == 0 and outputs <= 2 * LANES
+    if inline:
+        x_wt = np.zeros((g, e, 2 * LANES), np.float32)
+        x_wt[:, :, :outputs] = _f32(x_w).transpose(0, 2, 1)
+        xdbl = np.zeros((b, g, 1, 1), np.float32)  # unread
+    else:
+        x_wt = np.zeros((g, 1, 1), np.float32)  # unread
+        xdbl = project(src, x_w).numpy()
     u_np = _f32(u)
     out = u_np
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     with _threads():
         by_token = bc_index is not None
         index = bc_index.numpy() if by_token else inverse.numpy()  # (unread without bc_index)
-        _scan(u_np, _f32(xdbl), _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
+        _scan(u_np, xdbl, _f32(src), x_wt, inline, _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
               index, by_token, out)  # fmt: skip
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = _buffer("normed", (b, length, e))
