@@ -191,23 +191,13 @@ def profile_fuser(fuser: Any, label: str) -> list[dict[str, Any]]:
 def _state_updates_per_pixel(fuser: Any) -> float:
     """State updates (batch x directions x channels x N x positions) the fused scan kernel performs
     per PAN pixel of a SIDE x SIDE window through `fuser.fuse`."""
-    from fusion_cli.models import mamba_numba
+    import bench_network
 
-    count = [0]
-    kernel = mamba_numba._scan
-
-    def counted(u: Any, xdbl: Any, dt_w: Any, dt_bias: Any, floor: Any, A: Any, *rest: Any) -> Any:
-        b, g, length, e = u.shape
-        count[0] += b * g * length * e * A.shape[2]
-        return kernel(u, xdbl, dt_w, dt_bias, floor, A, *rest)
-
+    counts: dict[str, float] = {}
     pan, ms = _window(fuser)
-    mamba_numba._scan = counted
-    try:
+    with bench_network.counting_fused_scans(counts):
         fuser.fuse(pan, ms)
-    finally:
-        mamba_numba._scan = kernel
-    return count[0] / SIDE**2
+    return counts["updates"] / SIDE**2
 
 
 def _scan_ns_per_update() -> float:
