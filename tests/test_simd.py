@@ -118,3 +118,16 @@ def test_directions_mean_gate_and_norm_every_path(channels, hw, groups):  # type
     centred = gated - gated.mean(-1, keepdims=True)
     expected = centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-5) * weight + bias
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "k,n,rows", [(8, 8, 101), (8, 16, 64), (16, 32, 33), (4, 8, 1), (8, 12, 10), (32, 16, 5)]
+)
+def test_linear_equals_torch(k, n, rows):  # type: ignore[no-untyped-def]
+    """The thin in/out projections: 8 outputs (two rows per value; an odd row count ends on the
+    scalar path), multiples of 16, and the shapes left to torch (12 outputs, 32 inputs)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(k, n, bias=n != 16)
+    x = torch.randn(2, rows, k)
+    with torch.inference_mode():
+        torch.testing.assert_close(mamba_numba.linear(x, layer), layer(x), rtol=1e-5, atol=1e-5)

@@ -271,14 +271,16 @@ class MultiScanMamba(nn.Module):
 
         g, e, n, r = self.directions, self.d_inner, self.d_state, self.dt_rank
         order, inverse = _scan_orders(*hw, g, x.device)
-        xz = self.in_proj(x)  # (B, L, 2E), image order
+        xz = mamba_numba.linear(x, self.in_proj)  # (B, L, 2E), image order
         conv_w = self._stacked("conv1d{s}.weight").view(g, e, -1)
         conv_b = self._stacked("conv1d{s}.bias").view(g, e)
         u = mamba_numba.conv_silu(xz, conv_w, conv_b, order)  # (B, G, L, E), scan orders
         x_w = self._stacked("x_proj{s}.weight").view(g, r + 2 * n, e)  # (G, R+2N, E)
         sources, bc_index = None, None  # x_proj reads u, in scan order
         if self.cross:
-            sources, bc_index = mamba_numba.cross_sources(self.in_proj_b(extra), order, hw)
+            sources, bc_index = mamba_numba.cross_sources(
+                mamba_numba.linear(extra, self.in_proj_b), order, hw
+            )
         A = -torch.exp(self._stacked("A{s}_log").float()).view(g, e, n)
         floor = None if self.memory is None else 1.0 / (self.memory * A.abs().amin(dim=2))
         y = mamba_numba.scan_directions(
@@ -296,7 +298,7 @@ class MultiScanMamba(nn.Module):
             norm=self.norm,
             width=hw[1],
         )
-        return self.out_proj(y)
+        return mamba_numba.linear(y, self.out_proj)
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor, block: MultiScanMamba) -> torch.Tensor:
