@@ -49,11 +49,16 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
 @contextlib.contextmanager
 def counting_fused_scans(counts: dict[str, float]) -> Iterator[None]:
     """While open, add to counts["updates"] the state updates of the fused CPU scan kernel's calls
-    (batch x directions x channels x N x positions) and to counts["flops"] the x_proj FLOPs it
-    computes inline at E = 8, which torch's FlopCounterMode does not see."""
+    (batch x directions x channels x N x positions) and to counts["flops"] the FLOPs torch's
+    FlopCounterMode does not see: x_proj inside the scan at E = 8, and the thin Linear layers
+    `mamba_numba.linear` computes."""
     from fusion_cli.models import mamba_numba
 
-    kernel = mamba_numba._scan
+    kernel, linear = mamba_numba._scan, mamba_numba._linear
+
+    def counted_linear(x: Any, wt: Any, bias: Any, out: Any) -> Any:
+        counts["flops"] = counts.get("flops", 0) + 2 * x.shape[0] * wt.shape[0] * wt.shape[1]
+        return linear(x, wt, bias, out)
 
     def counted(u: Any, xdbl: Any, src: Any, x_wt: Any, inline: bool, dt_w: Any, dt_bias: Any,
                 floor: Any, A: Any, *rest: Any) -> Any:  # fmt: skip
@@ -64,11 +69,11 @@ def counting_fused_scans(counts: dict[str, float]) -> Iterator[None]:
             counts["flops"] = counts.get("flops", 0) + 2 * b * g * length * e * (dt_w.shape[2] + 2 * n)
         return kernel(u, xdbl, src, x_wt, inline, dt_w, dt_bias, floor, A, *rest)
 
-    mamba_numba._scan = counted
+    mamba_numba._scan, mamba_numba._linear = counted, counted_linear
     try:
         yield
     finally:
-        mamba_numba._scan = kernel
+        mamba_numba._scan, mamba_numba._linear = kernel, linear
 
 
 def flops_per_pixel(model: str | None, weights: str | None) -> float:
