@@ -131,3 +131,15 @@ def test_linear_equals_torch(k, n, rows):  # type: ignore[no-untyped-def]
     x = torch.randn(2, rows, k)
     with torch.inference_mode():
         torch.testing.assert_close(mamba_numba.linear(x, layer), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_caches_go_stale_with_any_kernel_source():
+    """numba stamps a kernel's cache with its own file only; the fused kernels inline helpers from
+    simd.py and scan_numba.py, so their caches carry the stamps of all three files."""
+    from fusion_cli.models import scan_numba
+
+    cache_file = getattr(getattr(mamba_numba._scan, "_cache", None), "_cache_file", None)
+    if cache_file is None:
+        pytest.skip("numba keeps no cache in this installation (no writable cache location)")
+    assert set(scan_numba.KERNEL_SOURCES) == {"scan_numba.py", "mamba_numba.py", "simd.py"}
+    assert cache_file._source_stamp[1] == scan_numba.kernel_sources_stamp()

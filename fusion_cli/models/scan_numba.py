@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -71,9 +72,32 @@ def _njit(fn: Callable[..., Any]) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            return numba.njit(cache=True, **opts)(fn)
+            kernel = numba.njit(cache=True, **opts)(fn)
     except RuntimeError:
         return numba.njit(cache=False, **opts)(fn)
+    _stamp_with_kernel_sources(kernel)
+    return kernel
+
+
+# The files whose code the kernels compile in (they inline each other's helpers)
+KERNEL_SOURCES = ("scan_numba.py", "mamba_numba.py", "simd.py")
+
+
+def kernel_sources_stamp() -> tuple[tuple[float, int], ...]:
+    """(mtime, size) of each of KERNEL_SOURCES."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    stats = [os.stat(os.path.join(folder, name)) for name in KERNEL_SOURCES]
+    return tuple((st.st_mtime, st.st_size) for st in stats)
+
+
+def _stamp_with_kernel_sources(kernel: Any) -> None:
+    """numba marks a kernel's cache stale when the kernel's own file changes, not when a helper it
+    inlines from another file does: in a source checkout, a pull that changed only simd.py would load
+    the old compiled kernels. The cache's stamp gets every kernel source's (numba's internals; where
+    they differ, numba's own stamp stays)."""
+    cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = (cache_file._source_stamp, kernel_sources_stamp())
 
 
 # float32 exp and log1p as plain arithmetic, so LLVM vectorises them (libm's expf is a scalar call,
