@@ -102,11 +102,12 @@ class NetworkFuser:
         (no fixed per-call cost to amortise) while the halo and blend zone around every tile are paid
         again (256 px tiles compute 1.9-2.7x their area, bench_profile). For the paper's width
         (d = 32) windows larger than 512 px cost more per pixel again, with twice the memory (official
-        checkpoint, 1024^2 WV3 crop, 2 cores: 29.8 s at 512, 36.6 s at 1024, 2.4 vs 5.9 GB peak).
-        Narrow networks with few bands (d <= 16, <= 16 bands: `landsat`, `vhr4`) take 768: their
-        windows are a fraction of that memory, and the halo (66 px for a BDSD-PC base) is a large
-        share of a 512 tile (6 Mpx Landsat-8 scene, 2 cores: 131 s at 512, 109 s at 768; peak 2.1 vs
-        3.3 GB). One window at a time (`batch_size` 1). On a GPU, 256 (batched)."""
+        checkpoint, 1024^2 WV3 crop, 2 cores, vec16 kernels: 16.0 s at 512, 17.8 s at 768, 18.5 s at
+        1024, 2.3 / 3.4 / 5.0 GB peak; page faults grow with the window). Narrow networks with few
+        bands (d <= 16, <= 16 bands: `landsat`, `vhr4`) take 768: their windows are a fraction of that
+        memory, and the halo (66 px for a BDSD-PC base) is a large share of a 512 tile (Landsat-8
+        1254 x 1207 crop, 2 cores: 15.3 s at 512, 12.8 s at 768, bench_network). One window at a time
+        (`batch_size` 1). On a GPU, 256 (batched)."""
         if self.device.type != "cpu":
             return 256
         cfg = self.model.config
