@@ -631,17 +631,24 @@ def test_an_output_named_for_another_format_is_refused(
     assert not (tmp_path / name).exists() and hidden(tmp_path) == []
 
 
-def test_a_quicklook_never_replaces_an_input(tmp_path: Path) -> None:
-    """`pansharpen pan.tif ms.png -o ms.tif --quicklook --overwrite`: the quicklook ms.png is the MS."""
+def _png_pair(folder: Path, pan_name: str = "pan.png") -> tuple[Path, Path]:
+    """A PAN/MS pair without georeferencing, related by their sizes (ratio 4): the MS a PNG, the PAN
+    a PNG or, named .tif, a GeoTIFF."""
     rng = np.random.default_rng(1)
-    pan = tmp_path / "pan.tif"
-    ms = tmp_path / "ms.png"
+    pan, ms = folder / pan_name, folder / "ms.png"
+    pan_driver = "GTiff" if pan.suffix == ".tif" else "PNG"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(pan, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint16") as dst:
+        with rasterio.open(pan, "w", driver=pan_driver, width=64, height=64, count=1, dtype="uint16") as dst:
             dst.write((rng.random((1, 64, 64)) * 1000 + 100).astype("uint16"))
         with rasterio.open(ms, "w", driver="PNG", width=16, height=16, count=3, dtype="uint16") as dst:
             dst.write((rng.random((3, 16, 16)) * 1000 + 100).astype("uint16"))
+    return pan, ms
+
+
+def test_a_quicklook_never_replaces_an_input(tmp_path: Path) -> None:
+    """`pansharpen pan.tif ms.png -o ms.tif --quicklook --overwrite`: the quicklook ms.png is the MS."""
+    pan, ms = _png_pair(tmp_path, pan_name="pan.tif")
     before = ms.read_bytes()
     rc, _, err = cli(
         "pansharpen", pan, ms, "-o", tmp_path / "ms.tif", "--method", "exp", "--quicklook", "--overwrite"
@@ -736,19 +743,6 @@ def test_creation_options_gtiff_does_not_know_are_refused(
     one_line_error(rc, err, f"--co {co}", "GTiff")
     assert list(out.parent.iterdir()) == []
     assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q", "--co", "ZLEVEL=9")[0] == 0
-
-
-def _png_pair(folder: Path) -> tuple[Path, Path]:
-    """A PAN/MS pair of PNGs: no georeferencing, related by their sizes (ratio 4)."""
-    rng = np.random.default_rng(1)
-    pan, ms = folder / "pan.png", folder / "ms.png"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(pan, "w", driver="PNG", width=64, height=64, count=1, dtype="uint16") as dst:
-            dst.write((rng.random((1, 64, 64)) * 1000 + 100).astype("uint16"))
-        with rasterio.open(ms, "w", driver="PNG", width=16, height=16, count=3, dtype="uint16") as dst:
-            dst.write((rng.random((3, 16, 16)) * 1000 + 100).astype("uint16"))
-    return pan, ms
 
 
 def test_a_pair_without_georeferencing_prints_no_rasterio_warning(tmp_path: Path) -> None:
