@@ -35,7 +35,7 @@ import torch
 from numba import prange
 
 from fusion_cli.models.scan_numba import (
-    _FASTMATH,
+    _LOCAL,
     _LOG2E,
     LANE_BLOCK,
     LANES,
@@ -67,7 +67,6 @@ from fusion_cli.models.simd import (
 # Channels per work item of the scan are SIMD lanes, positions go in blocks (see scan_numba.LANES).
 BLOCK = LANE_BLOCK
 HALF = LANES // 2
-_LOCAL = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": False}
 
 
 def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-def]
@@ -90,12 +89,13 @@ def _conv_silu_kernel(x, weight, bias, orders, u):  # type: ignore[no-untyped-de
         # column orders read a token a row apart: no hardware prefetcher follows, so the kernel asks
         # for the rows AHEAD positions early (rows in order stream without it, and slower with it)
         scattered = length > 1 and abs(order[1] - order[0]) != 1
-        wt = np.empty(k * max(channels, LANES), dtype=np.float32)  # taps first, channels (twice at E = 8)
-        bias_l = np.empty(max(channels, LANES), dtype=np.float32)
-        for e in range(max(channels, LANES)):
+        span = max(channels, LANES)  # weights per tap: the channels (twice at E = 8: two positions)
+        wt = np.empty(k * span, dtype=np.float32)  # taps first
+        bias_l = np.empty(span, dtype=np.float32)
+        for e in range(span):
             bias_l[e] = bias[g, e % channels]
             for j in range(k):
-                wt[j * max(channels, LANES) + e] = weight[g, e % channels, j]
+                wt[j * span + e] = weight[g, e % channels, j]
         if paired:
             for pos in range(start, stop, 2):
                 if pos + 1 == stop:  # an odd last position: the scalar path

@@ -180,6 +180,12 @@ def _intrinsic_fn(builder: ir.IRBuilder, name: str, arity: int) -> Any:
     return cgutils.get_or_insert_function(builder.module, fn_type, f"llvm.{name}.v16f32")
 
 
+def _pow2(builder: ir.IRBuilder, k: Any) -> Any:
+    """2^k for whole-valued float lanes k in [-126, 127]: k + 127 put into the exponent bits."""
+    exponent = builder.add(builder.fptosi(k, _VI), ir.Constant(_VI, [127] * WIDTH))
+    return builder.bitcast(builder.shl(exponent, ir.Constant(_VI, [23] * WIDTH)), _VF)
+
+
 def _exp_ir(builder: ir.IRBuilder, x: Any) -> Any:
     def mul(a: Any, b: Any) -> Any:
         return builder.fmul(a, b, flags=_FAST)
@@ -196,9 +202,7 @@ def _exp_ir(builder: ir.IRBuilder, x: Any) -> Any:
     for c in EXP_POLY[1:]:
         p = add(mul(p, r), _const(c))
     p = add(add(mul(mul(p, r), r), r), _const(1.0))
-    exponent = builder.shl(builder.add(builder.fptosi(k, _VI), ir.Constant(_VI, [127] * WIDTH)),
-                           ir.Constant(_VI, [23] * WIDTH))  # fmt: skip
-    return mul(p, builder.bitcast(exponent, _VF))
+    return mul(p, _pow2(builder, k))
 
 
 @intrinsic
@@ -234,9 +238,7 @@ def vexp2(typingctx: Any, y: Any) -> Any:
         p = _const(EXP2_POLY[-1])
         for c in EXP2_POLY[-2::-1]:
             p = builder.fadd(builder.fmul(p, f, flags=_FAST), _const(c), flags=_FAST)
-        exponent = builder.shl(builder.add(builder.fptosi(k, _VI), ir.Constant(_VI, [127] * WIDTH)),
-                               ir.Constant(_VI, [23] * WIDTH))  # fmt: skip
-        return builder.fmul(p, builder.bitcast(exponent, _VF), flags=_FAST)
+        return builder.fmul(p, _pow2(builder, k), flags=_FAST)
 
     return vec16(y), codegen
 
