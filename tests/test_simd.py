@@ -5,6 +5,10 @@ are no multiple of a vector or a block."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +17,17 @@ numba = pytest.importorskip("numba")
 
 from fusion_cli.models import mamba_numba  # noqa: E402
 from fusion_cli.models.fusionmamba import _scan_orders  # noqa: E402
-from fusion_cli.models.simd import vexp, vexp2, vload, vsilu, vsoftplus, vstore  # noqa: E402
+from fusion_cli.models.simd import (  # noqa: E402
+    vexp,
+    vexp2,
+    vload,
+    vload_halves,
+    vpick,
+    vsilu,
+    vsoftplus,
+    vstore,
+    vstore_halves,
+)
 
 
 def _lanewise(op):  # type: ignore[no-untyped-def]
@@ -50,6 +64,88 @@ def test_vexp_clamps_like_the_scalar_exp():
     assert np.all(np.isfinite(out))
     assert out[0] == out[2] and out[5] == out[4] and out[6] == out[4]  # clamped to [-87, 88]
     assert out[3] == 1.0
+
+
+def test_vexp2_underflows_to_at_most_the_smallest_normal():
+    """The decays' exp2 takes y <= 0 of any size: far below -126 it gives 0 or at most 2^-126, never
+    a wrapped exponent."""
+    low = [-1e30, -1e6, -1000.0, -200.0, -150.0, -127.5]
+    x = np.array(low + [-126.0, -125.5, -60.25, -7.3, -1.0, -0.5, -1e-3, -1e-9, -0.0, 0.0], np.float32)
+    out = np.empty_like(x)
+    _lanewise(vexp2)(x, out)
+    assert np.all(out[: len(low)] >= 0.0) and np.all(out[: len(low)] <= np.float32(2.0**-126))
+    rest = slice(len(low), None)
+    np.testing.assert_allclose(out[rest], np.exp2(x[rest].astype(np.float64)), rtol=3e-7, atol=0)
+
+
+def test_vexp2_without_avx512():
+    """The portable vexp2 (exponent bits, y clamped at -126), compiled for a CPU without AVX-512 in a
+    child process (numba's target is per process): same values as on this CPU."""
+    code = (
+        "import numpy as np, numba\n"
+        "from fusion_cli.models.simd import vexp2, vload, vstore, _has_avx512\n"
+        "from numba.core.registry import cpu_target\n"
+        "assert not _has_avx512(cpu_target.target_context)\n"
+        "@numba.njit\n"
+        "def f(x, o):\n"
+        "    vstore(o, 0, vexp2(vload(x, 0)))\n"
+        "x = np.array([-1e30, -1000, -150, -126, -125.5, -60.25, -7.3, -1, -0.5, -1e-3, -1e-9, 0,"
+        " -3, -20, -100, -2.5], np.float32)\n"
+        "o = np.empty_like(x); f(x, o)\n"
+        "assert np.all(o[:3] >= 0) and np.all(o[:3] <= np.float32(2.0**-126)), o\n"
+        "np.testing.assert_allclose(o[3:], np.exp2(x[3:].astype(np.float64)), rtol=3e-7, atol=0)\n"
+    )
+    haswell = "+avx,+avx2,+fma,+f16c,+popcnt,+sse4.1,+sse4.2,+ssse3,+bmi,+bmi2,+lzcnt,+movbe"
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": haswell}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_pick_and_half_stores():
+    @numba.njit
+    def apply(x, picked, halves):  # type: ignore[no-untyped-def]
+        v = vload(x, 0)
+        for k in range(8):
+            vstore(picked, 16 * k, vpick(v, k))
+        vstore_halves(halves, 20, 4, vload_halves(x, 8, 0))  # halves swapped, then stored apart
+
+    x = np.arange(16, dtype=np.float32)
+    picked, halves = np.zeros(128, np.float32), np.zeros(28, np.float32)
+    apply(x, picked, halves)
+    expected = np.concatenate([np.r_[[k] * 8, [k + 8] * 8] for k in range(8)]).astype(np.float32)
+    np.testing.assert_array_equal(picked, expected)
+    np.testing.assert_array_equal(halves[20:28], x[8:])
+    np.testing.assert_array_equal(halves[4:12], x[:8])
+    assert not halves[:4].any() and not halves[12:20].any()
+
+
+@pytest.mark.parametrize("groups,cross", [(4, False), (4, True), (2, False), (2, True)])
+def test_paired_scan_equals_the_per_direction_scan(groups, cross):  # type: ignore[no-untyped-def]
+    """E = N = 8: two directions per work item with x_proj inside (`_pair_scan_kernel`) against the
+    per-direction kernel reading x_proj's output (`_scan_kernel` after `project`), for self blocks
+    (x_proj of u) and cross blocks (a source row per position through bc_index)."""
+    rng = np.random.default_rng(2)
+    b, e, n, rank, length = 2, 8, 8, 1, 777
+    u = rng.standard_normal((b, groups, length, e)).astype(np.float32)
+    x_w = torch.from_numpy(rng.standard_normal((groups, rank + 2 * n, e)).astype(np.float32) * 0.3)
+    dt_w = torch.from_numpy(rng.standard_normal((groups, e, rank)).astype(np.float32))
+    dt_bias = torch.from_numpy(rng.standard_normal((groups, e)).astype(np.float32) - 2)
+    A = -torch.from_numpy(rng.random((groups, e, n)).astype(np.float32) * 8 + 0.5)
+    D = torch.from_numpy(rng.standard_normal((groups, e)).astype(np.float32))
+    floor = (1.0 / (20.0 * A.abs().amin(dim=2))).numpy()
+    if cross:
+        src = rng.standard_normal((b, groups // 2, length, e)).astype(np.float32)
+        index = np.stack([rng.permutation(length) for _ in range(groups)])
+    else:
+        src, index = u, np.zeros((groups, length), np.int64)
+    xdbl = mamba_numba.project(torch.from_numpy(src), x_w).numpy()
+    expected = np.empty_like(u)
+    mamba_numba._scan(u, xdbl, dt_w.numpy(), dt_bias.numpy(), floor, A.numpy(), D.numpy(), index, cross,
+                      expected)  # fmt: skip
+    weights, a_l, consts = mamba_numba._pair_parameters(x_w, dt_w, dt_bias, floor, A, D)
+    got = np.empty_like(u)
+    mamba_numba._pair_scan(u, src, not cross, index, cross, weights, a_l, consts, got)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 
 def _conv_reference(x, weight, bias, orders):  # type: ignore[no-untyped-def]

@@ -12,9 +12,10 @@ read and write through the order tables of `fusionmamba._scan_orders` instead (d
   matmul is slow; MKL above);
 - `scan_directions` runs each direction's scan per (batch, direction, slice of channels), computing
   the step from x_proj's dt part (dt_proj, bias, softplus, the scan-memory floor) inline and writing
-  the outputs in scan order, then averages the directions in image order, applies the silu(z) gate
-  once (it is the same token's for every direction) and the block's LayerNorm in one pass:
-  `(B, L, E)`;
+  the outputs in scan order (at E = N = 8, the d = 8 networks' full-resolution blocks, two directions
+  per work item with x_proj computed inside: `_pair_scan_kernel`), then averages the directions in
+  image order, applies the silu(z) gate once (it is the same token's for every direction) and the
+  block's LayerNorm in one pass: `(B, L, E)`;
 - `layer_norm` is the same LayerNorm pass for the blocks' input norms.
 
 The inner loops hold 16 lanes as one `simd.vec16` value (channels, or two positions of 8 channels).
@@ -48,17 +49,20 @@ from fusion_cli.models.simd import (
     WIDTH,
     prefetch,
     vadd,
+    vexp2,
     vfma,
     vload,
     vload_halves,
     vmax,
     vmul,
     vpair,
+    vpick,
     vrsqrt,
     vsilu,
     vsoftplus,
     vsplat,
     vstore,
+    vstore_halves,
     vsub,
     vsum_all,
     vsum_halves,
@@ -442,40 +446,17 @@ def _load_rows(mt, rows, xg, xs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", **_LOCAL)
-def _project_rows(mt, rows, src, wt, xs):  # type: ignore[no-untyped-def]
-    """xs[i, :] = x_proj of src[rows[i]] `(E,)` for a block: wt `(E, 2 LANES)` the weights transposed
-    and padded, xs `(BLOCK, 2 LANES)`; two 16-lane values of outputs per position."""
-    channels = src.shape[1]
-    for i in range(mt):
-        row = src[rows[i]]
-        x = vsplat(row[0])
-        lo = vmul(x, vload(wt, 0))
-        hi = vmul(x, vload(wt, LANES))
-        for c in range(1, channels):
-            x = vsplat(row[c])
-            lo = vfma(x, vload(wt, 2 * c * LANES), lo)
-            hi = vfma(x, vload(wt, 2 * c * LANES + LANES), hi)
-        vstore(xs, 2 * i * LANES, lo)
-        vstore(xs, 2 * i * LANES + LANES, hi)
-
-
-@numba.njit(inline="always", **_LOCAL)
 def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
     """One block of positions of one work item: loads, steps, recurrence, stores. Called with literal
     half, cnt (lanes used) and n where they are the common ones, so each loop has a constant trip
     count and vectorises. blk: (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)."""
-    mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state, inline = blk
+    mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state = blk
     a_t, w_t, bias, fl, d_l = params
     h, us, dts, ys, xs0, xs1, local = state
     _load_u(half, cnt, mt, t0, e0, ug0, ug1, us)
-    if inline[0]:  # x_proj here, from the sources' rows (before this block's outputs overwrite u)
-        _, src0, src1, wt0, wt1 = inline
-        _project_rows(mt, rows0, src0, wt0, xs0)
-        _project_rows(mt, rows1, src1, wt1, xs1)
-    else:
-        _load_rows(mt, rows0, xg0, xs0)
-        if half < LANES:
-            _load_rows(mt, rows1, xg1, xs1)
+    _load_rows(mt, rows0, xg0, xs0)
+    if half < LANES:
+        _load_rows(mt, rows1, xg1, xs1)
     _steps(rank, half, mt, xs0, xs1, w_t, bias, fl, dts)
     bt0, ct0 = xs0[:, rank : rank + n], xs0[:, rank + n :]  # (BLOCK, N) views
     bt1, ct1 = xs1[:, rank : rank + n], xs1[:, rank + n :]
@@ -484,20 +465,19 @@ def _scan_block(half, cnt, rank, n, blk):  # type: ignore[no-untyped-def]
 
 
 def _scan_kernel(  # type: ignore[no-untyped-def]
-    u, xdbl, src, x_wt, inline, dt_w, dt_bias, floor, A, Dv, bc_index, bc_by_token, out
+    u, xdbl, dt_w, dt_bias, floor, A, Dv, bc_index, bc_by_token, out
 ):
     """u `(B, G, L, E)` in scan order; xdbl `(B, G, R + 2N, L)` (dt, B, C) in scan order, or, when
     `bc_by_token`, read at position i of order g from column bc_index[g, i] (`(G, L)`); dt_w
     `(G, E, R)`, dt_bias, floor, Dv `(G, E)`, A `(G, E, N)` -> out `(B, G, L, E)`: each direction's
-    scan (before the gate, see `_mean_norm_kernel`), in its scan order. With `inline` (E = LANES / 2
-    only), x_proj is computed here from src `(B, S, L, E)` (group g reads source g * S // G; rows as
-    xdbl's columns) and x_wt `(G, E, 2 LANES)`, and xdbl is not read.
+    scan (before the gate, see `_mean_norm_kernel`), in its scan order.
 
     Work items are (batch, direction, LANES channels); a slice with fewer channels pads its lanes with
-    zeros (they stay zero), except that blocks of exactly LANES / 2 channels (the d = 8 networks'
-    full-resolution blocks) put two directions side by side in the lanes instead of leaving half of
-    them idle. Positions go in blocks of BLOCK: u and the block's dt, B and C are copied into L1,
-    then steps and recurrence run on 16-lane values (`simd`), and the outputs are stored."""
+    zeros (they stay zero), except that blocks of exactly LANES / 2 channels put two directions side
+    by side in the lanes instead of leaving half of them idle (`scan_directions` sends those with
+    N = 8, the d = 8 networks' full-resolution blocks, to `_pair_scan_kernel`). Positions go in
+    blocks of BLOCK: u and the block's dt, B and C are copied into L1, then steps and recurrence run
+    on 16-lane values (`simd`), and the outputs are stored."""
     nb, groups, length, channels = u.shape
     rank = dt_w.shape[2]
     n = A.shape[2]
@@ -534,12 +514,10 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
             np.zeros((BLOCK, LANES), dtype=np.float32),
-            np.zeros((BLOCK, x_wt.shape[2] if inline else xdbl.shape[2]), dtype=np.float32),
-            np.zeros((BLOCK, x_wt.shape[2] if inline else xdbl.shape[2]), dtype=np.float32),
+            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
+            np.zeros((BLOCK, xdbl.shape[2]), dtype=np.float32),
             np.arange(BLOCK),
         )
-        nsrc = src.shape[1]
-        sources = (inline, src[b, g0 * nsrc // groups], src[b, g1 * nsrc // groups], x_wt[g0], x_wt[g1])
         rows0 = np.empty(BLOCK, dtype=np.int64)
         rows1 = np.empty(BLOCK, dtype=np.int64)
         xg0, ug0, og0, order0 = xdbl[b, g0], u[b, g0], out[b, g0], bc_index[g0]
@@ -549,10 +527,10 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
             for i in range(mt):
                 rows0[i] = order0[t0 + i] if bc_by_token else t0 + i
                 rows1[i] = order1[t0 + i] if bc_by_token else t0 + i
-            blk = (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state, sources)
+            blk = (mt, t0, e0, rows0, xg0, ug0, og0, rows1, xg1, ug1, og1, params, state)
             # literal lane counts and N = 8 (every shipped network's) where they apply, so that the
             # state loop unrolls; the rank may vary (1, 2, 4, 8 at the paper's width, by level)
-            if pair and n == 8:  # the d = 8 networks' full-resolution blocks
+            if pair and n == 8:
                 _scan_block(HALF, HALF, rank, 8, blk)
             elif pair:
                 _scan_block(HALF, HALF, rank, n, blk)
@@ -562,9 +540,93 @@ def _scan_kernel(  # type: ignore[no-untyped-def]
                 _scan_block(LANES, m, rank, n, blk)
 
 
+@numba.njit(inline="always", **_LOCAL)
+def _pair_input(c, sv, wb, wc, wd, x):  # type: ignore[no-untyped-def]
+    """Input channel c's terms of both directions' B, C and step: x = (B, C, step) values."""
+    v = vpick(sv, c)
+    return (
+        vfma(v, vload(wb, c * LANES), x[0]),
+        vfma(v, vload(wc, c * LANES), x[1]),
+        vfma(v, vload(wd, c * LANES), x[2]),
+    )
+
+
+@numba.njit(inline="always", **_LOCAL)
+def _pair_state(k, h, dt, du, bv, cv, a_t, acc):  # type: ignore[no-untyped-def]
+    """State k of both directions: h = exp(dt A_k) h + dt u B_k; returns (h, acc + C_k h)."""
+    h = vfma(vexp2(vmul(dt, vload(a_t, k * LANES))), h, vmul(du, vpick(bv, k)))
+    return h, vfma(vpick(cv, k), h, acc)
+
+
+def _pair_scan_kernel(u, src, self_source, bc_index, by_token, weights, a_l, consts, out):  # type: ignore[no-untyped-def]  # noqa: E501
+    """`_scan_kernel` with x_proj, for blocks of E = N = LANES / 2 (the d = 8 networks' full-resolution
+    blocks): two directions per work item, side by side in the lanes, and per position one 16-lane
+    value each of their inputs u, their B, their C and their steps.
+
+    u `(B, G, L, E)` in scan order; x_proj reads u itself (self_source) or src `(B, S, L, E)` (group g
+    reads source g * S // G, position i of order g its row bc_index[g, i] when by_token, else row i).
+    Per pair of directions p (groups 2p, 2p + 1; lanes: the first's 8 channels, then the second's):
+    weights[p] `(3, E, LANES)` x_proj's B rows, its C rows and dt_proj composed with its dt rows, each
+    transposed (one value per input channel: the weights of both directions' outputs); a_l[p] `(N,
+    LANES)` A times log2(e) (see `_lane_recurrence`); consts[p] `(3, LANES)` dt_proj's bias, the step
+    floor, D. -> out `(B, G, L, E)`, in scan order (may be u: each position is read before written).
+
+    The per-direction path computed x_proj into 32 lanes per direction (17 used) and broadcast each
+    B and C from memory into the recurrence; here B, C and the steps are 24 FMAs of both directions'
+    outputs per position, and each state's B and C one permute (`simd.vpick`) of them."""
+    nb, groups, length, channels = u.shape
+    npairs = groups // 2
+    nsrc = src.shape[1]
+    for item in prange(nb * npairs):
+        b = item // npairs
+        p = item % npairs
+        g0, g1 = 2 * p, 2 * p + 1
+        wb, wc, wd = weights[p, 0], weights[p, 1], weights[p, 2]
+        a_t = a_l[p]
+        bias_v, floor_v, d_v = vload(consts[p, 0], 0), vload(consts[p, 1], 0), vload(consts[p, 2], 0)
+        ub, ob, sb = u[b], out[b], src[b]
+        base0, base1 = g0 * length * HALF, g1 * length * HALF
+        src0, src1 = (g0 * nsrc // groups) * length * HALF, (g1 * nsrc // groups) * length * HALF
+        index0, index1 = bc_index[g0], bc_index[g1]
+        # the eight states as eight values (registers); every index into a value is a constant, so
+        # each `vpick` is one permute: the loops over states and channels are written out
+        h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = vsplat(0.0)
+        for t in range(length):
+            uv = vload_halves(ub, base0 + t * HALF, base1 + t * HALF)
+            if self_source:
+                sv = uv
+            else:
+                r0 = index0[t] if by_token else t
+                r1 = index1[t] if by_token else t
+                sv = vload_halves(sb, src0 + r0 * HALF, src1 + r1 * HALF)
+            x = (vsplat(0.0), vsplat(0.0), bias_v)  # B, C, step before softplus
+            x = _pair_input(0, sv, wb, wc, wd, x)
+            x = _pair_input(1, sv, wb, wc, wd, x)
+            x = _pair_input(2, sv, wb, wc, wd, x)
+            x = _pair_input(3, sv, wb, wc, wd, x)
+            x = _pair_input(4, sv, wb, wc, wd, x)
+            x = _pair_input(5, sv, wb, wc, wd, x)
+            x = _pair_input(6, sv, wb, wc, wd, x)
+            x = _pair_input(7, sv, wb, wc, wd, x)
+            bv, cv, dv = x
+            dt = vmax(vsoftplus(dv), floor_v)
+            du = vmul(dt, uv)
+            acc = vmul(d_v, uv)
+            h0, acc = _pair_state(0, h0, dt, du, bv, cv, a_t, acc)
+            h1, acc = _pair_state(1, h1, dt, du, bv, cv, a_t, acc)
+            h2, acc = _pair_state(2, h2, dt, du, bv, cv, a_t, acc)
+            h3, acc = _pair_state(3, h3, dt, du, bv, cv, a_t, acc)
+            h4, acc = _pair_state(4, h4, dt, du, bv, cv, a_t, acc)
+            h5, acc = _pair_state(5, h5, dt, du, bv, cv, a_t, acc)
+            h6, acc = _pair_state(6, h6, dt, du, bv, cv, a_t, acc)
+            h7, acc = _pair_state(7, h7, dt, du, bv, cv, a_t, acc)
+            vstore_halves(ob, base0 + t * HALF, base1 + t * HALF, acc)
+
+
 _conv_silu = _njit(_conv_silu_kernel)
 _project = _njit(_project_kernel)
 _scan = _njit(_scan_kernel)
+_pair_scan = _njit(_pair_scan_kernel)
 _mean_norm = _njit(_mean_norm_kernel)
 _layer_norm = _njit(_layer_norm_kernel)
 _linear = _njit(_linear_kernel)
@@ -678,38 +740,63 @@ def scan_directions(
     (see `_scan_kernel`), for an image of `width` columns (1-D sequences: their length); overwrites u
     (float32 CPU `(B, G, L, E)`) with the directions' outputs.
     x_proj (weights x_w `(G, R + 2N, E)`) reads u itself (sources None) or a cross block's sources
-    (`cross_sources`), row bc_index[g, i] `(G, L)` for position i of order g. At E = 8 it runs inside
-    the scan, on each block's rows (the full x_proj output, 17 x 4 floats per token, written and read
-    back, cost as much as the rest of the scan's loads); otherwise first, by `project`.
+    (`cross_sources`), row bc_index[g, i] `(G, L)` for position i of order g. At E = N = 8 it runs
+    inside the scan (`_pair_scan_kernel`: the full x_proj output, 17 x 4 floats per token, written and
+    read back, cost as much as the rest of the scan's loads); otherwise first, by `project`.
     `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); `inverse` `(G, L)` the
     position of each image token in each order (`fusionmamba._scan_orders`)."""
-    # Each work item reads a block of u before it writes the same block's outputs, so the outputs
-    # go over u in place (u is not needed after the scan): one (B, G, L, E) array less per block.
+    # Each work item reads a position of u before it writes the same position's outputs, so the
+    # outputs go over u in place (u is not needed after the scan): one (B, G, L, E) array less.
     b, g, length, e = u.shape
-    outputs = x_w.shape[1]
+    n = A.shape[2]
     src = u if sources is None else sources
-    inline = e == HALF and g % 2 == 0 and outputs <= 2 * LANES
-    if inline:
-        x_wt = np.zeros((g, e, 2 * LANES), np.float32)
-        x_wt[:, :, :outputs] = _f32(x_w).transpose(0, 2, 1)
-        xdbl = np.zeros((b, g, 1, 1), np.float32)  # unread
-    else:
-        x_wt = np.zeros((g, 1, 1), np.float32)  # unread
-        xdbl = project(src, x_w).numpy()
     u_np = _f32(u)
     out = u_np
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
-    with _threads():
-        by_token = bc_index is not None
-        index = bc_index.numpy() if by_token else inverse.numpy()  # (unread without bc_index)
-        _scan(u_np, xdbl, _f32(src), x_wt, inline, _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D),
-              index, by_token, out)  # fmt: skip
+    by_token = bc_index is not None
+    index = bc_index.numpy() if by_token else inverse.numpy()  # (unread without bc_index)
+    if e == HALF and n == HALF and g % 2 == 0:
+        weights, a_l, consts = _pair_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
+        with _threads():
+            _pair_scan(u_np, _f32(src), sources is None, index, by_token, weights, a_l, consts, out)
+    else:
+        xdbl = project(src, x_w).numpy()
+        with _threads():
+            _scan(u_np, xdbl, _f32(dt_w), _f32(dt_bias), floor_np, _f32(A), _f32(D), index, by_token, out)
     # the directions' mean (here rather than in the scan kernel, so that directions run in parallel)
     normed = _buffer("normed", (b, length, e))
     with _threads():
         weight, bias = _f32(norm.weight), _f32(norm.bias)
         _mean_norm(out, inverse.numpy(), _f32(xz), weight, bias, float(norm.eps), width, normed)
     return torch.from_numpy(normed)
+
+
+def _pair_parameters(
+    x_w: torch.Tensor,
+    dt_w: torch.Tensor,
+    dt_bias: torch.Tensor,
+    floor: np.ndarray,
+    A: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_pair_scan_kernel`'s weights, a_l and consts from x_w `(G, R + 2N, E)`, dt_w `(G, E, R)`,
+    dt_bias, floor, D `(G, E)`, A `(G, E, N)`: each pair of directions' lanes side by side."""
+    g, e, rank = dt_w.shape
+    n = A.shape[2]
+    xw = x_w.detach().double()
+    dt_x = torch.matmul(dt_w.detach().double(), xw[:, :rank])  # (G, E, E): dt_proj after x_proj's dt rows
+    per_group = torch.stack([xw[:, rank : rank + n], xw[:, rank + n :], dt_x], 1)  # (G, 3, out, in)
+    # (G, 3, out, in) -> (G / 2, 3, in, 2 out): a pair's two directions' outputs per input channel
+    weights = per_group.view(g // 2, 2, 3, e, e).permute(0, 2, 4, 1, 3).reshape(g // 2, 3, e, 2 * e)
+    # A log2(e) in float32, as `_scan_kernel` forms it
+    a_l = (A.detach().float() * float(_LOG2E)).view(g // 2, 2, e, n).permute(0, 3, 1, 2)
+    consts = torch.stack([dt_bias.detach().float(), torch.from_numpy(floor), D.detach().float()], 1)
+    consts = consts.view(g // 2, 2, 3, e).transpose(1, 2)
+    return (
+        np.ascontiguousarray(weights.float().numpy()),
+        np.ascontiguousarray(a_l.reshape(g // 2, n, 2 * e).numpy()),
+        np.ascontiguousarray(consts.reshape(g // 2, 3, 2 * e).numpy()),
+    )
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:

@@ -107,6 +107,25 @@ def vload_halves(typingctx: Any, arr: Any, low: Any, high: Any) -> Any:
     return vec16(arr, low, high), codegen
 
 
+@intrinsic
+def vstore_halves(typingctx: Any, arr: Any, low: Any, high: Any, value: Any) -> Any:
+    """The lower 8 lanes to flat index `low`, the upper 8 to `high` (`vload_halves` reversed)."""
+    _check_array(arr)
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        half = ir.VectorType(_F32, WIDTH // 2)
+        for k, off in enumerate(args[1:3]):
+            part = builder.shuffle_vector(
+                args[3], ir.Constant(_VF, ir.Undefined), ir.Constant(ir.VectorType(_I32, WIDTH // 2),
+                                                                     list(range(k * 8, k * 8 + 8)))
+            )  # fmt: skip
+            builder.store(part, builder.bitcast(builder.gep(data, [off]), half.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, low, high, value), codegen
+
+
 def _splat(builder: ir.IRBuilder, scalar: Any, vtype: ir.VectorType) -> Any:
     one = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined), ir.Constant(_VI, [0] * WIDTH))
@@ -141,6 +160,24 @@ def vpair(typingctx: Any, low: Any, high: Any, half: Any) -> Any:
         return builder.select(mask, lo, hi)
 
     return vec16(low, high, half), codegen
+
+
+@intrinsic
+def vpick(typingctx: Any, x: Any, k: Any) -> Any:
+    """Lane k of x in the lower 8 lanes, lane 8 + k in the upper 8: one value per half, broadcast
+    (two scan directions' B or C of state k, side by side). With k a constant once LLVM has unrolled
+    the caller's loop, one permute."""
+    if not isinstance(k, types.Integer):
+        raise TypeError("vpick: k must be an integer")
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
+        k32 = builder.sext(args[1], _I32) if args[1].type.width < 32 else builder.trunc(args[1], _I32)
+        lo = _splat(builder, builder.extract_element(args[0], k32), _VF)
+        hi = _splat(builder, builder.extract_element(args[0], builder.add(k32, ir.Constant(_I32, 8))), _VF)
+        mask = ir.Constant(ir.VectorType(ir.IntType(1), WIDTH), [i < WIDTH // 2 for i in range(WIDTH)])
+        return builder.select(mask, lo, hi)
+
+    return vec16(x, k), codegen
 
 
 def _binary(op: str, doc: str) -> Any:
@@ -178,6 +215,13 @@ def _intrinsic_fn(builder: ir.IRBuilder, name: str, arity: int) -> Any:
     """llvm.<name>.v16f32 of `arity` vector arguments."""
     fn_type = ir.FunctionType(_VF, [_VF] * arity)
     return cgutils.get_or_insert_function(builder.module, fn_type, f"llvm.{name}.v16f32")
+
+
+def _has_avx512(context: Any) -> bool:
+    """Whether numba compiles for a CPU with AVX-512F (its target machine's features: the host's,
+    or what NUMBA_CPU_NAME / NUMBA_CPU_FEATURES ask for)."""
+    features = getattr(context.codegen(), "_tm_features", "")
+    return isinstance(features, str) and "+avx512f" in features.split(",")
 
 
 def _pow2(builder: ir.IRBuilder, k: Any) -> Any:
@@ -224,20 +268,31 @@ EXP2_POLY = tuple(_F(c) for c in _EXP2_COEFFICIENTS)
 
 @intrinsic
 def vexp2(typingctx: Any, y: Any) -> Any:
-    """2^y, lane by lane, for y clamped to [-126, 127]: 2^round(y) into the exponent bits times a
-    polynomial in y - round(y). The scan's decays exp(dt A) are 2^(dt A log2 e), A pre-scaled: five
-    instructions fewer per state update than `vexp`'s range reduction and clamps (0.29 -> 0.21 ns per
-    update). A rounding of y of relative size u costs |y| ln2 u of the result: decays that matter
-    (|y| of a few) stay within ~1e-6 relative, as `vexp` of the same float32 product does."""
+    """2^y, lane by lane, for y <= 0 (the scan's decays, exp(dt A) = 2^(dt A log2 e) with A < 0 and
+    dt >= 0 pre-scaled): 2^round(y) times a polynomial in y - round(y); below -126 (a decay under
+    1e-38) the result is 0 or a subnormal. Five instructions fewer per state update than `vexp`'s
+    range reduction and clamps (0.29 -> 0.21 ns per update). A rounding of y of relative size u costs
+    |y| ln2 u of the result: decays that matter (|y| of a few) stay within ~1e-6 relative, as `vexp`
+    of the same float32 product does. On AVX-512 the power of two is one `vscalefps`, which also
+    handles the underflow; elsewhere it goes into the exponent bits, y clamped at -126."""
 
     def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Any) -> Any:
-        fmin, fmax = _intrinsic_fn(builder, "minnum", 2), _intrinsic_fn(builder, "maxnum", 2)
-        v = builder.call(fmin, [builder.call(fmax, [args[0], _const(-126.0)]), _const(127.0)])
+        scalef = _has_avx512(context)
+        v = (
+            args[0]
+            if scalef
+            else builder.call(_intrinsic_fn(builder, "maxnum", 2), [args[0], _const(-126.0)])
+        )
         k = builder.call(_intrinsic_fn(builder, "roundeven", 1), [v])
         f = builder.fsub(v, k, flags=_FAST)
         p = _const(EXP2_POLY[-1])
         for c in EXP2_POLY[-2::-1]:
             p = builder.fadd(builder.fmul(p, f, flags=_FAST), _const(c), flags=_FAST)
+        if scalef:
+            fn_type = ir.FunctionType(_VF, [_VF, _VF, _VF, ir.IntType(16), _I32])
+            fn = cgutils.get_or_insert_function(builder.module, fn_type, "llvm.x86.avx512.mask.scalef.ps.512")
+            # p 2^floor(k) (k whole already), every lane (mask -1), the current rounding mode (4)
+            return builder.call(fn, [p, k, p, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 4)])
         return builder.fmul(p, _pow2(builder, k), flags=_FAST)
 
     return vec16(y), codegen
