@@ -119,13 +119,18 @@ def test_pick_and_half_stores():
     assert not halves[:4].any() and not halves[12:20].any()
 
 
-@pytest.mark.parametrize("groups,cross", [(4, False), (4, True), (2, False), (2, True)])
-def test_paired_scan_equals_the_per_direction_scan(groups, cross):  # type: ignore[no-untyped-def]
-    """E = N = 8: two directions per work item with x_proj inside (`_pair_scan_kernel`) against the
-    per-direction kernel reading x_proj's output (`_scan_kernel` after `project`), for self blocks
-    (x_proj of u) and cross blocks (a source row per position through bc_index)."""
+@pytest.mark.parametrize(
+    "channels,rank,groups,cross",
+    [(8, 1, 4, False), (8, 1, 4, True), (8, 1, 2, False), (8, 1, 2, True), (16, 1, 4, True),
+     (32, 2, 4, False), (32, 2, 4, True), (64, 4, 2, False), (64, 4, 2, True)],
+)  # fmt: skip
+def test_scans_with_x_proj_inside_equal_the_per_slice_scan(channels, rank, groups, cross):  # type: ignore[no-untyped-def]  # noqa: E501
+    """N = 8 with x_proj inside the scan: E = 8 two directions per work item (`_pair_scan_kernel`),
+    E a multiple of 16 a direction per work item (`_direction_scan_kernel`), against the per-slice
+    kernel reading x_proj's output (`_scan_kernel` after `project`), for self blocks (x_proj of u)
+    and cross blocks (a source row per position through bc_index), 2 and 4 directions."""
     rng = np.random.default_rng(2)
-    b, e, n, rank, length = 2, 8, 8, 1, 777
+    b, e, n, length = 2, channels, 8, 777
     u = rng.standard_normal((b, groups, length, e)).astype(np.float32)
     x_w = torch.from_numpy(rng.standard_normal((groups, rank + 2 * n, e)).astype(np.float32) * 0.3)
     dt_w = torch.from_numpy(rng.standard_normal((groups, e, rank)).astype(np.float32))
@@ -142,9 +147,13 @@ def test_paired_scan_equals_the_per_direction_scan(groups, cross):  # type: igno
     expected = np.empty_like(u)
     mamba_numba._scan(u, xdbl, dt_w.numpy(), dt_bias.numpy(), floor, A.numpy(), D.numpy(), index, cross,
                       expected)  # fmt: skip
-    weights, a_l, consts = mamba_numba._pair_parameters(x_w, dt_w, dt_bias, floor, A, D)
     got = np.empty_like(u)
-    mamba_numba._pair_scan(u, src, not cross, index, cross, weights, a_l, consts, got)
+    if channels == 8:
+        weights, a_l, consts = mamba_numba._pair_parameters(x_w, dt_w, dt_bias, floor, A, D)
+        mamba_numba._pair_scan(u, src, not cross, index, cross, weights, a_l, consts, got)
+    else:
+        params = mamba_numba._direction_parameters(x_w, dt_w, dt_bias, floor, A, D)
+        mamba_numba._direction_scan(u, src, not cross, index, cross, *params, got)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 

@@ -623,10 +623,73 @@ def _pair_scan_kernel(u, src, self_source, bc_index, by_token, weights, a_l, con
             vstore_halves(ob, base0 + t * HALF, base1 + t * HALF, acc)
 
 
+def _direction_scan_kernel(u, src, self_source, bc_index, by_token, w_bc, w_dt, dt_w, consts, a_l, out):  # type: ignore[no-untyped-def]  # noqa: E501
+    """`_scan_kernel` with x_proj, for blocks of E a multiple of LANES and N = LANES / 2 (the paper's
+    width, d = 32, at every level): one work item per (batch, direction), all its channels, so that
+    x_proj runs once per position from the row of u (or of the source) in L1 instead of through a
+    matmul whose `(B, G, R + 2N, L)` output is written, read back and transposed.
+
+    u `(B, G, L, E)` in scan order; x_proj reads u itself (self_source) or src `(B, S, L, E)` (group g
+    reads source g * S // G, position i of order g its row bc_index[g, i] when by_token, else row i).
+    Per direction g: w_bc[g] `(E, 2N)` x_proj's B and C rows transposed (one value per input channel);
+    w_dt[g] `(R, E)` its dt rows; dt_w[g] `(R, E)` dt_proj transposed; consts[g] `(3, E)` dt_proj's
+    bias, the step floor and D; a_l[g] `(N, E)` A times log2(e) (see `_lane_recurrence`). -> out
+    `(B, G, L, E)` in scan order (may be u: each position's row is read before it is written)."""
+    nb, groups, length, channels = u.shape
+    rank = w_dt.shape[1]
+    n = a_l.shape[1]
+    nsrc = src.shape[1]
+    for item in prange(nb * groups):
+        b = item // groups
+        g = item % groups
+        ug, og, sg, index = u[b, g], out[b, g], src[b, g * nsrc // groups], bc_index[g]
+        wbc, wdt, dtw, bias, floor, dv, at = (
+            w_bc[g],
+            w_dt[g],
+            dt_w[g],
+            consts[g, 0],
+            consts[g, 1],
+            consts[g, 2],
+            a_l[g],
+        )
+        h = np.zeros(channels * n, dtype=np.float32)  # (E / LANES, N, LANES)
+        bc = np.empty(LANES, dtype=np.float32)  # this position's B (first N) and C
+        raw = np.empty(rank * LANES, dtype=np.float32)  # its dt rows, each in every lane
+        for t in range(length):
+            row = ug[t] if self_source else sg[index[t] if by_token else t]
+            acc = vsplat(0.0)
+            for c in range(channels):
+                acc = vfma(vsplat(row[c]), vload(wbc, c * LANES), acc)
+            vstore(bc, 0, acc)
+            for r in range(rank):
+                part = vmul(vload(row, 0), vload(wdt[r], 0))
+                for c0 in range(LANES, channels, LANES):
+                    part = vfma(vload(row, c0), vload(wdt[r], c0), part)
+                vstore(raw, r * LANES, vsum_all(part))
+            urow, orow = ug[t], og[t]
+            for e0 in range(0, channels, LANES):
+                d = vload(bias, e0)
+                for r in range(rank):
+                    d = vfma(vload(raw, r * LANES), vload(dtw[r], e0), d)
+                dt = vmax(vsoftplus(d), vload(floor, e0))
+                uv = vload(urow, e0)
+                du = vmul(dt, uv)
+                y = vmul(vload(dv, e0), uv)
+                hs = e0 * n  # this slice's states
+                for k in range(n):
+                    hk = vfma(
+                        vexp2(vmul(dt, vload(at[k], e0))), vload(h, hs + k * LANES), vmul(du, vsplat(bc[k]))
+                    )
+                    vstore(h, hs + k * LANES, hk)
+                    y = vfma(vsplat(bc[n + k]), hk, y)
+                vstore(orow, e0, y)
+
+
 _conv_silu = _njit(_conv_silu_kernel)
 _project = _njit(_project_kernel)
 _scan = _njit(_scan_kernel)
 _pair_scan = _njit(_pair_scan_kernel)
+_direction_scan = _njit(_direction_scan_kernel)
 _mean_norm = _njit(_mean_norm_kernel)
 _layer_norm = _njit(_layer_norm_kernel)
 _linear = _njit(_linear_kernel)
@@ -759,6 +822,12 @@ def scan_directions(
         weights, a_l, consts = _pair_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
         with _threads():
             _pair_scan(u_np, _f32(src), sources is None, index, by_token, weights, a_l, consts, out)
+    elif e % LANES == 0 and n == HALF:
+        w_bc, w_dt, dt_wt, consts, a_l = _direction_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
+        with _threads():
+            _direction_scan(
+                u_np, _f32(src), sources is None, index, by_token, w_bc, w_dt, dt_wt, consts, a_l, out
+            )
     else:
         xdbl = project(src, x_w).numpy()
         with _threads():
@@ -769,6 +838,24 @@ def scan_directions(
         weight, bias = _f32(norm.weight), _f32(norm.bias)
         _mean_norm(out, inverse.numpy(), _f32(xz), weight, bias, float(norm.eps), width, normed)
     return torch.from_numpy(normed)
+
+
+def _direction_parameters(
+    x_w: torch.Tensor,
+    dt_w: torch.Tensor,
+    dt_bias: torch.Tensor,
+    floor: np.ndarray,
+    A: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[np.ndarray, ...]:
+    """`_direction_scan_kernel`'s w_bc, w_dt, dt_w, consts and a_l from x_w `(G, R + 2N, E)`, dt_w
+    `(G, E, R)`, dt_bias, floor, D `(G, E)`, A `(G, E, N)`."""
+    rank = dt_w.shape[2]
+    x_w = x_w.detach().float()
+    consts = torch.stack([dt_bias.detach().float(), torch.from_numpy(floor), D.detach().float()], 1)
+    a_l = (A.detach().float() * float(_LOG2E)).transpose(1, 2)  # as `_scan_kernel` forms it
+    parts = (x_w[:, rank:].transpose(1, 2), x_w[:, :rank], dt_w.detach().float().transpose(1, 2), consts, a_l)
+    return tuple(np.ascontiguousarray(t.numpy()) for t in parts)
 
 
 def _pair_parameters(
