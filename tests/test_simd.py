@@ -147,13 +147,16 @@ def test_scans_with_x_proj_inside_equal_the_per_slice_scan(channels, rank, group
     expected = np.empty_like(u)
     mamba_numba._scan(u, xdbl, dt_w.numpy(), dt_bias.numpy(), floor, A.numpy(), D.numpy(), index, cross,
                       expected)  # fmt: skip
-    got = np.empty_like(u)
+    got = np.full_like(u, np.nan)
     if channels == 8:
         weights, a_l, consts = mamba_numba._pair_parameters(x_w, dt_w, dt_bias, floor, A, D)
         mamba_numba._pair_scan(u, src, not cross, index, cross, weights, a_l, consts, got)
     else:
         params = mamba_numba._direction_parameters(x_w, dt_w, dt_bias, floor, A, D)
-        mamba_numba._direction_scan(u, src, not cross, index, cross, *params, got)
+        mamba_numba._direction_scan(u, src, not cross, index, cross, *params, 1, got)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+        got[:] = np.nan  # each direction's channels in slices, as with more threads than directions
+        mamba_numba._direction_scan(u, src, not cross, index, cross, *params, channels // 16, got)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 

@@ -623,7 +623,9 @@ def _pair_scan_kernel(u, src, self_source, bc_index, by_token, weights, a_l, con
             vstore_halves(ob, base0 + t * HALF, base1 + t * HALF, acc)
 
 
-def _direction_scan_kernel(u, src, self_source, bc_index, by_token, w_bc, w_dt, dt_w, consts, a_l, out):  # type: ignore[no-untyped-def]  # noqa: E501
+def _direction_scan_kernel(
+    u, src, self_source, bc_index, by_token, w_bc, w_dt, dt_w, consts, a_l, parts, out
+):  # type: ignore[no-untyped-def]  # noqa: E501
     """`_scan_kernel` with x_proj, for blocks of E a multiple of LANES and N = LANES / 2 (the paper's
     width, d = 32, at every level): one work item per (batch, direction), all its channels, so that
     x_proj runs once per position from the row of u (or of the source) in L1 instead of through a
@@ -634,14 +636,19 @@ def _direction_scan_kernel(u, src, self_source, bc_index, by_token, w_bc, w_dt, 
     Per direction g: w_bc[g] `(E, 2N)` x_proj's B and C rows transposed (one value per input channel);
     w_dt[g] `(R, E)` its dt rows; dt_w[g] `(R, E)` dt_proj transposed; consts[g] `(3, E)` dt_proj's
     bias, the step floor and D; a_l[g] `(N, E)` A times log2(e) (see `_lane_recurrence`). -> out
-    `(B, G, L, E)` in scan order (may be u: each position's row is read before it is written)."""
+    `(B, G, L, E)` in scan order (may be u: each position's row is read before it is written).
+    With more threads than (batch, direction) items, each direction's channels go in `parts` items
+    (slices of LANES channels), each computing x_proj itself."""
     nb, groups, length, channels = u.shape
     rank = w_dt.shape[1]
     n = a_l.shape[1]
     nsrc = src.shape[1]
-    for item in prange(nb * groups):
-        b = item // groups
-        g = item % groups
+    nslices = channels // LANES
+    for item in prange(nb * groups * parts):
+        b = item // (groups * parts)
+        g = (item // parts) % groups
+        first = (item % parts) * nslices // parts * LANES  # this item's channels
+        last = (item % parts + 1) * nslices // parts * LANES
         ug, og, sg, index = u[b, g], out[b, g], src[b, g * nsrc // groups], bc_index[g]
         wbc, wdt, dtw, bias, floor, dv, at = (
             w_bc[g],
@@ -667,7 +674,7 @@ def _direction_scan_kernel(u, src, self_source, bc_index, by_token, w_bc, w_dt, 
                     part = vfma(vload(row, c0), vload(wdt[r], c0), part)
                 vstore(raw, r * LANES, vsum_all(part))
             urow, orow = ug[t], og[t]
-            for e0 in range(0, channels, LANES):
+            for e0 in range(first, last, LANES):
                 d = vload(bias, e0)
                 for r in range(rank):
                     d = vfma(vload(raw, r * LANES), vload(dtw[r], e0), d)
@@ -825,8 +832,10 @@ def scan_directions(
     elif e % LANES == 0 and n == HALF:
         w_bc, w_dt, dt_wt, consts, a_l = _direction_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
         with _threads():
+            # a direction per item where that keeps every thread busy, else its channels split too
+            parts = min(e // LANES, -(-numba.get_num_threads() // (b * g)))
             _direction_scan(
-                u_np, _f32(src), sources is None, index, by_token, w_bc, w_dt, dt_wt, consts, a_l, out
+                u_np, _f32(src), sources is None, index, by_token, w_bc, w_dt, dt_wt, consts, a_l, parts, out
             )
     else:
         xdbl = project(src, x_w).numpy()
