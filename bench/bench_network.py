@@ -48,32 +48,40 @@ def matmul_gflops(size: int = 2048, repeat: int = 5) -> float:
 
 @contextlib.contextmanager
 def counting_fused_scans(counts: dict[str, float]) -> Iterator[None]:
-    """While open, add to counts["updates"] the state updates of the fused CPU scan kernel's calls
-    (batch x directions x channels x N x positions) and to counts["flops"] the FLOPs torch's
-    FlopCounterMode does not see: x_proj inside the scan at E = 8, and the thin Linear layers
-    `mamba_numba.linear` computes."""
+    """While open, add to counts["updates"] the state updates of the fused CPU blocks' scans (batch x
+    directions x channels x N x positions) and to counts["flops"] the FLOPs torch's FlopCounterMode
+    does not see: x_proj where numba computes it (inside the scan kernels at N = 8, by `_project` at
+    E = 8 otherwise) and the thin Linear layers `mamba_numba.linear` computes."""
     from fusion_cli.models import mamba_numba
 
-    kernel, linear = mamba_numba._scan, mamba_numba._linear
+    scan, project, linear = mamba_numba.scan_directions, mamba_numba._project, mamba_numba._linear
+
+    def add(key: str, value: float) -> None:
+        counts[key] = counts.get(key, 0) + value
+
+    def counted_scan(u: Any, sources: Any, x_w: Any, *rest: Any, **kwargs: Any) -> Any:
+        b, g, length, e = u.shape
+        outputs, n = x_w.shape[1], rest[4].shape[2]  # R + 2N; A `(G, E, N)` after xz, dt_w, dt_bias, floor
+        add("updates", b * g * length * e * n)
+        if n == mamba_numba.HALF and ((e == mamba_numba.HALF and g % 2 == 0) or e % mamba_numba.LANES == 0):
+            add("flops", 2 * b * g * length * e * outputs)  # x_proj inside the scan kernel
+        return scan(u, sources, x_w, *rest, **kwargs)
+
+    def counted_project(src: Any, weight: Any, out: Any) -> Any:
+        add("flops", 2 * out.size * weight.shape[2])
+        return project(src, weight, out)
 
     def counted_linear(x: Any, wt: Any, bias: Any, out: Any) -> Any:
-        counts["flops"] = counts.get("flops", 0) + 2 * x.shape[0] * wt.shape[0] * wt.shape[1]
+        add("flops", 2 * x.shape[0] * wt.shape[0] * wt.shape[1])
         return linear(x, wt, bias, out)
 
-    def counted(u: Any, xdbl: Any, src: Any, x_wt: Any, inline: bool, dt_w: Any, dt_bias: Any,
-                floor: Any, A: Any, *rest: Any) -> Any:  # fmt: skip
-        b, g, length, e = u.shape
-        n = A.shape[2]
-        counts["updates"] = counts.get("updates", 0) + b * g * length * e * n
-        if inline:
-            counts["flops"] = counts.get("flops", 0) + 2 * b * g * length * e * (dt_w.shape[2] + 2 * n)
-        return kernel(u, xdbl, src, x_wt, inline, dt_w, dt_bias, floor, A, *rest)
-
-    mamba_numba._scan, mamba_numba._linear = counted, counted_linear
+    mamba_numba.scan_directions = counted_scan  # type: ignore[assignment]
+    mamba_numba._project, mamba_numba._linear = counted_project, counted_linear
     try:
         yield
     finally:
-        mamba_numba._scan, mamba_numba._linear = kernel, linear
+        mamba_numba.scan_directions = scan  # type: ignore[assignment]
+        mamba_numba._project, mamba_numba._linear = project, linear
 
 
 def flops_per_pixel(model: str | None, weights: str | None) -> float:
