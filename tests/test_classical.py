@@ -315,3 +315,25 @@ def test_mra_and_bdsd_beat_interpolation_at_reduced_resolution_on_the_example(
     out = make_method(name, 2, "landsat8").fit(pan, ms).fuse(pan, ms)[0].double().numpy()
     assert ergas(ref, out, 2) < 0.97 * ergas(ref, exp, 2)
     assert sam(ref, out) < sam(ref, exp)
+
+
+def test_bdsd_nnls_equals_scipy() -> None:
+    """BDSD-PC's own NNLS (no scipy.optimize import at start-up) finds scipy's solution: square upper
+    triangular systems like its Cholesky factors, and tall ones, with active and inactive bounds."""
+    from scipy.optimize import nnls as scipy_nnls
+
+    from fusion_cli.classical.bdsd import nnls
+
+    rng = np.random.default_rng(0)
+    bound = 0
+    for trial in range(300):
+        n = int(rng.integers(2, 30))
+        a = rng.standard_normal((n if trial % 2 else 2 * n, n))
+        if trial % 3 == 0:
+            a = np.triu(a[:n]) + np.eye(n)
+        b = rng.standard_normal(a.shape[0]) * 10.0 ** rng.integers(-3, 4)
+        got, expected = nnls(a, b), scipy_nnls(a, b)[0]
+        assert (got >= 0).all()
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+        bound += int((expected == 0).any())
+    assert bound > 100  # the bounds were active in many of them
