@@ -230,8 +230,10 @@ TILE = 32
 @numba.njit(inline="always", **_LOCAL)
 def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile, r0, c0, rows, cols, ob):  # type: ignore[no-untyped-def]  # noqa: E501
     """One tile of `_mean_norm_kernel` on 16-lane values, for E = 8 (two tokens of a row per value;
-    an odd last column alone, its upper lanes a copy of it) or a multiple of 16 (channels)."""
-    groups, _, channels = yb.shape
+    an odd last column alone, its upper lanes a copy of it) or a multiple of 16 (channels). Every
+    access is a flat offset: an array view per token and direction (its bounds and reference count)
+    cost as much as the arithmetic."""
+    groups, length, channels = yb.shape
     inv_e = np.float32(1.0 / channels)
     inv_g = vsplat(1.0 / groups)
     eps_v = vsplat(eps)
@@ -244,12 +246,14 @@ def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile
                 nxt = pos + 1 if c + 1 < cols else pos  # the pair's second token
                 acc = vsplat(0.0)
                 for g in range(groups):
-                    if by_column[g]:
-                        src = tile[g, r]  # (TILE, E): tokens c and c + 1 side by side
-                        acc = vadd(acc, vload_halves(src, c * channels, (c + nxt - pos) * channels))
+                    if by_column[g]:  # tile (G, TILE, TILE, E): tokens c and c + 1 side by side
+                        at = ((g * TILE + r) * TILE + c) * HALF
+                        acc = vadd(acc, vload_halves(tile, at, at + (nxt - pos) * HALF))
                     else:
+                        at = g * length
                         acc = vadd(
-                            acc, vload_halves(yb[g], inverse[g, pos] * channels, inverse[g, nxt] * channels)
+                            acc,
+                            vload_halves(yb, (at + inverse[g, pos]) * HALF, (at + inverse[g, nxt]) * HALF),
                         )
                 z = vload_halves(xzb, pos * 2 * channels + channels, nxt * 2 * channels + channels)
                 acc = vmul(vmul(acc, inv_g), vsilu(z))
@@ -259,11 +263,8 @@ def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile
                 res = vfma(vmul(d, rstd), w_v, b_v)
                 if nxt == pos + 1:
                     vstore(ob, pos * channels, res)
-                else:  # lower half only
-                    part = np.empty(LANES, dtype=np.float32)
-                    vstore(part, 0, res)
-                    for e in range(channels):
-                        ob[pos, e] = part[e]
+                else:  # one token: both halves are its values, stored over each other
+                    vstore_halves(ob, pos * channels, pos * channels, res)
         return
     row = np.empty(channels, dtype=np.float32)
     for r in range(rows):
@@ -273,9 +274,11 @@ def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile
             for e0 in range(0, channels, LANES):
                 acc = vsplat(0.0)
                 for g in range(groups):
-                    src = tile[g, r, c] if by_column[g] else yb[g, inverse[g, pos]]
-                    acc = vadd(acc, vload(src, e0))
-                acc = vmul(vmul(acc, inv_g), vsilu(vload(xzb[pos], channels + e0)))
+                    if by_column[g]:
+                        acc = vadd(acc, vload(tile, ((g * TILE + r) * TILE + c) * channels + e0))
+                    else:
+                        acc = vadd(acc, vload(yb, (g * length + inverse[g, pos]) * channels + e0))
+                acc = vmul(vmul(acc, inv_g), vsilu(vload(xzb, (2 * pos + 1) * channels + e0)))
                 vstore(row, e0, acc)
                 total = vadd(total, acc)
             mean = vmul(vsum_all(total), vsplat(inv_e))
@@ -284,10 +287,9 @@ def _mean_norm_lanes(yb, inverse, xzb, weight, bias, eps, width, by_column, tile
                 d = vsub(vload(row, e0), mean)
                 var = vfma(d, d, var)
             rstd = vrsqrt(vfma(vsum_all(var), vsplat(inv_e), eps_v))
-            orow = ob[pos]
             for e0 in range(0, channels, LANES):
                 d = vsub(vload(row, e0), mean)
-                vstore(orow, e0, vfma(vmul(d, rstd), vload(weight, e0), vload(bias, e0)))
+                vstore(ob, pos * channels + e0, vfma(vmul(d, rstd), vload(weight, e0), vload(bias, e0)))
 
 
 def _mean_norm_kernel(y, inverse, xz, weight, bias, eps, width, out):  # type: ignore[no-untyped-def]
