@@ -878,23 +878,24 @@ def _pair_parameters(
     D: torch.Tensor,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`_pair_scan_kernel`'s weights, a_l and consts from x_w `(G, R + 2N, E)`, dt_w `(G, E, R)`,
-    dt_bias, floor, D `(G, E)`, A `(G, E, N)`: each pair of directions' lanes side by side."""
-    g, e, rank = dt_w.shape
+    dt_bias, floor, D `(G, E)`, A `(G, E, N)`: `_direction_parameters`' with each pair of
+    directions' lanes side by side, and dt_proj composed with x_proj's dt rows."""
+    rank = dt_w.shape[2]
     n = A.shape[2]
     xw = x_w.detach().double()
     dt_x = torch.matmul(dt_w.detach().double(), xw[:, :rank])  # (G, E, E): dt_proj after x_proj's dt rows
     per_group = torch.stack([xw[:, rank : rank + n], xw[:, rank + n :], dt_x], 1)  # (G, 3, out, in)
-    # (G, 3, out, in) -> (G / 2, 3, in, 2 out): a pair's two directions' outputs per input channel
-    weights = per_group.view(g // 2, 2, 3, e, e).permute(0, 2, 4, 1, 3).reshape(g // 2, 3, e, 2 * e)
-    # A log2(e) in float32, as `_scan_kernel` forms it
-    a_l = (A.detach().float() * float(_LOG2E)).view(g // 2, 2, e, n).permute(0, 3, 1, 2)
-    consts = torch.stack([dt_bias.detach().float(), torch.from_numpy(floor), D.detach().float()], 1)
-    consts = consts.view(g // 2, 2, 3, e).transpose(1, 2)
-    return (
-        np.ascontiguousarray(weights.float().numpy()),
-        np.ascontiguousarray(a_l.reshape(g // 2, n, 2 * e).numpy()),
-        np.ascontiguousarray(consts.reshape(g // 2, 3, 2 * e).numpy()),
-    )
+    g, _, e, _ = per_group.shape
+    weights = per_group.transpose(2, 3).float().numpy().reshape(g, 3 * e, e)  # (G, 3 in, out)
+    *_, consts, a_l = _direction_parameters(x_w, dt_w, dt_bias, floor, A, D)
+    return _side_by_side(weights).reshape(g // 2, 3, e, 2 * e), _side_by_side(a_l), _side_by_side(consts)
+
+
+def _side_by_side(a: np.ndarray) -> np.ndarray:
+    """`(G, K, E)` -> `(G / 2, K, 2E)`: directions 2p and 2p + 1 side by side along the last axis (a
+    pair's 16 lanes)."""
+    g, k, e = a.shape
+    return np.ascontiguousarray(a.reshape(g // 2, 2, k, e).transpose(0, 2, 1, 3).reshape(g // 2, k, 2 * e))
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
