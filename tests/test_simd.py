@@ -149,7 +149,9 @@ def test_scans_with_x_proj_inside_equal_the_per_slice_scan(channels, rank, group
                       expected)  # fmt: skip
     got = np.full_like(u, np.nan)
     if channels == 8:
-        weights, a_l, consts = mamba_numba._pair_parameters(x_w, dt_w, dt_bias, floor, A, D)
+        weights, a_l, consts = mamba_numba._pair_parameters(
+            *mamba_numba._direction_parameters(x_w, dt_w, dt_bias, floor, A, D)
+        )
         mamba_numba._pair_scan(u, src, not cross, index, cross, weights, a_l, consts, got)
     else:
         params = mamba_numba._direction_parameters(x_w, dt_w, dt_bias, floor, A, D)

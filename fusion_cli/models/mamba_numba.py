@@ -812,9 +812,10 @@ def scan_directions(
     (see `_scan_kernel`), for an image of `width` columns (1-D sequences: their length); overwrites u
     (float32 CPU `(B, G, L, E)`) with the directions' outputs.
     x_proj (weights x_w `(G, R + 2N, E)`) reads u itself (sources None) or a cross block's sources
-    (`cross_sources`), row bc_index[g, i] `(G, L)` for position i of order g. At E = N = 8 it runs
-    inside the scan (`_pair_scan_kernel`: the full x_proj output, 17 x 4 floats per token, written and
-    read back, cost as much as the rest of the scan's loads); otherwise first, by `project`.
+    (`cross_sources`), row bc_index[g, i] `(G, L)` for position i of order g. With N = 8 it runs
+    inside the scan (`_pair_scan_kernel` at E = 8, `_direction_scan_kernel` at multiples of 16: its
+    `(B, G, R + 2N, L)` output, written and read back, cost as much as the rest of the scan's loads);
+    otherwise first, by `project`.
     `floor` `(G, E)`: the scan-memory floor of the step (None: unbounded); `inverse` `(G, L)` the
     position of each image token in each order (`fusionmamba._scan_orders`)."""
     # Each work item reads a position of u before it writes the same position's outputs, so the
@@ -827,18 +828,15 @@ def scan_directions(
     floor_np = np.zeros(dt_bias.shape, np.float32) if floor is None else _f32(floor)
     by_token = bc_index is not None
     index = bc_index.numpy() if by_token else inverse.numpy()  # (unread without bc_index)
-    if e == HALF and n == HALF and g % 2 == 0:
-        weights, a_l, consts = _pair_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
+    if n == HALF and ((e == HALF and g % 2 == 0) or e % LANES == 0):
+        params = _direction_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
         with _threads():
-            _pair_scan(u_np, _f32(src), sources is None, index, by_token, weights, a_l, consts, out)
-    elif e % LANES == 0 and n == HALF:
-        w_bc, w_dt, dt_wt, consts, a_l = _direction_parameters(x_w, dt_w, dt_bias, floor_np, A, D)
-        with _threads():
-            # a direction per item where that keeps every thread busy, else its channels split too
-            parts = min(e // LANES, -(-numba.get_num_threads() // (b * g)))
-            _direction_scan(
-                u_np, _f32(src), sources is None, index, by_token, w_bc, w_dt, dt_wt, consts, a_l, parts, out
-            )
+            if e == HALF:
+                _pair_scan(u_np, _f32(src), sources is None, index, by_token, *_pair_parameters(*params), out)
+            else:
+                # a direction per item where that keeps every thread busy, else its channels split too
+                parts = min(e // LANES, -(-numba.get_num_threads() // (b * g)))
+                _direction_scan(u_np, _f32(src), sources is None, index, by_token, *params, parts, out)
     else:
         xdbl = project(src, x_w).numpy()
         with _threads():
@@ -870,25 +868,17 @@ def _direction_parameters(
 
 
 def _pair_parameters(
-    x_w: torch.Tensor,
-    dt_w: torch.Tensor,
-    dt_bias: torch.Tensor,
-    floor: np.ndarray,
-    A: torch.Tensor,
-    D: torch.Tensor,
+    w_bc: np.ndarray, w_dt: np.ndarray, dt_w: np.ndarray, consts: np.ndarray, a_l: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_pair_scan_kernel`'s weights, a_l and consts from x_w `(G, R + 2N, E)`, dt_w `(G, E, R)`,
-    dt_bias, floor, D `(G, E)`, A `(G, E, N)`: `_direction_parameters`' with each pair of
-    directions' lanes side by side, and dt_proj composed with x_proj's dt rows."""
-    rank = dt_w.shape[2]
-    n = A.shape[2]
-    xw = x_w.detach().double()
-    dt_x = torch.matmul(dt_w.detach().double(), xw[:, :rank])  # (G, E, E): dt_proj after x_proj's dt rows
-    per_group = torch.stack([xw[:, rank : rank + n], xw[:, rank + n :], dt_x], 1)  # (G, 3, out, in)
-    g, _, e, _ = per_group.shape
-    weights = per_group.transpose(2, 3).float().numpy().reshape(g, 3 * e, e)  # (G, 3 in, out)
-    *_, consts, a_l = _direction_parameters(x_w, dt_w, dt_bias, floor, A, D)
-    return _side_by_side(weights).reshape(g // 2, 3, e, 2 * e), _side_by_side(a_l), _side_by_side(consts)
+    """`_pair_scan_kernel`'s weights, a_l and consts from `_direction_parameters`' (E = N): each pair
+    of directions' lanes side by side, and dt_proj composed with x_proj's dt rows, so that the
+    weights are B's, C's and the step's per input channel, `(G / 2, 3, E, 2E)`."""
+    g, e, _ = w_bc.shape
+    n = a_l.shape[1]
+    dt_x = np.einsum("grc,gro->gco", w_dt.astype(np.float64), dt_w.astype(np.float64))  # (G, in, out)
+    # (G, 3 in, out): B's rows, C's, the step's
+    weights = np.concatenate([w_bc[:, :, :n], w_bc[:, :, n:], dt_x.astype(np.float32)], axis=1)
+    return _side_by_side(weights).reshape(g // 2, 3, e, 2 * n), _side_by_side(a_l), _side_by_side(consts)
 
 
 def _side_by_side(a: np.ndarray) -> np.ndarray:
