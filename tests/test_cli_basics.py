@@ -25,16 +25,25 @@ def test_unknown_command_is_usage_error():
     assert "Traceback" not in res.stderr
 
 
-def test_entry_point_lets_idle_openmp_threads_sleep_unless_the_user_chose():
-    """`fusion` sets OMP_WAIT_POLICY=PASSIVE before torch starts its OpenMP threads (so concurrent
-    runs on shared cores do not spin against each other), and keeps a value the user set."""
+def test_entry_point_bounds_idle_openmp_spinning_unless_the_user_chose():
+    """`fusion` sets a short OpenMP spin (GOMP_SPINCOUNT, KMP_BLOCKTIME) before torch starts its
+    OpenMP threads, so concurrent runs on shared cores do not spin against each other while a
+    training step's many small ops do not wait for sleeping threads; a user's own settings win."""
     probe = (
         "import os, sys; from fusion_cli.cli.main import share_cores; share_cores(); "
-        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+        "print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'), "
+        "os.environ.get('KMP_BLOCKTIME', '-'), 'torch' in sys.modules)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["PASSIVE", "False"]
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["ACTIVE", "False"]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    }
+
+    def run(**extra: str) -> list[str]:
+        cmd = [sys.executable, "-c", probe]
+        return subprocess.run(
+            cmd, env={**env, **extra}, capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    assert run() == ["-", "1000", "0", "False"]
+    assert run(GOMP_SPINCOUNT="50") == ["-", "50", "0", "False"]
+    assert run(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "-", "-", "False"]
