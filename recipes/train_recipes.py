@@ -617,6 +617,7 @@ def run_recipe(
     lr: float | None = None,
     train_bounded: bool = False,
     fold: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train one shipped model and export it to `out`; returns a summary (times, steps, metrics).
 
@@ -628,6 +629,8 @@ def run_recipe(
     `train_bounded` trains (and validates) with the recipe's bounded scan memory already on, the
     way the exported model runs, instead of bounding it after training. `fold` trains on a
     cross-validation split of the recipe's data instead of the shipped one (`Recipe.folds`).
+    `resume` continues the run in `work` from its last checkpoint (same data, batch and width) for
+    another `max_seconds`; the card's time and steps are the whole run's.
     """
     from fusion_cli.training.loop import TrainConfig, export, resolve_device, train
 
@@ -687,7 +690,11 @@ def run_recipe(
     from fusion_cli.cli.progress import progress_bar
 
     with progress_bar(f"train {name}", progress, eta=True) as update:
-        res = train(train_p, val_p, cfg, work_dir, None, progress=update, init_state=init_state)
+        res = train(
+            train_p, val_p, cfg, work_dir, None, resume=resume, progress=update, init_state=init_state
+        )
+    if resume:
+        card["training"]["command"] = replay_command(command, res.seconds)
     summary: dict[str, Any] = {
         "name": name,
         "device": str(dev),
@@ -723,6 +730,16 @@ def run_recipe(
     summary["weights"], summary["card"] = str(wpath), str(cpath)
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def replay_command(command: str, seconds: float) -> str:
+    """The one command that replays a run trained in resumed pieces: no --resume, the whole budget."""
+    argv = [a for a in shlex.split(command) if a != "--resume"]
+    if "--max-seconds" in argv:
+        argv[argv.index("--max-seconds") + 1] = f"{seconds:.0f}"
+    else:
+        argv += ["--max-seconds", f"{seconds:.0f}"]
+    return shlex.join(argv)
 
 
 def choose_recipe_ensemble(
@@ -1055,6 +1072,11 @@ def main(argv: list[str] | None = None) -> int:
         "--train-bounded", action="store_true", help="train with the recipe's bounded scan memory on"
     )
     ap.add_argument("--fold", type=int, default=None, help="train on cross-validation fold K (hyperion_pan)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --work from its checkpoint for --max-seconds more",
+    )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
@@ -1100,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 train_bounded=args.train_bounded,
                 fold=args.fold,
+                resume=args.resume,
             )
             print(json.dumps(summary, default=str), flush=True)
     except FusionError as exc:

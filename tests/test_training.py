@@ -569,6 +569,23 @@ def test_make_weights_replays_each_cards_command() -> None:
     assert ["landsat", "--dim", "8", "--batch", "8", "--max-seconds", "4200"] in commands
 
 
+def test_recipe_resume_needs_a_checkpoint_and_its_card_replays_as_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train_recipes NAME --resume` continues the run in --work (without a checkpoint there it stops
+    with the loop's error, exit 2), and the card of a resumed run names one replayable command."""
+    from recipes.train_recipes import main, replay_command
+
+    need_shared("eo1_sanfrancisco", "hs.tif")
+    argv = ["hyperion_hisr", "--resume", "--work", str(tmp_path), "--out", str(tmp_path), "--no-eval"]
+    assert main(argv) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.safetensors"))
+    cmd = "python recipes/train_recipes.py hyperion_hisr --max-seconds 1800 --resume"
+    assert replay_command(cmd, 5432.4) == "python recipes/train_recipes.py hyperion_hisr --max-seconds 5432"
+    assert replay_command("python x.py vhr4 --resume", 60) == "python x.py vhr4 --max-seconds 60"
+
+
 @pytest.mark.parametrize("scene", [19, 23, 24])
 def test_shipped_landsat_beats_bdsd_pc_on_held_out_path_row(scene: int) -> None:
     """The default model on a Landsat-7 path/row it never saw (P092R086), reduced resolution: higher
