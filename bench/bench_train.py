@@ -13,15 +13,18 @@ import subprocess
 import sys
 from typing import Any
 
+# The entry point's process settings (share_cores fills only what the environment leaves unset), then
+# the training loop's network, loss and optimiser on random patches.
 CHILD = r"""
-import json, sys, time, torch
-from fusion_cli.cli.main import bound_heap
+import json, sys, time
+from fusion_cli.cli.main import bound_heap, share_cores
 bound_heap()
-from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
-from fusion_cli.training.loop import training_loss
+share_cores()
+import torch
+from fusion_cli.training.loop import TrainConfig, build_model, training_loss
 ms_bands, pan_bands, ratio, dim, patch, batch = (int(v) for v in sys.argv[1:7])
 torch.manual_seed(0)
-model = FusionMamba(FusionMambaConfig(ms_bands=ms_bands, pan_bands=pan_bands, ratio=ratio, dim=dim))
+model = build_model(TrainConfig(ratio=ratio, dim=dim, patch=patch, batch=batch), ms_bands, pan_bands)
 opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 pan = torch.rand(batch, pan_bands, patch, patch)
 ms = torch.rand(batch, ms_bands, patch // ratio, patch // ratio)
@@ -47,7 +50,7 @@ SHAPES = {
     "landsat": (6, 1, 2, 8, 64, 8),
 }
 SETTINGS = {
-    "entry point (GOMP_SPINCOUNT=1000)": {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"},
+    "entry point (GOMP_SPINCOUNT=1000)": {},
     "OMP_WAIT_POLICY=PASSIVE (before)": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
 
