@@ -23,15 +23,19 @@ CLASSICAL = ("exp", "gsa", "bdsd-pc")
 RETESTED = ("landsat", "vhr4", "hyperion_pan", "hyperion_hisr")
 
 
-def _example_recipe() -> tuple[Recipe, list, list]:
+def _example_recipe() -> tuple[Recipe, list, list, list]:
     """A recipe of the example scene: its 96 x 160 MS px part at (60, 150), held out whole, with three
-    classical methods; and its Wald pair and original scene."""
-    s = load_scene(EXAMPLE_PAN, EXAMPLE_MS, ratio=2, sensor="landsat8")
-    s = replace(s, ms=s.ms[:, 60:156, 150:310], pan=s.pan[:, 120:312, 300:620], name="example part")
+    classical methods; its Wald pair and original scene; and, as a scene of "another place", its
+    96 x 96 MS px part at (0, 0)."""
+    scene = load_scene(EXAMPLE_PAN, EXAMPLE_MS, ratio=2, sensor="landsat8")
+    s = replace(
+        scene, ms=scene.ms[:, 60:156, 150:310], pan=scene.pan[:, 120:312, 300:620], name="example part"
+    )
+    other = replace(scene, ms=scene.ms[:, :96, :96], pan=scene.pan[:, :192, :192], name="corner")
     recipe = replace(
         RECIPES["landsat"], name="example", classical=CLASSICAL, scenes=lambda root: Splits([], [], [s])
     )
-    return recipe, [reduce_scene(s, 2)], [s]
+    return recipe, [reduce_scene(s, 2)], [s], [other]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +44,11 @@ def measured() -> tuple[dict, Recipe, list]:
     the GSA product, and every row of the network equals GSA's."""
     from fusion_cli.training.loop import TrainConfig, build_model
 
-    recipe, pairs, scenes = _example_recipe()
+    recipe, pairs, scenes, other = _example_recipe()
     torch.manual_seed(0)
     model = build_model(TrainConfig(ratio=2, dim=4, base="gsa", sensor="landsat8"), 6, 1).eval()
     card: dict = {"name": "example"}
-    measure_card(card, model, recipe, pairs, scenes, torch.device("cpu"))
+    measure_card(card, model, recipe, pairs, scenes, torch.device("cpu"), other)
     return card, recipe, scenes
 
 
@@ -99,6 +103,37 @@ def test_margins_bar_and_status_of_a_network_that_only_equals_its_base(measured)
     assert card["status"] == "experimental"
 
 
+def test_each_other_scene_has_its_own_table_and_criterion(measured) -> None:
+    """A scene of another place gets its own reduced-resolution table (the network, being GSA, equals
+    GSA there too), its own best method and margins, and a bar criterion that fails at 0 % below."""
+    card, _, _ = measured
+    (row,) = card["metrics"]["test_other_scenes"]
+    assert row["scene"] == "corner" and row["simulated"] is False
+    methods = row["methods"]
+    assert set(methods) == {"fusionmamba", *CLASSICAL}
+    for key in ("q2n", "sam", "ergas", "psnr"):
+        net, gsa = methods["fusionmamba"][key]["mean"], methods["gsa"][key]["mean"]
+        assert net == pytest.approx(gsa, rel=2e-3, abs=2e-4), key
+    assert row["best_classical"] == best_classical(methods)
+    assert row["vs_best_classical"] == margins(methods, None, "pansharpening", row["best_classical"], "gsa")
+    last = card["bar"]["criteria"][-1]
+    assert last["criterion"].startswith("on corner: ERGAS and SAM >= 15 % below")
+    assert last["pass"] is False and last["ergas_below_pct"] < 15
+
+
+def test_the_bar_fails_when_the_margins_fail_on_one_other_scene() -> None:
+    """Held-out margins that pass are not enough: each scene of another place must pass too."""
+
+    def row(name: str, **kw: float | None) -> dict:
+        return {"scene": name, "vs_best_classical": _vs(**kw)}
+
+    assert bar(_vs(), "pansharpening", None, [row("a"), row("b")])["pass"] is True
+    for kw in ({"ergas_below_pct": 14.0}, {"sam_below_pct": -3.0}, {"q2n_difference": -0.001}):
+        b = bar(_vs(), "pansharpening", None, [row("a"), row("b", **kw)])
+        assert b["pass"] is False and [c["pass"] for c in b["criteria"]] == [True] * 5 + [True, False], kw
+        assert b["criteria"][-1]["criterion"].startswith("on b: ")
+
+
 def _vs(**kw: float | None) -> dict:
     base = {
         "best_classical": "bdsd-pc",
@@ -144,7 +179,14 @@ def test_shipped_card_bar_follows_its_tables(name: str) -> None:
     assert m["test_reduced_resolution"]["best_classical"] == best
     base = card["architecture"]["base"]
     assert m["vs_best_classical"] == margins(reduced, full, card["task"], best, base)
-    assert card["bar"] == bar(m["vs_best_classical"], card["task"], m["test_full_resolution"].get("skipped"))
+    other = m.get("test_other_scenes", [])
+    for row in other:
+        assert row["best_classical"] == best_classical(row["methods"])
+        assert row["vs_best_classical"] == margins(
+            row["methods"], None, card["task"], row["best_classical"], base
+        )
+    skipped = m["test_full_resolution"].get("skipped")
+    assert card["bar"] == bar(m["vs_best_classical"], card["task"], skipped, other)
     assert card["status"] == ("stable" if card["bar"]["pass"] else "experimental")
     assert (full is None) == (card["task"] == "hisr")
 

@@ -673,6 +673,42 @@ def test_shipped_hyperion_hisr_beats_hypersharpening_on_held_out_rows(tmp_path: 
     assert diff[edge:-edge, edge:-edge].max() <= 1.0
 
 
+def test_hyperion_hisr_other_places_are_in_its_bands_and_its_card_rows_reproduce() -> None:
+    """The HISR card's scenes of other places (Paris Hyperion + ALI, AVIRIS Indian Pines simulated):
+    47 HSI and 6 MSI bands on one grid, each band's mean that of the San Francisco training rows; and
+    the shipped card's table of each is what the shipped model and the classical methods give there."""
+    from fusion_cli.models.registry import load_model
+    from fusion_cli.paths import weights_dir
+    from recipes.train_recipes import RECIPES, other_scenes_table
+
+    root = need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif").parents[1]
+    need_shared("aviris_indian_pines", "hs.tif")
+    recipe = RECIPES["hyperion_hisr"]
+    splits = recipe.scenes(root)
+    sf = splits.train[0]
+    paris, aviris = splits.other
+    assert paris.group == "paris" and not paris.simulated and aviris.simulated
+    assert paris.ms.shape == (47, 72, 72) and paris.pan.shape == (6, 72, 72)
+    assert aviris.ms.shape == (47, 145, 145) and aviris.pan.shape == (6, 145, 145)
+    for s in (paris, aviris):
+        assert s.ratio == 1 and np.isfinite(s.ms).all() and np.isfinite(s.pan).all()
+        np.testing.assert_allclose(s.ms.mean(axis=(1, 2)), sf.ms.mean(axis=(1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(s.pan.mean(axis=(1, 2)), sf.pan.mean(axis=(1, 2)), rtol=1e-4)
+    card = json.loads((weights_dir() / "hyperion_hisr.json").read_text())
+    shipped = card["metrics"]["test_other_scenes"]
+    model = load_model("hyperion_hisr", device="cpu").model
+    rows = other_scenes_table(model, recipe, splits.other, torch.device("cpu"))
+    assert [r["scene"] for r in rows] == [r["scene"] for r in shipped] == [paris.name, aviris.name]
+    for got, want in zip(rows, shipped, strict=True):
+        for method, scores in want["methods"].items():
+            for key, value in scores.items():
+                assert got["methods"][method][key]["mean"] == pytest.approx(value["mean"], abs=2e-4), (
+                    got["scene"],
+                    method,
+                    key,
+                )
+
+
 @pytest.mark.parametrize(
     "name, task, data",
     [
