@@ -682,6 +682,8 @@ def run_recipe(
     base: str | None = None,
     init: str | Path | None = None,
     sam_weight: float = 0.0,
+    full_res_weight: float = 0.0,
+    detail_weight: float = 0.0,
     lr: float | None = None,
     train_bounded: bool = False,
     fold: int | None = None,
@@ -693,7 +695,9 @@ def run_recipe(
     `batch` overrides the recipe's batch and `test_crop` limits the test scenes to their top-left
     `test_crop` PAN px (both for quick smoke runs on a CPU). `base` overrides the recipe's base
     method ("none": the paper's learned upsampling). `init` fine-tunes the weights of a card (its
-    architecture wins over `dim` and `base`); `sam_weight` adds the spectral-angle loss term.
+    architecture wins over `dim` and `base`); `sam_weight` adds the spectral-angle loss term;
+    `full_res_weight` and `detail_weight` the full-resolution terms (`fusion_cli.training.fullres`) on
+    the training scenes at their original resolution.
     `train_bounded` trains (and validates) with the recipe's bounded scan memory already on, the
     way the exported model runs, instead of bounding it after training. `fold` trains on a
     cross-validation split of the recipe's data instead of the shipped one (`Recipe.folds`).
@@ -715,6 +719,8 @@ def run_recipe(
     work_dir = Path(work) if work is not None else Path("out") / "train" / name
     t0 = time.perf_counter()
     test_scenes: list[Scene] | None = None  # a pack holds only the reduced pairs
+    full_p: list[TrainPair] = []  # the scenes at their original resolution (full-resolution terms)
+    full_val_p: list[TrainPair] = []
     other_scenes: list[Scene] = []
     if pack_dir is not None:
         meta, pairs = load_pack(Path(pack_dir) / f"{name}.npz", recipe.ratio)
@@ -723,14 +729,30 @@ def run_recipe(
         splits, train_p, val_p, test_p = build_pairs(recipe, _shared_root())
         meta = describe_splits(recipe, splits)
         test_scenes = [_scene_crop(s, test_crop) for s in splits.test]
+        if full_res_weight or detail_weight:
+            from fusion_cli.training.fullres import full_resolution_pairs
+
+            method = recipe.base if base is None else (None if base == "none" else base)
+            if init_model_base := _card_base(init):
+                method = init_model_base
+            if method is None:
+                raise FusionError("--full-res-weight/--detail-weight need a base method")
+            full_p = full_resolution_pairs(splits.train, method, recipe.mtf_sensor)
+            full_val_p = full_resolution_pairs(splits.val, method, recipe.mtf_sensor)
         other_scenes = [_scene_crop(s, test_crop) for s in splits.other]
     t_data = time.perf_counter() - t0
     init_model = None
+    parent: dict[str, Any] | None = None
     if init is not None:
         from fusion_cli.models.registry import load_model
 
-        init_model = load_model(weights=init, device="cpu").model
+        loaded = load_model(weights=init, device="cpu")
+        init_model = loaded.model
         dim, base = init_model.config.dim, init_model.config.base or "none"
+        # what the fine-tuning started from, so the card tells the whole training, not its last leg
+        parent = {"sha256": loaded.card.sha256, **{
+            k: loaded.card.training[k] for k in ("command", "steps", "time_s") if k in loaded.card.training
+        }}  # fmt: skip
     cfg = TrainConfig(
         task=recipe.task,
         ratio=recipe.ratio,
@@ -751,17 +773,30 @@ def run_recipe(
         base=recipe.base if base is None else (None if base == "none" else base),
         sensor=recipe.mtf_sensor,
         sam_weight=sam_weight,
+        full_res_weight=full_res_weight,
+        detail_weight=detail_weight,
         scan_memory=recipe.scan_memory if train_bounded else None,
     )
     command = command or f"{PROG} {name} --device {dev.type} --max-seconds {budget:g}"
     card = _card(recipe, meta, command)
     card["training"]["data_preparation_s"] = round(t_data, 1)
+    if parent is not None:
+        card["training"]["init"] = parent
     init_state = None if init_model is None else init_model.state_dict()
     from fusion_cli.cli.progress import progress_bar
 
     with progress_bar(f"train {name}", progress, eta=True) as update:
         res = train(
-            train_p, val_p, cfg, work_dir, None, resume=resume, progress=update, init_state=init_state
+            train_p,
+            val_p,
+            cfg,
+            work_dir,
+            None,
+            resume=resume,
+            progress=update,
+            init_state=init_state,
+            full_pairs=full_p,
+            full_val_pairs=full_val_p,
         )
     if resume:
         card["training"]["command"] = replay_command(command, res.seconds)
@@ -800,6 +835,15 @@ def run_recipe(
     summary["weights"], summary["card"] = str(wpath), str(cpath)
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _card_base(init: str | Path | None) -> str | None:
+    """The base method of the card `init` names (a fine-tuning run keeps its architecture)."""
+    if init is None:
+        return None
+    from fusion_cli.models.registry import load_model
+
+    return load_model(weights=init, device="cpu").model.config.base
 
 
 def replay_command(command: str, seconds: float) -> str:
@@ -1172,10 +1216,31 @@ def shipped_commands(folder: str | Path | None = None) -> list[list[str]]:
     out = []
     for card_path in sorted(Path(folder or weights_dir()).glob("*.json")):
         command = json.loads(card_path.read_text()).get("training", {}).get("command", "")
-        argv = shlex.split(command)
-        if argv[: len(PROG.split())] == PROG.split():
-            out.append(argv[len(PROG.split()) :])
+        for step in _chain_steps(shlex.split(command)):  # a fine-tuned card records a chain: A && B
+            if step[: len(PROG.split())] == PROG.split():
+                out.append(step[len(PROG.split()) :])
     return out
+
+
+def _chain_steps(argv: list[str]) -> list[list[str]]:
+    """`A && B` as [A, B]."""
+    steps: list[list[str]] = [[]]
+    for a in argv:
+        if a == "&&":
+            steps.append([])
+        else:
+            steps[-1].append(a)
+    return [s for s in steps if s]
+
+
+def _finetune_init(name: str, out: str | Path, command: str) -> tuple[Path, str]:
+    """`--finetune`: the card `name` in `out` to start from, and the chain command to record
+    (the parent card's command, then this one), so `shipped` replays both legs in order."""
+    card_path = Path(out) / f"{name}.json"
+    if not card_path.is_file():
+        raise FusionError(f"--finetune: no {card_path}; train {name} into --out first, or pass --init")
+    parent = json.loads(card_path.read_text()).get("training", {}).get("command", "")
+    return card_path, f"{parent} && {command}" if parent else command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1197,7 +1262,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-crop", type=int, default=None, help="validation crop size (smoke tests)")
     ap.add_argument("--base", default=None, help="classical base method to correct, or none")
     ap.add_argument("--init", default=None, help="fine-tune these weights (a card or .safetensors)")
+    ap.add_argument(
+        "--finetune",
+        action="store_true",
+        help="fine-tune the model already in --out (the card records both commands, A && B)",
+    )
     ap.add_argument("--sam-weight", type=float, default=0.0, help="spectral-angle loss weight (0: L1)")
+    ap.add_argument(
+        "--full-res-weight", type=float, default=0.0, help="weight of full-resolution spectral consistency"
+    )
+    ap.add_argument(
+        "--detail-weight",
+        type=float,
+        default=0.0,
+        help="weight of the full-resolution detail (HPC) shortfall",
+    )
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     ap.add_argument(
         "--train-bounded", action="store_true", help="train with the recipe's bounded scan memory on"
@@ -1233,6 +1312,11 @@ def main(argv: list[str] | None = None) -> int:
                 path = pack_recipe(n, args.pack_to)
                 print(f"{n}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f} s)")
                 continue
+            command, init = f"{PROG} " + shlex.join([n] + args_in[1:]), args.init
+            if args.finetune:
+                if init is not None:
+                    raise FusionError("--finetune and --init both name the weights to start from: pass one")
+                init, command = _finetune_init(n, args.out, command)
             summary = run_recipe(
                 n,
                 out=args.out,
@@ -1242,14 +1326,16 @@ def main(argv: list[str] | None = None) -> int:
                 dim=args.dim,
                 progress=not args.quiet,
                 evaluate=not args.no_eval,
-                command=f"{PROG} " + shlex.join([n] + args_in[1:]),
+                command=command,
                 pack_dir=args.from_pack,
                 batch=args.batch,
                 test_crop=args.test_crop,
                 val_crop=args.val_crop,
                 base=args.base,
-                init=args.init,
+                init=init,
                 sam_weight=args.sam_weight,
+                full_res_weight=args.full_res_weight,
+                detail_weight=args.detail_weight,
                 lr=args.lr,
                 train_bounded=args.train_bounded,
                 fold=args.fold,

@@ -809,3 +809,32 @@ def test_choose_ensemble_scores_both_and_sets_the_choice(ex_pairs: dict[str, lis
     assert scores["one_pass"]["val_l1"] != scores["ensemble"]["val_l1"]
     assert chosen == ensemble_pays(scores["one_pass"], scores["ensemble"])
     assert model.config.transpose_ensemble is chosen and not model.training
+
+
+def test_recipe_finetune_chains_the_parent_command_and_records_its_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train_recipes NAME --finetune` starts from the card already in --out: without one it stops
+    (exit 2, nothing written); with one, its card records both legs as one command (`A && B`, which
+    `shipped` replays in order) and the parent's sha256, steps and command under training.init."""
+    from recipes.train_recipes import main, shipped_commands
+
+    need_shared("landsat7_etm_fusebox", "1_ms.tif")
+    out, work = tmp_path / "out", tmp_path / "work"
+    leg = ["--out", str(out), "--work", str(work), "--no-eval", "--quiet", "--batch", "2", "--val-crop", "32"]
+    assert main(["landsat", "--finetune", "--max-seconds", "1", *leg]) == 2
+    assert "--finetune: no " in capsys.readouterr().err and not out.exists()
+
+    assert main(["landsat", "--dim", "4", "--max-seconds", "1", *leg]) == 0
+    parent = json.loads((out / "landsat.json").read_text())
+    assert main(["landsat", "--finetune", "--init", str(out / "landsat.json"), *leg]) == 2
+    assert "pass one" in capsys.readouterr().err
+    assert main(["landsat", "--finetune", "--lr", "1e-5", "--max-seconds", "1", *leg]) == 0
+    card = json.loads((out / "landsat.json").read_text())
+    first, second = card["training"]["command"].split(" && ")
+    assert first == parent["training"]["command"] and "--finetune" in second
+    assert card["training"]["init"]["sha256"] == parent["sha256"]
+    assert card["training"]["init"]["steps"] == parent["training"]["steps"] >= 1
+    assert card["architecture"]["dim"] == 4  # the parent's width, not the recipe's
+    legs = shipped_commands(out)
+    assert [c[0] for c in legs] == ["landsat", "landsat"] and "--finetune" in legs[1]

@@ -104,6 +104,19 @@ def register(app: typer.Typer) -> None:
             help="Add this weight times the mean (1 - cos) of the spectral angle to the L1 loss and to "
             "the validation score that picks the exported epoch (0: L1 only, the paper's).",
         ),
+        full_res_weight: float = typer.Option(
+            0.0,
+            "--full-res-weight",
+            help="Weight of a full-resolution term: the product, MTF-filtered and decimated, gives back "
+            "the MS (needs --base; half of each batch then comes from the scenes at their original "
+            "resolution).",
+        ),
+        detail_weight: float = typer.Option(
+            0.0,
+            "--detail-weight",
+            help="Weight of a full-resolution term: each band's high-pass correlation with the PAN (HPC) "
+            "at least the base product's, so the network does not smooth its base (needs --base).",
+        ),
         init: Path = typer.Option(None, "--init", help="Start from these weights (fine-tuning)."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         description: str = typer.Option("", help="Card description."),
@@ -143,6 +156,8 @@ def register(app: typer.Typer) -> None:
             sensor=sensor,
             scan_memory=scan_memory or None,
             sam_weight=sam_weight,
+            full_res_weight=full_res_weight,
+            detail_weight=detail_weight,
         )
         with progress_bar("training", not quiet, eta=True) as update:
             res = train_from_inputs(

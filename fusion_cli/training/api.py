@@ -132,6 +132,22 @@ def train_from_inputs(
             "command": command or " ".join(sys.argv),
         },
     }
+    full_pairs, full_val_pairs = [], []
+    if config.full_resolution and config.base is not None:
+        from fusion_cli.training.fullres import full_resolution_pairs
+
+        # the scenes at their original resolution (HDF5 patches have none)
+        full_pairs = full_resolution_pairs(scenes, config.base, sensor)
+        full_val_pairs = full_resolution_pairs(val_scenes, config.base, sensor)
     return train(
-        train_pairs, val_pairs, config, out_dir, card, resume=resume, progress=progress, init_state=init_state
+        train_pairs,
+        val_pairs,
+        config,
+        out_dir,
+        card,
+        resume=resume,
+        progress=progress,
+        init_state=init_state,
+        full_pairs=full_pairs,
+        full_val_pairs=full_val_pairs,
     )

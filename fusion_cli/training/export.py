@@ -41,9 +41,7 @@ def export(
             "batch": config.batch,
             "patch": config.patch,
             "optimizer": f"Adam lr {config.lr} x{config.lr_gamma} every {config.lr_step} epochs",
-            "loss": "L1"
-            if not config.sam_weight
-            else f"L1 + {config.sam_weight:g} * (1 - cos spectral angle)",
+            "loss": loss_description(config),
             "seed": config.seed,
             "precision": config.precision,
             "gain_augmentation": list(config.gain_aug) if config.gain_aug else None,
@@ -100,3 +98,18 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def loss_description(config: TrainConfig) -> str:
+    """The training loss in words, for the card: which terms, with which weights."""
+    terms = ["L1"]
+    if config.sam_weight:
+        terms.append(f"{config.sam_weight:g} * (1 - cos spectral angle)")
+    if config.full_res_weight:
+        terms.append(
+            f"{config.full_res_weight:g} * full-resolution spectral consistency "
+            "(L1 of the MTF-decimated product vs MS)"
+        )
+    if config.detail_weight:
+        terms.append(f"{config.detail_weight:g} * full-resolution detail shortfall (HPC below the base's)")
+    return " + ".join(terms)

@@ -72,6 +72,15 @@ class TrainConfig:
     # weight of a spectral-angle term, mean (1 - cos) between fused and reference pixel spectra, added
     # to the L1 loss (and to the validation L1 that picks the exported epoch); 0: L1 only, the paper's
     sam_weight: float = 0.0
+    # weights of the full-resolution terms (`training.fullres`): the product's spectral consistency
+    # with the MS and its detail shortfall against the base; either > 0 gives half of each batch to
+    # patches of the training scenes at their original resolution. 0: reduced resolution only.
+    full_res_weight: float = 0.0
+    detail_weight: float = 0.0
+
+    @property
+    def full_resolution(self) -> bool:
+        return self.full_res_weight > 0 or self.detail_weight > 0
 
     def __post_init__(self) -> None:
         m = math.lcm(4, self.ratio)
@@ -83,6 +92,16 @@ class TrainConfig:
             raise FusionError("--batch and --epochs must be at least 1")
         if not (math.isfinite(self.sam_weight) and self.sam_weight >= 0):
             raise FusionError(f"--sam-weight must be 0 or more, got {self.sam_weight}")
+        for flag, value in (
+            ("--full-res-weight", self.full_res_weight),
+            ("--detail-weight", self.detail_weight),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise FusionError(f"{flag} must be 0 or more, got {value}")
+        if self.full_resolution and self.batch < 2:
+            raise FusionError(
+                "--full-res-weight/--detail-weight need a batch of at least 2 (half is full resolution)"
+            )
 
 
 @dataclass
@@ -133,6 +152,8 @@ def train(
     progress: StepProgress | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    full_pairs: Sequence[TrainPair] = (),
+    full_val_pairs: Sequence[TrainPair] = (),
 ) -> TrainResult:
     """Train a FusionMamba on reduced-resolution pairs and export it.
 
@@ -141,7 +162,9 @@ def train(
     epochs, steps, validation metrics, time and device, then calls `registry.save_model`. Without a
     `card["name"]` nothing is exported (the checkpoint still is). `init_state` starts from given
     weights (fine-tuning) instead of a random initialisation. `progress` is told the steps done
-    (`StepProgress`); `on_epoch` gets each epoch's log record.
+    (`StepProgress`); `on_epoch` gets each epoch's log record. `full_pairs` / `full_val_pairs`: the
+    training / validation scenes at their original resolution with their base product
+    (`fullres.full_resolution_pairs`), used when the config weighs the full-resolution terms.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +192,26 @@ def train(
         model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = PatchSampler(train_pairs, config.patch, device=device, seed=config.seed, gain=config.gain_aug)
+    full_sampler: PatchSampler | None = None
+    full_val: list[TrainPair] = []
+    gains: list[float] = []
+    if config.full_resolution:
+        from fusion_cli.sensors import nyquist_gains, sensor_or_generic
+
+        if config.base is None:
+            raise FusionError(
+                "--full-res-weight/--detail-weight need a base method (--base): detail is measured against it"
+            )
+
+        if not full_pairs or not full_val_pairs:
+            raise FusionError(
+                "the full-resolution terms need training and validation scenes at their original resolution"
+            )
+        full_sampler = PatchSampler(
+            full_pairs, config.patch, device=device, seed=config.seed + 1, gain=config.gain_aug
+        )
+        full_val = validation_crops(full_val_pairs, config.val_crop, config.val_crops_per_scene)
+        gains = list(nyquist_gains(sensor_or_generic(config.sensor), ms_bands)[0])
     spe = config.steps_per_epoch or max(1, round(sampler.pixels / (config.patch**2 * config.batch)))
     total = spe * config.epochs
     val_set = validation_crops(val_pairs, config.val_crop, config.val_crops_per_scene)
@@ -185,6 +228,8 @@ def train(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sampler.set_state(ck["sampler_rng"])
+        if full_sampler is not None and ck.get("full_sampler_rng") is not None:
+            full_sampler.set_state(ck["full_sampler_rng"])
         torch.set_rng_state(ck["torch_rng"].cpu())
         step, elapsed_before = int(ck["step"]), float(ck["elapsed"])
         history = list(ck.get("history", []))
@@ -208,6 +253,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "sampler_rng": sampler.state(),
+                "full_sampler_rng": None if full_sampler is None else full_sampler.state(),
                 "torch_rng": torch.get_rng_state(),
                 "step": step,
                 "steps_per_epoch": spe,
@@ -225,7 +271,12 @@ def train(
         tmp.replace(ckpt_path)  # atomic: an interrupted save leaves the previous checkpoint
 
     def validate() -> dict[str, float]:
-        return evaluate_pairs(model, val_set, device, config.dn_max, precision, config.sensor)
+        scores = evaluate_pairs(model, val_set, device, config.dn_max, precision, config.sensor)
+        if full_val:
+            from fusion_cli.training.fullres import full_resolution_scores
+
+            scores.update(full_resolution_scores(model, full_val, device, gains))
+        return scores
 
     t0 = time.perf_counter()
     if step == 0 and val_set:
@@ -233,7 +284,7 @@ def train(
         rec0 = {"epoch": 0.0, "step": 0, **validate()}
         history.append(rec0)
         # A fine-tuning run that never improves exports its starting weights, not a worse epoch.
-        _track_best(best, rec0, model, config.sam_weight)
+        _track_best(best, rec0, model, config)
         append_log(log_path, rec0)
     what = "training"
     if progress is not None:
@@ -251,11 +302,22 @@ def train(
         epoch = step // spe
         for g in opt.param_groups:
             g["lr"] = _lr_at(config, epoch)
-        pan, ms, ref, base = sampler.batch(batch)
+        full_batch = batch // 2 if full_sampler is not None else 0
+        pan, ms, ref, base = sampler.batch(batch - full_batch)
         try:
             with autocast(device, precision):
                 out = model(ms, pan, base=base)
             loss = training_loss(out.float(), ref, config.sam_weight)
+            if full_sampler is not None and full_batch:
+                from fusion_cli.training.fullres import full_resolution_terms
+
+                f_pan, f_ms, _, f_base = full_sampler.batch(full_batch)
+                with autocast(device, precision):
+                    f_out = model(f_ms, f_pan, base=f_base)
+                spectral, detail = full_resolution_terms(
+                    f_out.float(), f_pan, f_ms, f_base, gains, config.ratio
+                )
+                loss = loss + config.full_res_weight * spectral + config.detail_weight * detail
             if torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -294,7 +356,7 @@ def train(
             due = (step // spe) % config.val_every == 0
             if step == total or (due and time.perf_counter() - last_val >= config.val_interval_s):
                 rec.update(validate())
-                _track_best(best, rec, model, config.sam_weight)
+                _track_best(best, rec, model, config)
                 last_val = time.perf_counter()
             rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
             history.append(rec)
@@ -310,7 +372,7 @@ def train(
     if epoch_n:  # a partial epoch at the time budget: log and validate it too
         rec = _end_epoch(step, spe, epoch_loss / epoch_n, seen, time.perf_counter() - t_epoch)
         rec.update(validate())
-        _track_best(best, rec, model, config.sam_weight)
+        _track_best(best, rec, model, config)
         rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
         history.append(rec)
         append_log(log_path, rec)
@@ -359,18 +421,26 @@ def training_loss(out: torch.Tensor, ref: torch.Tensor, sam_weight: float = 0.0)
     return loss
 
 
-def validation_objective(rec: dict[str, Any], sam_weight: float = 0.0) -> float:
-    """What picks the exported epoch: validation L1, plus the angle term at the validation SAM."""
+def validation_objective(
+    rec: dict[str, Any], sam_weight: float = 0.0, full_res_weight: float = 0.0, detail_weight: float = 0.0
+) -> float:
+    """What picks the exported epoch: validation L1, plus the angle term at the validation SAM and
+    the weighted full-resolution terms of the validation scenes, as the training loss weighs them."""
     value = rec.get("val_l1", math.inf)
     if sam_weight and "sam" in rec:
         value += sam_weight * (1.0 - math.cos(math.radians(rec["sam"])))
+    if full_res_weight:
+        value += full_res_weight * rec.get("full_spectral", math.inf)
+    if detail_weight:
+        value += detail_weight * rec.get("full_detail", math.inf)
     return value
 
 
-def _track_best(best: dict[str, Any], rec: dict[str, Any], model: nn.Module, sam_weight: float) -> None:
-    objective = validation_objective(rec, sam_weight)
+def _track_best(best: dict[str, Any], rec: dict[str, Any], model: nn.Module, config: TrainConfig) -> None:
+    objective = validation_objective(rec, config.sam_weight, config.full_res_weight, config.detail_weight)
     if objective < best["val_l1"]:
-        best["val_l1"] = objective  # (the objective: plain validation L1 unless sam_weight)
+        best["val_l1"] = objective  # (the objective: plain validation L1 unless the loss has more terms)
         best["epoch"] = rec["epoch"]
         best["state"] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        best["metrics"] = {k: rec[k] for k in ("val_l1", *validation_keys()) if k in rec}
+        keys = ("val_l1", *validation_keys(), "full_spectral", "full_detail")
+        best["metrics"] = {k: rec[k] for k in keys if k in rec}
