@@ -1104,13 +1104,14 @@ def full_resolution_table(model: Any, recipe: Recipe, scenes: list[Scene], devic
             r = full_resolution(fused, pan, ms, recipe.ratio, sensor_or_generic(s.sensor), block=block,
                                 round_uint16=s.dn_max > 1)  # fmt: skip
             per_method.setdefault(method, []).append({k: float(r[name]) for k, name in keys.items()})
-    rows = {m: _mean_std(v) for m, v in per_method.items() if len(v) == len(scenes)}
+    complete = {m: v for m, v in per_method.items() if len(v) == len(scenes)}
     return {
         "scenes": [s.name for s in scenes],
         "protocol": "full resolution, original held-out scenes/parts, fusion_cli.metrics.full_resolution "
         "(HQNR = (1 - D_lambda_K)(1 - D_s), HPC = high-pass correlation with the PAN); products by "
         "fuse_arrays (the pansharpen pipeline)",
-        "methods": rows,
+        "methods": {m: _mean_std(v) for m, v in complete.items()},
+        "per_scene": _per_scene(complete),
     }
 
 
@@ -1126,6 +1127,15 @@ def _network_fuser(model: Any, recipe: Recipe, dn_max: float, device: Any) -> An
     )  # fmt: skip
     loaded = LoadedModel(model=model, card=card, weights_path=None, device=device)
     return NetworkFuser(loaded, device=device, dn_max=dn_max)
+
+
+def _per_scene(per_method: dict[str, list[dict[str, float]]]) -> dict[str, list[dict[str, float]]]:
+    """Each method's indices scene by scene (in the table's `scenes` order), so a mean cannot hide a
+    scene, or a sensor, where the network loses."""
+    return {
+        m: [{k: round(float(v), 5) for k, v in sorted(row.items())} for row in rows]
+        for m, rows in per_method.items()
+    }
 
 
 def _mean_std(scores: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -1194,6 +1204,7 @@ def test_table(model: Any, recipe: Recipe, pairs: list[TrainPair], device: Any) 
             else ""
         ),
         "methods": rows,
+        "per_scene": _per_scene(per_method),
     }
 
 

@@ -65,6 +65,11 @@ def test_the_card_has_both_tables_with_the_network_equal_to_its_base(measured) -
         for key in keys:
             net, gsa = table["methods"]["fusionmamba"][key]["mean"], table["methods"]["gsa"][key]["mean"]
             assert net == pytest.approx(gsa, rel=2e-3, abs=2e-4), key
+    for table in (reduced, full):  # every scene's own row beside the mean (here one scene: equal)
+        assert set(table["per_scene"]) == set(table["methods"])
+        for method, scenes in table["per_scene"].items():
+            assert len(scenes) == len(table["scenes"]) == 1
+            assert scenes[0] == {k: v["mean"] for k, v in table["methods"][method].items()}
     rows = full["methods"]
     # interpolation injects no PAN detail: the lowest HPC, and the lowest spatial distortion
     assert rows["exp"]["hpc"]["mean"] < min(rows[m]["hpc"]["mean"] for m in ("gsa", "bdsd-pc")) - 0.1
