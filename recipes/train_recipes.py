@@ -717,6 +717,18 @@ def run_recipe(
     if budget is None:
         budget = recipe.seconds if dev.type == "cuda" else recipe.cpu_seconds
     work_dir = Path(work) if work is not None else Path("out") / "train" / name
+    init_model = None
+    parent: dict[str, Any] | None = None
+    if init is not None:
+        from fusion_cli.models.registry import load_model
+
+        loaded = load_model(weights=init, device="cpu")
+        init_model = loaded.model
+        dim, base = init_model.config.dim, init_model.config.base or "none"
+        # what the fine-tuning started from, so the card tells the whole training, not its last leg
+        parent = {"sha256": loaded.card.sha256, **{
+            k: loaded.card.training[k] for k in ("command", "steps", "time_s") if k in loaded.card.training
+        }}  # fmt: skip
     t0 = time.perf_counter()
     test_scenes: list[Scene] | None = None  # a pack holds only the reduced pairs
     full_p: list[TrainPair] = []  # the scenes at their original resolution (full-resolution terms)
@@ -733,26 +745,12 @@ def run_recipe(
             from fusion_cli.training.fullres import full_resolution_pairs
 
             method = recipe.base if base is None else (None if base == "none" else base)
-            if init_model_base := _card_base(init):
-                method = init_model_base
             if method is None:
                 raise FusionError("--full-res-weight/--detail-weight need a base method")
             full_p = full_resolution_pairs(splits.train, method, recipe.mtf_sensor)
             full_val_p = full_resolution_pairs(splits.val, method, recipe.mtf_sensor)
         other_scenes = [_scene_crop(s, test_crop) for s in splits.other]
     t_data = time.perf_counter() - t0
-    init_model = None
-    parent: dict[str, Any] | None = None
-    if init is not None:
-        from fusion_cli.models.registry import load_model
-
-        loaded = load_model(weights=init, device="cpu")
-        init_model = loaded.model
-        dim, base = init_model.config.dim, init_model.config.base or "none"
-        # what the fine-tuning started from, so the card tells the whole training, not its last leg
-        parent = {"sha256": loaded.card.sha256, **{
-            k: loaded.card.training[k] for k in ("command", "steps", "time_s") if k in loaded.card.training
-        }}  # fmt: skip
     cfg = TrainConfig(
         task=recipe.task,
         ratio=recipe.ratio,
@@ -835,15 +833,6 @@ def run_recipe(
     summary["weights"], summary["card"] = str(wpath), str(cpath)
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     return summary
-
-
-def _card_base(init: str | Path | None) -> str | None:
-    """The base method of the card `init` names (a fine-tuning run keeps its architecture)."""
-    if init is None:
-        return None
-    from fusion_cli.models.registry import load_model
-
-    return load_model(weights=init, device="cpu").model.config.base
 
 
 def replay_command(command: str, seconds: float) -> str:
