@@ -17,6 +17,7 @@ its fusion may state `stats_halo`; the statistics pass then reads its windows wi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -49,6 +50,7 @@ class Fuser(Protocol):
     scan_backend: str | None  # a network's selective-scan backend; None without one
     card: ModelCard | None  # a network's model card (band names, DN scales); None for methods
     weights_sha256: str | None  # the weights it runs; None without weights
+    weights_files: tuple[Path, ...]  # the files its weights came from (never to be overwritten)
     dn_max: float | None  # the DN scale it normalises by (a network); None: works in DN
     scan_memory: float | None  # a network's scan memory in tokens (None: unbounded, or no scan)
     transpose_ensemble: bool | None  # a network's transpose self-ensemble; None without one
@@ -101,6 +103,7 @@ class FuserDefaults:
     scan_backend: str | None = None
     card: ModelCard | None = None
     weights_sha256: str | None = None
+    weights_files: tuple[Path, ...] = ()
     dn_max: float | None = None
     scan_memory: float | None = None
     transpose_ensemble: bool | None = None

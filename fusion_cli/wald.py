@@ -110,6 +110,19 @@ def _write(
     )
 
 
+def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path], overwrite: bool) -> None:
+    """Before reading anything: the folder is a folder, and no output replaces an input (the same
+    file, a link to it, or a file a VRT or archive input reads) or, without --overwrite, any file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FusionError(f"-o {out_dir} is a file; give a folder for the simulated pair")
+    read = [f for src in inputs for f in raster.source_files(src)]
+    for t in targets:
+        if any(raster.same_file(t, f) for f in read):
+            raise FusionError(f"output {t} would overwrite an input: choose another -o folder")
+        if t.exists() and not overwrite:
+            raise FusionError(f"{t} exists: pass --overwrite or choose another -o folder")
+
+
 def simulate_files(
     pan_path: str | Path,
     ms_path: str | Path,
@@ -139,23 +152,15 @@ def simulate_files(
 
     out_dir = Path(out_dir)
     key = canonical_sensor(sensor)
+    targets = [out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif"]
+    _check_targets(out_dir, targets, [pan_path, ms_path], overwrite)
     ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
     (pan, pan_meta, pan_tf, pan_crs), (ms, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
     step(1)
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = SimulatedPair(
-        out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif", ratio, key,
-        "mtf" if pan_mtf else "bicubic",
-    )  # fmt: skip
-    targets = [paths.pan, paths.ms, paths.ref]
-    inputs = {Path(pan_path).resolve(), Path(ms_path).resolve()}
-    for t in targets:
-        if t.resolve() in inputs:
-            raise FusionError(f"output {t} would overwrite an input: choose another -o folder")
-        if t.exists() and not overwrite:
-            raise FusionError(f"{t} exists: pass --overwrite or choose another -o folder")
+    paths = SimulatedPair(*targets, ratio, key, "mtf" if pan_mtf else "bicubic")
     pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands)
     step(2)
     scale = Affine.scale(ratio)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -905,3 +906,78 @@ def test_coregister_refuses_a_scene_too_small_or_empty_to_measure(tmp_path: Path
         assert not out.exists() and hidden(tmp_path) == []
         rc, _, err = cli("pansharpen", p, m, "-o", tmp_path / "plain.tif", "--method", "exp", "--overwrite")
         assert rc == 0 and [ln for ln in err.splitlines() if ln.strip()][1:] == [], err
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. What GDAL reads is an input too: VRT sources, archives, weights, manifests, product tags
+
+
+EXAMPLE_PAN, EXAMPLE_MS = REPO / "examples" / "landsat8_pan.tif", REPO / "examples" / "landsat8_ms.tif"
+
+
+def _unchanged(*paths: Path) -> Callable[[], None]:
+    """A check that `paths` still hold the bytes they hold now."""
+    before = {p: p.read_bytes() for p in paths}
+
+    def check() -> None:
+        for p, data in before.items():
+            assert p.read_bytes() == data, f"{p} was modified"
+
+    return check
+
+
+def test_output_onto_a_file_read_through_a_vrt_or_an_archive_is_refused(tmp_path: Path) -> None:
+    """-o naming the file a VRT input reads, or the zip a /vsizip/ input reads, replaced it
+    (the check compared the paths as typed)."""
+    import zipfile
+
+    import rasterio.shutil
+
+    pan, ms = make_pair(tmp_path)
+    vrt = tmp_path / "pan.vrt"
+    rasterio.shutil.copy(pan, vrt, driver="VRT")
+    archive = tmp_path / "pair.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(pan, "pan.tif")
+        z.write(ms, "ms.tif")
+    kept = _unchanged(pan, ms, archive)
+    rc, _, err = cli("pansharpen", vrt, ms, "-o", pan, "--method", "gsa", "--overwrite")
+    one_line_error(rc, err, "one of the inputs", "read through", "pan.vrt")
+    zipped = [f"/vsizip/{archive}/pan.tif", f"/vsizip/{archive}/ms.tif"]
+    rc, _, err = cli("pansharpen", *zipped, "-o", archive, "--method", "gsa", "--overwrite")
+    one_line_error(rc, err, "one of the inputs", "/vsizip/")
+    kept()
+    assert raster.source_files(f"/vsizip/{{{archive}}}/ms.tif") == [str(archive)]
+    assert raster.source_files("/vsicurl/https://example.com/a.tif") == []
+    rc, _, err = cli("pansharpen", vrt, ms, "-o", tmp_path / "ok.tif", "--method", "gsa", "-q")
+    assert rc == 0, err  # a VRT input itself still works
+
+
+def test_weights_are_never_the_output(tmp_path: Path) -> None:
+    """`--weights w/landsat.safetensors -o w/landsat.safetensors --overwrite` replaced the weights
+    (and its card, named the same way) with a GeoTIFF."""
+    w = tmp_path / "w"
+    w.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (w / f"landsat{suffix}").write_bytes((REPO / "weights" / f"landsat{suffix}").read_bytes())
+    kept = _unchanged(w / "landsat.safetensors", w / "landsat.json")
+    for target in ("landsat.safetensors", "landsat.json"):
+        args = ["--weights", w / "landsat.safetensors", "-o", w / target, "--overwrite"]
+        rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, *args)
+        one_line_error(rc, err, "one of the inputs", target)
+    kept()
+
+
+def test_simulate_into_a_file_is_refused_before_reading(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    pan, ms = pair
+    kept = _unchanged(pan)
+    rc, _, err = cli("simulate", pan, ms, "-o", pan)
+    one_line_error(rc, err, "is a file", "folder")
+    kept()
+    folder = tmp_path / "sim"
+    folder.mkdir()
+    os.link(pan, folder / "pan_lr.tif")  # a hard link to the input under an output's name
+    rc, _, err = cli("simulate", pan, ms, "-o", folder, "--overwrite")
+    one_line_error(rc, err, "overwrite an input")
+    kept()
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +59,7 @@ class NetworkFuser:
         self.loaded = loaded
         self.card = loaded.card
         self.weights_sha256: str | None = loaded.card.sha256 or None
+        self.weights_files = _weights_files(loaded.weights_path)
         self.device = resolve_device(device)
         self.model = loaded.model.to(self.device).eval()
         if self.device.type == "cpu":
@@ -205,3 +207,11 @@ class NetworkFuser:
                 out = self.model(m, p, band_max, base)
                 outs.append((out.float() * self.dn_max).to(out_device).contiguous())
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _weights_files(path: Path | None) -> tuple[Path, ...]:
+    """The weights file and, for a .safetensors, the card beside it (both are read)."""
+    if path is None:
+        return ()
+    card = path.with_suffix(".json")
+    return (path, card) if path.suffix == ".safetensors" and card.is_file() else (path,)

@@ -118,7 +118,8 @@ def fuse_files(
     """
     opts = options or FuseOptions()
     t0 = time.perf_counter()
-    out = raster.check_writable(out_path, opts.overwrite, [pan_path, ms_path], side_outputs(out_path, opts))
+    inputs = [pan_path, ms_path, *fuser.weights_files]
+    out = raster.check_writable(out_path, opts.overwrite, inputs, side_outputs(out_path, opts))
     caught: list[str] = []
     with (
         raster.gdal_env(),

@@ -23,6 +23,7 @@ from fusion_cli.raster.checks import (
     file_identity,
     refuse_non_finite,
     same_file,
+    source_files,
 )
 from fusion_cli.raster.gdal import GDAL_ENV, gdal_env, is_gdal_path, recorded_path
 from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
@@ -91,6 +92,7 @@ __all__ = [
     "refuse_non_finite",
     "rgb_colorinterp",
     "same_file",
+    "source_files",
     "select_bands",
     "verify_geotiff",
     "with_nodata",

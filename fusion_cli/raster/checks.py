@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,17 +102,20 @@ def check_writable(
     cannot be written where asked."""
     out = Path(out_path)
     check_product_name(out)
+    # what GDAL really reads: a VRT's sources, the archive behind /vsizip/, not just the names given
+    read = [(f, os.fspath(src)) for src in inputs for f in source_files(src)]
     for side in side_outputs:
-        for src in inputs:
+        for src, _ in read:
             if same_file(side, src):
                 raise FusionError(
                     f"{side}, written beside output {out}, is an input; choose another output name"
                 )
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
-    for src in inputs:
+    for src, given in read:
         if same_file(out, src):
-            raise FusionError(f"output {out} is one of the inputs; choose another output path")
+            via = "" if same_file(src, given) else f" (read through {given})"
+            raise FusionError(f"output {out} is one of the inputs{via}; choose another output path")
     if out.is_dir():
         raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
     if out.exists() and not overwrite:
@@ -122,6 +126,64 @@ def check_writable(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise FusionError(f"output folder {parent} is not writable; choose another output path")
     return out
+
+
+# GDAL's archive file systems: the path goes on inside the archive, a local file (or another /vsi path)
+_ARCHIVES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
+# rasterio's URL form of the same: zip://archive.zip!/inner.tif
+_ARCHIVE_SCHEMES = ("zip://", "tar://", "gzip://")
+# one file each (GeoTIFFs, model files, manifests): not opened just to list what they read
+_NOT_LISTED = (".tif", ".tiff", ".json", ".safetensors", ".pth", ".pt", ".csv")
+
+
+def source_files(path: str | os.PathLike[str]) -> list[str]:
+    """The local files GDAL reads to open input `path`, for the checks that an output never
+    overwrites an input: the file itself, or the archive a `/vsizip/` (`zip://`) path reads from,
+    and for a VRT (or any format GDAL lists several files for) its sources too. Remote paths
+    (/vsicurl/, s3://) have no local file: []. A path GDAL cannot open is returned as it is."""
+    text = os.fspath(path)
+    local = _local_file(text)
+    files = [] if local is None else [local]
+    if local is None and not text.startswith(_ARCHIVES + _ARCHIVE_SCHEMES):
+        return files
+    if text.lower().endswith(_NOT_LISTED):
+        return files
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: the run reports that once
+            with rasterio.Env(), rasterio.open(text) as ds:
+                listed = ds.files
+    except Exception:  # noqa: BLE001 - not a raster (a weights file), or unreadable: the name alone
+        return files
+    for f in listed:
+        found = _local_file(f)
+        if found is not None and found not in files:
+            files.append(found)
+    return files
+
+
+def _local_file(path: str) -> str | None:
+    """The local file a path reads: itself, or for an archive path the archive file; None for a
+    remote path."""
+    for scheme in _ARCHIVE_SCHEMES:
+        if path.startswith(scheme):
+            return _local_file(path[len(scheme) :].split("!", 1)[0])
+    for prefix in _ARCHIVES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            if rest.startswith("{") and "}" in rest:  # /vsizip/{/path/a.zip}/inner.tif
+                return _local_file(rest[1 : rest.index("}")])
+            if rest.startswith("/vsi"):
+                return _local_file(rest)
+            parts = Path(rest).parts  # the archive is the first prefix of the path that is a file
+            for i in range(1, len(parts) + 1):
+                candidate = Path(*parts[:i])
+                if candidate.is_file():
+                    return str(candidate)
+            return rest
+    if path.startswith("/vsi") or "://" in path:
+        return None
+    return path
 
 
 def check_product_name(out: str | os.PathLike[str], what: str = "output") -> None:
