@@ -19,10 +19,11 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,14 +254,18 @@ def evaluate(
     bands: list[int] | None = None,
     block: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    sources: Sequence[str | os.PathLike[str]] = (),
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`. `progress(done, total)` is
-    called after each fusion (methods x scenes, twice with `full_resolution`)."""
+    called after each fusion (methods x scenes, twice with `full_resolution`). `sources`: files the
+    scenes were listed from (a manifest), which the results must not replace, as the scenes' inputs."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not scenes:
         raise FusionError("no scenes to evaluate")
+    files = result_files(out_dir)
+    _check_results(files, [*sources, *(p for pan, ms, _ in scenes for p in (pan, ms))])
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     # Products not kept go to a hidden folder this run creates, and only that folder is removed: an
     # OUT/products that already exists (earlier results, the inputs themselves) is never deleted.
@@ -272,7 +277,7 @@ def evaluate(
             # a scene's steps, offset by the scenes before it
             step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
             rows += evaluate_scene(
-                pan, ms, methods, products / sid, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
+                pan, ms, methods, products / scene_folder(sid), sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
                 cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
                 tile=tile, bands=bands, block=block, progress=step,
             )  # fmt: skip
@@ -286,12 +291,6 @@ def evaluate(
         "pan_degradation": "mtf" if pan_mtf else "bicubic", "cut": cut, "clip_bits": clip_bits,
         "scenes": [s[2] for s in scenes], "bands": bands, "block": block,
     }  # fmt: skip
-    files = {
-        "results_csv": str(out_dir / "results.csv"),
-        "summary_csv": str(out_dir / "summary.csv"),
-        "json": str(out_dir / "results.json"),
-        "markdown": str(out_dir / "results.md"),
-    }
     _write_csv(Path(files["results_csv"]), rows)
     _write_csv(Path(files["summary_csv"]), summary)
     _write_text(
@@ -312,6 +311,33 @@ def evaluate(
     )
     _write_text(Path(files["markdown"]), markdown(summary, note))
     return EvalResult(rows, summary, files)
+
+
+def result_files(out_dir: Path) -> dict[str, str]:
+    """The tables `evaluate` writes into `out_dir`, by key."""
+    names = {"results_csv": "results.csv", "summary_csv": "summary.csv", "json": "results.json"}
+    return {k: str(out_dir / n) for k, n in {**names, "markdown": "results.md"}.items()}
+
+
+def _check_results(files: dict[str, str], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Before any work: no result table may replace an input (a manifest kept in OUT, a scene's
+    PAN or MS named like a table), nor be a folder."""
+    from fusion_cli.raster import same_file, source_files
+
+    read = [f for src in inputs for f in source_files(src)]
+    for path in files.values():
+        if Path(path).is_dir():
+            raise FusionError(f"{path} is a folder; choose another output folder")
+        for src in read:
+            if same_file(path, src):
+                raise FusionError(f"{path} would replace input {src}; choose another output folder")
+
+
+def scene_folder(scene_id: str) -> str:
+    """A scene id as one folder name under OUT/products: ids come from manifests and may hold path
+    separators, '..' or an absolute path, which must never lead a write outside OUT."""
+    name = re.sub(r"[\\/:]+", "_", scene_id).strip()
+    return name if name and not name.startswith(".") else "scene_" + name.lstrip(".")
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, writ
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
-from fusion_cli.raster import atomic_output, is_gdal_path
+from fusion_cli.raster import atomic_output, gdal_env, is_gdal_path, open_raster, source_files
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 
@@ -72,8 +73,11 @@ def read_manifest(path: str | Path) -> list[ReportItem]:
     p = Path(path)
     if not p.is_file():
         raise FusionError(f"manifest not found: {p}")
-    with p.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise FusionError(f"manifest {p} is not a readable CSV: {exc}") from None
     if not rows or "product" not in rows[0]:
         raise FusionError(f"manifest {p} needs a header with a 'product' column and 'ref' or 'pan','ms'")
 
@@ -97,6 +101,18 @@ def read_manifest(path: str | Path) -> list[ReportItem]:
             )
         )
     return items
+
+
+def _tagged_inputs(item: ReportItem) -> list[str]:
+    """The PAN and MS a product's tags name, where the item gives none (`assess.load_case` reads them)."""
+    if item.pan is not None and item.ms is not None:
+        return []
+    try:
+        with gdal_env(), open_raster(item.product, "product") as ds:
+            tags = ds.tags()
+    except (FusionError, OSError):
+        return []  # the product's own error is reported when it is scored
+    return [tags[k] for k in ("FUSION_PAN", "FUSION_MS") if tags.get(k)]
 
 
 def collect_items(
@@ -432,8 +448,11 @@ def build_report(
     max_side: int = 1024,
     progress=None,
     overwrite: bool = False,
+    sources: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
     """Evaluate every item and write `metrics.csv`, `metrics.json`, `index.html` and `img/*.png`.
+    The report folder may hold none of the inputs: the items' files, those a product's tags name
+    (read when an item gives no PAN/MS) and `sources` (the manifest the items came from).
 
     A product that cannot be evaluated gets its one-line error in the report instead of stopping it.
     `rgb` are 0-based display bands (default from the band count), `zoom` the crop side (PAN px),
@@ -445,13 +464,13 @@ def build_report(
     html_path = out / "index.html"
     if html_path.exists() and not overwrite:  # a report is replaced whole or not at all
         raise FusionError(f"report {html_path} already exists; pass --overwrite to replace it")
+    given = [p for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None]
+    read = given + [p for it in items for p in _tagged_inputs(it)]
+    local = {Path(f).resolve() for p in [*read, *sources] for f in source_files(p)}
+    if out.resolve() in local or any(out.resolve() in f.parents for f in local):
+        raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
-    sources = {
-        p.resolve() for it in items for p in (it.product, it.ref, it.pan, it.ms) if isinstance(p, Path)
-    }
-    if out.resolve() in sources or any(out.resolve() in s.parents for s in sources):
-        raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     results: list[dict[str, Any]] = []
     figs: list[list[tuple[str, str]]] = []
     fig_opts = {"zoom": zoom, "max_side": max_side}

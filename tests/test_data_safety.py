@@ -29,6 +29,7 @@ from rasterio.transform import from_origin
 
 from fusion_cli import batch, raster
 from fusion_cli.errors import OutputWriteError
+from fusion_cli.evaluate import scene_folder
 
 CRS = "EPSG:32631"
 REPO = Path(__file__).resolve().parents[1]
@@ -966,6 +967,59 @@ def test_weights_are_never_the_output(tmp_path: Path) -> None:
         rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, *args)
         one_line_error(rc, err, "one of the inputs", target)
     kept()
+
+
+def test_evaluate_keeps_its_manifest_and_its_products_inside_out(tmp_path: Path) -> None:
+    """A manifest named results.csv in -o was replaced by the results; a manifest id that is an
+    absolute path (or climbs with ..) wrote the scene's products there, and --no-keep left them."""
+    for name in ("pan.tif", "ms.tif"):
+        (tmp_path / name).write_bytes((EXAMPLE_PAN if name == "pan.tif" else EXAMPLE_MS).read_bytes())
+    manifest = tmp_path / "results.csv"
+    manifest.write_text("pan,ms,id\npan.tif,ms.tif,s1\n")
+    kept = _unchanged(manifest)
+    rc, _, err = cli("evaluate", manifest, "--methods", "gsa", "--no-full", "--block", "16", "-o", tmp_path)
+    one_line_error(rc, err, "results.csv", "input")
+    kept()
+    victim = tmp_path / "victim"
+    (victim / "reduced").mkdir(parents=True)
+    (victim / "reduced" / "pan_lr.tif").write_text("keep me")
+    listing = tmp_path / "m.csv"
+    listing.write_text(f"pan,ms,id\npan.tif,ms.tif,{victim}\n")
+    out = tmp_path / "ev"
+    rc, _, err = cli("evaluate", listing, "--methods", "gsa", "--no-full", "--block", "16", "-o", out, "-q")
+    assert rc == 0, err
+    assert sorted(p.name for p in victim.rglob("*")) == ["pan_lr.tif", "reduced"]
+    assert (victim / "reduced" / "pan_lr.tif").read_text() == "keep me"
+    (folder,) = (out / "products").iterdir()  # one folder name, inside OUT
+    assert folder.name == scene_folder(str(victim)) and folder.name.endswith("_victim")
+    assert (folder / "reduced" / "gsa.tif").is_file()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["scene"] for r in rows] == [str(victim)]  # the table keeps the id as given
+
+
+def test_report_keeps_out_of_folders_holding_its_inputs(
+    tmp_path: Path, fused: tuple[Path, Path, Path]
+) -> None:
+    """The report folder may not hold the manifest, nor the PAN/MS a product's tags name (only
+    --pan/--ms given on the command line were checked); a refusal leaves no img/ behind; a manifest
+    that is not text is a one-line error."""
+    pan, ms, product = fused
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    manifest = rep / "metrics.csv"
+    manifest.write_text(f"product,pan,ms\n{product},{pan},{ms}\n")
+    kept = _unchanged(manifest)
+    rc, _, err = cli("report", "--manifest", manifest, "-o", rep)
+    one_line_error(rc, err, "holds inputs")
+    kept()
+    assert sorted(p.name for p in rep.iterdir()) == ["metrics.csv"]
+    rc, _, err = cli("report", product, "-o", tmp_path)  # the tags name tmp_path/pan.tif, ms.tif
+    one_line_error(rc, err, "holds inputs")
+    assert not (tmp_path / "img").exists() and not (tmp_path / "index.html").exists()
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    rc, _, err = cli("report", "--manifest", binary, "-o", tmp_path / "r")
+    one_line_error(rc, err, "not a readable CSV")
 
 
 def test_simulate_into_a_file_is_refused_before_reading(tmp_path: Path, pair: tuple[Path, Path]) -> None:

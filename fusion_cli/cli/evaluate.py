@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
             res = run(
                 scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut,
                 clip_bits=clip_bits, full_resolution=not no_full, device=device, keep_products=keep,
-                tile=tile, bands=band_list, block=block, progress=update,
+                tile=tile, bands=band_list, block=block, progress=update, sources=inputs,
             )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})

@@ -85,8 +85,9 @@ def register(app: typer.Typer) -> None:
             # build_report calls progress(i, n, name) before product i: i products are done
             progress = None if update is None else (lambda i, n, name: update(i, n, f"report: {name}"))
             summary = build_report(
-                items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite
-            )
+                items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite,
+                sources=[manifest] if manifest is not None else [],
+            )  # fmt: skip
         if as_json:
             echo_json(summary)
         elif not quiet:
