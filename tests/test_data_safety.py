@@ -235,6 +235,8 @@ def test_stale_cleanup_removes_only_own_temporaries(tmp_path: Path) -> None:
     own = [".x_fused.tif.partial-12-0123abcd.tif", ".x_fused.tif.cog-3-deadbeef.tif.ovr"]
     own.append(".x_fused.tif.metrics.json.tmp-5-00ff00ff.json")
     foreign = [".x_fused.tif.lock", ".x_fused.tif.notes", ".x_fused.tif.partial", ".x_fused.tif.bak.tif"]
+    # another output's live temporary (`x_fused.tif.v2.tif`), a user's file shaped almost like ours
+    foreign += [".x_fused.tif.v2.tif.partial-12-0123abcd.tif", ".x_fused.tif.notes.tmp-2024-12.txt"]
     for name in own + foreign:
         (tmp_path / name).write_text("x")
     removed = batch.remove_stale_temporaries(out)
@@ -995,6 +997,56 @@ def test_evaluate_keeps_its_manifest_and_its_products_inside_out(tmp_path: Path)
     assert (folder / "reduced" / "gsa.tif").is_file()
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["scene"] for r in rows] == [str(victim)]  # the table keeps the id as given
+
+
+def test_batch_side_files_are_not_written_through_symlinks(tmp_path: Path) -> None:
+    """`<out>.png` (--quicklook) or `<out>.metrics.json` (--metrics) as a symlink to a file outside
+    OUT_DIR: batch replaced that file (it forces --overwrite on side files of a scene it redoes)."""
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out_dir.mkdir()
+    make_pair(src, stem="a_")
+    victim = tmp_path / "keep.png"
+    victim.write_text("keep me")
+    for side, flag in (("a_fused.png", "--quicklook"), ("a_fused.tif.metrics.json", "--metrics")):
+        link = out_dir / side
+        link.symlink_to(victim)
+        rc, out, err = cli("batch", src, out_dir, "--method", "gsa", flag, "--json")
+        assert rc == 1, err
+        (scene,) = json.loads(out)["scenes"]
+        assert scene["status"] == "failed" and "symlink" in scene["reason"] and side in scene["reason"]
+        assert victim.read_text() == "keep me" and link.is_symlink()
+        link.unlink()
+    rc, out, err = cli("batch", src, out_dir, "--method", "gsa", "--quicklook", "--metrics", "--json")
+    assert rc == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "a_fused.png",
+        "a_fused.tif",
+        "a_fused.tif.metrics.json",
+    ]
+
+
+def test_a_truncated_cog_is_not_a_complete_product(tmp_path: Path) -> None:
+    """A COG keeps its tags in the header, so a copy cut in half still opened with the completion
+    tag and batch skipped the scene as done."""
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    make_pair(src, n=512, stem="a_", noise=True)
+    rc, _, err = cli("batch", src, out_dir, "--method", "gsa", "--cog", "-q")
+    assert rc == 0, err
+    product = out_dir / "a_fused.tif"
+    assert raster.is_complete_output(product)
+    data = product.read_bytes()
+    product.write_bytes(data[: len(data) // 2])
+    with rasterio.open(product) as ds:  # the header (and the tag) is still there
+        assert ds.tags().get(raster.COMPLETE_TAG) == "1"
+    assert not raster.is_complete_output(product)
+    rc, out, err = cli("batch", src, out_dir, "--method", "gsa", "--cog", "--json")
+    assert rc == 1, err
+    (scene,) = json.loads(out)["scenes"]
+    assert scene["status"] == "failed" and "not a complete fusion-cli product" in scene["reason"]
+    rc, _, err = cli("batch", src, out_dir, "--method", "gsa", "--cog", "--overwrite", "-q")
+    assert rc == 0 and raster.is_complete_output(product), err
 
 
 def test_report_keeps_out_of_folders_holding_its_inputs(

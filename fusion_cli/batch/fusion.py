@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fusion_cli.batch.execution import SceneProcessor
@@ -39,6 +40,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     methods have no weights).
     """
     from fusion_cli import pipeline
+    from fusion_cli.pipeline.output import side_outputs
 
     # The batch already decided the scene must be (re)done, so the writer may replace the target.
     options = replace(job.options, overwrite=True)
@@ -63,6 +65,15 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         return fuser
 
     def process(scene: Scene) -> dict[str, Any]:
+        # Side files are replaced as the product is (a redo), but never through a link: the product
+        # itself is refused as a symlink when the plan is made (`pairing.escapes`).
+        sides = side_outputs(scene.out, options) + ([metrics_path(scene.out)] if job.metrics else [])
+        for side in sides:
+            if side.is_symlink():
+                raise FusionError(
+                    f"{side.name}, written beside output {scene.out.name}, is a symlink; remove it or "
+                    "choose another output name"
+                )
         fuser = fuser_for(scene)
         summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
         details = summary.to_dict()
@@ -77,6 +88,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         return details
 
     return process
+
+
+def metrics_path(out: Path) -> Path:
+    """Where `--metrics` writes a product's full-resolution indices: `<out>.metrics.json`."""
+    return out.with_name(out.name + ".metrics.json")
 
 
 def scene_metrics(
@@ -114,7 +130,7 @@ def scene_metrics(
         sensor=sensor,
         mask=valid[:h, :w],
     )
-    sidecar = scene.out.with_name(scene.out.name + ".metrics.json")
+    sidecar = metrics_path(scene.out)
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
     with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=float))

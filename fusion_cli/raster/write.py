@@ -34,8 +34,14 @@ COMPLETE_TAG = "FUSION_COMPLETE"
 # Temporary names this tool writes beside an output: `.<name>.<tag>-<pid>-<8 hex><suffix>`, plus
 # GDAL's own sidecars of such a file. Only names of this shape are ever removed as stale.
 TEMP_TAGS = ("partial", "cog", "tmp")
-# (a sidecar of `out`, like `<out>.metrics.json`, has its name between)
-_TEMP_RE = re.compile(r"(?:\.[^/]+?)?\.(?:" + "|".join(TEMP_TAGS) + r")-\d+-[0-9a-f]+(?:\.[A-Za-z0-9]+)*\Z")
+# Sidecars this tool writes under a product's name (`<out>.metrics.json`): their temporaries are the
+# product's too. Nothing else may stand between the name and the tag: `.x.tif.v2.tif.partial-...` is
+# the live temporary of another output, `x.tif.v2.tif`.
+SIDECAR_SUFFIXES = (".metrics.json",)
+_TEMP_RE = re.compile(
+    r"(?:" + "|".join(re.escape(s) for s in SIDECAR_SUFFIXES) + r")?\.(?:" + "|".join(TEMP_TAGS) + r")"
+    r"-\d+-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z"
+)
 
 
 def _write_target(out: str | os.PathLike[str]) -> Path:
@@ -310,12 +316,14 @@ def _tag_text(value: Any) -> str:
 
 
 def is_complete_output(path: str | os.PathLike[str]) -> bool:
-    """True if `path` is a fusion-cli product that was written to the end (completion tag present)."""
+    """True if `path` is a fusion-cli product that was written to the end: completion tag present and
+    every block it indexes inside the file (`verify_geotiff`). The tag alone is not enough: a COG
+    keeps its tags at the start of the file, so a copy cut short still opens and carries it."""
     p = Path(path)
     if not p.is_file():
         return False
     try:
-        with gdal_env(), _open(p) as ds:
-            return ds.tags().get(COMPLETE_TAG) == "1"
-    except Exception:
+        verify_geotiff(p)
+    except Exception:  # noqa: BLE001 - unreadable in any way: not complete
         return False
+    return True
