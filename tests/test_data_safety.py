@@ -421,7 +421,9 @@ def test_evaluate_with_nan_is_an_input_error(tmp_path: Path) -> None:
 # 4. SIGTERM and SIGHUP behave like Ctrl-C
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_termination_signal_leaves_no_partial_file(tmp_path: Path, sig: signal.Signals) -> None:
     pan, ms = make_pair(tmp_path, n=3072)
     out_dir = tmp_path / "out"
@@ -437,6 +439,8 @@ def test_termination_signal_leaves_no_partial_file(tmp_path: Path, sig: signal.S
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert "Traceback" not in stderr
+    said = "Interrupted." if sig == signal.SIGINT else f"Terminated by signal {int(sig)}."
+    assert stderr.strip().splitlines()[-1] == said, stderr[-3000:]
     assert list(out_dir.iterdir()) == []
 
 
@@ -1087,3 +1091,21 @@ def test_simulate_into_a_file_is_refused_before_reading(tmp_path: Path, pair: tu
     one_line_error(rc, err, "overwrite an input")
     kept()
 
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--dtype", "complex64"], ["complex64", "real-valued"]),
+        (["--dtype", "bool"], ["bool", "real-valued"]),
+        (["--co", "BLOCKYSIZE=abc"], ["BLOCKYSIZE=abc", "whole number"]),
+    ],
+    ids=["complex", "bool", "block-size"],
+)
+def test_output_types_and_blocks_gdal_would_take_silently_are_refused(
+    tmp_path: Path, pair: tuple[Path, Path], option: list[str], words: list[str]
+) -> None:
+    pan, ms = pair
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", *option)
+    one_line_error(rc, err, *words)
+    assert not out.exists() and hidden(tmp_path) == []

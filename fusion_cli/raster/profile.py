@@ -98,6 +98,11 @@ def check_creation_options(creation_options: dict[str, str] | None) -> None:
     NODATA, CRS... `RESERVED_OPTIONS`) rather than pass to GTiff: `--co NODATA=5` silently gave the
     product another nodata, `--co COUNT=1` failed with a traceback after the fusion."""
     for key, value in (creation_options or {}).items():
+        if key.upper() in ("BLOCKXSIZE", "BLOCKYSIZE") and not (value.isdigit() and int(value) > 0):
+            # GDAL reads "abc" as 0 and quietly writes its default blocks
+            raise FusionError(
+                f"--co {key.upper()}={value}: a block side is a whole number of pixels, like 512"
+            )
         why = RESERVED_OPTIONS.get(key.upper())
         if why is not None:
             raise FusionError(
