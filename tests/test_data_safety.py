@@ -1109,3 +1109,17 @@ def test_output_types_and_blocks_gdal_would_take_silently_are_refused(
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", *option)
     one_line_error(rc, err, *words)
     assert not out.exists() and hidden(tmp_path) == []
+
+
+def test_a_fresh_training_run_does_not_replace_an_earlier_checkpoint(tmp_path: Path) -> None:
+    """`fusion train -o DIR` without --resume over an interrupted run's DIR deleted its log at once
+    and replaced its checkpoint at the first epoch end: hours of training lost to a missing flag."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an earlier run's state")
+    (out / "train_log.jsonl").write_text('{"epoch": 0}\n')
+    kept = _unchanged(out / "checkpoint.pt", out / "train_log.jsonl")
+    rc, _, err = cli("train", EXAMPLE_PAN.parent, "--name", "m", "-o", out, "--epochs", "1")
+    one_line_error(rc, err, "checkpoint.pt", "--resume")
+    kept()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "train_log.jsonl"]

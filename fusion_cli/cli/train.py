@@ -135,6 +135,12 @@ def register(app: typer.Typer) -> None:
         shift = _pair(pan_shift, "--pan-shift") or (0.0, 0.0)
         if (out / f"{name}.safetensors").exists() and not resume:
             raise FusionError(f"{out / name}.safetensors exists; choose another --name/--out or --resume")
+        if (out / "checkpoint.pt").exists() and not resume:
+            # a fresh run would replace it at its first epoch: hours of an interrupted run lost
+            raise FusionError(
+                f"{out / 'checkpoint.pt'} holds an earlier run; continue it with --resume, or choose "
+                "another --out (delete the checkpoint to start over)"
+            )
         config = TrainConfig(
             task=task,
             ratio=ratio,
