@@ -1123,3 +1123,18 @@ def test_a_fresh_training_run_does_not_replace_an_earlier_checkpoint(tmp_path: P
     one_line_error(rc, err, "checkpoint.pt", "--resume")
     kept()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "train_log.jsonl"]
+
+
+def test_a_symlinked_lock_file_creates_nothing_through_it(tmp_path: Path) -> None:
+    """The per-output lock file was opened with O_CREAT through a symlink: the link's target was
+    created wherever it pointed."""
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out_dir.mkdir()
+    make_pair(src, stem="a_")
+    (out_dir / ".a_fused.tif.lock").symlink_to(tmp_path / "created_elsewhere")
+    rc, out, err = cli("batch", src, out_dir, "--method", "gsa", "--json")
+    assert rc == 1, err
+    (scene,) = json.loads(out)["scenes"]
+    assert scene["status"] == "failed" and "lock file" in scene["reason"] and "symlink" in scene["reason"]
+    assert not (tmp_path / "created_elsewhere").exists()

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_cli.batch.locking import remove_stale_temporaries, scene_lock
+from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
 from fusion_cli.raster import same_file
@@ -155,6 +155,9 @@ def execute_scene(
         return SceneResult(status="failed", reason=f"cannot create the output folder: {exc}", **base)
     if not os.access(scene.out.parent, os.W_OK | os.X_OK):
         why = f"output folder {scene.out.parent} is not writable; choose another OUT_DIR"
+        return SceneResult(status="failed", reason=why, **base)
+    if lock_file(scene.out).is_symlink():
+        why = f"{lock_file(scene.out).name}, the lock file of {scene.out.name}, is a symlink; remove it"
         return SceneResult(status="failed", reason=why, **base)
     with scene_lock(scene.out) as mine:
         if not mine:

@@ -25,12 +25,13 @@ def scene_lock(out: Path) -> Iterator[bool]:
     except ImportError:  # no flock (Windows): no cross-run exclusion, nothing else changes
         yield True
         return
-    lock_path = out.with_name(f".{out.name}.lock")
+    lock_path = lock_file(out)
     fd: int | None = None
     try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
         with deferred_signals():  # and a signal cannot land between os.open and `fd =`
             while True:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                # never through a link: its target (anywhere) would be created, then kept
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 held = _try_flock(fcntl, fd, lock_path)
                 if held is not None:
                     break
@@ -41,6 +42,11 @@ def scene_lock(out: Path) -> Iterator[bool]:
         if fd is not None:
             with deferred_signals():  # a release cut in two would leave the lock file behind
                 _release_lock_file(fcntl, fd, lock_path)
+
+
+def lock_file(out: Path) -> Path:
+    """The lock file of output `out`: `.<name>.lock` beside it."""
+    return out.with_name(f".{out.name}.lock")
 
 
 def _try_flock(fcntl: Any, fd: int, lock_path: Path) -> bool | None:
