@@ -9,6 +9,7 @@ paths (a shared filesystem), as with any file-based cluster job.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -68,12 +69,28 @@ def connect(address: str) -> Any:
         from distributed import Client
     except ImportError:
         raise FusionError("--dask needs dask.distributed: pip install 'fusion-cli[dask]'") from None
+    if Path(address).is_file():  # dask-jobqueue / dask-mpi write a scheduler file on HPC
+        _check_scheduler_file(Path(address))
     try:
-        if Path(address).is_file():  # dask-jobqueue / dask-mpi write a scheduler file on HPC
+        if Path(address).is_file():
             return Client(scheduler_file=address, timeout="15s")
         return Client(address, timeout="15s")
     except (OSError, TimeoutError, ValueError) as exc:
         raise FusionError(f"cannot connect to the Dask scheduler at {address}: {exc}") from None
+
+
+def _check_scheduler_file(path: Path) -> None:
+    """A scheduler file is the JSON a Dask scheduler writes, with its "address": anything else made
+    `distributed` fail with an AssertionError traceback."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+        raise FusionError(
+            f'--dask {path} is not a Dask scheduler file (JSON with an "address"); give the file '
+            "`dask scheduler --scheduler-file` wrote, or an address like tcp://host:8786"
+        )
 
 
 def _failure_reason(exc: BaseException) -> str:

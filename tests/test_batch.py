@@ -528,3 +528,45 @@ def test_batch_passes_creation_options(tmp_path: Path, landsat_demo: dict[str, P
     run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quiet", *co, check_rc=0)
     with rasterio.open(out_dir / "l8_fused.tif") as ds:
         assert ds.block_shapes[0] == (128, 128)
+
+
+def test_a_dask_worker_reuses_a_processor_only_for_the_same_options() -> None:
+    """A Dask worker caches its scene processor between batches: keyed by the fuser alone, a second
+    batch on the same cluster ran with the first one's --dtype, --cog, --quicklook and --metrics."""
+    from fusion_cli.batch_dask import worker_processor
+    from fusion_cli.pipeline import FuseOptions
+
+    built: list[batch.FuseJob] = []
+
+    def factory(job: batch.FuseJob) -> batch.SceneProcessor:
+        built.append(job)
+        return lambda scene: {}
+
+    def job(**kw: object) -> batch.FuseJob:
+        metrics = bool(kw.pop("metrics", False))
+        return batch.FuseJob(fuser={"method": "exp"}, options=FuseOptions(**kw), metrics=metrics)
+
+    first = worker_processor(job(), factory)
+    assert worker_processor(job(), factory) is first and len(built) == 1
+    for other in (job(out_dtype="float32"), job(cog=True), job(quicklook=True), job(metrics=True)):
+        assert worker_processor(other, factory) is not first
+    assert len(built) == 5 and built[1].options.out_dtype == "float32" and built[4].metrics
+
+
+def test_manifest_and_scheduler_file_mistakes_are_one_line_errors(mixed: dict, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    pan = next(mixed["in"].glob("*_pan.tif"))
+    manifest.write_text(f"pan,ms\n{pan.name},{pan.name.replace('_pan', '_ms')}\n")
+    # a row without an 'out' whose --out-pattern leaves OUT_DIR: was a KeyError traceback
+    res = run_cli("batch", str(mixed["in"]), str(tmp_path / "o"), "--manifest", str(manifest),
+                  "--method", "exp", "--out-pattern", "../{stem}.tif", "--json")  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    (scene,) = json.loads(res.stdout)["scenes"]
+    assert scene["status"] == "failed" and "OUT_DIR" in scene["reason"]
+    not_a_scheduler = tmp_path / "sched.json"
+    not_a_scheduler.write_text("{}")
+    res = run_cli(
+        "batch", str(mixed["in"]), str(tmp_path / "o"), "--method", "exp", "--dask", str(not_a_scheduler)
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("Error: --dask") and "scheduler file" in res.stderr

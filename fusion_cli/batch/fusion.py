@@ -27,7 +27,14 @@ class FuseJob:
     metrics: bool = False
 
     def cache_key(self) -> str:
-        return json.dumps(self.fuser, sort_keys=True, default=str)
+        """Jobs with equal keys can share one scene processor (a Dask worker keeps it between
+        batches): the same fuser and the same options and metrics, which the processor holds too."""
+        options = (
+            {} if self.options is None else {k: v for k, v in vars(self.options).items() if k != "progress"}
+        )
+        return json.dumps(
+            {"fuser": self.fuser, "options": options, "metrics": self.metrics}, sort_keys=True, default=str
+        )
 
 
 def make_scene_processor(job: FuseJob) -> SceneProcessor:

@@ -338,7 +338,9 @@ def read_manifest(
         out = out_dir / r["out"] if r.get("out") else out_path_for(out_dir, stem, out_pattern)
         why = escapes(out_dir, r.get("out") or out_path_for(Path(), stem, out_pattern))
         if why is not None:  # this row fails with its reason; the other rows go on
-            refused.append(Unpaired(Path(r.get("id") or r["out"]), f"manifest line {n}: {why}"))
+            refused.append(
+                Unpaired(Path(r.get("id") or r.get("out") or r["pan"]), f"manifest line {n}: {why}")
+            )
             continue
         scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
     plan = Plan(scenes, refused, source=f"--manifest {manifest}", total_scenes=len(scenes))
