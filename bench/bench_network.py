@@ -9,7 +9,10 @@ fp32 matmul rate measured in the same run and the network's matmul/conv FLOPs pe
 by torch's FlopCounterMode over one 256^2 window, times 2 with a transpose ensemble): their quotient
 is the rate at which the machine could run the network's dense algebra alone ("matmul floor"), and
 the last column is the fraction of it reached. The scans' own arithmetic is not in that floor. Rows
-for two runs at once (each run's rate and their sum) show what sharing the cores costs.
+for two runs at once (each run's rate and their sum) show what sharing the cores costs, and the batch
+rows what a folder costs: `fusion batch` over four links to the example pair with one and with two
+scenes in flight in one process, and as two processes fusing half each (--shard 1/2, 2/2); their
+PAN Mpx/s is the whole folder's.
 
 `run() -> list[dict]` is what `bench/run.py` collects; `python bench/bench_network.py` prints it.
 """
@@ -155,7 +158,10 @@ def _wait(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any], float, float, float]]:
+Result = tuple[dict[str, Any], float, float, float]  # JSON summary, wall s, CPU s, peak RSS MB
+
+
+def _run_cases(cases: list[tuple[list[str], Path]]) -> list[Result]:
     """Run the commands at once; (JSON summary, wall s, CPU s, peak RSS MB) of each."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for cmd, _ in cases]
@@ -172,6 +178,41 @@ def _run_cases(cases: list[tuple[list[str], Path]]) -> list[tuple[dict[str, Any]
 
 
 BOTH = ("one run", "two runs at once")
+
+# `fusion batch` over copies of the example scene: one process with one or two scenes in flight, and
+# two processes splitting the folder (--shard), as a cluster array or GNU parallel would
+BATCH_SCENES = 4
+BATCH_MODES = {
+    "batch, 4 scenes, --scene-workers 1": [["--scene-workers", "1"]],
+    "batch, 4 scenes, --scene-workers 2": [["--scene-workers", "2"]],
+    "batch, 4 scenes, two processes (--shard 1/2, 2/2)": [["--shard", "1/2"], ["--shard", "2/2"]],
+}
+
+
+def _batch_cmd(in_dir: Path, out_dir: Path, extra: list[str]) -> list[str]:
+    code = "import sys; from fusion_cli.cli.main import main; main(sys.argv[1:])"
+    return [sys.executable, "-c", code, "batch", str(in_dir), str(out_dir), "--pan", "*_PAN.tif", "--ms",
+            "*_MS.tif", "--json", "--quiet", *extra]  # fmt: skip
+
+
+def _batch_rows(
+    folder: Path, pan: Path, ms: Path
+) -> list[tuple[str, list[tuple[dict[str, Any], float, float, float]]]]:
+    """Each BATCH_MODES case over BATCH_SCENES links to the example pair, into a fresh OUT_DIR."""
+    in_dir = folder / "batch_in"
+    in_dir.mkdir()
+    for i in range(BATCH_SCENES):
+        (in_dir / f"s{i}_PAN.tif").symlink_to(pan)
+        (in_dir / f"s{i}_MS.tif").symlink_to(ms)
+    out = []
+    for k, (mode, runs) in enumerate(BATCH_MODES.items()):
+        out_dir = folder / f"batch_out{k}"
+        results = _run_cases([(_batch_cmd(in_dir, out_dir, extra), out_dir) for extra in runs])
+        done = sum(r[0]["done"] for r in results)
+        if done != BATCH_SCENES:
+            raise RuntimeError(f"{mode}: {done} of {BATCH_SCENES} scenes done")
+        out.append((mode, results))
+    return out
 
 
 def run() -> list[dict[str, Any]]:
@@ -195,33 +236,40 @@ def run() -> list[dict[str, Any]]:
             label = "landsat (default model), Landsat-8 1254 x 1207 crop"
             scenes.append((label, l8, [], landsat_fpp, ("one run",)))
             scenes.append((label, l8, ["--tile", "512"], landsat_fpp, ("one run, --tile 512",)))
+        cases: list[tuple[str, str, float, list[Result], int | str]] = []
         for label, (pan, ms), extra, fpp, modes in scenes:
-            floor = gflops * 1e9 / fpp / 1e6  # PAN Mpx/s if only the dense algebra ran, at the matmul rate
             for mode in modes:
                 outs = [folder / f"o{i}.tif" for i in range(2 if mode == "two runs at once" else 1)]
                 results = _run_cases([(_fuse_cmd(pan, ms, out, extra), out) for out in outs])
+                cases.append((label, mode, fpp, results, results[0][0]["tile"]))
+        for mode, results in _batch_rows(folder, *landsat):
+            cases.append(("landsat (default model), example scene", mode, landsat_fpp, results, 640))
+        for label, mode, fpp, results, tile in cases:
+            if mode.startswith("batch"):
+                total = sum(r[0]["pan_mpx_done"] for r in results)
+            else:
                 total = sum(s["shape"][1] * s["shape"][2] / 1e6 for s, _, _, _ in results)
-                wall = max(r[1] for r in results)
-                cpu = sum(r[2] for r in results)
-                summary = results[0][0]
-                rows.append(
-                    {
-                        "bench": "network",
-                        "case": label,
-                        "mode": mode,
-                        "tile": summary["tile"],
-                        "PAN Mpx": round(total, 3),
-                        "wall s": round(wall, 2),
-                        "CPU s": round(cpu, 2),
-                        "PAN Mpx/s (wall)": round(total / wall, 4),
-                        "PAN Mpx/s per CPU s": round(total / cpu, 4),
-                        "peak RSS MB (per run)": round(max(r[3] for r in results)),
-                        "matmul GFLOP/s": round(gflops, 1),
-                        "dense MFLOP / PAN px": round(fpp / 1e6, 3),
-                        "matmul floor Mpx/s": round(floor, 3),
-                        "fraction of floor": round(total / wall / floor, 3),
-                    }
-                )
+            floor = gflops * 1e9 / fpp / 1e6  # PAN Mpx/s if only the dense algebra ran, at the matmul rate
+            wall = max(r[1] for r in results)
+            cpu = sum(r[2] for r in results)
+            rows.append(
+                {
+                    "bench": "network",
+                    "case": label,
+                    "mode": mode,
+                    "tile": tile,
+                    "PAN Mpx": round(total, 3),
+                    "wall s": round(wall, 2),
+                    "CPU s": round(cpu, 2),
+                    "PAN Mpx/s (wall)": round(total / wall, 4),
+                    "PAN Mpx/s per CPU s": round(total / cpu, 4),
+                    "peak RSS MB (per run)": round(max(r[3] for r in results)),
+                    "matmul GFLOP/s": round(gflops, 1),
+                    "dense MFLOP / PAN px": round(fpp / 1e6, 3),
+                    "matmul floor Mpx/s": round(floor, 3),
+                    "fraction of floor": round(total / wall / floor, 3),
+                }
+            )
     return rows
 
 
