@@ -1138,3 +1138,34 @@ def test_a_symlinked_lock_file_creates_nothing_through_it(tmp_path: Path) -> Non
     (scene,) = json.loads(out)["scenes"]
     assert scene["status"] == "failed" and "lock file" in scene["reason"] and "symlink" in scene["reason"]
     assert not (tmp_path / "created_elsewhere").exists()
+
+
+def test_overwrite_drops_the_old_products_gdal_sidecars(tmp_path: Path) -> None:
+    """External overviews (gdaladdo -ro, QGIS) and .aux.xml statistics of a replaced product stayed
+    beside the new one, and GDAL served them as its overviews and statistics."""
+    pan, ms = make_pair(tmp_path, n=512, noise=True)
+    out = tmp_path / "o.tif"
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "-q")[0] == 0
+    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(out, "r+") as ds:  # external .ovr, as gdaladdo -ro
+        ds.build_overviews([2, 4])
+    (tmp_path / "o.tif.aux.xml").write_text(
+        "<PAMDataset><Metadata><MDI key='STALE'>1</MDI></Metadata></PAMDataset>"
+    )
+    assert (tmp_path / "o.tif.ovr").is_file()
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    pan2, ms2 = make_pair(dark, n=512)
+    for p in (pan2, ms2):  # another scene: a tenth of the brightness
+        with rasterio.open(p, "r+") as ds:
+            ds.write((ds.read() // 10).astype(ds.dtypes[0]))
+    for cog in ([], ["--cog"]):
+        rc, _, err = cli("pansharpen", pan2, ms2, "-o", out, "--method", "gsa", "--overwrite", "-q", *cog)
+        assert rc == 0, err
+        assert not (tmp_path / "o.tif.ovr").exists() and not (tmp_path / "o.tif.aux.xml").exists()
+        with rasterio.open(out) as ds:
+            assert "STALE" not in ds.tags()
+            full = ds.read(1).astype(float).mean()
+            factor = ds.overviews(1)[0] if ds.overviews(1) else None
+        if factor is not None:  # the COG's own overviews: of the new product
+            with rasterio.open(out, overview_level=0) as ov:
+                assert abs(ov.read(1).astype(float).mean() - full) < 0.05 * full

@@ -52,6 +52,24 @@ def _write_target(out: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(final)) if final.is_symlink() else final
 
 
+# Files GDAL keeps beside a raster and reads with it: external overviews (gdaladdo -ro, QGIS),
+# statistics and metadata (.aux.xml), a mask. Left beside a replaced product they describe the old one.
+GDAL_SIDECARS = (".ovr", ".aux.xml", ".msk")
+
+
+def _replace(tmp: Path, target: Path, named: Path) -> None:
+    """Rename `tmp` onto `target` (what `named`, the path given, writes to) and drop the GDAL sidecars
+    of the file it replaced, under either name: a reader would take the old product's overviews or
+    statistics for the new one's."""
+    os.replace(tmp, target)
+    for base in {target, named}:
+        for suffix in GDAL_SIDECARS:
+            side = base.with_name(base.name + suffix)
+            if side.is_file() or side.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    side.unlink()
+
+
 def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
     assert tag in TEMP_TAGS
@@ -159,7 +177,7 @@ def atomic_output(
         yield tmp
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError("nothing was written")
-        os.replace(tmp, final)
+        _replace(tmp, final, Path(out))
     except FusionError:
         raise
     except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
@@ -283,7 +301,7 @@ class AtomicWriter:
             rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
             self._tmp.unlink()
             verify_geotiff(final)
-        os.replace(final, self._target)
+        _replace(final, self._target, self.out)
         self._committed = True
         return self.out
 
