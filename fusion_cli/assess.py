@@ -317,36 +317,39 @@ def check_csv(path: str | Path, inputs: Sequence[str | os.PathLike[str] | None] 
 def write_csv(
     rows: list[dict[str, Any]], path: str | Path, append: bool = False, overwrite: bool = True
 ) -> Path:
-    """Write rows (union of their keys, first-seen order) to CSV; `append` adds to an existing file
-    whose header is kept (new columns are then dropped, missing ones left empty) and that must be a
-    metrics CSV (header starting with CSV_KEY), never a foreign one. The file is replaced whole,
-    atomically: a failed write leaves the previous file as it was."""
+    """Write rows (union of their keys, first-seen order) to CSV; `append` adds them to an existing
+    metrics CSV (header starting with CSV_KEY; a foreign file is refused), whose columns come first
+    and gain the new rows' other columns (a full-resolution row after reduced-resolution ones keeps
+    its indices; old rows leave them empty). The file is replaced whole, atomically: a failed write
+    leaves the previous file as it was."""
     import csv
+    import io
 
     from fusion_cli.raster import atomic_output
 
     p = check_csv(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
+    new_columns: list[str] = []
     for r in rows:
-        columns += [k for k in r if k not in columns]
-    previous = ""
+        new_columns += [k for k in r if k not in new_columns]
+    columns, old_rows = new_columns, []
     if append and p.exists() and p.stat().st_size > 0:
         try:
             with p.open(newline="", encoding="utf-8") as fh:
-                previous = fh.read()
-            columns = next(csv.reader(previous.splitlines()))
-        except (UnicodeDecodeError, csv.Error, StopIteration):
-            columns = []
-        if tuple(columns[: len(CSV_KEY)]) != CSV_KEY:
+                reader = csv.DictReader(io.StringIO(fh.read()))
+                header, old_rows = list(reader.fieldnames or []), list(reader)
+        except (UnicodeDecodeError, csv.Error):
+            header = []
+        if tuple(header[: len(CSV_KEY)]) != CSV_KEY:
             raise FusionError(
                 f"{p} is not a metrics CSV (its header does not start with {','.join(CSV_KEY)}); "
                 "choose another --csv file"
             )
+        columns = header + [k for k in new_columns if k not in header]
     with atomic_output(p, overwrite=overwrite or append, what="CSV") as tmp, tmp.open("w", newline="") as fh:
-        fh.write(previous)
+        # extrasaction: a malformed old row's fields past the header (DictReader's None key) go
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if not previous:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(old_rows)
         writer.writerows(rows)
     return p

@@ -160,6 +160,15 @@ def test_csv_append_keeps_header(tmp_path: Path) -> None:
     write_csv([flatten({"product": "b", "mode": "reduced", "Q": 0.7, "SAM": 3.0})], p, append=True)
     rows = list(csv.DictReader(p.open()))
     assert [r["product"] for r in rows] == ["a", "b"] and rows[1]["Q"] == "0.7"
+    # a new column (SAM) joins the header instead of being dropped; old rows leave it empty
+    assert rows[1]["SAM"] == "3.0" and rows[0]["SAM"] == ""
+    # a file whose last line has no newline (hand-edited, cut by an editor): the next row is its own
+    p.write_bytes(p.read_bytes().rstrip(b"\r\n"))
+    write_csv([flatten({"product": "c", "mode": "full", "HQNR": 0.9})], p, append=True)
+    rows = list(csv.DictReader(p.open()))
+    assert [(r["product"], r["mode"]) for r in rows] == [("a", "reduced"), ("b", "reduced"), ("c", "full")]
+    assert rows[2]["HQNR"] == "0.9" and rows[1]["SAM"] == "3.0"
+    assert len({len(line.split(",")) for line in p.read_text().splitlines()}) == 1
 
 
 def test_cli_metrics_scores_the_demo_product(landsat_demo: dict[str, Path]) -> None:
