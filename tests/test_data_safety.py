@@ -1169,3 +1169,17 @@ def test_overwrite_drops_the_old_products_gdal_sidecars(tmp_path: Path) -> None:
         if factor is not None:  # the COG's own overviews: of the new product
             with rasterio.open(out, overview_level=0) as ov:
                 assert abs(ov.read(1).astype(float).mean() - full) < 0.05 * full
+
+
+@pytest.mark.parametrize(
+    "option", [["--stats-mpx", "nan"], ["--stats-mpx", "inf"], ["--max-pixels", "nan"], ["--max-pixels", "0"]]
+)
+def test_non_finite_sizes_are_one_line_errors(
+    tmp_path: Path, pair: tuple[Path, Path], option: list[str]
+) -> None:
+    """--stats-mpx nan/inf was a ValueError/OverflowError traceback; --max-pixels nan switched the
+    size guard off (every comparison with NaN is false)."""
+    pan, ms = pair
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", *option)
+    one_line_error(rc, err, option[0], "positive number")
+    assert not (tmp_path / "o.tif").exists()

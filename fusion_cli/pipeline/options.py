@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from fusion_cli.errors import FusionError
 
 # Tile side (PAN px) for fusers that state no `preferred_tile`.
 DEFAULT_TILE = 256
@@ -71,6 +74,12 @@ class FuseOptions:
         from fusion_cli.raster.profile import check_creation_options
 
         check_creation_options(self.creation_options)
+        if self.stats_mpx is not None and not (math.isfinite(self.stats_mpx) and self.stats_mpx > 0):
+            raise FusionError(
+                f"--stats-mpx must be a positive number of PAN megapixels like 20, got {self.stats_mpx}"
+            )
+        if self.max_pixels is not None and not self.max_pixels > 0:  # NaN too; inf: no ceiling
+            raise FusionError(f"--max-pixels must be a positive number like 2e9, got {self.max_pixels}")
 
 
 @dataclass
