@@ -1181,5 +1181,6 @@ def test_non_finite_sizes_are_one_line_errors(
     size guard off (every comparison with NaN is false)."""
     pan, ms = pair
     rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", *option)
-    one_line_error(rc, err, option[0], "positive number")
+    one_line_error(rc, err, option[0], "must be positive")
     assert not (tmp_path / "o.tif").exists()
+

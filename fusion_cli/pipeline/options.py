@@ -76,10 +76,12 @@ class FuseOptions:
         check_creation_options(self.creation_options)
         if self.stats_mpx is not None and not (math.isfinite(self.stats_mpx) and self.stats_mpx > 0):
             raise FusionError(
-                f"--stats-mpx must be a positive number of PAN megapixels like 20, got {self.stats_mpx}"
+                f"--stats-mpx must be positive: a number of PAN megapixels like 20, got {self.stats_mpx}"
             )
         if self.max_pixels is not None and not self.max_pixels > 0:  # NaN too; inf: no ceiling
-            raise FusionError(f"--max-pixels must be a positive number like 2e9, got {self.max_pixels}")
+            raise FusionError(
+                f"--max-pixels must be positive: a number of pixels like 2e9, got {self.max_pixels}"
+            )
 
 
 @dataclass
