@@ -1184,3 +1184,40 @@ def test_non_finite_sizes_are_one_line_errors(
     one_line_error(rc, err, option[0], "must be positive")
     assert not (tmp_path / "o.tif").exists()
 
+
+def _example_as_uint8(folder: Path) -> tuple[Path, Path]:
+    """The example pair (6 MS bands) rescaled to 8 bits, for the codecs that need them (JPEG)."""
+    paths = []
+    for src in (EXAMPLE_PAN, EXAMPLE_MS):
+        with rasterio.open(src) as ds:
+            data, profile = ds.read(), ds.profile
+        profile.update(dtype="uint8", nodata=None)
+        dst = folder / src.name
+        with rasterio.open(dst, "w", **profile) as out:
+            out.write((data // 256).astype("uint8"))
+        paths.append(dst)
+    return paths[0], paths[1]
+
+
+def test_cog_creation_options_are_carried_over_or_refused_before_any_work(tmp_path: Path) -> None:
+    """--cog converts the product at the end with the COG driver, which got only the compression
+    and its level: --co BLOCKXSIZE/BLOCKYSIZE were dropped silently (256 px tiles), and
+    COMPRESS=JPEG on 6 bytes-per-pixel bands failed after the whole scene was fused (exit 1, 'check
+    the disk space'). Options are translated to the COG driver's names, or refused up front."""
+    pan, ms = _example_as_uint8(tmp_path)
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--cog", "--co", "COMPRESS=JPEG")
+    one_line_error(rc, err, "COMPRESS=JPEG", "COG")
+    assert not out.exists() and hidden(tmp_path) == []
+    # the same option without --cog: GTiff encodes the bands one by one
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--co", "COMPRESS=JPEG", "-q")
+    assert rc == 0, err
+    args = ["--cog", "--co", "BLOCKXSIZE=128", "--co", "BLOCKYSIZE=128", "--co", "ZLEVEL=9", "--overwrite"]
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "gsa", "-q", *args)
+    assert rc == 0, err
+    with rasterio.open(out) as ds:
+        assert ds.block_shapes[0] == (128, 128) and ds.profile["compress"] == "deflate"
+    for option, words in (("BLOCKXSIZE=128", ["square"]), ("INTERLEAVE=BAND", ["INTERLEAVE", "COG"])):
+        rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "x.tif", "--method", "gsa",
+                         "--cog", "--co", option)  # fmt: skip
+        one_line_error(rc, err, *words)

@@ -165,6 +165,7 @@ def fuse_files(
             nodata=nodata,
             compress=opts.compress,
             creation_options=opts.creation_options,
+            cog=opts.cog,
         )
 
         source = PairSource(

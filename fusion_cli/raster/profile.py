@@ -54,9 +54,12 @@ def output_profile(
     nodata: float | None,
     compress: str = "deflate",
     creation_options: dict[str, str] | None = None,
+    cog: bool = False,
 ) -> dict[str, Any]:
     """Tiled, compressed GeoTIFF profile; predictor 2 for integers, 3 for floats. `creation_options`
-    (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name."""
+    (GTiff's, e.g. {"ZLEVEL": "9", "BLOCKXSIZE": "512"}) replace the defaults of the same name. With
+    `cog`, the product is converted to a COG at the end: options the COG driver cannot take are
+    refused now (`cog_options`), and the probe block goes through that driver too."""
     check_creation_options(creation_options)
     compress = compress.lower()
     if compress not in COMPRESSIONS:
@@ -88,9 +91,44 @@ def output_profile(
         # lower case, as the keys above: one entry per option, and the COG step finds compress/zlevel
         profile = {k: v for k, v in profile.items() if k.lower() != key.lower()}
         profile[key.lower()] = value
+    if cog:
+        cog_options(profile, creation_options)
     if creation_options:
-        probe_profile(profile, creation_options)
+        probe_profile(profile, creation_options, cog)
     return profile
+
+
+# GTiff creation options and the COG driver's name for the same setting; None: what a COG implies
+# (tiles, whose side is BLOCKSIZE). Any other --co has no COG counterpart.
+_COG_NAMES: dict[str, str | None] = {
+    "COMPRESS": "COMPRESS", "PREDICTOR": "PREDICTOR", "ZLEVEL": "LEVEL", "ZSTD_LEVEL": "LEVEL",
+    "LZMA_PRESET": "LEVEL", "JPEG_QUALITY": "QUALITY", "WEBP_LEVEL": "QUALITY", "MAX_Z_ERROR": "MAX_Z_ERROR",
+    "NUM_THREADS": "NUM_THREADS", "NBITS": "NBITS", "BIGTIFF": "BIGTIFF", "SPARSE_OK": "SPARSE_OK",
+    "GEOTIFF_VERSION": "GEOTIFF_VERSION", "TILED": None, "BLOCKXSIZE": None, "BLOCKYSIZE": None,
+}  # fmt: skip
+
+
+def cog_options(profile: dict[str, Any], creation_options: dict[str, str] | None = None) -> dict[str, str]:
+    """The COG driver's options for a product written with GTiff `profile`: its compression, level,
+    predictor, threads and block side carried over (the COG driver names some differently: ZLEVEL is
+    LEVEL, JPEG_QUALITY is QUALITY, BLOCKXSIZE/BLOCKYSIZE one BLOCKSIZE). A user option
+    (`creation_options`) with no COG counterpart is refused: it would be dropped at the conversion."""
+    extra = sorted(k.upper() for k in creation_options or {} if k.upper() not in _COG_NAMES)
+    if extra:
+        raise FusionError(
+            f"--co {', '.join(extra)} has no COG counterpart and would be dropped by --cog; drop it, or "
+            "write a plain GeoTIFF"
+        )
+    opts = {name: str(v) for k, v in profile.items() if (name := _COG_NAMES.get(k.upper())) is not None}
+    if str(profile.get("tiled", True)).strip().upper() in ("NO", "FALSE", "OFF", "0"):
+        raise FusionError("--cog is always tiled: drop --co TILED=NO")
+    side_x, side_y = int(profile.get("blockxsize", BLOCK)), int(profile.get("blockysize", BLOCK))
+    if side_x != side_y:
+        raise FusionError(
+            f"--cog writes square tiles: give BLOCKXSIZE and BLOCKYSIZE one value, not {side_x}/{side_y}"
+        )
+    opts["BLOCKSIZE"] = str(side_x)
+    return opts
 
 
 def check_creation_options(creation_options: dict[str, str] | None) -> None:
@@ -111,7 +149,7 @@ def check_creation_options(creation_options: dict[str, str] | None) -> None:
             )
 
 
-def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> None:
+def probe_profile(profile: dict[str, Any], creation_options: dict[str, str], cog: bool = False) -> None:
     """Write one block with `profile` to memory and read it back. GTiff accepts some creation options
     at creation that it cannot encode (COMPRESS=JPEG for 16-bit data, WEBP for more than 4 bands):
     the blocks are then dropped with only a message, and the product failed after the whole scene was
@@ -157,13 +195,22 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str]) -> 
                 if not src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1):
                     raise OSError("the block was not written")
                 src.read(1)
+            if cog:  # the end of a --cog run: the COG driver re-encodes (pixel-interleaved) blocks
+                cog_path = path.replace(".tif", ".cog.tif")
+                try:
+                    rasterio.shutil.copy(path, cog_path, driver="COG", **cog_options(profile))
+                    with rasterio.open(cog_path) as src:
+                        src.read(1)
+                finally:
+                    with contextlib.suppress(Exception):
+                        rasterio.shutil.delete(cog_path)
     except FusionError:
         raise
     except Exception as exc:
         given = " ".join(f"--co {k}={v}" for k, v in creation_options.items())
         raise FusionError(
-            f"GTiff cannot write this {profile['dtype']} product of {profile['count']} band(s) with "
-            f"{given}: {reason(exc)}; change or drop these options"
+            f"{'GTiff or COG' if cog else 'GTiff'} cannot write this {profile['dtype']} product of "
+            f"{profile['count']} band(s) with {given}: {reason(exc)}; change or drop these options"
         ) from None
     finally:
         with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError, OutputWriteError
 from fusion_cli.raster.gdal import gdal_env, reason
-from fusion_cli.raster.profile import BLOCK, overview_factors
+from fusion_cli.raster.profile import BLOCK, cog_options, overview_factors
 from fusion_cli.signals import deferred_signals
 
 # The tag written last, just before the file is closed: a file without it was not finished.
@@ -295,10 +295,7 @@ class AtomicWriter:
                 if factors:
                     dst.build_overviews(factors, Resampling.average)
             # The COG driver reuses the overviews just built and streams block by block.
-            opts = {k: v for k, v in self.profile.items() if k in {"compress", "predictor"}}
-            if "zlevel" in self.profile:  # the COG driver names the DEFLATE level LEVEL
-                opts["level"] = self.profile["zlevel"]
-            rasterio.shutil.copy(self._tmp, final, driver="COG", BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER", **opts)
+            rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
             verify_geotiff(final)
         _replace(final, self._target, self.out)
