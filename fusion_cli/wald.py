@@ -98,16 +98,14 @@ def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = Non
             return r, _read(pan, pan_win), _read(ms, ms_win)
 
 
-def _write(
+def _image(
     path: Path, data: np.ndarray, transform: Affine | None, crs: object, meta: dict, dtype: str
-) -> None:
+) -> raster.GeoTiff:
     """One simulated image, with the source's nodata, NBITS/SOURCE tags and band names (existing
     outputs were refused, or allowed by --overwrite, before any work)."""
     tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
     tags |= meta.get("extra", {})
-    raster.write_geotiff(
-        path, data, dtype, transform, crs, meta["nodata"], tags, meta["desc"], "simulated image"
-    )
+    return raster.GeoTiff(path, data, dtype, transform, crs, meta["nodata"], tags, meta["desc"])
 
 
 def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path], overwrite: bool) -> None:
@@ -117,6 +115,8 @@ def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path],
         raise FusionError(f"-o {out_dir} is a file; give a folder for the simulated pair")
     read = [f for src in inputs for f in raster.source_files(src)]
     for t in targets:
+        if t.is_dir():
+            raise FusionError(f"{t} is a folder; remove it or choose another -o folder")
         if any(raster.same_file(t, f) for f in read):
             raise FusionError(f"output {t} would overwrite an input: choose another -o folder")
         if t.exists() and not overwrite:
@@ -167,14 +167,23 @@ def simulate_files(
     info = {"WALD_RATIO": str(ratio), "WALD_SENSOR": key, "WALD_PAN_MODE": paths.pan_mode}
     ms_dtype = "float32" if dtype == "float32" else str(ms.dtype)
     pan_dtype = "float32" if dtype == "float32" else str(pan.dtype)
-    _write(
-        paths.pan, pan_lr, pan_tf @ scale if pan_tf else None, pan_crs, pan_meta | {"extra": info}, pan_dtype
-    )
-    step(3)
     # A float MS keeps the source dtype in a tag: models with a DN scale per dtype read it from there.
     ms_info = info | {raster.SOURCE_DTYPE_TAG: str(ms.dtype)}
-    _write(paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": ms_info}, ms_dtype)
-    step(4)
-    _write(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype))  # the original DN, unchanged
-    step(5)
+    images = [
+        _image(
+            paths.pan,
+            pan_lr,
+            pan_tf @ scale if pan_tf else None,
+            pan_crs,
+            pan_meta | {"extra": info},
+            pan_dtype,
+        ),
+        _image(
+            paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": ms_info}, ms_dtype
+        ),
+        _image(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype)),  # the original DN, unchanged
+    ]
+    # all three or none: a failure halfway must not leave a reduced pair of this scene beside the
+    # reference of another
+    raster.write_geotiffs(images, "simulated image", written=lambda i: step(3 + i))
     return paths

@@ -1221,3 +1221,30 @@ def test_cog_creation_options_are_carried_over_or_refused_before_any_work(tmp_pa
         rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "x.tif", "--method", "gsa",
                          "--cog", "--co", option)  # fmt: skip
         one_line_error(rc, err, *words)
+
+
+def test_simulate_replaces_its_three_files_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """simulate --overwrite wrote pan_lr, ms_lr and ms_ref one after another: a failure at the third
+    (a full disk, Ctrl-C, a folder in its place) left the new scene's reduced pair beside the old
+    scene's reference, a set that scores nonsense without a word."""
+    from fusion_cli.raster import write as write_module
+    from fusion_cli.wald import simulate_files
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    out = tmp_path / "sim"
+    simulate_files(*make_pair(first), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = write_module._write_whole, []
+
+    def full_disk_at_the_third(tmp: Path, image: object) -> None:
+        calls.append(tmp)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(tmp, image)
+
+    monkeypatch.setattr(write_module, "_write_whole", full_disk_at_the_third)
+    with pytest.raises(OutputWriteError, match="ms_ref.tif"):
+        simulate_files(*make_pair(second, noise=True), out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no temporaries

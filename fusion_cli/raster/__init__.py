@@ -44,11 +44,12 @@ from fusion_cli.raster.write import (
     COMPLETE_TAG,
     TEMP_TAGS,
     AtomicWriter,
+    GeoTiff,
     atomic_output,
     is_complete_output,
     is_own_temporary,
     verify_geotiff,
-    write_geotiff,
+    write_geotiffs,
 )
 
 __all__ = [
@@ -96,5 +97,6 @@ __all__ = [
     "select_bands",
     "verify_geotiff",
     "with_nodata",
-    "write_geotiff",
+    "GeoTiff",
+    "write_geotiffs",
 ]

@@ -1,6 +1,6 @@
 """Writing GeoTIFFs and side files atomically: a temporary name beside the output, renamed into
 place only when complete and verified (`AtomicWriter` streams windows and converts to a COG;
-`write_geotiff` writes a whole array; `atomic_output` any other file)."""
+`write_geotiffs` whole arrays, several at once; `atomic_output` any other file)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import re
 import secrets
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,48 +114,68 @@ def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
                     raise OSError(f"block {i},{j} of band {b} is missing")
 
 
-def write_geotiff(
-    path: Path,
-    data: np.ndarray,
-    dtype: str,
-    transform: Any = None,
-    crs: Any = None,
-    nodata: float | None = None,
-    tags: dict[str, str] | None = None,
-    descriptions: Sequence[str | None] | None = None,
-    what: str = "image",
+@dataclass
+class GeoTiff:
+    """One whole `(C, H, W)` array to write as a deflate GeoTIFF (tiled when over 256 px): integer
+    `dtype`s get the values rounded and clipped to their range; `transform` None writes no
+    georeferencing (for an input that had none); `descriptions` name the bands."""
+
+    path: Path
+    data: np.ndarray  # (C, H, W)
+    dtype: str
+    transform: Any = None
+    crs: Any = None
+    nodata: float | None = None
+    tags: dict[str, str] | None = None
+    descriptions: Sequence[str | None] | None = None
+
+
+def write_geotiffs(
+    images: Sequence[GeoTiff], what: str = "image", written: Callable[[int], None] | None = None
 ) -> None:
-    """Write a whole `(C, H, W)` array as a deflate GeoTIFF (tiled when over 256 px), atomically and
-    verified: integer `dtype`s get the values rounded and clipped to their range. `transform` None
-    writes no georeferencing (for an input that had none); `descriptions` name the bands."""
-    out = data
-    if not np.issubdtype(np.dtype(dtype), np.floating):
-        info = np.iinfo(dtype)
-        out = np.clip(np.round(data), info.min, info.max)
+    """Write GeoTIFFs that belong together (a simulated pair and its reference) all or none: each is
+    written and verified under a temporary name, and they are renamed into place only once every one
+    is, so a failure (a full disk, Ctrl-C) leaves the previous set whole, never a mix of two runs.
+    `written(i)` is called after image i is written."""
+    with contextlib.ExitStack() as stack:
+        temps = [stack.enter_context(atomic_output(im.path, overwrite=True, what=what)) for im in images]
+        for i, (tmp, im) in enumerate(zip(temps, images, strict=True)):
+            try:
+                _write_whole(tmp, im)
+            except Exception as exc:
+                raise OutputWriteError(f"cannot write {what} {im.path}: {reason(exc)}") from exc
+            if written is not None:
+                written(i)
+
+
+def _write_whole(tmp: Path, im: GeoTiff) -> None:
+    out = im.data
+    if not np.issubdtype(np.dtype(im.dtype), np.floating):
+        info = np.iinfo(im.dtype)
+        out = np.clip(np.round(im.data), info.min, info.max)
     profile = {
         "driver": "GTiff",
-        "width": data.shape[2],
-        "height": data.shape[1],
-        "count": data.shape[0],
-        "dtype": dtype,
+        "width": im.data.shape[2],
+        "height": im.data.shape[1],
+        "count": im.data.shape[0],
+        "dtype": im.dtype,
         "compress": "deflate",
-        "predictor": 3 if dtype == "float32" else 2,
+        "predictor": 3 if im.dtype == "float32" else 2,
     }
-    if data.shape[1] > BLOCK and data.shape[2] > BLOCK:
+    if im.data.shape[1] > BLOCK and im.data.shape[2] > BLOCK:
         profile.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
-    if transform is not None:
-        profile.update(transform=transform, crs=crs)
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with atomic_output(path, overwrite=True, what=what) as tmp:
-        with _open(tmp, "w", **profile) as ds:
-            ds.write(out.astype(dtype))
-            ds.update_tags(**(tags or {}))
-            if descriptions and len(descriptions) == data.shape[0]:
-                for i, d in enumerate(descriptions, start=1):
-                    if d:
-                        ds.set_band_description(i, d)
-        verify_geotiff(tmp, complete_tag=False)
+    if im.transform is not None:
+        profile.update(transform=im.transform, crs=im.crs)
+    if im.nodata is not None:
+        profile["nodata"] = im.nodata
+    with _open(tmp, "w", **profile) as ds:
+        ds.write(out.astype(im.dtype))
+        ds.update_tags(**(im.tags or {}))
+        if im.descriptions and len(im.descriptions) == im.data.shape[0]:
+            for i, d in enumerate(im.descriptions, start=1):
+                if d:
+                    ds.set_band_description(i, d)
+    verify_geotiff(tmp, complete_tag=False)
 
 
 @contextlib.contextmanager
@@ -178,7 +199,7 @@ def atomic_output(
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError("nothing was written")
         _replace(tmp, final, Path(out))
-    except FusionError:
+    except (FusionError, OutputWriteError):  # said already (a nested output names its own file)
         raise
     except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
         raise OutputWriteError(f"cannot write {what} {final}: {reason(exc)}") from exc
