@@ -570,3 +570,16 @@ def test_manifest_and_scheduler_file_mistakes_are_one_line_errors(mixed: dict, t
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith("Error: --dask") and "scheduler file" in res.stderr
+
+
+def test_manifest_errors_name_the_file_line(mixed: dict, tmp_path: Path) -> None:
+    """Line numbers counted parsed rows: with a BOM and blank lines an empty row on line 6 was
+    reported as line 4."""
+    pan = next(mixed["in"].glob("*_pan.tif"))
+    manifest = tmp_path / "m.csv"
+    ms = pan.name.replace("_pan", "_ms")
+    manifest.write_bytes(f"\ufeffpan,ms\n\n{pan.name},{ms}\n\n{pan.name},{ms}\n,\n".encode())
+    res = run_cli(
+        "batch", str(mixed["in"]), str(tmp_path / "o"), "--manifest", str(manifest), "--method", "exp"
+    )
+    assert res.returncode == 2 and "line 6: empty 'pan' or 'ms'" in res.stderr, res.stderr

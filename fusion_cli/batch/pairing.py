@@ -319,7 +319,8 @@ def read_manifest(
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
-            rows = list(reader)
+            # each row with the file line it ends on (blank lines are skipped, quoted fields may span lines)
+            rows = [(row, reader.line_num) for row in reader]
     except (csv.Error, UnicodeDecodeError) as exc:
         raise FusionError(f"manifest {manifest} is not a readable CSV: {exc}") from None
     if not {"pan", "ms"} <= set(header):
@@ -328,7 +329,7 @@ def read_manifest(
         )
     scenes: list[Scene] = []
     refused: list[Unpaired] = []
-    for n, row in enumerate(rows, start=2):
+    for row, n in rows:
         r = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not r.get("pan") or not r.get("ms"):
             raise FusionError(f"manifest {manifest} line {n}: empty 'pan' or 'ms'")
