@@ -311,6 +311,9 @@ def check_csv(path: str | Path, inputs: Sequence[str | os.PathLike[str] | None] 
     for src in inputs:
         if src is not None and same_file(p, src):
             raise FusionError(f"--csv {p} is an input file ({src}); choose another name")
+    folder = p.parent if str(p.parent) else Path(".")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise FusionError(f"CSV folder {folder} is not writable; choose another --csv path")
     return p
 
 

@@ -11,6 +11,7 @@ pan_lr `(P, h, w)` with h, w multiples of r.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,8 @@ def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path],
     file, a link to it, or a file a VRT or archive input reads) or, without --overwrite, any file."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FusionError(f"-o {out_dir} is a file; give a folder for the simulated pair")
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
+        raise FusionError(f"-o {out_dir} is not writable; choose another folder")
     read = [f for src in inputs for f in raster.source_files(src)]
     for t in targets:
         if t.is_dir():

@@ -203,8 +203,9 @@ def atomic_output(
         raise
     except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
         raise OutputWriteError(f"cannot write {what} {final}: {reason(exc)}") from exc
-    finally:
-        with deferred_signals(), contextlib.suppress(FileNotFoundError):
+    finally:  # OSError: on a read-only filesystem the temporary never existed, and EROFS would
+        # replace the error that says so
+        with deferred_signals(), contextlib.suppress(OSError):
             tmp.unlink()
 
 
