@@ -240,6 +240,10 @@ def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
     # Swapped arguments put the 24x24 HSI in the high-resolution role: no integer ratio upwards.
     code, _, err = run(capsys, "hisr", msi, str(hsi), "-o", str(tmp_path / "o2.tif"), "--method", "exp")
     assert_one_line_error(code, err, "not an exact integer ratio")
+    # Without a model or method, hisr takes the shipped HISR model (it took the pansharpening default,
+    # landsat, and refused the pair for landsat's ratio)
+    code, _, err = run(capsys, "hisr", str(hsi), msi, "-o", str(tmp_path / "o3.tif"))
+    assert_one_line_error(code, err, "hyperion_hisr")
 
 
 @pytest.mark.slow

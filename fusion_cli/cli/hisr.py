@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
         """Hyperspectral super-resolution: fuse a low-resolution HSI with a high-resolution MSI.
 
         The output has the HSI's bands on the MSI grid (over the area both cover); tiling, nodata,
-        alignment and output options are those of `fusion pansharpen`. A classical `--method` uses
-        the MSI's band mean as its PAN.""",
+        alignment and output options are those of `fusion pansharpen`. Without --model, --weights
+        or --method it runs the shipped HISR model (hyperion_hisr). A classical `--method` uses the
+        MSI's band mean as its PAN.""",
         hi_help="MSI GeoTIFF (high resolution).",
         lo_help="HSI GeoTIFF (low resolution).",
         run=_run,

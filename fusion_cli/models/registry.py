@@ -163,13 +163,19 @@ def list_models(directory: Path | None = None) -> list[ModelCard]:
     return cards
 
 
-def default_model_name(directory: Path | None = None) -> str:
-    """Name of the card marked `"default": true`."""
-    defaults = [c.name for c in list_models(directory) if c.default]
+def default_model_name(directory: Path | None = None, task: str | None = None) -> str:
+    """Name of the card marked `"default": true`; for a `task` (e.g. "hisr"), the default card of that
+    task, else its only card: a pansharpening model is no default for another task."""
+    cards = list_models(directory)
+    if task is not None:
+        mine = [c for c in cards if c.task == task]
+        cards = [c for c in mine if c.default] or (mine if len(mine) == 1 else [])
+    defaults = [c.name for c in cards if c.default or task is not None]
     if not defaults:
         folder = directory or weights_dir()
+        what = "default model" if task is None else f"default {task} model"
         raise FusionError(
-            f"no default model is installed in {folder} (run `make weights`, or pass --weights FILE "
+            f"no {what} is installed in {folder} (run `make weights`, or pass --weights FILE "
             "or --model NAME, or a classical --method; `fusion info` lists the models)"
         )
     return "landsat" if "landsat" in defaults else defaults[0]

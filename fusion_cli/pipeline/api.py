@@ -359,7 +359,11 @@ def hisr(
     **opts: Any,
 ) -> FuseSummary:
     """Low-resolution HSI + high-resolution MSI -> HSI at the MSI resolution (the MSI is the "pan").
-    `opts` as for `pansharpen`."""
+    `opts` as for `pansharpen`. Without a model, weights or method: the shipped HISR model."""
+    if model is None and weights is None and method is None:
+        from fusion_cli.models.registry import default_model_name
+
+        model = default_model_name(task="hisr")
     names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
     spec, options = _split_options(names, opts)
     return _fuse(msi, hsi, out, spec, options)
