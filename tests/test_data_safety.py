@@ -1248,3 +1248,25 @@ def test_simulate_replaces_its_three_files_together(tmp_path: Path, monkeypatch:
     with pytest.raises(OutputWriteError, match="ms_ref.tif"):
         simulate_files(*make_pair(second, noise=True), out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no temporaries
+
+
+def test_coregister_refuses_a_shift_from_a_weak_correlation_peak(tmp_path: Path) -> None:
+    """--coregister applied whatever shift phase correlation returned: on two unrelated images
+    (peak 0.27) it moved the product by 12.8 and 4 PAN px. The real pairs here peak at 0.46-0.75;
+    under MIN_SHIFT_PEAK the shift is refused, and without --coregister it is still reported."""
+    from fusion_cli.align import MIN_SHIFT_PEAK
+
+    rng = np.random.default_rng(2)
+    msi = write_tif(tmp_path / "msi.tif", (rng.random((3, 64, 64)) * 900 + 100).astype("uint16"), 1.0)
+    hsi = write_tif(tmp_path / "hsi.tif", (rng.random((8, 16, 16)) * 900 + 100).astype("uint16"), 4.0)
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("hisr", hsi, msi, "-o", out, "--method", "gsa", "--coregister")
+    one_line_error(rc, err, "--coregister", "correlation peak", "fuse without --coregister")
+    assert not out.exists()
+    rc, stdout, err = cli("hisr", hsi, msi, "-o", out, "--method", "gsa", "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["shift_measured"]["peak"] < MIN_SHIFT_PEAK
+    rc, stdout, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "l8.tif", "--method", "gsa",
+                          "--coregister", "--json")  # fmt: skip
+    assert rc == 0 and json.loads(stdout)["shift_applied"], err
+    assert json.loads(stdout)["shift_measured"]["peak"] > MIN_SHIFT_PEAK

@@ -116,6 +116,11 @@ def measure_shift(source: PairSource, required: bool = False) -> dict[str, float
         return None
     pan = t.pan.mean(axis=0) if t.pan.shape[0] > 1 else t.pan[0]
     dy, dx, peak = align.estimate_shift(pan, t.ms, g.ratio, t.valid)
+    if required and peak < align.MIN_SHIFT_PEAK:
+        raise align.ShiftNotMeasurable(
+            f"the PAN/MS correlation peak is {peak:.2f}, under {align.MIN_SHIFT_PEAK}: the two share too "
+            f"little structure to trust the shift measured (dy {dy:.1f}, dx {dx:.1f} PAN px)"
+        )
     return {"dy": round(dy + g.dy, 3), "dx": round(dx + g.dx, 3), "peak": round(peak, 3)}
 
 
