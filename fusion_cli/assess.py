@@ -338,7 +338,7 @@ def write_csv(
     columns, old_rows = new_columns, []
     if append and p.exists() and p.stat().st_size > 0:
         try:
-            with p.open(newline="", encoding="utf-8") as fh:
+            with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a BOM from Excel's "CSV UTF-8"
                 reader = csv.DictReader(io.StringIO(fh.read()))
                 header, old_rows = list(reader.fieldnames or []), list(reader)
         except (UnicodeDecodeError, csv.Error):

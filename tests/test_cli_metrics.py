@@ -169,6 +169,10 @@ def test_csv_append_keeps_header(tmp_path: Path) -> None:
     assert [(r["product"], r["mode"]) for r in rows] == [("a", "reduced"), ("b", "reduced"), ("c", "full")]
     assert rows[2]["HQNR"] == "0.9" and rows[1]["SAM"] == "3.0"
     assert len({len(line.split(",")) for line in p.read_text().splitlines()}) == 1
+    # saved again by Excel as "CSV UTF-8": a byte-order mark in front of the header
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    write_csv([flatten({"product": "d", "mode": "full", "HQNR": 0.8})], p, append=True)
+    assert [r["product"] for r in csv.DictReader(p.open(encoding="utf-8-sig"))] == ["a", "b", "c", "d"]
 
 
 def test_cli_metrics_scores_the_demo_product(landsat_demo: dict[str, Path]) -> None:
