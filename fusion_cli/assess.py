@@ -175,6 +175,14 @@ def load_case(
     return Case(img.crop(f_win), pan=pan_img.crop(p_win), ms=ms_img.crop(win), ratio=r)
 
 
+def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
+    """The case with its reference and MS cut to the product's bands, in its order (what `score`
+    compares; the report's figures show the same)."""
+    ref = case.ref and replace(case.ref, data=_bands_of_product(case.fused, case.ref, "reference", bands))
+    ms = case.ms and replace(case.ms, data=_ms_for_product(case, bands))
+    return replace(case, ref=ref, ms=ms)
+
+
 def _ms_for_product(case: Case, bands: list[int] | None = None) -> np.ndarray:
     """The MS bands the product was made from: `bands`, all, or the ones its FUSION_PARAMS tag records."""
     assert case.ms is not None
@@ -183,7 +191,9 @@ def _ms_for_product(case: Case, bands: list[int] | None = None) -> np.ndarray:
 
 def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | None = None) -> np.ndarray:
     """`img`'s bands that match the product's: the `given` 1-based bands (in the fused order), else
-    all when the counts agree, else the `bands` the product's FUSION_PARAMS tag records."""
+    the `bands` the product's FUSION_PARAMS tag records (a subset, or the same bands reordered:
+    `--bands 3,2,1,4,5,6` fuses red first), else all when the counts agree. An `img` whose band names
+    are the product's, in its order, is taken as it is (already selected and ordered)."""
     data, c = img.data, fused.data.shape[0]
     if given is not None:
         if len(given) != c or min(given) < 1 or max(given) > data.shape[0]:
@@ -191,12 +201,15 @@ def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | No
                 f"bands {given} do not fit: the product has {c} bands, the {what} {img.name} {data.shape[0]}"
             )
         return data[[b - 1 for b in given]]
-    if data.shape[0] == c:
+    named = [d for d in fused.descriptions if d]
+    if data.shape[0] == c and len(named) == c and list(img.descriptions) == list(fused.descriptions):
         return data
     bands = product_sources(fused)[2].get("bands")
     if isinstance(bands, list) and len(bands) == c and all(isinstance(b, int) for b in bands):
         if max(bands) <= data.shape[0] and min(bands) >= 1:
             return data[[b - 1 for b in bands]]
+    if data.shape[0] == c:
+        return data
     raise FusionError(
         f"fused has {c} bands but the {what} {img.name} has {data.shape[0]}: pass the {what} that was fused"
     )

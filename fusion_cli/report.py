@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, write_csv
+from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, with_product_bands, write_csv
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
@@ -483,7 +483,7 @@ def build_report(
             result = score(case, opts)
             result["name"] = item.name
             results.append(result)
-            figs.append(_figures(case, result, img_dir, stem, rgb, fig_opts))
+            figs.append(_figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts))
         except FusionError as exc:
             results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
             figs.append([])
