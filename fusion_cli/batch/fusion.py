@@ -88,7 +88,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             # The product is already complete: a metrics problem is reported, not a failed scene.
             try:
                 details["metrics"] = scene_metrics(
-                    scene, ratio=summary.ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject
+                    scene,
+                    ratio=summary.ratio,
+                    sensor=job.fuser.get("sensor"),
+                    reproject=options.reproject,
+                    bands=options.bands,
                 )
             except (FusionError, ValueError, MemoryError) as exc:
                 details["metrics_error"] = str(exc)
@@ -103,40 +107,32 @@ def metrics_path(out: Path) -> Path:
 
 
 def scene_metrics(
-    scene: Scene, ratio: int, sensor: str | None = None, reproject: bool = False
+    scene: Scene,
+    ratio: int,
+    sensor: str | None = None,
+    reproject: bool = False,
+    bands: list[int] | None = None,
 ) -> dict[str, Any]:
     """Full-resolution indices (D_lambda, D_s, QNR, HQNR) of a finished scene, also written beside
     the output as `<out>.metrics.json` so a report can be built from the output folder alone.
+    `bands`: the MS bands the product was fused from, in its order (--bands), all by default.
 
-    Reads the three images whole (the indices are global): memory grows with the scene.
+    Reads the three images whole (the indices are global): memory grows with the scene. The same
+    reading and line-up as `fusion metrics` (`assess.load_case`): the product lies on the PAN grid
+    over the area both inputs cover (a Landsat product lacks the half-covered first PAN row and
+    column), so cropping all three from their top-left corners compared pixels one PAN pixel apart.
     """
-    import numpy as np
-
     from fusion_cli import raster
-    from fusion_cli.metrics import full_resolution
+    from fusion_cli.assess import EvalOptions, load_case, score
+    from fusion_cli.metrics.table import metrics
 
-    with raster.gdal_env(), raster.open_raster(scene.out, "output") as out_ds:
-        fused = out_ds.read().astype(np.float32)
-        valid = out_ds.dataset_mask() > 0
-    from fusion_cli import pipeline
-
-    with pipeline.open_pair(scene.pan, scene.ms, reproject, ratio) as (pan_ds, ms_ds):
-        pan = pan_ds.read(1)[None].astype(np.float32)
-        ms = ms_ds.read(raster.select_bands(ms_ds, None)).astype(np.float32)
-    # The product covers the PAN pixels inside both inputs from the top-left: compare on the
-    # largest area that is a whole number of MS pixels in all three.
-    h = min(fused.shape[1], pan.shape[1], ms.shape[1] * ratio) // ratio * ratio
-    w = min(fused.shape[2], pan.shape[2], ms.shape[2] * ratio) // ratio * ratio
-    if h < 32 or w < 32:
-        raise FusionError(f"scene {scene.id} is too small for full-resolution metrics ({h}x{w} px)")
-    values = full_resolution(
-        fused[:, :h, :w],
-        pan[:, :h, :w],
-        ms[:, : h // ratio, : w // ratio],
-        ratio=ratio,
-        sensor=sensor,
-        mask=valid[:h, :w],
+    if reproject:  # the MS is on another grid: the line-up by geotransforms does not hold
+        raise FusionError("full-resolution metrics of a --reproject run: score it with `fusion metrics`")
+    result = score(
+        load_case(scene.out, None, scene.pan, scene.ms, None, ratio), EvalOptions(sensor=sensor, bands=bands)
     )
+    keys = [m.name for m in metrics("full")] + ["bands", "ratio"]  # what `metrics.full_resolution` returns
+    values = {k: result[k] for k in keys if k in result}
     sidecar = metrics_path(scene.out)
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
     with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
