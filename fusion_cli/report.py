@@ -236,6 +236,11 @@ def _figures(
 
     f = case.fused
     rgb = rgb or default_rgb(f.data.shape[0])
+    if max(rgb) >= f.data.shape[0]:
+        raise FusionError(
+            f"--rgb {','.join(str(b + 1) for b in rgb)} asks for band {max(rgb) + 1}, but {f.name} has "
+            f"{f.data.shape[0]}; choose display bands within 1..{f.data.shape[0]}"
+        )
     step = _step(f.data.shape, opts["max_side"])
     zr, zc = _zoom_window(*f.data.shape[1:], opts["zoom"])
     sub = (slice(None), slice(None, None, step), slice(None, None, step))
@@ -482,8 +487,9 @@ def build_report(
             case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio)
             result = score(case, opts)
             result["name"] = item.name
-            results.append(result)
-            figs.append(_figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts))
+            shown = _figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts)
+            results.append(result)  # after the figures: one entry per item, whichever step fails
+            figs.append(shown)
         except FusionError as exc:
             results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
             figs.append([])

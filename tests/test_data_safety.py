@@ -1270,3 +1270,36 @@ def test_coregister_refuses_a_shift_from_a_weak_correlation_peak(tmp_path: Path)
                           "--coregister", "--json")  # fmt: skip
     assert rc == 0 and json.loads(stdout)["shift_applied"], err
     assert json.loads(stdout)["shift_measured"]["peak"] > MIN_SHIFT_PEAK
+
+
+def test_a_quicklook_path_that_is_a_folder_is_refused_before_the_product(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    """`-o q.tif --quicklook` with a folder q.png: the product was written, then the run failed on
+    the PNG (exit 2 with a complete product left behind)."""
+    pan, ms = pair
+    (tmp_path / "q.png").mkdir()
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "q.tif", "--method", "gsa", "--quicklook")
+    one_line_error(rc, err, "q.png", "is a folder")
+    assert not (tmp_path / "q.tif").exists()
+
+
+def test_report_rgb_beyond_the_bands_and_a_binary_card_are_reported_not_raised(
+    tmp_path: Path, fused: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--rgb 9,3,2 on a 3-band product was an IndexError traceback with an empty img/ left; a card
+    that is not UTF-8 in the weights folder was a UnicodeDecodeError in `fusion info` and in every
+    default-model lookup."""
+    pan, ms, product = fused
+    rc, out, err = cli("report", product, "-o", tmp_path / "rep", "--rgb", "9,3,2", "--json")
+    assert rc == 1 and "Traceback" not in err, err
+    (row,) = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert "asks for band 9" in row["error"]
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "broken.json").write_bytes(b"\xff\xfe")
+    for suffix in (".json", ".safetensors"):
+        (weights / f"vhr4{suffix}").write_bytes((REPO / "weights" / f"vhr4{suffix}").read_bytes())
+    monkeypatch.setenv("FUSION_WEIGHTS_DIR", str(weights))
+    rc, out, err = cli("info")
+    assert rc == 0 and "Traceback" not in err and "vhr4" in out + err and "broken.json" in out + err

@@ -139,8 +139,8 @@ def _read_card(path: Path) -> ModelCard:
     try:
         if path.stat().st_size > MAX_CARD_BYTES:
             raise FusionError(f"model card {path} is over {MAX_CARD_BYTES >> 20} MiB: not a model card")
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FusionError(f"cannot read model card {path}: {exc}") from None
     except RecursionError:  # a deeply nested document
         raise FusionError(f"model card {path} is nested too deeply: not a model card") from None

@@ -110,6 +110,8 @@ def check_writable(
                 raise FusionError(
                     f"{side}, written beside output {out}, is an input; choose another output name"
                 )
+        if side.is_dir():  # found only after the product was written, which then stayed
+            raise FusionError(f"{side}, written beside output {out}, is a folder; choose another output name")
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     for src, given in read:
