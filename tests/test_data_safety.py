@@ -1303,3 +1303,70 @@ def test_report_rgb_beyond_the_bands_and_a_binary_card_are_reported_not_raised(
     monkeypatch.setenv("FUSION_WEIGHTS_DIR", str(weights))
     rc, out, err = cli("info")
     assert rc == 0 and "Traceback" not in err and "vhr4" in out + err and "broken.json" in out + err
+
+
+def test_training_refuses_a_bad_name_and_a_pair_of_another_ratio_before_any_work(tmp_path: Path) -> None:
+    """--name "my model" was refused only when the trained model was exported; a PAN four times the
+    MS trained with --ratio 2 was cut to its top-left quarter and trained on (pairs that do not show
+    the same ground)."""
+    rc, _, err = cli("train", EXAMPLE_PAN.parent, "-o", tmp_path / "a", "--name", "my model", "--ratio", "2")
+    one_line_error(rc, err, "--name", "my model")
+    assert not (tmp_path / "a").exists()
+    data = tmp_path / "pairs"
+    data.mkdir()
+    (data / "1_pan.tif").symlink_to(EXAMPLE_PAN)
+    with rasterio.open(EXAMPLE_MS) as ds:  # the MS at half its resolution: the pair is 4 apart
+        profile = ds.profile | {"width": ds.width // 2, "height": ds.height // 2}
+        half = ds.read(out_shape=(ds.count, ds.height // 2, ds.width // 2))
+    with rasterio.open(data / "1_ms.tif", "w", **profile) as dst:
+        dst.write(half)
+    rc, _, err = cli("train", data, "-o", tmp_path / "b", "--ratio", "2", "--epochs", "1")
+    one_line_error(rc, err, "not 2 apart", "--ratio")
+
+
+def test_fine_tuning_weights_of_another_architecture_is_a_one_line_error(tmp_path: Path) -> None:
+    """`fusion train --init weights/landsat.safetensors` with the default --dim 32 (landsat is d = 8)
+    ended in torch's state-dict size-mismatch traceback."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    (data / "1_pan.tif").symlink_to(EXAMPLE_PAN)
+    (data / "1_ms.tif").symlink_to(EXAMPLE_MS)
+    init = REPO / "weights" / "landsat.safetensors"
+    rc, _, err = cli("train", data, "-o", tmp_path / "o", "--ratio", "2", "--epochs", "1", "--init", init)
+    one_line_error(rc, err, "--init", "dim 8 (here 32)", "--dim 8")
+
+
+def test_resume_refuses_settings_the_checkpoint_was_not_trained_with(tmp_path: Path) -> None:
+    """--resume with another --dim ended in a state-dict traceback; with another --lr or loss it ran,
+    and the card stated the new settings for the whole run."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    (data / "1_pan.tif").symlink_to(EXAMPLE_PAN)
+    (data / "1_ms.tif").symlink_to(EXAMPLE_MS)
+    out = tmp_path / "run"
+    tiny = ["--ratio", "2", "--dim", "4", "--patch", "32", "--batch", "2", "--steps-per-epoch", "2", "-q"]
+    rc, _, err = cli("train", data, "-o", out, *tiny, "--epochs", "1")
+    assert rc == 0, err
+    for changed, words in ((["--dim", "8"], ["dim 4 -> 8"]), (["--lr", "0.1"], ["lr", "-> 0.1"])):
+        rc, _, err = cli("train", data, "-o", out, *tiny, "--epochs", "2", "--resume", *changed)
+        one_line_error(rc, err, "--resume", *words)
+    rc, _, err = cli("train", data, "-o", out, *tiny, "--epochs", "2", "--resume")
+    assert rc == 0, err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 2, 4]  # the baseline, then each epoch's end
+
+
+def test_training_inputs_with_nan_are_named_not_reported_as_divergence(tmp_path: Path) -> None:
+    """A float MS with NaN nodata made the first loss NaN: 'training diverged at step 0; lower --lr',
+    and a log of bare NaN tokens (not JSON)."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    (data / "1_pan.tif").symlink_to(EXAMPLE_PAN)
+    with rasterio.open(EXAMPLE_MS) as ds:
+        ms, profile = ds.read().astype("float32"), ds.profile | {"dtype": "float32", "nodata": float("nan")}
+    ms[:, :, :40] = np.nan
+    with rasterio.open(data / "1_ms.tif", "w", **profile) as dst:
+        dst.write(ms)
+    rc, _, err = cli("train", data, "-o", tmp_path / "o", "--ratio", "2", "--epochs", "1")
+    one_line_error(rc, err, "1_ms.tif", "NaN")
+    assert not (tmp_path / "o" / "train_log.jsonl").exists()

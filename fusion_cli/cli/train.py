@@ -129,9 +129,11 @@ def register(app: typer.Typer) -> None:
         Writes OUT/NAME.safetensors + OUT/NAME.json (model card), OUT/checkpoint.pt (resumable),
         OUT/train_log.jsonl and OUT/loss.png.
         """
+        from fusion_cli.models.registry import check_model_name
         from fusion_cli.training.api import train_from_inputs
         from fusion_cli.training.loop import TrainConfig
 
+        check_model_name(name)  # before any data is read: the name is only used at export
         shift = _pair(pan_shift, "--pan-shift") or (0.0, 0.0)
         if (out / f"{name}.safetensors").exists() and not resume:
             raise FusionError(f"{out / name}.safetensors exists; choose another --name/--out or --resume")

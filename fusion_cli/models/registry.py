@@ -28,6 +28,13 @@ TASKS = ("pansharpening", "hs-pansharpening", "hisr")
 STATUSES = ("", "stable", "experimental")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
+def check_model_name(name: object, where: str = "--name") -> None:
+    """A model name is a file stem and a registry key: letters, digits, '_', '-', '.'."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise FusionError(f"{where}: name must be letters, digits, '_', '-', '.' (got {name!r})")
+
+
 WV3_BANDS = [
     "coastal (400-450 nm)",
     "blue (450-510 nm)",
@@ -72,8 +79,7 @@ class ModelCard:
     def validate(self) -> None:
         """Raise FusionError naming the first missing or invalid field."""
         where = f"model card {self.name!r}"
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise FusionError(f"{where}: name must be letters, digits, '_', '-', '.' (got {self.name!r})")
+        check_model_name(self.name, where)
         if self.task not in TASKS:
             raise FusionError(f"{where}: task must be one of {', '.join(TASKS)} (got {self.task!r})")
         for name in ("description", "sensor", "licence"):

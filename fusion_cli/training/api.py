@@ -107,6 +107,7 @@ def train_from_inputs(
         from fusion_cli.models.registry import load_model
 
         init_model = load_model(weights=init_weights, device="cpu").model
+        _check_init_architecture(init_weights, init_model.config, config, train_pairs[0])
         init_base = getattr(init_model.config, "base", None)
         if config.base not in (None, init_base):
             raise FusionError(f"--base {config.base}: the --init weights correct {init_base or 'no base'}")
@@ -151,3 +152,17 @@ def train_from_inputs(
         full_pairs=full_pairs,
         full_val_pairs=full_val_pairs,
     )
+
+
+def _check_init_architecture(path: Any, init: Any, config: TrainConfig, pair: TrainPair) -> None:
+    """Fine-tuning keeps the --init network's shape: a different width, state size, ratio or band
+    count would fail deep in torch's state-dict loading (a size-mismatch traceback)."""
+    asked = {"dim": config.dim, "d_state": config.d_state, "ratio": config.ratio}
+    asked |= {"ms_bands": pair.ms.shape[0], "pan_bands": pair.pan.shape[0]}
+    differ = [f"{k} {getattr(init, k)} (here {v})" for k, v in asked.items() if getattr(init, k) != v]
+    if differ:
+        raise FusionError(
+            f"--init {path} is a network of {', '.join(differ)}: fine-tuning keeps its architecture; give "
+            f"--dim {init.dim} --d-state {init.d_state} --ratio {init.ratio} and pairs with its bands"
+        )
+

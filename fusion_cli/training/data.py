@@ -94,7 +94,15 @@ def read_raster(path: str | Path) -> np.ndarray:
     from fusion_cli import raster
 
     with raster.gdal_env(), raster.open_raster(path, "training input") as ds:
-        return raster.read_whole(ds, "training input").astype(np.float32)
+        data = raster.read_whole(ds, "training input").astype(np.float32)
+    # NaN or inf (a float nodata) turn the first loss into NaN, which then read as "training diverged"
+    bad = int((~np.isfinite(data)).any(axis=0).sum())
+    if bad:
+        raise FusionError(
+            f"training input {path} has NaN or infinite values ({bad} px, e.g. a float nodata): training "
+            "needs every pixel valid; crop the pair to its valid area or fill them"
+        )
+    return data
 
 
 def raster_dtype(path: str | Path) -> str:
@@ -243,12 +251,20 @@ def compensate_shift(scene: Scene, shift: tuple[float, float]) -> Scene:
 
 
 def trim_to_ratio(scene: Scene) -> Scene:
-    """Drop trailing PAN rows/columns beyond ratio * MS size (e.g. Landsat-8's extra PAN row)."""
+    """Drop trailing PAN rows/columns beyond ratio * MS size (e.g. Landsat-8's extra PAN row). A PAN
+    a whole MS pixel or more larger than that is another ratio (or another area): refused, as cutting
+    it would train on pairs that do not show the same ground."""
     r = scene.ratio
     h, w = scene.ms.shape[1:]
     if scene.pan.shape[1] < h * r or scene.pan.shape[2] < w * r:
         raise FusionError(
             f"scene {scene.name}: PAN {scene.pan.shape[1:]} smaller than {r} x MS {scene.ms.shape[1:]}"
+        )
+    if scene.pan.shape[1] >= (h + 1) * r or scene.pan.shape[2] >= (w + 1) * r:
+        raise FusionError(
+            f"scene {scene.name}: PAN {tuple(scene.pan.shape[1:])} is more than {r} x MS "
+            f"{tuple(scene.ms.shape[1:])}: the pair is not {r} apart; check --ratio, or that the two "
+            "files cover the same area"
         )
     return replace(scene, pan=scene.pan[:, : h * r, : w * r])
 

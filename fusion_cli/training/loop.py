@@ -136,6 +136,41 @@ def build_model(config: TrainConfig, ms_bands: int, pan_bands: int) -> nn.Module
     return FusionMamba(cfg)
 
 
+# What a resumed run may change: how long it goes on, where and how it runs, how often it validates.
+# Anything else (width, loss, learning rate, data scale...) would make one card describe two runs.
+RESUMABLE_CHANGES = (
+    "epochs",
+    "max_seconds",
+    "device",
+    "scan_backend",
+    "val_every",
+    "val_interval_s",
+    "precision",
+)
+
+
+def _check_resumed_config(saved: Any, config: TrainConfig) -> None:
+    """Refuse --resume with settings the checkpoint was not trained with (a changed --dim failed in
+    torch's state-dict loading; a changed --lr or loss went into the card as the whole run's)."""
+    if not isinstance(saved, dict):
+        return  # a checkpoint from before configs were saved: nothing to compare
+    now = asdict(config)
+    changed = [
+        f"{k} {saved[k]!r} -> {now[k]!r}"
+        for k in now
+        if k in saved and k not in RESUMABLE_CHANGES and _plain(saved[k]) != _plain(now[k])
+    ]
+    if changed:
+        raise FusionError(
+            f"--resume: {'; '.join(changed)} since the checkpoint; resume with the settings it was "
+            "trained with (only --epochs, --max-seconds and --device may change), or train into a new --out"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _lr_at(config: TrainConfig, epoch: int) -> float:
     # Step decay as a pure function of the epoch, so a resumed run needs no scheduler state.
     return config.lr * config.lr_gamma ** (epoch // max(config.lr_step, 1))
@@ -225,6 +260,7 @@ def train(
         if not ckpt_path.exists():
             raise FusionError(f"--resume: no checkpoint in {out_dir}; start without --resume")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resumed_config(ck.get("config"), config)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sampler.set_state(ck["sampler_rng"])
