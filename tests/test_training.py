@@ -287,6 +287,17 @@ def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[Trai
     np.testing.assert_allclose(got[1].ref, p.ref[:, 32:64, 32:64], atol=1e-5)
     with pytest.raises(FusionError, match="ratio-2"):
         load_h5(tmp_path / "train.h5", 2047.0, ratio=4)
+    # trained from HDF5 with an HDF5 --val: the card lists both files (the validation one was left out)
+    from fusion_cli.training.api import train_from_inputs
+
+    with h5py.File(tmp_path / "valid.h5", "w") as f:
+        f["GT"], f["MS"], f["PAN"], f["LMS"] = gt[:1], ms[:1], pan[:1], gt[:1]
+    config = TrainConfig(ratio=2, dim=4, patch=16, batch=2, epochs=1, steps_per_epoch=1, val_crop=16)
+    train_from_inputs([tmp_path / "train.h5"], tmp_path / "run", name="h5", config=config,
+                      val_inputs=[tmp_path / "valid.h5"], dn_max=2047.0)  # fmt: skip
+    card = json.loads((tmp_path / "run" / "h5.json").read_text())
+    roles = {(d["role"], Path(d["scene"]).name) for d in card["training"]["data"]}
+    assert roles == {("train", "train.h5"), ("validation", "valid.h5")}
 
 
 # ----------------------------------------------------------------------------------------- training

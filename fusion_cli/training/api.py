@@ -128,7 +128,8 @@ def train_from_inputs(
         "training": {
             "data": [{"role": "train", "scene": s.name, "source": s.source} for s in scenes]
             + [{"role": "validation", "scene": s.name, "source": s.source} for s in val_scenes]
-            + [{"role": "train", "scene": str(p)} for p in inputs if _is_h5(Path(p))],
+            + [{"role": "train", "scene": str(p)} for p in inputs if _is_h5(Path(p))]
+            + [{"role": "validation", "scene": str(p)} for p in val_inputs if _is_h5(Path(p))],
             "split": "validation from --val" if val_inputs else f"last {val_frac:.0%} of rows of each scene",
             "command": command or " ".join(sys.argv),
         },
