@@ -638,6 +638,15 @@ def load_pack(path: str | Path, ratio: int) -> tuple[dict[str, Any], dict[str, l
     path = Path(path)
     if not path.exists():
         raise FusionError(f"training pack not found: {path} (make it with --pack-to)")
+    try:
+        return _read_pack(path, ratio)
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # zip, npy, JSON or layout damage
+        raise FusionError(
+            f"training pack {path} is damaged or not a pack ({exc}); make it again with --pack-to"
+        ) from None
+
+
+def _read_pack(path: Path, ratio: int) -> tuple[dict[str, Any], dict[str, list[TrainPair]]]:
     with np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
         out: dict[str, list[TrainPair]] = {}
@@ -1239,7 +1248,10 @@ def _finetune_init(name: str, out: str | Path, command: str) -> tuple[Path, str]
     card_path = Path(out) / f"{name}.json"
     if not card_path.is_file():
         raise FusionError(f"--finetune: no {card_path}; train {name} into --out first, or pass --init")
-    parent = json.loads(card_path.read_text()).get("training", {}).get("command", "")
+    try:
+        parent = json.loads(card_path.read_text()).get("training", {}).get("command", "")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise FusionError(f"--finetune: {card_path} is not a model card ({exc})") from None
     return card_path, f"{parent} && {command}" if parent else command
 
 
@@ -1292,6 +1304,14 @@ def main(argv: list[str] | None = None) -> int:
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
     )
     args = ap.parse_args(args_in)
+    try:
+        return _run(args, args_in)
+    except FusionError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, args_in: list[str]) -> int:
     if args.retest:
         card = retest_shipped(args.name, args.out)
         m = card["metrics"]
@@ -1305,46 +1325,42 @@ def main(argv: list[str] | None = None) -> int:
         # later options win in argparse: the caller's (e.g. --out) override the card's
         return max([main(cmd + args_in[1:]) for cmd in shipped_commands()], default=0)
     names = list(RECIPES) if args.name == "all" else [args.name]
-    try:
-        for n in names:
-            if args.pack_to:
-                t = time.perf_counter()
-                path = pack_recipe(n, args.pack_to)
-                print(f"{n}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f} s)")
-                continue
-            command, init = f"{PROG} " + shlex.join([n] + args_in[1:]), args.init
-            if args.finetune:
-                if init is not None:
-                    raise FusionError("--finetune and --init both name the weights to start from: pass one")
-                init, command = _finetune_init(n, args.out, command)
-            summary = run_recipe(
-                n,
-                out=args.out,
-                work=Path(args.work) / n,
-                device=args.device,
-                max_seconds=args.max_seconds,
-                dim=args.dim,
-                progress=not args.quiet,
-                evaluate=not args.no_eval,
-                command=command,
-                pack_dir=args.from_pack,
-                batch=args.batch,
-                test_crop=args.test_crop,
-                val_crop=args.val_crop,
-                base=args.base,
-                init=init,
-                sam_weight=args.sam_weight,
-                full_res_weight=args.full_res_weight,
-                detail_weight=args.detail_weight,
-                lr=args.lr,
-                train_bounded=args.train_bounded,
-                fold=args.fold,
-                resume=args.resume,
-            )
-            print(json.dumps(summary, default=str), flush=True)
-    except FusionError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    for n in names:
+        if args.pack_to:
+            t = time.perf_counter()
+            path = pack_recipe(n, args.pack_to)
+            print(f"{n}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f} s)")
+            continue
+        command, init = f"{PROG} " + shlex.join([n] + args_in[1:]), args.init
+        if args.finetune:
+            if init is not None:
+                raise FusionError("--finetune and --init both name the weights to start from: pass one")
+            init, command = _finetune_init(n, args.out, command)
+        summary = run_recipe(
+            n,
+            out=args.out,
+            work=Path(args.work) / n,
+            device=args.device,
+            max_seconds=args.max_seconds,
+            dim=args.dim,
+            progress=not args.quiet,
+            evaluate=not args.no_eval,
+            command=command,
+            pack_dir=args.from_pack,
+            batch=args.batch,
+            test_crop=args.test_crop,
+            val_crop=args.val_crop,
+            base=args.base,
+            init=init,
+            sam_weight=args.sam_weight,
+            full_res_weight=args.full_res_weight,
+            detail_weight=args.detail_weight,
+            lr=args.lr,
+            train_bounded=args.train_bounded,
+            fold=args.fold,
+            resume=args.resume,
+        )
+        print(json.dumps(summary, default=str), flush=True)
     return 0
 
 
