@@ -298,6 +298,11 @@ def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[Trai
     card = json.loads((tmp_path / "run" / "h5.json").read_text())
     roles = {(d["role"], Path(d["scene"]).name) for d in card["training"]["data"]}
     assert roles == {("train", "train.h5"), ("validation", "valid.h5")}
+    # the weights are as readable as their card (safetensors' save_file made them owner-only, 0600)
+    modes = [
+        (tmp_path / "run" / f"h5{suffix}").stat().st_mode & 0o777 for suffix in (".safetensors", ".json")
+    ]
+    assert modes[0] == modes[1] and modes[0] & 0o044, [oct(m) for m in modes]
 
 
 # ----------------------------------------------------------------------------------------- training

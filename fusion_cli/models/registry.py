@@ -355,7 +355,7 @@ def load_model(
 
 def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write `<out_dir>/<name>.safetensors` (no pickle) and `<name>.json` with the weights' sha256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +373,9 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
     weights_path, card_path = out / card.weights, out / f"{card.name}.json"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     with atomic_output(weights_path, overwrite=True, what="weights") as tmp:
-        save_file(state, str(tmp), metadata={"name": card.name, "format": "fusion-cli FusionMamba"})
+        # bytes written by open(): the umask's mode, as the card's (save_file made it owner-only, 0600,
+        # so a model trained on a shared machine could not be read by the colleagues it was for)
+        tmp.write_bytes(save(state, metadata={"name": card.name, "format": "fusion-cli FusionMamba"}))
         card.sha256 = sha256_file(tmp)
     write_card(card_path, card.to_dict())
     return weights_path, card_path
