@@ -35,6 +35,7 @@ share_cores()
 from fusion_cli.errors import FusionError  # noqa: E402
 from fusion_cli.models import SEAMLESS_SCAN_MEMORY  # noqa: E402
 from fusion_cli.paths import shared_data_dir  # noqa: E402
+from fusion_cli.raster import atomic_output  # noqa: E402
 from fusion_cli.training.data import Scene, TrainPair, load_scene, reduce_scene  # noqa: E402
 
 PROG = "python recipes/train_recipes.py"
@@ -616,7 +617,8 @@ def pack_recipe(name: str, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.npz"
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez_compressed(path, meta=blob, **arrays)
+    with atomic_output(path, overwrite=True, what="training pack") as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(fh, meta=blob, **arrays)  # a file object: numpy adds no second .npz
     return path
 
 
