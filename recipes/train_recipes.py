@@ -1301,6 +1301,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the run in --work from its checkpoint for --max-seconds more",
     )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model already in --out (`shipped` implies it; --finetune, --resume replace theirs)",
+    )
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
         "--retest", action="store_true", help="re-measure the shipped model's test table into its card"
@@ -1325,7 +1330,8 @@ def _run(args: argparse.Namespace, args_in: list[str]) -> int:
         return 0
     if args.name == "shipped":
         # later options win in argparse: the caller's (e.g. --out) override the card's
-        return max([main(cmd + args_in[1:]) for cmd in shipped_commands()], default=0)
+        # retraining the shipped models into --out is what `shipped` is for
+        return max([main([*cmd, *args_in[1:], "--overwrite"]) for cmd in shipped_commands()], default=0)
     names = list(RECIPES) if args.name == "all" else [args.name]
     for n in names:
         if args.pack_to:
@@ -1333,7 +1339,14 @@ def _run(args: argparse.Namespace, args_in: list[str]) -> int:
             path = pack_recipe(n, args.pack_to)
             print(f"{n}: {path} ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f} s)")
             continue
-        command, init = f"{PROG} " + shlex.join([n] + args_in[1:]), args.init
+        existing = Path(args.out) / f"{n}.safetensors"
+        if existing.exists() and not (args.overwrite or args.finetune or args.resume):
+            # --out defaults to weights/: a trial run from the repository root replaced a shipped model
+            raise FusionError(f"{existing} exists; pass --overwrite to replace it, or choose another --out")
+        command, init = (
+            f"{PROG} " + shlex.join([n] + [a for a in args_in[1:] if a != "--overwrite"]),
+            args.init,
+        )
         if args.finetune:
             if init is not None:
                 raise FusionError("--finetune and --init both name the weights to start from: pass one")

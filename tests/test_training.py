@@ -585,6 +585,22 @@ def test_make_weights_replays_each_cards_command() -> None:
     assert ["landsat", "--dim", "8", "--batch", "8", "--max-seconds", "4200"] in commands
 
 
+def test_recipe_never_replaces_a_model_in_out_unasked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out defaults to weights/: a trial run from the repository root (`train_recipes.py landsat
+    --max-seconds 60`) silently replaced the shipped landsat model. A model already in --out needs
+    --overwrite (`shipped`, which retrains the shipped models, passes it), and the card's command
+    does not record it."""
+    from recipes.train_recipes import main
+
+    (tmp_path / "landsat.safetensors").write_bytes(b"a model someone shipped")
+    assert main(["landsat", "--out", str(tmp_path), "--work", str(tmp_path / "w"), "--max-seconds", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "landsat.safetensors").read_bytes() == b"a model someone shipped"
+    assert not (tmp_path / "w").exists()
+
+
 def test_recipe_resume_needs_a_checkpoint_and_its_card_replays_as_one_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
