@@ -166,4 +166,3 @@ def _check_init_architecture(path: Any, init: Any, config: TrainConfig, pair: Tr
             f"--init {path} is a network of {', '.join(differ)}: fine-tuning keeps its architecture; give "
             f"--dim {init.dim} --d-state {init.d_state} --ratio {init.ratio} and pairs with its bands"
         )
-
