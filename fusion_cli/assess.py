@@ -176,17 +176,11 @@ def load_case(
 
 
 def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
-    """The case with its reference and MS cut to the product's bands, in its order (what `score`
-    compares; the report's figures show the same)."""
+    """The case with its reference and MS cut to the product's bands, in its order: what `score`
+    compares, and what the report's figures show."""
     ref = case.ref and replace(case.ref, data=_bands_of_product(case.fused, case.ref, "reference", bands))
-    ms = case.ms and replace(case.ms, data=_ms_for_product(case, bands))
+    ms = case.ms and replace(case.ms, data=_bands_of_product(case.fused, case.ms, "MS", bands))
     return replace(case, ref=ref, ms=ms)
-
-
-def _ms_for_product(case: Case, bands: list[int] | None = None) -> np.ndarray:
-    """The MS bands the product was made from: `bands`, all, or the ones its FUSION_PARAMS tag records."""
-    assert case.ms is not None
-    return _bands_of_product(case.fused, case.ms, "MS", bands)
 
 
 def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | None = None) -> np.ndarray:
@@ -225,10 +219,11 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     Returns the index values (floats) with `product`, `mode`, the inputs' paths and `settings`.
     """
     opts = opts or EvalOptions()
+    case = with_product_bands(case, opts.bands)
     f = case.fused
     out: dict[str, Any] = {"product": str(f.path), "mode": case.mode}
     if case.ref is not None:
-        r = replace(case.ref, data=_bands_of_product(f, case.ref, "reference", opts.bands))
+        r = case.ref
         if r.data.shape != f.data.shape:
             raise FusionError(
                 f"reference {r.name} {r.data.shape} and product {f.name} {f.data.shape} differ "
@@ -254,7 +249,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         )
     else:
         assert case.pan is not None and case.ms is not None
-        ms = _ms_for_product(case, opts.bands)
+        ms = case.ms.data
         ratio = case.ratio  # load_case lined the grids up: product and PAN are ratio x MS
         assert ratio is not None
         fused, pan = f.data, case.pan.data

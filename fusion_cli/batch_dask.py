@@ -69,10 +69,11 @@ def connect(address: str) -> Any:
         from distributed import Client
     except ImportError:
         raise FusionError("--dask needs dask.distributed: pip install 'fusion-cli[dask]'") from None
-    if Path(address).is_file():  # dask-jobqueue / dask-mpi write a scheduler file on HPC
+    scheduler_file = Path(address).is_file()  # dask-jobqueue / dask-mpi write one on HPC
+    if scheduler_file:
         _check_scheduler_file(Path(address))
     try:
-        if Path(address).is_file():
+        if scheduler_file:
             return Client(scheduler_file=address, timeout="15s")
         return Client(address, timeout="15s")
     except (OSError, TimeoutError, ValueError) as exc:

@@ -315,22 +315,27 @@ def evaluate(
 
 def result_files(out_dir: Path) -> dict[str, str]:
     """The tables `evaluate` writes into `out_dir`, by key."""
-    names = {"results_csv": "results.csv", "summary_csv": "summary.csv", "json": "results.json"}
-    return {k: str(out_dir / n) for k, n in {**names, "markdown": "results.md"}.items()}
+    names = {
+        "results_csv": "results.csv",
+        "summary_csv": "summary.csv",
+        "json": "results.json",
+        "markdown": "results.md",
+    }
+    return {k: str(out_dir / n) for k, n in names.items()}
 
 
 def _check_results(files: dict[str, str], inputs: Sequence[str | os.PathLike[str]]) -> None:
     """Before any work: no result table may replace an input (a manifest kept in OUT, a scene's
     PAN or MS named like a table), nor be a folder."""
-    from fusion_cli.raster import same_file, source_files
+    from fusion_cli.raster import files_read, replaced_input
 
-    read = [f for src in inputs for f in source_files(src)]
+    read = files_read(inputs)
     for path in files.values():
         if Path(path).is_dir():
             raise FusionError(f"{path} is a folder; choose another output folder")
-        for src in read:
-            if same_file(path, src):
-                raise FusionError(f"{path} would replace input {src}; choose another output folder")
+        hit = replaced_input(path, read)
+        if hit is not None:
+            raise FusionError(f"{path} would replace input {hit[0]}; choose another output folder")
 
 
 def scene_folder(scene_id: str) -> str:

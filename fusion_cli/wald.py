@@ -116,11 +116,11 @@ def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path],
         raise FusionError(f"-o {out_dir} is a file; give a folder for the simulated pair")
     if out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
         raise FusionError(f"-o {out_dir} is not writable; choose another folder")
-    read = [f for src in inputs for f in raster.source_files(src)]
+    read = raster.files_read(inputs)
     for t in targets:
         if t.is_dir():
             raise FusionError(f"{t} is a folder; remove it or choose another -o folder")
-        if any(raster.same_file(t, f) for f in read):
+        if raster.replaced_input(t, read) is not None:
             raise FusionError(f"output {t} would overwrite an input: choose another -o folder")
         if t.exists() and not overwrite:
             raise FusionError(f"{t} exists: pass --overwrite or choose another -o folder")

@@ -102,22 +102,19 @@ def check_writable(
     cannot be written where asked."""
     out = Path(out_path)
     check_product_name(out)
-    # what GDAL really reads: a VRT's sources, the archive behind /vsizip/, not just the names given
-    read = [(f, os.fspath(src)) for src in inputs for f in source_files(src)]
+    read = files_read(inputs)
     for side in side_outputs:
-        for src, _ in read:
-            if same_file(side, src):
-                raise FusionError(
-                    f"{side}, written beside output {out}, is an input; choose another output name"
-                )
+        if replaced_input(side, read) is not None:
+            raise FusionError(f"{side}, written beside output {out}, is an input; choose another output name")
         if side.is_dir():  # found only after the product was written, which then stayed
             raise FusionError(f"{side}, written beside output {out}, is a folder; choose another output name")
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
-    for src, given in read:
-        if same_file(out, src):
-            via = "" if same_file(src, given) else f" (read through {given})"
-            raise FusionError(f"output {out} is one of the inputs{via}; choose another output path")
+    hit = replaced_input(out, read)
+    if hit is not None:
+        src, given = hit
+        via = "" if same_file(src, given) else f" (read through {given})"
+        raise FusionError(f"output {out} is one of the inputs{via}; choose another output path")
     if out.is_dir():
         raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
     if out.exists() and not overwrite:
@@ -136,6 +133,17 @@ _ARCHIVES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 _ARCHIVE_SCHEMES = ("zip://", "tar://", "gzip://")
 # one file each (GeoTIFFs, model files, manifests): not opened just to list what they read
 _NOT_LISTED = (".tif", ".tiff", ".json", ".safetensors", ".pth", ".pt", ".csv")
+
+
+def files_read(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[str, str]]:
+    """(local file, input as given) for every file GDAL reads for `inputs` (`source_files`): what an
+    output may never replace. Computed once per run, then checked with `replaced_input`."""
+    return [(f, os.fspath(src)) for src in inputs for f in source_files(src)]
+
+
+def replaced_input(path: str | os.PathLike[str], read: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    """The (file, input as given) of `files_read` that writing `path` would replace, or None."""
+    return next(((f, given) for f, given in read if same_file(path, f)), None)
 
 
 def source_files(path: str | os.PathLike[str]) -> list[str]:
