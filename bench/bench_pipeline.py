@@ -78,7 +78,7 @@ def _pass_through_fuser() -> object:
         tile_multiple = 1
         needs_stats = False
 
-        def accumulate(self, pan, ms, valid) -> None:  # noqa: ANN001
+        def accumulate(self, pan, ms, valid, origin=(0, 0)) -> None:  # noqa: ANN001
             pass
 
         def finalize(self) -> None:

@@ -55,10 +55,14 @@ class Fuser(Protocol):
     scan_memory: float | None  # a network's scan memory in tokens (None: unbounded, or no scan)
     transpose_ensemble: bool | None  # a network's transpose self-ensemble; None without one
 
-    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         """First streaming pass: gather global statistics from one tile.
 
-        pan `(1, P, H, W)`, ms `(1, C, H/r, W/r)` in DN; valid `(1, 1, H, W)` bool, False at nodata.
+        pan `(1, P, H, W)`, ms `(1, C, H/r, W/r)` in DN; valid `(1, 1, H, W)` bool, False at nodata;
+        origin: the scene (row, col) of the window's top-left PAN pixel, for statistics that sample
+        pixels by position (so that they do not depend on how the scene was cut into windows).
         """
 
     def finalize(self) -> None:

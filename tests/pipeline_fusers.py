@@ -21,7 +21,9 @@ class RepeatFuser(FuserDefaults):
     def __init__(self, ratio: int, ms_bands: int | None = None, pan_bands: int = 1) -> None:
         self.ratio, self.ms_bands, self.pan_bands = ratio, ms_bands, pan_bands
 
-    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         pass
 
     def finalize(self) -> None:
@@ -57,7 +59,9 @@ class StatsFuser(DetailFuser):
         self.sums = [0.0, 0.0]
         self.gain: float | None = None
 
-    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         self.sums[0] += float(pan[valid.expand_as(pan)].sum())
         self.sums[1] += float(valid.sum())
 

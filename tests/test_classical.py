@@ -196,7 +196,7 @@ def _tiled_stats(scene: Scene, name: str, size: int, tile: int) -> tuple[object,
             mw = mp[..., y // r : (y + tile + 2 * h) // r, x // r : (x + tile + 2 * h) // r]
             v = torch.zeros_like(pw, dtype=torch.bool)
             v[..., h : h + tile, h : h + tile] = True
-            tiled.accumulate(pw, mw, v)
+            tiled.accumulate(pw, mw, v, origin=(y, x))
     whole.finalize()
     tiled.finalize()
     return whole, tiled

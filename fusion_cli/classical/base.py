@@ -117,8 +117,8 @@ class QuantileSample:
     memory; exact while the scene has fewer valid pixels than `capacity`. Values keep the dtype they
     come in (the order statistics of float32 pixels need no float64 copy)."""
 
-    def __init__(self, capacity: int = SAMPLE_CAPACITY, seed: int = 0) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int | None = None, seed: int = 0) -> None:
+        self.capacity = SAMPLE_CAPACITY if capacity is None else capacity
         self.gen = torch.Generator().manual_seed(seed)
         self.values: torch.Tensor | None = None  # (N, C), after `_trim`
         self.keys: torch.Tensor | None = None
@@ -126,8 +126,13 @@ class QuantileSample:
         self._held = 0  # rows held in values + chunks
         self._bound = math.inf  # no key at or above this can enter the sample
 
-    def add(self, rows: torch.Tensor) -> None:
-        keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
+    def add(self, rows: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Offer rows `(N, C)` to the sample. `keys` `(N,)` in [0, 1) decide which rows stay (the
+        smallest); by default random in arrival order, so the sample depends on how the pixels were
+        split into calls. Keys derived from each pixel's position (`position_keys`) make it the same
+        sample however the scene is cut into windows."""
+        if keys is None:
+            keys = torch.rand(rows.shape[0], generator=self.gen, dtype=STATS_DTYPE)
         if self._bound < math.inf:
             # the sample keeps the `capacity` smallest keys: a row above a key that already has
             # `capacity` smaller ones can never enter it, so drop those now (same sample, less work)
@@ -182,6 +187,25 @@ class QuantileSample:
             ends = torch.topk(bands, n - lo, dim=1, largest=True, sorted=True).values
             v_lo, v_hi = ends[:, n - 1 - lo], ends[:, n - 1 - hi]
         return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def position_keys(valid: torch.Tensor, origin: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """A pseudo-random key in [0, 1) per valid pixel of `(B, 1, H, W)`, in `rows_where` order, that
+    depends only on the pixel's scene position (`origin` + its index; and its batch item) and `seed`:
+    a sample of the smallest keys is then the same for any split of a scene into windows."""
+    b, row, col = torch.nonzero(valid[:, 0]).T.numpy()
+    low32 = np.int64(0xFFFFFFFF)  # two's complement low words: exact for any int32 position
+    row = ((row + origin[0]) & low32).astype(np.uint64)
+    col = ((col + origin[1]) & low32).astype(np.uint64)
+    z = (row << np.uint64(32)) | col
+    z ^= (b.astype(np.uint64) + (np.uint64(seed) << np.uint64(16))) * np.uint64(0xD1B54A32D192ED03)
+    # splitmix64's finaliser: a bijection of 64-bit words that mixes every input bit into every output
+    # bit (uint64 products wrap, as the algorithm needs)
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
 def valid_box(valid: torch.Tensor) -> tuple[slice, slice] | None:
@@ -343,14 +367,16 @@ class ClassicalFuser(FuserDefaults):
         return self.support()
 
     # ---- Fuser protocol --------------------------------------------------------------------
-    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         if not self.needs_stats:
             return
         pan = self._intensity(pan)
         self._check(pan, ms)
         # derived images (interpolation, MTF filters) in float32: float64 convolutions cost ~10x more on
         # CPU; the sums themselves are float64 (`Moments`), so the statistics keep ~1e-6 relative accuracy
-        self._accumulate(pan.to(FUSE_DTYPE), ms.to(FUSE_DTYPE), valid.bool())
+        self._accumulate(pan.to(FUSE_DTYPE), ms.to(FUSE_DTYPE), valid.bool(), origin)
 
     def finalize(self) -> None:
         if self.needs_stats:
@@ -393,7 +419,10 @@ class ClassicalFuser(FuserDefaults):
         return self
 
     # ---- to implement ----------------------------------------------------------------------
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
+        """Add one window's valid pixels; `origin` is the scene (row, col) of its top-left PAN pixel."""
         raise NotImplementedError
 
     def _finalize(self) -> None:

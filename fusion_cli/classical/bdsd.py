@@ -80,7 +80,9 @@ class BDSDPC(ClassicalFuser):
         self._moments: Moments | None = None
         self.coef: torch.Tensor | None = None  # (C + 1, C): rows [g; h_1..h_C], one column per band
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         c = ms.shape[1]
         gt = interp_and_back(ms, self.ratio)
         degraded = mtf_filter(gt, self.gains(c), self.ratio, rank=1)

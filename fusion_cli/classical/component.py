@@ -23,6 +23,7 @@ from fusion_cli.classical.base import (
     gauss_lowpass_on_box,
     lr_valid,
     merged,
+    position_keys,
     rows_where,
     upsample_on_box,
     valid_box,
@@ -64,7 +65,9 @@ class BroveyHaze(ClassicalFuser):
         self.pan_scale = self.pan_shift = 0.0  # P_eq = P * scale + shift
         self.mean_i = 0.0
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         box = valid_box(valid)
         if box is None:
             return
@@ -75,7 +78,9 @@ class BroveyHaze(ClassicalFuser):
         self._moments = add_moments(self._moments, [x, low], valid)
         xr = rows_where(x, valid)
         if xr.shape[1] == len(_HAZE_FRACTIONS):
-            self._quant.add(xr)
+            # keyed by scene position: the same haze however the scene is cut into windows
+            corner = (origin[0] + box[0].start, origin[1] + box[1].start)
+            self._quant.add(xr, position_keys(valid, corner))
         elif xr.shape[0]:
             m = xr.min(0).values
             self._min = m if self._min is None else torch.minimum(self._min, m)
@@ -172,7 +177,9 @@ class GSA(ClassicalFuser):
         self.mean_x: torch.Tensor | None = None
         self.mean_p = 0.0
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         self._hr = add_interp_moments(self._hr, ms, [pan], valid, self.ratio)
         # the toolbox low-passes the PAN with an undecimated starlet; a 0.3-gain Gaussian MTF plays
         # the same role
@@ -223,7 +230,9 @@ class PCA(ClassicalFuser):
         self.mean_x: torch.Tensor | None = None
         self.pan_scale = self.pan_shift = 0.0  # PAN matched to PC1: P * scale + shift
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         self._moments = add_interp_moments(self._moments, ms, [pan], valid, self.ratio)
 
     def _merge(self, other: ClassicalFuser) -> None:

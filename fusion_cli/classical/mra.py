@@ -73,7 +73,9 @@ class _GLP(_MRA):
         self.ksum: torch.Tensor | None = None  # (C,) MTF kernel sums
         self.band_mean: torch.Tensor | None = None  # (C,) |mean X_k|
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         # features: X (C), P, LPfilterGauss(P): the toolbox matches std(X_k) / std(P low-passed)
         box = valid_box(valid)
         if box is None:
@@ -156,7 +158,9 @@ class MTFGLPHS(_MRA):
         # one degradation for the regression features: the mean MTF gain of the bands they predict
         return float(np.mean(self.gains(c)))
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         c = ms.shape[1]
         pan_lr = mtf_filter_decimate(pan, self._regression_gain(c), self.ratio, rank=1)
         self._moments = add_moments(self._moments, [pan_lr, ms], lr_valid(valid, self.ratio))
@@ -212,7 +216,9 @@ class MTFGLPFS(_MRA):
         self._bands = 0
         self.gain: torch.Tensor | None = None  # (C,)
 
-    def _accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def _accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int]
+    ) -> None:
         self._bands = c = ms.shape[1]
         uniq = sorted(set(self.gains(c)))
         low = mtf_filter_decimate(pan.expand(-1, len(uniq), -1, -1), uniq, self.ratio, rank=1)

@@ -151,7 +151,9 @@ class NetworkFuser:
         new.base_fuser = self._new_base_fuser()
         return new
 
-    def accumulate(self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor) -> None:
+    def accumulate(
+        self, pan: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, origin: tuple[int, int] = (0, 0)
+    ) -> None:
         """Running per-band max of the MS over MS pixels whose whole PAN block is valid."""
         invalid = torch.nn.functional.max_pool2d((~valid).float(), self.ratio) > 0  # (1, 1, h, w)
         masked = ms.float().masked_fill(invalid, float("-inf"))
@@ -160,7 +162,7 @@ class NetworkFuser:
             tile_max if self._running_max is None else torch.maximum(self._running_max, tile_max)
         )
         if self.base_fuser is not None and self.base_fuser.needs_stats:
-            self.base_fuser.accumulate(pan, ms, valid)
+            self.base_fuser.accumulate(pan, ms, valid, origin)
 
     def finalize(self) -> None:
         """The scene's band max; a band with no valid pixel leaves the per-window max in use."""

@@ -114,4 +114,5 @@ def _accumulate_window(fuser: Fuser, plan: TilePlan, dev: torch.device, m: int, 
             torch.from_numpy(t.pan)[None].to(dev),
             torch.from_numpy(t.ms)[None].to(dev),
             torch.from_numpy(valid)[None, None].to(dev),
+            origin=(win.core_row - m, win.core_col - m),
         )
