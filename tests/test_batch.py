@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -610,3 +611,32 @@ def test_batch_metrics_are_those_of_fusion_metrics(tmp_path: Path) -> None:
         assert got["natural"][key] == pytest.approx(want[key], rel=1e-9), key
         assert got["reordered"][key] == pytest.approx(want[key], rel=1e-4), key
     assert got["natural"]["HPC"] > 0.9 and got["natural"]["ratio"] == 2
+
+
+def test_ctrl_c_with_scenes_in_flight_logs_the_ones_that_finish(tmp_path: Path) -> None:
+    """With two scenes in flight, Ctrl-C lets the running two finish in their threads: both are in the
+    log and the summary as done (they were missing, though their products were written), and the
+    scenes not started never run."""
+    out = tmp_path / "out"
+    scenes = [batch.Scene(n, tmp_path / "p.tif", tmp_path / "m.tif", out / f"{n}.tif") for n in "abcd"]
+    both_running = threading.Barrier(2)
+    seen: list[str] = []
+
+    def process(sc: batch.Scene) -> dict:
+        seen.append(sc.id)
+        both_running.wait(timeout=30)
+        if sc.id == "a":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches the main thread, waiting on both
+        time.sleep(0.5)
+        return {"fused": sc.id}
+
+    log = tmp_path / "batch.jsonl"
+    summary = batch.run_batch(batch.Plan(scenes), process, scene_workers=2, io_workers=0, log=log)
+    assert sorted(seen) == ["a", "b"]
+    assert (summary.interrupted, summary.exit_code) == (True, 130)
+    assert sorted((r.scene, r.status) for r in summary.results) == [("a", "done"), ("b", "done")]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted((r["scene"], r["status"], r["details"]["fused"]) for r in rows) == [
+        ("a", "done", "a"),
+        ("b", "done", "b"),
+    ]

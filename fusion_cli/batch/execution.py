@@ -297,8 +297,9 @@ def run_batch(
     that many scenes are in flight at once through the same model (one scene's reads, blending
     and writes overlap another's inference); `process` must then be thread-safe, as
     `make_scene_processor`'s is (on an H100, 2 in flight gave bit-identical outputs but no speed-up
-    for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops after
-    the running scenes (the pipeline removes their partial files); the summary says so.
+    for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops the
+    batch: one scene in flight is interrupted (the pipeline removes its partial files); of several,
+    the running ones finish and are logged, the others never start. The summary says so.
     """
     journal = JsonlLog(log, plan)
     results: list[SceneResult] = []
@@ -346,8 +347,14 @@ def run_batch(
                     for f in as_completed(pending):
                         record(f.result())
                 except KeyboardInterrupt:
-                    for f in pending:
-                        f.cancel()
+                    # scenes not started never run; the running ones finish in their threads (the
+                    # pool waits for them), so their rows belong in the log and the summary
+                    running = [f for f in pending if not f.cancel()]
+                    try:
+                        for f in running:
+                            record(f.result())
+                    except KeyboardInterrupt:
+                        pass  # a second Ctrl-C: stop recording (the pool still lets them finish)
                     raise
     except KeyboardInterrupt:
         interrupted = True
