@@ -164,6 +164,12 @@ def _symmetric_index(n: int, start: int, stop: int) -> torch.Tensor:
     return torch.as_tensor(np.where(idx < n, idx, 2 * n - 1 - idx))
 
 
+def interp_support(ratio: int) -> int:
+    """PAN pixels on each side that MS interpolation to the PAN grid (`upsample_ms`) depends on."""
+    # 23-tap cascade: +-11 samples at each 2x stage = 11 * (r/2 + r/4 + ... + 1) < 11 r; bicubic: 2 LR px
+    return 11 * ratio if is_power_of_two(ratio) else 3 * ratio
+
+
 def imresize_down(x: torch.Tensor, ratio: int) -> torch.Tensor:
     """MATLAB `imresize(x, 1/ratio)` (bicubic, antialiased): `(B, C, H, W)` -> `(B, C, ⌈H/r⌉, ⌈W/r⌉)`."""
     x = x if x.is_floating_point() else x.float()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import FuserDefaults
 from fusion_cli.mtf import KERNEL_SIZE, mtf_filter, mtf_filter_decimate
-from fusion_cli.resample import MIN_AXIS, axis_matrix, is_power_of_two, upsample_ms
+from fusion_cli.resample import MIN_AXIS, axis_matrix, interp_support, upsample_ms
 from fusion_cli.sensors import GENERIC_MS_GAIN, canonical_sensor, nyquist_gains
 from fusion_cli.tiling import round_up
 
@@ -35,12 +35,6 @@ EPS = 1e-9  # guards a division by a (near) zero low-pass, as MATLAB's `+ eps`
 # rank of the exact one (BT-H's haze moved by <= 0.3 DN against 2 M on the 4 Mpx benchmark scene),
 # and selecting from 4x fewer rows took 0.25 s off that scene's 1.3 s run.
 SAMPLE_CAPACITY = 500_000
-
-
-def interp_support(ratio: int) -> int:
-    """PAN pixels on each side that MS interpolation to the PAN grid depends on."""
-    # 23-tap cascade: +-11 samples at each 2x stage = 11 * (r/2 + r/4 + ... + 1) < 11 r; bicubic: 2 LR px
-    return 11 * ratio if is_power_of_two(ratio) else 3 * ratio
 
 
 class Moments:

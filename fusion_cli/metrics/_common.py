@@ -56,6 +56,29 @@ def as_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | Non
     return m.astype(bool, copy=False)
 
 
+def fill_invalid(img: np.ndarray, mask: np.ndarray | None, what: str = "image") -> np.ndarray:
+    """`img (C, H, W)` with its invalid pixels (mask False) set to each band's mean over the valid
+    ones (float64 copy; `img` itself when nothing is invalid). What a nodata pixel holds (0, 65535,
+    -9999, NaN) must not reach an index: the windowed sums and filters run over whole rows, so a NaN
+    would poison every later window and a large value its neighbours' sums."""
+    if mask is None or mask.all():
+        return img
+    if not mask.any():
+        raise FusionError(f"the {what} has no valid pixel: nothing to evaluate")
+    out = np.array(img, dtype=np.float64)
+    for band in out:
+        band[~mask] = band[mask].mean()
+    return out
+
+
+def erode(mask: np.ndarray | None, radius: int) -> np.ndarray | None:
+    """Valid pixels whose `(2 radius + 1)^2` neighbourhood is valid: those a filter of that reach computes
+    from valid data only. The image's own edges do not erode (the filters pad there, as the toolbox)."""
+    if mask is None or mask.all() or radius <= 0:
+        return mask
+    return ndimage.minimum_filter(mask, size=2 * radius + 1, mode="nearest")
+
+
 def border_cut(img: np.ndarray, cut: int) -> np.ndarray:
     """The toolbox's asymmetric cut: keep rows/cols `[cut-1, H-cut)` of `(..., H, W)` (no-op for 0)."""
     if cut < 0:

@@ -74,6 +74,16 @@ def d_lambda(
     return float(diff[iu].mean() ** (1.0 / p))
 
 
+def full_resolution_reach(ratio: int) -> int:
+    """PAN pixels on each side that the full-resolution indices read around a pixel: the MS
+    interpolation after the PAN's bicubic reduction (D_s: +-2 MS px of antialiased bicubic), or the
+    MTF filters of D_lambda^K and HPC, whichever reaches further."""
+    from fusion_cli.mtf import KERNEL_SIZE
+    from fusion_cli.resample import interp_support
+
+    return max(interp_support(ratio) + 2 * ratio, KERNEL_SIZE // 2)
+
+
 def pan_lowpass(pan: np.ndarray, ratio: int) -> np.ndarray:
     """The PAN at the MS scale and back (toolbox D_s): MATLAB imresize(1/ratio) bicubic, then `upsample`."""
     from fusion_cli.resample import imresize_down

@@ -18,6 +18,7 @@ from fusion_cli.metrics._common import (
     as_mask,
     box_mean_valid,
     check_pair,
+    fill_invalid,
     parallel_map,
     uiqi_from_moments,
     window_means,
@@ -32,7 +33,8 @@ def _prepare(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     ref, fused = as_chw(ref, "reference"), as_chw(fused, "fused")
     check_pair(ref, fused)
-    return ref, fused, as_mask(mask, ref.shape[1:])
+    m = as_mask(mask, ref.shape[1:])
+    return fill_invalid(ref, m, "reference"), fill_invalid(fused, m, "product"), m
 
 
 def _band(img: np.ndarray, b: int) -> np.ndarray:

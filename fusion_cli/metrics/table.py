@@ -17,11 +17,12 @@ from typing import Any, Literal
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import border_cut, clip_to_bits
+from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, erode, fill_invalid
 from fusion_cli.metrics.noreference import (
     d_lambda,
     d_lambda_khan,
     d_s_bands,
+    full_resolution_reach,
     qnr,
     upsample,
 )
@@ -276,6 +277,15 @@ def full_resolution(
         raise FusionError(
             f"PAN {pan.shape[1:]} and fused {(h, w)} differ in size: use the PAN that was fused"
         )
+    mask = as_mask(mask, (h, w))
+    if mask is not None and not mask.all():
+        # what nodata pixels hold must not matter: fill them, then score only the pixels whose every
+        # filter (MS interpolation, the PAN's low-pass for D_s, the MTF for D_lambda^K and HPC) read
+        # valid data; an MS pixel counts as valid only if its whole PAN block is
+        ms_valid = mask.reshape(h // ratio, ratio, w // ratio, ratio).all(axis=(1, 3))
+        fused, pan = fill_invalid(fused, mask, "product"), fill_invalid(pan, mask, "PAN")
+        ms = fill_invalid(ms, ms_valid, "MS")
+        mask = erode(mask, full_resolution_reach(ratio))
     if clip_bits is not None:
         fused = clip_to_bits(fused, clip_bits)
     x = Inputs(
