@@ -36,7 +36,9 @@ class EvalOptions:
     ratio: int | None = None  # PAN/MS pixel-size ratio; default: from the grids, or the product's tags
     cut: int = 0  # toolbox border cut K: keep [K-1, H-K)
     clip_bits: int | None = None  # clip the fused image to [0, 2^L] first
-    round_uint16: bool = True  # Q2n's and D_lambda^K's uint16 rounding (toolbox); False is a deviation
+    # Q2n's and D_lambda^K's uint16 rounding (the toolbox's); None: when the reference (full
+    # resolution: the MS) holds integer DN, as float reflectance would keep two or three grey levels
+    round_uint16: bool | None = None
     per_band: bool = False
     block: int = 32  # Q2n / Q / QNR block size
     psnr_peak: float | str = "dnmax"
@@ -92,6 +94,9 @@ class Case:
     pan: Image | None = None
     ms: Image | None = None
     ratio: int | None = None  # PAN/MS pixel-size ratio
+    # the reference's (or MS's) 1-based bands compared with the product's, in its order, once
+    # `with_product_bands` chose them; None: all of them, as they are
+    bands_compared: list[int] | None = None
 
     @property
     def mode(self) -> str:
@@ -158,6 +163,11 @@ def load_case(
         gt = read_image(ref, "reference", nodata)
         _, win, (f_win,) = block_windows(gt, [img], 1, ("reference", "product"))
         recorded = product_sources(img)[2].get("ratio")
+        if isinstance(recorded, int) and ratio is not None and ratio != recorded:
+            raise FusionError(
+                f"--ratio {ratio} contradicts the ratio {recorded} that {img.name} was fused at (its "
+                "FUSION_PARAMS tag): ERGAS scales with it; drop --ratio"
+            )
         if ratio is None and isinstance(recorded, int):
             ratio = recorded
         return Case(img.crop(f_win), ref=gt.crop(win), ratio=ratio)
@@ -178,35 +188,54 @@ def load_case(
 def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
     """The case with its reference and MS cut to the product's bands, in its order: what `score`
     compares, and what the report's figures show."""
-    ref = case.ref and replace(case.ref, data=_bands_of_product(case.fused, case.ref, "reference", bands))
-    ms = case.ms and replace(case.ms, data=_bands_of_product(case.fused, case.ms, "MS", bands))
-    return replace(case, ref=ref, ms=ms)
+    img, what = (case.ref, "reference") if case.ref is not None else (case.ms, "MS")
+    if img is None:
+        return case
+    data, taken = _bands_of_product(case.fused, img, what, bands)
+    img = replace(img, data=data)
+    if case.ref is not None:
+        return replace(case, ref=img, bands_compared=taken)
+    return replace(case, ms=img, bands_compared=taken)
 
 
-def _bands_of_product(fused: Image, img: Image, what: str, given: list[int] | None = None) -> np.ndarray:
-    """`img`'s bands that match the product's: the `given` 1-based bands (in the fused order), else
-    the `bands` the product's FUSION_PARAMS tag records (a subset, or the same bands reordered:
-    `--bands 3,2,1,4,5,6` fuses red first), else all when the counts agree. An `img` whose band names
-    are the product's, in its order, is taken as it is (already selected and ordered)."""
+def _bands_of_product(
+    fused: Image, img: Image, what: str, given: list[int] | None = None
+) -> tuple[np.ndarray, list[int] | None]:
+    """`img`'s bands that match the product's, and which they are (1-based; None: all, as they are):
+    the `given` 1-based bands (in the fused order), else the `bands` the product's FUSION_PARAMS tag
+    records (a subset, or the same bands reordered: `--bands 3,2,1,4,5,6` fuses red first), else all
+    when the counts agree. An `img` whose band names are the product's, in its order, is taken as it
+    is (already selected and ordered); without names, an `img` that is already in the product's order
+    needs `given` (the tag says what the MS was, not what this file is)."""
     data, c = img.data, fused.data.shape[0]
     if given is not None:
         if len(given) != c or min(given) < 1 or max(given) > data.shape[0]:
             raise FusionError(
                 f"bands {given} do not fit: the product has {c} bands, the {what} {img.name} {data.shape[0]}"
             )
-        return data[[b - 1 for b in given]]
+        return data[[b - 1 for b in given]], list(given)
     named = [d for d in fused.descriptions if d]
     if data.shape[0] == c and len(named) == c and list(img.descriptions) == list(fused.descriptions):
-        return data
+        return data, None
     bands = product_sources(fused)[2].get("bands")
     if isinstance(bands, list) and len(bands) == c and all(isinstance(b, int) for b in bands):
         if max(bands) <= data.shape[0] and min(bands) >= 1:
-            return data[[b - 1 for b in bands]]
+            return data[[b - 1 for b in bands]], list(bands)
     if data.shape[0] == c:
-        return data
+        return data, None
     raise FusionError(
         f"fused has {c} bands but the {what} {img.name} has {data.shape[0]}: pass the {what} that was fused"
     )
+
+
+def holds_whole_dn(img: Image) -> bool:
+    """Whether an image holds DN as whole numbers: an integer dtype, or floats that are all integral
+    (DN saved as float). Q2n rounds such data to uint16 as the toolbox does; reflectance would keep
+    two or three grey levels."""
+    if np.issubdtype(img.data.dtype, np.integer):
+        return True
+    values = img.data[:, img.valid]
+    return bool(values.size) and bool(np.array_equal(values, np.round(values)))
 
 
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
@@ -221,7 +250,11 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     opts = opts or EvalOptions()
     case = with_product_bands(case, opts.bands)
     f = case.fused
-    out: dict[str, Any] = {"product": str(f.path), "mode": case.mode}
+    if opts.round_uint16 is None:
+        compared = case.ref if case.ref is not None else case.ms
+        assert compared is not None
+        opts = replace(opts, round_uint16=holds_whole_dn(compared))
+    out: dict[str, Any] = {"product": str(f.path), "mode": case.mode, "bands_compared": case.bands_compared}
     if case.ref is not None:
         r = case.ref
         if r.data.shape != f.data.shape:
@@ -229,10 +262,10 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 f"reference {r.name} {r.data.shape} and product {f.name} {f.data.shape} differ "
                 "in (bands, rows, cols): compare a product with the reference of the same scene"
             )
-        ratio = opts.ratio or case.ratio
+        ratio = case.ratio if case.ratio is not None else opts.ratio
         if ratio is None:
             raise FusionError("reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)")
-        out["reference"] = str(r.path)
+        out["reference"], out["ratio"] = str(r.path), ratio
         out.update(
             reduced_resolution(
                 r.data,
@@ -243,7 +276,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 mask=_mask_or_none(f.valid & r.valid),
                 per_band=opts.per_band,
                 block=opts.block,
-                round_uint16=opts.round_uint16,
+                round_uint16=bool(opts.round_uint16),
                 psnr_peak=opts.psnr_peak,
             )
         )
@@ -269,7 +302,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 opts.block,
                 opts.clip_bits,
                 opts.per_band,
-                opts.round_uint16,
+                bool(opts.round_uint16),
             )
         )
     out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())
@@ -297,6 +330,8 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
     for k in ("q2n_name", "bands", "ratio", "valid_fraction"):
         if k in result:
             row[k] = result[k]
+    if result.get("bands_compared"):
+        row["bands_compared"] = ",".join(map(str, result["bands_compared"]))
     for name, values in result.get("per_band", {}).items():
         row.update({f"{name}_b{i + 1}": v for i, v in enumerate(values)})
     settings = result.get("settings", {})

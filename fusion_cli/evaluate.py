@@ -16,7 +16,6 @@ registry name or a weights file (a card + safetensors pair or the official `.pth
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion_cli import jsonout
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.raster import atomic_output
@@ -294,7 +294,7 @@ def evaluate(
     _write_csv(Path(files["results_csv"]), rows)
     _write_csv(Path(files["summary_csv"]), summary)
     _write_text(
-        Path(files["json"]), json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=2)
+        Path(files["json"]), jsonout.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=2)
     )
     note = (
         f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "

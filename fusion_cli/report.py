@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion_cli import jsonout
 from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, with_product_bands, write_csv
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import higher_is_better, index_order
@@ -502,7 +503,7 @@ def build_report(
     )
     json_path = out / "metrics.json"
     with atomic_output(json_path, overwrite=True, what="report") as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+        tmp.write_text(jsonout.dumps(results, indent=2), encoding="utf-8")
     _write_html(html_path, results, figs, opts)
     return {
         "products": len(results),

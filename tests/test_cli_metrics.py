@@ -230,3 +230,67 @@ def test_a_product_fused_with_reordered_bands_is_scored_against_the_same_bands(t
     assert summary["failed"] == 0
     images = {p.name for p in (tmp_path / "report" / "img").iterdir()}
     assert {"000_reordered_sam.png", "000_reordered_error.png", "000_reordered_bands.png"} <= images
+
+
+def test_metrics_bands_ratio_rounding_and_json_say_what_was_compared(tmp_path: Path) -> None:
+    """Four ways `fusion metrics` gave a wrong or unreadable number without a word, on a GSA product
+    of the example's Wald pair fused with --bands 3,2,1,4,5,6:
+    - a reference already in the product's order was reordered once more (SAM tripled): `--bands
+      1,2,3,4,5,6` now says so, and the bands compared are printed and in the JSON;
+    - `--ratio 1` against a product fused at ratio 2 halved nothing but doubled ERGAS: refused;
+    - float reflectance was rounded to uint16 (Q2n 0.58 for a product of 0.89): only integer DN are;
+    - PSNR of identical images was written as bare `Infinity`, which strict JSON parsers reject."""
+    from fusion_cli.pipeline import pansharpen
+    from fusion_cli.wald import simulate_files
+
+    sim = simulate_files(
+        EXAMPLES / "landsat8_pan.tif", EXAMPLES / "landsat8_ms.tif", tmp_path / "sim", "landsat8"
+    )
+    order = [3, 2, 1, 4, 5, 6]
+    product = tmp_path / "reordered.tif"
+    pansharpen(sim.pan, sim.ms, product, method="gsa", sensor="landsat8", bands=order)
+
+    def rewrite(src_path: Path, path: Path, arr: np.ndarray) -> Path:
+        """`arr` on `src_path`'s grid, with its tags (a product keeps its FUSION_PARAMS)."""
+        with rasterio.open(src_path) as src:
+            profile, tags = {**src.profile, "dtype": arr.dtype.name, "nodata": None}, src.tags()
+        with rasterio.open(path, "w", **profile) as ds:
+            ds.write(arr)
+            ds.update_tags(**tags)
+        return path
+
+    with rasterio.open(sim.ref) as src:
+        ref = src.read()
+    with rasterio.open(product) as src:
+        fused = src.read()
+    in_product_order = rewrite(sim.ref, tmp_path / "ref_product_order.tif", ref[[b - 1 for b in order]])
+
+    def metrics(*args: str, fused: Path = product) -> dict:
+        res = run_cli("metrics", str(fused), "--json", *args)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    reference = metrics("--ref", str(sim.ref))
+    assert reference["bands_compared"] == order and reference["ratio"] == 2
+    override = metrics("--ref", str(in_product_order), "--bands", "1,2,3,4,5,6")
+    assert override["bands_compared"] == [1, 2, 3, 4, 5, 6]
+    for k in ("Q2n", "SAM", "ERGAS"):
+        assert override[k] == pytest.approx(reference[k], rel=1e-9), k
+    res = run_cli("metrics", str(product), "--ref", str(in_product_order))
+    assert res.returncode == 0 and "compared with bands 3,2,1,4,5,6 of the reference" in res.stdout
+
+    res = run_cli("metrics", str(product), "--ref", str(sim.ref), "--ratio", "1")
+    assert res.returncode == 2 and "contradicts the ratio 2" in res.stderr and "Traceback" not in res.stderr
+
+    # the same product and reference as float reflectance: not rounded unless asked
+    scale = np.float32(1 / 30000)
+    refl_product = rewrite(product, tmp_path / "refl.tif", fused.astype(np.float32) * scale)
+    refl_ref = rewrite(sim.ref, tmp_path / "refl_ref.tif", ref.astype(np.float32) * scale)
+    refl = metrics("--ref", str(refl_ref), fused=refl_product)
+    assert refl["settings"]["round_uint16"] is False
+    assert refl["Q2n"] == pytest.approx(reference["Q2n"], abs=0.01)
+    assert metrics("--ref", str(refl_ref), "--uint16", fused=refl_product)["Q2n"] < 0.7 * refl["Q2n"]
+
+    same = run_cli("metrics", str(sim.ref), "--ref", str(sim.ref), "--ratio", "2", "--json")
+    assert "Infinity" not in same.stdout and "NaN" not in same.stdout
+    assert json.loads(same.stdout)["PSNR"] is None

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusion_cli import jsonout
 from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
@@ -258,7 +259,7 @@ class JsonlLog:
             **result.to_dict(),
         }
         # One write() of a whole line on an O_APPEND file: shards sharing a log do not interleave.
-        line = json.dumps(record, default=str) + "\n"
+        line = jsonout.dumps(record) + "\n"
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fusion_cli import jsonout
 from fusion_cli.batch.execution import SceneProcessor
 from fusion_cli.batch.pairing import Scene
 from fusion_cli.errors import FusionError
@@ -136,5 +137,5 @@ def scene_metrics(
     sidecar = metrics_path(scene.out)
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
     with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=float))
+        tmp.write_text(jsonout.dumps(payload, indent=2))
     return values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -12,7 +11,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from fusion_cli import choices
+from fusion_cli import choices, jsonout
 from fusion_cli.cli.progress import show_progress, tile_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.sensors import canonical_sensor
@@ -20,7 +19,7 @@ from fusion_cli.sensors import canonical_sensor
 
 def echo_json(payload: dict[str, Any]) -> None:
     """Machine-readable summary on stdout (progress and messages go to stderr)."""
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(jsonout.dumps(payload, indent=2) + "\n")
     sys.stdout.flush()
 
 
@@ -151,10 +150,13 @@ class MetricOpt:
     )
     cut = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K).")
     clip_bits = typer.Option(None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L] first.")
-    no_uint16 = typer.Option(
-        False,
-        "--no-uint16",
-        help="Q2n and D_lambda^K without the toolbox's uint16 rounding (a deviation; for float data).",
+    uint16 = typer.Option(
+        None,
+        "--uint16/--no-uint16",
+        help="Round both images to uint16 for Q2n and D_lambda^K, as the toolbox does. Default: when "
+        "the reference (full resolution: the MS) holds whole-number DN (an integer type, or floats "
+        "that are all integral); reflectance would keep two or three grey levels.",
+        show_default=False,
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
     sensor = Choices.sensor.option(

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, table_console
+from fusion_cli.cli.common import MetricOpt, OutputOpt, echo_json, parse_bands, table_console
 
 HELP = """Quality indices of a fused product, with the conventions of the MATLAB toolbox of Vivone et al.
 (the version in DLPan-Toolbox), so the numbers compare with published tables.
@@ -18,8 +18,10 @@ Reduced resolution (--ref GT, a reference on the product's grid; --ratio is requ
   toolbox's asymmetric cut; 21 reproduces DLPan tables, 11 older ones). --clip-bits L clips the
   product to [0, 2^L] first.
   Q2n (shown as Q4/Q8): hypercomplex UIQI on 32x32 blocks (block = shift), bottom/right padded by
-    symmetric mirroring, both images rounded to uint16 (half away from zero, saturating; --no-uint16
-    skips this, a deviation from the toolbox), zero bands up to a power of two, mean over all blocks.
+    symmetric mirroring, both images rounded to uint16 (half away from zero, saturating) when the
+    reference holds whole-number DN (--uint16/--no-uint16 decide otherwise; fractional data such as
+    reflectance are not rounded, a deviation from the toolbox that keeps them meaningful), zero
+    bands up to a power of two, mean over all blocks.
   Q: band mean of the Wang-Bovik UIQI on a 32x32 sliding window, 'valid' positions.
   SAM: degrees, mean over pixels; pixels where either spectrum has zero norm are left out.
   ERGAS: (100/ratio) sqrt(mean_b MSE_b / mean(GT_b)^2), ratio = PAN/MS pixel-size ratio (4, not 1/4).
@@ -46,7 +48,13 @@ FUSION_MS tags name them; the ratio is taken from the shapes):
 \b
 Nodata: pixels invalid in any input (raster masks/nodata, --nodata V for unflagged values such as
 zero borders) are left out: of SAM/ERGAS/PSNR/RMSE pixel means, of Q/SSIM windows and Q2n/QNR blocks
-that touch them, of SCC sums near them. The toolbox itself has no masks.
+that touch them, of SCC sums near them; at full resolution also every pixel whose filters (MS
+interpolation, the PAN's low-pass, the MTF) reach one. What they hold never matters. The toolbox
+itself has no masks.
+
+\b
+Bands: a product fused with --bands 3,2,1,4 is compared with those bands of the reference (or MS),
+in that order; --bands here says otherwise. JSON writes a NaN or infinite index as null.
 """
 
 
@@ -63,11 +71,18 @@ def register(app: typer.Typer) -> None:
         ratio: int | None = MetricOpt.ratio,
         cut: int = MetricOpt.cut,
         clip_bits: int | None = MetricOpt.clip_bits,
-        no_uint16: bool = MetricOpt.no_uint16,
+        uint16: bool | None = MetricOpt.uint16,
         per_band: bool = typer.Option(False, "--per-band", help="Also show per-band values."),
         psnr_peak: str = MetricOpt.psnr_peak,
         sensor: str | None = MetricOpt.sensor,
         nodata: float | None = MetricOpt.nodata,
+        bands: str | None = typer.Option(
+            None,
+            "--bands",
+            help="1-based bands of the reference (or MS) that the product's bands are, in its order, "
+            "e.g. 3,2,1,4. Default: the --bands the product was fused with (its FUSION_PARAMS tag), "
+            "so a reference in the MS's own order; give 1,2,3,4 for one already in the product's order.",
+        ),
         block: int = typer.Option(32, "--block", min=4, help="Block / window size of Q2n, Q and QNR."),
         quiet: bool = OutputOpt.quiet,
         as_json: bool = OutputOpt.json_out,
@@ -81,12 +96,13 @@ def register(app: typer.Typer) -> None:
             ratio=ratio,
             cut=cut,
             clip_bits=clip_bits,
-            round_uint16=not no_uint16,
+            round_uint16=uint16,
             per_band=per_band,
             block=block,
             psnr_peak=peak,
             sensor=sensor,
             nodata=nodata,
+            bands=parse_bands(bands),
         )
         if csv is not None:
             check_csv(csv, (fused, ref, pan, ms))
@@ -123,5 +139,12 @@ def _print(result: dict) -> None:
         for i in range(len(per_band[names[0]])):
             bands.add_row(str(i + 1), *(f"{per_band[n][i]:.4f}" for n in names))
         console.print(bands)
+    compared = result.get("bands_compared")
+    if compared and compared != list(range(1, len(compared) + 1)):
+        what = "reference" if result["mode"] == "reduced" else "MS"
+        console.print(
+            f"compared with bands {','.join(map(str, compared))} of the {what}, in that order "
+            "(the product's bands; --bands says otherwise)"
+        )
     if result.get("valid_fraction", 1.0) < 1.0:
         console.print(f"valid pixels: {100 * result['valid_fraction']:.1f} % (nodata left out)")
