@@ -347,10 +347,12 @@ def check_csv(path: str | Path, inputs: Sequence[str | os.PathLike[str] | None] 
     """Refuse, before any work, a CSV path that names a folder or one of the `inputs` (the same path,
     a symbolic or a hard link to it: appending would modify the input)."""
     from fusion_cli.raster import same_file
+    from fusion_cli.raster.checks import check_not_special
 
     p = Path(path)
     if p.is_dir():
         raise FusionError(f"CSV {p} is a folder; give a file name like {p / 'metrics.csv'}")
+    check_not_special(p)  # a FIFO would block the read before an append
     for src in inputs:
         if src is not None and same_file(p, src):
             raise FusionError(f"--csv {p} is an input file ({src}); choose another name")

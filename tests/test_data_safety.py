@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1370,3 +1371,25 @@ def test_training_inputs_with_nan_are_named_not_reported_as_divergence(tmp_path:
     rc, _, err = cli("train", data, "-o", tmp_path / "o", "--ratio", "2", "--epochs", "1")
     one_line_error(rc, err, "1_ms.tif", "NaN")
     assert not (tmp_path / "o" / "train_log.jsonl").exists()
+
+
+def test_outputs_never_replace_a_device_or_a_fifo(tmp_path: Path) -> None:
+    """`-o X --overwrite` renames the product onto X: with X a device node (the audit's was /dev/null
+    itself) or a FIFO, exit 0 left a regular file in its place. Refused before any work, also through
+    a link, for a quicklook beside the product and for `metrics --csv` (whose append reads it first)."""
+    fifo = tmp_path / "fifo.tif"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.tif"
+    link.symlink_to(fifo)
+    pan, ms = str(EXAMPLE_PAN), str(EXAMPLE_MS)
+    for out in (fifo, link):
+        rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--overwrite")
+        assert rc == 2 and "not a regular file" in err, err
+    quicklook = tmp_path / "q.png"
+    os.mkfifo(quicklook)
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "q.tif", "--method", "exp", "--quicklook")
+    assert rc == 2 and "not a regular file" in err, err
+    assert not (tmp_path / "q.tif").exists()
+    rc, _, err = cli("metrics", pan, "--ref", pan, "--ratio", "2", "--csv", fifo)
+    assert rc == 2 and "not a regular file" in err, err
+    assert all(stat.S_ISFIFO(p.stat().st_mode) for p in (fifo, quicklook))

@@ -92,6 +92,16 @@ def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = No
         )
 
 
+def check_not_special(path: Path, named: str | None = None) -> None:
+    """Refuse an output path that exists and is neither a regular file nor a folder: `--overwrite -o
+    /dev/null` renamed a product onto the system's /dev/null, a FIFO became a file."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise FusionError(
+            f"output {named or path} exists and is not a regular file (a device, FIFO or socket); "
+            "choose another output path"
+        )
+
+
 def check_writable(
     out_path: str | os.PathLike[str],
     overwrite: bool,
@@ -108,6 +118,7 @@ def check_writable(
             raise FusionError(f"{side}, written beside output {out}, is an input; choose another output name")
         if side.is_dir():  # found only after the product was written, which then stayed
             raise FusionError(f"{side}, written beside output {out}, is a folder; choose another output name")
+        check_not_special(side)
         if side.exists() and not overwrite:
             raise FusionError(f"{side} already exists; pass --overwrite to replace it")
     hit = replaced_input(out, read)
@@ -117,6 +128,7 @@ def check_writable(
         raise FusionError(f"output {out} is one of the inputs{via}; choose another output path")
     if out.is_dir():
         raise FusionError(f"output {out} is a folder; give a file name like {out / 'fused.tif'}")
+    check_not_special(out)
     if out.exists() and not overwrite:
         raise FusionError(f"output {out} already exists; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")

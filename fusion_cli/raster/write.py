@@ -24,6 +24,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError, OutputWriteError
+from fusion_cli.raster.checks import check_not_special
 from fusion_cli.raster.gdal import gdal_env, reason
 from fusion_cli.raster.profile import BLOCK, cog_options, overview_factors
 from fusion_cli.signals import deferred_signals
@@ -48,9 +49,12 @@ _TEMP_RE = re.compile(
 def _write_target(out: str | os.PathLike[str]) -> Path:
     """The file a write to `out` replaces: `out` itself, or the file a symbolic link `out` points to.
     Renaming a temporary onto the link would replace the link with a regular file and leave its
-    target unchanged; writing through it, as `open(out, "w")` does, keeps the link a link."""
+    target unchanged; writing through it, as `open(out, "w")` does, keeps the link a link. A device,
+    FIFO or socket there is refused (`check_not_special`): the rename would replace it."""
     final = Path(out)
-    return Path(os.path.realpath(final)) if final.is_symlink() else final
+    target = Path(os.path.realpath(final)) if final.is_symlink() else final
+    check_not_special(target, str(out))
+    return target
 
 
 # Files GDAL keeps beside a raster and reads with it: external overviews (gdaladdo -ro, QGIS),
