@@ -128,7 +128,7 @@ def _georef_ratio(
     """The integer pixel-size ratio coarse/fine of two georeferenced grids (rasterio datasets or
     anything with `transform`, `crs`, `width`, `height`), with the measured (y, x) ratios; None when
     neither grid is georeferenced. Raises FusionError for one grid without CRS, a CRS mismatch,
-    rotated or flipped grids, or a non-integer ratio."""
+    rotated or not north-up grids, or a non-integer ratio."""
     ft, ct = fine.transform, coarse.transform
     f_name, c_name = names
     if fine.crs is None and coarse.crs is None and _is_identity(ft) and _is_identity(ct):
@@ -144,16 +144,24 @@ def _georef_ratio(
     for t, what in ((ft, f_name), (ct, c_name)):
         if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
             raise FusionError(f"the {what} grid is rotated; warp it to a north-up grid first (gdalwarp)")
-    if np.sign(ft.a) != np.sign(ct.a) or np.sign(ft.e) != np.sign(ct.e):
-        raise FusionError(
-            f"{f_name} and {c_name} grids are flipped relative to each other; warp one to match the other"
-        )
+        if t.a < 0 or t.e > 0:  # the pixel phases below assume rows run south and columns east
+            raise FusionError(
+                f"the {what} grid is not north-up (its rows run north or its columns west); "
+                "warp it to a north-up grid first (gdalwarp)"
+            )
     rx, ry = ct.a / ft.a, ct.e / ft.e
     pair = f"{c_name}/{f_name}"
     ratio = _ratio_or_error(rx, f"the {pair} pixel-size ratio along x")
     if _ratio_or_error(ry, f"the {pair} pixel-size ratio along y") != ratio:
         raise FusionError(f"{pair} pixel-size ratios differ between x ({rx:.5g}) and y ({ry:.5g})")
     return ratio, ry, rx
+
+
+def _only_gcps_or_rpcs(ds: Any) -> bool:
+    """Whether a dataset without a geotransform carries ground control points or RPCs (where the
+    object has them: rasterio datasets do)."""
+    gcps = getattr(ds, "gcps", None)
+    return bool(gcps and gcps[0]) or bool(getattr(ds, "rpcs", None))
 
 
 def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> Alignment:
@@ -166,6 +174,12 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     hint = "pass --reproject to warp the MS onto the PAN's CRS, or reproject it first (gdalwarp -t_srs)"
     measured = _georef_ratio(pan_ds, ms_ds, crs_hint=hint)
     if measured is None:
+        for ds, what in ((pan_ds, "PAN"), (ms_ds, "MS")):
+            if _only_gcps_or_rpcs(ds):
+                raise FusionError(
+                    f"the {what} is georeferenced by ground control points or RPCs only, which this "
+                    "tool does not apply; warp it to a regular grid first (gdalwarp)"
+                )
         warnings.warn(
             "inputs have no georeferencing: assuming their grids share the top-left corner; "
             "the output is written without CRS",

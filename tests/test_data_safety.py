@@ -1393,3 +1393,38 @@ def test_outputs_never_replace_a_device_or_a_fifo(tmp_path: Path) -> None:
     rc, _, err = cli("metrics", pan, "--ref", pan, "--ratio", "2", "--csv", fifo)
     assert rc == 2 and "not a regular file" in err, err
     assert all(stat.S_ISFIFO(p.stat().st_mode) for p in (fifo, quicklook))
+
+
+def test_grids_the_alignment_cannot_place_are_refused(tmp_path: Path) -> None:
+    """A south-up copy of the example pair (rows flipped, geotransform to match: the same pixels at
+    the same places) was fused at exit 0 about one PAN pixel off its north-up product (82 DN mean
+    difference); a pair georeferenced by GCPs only was fused as if ungeoreferenced, losing the
+    half-pixel offset the GCPs carry. Both are refused with what to do."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.transform import Affine
+
+    def rewrite(src_path: Path, path: Path, south_up: bool) -> Path:
+        with rasterio.open(src_path) as src:
+            data, profile, t, crs = src.read(), src.profile, src.transform, src.crs
+        if south_up:
+            profile["transform"] = Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * data.shape[1])
+            data = data[:, ::-1]
+        else:
+            profile.pop("transform")
+            profile.pop("crs")
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(np.ascontiguousarray(data))
+            if not south_up:
+                gcps = [
+                    GroundControlPoint(row, col, *(t * (col, row))) for row, col in ((0, 0), (0, 9), (9, 0))
+                ]
+                dst.gcps = (gcps, crs)
+        return path
+
+    for south_up, expect in ((True, "not north-up"), (False, "ground control points")):
+        tag = "su" if south_up else "gcp"
+        pan = rewrite(EXAMPLE_PAN, tmp_path / f"{tag}_pan.tif", south_up)
+        ms = rewrite(EXAMPLE_MS, tmp_path / f"{tag}_ms.tif", south_up)
+        rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / f"{tag}.tif", "--method", "exp")
+        assert rc == 2 and expect in err, err
+        assert not (tmp_path / f"{tag}.tif").exists()
