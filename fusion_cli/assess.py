@@ -106,6 +106,7 @@ class Case:
 def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
     """Read every band of a raster with its validity mask (see the module docstring)."""
     from fusion_cli.raster import damaged_input, gdal_env, is_gdal_path, open_raster, read_whole
+    from fusion_cli.raster.nodata import alpha_band
 
     with gdal_env(), open_raster(path, what) as ds, damaged_input(ds):
         data = read_whole(ds, what)
@@ -113,6 +114,11 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         tags = dict(ds.tags())
         descriptions = list(ds.descriptions)
         transform, crs = ds.transform, ds.crs
+        alpha = alpha_band(ds)
+    if alpha is not None:  # a transparency band, not data: it masks the others
+        valid &= data[alpha - 1] > 0
+        data = np.delete(data, alpha - 1, axis=0)
+        descriptions = descriptions[: alpha - 1] + descriptions[alpha:]
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):

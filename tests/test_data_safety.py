@@ -1428,3 +1428,41 @@ def test_grids_the_alignment_cannot_place_are_refused(tmp_path: Path) -> None:
         rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / f"{tag}.tif", "--method", "exp")
         assert rc == 2 and expect in err, err
         assert not (tmp_path / f"{tag}.tif").exists()
+
+
+def test_an_alpha_band_masks_the_other_bands(tmp_path: Path) -> None:
+    """An MS with a seventh band labelled alpha, 0 over a zero collar: the alpha band was left out of
+    the fusion but its transparency ignored (GDAL masks by it only when the TIFF declares it an extra
+    sample), so the collar was fused as data (values up to 39 723) and skewed GSA's statistics by
+    ~8 % elsewhere. Now the product is the one fused with the collar declared nodata, masked alike,
+    and the metrics read the alpha band as a mask, not as a band."""
+    from rasterio.enums import ColorInterp
+
+    with rasterio.open(EXAMPLE_MS) as src:
+        ms, profile = src.read(), src.profile
+    ms[:, :, :40] = 0
+    alpha = np.zeros_like(ms[:1])
+    alpha[..., 40:] = 65535
+    with_alpha = tmp_path / "ms_alpha.tif"
+    with rasterio.open(with_alpha, "w", **{**profile, "count": 7, "nodata": None}) as dst:
+        dst.write(np.concatenate([ms, alpha]))
+    with rasterio.open(with_alpha, "r+") as dst:  # GeoTIFF takes a new colour type only on update
+        dst.colorinterp = [ColorInterp.gray] + [ColorInterp.undefined] * 5 + [ColorInterp.alpha]
+    flagged = tmp_path / "ms_nodata.tif"
+    with rasterio.open(flagged, "w", **{**profile, "nodata": 0}) as dst:
+        dst.write(ms)
+    products = []
+    for ms_path in (with_alpha, flagged):
+        out = tmp_path / f"{ms_path.stem}_gsa.tif"
+        rc, _, err = cli(
+            "pansharpen", EXAMPLE_PAN, ms_path, "-o", out, "--method", "gsa", "--sensor", "landsat8"
+        )
+        assert rc == 0, err
+        with rasterio.open(out) as ds:
+            products.append((ds.read(), ds.read_masks(1) > 0, ds.count))
+    (a, a_valid, a_count), (b, b_valid, _) = products
+    assert a_count == 6 and not a_valid[:, :78].any() and a_valid[:, 82:].all()
+    np.testing.assert_array_equal(a_valid, b_valid)
+    np.testing.assert_array_equal(a[:, a_valid], b[:, b_valid])
+    rc, out, err = cli("metrics", with_alpha, "--ref", flagged, "--ratio", "1", "--json")
+    assert rc == 0 and json.loads(out)["bands"] == 6, err

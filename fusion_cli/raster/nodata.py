@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags
 
 
 class NodataOverride:
@@ -54,4 +54,14 @@ def with_nodata(ds: Any, value: float | None) -> Any:
 def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
     """True if some pixels may be invalid: a nodata value, an internal/sidecar mask or alpha."""
     idx = [b - 1 for b in (bands or range(1, ds.count + 1))]
-    return any(MaskFlags.all_valid not in ds.mask_flag_enums[i] for i in idx)
+    return alpha_band(ds) is not None or any(MaskFlags.all_valid not in ds.mask_flag_enums[i] for i in idx)
+
+
+def alpha_band(ds: Any) -> int | None:
+    """The 1-based band whose colour interpretation is alpha, or None. GDAL masks the other bands by
+    it only when the TIFF declares it as an extra sample; a band merely labelled alpha is left to
+    the reader (`read_padded` masks by it, as the band selection leaves it out)."""
+    for i, interp in enumerate(ds.colorinterp, start=1):
+        if interp == ColorInterp.alpha:
+            return i
+    return None

@@ -20,7 +20,7 @@ from rasterio.windows import Window
 from fusion_cli.errors import FusionError
 from fusion_cli.raster.checks import check_pixel_type, refuse_non_finite
 from fusion_cli.raster.gdal import is_gdal_path, reason
-from fusion_cli.raster.nodata import has_mask
+from fusion_cli.raster.nodata import alpha_band, has_mask
 
 # Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
 SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
@@ -119,6 +119,9 @@ def read_padded(
             valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
         else:
             valid = np.ones((rh, cw), dtype=bool)
+        alpha = alpha_band(ds)
+        if alpha is not None and alpha not in bands:  # transparent where alpha is 0
+            valid &= ds.read(alpha, window=win) > 0
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
     refuse_non_finite(ds.name, data, valid)
