@@ -337,10 +337,19 @@ def test_lossy_dtype_narrowing_is_refused(tmp_path: Path, pair: tuple[Path, Path
     pan, ms = pair
     rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", "--dtype", "int8")
     one_line_error(rc, err, "--dtype int8", "uint16")
-    # stating the real ceiling makes a narrower type safe
-    args = ["--dtype", "uint8", "--dn-max", "255", "-q"]
+    # stating the real ceiling makes a narrower type safe (8-bit content in a 16-bit file), and a
+    # ceiling the content exceeds is refused (it would clip the product)
+    args = ["--dtype", "uint8", "--dn-max", "1023", "-q"]
     rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "gsa", *args)
+    one_line_error(rc, err, "--dtype uint8", "1023")
+    with rasterio.open(pan) as p, rasterio.open(ms) as m:
+        pan8 = write_tif(tmp_path / "pan8.tif", p.read() // 4, 1.0)
+        ms8 = write_tif(tmp_path / "ms8.tif", m.read() // 4, 4.0)
+    args = ["--dtype", "uint8", "--dn-max", "255", "-q"]
+    rc, _, err = cli("pansharpen", pan8, ms8, "-o", tmp_path / "o.tif", "--method", "gsa", *args)
     assert rc == 0, err
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o2.tif", "--method", "gsa", *args)
+    assert rc == 2 and "exceed --dn-max 255" in err, err
 
 
 def _card(tmp_path: Path, **architecture: object) -> Path:
@@ -1466,3 +1475,14 @@ def test_an_alpha_band_masks_the_other_bands(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a[:, a_valid], b[:, b_valid])
     rc, out, err = cli("metrics", with_alpha, "--ref", flagged, "--ratio", "1", "--json")
     assert rc == 0 and json.loads(out)["bands"] == 6, err
+
+
+def test_a_dn_ceiling_below_the_data_is_refused(tmp_path: Path) -> None:
+    """`--dn-max 100` on the 16-bit example clipped every product pixel to 100 (a constant image, exit 0,
+    for a classical method and for the network alike); a wrong NBITS tag does the same silently."""
+    out = tmp_path / "o.tif"
+    for method in (["--method", "gsa"], []):  # a classical method and the default network
+        rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--dn-max", "100", *method)
+        assert rc == 2 and "exceed --dn-max 100" in err and not out.exists(), err
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "gsa", "--dn-max", "65535")
+    assert rc == 0 and out.exists(), err

@@ -325,9 +325,13 @@ def test_a_failing_write_in_the_writer_thread_leaves_nothing(tmp_path, monkeypat
 
 def test_band_selection_dtype_and_clip(tmp_path, pair):
     pan, ms, r = pair.pan, pair.ms, pair.ratio
-    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(r), FuseOptions(bands=[3, 2, 1], dn_max=1000))
+    # a ceiling that a few of the MS's brightest pixels exceed (more would be refused as a wrong one)
+    dn_max = float(np.floor(np.percentile(_read(ms)[[2, 1, 0]].max(axis=0), 99.5)))
+    s = fuse_files(pan, ms, tmp_path / "o.tif", DetailFuser(r), FuseOptions(bands=[3, 2, 1], dn_max=dn_max))
     got = _read(tmp_path / "o.tif")
-    assert s.shape == (3, *pair.out_shape) and got.max() <= 1000
+    assert s.shape == (3, *pair.out_shape) and got.max() <= dn_max and (got == dn_max).any()
+    with pytest.raises(FusionError, match="exceed --dn-max"):
+        fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(r), FuseOptions(dn_max=dn_max / 2))
     with pytest.raises(FusionError, match="cannot select band"):
         fuse_files(pan, ms, tmp_path / "x.tif", DetailFuser(r), FuseOptions(bands=[pair.bands + 1]))
     with pytest.raises(FusionError, match="expects 8"):

@@ -4,6 +4,7 @@ with validity masks, whole and decimated reads, and damaged files as bad input."
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -75,6 +76,42 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
         return float(2 ** int(nbits) - 1)
     except ValueError:
         return None
+
+
+# Pixels of a decimated read `check_below_dn_max` looks at, and the share of them above the DN ceiling
+# that is a wrong ceiling rather than a few saturated outliers.
+DN_CHECK_SAMPLES = 512 * 512
+DN_CHECK_SHARE = 0.01
+
+
+def check_below_dn_max(
+    ds: Any, bands: Sequence[int], dn_max: float | None, given: bool, what: str = "MS"
+) -> None:
+    """Refuse a DN ceiling that the data exceed: every product pixel is clipped to it (and a network
+    divides by it), so `--dn-max 100` on 16-bit data wrote a constant image at exit 0. Looks at a
+    decimated read of the selected bands (nearest samples, bounded memory); `given`: from --dn-max,
+    else from the file's NBITS tag."""
+    if dn_max is None:
+        return
+    step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
+    shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
+    with damaged_input(ds):
+        data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
+        valid = (ds.read_masks(list(bands), out_shape=shape) > 0).all(axis=0) if has_mask(ds, bands) else None
+    above = (data > dn_max).any(axis=0)
+    values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
+    share = float(above[valid].mean() if valid is not None and valid.any() else above.mean())
+    if share > DN_CHECK_SHARE:
+        source = f"--dn-max {dn_max:g}" if given else f"the {what}'s NBITS tag (largest DN {dn_max:g})"
+        raise FusionError(
+            f"{share:.0%} of the {what}'s pixels exceed {source} (up to {float(values.max()):g}): "
+            "the product would be clipped to it; "
+            + (
+                "give the data's real largest DN or leave --dn-max out"
+                if given
+                else "pass --dn-max with the real largest DN"
+            )
+        )
 
 
 def _pad_spec(start: int, size: int, limit: int) -> tuple[int, int, int, int]:
