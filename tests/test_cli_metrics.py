@@ -105,6 +105,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     small = _write(tmp_path / "small.tif", np.zeros((6, 64, 64), np.float32))
     res = run_cli("metrics", str(small), "--ref", str(gt), "--ratio", "2")
     assert res.returncode == 2 and "differ" in res.stderr and "Traceback" not in res.stderr
+    # a block far beyond the image: Q2n's mirror padding asked for 112 GiB (MemoryError traceback)
+    res = run_cli("metrics", str(out), "--ref", str(gt), "--ratio", "2", "--block", "100000")
+    assert res.returncode == 2 and "smaller --block" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_full_resolution_from_product_tags(wv3_crop: Crop, tmp_path: Path) -> None:

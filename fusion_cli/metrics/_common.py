@@ -174,12 +174,13 @@ def block_grid(size: int, block: int, shift: int, pad: bool) -> tuple[int, np.nd
     `pad=True`: the toolbox's q2n rule: ceil(size / shift) positions, the axis extended by symmetric
     mirroring to `(n - 1) * shift + block` samples. `pad=False`: full blocks only, the rest dropped.
     """
-    if pad:
-        n = max(1, -(-size // shift))
-    else:
-        n = (size - block) // shift + 1
-        if n < 1:
-            raise FusionError(f"the image ({size} pixels) is smaller than the {block}-pixel block")
+    # padding mirrors the image once at most (the toolbox's 31-px image in a 32-px block); a block
+    # far beyond it would be mirrored many times over (--block 100000 on 318 px asked for 112 GiB)
+    if block > (2 * size if pad else size):
+        raise FusionError(
+            f"the image ({size} pixels) is smaller than the {block}-pixel block; pass a smaller --block"
+        )
+    n = max(1, -(-size // shift)) if pad else (size - block) // shift + 1
     return n, symmetric_index(size, (n - 1) * shift + block)
 
 
