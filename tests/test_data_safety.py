@@ -1486,3 +1486,18 @@ def test_a_dn_ceiling_below_the_data_is_refused(tmp_path: Path) -> None:
         assert rc == 2 and "exceed --dn-max 100" in err and not out.exists(), err
     rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "gsa", "--dn-max", "65535")
     assert rc == 0 and out.exists(), err
+
+
+def test_a_nodata_value_the_pixels_cannot_hold_is_refused(tmp_path: Path) -> None:
+    """`--nodata nan` on uint16 inputs masked nothing and wrote a product whose nodata was 0 (neither
+    the value given nor any input's); -1, inf and 1e30 masked nothing either. All exit 0 before."""
+    out = tmp_path / "o.tif"
+    for value in ("nan", "-1", "inf", "1e30", "0.5"):
+        rc, _, err = cli(
+            "pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "exp", "--nodata", value
+        )
+        assert rc == 2 and "cannot occur in the PAN's uint16 pixels" in err and not out.exists(), (value, err)
+    rc, _, err = cli(
+        "pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "exp", "--ms-nodata", "65535"
+    )
+    assert rc == 0, err

@@ -144,7 +144,7 @@ def open_pair(
         raster.check_pixel_type(ms_ds, "MS")
         if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
             ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio, ms_nodata))
-        yield raster.with_nodata(pan_ds, pan_nodata), raster.with_nodata(ms_ds, ms_nodata)
+        yield raster.with_nodata(pan_ds, pan_nodata, "PAN"), raster.with_nodata(ms_ds, ms_nodata, "MS")
 
 
 def measure_ratio(

@@ -11,6 +11,8 @@ import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
 
+from fusion_cli.errors import FusionError
+
 
 class NodataOverride:
     """An input read with a nodata value given on the command line (`--nodata`, `--pan-nodata`,
@@ -46,9 +48,25 @@ class NodataOverride:
         return np.where(hit, np.uint8(0), own)
 
 
-def with_nodata(ds: Any, value: float | None) -> Any:
-    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None."""
-    return ds if value is None else NodataOverride(ds, value)
+def with_nodata(ds: Any, value: float | None, what: str = "input") -> Any:
+    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None. A value
+    its pixels cannot hold is refused: it would mask nothing (NaN or -1 in uint16 data) while the
+    product's nodata silently became another value."""
+    if value is None:
+        return ds
+    for dtype in sorted(set(ds.dtypes)):
+        dt = np.dtype(dtype)
+        if np.issubdtype(dt, np.integer):
+            info = np.iinfo(dt)
+            fits = math.isfinite(value) and value == int(value) and info.min <= value <= info.max
+        else:
+            fits = not math.isfinite(value) or abs(value) <= np.finfo(dt).max
+        if not fits:
+            raise FusionError(
+                f"nodata value {value:g} cannot occur in the {what}'s {dtype} pixels; give one within "
+                f"the {dtype} range (e.g. 0), or none"
+            )
+    return NodataOverride(ds, value)
 
 
 def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
