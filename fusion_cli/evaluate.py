@@ -265,6 +265,9 @@ def evaluate(
         raise FusionError("no scenes to evaluate")
     files = result_files(out_dir)
     _check_results(files, [*sources, *(p for pan, ms, _ in scenes for p in (pan, ms))])
+    if tile <= 0:
+        raise FusionError(f"--tile must be positive, got {tile}")
+    created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     # Products not kept go to a hidden folder this run creates, and only that folder is removed: an
@@ -276,11 +279,21 @@ def evaluate(
         for k, (pan, ms, sid) in enumerate(scenes):
             # a scene's steps, offset by the scenes before it
             step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
+            folder = products / scene_folder(sid)
+            if not folder.exists():
+                created.append(folder)
             rows += evaluate_scene(
-                pan, ms, methods, products / scene_folder(sid), sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
+                pan, ms, methods, folder, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
                 cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
                 tile=tile, bands=bands, block=block, progress=step,
             )  # fmt: skip
+    except BaseException:
+        # a failed run leaves no half evaluation: the folders it created go (deepest first; a folder
+        # that held something before the run was never in `created`)
+        with deferred_signals():
+            for d in reversed(created):
+                shutil.rmtree(d, ignore_errors=True)
+        raise
     finally:
         if not keep_products:
             with deferred_signals():

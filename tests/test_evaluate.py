@@ -217,3 +217,23 @@ def test_evaluate_runs_vhr4_on_the_four_bands_of_the_wv3_pair(tmp_path: Path) ->
     assert all(0 < r["HQNR"] <= 1 and -1 <= r["HPC"] <= 1 for r in res.rows)
     assert net["HPC"] > exp["HPC"] + 0.3  # the network injects PAN detail, interpolation none
     assert json.loads(Path(res.files["json"]).read_text())["settings"]["bands"] == [2, 3, 5, 7]
+
+
+@pytest.mark.parametrize(
+    "bad", [["--tile", "0"], ["--bands", "9"], ["--methods", "fusionmamba:hyperion_hisr"], ["--cut", "10000"]]
+)
+def test_a_refused_evaluation_leaves_nothing_behind(tmp_path: Path, bad: list[str]) -> None:
+    """These were found only after the Wald pair (and for --cut a product) was written: OUT was left
+    with products/<scene>/reduced/{pan_lr,ms_lr,ms_ref}.tif and no results. Now what the run created
+    goes with it, and a folder that held something before keeps exactly that."""
+    args = ["evaluate", str(EXAMPLE_PAN), str(EXAMPLE_MS), "--methods", "exp", "--no-full", *bad]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "-o", str(tmp_path / "new")])
+    assert exc.value.code == 2 and not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "products").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "-o", str(kept)])
+    assert exc.value.code == 2
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "products"]
