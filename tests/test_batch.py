@@ -558,12 +558,12 @@ def test_manifest_and_scheduler_file_mistakes_are_one_line_errors(mixed: dict, t
     manifest = tmp_path / "m.csv"
     pan = next(mixed["in"].glob("*_pan.tif"))
     manifest.write_text(f"pan,ms\n{pan.name},{pan.name.replace('_pan', '_ms')}\n")
-    # a row without an 'out' whose --out-pattern leaves OUT_DIR: was a KeyError traceback
+    # a row without an 'out' whose --out-pattern leaves OUT_DIR: was a KeyError traceback, then a
+    # failed scene; the pattern itself is refused now, once
     res = run_cli("batch", str(mixed["in"]), str(tmp_path / "o"), "--manifest", str(manifest),
                   "--method", "exp", "--out-pattern", "../{stem}.tif", "--json")  # fmt: skip
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    (scene,) = json.loads(res.stdout)["scenes"]
-    assert scene["status"] == "failed" and "OUT_DIR" in scene["reason"]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "--out-pattern" in res.stderr and "OUT_DIR" in res.stderr
     not_a_scheduler = tmp_path / "sched.json"
     not_a_scheduler.write_text("{}")
     res = run_cli(
@@ -640,3 +640,25 @@ def test_ctrl_c_with_scenes_in_flight_logs_the_ones_that_finish(tmp_path: Path) 
         ("a", "done", "a"),
         ("b", "done", "b"),
     ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--tile", "0"],
+        ["--tile", "1"],
+        ["--batch", "0"],
+        ["--threads", "0"],
+        ["--out-pattern", "../x_{stem}.tif"],
+    ],
+)
+def test_bad_options_stop_the_batch_before_its_first_scene(tmp_path: Path, bad: list[str]) -> None:
+    """These failed every scene one by one, exit 1 (a batch's scene failure), where a bad invocation is
+    exit 2 by the batch's own help; --tile 1 ran for minutes on one small scene. Now refused once,
+    before OUT_DIR is made."""
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "s", rasterio.windows.Window(0, 0, 300, 160), georef=False)
+    res = run_cli("batch", str(in_dir), str(tmp_path / "out"), "--method", "exp", *bad)
+    assert res.returncode == 2 and "Error:" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

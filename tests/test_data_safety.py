@@ -29,7 +29,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from fusion_cli import batch, raster
-from fusion_cli.errors import OutputWriteError
+from fusion_cli.errors import FusionError, OutputWriteError
 from fusion_cli.evaluate import scene_folder
 
 CRS = "EPSG:32631"
@@ -227,8 +227,8 @@ def test_out_pattern_cannot_leave_out_dir(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
     make_pair(src, stem="a_")
-    plan = batch.pair_by_patterns(src, tmp_path / "out", "*_pan.tif", "*_ms.tif", "../{stem}.tif")
-    assert plan.scenes == [] and "OUT_DIR" in plan.unpaired[0].reason
+    with pytest.raises(FusionError, match="writes outside OUT_DIR"):
+        batch.pair_by_patterns(src, tmp_path / "out", "*_pan.tif", "*_ms.tif", "../{stem}.tif")
 
 
 def test_stale_cleanup_removes_only_own_temporaries(tmp_path: Path) -> None:

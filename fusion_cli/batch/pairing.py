@@ -155,6 +155,10 @@ def out_path_for(out_dir: Path, stem: str, out_pattern: str = DEFAULT_OUT_PATTER
             f"--out-pattern must contain {{stem}} (e.g. {DEFAULT_OUT_PATTERN}), got {out_pattern!r}"
         )
     check_product_name(out_pattern, "--out-pattern")  # every scene would fail on it, one by one
+    if Path(out_pattern).is_absolute() or ".." in Path(out_pattern).parts:  # so would this
+        raise FusionError(
+            f"--out-pattern {out_pattern!r} writes outside OUT_DIR; give a name inside it, without '..'"
+        )
     name = out_pattern.replace("{stem}", stem) if stem else out_pattern.replace("{stem}", "fused").lstrip("_")
     return out_dir / name
 

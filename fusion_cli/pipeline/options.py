@@ -13,6 +13,9 @@ from fusion_cli.errors import FusionError
 DEFAULT_TILE = 256
 # Blend zone (PAN px) for fusers that state no `preferred_overlap` (the networks).
 DEFAULT_OVERLAP = 32
+# Smallest tile side (PAN px): below it the halo dwarfs the tile (--tile 1 ran for minutes on a
+# 0.2 Mpx scene without finishing).
+MIN_TILE = 32
 
 
 class Progress(Protocol):
@@ -74,6 +77,15 @@ class FuseOptions:
         from fusion_cli.raster.profile import check_creation_options
 
         check_creation_options(self.creation_options)
+        # checked when the options are made, so that a batch refuses them once (exit 2), not per scene
+        if self.tile is not None and self.tile < MIN_TILE:
+            raise FusionError(f"--tile must be at least {MIN_TILE} PAN px, got {self.tile}")
+        if self.overlap is not None and self.overlap < 0:
+            raise FusionError(f"--overlap must be 0 or more, got {self.overlap}")
+        if self.batch < 1:
+            raise FusionError(f"--batch must be 1 or more windows per call, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise FusionError(f"--threads must be 1 or more, got {self.threads}")
         if self.stats_mpx is not None and not (math.isfinite(self.stats_mpx) and self.stats_mpx > 0):
             raise FusionError(
                 f"--stats-mpx must be positive: a number of PAN megapixels like 20, got {self.stats_mpx}"
