@@ -1501,3 +1501,20 @@ def test_a_nodata_value_the_pixels_cannot_hold_is_refused(tmp_path: Path) -> Non
         "pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", out, "--method", "exp", "--ms-nodata", "65535"
     )
     assert rc == 0, err
+
+
+def test_a_network_refuses_negative_dn(tmp_path: Path) -> None:
+    """A network reads DN from 0 up to its scale: the example shifted to signed DN (most pixels
+    negative) came out of the default model with its sign lost (int8 data: band means -46 -> +57,
+    exit 0). Refused for the network, before it runs; a classical method fuses such data."""
+    shifted = []
+    for src_path, name in ((EXAMPLE_PAN, "pan.tif"), (EXAMPLE_MS, "ms.tif")):
+        with rasterio.open(src_path) as src:
+            data, profile = src.read().astype(np.int32) - 20000, src.profile
+        with rasterio.open(tmp_path / name, "w", **{**profile, "dtype": "int16"}) as dst:
+            dst.write(data.astype(np.int16))
+        shifted.append(tmp_path / name)
+    rc, _, err = cli("pansharpen", *shifted, "-o", tmp_path / "net.tif")
+    assert rc == 2 and "negative" in err and not (tmp_path / "net.tif").exists(), err
+    rc, _, err = cli("pansharpen", *shifted, "-o", tmp_path / "gsa.tif", "--method", "gsa", "-q")
+    assert rc == 0, err

@@ -148,7 +148,9 @@ def fuse_files(
             )
         raster.check_dn_max(opts.dn_max)
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
-        raster.check_below_dn_max(ms_ds, bands, dn_max, given=opts.dn_max is not None)
+        raster.check_dn_range(
+            ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=fuser.dn_max is not None
+        )
         # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
         adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
         lo, hi = value_range(ms_dtype, dn_max)

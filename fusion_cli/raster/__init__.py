@@ -32,7 +32,7 @@ from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
 from fusion_cli.raster.profile import BLOCK, DEFLATE_LEVEL, output_profile, overview_factors
 from fusion_cli.raster.read import (
     SOURCE_DTYPE_TAG,
-    check_below_dn_max,
+    check_dn_range,
     damaged_input,
     detect_dn_max,
     is_warped,
@@ -68,7 +68,7 @@ __all__ = [
     "NodataOverride",
     "atomic_output",
     "band_descriptions",
-    "check_below_dn_max",
+    "check_dn_range",
     "check_dn_max",
     "check_narrowing",
     "check_pixel_type",

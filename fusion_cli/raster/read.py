@@ -78,39 +78,56 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
         return None
 
 
-# Pixels of a decimated read `check_below_dn_max` looks at, and the share of them above the DN ceiling
+# Pixels of a decimated read `check_dn_range` looks at, and the share of them outside the DN range
 # that is a wrong ceiling rather than a few saturated outliers.
 DN_CHECK_SAMPLES = 512 * 512
 DN_CHECK_SHARE = 0.01
 
 
-def check_below_dn_max(
-    ds: Any, bands: Sequence[int], dn_max: float | None, given: bool, what: str = "MS"
+def check_dn_range(
+    ds: Any,
+    bands: Sequence[int],
+    dn_max: float | None,
+    given: bool,
+    nonnegative: bool = False,
+    what: str = "MS",
 ) -> None:
-    """Refuse a DN ceiling that the data exceed: every product pixel is clipped to it (and a network
-    divides by it), so `--dn-max 100` on 16-bit data wrote a constant image at exit 0. Looks at a
-    decimated read of the selected bands (nearest samples, bounded memory); `given`: from --dn-max,
-    else from the file's NBITS tag."""
-    if dn_max is None:
+    """Refuse DN the product cannot represent, seen on a decimated read of the selected bands
+    (nearest samples, bounded memory): a ceiling `dn_max` that more than DN_CHECK_SHARE of the
+    pixels exceed (every product pixel is clipped to it and a network divides by it, so `--dn-max
+    100` on 16-bit data wrote a constant image at exit 0; `given`: from --dn-max, else the file's
+    NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as many
+    negative pixels (int8 data fused by the landsat model lost their sign, exit 0)."""
+    if dn_max is None and not nonnegative:
         return
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
     shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
     with damaged_input(ds):
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
         valid = (ds.read_masks(list(bands), out_shape=shape) > 0).all(axis=0) if has_mask(ds, bands) else None
-    above = (data > dn_max).any(axis=0)
     values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
-    share = float(above[valid].mean() if valid is not None and valid.any() else above.mean())
-    if share > DN_CHECK_SHARE:
+    if values.size == 0:
+        return
+
+    def share(outside: np.ndarray) -> float:
+        return float(outside.any(axis=0).mean())
+
+    if dn_max is not None and share(values > dn_max) > DN_CHECK_SHARE:
         source = f"--dn-max {dn_max:g}" if given else f"the {what}'s NBITS tag (largest DN {dn_max:g})"
+        todo = (
+            "give the data's real largest DN or leave --dn-max out"
+            if given
+            else "pass --dn-max with the real largest DN"
+        )
         raise FusionError(
-            f"{share:.0%} of the {what}'s pixels exceed {source} (up to {float(values.max()):g}): "
-            "the product would be clipped to it; "
-            + (
-                "give the data's real largest DN or leave --dn-max out"
-                if given
-                else "pass --dn-max with the real largest DN"
-            )
+            f"{share(values > dn_max):.0%} of the {what}'s pixels exceed {source} (up to "
+            f"{float(values.max()):g}): the product would be clipped to it; {todo}"
+        )
+    if nonnegative and share(values < 0) > DN_CHECK_SHARE:
+        raise FusionError(
+            f"{share(values < 0):.0%} of the {what}'s pixels are negative (down to {float(values.min()):g}): "
+            "a network reads DN from 0 up to its scale; offset the data to non-negative DN or use a "
+            "classical --method"
         )
 
 
