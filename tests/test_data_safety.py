@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -1518,3 +1519,31 @@ def test_a_network_refuses_negative_dn(tmp_path: Path) -> None:
     assert rc == 2 and "negative" in err and not (tmp_path / "net.tif").exists(), err
     rc, _, err = cli("pansharpen", *shifted, "-o", tmp_path / "gsa.tif", "--method", "gsa", "-q")
     assert rc == 0, err
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(errno.EROFS, 2), (errno.EACCES, 2), (errno.ENOSPC, 1), (errno.EIO, 1)],
+    ids=["read-only", "denied", "disk-full", "io-error"],
+)
+def test_an_unusable_path_is_bad_input_a_failing_system_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, code: int
+) -> None:
+    """`fusion simulate/report/evaluate -o` on a read-only mount exited 1 as if the system had failed;
+    a path the user chose and cannot use is bad input (exit 2), a full disk or an I/O error stays 1.
+    Also when the OS error is the cause of an OutputWriteError."""
+    from fusion_cli import wald
+
+    def raising(exc: BaseException) -> Callable[..., None]:
+        def simulate_files(*args: object, **kwargs: object) -> None:
+            raise exc
+
+        return simulate_files
+
+    os_error = OSError(error, os.strerror(error), str(tmp_path / "sim"))
+    wrapped = OutputWriteError(f"cannot write {tmp_path / 'sim'}: {os.strerror(error)}")
+    wrapped.__cause__ = os_error
+    for exc in (os_error, wrapped):
+        monkeypatch.setattr(wald, "simulate_files", raising(exc))
+        rc, _, err = cli("simulate", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "sim", "--sensor", "landsat8")
+        assert rc == code and err.startswith("Error:") and "Traceback" not in err, err

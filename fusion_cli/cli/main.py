@@ -4,6 +4,7 @@ library errors into one line on stderr with exit code 2 (a traceback only with -
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -171,6 +172,11 @@ def share_cores() -> None:
     os.environ.setdefault("KMP_BLOCKTIME", "0")
 
 
+# OS errors that say the path given cannot be used (a read-only file system, no permission), as
+# opposed to the system failing under a valid one (ENOSPC, EIO)
+_PATH_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str] | None = None) -> None:
     bound_heap()
     share_cores()
@@ -200,9 +206,16 @@ def _main(argv: list[str] | None, debug: bool) -> None:
             raise
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    except OSError as exc:  # the system, not the input: a full disk, a lost mount, permissions
+    except OSError as exc:
         if debug:
             raise
+        # a path the user chose and cannot use is bad input (exit 2); an OutputWriteError keeps the
+        # OS error it reports as its cause
+        if exc.errno in _PATH_REFUSED or getattr(exc.__cause__, "errno", None) in _PATH_REFUSED:
+            hint = "choose a path you can read and write, or fix its permissions"
+            typer.echo(f"Error: {exc}; {hint}", err=True)
+            sys.exit(2)
+        # the system, not the input: a full disk, a lost mount, an I/O error
         typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
         sys.exit(1)
     except KeyboardInterrupt as exc:
