@@ -79,6 +79,12 @@ def _is_identity(t: Affine) -> bool:
 def _ratio_or_error(value: float, what: str) -> int:
     r = round(value)
     if r < 1 or abs(value - r) > RATIO_TOL * r:
+        inverse = round(1 / value) if value > 0 else 0
+        if inverse > 1 and abs(1 / value - inverse) <= RATIO_TOL * inverse:
+            raise FusionError(
+                f"{what} is {value:.5g}: the high-resolution input has the larger pixels; are the two "
+                "inputs swapped? (see the command's --help for their order)"
+            )
         raise FusionError(
             f"{what} is {value:.5g}, not an integer; "
             "resample the MS to an integer multiple of the PAN pixel size"
@@ -101,6 +107,11 @@ def relate_shapes(
     (ph, pw), (mh, mw) = pan_shape, ms_shape
     ratio = size_ratio(pan_shape, ms_shape, exact=True)
     if ratio is None:
+        if size_ratio(ms_shape, pan_shape, exact=True) is not None:
+            raise FusionError(
+                f"the PAN ({ph}x{pw}) is smaller than the MS ({mh}x{mw}): are the two inputs swapped? "
+                "(see the command's --help for their order)"
+            )
         hint = f" (the model expects ratio {expected_ratio})" if expected_ratio else ""
         raise FusionError(
             f"inputs have no georeferencing and their sizes {ph}x{pw} (PAN) and {mh}x{mw} (MS) are not an "

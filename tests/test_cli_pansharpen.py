@@ -237,9 +237,11 @@ def test_hisr_command_reads_hsi_then_msi(tmp_path, capsys):
 
     with pytest.raises(FusionError, match="set up for 1 PAN band"):
         make_method("gsa", 3).fuse(torch.zeros(1, 4, 6, 6), torch.zeros(1, 2, 2, 2))
-    # Swapped arguments put the 24x24 HSI in the high-resolution role: no integer ratio upwards.
+    # Swapped arguments put the 24x24 HSI in the high-resolution role: said so, in HISR's roles.
     code, _, err = run(capsys, "hisr", msi, str(hsi), "-o", str(tmp_path / "o2.tif"), "--method", "exp")
-    assert_one_line_error(code, err, "not an exact integer ratio")
+    assert_one_line_error(
+        code, err, "the MSI (24x24) is smaller than the HSI (72x72): are the two inputs swapped?"
+    )
     # Without a model or method, hisr takes the shipped HISR model (it took the pansharpening default,
     # landsat, and refused the pair for landsat's ratio)
     code, _, err = run(capsys, "hisr", str(hsi), msi, "-o", str(tmp_path / "o3.tif"))

@@ -169,3 +169,19 @@ def test_cog_output_has_overviews_and_cog_layout(tmp_path):
         assert ds.overviews(1) == [2, 4]
         assert ds.compression.name.lower() == "zstd"
         np.testing.assert_array_equal(ds.read(), data)
+
+
+def test_non_finite_values_are_refused_with_the_nodata_that_would_mask_them() -> None:
+    """The advice said `-a_nodata nan` whatever the values were; infinities stayed after following it."""
+    from fusion_cli.raster.checks import refuse_non_finite
+
+    data = np.ones((2, 4, 4), np.float32)
+    for value, advice in ((np.nan, "-a_nodata nan"), (np.inf, "-a_nodata inf"), (-np.inf, "-a_nodata -inf")):
+        bad = data.copy()
+        bad[0, 1, 1] = value
+        with pytest.raises(FusionError, match=advice):
+            refuse_non_finite("x.tif", bad)
+    bad[1, 2, 2] = np.nan
+    with pytest.raises(FusionError, match="several kinds: nan, -inf"):
+        refuse_non_finite("x.tif", bad)
+    refuse_non_finite("x.tif", bad, valid=np.isfinite(bad).all(axis=0))  # declared: no error

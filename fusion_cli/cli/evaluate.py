@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "generic", "--sensor", help="Sensor MTF table for the Wald protocol and HQNR."
         ),
         ratio: int | None = typer.Option(
-            None, "--ratio", help="PAN/MS ratio (default: from the image sizes)."
+            None, "--ratio", min=2, help="PAN/MS ratio, 2 or more (default: from the image sizes)."
         ),
         pan_mtf: bool = typer.Option(False, "--pan-mtf", help="Degrade the PAN with its MTF, not bicubic."),
         cut: int = typer.Option(0, "--cut", help="Toolbox border cut K for reduced-resolution indices."),

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         ),
         sensor: str = Choices.sensor.option("generic", "--sensor", help="Sensor of the MTF table."),
         ratio: int | None = typer.Option(
-            None, "--ratio", help="PAN/MS ratio (default: from the image sizes)."
+            None, "--ratio", min=2, help="PAN/MS ratio, 2 or more (default: from the image sizes)."
         ),
         pan_mtf: bool = typer.Option(
             False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -369,4 +370,24 @@ def hisr(
         model = default_model_name(task="hisr")
     names = {"model": model, "weights": weights, "method": method, "sensor": sensor}
     spec, options = _split_options(names, opts)
-    return _fuse(msi, hsi, out, spec, options)
+    try:
+        return _fuse(msi, hsi, out, spec, options)
+    except FusionError as exc:  # the pipeline names the pair's roles as pansharpening does
+        exc.args = (in_hisr_terms(str(exc)),)
+        raise
+
+
+# The pansharpening roles as HISR names them: the MSI plays the PAN, the HSI the MS
+_HISR_TERMS = (
+    (re.compile(r"\bPAN/MS\b"), "MSI/HSI"),
+    (re.compile(r"\bPAN\b"), "MSI"),
+    (re.compile(r"\bMS\b"), "HSI"),
+)
+
+
+def in_hisr_terms(message: str) -> str:
+    """A pipeline message with the pansharpening roles renamed for HISR ("the MS has 46 bands" ->
+    "the HSI has 46 bands")."""
+    for pattern, name in _HISR_TERMS:
+        message = pattern.sub(name, message)
+    return message

@@ -36,15 +36,20 @@ Sink = Callable[[int, int, np.ndarray, np.ndarray], None]
 def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
     """The pair's band counts against what the fuser expects (one-line errors that say what to do)."""
     if fuser.ms_bands is not None and ms_count != fuser.ms_bands:
-        expected = fuser.card.bands if fuser.card is not None else None
-        hint = f" ({', '.join(map(str, expected))})" if expected else ""
-        raise FusionError(
-            f"the MS has {ms_count} bands but {fuser.name} expects {fuser.ms_bands}{hint}; "
+        expected = list(fuser.card.bands) if fuser.card is not None and fuser.card.bands else []
+        shown = expected if len(expected) <= 8 else [*expected[:4], "...", *expected[-2:]]
+        hint = f" ({', '.join(map(str, shown))})" if shown else ""
+        todo = (
             "select them in that order with --bands, e.g. --bands 1,2,3,5"
+            if ms_count > fuser.ms_bands
+            else "it cannot run on fewer; pick a model or method for this input"
+        )
+        raise FusionError(
+            f"the MS has {ms_count} bands but {fuser.name} expects {fuser.ms_bands}{hint}; {todo}"
         )
     if pan_count != fuser.pan_bands:
         raise FusionError(
-            f"the high-resolution input (PAN, or MSI for HISR) has {pan_count} bands but {fuser.name} "
+            f"the high-resolution input (the PAN) has {pan_count} bands but {fuser.name} "
             f"expects {fuser.pan_bands}; pick a model or method for this pair"
         )
 

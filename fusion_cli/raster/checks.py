@@ -86,9 +86,17 @@ def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = No
     if valid is not None:
         bad &= valid
     if bad.any():
+        found = data[:, bad]
+        kinds = [k for k, hit in (("nan", np.isnan(found).any()), ("inf", np.isposinf(found).any()),
+                                  ("-inf", np.isneginf(found).any())) if hit]  # fmt: skip
+        # a nodata value masks one value: declaring NaN leaves the infinities
+        if len(kinds) == 1:
+            todo = f"declare them nodata (gdal_edit.py -a_nodata {kinds[0]} FILE, or --nodata {kinds[0]})"
+            todo += " or fill them"
+        else:
+            todo = f"fill them (they are of several kinds: {', '.join(kinds)}; one nodata value masks one)"
         raise FusionError(
-            f"{name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px); "
-            "declare them nodata (gdal_edit.py -a_nodata nan FILE) or fill them"
+            f"{name} has NaN or infinite values that are not its nodata ({int(bad.sum())} px); {todo}"
         )
 
 
