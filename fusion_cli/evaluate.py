@@ -15,6 +15,7 @@ registry name or a weights file (a card + safetensors pair or the official `.pth
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -267,7 +268,7 @@ def evaluate(
     _check_results(files, [*sources, *(p for pan, ms, _ in scenes for p in (pan, ms))])
     if tile <= 0:
         raise FusionError(f"--tile must be positive, got {tile}")
-    created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # removed on failure
+    created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # emptied ones go on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     # Products not kept go to a hidden folder this run creates, and only that folder is removed: an
@@ -275,24 +276,30 @@ def evaluate(
     products = (
         out_dir / "products" if keep_products else Path(tempfile.mkdtemp(prefix=".products-", dir=out_dir))
     )
+    current: Path | None = None  # the folder of the scene being evaluated, when this run made it
     try:
         for k, (pan, ms, sid) in enumerate(scenes):
             # a scene's steps, offset by the scenes before it
             step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
             folder = products / scene_folder(sid)
-            if not folder.exists():
-                created.append(folder)
+            current = None if folder.exists() else folder
             rows += evaluate_scene(
                 pan, ms, methods, folder, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
                 cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
                 tile=tile, bands=bands, block=block, progress=step,
             )  # fmt: skip
+            current = None
     except BaseException:
-        # a failed run leaves no half evaluation: the folders it created go (deepest first; a folder
-        # that held something before the run was never in `created`)
+        # no half-evaluated scene is left: the folder this run made for the scene that failed goes;
+        # finished scenes' products stay, and OUT (and OUT/products) only if this run made them and
+        # nothing else is in them
         with deferred_signals():
+            for scratch in (current, None if keep_products else products):
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
             for d in reversed(created):
-                shutil.rmtree(d, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         raise
     finally:
         if not keep_products:

@@ -662,3 +662,26 @@ def test_bad_options_stop_the_batch_before_its_first_scene(tmp_path: Path, bad: 
     res = run_cli("batch", str(in_dir), str(tmp_path / "out"), "--method", "exp", *bad)
     assert res.returncode == 2 and "Error:" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupt_while_recording_records_no_scene_twice(tmp_path: Path) -> None:
+    """Ctrl-C while the batch records finished scenes: the interrupt handler went over `pending`,
+    which still held futures already recorded, and logged them again (s2 twice in the summary)."""
+    scenes = [
+        batch.Scene(f"s{i}", tmp_path / "p.tif", tmp_path / "m.tif", tmp_path / f"o{i}.tif") for i in range(4)
+    ]
+    delays = {"s0": 0.05, "s1": 0.05, "s2": 0.3, "s3": 0.6}
+
+    def process(sc: batch.Scene) -> dict:
+        time.sleep(delays[sc.id])
+        return {}
+
+    seen: list[str] = []
+
+    def on_result(r: batch.SceneResult) -> None:
+        seen.append(r.scene)
+        if len(seen) == 3:  # Ctrl-C arrives while the third result is being recorded
+            raise KeyboardInterrupt
+
+    summary = batch.run_batch(batch.Plan(scenes), process, scene_workers=4, io_workers=0, on_result=on_result)
+    assert summary.interrupted and sorted(r.scene for r in summary.results) == ["s0", "s1", "s2", "s3"]

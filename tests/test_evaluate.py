@@ -237,3 +237,28 @@ def test_a_refused_evaluation_leaves_nothing_behind(tmp_path: Path, bad: list[st
         main([*args, "-o", str(kept)])
     assert exc.value.code == 2
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "products"]
+
+
+def test_a_failure_midway_keeps_the_finished_scenes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error (or Ctrl-C) at the second scene removes that scene's half-written folder only: the
+    first scene's products stay (they removed everything the run had made, finished work included)."""
+    import errno
+
+    from fusion_cli import evaluate as ev
+
+    real, calls = ev.evaluate_scene, []
+
+    def second_fails(pan: object, ms: object, methods: object, work_dir: Path, **kw: object) -> list:
+        calls.append(work_dir)
+        if len(calls) == 2:
+            (work_dir / "reduced").mkdir(parents=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(pan, ms, methods, work_dir, **kw)
+
+    monkeypatch.setattr(ev, "evaluate_scene", second_fails)
+    out = tmp_path / "out"
+    scenes = [(EXAMPLE_PAN, EXAMPLE_MS, "a"), (EXAMPLE_PAN, EXAMPLE_MS, "b")]
+    with pytest.raises(OSError, match="No space"):
+        evaluate(scenes, parse_methods("exp"), out, sensor="landsat8", full_resolution=False)
+    assert (out / "products" / "a" / "reduced" / "exp.tif").is_file()
+    assert not (out / "products" / "b").exists()

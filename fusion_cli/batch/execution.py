@@ -337,6 +337,13 @@ def run_batch(
         else:
             with ThreadPoolExecutor(scene_workers, thread_name_prefix="fusion-scene") as pool:
                 pending: set[Future[SceneResult]] = set()
+                done: set[Future[SceneResult]] = set()  # recorded: never twice, even when interrupted
+
+                def record_once(f: Future[SceneResult]) -> None:
+                    if f not in done:
+                        done.add(f)
+                        record(f.result())
+
                 try:
                     for i, scene in enumerate(plan.scenes):
                         read_ahead(i + scene_workers + io_workers)
@@ -344,18 +351,17 @@ def run_batch(
                         if len(pending) >= scene_workers:  # bounded: never the whole plan queued
                             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                             for f in finished:
-                                record(f.result())
+                                record_once(f)
                     for f in as_completed(pending):
-                        record(f.result())
+                        record_once(f)
                 except KeyboardInterrupt:
                     # scenes not started never run; the running ones finish in their threads (the
                     # pool waits for them), so their rows belong in the log and the summary
-                    running = [f for f in pending if not f.cancel()]
-                    try:
-                        for f in running:
-                            record(f.result())
-                    except KeyboardInterrupt:
-                        pass  # a second Ctrl-C: stop recording (the pool still lets them finish)
+                    for f in [f for f in pending if not f.cancel()]:
+                        try:
+                            record_once(f)
+                        except KeyboardInterrupt:
+                            continue  # another Ctrl-C, or that scene's own interrupt: the next one
                     raise
     except KeyboardInterrupt:
         interrupted = True
