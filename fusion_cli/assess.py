@@ -27,6 +27,7 @@ from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 from fusion_cli.metrics.table import index_order
+from fusion_cli.raster.nodata import nodata_fits
 
 
 @dataclass
@@ -163,6 +164,24 @@ def load_case(
     the grids; with a reference it defaults to the one the product's FUSION_PARAMS tag records.
     """
     img = read_image(fused, "fused product", nodata)
+    case = _load_case(img, ref, pan, ms, nodata, ratio)
+    images = [i for i in (case.fused, case.ref, case.pan, case.ms) if i is not None]
+    if nodata is not None and not any(nodata_fits(nodata, str(i.data.dtype)) for i in images):
+        kinds = ", ".join(sorted({str(i.data.dtype) for i in images}))
+        raise FusionError(
+            f"--nodata {nodata:g} cannot occur in any input's pixels ({kinds}); give a value they can hold"
+        )
+    return case
+
+
+def _load_case(
+    img: Image,
+    ref: str | Path | None,
+    pan: str | Path | None,
+    ms: str | Path | None,
+    nodata: float | None,
+    ratio: int | None,
+) -> Case:
     if ref is not None:
         if pan is not None or ms is not None:
             raise FusionError("give either --ref (reduced resolution) or --pan and --ms (full), not both")
@@ -333,7 +352,7 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
     `Q_b1`..."""
     row: dict[str, Any] = {k: result[k] for k in ("product", "mode", "reference", "pan", "ms") if k in result}
     row.update({k: result[k] for k in index_order() if k in result})
-    for k in ("q2n_name", "bands", "ratio", "valid_fraction"):
+    for k in ("q2n_name", "bands", "ratio", "valid_fraction", "scored_fraction"):
         if k in result:
             row[k] = result[k]
     if result.get("bands_compared"):

@@ -117,15 +117,6 @@ def _fuse(
     return time.perf_counter() - t0
 
 
-def integer_dn(path: str | Path) -> bool:
-    """Whether a raster holds integer DN. Q2n rounds to uint16 as the toolbox does only for such
-    data: rounding float reflectance in [0, 1.3] would leave two or three grey levels."""
-    from fusion_cli.raster import open_raster
-
-    with open_raster(path, "product") as ds:
-        return bool(np.issubdtype(np.dtype(ds.dtypes[0]), np.integer))
-
-
 def evaluate_scene(
     pan: str | Path,
     ms: str | Path,
@@ -161,7 +152,7 @@ def evaluate_scene(
     )
     opts = EvalOptions(
         ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands, block=block,
-        round_uint16=integer_dn(sim.ref),
+        round_uint16=None,  # as fusion metrics: when the reference holds whole-number DN
     )  # fmt: skip
     rows = []
     per = 2 if full_resolution else 1  # fusions per method
@@ -320,7 +311,7 @@ def evaluate(
         f"Reduced resolution: Wald protocol (sensor {settings['sensor']}, "
         f"PAN {settings['pan_degradation']}), "
         f"border cut {cut}, clip {'none' if clip_bits is None else f'[0, 2^{clip_bits}]'}, "
-        f"Q2n/Q/QNR blocks {block} px (Q2n rounds integer DN to uint16, not float data); "
+        f"Q2n/Q/QNR blocks {block} px (Q2n rounds whole-number DN to uint16, not reflectance); "
         + (
             "full resolution: D_lambda^K/HQNR with the sensor MTF, HPC = high-pass correlation with "
             "the PAN (high-pass: minus the sensor-MTF low-pass). "

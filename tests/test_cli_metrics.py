@@ -297,3 +297,33 @@ def test_metrics_bands_ratio_rounding_and_json_say_what_was_compared(tmp_path: P
     same = run_cli("metrics", str(sim.ref), "--ref", str(sim.ref), "--ratio", "2", "--json")
     assert "Infinity" not in same.stdout and "NaN" not in same.stdout
     assert json.loads(same.stdout)["PSNR"] is None
+
+
+def test_full_resolution_needs_a_valid_area_beyond_the_filters_reach(tmp_path: Path) -> None:
+    """The indices leave out pixels whose filters reach nodata (52 PAN px at ratio 4); a valid area
+    narrower than that said 'no 32x32 block is free of nodata' although one was. Now the message says
+    why, and a result reports the share of pixels scored beside the valid share. --nodata that no
+    input can hold (NaN in uint16 data) masked nothing, silently."""
+    from fusion_cli.assess import evaluate as score_files
+
+    ex = example_pair()
+    r = ex.ratio
+    pan = ex.pan.astype(np.uint16)
+    ms = ex.ms.astype(np.uint16)
+    fused = np.repeat(np.repeat(ms, r, axis=1), r, axis=2)
+    paths = {
+        "pan": _write(tmp_path / "pan.tif", pan, nodata=0),
+        "ms": _write(tmp_path / "ms.tif", ms, nodata=0),
+    }
+    wide = fused.copy()
+    wide[:, :, :100] = 0  # a third of the scene is nodata
+    result = score_files(_write(tmp_path / "wide.tif", wide, nodata=0), pan=paths["pan"], ms=paths["ms"])
+    assert 0 < result["scored_fraction"] < result["valid_fraction"] < 1
+    narrow = np.zeros_like(fused)
+    narrow[:, 100:160, 200:260] = fused[:, 100:160, 200:260]  # 60 px: narrower than twice the reach
+    with pytest.raises(FusionError, match="lies 26 PAN px inside the valid data"):
+        score_files(_write(tmp_path / "narrow.tif", narrow, nodata=0), pan=paths["pan"], ms=paths["ms"])
+    with pytest.raises(FusionError, match="cannot occur in any input"):
+        score_files(
+            tmp_path / "wide.tif", pan=paths["pan"], ms=paths["ms"], opts=EvalOptions(nodata=float("nan"))
+        )

@@ -132,7 +132,7 @@ def scene_metrics(
     result = score(
         load_case(scene.out, None, scene.pan, scene.ms, None, ratio), EvalOptions(sensor=sensor, bands=bands)
     )
-    keys = [m.name for m in metrics("full")] + ["bands", "ratio"]  # what `metrics.full_resolution` returns
+    keys = [m.name for m in metrics("full")] + ["bands", "ratio", "scored_fraction"]  # as full_resolution
     values = {k: result[k] for k in keys if k in result}
     sidecar = metrics_path(scene.out)
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}

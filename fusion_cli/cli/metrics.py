@@ -148,3 +148,6 @@ def _print(result: dict) -> None:
         )
     if result.get("valid_fraction", 1.0) < 1.0:
         console.print(f"valid pixels: {100 * result['valid_fraction']:.1f} % (nodata left out)")
+    if result.get("scored_fraction", 1.0) < result.get("valid_fraction", 1.0):
+        share = 100 * result["scored_fraction"]
+        console.print(f"scored pixels: {share:.1f} % (those whose filters reach nodata left out)")

@@ -285,7 +285,16 @@ def full_resolution(
         ms_valid = mask.reshape(h // ratio, ratio, w // ratio, ratio).all(axis=(1, 3))
         fused, pan = fill_invalid(fused, mask, "product"), fill_invalid(pan, mask, "PAN")
         ms = fill_invalid(ms, ms_valid, "MS")
-        mask = erode(mask, full_resolution_reach(ratio))
+        reach = full_resolution_reach(ratio)
+        mask = erode(mask, reach)
+        nb_h, nb_w = h // block, w // block
+        blocks = mask[: nb_h * block, : nb_w * block].reshape(nb_h, block, nb_w, block)
+        if not blocks.all(axis=(1, 3)).any():
+            raise FusionError(
+                f"no {block}x{block} block lies {reach} PAN px inside the valid data, the reach of the "
+                "full-resolution indices' filters (a narrower valid area would be scored on what its "
+                "nodata holds): evaluate a larger valid area, or at reduced resolution"
+            )
     if clip_bits is not None:
         fused = clip_to_bits(fused, clip_bits)
     x = Inputs(
@@ -295,6 +304,7 @@ def full_resolution(
     values = score(x, "full", per_band)
     terms = values.pop("per_band", None)
     out: dict[str, Any] = {**values, "bands": int(fused.shape[0]), "ratio": int(ratio)}
+    out["scored_fraction"] = 1.0 if mask is None else float(mask.mean())  # after leaving out the reach
     if terms is not None:
         out["per_band"] = terms
     return out

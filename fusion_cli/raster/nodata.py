@@ -49,24 +49,32 @@ class NodataOverride:
 
 
 def with_nodata(ds: Any, value: float | None, what: str = "input") -> Any:
-    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None. A value
-    its pixels cannot hold is refused: it would mask nothing (NaN or -1 in uint16 data) while the
-    product's nodata silently became another value."""
+    """`ds` with `value` as an extra nodata value (NodataOverride), or `ds` itself for None (refused
+    by `check_nodata_fits` when its pixels cannot hold it)."""
     if value is None:
         return ds
-    for dtype in sorted(set(ds.dtypes)):
-        dt = np.dtype(dtype)
-        if np.issubdtype(dt, np.integer):
-            info = np.iinfo(dt)
-            fits = math.isfinite(value) and value == int(value) and info.min <= value <= info.max
-        else:
-            fits = not math.isfinite(value) or abs(value) <= np.finfo(dt).max
-        if not fits:
+    check_nodata_fits(value, ds.dtypes, what)
+    return NodataOverride(ds, value)
+
+
+def nodata_fits(value: float, dtype: str) -> bool:
+    """Whether pixels of `dtype` can hold `value` (an integer in range; any float32/64 value)."""
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return math.isfinite(value) and value == int(value) and info.min <= value <= info.max
+    return not math.isfinite(value) or abs(value) <= np.finfo(dt).max
+
+
+def check_nodata_fits(value: float, dtypes: Sequence[str], what: str = "input") -> None:
+    """A nodata value the pixels cannot hold is refused: it would mask nothing (NaN or -1 in uint16
+    data) while the product's nodata silently became another value."""
+    for dtype in sorted(set(dtypes)):
+        if not nodata_fits(value, dtype):
             raise FusionError(
                 f"nodata value {value:g} cannot occur in the {what}'s {dtype} pixels; give one within "
                 f"the {dtype} range (e.g. 0), or none"
             )
-    return NodataOverride(ds, value)
 
 
 def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
