@@ -290,8 +290,14 @@ def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[Trai
     # trained from HDF5 with an HDF5 --val: the card lists both files (the validation one was left out)
     from fusion_cli.training.api import train_from_inputs
 
-    with h5py.File(tmp_path / "valid.h5", "w") as f:
-        f["GT"], f["MS"], f["PAN"], f["LMS"] = gt[:1], ms[:1], pan[:1], gt[:1]
+    with h5py.File(tmp_path / "valid.h5", "w") as f:  # another patch: validation is not training data
+        vgt = p.ref[None, :, :32, 32:64] * 2047
+        f["GT"], f["MS"], f["PAN"], f["LMS"] = (
+            vgt,
+            p.ms[None, :, :16, 16:32] * 2047,
+            p.pan[None, :, :32, 32:64] * 2047,
+            vgt,
+        )
     config = TrainConfig(ratio=2, dim=4, patch=16, batch=2, epochs=1, steps_per_epoch=1, val_crop=16)
     train_from_inputs([tmp_path / "train.h5"], tmp_path / "run", name="h5", config=config,
                       val_inputs=[tmp_path / "valid.h5"], dn_max=2047.0)  # fmt: skip
@@ -426,6 +432,15 @@ def test_resume_continues_exactly_where_it_stopped(
     assert straight.val["val_l1"] == pytest.approx(resumed.val["val_l1"], rel=1e-5)
     with pytest.raises(FusionError, match="no checkpoint"):
         train(ex_pairs["train"], ex_pairs["val"], tiny_ex(), tmp_path / "c", None, resume=True)
+    # Other data under --resume (same sizes, so the step count agreed) made a card that named the new
+    # data only, and picked the epoch by scores on two validation sets: refused, both ways round.
+    swapped = (ex_pairs["val"], ex_pairs["train"])
+    with pytest.raises(FusionError, match="training inputs differ"):
+        train(*swapped, tiny_ex(epochs=4, steps_per_epoch=4), tmp_path, None, resume=True)
+    flipped = [replace(p, ref=p.ref[:, ::-1].copy(), pan=p.pan[:, ::-1].copy(), ms=p.ms[:, ::-1].copy())
+               for p in ex_pairs["val"]]  # fmt: skip
+    with pytest.raises(FusionError, match=r"validation data \(--val\) differ"):
+        train(ex_pairs["train"], flipped, tiny_ex(epochs=4), tmp_path, None, resume=True)
 
 
 def test_adapt_improves_reduced_resolution_ergas_on_held_out_scene(
@@ -870,3 +885,42 @@ def test_recipe_finetune_chains_the_parent_command_and_records_its_weights(
     assert card["architecture"]["dim"] == 4  # the parent's width, not the recipe's
     legs = shipped_commands(out)
     assert [c[0] for c in legs] == ["landsat", "landsat"] and "--finetune" in legs[1]
+
+
+def test_validation_on_training_data_and_unusable_settings_are_refused(
+    tmp_path: Path, ex_pairs: dict[str, list[TrainPair]]
+) -> None:
+    """`--val` naming the training scenes (the card then called a training score held-out), and
+    settings torch found only mid-run (--lr nan: traceback; --lr inf: untrained weights exported at
+    exit 0; --patch 0: traceback; --max-seconds 0: zero steps, exported) are refused up front."""
+    renamed = [replace(p, name=f"copy of {p.name}") for p in ex_pairs["train"][:1]]
+    with pytest.raises(FusionError, match="is also training data"):
+        train(ex_pairs["train"], renamed, tiny_ex(), tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    for kw, flag in (
+        ({"lr": float("nan")}, "--lr"), ({"lr": float("inf")}, "--lr"), ({"lr": -1.0}, "--lr"),
+        ({"lr_gamma": float("nan")}, "--lr-gamma"), ({"lr_step": 0}, "--lr-step"), ({"patch": 0}, "--patch"),
+        ({"patch": -8}, "--patch"), ({"max_seconds": 0.0}, "--max-seconds"),
+        ({"max_seconds": float("nan")}, "--max-seconds"), ({"steps_per_epoch": 0}, "--steps-per-epoch"),
+    ):  # fmt: skip
+        with pytest.raises(FusionError, match=flag):
+            tiny_ex(**kw)
+
+
+def test_a_damaged_checkpoint_or_weights_file_is_a_one_line_error(
+    tmp_path: Path, ex_pairs: dict[str, list[TrainPair]]
+) -> None:
+    """--resume on a truncated checkpoint.pt was torch's traceback (exit 1), on a text file a KeyError;
+    an empty .pth given as weights raised an IndexError from the code that words the error."""
+    from fusion_cli.models.registry import load_model
+
+    for content, expect in ((b"PK\x03\x04 truncated", "cannot read"), (b"", "cannot read")):
+        (tmp_path / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(FusionError, match=expect):
+            train(ex_pairs["train"], ex_pairs["val"], tiny_ex(), tmp_path, None, resume=True)
+    torch.save({"something": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(FusionError, match="not a checkpoint of fusion train"):
+        train(ex_pairs["train"], ex_pairs["val"], tiny_ex(), tmp_path, None, resume=True)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(FusionError, match="cannot load .*empty.pth as a PyTorch state_dict"):
+        load_model(weights=tmp_path / "empty.pth")

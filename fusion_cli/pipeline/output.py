@@ -3,7 +3,6 @@ tags that record how it was made, and the quicklook PNG beside it."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_cli import __version__, align, raster
+from fusion_cli import __version__, align, jsonout, raster
 from fusion_cli.fusers import Fuser, SensorBound
 from fusion_cli.pipeline.options import FuseOptions
 from fusion_cli.tiling import TilePlan
@@ -122,10 +121,10 @@ def product_tags(
         "FUSION_MODEL": fuser.name,
         "FUSION_WEIGHTS_SHA256": fuser.weights_sha256 or "none",
         "FUSION_VERSION": __version__,
-        "FUSION_PARAMS": json.dumps(params, sort_keys=True),
+        "FUSION_PARAMS": jsonout.dumps(params, sort_keys=True),  # NaN nodata as null: strict JSON
         "FUSION_PAN": raster.recorded_path(pan_path),
         "FUSION_MS": raster.recorded_path(ms_path),
-        "FUSION_SHIFT_MEASURED": json.dumps(shift),
+        "FUSION_SHIFT_MEASURED": jsonout.dumps(shift),
     }
 
 

@@ -5,7 +5,6 @@ place only when complete and verified (`AtomicWriter` streams windows and conver
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -23,6 +22,7 @@ from rasterio.enums import ColorInterp, Interleaving, Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, OutputWriteError
 from fusion_cli.raster.checks import check_not_special
 from fusion_cli.raster.gdal import gdal_env, reason
@@ -353,7 +353,7 @@ class AtomicWriter:
 def _tag_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return json.dumps(value, default=str, sort_keys=True)
+    return jsonout.dumps(value, sort_keys=True)
 
 
 def is_complete_output(path: str | os.PathLike[str]) -> bool:

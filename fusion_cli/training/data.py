@@ -16,6 +16,7 @@ A `TrainPair` holds `pan (P, H, W)`, `ms (C, H/r, W/r)` and `ref (C, H, W)` in n
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -381,11 +382,32 @@ def load_h5(path: str | Path, dn_max: float, ratio: int | None = None) -> list[T
         raise FusionError(f"{path.name}: gt {gt.shape[2:]} is not an integer multiple of ms {ms.shape[2:]}")
     if ratio is not None and r != ratio:
         raise FusionError(f"{path.name} holds ratio-{r} patches, not {ratio}")
+    if len(gt) == 0:
+        raise FusionError(f"{path.name} holds no patches")
+    if pan.shape[2:] != gt.shape[2:]:
+        raise FusionError(
+            f"{path.name}: pan {pan.shape[2:]} and gt {gt.shape[2:]} differ in size; they share a grid"
+        )
+    for name, data in (("gt", gt), ("ms", ms), ("pan", pan)):
+        bad = int((~np.isfinite(data)).sum())
+        if bad:  # as for GeoTIFF inputs: a NaN loss would read as "training diverged"
+            raise FusionError(f"{path.name}: its {name} has {bad} NaN or infinite values; fill them first")
     s = 1.0 / dn_max
     return [
         TrainPair(name=f"{path.stem}#{i}", pan=pan[i] * s, ms=ms[i] * s, ref=gt[i] * s, ratio=r)
         for i in range(len(gt))
     ]
+
+
+def pair_digest(pair: TrainPair) -> str:
+    """A fingerprint of a pair's pixels (PAN, MS, target; not its name): the same scene under another
+    name is the same pair."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (pair.pan, pair.ms, pair.ref):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- sampling

@@ -3,15 +3,16 @@ progress callback is given."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fusion_cli import jsonout
+
 
 def append_log(path: Path, rec: dict[str, Any]) -> None:
     with path.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(jsonout.dumps(rec) + "\n")  # a diverged epoch's NaN loss as null: JSON that parses
 
 
 def status(rec: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ from torch import nn
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
-from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, validation_crops
+from fusion_cli.models.registry import first_line
+from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
 from fusion_cli.training.export import export
 from fusion_cli.training.history import append_log, plot_history, status
 from fusion_cli.training.validation import autocast, evaluate_pairs
@@ -84,8 +85,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         m = math.lcm(4, self.ratio)
-        if self.patch % m:
-            raise FusionError(f"--patch {self.patch} must be a multiple of {m} for ratio {self.ratio}")
+        if self.patch < m or self.patch % m:
+            raise FusionError(
+                f"--patch {self.patch} must be a positive multiple of {m} for ratio {self.ratio}"
+            )
+        # checked here, not by torch mid-run: --lr nan was a traceback, --lr inf exported untrained
+        # weights at exit 0, --lr-gamma nan logged NaN learning rates
+        if not (math.isfinite(self.lr) and self.lr >= 0):  # 0: the weights stay as given (a probe)
+            raise FusionError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise FusionError(f"--lr-gamma must be a positive number, got {self.lr_gamma}")
+        if self.lr_step < 1:
+            raise FusionError(f"--lr-step must be at least 1 epoch, got {self.lr_step}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise FusionError(
+                f"--steps-per-epoch must be at least 1 (or left out), got {self.steps_per_epoch}"
+            )
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise FusionError(f"--max-seconds must be a positive number of seconds, got {self.max_seconds}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FusionError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise FusionError(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if self.batch < 1 or self.epochs < 1:
@@ -202,7 +221,6 @@ def train(
     (`fullres.full_resolution_pairs`), used when the config weighs the full-resolution terms.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -218,6 +236,17 @@ def train(
             raise FusionError(
                 f"{p.name} has {p.ms.shape[0]}+{p.pan.shape[0]} bands, the first scene {ms_bands}+{pan_bands}"
             )
+    # the pixels trained and validated on: a resumed run must use the same, and validation must not
+    # be training data (the card would call a training score held-out)
+    train_ids, val_ids = [pair_digest(p) for p in train_pairs], [pair_digest(p) for p in val_pairs]
+    data_ids = {"train": sorted(train_ids), "val": sorted(val_ids)}
+    shared = set(train_ids) & set(val_ids)
+    if shared:
+        names = sorted(p.name for p, d in zip(val_pairs, val_ids, strict=True) if d in shared)
+        raise FusionError(
+            f"validation {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} is also training data: its "
+            "score would say nothing about held-out quality; give --val other scenes"
+        )
     if config.base is not None:
         # The base product of each pair, once: patches and validation crops are cut from it.
         train_pairs = attach_base(train_pairs, config.base, config.sensor)
@@ -251,6 +280,7 @@ def train(
     total = spe * config.epochs
     val_set = validation_crops(val_pairs, config.val_crop, config.val_crops_per_scene)
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.jsonl"
     step, elapsed_before, history = 0, 0.0, []
@@ -259,7 +289,16 @@ def train(
     if resume:
         if not ckpt_path.exists():
             raise FusionError(f"--resume: no checkpoint in {out_dir}; start without --resume")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        try:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except Exception as exc:  # truncated (killed mid-copy), not a checkpoint, a pickle with code
+            raise FusionError(
+                f"--resume: cannot read {ckpt_path} ({first_line(exc)}); it is damaged: use a new --out"
+            ) from None
+        if not isinstance(ck, dict) or not {"model", "optimizer", "step"} <= set(ck):
+            raise FusionError(
+                f"--resume: {ckpt_path} is not a checkpoint of fusion train; train into a new --out"
+            )
         _check_resumed_config(ck.get("config"), config)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -279,6 +318,13 @@ def train(
             }
         if int(ck.get("steps_per_epoch", spe)) != spe:
             raise FusionError("--resume: the training data or batch changed since the checkpoint")
+        for part, ids in data_ids.items():  # checkpoints from before this was saved have no "data"
+            if ck.get("data", {}).get(part, ids) != ids:
+                what = "training inputs" if part == "train" else "validation data (--val)"
+                raise FusionError(
+                    f"--resume: the {what} differ from the checkpoint's (its card would describe data it "
+                    "was not trained or chosen on); resume with the same inputs and --val, or use a new --out"
+                )
     elif log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
 
@@ -301,6 +347,7 @@ def train(
                 "best_state": best["state"],
                 "best_metrics": best["metrics"],
                 "config": asdict(config),
+                "data": data_ids,
             },
             tmp,
         )
