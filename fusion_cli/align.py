@@ -76,11 +76,13 @@ def _is_identity(t: Affine) -> bool:
     return t.almost_equals(Affine.identity())
 
 
-def _ratio_or_error(value: float, what: str) -> int:
+def _ratio_or_error(value: float, what: str, swappable: bool = True) -> int:
+    """`value` as an integer ratio; `swappable`: the two grids are inputs a user may have swapped
+    (PAN and MS), not a product and its reference."""
     r = round(value)
     if r < 1 or abs(value - r) > RATIO_TOL * r:
         inverse = round(1 / value) if value > 0 else 0
-        if inverse > 1 and abs(1 / value - inverse) <= RATIO_TOL * inverse:
+        if swappable and inverse > 1 and abs(1 / value - inverse) <= RATIO_TOL * inverse:
             raise FusionError(
                 f"{what} is {value:.5g}: the high-resolution input has the larger pixels; are the two "
                 "inputs swapped? (see the command's --help for their order)"
@@ -162,8 +164,9 @@ def _georef_ratio(
             )
     rx, ry = ct.a / ft.a, ct.e / ft.e
     pair = f"{c_name}/{f_name}"
-    ratio = _ratio_or_error(rx, f"the {pair} pixel-size ratio along x")
-    if _ratio_or_error(ry, f"the {pair} pixel-size ratio along y") != ratio:
+    swappable = {f_name, c_name} == {"PAN", "MS"}
+    ratio = _ratio_or_error(rx, f"the {pair} pixel-size ratio along x", swappable)
+    if _ratio_or_error(ry, f"the {pair} pixel-size ratio along y", swappable) != ratio:
         raise FusionError(f"{pair} pixel-size ratios differ between x ({rx:.5g}) and y ({ry:.5g})")
     return ratio, ry, rx
 
@@ -326,7 +329,7 @@ def warp_to_pan_crs(
     The caller closes the returned dataset. Raises FusionError when either input lacks a CRS or the
     PAN grid is rotated.
     """
-    from rasterio.enums import Resampling
+    from rasterio.enums import ColorInterp, Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.warp import calculate_default_transform, transform_bounds
 
@@ -357,7 +360,7 @@ def warp_to_pan_crs(
         resampling=Resampling.cubic,
         src_nodata=nodata,
         nodata=nodata,
-        add_alpha=nodata is None,
+        add_alpha=nodata is None and ColorInterp.alpha not in ms_ds.colorinterp,  # GDAL: one alpha at most
     )
 
 

@@ -467,3 +467,18 @@ def test_nodata_override_adds_to_the_file_mask(tmp_path):
         np.testing.assert_array_equal(wrapped.read_masks(1) > 0, [[True, False, True], [False, False, False]])
         _, valid = raster.read_padded(wrapped, 0, 0, 2, 3, [1])
         np.testing.assert_array_equal(valid, [[True, False, True], [False, False, False]])
+
+
+def test_hisr_role_names_leave_the_paths_they_quote_alone() -> None:
+    """HISR messages rename the pipeline's roles (PAN -> MSI, MS -> HSI), but not inside the paths a
+    message quotes: a SpaceNet-style PAN/ folder read 'MSI/out.tif already exists'."""
+    from fusion_cli.pipeline.api import in_hisr_terms
+
+    got = in_hisr_terms(
+        "output PAN/out.tif already exists; the PAN/MS ratio is 3 and the MS has 6 bands", ["PAN/out.tif"]
+    )
+    assert got == "output PAN/out.tif already exists; the MSI/HSI ratio is 3 and the HSI has 6 bands"
+    assert (
+        in_hisr_terms("MS file not found: MS data/x.tif", ["MS data/x.tif"])
+        == "HSI file not found: MS data/x.tif"
+    )

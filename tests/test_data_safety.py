@@ -1476,6 +1476,14 @@ def test_an_alpha_band_masks_the_other_bands(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a[:, a_valid], b[:, b_valid])
     rc, out, err = cli("metrics", with_alpha, "--ref", flagged, "--ratio", "1", "--json")
     assert rc == 0 and json.loads(out)["bands"] == 6, err
+    # what the transparent pixels hold does not count against --dn-max either
+    with rasterio.open(with_alpha, "r+") as dst:
+        filled = dst.read(1)
+        filled[:, :40] = 65535
+        dst.write(filled, 1)
+    out = tmp_path / "dn.tif"
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, with_alpha, "-o", out, "--method", "gsa", "--dn-max", "30000")
+    assert rc == 0, err
 
 
 def test_a_dn_ceiling_below_the_data_is_refused(tmp_path: Path) -> None:

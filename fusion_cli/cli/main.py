@@ -174,7 +174,7 @@ def share_cores() -> None:
 
 # OS errors that say the path given cannot be used (a read-only file system, no permission), as
 # opposed to the system failing under a valid one (ENOSPC, EIO)
-_PATH_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+_PATH_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
 
 
 def main(argv: list[str] | None = None) -> None:

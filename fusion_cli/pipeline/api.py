@@ -10,7 +10,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -373,7 +373,7 @@ def hisr(
     try:
         return _fuse(msi, hsi, out, spec, options)
     except FusionError as exc:  # the pipeline names the pair's roles as pansharpening does
-        exc.args = (in_hisr_terms(str(exc)),)
+        exc.args = (in_hisr_terms(str(exc), [hsi, msi, out, *([weights] if weights else [])]),)
         raise
 
 
@@ -385,9 +385,12 @@ _HISR_TERMS = (
 )
 
 
-def in_hisr_terms(message: str) -> str:
+def in_hisr_terms(message: str, paths: Sequence[PathLike] = ()) -> str:
     """A pipeline message with the pansharpening roles renamed for HISR ("the MS has 46 bands" ->
-    "the HSI has 46 bands")."""
-    for pattern, name in _HISR_TERMS:
-        message = pattern.sub(name, message)
-    return message
+    "the HSI has 46 bands"). The `paths` it may quote are left as they are (a folder named PAN/)."""
+    quoted = sorted({os.fspath(p) for p in paths if os.fspath(p)}, key=len, reverse=True)
+    pieces = re.split("(" + "|".join(map(re.escape, quoted)) + ")", message) if quoted else [message]
+    for i in range(0, len(pieces), 2):  # the even pieces are the text between the paths
+        for pattern, name in _HISR_TERMS:
+            pieces[i] = pattern.sub(name, pieces[i])
+    return "".join(pieces)

@@ -49,7 +49,7 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
         )
     if pan_count != fuser.pan_bands:
         raise FusionError(
-            f"the high-resolution input (the PAN) has {pan_count} bands but {fuser.name} "
+            f"the high-resolution input has {pan_count} bands but {fuser.name} "
             f"expects {fuser.pan_bands}; pick a model or method for this pair"
         )
 

@@ -91,8 +91,8 @@ def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = No
                                   ("-inf", np.isneginf(found).any())) if hit]  # fmt: skip
         # a nodata value masks one value: declaring NaN leaves the infinities
         if len(kinds) == 1:
-            todo = f"declare them nodata (gdal_edit.py -a_nodata {kinds[0]} FILE, or --nodata {kinds[0]})"
-            todo += " or fill them"
+            flags = f"--ms-nodata/--pan-nodata {kinds[0]}"  # --nodata would also apply to the other input
+            todo = f"declare them nodata (gdal_edit.py -a_nodata {kinds[0]} FILE, or {flags}) or fill them"
         else:
             todo = f"fill them (they are of several kinds: {', '.join(kinds)}; one nodata value masks one)"
         raise FusionError(

@@ -105,6 +105,10 @@ def check_dn_range(
     with damaged_input(ds):
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
         valid = (ds.read_masks(list(bands), out_shape=shape) > 0).all(axis=0) if has_mask(ds, bands) else None
+        alpha = alpha_band(ds)
+        if alpha is not None and alpha not in bands:  # as read_padded: transparent pixels do not count
+            opaque = ds.read(alpha, out_shape=shape[1:], resampling=Resampling.nearest) > 0
+            valid = opaque if valid is None else valid & opaque
     values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
     if values.size == 0:
         return
