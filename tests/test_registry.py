@@ -201,3 +201,32 @@ def test_fuser_options_and_devices():
         with pytest.raises(FusionError, match="CUDA is not available"):
             resolve_device("cuda:0")
         assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_the_registry_lists_only_models_that_load(wdir):
+    """`fusion info` listed models that --model then refused: a card whose name is not its file's
+    (listed as 'zzz', unknown to --model zzz), weights '../x' outside the folder (loaded from there),
+    missing weights, weights that do not match the card's sha256. Each is skipped with the reason."""
+    import warnings
+
+    model, card = _tiny_card()
+    save_model(model, card, wdir)
+    good = json.loads((wdir / "tiny.json").read_text())
+    variants = {
+        "renamed": {**good, "name": "zzz"},
+        "escape": {**good, "name": "escape", "weights": "../tiny.safetensors"},
+        "nost": {**good, "name": "nost", "weights": "nost.safetensors"},
+        "badsha": {**good, "name": "badsha", "weights": "badsha.safetensors"},
+    }
+    for name, fields in variants.items():
+        (wdir / f"{name}.json").write_text(json.dumps(fields))
+    (wdir / "badsha.safetensors").write_bytes((wdir / "tiny.safetensors").read_bytes() + b" ")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listed = [c.name for c in list_models(check_weights=True)]
+    assert listed == ["tiny"]
+    reasons = " | ".join(str(w.message) for w in caught)
+    for words in ("'zzz' is not its file name", "not a file beside it", "are missing", "sha256"):
+        assert words in reasons, reasons
+    with pytest.raises(FusionError, match="not a file beside it"):
+        load_model("escape")

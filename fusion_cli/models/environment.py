@@ -30,7 +30,7 @@ def environment_info() -> dict[str, Any]:
     folder, source = weights_location()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cards = list_models()
+        cards = list_models(check_weights=True)
     default = next((c.name for c in cards if c.default), None)
     return {
         "versions": {

@@ -157,13 +157,29 @@ def _read_card(path: Path) -> ModelCard:
     return card
 
 
-def list_models(directory: Path | None = None) -> list[ModelCard]:
-    """Valid cards in the weights folder, sorted by name (broken cards are skipped with a warning)."""
+def list_models(directory: Path | None = None, check_weights: bool = False) -> list[ModelCard]:
+    """Valid cards in the weights folder, sorted by name (broken cards are skipped with a warning).
+
+    A card is a registry entry only as `NAME.json` naming `NAME` and weights in the same folder (a
+    card named otherwise was listed but unknown to --model; weights '../x' loaded from outside).
+    `check_weights` (fusion info) also skips cards whose weights are missing or differ from the
+    card's sha256, which --model would refuse: a listing should show what runs."""
     folder = Path(directory) if directory is not None else weights_dir()
     cards = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            cards.append(_read_card(path))
+            card = _read_card(path)
+            if card.name != path.stem:
+                raise FusionError(f"its name {card.name!r} is not its file name; rename one of them")
+            weights = card.weights or f"{card.name}.safetensors"
+            if Path(weights).name != weights:
+                raise FusionError(f"its weights {weights!r} are not a file beside it")
+            if check_weights:
+                if not (folder / weights).is_file():
+                    raise FusionError(f"its weights {weights} are missing")
+                if card.sha256 and sha256_file(folder / weights) != card.sha256:
+                    raise FusionError(f"{weights} does not match the card's sha256 (changed or damaged)")
+            cards.append(card)
         except FusionError as exc:
             warnings.warn(f"skipping {path.name}: {exc}", stacklevel=2)
     return cards
@@ -318,7 +334,10 @@ def load_model(
     if weights is None:
         if card is None:
             return load_model(default_model_name(), device=dev, scan_backend=scan_backend)
-        path = weights_dir() / (card.weights or f"{card.name}.safetensors")
+        file = card.weights or f"{card.name}.safetensors"
+        if Path(file).name != file:  # a registry model's weights live beside its card
+            raise FusionError(f"model {card.name}: its card names weights {file!r}, not a file beside it")
+        path = weights_dir() / file
     else:
         path = Path(weights)
     if not path.exists():
