@@ -476,6 +476,9 @@ def build_report(
     if out.resolve() in local or any(out.resolve() in f.parents for f in local):
         raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
+    if html_path.exists() and img_dir.is_dir():  # replacing a report (--overwrite): its figures go too,
+        for old in img_dir.glob("[0-9][0-9][0-9]_*.png"):  # or they stay beside the new ones
+            old.unlink()
     img_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     figs: list[list[tuple[str, str]]] = []

@@ -181,3 +181,19 @@ def test_cli_report_on_the_demo_product(landsat_demo: dict[str, Path], tmp_path:
     assert row["ms"] == str(landsat_demo["ms"])
     page = (out / "index.html").read_text()
     assert "pan_zoom" in page and "ms_zoom" in page
+
+
+def test_an_overwritten_report_keeps_no_figure_of_the_old_one(
+    example_products: dict[str, Path], tmp_path: Path
+) -> None:
+    """--overwrite with other products left the old report's quicklooks in img/ beside the new ones."""
+    p, out = example_products, tmp_path / "rep"
+    build_report(
+        [ReportItem(p["noisy"], ref=p["gt"]), ReportItem(p["exp"], ref=p["gt"])], out, EvalOptions(ratio=2)
+    )
+    assert any(f.name.startswith("001_exp") for f in (out / "img").iterdir())
+    (out / "img" / "mine.png").write_bytes(b"x")  # not the report's: kept
+    build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
+    names = {f.name for f in (out / "img").iterdir()}
+    assert "mine.png" in names and not any(n.startswith("001_") for n in names)
+    assert any(n.startswith("000_noisy") for n in names)
