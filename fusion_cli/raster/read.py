@@ -96,8 +96,8 @@ def check_dn_range(
     (nearest samples, bounded memory): a ceiling `dn_max` that more than DN_CHECK_SHARE of the
     pixels exceed (every product pixel is clipped to it and a network divides by it, so `--dn-max
     100` on 16-bit data wrote a constant image at exit 0; `given`: from --dn-max, else the file's
-    NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as many
-    negative pixels (int8 data fused by the landsat model lost their sign, exit 0)."""
+    NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as large a
+    share of negative band values (int8 data fused by the landsat model lost their sign, exit 0)."""
     if dn_max is None and not nonnegative:
         return
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
@@ -127,9 +127,10 @@ def check_dn_range(
             f"{share(values > dn_max):.0%} of the {what}'s pixels exceed {source} (up to "
             f"{float(values.max()):g}): the product would be clipped to it; {todo}"
         )
-    if nonnegative and share(values < 0) > DN_CHECK_SHARE:
+    negative = float((values < 0).mean())  # of all band values: a few noisy bands of a 128-band HSI pass
+    if nonnegative and negative > DN_CHECK_SHARE:
         raise FusionError(
-            f"{share(values < 0):.0%} of the {what}'s pixels are negative (down to {float(values.min()):g}): "
+            f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
             "a network reads DN from 0 up to its scale; offset the data to non-negative DN or use a "
             "classical --method"
         )
