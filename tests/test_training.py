@@ -924,3 +924,23 @@ def test_a_damaged_checkpoint_or_weights_file_is_a_one_line_error(
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(FusionError, match="cannot load .*empty.pth as a PyTorch state_dict"):
         load_model(weights=tmp_path / "empty.pth")
+
+
+def test_a_training_scene_with_nodata_is_refused(tmp_path: Path) -> None:
+    """Declared nodata was trained on as data: a scene with a 25 % collar trained as if it were
+    ground, and a 90 %-nodata scene's validation L1 looked excellent. Training needs every pixel
+    valid, as it already did for NaN; the same scene without the flag reads."""
+    import rasterio
+
+    from fusion_cli.training.data import read_raster
+
+    with rasterio.open(EXAMPLE_MS) as src:
+        data, profile = src.read(), src.profile
+    data[:, :, :80] = 0
+    flagged, plain = tmp_path / "flagged.tif", tmp_path / "plain.tif"
+    for path, nodata in ((flagged, 0), (plain, None)):
+        with rasterio.open(path, "w", **{**profile, "nodata": nodata}) as dst:
+            dst.write(data)
+    with pytest.raises(FusionError, match=r"12800 px of nodata \(25.0%\).*crop the pair to its valid area"):
+        read_raster(flagged)
+    assert read_raster(plain).shape == data.shape
