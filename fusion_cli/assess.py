@@ -107,31 +107,19 @@ class Case:
 def read_image(path: str | Path, what: str, nodata: float | None = None) -> Image:
     """Read every band of a raster with its validity mask (see the module docstring)."""
     from fusion_cli.raster import damaged_input, gdal_env, is_gdal_path, open_raster, read_whole
-    from fusion_cli.raster.nodata import alpha_band
 
     with gdal_env(), open_raster(path, what) as ds, damaged_input(ds):
-        data = read_whole(ds, what)
-        valid = ds.read_masks().min(axis=0) > 0 if _has_mask(ds) else np.ones(data.shape[1:], bool)
+        data, valid, bands = read_whole(ds, what)  # an alpha band masks, it is not a band
+        valid = np.ones(data.shape[1:], bool) if valid is None else valid
         tags = dict(ds.tags())
-        descriptions = list(ds.descriptions)
+        descriptions = [ds.descriptions[b - 1] for b in bands]
         transform, crs = ds.transform, ds.crs
-        alpha = alpha_band(ds)
-    if alpha is not None:  # a transparency band, not data: it masks the others
-        valid &= data[alpha - 1] > 0
-        data = np.delete(data, alpha - 1, axis=0)
-        descriptions = descriptions[: alpha - 1] + descriptions[alpha:]
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     where = os.fspath(path) if is_gdal_path(path) else Path(path)
     return Image(where, data, valid, tags, descriptions, transform, crs)
-
-
-def _has_mask(ds: Any) -> bool:
-    from fusion_cli.raster import has_mask
-
-    return has_mask(ds)
 
 
 def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:

@@ -26,7 +26,6 @@ from fusion_cli import raster
 from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan
-from fusion_cli.raster.nodata import alpha_band
 from fusion_cli.sensors import canonical_sensor, nyquist_gains
 
 PanMode = Literal["bicubic", "mtf"]
@@ -85,11 +84,9 @@ def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
     georef = ds.crs is not None or not ds.transform.is_identity
     meta = {"nodata": ds.nodata, "tags": ds.tags(), "desc": ds.descriptions}
     transform = ds.transform @ Affine.translation(win.col_off, win.row_off) if georef else None
-    data = raster.read_whole(ds, "input", win)
-    alpha = alpha_band(ds)
-    if alpha is not None:  # transparency, not a band to degrade (the filters ignore masks, as nodata)
-        data = np.delete(data, alpha - 1, axis=0)
-        meta["desc"] = meta["desc"][: alpha - 1] + meta["desc"][alpha:]
+    # an alpha band is left out (transparency, not a band to degrade); the filters ignore masks
+    data, _, bands = raster.read_whole(ds, "input", win)
+    meta["desc"] = [ds.descriptions[b - 1] for b in bands]
     # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
     raster.refuse_non_finite(ds.name, data)
     return data, meta, transform, ds.crs

@@ -9,7 +9,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import rasterio
@@ -188,15 +188,26 @@ def read_padded(
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
 
 
-def read_whole(
-    ds: rasterio.io.DatasetReader, what: str = "input", window: Window | None = None
-) -> np.ndarray:
-    """Every band of `ds` (or of its `window`) in its own dtype, `(C, H, W)`: reads that need the whole
-    scene at once (metrics, the Wald protocol, training). Complex pixels and damaged files are
-    one-line errors."""
+class WholeRead(NamedTuple):
+    data: np.ndarray  # (C, H, W) in the file's dtype, every band but an alpha band
+    valid: np.ndarray | None  # (H, W): nodata, masks and alpha transparency; None: all pixels count
+    bands: list[int]  # the 1-based bands in `data`
+
+
+def read_whole(ds: rasterio.io.DatasetReader, what: str = "input", window: Window | None = None) -> WholeRead:
+    """The bands of `ds` (or of its `window`) and where they are valid: reads that need the whole scene
+    at once (metrics, the Wald protocol, training). An alpha band is a mask, not data, as in
+    `read_padded`. Complex pixels and damaged files are one-line errors."""
     check_pixel_type(ds, what)
+    bands = select_bands(ds, None)
     with damaged_input(ds):
-        return ds.read(window=window)
+        data = ds.read(bands, window=window)
+        valid = (ds.read_masks(bands, window=window) > 0).all(axis=0) if has_mask(ds, bands) else None
+        alpha = alpha_band(ds)
+        if alpha is not None:
+            opaque = ds.read(alpha, window=window) > 0
+            valid = opaque if valid is None else valid & opaque
+    return WholeRead(data, valid, bands)
 
 
 def pad_array(

@@ -93,16 +93,10 @@ class TrainPair:
 def read_raster(path: str | Path) -> np.ndarray:
     """Whole raster as float32 `(bands, rows, cols)` in DN; a one-line error if it cannot be read."""
     from fusion_cli import raster
-    from fusion_cli.raster.nodata import alpha_band
 
     with raster.gdal_env(), raster.open_raster(path, "training input") as ds:
-        data = raster.read_whole(ds, "training input").astype(np.float32)
-        valid = ds.read_masks().min(axis=0) > 0 if raster.has_mask(ds) else None
-        alpha = alpha_band(ds)
-    if alpha is not None:  # transparency, not a band to learn
-        opaque = data[alpha - 1] > 0
-        valid = opaque if valid is None else valid & opaque
-        data = np.delete(data, alpha - 1, axis=0)
+        data, valid, _ = raster.read_whole(ds, "training input")  # an alpha band masks, not learned
+    data = data.astype(np.float32)
     if valid is not None and not valid.all():
         # a collar would be learned as data, and scored as such in validation (a 90 %-nodata scene's
         # L1 looked excellent): the same rule as for NaN below
