@@ -23,6 +23,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.paths import sha256_file, weights_dir
 from fusion_cli.raster import atomic_output
+from fusion_cli.raster.gdal import reason
 
 TASKS = ("pansharpening", "hs-pansharpening", "hisr")
 STATUSES = ("", "stable", "experimental")
@@ -255,17 +256,11 @@ def _official_card(path: Path, cfg: FusionMambaConfig, sha: str) -> ModelCard:
     )
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty: an empty .pth
-    raised an IndexError from here), at most 160 characters."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads refused by weights_only
-        raise FusionError(f"cannot load {path} as a PyTorch state_dict: {first_line(exc)}") from None
+        raise FusionError(f"cannot load {path} as a PyTorch state_dict: {reason(exc)[:160]}") from None
     for key in ("state_dict", "model"):  # common wrappers around a state_dict
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -365,7 +360,7 @@ def load_model(
         try:
             state = load_file(str(st_path))
         except Exception as exc:
-            raise FusionError(f"cannot read {st_path}: {first_line(exc)}") from None
+            raise FusionError(f"cannot read {st_path}: {reason(exc)[:160]}") from None
         path = st_path
     else:
         raise FusionError(

@@ -104,19 +104,12 @@ def check_dn_range(
     shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
     with damaged_input(ds):
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
-        valid = (ds.read_masks(list(bands), out_shape=shape) > 0).all(axis=0) if has_mask(ds, bands) else None
-        alpha = alpha_band(ds)
-        if alpha is not None and alpha not in bands:  # as read_padded: transparent pixels do not count
-            opaque = ds.read(alpha, out_shape=shape[1:], resampling=Resampling.nearest) > 0
-            valid = opaque if valid is None else valid & opaque
+        valid = valid_pixels(ds, bands, size=shape[1:])
     values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
     if values.size == 0:
         return
-
-    def share(outside: np.ndarray) -> float:
-        return float(outside.any(axis=0).mean())
-
-    if dn_max is not None and share(values > dn_max) > DN_CHECK_SHARE:
+    above = float((values > dn_max).any(axis=0).mean()) if dn_max is not None else 0.0  # pixels clipped
+    if dn_max is not None and above > DN_CHECK_SHARE:
         source = f"--dn-max {dn_max:g}" if given else f"the {what}'s NBITS tag (largest DN {dn_max:g})"
         todo = (
             "give the data's real largest DN or leave --dn-max out"
@@ -124,7 +117,7 @@ def check_dn_range(
             else "pass --dn-max with the real largest DN"
         )
         raise FusionError(
-            f"{share(values > dn_max):.0%} of the {what}'s pixels exceed {source} (up to "
+            f"{above:.0%} of the {what}'s pixels exceed {source} (up to "
             f"{float(values.max()):g}): the product would be clipped to it; {todo}"
         )
     negative = float((values < 0).mean())  # of all band values: a few noisy bands of a 128-band HSI pass
@@ -174,18 +167,32 @@ def read_padded(
     win = Window(c, r, cw, rh)
     with damaged_input(ds):
         data = ds.read(list(bands), window=win)
-        if has_mask(ds, bands):
-            valid = (ds.read_masks(list(bands), window=win) > 0).all(axis=0)
-        else:
-            valid = np.ones((rh, cw), dtype=bool)
-        alpha = alpha_band(ds)
-        if alpha is not None and alpha not in bands:  # transparent where alpha is 0
-            valid &= ds.read(alpha, window=win) > 0
+        valid = valid_pixels(ds, bands, window=win)
+        valid = np.ones((rh, cw), dtype=bool) if valid is None else valid
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
     refuse_non_finite(ds.name, data, valid)
     pads = [(pt, pb), (pl, pr)]
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
+
+
+def valid_pixels(
+    ds: Any, bands: Sequence[int], window: Window | None = None, size: tuple[int, int] | None = None
+) -> np.ndarray | None:
+    """Where every selected band is valid `(H, W)`, in `window` (or the whole raster read at `size`,
+    nearest samples): the file's nodata and masks, and an alpha band's transparency (GDAL masks by it
+    only when the TIFF declares it an extra sample). None when every pixel may count."""
+    shape = None if size is None else (len(bands), *size)
+    valid = (
+        (ds.read_masks(list(bands), window=window, out_shape=shape) > 0).all(axis=0)
+        if has_mask(ds, bands)
+        else None
+    )
+    alpha = alpha_band(ds)
+    if alpha is not None and alpha not in bands:
+        opaque = ds.read(alpha, window=window, out_shape=size, resampling=Resampling.nearest) > 0
+        valid = opaque if valid is None else valid & opaque
+    return valid
 
 
 class WholeRead(NamedTuple):
@@ -202,11 +209,7 @@ def read_whole(ds: rasterio.io.DatasetReader, what: str = "input", window: Windo
     bands = select_bands(ds, None)
     with damaged_input(ds):
         data = ds.read(bands, window=window)
-        valid = (ds.read_masks(bands, window=window) > 0).all(axis=0) if has_mask(ds, bands) else None
-        alpha = alpha_band(ds)
-        if alpha is not None:
-            opaque = ds.read(alpha, window=window) > 0
-            valid = opaque if valid is None else valid & opaque
+        valid = valid_pixels(ds, bands, window=window)
     return WholeRead(data, valid, bands)
 
 

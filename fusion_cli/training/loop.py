@@ -27,7 +27,7 @@ from torch import nn
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
-from fusion_cli.models.registry import first_line
+from fusion_cli.raster.gdal import reason
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
 from fusion_cli.training.export import export
 from fusion_cli.training.history import append_log, plot_history, status
@@ -293,7 +293,7 @@ def train(
             ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         except Exception as exc:  # truncated (killed mid-copy), not a checkpoint, a pickle with code
             raise FusionError(
-                f"--resume: cannot read {ckpt_path} ({first_line(exc)}); it is damaged: use a new --out"
+                f"--resume: cannot read {ckpt_path} ({reason(exc)[:160]}); it is damaged: use a new --out"
             ) from None
         if not isinstance(ck, dict) or not {"model", "optimizer", "step"} <= set(ck):
             raise FusionError(
