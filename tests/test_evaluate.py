@@ -184,6 +184,32 @@ def test_evaluate_small_float_scene_and_shipped_hyperion_pan(tmp_path: Path) -> 
     assert json.loads(Path(res.files["json"]).read_text())["settings"]["block"] == 24
 
 
+def test_signed_dn_are_not_rounded_to_uint16(tmp_path: Path) -> None:
+    """Q2n's uint16 rounding is chosen only for DN that uint16 holds as they are: the WorldView-2 MS
+    as int16 is rounded, the same DN less 300 (signed, many negative) are not, because uint16 would
+    clip every negative DN to 0 and score a different image (Q2n differs by more than 0.01)."""
+    import numpy as np
+    import rasterio
+
+    from fusion_cli.assess import holds_whole_dn, read_image
+    from fusion_cli.metrics import q2n
+
+    with rasterio.open(need_shared("wv2_spacenet6", "ms_1.tif")) as ds:
+        dn, profile = ds.read().astype(np.int16), ds.profile
+    profile.update(dtype="int16")
+    paths = {}
+    for name, data in (("dn", dn), ("signed", dn - 300)):
+        paths[name] = tmp_path / f"{name}.tif"
+        with rasterio.open(paths[name], "w", **profile) as out:
+            out.write(data)
+    assert holds_whole_dn(read_image(paths["dn"], "MS"))
+    signed = read_image(paths["signed"], "MS")
+    assert (signed.data < 0).mean() > 0.2 and not holds_whole_dn(signed)
+    ref = signed.data.astype(np.float64)
+    fused = ref + np.random.default_rng(0).normal(0, 40, ref.shape)
+    assert abs(q2n(ref, fused, 32, 32, True) - q2n(ref, fused, 32, 32, False)) > 0.01
+
+
 def test_evaluate_runs_vhr4_on_the_four_bands_of_the_wv3_pair(tmp_path: Path) -> None:
     """The 4-band `vhr4` on the 8-band WorldView-3 pair (docs/evaluation.md): without --bands the
     network refuses the 8-band MS in one line naming --bands; with --bands 2,3,5,7 (B, G, R, NIR1)

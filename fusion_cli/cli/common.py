@@ -154,8 +154,9 @@ class MetricOpt:
         None,
         "--uint16/--no-uint16",
         help="Round both images to uint16 for Q2n and D_lambda^K, as the toolbox does. Default: when "
-        "the reference (full resolution: the MS) holds whole-number DN (an integer type, or floats "
-        "that are all integral); reflectance would keep two or three grey levels.",
+        "the reference (full resolution: the MS) holds whole-number DN within 0..65535 (an integer "
+        "type, or floats that are all integral); reflectance would keep two or three grey levels, "
+        "negative DN would be clipped to 0.",
         show_default=False,
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")

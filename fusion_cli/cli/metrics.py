@@ -19,8 +19,9 @@ Reduced resolution (--ref GT, a reference on the product's grid; --ratio is requ
   product to [0, 2^L] first.
   Q2n (shown as Q4/Q8): hypercomplex UIQI on 32x32 blocks (block = shift), bottom/right padded by
     symmetric mirroring, both images rounded to uint16 (half away from zero, saturating) when the
-    reference holds whole-number DN (--uint16/--no-uint16 decide otherwise; fractional data such as
-    reflectance are not rounded, a deviation from the toolbox that keeps them meaningful), zero
+    reference holds whole-number DN within 0..65535 (--uint16/--no-uint16 decide otherwise;
+    fractional data such as reflectance and signed DN with negative values are not rounded, a
+    deviation from the toolbox that keeps them meaningful), zero
     bands up to a power of two, mean over all blocks.
   Q: band mean of the Wang-Bovik UIQI on a 32x32 sliding window, 'valid' positions.
   SAM: degrees, mean over pixels; pixels where either spectrum has zero norm are left out.
