@@ -482,3 +482,42 @@ def test_hisr_role_names_leave_the_paths_they_quote_alone() -> None:
         in_hisr_terms("MS file not found: MS data/x.tif", ["MS data/x.tif"])
         == "HSI file not found: MS data/x.tif"
     )
+
+
+def test_without_model_a_pair_the_default_cannot_fuse_names_the_model_that_can(tmp_path, capsys):
+    """No --model on a Hyperion PAN + 128-band HSI (ratio 3) crop of the Paris pair: instead of "the
+    model expects ratio 2", one line saying the default (landsat, 6 bands at ratio 2) does not fit and
+    naming --model hyperion_pan; an 8-band WorldView-3 crop (ratio 4) learns that no installed model
+    fits it. A PAN with an alpha band is one PAN band (the alpha masks it), as the readers take it."""
+    from rasterio.enums import ColorInterp
+    from rasterio.windows import Window
+
+    def crop(src, dst, side, alpha=False):
+        with rasterio.open(src) as ds:
+            win = Window(0, 0, side, side)
+            data, profile = ds.read(window=win), ds.profile
+            profile.update(width=side, height=side, transform=ds.window_transform(win))
+        if alpha:
+            data = np.concatenate([data, np.full_like(data[:1], 255)])
+            profile.update(count=data.shape[0])
+        with rasterio.open(dst, "w", **profile) as out:
+            out.write(data)
+        if alpha:
+            with rasterio.open(dst, "r+") as out:  # GeoTIFF takes a new colour type only on update
+                out.colorinterp = [ColorInterp.gray, ColorInterp.alpha]
+        return str(dst)
+
+    paris = [crop(need_shared("eo1_hyperion_ali_paris", f"{n}.tif"), tmp_path / f"p_{n}.tif", s)
+             for n, s in (("pan", 96), ("hs", 32))]  # fmt: skip
+    code, _, err = run(capsys, "pansharpen", *paris, "-o", str(tmp_path / "o.tif"))
+    assert_one_line_error(
+        code, err, "the default model landsat fuses 6 MS bands at ratio 2, but this pair has 128"
+    )
+    assert "--model hyperion_pan" in err
+    wv3 = [crop(need_shared("wv3_spacenet2", "pan.tif"), tmp_path / "w_pan.tif", 128, alpha=True),
+           crop(need_shared("wv3_spacenet2", "ms.tif"), tmp_path / "w_ms.tif", 32)]  # fmt: skip
+    code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "o.tif"))
+    assert_one_line_error(code, err, "this pair has 8 bands at ratio 4; no installed model fits it")
+    assert not (tmp_path / "o.tif").exists()
+    code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "gsa.tif"), "--method", "gsa", "-q")
+    assert code == 0, err

@@ -204,6 +204,29 @@ def default_model_name(directory: Path | None = None, task: str | None = None) -
     return "landsat" if "landsat" in defaults else defaults[0]
 
 
+def default_model_mismatch(ms_bands: int, ratio: int, directory: Path | None = None) -> str | None:
+    """Why the default pansharpening model cannot fuse an MS of `ms_bands` bands at `ratio`, and which
+    installed models can (None when it fits): run before loading it, so that a user who left out
+    --model learns which one to pass rather than that "the model" expects another ratio."""
+    cards = {c.name: c for c in list_models(directory)}
+    card = cards.get(default_model_name(directory))
+    if card is None or (len(card.bands), card.ratio) == (ms_bands, ratio):
+        return None
+    fits = [
+        c.name for c in cards.values() if c.task != "hisr" and (len(c.bands), c.ratio) == (ms_bands, ratio)
+    ]
+    hint = (
+        "pass " + " or ".join(f"--model {name}" for name in fits)
+        if fits
+        else "no installed model fits it: pass a classical --method, or --weights for a model trained "
+        "on such data"
+    )
+    return (
+        f"the default model {card.name} fuses {len(card.bands)} MS bands at ratio {card.ratio}, but this "
+        f"pair has {ms_bands} bands at ratio {ratio}; {hint} (`fusion info` lists them)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints
 

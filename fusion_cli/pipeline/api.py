@@ -306,6 +306,13 @@ def _resolve_fuser(pan: PathLike, ms: PathLike, out: PathLike, spec: FuserSpec, 
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
     raster.check_writable(out, opts.overwrite, [pan, ms], side_outputs(out, opts))
     ratio = measure_ratio(pan, ms, opts.reproject)
+    if spec.model is None and spec.weights is None and spec.method is None:
+        from fusion_cli.models.registry import default_model_mismatch
+
+        ms_bands = len(opts.bands) if opts.bands else band_count(ms, "MS")
+        mismatch = default_model_mismatch(ms_bands, ratio)
+        if mismatch:
+            raise FusionError(mismatch)
     return build_fuser(
         spec,
         ratio=ratio if spec.method is not None else None,
