@@ -685,3 +685,28 @@ def test_an_interrupt_while_recording_records_no_scene_twice(tmp_path: Path) -> 
 
     summary = batch.run_batch(batch.Plan(scenes), process, scene_workers=4, io_workers=0, on_result=on_result)
     assert summary.interrupted and sorted(r.scene for r in summary.results) == ["s0", "s1", "s2", "s3"]
+
+
+def test_default_model_batch_names_the_model_for_a_pair_it_cannot_fuse(tmp_path: Path) -> None:
+    """`fusion batch` without --model over a folder holding a small Landsat pair and a Hyperion PAN +
+    128-band HSI crop of the Paris pair (ratio 3): the Landsat scene is fused by the default model,
+    the Hyperion one fails with the reason naming --model hyperion_pan (it said "the model expects
+    2"), and the batch exits 1."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "landsat", Window(0, 0, 64, 64))
+    for role, name, side in (("pan", "pan", 96), ("ms", "hs", 32)):
+        with rasterio.open(need_shared("eo1_hyperion_ali_paris", f"{name}.tif")) as src:
+            win = Window(0, 0, side, side)
+            data, profile = src.read(window=win), src.profile
+            profile.update(width=side, height=side, transform=src.window_transform(win))
+        with rasterio.open(in_dir / f"paris_{role}.tif", "w", **profile) as dst:
+            dst.write(data)
+    res = run_cli("batch", str(in_dir), str(out_dir), "--json", check_rc=1)
+    by_scene = {r["scene"]: r for r in json.loads(res.stdout)["scenes"]}
+    assert by_scene["landsat"]["status"] == "done"
+    assert by_scene["paris"]["status"] == "failed"
+    assert "default model landsat fuses 6 MS bands at ratio 2" in by_scene["paris"]["reason"]
+    assert "--model hyperion_pan" in by_scene["paris"]["reason"]

@@ -53,6 +53,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     # The batch already decided the scene must be (re)done, so the writer may replace the target.
     options = replace(job.options, overwrite=True)
     classical = job.fuser.get("method") is not None
+    default_model = not any(job.fuser.get(k) is not None for k in ("model", "weights", "method"))
     fusers: dict[int | None, Any] = {}
     # Bad model / weights / method names are a bad invocation: fail before the first scene.
     if classical:
@@ -62,6 +63,9 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
 
     def fuser_for(scene: Scene) -> Any:
         if not classical:
+            if default_model:  # a pair it cannot fuse is told which model can
+                ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
+                pipeline.check_default_model_fits(scene.ms, ratio, options.bands)
             # One network serves the batch; its scene statistics (band max) live in a shallow
             # per-scene copy, so scenes fused concurrently do not share them.
             return copy.copy(fusers[None])

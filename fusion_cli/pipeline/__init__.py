@@ -19,7 +19,7 @@ The modules follow the data flow:
 - `api`: `fuse_files`, `fuse_arrays`, `pansharpen`, `hisr`
 """
 
-from fusion_cli.pipeline.api import fuse_arrays, fuse_files, hisr, pansharpen
+from fusion_cli.pipeline.api import check_default_model_fits, fuse_arrays, fuse_files, hisr, pansharpen
 from fusion_cli.pipeline.factory import FuserSpec, build_fuser, make_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
 from fusion_cli.pipeline.readers import measure_ratio, open_pair
@@ -31,6 +31,7 @@ __all__ = [
     "FuserSpec",
     "Progress",
     "build_fuser",
+    "check_default_model_fits",
     "fuse_arrays",
     "fuse_files",
     "hisr",

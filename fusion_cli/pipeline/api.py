@@ -302,17 +302,22 @@ def _split_options(names: dict[str, Any], opts: dict[str, Any]) -> tuple[FuserSp
     return spec, FuseOptions(**{k: v for k, v in opts.items() if k in run_keys})
 
 
+def check_default_model_fits(ms: PathLike, ratio: int, bands: Sequence[int] | None = None) -> None:
+    """Refuse, naming the installed models that fit, a pair (its MS, or `bands` of it, at `ratio`)
+    that the default model, used when no model, weights or method is given, cannot fuse."""
+    from fusion_cli.models.registry import default_model_mismatch
+
+    mismatch = default_model_mismatch(len(bands) if bands else band_count(ms, "MS"), ratio)
+    if mismatch:
+        raise FusionError(mismatch)
+
+
 def _resolve_fuser(pan: PathLike, ms: PathLike, out: PathLike, spec: FuserSpec, opts: FuseOptions) -> Fuser:
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
     raster.check_writable(out, opts.overwrite, [pan, ms], side_outputs(out, opts))
     ratio = measure_ratio(pan, ms, opts.reproject)
     if spec.model is None and spec.weights is None and spec.method is None:
-        from fusion_cli.models.registry import default_model_mismatch
-
-        ms_bands = len(opts.bands) if opts.bands else band_count(ms, "MS")
-        mismatch = default_model_mismatch(ms_bands, ratio)
-        if mismatch:
-            raise FusionError(mismatch)
+        check_default_model_fits(ms, ratio, opts.bands)
     return build_fuser(
         spec,
         ratio=ratio if spec.method is not None else None,
