@@ -521,3 +521,38 @@ def test_without_model_a_pair_the_default_cannot_fuse_names_the_model_that_can(t
     assert not (tmp_path / "o.tif").exists()
     code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "gsa.tif"), "--method", "gsa", "-q")
     assert code == 0, err
+
+
+def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -> None:
+    """`hyperion_pan` divides by 1 (reflectance); the same Paris crop as reflectance x 10000 (int16 DN)
+    reached it as values near 6000 and came out as its BDSD-PC base at exit 0 (hyperion_hisr's mirror
+    case, reflectance under its 10000 scale, gave SAM 97 degrees). Refused naming --dn-max; with
+    --dn-max 10000 the DN product is the reflectance product x 10000, within the int16 rounding."""
+    from rasterio.windows import Window
+
+    paths = {}
+    for name, side in (("pan", 96), ("hs", 32)):
+        with rasterio.open(need_shared("eo1_hyperion_ali_paris", f"{name}.tif")) as src:
+            win = Window(0, 0, side, side)
+            refl, profile = src.read(window=win), src.profile
+            profile.update(width=side, height=side, transform=src.window_transform(win))
+        for units, data, dtype in (("refl", refl, "float32"), ("dn", np.round(refl * 10000), "int16")):
+            paths[f"{name}_{units}"] = str(tmp_path / f"{name}_{units}.tif")
+            with rasterio.open(paths[f"{name}_{units}"], "w", **{**profile, "dtype": dtype}) as dst:
+                dst.write(data.astype(dtype))
+    dn_inputs, refl_inputs = (paths["pan_dn"], paths["hs_dn"]), (paths["pan_refl"], paths["hs_refl"])
+    model = ("--model", "hyperion_pan", "-q")
+    rc, _, err = run(capsys, "pansharpen", *dn_inputs, "-o", str(tmp_path / "dn.tif"), *model)
+    assert rc == 2 and "not in the units of model hyperion_pan" in err and "--dn-max" in err, err
+    assert not (tmp_path / "dn.tif").exists()
+    rc, _, err = run(
+        capsys, "pansharpen", *dn_inputs, "-o", str(tmp_path / "dn.tif"), *model, "--dn-max", "10000"
+    )
+    assert rc == 0, err
+    rc, _, err = run(capsys, "pansharpen", *refl_inputs, "-o", str(tmp_path / "refl.tif"), *model)
+    assert rc == 0, err
+    with rasterio.open(tmp_path / "dn.tif") as dn, rasterio.open(tmp_path / "refl.tif") as refl:
+        dn_product, refl_product = dn.read().astype(np.float64), refl.read().astype(np.float64)
+    diff = np.abs(dn_product - np.minimum(refl_product * 10000, 10000))  # --dn-max is also the ceiling
+    p99, worst = float(np.percentile(diff, 99)), float(diff.max())
+    assert p99 < 3.0 and worst < 30, (p99, worst)

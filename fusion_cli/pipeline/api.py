@@ -149,11 +149,13 @@ def fuse_files(
             )
         raster.check_dn_max(opts.dn_max)
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
-        raster.check_dn_range(
-            ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=fuser.dn_max is not None
-        )
         # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from
         adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
+        network = fuser.dn_max is not None
+        raster.check_dn_range(
+            ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=network,
+            scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
+        )  # fmt: skip
         lo, hi = value_range(ms_dtype, dn_max)
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)

@@ -82,6 +82,11 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
 # that is a wrong ceiling rather than a few saturated outliers.
 DN_CHECK_SAMPLES = 512 * 512
 DN_CHECK_SHARE = 0.01
+# How far a network's inputs may sit from the DN scale it divides by (its card's units) before they
+# are data in other units: reflectance (0..0.6) through a model of 10000-scaled DN reached it as
+# ~1e-5 (SAM 97 degrees at exit 0), and DN (0..6000) through a reflectance model as ~6000. Dark 11-bit
+# scenes under a 16-bit scale (~1e-2) and a few saturated pixels stay within.
+DN_SCALE_FACTOR = 1000.0
 
 
 def check_dn_range(
@@ -91,14 +96,17 @@ def check_dn_range(
     given: bool,
     nonnegative: bool = False,
     what: str = "MS",
+    scale: tuple[str, float] | None = None,
 ) -> None:
     """Refuse DN the product cannot represent, seen on a decimated read of the selected bands
     (nearest samples, bounded memory): a ceiling `dn_max` that more than DN_CHECK_SHARE of the
     pixels exceed (every product pixel is clipped to it and a network divides by it, so `--dn-max
     100` on 16-bit data wrote a constant image at exit 0; `given`: from --dn-max, else the file's
     NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as large a
-    share of negative band values (int8 data fused by the landsat model lost their sign, exit 0)."""
-    if dn_max is None and not nonnegative:
+    share of negative band values (int8 data fused by the landsat model lost their sign, exit 0).
+    `scale` (a network's name and the DN scale its card gives): refuse data whose 99th percentile is
+    DN_SCALE_FACTOR times below it or DN_SCALE_FACTOR / 100 times above it, data in other units."""
+    if dn_max is None and not nonnegative and scale is None:
         return
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
     shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
@@ -127,6 +135,15 @@ def check_dn_range(
             "a network reads DN from 0 up to its scale; offset the data to non-negative DN or use a "
             "classical --method"
         )
+    if scale is not None:
+        name, units = scale
+        p99 = float(np.percentile(values, 99))
+        if p99 * DN_SCALE_FACTOR < units or p99 > units * DN_SCALE_FACTOR / 100:
+            raise FusionError(
+                f"the {what}'s values (99th percentile {p99:.4g}) are not in the units of model {name}, "
+                f"which divides by {units:g} (its card's DN scale); pass --dn-max with the data's full "
+                "scale (e.g. 1 for reflectance in 0..1, 10000 for reflectance scaled by 10000)"
+            )
 
 
 def _pad_spec(start: int, size: int, limit: int) -> tuple[int, int, int, int]:
