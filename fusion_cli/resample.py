@@ -153,8 +153,10 @@ def _imresize_taps(ratio: int) -> tuple[np.ndarray, int]:
     first = math.floor(u0 - 2 * ratio) + 1
     j = np.arange(first, math.ceil(u0 + 2 * ratio))
     w = _cubic((u0 - j) / ratio) / ratio
-    keep = w != 0
-    j, w = j[keep], w[keep]
+    # trim zero taps at the ends only: at odd ratios the kernel has zeros inside, and dropping them
+    # squeezed it into fewer positions, one input sample off centre (the PAN shifted by 1 px at ratio 3)
+    nonzero = np.flatnonzero(w)
+    j, w = j[nonzero[0] : nonzero[-1] + 1], w[nonzero[0] : nonzero[-1] + 1]
     return w / w.sum(), int(j[0])
 
 

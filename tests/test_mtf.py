@@ -167,12 +167,14 @@ def test_interpolators_keep_samples_and_phase(source: str) -> None:
 @pytest.mark.parametrize("source", SOURCES)
 def test_imresize_down_is_antialiased_bicubic(source: str) -> None:
     pan, _ = _scene(source)
-    x = torch.from_numpy(pan[:, :400, :400])[None]  # the example: 320 x 400
-    small = imresize_down(x, 4)
-    assert small.shape == (1, 1, x.shape[-2] // 4, 100)
-    # interior equals torch's antialiased bicubic (same kernel); only the border rule differs
-    ref = torch.nn.functional.interpolate(x, scale_factor=0.25, mode="bicubic", antialias=True)
-    torch.testing.assert_close(small[..., 3:-3, 3:-3], ref[..., 3:-3, 3:-3], rtol=0, atol=1e-6)
+    x = torch.from_numpy(pan[:, :300, :300])[None]  # the example: 300 x 300
+    # interior equals torch's antialiased bicubic (same kernel, same phase); only the border rule
+    # differs. Ratio 3 was one input pixel off: its kernel's inner zero taps were dropped.
+    for ratio in (3, 4):
+        small = imresize_down(x, ratio)
+        assert small.shape == (1, 1, 300 // ratio, 300 // ratio)
+        ref = torch.nn.functional.interpolate(x, scale_factor=1 / ratio, mode="bicubic", antialias=True)
+        torch.testing.assert_close(small[..., 3:-3, 3:-3], ref[..., 3:-3, 3:-3], rtol=0, atol=1e-6)
     assert torch.allclose(
         imresize_down(torch.full((1, 1, 40, 40), 7.0, dtype=torch.float64), 4), torch.tensor(7.0).double()
     )
