@@ -527,7 +527,9 @@ def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -
     """`hyperion_pan` divides by 1 (reflectance); the same Paris crop as reflectance x 10000 (int16 DN)
     reached it as values near 6000 and came out as its BDSD-PC base at exit 0 (hyperion_hisr's mirror
     case, reflectance under its 10000 scale, gave SAM 97 degrees). Refused naming --dn-max; with
-    --dn-max 10000 the DN product is the reflectance product x 10000, within the int16 rounding."""
+    --dn-max 10000 the DN product is the reflectance product x 10000, within the int16 rounding.
+    HSI band 11 is zeroed (a dead band): the network's correction pushed it below 0 (-0.018, 4963
+    values); a network's products are floored at 0 DN, float and int16 alike."""
     from rasterio.windows import Window
 
     paths = {}
@@ -536,6 +538,8 @@ def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -
             win = Window(0, 0, side, side)
             refl, profile = src.read(window=win), src.profile
             profile.update(width=side, height=side, transform=src.window_transform(win))
+        if name == "hs":
+            refl[10] = 0
         for units, data, dtype in (("refl", refl, "float32"), ("dn", np.round(refl * 10000), "int16")):
             paths[f"{name}_{units}"] = str(tmp_path / f"{name}_{units}.tif")
             with rasterio.open(paths[f"{name}_{units}"], "w", **{**profile, "dtype": dtype}) as dst:
@@ -556,3 +560,4 @@ def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -
     diff = np.abs(dn_product - np.minimum(refl_product * 10000, 10000))  # --dn-max is also the ceiling
     p99, worst = float(np.percentile(diff, 99)), float(diff.max())
     assert p99 < 3.0 and worst < 30, (p99, worst)
+    assert dn_product.min() >= 0 and refl_product.min() >= 0

@@ -156,7 +156,7 @@ def fuse_files(
             ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=network,
             scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
         )  # fmt: skip
-        lo, hi = value_range(ms_dtype, dn_max)
+        lo, hi = value_range(ms_dtype, dn_max, nonnegative=network)
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
         # before the shift, --adapt and the statistics: bad creation options are refused before any

@@ -17,10 +17,15 @@ from fusion_cli.pipeline.options import FuseOptions
 from fusion_cli.tiling import TilePlan
 
 
-def value_range(ms_dtype: str, dn_max: float | None) -> tuple[float | None, float | None]:
-    """Valid output range: [dtype min, dn_max or dtype max] for integer MS, unbounded for floats."""
+def value_range(
+    ms_dtype: str, dn_max: float | None, nonnegative: bool = False
+) -> tuple[float | None, float | None]:
+    """Valid output range: [dtype min, dn_max or dtype max] for integer MS, unbounded for floats;
+    `nonnegative` (a network, which reads and writes DN from 0 up) floors it at 0 for any dtype."""
     rng = raster.dtype_range(ms_dtype)
     lo = rng[0] if rng else None
+    if nonnegative:
+        lo = 0.0 if lo is None else max(lo, 0.0)
     hi = dn_max if dn_max is not None else (rng[1] if rng else None)
     return lo, hi
 
