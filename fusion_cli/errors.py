@@ -1,5 +1,15 @@
 """User-facing errors: one line that says what is wrong and what to do; the CLI exits 2."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def short_list(items: Sequence[object], keep: int = 8) -> str:
+    """Items joined by commas, the middle of a long list elided (a 128-band list is not one line)."""
+    shown = list(items) if len(items) <= keep else [*items[:4], "...", *items[-2:]]
+    return ", ".join(map(str, shown))
+
 
 class FusionError(Exception):
     """Bad input or usage. The message is shown to the user as is, without a traceback."""

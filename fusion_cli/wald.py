@@ -88,7 +88,7 @@ def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
     data, _, bands = raster.read_whole(ds, "input", win)
     meta["desc"] = [ds.descriptions[b - 1] for b in bands]
     # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
-    raster.refuse_non_finite(ds.name, data)
+    raster.refuse_non_finite(ds.name, data, bands=bands)
     return data, meta, transform, ds.crs
 
 

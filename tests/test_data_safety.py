@@ -1555,3 +1555,20 @@ def test_an_unusable_path_is_bad_input_a_failing_system_is_not(
         monkeypatch.setattr(wald, "simulate_files", raising(exc))
         rc, _, err = cli("simulate", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "sim", "--sensor", "landsat8")
         assert rc == code and err.startswith("Error:") and "Traceback" not in err, err
+
+
+def test_a_dead_band_is_named_with_how_to_leave_it_out(tmp_path: Path) -> None:
+    """A float MS with one band NaN everywhere (a dead band) was told to declare NaN nodata, which then
+    masked every pixel ("no valid pixel to fuse"). Now the band is named with --bands as the way out,
+    and fusing the other bands works."""
+    with rasterio.open(EXAMPLE_MS) as src:
+        ms, profile = src.read().astype(np.float32), src.profile
+    ms[3] = np.nan
+    dead = tmp_path / "ms_dead.tif"
+    with rasterio.open(dead, "w", **{**profile, "dtype": "float32"}) as dst:
+        dst.write(ms)
+    out = tmp_path / "o.tif"
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, dead, "-o", out, "--method", "gsa")
+    assert rc == 2 and "band(s) 4 are NaN or infinite at every pixel" in err and "--bands" in err, err
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, dead, "-o", out, "--method", "gsa", "--bands", "1,2,3,5,6")
+    assert rc == 0 and out.exists(), err

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fusion_cli import align, raster
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, short_list
 from fusion_cli.fusers import Fuser
 from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
 from fusion_cli.pipeline.readers import PairSource, Tile
@@ -37,10 +37,9 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
     """The pair's band counts against what the fuser expects (one-line errors that say what to do)."""
     if fuser.ms_bands is not None and ms_count != fuser.ms_bands:
         expected = list(fuser.card.bands) if fuser.card is not None and fuser.card.bands else []
-        shown = expected if len(expected) <= 8 else [*expected[:4], "...", *expected[-2:]]
-        hint = f" ({', '.join(map(str, shown))})" if shown else ""
+        hint = f" ({short_list(expected)})" if expected else ""
         todo = (
-            "select them in that order with --bands, e.g. --bands 1,2,3,5"
+            "select the MS bands that are these, in this order, with --bands (1-based MS band numbers)"
             if ms_count > fuser.ms_bands
             else "it cannot run on fewer; pick a model or method for this input"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, short_list
 
 # Default ceiling on a product's pixels (PAN grid): 10 Gpx, far above real scenes (a WorldView
 # strip is ~1.5 Gpx), far below what a sparse or mistaken header can declare (10^12 px = 12 TB).
@@ -76,16 +76,30 @@ def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
     return None
 
 
-def refuse_non_finite(name: str, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+def refuse_non_finite(
+    name: str, data: np.ndarray, valid: np.ndarray | None = None, bands: Sequence[int] | None = None
+) -> None:
     """NaN or inf outside the declared nodata (`valid`: where data counts; None: everywhere) would
     spread through every filter and regression (a singular matrix, NaN statistics, a failed
-    assert in a metric): refuse them, saying how to declare them."""
+    assert in a metric): refuse them, saying how to declare them, or, for a band that is NaN at
+    every pixel (a dead band: declaring NaN nodata would mask the whole image), to leave it out.
+    `bands`: the file's band numbers of `data` (1-based)."""
     if data.dtype.kind != "f":
         return
-    bad = ~np.isfinite(data).all(axis=0)
+    finite = np.isfinite(data)
+    bad = ~finite.all(axis=0)
     if valid is not None:
         bad &= valid
     if bad.any():
+        counted = finite[:, valid] if valid is not None else finite.reshape(len(finite), -1)
+        numbers = bands or range(1, len(data) + 1)
+        dead = [b for b, ok in zip(numbers, counted.any(axis=1), strict=True) if not ok]
+        if dead and len(dead) < len(data):
+            raise FusionError(
+                f"{name} band(s) {short_list(dead)} are NaN or infinite at every pixel (dead bands); leave "
+                "them out (--bands lists the bands to fuse; gdal_translate -b drops bands from a file) "
+                "or fill them"
+            )
         found = data[:, bad]
         kinds = [k for k, hit in (("nan", np.isnan(found).any()), ("inf", np.isposinf(found).any()),
                                   ("-inf", np.isneginf(found).any())) if hit]  # fmt: skip

@@ -188,7 +188,7 @@ def read_padded(
         valid = np.ones((rh, cw), dtype=bool) if valid is None else valid
     if zero_is_nodata:
         valid &= (data != 0).any(axis=0)
-    refuse_non_finite(ds.name, data, valid)
+    refuse_non_finite(ds.name, data, valid, bands)
     pads = [(pt, pb), (pl, pr)]
     return _pad(data, [(0, 0), *pads]), _pad(valid, pads)
 
