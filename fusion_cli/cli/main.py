@@ -182,8 +182,23 @@ def main(argv: list[str] | None = None) -> None:
     share_cores()
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    with _c_stderr_quiet(not debug):
+    with _c_stderr_quiet(not debug), _one_line_warnings(not debug):
         _main(argv, debug)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(enabled: bool) -> Iterator[None]:
+    """Warnings as one line, as errors are ("Warning: ..."), not Python's file, line and source line;
+    restored afterwards (the CLI may be called in-process)."""
+    import warnings
+
+    previous = warnings.formatwarning
+    if enabled:
+        warnings.formatwarning = lambda message, *_args, **_kwargs: f"Warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def _main(argv: list[str] | None, debug: bool) -> None:
