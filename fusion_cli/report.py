@@ -417,14 +417,16 @@ def _write_html(
     from fusion_cli import __version__
 
     anchors = [f"p{i}" for i in range(len(results))]
+    rounding = {None: "uint16 rounding of whole-number DN", True: "uint16 rounding", False: "no rounding"}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fusion report</title>",
         f"<style>{_CSS}</style></head><body><h1>Fusion quality report</h1>",
         f"<p class='small'>fusion-cli {html.escape(__version__)}, "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Settings: "
-        f"{html.escape(json.dumps(opts.to_dict()))}. Toolbox conventions (Vivone et al.): Q2n on 32x32 "
-        "blocks with uint16 rounding, SAM in degrees, ERGAS with 100/ratio; HQNR is what DLPan tables call "
-        "QNR. Best value per column in bold. Data: <a href='metrics.csv'>metrics.csv</a>, "
+        f"{html.escape(json.dumps(opts.to_dict()))}. Toolbox conventions (Vivone et al.): Q2n on "
+        f"{opts.block}x{opts.block} blocks with {rounding[opts.round_uint16]}, SAM in degrees, ERGAS with "
+        "100/ratio; HQNR is what DLPan tables call QNR. Best value per column in bold. "
+        "Data: <a href='metrics.csv'>metrics.csv</a>, "
         "<a href='metrics.json'>metrics.json</a>.</p>",
         _summary_table(results, anchors),
     ]

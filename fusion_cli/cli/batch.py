@@ -23,8 +23,9 @@ from fusion_cli.errors import FusionError
 
 _EPILOG = (
     "Pairing: files whose names share the stem matched by '*' (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'; "
-    "case-insensitive, .tif also matches .tiff). Without patterns the usual conventions are tried "
-    "(*_PAN/*_MS, *_P/*_MS, PAN_*/MS_*, PAN_*/MUL_*, Maxar -P?AS-/-M?AS-, Landsat *_B8 + *_MS or *_stack). "
+    "case-insensitive, .tif also matches .tiff). Without patterns these conventions are tried, in order: "
+    + ", ".join(f"{pan} + {ms}" for pan, ms in lib.pairing.DEFAULT_CONVENTIONS)
+    + ". "
     "For HISR give the high-resolution MSI as --pan and the low-resolution HSI as --ms. "
     "Exit codes: 0 all scenes done or skipped, 1 some scene failed, 2 bad invocation, 130 interrupted."
 )

@@ -146,7 +146,11 @@ class MetricOpt:
     """Index conventions shared by `fusion metrics` and `fusion report` (one definition each)."""
 
     ratio = typer.Option(
-        None, "--ratio", min=1, help="PAN/MS pixel-size ratio (e.g. 4). Required with a reference."
+        None,
+        "--ratio",
+        min=1,
+        help="PAN/MS pixel-size ratio (e.g. 4). Default: the ratio the product's FUSION_PARAMS tag "
+        "records, else the pixel sizes; required with a reference for a product without that tag.",
     )
     cut = typer.Option(0, "--cut", min=0, help="Border cut K: keep rows/cols [K-1, H-K).")
     clip_bits = typer.Option(None, "--clip-bits", min=1, max=32, help="Clip products to [0, 2^L] first.")

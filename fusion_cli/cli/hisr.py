@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
 
         The output has the HSI's bands on the MSI grid (over the area both cover); tiling, nodata,
         alignment and output options are those of `fusion pansharpen`. Without --model, --weights
-        or --method it runs the shipped HISR model (hyperion_hisr). A classical `--method` uses the
-        MSI's band mean as its PAN.""",
+        or --method it runs the shipped HISR model (hyperion_hisr). mtf-glp-hs regresses each HSI
+        band on all MSI bands; the other classical methods use the MSI's band mean as their PAN.""",
         hi_help="MSI GeoTIFF (high resolution).",
         lo_help="HSI GeoTIFF (low resolution).",
         run=_run,

@@ -29,7 +29,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"Scan backend: {s['name']} on {s['device']} ({s['reason']})")
         typer.echo(f"Models in {data['weights_dir']} ({data['weights_source']}):")
         if not data["models"]:
-            typer.echo("  none installed (use --weights FILE, e.g. the official 420.pth, or `make weights`)")
+            typer.echo(
+                "  none installed (use --weights FILE, e.g. the official 420.pth, or point "
+                "FUSION_WEIGHTS_DIR at a folder of cards)"
+            )
         for m in data["models"]:
             mark = (" (default)" if m["default"] else "") + (f" [{m['status']}]" if m["status"] else "")
             typer.echo(

@@ -13,7 +13,8 @@ HELP = """Quality indices of a fused product, with the conventions of the MATLAB
 (the version in DLPan-Toolbox), so the numbers compare with published tables.
 
 \b
-Reduced resolution (--ref GT, a reference on the product's grid; --ratio is required):
+Reduced resolution (--ref GT, a reference on the product's grid; --ratio when the product does
+not record it):
   Images are evaluated in DN, not rescaled. --cut K keeps rows/cols [K-1, H-K) of both images (the
   toolbox's asymmetric cut; 21 reproduces DLPan tables, 11 older ones). --clip-bits L clips the
   product to [0, 2^L] first.
@@ -34,7 +35,7 @@ Reduced resolution (--ref GT, a reference on the product's grid; --ratio is requ
 
 \b
 Full resolution (--pan PAN --ms MS, or nothing for a product written by fusion: its FUSION_PAN /
-FUSION_MS tags name them; the ratio is taken from the shapes):
+FUSION_MS tags name them; the ratio is taken from the pixel sizes):
   The MS is interpolated to the PAN grid (23-tap for power-of-two ratios, bicubic otherwise).
   D_lambda, D_s (QNR): UIQI on non-overlapping 32x32 blocks (full blocks only), p = q = 1; D_s
     compares UIQI(fused band, PAN) with UIQI(MS band, PAN degraded by bicubic 1/ratio and back).
@@ -125,10 +126,11 @@ def _print(result: dict) -> None:
     table.add_column("index")
     table.add_column("value", justify="right")
     table.add_column("convention", style="dim")
+    block = result.get("settings", {}).get("block")
     for m in metrics():
         if m.name in result:
             label = result.get("q2n_name", m.name) if m.name == "Q2n" else m.name
-            table.add_row(label, f"{result[m.name]:.4f}", m.note)
+            table.add_row(label, f"{result[m.name]:.4f}", m.note.format(block=block))
     console.print(table)
     per_band = result.get("per_band")
     if per_band:

@@ -80,7 +80,7 @@ class Metric:
     resolution: Resolution  # "reduced": against a reference; "full": from the PAN and MS
     higher_is_better: bool
     unit: str  # "" for a dimensionless index
-    note: str  # the convention in one line (the third column of `fusion metrics`)
+    note: str  # the convention in one line (the third column of `fusion metrics`); {block}: the block
     evaluate: bool = False  # a column of `fusion evaluate`'s comparison table
     validate: bool = False  # scored on `fusion train`'s validation pairs
 
@@ -154,9 +154,9 @@ def _d_lambda_k(x: Inputs) -> float:
 R, F = "reduced", "full"
 # fmt: off
 register(Metric("Q2n", lambda x: q2n(x.ref, x.fused, x.block, x.block, x.round_uint16, x.mask), R, True, "",
-                "hypercomplex, 32x32 blocks", evaluate=True, validate=True))
+                "hypercomplex, {block}x{block} blocks", evaluate=True, validate=True))
 register(Metric("Q", lambda x: _mean(q_index_bands(x.ref, x.fused, x.block, x.mask)), R, True, "",
-                "UIQI, 32x32 sliding window", evaluate=True))
+                "UIQI, {block}x{block} sliding window", evaluate=True))
 register(Metric("SAM", lambda x: sam(x.ref, x.fused, x.mask), R, False, "degrees",
                 "degrees", evaluate=True, validate=True))
 register(Metric("ERGAS", lambda x: _rms(ergas_bands(x.ref, x.fused, x.ratio, x.mask)), R, False, "",

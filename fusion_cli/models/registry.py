@@ -198,8 +198,8 @@ def default_model_name(directory: Path | None = None, task: str | None = None) -
         folder = directory or weights_dir()
         what = "default model" if task is None else f"default {task} model"
         raise FusionError(
-            f"no {what} is installed in {folder} (run `make weights`, or pass --weights FILE "
-            "or --model NAME, or a classical --method; `fusion info` lists the models)"
+            f"no {what} is installed in {folder} (point FUSION_WEIGHTS_DIR at a folder of cards, or "
+            "pass --weights FILE or --model NAME, or a classical --method; `fusion info` lists the models)"
         )
     return "landsat" if "landsat" in defaults else defaults[0]
 

@@ -104,7 +104,7 @@ class TrainConfig:
         if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
             raise FusionError(f"--max-seconds must be a positive number of seconds, got {self.max_seconds}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise FusionError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+            raise FusionError(f"weight_decay must be 0 or more, got {self.weight_decay}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise FusionError(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if self.batch < 1 or self.epochs < 1:
