@@ -103,19 +103,30 @@ def _open(path: Path, mode: str = "r", **profile: Any) -> Any:
 
 def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
     """Raise OSError unless `path` opens, carries the completion tag and holds every block it
-    indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
-    rasterio's close does not raise) leaves a file without its directory or with blocks past its end."""
+    indexes, at full resolution and in every overview: a write cut short by a full disk or a
+    file-size limit (which GDAL only prints, and rasterio's close does not raise) leaves a file
+    without its directory or with blocks past its end, or overviews never written (read as zeros,
+    and copied as such into a COG that then passed this check)."""
     size = path.stat().st_size
-    with gdal_env(), _open(path) as ds:
-        if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
-            raise OSError("the completion tag is missing")
-        # pixel-interleaved files share one block index for all bands
-        for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
-            for (i, j), _ in ds.block_windows(b):
-                off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
-                n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
-                if not off or not n or int(off) + int(n) > size:
-                    raise OSError(f"block {i},{j} of band {b} is missing")
+    with gdal_env():
+        with _open(path) as ds:
+            if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
+                raise OSError("the completion tag is missing")
+            _check_blocks(ds, size, "")
+            levels = len(ds.overviews(1)) if ds.count else 0
+        for level in range(levels):
+            with _open(path, overview_level=level) as ov:
+                _check_blocks(ov, size, f" of overview {level + 1}")
+
+
+def _check_blocks(ds: Any, size: int, where: str) -> None:
+    # pixel-interleaved files share one block index for all bands
+    for b in range(1, (ds.count if ds.interleaving == Interleaving.band else 1) + 1):
+        for (i, j), _ in ds.block_windows(b):
+            off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
+            n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
+            if not off or not n or int(off) == 0 or int(n) == 0 or int(off) + int(n) > size:
+                raise OSError(f"block {i},{j} of band {b}{where} is missing")
 
 
 @dataclass
@@ -320,6 +331,7 @@ class AtomicWriter:
                 factors = overview_factors(dst.width, dst.height)
                 if factors:
                     dst.build_overviews(factors, Resampling.average)
+            verify_geotiff(self._tmp)  # overviews cut short by a full disk are sparse (zeros)
             # The COG driver reuses the overviews just built and streams block by block.
             rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
