@@ -79,12 +79,15 @@ def cli(*args: str | Path) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def cli_process(*args: str | Path, fsize: int | None = None) -> subprocess.Popen:
-    """The CLI in a child process, optionally under a file-size limit (`ulimit -f`, bytes)."""
+def cli_process(*args: str | Path, fsize: int | None = None, vmem: int | None = None) -> subprocess.Popen:
+    """The CLI in a child process, optionally under a file-size limit (`ulimit -f`, bytes) or an
+    address-space limit (`ulimit -v`, bytes)."""
 
     def limit() -> None:
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if vmem is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (vmem, vmem))
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
@@ -150,6 +153,41 @@ def test_file_size_limit_is_an_error_not_a_corrupt_product(tmp_path: Path, cog: 
     # libtiff's own per-block complaints do not reach the terminal: one line, ours
     assert [ln for ln in stderr.splitlines() if ln.strip()] == [line], stderr[-3000:]
     assert stdout == ""  # no JSON summary of a product that does not exist
+    assert not out.exists() and hidden(out.parent) == []
+
+
+def test_cog_overviews_cut_short_by_a_full_disk_are_an_error(tmp_path: Path) -> None:
+    """A size limit that the full-resolution temporary fits under but its overviews do not: GDAL
+    only printed the failed overview writes, the unwritten (sparse, zero) overview blocks were copied
+    into the COG, and the product passed as complete at exit 0 (on a Landsat-8 crop: overviews 96 to
+    100 % zeros). Now exit 1, naming the missing overview block, and nothing left behind."""
+    pan, ms = make_pair(tmp_path, n=1024, noise=True)
+    plain = tmp_path / "plain.tif"
+    rc, _, err = cli("pansharpen", pan, ms, "-o", plain, "--method", "gsa", "-q")
+    assert rc == 0, err
+    out = tmp_path / "out" / "x.tif"
+    out.parent.mkdir()
+    proc = cli_process("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--cog",
+                       fsize=plain.stat().st_size + (64 << 10))  # fmt: skip
+    _, stderr = proc.communicate(timeout=300)
+    line = error_line(proc.returncode, stderr, 1, str(out))
+    assert "overview" in line, line
+    assert not out.exists() and hidden(out.parent) == []
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--cog", "-q")
+    assert rc == 0 and raster.is_complete_output(out), err
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A 4096^2 scene in one 4096-px window under a 1.5 GB address-space limit: numpy's MemoryError
+    printed a 72-line traceback. Now one line saying what to lower, exit 1, nothing left behind."""
+    pan, ms = make_pair(tmp_path, n=4096)
+    out = tmp_path / "out" / "x.tif"
+    out.parent.mkdir()
+    args = ("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--tile", "4096", "-q")
+    proc = cli_process(*args, vmem=1500 << 20)
+    _, stderr = proc.communicate(timeout=300)
+    line = error_line(proc.returncode, stderr, 1, "out of memory")
+    assert "--tile" in line and "Traceback" not in stderr
     assert not out.exists() and hidden(out.parent) == []
 
 

@@ -226,12 +226,22 @@ def _main(argv: list[str] | None, debug: bool) -> None:
             raise
         # a path the user chose and cannot use is bad input (exit 2); an OutputWriteError keeps the
         # OS error it reports as its cause
-        if exc.errno in _PATH_REFUSED or getattr(exc.__cause__, "errno", None) in _PATH_REFUSED:
+        # (only an OSError's errno: a GDAL error's `errno` is its error class, CPLE_AppDefined = 1 = EPERM)
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+        if exc.errno in _PATH_REFUSED or (cause is not None and cause.errno in _PATH_REFUSED):
             hint = "choose a path you can read and write, or fix its permissions"
             typer.echo(f"Error: {exc}; {hint}", err=True)
             sys.exit(2)
         # the system, not the input: a full disk, a lost mount, an I/O error
         typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as exc:
+        # out of memory: numpy's MemoryError, torch's "can't allocate memory" RuntimeError
+        if debug or not (isinstance(exc, MemoryError) or "allocate memory" in str(exc)):
+            raise
+        typer.echo(
+            "Error: out of memory; use a smaller --tile or --batch, or free memory, then rerun", err=True
+        )
         sys.exit(1)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
