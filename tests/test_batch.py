@@ -353,7 +353,7 @@ def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
         assert r.status == "skipped" and "another running batch" in r.reason
         assert hidden_files(scene.out.parent) == [f".{scene.out.name}.lock"]  # the refused run left it
     # A temporary file of a killed writer is removed once we own the scene.
-    stale = scene.out.with_name(f".{scene.out.name}.partial-99999-abcd0123.tif")
+    stale = scene.out.with_name(f".{scene.out.name}.partial-4194399-abcd0123.tif")
     stale.write_bytes(b"half a file")
     batch.execute_scene(scene, lambda sc: {})
     assert hidden_files(scene.out.parent) == []

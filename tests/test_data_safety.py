@@ -271,15 +271,24 @@ def test_out_pattern_cannot_leave_out_dir(tmp_path: Path) -> None:
 
 
 def test_stale_cleanup_removes_only_own_temporaries(tmp_path: Path) -> None:
+    """Killed writers' temporaries (PIDs above any pid_max: no such process) go; a user's files and
+    other outputs' stay, and so does the temporary of a writer that still runs (a `fusion pansharpen`
+    onto the same output takes no scene lock: removing its file failed it after all its work)."""
     out = tmp_path / "x_fused.tif"
-    own = [".x_fused.tif.partial-12-0123abcd.tif", ".x_fused.tif.cog-3-deadbeef.tif.ovr"]
-    own.append(".x_fused.tif.metrics.json.tmp-5-00ff00ff.json")
+    own = [".x_fused.tif.partial-4194400-0123abcd.tif", ".x_fused.tif.cog-4194401-deadbeef.tif.ovr"]
+    own.append(".x_fused.tif.metrics.json.tmp-4194402-00ff00ff.json")
     foreign = [".x_fused.tif.lock", ".x_fused.tif.notes", ".x_fused.tif.partial", ".x_fused.tif.bak.tif"]
     # another output's live temporary (`x_fused.tif.v2.tif`), a user's file shaped almost like ours
     foreign += [".x_fused.tif.v2.tif.partial-12-0123abcd.tif", ".x_fused.tif.notes.tmp-2024-12.txt"]
-    for name in own + foreign:
-        (tmp_path / name).write_text("x")
-    removed = batch.remove_stale_temporaries(out)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        foreign.append(f".x_fused.tif.partial-{live.pid}-0123abcd.tif")
+        for name in own + foreign:
+            (tmp_path / name).write_text("x")
+        removed = batch.remove_stale_temporaries(out)
+    finally:
+        live.kill()
+        live.wait()
     assert sorted(p.name for p in removed) == sorted(own)
     assert hidden(tmp_path) == sorted(foreign)
 

@@ -90,12 +90,18 @@ def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Delete the temporary files a killed writer of this tool left beside `out` (call under
-    `scene_lock`): only names of the shape this tool gives them (`raster.is_own_temporary`)."""
-    from fusion_cli.raster import is_own_temporary
+    `scene_lock`): only names of the shape this tool gives them (`raster.is_own_temporary`), and
+    not while the process that wrote them still runs here (`raster.temporary_writer_alive`)."""
+    from fusion_cli.raster import is_own_temporary, temporary_writer_alive
 
     removed = []
     for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        if is_own_temporary(out, p) and p.is_file() and not p.is_symlink():
+        if (
+            is_own_temporary(out, p)
+            and p.is_file()
+            and not p.is_symlink()
+            and not temporary_writer_alive(out, p)
+        ):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)

@@ -51,6 +51,7 @@ from fusion_cli.raster.write import (
     atomic_output,
     is_complete_output,
     is_own_temporary,
+    temporary_writer_alive,
     verify_geotiff,
     write_geotiffs,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "is_complete_output",
     "is_gdal_path",
     "is_own_temporary",
+    "temporary_writer_alive",
     "is_warped",
     "open_raster",
     "output_profile",

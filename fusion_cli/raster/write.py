@@ -81,6 +81,22 @@ def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
+def temporary_writer_alive(out: Path, candidate: Path) -> bool:
+    """Whether the process that named the temporary `candidate` of `out` (`_temp_name`: its PID is in
+    the name) still runs on this host, another than this one: a `fusion pansharpen` writing the
+    same output has no scene lock, and removing its file failed it after all its work."""
+    match = re.search(r"\.(?:" + "|".join(TEMP_TAGS) + r")-(\d+)-", candidate.name[len(out.name) + 1 :])
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # alive under another user / not a PID
+        return True
+    return True
+
+
 def is_own_temporary(out: Path, candidate: Path) -> bool:
     """Whether `candidate` is a temporary file this tool names for `out` (`_temp_name`)."""
     prefix = f".{out.name}"
