@@ -1308,6 +1308,40 @@ def test_simulate_replaces_its_three_files_together(tmp_path: Path, monkeypatch:
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no temporaries
 
 
+def test_ctrl_c_between_simulate_renames_keeps_one_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C right after the first of simulate --overwrite's three renames left the new reference
+    beside the old reduced pair (exit 130). The renames now run with the signal held: the interrupt
+    comes after them, and the folder holds the new set whole."""
+    from fusion_cli.raster import write as write_module
+    from fusion_cli.wald import simulate_files
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    out = tmp_path / "sim"
+    simulate_files(*make_pair(first), out)
+    real, calls = write_module._replace, []
+
+    def interrupted_after_the_first(tmp: Path, target: Path, named: Path) -> None:
+        real(tmp, target, named)
+        calls.append(target)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(write_module, "_replace", interrupted_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_files(*make_pair(second, noise=True), out, overwrite=True)
+    assert len(calls) == 3 and hidden(out) == []
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(write_module, "_replace", real)
+    simulate_files(*make_pair(second, noise=True), fresh)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        p.name: p.read_bytes() for p in fresh.iterdir()
+    }
+
+
 def test_coregister_refuses_a_shift_from_a_weak_correlation_peak(tmp_path: Path) -> None:
     """--coregister applied whatever shift phase correlation returned: on two unrelated images
     (peak 0.27) it moved the product by 12.8 and 4 PAN px. The real pairs here peak at 0.46-0.75;

@@ -177,6 +177,10 @@ def write_geotiffs(
                 raise OutputWriteError(f"cannot write {what} {im.path}: {reason(exc)}") from exc
             if written is not None:
                 written(i)
+        # the renames (each atomic_output's exit) with Ctrl-C held: one between two of them left the
+        # new reference beside the old reduced pair
+        with deferred_signals():
+            stack.close()
 
 
 def _write_whole(tmp: Path, im: GeoTiff) -> None:
