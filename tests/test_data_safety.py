@@ -1342,6 +1342,31 @@ def test_ctrl_c_between_simulate_renames_keeps_one_set(
     }
 
 
+def test_a_product_another_run_wrote_meanwhile_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --overwrite, the output's absence was checked before the last steps of the write
+    (close, verify, COG conversion: seconds on a large scene); a second run's product written in that
+    window was replaced at exit 0. Now the product is placed by a hard link, which refuses an
+    existing file: one line naming --overwrite, the other product kept, no temporary left."""
+    from fusion_cli.raster import write as write_module
+
+    pan, ms = make_pair(tmp_path)
+    out = tmp_path / "out" / "x.tif"
+    out.parent.mkdir()
+    real = write_module.verify_geotiff
+
+    def other_run_finishes_first(path: Path, *args: object) -> None:
+        if not out.exists():
+            out.write_bytes(b"the other run's product")
+        real(path, *args)
+
+    monkeypatch.setattr(write_module, "verify_geotiff", other_run_finishes_first)
+    rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa")
+    one_line_error(rc, err, "appeared while fusing", "--overwrite")
+    assert out.read_bytes() == b"the other run's product" and hidden(out.parent) == []
+
+
 def test_coregister_refuses_a_shift_from_a_weak_correlation_peak(tmp_path: Path) -> None:
     """--coregister applied whatever shift phase correlation returned: on two unrelated images
     (peak 0.27) it moved the product by 12.8 and 4 PAN px. The real pairs here peak at 0.46-0.75;

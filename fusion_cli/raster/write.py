@@ -62,11 +62,25 @@ def _write_target(out: str | os.PathLike[str]) -> Path:
 GDAL_SIDECARS = (".ovr", ".aux.xml", ".msk")
 
 
-def _replace(tmp: Path, target: Path, named: Path) -> None:
+def _replace(tmp: Path, target: Path, named: Path, overwrite: bool = True) -> None:
     """Rename `tmp` onto `target` (what `named`, the path given, writes to) and drop the GDAL sidecars
     of the file it replaced, under either name: a reader would take the old product's overviews or
-    statistics for the new one's."""
-    os.replace(tmp, target)
+    statistics for the new one's. Without `overwrite`, a file that appeared at `target` meanwhile (a
+    second run onto the same output) is refused, not replaced: a hard link fails if it exists."""
+    if overwrite:
+        os.replace(tmp, target)
+    else:
+        appeared = FusionError(f"output {named} appeared while fusing; pass --overwrite to replace it")
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise appeared from None
+        except OSError:  # no hard links on this file system: the check just before is all there is
+            if target.exists():
+                raise appeared from None
+            os.replace(tmp, target)
+        else:
+            os.unlink(tmp)
     for base in {target, named}:
         for suffix in GDAL_SIDECARS:
             side = base.with_name(base.name + suffix)
@@ -356,7 +370,7 @@ class AtomicWriter:
             rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
             verify_geotiff(final)
-        _replace(final, self._target, self.out)
+        _replace(final, self._target, self.out, self.overwrite)
         self._committed = True
         return self.out
 
