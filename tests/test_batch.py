@@ -710,3 +710,31 @@ def test_default_model_batch_names_the_model_for_a_pair_it_cannot_fuse(tmp_path:
     assert by_scene["paris"]["status"] == "failed"
     assert "default model landsat fuses 6 MS bands at ratio 2" in by_scene["paris"]["reason"]
     assert "--model hyperion_pan" in by_scene["paris"]["reason"]
+
+
+def test_a_product_without_its_side_files_is_redone_not_skipped(tmp_path: Path) -> None:
+    """The quicklook and <out>.metrics.json are written after the product is placed: an interrupt in
+    between left a complete product that every rerun skipped, its PNG and metrics never written.
+    A rerun now redoes such a scene; one with its side files (a metrics failure included, recorded
+    in the sidecar) is skipped."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    args = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quicklook", "--metrics", "--json")
+    first = json.loads(run_cli(*args, check_rc=0).stdout)
+    assert first["done"] == 1
+    png, sidecar = out_dir / "a_fused.png", out_dir / "a_fused.tif.metrics.json"
+    assert png.exists() and "HQNR" in json.loads(sidecar.read_text())["metrics"]
+    assert json.loads(run_cli(*args, check_rc=0).stdout)["skipped"] == 1
+    for side in (png, sidecar):
+        side.unlink()  # as an interrupt after the product's rename leaves it
+        again = json.loads(run_cli(*args, check_rc=0).stdout)
+        assert (again["done"], again["skipped"]) == (1, 0) and png.exists() and sidecar.exists()
+    # metrics that cannot be computed (a --reproject run) are recorded as such: the rerun skips
+    out2 = tmp_path / "out2"
+    args2 = ("batch", str(in_dir), str(out2), "--method", "gsa", "--metrics", "--reproject", "--json")
+    assert json.loads(run_cli(*args2, check_rc=0).stdout)["done"] == 1
+    assert "reproject" in json.loads((out2 / "a_fused.tif.metrics.json").read_text())["metrics_error"]
+    assert json.loads(run_cli(*args2, check_rc=0).stdout)["skipped"] == 1

@@ -165,13 +165,16 @@ def execute_scene(
             return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
         remove_stale_temporaries(scene.out)
         if scene.out.exists() and not overwrite:
-            if check(scene.out):
+            if not check(scene.out):
+                why = (
+                    f"output {scene.out} exists but is not a complete fusion-cli product "
+                    "(a foreign or damaged file); use --overwrite to redo it"
+                )
+                return SceneResult(status="failed", reason=why, **base)
+            # a product placed just before an interrupt may lack its quicklook or metrics: redone
+            sides = getattr(process, "side_files", lambda out: [])(scene.out)
+            if all(side.exists() for side in sides):
                 return SceneResult(status="skipped", reason="output complete", **base)
-            why = (
-                f"output {scene.out} exists but is not a complete fusion-cli product "
-                "(a foreign or damaged file); use --overwrite to redo it"
-            )
-            return SceneResult(status="failed", reason=why, **base)
         t0 = time.perf_counter()
         attempts = 0
         while True:

@@ -76,11 +76,14 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             fusers[ratio] = fuser
         return fuser
 
+    def side_files(out: Path) -> list[Path]:
+        """Files written beside a product after it is placed: a scene lacking one is not done."""
+        return side_outputs(out, options) + ([metrics_path(out)] if job.metrics else [])
+
     def process(scene: Scene) -> dict[str, Any]:
         # Side files are replaced as the product is (a redo), but never through a link: the product
         # itself is refused as a symlink when the plan is made (`pairing.escapes`).
-        sides = side_outputs(scene.out, options) + ([metrics_path(scene.out)] if job.metrics else [])
-        for side in sides:
+        for side in side_files(scene.out):
             if side.is_symlink():
                 raise FusionError(
                     f"{side.name}, written beside output {scene.out.name}, is a symlink; remove it or "
@@ -101,8 +104,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
                 )
             except (FusionError, ValueError, MemoryError) as exc:
                 details["metrics_error"] = str(exc)
+                # written too, so that a rerun sees the scene finished rather than redo it
+                write_metrics_sidecar(scene, {"metrics_error": str(exc)})
         return details
 
+    process.side_files = side_files  # type: ignore[attr-defined]
     return process
 
 
@@ -127,7 +133,6 @@ def scene_metrics(
     over the area both inputs cover (a Landsat product lacks the half-covered first PAN row and
     column), so cropping all three from their top-left corners compared pixels one PAN pixel apart.
     """
-    from fusion_cli import raster
     from fusion_cli.assess import EvalOptions, load_case, score
     from fusion_cli.metrics.table import metrics
 
@@ -138,8 +143,14 @@ def scene_metrics(
     )
     keys = [m.name for m in metrics("full")] + ["bands", "ratio", "scored_fraction"]  # as full_resolution
     values = {k: result[k] for k in keys if k in result}
-    sidecar = metrics_path(scene.out)
-    payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), "metrics": values}
-    with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
-        tmp.write_text(jsonout.dumps(payload, indent=2))
+    write_metrics_sidecar(scene, {"metrics": values})
     return values
+
+
+def write_metrics_sidecar(scene: Scene, content: dict[str, Any]) -> None:
+    """`<out>.metrics.json`: the scene's inputs and `content` (its indices, or why there are none)."""
+    from fusion_cli import raster
+
+    payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), **content}
+    with raster.atomic_output(metrics_path(scene.out), overwrite=True, what="metrics") as tmp:
+        tmp.write_text(jsonout.dumps(payload, indent=2))
