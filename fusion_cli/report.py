@@ -17,6 +17,8 @@ import html
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -31,6 +33,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
 from fusion_cli.raster import atomic_output, gdal_env, is_gdal_path, open_raster, source_files
+from fusion_cli.signals import deferred_signals
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 
@@ -411,6 +414,35 @@ def _summary_table(results: list[dict[str, Any]], anchors: list[str]) -> str:
     return f"<table><tr><th>product</th><th>mode</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _evaluate_items(
+    items: Sequence[Any],
+    opts: EvalOptions,
+    img_dir: Path,
+    rgb: tuple[int, int, int] | None,
+    fig_opts: dict[str, Any],
+    progress: Any,
+) -> tuple[list[dict[str, Any]], list[list[tuple[str, str]]]]:
+    """Each item's indices and figures (written to `img_dir`); a product that cannot be evaluated
+    gets its one-line error instead."""
+    results: list[dict[str, Any]] = []
+    figs: list[list[tuple[str, str]]] = []
+    for i, item in enumerate(items):
+        if progress is not None:
+            progress(i, len(items), item.name)
+        stem = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in item.name)[:60]}"
+        try:
+            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio)
+            result = score(case, opts)
+            result["name"] = item.name
+            shown = _figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts)
+            results.append(result)  # after the figures: one entry per item, whichever step fails
+            figs.append(shown)
+        except FusionError as exc:
+            results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
+            figs.append([])
+    return results, figs
+
+
 def _write_html(
     path: Path, results: list[dict[str, Any]], figs: list[list[tuple[str, str]]], opts: EvalOptions
 ) -> None:
@@ -478,38 +510,32 @@ def build_report(
     if out.resolve() in local or any(out.resolve() in f.parents for f in local):
         raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
-    if html_path.exists() and img_dir.is_dir():  # replacing a report (--overwrite): its figures go too,
-        for old in img_dir.glob("[0-9][0-9][0-9]_*.png"):  # or they stay beside the new ones
-            old.unlink()
     img_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    figs: list[list[tuple[str, str]]] = []
-    fig_opts = {"zoom": zoom, "max_side": max_side}
-    for i, item in enumerate(items):
-        if progress is not None:
-            progress(i, len(items), item.name)
-        stem = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in item.name)[:60]}"
-        try:
-            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio)
-            result = score(case, opts)
-            result["name"] = item.name
-            shown = _figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts)
-            results.append(result)  # after the figures: one entry per item, whichever step fails
-            figs.append(shown)
-        except FusionError as exc:
-            results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
-            figs.append([])
-    csv_path = write_csv(
-        [
-            {"name": r["name"], **flatten(r), **({"error": r["error"]} if "error" in r else {})}
-            for r in results
-        ],
-        out / "metrics.csv",
-    )
-    json_path = out / "metrics.json"
-    with atomic_output(json_path, overwrite=True, what="report") as tmp:
-        tmp.write_text(jsonout.dumps(results, indent=2), encoding="utf-8")
-    _write_html(html_path, results, figs, opts)
+    # The figures are made in a staging folder and the report is swapped in at the end, with Ctrl-C
+    # held: an interrupted --overwrite had already deleted the old report's figures.
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=img_dir))
+    try:
+        results, figs = _evaluate_items(
+            items, opts, staging, rgb, {"zoom": zoom, "max_side": max_side}, progress
+        )
+        with deferred_signals():
+            for old in img_dir.glob("[0-9][0-9][0-9]_*.png"):  # the replaced report's figures
+                old.unlink()
+            for fig in staging.iterdir():
+                os.replace(fig, img_dir / fig.name)
+            csv_path = write_csv(
+                [
+                    {"name": r["name"], **flatten(r), **({"error": r["error"]} if "error" in r else {})}
+                    for r in results
+                ],
+                out / "metrics.csv",
+            )
+            json_path = out / "metrics.json"
+            with atomic_output(json_path, overwrite=True, what="report") as tmp:
+                tmp.write_text(jsonout.dumps(results, indent=2), encoding="utf-8")
+            _write_html(html_path, results, figs, opts)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {
         "products": len(results),
         "failed": sum("error" in r for r in results),

@@ -197,3 +197,29 @@ def test_an_overwritten_report_keeps_no_figure_of_the_old_one(
     names = {f.name for f in (out / "img").iterdir()}
     assert "mine.png" in names and not any(n.startswith("001_") for n in names)
     assert any(n.startswith("000_noisy") for n in names)
+
+
+def test_an_interrupted_overwrite_keeps_the_old_report_whole(
+    example_products: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `report --overwrite` drew its first figure left the old index.html with every
+    figure it shows deleted. The new figures are staged and swapped in at the end: the old report
+    stays whole, every image it names present, nothing staged left behind."""
+    import re
+
+    from fusion_cli import report as report_module
+
+    p, out = example_products, tmp_path / "rep"
+    build_report([ReportItem(p["exp"], ref=p["gt"])], out, EvalOptions(ratio=2))
+    before = {f.name: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+
+    def interrupted(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_save_rgb", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    images = re.findall(r"src='img/([^']+)'", (out / "index.html").read_text())
+    assert images and all((out / "img" / n).is_file() for n in images)
+    assert [d for d in (out / "img").iterdir() if d.is_dir()] == []
