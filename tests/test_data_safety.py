@@ -79,15 +79,18 @@ def cli(*args: str | Path) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def cli_process(*args: str | Path, fsize: int | None = None, vmem: int | None = None) -> subprocess.Popen:
-    """The CLI in a child process, optionally under a file-size limit (`ulimit -f`, bytes) or an
-    address-space limit (`ulimit -v`, bytes)."""
+def cli_process(
+    *args: str | Path, fsize: int | None = None, vmem: int | None = None, files: int | None = None
+) -> subprocess.Popen:
+    """The CLI in a child process, optionally under a file-size limit (`ulimit -f`, bytes), an
+    address-space limit (`ulimit -v`, bytes) or an open-files limit (`ulimit -n`)."""
 
     def limit() -> None:
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        if vmem is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (vmem, vmem))
+        for kind, value in (
+            (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_AS, vmem), (resource.RLIMIT_NOFILE, files)
+        ):  # fmt: skip
+            if value is not None:
+                resource.setrlimit(kind, (value, value))
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
@@ -189,6 +192,44 @@ def test_out_of_memory_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     line = error_line(proc.returncode, stderr, 1, "out of memory")
     assert "--tile" in line and "Traceback" not in stderr
     assert not out.exists() and hidden(out.parent) == []
+
+
+def test_a_batch_log_cut_by_a_size_limit_keeps_only_whole_lines(tmp_path: Path) -> None:
+    """A log append cut short by a full disk left half a JSON line (a log no reader parses). The half
+    line is taken back and the batch stops with one line naming the log, exit 1."""
+    src, out_dir = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    make_pair(src, n=64, stem="a_")
+    os.rename(src / "a_pan.tif", src / "a_PAN.tif")
+    os.rename(src / "a_ms.tif", src / "a_MS.tif")
+    log = tmp_path / "b.jsonl"
+    limit = 256 << 10
+    record = json.dumps({"v": 1, "scene": "earlier", "status": "done"}) + "\n"
+    log.write_text(record * ((limit - 200) // len(record)))
+    before = log.read_text()
+    proc = cli_process("batch", src, out_dir, "--method", "gsa", "--log", log, fsize=limit)
+    _, stderr = proc.communicate(timeout=300)
+    error_line(proc.returncode, stderr, 1, "batch log")
+    assert log.read_text() == before  # every line whole: the cut record is taken back
+
+
+def test_a_scene_that_cannot_take_its_lock_fails_alone(tmp_path: Path) -> None:
+    """Under `ulimit -n 10` with two scenes in flight, opening a scene's lock file or listing its
+    stale temporaries failed with EMFILE outside the per-scene handling: the whole batch stopped
+    with one error, no summary, half the scenes unlogged. Now each scene fails or finishes on its
+    own and the summary accounts for all four."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for stem in "abcd":
+        make_pair(src, n=64, stem=f"{stem}_")
+        os.rename(src / f"{stem}_pan.tif", src / f"{stem}_PAN.tif")
+        os.rename(src / f"{stem}_ms.tif", src / f"{stem}_MS.tif")
+    args = ("batch", src, tmp_path / "out", "--method", "gsa", "--scene-workers", "2", "--json")
+    proc = cli_process(*args, files=10)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 1) and "Traceback" not in stderr, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["done"] + summary["failed"] == 4 and len(summary["scenes"]) == 4
 
 
 def test_batch_under_a_size_limit_fails_the_scene(tmp_path: Path) -> None:

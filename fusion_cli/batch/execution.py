@@ -8,6 +8,8 @@ reuses `execute_scene`, so both report alike.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -160,6 +162,22 @@ def execute_scene(
     if lock_file(scene.out).is_symlink():
         why = f"{lock_file(scene.out).name}, the lock file of {scene.out.name}, is a symlink; remove it"
         return SceneResult(status="failed", reason=why, **base)
+    try:
+        return _execute_locked(scene, process, overwrite, retries, check, base)
+    except OSError as exc:  # taking the lock or clearing stale files (no file handle left, a full disk)
+        why = f"cannot take the scene's lock or clear its stale files: {exc}"
+        return SceneResult(status="failed", reason=why, **base)
+
+
+def _execute_locked(
+    scene: Scene,
+    process: SceneProcessor,
+    overwrite: bool,
+    retries: int,
+    check: CompleteCheck,
+    base: dict[str, Any],
+) -> SceneResult:
+    """`execute_scene` under the scene's lock."""
     with scene_lock(scene.out) as mine:
         if not mine:
             return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
@@ -263,10 +281,25 @@ class JsonlLog:
         }
         # One write() of a whole line on an O_APPEND file: shards sharing a log do not interleave.
         line = jsonout.dumps(record) + "\n"
+        data = line.encode("utf-8")
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line.encode("utf-8"))
+                start = os.fstat(fd).st_size
+                error: OSError = OSError(errno.ENOSPC, "short write (disk full?)")
+                try:
+                    written = os.write(fd, data)
+                except OSError as exc:
+                    written, error = -1, exc
+                if written != len(data):
+                    # a full disk or a size limit cut the record: take the half line back (unless
+                    # another shard appended after it) rather than leave a line no reader can parse
+                    with contextlib.suppress(OSError):
+                        if os.fstat(fd).st_size == start + max(written, 0):
+                            os.ftruncate(fd, start)
+                    raise OSError(
+                        error.errno, f"cannot append to the batch log {self.path}: {error.strerror}"
+                    )
             finally:
                 os.close(fd)
 
