@@ -247,16 +247,25 @@ def evaluate(
     block: int = 32,
     progress: Callable[[int, int], None] | None = None,
     sources: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`. `progress(done, total)` is
     called after each fusion (methods x scenes, twice with `full_resolution`). `sources`: files the
-    scenes were listed from (a manifest), which the results must not replace, as the scenes' inputs."""
+    scenes were listed from (a manifest), which the results must not replace, as the scenes' inputs.
+    An earlier run's tables in `out_dir` are replaced only with `overwrite` (its products of methods
+    not run again stay under OUT/products)."""
     out_dir = Path(out_dir)
     if not scenes:
         raise FusionError("no scenes to evaluate")
     files = result_files(out_dir)
     _check_results(files, [*sources, *(p for pan, ms, _ in scenes for p in (pan, ms))])
+    earlier = [Path(p).name for p in files.values() if Path(p).exists()]
+    if earlier and not overwrite:
+        raise FusionError(
+            f"{out_dir} holds an earlier evaluation ({', '.join(earlier)}); pass --overwrite to replace "
+            "it, or choose another output folder"
+        )
     if tile <= 0:
         raise FusionError(f"--tile must be positive, got {tile}")
     created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # emptied ones go on failure

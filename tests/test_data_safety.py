@@ -516,6 +516,25 @@ def test_evaluate_with_nan_is_an_input_error(tmp_path: Path) -> None:
     one_line_error(rc, err, "NaN or infinite", str(ms))
 
 
+def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path: Path) -> None:
+    """A second `fusion evaluate -o OUT` replaced the first one's tables without a word (every other
+    command keeps an existing output unless --overwrite). Now refused with one line, tables kept;
+    --overwrite replaces them."""
+    pan, ms = make_pair(tmp_path)
+    out = tmp_path / "ev"
+    args = ("evaluate", pan, ms, "-o", out, "--no-full", "--block", "8", "-q", "--methods")
+    rc, _, err = cli(*args, "exp")
+    assert rc == 0, err
+    before = (out / "results.csv").read_bytes()
+    rc, _, err = cli(*args, "gsa")
+    one_line_error(rc, err, "earlier evaluation", "--overwrite")
+    assert (out / "results.csv").read_bytes() == before
+    rc, _, err = cli(*args, "gsa", "--overwrite")
+    assert rc == 0, err
+    with (out / "results.csv").open() as fh:
+        assert [row["method"] for row in csv.DictReader(fh)] == ["gsa"]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. SIGTERM and SIGHUP behave like Ctrl-C
 

@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
         keep: bool = typer.Option(
             True, "--keep/--no-keep", help="Keep the fused products under OUT/products."
         ),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace an earlier evaluation's tables in OUT (and its products)."
+        ),
         quiet: bool = OutputOpt.quiet,
         json_out: bool = OutputOpt.json_out,
     ) -> None:
@@ -75,6 +78,7 @@ def register(app: typer.Typer) -> None:
                 scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut,
                 clip_bits=clip_bits, full_resolution=not no_full, device=device, keep_products=keep,
                 tile=tile, bands=band_list, block=block, progress=update, sources=inputs,
+                overwrite=overwrite,
             )  # fmt: skip
         if json_out:
             echo_json({"summary": res.summary, "files": res.files})
