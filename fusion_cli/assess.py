@@ -301,7 +301,11 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         assert ratio is not None
         fused, pan = f.data, case.pan.data
         if pan.shape[0] != 1:
-            raise FusionError(f"PAN {case.pan.name} has {pan.shape[0]} bands: QNR needs a single PAN band")
+            raise FusionError(
+                f"the high-resolution input {case.pan.name} has {pan.shape[0]} bands (an MSI: a HISR "
+                "product?); the no-reference indices (QNR, HQNR) need a single-band PAN: score it "
+                "against a reference with --ref (or, in fusion evaluate, --no-full)"
+            )
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)

@@ -107,14 +107,25 @@ def _fuse(
     tile: int,
     bands: list[int] | None,
 ) -> float:
-    from fusion_cli.pipeline import pansharpen
+    from fusion_cli.pipeline import hisr, pansharpen
 
     t0 = time.perf_counter()
-    pansharpen(
-        pan, ms, out, model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
+    kwargs = dict(
+        model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
         device=device, overwrite=True, measure_shift=False, tile=tile, bands=bands,
     )  # fmt: skip
+    if _is_msi(pan):  # HISR: the classical methods take the MSI as a multi-band "PAN" there
+        hisr(ms, pan, out, **kwargs)
+    else:
+        pansharpen(pan, ms, out, **kwargs)
     return time.perf_counter() - t0
+
+
+def _is_msi(path: str | Path) -> bool:
+    """Whether the high-resolution input has several bands (an MSI: a HISR pair)."""
+    from fusion_cli.pipeline.readers import band_count
+
+    return band_count(path, "PAN") > 1
 
 
 def evaluate_scene(
@@ -155,6 +166,9 @@ def evaluate_scene(
         round_uint16=None,  # as fusion metrics: when the reference holds whole-number DN
     )  # fmt: skip
     rows = []
+    # the no-reference indices need a single-band PAN: a HISR pair (an MSI) is scored at reduced
+    # resolution only
+    full_resolution = full_resolution and not _is_msi(pan)
     per = 2 if full_resolution else 1  # fusions per method
     total = per * len(methods)
     for i, spec in enumerate(methods):
