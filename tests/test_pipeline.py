@@ -563,3 +563,26 @@ def test_reproject_warps_the_ms_onto_the_pan_grid(tmp_path, nodata):
     assert abs(other.shift_measured["dx"] - same.shift_measured["dx"]) < 0.1
     assert np.abs(x - y).mean() < 0.09 * x.mean()
     assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
+
+
+def test_quicklook_bands_are_chosen_by_wavelength() -> None:
+    """A 128-band Hyperion product's quicklook showed bands 4, 2, 1 (498 / 477 / 467 nm: nearly grey).
+    Bands with known wavelengths (the card's, or named in nm) give the ones nearest 650 / 550 / 470
+    nm; band names match whole words ("[inferred]" is not "red"); otherwise the guess by count."""
+    from fusion_cli.models.fuser import NetworkFuser
+    from fusion_cli.models.registry import load_model
+    from fusion_cli.pipeline.output import rgb_bands
+
+    hyperion = NetworkFuser(load_model("hyperion_pan", device="cpu"))
+    r, g, b = rgb_bands(hyperion, [None] * 128, 128)
+    assert [hyperion.card.bands[i].split("(")[1] for i in (r, g, b)] == [
+        "650.67 nm)",
+        "548.92 nm)",
+        "467.52 nm)",
+    ]
+    gsa = DetailFuser(4)
+    assert rgb_bands(gsa, ["B2 blue", "B3 green", "B4 red", "B8 nir"], 4) == (2, 1, 0)
+    assert rgb_bands(gsa, ["blue", "green", "x [inferred]", "red"], 4) == (3, 1, 0)
+    assert rgb_bands(gsa, ["a", "b", "c", "d", "e", "f"], 6) == (2, 1, 0)  # the count's guess
+    named_nm = [f"band {i} ({400 + 20 * i} nm)" for i in range(20)]  # 400, 420, ... 780 nm
+    assert rgb_bands(gsa, named_nm, 20) == (12, 7, 3)  # 640, 540, 460 nm

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,19 +183,33 @@ def write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
     return str(png)
 
 
+# Display wavelengths (um) of red, green and blue, and how far a band's centre may be from them
+_RGB_UM = (0.65, 0.55, 0.47)
+_RGB_TOLERANCE_UM = 0.05
+
+
 def rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tuple[int, int, int]:
-    """0-based (r, g, b) band indexes: from the fuser's card or band names, else a common guess."""
-    names = [str(n or "").lower() for n in (model_band_names(fuser) or descriptions)]
+    """0-based (r, g, b) band indexes: the bands nearest 650 / 550 / 470 nm where the fuser's card or
+    the band names give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else
+    bands named red / green / blue (B4 / B3 / B2), else the common guess by band count."""
+    from fusion_cli.quicklook import default_rgb
+    from fusion_cli.wavelengths import from_names
+
+    names = [str(n or "") for n in (model_band_names(fuser) or descriptions)]
+    waves = from_names(names) if names else None
+    if waves and len(waves) == count:
+        centres = np.array([w.centre_um for w in waves])
+        picks = [int(np.argmin(np.abs(centres - um))) for um in _RGB_UM]
+        if all(abs(centres[i] - um) <= _RGB_TOLERANCE_UM for i, um in zip(picks, _RGB_UM, strict=True)):
+            return picks[0], picks[1], picks[2]
 
     def find(*keys: str) -> int | None:
         for i, n in enumerate(names):
-            if any(k in n for k in keys):
+            if any(re.search(rf"\b{k}\b", n.lower()) for k in keys):  # words: "[inferred]" is no red
                 return i
         return None
 
     r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
     if r is not None and g is not None and b is not None:
         return r, g, b
-    if count >= 3:
-        return (2, 1, 0) if count <= 4 else (4, 2, 1)  # BGR(N) order; WV3 8-band: red, green, blue
-    return 0, 0, 0
+    return default_rgb(count)
