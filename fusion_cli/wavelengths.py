@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fusion_cli.sensors import four_band, sensor_or_generic
 
@@ -137,6 +138,30 @@ def from_names(names: Sequence[str]) -> list[Wavelength] | None:
             return None
         w = Wavelength.span(lo / 1000, hi / 1000)
         out.append(w if w.fwhm_um else Wavelength(w.centre_um))
+    return out
+
+
+def of_raster(ds: Any, bands: Sequence[int]) -> list[Wavelength | None]:
+    """The wavelengths of a raster's `bands` (1-based) as it states them: GDAL's IMAGERY domain
+    (CENTRAL_WAVELENGTH_UM, FWHM_UM: what this tool's products carry), a WAVELENGTH_NM band tag, or a
+    band description in nm ("Hyperion band 11 (457.34 nm)", "B4 red (636-673 nm)"); None for a band
+    that states none (or one that does not parse)."""
+    out: list[Wavelength | None] = []
+    for b in bands:
+        imagery, tags = ds.tags(b, ns="IMAGERY"), ds.tags(b)
+        try:
+            if "CENTRAL_WAVELENGTH_UM" in imagery:
+                fwhm = imagery.get("FWHM_UM")
+                out.append(Wavelength(float(imagery["CENTRAL_WAVELENGTH_UM"]), float(fwhm) if fwhm else None))
+                continue
+            if "WAVELENGTH_NM" in tags:
+                out.append(Wavelength(float(tags["WAVELENGTH_NM"]) / 1000))
+                continue
+        except ValueError:
+            out.append(None)
+            continue
+        named = from_names([ds.descriptions[b - 1] or ""])
+        out.append(named[0] if named else None)
     return out
 
 

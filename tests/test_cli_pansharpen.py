@@ -563,3 +563,37 @@ def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -
     p99, worst = float(np.percentile(diff, 99)), float(diff.max())
     assert p99 < 3.0 and worst < 30, (p99, worst)
     assert dn_product.min() >= 0 and refl_product.min() >= 0
+
+
+def test_bands_in_another_order_than_the_model_are_refused_by_wavelength(tmp_path, capsys):
+    """The Paris HSI crop with its bands reversed (each still named with its wavelength) went
+    through hyperion_pan at exit 0, its product's wavelength tags contradicting its band names. Where
+    the MS names its bands' wavelengths, each must be the card's band (within half-widths + 5 nm:
+    Hyperion bands are 10 nm apart, so one band off is refused too)."""
+    from rasterio.windows import Window
+
+    with rasterio.open(need_shared("eo1_hyperion_ali_paris", "hs.tif")) as src:
+        win = Window(0, 0, 32, 32)
+        data, profile, names = src.read(window=win), src.profile, list(src.descriptions)
+        profile.update(width=32, height=32, transform=src.window_transform(win))
+    with rasterio.open(need_shared("eo1_hyperion_ali_paris", "pan.tif")) as src:
+        win = Window(0, 0, 96, 96)
+        pan_data, pan_profile = src.read(window=win), src.profile
+        pan_profile.update(width=96, height=96, transform=src.window_transform(win))
+    pan = str(tmp_path / "pan.tif")
+    with rasterio.open(pan, "w", **pan_profile) as dst:
+        dst.write(pan_data)
+    reversed_hs = str(tmp_path / "hs_reversed.tif")
+    with rasterio.open(reversed_hs, "w", **profile) as dst:
+        dst.write(data[::-1])
+        dst.descriptions = tuple(names[::-1])
+    args = ["pansharpen", pan, reversed_hs, "--model", "hyperion_pan", "-q"]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "o.tif"))
+    assert_one_line_error(code, err, "MS band 1 is at 2345 nm but band 1 of hyperion_pan is Hyperion band 8")
+    # one band off: bands 2..128 and 127 in the model's places 1..127 and 128
+    off = ",".join(map(str, range(127, 0, -1))) + ",1"
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "o.tif"), "--bands", off)
+    assert_one_line_error(code, err, "but band 1 of hyperion_pan is Hyperion band 8")
+    back = ",".join(str(b) for b in range(128, 0, -1))  # the reversed file in the model's order
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "ok.tif"), "--bands", back)
+    assert code == 0, err

@@ -19,7 +19,7 @@ import numpy as np
 from fusion_cli import align, raster
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
-from fusion_cli.pipeline.engine import check_fuser, plan_for, run, set_threads
+from fusion_cli.pipeline.engine import check_band_wavelengths, check_fuser, plan_for, run, set_threads
 from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
 from fusion_cli.pipeline.output import (
@@ -137,6 +137,7 @@ def fuse_files(
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
         check_fuser(fuser, len(pan_bands), len(bands))
+        check_band_wavelengths(fuser, ms_ds, bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
         out_dtype = opts.out_dtype or ms_dtype
         try:

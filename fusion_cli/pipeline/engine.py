@@ -8,8 +8,9 @@ import contextlib
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,36 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
             f"the high-resolution input has {pan_count} bands but {fuser.name} "
             f"expects {fuser.pan_bands}; pick a model or method for this pair"
         )
+
+
+# How far (um) an MS band's stated centre may lie from the model band's, beyond their half-widths:
+# Hyperion's bands are ~10 nm apart, so one band off is refused
+WAVELENGTH_SLACK_UM = 0.005
+
+
+def check_band_wavelengths(fuser: Fuser, ms_ds: Any, bands: Sequence[int]) -> None:
+    """Where the MS states a band's wavelength and the fuser's card gives its own, refuse bands in
+    another order or one band off: a reversed Hyperion cube fused at exit 0 with the product's
+    wavelength tags contradicting its band names, and an off-by-one --bands fed a dead band. Bands
+    that state no wavelength are not compared."""
+    from fusion_cli.wavelengths import from_names, of_raster
+
+    if fuser.card is None:
+        return
+    expected = from_names(fuser.card.bands)
+    given = of_raster(ms_ds, bands)
+    if expected is None or len(expected) != len(given):
+        return
+    for i, (want, got) in enumerate(zip(expected, given, strict=True)):
+        if got is None:
+            continue
+        slack = WAVELENGTH_SLACK_UM + ((want.fwhm_um or 0) + (got.fwhm_um or 0)) / 2
+        if abs(want.centre_um - got.centre_um) > slack:
+            raise FusionError(
+                f"MS band {bands[i]} is at {got.centre_um * 1000:.0f} nm but band {i + 1} of {fuser.name} "
+                f"is {fuser.card.bands[i]}; pass --bands with the MS bands in the model's order "
+                "(`fusion info` lists them)"
+            )
 
 
 # How much larger than the default tile a scene may be and still be fused in one window (its area:
