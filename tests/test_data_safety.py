@@ -1531,6 +1531,10 @@ def test_resume_refuses_settings_the_checkpoint_was_not_trained_with(tmp_path: P
     assert rc == 0, err
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 2, 4]  # the baseline, then each epoch's end
+    # the card's command replays the training: --resume, which needs the checkpoint, is not in it
+    (card,) = [p for p in out.glob("*.json") if p.name != "train_log.jsonl"]
+    command = json.loads(card.read_text())["training"]["command"]
+    assert "--resume" not in command and "--epochs 2" in command
 
 
 def test_training_inputs_with_nan_are_named_not_reported_as_divergence(tmp_path: Path) -> None:

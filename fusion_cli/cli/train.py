@@ -24,9 +24,12 @@ def _pair(text: str | None, what: str) -> tuple[float, float] | None:
 
 
 def _command_line(ctx: typer.Context) -> str:
-    """The command as the user gave it (options not left at their defaults), for the model card."""
+    """The command as the user gave it (options not left at their defaults), for the model card;
+    without --resume, which continues the same training and cannot replay it into a fresh folder."""
     parts = ["fusion", "train"]
     for param in ctx.command.params:
+        if "--resume" in param.opts:
+            continue
         value = ctx.params.get(param.name)
         source = ctx.get_parameter_source(param.name)
         # Typer bundles its own click: compare by name, not with click's enum and classes.
