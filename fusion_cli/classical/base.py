@@ -479,7 +479,10 @@ def pan_lowpass_per_band(
 
 
 def gauss_lowpass(img: torch.Tensor, ratio: int) -> torch.Tensor:
-    """The toolbox's `LPfilterGauss`: Gaussian MTF with gain 0.3 at Nyquist, full resolution."""
+    """The toolbox's `LPfilterGauss`: Gaussian MTF with gain 0.3 at Nyquist, full resolution. Its
+    width is that of the MTF filters (`mtf.mtf_kernel`, N - 1 = 40 in the width formula), where
+    `LPfilterGauss.m` puts N = 41: a 0.37 % narrower PAN std, products within 0.3 DN on average
+    (4.8 DN at most on a 512^2 WorldView-3 crop); a documented convention, see the README."""
     return mtf_filter(img, GENERIC_MS_GAIN, ratio, rank=1)
 
 
