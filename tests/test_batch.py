@@ -738,3 +738,31 @@ def test_a_product_without_its_side_files_is_redone_not_skipped(tmp_path: Path) 
     assert json.loads(run_cli(*args2, check_rc=0).stdout)["done"] == 1
     assert "reproject" in json.loads((out2 / "a_fused.tif.metrics.json").read_text())["metrics_error"]
     assert json.loads(run_cli(*args2, check_rc=0).stdout)["skipped"] == 1
+
+
+def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`<out>.metrics.json` was checked for a symlink only before the scene was fused: a link made
+    meanwhile (here to the scene's own PAN) was written through and replaced the input with JSON at
+    exit 0. The sidecar is checked again when it is written; the input is untouched."""
+    from rasterio.windows import Window
+
+    from fusion_cli import pipeline
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    pan, _ = write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    before = pan.read_bytes()
+    real = pipeline.fuse_files
+
+    def fuse_then_link(pan_path, ms_path, out, *args, **kwargs):
+        summary = real(pan_path, ms_path, out, *args, **kwargs)
+        Path(str(out) + ".metrics.json").symlink_to(Path(pan_path).resolve())
+        return summary
+
+    monkeypatch.setattr(pipeline, "fuse_files", fuse_then_link)
+    res = run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--metrics", "--json")
+    (scene,) = json.loads(res.stdout)["scenes"]
+    assert pan.read_bytes() == before
+    assert "symlink" in (scene.get("reason") or scene["details"].get("metrics_error", ""))

@@ -152,5 +152,9 @@ def write_metrics_sidecar(scene: Scene, content: dict[str, Any]) -> None:
     from fusion_cli import raster
 
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), **content}
-    with raster.atomic_output(metrics_path(scene.out), overwrite=True, what="metrics") as tmp:
+    sidecar = metrics_path(scene.out)
+    if sidecar.is_symlink():  # made while the scene was fused (checked before): written through, it
+        # replaced the file it points to (an input, in the audit)
+        raise FusionError(f"{sidecar.name}, written beside output {scene.out.name}, is a symlink; remove it")
+    with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
         tmp.write_text(jsonout.dumps(payload, indent=2))
