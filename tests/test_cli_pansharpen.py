@@ -597,3 +597,29 @@ def test_bands_in_another_order_than_the_model_are_refused_by_wavelength(tmp_pat
     back = ",".join(str(b) for b in range(128, 0, -1))  # the reversed file in the model's order
     code, _, err = run(capsys, *args, "-o", str(tmp_path / "ok.tif"), "--bands", back)
     assert code == 0, err
+
+
+def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
+    """`--pan-bands` picks bands of the high-resolution input (there was no way to give
+    hyperion_hisr six of an ALI MSI's nine bands): the Paris pair fused with --pan-bands 1,...,6 of
+    the 9-band MSI equals the fusion with a 6-band copy of the MSI."""
+    with rasterio.open(need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")) as ds:
+        ref = ds.read().astype(np.float32)
+    lr = ref.reshape(128, 24, 3, 24, 3).mean(axis=(2, 4))
+    hsi = str(tmp_path / "hsi.tif")
+    with rasterio.open(hsi, "w", driver="GTiff", width=24, height=24, count=128, dtype="float32") as dst:
+        dst.write(lr)
+    msi9 = str(need_shared("eo1_hyperion_ali_paris", "ms.tif"))
+    with rasterio.open(msi9) as ds:
+        six, profile = ds.read()[:6], ds.profile
+    msi6 = str(tmp_path / "msi6.tif")
+    with rasterio.open(msi6, "w", **{**profile, "count": 6}) as dst:
+        dst.write(six)
+    products = []
+    for msi, extra in ((msi9, ["--pan-bands", "1,2,3,4,5,6"]), (msi6, [])):
+        out = str(tmp_path / f"o{len(products)}.tif")
+        code, _, err = run(capsys, "hisr", hsi, msi, "-o", out, "--method", "mtf-glp-hs", "-q", *extra)
+        assert code == 0, err
+        with rasterio.open(out) as ds:
+            products.append(ds.read())
+    np.testing.assert_array_equal(products[0], products[1])

@@ -332,6 +332,12 @@ def register_fuse_command(
         method: str | None = FuseOpt.method,
         sensor: str | None = FuseOpt.sensor,
         bands: str | None = FuseOpt.bands,
+        pan_bands: str | None = typer.Option(
+            None,
+            "--pan-bands",
+            help=f"1-based bands of the {metavars[0]} to use, in the order a model expects (default: "
+            "all but an alpha band), e.g. six of an ALI MSI's nine for hyperion_hisr.",
+        ),
         dn_max: float | None = FuseOpt.dn_max,
         tile: int | None = FuseOpt.tile,
         overlap: int | None = FuseOpt.overlap,
@@ -373,6 +379,7 @@ def register_fuse_command(
             method=method,
             sensor=sensor,
             bands=parse_bands(bands),
+            pan_bands=parse_bands(pan_bands),
             dn_max=dn_max,
             tile=tile,
             overlap=overlap,

@@ -50,7 +50,8 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
     if pan_count != fuser.pan_bands:
         raise FusionError(
             f"the high-resolution input has {pan_count} bands but {fuser.name} "
-            f"expects {fuser.pan_bands}; pick a model or method for this pair"
+            f"expects {fuser.pan_bands}; select them with --pan-bands, or pick a model or method for "
+            "this pair"
         )
 
 
