@@ -178,6 +178,18 @@ def test_cog_overviews_cut_short_by_a_full_disk_are_an_error(tmp_path: Path) -> 
     assert not out.exists() and hidden(out.parent) == []
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--cog", "-q")
     assert rc == 0 and raster.is_complete_output(out), err
+    # a user's external overviews (gdaladdo -ro, QGIS pyramids; uncompressed, larger than the
+    # deflated product) are not the product's: it is still complete
+    (tmp_path / "smooth").mkdir()
+    smooth = tmp_path / "smooth.tif"
+    rc, _, err = cli(
+        "pansharpen", *make_pair(tmp_path / "smooth", n=1024), "-o", smooth, "--method", "gsa", "-q"
+    )
+    assert rc == 0, err
+    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(smooth, "r+") as ds:
+        ds.build_overviews([2, 4, 8])
+    assert smooth.with_name(smooth.name + ".ovr").stat().st_size > smooth.stat().st_size
+    assert raster.is_complete_output(smooth)
 
 
 def test_out_of_memory_is_one_line_not_a_traceback(tmp_path: Path) -> None:

@@ -131,19 +131,20 @@ def _open(path: Path, mode: str = "r", **profile: Any) -> Any:
         return rasterio.open(path, mode, **profile)
 
 
-def verify_geotiff(path: Path, complete_tag: bool = True) -> None:
+def verify_geotiff(path: Path, complete_tag: bool = True, overviews: bool = False) -> None:
     """Raise OSError unless `path` opens, carries the completion tag and holds every block it
-    indexes, at full resolution and in every overview: a write cut short by a full disk or a
-    file-size limit (which GDAL only prints, and rasterio's close does not raise) leaves a file
-    without its directory or with blocks past its end, or overviews never written (read as zeros,
-    and copied as such into a COG that then passed this check)."""
+    indexes: a write cut short by a full disk or a file-size limit (which GDAL only prints, and
+    rasterio's close does not raise) leaves a file without its directory or with blocks past its
+    end. `overviews` (a file this tool just wrote, with internal overviews): also every overview's
+    blocks, which a full disk left unwritten (read as zeros, and copied as such into a COG). Not for
+    a finished product: a user's external .ovr (gdaladdo -ro) is not inside the file."""
     size = path.stat().st_size
     with gdal_env():
         with _open(path) as ds:
             if complete_tag and ds.tags().get(COMPLETE_TAG) != "1":
                 raise OSError("the completion tag is missing")
             _check_blocks(ds, size, "")
-            levels = len(ds.overviews(1)) if ds.count else 0
+            levels = len(ds.overviews(1)) if ds.count and overviews else 0
         for level in range(levels):
             with _open(path, overview_level=level) as ov:
                 _check_blocks(ov, size, f" of overview {level + 1}")
@@ -155,7 +156,7 @@ def _check_blocks(ds: Any, size: int, where: str) -> None:
         for (i, j), _ in ds.block_windows(b):
             off = ds.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=b)
             n = ds.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=b)
-            if not off or not n or int(off) == 0 or int(n) == 0 or int(off) + int(n) > size:
+            if not off or not n or int(off) + int(n) > size:  # GDAL gives no offset for unwritten blocks
                 raise OSError(f"block {i},{j} of band {b}{where} is missing")
 
 
@@ -365,11 +366,11 @@ class AtomicWriter:
                 factors = overview_factors(dst.width, dst.height)
                 if factors:
                     dst.build_overviews(factors, Resampling.average)
-            verify_geotiff(self._tmp)  # overviews cut short by a full disk are sparse (zeros)
+            verify_geotiff(self._tmp, overviews=True)  # cut short by a full disk: sparse (zeros)
             # The COG driver reuses the overviews just built and streams block by block.
             rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
-            verify_geotiff(final)
+            verify_geotiff(final, overviews=True)
         _replace(final, self._target, self.out, self.overwrite)
         self._committed = True
         return self.out
