@@ -712,11 +712,12 @@ def test_default_model_batch_names_the_model_for_a_pair_it_cannot_fuse(tmp_path:
     assert "--model hyperion_pan" in by_scene["paris"]["reason"]
 
 
-def test_a_product_without_its_side_files_is_redone_not_skipped(tmp_path: Path) -> None:
+def test_a_product_without_its_side_files_gets_them_on_the_rerun(tmp_path: Path) -> None:
     """The quicklook and <out>.metrics.json are written after the product is placed: an interrupt in
     between left a complete product that every rerun skipped, its PNG and metrics never written.
-    A rerun now redoes such a scene; one with its side files (a metrics failure included, recorded
-    in the sidecar) is skipped."""
+    A rerun now writes the missing side files from the product as it is (not fused again, not
+    replaced); a scene with its side files (a metrics failure included, recorded in the sidecar) is
+    skipped."""
     from rasterio.windows import Window
 
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
@@ -728,10 +729,14 @@ def test_a_product_without_its_side_files_is_redone_not_skipped(tmp_path: Path) 
     png, sidecar = out_dir / "a_fused.png", out_dir / "a_fused.tif.metrics.json"
     assert png.exists() and "HQNR" in json.loads(sidecar.read_text())["metrics"]
     assert json.loads(run_cli(*args, check_rc=0).stdout)["skipped"] == 1
+    product = out_dir / "a_fused.tif"
+    stamp = product.stat().st_mtime_ns
     for side in (png, sidecar):
         side.unlink()  # as an interrupt after the product's rename leaves it
         again = json.loads(run_cli(*args, check_rc=0).stdout)
-        assert (again["done"], again["skipped"]) == (1, 0) and png.exists() and sidecar.exists()
+        assert (again["done"], again["skipped"]) == (0, 1) and png.exists() and sidecar.exists()
+        assert "side files written" in again["scenes"][0]["reason"]
+    assert product.stat().st_mtime_ns == stamp and "HQNR" in json.loads(sidecar.read_text())["metrics"]
     # metrics that cannot be computed (a --reproject run) are recorded as such: the rerun skips
     out2 = tmp_path / "out2"
     args2 = ("batch", str(in_dir), str(out2), "--method", "gsa", "--metrics", "--reproject", "--json")

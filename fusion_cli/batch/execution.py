@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fusion_cli import jsonout
 from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
@@ -32,6 +32,18 @@ from fusion_cli.signals import interrupt_behind
 LOG_VERSION = 1
 
 SceneProcessor = Callable[[Scene], dict[str, Any]]
+
+
+@runtime_checkable
+class FinishingProcessor(Protocol):
+    """A processor whose products have side files (quicklook, metrics) written after the product is
+    placed (`fusion.make_scene_processor`): a complete product lacking one gets it from `finish`."""
+
+    def __call__(self, scene: Scene) -> dict[str, Any]: ...
+    def side_files(self, out: Path) -> list[Path]: ...
+    def finish(self, scene: Scene) -> dict[str, Any]: ...
+
+
 CompleteCheck = Callable[[Path], bool]
 
 
@@ -165,6 +177,9 @@ def execute_scene(
     try:
         return _execute_locked(scene, process, overwrite, retries, check, base)
     except OSError as exc:  # taking the lock or clearing stale files (no file handle left, a full disk)
+        interrupt = interrupt_behind(exc)
+        if interrupt is not None:  # a cleanup step failed under Ctrl-C: still Ctrl-C
+            raise interrupt from None
         why = f"cannot take the scene's lock or clear its stale files: {exc}"
         return SceneResult(status="failed", reason=why, **base)
 
@@ -189,10 +204,21 @@ def _execute_locked(
                     "(a foreign or damaged file); use --overwrite to redo it"
                 )
                 return SceneResult(status="failed", reason=why, **base)
-            # a product placed just before an interrupt may lack its quicklook or metrics: redone
-            sides = getattr(process, "side_files", lambda out: [])(scene.out)
-            if all(side.exists() for side in sides):
+            if not isinstance(process, FinishingProcessor) or all(
+                side.exists() for side in process.side_files(scene.out)
+            ):
                 return SceneResult(status="skipped", reason="output complete", **base)
+            # placed just before an interrupt, without its quicklook or metrics: those are written
+            try:
+                details = process.finish(scene)
+            except Exception as exc:  # noqa: BLE001 - one scene must not stop the batch
+                interrupt = interrupt_behind(exc)
+                if interrupt is not None:
+                    raise interrupt from None
+                why = f"output complete, but writing its side files failed: {type(exc).__name__}: {exc}"
+                return SceneResult(status="failed", reason=why, **base)
+            why = "output complete; its missing side files written"
+            return SceneResult(status="skipped", reason=why, details=details, **base)
         t0 = time.perf_counter()
         attempts = 0
         while True:

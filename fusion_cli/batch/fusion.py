@@ -48,7 +48,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     methods have no weights).
     """
     from fusion_cli import pipeline
-    from fusion_cli.pipeline.output import side_outputs
+    from fusion_cli.pipeline.output import side_outputs, write_quicklook
 
     # The batch already decided the scene must be (re)done, so the writer may replace the target.
     options = replace(job.options, overwrite=True)
@@ -80,7 +80,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         """Files written beside a product after it is placed: a scene lacking one is not done."""
         return side_outputs(out, options) + ([metrics_path(out)] if job.metrics else [])
 
-    def process(scene: Scene) -> dict[str, Any]:
+    def refuse_linked_side_files(scene: Scene) -> None:
         # Side files are replaced as the product is (a redo), but never through a link: the product
         # itself is refused as a symlink when the plan is made (`pairing.escapes`).
         for side in side_files(scene.out):
@@ -89,26 +89,41 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
                     f"{side.name}, written beside output {scene.out.name}, is a symlink; remove it or "
                     "choose another output name"
                 )
+
+    def add_metrics(scene: Scene, ratio: int, details: dict[str, Any]) -> None:
+        # The product is already complete: a metrics problem is reported, not a failed scene.
+        try:
+            details["metrics"] = scene_metrics(
+                scene, ratio=ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject,
+                bands=options.bands,
+            )  # fmt: skip
+        except (FusionError, ValueError, MemoryError) as exc:
+            details["metrics_error"] = str(exc)
+            # written too, so that a rerun sees the scene finished rather than redo it
+            write_metrics_sidecar(scene, {"metrics_error": str(exc)})
+
+    def process(scene: Scene) -> dict[str, Any]:
+        refuse_linked_side_files(scene)
         fuser = fuser_for(scene)
         summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
         details = summary.to_dict()
         if job.metrics:
-            # The product is already complete: a metrics problem is reported, not a failed scene.
-            try:
-                details["metrics"] = scene_metrics(
-                    scene,
-                    ratio=summary.ratio,
-                    sensor=job.fuser.get("sensor"),
-                    reproject=options.reproject,
-                    bands=options.bands,
-                )
-            except (FusionError, ValueError, MemoryError) as exc:
-                details["metrics_error"] = str(exc)
-                # written too, so that a rerun sees the scene finished rather than redo it
-                write_metrics_sidecar(scene, {"metrics_error": str(exc)})
+            add_metrics(scene, summary.ratio, details)
+        return details
+
+    def finish(scene: Scene) -> dict[str, Any]:
+        """Write the side files a complete product lacks (an interrupt came after it was placed),
+        from the product as it is: no second fusion, and no product replaced."""
+        refuse_linked_side_files(scene)
+        details: dict[str, Any] = {}
+        if options.quicklook and not scene.out.with_suffix(".png").exists():
+            details["quicklook"] = write_quicklook(scene.out, fuser_for(scene), True)
+        if job.metrics and not metrics_path(scene.out).exists():
+            add_metrics(scene, pipeline.measure_ratio(scene.pan, scene.ms, options.reproject), details)
         return details
 
     process.side_files = side_files  # type: ignore[attr-defined]
+    process.finish = finish  # type: ignore[attr-defined]
     return process
 
 
