@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def short_list(items: Sequence[object], keep: int = 8) -> str:
-    """Items joined by commas, the middle of a long list elided (a 128-band list is not one line)."""
-    shown = list(items) if len(items) <= keep else [*items[:4], "...", *items[-2:]]
+def short_list(items: Sequence[object]) -> str:
+    """Items joined by commas; of more than 8, the first 4, "..." and the last 2 (a 128-band list is
+    not one line)."""
+    shown = list(items) if len(items) <= 8 else [*items[:4], "...", *items[-2:]]
     return ", ".join(map(str, shown))
 
 

@@ -510,6 +510,7 @@ def build_report(
     if out.resolve() in local or any(out.resolve() in f.parents for f in local):
         raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
+    replacing = html_path.exists()  # (--overwrite): the old report's figures go, not figures of none
     img_dir.mkdir(parents=True, exist_ok=True)
     # The figures are made in a staging folder and the report is swapped in at the end, with Ctrl-C
     # held: an interrupted --overwrite had already deleted the old report's figures.
@@ -519,7 +520,7 @@ def build_report(
             items, opts, staging, rgb, {"zoom": zoom, "max_side": max_side}, progress
         )
         with deferred_signals():
-            for old in img_dir.glob("[0-9][0-9][0-9]_*.png"):  # the replaced report's figures
+            for old in img_dir.glob("[0-9][0-9][0-9]_*.png") if replacing else ():
                 old.unlink()
             for fig in staging.iterdir():
                 os.replace(fig, img_dir / fig.name)

@@ -489,8 +489,10 @@ def test_hisr_role_names_leave_the_paths_they_quote_alone() -> None:
 def test_without_model_a_pair_the_default_cannot_fuse_names_the_model_that_can(tmp_path, capsys):
     """No --model on a Hyperion PAN + 128-band HSI (ratio 3) crop of the Paris pair: instead of "the
     model expects ratio 2", one line saying the default (landsat, 6 bands at ratio 2) does not fit and
-    naming --model hyperion_pan; an 8-band WorldView-3 crop (ratio 4) learns that no installed model
-    fits it. A PAN with an alpha band is one PAN band (the alpha masks it), as the readers take it."""
+    naming --model hyperion_pan; an 8-band WorldView-3 crop (ratio 4) is pointed to vhr4 with --bands
+    for its four bands, and its first three bands alone (no model takes three) learn that no
+    installed model fits. A PAN with an alpha band is one PAN band (the alpha masks it), as the
+    readers take it."""
     from rasterio.enums import ColorInterp
     from rasterio.windows import Window
 
@@ -519,7 +521,9 @@ def test_without_model_a_pair_the_default_cannot_fuse_names_the_model_that_can(t
     wv3 = [crop(need_shared("wv3_spacenet2", "pan.tif"), tmp_path / "w_pan.tif", 128, alpha=True),
            crop(need_shared("wv3_spacenet2", "ms.tif"), tmp_path / "w_ms.tif", 32)]  # fmt: skip
     code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "o.tif"))
-    assert_one_line_error(code, err, "this pair has 8 bands at ratio 4; no installed model fits it")
+    assert_one_line_error(code, err, "this pair has 8 bands at ratio 4; pass --model vhr4 with --bands")
+    code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "o.tif"), "--bands", "2,3,5")
+    assert_one_line_error(code, err, "this pair has 3 bands at ratio 4; no installed model fits it")
     assert not (tmp_path / "o.tif").exists()
     code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "gsa.tif"), "--method", "gsa", "-q")
     assert code == 0, err
@@ -568,8 +572,8 @@ def test_a_network_refuses_data_in_other_units_than_its_card(tmp_path, capsys) -
 def test_bands_in_another_order_than_the_model_are_refused_by_wavelength(tmp_path, capsys):
     """The Paris HSI crop with its bands reversed (each still named with its wavelength) went
     through hyperion_pan at exit 0, its product's wavelength tags contradicting its band names. Where
-    the MS names its bands' wavelengths, each must be the card's band (within half-widths + 5 nm:
-    Hyperion bands are 10 nm apart, so one band off is refused too)."""
+    the MS names its bands' wavelengths, each must be the card's band (within the card band's
+    half-width + 5 nm: Hyperion bands are 10 nm apart, so one band off is refused too)."""
     from rasterio.windows import Window
 
     with rasterio.open(need_shared("eo1_hyperion_ali_paris", "hs.tif")) as src:
@@ -623,3 +627,9 @@ def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
         with rasterio.open(out) as ds:
             products.append(ds.read())
     np.testing.assert_array_equal(products[0], products[1])
+    # --pan-bands beyond the MSI is named by its option; pansharpening refuses three "PAN" bands
+    code, _, err = run(capsys, "hisr", hsi, msi9, "-o", str(tmp_path / "x.tif"), "--pan-bands", "10")
+    assert_one_line_error(code, err, "MSI has 9 bands, cannot select band(s) [10]; use --pan-bands 1..9")
+    args = ["pansharpen", msi9, hsi, "-o", str(tmp_path / "x.tif"), "--method", "gsa", "--pan-bands", "1,2,3"]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "--pan-bands selects 3 bands; pansharpening needs a single-band PAN")

@@ -1228,8 +1228,10 @@ def test_simulate_into_a_file_is_refused_before_reading(tmp_path: Path, pair: tu
         (["--dtype", "complex64"], ["complex64", "real-valued"]),
         (["--dtype", "bool"], ["bool", "real-valued"]),
         (["--co", "BLOCKYSIZE=abc"], ["BLOCKYSIZE=abc", "whole number"]),
+        # GDAL leaves empty tiles unwritten: such a complete product failed the completeness check
+        (["--co", "SPARSE_OK=TRUE"], ["SPARSE_OK", "every block"]),
     ],
-    ids=["complex", "bool", "block-size"],
+    ids=["complex", "bool", "block-size", "sparse"],
 )
 def test_output_types_and_blocks_gdal_would_take_silently_are_refused(
     tmp_path: Path, pair: tuple[Path, Path], option: list[str], words: list[str]

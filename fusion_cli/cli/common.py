@@ -321,6 +321,7 @@ def register_fuse_command(
     **FuseOptions fields)`, which returns a `FuseSummary`.
     """
     first_help, second_help = (hi_help, lo_help) if hi_first else (lo_help, hi_help)
+    high_res = metavars[0] if hi_first else metavars[1]  # the PAN, or HISR's MSI
 
     # Inputs stay strings: GDAL paths such as /vsizip//data/a.zip/pan.tif need their `//`, which Path folds.
     def command(
@@ -335,7 +336,7 @@ def register_fuse_command(
         pan_bands: str | None = typer.Option(
             None,
             "--pan-bands",
-            help=f"1-based bands of the {metavars[0]} to use, in the order a model expects (default: "
+            help=f"1-based bands of the {high_res} to use, in the order a model expects (default: "
             "all but an alpha band), e.g. six of an ALI MSI's nine for hyperion_hisr.",
         ),
         dn_max: float | None = FuseOpt.dn_max,

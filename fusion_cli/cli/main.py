@@ -236,8 +236,11 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
         sys.exit(1)
     except (MemoryError, RuntimeError) as exc:
-        # out of memory: numpy's MemoryError, torch's "can't allocate memory" RuntimeError
-        if debug or not (isinstance(exc, MemoryError) or "allocate memory" in str(exc)):
+        # out of memory: numpy's MemoryError, torch's "can't allocate memory" (CPU) and
+        # OutOfMemoryError "CUDA out of memory" (a RuntimeError)
+        message = str(exc)
+        oom = isinstance(exc, MemoryError) or "allocate memory" in message or "out of memory" in message
+        if debug or not oom:
             raise
         typer.echo(
             "Error: out of memory; use a smaller --tile or --batch, or free memory, then rerun", err=True

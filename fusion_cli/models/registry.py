@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, short_list
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.paths import sha256_file, weights_dir
 from fusion_cli.raster import atomic_output
@@ -206,21 +206,29 @@ def default_model_name(directory: Path | None = None, task: str | None = None) -
 
 def default_model_mismatch(ms_bands: int, ratio: int, directory: Path | None = None) -> str | None:
     """Why the default pansharpening model cannot fuse an MS of `ms_bands` bands at `ratio`, and which
-    installed models can (None when it fits): run before loading it, so that a user who left out
-    --model learns which one to pass rather than that "the model" expects another ratio."""
+    installed models can (None when it can, also from a choice of the bands: its band check names
+    --bands then): run before loading it, so that a user who left out --model learns which one to
+    pass rather than that "the model" expects another ratio."""
     cards = {c.name: c for c in list_models(directory)}
     card = cards.get(default_model_name(directory))
-    if card is None or (len(card.bands), card.ratio) == (ms_bands, ratio):
+    if card is None or (card.ratio == ratio and ms_bands >= len(card.bands)):
         return None
-    fits = [
-        c.name for c in cards.values() if c.task != "hisr" and (len(c.bands), c.ratio) == (ms_bands, ratio)
+    fitting = [
+        c for c in cards.values() if c.task != "hisr" and c.ratio == ratio and len(c.bands) <= ms_bands
     ]
-    hint = (
-        "pass " + " or ".join(f"--model {name}" for name in fits)
-        if fits
-        else "no installed model fits it: pass a classical --method, or --weights for a model trained "
-        "on such data"
-    )
+    exact = [c.name for c in fitting if len(c.bands) == ms_bands]
+    if exact:
+        hint = "pass " + " or ".join(f"--model {name}" for name in exact)
+    elif fitting:
+        hint = "pass " + " or ".join(
+            f"--model {c.name} with --bands choosing its {len(c.bands)} bands ({short_list(c.bands)})"
+            for c in fitting
+        )
+    else:
+        hint = (
+            "no installed model fits it: pass a classical --method, or --weights for a model trained "
+            "on such data"
+        )
     return (
         f"the default model {card.name} fuses {len(card.bands)} MS bands at ratio {card.ratio}, but this "
         f"pair has {ms_bands} bands at ratio {ratio}; {hint} (`fusion info` lists them)"

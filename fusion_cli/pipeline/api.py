@@ -357,10 +357,11 @@ def pansharpen(
     spec, options = _split_options(names, opts)
     raster.check_same_file(pan, ms)
     # a classical method would silently treat a multi-band "PAN" as an MSI (HISR)
-    pan_count = band_count(pan, "PAN") if method is not None and options.pan_bands is None else 1
+    pan_count = (len(options.pan_bands) if options.pan_bands else band_count(pan, "PAN")) if method else 1
     if pan_count > 1:
         raise FusionError(
-            f"the PAN {pan} has {pan_count} bands; pansharpening needs a single-band PAN "
+            f"the PAN {pan} {'--pan-bands selects' if options.pan_bands else 'has'} {pan_count} bands; "
+            "pansharpening needs a single-band PAN "
             "(for a multispectral high-resolution image use `fusion hisr`)"
         )
     return _fuse(pan, ms, out, spec, options)

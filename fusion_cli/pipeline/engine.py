@@ -50,12 +50,12 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
     if pan_count != fuser.pan_bands:
         raise FusionError(
             f"the high-resolution input has {pan_count} bands but {fuser.name} "
-            f"expects {fuser.pan_bands}; select them with --pan-bands, or pick a model or method for "
-            "this pair"
+            f"expects {fuser.pan_bands}; select them (--pan-bands), or pick a model or method for this "
+            "pair"
         )
 
 
-# How far (um) an MS band's stated centre may lie from the model band's, beyond their half-widths:
+# How far (um) an MS band's stated centre may lie from the model band's, beyond its half-width:
 # Hyperion's bands are ~10 nm apart, so one band off is refused
 WAVELENGTH_SLACK_UM = 0.005
 
@@ -76,7 +76,8 @@ def check_band_wavelengths(fuser: Fuser, ms_ds: Any, bands: Sequence[int]) -> No
     for i, (want, got) in enumerate(zip(expected, given, strict=True)):
         if got is None:
             continue
-        slack = WAVELENGTH_SLACK_UM + ((want.fwhm_um or 0) + (got.fwhm_um or 0)) / 2
+        # the card's band width only: Hyperion's own FWHM (~10 nm) would let one band off pass
+        slack = WAVELENGTH_SLACK_UM + (want.fwhm_um or 0) / 2
         if abs(want.centre_um - got.centre_um) > slack:
             raise FusionError(
                 f"MS band {bands[i]} is at {got.centre_um * 1000:.0f} nm but band {i + 1} of {fuser.name} "

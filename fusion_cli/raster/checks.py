@@ -96,7 +96,8 @@ def refuse_non_finite(
         dead = [b for b, ok in zip(numbers, counted.any(axis=1), strict=True) if not ok]
         if dead and len(dead) < len(data):
             raise FusionError(
-                f"{name} band(s) {short_list(dead)} are NaN or infinite at every pixel (dead bands); leave "
+                f"{name} band(s) {short_list(dead)} are NaN or infinite at every pixel of a "
+                f"{data.shape[1]}x{data.shape[2]} window (dead bands?); leave "
                 "them out (--bands lists the bands to fuse; gdal_translate -b drops bands from a file) "
                 "or fill them"
             )

@@ -103,7 +103,7 @@ def output_profile(
 _COG_NAMES: dict[str, str | None] = {
     "COMPRESS": "COMPRESS", "PREDICTOR": "PREDICTOR", "ZLEVEL": "LEVEL", "ZSTD_LEVEL": "LEVEL",
     "LZMA_PRESET": "LEVEL", "JPEG_QUALITY": "QUALITY", "WEBP_LEVEL": "QUALITY", "MAX_Z_ERROR": "MAX_Z_ERROR",
-    "NUM_THREADS": "NUM_THREADS", "NBITS": "NBITS", "BIGTIFF": "BIGTIFF", "SPARSE_OK": "SPARSE_OK",
+    "NUM_THREADS": "NUM_THREADS", "NBITS": "NBITS", "BIGTIFF": "BIGTIFF",
     "GEOTIFF_VERSION": "GEOTIFF_VERSION", "TILED": None, "BLOCKXSIZE": None, "BLOCKYSIZE": None,
 }  # fmt: skip
 
@@ -140,6 +140,12 @@ def check_creation_options(creation_options: dict[str, str] | None) -> None:
             # GDAL reads "abc" as 0 and quietly writes its default blocks
             raise FusionError(
                 f"--co {key.upper()}={value}: a block side is a whole number of pixels, like 512"
+            )
+        if key.upper() == "SPARSE_OK":  # unwritten blocks tell a file cut short by a full disk
+            raise FusionError(
+                f"--co {key.upper()}={value}: every block of a product is written, so that a file cut "
+                "short by a full disk is told from a complete one (a product with an empty tile failed "
+                "that check); leave it out"
             )
         why = RESERVED_OPTIONS.get(key.upper())
         if why is not None:

@@ -56,13 +56,15 @@ def is_warped(ds: Any) -> bool:
 
 
 def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, what: str = "MS") -> list[int]:
-    """1-based band indexes to read; all bands but an alpha band when `bands` is None."""
+    """1-based band indexes to read; all bands but an alpha band when `bands` is None. `what`: "MS"
+    (bands from --bands) or "PAN" (from --pan-bands)."""
     if bands is None:
         return [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
     bad = [b for b in bands if b < 1 or b > ds.count]
     if bad:
+        option = "--pan-bands" if what == "PAN" else "--bands"
         raise FusionError(
-            f"{what} has {ds.count} bands, cannot select band(s) {bad}; use --bands 1..{ds.count}"
+            f"{what} has {ds.count} bands, cannot select band(s) {bad}; use {option} 1..{ds.count}"
         )
     return list(bands)
 

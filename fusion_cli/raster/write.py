@@ -42,7 +42,7 @@ TEMP_TAGS = ("partial", "cog", "tmp")
 SIDECAR_SUFFIXES = (".metrics.json",)
 _TEMP_RE = re.compile(
     r"(?:" + "|".join(re.escape(s) for s in SIDECAR_SUFFIXES) + r")?\.(?:" + "|".join(TEMP_TAGS) + r")"
-    r"-\d+-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z"
+    r"-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z"
 )
 
 
@@ -99,11 +99,11 @@ def temporary_writer_alive(out: Path, candidate: Path) -> bool:
     """Whether the process that named the temporary `candidate` of `out` (`_temp_name`: its PID is in
     the name) still runs on this host, another than this one: a `fusion pansharpen` writing the
     same output has no scene lock, and removing its file failed it after all its work."""
-    match = re.search(r"\.(?:" + "|".join(TEMP_TAGS) + r")-(\d+)-", candidate.name[len(out.name) + 1 :])
-    if match is None or int(match.group(1)) == os.getpid():
+    match = _TEMP_RE.match(candidate.name[len(out.name) + 1 :])
+    if match is None or int(match["pid"]) == os.getpid():
         return False
     try:
-        os.kill(int(match.group(1)), 0)
+        os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):  # alive under another user / not a PID
@@ -248,7 +248,7 @@ def atomic_output(
         yield tmp
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError("nothing was written")
-        _replace(tmp, final, Path(out))
+        _replace(tmp, final, Path(out), overwrite)  # not onto a file another run made meanwhile
     except (FusionError, OutputWriteError):  # said already (a nested output names its own file)
         raise
     except Exception as exc:  # a writer library's own error type (safetensors, matplotlib) included
