@@ -23,7 +23,8 @@ from fusion_cli.errors import FusionError
 
 _EPILOG = (
     "Pairing: files whose names share the stem matched by '*' (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'; "
-    "case-insensitive, .tif also matches .tiff). Without patterns these conventions are tried, in order: "
+    "case-insensitive, .tif also matches .tiff). Without patterns the one of these conventions that pairs "
+    "the most files is used (on a tie, the first): "
     + ", ".join(f"{pan} + {ms}" for pan, ms in lib.pairing.DEFAULT_CONVENTIONS)
     + ". "
     "For HISR give the high-resolution MSI as --pan and the low-resolution HSI as --ms. "
