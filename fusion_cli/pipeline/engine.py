@@ -20,6 +20,7 @@ from fusion_cli.errors import FusionError, short_list
 from fusion_cli.fusers import Fuser
 from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
 from fusion_cli.pipeline.readers import PairSource, Tile
+from fusion_cli.signals import deferred_signals
 from fusion_cli.tiling import (
     StripAccumulator,
     TilePlan,
@@ -149,6 +150,10 @@ def read_ahead(
         finally:
             for fut in ahead:
                 fut.cancel()
+            # the inputs are closed next: the reading thread must be done with them first, whatever
+            # Ctrl-C comes meanwhile (a second one abandoned the wait, and GDAL crashed the process)
+            with deferred_signals():
+                pool.shutdown(wait=True)
 
 
 def window_workers(fuser: Fuser) -> int:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from fusion_cli.signals import deferred_signals
+
 
 class WriteBehind:
     """Runs write calls in order in one background thread, at most `depth` behind, so that GDAL
@@ -46,4 +48,7 @@ class WriteBehind:
                 else:  # already failing: just let the queued writes finish or be dropped
                     fut.cancel()
         finally:
-            self.pool.shutdown(wait=True)
+            # the output is closed next: a second Ctrl-C must not abandon this wait while the
+            # writing thread still uses it (GDAL then crashed the process: exit 139)
+            with deferred_signals():
+                self.pool.shutdown(wait=True)
