@@ -1398,8 +1398,8 @@ def test_ctrl_c_between_simulate_renames_keeps_one_set(
     simulate_files(*make_pair(first), out)
     real, calls = write_module._replace, []
 
-    def interrupted_after_the_first(tmp: Path, target: Path, named: Path) -> None:
-        real(tmp, target, named)
+    def interrupted_after_the_first(tmp: Path, target: Path, *args: object) -> None:
+        real(tmp, target, *args)
         calls.append(target)
         if len(calls) == 1:
             signal.raise_signal(signal.SIGINT)

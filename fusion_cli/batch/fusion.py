@@ -84,11 +84,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         # Side files are replaced as the product is (a redo), but never through a link: the product
         # itself is refused as a symlink when the plan is made (`pairing.escapes`).
         for side in side_files(scene.out):
-            if side.is_symlink():
-                raise FusionError(
-                    f"{side.name}, written beside output {scene.out.name}, is a symlink; remove it or "
-                    "choose another output name"
-                )
+            refuse_linked_side_file(side, scene.out)
 
     def add_metrics(scene: Scene, ratio: int, details: dict[str, Any]) -> None:
         # The product is already complete: a metrics problem is reported, not a failed scene.
@@ -125,6 +121,16 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     process.side_files = side_files  # type: ignore[attr-defined]
     process.finish = finish  # type: ignore[attr-defined]
     return process
+
+
+def refuse_linked_side_file(side: Path, out: Path) -> None:
+    """A file written beside output `out` must not be a symlink (writing it would replace the link's
+    target, an input in the audit)."""
+    if side.is_symlink():
+        raise FusionError(
+            f"{side.name}, written beside output {out.name}, is a symlink; remove it or choose another "
+            "output name"
+        )
 
 
 def metrics_path(out: Path) -> Path:
@@ -168,8 +174,7 @@ def write_metrics_sidecar(scene: Scene, content: dict[str, Any]) -> None:
 
     payload = {"fused": str(scene.out), "pan": str(scene.pan), "ms": str(scene.ms), **content}
     sidecar = metrics_path(scene.out)
-    if sidecar.is_symlink():  # made while the scene was fused (checked before): written through, it
-        # replaced the file it points to (an input, in the audit)
-        raise FusionError(f"{sidecar.name}, written beside output {scene.out.name}, is a symlink; remove it")
+    # again here: a link made while the scene was fused was written through, replacing its target
+    refuse_linked_side_file(sidecar, scene.out)
     with raster.atomic_output(sidecar, overwrite=True, what="metrics") as tmp:
         tmp.write_text(jsonout.dumps(payload, indent=2))
