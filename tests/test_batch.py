@@ -745,6 +745,41 @@ def test_a_product_without_its_side_files_gets_them_on_the_rerun(tmp_path: Path)
     assert json.loads(run_cli(*args2, check_rc=0).stdout)["skipped"] == 1
 
 
+def test_dry_run_says_what_the_run_then_does(tmp_path: Path) -> None:
+    """`--dry-run` showed "complete, skip" for a product lacking its side files (the run writes
+    them) and for any product under --overwrite (the run fuses it again). Each state is checked
+    against what the following real run reports."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for name, col in (("a", 0), ("b", 64), ("c", 128)):
+        write_example_crop(in_dir, name, Window(col, 0, 64, 64))
+    args = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quicklook")
+
+    def plan(*extra: str) -> dict[str, str]:
+        res = run_cli(*args, *extra, "--dry-run", "--json", check_rc=0)
+        return {s["scene"]: s["action"] for s in json.loads(res.stdout)["scenes"]}
+
+    def run(*extra: str, rc: int = 0) -> dict[str, str]:
+        res = run_cli(*args, *extra, "--json", check_rc=rc)
+        return {r["scene"]: r for r in json.loads(res.stdout)["scenes"]}
+
+    assert plan() == {"a": "fuse", "b": "fuse", "c": "fuse"}
+    assert {k: r["status"] for k, r in run().items()} == {"a": "done", "b": "done", "c": "done"}
+    (out_dir / "b_fused.png").unlink()  # a product placed just before an interrupt
+    (out_dir / "c_fused.tif").write_bytes(b"not a product")  # a foreign file at the output path
+    assert plan() == {"a": "skip", "b": "finish", "c": "refuse"}
+    text = run_cli(*args, "--dry-run", check_rc=0).stdout
+    assert "[complete, write its missing side files]" in text and "[complete, skip]" in text
+    assert plan("--overwrite") == {"a": "redo", "b": "redo", "c": "redo"}
+    results = run(rc=1)
+    assert results["a"]["reason"] == "output complete" and results["a"]["status"] == "skipped"
+    assert results["b"]["status"] == "skipped" and "side files written" in results["b"]["reason"]
+    assert results["c"]["status"] == "failed" and "--overwrite" in results["c"]["reason"]
+    assert {k: r["status"] for k, r in run("--overwrite").items()} == {"a": "done", "b": "done", "c": "done"}
+
+
 def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

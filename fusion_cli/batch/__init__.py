@@ -20,6 +20,7 @@ from fusion_cli.batch.execution import (
     SceneResult,
     check_log,
     execute_scene,
+    planned_action,
     run_batch,
     unpaired_results,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "check_log",
     "escapes",
     "execute_scene",
+    "planned_action",
     "group_by_role",
     "make_scene_processor",
     "out_path_for",

@@ -132,6 +132,25 @@ def _default_complete_check(path: Path) -> bool:
     return is_complete_output(path)
 
 
+def planned_action(
+    out: Path, side_files: list[Path], *, overwrite: bool = False, is_complete: CompleteCheck | None = None
+) -> str:
+    """What a run does with a scene whose output is `out`, decided once for `--dry-run` and the run:
+
+    "fuse" (no output yet), "redo" (an output exists and --overwrite), "skip" (a complete product
+    with every side file), "finish" (a complete product lacking a side file: it is written from the
+    product, no second fusion) or "refuse" (not a complete fusion-cli product: failed without
+    --overwrite, never replaced).
+    """
+    if not out.exists():
+        return "fuse"
+    if overwrite:
+        return "redo"
+    if not (is_complete or _default_complete_check)(out):
+        return "refuse"
+    return "skip" if all(side.exists() for side in side_files) else "finish"
+
+
 def _output_mpx(path: Path) -> float:
     try:
         from fusion_cli.raster import open_raster
@@ -197,17 +216,17 @@ def _execute_locked(
         if not mine:
             return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
         remove_stale_temporaries(scene.out)
-        if scene.out.exists() and not overwrite:
-            if not check(scene.out):
-                why = (
-                    f"output {scene.out} exists but is not a complete fusion-cli product "
-                    "(a foreign or damaged file); use --overwrite to redo it"
-                )
-                return SceneResult(status="failed", reason=why, **base)
-            if not isinstance(process, FinishingProcessor) or all(
-                side.exists() for side in process.side_files(scene.out)
-            ):
-                return SceneResult(status="skipped", reason="output complete", **base)
+        sides = process.side_files(scene.out) if isinstance(process, FinishingProcessor) else []
+        action = planned_action(scene.out, sides, overwrite=overwrite, is_complete=check)
+        if action == "refuse":
+            why = (
+                f"output {scene.out} exists but is not a complete fusion-cli product "
+                "(a foreign or damaged file); use --overwrite to redo it"
+            )
+            return SceneResult(status="failed", reason=why, **base)
+        if action == "skip":
+            return SceneResult(status="skipped", reason="output complete", **base)
+        if action == "finish":
             # placed just before an interrupt, without its quicklook or metrics: those are written
             try:
                 details = process.finish(scene)

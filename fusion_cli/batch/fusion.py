@@ -37,6 +37,13 @@ class FuseJob:
             {"fuser": self.fuser, "options": options, "metrics": self.metrics}, sort_keys=True, default=str
         )
 
+    def side_files(self, out: Path) -> list[Path]:
+        """Files written beside a product after it is placed: a scene lacking one is not done."""
+        from fusion_cli.pipeline.output import side_outputs
+
+        quicklook = side_outputs(out, self.options) if self.options is not None else []
+        return quicklook + ([metrics_path(out)] if self.metrics else [])
+
 
 def make_scene_processor(job: FuseJob) -> SceneProcessor:
     """`process(scene)` fusing with one fuser built once for the whole batch.
@@ -48,7 +55,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     methods have no weights).
     """
     from fusion_cli import pipeline
-    from fusion_cli.pipeline.output import side_outputs, write_quicklook
+    from fusion_cli.pipeline.output import write_quicklook
 
     # The batch already decided the scene must be (re)done, so the writer may replace the target.
     options = replace(job.options, overwrite=True)
@@ -76,14 +83,10 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             fusers[ratio] = fuser
         return fuser
 
-    def side_files(out: Path) -> list[Path]:
-        """Files written beside a product after it is placed: a scene lacking one is not done."""
-        return side_outputs(out, options) + ([metrics_path(out)] if job.metrics else [])
-
     def refuse_linked_side_files(scene: Scene) -> None:
         # Side files are replaced as the product is (a redo), but never through a link: the product
         # itself is refused as a symlink when the plan is made (`pairing.escapes`).
-        for side in side_files(scene.out):
+        for side in job.side_files(scene.out):
             refuse_linked_side_file(side, scene.out)
 
     def add_metrics(scene: Scene, ratio: int, details: dict[str, Any]) -> None:
@@ -118,7 +121,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             add_metrics(scene, pipeline.measure_ratio(scene.pan, scene.ms, options.reproject), details)
         return details
 
-    process.side_files = side_files  # type: ignore[attr-defined]
+    process.side_files = job.side_files  # type: ignore[attr-defined]
     process.finish = finish  # type: ignore[attr-defined]
     return process
 

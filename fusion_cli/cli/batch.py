@@ -38,22 +38,41 @@ def _console() -> Console:
     return table_console(stderr=True)
 
 
-def _show_plan(plan: lib.Plan, as_json: bool) -> None:
-    """`--dry-run`: every scene with the state of its output, then unpaired and ignored files."""
-    from fusion_cli.raster import is_complete_output
+# How `--dry-run` shows each `execution.planned_action`.
+_ACTION_TEXT = {
+    "fuse": "todo",
+    "redo": "exists, redo (--overwrite)",
+    "skip": "complete, skip",
+    "finish": "complete, write its missing side files",
+    "refuse": "exists, not a complete product: fails without --overwrite",
+}
 
+# The output's state in `--dry-run --json` (kept for scripts written before "action").
+_ACTION_STATE = {
+    "fuse": "todo",
+    "redo": "exists",
+    "skip": "complete",
+    "finish": "complete",
+    "refuse": "exists",
+}
+
+
+def _show_plan(plan: lib.Plan, job: lib.FuseJob, overwrite: bool, as_json: bool) -> None:
+    """`--dry-run`: every scene with what the run would do with it, then unpaired and ignored files."""
+    actions = {
+        s.id: lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite) for s in plan.scenes
+    }
     if as_json:
         payload = plan.to_dict()
         for s in payload["scenes"]:
-            out = Path(s["out"])
-            s["state"] = "complete" if is_complete_output(out) else ("exists" if out.exists() else "todo")
+            s["action"] = actions[s["scene"]]
+            s["state"] = _ACTION_STATE[s["action"]]
         echo_json(payload)
         return
     shard = f" (shard {plan.shard[0]}/{plan.shard[1]} of {plan.total_scenes} scenes)" if plan.shard else ""
     typer.echo(f"Plan: {len(plan.scenes)} scene(s) paired by {plan.source}{shard}")
     for s in plan.scenes:
-        state = "complete, skip" if is_complete_output(s.out) else ("exists!" if s.out.exists() else "todo")
-        typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{state}]")
+        typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{_ACTION_TEXT[actions[s.id]]}]")
     for u in plan.unpaired:
         typer.echo(f"  UNPAIRED {u.path}: {u.reason}")
     if plan.ignored:
@@ -190,10 +209,6 @@ def register(app: typer.Typer) -> None:
         if shard is not None:
             plan = lib.apply_shard(plan, *lib.parse_shard(shard))
         lib.check_log(log, plan)  # before the model loads: an input given as --log is refused
-        if dry_run:
-            _show_plan(plan, json_out)
-            return
-
         band_list = parse_bands(bands)
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size,
@@ -210,6 +225,9 @@ def register(app: typer.Typer) -> None:
             "ensemble": ensemble,
         }  # fmt: skip
         job = lib.FuseJob(fuser=fuser_kwargs, options=options, metrics=metrics)
+        if dry_run:
+            _show_plan(plan, job, overwrite, json_out)
+            return
         on_result = None if quiet else _print_result
         if dask is not None:
             from fusion_cli.batch_dask import run_batch_dask
