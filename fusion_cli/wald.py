@@ -51,6 +51,12 @@ def simulate_arrays(
         raise FusionError(f"expected pan (P, H, W) and ms (C, h, w), got {pan.shape} and {ms.shape}")
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a ratio of at least 2, got {ratio}")
+    if pan_mode == "mtf" and pan.shape[0] > 1:
+        # the sensor table has one PAN gain; an MSI's bands each have their own MTF
+        raise FusionError(
+            f"--pan-mtf degrades a one-band PAN by its MTF, but this high-resolution image has "
+            f"{pan.shape[0]} bands (an MSI): leave --pan-mtf off to reduce it by bicubic"
+        )
     h = (min(ms.shape[1], pan.shape[1] // ratio) // ratio) * ratio
     w = (min(ms.shape[2], pan.shape[2] // ratio) // ratio) * ratio
     if h < ratio * 4 or w < ratio * 4:

@@ -53,6 +53,10 @@ def test_simulate_arrays_wv3() -> None:
     pan_mtf, _, _ = simulate_arrays(pan, ms, 4, "wv3", pan_mode="mtf")
     assert pan_mtf.shape == pan_lr.shape
     assert 0 < np.abs(pan_mtf - pan_lr).mean() < 0.05 * pan_lr.mean()
+    # A HISR pair's MSI was degraded with the one PAN gain in every band: refused, named
+    msi = np.concatenate([pan, pan, pan])
+    with pytest.raises(FusionError, match="3 bands.*leave --pan-mtf off"):
+        simulate_arrays(msi, ms, 4, "wv3", pan_mode="mtf")
 
 
 def test_simulate_arrays_example() -> None:

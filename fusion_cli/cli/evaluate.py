@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
         ratio: int | None = typer.Option(
             None, "--ratio", min=2, help="PAN/MS ratio, 2 or more (default: from the image sizes)."
         ),
-        pan_mtf: bool = typer.Option(False, "--pan-mtf", help="Degrade the PAN with its MTF, not bicubic."),
+        pan_mtf: bool = typer.Option(
+            False, "--pan-mtf", help="Degrade a one-band PAN with its MTF, not bicubic."
+        ),
         cut: int = typer.Option(0, "--cut", help="Toolbox border cut K for reduced-resolution indices."),
         clip_bits: int | None = typer.Option(None, "--clip-bits", help="Clip products to [0, 2^L] first."),
         no_full: bool = typer.Option(False, "--no-full", help="Skip the full-resolution indices."),

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         pan_mtf: bool = typer.Option(
             False,
             "--pan-mtf",
-            help="Degrade the PAN with its MTF gain instead of bicubic (imresize) reduction.",
+            help="Degrade a one-band PAN with its MTF gain instead of bicubic (imresize) reduction.",
         ),
         dtype: str = Choices.simulate_dtype.option(
             "float32", "--dtype", help="float32 (unrounded DN, as the toolbox) or source (the input's type)."
