@@ -346,6 +346,31 @@ def test_stale_cleanup_removes_only_own_temporaries(tmp_path: Path) -> None:
     assert hidden(tmp_path) == sorted(foreign)
 
 
+def test_a_rerun_clears_what_a_killed_pansharpen_left(tmp_path: Path) -> None:
+    """A `fusion pansharpen` killed by the OOM killer leaves its (scene-sized) hidden temporary; a
+    rerun onto the same output used to keep it forever outside `batch`. Now any write of the output
+    removes this host's temporaries whose writer is gone, and keeps another host's (its PID says
+    nothing here) and a live writer's."""
+    from fusion_cli.raster.write import _HOST_TAG
+
+    pan, ms = make_pair(tmp_path)
+    out = tmp_path / "o.tif"
+    mine = [f".o.tif.partial-4194400-{_HOST_TAG}beef.tif", f".o.tif.cog-4194401-{_HOST_TAG}0a0a.tif.ovr"]
+    other_host = "0000" if _HOST_TAG != "0000" else "ffff"
+    kept = [f".o.tif.partial-4194402-{other_host}beef.tif", ".o.tif.notes"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        kept.append(f".o.tif.partial-{live.pid}-{_HOST_TAG}1234.tif")
+        for name in mine + kept:
+            (tmp_path / name).write_text("x")
+        assert cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "-q")[0] == 0
+    finally:
+        live.kill()
+        live.wait()
+    assert raster.is_complete_output(out)
+    assert hidden(tmp_path) == sorted(kept)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Bad values are input errors
 

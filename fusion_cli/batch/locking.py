@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,20 +88,8 @@ def _release_lock_file(fcntl: Any, fd: int, lock_path: Path) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the temporary files a killed writer of this tool left beside `out` (call under
-    `scene_lock`): only names of the shape this tool gives them (`raster.is_own_temporary`), and
-    not while the process that wrote them still runs here (`raster.temporary_writer_alive`)."""
-    from fusion_cli.raster import is_own_temporary, temporary_writer_alive
+    """Delete the temporaries killed writers left beside `out`, another host's included (call under
+    `scene_lock`: no other batch writes this output; `raster.remove_stale_temporaries`)."""
+    from fusion_cli.raster import remove_stale_temporaries as remove
 
-    removed = []
-    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        if (
-            is_own_temporary(out, p)
-            and p.is_file()
-            and not p.is_symlink()
-            and not temporary_writer_alive(out, p)
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-    return removed
+    return remove(out, any_host=True)

@@ -5,9 +5,12 @@ place only when complete and verified (`AtomicWriter` streams windows and conver
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import re
 import secrets
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -42,8 +45,11 @@ TEMP_TAGS = ("partial", "cog", "tmp")
 SIDECAR_SUFFIXES = (".metrics.json",)
 _TEMP_RE = re.compile(
     r"(?:" + "|".join(re.escape(s) for s in SIDECAR_SUFFIXES) + r")?\.(?:" + "|".join(TEMP_TAGS) + r")"
-    r"-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)*\Z"
+    r"-(?P<pid>\d+)-(?P<host>[0-9a-f]{4})[0-9a-f]{4}(?:\.[A-Za-z0-9]+)*\Z"
 )
+# The first 4 hex digits of a temporary's random part name the host that wrote it: its PID tells
+# whether the writer still runs only on that host.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
 
 def _write_target(out: str | os.PathLike[str]) -> Path:
@@ -92,16 +98,19 @@ def _replace(tmp: Path, target: Path, named: Path, overwrite: bool = True) -> No
 def _temp_name(out: Path, tag: str, suffix: str = ".tif") -> Path:
     # Same folder as the output so the final rename is atomic (same filesystem); hidden name.
     assert tag in TEMP_TAGS
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}-{_HOST_TAG}{secrets.token_hex(2)}{suffix}")
 
 
-def temporary_writer_alive(out: Path, candidate: Path) -> bool:
+def temporary_writer_alive(out: Path, candidate: Path, any_host: bool = True) -> bool:
     """Whether the process that named the temporary `candidate` of `out` (`_temp_name`: its PID is in
     the name) still runs on this host, another than this one: a `fusion pansharpen` writing the
-    same output has no scene lock, and removing its file failed it after all its work."""
+    same output has no scene lock, and removing its file failed it after all its work. A temporary
+    another host wrote counts as live unless `any_host` (a PID here says nothing of it)."""
     match = _TEMP_RE.match(candidate.name[len(out.name) + 1 :])
     if match is None or int(match["pid"]) == os.getpid():
         return False
+    if not any_host and match["host"] != _HOST_TAG:
+        return True
     try:
         os.kill(int(match["pid"]), 0)
     except ProcessLookupError:
@@ -120,6 +129,26 @@ def is_own_temporary(out: Path, candidate: Path) -> bool:
         and name.startswith(prefix)
         and bool(_TEMP_RE.match(name[len(prefix) :]))
     )
+
+
+def remove_stale_temporaries(out: Path, any_host: bool = False) -> list[Path]:
+    """Delete the temporary files a killed writer of this tool left beside `out`: only names of the
+    shape this tool gives them (`is_own_temporary`), and not while the process that wrote them still
+    runs here (`temporary_writer_alive`). Those another host wrote are removed only with `any_host`:
+    under a batch's scene lock, where a killed array task on another node is the likely writer.
+    Returns the files removed."""
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if (
+            is_own_temporary(out, p)
+            and p.is_file()
+            and not p.is_symlink()
+            and not temporary_writer_alive(out, p, any_host)
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def _open(path: Path, mode: str = "r", **profile: Any) -> Any:
@@ -297,6 +326,10 @@ class AtomicWriter:
         self._committed = False
 
     def __enter__(self) -> AtomicWriter:
+        # a killed (out of memory, SIGKILL) run onto this output left its temporaries: a rerun clears
+        # this host's; a failure to is no reason to fail this one
+        with contextlib.suppress(OSError):
+            remove_stale_temporaries(self._target)
         self._env = gdal_env()
         self._env.__enter__()
         try:  # __exit__ does not run when __enter__ fails (or Ctrl-C lands in it): clean up here
