@@ -706,6 +706,43 @@ def test_a_signal_in_a_deferred_section_arrives_when_it_ends() -> None:
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ctrl_c_in_a_callback_from_c_or_an_exit_handler_is_neither_lost_nor_printed(tmp_path: Path) -> None:
+    """Python "ignores" a KeyboardInterrupt raised in a callback from C (numba's compiler calls
+    llvmlite through ctypes) or in an exit handler (torch registers some), printing a traceback:
+    a Ctrl-C landing in the first let the run go on, and rapid Ctrl-Cs printed screens of the
+    second after "Interrupted.". In the `fusion` process the first is raised again in the main
+    flow, and the second is dropped once the run has unwound. (`__del__` is "ignored" the same way.)"""
+    pan, ms = make_pair(tmp_path)
+    script = f"""
+import atexit, sys, time
+import fusion_cli.pipeline as pipeline
+from fusion_cli.cli.main import main
+
+class FromC:
+    def __del__(self):
+        raise KeyboardInterrupt  # a Ctrl-C landing in the callback
+
+def fuse(*args, **kwargs):
+    FromC()
+    for _ in range(300):  # the run goes on after the callback (numba compiles, then fuses)
+        time.sleep(0.01)
+    print("went on", flush=True)
+
+def exit_handler():
+    raise KeyboardInterrupt  # a Ctrl-C landing in an exit handler
+
+atexit.register(exit_handler)
+pipeline.pansharpen = fuse
+sys.argv = ["fusion", "pansharpen", {str(pan)!r}, {str(ms)!r}, "-o", {str(tmp_path / "o.tif")!r}]
+main()
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130, res.stderr
+    assert "went on" not in res.stdout
+    assert res.stderr.strip() == "Interrupted.", res.stderr
+    assert not (tmp_path / "o.tif").exists()
+
+
 def test_ctrl_c_is_not_replaced_by_a_broken_gdal_environment_error() -> None:
     """Ctrl-C cut a nested rasterio.Env's exit between clearing its environment and restoring the
     parent's: the outer `gdal_env()` must let the interrupt through, not raise EnvError over it."""

@@ -3,6 +3,7 @@ library errors into one line on stderr with exit code 2 (a traceback only with -
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import os
@@ -10,7 +11,8 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import typer
 
@@ -72,11 +74,17 @@ def _register() -> None:
 
 
 _signals: list[int] = []  # termination signals received by this process
+_interrupts: list[int] = []  # Ctrl-Cs received by this process
 
 
 def _raise_terminated(signum: int, _frame: object) -> None:
     _signals.append(signum)
     raise Terminated(signum)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    _interrupts.append(signum)
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -88,6 +96,8 @@ def _signals_as_interrupt() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where it is ignored (`cmd &`)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield
     finally:
@@ -182,8 +192,34 @@ def main(argv: list[str] | None = None) -> None:
     share_cores()
     _register()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if argv is None and not debug:  # the process is ours (`fusion`, `python -m fusion_cli`)
+        sys.unraisablehook = _interrupt_hook(sys.unraisablehook)
     with _c_stderr_quiet(not debug), _one_line_warnings(not debug):
         _main(argv, debug)
+
+
+_exiting: list[int] = []  # set once "Interrupted." is printed: the process is on its way out
+
+
+def _interrupt_hook(default: Callable[[Any], object]) -> Callable[[Any], object]:
+    """A Ctrl-C landing in a callback from C (numba's compiler through ctypes) or in an exit handler
+    (torch's) is "ignored" by Python with a traceback on stderr: after "Interrupted." it printed
+    screens of them, and before it the run went on. Before, the interrupt is raised again where the
+    main flow resumes; after, it is dropped: the run has already unwound. Other such errors after
+    an interrupt are its by-products (llvmlite's half-built objects): dropped too."""
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            if not (_interrupts or _signals or _exiting):
+                default(unraisable)
+        elif not _exiting:
+            # delivered again from another thread a moment later, once this hook has returned (sent
+            # from here, it would be raised inside the hook and "ignored" once more)
+            signum = getattr(exc, "signum", signal.SIGINT)
+            threading.Timer(0.001, _thread.interrupt_main, (signum,)).start()
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -247,6 +283,7 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         )
         sys.exit(1)
     except KeyboardInterrupt as exc:
+        _exiting.append(1)
         signum = getattr(exc, "signum", signal.SIGINT)
         typer.echo("Interrupted." if signum == signal.SIGINT else f"Terminated by signal {signum}.", err=True)
         sys.exit(128 + signum)
