@@ -586,3 +586,80 @@ def test_quicklook_bands_are_chosen_by_wavelength() -> None:
     assert rgb_bands(gsa, ["a", "b", "c", "d", "e", "f"], 6) == (2, 1, 0)  # the count's guess
     named_nm = [f"band {i} ({400 + 20 * i} nm)" for i in range(20)]  # 400, 420, ... 780 nm
     assert rgb_bands(gsa, named_nm, 20) == (12, 7, 3)  # 640, 540, 460 nm
+
+
+def test_a_fuser_serves_scene_after_scene_and_the_caller_keeps_its_state(tmp_path):
+    """A notebook reuses one fuser: the second scene through a classical method with statistics
+    failed ("statistics are already finalized") or, with one thread, was fused with both scenes'
+    statistics (GSA up to 2585 DN off); a network kept the first input's DN scale, an --adapt-ed
+    copy of itself and the last thread count. Each call now works on a copy of the fuser (its
+    scene's state), restores torch's threads, and building a network leaves the caller's random
+    stream where it was."""
+    import torch
+
+    from fusion_cli.pipeline import make_fuser
+
+    pan, ms = _read(EXAMPLE_PAN), _read(EXAMPLE_MS)
+    scenes = [(pan[:, :160, :320], ms[:, :80, :160]), (pan[:, 160:, 320:], ms[:, 80:, 160:])]
+    threads = torch.get_num_threads()
+    for method in ("gsa", "mtf-glp", "bdsd-pc"):
+        for opts in (FuseOptions(), FuseOptions(threads=1)):
+            reused = make_fuser(method=method, ratio=2, sensor="landsat8")
+            for p, m in scenes:
+                got = fuse_arrays(p, m, reused, opts)
+                fresh = fuse_arrays(p, m, make_fuser(method=method, ratio=2, sensor="landsat8"), opts)
+                np.testing.assert_array_equal(got, fresh)
+            assert torch.get_num_threads() == threads
+    # the same through files, twice onto two outputs
+    reused = make_fuser(method="gsa", ratio=2, sensor="landsat8")
+    for name in ("a.tif", "b.tif"):
+        fuse_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / name, reused, FuseOptions(threads=1))
+    assert np.array_equal(_read(tmp_path / "a.tif"), _read(tmp_path / "b.tif"))
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    network = make_fuser(model="landsat", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+    # a uint8 Landsat-7 scene (the card's uint8 DN scale, 255) then uint16 DN (65535): as fresh
+    d = need_shared("landsat7_etm_fusebox")
+    pan8 = _read(d / "19_pan.tif")[:, :128, :128]
+    ms8 = _read(d / "19_ms.tif")[[2, 1, 0, 3, 4, 5], :64, :64]  # FuseBox R, G, B -> the model's B, G, R
+    first = fuse_arrays(pan8, ms8, network)
+    assert abs(float(first.mean()) - float(ms8.mean())) < 0.05 * float(ms8.mean())  # arrays ran at 65535: x2
+    p16, m16 = scenes[0][0][:, :128, :128], scenes[0][1][:, :64, :64]
+    np.testing.assert_array_equal(
+        fuse_arrays(p16, m16, network), fuse_arrays(p16, m16, make_fuser(model="landsat", device="cpu"))
+    )
+    assert network.dn_max == 65535.0 and network.band_max is None
+
+
+def test_fuse_arrays_refuses_what_fuse_files_refuses(tmp_path):
+    """fuse_arrays skipped the checks of files: one NaN MS pixel made the whole network product NaN,
+    a classical method failed inside torch.linalg ("please report a bug to PyTorch"), reflectance went
+    through a DN model, and `bands`, `out_dtype` or `ms_nodata` were ignored. They are now applied or
+    refused in one line."""
+    from fusion_cli.pipeline import make_fuser
+
+    pan, ms = _read(EXAMPLE_PAN)[:, :128, :128], _read(EXAMPLE_MS)[:, :64, :64]
+    gsa = make_fuser(method="gsa", ratio=2, sensor="landsat8")
+    holed = ms.astype(np.float32)
+    holed[:, 10, 10] = np.nan
+    with pytest.raises(FusionError, match="NaN or infinite values at 1 px that ms_valid"):
+        fuse_arrays(pan, holed, gsa)
+    masked = fuse_arrays(pan, holed, gsa, ms_valid=np.isfinite(holed).all(axis=0))
+    assert np.isnan(masked[:, 20:22, 20:22]).all() and np.isfinite(masked[:, 40:, 40:]).all()
+    network = make_fuser(model="landsat", device="cpu")
+    with pytest.raises(FusionError, match="not in the units of model landsat"):
+        fuse_arrays(pan, ms.astype(np.float32) / 65535 * 0.6, network)
+    for option in ({"out_dtype": "uint8"}, {"ms_nodata": 0.0}, {"zero_is_nodata": True}):
+        with pytest.raises(FusionError, match=f"does not apply {next(iter(option))}"):
+            fuse_arrays(pan, ms, gsa, FuseOptions(**option))
+    picked = fuse_arrays(pan, ms, gsa, FuseOptions(bands=[3, 2, 1]))
+    np.testing.assert_array_equal(picked, fuse_arrays(pan, ms[[2, 1, 0]], gsa))
+    with pytest.raises(FusionError, match=r"MS band\(s\) \[7\] out of range"):
+        fuse_arrays(pan, ms, gsa, FuseOptions(bands=[7]))
+    with pytest.raises(FusionError, match="pan_valid has shape"):
+        fuse_arrays(pan, ms, gsa, pan_valid=np.ones((64, 64), bool))
+    with pytest.raises(FusionError, match="fuser must be a Fuser"):
+        fuse_arrays(pan, ms, "gsa")  # type: ignore[arg-type]

@@ -239,6 +239,8 @@ def test_bt_h_haze_does_not_depend_on_the_tiling(monkeypatch: pytest.MonkeyPatch
     from fusion_cli.classical import base
 
     monkeypatch.setattr(base, "SAMPLE_CAPACITY", 20_000)
+    # the haze is read from the fuser the pipeline fitted (by default it fits a copy, `scene_fuser`)
+    monkeypatch.setattr("fusion_cli.pipeline.api.scene_fuser", lambda fuser: fuser)
     ex = example_pair()
     pan, ms = ex.pan[0].astype(np.float32), ex.ms[:4].astype(np.float32)
     hazes, products = [], []

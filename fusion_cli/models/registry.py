@@ -310,7 +310,8 @@ def build_model(
     """A FusionMamba with `cfg` and the tensors of `state`; a FusionError names any mismatch."""
     if scan_backend is not None:
         cfg = FusionMambaConfig.from_dict(dict(cfg.to_dict(), scan_backend=scan_backend))
-    model = FusionMamba(cfg)
+    with torch.random.fork_rng(devices=[]):  # the random init, replaced below, draws from the caller's RNG
+        model = FusionMamba(cfg)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

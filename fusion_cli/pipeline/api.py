@@ -19,8 +19,8 @@ import numpy as np
 from fusion_cli import align, raster
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
-from fusion_cli.pipeline.engine import check_band_wavelengths, check_fuser, plan_for, run, set_threads
-from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser
+from fusion_cli.pipeline.engine import check_band_wavelengths, check_fuser, plan_for, run, run_threads
+from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser, scene_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
 from fusion_cli.pipeline.output import (
     band_imagery,
@@ -47,6 +47,10 @@ from fusion_cli.pipeline.writer import WriteBehind
 PathLike = str | os.PathLike[str]
 
 
+# FuseOptions that change the values of a product but have no meaning for arrays: refused, not ignored
+_FILE_ONLY_OPTIONS = ("out_dtype", "zero_is_nodata", "pan_nodata", "ms_nodata", "coregister", "reproject")
+
+
 def fuse_arrays(
     pan: np.ndarray,
     ms: np.ndarray,
@@ -57,25 +61,53 @@ def fuse_arrays(
     ms_valid: np.ndarray | None = None,
     shift: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Fuse in-memory arrays with the same tiling as `fuse_files`.
+    """Fuse in-memory arrays with the same tiling and checks as `fuse_files`.
 
     pan `(P, H, W)` (or `(H, W)`), ms `(C, H/r, W/r)` area-aligned (sample (i, j) covers PAN
-    [r*i, r*(i+1)) x [r*j, r*(j+1))). Optional validity masks `(H, W)` / `(H/r, W/r)`; `shift`
-    (dy, dx) PAN px re-places the MS. Returns float32 `(C, H, W)` in DN, clipped to
-    `[0, options.dn_max]` when given, NaN where invalid.
+    [r*i, r*(i+1)) x [r*j, r*(j+1))), in DN. Optional validity masks `(H, W)` / `(H/r, W/r)`, where
+    NaN or inf must be excluded; `shift` (dy, dx) PAN px re-places the MS. Of the options, `bands` and
+    `pan_bands` select (1-based) bands, and tiling, threads, `dn_max`, `stats_mpx`, `adapt`,
+    `max_pixels` and `progress` apply as for files; options of a file's nodata, dtype or grid are
+    refused (give masks, convert the result), those of writing a file unused. Returns float32
+    `(C, H, W)` in DN, clipped to `[0, options.dn_max]` when given, NaN where invalid. `fuser` is not
+    changed: the scene's statistics live in a copy (`scene_fuser`).
     """
     opts = options or FuseOptions()
+    if not isinstance(opts, FuseOptions):
+        raise FusionError(f"options must be a FuseOptions, got {type(opts).__name__}")
+    if not isinstance(fuser, Fuser):
+        raise FusionError(f"fuser must be a Fuser (pipeline.make_fuser), got {type(fuser).__name__}")
+    given = [k for k in _FILE_ONLY_OPTIONS if getattr(opts, k) != getattr(FuseOptions(), k)]
+    if given:
+        raise FusionError(
+            f"fuse_arrays does not apply {', '.join(given)}: give validity masks (pan_valid, ms_valid) "
+            "and convert the float32 result yourself"
+        )
+    pan, ms = (_as_image(a, name) for a, name in ((pan, "pan"), (ms, "ms")))
     pan = pan[None] if pan.ndim == 2 else pan
     if pan.ndim != 3 or ms.ndim != 3:
         raise FusionError("fuse_arrays expects pan (P, H, W) and ms (C, h, w) arrays")
+    pan = _pick_bands(pan, opts.pan_bands, "PAN")
+    ms = _pick_bands(ms, opts.bands, "MS")
+    pan_valid = _valid_mask(pan_valid, pan, "pan")
+    ms_valid = _valid_mask(ms_valid, ms, "ms")
+    fuser = scene_fuser(fuser)
     geom = align.relate_shapes(pan.shape[-2:], ms.shape[-2:], fuser.ratio)
+    raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
     if shift is not None:
         geom = geom.with_shift(*shift)
     check_fuser(fuser, pan.shape[0], ms.shape[0])
+    raster.check_dn_max(opts.dn_max)
+    adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
+    network = fuser.dn_max is not None
+    values = ms[:, ms_valid] if ms_valid is not None else ms.reshape(len(ms), -1)
+    step = max(1, values.shape[1] // raster.DN_CHECK_SAMPLES)
+    raster.check_dn_values(
+        values[:, ::step], opts.dn_max, True, nonnegative=network,
+        scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
+    )  # fmt: skip
     source = PairSource(geom, array_reader(pan, pan_valid), array_reader(ms, ms_valid))
     plan = plan_for(fuser, geom, opts)
-    if fuser.needs_stats:
-        gather_stats(fuser, source, plan, opts.stats_mpx)
     out = np.empty((ms.shape[0], *geom.shape), np.float32)
     valid_all = np.empty(geom.shape, bool)
 
@@ -83,13 +115,59 @@ def fuse_arrays(
         out[:, row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = data
         valid_all[row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = valid
 
-    set_threads(opts.threads)
-    run(fuser, source, plan, ms.shape[0], sink, opts.batch)
+    with run_threads(opts.threads):
+        _adapt(fuser, source, geom, opts)
+        if fuser.needs_stats:
+            gather_stats(fuser, source, plan, opts.stats_mpx)
+        with _reporting(opts.progress, plan.count, "fusing arrays") as advance:
+            run(fuser, source, plan, ms.shape[0], sink, opts.batch, advance)
     if opts.dn_max is not None:
         np.clip(out, 0.0, opts.dn_max, out=out)
     if pan_valid is not None or ms_valid is not None:
         out[:, ~valid_all] = np.nan
     return out
+
+
+def _as_image(a: Any, name: str) -> np.ndarray:
+    """A numpy array of real numbers (a torch tensor is taken from the CPU as numpy)."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # a torch tensor
+        a = a.detach().cpu().numpy()
+    if not isinstance(a, np.ndarray):
+        raise FusionError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype.kind not in "uif":
+        raise FusionError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a
+
+
+def _pick_bands(image: np.ndarray, bands: Sequence[int] | None, what: str) -> np.ndarray:
+    """The 1-based `bands` of `image (C, H, W)`, in that order; all when None."""
+    if bands is None:
+        return image
+    bad = [b for b in bands if not 1 <= int(b) <= len(image)]
+    if bad:
+        raise FusionError(f"{what} band(s) {bad} out of range: the {what} array has {len(image)} bands")
+    return image[[int(b) - 1 for b in bands]]
+
+
+def _valid_mask(valid: np.ndarray | None, image: np.ndarray, name: str) -> np.ndarray | None:
+    """`valid` checked against `image (C, H, W)`: its shape, and no NaN or inf where it counts."""
+    if valid is not None:
+        valid = np.asarray(valid)
+        if valid.shape != image.shape[-2:]:
+            raise FusionError(
+                f"{name}_valid has shape {valid.shape}, the {name} array's pixels {image.shape[-2:]}"
+            )
+        valid = valid.astype(bool)
+    if image.dtype.kind == "f":
+        bad = ~np.isfinite(image).all(axis=0)
+        if valid is not None:
+            bad &= valid
+        if bad.any():
+            raise FusionError(
+                f"the {name} array has NaN or infinite values at {int(bad.sum())} px that {name}_valid "
+                f"does not exclude; pass {name}_valid=np.isfinite({name}).all(axis=0) or fill them"
+            )
+    return valid
 
 
 @contextlib.contextmanager
@@ -119,10 +197,12 @@ def fuse_files(
     """
     opts = options or FuseOptions()
     t0 = time.perf_counter()
+    fuser = scene_fuser(fuser)  # the scene's statistics, DN scale and adapted network stay in here
     inputs = [pan_path, ms_path, *fuser.weights_files]
     out = raster.check_writable(out_path, opts.overwrite, inputs, side_outputs(out_path, opts))
     caught: list[str] = []
     with (
+        contextlib.ExitStack() as threads,
         raster.gdal_env(),
         open_pair(pan_path, ms_path, opts.reproject, fuser.ratio, opts.pan_nodata, opts.ms_nodata) as (
             pan_ds,
@@ -192,7 +272,7 @@ def fuse_files(
             geom = geom.with_shift(shift["dy"], shift["dx"])
             source.geom = geom
         plan = plan_for(fuser, geom, opts)
-        set_threads(opts.threads)
+        threads.enter_context(run_threads(opts.threads))
         adapted = _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx)

@@ -111,12 +111,21 @@ def plan_for(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan
     return plan_tiles(geom.height, geom.width, int(tile), int(overlap), int(fuser.halo), multiple)
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads for the run (process-wide), when given."""
-    if threads is not None:
-        if threads < 1:
-            raise FusionError("--threads must be at least 1")
-        torch.set_num_threads(threads)
+@contextlib.contextmanager
+def run_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads for the run, when given: process-wide meanwhile (torch has no other
+    setting), the caller's count restored after (a library call must not leave it changed)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise FusionError("--threads must be at least 1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

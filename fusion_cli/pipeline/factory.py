@@ -3,6 +3,7 @@ a network from the registry, or a classical method for the pair's ratio."""
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from fusion_cli import raster
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
-from fusion_cli.fusers import Fuser
+from fusion_cli.fusers import Fuser, SplittableStats
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -113,6 +114,16 @@ def make_fuser(
         ensemble=ensemble,
     )
     return build_fuser(spec, ratio=ratio, ms_bands=ms_bands, pan_bands=pan_bands)
+
+
+def scene_fuser(fuser: Fuser) -> Fuser:
+    """The fuser one call of the pipeline works with: a copy that owns the scene's state (its
+    statistics, the DN scale of its dtype, an --adapt-ed network), so the caller's fuser serves the
+    next scene as it served this one. A classical method's sums start afresh (a second scene added
+    to the first's statistics, or failed because they were final)."""
+    if isinstance(fuser, SplittableStats) and fuser.needs_stats:
+        return fuser.stats_copy()
+    return copy.copy(fuser)
 
 
 def adapt_dn_scale(fuser: Fuser, ms_dtype: str, override: float | None) -> None:

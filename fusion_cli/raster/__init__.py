@@ -31,8 +31,10 @@ from fusion_cli.raster.gdal import GDAL_ENV, gdal_env, is_gdal_path, recorded_pa
 from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
 from fusion_cli.raster.profile import BLOCK, DEFLATE_LEVEL, output_profile, overview_factors
 from fusion_cli.raster.read import (
+    DN_CHECK_SAMPLES,
     SOURCE_DTYPE_TAG,
     check_dn_range,
+    check_dn_values,
     damaged_input,
     detect_dn_max,
     is_warped,
@@ -62,6 +64,7 @@ __all__ = [
     "COMPLETE_TAG",
     "COMPRESSIONS",
     "DEFLATE_LEVEL",
+    "DN_CHECK_SAMPLES",
     "GDAL_ENV",
     "MAX_PIXELS",
     "SOURCE_DTYPE_TAG",
@@ -71,6 +74,7 @@ __all__ = [
     "atomic_output",
     "band_descriptions",
     "check_dn_range",
+    "check_dn_values",
     "check_dn_max",
     "check_narrowing",
     "check_pixel_type",

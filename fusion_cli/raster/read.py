@@ -116,6 +116,18 @@ def check_dn_range(
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
         valid = valid_pixels(ds, bands, size=shape[1:])
     values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
+    check_dn_values(values, dn_max, given, nonnegative, what, scale)
+
+
+def check_dn_values(
+    values: np.ndarray,
+    dn_max: float | None,
+    given: bool,
+    nonnegative: bool = False,
+    what: str = "MS",
+    scale: tuple[str, float] | None = None,
+) -> None:
+    """`check_dn_range` on sampled valid values `(C, N)` (of a file, or of an array)."""
     if values.size == 0:
         return
     above = float((values > dn_max).any(axis=0).mean()) if dn_max is not None else 0.0  # pixels clipped

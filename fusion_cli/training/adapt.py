@@ -88,16 +88,18 @@ def adapt_model(
     adapted = copy.deepcopy(model).to(dev).train()
     sampler = PatchSampler([pair], patch, device=dev, seed=seed)
     opt = torch.optim.Adam(adapted.parameters(), lr=lr)
-    torch.manual_seed(seed)
     losses: list[float] = []
     t0 = time.perf_counter()
-    for _ in range(steps):
-        p, s, r, b = sampler.batch(batch)
-        loss = torch.nn.functional.l1_loss(adapted(s, p, base=b), r)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    # seeded for a reproducible adaptation, in a fork: the caller's random stream goes on untouched
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            p, s, r, b = sampler.batch(batch)
+            loss = torch.nn.functional.l1_loss(adapted(s, p, base=b), r)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     k = max(1, steps // 10)
     report = AdaptReport(
         steps=steps,
