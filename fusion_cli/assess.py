@@ -242,14 +242,10 @@ def _bands_of_product(
 
 
 def holds_whole_dn(img: Image) -> bool:
-    """Whether an image holds DN that uint16 keeps as they are: whole numbers (an integer dtype, or
-    floats that are all integral: DN saved as float) within [0, 65535]. Q2n rounds such data to uint16
-    as the toolbox does; reflectance would keep two or three grey levels, and signed DN (int16 with
-    negative values) would be clipped to 0."""
-    values = img.data[:, img.valid]
-    if not values.size or values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
-        return False
-    return bool(np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)))
+    """Whether an image holds whole-number DN that Q2n rounds to uint16 (`metrics.holds_whole_dn`)."""
+    from fusion_cli.metrics import holds_whole_dn as whole
+
+    return whole(img.data, img.valid)
 
 
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:

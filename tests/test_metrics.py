@@ -141,7 +141,8 @@ def test_q2n_matches_literal_toolbox_transcription(c: int, h: int, w: int) -> No
     ref, fused = _pair(c, h, w)
     fused[0, :3, :3] = -7.0  # saturates to 0 in uint16
     expect = _mat_q2n(ref.transpose(1, 2, 0), fused.transpose(1, 2, 0))
-    assert q2n(ref, fused) == pytest.approx(expect, abs=1e-10)
+    # the toolbox always rounds; the library, by default, only where the reference holds whole DN
+    assert q2n(ref, fused, round_uint16=True) == pytest.approx(expect, abs=1e-10)
 
 
 def test_q2n_constant_reference_block_follows_toolbox() -> None:
@@ -150,7 +151,8 @@ def test_q2n_constant_reference_block_follows_toolbox() -> None:
     fused[:, :32, :32] = 500.0
     ref[2, 32:, 32:] = 0.0  # zero mean -> the toolbox only adds 1 to the fused band
     expect = _mat_q2n(ref.transpose(1, 2, 0), fused.transpose(1, 2, 0))
-    assert q2n(ref, fused) == pytest.approx(expect, abs=1e-10)
+    # the toolbox always rounds; the library, by default, only where the reference holds whole DN
+    assert q2n(ref, fused, round_uint16=True) == pytest.approx(expect, abs=1e-10)
 
 
 def test_q2n_identity_and_bounds() -> None:
@@ -187,7 +189,7 @@ def test_q2n_single_band_is_block_uiqi_of_normalised_data() -> None:
     x, y = (r - mu) / sd + 1, (f - mu) / sd + 1
     cov = ((x - x.mean()) * (y - y.mean())).sum() / (x.size - 1)
     uiqi = 4 * cov * x.mean() * y.mean() / ((x.var(ddof=1) + y.var(ddof=1)) * (x.mean() ** 2 + y.mean() ** 2))
-    assert q2n(ref, fused) == pytest.approx(abs(uiqi), abs=1e-12)
+    assert q2n(ref, fused, round_uint16=True) == pytest.approx(abs(uiqi), abs=1e-12)
 
 
 def test_q2n_mask_drops_blocks() -> None:
@@ -552,3 +554,29 @@ def test_what_nodata_pixels_hold_does_not_move_any_index() -> None:
                 assert math.isfinite(first), key
                 others = [s[key] for s in scores[1:]]
                 assert others == pytest.approx([first, first], rel=1e-12, abs=1e-12), key
+
+
+def test_library_rounds_to_uint16_as_the_cli_decides() -> None:
+    """`fusion metrics` rounds to uint16 (the toolbox's Q2n) only whole-number DN; the library
+    rounded everything by default, so reflectance in 0..1 scored Q2n 0.52 there and 0.84 in the CLI.
+    The library's default now decides as the CLI does (`holds_whole_dn`), True/False still force it."""
+    from fusion_cli.metrics import full_resolution, holds_whole_dn, q2n, reduced_resolution
+
+    ex = example_pair()
+    ref = ex.ms[:, :128, :128].astype(np.float64)
+    rng = np.random.default_rng(0)
+    fused = ref + rng.normal(0, 40, ref.shape)
+    assert holds_whole_dn(ref) and not holds_whole_dn(ref / 65535) and not holds_whole_dn(ref - ref.mean())
+    assert q2n(ref, fused) == q2n(ref, fused, round_uint16=True)
+    refl, refl_fused = ref / 65535, fused / 65535
+    auto = q2n(refl, refl_fused)
+    assert auto == q2n(refl, refl_fused, round_uint16=False) != q2n(refl, refl_fused, round_uint16=True)
+    assert reduced_resolution(refl, refl_fused, 2)["Q2n"] == auto
+    pan = ex.pan[:, :128, :128].astype(np.float64)
+    ms = ex.ms[:, :64, :64].astype(np.float64)
+    product = np.repeat(np.repeat(ms, 2, axis=1), 2, axis=2)
+    whole = full_resolution(product, pan, ms, 2, "landsat8", block=16)
+    assert whole == full_resolution(product, pan, ms, 2, "landsat8", block=16, round_uint16=True)
+    scaled = full_resolution(product / 65535, pan, ms / 65535, 2, "landsat8", block=16)["D_lambda_K"]
+    forced = full_resolution(product / 65535, pan, ms / 65535, 2, "landsat8", block=16, round_uint16=False)
+    assert scaled == forced["D_lambda_K"]

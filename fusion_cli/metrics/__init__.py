@@ -11,7 +11,7 @@ Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` 
 or compares indices reads. A new index is its function and one entry there.
 """
 
-from fusion_cli.metrics._common import border_cut, clip_to_bits, round_uint16
+from fusion_cli.metrics._common import border_cut, clip_to_bits, holds_whole_dn, round_uint16
 from fusion_cli.metrics.noreference import (
     d_lambda,
     d_lambda_khan,
@@ -72,6 +72,7 @@ __all__ = [
     "reduced_resolution",
     "rmse",
     "rmse_bands",
+    "holds_whole_dn",
     "round_uint16",
     "sam",
     "sam_map",

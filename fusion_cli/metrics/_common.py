@@ -100,6 +100,17 @@ def clip_to_bits(img: np.ndarray, bits: int | None) -> np.ndarray:
     return np.clip(img, 0, 2.0**bits)
 
 
+def holds_whole_dn(x: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """Whether `x (C, H, W)` (where `mask` is True) holds DN that uint16 keeps as they are: whole
+    numbers (an integer dtype, or floats that are all integral: DN saved as float) within [0, 65535].
+    Q2n rounds such data to uint16 as the toolbox does; reflectance would keep two or three grey
+    levels, and signed DN (int16 with negative values) would be clipped to 0."""
+    values = x[:, mask] if mask is not None else np.asarray(x).reshape(len(x), -1)
+    if not values.size or values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        return False
+    return bool(np.issubdtype(values.dtype, np.integer) or np.array_equal(values, np.round(values)))
+
+
 def round_uint16(x: np.ndarray) -> np.ndarray:
     """MATLAB `uint16(x)`: round half away from zero, saturate to [0, 65535], NaN -> 0 (float64 out)."""
     out = np.add(x, 0.5, dtype=np.float64)

@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_chw, as_mask, check_pair, iter_blocks, round_uint16
+from fusion_cli.metrics._common import as_chw, as_mask, check_pair, holds_whole_dn, iter_blocks, round_uint16
 
 _EPS = float(np.finfo(np.float64).eps)  # MATLAB eps, used for a zero block std
 
@@ -116,12 +116,14 @@ def q2n_map(
     fused: np.ndarray,
     block: int = 32,
     shift: int = 32,
-    round_uint16_: bool = True,
+    round_uint16_: bool | None = None,
     mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-block Q2n moduli and validity: `(map (ny, nx), valid (ny, nx))`.
 
     `mask` `(H, W)` (True = valid): a block is valid when all its pixels are (padding mirrors the mask).
+    `round_uint16_` None: round when `ref` holds whole-number DN (`holds_whole_dn`), as `fusion
+    metrics` decides.
     """
     ref, fused = as_chw(ref, "reference"), as_chw(fused, "fused")
     check_pair(ref, fused)
@@ -129,6 +131,8 @@ def q2n_map(
         raise FusionError(f"Q2n needs block >= 2 and shift >= 1, got block {block}, shift {shift}")
     m = as_mask(mask, ref.shape[1:])
     n = next_pow2(ref.shape[0])
+    if round_uint16_ is None:
+        round_uint16_ = holds_whole_dn(ref, m)
     transform = round_uint16 if round_uint16_ else None
     values, valid = [], []
     for (r, f), ok in iter_blocks([ref, fused], block, shift, pad=True, mask=m, transform=transform):
@@ -144,10 +148,12 @@ def q2n(
     fused: np.ndarray,
     block: int = 32,
     shift: int = 32,
-    round_uint16: bool = True,
+    round_uint16: bool | None = None,
     mask: np.ndarray | None = None,
 ) -> float:
     """Q2n of `fused` against `ref` (both `(C, H, W)` DN): mean over blocks of the hypercomplex UIQI.
+    Both are rounded to uint16 first, as the toolbox does, when `ref` holds whole-number DN (or
+    `round_uint16=True`); reflectance and signed DN are not (`round_uint16=False` forces that).
 
     With a mask, blocks holding any invalid pixel are left out of the mean (the toolbox has no masks).
     """

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, erode, fill_invalid
+from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, erode, fill_invalid, holds_whole_dn
 from fusion_cli.metrics.noreference import (
     d_lambda,
     d_lambda_khan,
@@ -59,7 +59,7 @@ class Inputs:
     ms_up: np.ndarray | None = None
     mask: np.ndarray | None = None
     block: int = 32  # Q2n / Q / QNR block (and Q2n shift)
-    round_uint16: bool = True  # Q2n's (and D_lambda^K's) uint16 rounding
+    round_uint16: bool | None = True  # Q2n's (and D_lambda^K's) uint16 rounding
     psnr_peak: float | str = "dnmax"
     sensor: str | None = None  # MTF gains of D_lambda^K
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -208,7 +208,7 @@ def reduced_resolution(
     mask: np.ndarray | None = None,
     per_band: bool = False,
     block: int = 32,
-    round_uint16: bool = True,
+    round_uint16: bool | None = None,
     psnr_peak: float | str = "dnmax",
 ) -> dict[str, Any]:
     """All reduced-resolution indices of `fused` against `ref` (both `(C, H, W)` DN) in one call.
@@ -220,6 +220,8 @@ def reduced_resolution(
     (`Q, ERGAS, SCC, PSNR, SSIM, RMSE`).
     """
     ref, fused, m = _prepare(ref, fused, mask)
+    if round_uint16 is None:  # as `fusion metrics` decides: whole-number DN only, not reflectance
+        round_uint16 = holds_whole_dn(ref, m)
     ref, fused = border_cut(ref, cut), border_cut(fused, cut)
     m = None if m is None else border_cut(m, cut)
     fused = clip_to_bits(fused, clip_bits)
@@ -242,12 +244,13 @@ def full_resolution(
     block: int = 32,
     clip_bits: int | None = None,
     per_band: bool = False,
-    round_uint16: bool = True,
+    round_uint16: bool | None = None,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
     `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
-    `th_values`); `round_uint16=False` skips D_lambda^K's uint16 rounding (float data). Returns floats
+    `th_values`); D_lambda^K rounds to uint16 as the toolbox does when the MS holds whole-number DN
+    (`round_uint16` None; True or False forces it). Returns floats
     keyed by the table's full-resolution names (`D_lambda, D_s, QNR, D_lambda_K, HQNR, HPC`), plus
     `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the D_s and HPC terms of each
     band.
@@ -278,11 +281,14 @@ def full_resolution(
             f"PAN {pan.shape[1:]} and fused {(h, w)} differ in size: use the PAN that was fused"
         )
     mask = as_mask(mask, (h, w))
+    # an MS pixel counts as valid only if its whole PAN block is
+    ms_valid = None if mask is None else mask.reshape(h // ratio, ratio, w // ratio, ratio).all(axis=(1, 3))
+    if round_uint16 is None:  # as `fusion metrics` decides, on the MS as it was given
+        round_uint16 = holds_whole_dn(ms, ms_valid)
     if mask is not None and not mask.all():
         # what nodata pixels hold must not matter: fill them, then score only the pixels whose every
         # filter (MS interpolation, the PAN's low-pass for D_s, the MTF for D_lambda^K and HPC) read
-        # valid data; an MS pixel counts as valid only if its whole PAN block is
-        ms_valid = mask.reshape(h // ratio, ratio, w // ratio, ratio).all(axis=(1, 3))
+        # valid data
         fused, pan = fill_invalid(fused, mask, "product"), fill_invalid(pan, mask, "PAN")
         ms = fill_invalid(ms, ms_valid, "MS")
         reach = full_resolution_reach(ratio)
