@@ -92,7 +92,7 @@ def _filter_torch(
     With `decimate`, only the samples `[ratio//2::ratio]` are computed (strided passes), which is
     what a low-pass-then-decimate needs at 1/ratio of the cost.
     """
-    b, c, h, w = img.shape
+    c = img.shape[1]
     cols, rows = zip(*(_separable_terms(float(g), ratio, size, rank) for g in gains), strict=True)
     k = max(x.shape[0] for x in cols)
     n = max(x.shape[1] for x in cols)  # taps (odd, centred): the fast path trims negligible ends
@@ -103,7 +103,15 @@ def _filter_torch(
         off = (n - cc.shape[1]) // 2
         col_w[i, : cc.shape[0], off : off + cc.shape[1]] = cc
         row_w[i, : rr.shape[0], off : off + rr.shape[1]] = rr
-    size = n
+    return _correlate(img, col_w, row_w, ratio, decimate)
+
+
+def _correlate(
+    img: torch.Tensor, col_w: np.ndarray, row_w: np.ndarray, ratio: int, decimate: bool
+) -> torch.Tensor:
+    """`_filter_torch` with its separable terms given: `col_w`, `row_w` `(C, k, n)` (n odd)."""
+    b, c, h, w = img.shape
+    k, size = col_w.shape[1:]
     pad = size // 2
     x = F.pad(img, (pad, pad, pad, pad), mode="replicate")
     if k == 1 and not decimate:
@@ -185,6 +193,24 @@ def degrade_ms(ms: ArrayT, gains: float | list[float], ratio: int) -> ArrayT:
         return mtf_filter_decimate(ms, gains, ratio)
     arr = torch.from_numpy(np.asarray(ms, dtype=np.float64))[None]
     return mtf_filter_decimate(arr, gains, ratio)[0].numpy()
+
+
+def degrade_valid(
+    valid: np.ndarray, ratio: int, mode: Literal["mtf", "bicubic"] = "mtf", size: int = KERNEL_SIZE
+) -> np.ndarray:
+    """Validity `(ceil(H/r), ceil(W/r))` of `degrade_ms` (mode "mtf") or `degrade_pan` (either mode) of
+    an image valid at `valid (H, W)`: a sample stays valid only if every pixel its filter reads is,
+    borders padded as the filter pads them. Correlating the invalid pixels with taps of 1 over the
+    filter's footprint counts those it reads; a filled hole still leaks into every sample it reaches."""
+    bad = torch.from_numpy(~np.asarray(valid, dtype=bool)).double()[None, None]
+    if mode == "bicubic":
+        from fusion_cli.resample import imresize_down_reach
+
+        reached = imresize_down_reach(bad, ratio)
+    else:
+        ones = np.ones((1, 1, size))  # the exact kernel's separable terms span all `size` taps
+        reached = _correlate(bad, ones, ones, ratio, decimate=True)
+    return (reached[0, 0] < 0.5).numpy()
 
 
 def degrade_pan(

@@ -182,9 +182,21 @@ def imresize_down(x: torch.Tensor, ratio: int) -> torch.Tensor:
     return x
 
 
-def _imresize_axis(x: torch.Tensor, ratio: int, axis: int) -> torch.Tensor:
-    """One axis (-2 or -1) of `imresize_down`."""
+def imresize_down_reach(flags: torch.Tensor, ratio: int) -> torch.Tensor:
+    """How many flagged pixels of `flags (B, C, H, W)` (1: flagged, 0: not) each sample of
+    `imresize_down` reads, its borders folded alike: over 0 where a flagged pixel reaches it."""
+    x = flags if flags.is_floating_point() else flags.double()
+    for axis in (-2, -1):
+        x = _imresize_axis(x, ratio, axis, footprint=True)
+    return x
+
+
+def _imresize_axis(x: torch.Tensor, ratio: int, axis: int, footprint: bool = False) -> torch.Tensor:
+    """One axis (-2 or -1) of `imresize_down`; `footprint`: taps of 1 where the kernel reads, 0 where
+    it does not (`imresize_down_reach`)."""
     taps, first = _imresize_taps(ratio)
+    if footprint:
+        taps = (taps != 0).astype(np.float64)
     n = len(taps)
     kernel = torch.as_tensor(taps, dtype=x.dtype, device=x.device)
     c = x.shape[1]
