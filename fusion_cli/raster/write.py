@@ -193,7 +193,8 @@ def _check_blocks(ds: Any, size: int, where: str) -> None:
 class GeoTiff:
     """One whole `(C, H, W)` array to write as a deflate GeoTIFF (tiled when over 256 px): integer
     `dtype`s get the values rounded and clipped to their range; `transform` None writes no
-    georeferencing (for an input that had none); `descriptions` name the bands."""
+    georeferencing (for an input that had none); `descriptions` name the bands; `valid (H, W)` is
+    written as an internal mask (None: none)."""
 
     path: Path
     data: np.ndarray  # (C, H, W)
@@ -203,6 +204,7 @@ class GeoTiff:
     nodata: float | None = None
     tags: dict[str, str] | None = None
     descriptions: Sequence[str | None] | None = None
+    valid: np.ndarray | None = None
 
 
 def write_geotiffs(
@@ -247,8 +249,10 @@ def _write_whole(tmp: Path, im: GeoTiff) -> None:
         profile.update(transform=im.transform, crs=im.crs)
     if im.nodata is not None:
         profile["nodata"] = im.nodata
-    with _open(tmp, "w", **profile) as ds:
+    with gdal_env(), _open(tmp, "w", **profile) as ds:  # GDAL_TIFF_INTERNAL_MASK: no .msk sidecar
         ds.write(out.astype(im.dtype))
+        if im.valid is not None:
+            ds.write_mask(np.where(im.valid, 255, 0).astype(np.uint8))
         ds.update_tags(**(im.tags or {}))
         if im.descriptions and len(im.descriptions) == im.data.shape[0]:
             for i, d in enumerate(im.descriptions, start=1):
