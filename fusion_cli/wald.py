@@ -7,15 +7,21 @@ reference toolbox's `resize_images.m`, or its own MTF filter with `pan_mode="mtf
 and the FusionMamba golden data). The arrays are cropped first to a whole number of low-resolution
 pixels so the three products tile each other exactly: ref `(C, h, w)`, ms_lr `(C, h/r, w/r)`,
 pan_lr `(P, h, w)` with h, w multiples of r.
+
+Validity (nodata, masks, alpha): invalid pixels are filled with their band's mean of the valid ones
+before filtering (`pipeline.readers.fill_invalid`), so that the valid samples near a hole stay sane,
+and a reduced sample is invalid wherever its filter reads an invalid pixel (`mtf.degrade_valid`); the
+reference is invalid exactly where the MS is.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import rasterio
@@ -25,10 +31,28 @@ from rasterio.windows import Window
 from fusion_cli import raster
 from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
-from fusion_cli.mtf import degrade_ms, degrade_pan
+from fusion_cli.mtf import degrade_ms, degrade_pan, degrade_valid
+from fusion_cli.pipeline.output import finish_block
+from fusion_cli.pipeline.readers import fill_invalid
 from fusion_cli.sensors import canonical_sensor, nyquist_gains
 
 PanMode = Literal["bicubic", "mtf"]
+
+
+@dataclass
+class Reduced:
+    """`simulate_arrays`' result. It unpacks as `(pan, ms, ref)`, the three arrays alone, as before
+    validity was carried; each `*_valid` is `(H, W)` bool, None where no validity was given."""
+
+    pan: np.ndarray  # (P, h', w') float64
+    ms: np.ndarray  # (C, h'/r, w'/r) float64
+    ref: np.ndarray  # (C, h', w') float64: the cropped MS, invalid pixels unchanged
+    pan_valid: np.ndarray | None = None
+    ms_valid: np.ndarray | None = None
+    ref_valid: np.ndarray | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.pan, self.ms, self.ref))
 
 
 def simulate_arrays(
@@ -38,17 +62,24 @@ def simulate_arrays(
     sensor: str | None = None,
     pan_mode: PanMode = "bicubic",
     bands: list[int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pan_valid: np.ndarray | None = None,
+    ms_valid: np.ndarray | None = None,
+) -> Reduced:
     """Degrade a pair by `ratio`: pan `(P, H, W)`, ms `(C, h, w)` with H ~ ratio*h, in DN.
 
-    Returns float64 `(pan_lr (P, h', w'), ms_lr (C, h'/r, w'/r), ref (C, h', w'))`, where ref is the MS
-    cropped to h' = r * floor(min(h, H/r) / r) (same for w'), unrounded DN. `bands` (1-based sensor
-    band numbers) picks the MTF gains when the MS holds a subset of the sensor's bands.
+    Returns float64 `(pan_lr (P, h', w'), ms_lr (C, h'/r, w'/r), ref (C, h', w'))` (a `Reduced`, which
+    unpacks as that tuple), where ref is the MS cropped to h' = r * floor(min(h, H/r) / r) (same for
+    w'), unrounded DN. `bands` (1-based sensor band numbers) picks the MTF gains when the MS holds a
+    subset of the sensor's bands. `pan_valid (H, W)` / `ms_valid (h, w)`: where the inputs are valid;
+    invalid pixels are filled before filtering and the outputs' validity comes back with them.
     """
     if pan.ndim == 2:
         pan = pan[None]
     if pan.ndim != 3 or ms.ndim != 3:
         raise FusionError(f"expected pan (P, H, W) and ms (C, h, w), got {pan.shape} and {ms.shape}")
+    for what, arr, valid in (("pan", pan, pan_valid), ("ms", ms, ms_valid)):
+        if valid is not None and np.shape(valid) != arr.shape[1:]:
+            raise FusionError(f"{what}_valid is {np.shape(valid)}, not the {what}'s {arr.shape[1:]}")
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a ratio of at least 2, got {ratio}")
     if pan_mode == "mtf" and pan.shape[0] > 1:
@@ -66,10 +97,25 @@ def simulate_arrays(
         )
     ref = np.asarray(ms[:, :h, :w], dtype=np.float64)
     pan_c = np.asarray(pan[:, : h * ratio, : w * ratio], dtype=np.float64)
+    ref_valid = None if ms_valid is None else np.asarray(ms_valid, dtype=bool)[:h, :w]
+    pan_c_valid = None if pan_valid is None else np.asarray(pan_valid, dtype=bool)[: h * ratio, : w * ratio]
     gains, pan_gain = nyquist_gains(sensor, ref.shape[0], bands)
-    ms_lr = degrade_ms(ref, gains, ratio)
-    pan_lr = degrade_pan(pan_c, ratio, pan_mode, pan_gain)
-    return pan_lr, ms_lr, ref
+    ms_lr = degrade_ms(_filled(ref, ref_valid), gains, ratio)
+    pan_lr = degrade_pan(_filled(pan_c, pan_c_valid), ratio, pan_mode, pan_gain)
+    return Reduced(
+        pan_lr,
+        ms_lr,
+        ref,
+        None if pan_c_valid is None else degrade_valid(pan_c_valid, ratio, pan_mode),
+        None if ref_valid is None else degrade_valid(ref_valid, ratio, "mtf"),
+        ref_valid,
+    )
+
+
+def _filled(data: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """`data` with its invalid pixels at the band means of the valid ones: nodata (65535, 0, NaN) fed
+    to the filters would spread into every valid sample they reach."""
+    return data if valid is None else fill_invalid(data, valid, np.float64)
 
 
 @dataclass
@@ -82,20 +128,26 @@ class SimulatedPair:
     pan_mode: str
 
 
-Read = tuple[np.ndarray, dict, Affine | None, object]  # data, metadata, transform (None: no georef), CRS
+class Read(NamedTuple):
+    data: np.ndarray  # (C, H, W) in the file's dtype
+    valid: np.ndarray | None  # (H, W): nodata, masks, alpha; None: the file cannot have invalid pixels
+    meta: dict  # nodata, tags, band descriptions
+    transform: Affine | None  # None: no georeferencing
+    crs: object
 
 
 def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
-    """The window of an open raster, its metadata, its transform (None without georeferencing), CRS."""
+    """The window of an open raster, where it is valid, its metadata, its transform (None without
+    georeferencing) and CRS."""
     georef = ds.crs is not None or not ds.transform.is_identity
     meta = {"nodata": ds.nodata, "tags": ds.tags(), "desc": ds.descriptions}
     transform = ds.transform @ Affine.translation(win.col_off, win.row_off) if georef else None
-    # an alpha band is left out (transparency, not a band to degrade); the filters ignore masks
-    data, _, bands = raster.read_whole(ds, "input", win)
+    # an alpha band is left out (transparency, not a band to degrade): it is part of `valid`
+    data, valid, bands = raster.read_whole(ds, "input", win)
     meta["desc"] = [ds.descriptions[b - 1] for b in bands]
-    # the Wald filters have no notion of nodata: a NaN anywhere would spread through them
-    raster.refuse_non_finite(ds.name, data, bands=bands)
-    return data, meta, transform, ds.crs
+    # invalid pixels are filled before filtering; a NaN in a valid one would spread through the filters
+    raster.refuse_non_finite(ds.name, data, valid, bands)
+    return Read(data, valid, meta, transform, ds.crs)
 
 
 def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = None) -> tuple[int, Read, Read]:
@@ -108,13 +160,32 @@ def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = Non
 
 
 def _image(
-    path: Path, data: np.ndarray, transform: Affine | None, crs: object, meta: dict, dtype: str
+    path: Path,
+    data: np.ndarray,
+    valid: np.ndarray | None,
+    transform: Affine | None,
+    crs: object,
+    meta: dict,
+    dtype: str,
+    filtered: bool = True,
 ) -> raster.GeoTiff:
-    """One simulated image, with the source's nodata, NBITS/SOURCE tags and band names (existing
-    outputs were refused, or allowed by --overwrite, before any work)."""
+    """One simulated image, with the source's NBITS/SOURCE tags and band names (existing outputs were
+    refused, or allowed by --overwrite, before any work), and its validity as the source expressed
+    it: the source's nodata value written into the invalid pixels (NaN in a `filtered` float image,
+    whose blurred DN may take any other value), else an internal mask."""
     tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
     tags |= meta.get("extra", {})
-    return raster.GeoTiff(path, data, dtype, transform, crs, meta["nodata"], tags, meta["desc"])
+    nodata = meta["nodata"]
+    if nodata is not None and filtered and np.issubdtype(np.dtype(dtype), np.floating):
+        nodata = math.nan
+    mask = None
+    if nodata is not None and valid is not None:
+        # the pipeline's own finishing: invalid pixels take the nodata value, a valid one equal to
+        # it moves one step off, so that no reader takes it for nodata
+        data = finish_block(data, valid, dtype, None, None, nodata)
+    elif valid is not None and not valid.all():
+        mask = valid
+    return raster.GeoTiff(path, data, dtype, transform, crs, nodata, tags, meta["desc"], mask)
 
 
 def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path], overwrite: bool) -> None:
@@ -166,13 +237,23 @@ def simulate_files(
     targets = [out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif"]
     _check_targets(out_dir, targets, [pan_path, ms_path], overwrite)
     ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
-    (pan, pan_meta, pan_tf, pan_crs), (ms, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
+    (pan, _, pan_meta, pan_tf, pan_crs), (ms, _, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
     step(1)
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = SimulatedPair(*targets, ratio, key, "mtf" if pan_mtf else "bicubic")
-    pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands)
+    red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands, pan_read.valid, ms_read.valid)
+    for what, valid in (
+        ("reference", red.ref_valid),
+        ("reduced MS", red.ms_valid),
+        ("reduced PAN", red.pan_valid),
+    ):
+        if valid is not None and not valid.any():
+            raise FusionError(
+                f"no valid pixel is left in the {what}: nodata or masks cover the area PAN and MS share, "
+                "or reach every reduced pixel through the filters; check the inputs' nodata"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
     step(2)
     scale = Affine.scale(ratio)
     info = {"WALD_RATIO": str(ratio), "WALD_SENSOR": key, "WALD_PAN_MODE": paths.pan_mode}
@@ -183,16 +264,24 @@ def simulate_files(
     images = [
         _image(
             paths.pan,
-            pan_lr,
+            red.pan,
+            red.pan_valid,
             pan_tf @ scale if pan_tf else None,
             pan_crs,
             pan_meta | {"extra": info},
             pan_dtype,
         ),
         _image(
-            paths.ms, ms_lr, ms_tf @ scale if ms_tf else None, ms_crs, ms_meta | {"extra": ms_info}, ms_dtype
+            paths.ms,
+            red.ms,
+            red.ms_valid,
+            ms_tf @ scale if ms_tf else None,
+            ms_crs,
+            ms_meta | {"extra": ms_info},
+            ms_dtype,
         ),
-        _image(paths.ref, ref, ms_tf, ms_crs, ms_meta, str(ms.dtype)),  # the original DN, unchanged
+        # the original DN, unchanged (invalid pixels take the nodata value, if the MS has one)
+        _image(paths.ref, red.ref, red.ref_valid, ms_tf, ms_crs, ms_meta, str(ms.dtype), filtered=False),
     ]
     # all three or none: a failure halfway must not leave a reduced pair of this scene beside the
     # reference of another

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from fusion_cli import align, raster
 
@@ -28,9 +29,10 @@ class Tile:
     valid: np.ndarray  # (h, w) bool
 
 
-def fill_invalid(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Replace invalid pixels by the band means of the valid ones, so a fuser never sees nodata."""
-    data = data.astype(np.float32, copy=True)
+def fill_invalid(data: np.ndarray, valid: np.ndarray, dtype: DTypeLike = np.float32) -> np.ndarray:
+    """Replace invalid pixels by the band means of the valid ones, so a fuser never sees nodata;
+    a copy in `dtype` (float64 for the Wald filters, which work in it)."""
+    data = data.astype(dtype, copy=True)
     if valid.all():
         return data
     if not valid.any():
