@@ -146,6 +146,33 @@ def write_example_crop(
     return paths[0], paths[1]
 
 
+# The example MS's 40 x 80 px hole of `write_example_ms_with_hole` (rows, columns)
+EXAMPLE_HOLE = (slice(60, 100), slice(120, 200))
+
+
+def write_example_ms_with_hole(path: Path, how: str) -> Path:
+    """The example MS with EXAMPLE_HOLE invalid, as `how` says: "mask" (65535 there, out by an
+    internal mask), "nodata" (0 there, nodata 0) or "nan" (float32, NaN there, nodata NaN)."""
+    import rasterio
+
+    with rasterio.open(EXAMPLE_MS) as src:
+        data, profile, tags = src.read(), src.profile, src.tags()
+    if how == "nan":
+        data = data.astype(np.float32)
+        profile.update(dtype="float32", predictor=3, nodata=float("nan"))
+    elif how == "nodata":
+        profile.update(nodata=0)
+    data[:, EXAMPLE_HOLE[0], EXAMPLE_HOLE[1]] = {"mask": 65535, "nodata": 0, "nan": np.nan}[how]
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.update_tags(**tags)
+        if how == "mask":
+            mask = np.full(data.shape[1:], 255, np.uint8)
+            mask[EXAMPLE_HOLE] = 0
+            dst.write_mask(mask)
+    return path
+
+
 @pytest.fixture(scope="session")
 def landsat_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`make demo` on the shipped Landsat-8 example with BDSD-PC (fast; the demo's network runs the

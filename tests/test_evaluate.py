@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, write_example_ms_with_hole
 
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
@@ -111,6 +111,26 @@ def test_evaluate_real_pair(tmp_path: Path, source: str, request: pytest.Fixture
         assert len(list(csv.DictReader(fh))) == 2
     payload = json.loads(Path(res.files["json"]).read_text())
     assert payload["settings"]["sensor"] == sensor and len(payload["summary"]) == 2
+
+
+def test_evaluate_leaves_the_ms_hole_out(tmp_path: Path) -> None:
+    """The audit's case: the example MS with a 40 x 80 px hole (65535 under an internal mask, or 0 as
+    nodata) scored at reduced resolution as the whole MS is, over fewer pixels. Before, the hole was
+    fused and scored as data: ERGAS 9.16 / Q2n 0.57 (mask) and 4.86 / 0.74 (nodata) against 2.53 /
+    0.889; now 2.54 / 0.883 for both."""
+    rows = {}
+    for how in ("clean", "mask", "nodata"):
+        ms = EXAMPLE_MS if how == "clean" else write_example_ms_with_hole(tmp_path / f"{how}.tif", how)
+        out = tmp_path / how
+        with pytest.raises(SystemExit) as exc:
+            main(["evaluate", str(EXAMPLE_PAN), str(ms), "--methods", "gsa", "--sensor", "landsat8",
+                  "--no-full", "-q", "-o", str(out)])  # fmt: skip
+        assert exc.value.code == 0
+        rows[how] = json.loads((out / "results.json").read_text())["rows"][0]
+    for how in ("mask", "nodata"):
+        assert rows[how]["ERGAS"] == pytest.approx(rows["clean"]["ERGAS"], abs=0.1), how
+        assert rows[how]["Q2n"] == pytest.approx(rows["clean"]["Q2n"], abs=0.02), how
+        assert rows[how]["SAM"] == pytest.approx(rows["clean"]["SAM"], abs=0.1), how
 
 
 @pytest.mark.parametrize("source", PAIRS)

@@ -10,13 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, have_shared, need_shared, write_example_crop
+from conftest import (
+    EXAMPLE_HOLE,
+    EXAMPLE_MS,
+    EXAMPLE_PAN,
+    example_pair,
+    have_shared,
+    need_shared,
+    write_example_crop,
+    write_example_ms_with_hole,
+)
+from rasterio.enums import MaskFlags
 from rasterio.transform import Affine
 
 from fusion_cli.align import shape_ratio
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
-from fusion_cli.mtf import degrade_ms
+from fusion_cli.mtf import degrade_ms, degrade_pan
 from fusion_cli.sensors import nyquist_gains
 from fusion_cli.wald import simulate_arrays, simulate_files
 
@@ -26,6 +36,12 @@ def _read(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
             return ds.read()
+
+
+def _valid(path: Path) -> np.ndarray:
+    """Where every band of a raster is valid, by its own nodata or mask."""
+    with rasterio.open(path) as ds:
+        return (ds.read_masks() > 0).all(axis=0)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,6 +91,103 @@ def test_simulate_arrays_example() -> None:
     for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
         moved = pan_lr[0, 4 + dy : 156 + dy, 4 + dx : 316 + dx]
         assert in_place > _corr(moved, visible) + 0.04, (dy, dx)
+
+
+def test_simulate_arrays_carries_validity() -> None:
+    """A hole in the example MS (65535 under a mask) and one in its PAN (0): the result is the cropped
+    MS as given, its validity that of the MS, and a reduced sample is invalid exactly where the filter
+    reads a hole pixel (where it carries an impulse placed there); every valid sample equals the run
+    without holes (the holes were filled, and reach no further). Without masks nothing changes."""
+    ex = example_pair()
+    gains, pan_gain = nyquist_gains("landsat8", 6)
+    ms_valid = np.ones(ex.ms.shape[1:], bool)
+    ms_valid[EXAMPLE_HOLE] = False
+    pan_valid = np.ones(ex.pan.shape[1:], bool)
+    pan_valid[10:50, 300:400] = False
+    ms, pan = np.where(ms_valid, ex.ms, 65535.0), np.where(pan_valid, ex.pan, 0.0)
+    for mode in ("bicubic", "mtf"):
+        clean = simulate_arrays(ex.pan, ex.ms, 2, "landsat8", mode)
+        assert clean.pan_valid is None and clean.ms_valid is None and clean.ref_valid is None
+        red = simulate_arrays(pan, ms, 2, "landsat8", mode, pan_valid=pan_valid, ms_valid=ms_valid)
+        pan_lr, ms_lr, ref = red  # unpacks as the three arrays, as before
+        np.testing.assert_array_equal(ref, ms)
+        np.testing.assert_array_equal(red.ref_valid, ms_valid)
+        ms_reach = degrade_ms((~ms_valid)[None].astype(np.float64), gains[0], 2)[0] != 0
+        pan_reach = degrade_pan((~pan_valid)[None].astype(np.float64), 2, mode, pan_gain)[0] != 0
+        np.testing.assert_array_equal(red.ms_valid, ~ms_reach)
+        np.testing.assert_array_equal(red.pan_valid, ~pan_reach)
+        # ms_lr sample i sits on MS pixel 2i+1; the 41-tap kernel reads 20 px each side of it
+        bad_rows, bad_cols = np.flatnonzero(~red.ms_valid.all(1)), np.flatnonzero(~red.ms_valid.all(0))
+        assert (bad_rows.min(), bad_rows.max(), bad_cols.min(), bad_cols.max()) == (20, 59, 50, 109)
+        np.testing.assert_array_equal(ms_lr[:, red.ms_valid], clean.ms[:, red.ms_valid])
+        np.testing.assert_array_equal(pan_lr[:, red.pan_valid], clean.pan[:, red.pan_valid])
+    with pytest.raises(FusionError, match="ms_valid"):
+        simulate_arrays(ex.pan, ex.ms, 2, "landsat8", ms_valid=pan_valid)
+
+
+def _reach(centres: np.ndarray, hole: slice, half: int) -> np.ndarray:
+    """Which reduced samples (on MS pixels `centres`) a filter of half-width `half` reads `hole` from."""
+    return (centres + half >= hole.start) & (centres - half < hole.stop)
+
+
+@pytest.mark.parametrize("how", ["mask", "nodata"])
+def test_simulate_files_keeps_the_ms_validity(tmp_path: Path, how: str) -> None:
+    """The audit's case, the example MS with a 40 x 80 px hole: 65535 under an internal mask, or 0 as
+    nodata. Before, ms_ref.tif had no mask (3200 px of 65535 counted valid) and ms_lr.tif counted 740
+    blurred px >= 60000 valid; with nodata 0, the float32 ms_lr.tif had nodata 0 and 521 blurred
+    ramps 0 < v < 4000 counted valid. Now the reference is invalid exactly over the hole, the reduced
+    MS wherever its filter reads it (20 MS px each side), as the input said it (an internal mask, or
+    nodata: NaN in float32, where a blurred DN may take any other value), and every valid pixel of the
+    three equals the run on the MS without the hole."""
+    clean = simulate_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / "clean", sensor="landsat8")
+    ms_path = write_example_ms_with_hole(tmp_path / "ms.tif", how)
+    res = simulate_files(EXAMPLE_PAN, ms_path, tmp_path / "holed", sensor="landsat8")
+    hole = np.zeros((160, 320), bool)
+    hole[EXAMPLE_HOLE] = True
+    centres = [np.arange(n) * 2 + 1 for n in (80, 160)]
+    reach = np.outer(*(_reach(c, h, 20) for c, h in zip(centres, EXAMPLE_HOLE, strict=True)))
+    for path, expected in ((res.ref, ~hole), (res.ms, ~reach), (res.pan, np.ones((160, 320), bool))):
+        valid = _valid(path)
+        np.testing.assert_array_equal(valid, expected, err_msg=path.name)
+        got, want = _read(path), _read(Path(clean.ref).parent / path.name)
+        np.testing.assert_array_equal(got[:, valid], want[:, valid], err_msg=path.name)
+    with rasterio.open(res.ms) as lr, rasterio.open(res.ref) as ref:
+        if how == "mask":
+            assert lr.nodata is None and lr.mask_flag_enums[0] == [MaskFlags.per_dataset]
+            assert ref.nodata is None and ref.mask_flag_enums[0] == [MaskFlags.per_dataset]
+            assert (ref.read()[:, hole] == 65535).all()  # the original DN, kept under the mask
+        else:
+            assert np.isnan(lr.nodata) and np.isnan(lr.read()[:, reach]).all()
+            assert ref.nodata == 0 and (ref.read()[:, hole] == 0).all()
+
+
+def test_simulate_files_pan_nodata_and_nan_ms(tmp_path: Path) -> None:
+    """A PAN with nodata 0 over a block and a float32 MS with NaN nodata over the hole, reduced to the
+    source types. Before, the NaN were refused as 'not its nodata' and the PAN's nodata filtered with
+    the data. Now pan_lr (uint16, nodata 0) is invalid where the bicubic reduction reads the block, its
+    valid pixels those of the run without it; the MS keeps NaN as nodata."""
+    with rasterio.open(EXAMPLE_PAN) as src:
+        pan, profile = src.read(), src.profile
+    pan[:, 10:50, 300:400] = 0
+    pan_path = tmp_path / "pan.tif"
+    with rasterio.open(pan_path, "w", **(profile | {"nodata": 0})) as dst:
+        dst.write(pan)
+    ms_path = write_example_ms_with_hole(tmp_path / "ms.tif", "nan")
+    clean = simulate_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / "clean", sensor="landsat8", dtype="source")
+    res = simulate_files(pan_path, ms_path, tmp_path / "holed", sensor="landsat8", dtype="source")
+    # imresize by 1/2: pan_lr pixel i (PAN centre 2i + 0.5) reads PAN pixels 2i-3 .. 2i+4
+    centres = np.arange(160) * 2 + 0.5, np.arange(320) * 2 + 0.5
+    reach = np.outer(
+        *(_reach(c, h, 3.5) for c, h in zip(centres, (slice(10, 50), slice(300, 400)), strict=True))
+    )
+    with rasterio.open(res.pan) as lr:
+        assert lr.dtypes[0] == "uint16" and lr.nodata == 0
+        assert (lr.read()[:, reach] == 0).all()
+    np.testing.assert_array_equal(_valid(res.pan), ~reach)
+    np.testing.assert_array_equal(_read(res.pan)[:, ~reach], _read(clean.pan)[:, ~reach])
+    with rasterio.open(res.ms) as lr, rasterio.open(res.ref) as ref:
+        assert lr.dtypes[0] == ref.dtypes[0] == "float32" and np.isnan(lr.nodata) and np.isnan(ref.nodata)
+        assert (~_valid(res.ms)).sum() == 40 * 60 and (~_valid(res.ref)).sum() == 40 * 80
 
 
 def test_simulate_arrays_rejects_bad_input() -> None:
