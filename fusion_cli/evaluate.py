@@ -7,7 +7,9 @@ pansharpen` and is scored with the toolbox's reduced-resolution indices (Q2n, Q,
 then each method fuses the original pair and is scored with the no-reference indices (D_lambda,
 D_s, QNR, D_lambda^K, HQNR) and the sharpness index HPC. Times are wall-clock seconds of each fusion
 (statistics pass, I/O and writing included). Several scenes give mean and standard deviation per
-method, as published tables.
+method, as published tables. The inputs' nodata and masks carry through the simulation into the
+reference and the reduced pair, and from there into each product: the scores leave out every pixel
+either marks invalid (`fusion_cli.assess`).
 
 Methods are classical names (`gsa`, `mtf-glp-hpm`, ...) or `fusionmamba:MODEL` where MODEL is a
 registry name or a weights file (a card + safetensors pair or the official `.pth`).
