@@ -255,6 +255,12 @@ def test_ergas_hand_computed_and_ratio() -> None:
     assert ergas(a, a, 4) == 0.0
     with pytest.raises(FusionError):
         ergas(a, b, 0)
+    with pytest.raises(FusionError, match="not 1/4"):  # the MS/PAN ratio: 16 times the ERGAS
+        ergas(a, b, 0.25)
+    from fusion_cli.pipeline import make_fuser
+
+    with pytest.raises(FusionError, match="positive integer, got 2.5"):  # was built as ratio 2
+        make_fuser(method="gsa", ratio=2.5)
 
 
 def test_scc_hand_computed() -> None:

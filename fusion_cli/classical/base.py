@@ -336,7 +336,7 @@ class ClassicalFuser(FuserDefaults):
     def __init__(
         self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
     ) -> None:
-        if ratio < 1:
+        if ratio < 1 or ratio != int(ratio):  # 2.5 was taken as 2
             raise FusionError(f"ratio must be a positive integer, got {ratio}")
         if pan_bands < 1:
             raise FusionError(f"pan_bands must be a positive integer, got {pan_bands}")

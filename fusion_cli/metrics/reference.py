@@ -150,8 +150,8 @@ def ergas_bands(
 ) -> np.ndarray:
     """Per-band ERGAS terms `(C,)`: (100 / ratio) sqrt(MSE_b / mean(ref_b)^2)."""
     ref, fused, m = _prepare(ref, fused, mask)
-    if ratio <= 0:
-        raise FusionError(f"ratio must be positive (PAN/MS pixel-size ratio, e.g. 4), got {ratio}")
+    if ratio < 1:  # 1/4 (the MS/PAN ratio some papers write) would scale ERGAS 16-fold
+        raise FusionError(f"ratio is the PAN/MS pixel-size ratio, at least 1 (e.g. 4, not 1/4), got {ratio}")
     mse, mean = _band_mse_and_mean(ref, fused, m)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (100.0 / ratio) * np.sqrt(mse / mean**2)
