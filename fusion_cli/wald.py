@@ -145,6 +145,7 @@ def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
     # an alpha band is left out (transparency, not a band to degrade): it is part of `valid`
     data, valid, bands = raster.read_whole(ds, "input", win)
     meta["desc"] = [ds.descriptions[b - 1] for b in bands]
+    meta["encoding"] = raster.Encoding.of(ds, bands)  # the outputs hold the same DN
     # invalid pixels are filled before filtering; a NaN in a valid one would spread through the filters
     raster.refuse_non_finite(ds.name, data, valid, bands)
     return Read(data, valid, meta, transform, ds.crs)
@@ -169,10 +170,10 @@ def _image(
     dtype: str,
     filtered: bool = True,
 ) -> raster.GeoTiff:
-    """One simulated image, with the source's NBITS/SOURCE tags and band names (existing outputs were
-    refused, or allowed by --overwrite, before any work), and its validity as the source expressed
-    it: the source's nodata value written into the invalid pixels (NaN in a `filtered` float image,
-    whose blurred DN may take any other value), else an internal mask."""
+    """One simulated image, with the source's NBITS/SOURCE tags, band names and scale/offset (existing
+    outputs were refused, or allowed by --overwrite, before any work), and its validity as the
+    source expressed it: the source's nodata value written into the invalid pixels (NaN in a
+    `filtered` float image, whose blurred DN may take any other value), else an internal mask."""
     tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
     tags |= meta.get("extra", {})
     nodata = meta["nodata"]
@@ -185,7 +186,9 @@ def _image(
         data = finish_block(data, valid, dtype, None, None, nodata)
     elif valid is not None and not valid.all():
         mask = valid
-    return raster.GeoTiff(path, data, dtype, transform, crs, nodata, tags, meta["desc"], mask)
+    return raster.GeoTiff(
+        path, data, dtype, transform, crs, nodata, tags, meta["desc"], mask, meta["encoding"]
+    )
 
 
 def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path], overwrite: bool) -> None:

@@ -184,3 +184,29 @@ def landsat_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("demo") / "landsat8_bdsd_pc.tif"
     pansharpen(pan, ms, out, method="bdsd-pc", sensor="landsat8")
     return {"pan": pan, "ms": ms, "product": out}
+
+
+def restamp(
+    src: Path, dst: Path, data: np.ndarray | None = None, *, descriptions: bool = True, **band_meta: object
+) -> Path:
+    """A copy of raster `src` at `dst`, with its georeferencing, optionally other `data` (its dtype
+    becomes the file's) and the band metadata rasterio sets by name: `scales`, `offsets`, `units`,
+    `colorinterp`. `descriptions=False` leaves the band names out."""
+    import warnings
+
+    import rasterio
+
+    with rasterio.open(src) as s:
+        profile, names, own = s.profile, s.descriptions, s.read()
+    data = own if data is None else data
+    profile.update(count=data.shape[0], dtype=data.dtype.name, driver="GTiff", photometric="MINISBLACK")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a crop without georeferencing, on purpose
+        with rasterio.open(dst, "w", **profile) as out:
+            out.write(data)
+            for key, value in band_meta.items():
+                setattr(out, key, value)
+            for i, name in enumerate(names[: data.shape[0]] if descriptions else (), start=1):
+                if name:
+                    out.set_band_description(i, name)
+    return dst

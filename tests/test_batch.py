@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.windows
-from conftest import EXAMPLE_PAN, need_shared, shared_or_named_alike, write_example_crop
+from conftest import EXAMPLE_PAN, need_shared, restamp, shared_or_named_alike, write_example_crop
 from rasterio.crs import CRS
 
 from fusion_cli import align, batch
@@ -806,3 +806,25 @@ def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     (scene,) = json.loads(res.stdout)["scenes"]
     assert pan.read_bytes() == before
     assert "symlink" in (scene.get("reason") or scene["details"].get("metrics_error", ""))
+
+
+def test_batch_fails_only_the_scene_whose_pan_and_ms_differ_in_scale_offset(tmp_path: Path) -> None:
+    """One refusal for pansharpen and batch (`fuse_files`): the scene whose PAN is stored with another
+    offset fails with the reason; the other, both in Collection-2 DN, is fused and keeps their
+    scale, offset and unit."""
+    d = tmp_path / "in"
+    d.mkdir()
+    c2 = {"scales": [2.75e-05], "offsets": [-0.2], "units": ["reflectance"]}
+    for stem in ("c2", "mixed"):
+        pan, ms = write_example_crop(d, stem, rasterio.windows.Window(0, 0, 64, 64))
+        restamp(ms, ms, **{k: v * 6 for k, v in c2.items()})  # its 6 bands
+        restamp(pan, pan, **(c2 if stem == "c2" else {"offsets": [5000.0]}))
+    res = run_cli("batch", str(d), str(tmp_path / "out"), "--method", "gsa", "--json", check_rc=1)
+    by_scene = {r["scene"]: r for r in json.loads(res.stdout)["scenes"]}
+    assert by_scene["c2"]["status"] == "done" and by_scene["mixed"]["status"] == "failed"
+    assert (
+        "store their values with different scale/offset (PAN 1 / 5000, MS 2.75e-05 / -0.2)"
+        in (by_scene["mixed"]["reason"])
+    )
+    with rasterio.open(by_scene["c2"]["out"]) as ds:
+        assert ds.scales == (2.75e-05,) * 6 and ds.offsets == (-0.2,) * 6 and ds.units == ("reflectance",) * 6

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, restamp
 from rasterio.transform import from_origin
 
 from fusion_cli import raster
@@ -633,3 +633,61 @@ def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
     args = ["pansharpen", msi9, hsi, "-o", str(tmp_path / "x.tif"), "--method", "gsa", "--pan-bands", "1,2,3"]
     code, _, err = run(capsys, *args)
     assert_one_line_error(code, err, "--pan-bands selects 3 bands; pansharpening needs a single-band PAN")
+
+
+# Landsat Collection-2 surface reflectance: value = DN * 2.75e-05 - 0.2
+C2_SCALE, C2_OFFSET = 2.75e-05, -0.2
+
+
+def test_the_product_keeps_the_ms_scale_offset_and_units(tmp_path, capsys):
+    """A product holds MS DN, whatever --dtype: it keeps the MS bands' scale, offset and unit (it
+    had 1 / 0: a GIS unscaling the product read 8246 where the MS reads 0.027). The pixels are
+    those of the same DN without them; --cog keeps them too."""
+    crops = _example_crop(tmp_path)
+    scaled = {
+        role: str(restamp(path, tmp_path / f"c2_{role}.tif", scales=[C2_SCALE] * n, offsets=[C2_OFFSET] * n,
+                          units=["reflectance"] * n))
+        for role, path, n in (("pan", crops["pan"], 1), ("ms", crops["ms"], 6))
+    }  # fmt: skip
+    plain, out = tmp_path / "plain.tif", tmp_path / "c2.tif"
+    for pair, dst in (((crops["pan"], crops["ms"]), plain), ((scaled["pan"], scaled["ms"]), out)):
+        code, _, err = run(capsys, "pansharpen", *pair, "-o", str(dst), "--method", "gsa", "-q")
+        assert code == 0, err
+    with rasterio.open(out) as ds, rasterio.open(plain) as ref, rasterio.open(scaled["ms"]) as ms:
+        assert ds.scales == (C2_SCALE,) * 6 and ds.offsets == (C2_OFFSET,) * 6
+        assert ds.units == ("reflectance",) * 6
+        np.testing.assert_array_equal(ds.read(), ref.read())  # the same DN, fused as before
+        assert ref.scales == (1.0,) * 6 and ref.offsets == (0.0,) * 6 and ref.units == (None,) * 6
+        # one physical value: the product's pixel over an MS pixel reads as the MS's does, unscaled
+        product = ds.read(1, masked=False)[64, 64] * ds.scales[0] + ds.offsets[0]
+        assert abs(product - (ms.read(1)[32, 32] * C2_SCALE + C2_OFFSET)) < 0.02
+    cog = tmp_path / "c2_cog.tif"
+    code, _, err = run(
+        capsys, "pansharpen", scaled["pan"], scaled["ms"], "-o", str(cog), "--method", "gsa", "-q",
+        "--cog", "--dtype", "float32", "--bands", "3,2",
+    )  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(cog) as ds:
+        assert ds.scales == (C2_SCALE,) * 2 and ds.offsets == (C2_OFFSET,) * 2 and ds.dtypes[0] == "float32"
+
+
+def test_a_pan_and_ms_in_other_scale_offset_are_refused(tmp_path, capsys):
+    """The PAN stored as DN - 5000 with offset +5000 (the same physical values) was fused as raw DN:
+    Brovey off by thousands of DN at exit 0. Refused before any work, in one line, in HISR's roles
+    for `fusion hisr`; the same scale/offset on both is fused as DN (above)."""
+    crops = _example_crop(tmp_path)
+    with rasterio.open(crops["pan"]) as ds:
+        shifted = ds.read().astype(np.int32) - 5000
+    pan = str(restamp(crops["pan"], tmp_path / "pan_offset.tif", shifted, offsets=[5000.0]))
+    out = tmp_path / "o.tif"
+    code, _, err = run(capsys, "pansharpen", pan, crops["ms"], "-o", str(out), "--method", "brovey")
+    assert_one_line_error(
+        code, err, "PAN and MS store their values with different scale/offset (PAN 1 / 5000, MS 1 / 0): "
+        "fusion works on stored DN; write both in the same units first (gdal_translate -unscale",
+    )  # fmt: skip
+    assert not out.exists()
+    code, _, err = run(capsys, "hisr", crops["ms"], pan, "-o", str(out), "--method", "gsa")
+    assert_one_line_error(
+        code, err, "MSI and HSI store their values with different scale/offset (MSI 1 / 5000"
+    )
+    assert not out.exists()

@@ -17,11 +17,13 @@ from conftest import (
     example_pair,
     have_shared,
     need_shared,
+    restamp,
     write_example_crop,
     write_example_ms_with_hole,
 )
 from rasterio.enums import MaskFlags
 from rasterio.transform import Affine
+from rasterio.windows import Window
 
 from fusion_cli.align import shape_ratio
 from fusion_cli.cli.main import main
@@ -377,3 +379,16 @@ def test_reduced_uint8_pair_keeps_the_dn_scale_of_its_source(tmp_path):
     scores = score_product(out, ref=sim.ref, opts=EvalOptions(ratio=2, sensor="landsat7"))
     print(f"\nreduced FuseBox 19 crop, landsat model: Q2n {scores['Q2n']:.3f} ERGAS {scores['ERGAS']:.2f}")
     assert scores["ERGAS"] < 6.0 and scores["Q2n"] > 0.8  # measured 3.9 / 0.90 on this crop
+
+
+def test_simulated_images_keep_the_scale_offset_of_their_dn(tmp_path: Path) -> None:
+    """The reduced pair and the reference hold the inputs' DN: they keep their scale, offset and unit
+    (ms_ref.tif, "the original DN, unchanged", lost its Collection-2 scaling)."""
+    c2 = {"scales": [2.75e-05], "offsets": [-0.2], "units": ["reflectance"]}
+    pan, ms = write_example_crop(tmp_path, "c2", Window(0, 0, 64, 64))
+    restamp(ms, ms, **{k: v * 6 for k, v in c2.items()})
+    restamp(pan, pan, **c2)
+    res = simulate_files(pan, ms, tmp_path / "sim", sensor="landsat8")
+    for path, n in ((res.pan, 1), (res.ms, 6), (res.ref, 6)):
+        with rasterio.open(path) as ds:
+            assert (ds.scales, ds.offsets, ds.units) == ((2.75e-05,) * n, (-0.2,) * n, ("reflectance",) * n)

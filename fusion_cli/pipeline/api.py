@@ -216,6 +216,11 @@ def fuse_files(
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
+        # the product holds MS DN: it keeps their scale, offset and unit, which the PAN must share
+        encoding = raster.Encoding.of(ms_ds, bands)
+        raster.check_same_encoding(
+            ("PAN", raster.Encoding.of(pan_ds, pan_bands)), ("MS", encoding), "fusion works on stored DN"
+        )
         check_fuser(fuser, len(pan_bands), len(bands))
         check_band_wavelengths(fuser, ms_ds, bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
@@ -305,6 +310,7 @@ def fuse_files(
                 # RGB by the MS's band descriptions, else by the model card's band names
                 colorinterp=raster.rgb_colorinterp(len(bands), descriptions, model_band_names(fuser)),
                 imagery=band_imagery(fuser, descriptions, bands, ms_ds.count),
+                encoding=encoding,
             ) as writer,
             _reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,
         ):

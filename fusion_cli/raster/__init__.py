@@ -3,19 +3,20 @@
 
 One module per job: `gdal` (environment, virtual paths, error text), `read` (opening, band selection,
 DN scale, padded window reads with validity masks), `nodata` (nodata overrides and masks), `checks`
-(refusals before any work), `bands` (band descriptions, colour interpretation),
+(refusals before any work), `bands` (band descriptions, colour interpretation, value encoding),
 `profile` (the product's GeoTIFF profile and overviews) and `write` (the atomic, verified writers).
 Every name is re-exported here: callers use `raster.open_raster`, `raster.AtomicWriter`...
 """
 
 from fusion_cli.choices import COMPRESSIONS
-from fusion_cli.raster.bands import band_descriptions, rgb_colorinterp
+from fusion_cli.raster.bands import Encoding, band_descriptions, rgb_colorinterp
 from fusion_cli.raster.checks import (
     MAX_PIXELS,
     check_dn_max,
     check_narrowing,
     check_pixel_type,
     check_product_name,
+    check_same_encoding,
     check_same_file,
     check_scene_size,
     check_writable,
@@ -70,6 +71,7 @@ __all__ = [
     "SOURCE_DTYPE_TAG",
     "TEMP_TAGS",
     "AtomicWriter",
+    "Encoding",
     "NodataOverride",
     "atomic_output",
     "band_descriptions",
@@ -78,6 +80,7 @@ __all__ = [
     "check_dn_max",
     "check_narrowing",
     "check_pixel_type",
+    "check_same_encoding",
     "check_product_name",
     "check_same_file",
     "check_scene_size",

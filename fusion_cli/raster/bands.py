@@ -1,9 +1,12 @@
-"""What a product's bands are: their descriptions and the RGB colour interpretation."""
+"""What a product's bands are: their descriptions, the RGB colour interpretation, and how they
+encode their values (GDAL's band scale, offset and unit)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import rasterio
 from rasterio.enums import ColorInterp
@@ -30,3 +33,54 @@ def rgb_colorinterp(count: int, *namings: Sequence[str]) -> list[ColorInterp] | 
                 interp[i] = ColorInterp[colour]
             return interp
     return None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How bands store their values, per band: value = DN * scale + offset, in `units` (GDAL's band
+    scale, offset and unit type; Landsat Collection-2 reflectance is 2.75e-05 / -0.2). Fusion works
+    on the stored DN: a product in MS DN keeps the MS bands' encoding to mean what they mean."""
+
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+    units: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ds: Any, bands: Sequence[int]) -> Encoding:
+        """The encoding of the 1-based `bands` of an open dataset (1 / 0 and no unit where unset)."""
+
+        def number(value: float | None, default: float) -> float:
+            return default if value is None else float(value)
+
+        return cls(
+            tuple(number(ds.scales[b - 1], 1.0) for b in bands),
+            tuple(number(ds.offsets[b - 1], 0.0) for b in bands),
+            tuple(ds.units[b - 1] or "" for b in bands),
+        )
+
+    def select(self, positions: Sequence[int]) -> Encoding:
+        """The encoding of some of these bands (0-based `positions`, in that order)."""
+        parts = (self.scales, self.offsets, self.units)
+        return Encoding(*(tuple(part[i] for i in positions) for part in parts))
+
+    @property
+    def pairs(self) -> tuple[tuple[float, float], ...]:
+        return tuple(zip(self.scales, self.offsets, strict=True))
+
+    @property
+    def scaled(self) -> bool:
+        """Whether a band stores its values scaled or offset (not 1 / 0)."""
+        return any(p != (1.0, 0.0) for p in self.pairs)
+
+    def describe(self) -> str:
+        """The distinct scale / offset of the bands: "2.75e-05 / -0.2", "1 / 0, 2 / 0"."""
+        return ", ".join(f"{s:.10g} / {o:.10g}" for s, o in dict.fromkeys(self.pairs))
+
+    def write(self, dst: Any) -> None:
+        """Set on an open writer of as many bands; plain bands (1 / 0, no unit) stay unset, as GDAL
+        leaves them, so that their products are what they were."""
+        if self.scaled:
+            dst.scales = self.scales
+            dst.offsets = self.offsets
+        if any(self.units):
+            dst.units = self.units

@@ -14,6 +14,7 @@ import numpy as np
 import rasterio
 
 from fusion_cli.errors import FusionError, short_list
+from fusion_cli.raster.bands import Encoding
 
 # Default ceiling on a product's pixels (PAN grid): 10 Gpx, far above real scenes (a WorldView
 # strip is ~1.5 Gpx), far below what a sparse or mistaken header can declare (10^12 px = 12 TB).
@@ -45,6 +46,27 @@ def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
                 f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
                 "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
             )
+
+
+# What to do about two rasters that encode their values differently (`check_same_encoding`)
+UNSCALE_HINT = "write both in the same units first (gdal_translate -unscale -ot Float32)"
+
+
+def check_same_encoding(
+    first: tuple[str, Encoding], second: tuple[str, Encoding], works_on: str, per_band: bool = False
+) -> None:
+    """Refuse two rasters whose bands store their values with different scale/offset (`Encoding`):
+    what is compared or combined is the stored DN, so a PAN kept as DN - 5000 with offset 5000 fused
+    with a plain MS was off by thousands of DN at exit 0. `per_band`: band i of one against band i of
+    the other (a product and its reference), else every band of both must agree (a PAN and its MS:
+    the fusion mixes them all). `works_on`: why that matters, e.g. "fusion works on stored DN"."""
+    (a_name, a), (b_name, b) = first, second
+    differ = a.pairs != b.pairs if per_band else len(set(a.pairs) | set(b.pairs)) > 1
+    if differ:
+        raise FusionError(
+            f"{a_name} and {b_name} store their values with different scale/offset ({a_name} "
+            f"{a.describe()}, {b_name} {b.describe()}): {works_on}; {UNSCALE_HINT}"
+        )
 
 
 def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:

@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, OutputWriteError
+from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_not_special
 from fusion_cli.raster.gdal import gdal_env, reason
 from fusion_cli.raster.profile import BLOCK, cog_options, overview_factors
@@ -194,7 +195,8 @@ class GeoTiff:
     """One whole `(C, H, W)` array to write as a deflate GeoTIFF (tiled when over 256 px): integer
     `dtype`s get the values rounded and clipped to their range; `transform` None writes no
     georeferencing (for an input that had none); `descriptions` name the bands; `valid (H, W)` is
-    written as an internal mask (None: none)."""
+    written as an internal mask (None: none); `encoding` the bands' scale, offset and unit (those of
+    the DN they hold)."""
 
     path: Path
     data: np.ndarray  # (C, H, W)
@@ -205,6 +207,7 @@ class GeoTiff:
     tags: dict[str, str] | None = None
     descriptions: Sequence[str | None] | None = None
     valid: np.ndarray | None = None
+    encoding: Encoding | None = None
 
 
 def write_geotiffs(
@@ -258,6 +261,8 @@ def _write_whole(tmp: Path, im: GeoTiff) -> None:
             for i, d in enumerate(im.descriptions, start=1):
                 if d:
                     ds.set_band_description(i, d)
+        if im.encoding is not None:
+            im.encoding.write(ds)
     verify_geotiff(tmp, complete_tag=False)
 
 
@@ -313,10 +318,12 @@ class AtomicWriter:
         cog: bool = False,
         colorinterp: Sequence[ColorInterp] | None = None,
         imagery: Sequence[dict[str, str]] | None = None,
+        encoding: Encoding | None = None,
     ) -> None:
         self.out = Path(out)
         self.colorinterp = colorinterp
         self.imagery = imagery  # per band, items of GDAL's IMAGERY domain (wavelengths)
+        self.encoding = encoding  # the bands' scale, offset and unit
         self.profile = profile
         self.descriptions = descriptions
         self.tags = {k: _tag_text(v) for k, v in (tags or {}).items()}
@@ -348,6 +355,8 @@ class AtomicWriter:
                 self._dst.colorinterp = self.colorinterp
             for i, items in enumerate(self.imagery or (), start=1):
                 self._dst.update_tags(i, ns="IMAGERY", **items)
+            if self.encoding is not None:
+                self.encoding.write(self._dst)
             self._dst.update_tags(**self.tags)
         except BaseException:
             self.__exit__(*sys.exc_info())
