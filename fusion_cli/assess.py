@@ -27,6 +27,8 @@ from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 from fusion_cli.metrics.table import index_order
+from fusion_cli.raster.bands import Encoding
+from fusion_cli.raster.checks import check_same_encoding
 from fusion_cli.raster.nodata import nodata_fits
 
 
@@ -64,6 +66,7 @@ class Image:
     descriptions: list[str | None] = field(default_factory=list)
     transform: Affine = field(default_factory=Affine.identity)
     crs: Any = None
+    encoding: Encoding | None = None  # its bands' scale, offset and unit
 
     @property
     def name(self) -> str:
@@ -114,12 +117,13 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         tags = dict(ds.tags())
         descriptions = [ds.descriptions[b - 1] for b in bands]
         transform, crs = ds.transform, ds.crs
+        encoding = Encoding.of(ds, bands)
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.isfinite(data).all(axis=0)
     where = os.fspath(path) if is_gdal_path(path) else Path(path)
-    return Image(where, data, valid, tags, descriptions, transform, crs)
+    return Image(where, data, valid, tags, descriptions, transform, crs, encoding)
 
 
 def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -205,8 +209,14 @@ def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
     if img is None:
         return case
     data, taken = _bands_of_product(case.fused, img, what, bands)
-    img = replace(img, data=data)
+    encoding = img.encoding.select([b - 1 for b in taken]) if img.encoding and taken else img.encoding
+    img = replace(img, data=data, encoding=encoding)
     if case.ref is not None:
+        if case.fused.encoding is not None and encoding is not None:  # DN compared with DN
+            check_same_encoding(
+                ("product", case.fused.encoding), ("reference", encoding), "the indices compare stored DN",
+                per_band=True,
+            )  # fmt: skip
         return replace(case, ref=img, bands_compared=taken)
     return replace(case, ms=img, bands_compared=taken)
 

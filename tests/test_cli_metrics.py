@@ -327,3 +327,32 @@ def test_full_resolution_needs_a_valid_area_beyond_the_filters_reach(tmp_path: P
         score_files(
             tmp_path / "wide.tif", pan=paths["pan"], ms=paths["ms"], opts=EvalOptions(nodata=float("nan"))
         )
+
+
+def _encoded(path: Path, arr: np.ndarray, scale: float, offset: float) -> Path:
+    """`arr` written with the band scale and offset GDAL applies to unscale it."""
+    _write(path, arr)
+    with rasterio.open(path, "r+") as ds:
+        ds.scales, ds.offsets = [scale] * ds.count, [offset] * ds.count
+    return path
+
+
+def test_a_product_and_reference_in_other_scale_offset_are_refused(tmp_path: Path) -> None:
+    """The indices compare stored DN: a product of reflectance (DN * 2.75e-05 - 0.2, stored as is)
+    against its reference in Collection-2 DN scored ERGAS in the thousands, and the same DN under
+    another scale scored perfect. Both refused in one line; one encoding on both is scored."""
+    dn = example_pair(64, 64).ms.astype(np.uint16)
+    gt = _encoded(tmp_path / "gt_c2.tif", dn, 2.75e-05, -0.2)
+    reflectance = _write(tmp_path / "refl.tif", (dn * 2.75e-05 - 0.2).astype(np.float32))
+    res = run_cli("metrics", str(reflectance), "--ref", str(gt), "--ratio", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (
+        "product and reference store their values with different scale/offset (product 1 / 0, reference "
+        "2.75e-05 / -0.2): the indices compare stored DN; write both in the same units first" in res.stderr
+    )
+    plain = _write(tmp_path / "gt.tif", dn)
+    doubled = _encoded(tmp_path / "doubled.tif", dn, 2.0, 0.0)
+    with pytest.raises(FusionError, match=r"\(product 2 / 0, reference 1 / 0\)"):
+        evaluate(doubled, ref=plain, opts=EvalOptions(ratio=2))
+    same = _encoded(tmp_path / "same.tif", dn, 2.75e-05, -0.2)
+    assert evaluate(same, ref=gt, opts=EvalOptions(ratio=2))["ERGAS"] == pytest.approx(0.0, abs=1e-9)
