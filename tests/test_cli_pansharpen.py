@@ -691,3 +691,18 @@ def test_a_pan_and_ms_in_other_scale_offset_are_refused(tmp_path, capsys):
         code, err, "MSI and HSI store their values with different scale/offset (MSI 1 / 5000"
     )
     assert not out.exists()
+
+
+def test_a_paletted_input_is_refused(tmp_path, capsys):
+    """A class map (a colour table) fused as numbers gave a product of meaningless values at exit 0."""
+    crops = _example_crop(tmp_path)
+    with rasterio.open(crops["pan"]) as ds:
+        classes = (ds.read() // 4096).astype(np.uint8)  # 16 classes
+    pan = tmp_path / "classes.tif"
+    restamp(crops["pan"], pan, classes)
+    with rasterio.open(pan, "r+") as ds:
+        ds.write_colormap(1, {k: (16 * k, 255 - 16 * k, 0, 255) for k in range(16)})
+    out = tmp_path / "o.tif"
+    code, _, err = run(capsys, "pansharpen", str(pan), crops["ms"], "-o", str(out), "--method", "gsa")
+    assert_one_line_error(code, err, "band 1 is paletted (a colour table): it holds class indices, not")
+    assert "gdal_translate -expand rgb" in err and not out.exists()

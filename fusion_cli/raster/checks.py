@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import ColorInterp
 
 from fusion_cli.errors import FusionError, short_list
 from fusion_cli.raster.bands import Encoding
@@ -38,7 +39,9 @@ def check_dn_max(dn_max: float | None) -> None:
 
 
 def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
-    """Complex pixels would lose their imaginary part: refuse them (and anything not numeric)."""
+    """Complex pixels would lose their imaginary part: refuse them (and anything not numeric). A
+    paletted band (a colour table: a class map) holds class indices, which fused as numbers made a
+    product of meaningless values at exit 0: refused too."""
     for dt in set(ds.dtypes):
         kind = np.dtype(dt).kind
         if kind not in "uif":
@@ -46,6 +49,13 @@ def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
                 f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
                 "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
             )
+    paletted = [b for b, c in enumerate(ds.colorinterp, start=1) if c == ColorInterp.palette]
+    if paletted:
+        bands = f"band {paletted[0]} is" if len(paletted) == 1 else f"bands {short_list(paletted)} are"
+        raise FusionError(
+            f"{what} {ds.name} {bands} paletted (a colour table): it holds class indices, not "
+            "intensities; expand it with gdal_translate -expand rgb if it is an image"
+        )
 
 
 # What to do about two rasters that encode their values differently (`check_same_encoding`)
