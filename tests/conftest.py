@@ -210,3 +210,18 @@ def restamp(
                 if name:
                     out.set_band_description(i, name)
     return dst
+
+
+def tiff_photometric(path: Path) -> int:
+    """The PHOTOMETRIC tag of a (classic, little-endian: GDAL's) TIFF's first image (1: min-is-black,
+    2: RGB), as any TIFF reader sees it, not only GDAL with its own metadata on top."""
+    import struct
+
+    raw = Path(path).read_bytes()
+    assert raw[:4] == b"II*\x00", f"{path} is not a classic little-endian TIFF"
+    ifd = struct.unpack("<I", raw[4:8])[0]
+    for i in range(struct.unpack("<H", raw[ifd : ifd + 2])[0]):
+        tag, _, _, value = struct.unpack("<HHII", raw[ifd + 2 + 12 * i : ifd + 14 + 12 * i])
+        if tag == 262:
+            return value & 0xFFFF  # a SHORT, left-aligned in the value field
+    raise AssertionError(f"{path} has no PHOTOMETRIC tag")

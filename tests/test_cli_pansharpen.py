@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, restamp
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, restamp, tiff_photometric
 from rasterio.transform import from_origin
 
 from fusion_cli import raster
@@ -635,6 +636,8 @@ def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
     assert_one_line_error(code, err, "--pan-bands selects 3 bands; pansharpening needs a single-band PAN")
 
 
+# a classical method's fuser, as `rgb_bands` sees it: no model card
+NO_CARD = SimpleNamespace(card=None)
 # Landsat Collection-2 surface reflectance: value = DN * 2.75e-05 - 0.2
 C2_SCALE, C2_OFFSET = 2.75e-05, -0.2
 
@@ -706,3 +709,35 @@ def test_a_paletted_input_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "pansharpen", str(pan), crops["ms"], "-o", str(out), "--method", "gsa")
     assert_one_line_error(code, err, "band 1 is paletted (a colour table): it holds class indices, not")
     assert "gdal_translate -expand rgb" in err and not out.exists()
+
+
+def test_the_product_colours_follow_the_ms_colour_interpretation(tmp_path, capsys):
+    """An MS in B, G, R order tagged blue, green, red (no band names): a uint8 product came out red,
+    green, blue (GTiff's default PHOTOMETRIC=RGB for 3 Byte bands), a uint16 one grey/undefined.
+    The product follows the MS, its TIFF says min-is-black, and its quicklook shows band 3 as red."""
+    from rasterio.enums import ColorInterp
+
+    from fusion_cli.pipeline.output import rgb_bands
+
+    crops = _example_crop(tmp_path)
+    bgr = [ColorInterp.blue, ColorInterp.green, ColorInterp.red]
+    with rasterio.open(crops["ms"]) as ds:
+        ms = ds.read([1, 2, 3])  # the example's B2 blue, B3 green, B4 red
+    for dtype, data in (("uint8", (ms // 128).astype(np.uint8)), ("uint16", ms)):
+        src = restamp(crops["ms"], tmp_path / f"bgr_{dtype}.tif", data, colorinterp=bgr)
+        out = tmp_path / f"o_{dtype}.tif"
+        args = [crops["pan"], str(src), "-o", str(out), "--method", "gsa", "-q", "--quicklook"]
+        code, _, err = run(capsys, "pansharpen", *args)
+        assert code == 0, err
+        with rasterio.open(out) as ds:
+            assert ds.dtypes[0] == dtype and list(ds.colorinterp) == bgr
+            assert rgb_bands(NO_CARD, list(ds.descriptions), 3, ds.colorinterp) == (2, 1, 0)
+        assert tiff_photometric(out) == 1  # min-is-black, not RGB
+    # an MS tagged red, green, blue (GTiff's default for 3 Byte bands) gives an RGB TIFF, as it did
+    rgb_src = restamp(crops["ms"], tmp_path / "rgb.tif", (ms[::-1] // 128).astype(np.uint8),
+                      colorinterp=bgr[::-1])  # fmt: skip
+    code, _, err = run(capsys, "pansharpen", crops["pan"], str(rgb_src), "-o", str(tmp_path / "rgb_o.tif"),
+                       "--method", "gsa", "-q")  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(tmp_path / "rgb_o.tif") as ds:
+        assert list(ds.colorinterp) == bgr[::-1] and tiff_photometric(tmp_path / "rgb_o.tif") == 2

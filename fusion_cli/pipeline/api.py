@@ -307,8 +307,9 @@ def fuse_files(
                 use_mask=use_mask,
                 overwrite=opts.overwrite,
                 cog=opts.cog,
-                # RGB by the MS's band descriptions, else by the model card's band names
-                colorinterp=raster.rgb_colorinterp(len(bands), descriptions, model_band_names(fuser)),
+                colorinterp=raster.product_colorinterp(
+                    [ms_ds.colorinterp[b - 1] for b in bands], descriptions, model_band_names(fuser)
+                ),
                 imagery=band_imagery(fuser, descriptions, bands, ms_ds.count),
                 encoding=encoding,
             ) as writer,

@@ -8,14 +8,18 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rasterio.enums import ColorInterp
 
 from fusion_cli import __version__, align, jsonout, raster
 from fusion_cli.fusers import Fuser, SensorBound
 from fusion_cli.pipeline.options import FuseOptions
 from fusion_cli.tiling import TilePlan
+
+if TYPE_CHECKING:
+    from fusion_cli.wavelengths import Wavelength
 
 
 def value_range(
@@ -167,6 +171,7 @@ def write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
     from rasterio.windows import Window as RWindow
 
     from fusion_cli.quicklook import save_quicklook
+    from fusion_cli.wavelengths import of_raster
 
     with raster.gdal_env(), raster.open_raster(out, "output") as ds:
         scale = max(1, math.ceil(max(ds.height, ds.width) / 1024))
@@ -174,7 +179,9 @@ def write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
         img = raster.read_decimated(
             ds, list(range(1, ds.count + 1)), RWindow(0, 0, ds.width, ds.height), shape
         )
-        rgb = rgb_bands(fuser, list(ds.descriptions), ds.count)
+        rgb = rgb_bands(
+            fuser, list(ds.descriptions), ds.count, ds.colorinterp, of_raster(ds, range(1, ds.count + 1))
+        )
         # Nodata stays out of the stretch percentiles (and is drawn black).
         mask = ds.dataset_mask(out_shape=shape) > 0
     png = out.with_suffix(".png")
@@ -188,20 +195,29 @@ _RGB_UM = (0.65, 0.55, 0.47)
 _RGB_TOLERANCE_UM = 0.05
 
 
-def rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tuple[int, int, int]:
-    """0-based (r, g, b) band indexes: the bands nearest 650 / 550 / 470 nm where the fuser's card or
-    the band names give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else
-    bands named red / green / blue (B4 / B3 / B2), else the common guess by band count."""
+def rgb_bands(
+    fuser: Fuser,
+    descriptions: list[str | None],
+    count: int,
+    colorinterp: Sequence[ColorInterp] = (),
+    stated: Sequence[Wavelength | None] = (),
+) -> tuple[int, int, int]:
+    """0-based (r, g, b) band indexes: the bands nearest 650 / 550 / 470 nm where the fuser's card,
+    the band names or the product's own tags (`stated`, its IMAGERY domain: the MS's wavelengths)
+    give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else bands named red /
+    green / blue (B4 / B3 / B2), else the product's `colorinterp` where it marks each of red, green
+    and blue once (a B, G, R MS tagged so), else the common guess by band count."""
     from fusion_cli.quicklook import default_rgb
     from fusion_cli.wavelengths import from_names
 
     names = [str(n or "") for n in (model_band_names(fuser) or descriptions)]
     waves = from_names(names) if names else None
-    if waves and len(waves) == count:
-        centres = np.array([w.centre_um for w in waves])
-        picks = [int(np.argmin(np.abs(centres - um))) for um in _RGB_UM]
-        if all(abs(centres[i] - um) <= _RGB_TOLERANCE_UM for i, um in zip(picks, _RGB_UM, strict=True)):
-            return picks[0], picks[1], picks[2]
+    for found in (waves, list(stated)):
+        if found and len(found) == count and all(found):
+            centres = np.array([w.centre_um for w in found if w is not None])
+            picks = [int(np.argmin(np.abs(centres - um))) for um in _RGB_UM]
+            if all(abs(centres[i] - um) <= _RGB_TOLERANCE_UM for i, um in zip(picks, _RGB_UM, strict=True)):
+                return picks[0], picks[1], picks[2]
 
     def find(*keys: str) -> int | None:
         for i, n in enumerate(names):
@@ -212,4 +228,7 @@ def rgb_bands(fuser: Fuser, descriptions: list[str | None], count: int) -> tuple
     r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
     if r is not None and g is not None and b is not None:
         return r, g, b
+    marked = [[i for i, c in enumerate(colorinterp) if c == colour] for colour in raster.RGB_INTERP]
+    if all(len(m) == 1 for m in marked):
+        return marked[0][0], marked[1][0], marked[2][0]
     return default_rgb(count)

@@ -9,7 +9,14 @@ Every name is re-exported here: callers use `raster.open_raster`, `raster.Atomic
 """
 
 from fusion_cli.choices import COMPRESSIONS
-from fusion_cli.raster.bands import Encoding, band_descriptions, rgb_colorinterp
+from fusion_cli.raster.bands import (
+    RGB_INTERP,
+    Encoding,
+    band_descriptions,
+    is_rgb_order,
+    product_colorinterp,
+    rgb_colorinterp,
+)
 from fusion_cli.raster.checks import (
     MAX_PIXELS,
     check_dn_max,
@@ -68,6 +75,7 @@ __all__ = [
     "DN_CHECK_SAMPLES",
     "GDAL_ENV",
     "MAX_PIXELS",
+    "RGB_INTERP",
     "SOURCE_DTYPE_TAG",
     "TEMP_TAGS",
     "AtomicWriter",
@@ -95,6 +103,7 @@ __all__ = [
     "is_complete_output",
     "is_gdal_path",
     "is_own_temporary",
+    "is_rgb_order",
     "remove_stale_temporaries",
     "temporary_writer_alive",
     "is_warped",
@@ -102,6 +111,7 @@ __all__ = [
     "output_profile",
     "overview_factors",
     "pad_array",
+    "product_colorinterp",
     "read_decimated",
     "read_padded",
     "read_whole",

@@ -11,6 +11,9 @@ from typing import Any
 import rasterio
 from rasterio.enums import ColorInterp
 
+# The colour interpretations of a true-colour image's bands, in the order RGB means
+RGB_INTERP = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+
 
 def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> list[str]:
     return [ds.descriptions[b - 1] or f"band {b}" for b in bands]
@@ -33,6 +36,28 @@ def rgb_colorinterp(count: int, *namings: Sequence[str]) -> list[ColorInterp] | 
                 interp[i] = ColorInterp[colour]
             return interp
     return None
+
+
+def product_colorinterp(
+    stated: Sequence[ColorInterp], descriptions: Sequence[str], model_names: Sequence[str] = ()
+) -> list[ColorInterp] | None:
+    """Colour interpretation of a product of MS bands whose own is `stated`: red, green and blue by the
+    MS band `descriptions` where they name them (`rgb_colorinterp`), else the MS's where it states a
+    colour (a B, G, R file tagged blue, green, red lost that order: GTiff's default made its product
+    red, green, blue), else by the `model_names`; the other bands undefined. None: nothing says."""
+    count = len(stated)
+    named = rgb_colorinterp(count, descriptions)
+    if named is not None:
+        return named
+    if any(c in RGB_INTERP for c in stated):
+        return [c if c in RGB_INTERP else ColorInterp.undefined for c in stated]
+    return rgb_colorinterp(count, model_names)
+
+
+def is_rgb_order(colorinterp: Sequence[ColorInterp] | None) -> bool:
+    """Whether the first three bands are red, green and blue in that order: what a TIFF's
+    PHOTOMETRIC=RGB says to any reader, GDAL or not."""
+    return colorinterp is not None and list(colorinterp[:3]) == list(RGB_INTERP)
 
 
 @dataclass(frozen=True)

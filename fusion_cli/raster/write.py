@@ -27,7 +27,7 @@ from rasterio.windows import Window
 
 from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, OutputWriteError
-from fusion_cli.raster.bands import Encoding
+from fusion_cli.raster.bands import Encoding, is_rgb_order
 from fusion_cli.raster.checks import check_not_special
 from fusion_cli.raster.gdal import gdal_env, reason
 from fusion_cli.raster.profile import BLOCK, cog_options, overview_factors
@@ -345,7 +345,7 @@ class AtomicWriter:
         self._env.__enter__()
         try:  # __exit__ does not run when __enter__ fails (or Ctrl-C lands in it): clean up here
             try:
-                self._dst = _open(self._tmp, "w", **self.profile)
+                self._dst = _open(self._tmp, "w", **_photometric(self.profile, self.colorinterp))
             except Exception as exc:
                 raise FusionError(f"cannot write output {self.out}: {reason(exc)}") from None
             if self.descriptions:
@@ -441,6 +441,16 @@ class AtomicWriter:
             finally:
                 if self._env is not None:
                     self._env.__exit__(exc_type, exc, tb)
+
+
+def _photometric(profile: dict[str, Any], colorinterp: Sequence[ColorInterp] | None) -> dict[str, Any]:
+    """`profile`, written PHOTOMETRIC=MINISBLACK unless the bands are red, green, blue in that order
+    (or --co chose): GTiff's default for 3 or 4 Byte bands is RGB, which a B, G, R product then
+    claimed in the TIFF itself. The COG driver has no such option: a 3-band Byte COG is RGB in the
+    TIFF, its colour interpretation (what GDAL reports) is still written in its metadata."""
+    if is_rgb_order(colorinterp) or any(k.lower() == "photometric" for k in profile):
+        return profile
+    return {**profile, "photometric": "MINISBLACK"}
 
 
 def _tag_text(value: Any) -> str:
