@@ -165,11 +165,15 @@ def of_raster(ds: Any, bands: Sequence[int]) -> list[Wavelength | None]:
     return out
 
 
-def imagery_metadata(wavelengths: Sequence[Wavelength]) -> list[dict[str, str]]:
+def imagery_metadata(wavelengths: Sequence[Wavelength | None]) -> list[dict[str, str]]:
     """Each band's items of GDAL's IMAGERY metadata domain, where GDAL (3.10+) and GIS tools read a
-    band's wavelength: CENTRAL_WAVELENGTH_UM, and FWHM_UM when known."""
-    items = []
+    band's wavelength: CENTRAL_WAVELENGTH_UM, and FWHM_UM when known; none for a band of unknown
+    wavelength (None)."""
+    items: list[dict[str, str]] = []
     for w in wavelengths:
+        if w is None:
+            items.append({})
+            continue
         band = {"CENTRAL_WAVELENGTH_UM": f"{w.centre_um:.6g}"}
         if w.fwhm_um is not None:
             band["FWHM_UM"] = f"{w.fwhm_um:.6g}"

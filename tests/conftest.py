@@ -186,6 +186,17 @@ def landsat_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"pan": pan, "ms": ms, "product": out}
 
 
+def crop_raster(src: Path, dst: Path, window: Window) -> Path:
+    """The `window` of raster `src` as a GeoTIFF at `dst`, georeferenced as it was there."""
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        profile = {**ds.profile, "width": window.width, "height": window.height}
+        with rasterio.open(dst, "w", **{**profile, "transform": ds.window_transform(window)}) as out:
+            out.write(ds.read(window=window))
+    return dst
+
+
 def restamp(
     src: Path, dst: Path, data: np.ndarray | None = None, *, descriptions: bool = True, **band_meta: object
 ) -> Path:

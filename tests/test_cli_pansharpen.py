@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, restamp, tiff_photometric
+from conftest import EXAMPLE_MS, EXAMPLE_PAN, crop_raster, need_shared, restamp, tiff_photometric
 from rasterio.transform import from_origin
 
 from fusion_cli import raster
@@ -741,3 +741,31 @@ def test_the_product_colours_follow_the_ms_colour_interpretation(tmp_path, capsy
     assert code == 0, err
     with rasterio.open(tmp_path / "rgb_o.tif") as ds:
         assert list(ds.colorinterp) == bgr[::-1] and tiff_photometric(tmp_path / "rgb_o.tif") == 2
+
+
+def test_product_wavelengths_are_the_ms_own(tmp_path, capsys):
+    """A WV2 MS reordered R, G, B, NIR with WAVELENGTH_NM tags: the product's IMAGERY domain said
+    band 1 = 0.48 um (the sensor table by position). It carries the MS's own; the table fills in only
+    the bands the MS says nothing of; the quicklook shows band 1 as red."""
+    from fusion_cli.pipeline.output import rgb_bands
+    from fusion_cli.wavelengths import of_raster
+
+    win = rasterio.windows.Window
+    pan = crop_raster(need_shared("wv2_spacenet6", "pan_1.tif"), tmp_path / "pan.tif", win(0, 0, 256, 256))
+    wv2 = crop_raster(need_shared("wv2_spacenet6", "ms_1.tif"), tmp_path / "wv2.tif", win(0, 0, 64, 64))
+    with rasterio.open(wv2) as ds:
+        rgbn = ds.read([3, 2, 1, 4])  # the WV2 4-band B, G, R, NIR1, reordered
+    ms = restamp(wv2, tmp_path / "rgbn.tif", rgbn, descriptions=False)
+    with rasterio.open(ms, "r+") as ds:
+        for b, nm in enumerate((660, 545, 480, None), start=1):
+            if nm:
+                ds.update_tags(b, WAVELENGTH_NM=str(nm))
+    out = tmp_path / "o.tif"
+    code, _, err = run(capsys, "pansharpen", str(pan), str(ms), "-o", str(out), "--method", "gsa",
+                       "--sensor", "wv2", "-q")  # fmt: skip
+    assert code == 0, err
+    # bands 1-3 by the MS's tags; band 4 (no tag) by the sensor table's fourth 4-band WV2 band, NIR1
+    assert _imagery(str(out)) == [(0.66, None), (0.545, None), (0.48, None), (0.8325, 0.125)]
+    with rasterio.open(out) as ds:
+        stated = of_raster(ds, [1, 2, 3, 4])
+        assert rgb_bands(NO_CARD, list(ds.descriptions), 4, ds.colorinterp, stated) == (0, 1, 2)

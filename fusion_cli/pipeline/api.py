@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_cli import align, raster
+from fusion_cli import align, raster, wavelengths
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
 from fusion_cli.pipeline.engine import check_band_wavelengths, check_fuser, plan_for, run, run_threads
@@ -298,6 +298,7 @@ def fuse_files(
         )
         n_valid = 0
         descriptions = raster.band_descriptions(ms_ds, bands)
+        stated = wavelengths.of_raster(ms_ds, bands)
         with (
             raster.AtomicWriter(
                 out,
@@ -310,7 +311,7 @@ def fuse_files(
                 colorinterp=raster.product_colorinterp(
                     [ms_ds.colorinterp[b - 1] for b in bands], descriptions, model_band_names(fuser)
                 ),
-                imagery=band_imagery(fuser, descriptions, bands, ms_ds.count),
+                imagery=band_imagery(fuser, descriptions, bands, ms_ds.count, stated),
                 encoding=encoding,
             ) as writer,
             _reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,

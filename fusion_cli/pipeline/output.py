@@ -144,21 +144,31 @@ def model_band_names(fuser: Fuser) -> list[str]:
 
 
 def band_imagery(
-    fuser: Fuser, descriptions: Sequence[str], bands: Sequence[int], file_bands: int
+    fuser: Fuser,
+    descriptions: Sequence[str],
+    bands: Sequence[int],
+    file_bands: int,
+    stated: Sequence[Wavelength | None] = (),
 ) -> list[dict[str, str]] | None:
-    """The product bands' wavelengths as IMAGERY-domain items: a network's from its card's band
-    names, a classical method's from its sensor's band table (placed by the MS `descriptions`, or by
-    the `bands` numbers of an MS with `file_bands`, all the sensor's); None when unknown."""
+    """The product bands' wavelengths as IMAGERY-domain items: those the MS states for its bands
+    (`stated`, `wavelengths.of_raster`: a reordered MS is placed by its own tags, not by position),
+    and for the bands it does not, a network's from its card's band names, a classical method's from
+    its sensor's band table (placed by the MS `descriptions`, or by the `bands` numbers of an MS with
+    `file_bands`, all the sensor's); None when none is known."""
     from fusion_cli.wavelengths import from_names, from_sensor, imagery_metadata
 
-    if fuser.card is not None:
-        names = model_band_names(fuser)
-        found = from_names(names) if len(names) == len(bands) else None
-    elif isinstance(fuser, SensorBound):
-        found = from_sensor(fuser.sensor, descriptions, bands, file_bands)
-    else:
-        found = None
-    return None if found is None else imagery_metadata(found)
+    def table() -> list[Wavelength] | None:
+        if fuser.card is not None:
+            names = model_band_names(fuser)
+            return from_names(names) if len(names) == len(bands) else None
+        if isinstance(fuser, SensorBound):
+            return from_sensor(fuser.sensor, descriptions, bands, file_bands)
+        return None
+
+    stated = list(stated) or [None] * len(bands)
+    found = None if all(stated) else table()
+    waves = [s if s is not None else (found[i] if found else None) for i, s in enumerate(stated)]
+    return imagery_metadata(waves) if any(waves) else None
 
 
 def side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:
