@@ -88,8 +88,10 @@ def test_d_lambda_k_of_float_data_skips_the_uint16_rounding(products: dict[str, 
     assert refl["D_lambda_K"] == pytest.approx(dn["D_lambda_K"], abs=2e-3)
     for key in ("D_s", "HPC", "QNR"):
         assert refl[key] == pytest.approx(dn[key], abs=1e-6), key
-    rounded = full_resolution(gsa * s, pan * s, ms * s, 2, "landsat8")
+    rounded = full_resolution(gsa * s, pan * s, ms * s, 2, "landsat8", round_uint16=True)
     assert abs(rounded["D_lambda_K"] - dn["D_lambda_K"]) > 0.05
+    # by default the rounding applies to whole-number DN only, as `fusion metrics` decides
+    assert full_resolution(gsa * s, pan * s, ms * s, 2, "landsat8")["D_lambda_K"] == refl["D_lambda_K"]
 
 
 def test_fusion_metrics_report_and_evaluate_show_hpc(
