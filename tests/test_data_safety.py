@@ -1064,6 +1064,11 @@ def test_a_batch_output_hard_linked_to_an_input_is_refused_up_front(tmp_path: Pa
         ("WIDTH=3", "PAN grid"),
         ("CRS=EPSG:4326", "PAN's grid"),
         ("TRANSFORM=1,0,0,0,-1,0", "PAN's grid"),
+        # GTiff's own, but they change the pixels or drop the tags: a constant 4095 image (NBITS=12),
+        # uint8 read as signed (PIXELTYPE), tags and CRS left in a stray sidecar (PROFILE), at exit 0
+        ("NBITS=12", "--dtype"),
+        ("PIXELTYPE=SIGNEDBYTE", "--dtype"),
+        ("PROFILE=BASELINE", "tags"),
     ],
 )
 def test_creation_options_that_are_the_products_own_settings_are_refused(
@@ -1077,7 +1082,7 @@ def test_creation_options_that_are_the_products_own_settings_are_refused(
     out = tmp_path / "out" / "o.tif"
     out.parent.mkdir()
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--co", co.lower())
-    one_line_error(rc, err, f"--co {co.split('=')[0]}=", "not a GTiff creation option", hint)
+    one_line_error(rc, err, f"--co {co.split('=')[0]}=", "what the product itself is", hint)
     assert list(out.parent.iterdir()) == []
     if co == "NODATA=5":
         folder = tmp_path / "in"
@@ -1086,6 +1091,17 @@ def test_creation_options_that_are_the_products_own_settings_are_refused(
         rc, _, err = cli("batch", folder, tmp_path / "bout", "--method", "exp", "--co", co)
         one_line_error(rc, err, "--co NODATA=5", "--nodata")
         assert not (tmp_path / "bout").exists()
+
+
+def test_cog_with_compress_none_is_uncompressed(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """`--cog --compress none` wrote an LZW COG: "none" set no COMPRESS, and the COG driver's default
+    is LZW."""
+    pan, ms = pair
+    for cog in ([], ["--cog"]):
+        out = tmp_path / f"o{len(cog)}.tif"
+        assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--compress", "none", *cog)[0] == 0
+        with rasterio.open(out) as ds:
+            assert ds.compression is None, (cog, ds.compression)
 
 
 def test_coregister_refuses_a_scene_too_small_or_empty_to_measure(tmp_path: Path) -> None:

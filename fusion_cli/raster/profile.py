@@ -40,6 +40,11 @@ RESERVED_OPTIONS = {
     "FP": "it is not a creation option",
     "PATH": "it is not a creation option",
     "MODE": "it is not a creation option",
+    # GTiff options that change what the pixels or tags are: the product's values and metadata are
+    # the tool's (a constant 4095 image, uint8 read as signed, tags left in a sidecar at exit 0)
+    "NBITS": "the product keeps every bit of its pixel type; choose that with --dtype",
+    "PIXELTYPE": "use --dtype (int8 for signed bytes)",
+    "PROFILE": "the product's georeferencing and tags live in the TIFF itself",
 }
 
 
@@ -76,7 +81,9 @@ def output_profile(
         "interleave": "pixel" if count <= 4 else "band",
         "BIGTIFF": "IF_SAFER",
     }
-    if compress != "none":
+    if compress == "none":
+        profile["compress"] = "none"  # said, so that a COG is not compressed by its driver's default (LZW)
+    else:
         profile["num_threads"] = "ALL_CPUS"  # GDAL compresses blocks in worker threads
         profile["compress"] = compress
         profile["predictor"] = 3 if np.issubdtype(np.dtype(dtype), np.floating) else 2
@@ -150,8 +157,8 @@ def check_creation_options(creation_options: dict[str, str] | None) -> None:
         why = RESERVED_OPTIONS.get(key.upper())
         if why is not None:
             raise FusionError(
-                f"--co {key.upper()}={value} is not a GTiff creation option but a setting of the product "
-                f"itself, which --co cannot change: {why}"
+                f"--co {key.upper()}={value} would change what the product itself is, which --co "
+                f"cannot: {why}"
             )
 
 
