@@ -1093,6 +1093,29 @@ def test_creation_options_that_are_the_products_own_settings_are_refused(
         assert not (tmp_path / "bout").exists()
 
 
+def test_an_integer_dtype_for_float_reflectance_is_refused(tmp_path: Path) -> None:
+    """A float MS in reflectance (0.49..0.99) with `--dtype uint16` kept 0 and 1 at exit 0: float data
+    had no range to check. Refused now when the values would round to a few levels (or mostly clip);
+    float DN of thousands still round to the integer product they should."""
+    (tmp_path / "dn").mkdir()
+    pan_u, ms_u = make_pair(tmp_path / "dn")
+    with rasterio.open(pan_u) as p, rasterio.open(ms_u) as m:
+        pan, ms = p.read().astype(np.float32), m.read().astype(np.float32)
+    refl = (
+        write_tif(tmp_path / "pan_r.tif", pan / 1500, 1.0),
+        write_tif(tmp_path / "ms_r.tif", ms / 1500, 4.0),
+    )
+    rc, _, err = cli("pansharpen", *refl, "-o", tmp_path / "r.tif", "--method", "gsa", "--dtype", "uint16")
+    one_line_error(rc, err, "--dtype uint16", "level(s)", "float --dtype")
+    assert not (tmp_path / "r.tif").exists()
+    assert cli("pansharpen", *refl, "-o", tmp_path / "rf.tif", "--method", "gsa")[0] == 0  # float32
+    dn = (write_tif(tmp_path / "pan_f.tif", pan, 1.0), write_tif(tmp_path / "ms_f.tif", ms, 4.0))
+    assert cli("pansharpen", *dn, "-o", tmp_path / "f.tif", "--method", "gsa", "--dtype", "uint16")[0] == 0
+    assert cli("pansharpen", pan_u, ms_u, "-o", tmp_path / "u.tif", "--method", "gsa")[0] == 0
+    with rasterio.open(tmp_path / "f.tif") as a, rasterio.open(tmp_path / "u.tif") as b:
+        assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+
+
 def test_cog_with_compress_none_is_uncompressed(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     """`--cog --compress none` wrote an LZW COG: "none" set no COMPRESS, and the COG driver's default
     is LZW."""

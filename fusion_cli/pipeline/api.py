@@ -244,6 +244,7 @@ def fuse_files(
         )  # fmt: skip
         lo, hi = value_range(ms_dtype, dn_max, nonnegative=network)
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
+        raster.check_integer_output(ms_ds, bands, out_dtype)
         nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
         # before the shift, --adapt and the statistics: bad creation options are refused before any
         # work (a shift moves the MS, not the product's grid)

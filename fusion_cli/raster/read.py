@@ -110,13 +110,49 @@ def check_dn_range(
     DN_SCALE_FACTOR times below it or DN_SCALE_FACTOR / 100 times above it, data in other units."""
     if dn_max is None and not nonnegative and scale is None:
         return
+    check_dn_values(sample_values(ds, bands), dn_max, given, nonnegative, what, scale)
+
+
+def sample_values(ds: Any, bands: Sequence[int]) -> np.ndarray:
+    """The valid values `(C, N)` of the 1-based `bands` on a decimated read (nearest samples, at most
+    DN_CHECK_SAMPLES pixels: bounded memory for any scene)."""
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
     shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
     with damaged_input(ds):
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
         valid = valid_pixels(ds, bands, size=shape[1:])
-    values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
-    check_dn_values(values, dn_max, given, nonnegative, what, scale)
+    return data[:, valid] if valid is not None else data.reshape(len(bands), -1)
+
+
+# Fewer whole-number steps than this between a float MS's 1st and 99th percentile: an integer
+# --dtype would keep its values as a few grey levels (reflectance 0.49..0.99 as uint16 was 0 and 1)
+MIN_INTEGER_LEVELS = 256
+
+
+def check_integer_output(ds: Any, bands: Sequence[int], out_dtype: str) -> None:
+    """Refuse an integer --dtype for float MS data it cannot hold: more than DN_CHECK_SHARE of the
+    values past its range, or values too fine for whole numbers (fewer than MIN_INTEGER_LEVELS steps
+    over the data's range). Float DN of thousands (a Wald-reduced MS) round as they should and pass."""
+    if np.dtype(ds.dtypes[bands[0] - 1]).kind != "f" or np.dtype(out_dtype).kind not in "ui":
+        return
+    values = sample_values(ds, bands)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return
+    lo, hi = (float(v) for v in np.percentile(values, [1, 99]))
+    info = np.iinfo(np.dtype(out_dtype))
+    outside = float(((values < info.min) | (values > info.max)).mean())
+    if outside > DN_CHECK_SHARE:  # a few negative ringing samples may clip, as integer data's do
+        why = f"would clip {outside:.0%} of its values ({float(values.min()):.4g}..{float(values.max()):.4g})"
+    elif hi - lo < MIN_INTEGER_LEVELS:
+        levels = round(hi - lo) + 1
+        why = f"would round its values of {lo:.4g}..{hi:.4g} (1st-99th percentile) to {levels} level(s)"
+    else:
+        return
+    raise FusionError(
+        f"--dtype {out_dtype} holds whole numbers in {info.min}..{info.max} and {why} (a float MS); keep "
+        "a float --dtype, or scale the data to DN first"
+    )
 
 
 def check_dn_values(
