@@ -780,6 +780,28 @@ def test_dry_run_says_what_the_run_then_does(tmp_path: Path) -> None:
     assert {k: r["status"] for k, r in run("--overwrite").items()} == {"a": "done", "b": "done", "c": "done"}
 
 
+def test_scenes_sharing_a_side_file_and_a_log_on_a_side_file_are_refused(tmp_path: Path) -> None:
+    """Outputs `a.tif` and `a.tiff` share the quicklook `a.png`: the second scene's replaced the
+    first's at exit 0. And `--log` on a scene's quicklook or metrics sidecar appended the log to it
+    (the JSON stopped parsing). Both are refused before any scene, exit 2, nothing written."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for name, col in (("s1", 0), ("s2", 64)):
+        write_example_crop(in_dir, name, Window(col, 0, 64, 64))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("pan,ms,out\ns1_pan.tif,s1_ms.tif,a.tif\ns2_pan.tif,s2_ms.tif,a.tiff\n")
+    args = ("batch", str(in_dir), str(out_dir), "--manifest", str(manifest), "--method", "gsa")
+    res = run_cli(*args, "--quicklook", check_rc=2)
+    assert "would both write" in res.stderr and "a.png" in res.stderr and not out_dir.exists()
+    run_cli(*args, "--dry-run", check_rc=0)  # without quicklooks the two do not meet
+    patterns = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quicklook", "--metrics")
+    for side in ("s1_fused.png", "s2_fused.tif.metrics.json"):
+        res = run_cli(*patterns, "--log", str(out_dir / side), check_rc=2)
+        assert "is a file of scene" in res.stderr and not out_dir.exists()
+
+
 def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

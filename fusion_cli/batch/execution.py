@@ -26,7 +26,7 @@ from fusion_cli import jsonout
 from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
-from fusion_cli.raster import same_file
+from fusion_cli.raster import file_identity, same_file
 from fusion_cli.signals import interrupt_behind
 
 LOG_VERSION = 1
@@ -278,17 +278,35 @@ def unpaired_results(plan: Plan) -> list[SceneResult]:
     ]
 
 
-def check_log(path: Path | None, plan: Plan | None = None) -> None:
-    """`--log` is appended to, so it must be a batch log: not a folder, not an input or output of the
-    plan, and, when it exists, a JSON-lines log (an image or document given by mistake would be
-    modified). Refused with a FusionError before any scene runs."""
+SideFiles = Callable[[Path], list[Path]]  # the files written beside an output (`FuseJob.side_files`)
+
+
+def check_side_files(plan: Plan, side_files: SideFiles) -> None:
+    """Refuse a plan where a scene's side file (its quicklook, its metrics) is another scene's output
+    or side file: `a.tif` and `a.tiff` share `a.png`, and the second scene's quicklook replaced the
+    first's at exit 0."""
+    owner: dict[tuple[object, ...], Scene] = {file_identity(s.out): s for s in plan.scenes}
+    for s in plan.scenes:
+        for side in side_files(s.out):
+            other = owner.setdefault(file_identity(side), s)
+            if other is not s:  # scene ids may be equal too (`a` of both a.tif and a.tiff)
+                raise FusionError(
+                    f"the scenes of {other.out} and {s.out} would both write {side}; give their outputs "
+                    "different names (not only another extension)"
+                )
+
+
+def check_log(path: Path | None, plan: Plan | None = None, side_files: SideFiles | None = None) -> None:
+    """`--log` is appended to, so it must be a batch log: not a folder, not an input, output or side
+    file of the plan, and, when it exists, a JSON-lines log (an image or document given by mistake
+    would be modified). Refused with a FusionError before any scene runs."""
     if path is None:
         return
     p = Path(path)
     if p.is_dir():
         raise FusionError(f"--log {p} is a folder; give a file name like {p / 'batch.jsonl'}")
     for s in plan.scenes if plan is not None else ():
-        for f in (s.pan, s.ms, s.out):
+        for f in (s.pan, s.ms, s.out, *(side_files(s.out) if side_files else ())):
             if isinstance(f, Path) and same_file(p, f):  # a GDAL path (str) is never a local log
                 raise FusionError(f"--log {p} is a file of scene {s.id!r} ({f}); choose another log file")
     if p.is_file() and p.stat().st_size > 0:

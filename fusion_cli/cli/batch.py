@@ -208,7 +208,6 @@ def register(app: typer.Typer) -> None:
             plan = lib.pair_by_patterns(in_dir, out_dir, pan, ms, out_pattern)
         if shard is not None:
             plan = lib.apply_shard(plan, *lib.parse_shard(shard))
-        lib.check_log(log, plan)  # before the model loads: an input given as --log is refused
         band_list = parse_bands(bands)
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size,
@@ -225,6 +224,8 @@ def register(app: typer.Typer) -> None:
             "ensemble": ensemble,
         }  # fmt: skip
         job = lib.FuseJob(fuser=fuser_kwargs, options=options, metrics=metrics)
+        lib.check_side_files(plan, job.side_files)
+        lib.check_log(log, plan, job.side_files)  # before the model loads: an input as --log is refused
         if dry_run:
             _show_plan(plan, job, overwrite, json_out)
             return
