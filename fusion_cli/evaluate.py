@@ -284,6 +284,7 @@ def evaluate(
         )
     if tile <= 0:
         raise FusionError(f"--tile must be positive, got {tile}")
+    _check_scene_folders([sid for _, _, sid in scenes])
     created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # emptied ones go on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -372,6 +373,19 @@ def _check_results(files: dict[str, str], inputs: Sequence[str | os.PathLike[str
         hit = replaced_input(path, read)
         if hit is not None:
             raise FusionError(f"{path} would replace input {hit[0]}; choose another output folder")
+
+
+def _check_scene_folders(ids: Sequence[str]) -> None:
+    """Each scene keeps its products in its own folder: ids that map to one (`site/x` and `site:x`,
+    or `A` and `a` on a case-insensitive disk) had the second scene's products replace the first's."""
+    seen: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        first = seen.setdefault(scene_folder(sid).casefold(), i)
+        if first != i:
+            raise FusionError(
+                f"scenes {ids[first]!r} and {sid!r} would keep their products in one folder "
+                f"(products/{scene_folder(sid)}); give them ids that differ in letters or digits"
+            )
 
 
 def scene_folder(scene_id: str) -> str:

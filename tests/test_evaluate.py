@@ -336,3 +336,18 @@ def test_a_failure_midway_keeps_the_finished_scenes(tmp_path: Path, monkeypatch:
         evaluate(scenes, parse_methods("exp"), out, sensor="landsat8", full_resolution=False)
     assert (out / "products" / "a" / "reduced" / "exp.tif").is_file()
     assert not (out / "products" / "b").exists()
+
+
+def test_scenes_whose_ids_share_a_products_folder_are_refused(tmp_path: Path) -> None:
+    """Scene ids `site/x` and `site:x` both keep their products in `products/site_x`: the second
+    scene's replaced the first's at exit 0. Refused before any work."""
+    out = tmp_path / "ev"
+    scenes = [(EXAMPLE_PAN, EXAMPLE_MS, "site/x"), (EXAMPLE_PAN, EXAMPLE_MS, "site:x")]
+    specs = parse_methods("gsa")
+    with pytest.raises(FusionError, match="'site/x' and 'site:x' would keep their products in one folder"):
+        evaluate(scenes, specs, out, sensor="landsat8")
+    assert not out.exists()
+    with pytest.raises(FusionError, match="one folder"):  # a case-insensitive disk: one folder too
+        evaluate(
+            [(EXAMPLE_PAN, EXAMPLE_MS, "A"), (EXAMPLE_PAN, EXAMPLE_MS, "a")], specs, out, sensor="landsat8"
+        )
