@@ -73,6 +73,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "is a folder")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--bands", "1,2,9")
     assert_one_line_error(code, err, "cannot select band")
+    # an empty item was dropped: "1,,3" fused bands 1 and 3, the 2 typed as nothing
+    code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--bands", "1,,3")
+    assert_one_line_error(code, err, "comma-separated band numbers like 1,2,3,5, got '1,,3'")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "no-such-method")
     assert_one_line_error(code, err, "unknown method")
     code, _, err = run(capsys, "pansharpen", pan, ms, "-o", out, "--method", "exp", "--device", "tpu")

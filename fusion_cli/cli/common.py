@@ -65,8 +65,8 @@ def parse_bands(text: str | None) -> list[int] | None:
     """`--bands 1,2,3,5` (1-based, as GDAL) -> [1, 2, 3, 5]."""
     if text is None:
         return None
-    try:
-        bands = [int(t) for t in text.split(",") if t.strip()]
+    try:  # an empty item ("1,,3") is refused: it may be a band left out by a typo
+        bands = [int(t) for t in text.split(",")]
     except ValueError:
         raise typer.BadParameter(
             f"expected comma-separated band numbers like 1,2,3,5, got {text!r}"
