@@ -251,3 +251,19 @@ def test_bt_h_haze_does_not_depend_on_the_tiling(monkeypatch: pytest.MonkeyPatch
         hazes.append(fuser.haze)
     torch.testing.assert_close(hazes[0], hazes[1], rtol=1e-9, atol=0)
     np.testing.assert_array_equal(products[0], products[1])
+
+
+def test_a_stats_sample_on_nodata_falls_back_to_the_scene() -> None:
+    """`--stats-mpx` estimates a method's statistics from a sub-grid of windows; when those fell in a
+    hole of the MS, the run failed with "no valid pixel to fuse: the inputs are all nodata" though 96 %
+    of the scene was valid. The rest of the scene now gives the statistics."""
+    ex = example_pair()
+    valid = np.ones(ex.ms.shape[1:], bool)
+    valid[120:, 120:170] = False  # MS px: the sampled window (PAN rows/cols 256-320) lies in it
+    for method in ("gsa", "bdsd-pc", "mtf-glp-fs"):
+        fused = [
+            fuse_arrays(ex.pan, ex.ms, make_method(method, ex.ratio, ex.sensor),
+                        FuseOptions(tile=64, stats_mpx=mpx), ms_valid=valid)
+            for mpx in (0.004, None)
+        ]  # fmt: skip
+        np.testing.assert_allclose(fused[0], fused[1], rtol=1e-5, atol=1e-2)

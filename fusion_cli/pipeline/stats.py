@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, NoValidPixels
 from fusion_cli.fusers import Fuser, SplittableStats
 from fusion_cli.pipeline.engine import read_ahead, single_threaded, window_workers
 from fusion_cli.pipeline.readers import PairSource, Tile
@@ -42,7 +42,16 @@ def gather_stats(fuser: Fuser, source: PairSource, plan: TilePlan, stats_mpx: fl
     if isinstance(fuser, SplittableStats):
         for part in copies:
             fuser.merge_stats(part)
-    fuser.finalize()
+    try:
+        fuser.finalize()
+    except NoValidPixels:
+        sampled = {(w.core_row, w.core_col) for w in windows}
+        rest = [w for w in plan if (w.core_row, w.core_col) not in sampled]
+        if not rest:
+            raise
+        # the --stats-mpx sample fell on nodata only (a hole, a collar): the rest of the scene decides
+        _accumulate_windows([fuser], source, plan, rest, fuser.device, m, side)
+        fuser.finalize()
 
 
 def stats_windows(plan: TilePlan, stats_mpx: float | None) -> list[Window]:
