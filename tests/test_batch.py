@@ -802,6 +802,33 @@ def test_scenes_sharing_a_side_file_and_a_log_on_a_side_file_are_refused(tmp_pat
         assert "is a file of scene" in res.stderr and not out_dir.exists()
 
 
+def test_a_rerun_asking_for_another_method_or_dtype_does_not_skip_the_old_products(tmp_path: Path) -> None:
+    """A rerun into the same OUT_DIR with `--method mtf-glp --dtype float32` skipped every scene as
+    "output complete" at exit 0, the products still GSA's uint16. Such a scene now fails, saying what
+    made it; the same settings still skip, and --overwrite redoes it as asked."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    base = ("batch", str(in_dir), str(out_dir), "--json")
+
+    def run(*extra: str, rc: int = 0) -> dict:
+        return json.loads(run_cli(*base, *extra, check_rc=rc).stdout)["scenes"][0]
+
+    assert run("--method", "gsa")["status"] == "done"
+    assert run("--method", "gsa")["reason"] == "output complete"
+    other = run("--method", "mtf-glp", rc=1)
+    assert other["status"] == "failed" and "was made by gsa, not mtf-glp" in other["reason"]
+    assert "--overwrite" in other["reason"]
+    dtype = run("--method", "gsa", "--dtype", "float32", rc=1)
+    assert "is uint16, not the --dtype float32 asked" in dtype["reason"]
+    assert run("--method", "gsa", "--dtype", "uint16")["status"] == "skipped"
+    assert run("--method", "mtf-glp", "--overwrite")["status"] == "done"
+    with rasterio.open(out_dir / "a_fused.tif") as ds:
+        assert ds.tags()["FUSION_MODEL"] == "mtf-glp"
+
+
 def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

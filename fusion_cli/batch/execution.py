@@ -37,11 +37,14 @@ SceneProcessor = Callable[[Scene], dict[str, Any]]
 @runtime_checkable
 class FinishingProcessor(Protocol):
     """A processor whose products have side files (quicklook, metrics) written after the product is
-    placed (`fusion.make_scene_processor`): a complete product lacking one gets it from `finish`."""
+    placed (`fusion.make_scene_processor`): a complete product lacking one gets it from `finish`. A
+    complete product that another fuser or pixel type made than this run asks for is not taken as
+    done (`made_otherwise` says how it differs; None: as asked)."""
 
     def __call__(self, scene: Scene) -> dict[str, Any]: ...
     def side_files(self, out: Path) -> list[Path]: ...
     def finish(self, scene: Scene) -> dict[str, Any]: ...
+    def made_otherwise(self, out: Path) -> str | None: ...
 
 
 CompleteCheck = Callable[[Path], bool]
@@ -224,6 +227,14 @@ def _execute_locked(
                 "(a foreign or damaged file); use --overwrite to redo it"
             )
             return SceneResult(status="failed", reason=why, **base)
+        if action in ("skip", "finish") and isinstance(process, FinishingProcessor):
+            differs = process.made_otherwise(scene.out)
+            if differs is not None:  # a rerun with --method mtf-glp kept GSA products at exit 0
+                why = (
+                    f"output {scene.out} is complete but {differs}; pass --overwrite to redo it as asked, "
+                    "or choose another OUT_DIR"
+                )
+                return SceneResult(status="failed", reason=why, **base)
         if action == "skip":
             return SceneResult(status="skipped", reason="output complete", **base)
         if action == "finish":

@@ -64,9 +64,9 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     fusers: dict[int | None, Any] = {}
     # Bad model / weights / method names are a bad invocation: fail before the first scene.
     if classical:
-        pipeline.make_fuser(**{**job.fuser, "ratio": 4})
+        asked = pipeline.make_fuser(**{**job.fuser, "ratio": 4})
     else:
-        fusers[None] = pipeline.make_fuser(**job.fuser)
+        asked = fusers[None] = pipeline.make_fuser(**job.fuser)
 
     def fuser_for(scene: Scene) -> Any:
         if not classical:
@@ -121,7 +121,23 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             add_metrics(scene, pipeline.measure_ratio(scene.pan, scene.ms, options.reproject), details)
         return details
 
+    def made_otherwise(out: Path) -> str | None:
+        """How a complete product's tags differ from what this batch makes: another model, method or
+        weights, or another --dtype than the one given; None when they agree."""
+        from fusion_cli.raster import open_raster
+
+        with open_raster(out, "product") as ds:
+            tags, dtype = ds.tags(), ds.dtypes[0]
+        made = (tags.get("FUSION_MODEL"), tags.get("FUSION_WEIGHTS_SHA256", "none"))
+        if made != (asked.name, asked.weights_sha256 or "none"):
+            weights = "" if made[0] != asked.name else " with other weights"
+            return f"was made by {made[0]}{weights}, not {asked.name}"
+        if options.out_dtype is not None and dtype != options.out_dtype:
+            return f"is {dtype}, not the --dtype {options.out_dtype} asked"
+        return None
+
     process.side_files = job.side_files  # type: ignore[attr-defined]
+    process.made_otherwise = made_otherwise  # type: ignore[attr-defined]
     process.finish = finish  # type: ignore[attr-defined]
     return process
 
