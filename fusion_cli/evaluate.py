@@ -384,7 +384,8 @@ def _check_scene_folders(ids: Sequence[str]) -> None:
         if first != i:
             raise FusionError(
                 f"scenes {ids[first]!r} and {sid!r} would keep their products in one folder "
-                f"(products/{scene_folder(sid)}); give them ids that differ in letters or digits"
+                f"(products/{scene_folder(sid)}); give them ids that differ in letters or digits (a "
+                "manifest's id column)"
             )
 
 
@@ -436,9 +437,9 @@ def find_scenes(paths: list[str | Path]) -> list[tuple[Path | str, Path | str, s
         )
     paths = [Path(p) for p in given]
     if len(paths) == 1 and paths[0].is_dir():
-        plan = pair_by_patterns(paths[0], paths[0])
+        plan = pair_by_patterns(paths[0], paths[0], check_outputs=False)  # scenes only: no batch outputs
     elif len(paths) == 1 and paths[0].suffix.lower() == ".csv":
-        plan = read_manifest(paths[0], paths[0].parent, paths[0].parent)
+        plan = read_manifest(paths[0], paths[0].parent, paths[0].parent, check_outputs=False)
     else:
         raise FusionError("give PAN MS (two files), a folder of pairs, or a CSV manifest (pan,ms[,id])")
     if not plan.scenes:

@@ -351,3 +351,14 @@ def test_scenes_whose_ids_share_a_products_folder_are_refused(tmp_path: Path) ->
         evaluate(
             [(EXAMPLE_PAN, EXAMPLE_MS, "A"), (EXAMPLE_PAN, EXAMPLE_MS, "a")], specs, out, sensor="landsat8"
         )
+    # a manifest of two pan.tif rows without ids: told to give ids, not batch's "--out-pattern"
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        for src, name in ((EXAMPLE_PAN, "pan.tif"), (EXAMPLE_MS, "ms.tif")):
+            (tmp_path / sub / name).symlink_to(src)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("pan,ms\na/pan.tif,a/ms.tif\nb/pan.tif,b/ms.tif\n")
+    scenes = find_scenes([manifest])
+    with pytest.raises(FusionError, match="id column") as err:
+        evaluate(scenes, specs, out, sensor="landsat8")
+    assert "--out-pattern" not in str(err.value)

@@ -222,11 +222,13 @@ def pair_by_patterns(
     pan_pattern: str | None = None,
     ms_pattern: str | None = None,
     out_pattern: str = DEFAULT_OUT_PATTERN,
+    check_outputs: bool = True,
 ) -> Plan:
     """Pair files of `in_dir` whose names share the stem captured by the patterns' `*`.
 
     Without patterns, the naming convention of `DEFAULT_CONVENTIONS` that pairs the most files
     is used. A pattern containing `/` matches paths below `in_dir` (e.g. `*/pan.tif`).
+    `check_outputs` as for `read_manifest`.
     """
     if is_gdal_path(in_dir):
         raise FusionError(
@@ -293,7 +295,8 @@ def pair_by_patterns(
     matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
     ignored = [in_dir / f for f in files if f not in matched]
     plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
-    _check_outputs(plan)
+    if check_outputs:
+        _check_outputs(plan)
     return plan
 
 
@@ -308,13 +311,18 @@ def _stem_of(pan_name: str) -> str:
 
 
 def read_manifest(
-    manifest: Path, in_dir: Path, out_dir: Path, out_pattern: str = DEFAULT_OUT_PATTERN
+    manifest: Path,
+    in_dir: Path,
+    out_dir: Path,
+    out_pattern: str = DEFAULT_OUT_PATTERN,
+    check_outputs: bool = True,
 ) -> Plan:
     """Scenes from a CSV with a header: `pan,ms[,out][,id]`.
 
     Relative `pan`/`ms` paths are taken from `in_dir`, relative `out` paths from `out_dir`;
     without `out`, the output is named from the PAN file's stem and `out_pattern`. GDAL virtual
-    paths (`/vsizip//data/a.zip/pan.tif`, `/vsis3/...`) are kept as written.
+    paths (`/vsizip//data/a.zip/pan.tif`, `/vsis3/...`) are kept as written. `check_outputs=False`
+    for a caller that writes no outputs of its own (`fusion evaluate`: scenes, not products).
     """
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -349,7 +357,8 @@ def read_manifest(
             continue
         scenes.append(Scene(r.get("id") or Path(out).stem, pan, ms, out))
     plan = Plan(scenes, refused, source=f"--manifest {manifest}", total_scenes=len(scenes))
-    _check_outputs(plan)
+    if check_outputs:
+        _check_outputs(plan)
     return plan
 
 
