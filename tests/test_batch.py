@@ -829,6 +829,24 @@ def test_a_rerun_asking_for_another_method_or_dtype_does_not_skip_the_old_produc
         assert ds.tags()["FUSION_MODEL"] == "mtf-glp"
 
 
+def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:
+    """OUT_DIR = IN_DIR with `--out-pattern '{stem}_fused_ms.tif'`: the rerun took the first run's
+    products for MS files (they match `*_ms.tif`) without a PAN and failed them, exit 1."""
+    from rasterio.windows import Window
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_example_crop(folder, "a", Window(0, 0, 64, 64))
+    args = ("batch", str(folder), str(folder), "--method", "gsa", "--out-pattern", "{stem}_fused_ms.tif")
+    first = json.loads(run_cli(*args, "--json", check_rc=0).stdout)
+    assert first["done"] == 1 and (folder / "a_fused_ms.tif").exists()
+    again = json.loads(run_cli(*args, "--json", check_rc=0).stdout)
+    assert (again["done"], again["skipped"], again["failed"]) == (0, 1, 0)
+    (folder / "b_fused_ms.tif").write_bytes(b"not a product")  # not ours: still reported as unpaired
+    res = json.loads(run_cli(*args, "--json", check_rc=1).stdout)
+    assert res["failed"] == 1 and any("b_fused" in s["scene"] or "b_fused" in str(s) for s in res["scenes"])
+
+
 def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

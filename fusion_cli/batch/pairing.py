@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fusion_cli.errors import FusionError
-from fusion_cli.raster import check_product_name, file_identity, is_gdal_path
+from fusion_cli.raster import check_product_name, file_identity, is_complete_output, is_gdal_path
 
 K = TypeVar("K", bound=Hashable)
 
@@ -251,6 +251,11 @@ def pair_by_patterns(
         conventions = DEFAULT_CONVENTIONS
     recursive = any("/" in p for conv in conventions for p in conv)
     files = _list_files(in_dir, recursive, out_dir.resolve() if out_dir.exists() else None)
+    if out_dir.exists() and out_dir.resolve() == in_dir.resolve():
+        # a rerun into the input folder: its products (named by --out-pattern, complete) are not inputs
+        # (`{stem}_fused_MS.tif` matched `*_MS.tif` and failed as an MS without a PAN)
+        own = re.compile(re.escape(out_pattern).replace(re.escape("{stem}"), ".+") + r"\Z")
+        files = [f for f in files if not (own.match(f) and is_complete_output(in_dir / f))]
 
     best: tuple[int, str, str] | None = None
     for pan_p, ms_p in conventions:
