@@ -795,7 +795,12 @@ def test_scenes_sharing_a_side_file_and_a_log_on_a_side_file_are_refused(tmp_pat
     args = ("batch", str(in_dir), str(out_dir), "--manifest", str(manifest), "--method", "gsa")
     res = run_cli(*args, "--quicklook", check_rc=2)
     assert "would both write" in res.stderr and "a.png" in res.stderr and not out_dir.exists()
-    run_cli(*args, "--dry-run", check_rc=0)  # without quicklooks the two do not meet
+    # without quicklooks the two do not meet; the dry run tells their actions apart (one id, "a")
+    run_cli(*args, check_rc=0)
+    (out_dir / "a.tiff").unlink()
+    plan = json.loads(run_cli(*args, "--dry-run", "--json", check_rc=0).stdout)
+    assert [s["action"] for s in plan["scenes"]] == ["skip", "fuse"]
+    shutil.rmtree(out_dir)
     patterns = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--quicklook", "--metrics")
     for side in ("s1_fused.png", "s2_fused.tif.metrics.json"):
         res = run_cli(*patterns, "--log", str(out_dir / side), check_rc=2)

@@ -59,20 +59,18 @@ _ACTION_STATE = {
 
 def _show_plan(plan: lib.Plan, job: lib.FuseJob, overwrite: bool, as_json: bool) -> None:
     """`--dry-run`: every scene with what the run would do with it, then unpaired and ignored files."""
-    actions = {
-        s.id: lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite) for s in plan.scenes
-    }
+    # in plan order: scene ids need not be unique (`a` of both a.tif and a.tiff)
+    actions = [lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite) for s in plan.scenes]
     if as_json:
         payload = plan.to_dict()
-        for s in payload["scenes"]:
-            s["action"] = actions[s["scene"]]
-            s["state"] = _ACTION_STATE[s["action"]]
+        for s, action in zip(payload["scenes"], actions, strict=True):
+            s["action"], s["state"] = action, _ACTION_STATE[action]
         echo_json(payload)
         return
     shard = f" (shard {plan.shard[0]}/{plan.shard[1]} of {plan.total_scenes} scenes)" if plan.shard else ""
     typer.echo(f"Plan: {len(plan.scenes)} scene(s) paired by {plan.source}{shard}")
-    for s in plan.scenes:
-        typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{_ACTION_TEXT[actions[s.id]]}]")
+    for s, action in zip(plan.scenes, actions, strict=True):
+        typer.echo(f"  {s.id}\t{s.pan} + {s.ms} -> {s.out}\t[{_ACTION_TEXT[action]}]")
     for u in plan.unpaired:
         typer.echo(f"  UNPAIRED {u.path}: {u.reason}")
     if plan.ignored:
