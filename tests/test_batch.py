@@ -823,6 +823,8 @@ def test_a_rerun_asking_for_another_method_or_dtype_does_not_skip_the_old_produc
 
     assert run("--method", "gsa")["status"] == "done"
     assert run("--method", "gsa")["reason"] == "output complete"
+    dry = json.loads(run_cli(*base, "--method", "mtf-glp", "--dry-run", check_rc=0).stdout)
+    assert dry["scenes"][0]["action"] == "other"  # the dry run says what the run then does
     other = run("--method", "mtf-glp", rc=1)
     assert other["status"] == "failed" and "was made by gsa, not mtf-glp" in other["reason"]
     assert "--overwrite" in other["reason"]

@@ -25,7 +25,7 @@ from fusion_cli.batch.execution import (
     run_batch,
     unpaired_results,
 )
-from fusion_cli.batch.fusion import FuseJob, make_scene_processor, scene_metrics
+from fusion_cli.batch.fusion import FuseJob, make_scene_processor, product_differs, scene_metrics
 from fusion_cli.batch.locking import remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import (
     DEFAULT_CONVENTIONS,
@@ -62,6 +62,7 @@ __all__ = [
     "escapes",
     "execute_scene",
     "planned_action",
+    "product_differs",
     "group_by_role",
     "make_scene_processor",
     "out_path_for",

@@ -136,14 +136,20 @@ def _default_complete_check(path: Path) -> bool:
 
 
 def planned_action(
-    out: Path, side_files: list[Path], *, overwrite: bool = False, is_complete: CompleteCheck | None = None
+    out: Path,
+    side_files: list[Path],
+    *,
+    overwrite: bool = False,
+    is_complete: CompleteCheck | None = None,
+    made_otherwise: Callable[[Path], str | None] | None = None,
 ) -> str:
     """What a run does with a scene whose output is `out`, decided once for `--dry-run` and the run:
 
     "fuse" (no output yet), "redo" (an output exists and --overwrite), "skip" (a complete product
     with every side file), "finish" (a complete product lacking a side file: it is written from the
-    product, no second fusion) or "refuse" (not a complete fusion-cli product: failed without
-    --overwrite, never replaced).
+    product, no second fusion), "refuse" (not a complete fusion-cli product: failed without
+    --overwrite, never replaced) or "other" (a complete product that another fuser or --dtype made,
+    as `made_otherwise` tells: failed without --overwrite).
     """
     if not out.exists():
         return "fuse"
@@ -151,6 +157,8 @@ def planned_action(
         return "redo"
     if not (is_complete or _default_complete_check)(out):
         return "refuse"
+    if made_otherwise is not None and made_otherwise(out) is not None:
+        return "other"
     return "skip" if all(side.exists() for side in side_files) else "finish"
 
 
@@ -219,22 +227,24 @@ def _execute_locked(
         if not mine:
             return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
         remove_stale_temporaries(scene.out)
-        sides = process.side_files(scene.out) if isinstance(process, FinishingProcessor) else []
-        action = planned_action(scene.out, sides, overwrite=overwrite, is_complete=check)
+        finishing = isinstance(process, FinishingProcessor)
+        sides = process.side_files(scene.out) if finishing else []
+        made_otherwise = process.made_otherwise if finishing else None
+        action = planned_action(
+            scene.out, sides, overwrite=overwrite, is_complete=check, made_otherwise=made_otherwise
+        )
         if action == "refuse":
             why = (
                 f"output {scene.out} exists but is not a complete fusion-cli product "
                 "(a foreign or damaged file); use --overwrite to redo it"
             )
             return SceneResult(status="failed", reason=why, **base)
-        if action in ("skip", "finish") and isinstance(process, FinishingProcessor):
-            differs = process.made_otherwise(scene.out)
-            if differs is not None:  # a rerun with --method mtf-glp kept GSA products at exit 0
-                why = (
-                    f"output {scene.out} is complete but {differs}; pass --overwrite to redo it as asked, "
-                    "or choose another OUT_DIR"
-                )
-                return SceneResult(status="failed", reason=why, **base)
+        if action == "other" and made_otherwise is not None:  # --method mtf-glp kept GSA products
+            why = (
+                f"output {scene.out} is complete but {made_otherwise(scene.out)}; pass --overwrite to redo "
+                "it as asked, or choose another OUT_DIR"
+            )
+            return SceneResult(status="failed", reason=why, **base)
         if action == "skip":
             return SceneResult(status="skipped", reason="output complete", **base)
         if action == "finish":

@@ -37,6 +37,14 @@ class FuseJob:
             {"fuser": self.fuser, "options": options, "metrics": self.metrics}, sort_keys=True, default=str
         )
 
+    def asked_fuser(self) -> Any:
+        """The fuser this job asks for (a classical method at ratio 4: what it is, not the ratio each
+        scene measures): what a complete product must have been made by to count as done."""
+        from fusion_cli import pipeline
+
+        ratio = {"ratio": 4} if self.fuser.get("method") is not None else {}
+        return pipeline.make_fuser(**self.fuser, **ratio)
+
     def side_files(self, out: Path) -> list[Path]:
         """Files written beside a product after it is placed: a scene lacking one is not done."""
         from fusion_cli.pipeline.output import side_outputs
@@ -62,11 +70,9 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     classical = job.fuser.get("method") is not None
     default_model = not any(job.fuser.get(k) is not None for k in ("model", "weights", "method"))
     fusers: dict[int | None, Any] = {}
-    # Bad model / weights / method names are a bad invocation: fail before the first scene.
-    if classical:
-        asked = pipeline.make_fuser(**{**job.fuser, "ratio": 4})
-    else:
-        asked = fusers[None] = pipeline.make_fuser(**job.fuser)
+    asked = job.asked_fuser()  # bad model / weights / method names fail here, before the first scene
+    if not classical:
+        fusers[None] = asked
 
     def fuser_for(scene: Scene) -> Any:
         if not classical:
@@ -122,24 +128,29 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         return details
 
     def made_otherwise(out: Path) -> str | None:
-        """How a complete product's tags differ from what this batch makes: another model, method or
-        weights, or another --dtype than the one given; None when they agree."""
-        from fusion_cli.raster import open_raster
-
-        with open_raster(out, "product") as ds:
-            tags, dtype = ds.tags(), ds.dtypes[0]
-        made = (tags.get("FUSION_MODEL"), tags.get("FUSION_WEIGHTS_SHA256", "none"))
-        if made != (asked.name, asked.weights_sha256 or "none"):
-            weights = "" if made[0] != asked.name else " with other weights"
-            return f"was made by {made[0]}{weights}, not {asked.name}"
-        if options.out_dtype is not None and dtype != options.out_dtype:
-            return f"is {dtype}, not the --dtype {options.out_dtype} asked"
-        return None
+        return product_differs(out, asked, options.out_dtype)
 
     process.side_files = job.side_files  # type: ignore[attr-defined]
     process.made_otherwise = made_otherwise  # type: ignore[attr-defined]
     process.finish = finish  # type: ignore[attr-defined]
     return process
+
+
+def product_differs(out: Path, asked: Any, out_dtype: str | None) -> str | None:
+    """How a complete product's tags differ from what a batch asks for: another model, method or
+    weights than the fuser `asked`, or another pixel type than `out_dtype` (when given); None when
+    they agree."""
+    from fusion_cli.raster import open_raster
+
+    with open_raster(out, "product") as ds:
+        tags, dtype = ds.tags(), ds.dtypes[0]
+    made = (tags.get("FUSION_MODEL"), tags.get("FUSION_WEIGHTS_SHA256", "none"))
+    if made != (asked.name, asked.weights_sha256 or "none"):
+        weights = "" if made[0] != asked.name else " with other weights"
+        return f"was made by {made[0]}{weights}, not {asked.name}"
+    if out_dtype is not None and dtype != out_dtype:
+        return f"is {dtype}, not the --dtype {out_dtype} asked"
+    return None
 
 
 def refuse_linked_side_file(side: Path, out: Path) -> None:

@@ -45,6 +45,7 @@ _ACTION_TEXT = {
     "skip": "complete, skip",
     "finish": "complete, write its missing side files",
     "refuse": "exists, not a complete product: fails without --overwrite",
+    "other": "complete, made otherwise than asked: fails without --overwrite",
 }
 
 # The output's state in `--dry-run --json` (kept for scripts written before "action").
@@ -54,13 +55,22 @@ _ACTION_STATE = {
     "skip": "complete",
     "finish": "complete",
     "refuse": "exists",
+    "other": "complete",
 }
 
 
 def _show_plan(plan: lib.Plan, job: lib.FuseJob, overwrite: bool, as_json: bool) -> None:
     """`--dry-run`: every scene with what the run would do with it, then unpaired and ignored files."""
+    asked = job.asked_fuser()  # a complete product another fuser made is not done (a bad name: exit 2)
+
+    def made_otherwise(out: Path) -> str | None:
+        return lib.product_differs(out, asked, job.options.out_dtype)
+
     # in plan order: scene ids need not be unique (`a` of both a.tif and a.tiff)
-    actions = [lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite) for s in plan.scenes]
+    actions = [
+        lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite, made_otherwise=made_otherwise)
+        for s in plan.scenes
+    ]
     if as_json:
         payload = plan.to_dict()
         for s, action in zip(payload["scenes"], actions, strict=True):
