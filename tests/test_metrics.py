@@ -586,3 +586,29 @@ def test_library_rounds_to_uint16_as_the_cli_decides() -> None:
     scaled = full_resolution(product / 65535, pan, ms / 65535, 2, "landsat8", block=16)["D_lambda_K"]
     forced = full_resolution(product / 65535, pan, ms / 65535, 2, "landsat8", block=16, round_uint16=False)
     assert scaled == forced["D_lambda_K"]
+
+
+def test_nan_outside_the_mask_is_refused_by_every_index() -> None:
+    """A NaN pixel took a different way through each index: SAM left it out, ERGAS became NaN, and
+    Q2n's uint16 rounding took it for 0 (a plausible, wrong score). Refused now, one message; a mask
+    that leaves it out scores the rest as before."""
+    from fusion_cli.metrics import d_lambda, ergas, q2n, reduced_resolution, sam
+
+    ex = example_pair()
+    ref = ex.ms[:, :64, :64].astype(np.float64)
+    fused = ref + RNG.normal(0, 30, ref.shape)
+    holed = fused.copy()
+    holed[:, 5, 7] = np.nan
+    mask = np.ones((64, 64), bool)
+    mask[5, 7] = False
+    indices = (
+        lambda f, m: q2n(ref, f, mask=m),
+        lambda f, m: sam(ref, f, m),
+        lambda f, m: ergas(ref, f, 2, m),
+        lambda f, m: reduced_resolution(ref, f, 2, mask=m)["Q2n"],
+        lambda f, m: d_lambda(f, ref, mask=m),
+    )
+    for index in indices:
+        with pytest.raises(FusionError, match="fused image has NaN or infinite values at 1 px"):
+            index(holed, None)
+        assert index(holed, mask) == pytest.approx(index(fused, mask), rel=1e-12)

@@ -36,6 +36,23 @@ def as_chw(img: np.ndarray, what: str = "image") -> np.ndarray:
     return arr
 
 
+def refuse_non_finite(images: Sequence[tuple[str, np.ndarray]], mask: np.ndarray | None) -> None:
+    """NaN or inf where `mask` counts (everywhere without one) took a different way through each
+    index: SAM left the pixel out, ERGAS became NaN, Q2n's uint16 rounding took it for 0. Refused,
+    naming the image; a mask that leaves them out is the way to score the rest."""
+    for name, img in images:
+        if img.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(img).all(axis=0)
+        if mask is not None:
+            bad &= mask
+        if bad.any():
+            raise FusionError(
+                f"the {name} image has NaN or infinite values at {int(bad.sum())} px; pass a mask that "
+                "is False there to score the other pixels"
+            )
+
+
 def check_pair(ref: np.ndarray, fused: np.ndarray, names: tuple[str, str] = ("reference", "fused")) -> None:
     if ref.shape != fused.shape:
         raise FusionError(

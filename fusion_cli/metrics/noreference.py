@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_chw, as_mask, check_pair, iter_blocks, uiqi_from_moments
+from fusion_cli.metrics._common import (
+    as_chw,
+    as_mask,
+    check_pair,
+    iter_blocks,
+    refuse_non_finite,
+    uiqi_from_moments,
+)
 from fusion_cli.metrics.q2n import q2n
 
 
@@ -64,6 +71,7 @@ def d_lambda(
     if c < 2:
         raise FusionError("D_lambda needs at least two bands")
     m = as_mask(mask, fused.shape[1:])
+    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up)], m)
     qf, qm, count = np.zeros((c, c)), np.zeros((c, c)), 0
     for (f, ms), ok in iter_blocks([fused, ms_up], block, mask=m):
         qf += _pair_uiqi(f[ok]).sum(axis=0)
@@ -116,6 +124,7 @@ def d_s_bands(
         raise FusionError(f"PAN must be one band on the fused grid {fused.shape[1:]}, got {pan.shape}")
     lp = pan_lowpass(pan, ratio) if pan_lp is None else as_chw(pan_lp, "low-passed PAN")
     m = as_mask(mask, fused.shape[1:])
+    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up), ("PAN", pan)], m)
     hi, lo, count = np.zeros(fused.shape[0]), np.zeros(fused.shape[0]), 0
     for (f, ms, p, plp), ok in iter_blocks([fused, ms_up, pan, lp], block, mask=m):
         hi += _block_uiqi(f[ok], p[ok]).sum(axis=0)

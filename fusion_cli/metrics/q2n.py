@@ -26,7 +26,15 @@ from functools import lru_cache
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_chw, as_mask, check_pair, holds_whole_dn, iter_blocks, round_uint16
+from fusion_cli.metrics._common import (
+    as_chw,
+    as_mask,
+    check_pair,
+    holds_whole_dn,
+    iter_blocks,
+    refuse_non_finite,
+    round_uint16,
+)
 
 _EPS = float(np.finfo(np.float64).eps)  # MATLAB eps, used for a zero block std
 
@@ -130,6 +138,7 @@ def q2n_map(
     if block < 2 or shift < 1:
         raise FusionError(f"Q2n needs block >= 2 and shift >= 1, got block {block}, shift {shift}")
     m = as_mask(mask, ref.shape[1:])
+    refuse_non_finite([("reference", ref), ("fused", fused)], m)
     n = next_pow2(ref.shape[0])
     if round_uint16_ is None:
         round_uint16_ = holds_whole_dn(ref, m)

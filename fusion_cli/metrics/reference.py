@@ -20,6 +20,7 @@ from fusion_cli.metrics._common import (
     check_pair,
     fill_invalid,
     parallel_map,
+    refuse_non_finite,
     uiqi_from_moments,
     window_means,
     windows_all_valid,
@@ -34,6 +35,7 @@ def _prepare(
     ref, fused = as_chw(ref, "reference"), as_chw(fused, "fused")
     check_pair(ref, fused)
     m = as_mask(mask, ref.shape[1:])
+    refuse_non_finite([("reference", ref), ("fused", fused)], m)
     return fill_invalid(ref, m, "reference"), fill_invalid(fused, m, "product"), m
 
 
