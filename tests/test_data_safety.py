@@ -1112,6 +1112,9 @@ def test_an_integer_dtype_for_float_reflectance_is_refused(tmp_path: Path) -> No
     dn = (write_tif(tmp_path / "pan_f.tif", pan, 1.0), write_tif(tmp_path / "ms_f.tif", ms, 4.0))
     assert cli("pansharpen", *dn, "-o", tmp_path / "f.tif", "--method", "gsa", "--dtype", "uint16")[0] == 0
     assert cli("pansharpen", pan_u, ms_u, "-o", tmp_path / "u.tif", "--method", "gsa")[0] == 0
+    # float DN of an 8-bit range (here a quarter of the DN: about 25..175) still round to uint8
+    dn8 = (write_tif(tmp_path / "pan_8.tif", pan / 4, 1.0), write_tif(tmp_path / "ms_8.tif", ms / 4, 4.0))
+    assert cli("pansharpen", *dn8, "-o", tmp_path / "8.tif", "--method", "gsa", "--dtype", "uint8")[0] == 0
     with rasterio.open(tmp_path / "f.tif") as a, rasterio.open(tmp_path / "u.tif") as b:
         assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
 

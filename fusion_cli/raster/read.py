@@ -125,8 +125,9 @@ def sample_values(ds: Any, bands: Sequence[int]) -> np.ndarray:
 
 
 # Fewer whole-number steps than this between a float MS's 1st and 99th percentile: an integer
-# --dtype would keep its values as a few grey levels (reflectance 0.49..0.99 as uint16 was 0 and 1)
-MIN_INTEGER_LEVELS = 256
+# --dtype would keep its values as a few grey levels (reflectance 0.49..0.99 as uint16 was 0 and 1).
+# Float DN of an 8-bit sensor (a Wald-reduced FuseBox scene) span more, even on a dull scene.
+MIN_INTEGER_LEVELS = 32
 
 
 def check_integer_output(ds: Any, bands: Sequence[int], out_dtype: str) -> None:
