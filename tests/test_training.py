@@ -529,7 +529,13 @@ def test_fine_tuning_that_never_improves_exports_its_start(
     start = build_model(tiny_ex(), 6, 1)
     torch.nn.init.normal_(start.to_hrms[2].weight, std=0.05)
     init = {k: v.clone() for k, v in start.state_dict().items()}
+    # the run seeds the global generators: the caller's streams go on as if it had not run
+    state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    expected, numpy_expected = torch.rand(3), np.random.rand(3)
+    torch.set_rng_state(state)
+    np.random.set_state(numpy_state)
     res = train(ex_pairs["train"], ex_pairs["val"], tiny_ex(lr=0.0, epochs=2), tmp_path, init_state=init)
+    assert torch.equal(torch.rand(3), expected) and np.array_equal(np.random.rand(3), numpy_expected)
     assert res.best_epoch == 0
     for k, v in res.model.state_dict().items():
         torch.testing.assert_close(v.cpu(), init[k])

@@ -12,6 +12,7 @@ Files written to `out_dir`: `checkpoint.pt`, `train_log.jsonl` (one JSON line pe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -195,6 +196,26 @@ def _lr_at(config: TrainConfig, epoch: int) -> float:
     return config.lr * config.lr_gamma ** (epoch // max(config.lr_step, 1))
 
 
+def _caller_random_state_kept(fn: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """A run seeds torch's and numpy's generators (reproducible training) and allows TF32 on CUDA:
+    the caller's generators and flags come back afterwards, as a library call must leave them."""
+
+    @functools.wraps(fn)
+    def kept(*args: Any, **kwargs: Any) -> TrainResult:
+        numpy_state = np.random.get_state()
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return fn(*args, **kwargs)
+        finally:
+            np.random.set_state(numpy_state)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    return kept
+
+
+@_caller_random_state_kept
 def train(
     train_pairs: Sequence[TrainPair],
     val_pairs: Sequence[TrainPair],
