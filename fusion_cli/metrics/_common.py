@@ -40,13 +40,11 @@ def refuse_non_finite(images: Sequence[tuple[str, np.ndarray]], mask: np.ndarray
     """NaN or inf where `mask` counts (everywhere without one) took a different way through each
     index: SAM left the pixel out, ERGAS became NaN, Q2n's uint16 rounding took it for 0. Refused,
     naming the image; a mask that leaves them out is the way to score the rest."""
+    from fusion_cli.raster.checks import non_finite_pixels
+
     for name, img in images:
-        if img.dtype.kind != "f":
-            continue
-        bad = ~np.isfinite(img).all(axis=0)
-        if mask is not None:
-            bad &= mask
-        if bad.any():
+        bad = non_finite_pixels(img, mask)
+        if bad is not None and bad.any():
             raise FusionError(
                 f"the {name} image has NaN or infinite values at {int(bad.sum())} px; pass a mask that "
                 "is False there to score the other pixels"

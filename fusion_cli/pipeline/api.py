@@ -158,15 +158,12 @@ def _valid_mask(valid: np.ndarray | None, image: np.ndarray, name: str) -> np.nd
                 f"{name}_valid has shape {valid.shape}, the {name} array's pixels {image.shape[-2:]}"
             )
         valid = valid.astype(bool)
-    if image.dtype.kind == "f":
-        bad = ~np.isfinite(image).all(axis=0)
-        if valid is not None:
-            bad &= valid
-        if bad.any():
-            raise FusionError(
-                f"the {name} array has NaN or infinite values at {int(bad.sum())} px that {name}_valid "
-                f"does not exclude; pass {name}_valid=np.isfinite({name}).all(axis=0) or fill them"
-            )
+    bad = raster.non_finite_pixels(image, valid)
+    if bad is not None and bad.any():
+        raise FusionError(
+            f"the {name} array has NaN or infinite values at {int(bad.sum())} px that {name}_valid "
+            f"does not exclude; pass {name}_valid=np.isfinite({name}).all(axis=0) or fill them"
+        )
     return valid
 
 

@@ -108,6 +108,17 @@ def dtype_range(dtype: str | np.dtype) -> tuple[float, float] | None:
     return None
 
 
+def non_finite_pixels(data: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray | None:
+    """Where `data (C, H, W)` holds NaN or inf in some band, among the pixels `valid (H, W)` counts
+    (all without one): an `(H, W)` bool map, None for integer data (which cannot)."""
+    if data.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(data).all(axis=0)
+    if valid is not None:
+        bad &= valid
+    return bad
+
+
 def refuse_non_finite(
     name: str, data: np.ndarray, valid: np.ndarray | None = None, bands: Sequence[int] | None = None
 ) -> None:
@@ -116,13 +127,9 @@ def refuse_non_finite(
     assert in a metric): refuse them, saying how to declare them, or, for a band that is NaN at
     every pixel (a dead band: declaring NaN nodata would mask the whole image), to leave it out.
     `bands`: the file's band numbers of `data` (1-based)."""
-    if data.dtype.kind != "f":
-        return
-    finite = np.isfinite(data)
-    bad = ~finite.all(axis=0)
-    if valid is not None:
-        bad &= valid
-    if bad.any():
+    bad = non_finite_pixels(data, valid)
+    if bad is not None and bad.any():
+        finite = np.isfinite(data)
         counted = finite[:, valid] if valid is not None else finite.reshape(len(finite), -1)
         numbers = bands or range(1, len(data) + 1)
         dead = [b for b, ok in zip(numbers, counted.any(axis=1), strict=True) if not ok]
