@@ -30,6 +30,7 @@ from fusion_cli.metrics.table import index_order
 from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_same_encoding
 from fusion_cli.raster.nodata import nodata_fits
+from fusion_cli.sensors import sensor_band_numbers
 
 
 @dataclass
@@ -50,6 +51,9 @@ class EvalOptions:
     # 1-based bands of the reference / MS that the product's bands are, in its order (what --bands
     # selected when it was fused); None: all, or the selection its FUSION_PARAMS tag records
     bands: list[int] | None = None
+    # which of the sensor's bands (1-based) the MS file's bands are, one per band: their MTF gains
+    # (`sensors.sensor_band_numbers`); None: the sensor's bands in order, or its 4-band set
+    sensor_bands: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,6 +272,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     Returns the index values (floats) with `product`, `mode`, the inputs' paths and `settings`.
     """
     opts = opts or EvalOptions()
+    file_bands = case.ms.data.shape[0] if case.ms is not None else 0
     case = with_product_bands(case, opts.bands)
     f = case.fused
     if opts.round_uint16 is None:
@@ -315,6 +320,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
+        sensor_bands = sensor_band_numbers(opts.sensor, file_bands, case.bands_compared, opts.sensor_bands)
         out.update(
             full_resolution(
                 fused,
@@ -327,6 +333,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 opts.clip_bits,
                 opts.per_band,
                 bool(opts.round_uint16),
+                sensor_bands,
             )
         )
     out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())

@@ -108,6 +108,7 @@ def _fuse(
     device: str,
     tile: int,
     bands: list[int] | None,
+    sensor_bands: list[int] | None = None,
 ) -> float:
     from fusion_cli.pipeline import hisr, pansharpen
 
@@ -115,6 +116,8 @@ def _fuse(
     kwargs = dict(
         model=spec.model, weights=spec.weights, method=spec.method, sensor=sensor,
         device=device, overwrite=True, measure_shift=False, tile=tile, bands=bands,
+        # a classical method's MTF gains; a network's card names its bands
+        sensor_bands=sensor_bands if spec.method is not None else None,
     )  # fmt: skip
     if _is_msi(pan):  # HISR: the classical methods take the MSI as a multi-band "PAN" there
         hisr(ms, pan, out, **kwargs)
@@ -147,9 +150,11 @@ def evaluate_scene(
     bands: list[int] | None = None,
     block: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    sensor_bands: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every method on one PAN/MS pair; products are written under `work_dir`. `bands`: the
     1-based MS bands every method fuses, in the order a model expects (the references follow);
+    `sensor_bands`: which of the sensor's bands the MS file's bands are (`sensors.sensor_band_numbers`);
     `block`: the Q2n / Q / QNR block size (the toolbox's 32; smaller for scenes under 32 px);
     `progress(done, total)` is called after each fusion."""
     from fusion_cli.assess import EvalOptions
@@ -161,10 +166,18 @@ def evaluate_scene(
     key = canonical_sensor(sensor)
     scene_id = scene_id or _stem(pan)
     sim = simulate_files(
-        pan, ms, work_dir / "reduced", sensor=key, ratio=ratio, pan_mtf=pan_mtf, overwrite=True
+        pan,
+        ms,
+        work_dir / "reduced",
+        sensor=key,
+        ratio=ratio,
+        pan_mtf=pan_mtf,
+        overwrite=True,
+        sensor_bands=sensor_bands,
     )
     opts = EvalOptions(
         ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands, block=block,
+        sensor_bands=sensor_bands,
         round_uint16=None,  # as fusion metrics: when the reference holds whole-number DN
     )  # fmt: skip
     rows = []
@@ -177,7 +190,7 @@ def evaluate_scene(
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
-        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands)
+        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands, sensor_bands)
         rr = score_product(out, ref=sim.ref, opts=opts)
         if progress is not None:
             progress(per * i + 1, total)
@@ -186,7 +199,7 @@ def evaluate_scene(
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)
-            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands)
+            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands, sensor_bands)
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
             if progress is not None:
                 progress(per * i + 2, total)
@@ -264,6 +277,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     sources: Sequence[str | os.PathLike[str]] = (),
     overwrite: bool = False,
+    sensor_bands: list[int] | None = None,
 ) -> EvalResult:
     """Evaluate `methods` on `scenes` (pan, ms, id) and write `results.csv` (per scene),
     `summary.csv`, `results.json` and `results.md` into `out_dir`. `progress(done, total)` is
@@ -303,7 +317,7 @@ def evaluate(
             rows += evaluate_scene(
                 pan, ms, methods, folder, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
                 cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-                tile=tile, bands=bands, block=block, progress=step,
+                tile=tile, bands=bands, block=block, progress=step, sensor_bands=sensor_bands,
             )  # fmt: skip
             current = None
     except BaseException:
@@ -326,7 +340,7 @@ def evaluate(
     settings = {
         "sensor": canonical_sensor(sensor), "ratio": ratio,
         "pan_degradation": "mtf" if pan_mtf else "bicubic", "cut": cut, "clip_bits": clip_bits,
-        "scenes": [s[2] for s in scenes], "bands": bands, "block": block,
+        "scenes": [s[2] for s in scenes], "bands": bands, "sensor_bands": sensor_bands, "block": block,
     }  # fmt: skip
     _write_csv(Path(files["results_csv"]), rows)
     _write_csv(Path(files["summary_csv"]), summary)

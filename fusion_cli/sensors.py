@@ -17,6 +17,7 @@ reference toolbox (Vivone et al., `genMTF.m`). The others are documented choices
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fusion_cli.errors import FusionError
@@ -130,5 +131,50 @@ def nyquist_gains(
         return [table[i] for i in entry.four_band], entry.pan
     raise FusionError(
         f"sensor {sensor} has {len(table)} bands but the image has {n_bands}: "
-        "say which sensor bands it holds (--bands) or use --sensor generic"
+        "say which sensor bands it holds (--sensor-bands, e.g. 2,3,5,7) or use --sensor generic"
     )
+
+
+def sensor_band_numbers(
+    sensor: str | None,
+    file_bands: int,
+    selected: Sequence[int] | None = None,
+    stated: Sequence[int] | None = None,
+) -> list[int] | None:
+    """1-based sensor band numbers (the sensor's own order: WV3 1 = coastal ... 8 = NIR2) of the
+    `selected` bands (1-based in the file, as --bands; None: all) of an image that holds `file_bands`
+    bands: what picks each band's MTF gain once --bands has subset or reordered the MS.
+
+    The file's own numbers are `stated` (--sensor-bands, one per file band in file order); else, for a
+    sensor with a gain per band, 1..n when the file holds all n of its bands, or blue, green, red and
+    NIR1 for a 4-band file of an 8-band sensor. None where they cannot be told or do not matter (one
+    gain for every band); `nyquist_gains` then says what to give.
+    """
+    key = canonical_sensor(sensor)
+    entry = _TABLE[key]
+    n = len(entry.ms)
+    if stated is not None:
+        if key == "generic":
+            raise FusionError("--sensor-bands says which of a sensor's bands the MS holds: give --sensor too")
+        numbers = list(stated)
+        if len(numbers) != file_bands:
+            raise FusionError(
+                f"--sensor-bands names {len(numbers)} band(s) but the MS holds {file_bands}: give one "
+                "sensor band number per MS band, in the file's order"
+            )
+        if min(numbers) < 1 or (n > 1 and max(numbers) > n) or len(set(numbers)) != len(numbers):
+            top = f"1..{n}" if n > 1 else "1 or more"
+            raise FusionError(f"--sensor-bands must be distinct numbers in {top} for sensor {sensor}")
+    elif n == 1:
+        return None
+    elif file_bands == n:
+        numbers = list(range(1, n + 1))
+    elif file_bands == 4 and entry.four_band is not None:
+        numbers = [i + 1 for i in entry.four_band]
+    else:
+        return None
+    if selected is None:
+        return numbers
+    if min(selected) < 1 or max(selected) > len(numbers):
+        raise FusionError(f"bands {list(selected)} do not fit an MS of {len(numbers)} bands")
+    return [numbers[b - 1] for b in selected]

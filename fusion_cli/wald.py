@@ -34,7 +34,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan, degrade_valid
 from fusion_cli.pipeline.output import finish_block
 from fusion_cli.pipeline.readers import fill_invalid
-from fusion_cli.sensors import canonical_sensor, nyquist_gains
+from fusion_cli.sensors import canonical_sensor, nyquist_gains, sensor_band_numbers
 
 PanMode = Literal["bicubic", "mtf"]
 
@@ -61,7 +61,7 @@ def simulate_arrays(
     ratio: int,
     sensor: str | None = None,
     pan_mode: PanMode = "bicubic",
-    bands: list[int] | None = None,
+    sensor_bands: list[int] | None = None,
     pan_valid: np.ndarray | None = None,
     ms_valid: np.ndarray | None = None,
 ) -> Reduced:
@@ -69,9 +69,10 @@ def simulate_arrays(
 
     Returns float64 `(pan_lr (P, h', w'), ms_lr (C, h'/r, w'/r), ref (C, h', w'))` (a `Reduced`, which
     unpacks as that tuple), where ref is the MS cropped to h' = r * floor(min(h, H/r) / r) (same for
-    w'), unrounded DN. `bands` (1-based sensor band numbers) picks the MTF gains when the MS holds a
-    subset of the sensor's bands. `pan_valid (H, W)` / `ms_valid (h, w)`: where the inputs are valid;
-    invalid pixels are filled before filtering and the outputs' validity comes back with them.
+    w'), unrounded DN. `sensor_bands` (1-based sensor band numbers, one per MS band) picks the MTF
+    gains when the MS holds a subset of the sensor's bands. `pan_valid (H, W)` / `ms_valid (h, w)`:
+    where the inputs are valid; invalid pixels are filled before filtering and the outputs' validity
+    comes back with them.
     """
     if pan.ndim == 2:
         pan = pan[None]
@@ -99,7 +100,8 @@ def simulate_arrays(
     pan_c = np.asarray(pan[:, : h * ratio, : w * ratio], dtype=np.float64)
     ref_valid = None if ms_valid is None else np.asarray(ms_valid, dtype=bool)[:h, :w]
     pan_c_valid = None if pan_valid is None else np.asarray(pan_valid, dtype=bool)[: h * ratio, : w * ratio]
-    gains, pan_gain = nyquist_gains(sensor, ref.shape[0], bands)
+    numbers = sensor_band_numbers(sensor, ref.shape[0], stated=sensor_bands)
+    gains, pan_gain = nyquist_gains(sensor, ref.shape[0], numbers)
     ms_lr = degrade_ms(_filled(ref, ref_valid), gains, ratio)
     pan_lr = degrade_pan(_filled(pan_c, pan_c_valid), ratio, pan_mode, pan_gain)
     return Reduced(
@@ -217,7 +219,7 @@ def simulate_files(
     pan_mtf: bool = False,
     dtype: Literal["float32", "source"] = "float32",
     overwrite: bool = False,
-    bands: list[int] | None = None,
+    sensor_bands: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SimulatedPair:
     """Write `pan_lr.tif`, `ms_lr.tif` and `ms_ref.tif` (the cropped original MS) into `out_dir`.
@@ -228,7 +230,8 @@ def simulate_files(
     lines the two up (to the nearest pixel: Landsat's reduced PAN grid is a quarter pixel off the
     MS grid). Inputs without georeferencing give outputs without it. `dtype="source"` rounds to the
     input types; float32 (default) keeps the unrounded DN, as the toolbox does. `progress(done, 5)`
-    is called after each step: read, degrade, and each of the three writes.
+    is called after each step: read, degrade, and each of the three writes. `sensor_bands`: which
+    of the sensor's bands (1-based) the MS's bands are, for their MTF gains (`simulate_arrays`).
     """
 
     def step(done: int) -> None:
@@ -245,7 +248,7 @@ def simulate_files(
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
     paths = SimulatedPair(*targets, ratio, key, "mtf" if pan_mtf else "bicubic")
-    red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, bands, pan_read.valid, ms_read.valid)
+    red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, sensor_bands, pan_read.valid, ms_read.valid)
     for what, valid in (
         ("reference", red.ref_valid),
         ("reduced MS", red.ms_valid),

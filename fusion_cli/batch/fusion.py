@@ -100,7 +100,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         try:
             details["metrics"] = scene_metrics(
                 scene, ratio=ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject,
-                bands=options.bands,
+                bands=options.bands, sensor_bands=options.sensor_bands,
             )  # fmt: skip
         except (FusionError, ValueError, MemoryError) as exc:
             details["metrics_error"] = str(exc)
@@ -174,10 +174,12 @@ def scene_metrics(
     sensor: str | None = None,
     reproject: bool = False,
     bands: list[int] | None = None,
+    sensor_bands: list[int] | None = None,
 ) -> dict[str, Any]:
     """Full-resolution indices (D_lambda, D_s, QNR, HQNR) of a finished scene, also written beside
     the output as `<out>.metrics.json` so a report can be built from the output folder alone.
-    `bands`: the MS bands the product was fused from, in its order (--bands), all by default.
+    `bands`: the MS bands the product was fused from, in its order (--bands), all by default;
+    `sensor_bands`: which of the sensor's bands the MS file's are (--sensor-bands).
 
     Reads the three images whole (the indices are global): memory grows with the scene. The same
     reading and line-up as `fusion metrics` (`assess.load_case`): the product lies on the PAN grid
@@ -190,7 +192,8 @@ def scene_metrics(
     if reproject:  # the MS is on another grid: the line-up by geotransforms does not hold
         raise FusionError("full-resolution metrics of a --reproject run: score it with `fusion metrics`")
     result = score(
-        load_case(scene.out, None, scene.pan, scene.ms, None, ratio), EvalOptions(sensor=sensor, bands=bands)
+        load_case(scene.out, None, scene.pan, scene.ms, None, ratio),
+        EvalOptions(sensor=sensor, bands=bands, sensor_bands=sensor_bands),
     )
     keys = [m.name for m in metrics("full")] + ["bands", "ratio", "scored_fraction"]  # as full_resolution
     values = {k: result[k] for k in keys if k in result}

@@ -8,6 +8,8 @@ Layout: `base` (shared plumbing, streaming statistics, low-pass operators), `exp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fusion_cli.classical.base import ClassicalFuser
 from fusion_cli.classical.bdsd import BDSDPC
 from fusion_cli.classical.component import GSA, PCA, BroveyHaze
@@ -21,14 +23,22 @@ METHODS: dict[str, type[ClassicalFuser]] = {
 
 
 def make_method(
-    name: str, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+    name: str,
+    ratio: int,
+    sensor: str | None = None,
+    ms_bands: int | None = None,
+    pan_bands: int = 1,
+    sensor_bands: Sequence[int] | None = None,
 ) -> ClassicalFuser:
     """A fresh classical fuser (statistics are per scene: build one per scene). `pan_bands > 1`: HISR,
-    the high-resolution MSI's band mean is the method's PAN."""
+    the high-resolution MSI's band mean is the method's PAN. `sensor_bands`: which of the sensor's
+    bands (1-based) the MS bands are, for their MTF gains (default: all its bands in order)."""
     key = name.strip().lower()
     if key not in METHODS:
         raise FusionError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    return METHODS[key](ratio, sensor=sensor, ms_bands=ms_bands, pan_bands=pan_bands)
+    return METHODS[key](
+        ratio, sensor=sensor, ms_bands=ms_bands, pan_bands=pan_bands, sensor_bands=sensor_bands
+    )
 
 
 def describe(name: str) -> str:

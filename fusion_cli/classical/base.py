@@ -334,7 +334,12 @@ class ClassicalFuser(FuserDefaults):
     parallel_windows: ClassVar[bool] = True
 
     def __init__(
-        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+        self,
+        ratio: int,
+        sensor: str | None = None,
+        ms_bands: int | None = None,
+        pan_bands: int = 1,
+        sensor_bands: Sequence[int] | None = None,
     ) -> None:
         if ratio < 1 or ratio != int(ratio):  # 2.5 was taken as 2
             raise FusionError(f"ratio must be a positive integer, got {ratio}")
@@ -344,6 +349,9 @@ class ClassicalFuser(FuserDefaults):
         # HISR: a high-resolution MSI stands in for the PAN through its band mean (the intensity)
         self.pan_bands = int(pan_bands)
         self.sensor = canonical_sensor(sensor)
+        # which of the sensor's bands the MS bands are (1-based, `sensors.sensor_band_numbers`): their
+        # MTF gains; None: the sensor's bands in order (or its 4-band set)
+        self.sensor_bands = None if sensor_bands is None else list(sensor_bands)
         self.ms_bands = ms_bands
         self.tile_multiple = self.ratio
         self.halo = round_up(self.support(), self.ratio)
@@ -393,7 +401,10 @@ class ClassicalFuser(FuserDefaults):
     def stats_copy(self) -> ClassicalFuser:
         """A fresh, unfitted fuser of the same configuration, to accumulate part of a scene in another
         thread; `merge_stats` adds its statistics back (sums commute, so the split is exact)."""
-        return type(self)(self.ratio, sensor=self.sensor, ms_bands=self.ms_bands, pan_bands=self.pan_bands)
+        return type(self)(
+            self.ratio, sensor=self.sensor, ms_bands=self.ms_bands, pan_bands=self.pan_bands,
+            sensor_bands=self.sensor_bands,
+        )  # fmt: skip
 
     def merge_stats(self, other: ClassicalFuser) -> None:
         """Add the statistics `other` (a `stats_copy`) accumulated; before `finalize`."""
@@ -450,10 +461,10 @@ class ClassicalFuser(FuserDefaults):
             raise FusionError(f"{self.name} was set up for {self.ms_bands} MS bands, got {ms.shape[1]}")
 
     def gains(self, n_bands: int) -> list[float]:
-        return nyquist_gains(self.sensor, n_bands)[0]
+        return nyquist_gains(self.sensor, n_bands, self.sensor_bands)[0]
 
     def pan_gain(self, n_bands: int) -> float:
-        return nyquist_gains(self.sensor, n_bands)[1]
+        return nyquist_gains(self.sensor, n_bands, self.sensor_bands)[1]
 
     def upsample(self, ms: torch.Tensor) -> torch.Tensor:
         """MS `(B, C, h, w)` -> `(B, C, rh, rw)` on the PAN grid (23-tap or bicubic, toolbox phase)."""

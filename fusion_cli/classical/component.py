@@ -9,6 +9,8 @@ PAN equal to it returns X unchanged, the defining property of component substitu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -58,9 +60,14 @@ class BroveyHaze(ClassicalFuser):
         return max(super().support(), MTF_HALF)
 
     def __init__(
-        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+        self,
+        ratio: int,
+        sensor: str | None = None,
+        ms_bands: int | None = None,
+        pan_bands: int = 1,
+        sensor_bands: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands)
+        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
         self._moments: Moments | None = None
         self._quant = QuantileSample()
         self._min: torch.Tensor | None = None
@@ -173,9 +180,14 @@ class GSA(ClassicalFuser):
     needs_stats = True
 
     def __init__(
-        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+        self,
+        ratio: int,
+        sensor: str | None = None,
+        ms_bands: int | None = None,
+        pan_bands: int = 1,
+        sensor_bands: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands)
+        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
         self._hr: Moments | None = None  # [X, P] on the PAN grid
         self._lr: Moments | None = None  # [MS, P low-passed and decimated] on the MS grid
         self.alpha: torch.Tensor | None = None  # (C,)
@@ -228,9 +240,14 @@ class PCA(ClassicalFuser):
     needs_stats = True
 
     def __init__(
-        self, ratio: int, sensor: str | None = None, ms_bands: int | None = None, pan_bands: int = 1
+        self,
+        ratio: int,
+        sensor: str | None = None,
+        ms_bands: int | None = None,
+        pan_bands: int = 1,
+        sensor_bands: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands)
+        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
         self._moments: Moments | None = None
         self.w: torch.Tensor | None = None  # (C,) first principal direction
         self.mean_x: torch.Tensor | None = None

@@ -146,6 +146,7 @@ def register(app: typer.Typer) -> None:
         threads: int | None = FuseOpt.threads,
         dn_max: float | None = FuseOpt.dn_max,
         bands: str | None = FuseOpt.bands,
+        sensor_bands: str | None = FuseOpt.sensor_bands,
         dtype: str | None = FuseOpt.dtype,
         cog: bool = FuseOpt.cog,
         coregister: bool = FuseOpt.coregister,
@@ -220,6 +221,7 @@ def register(app: typer.Typer) -> None:
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
+            sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
             creation_options=parse_creation_options(co), **input_nodata(nodata, pan_nodata, ms_nodata),
             stats_mpx=stats_mpx, reproject=reproject,

@@ -61,18 +61,18 @@ def parse_creation_options(items: list[str] | None) -> dict[str, str] | None:
     return options
 
 
-def parse_bands(text: str | None) -> list[int] | None:
-    """`--bands 1,2,3,5` (1-based, as GDAL) -> [1, 2, 3, 5]."""
+def parse_bands(text: str | None, option: str = "--bands") -> list[int] | None:
+    """`--bands 1,2,3,5` (1-based, as GDAL) -> [1, 2, 3, 5]; `option` names it in errors."""
     if text is None:
         return None
     try:  # an empty item ("1,,3") is refused: it may be a band left out by a typo
         bands = [int(t) for t in text.split(",")]
     except ValueError:
         raise typer.BadParameter(
-            f"expected comma-separated band numbers like 1,2,3,5, got {text!r}"
+            f"{option}: expected comma-separated band numbers like 1,2,3,5, got {text!r}"
         ) from None
     if not bands or min(bands) < 1:
-        raise typer.BadParameter("band numbers start at 1")
+        raise typer.BadParameter(f"{option}: band numbers start at 1")
     return bands
 
 
@@ -142,6 +142,18 @@ class Choices:
     simulate_dtype = Choice("dtype", choices.SIMULATE_DTYPES)
 
 
+SENSOR_BANDS_HELP = (
+    "Which of --sensor's bands the MS file holds, one number per MS band in file order (1-based, in the "
+    "sensor's order: WV3 2,3,5,7 = blue, green, red, NIR1); picks each band's MTF gain. Default: all "
+    "the sensor's bands in order, or blue, green, red, NIR1 for a 4-band MS of an 8-band sensor."
+)
+
+
+def sensor_bands_option(*decls: str) -> Any:
+    """The --sensor-bands option (`simulate` also accepts its old name, --bands)."""
+    return typer.Option(None, "--sensor-bands", *decls, help=SENSOR_BANDS_HELP, show_default=False)
+
+
 class MetricOpt:
     """Index conventions shared by `fusion metrics` and `fusion report` (one definition each)."""
 
@@ -167,6 +179,7 @@ class MetricOpt:
     sensor = Choices.sensor.option(
         None, "--sensor", help="Sensor MTF for D_lambda^K (generic gains without it)."
     )
+    sensor_bands = sensor_bands_option()
     nodata = typer.Option(None, "--nodata", help="Extra nodata value (all bands equal to it).")
 
 
@@ -187,6 +200,7 @@ class FuseOpt:
     bands = typer.Option(
         None, "--bands", help="1-based bands of the low-resolution input to use, in model order: 1,2,3,5."
     )
+    sensor_bands = sensor_bands_option()
     dn_max = typer.Option(
         None, "--dn-max", help="Largest valid DN (e.g. 2047 for 11-bit); default from the model/NBITS."
     )
@@ -334,6 +348,7 @@ def register_fuse_command(
         method: str | None = FuseOpt.method,
         sensor: str | None = FuseOpt.sensor,
         bands: str | None = FuseOpt.bands,
+        sensor_bands: str | None = FuseOpt.sensor_bands,
         pan_bands: str | None = typer.Option(
             None,
             "--pan-bands",
@@ -381,6 +396,7 @@ def register_fuse_command(
             method=method,
             sensor=sensor,
             bands=parse_bands(bands),
+            sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
             pan_bands=parse_bands(pan_bands),
             dn_max=dn_max,
             tile=tile,

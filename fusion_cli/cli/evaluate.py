@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, table_console
+from fusion_cli.cli.common import (
+    Choices,
+    OutputOpt,
+    echo_json,
+    parse_bands,
+    sensor_bands_option,
+    table_console,
+)
 from fusion_cli.cli.progress import progress_bar
 
 
@@ -51,6 +58,7 @@ def register(app: typer.Typer) -> None:
             help="1-based MS bands every method fuses, in model order (e.g. 3,2,1,4,5,6); the reference "
             "and full-resolution MS follow.",
         ),
+        sensor_bands: str | None = sensor_bands_option(),
         keep: bool = typer.Option(
             True, "--keep/--no-keep", help="Keep the fused products under OUT/products."
         ),
@@ -80,6 +88,7 @@ def register(app: typer.Typer) -> None:
                 scenes, specs, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, cut=cut,
                 clip_bits=clip_bits, full_resolution=not no_full, device=device, keep_products=keep,
                 tile=tile, bands=band_list, block=block, progress=update, sources=inputs,
+                sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
                 overwrite=overwrite,
             )  # fmt: skip
         if json_out:

@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         per_band: bool = typer.Option(False, "--per-band", help="Also show per-band values."),
         psnr_peak: str = MetricOpt.psnr_peak,
         sensor: str | None = MetricOpt.sensor,
+        sensor_bands: str | None = MetricOpt.sensor_bands,
         nodata: float | None = MetricOpt.nodata,
         bands: str | None = typer.Option(
             None,
@@ -103,6 +104,7 @@ def register(app: typer.Typer) -> None:
             block=block,
             psnr_peak=peak,
             sensor=sensor,
+            sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
             nodata=nodata,
             bands=parse_bands(bands),
         )

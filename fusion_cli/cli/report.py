@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         uint16: bool | None = MetricOpt.uint16,
         psnr_peak: str = MetricOpt.psnr_peak,
         sensor: str | None = MetricOpt.sensor,
+        sensor_bands: str | None = MetricOpt.sensor_bands,
         nodata: float | None = MetricOpt.nodata,
         rgb: str | None = typer.Option(
             None, "--rgb", help="Display bands, 1-based, e.g. 5,3,2 (default by count)."
@@ -77,6 +78,7 @@ def register(app: typer.Typer) -> None:
             round_uint16=uint16,
             psnr_peak=peak,
             sensor=sensor,
+            sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
             nodata=nodata,
         )
         items = collect_items(list(inputs or []), ref, pan, ms, manifest)

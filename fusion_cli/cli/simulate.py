@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, sensor_bands_option
 from fusion_cli.cli.progress import progress_bar
 
 
@@ -31,9 +31,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = Choices.simulate_dtype.option(
             "float32", "--dtype", help="float32 (unrounded DN, as the toolbox) or source (the input's type)."
         ),
-        bands: str | None = typer.Option(
-            None, "--bands", help="Sensor band numbers the MS holds, e.g. 2,3,5,7 (picks the MTF gains)."
-        ),
+        sensor_bands: str | None = sensor_bands_option("--bands"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
         quiet: bool = OutputOpt.quiet,
         json_out: bool = OutputOpt.json_out,
@@ -48,7 +46,8 @@ def register(app: typer.Typer) -> None:
         with progress_bar("simulate", not quiet) as update:
             res = simulate_files(
                 pan, ms, out, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf, dtype=dtype,  # type: ignore[arg-type]
-                overwrite=overwrite, bands=parse_bands(bands), progress=update,
+                overwrite=overwrite, sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
+                progress=update,
             )  # fmt: skip
         summary = {
             "pan_lr": str(res.pan), "ms_lr": str(res.ms), "ref": str(res.ref),

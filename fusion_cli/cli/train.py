@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands
+from fusion_cli.cli.common import Choices, OutputOpt, echo_json, parse_bands, sensor_bands_option
 from fusion_cli.cli.progress import progress_bar
 from fusion_cli.errors import FusionError
 from fusion_cli.models import SEAMLESS_SCAN_MEMORY
@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
         ),
         dn_max: float = typer.Option(None, "--dn-max", help="DN mapped to 1.0 (default: the dtype's range)."),
         bands: str = typer.Option(None, help="MS bands to use, 1-based, in model order (e.g. 3,2,1,4)."),
+        sensor_bands: str | None = sensor_bands_option(),
         pan_shift: str = typer.Option(
             None, "--pan-shift", help="Known PAN-vs-MS content offset 'dy,dx' in PAN px to compensate."
         ),
@@ -182,6 +183,7 @@ def register(app: typer.Typer) -> None:
                 dn_max=dn_max,
                 pan_shift=shift,
                 bands=parse_bands(bands),
+                sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
                 description=description,
                 licence=licence,
                 resume=resume,

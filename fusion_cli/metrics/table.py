@@ -10,7 +10,7 @@ line below; nothing else names it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from fusion_cli.metrics.reference import (
     ssim_bands,
 )
 from fusion_cli.metrics.sharpness import hpc_bands
+from fusion_cli.sensors import nyquist_gains
 
 Resolution = Literal["reduced", "full"]
 # An index's value, or its value and its per-band terms `(C,)` (shown by --per-band)
@@ -61,7 +62,8 @@ class Inputs:
     block: int = 32  # Q2n / Q / QNR block (and Q2n shift)
     round_uint16: bool | None = True  # Q2n's (and D_lambda^K's) uint16 rounding
     psnr_peak: float | str = "dnmax"
-    sensor: str | None = None  # MTF gains of D_lambda^K
+    sensor: str | None = None  # MTF gains of D_lambda^K and HPC
+    gains: list[float] | None = None  # those gains per band, when known (else the sensor's in order)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -140,11 +142,15 @@ def _d_s_terms(x: Inputs) -> np.ndarray:
     return x.memo("D_s", lambda: d_s_bands(x.fused, x.ms_up, x.pan, int(x.ratio), x.block, x.mask))
 
 
+def _hpc_terms(x: Inputs) -> np.ndarray:
+    return x.memo("HPC", lambda: hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask, x.gains))
+
+
 def _d_lambda_k(x: Inputs) -> float:
     return x.memo(
         "D_lambda_K",
         lambda: d_lambda_khan(
-            x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask, round_uint16=x.round_uint16
+            x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask, x.gains, x.round_uint16
         ),
     )
 
@@ -175,8 +181,8 @@ register(Metric("QNR", lambda x: qnr(_d_lambda(x), float(_d_s_terms(x).mean())),
 register(Metric("D_lambda_K", _d_lambda_k, F, False, "", "Khan, sensor MTF", evaluate=True))
 register(Metric("HQNR", lambda x: qnr(_d_lambda_k(x), float(_d_s_terms(x).mean())), F, True, "",
                 "DLPan's published 'QNR'", evaluate=True))
-register(Metric("HPC", lambda x: _mean(hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask)), F, True,
-                "", "high-pass corr. with PAN, sensor MTF", evaluate=True))
+register(Metric("HPC", lambda x: _mean(_hpc_terms(x)), F, True, "", "high-pass corr. with PAN, sensor MTF",
+                evaluate=True))
 # fmt: on
 
 
@@ -245,12 +251,14 @@ def full_resolution(
     clip_bits: int | None = None,
     per_band: bool = False,
     round_uint16: bool | None = None,
+    sensor_bands: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
     `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
     `th_values`); D_lambda^K rounds to uint16 as the toolbox does when the MS holds whole-number DN
-    (`round_uint16` None; True or False forces it). Returns floats
+    (`round_uint16` None; True or False forces it). `sensor_bands`: which of the `sensor`'s bands
+    (1-based, `sensors.sensor_band_numbers`) the bands are, for their MTF gains. Returns floats
     keyed by the table's full-resolution names (`D_lambda, D_s, QNR, D_lambda_K, HQNR, HPC`), plus
     `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the D_s and HPC terms of each
     band.
@@ -303,9 +311,10 @@ def full_resolution(
             )
     if clip_bits is not None:
         fused = clip_to_bits(fused, clip_bits)
+    gains = None if sensor_bands is None else nyquist_gains(sensor, fused.shape[0], list(sensor_bands))[0]
     x = Inputs(
         fused, ratio, pan=pan, ms_up=upsample(ms, ratio), mask=mask, block=block, sensor=sensor,
-        round_uint16=round_uint16,
+        gains=gains, round_uint16=round_uint16,
     )  # fmt: skip
     values = score(x, "full", per_band)
     terms = values.pop("per_band", None)

@@ -19,7 +19,14 @@ import numpy as np
 from fusion_cli import align, raster, wavelengths
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
-from fusion_cli.pipeline.engine import check_band_wavelengths, check_fuser, plan_for, run, run_threads
+from fusion_cli.pipeline.engine import (
+    check_band_wavelengths,
+    check_fuser,
+    fit_sensor_bands,
+    plan_for,
+    run,
+    run_threads,
+)
 from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser, scene_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
 from fusion_cli.pipeline.output import (
@@ -88,10 +95,12 @@ def fuse_arrays(
     if pan.ndim != 3 or ms.ndim != 3:
         raise FusionError("fuse_arrays expects pan (P, H, W) and ms (C, h, w) arrays")
     pan = _pick_bands(pan, opts.pan_bands, "PAN")
+    file_bands = ms.shape[0]
     ms = _pick_bands(ms, opts.bands, "MS")
     pan_valid = _valid_mask(pan_valid, pan, "pan")
     ms_valid = _valid_mask(ms_valid, ms, "ms")
     fuser = scene_fuser(fuser)
+    fit_sensor_bands(fuser, file_bands, opts.bands, opts.sensor_bands)
     geom = align.relate_shapes(pan.shape[-2:], ms.shape[-2:], fuser.ratio)
     raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
     if shift is not None:
@@ -219,6 +228,9 @@ def fuse_files(
             ("PAN", raster.Encoding.of(pan_ds, pan_bands)), ("MS", encoding), "fusion works on stored DN"
         )
         check_fuser(fuser, len(pan_bands), len(bands))
+        data_bands = raster.select_bands(ms_ds, None, "MS")  # an alpha band is no sensor band
+        positions = [data_bands.index(b) + 1 if b in data_bands else b for b in bands]
+        fit_sensor_bands(fuser, len(data_bands), positions, opts.sensor_bands)
         check_band_wavelengths(fuser, ms_ds, bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
         out_dtype = opts.out_dtype or ms_dtype

@@ -35,6 +35,29 @@ from fusion_cli.tiling import (
 Sink = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
+def fit_sensor_bands(
+    fuser: Fuser, file_bands: int, selected: Sequence[int] | None, stated: Sequence[int] | None
+) -> list[int] | None:
+    """Tell a classical method (the per-scene copy `scene_fuser` made) which of its sensor's bands
+    the fused MS bands are, so each gets its own MTF gain: `selected` (1-based of the `file_bands`
+    MS bands, None: all) mapped through `stated` (--sensor-bands) or the sensor's own order. Returns
+    the numbers (None: not known, or the sensor has one gain for all bands). A method built with
+    `sensor_bands` keeps them unless `stated` is given."""
+    from fusion_cli.classical import ClassicalFuser
+    from fusion_cli.sensors import sensor_band_numbers
+
+    if not isinstance(fuser, ClassicalFuser):
+        if stated is not None:
+            raise FusionError(
+                "--sensor-bands picks a classical method's MTF gains; a network's card names its "
+                "bands: drop --sensor-bands"
+            )
+        return None
+    if stated is not None or fuser.sensor_bands is None:
+        fuser.sensor_bands = sensor_band_numbers(fuser.sensor, file_bands, selected, stated)
+    return fuser.sensor_bands
+
+
 def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
     """The pair's band counts against what the fuser expects (one-line errors that say what to do)."""
     if fuser.ms_bands is not None and ms_count != fuser.ms_bands:

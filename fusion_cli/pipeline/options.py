@@ -51,6 +51,9 @@ class FuseOptions:
     dn_max: float | None = None
     bands: list[int] | None = None  # 1-based MS (HSI) bands to use, in the order the fuser expects
     pan_bands: list[int] | None = None  # 1-based PAN (MSI) bands; all by default
+    # which of the sensor's bands (1-based, its order) the MS file's bands are, one per file band:
+    # a classical method's MTF gains once --bands subsets or reorders them (`sensors.sensor_band_numbers`)
+    sensor_bands: list[int] | None = None
     out_dtype: str | None = None  # default: the MS dtype
     compress: str = "deflate"
     creation_options: dict[str, str] | None = None  # --co KEY=VALUE: more GTiff creation options

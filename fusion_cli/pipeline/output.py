@@ -118,6 +118,8 @@ def product_tags(
         "coregister": opts.coregister,
         "shift_pan_px": [geom.dy, geom.dx],
         "ratio": geom.ratio,
+        "sensor": getattr(fuser, "sensor", None),  # classical methods: the MTF table and which
+        "sensor_bands": getattr(fuser, "sensor_bands", None),  # of its bands the product's are
         "device": str(fuser.device),
         "precision": fuser.precision,
         "scan_backend": fuser.scan_backend,  # networks

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_cli.errors import FusionError
+from fusion_cli.sensors import sensor_band_numbers
 from fusion_cli.training.data import Scene, TrainPair, find_pairs, load_h5, load_scene, reduce_scene
 from fusion_cli.training.loop import StepProgress, TrainConfig, TrainResult, train
 
@@ -30,8 +31,11 @@ def load_inputs(
     dn_max: float | None,
     pan_shift: tuple[float, float] = (0.0, 0.0),
     bands: Sequence[int] | None = None,
+    sensor_bands: Sequence[int] | None = None,
 ) -> tuple[list[Scene], list[TrainPair]]:
-    """Scenes from folders (not yet reduced) and ready pairs from HDF5 files."""
+    """Scenes from folders (not yet reduced) and ready pairs from HDF5 files. `bands` picks MS bands
+    (1-based, in model order); `sensor_bands` says which of the sensor's bands the MS files hold
+    (`sensors.sensor_band_numbers`), for the MTF gains of the Wald reduction."""
     scenes: list[Scene] = []
     h5_pairs: list[TrainPair] = []
     for item in inputs:
@@ -52,9 +56,12 @@ def load_inputs(
                 pan_shift=pan_shift,
                 source=f"{lo} + {hi}",
             )
+            # the sensor's numbers of the bands used: their MTF gains (a --bands 3,2,1,4 of a B, G, R,
+            # NIR1 file is red, green, blue, NIR1, not WV3's bands 3, 2, 1, 4)
+            numbers = sensor_band_numbers(sensor, s.ms.shape[0], bands, sensor_bands)
             if bands:
                 s = s.select_bands([b - 1 for b in bands])
-                s.sensor_bands = list(bands)
+            s.sensor_bands = numbers
             scenes.append(s)
     return scenes, h5_pairs
 
@@ -71,6 +78,7 @@ def train_from_inputs(
     dn_max: float | None = None,
     pan_shift: tuple[float, float] = (0.0, 0.0),
     bands: Sequence[int] | None = None,
+    sensor_bands: Sequence[int] | None = None,
     description: str = "",
     licence: str = "",
     resume: bool = False,
@@ -82,8 +90,8 @@ def train_from_inputs(
     told the steps done (`loop.StepProgress`)."""
     task, ratio = config.task, config.ratio
     kw: dict[str, Any] = dict(task=task, ratio=ratio, sensor=sensor, dn_max=dn_max, pan_shift=pan_shift)
-    scenes, h5_train = load_inputs(inputs, bands=bands, **kw)
-    val_scenes, h5_val = load_inputs(val_inputs, bands=bands, **kw)
+    scenes, h5_train = load_inputs(inputs, bands=bands, sensor_bands=sensor_bands, **kw)
+    val_scenes, h5_val = load_inputs(val_inputs, bands=bands, sensor_bands=sensor_bands, **kw)
     if h5_train and not (val_inputs or scenes):
         raise FusionError(
             "HDF5 patches of one file share scenes: give a separate validation file with --val "
