@@ -91,6 +91,7 @@ class SensorBound(Protocol):
     can carry that sensor's band wavelengths."""
 
     sensor: str  # a key of the sensor table (`sensors.canonical_sensor`); "generic" when none given
+    sensor_bands: list[int] | None  # which of its bands (1-based) the MS bands are; None: in order
 
 
 class FuserDefaults:

@@ -93,12 +93,17 @@ def _words(name: str) -> set[str]:
 
 
 def from_sensor(
-    sensor: str | None, names: Sequence[str], bands: Sequence[int], file_bands: int
+    sensor: str | None,
+    names: Sequence[str],
+    bands: Sequence[int],
+    file_bands: int,
+    numbers: Sequence[int] | None = None,
 ) -> list[Wavelength] | None:
     """The product bands' wavelengths from the sensor's table: each band by the one table band its
-    `names` (the MS band descriptions) name (e.g. "B4 red"); else, for an MS with all the sensor's
-    bands, by number (`bands`, 1-based in the file), or its blue, green, red and NIR1 for a 4-band
-    MS of an 8-band sensor. None for an unknown sensor or bands it cannot place."""
+    `names` (the MS band descriptions) name (e.g. "B4 red"); else by its sensor band number
+    (`numbers`, as --sensor-bands gave them or `sensors.sensor_band_numbers` found them); else, for an
+    MS with all the sensor's bands, by number (`bands`, 1-based in the file), or its blue, green, red
+    and NIR1 for a 4-band MS of an 8-band sensor. None for an unknown sensor or bands it cannot place."""
     key = sensor_or_generic(sensor)
     table = BANDS.get(key or "")
     if table is None:
@@ -110,6 +115,8 @@ def from_sensor(
         picks.append(hits[0] if len(hits) == 1 else None)
     if all(picks) and len(set(picks)) == len(picks):
         return [table[b] for b in picks]
+    if numbers is not None and len(numbers) == len(bands) and max(numbers) <= len(order):
+        return [table[order[n - 1]] for n in numbers]
     four = four_band(key) if key else None
     if file_bands == len(order):
         return [table[order[b - 1]] for b in bands]

@@ -115,6 +115,10 @@ def test_sensor_bands_of_a_band_subset_file(wv3: dict[str, Path], capsys) -> Non
     code, _, err = run(capsys, *base, "--sensor", "wv3", "--sensor-bands", "2,3,4,5,6,7")
     assert code == 0, err
     np.testing.assert_array_equal(read(out), read(wv3["full"])[1:7])
+    # its bands' wavelengths come from the sensor numbers too (before: none, 6 is not WV3's 8 bands)
+    with rasterio.open(out) as six_ds, rasterio.open(wv3["full"]) as full_ds:
+        waves = [six_ds.tags(b, ns="IMAGERY").get("CENTRAL_WAVELENGTH_UM") for b in range(1, 7)]
+        assert waves == [full_ds.tags(b, ns="IMAGERY")["CENTRAL_WAVELENGTH_UM"] for b in range(2, 8)]
     # and the refusals: a count that is not the file's, no --sensor, a network (its card names its bands)
     code, _, err = run(capsys, *base, "--sensor", "wv3", "--sensor-bands", "2,3,4,5,6")
     one_line_error(code, err, "names 5 band(s) but the MS holds 6")

@@ -17,7 +17,7 @@ import torch
 
 from fusion_cli import align, raster
 from fusion_cli.errors import FusionError, short_list
-from fusion_cli.fusers import Fuser
+from fusion_cli.fusers import Fuser, SensorBound
 from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
 from fusion_cli.pipeline.readers import PairSource, Tile
 from fusion_cli.signals import deferred_signals
@@ -38,15 +38,14 @@ Sink = Callable[[int, int, np.ndarray, np.ndarray], None]
 def fit_sensor_bands(
     fuser: Fuser, file_bands: int, selected: Sequence[int] | None, stated: Sequence[int] | None
 ) -> list[int] | None:
-    """Tell a classical method (the per-scene copy `scene_fuser` made) which of its sensor's bands
-    the fused MS bands are, so each gets its own MTF gain: `selected` (1-based of the `file_bands`
-    MS bands, None: all) mapped through `stated` (--sensor-bands) or the sensor's own order. Returns
-    the numbers (None: not known, or the sensor has one gain for all bands). A method built with
-    `sensor_bands` keeps them unless `stated` is given."""
-    from fusion_cli.classical import ClassicalFuser
+    """Tell a classical method (a `SensorBound`: the per-scene copy `scene_fuser` made) which of its
+    sensor's bands the fused MS bands are, so each gets its own MTF gain: `selected` (1-based of the
+    `file_bands` MS bands, None: all) mapped through `stated` (--sensor-bands) or the sensor's own
+    order. Returns the numbers (None: not known, or the sensor has one gain for all bands). A method
+    built with `sensor_bands` keeps them unless `stated` is given."""
     from fusion_cli.sensors import sensor_band_numbers
 
-    if not isinstance(fuser, ClassicalFuser):
+    if not isinstance(fuser, SensorBound):
         if stated is not None:
             raise FusionError(
                 "--sensor-bands picks a classical method's MTF gains; a network's card names its "

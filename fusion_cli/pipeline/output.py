@@ -164,7 +164,7 @@ def band_imagery(
             names = model_band_names(fuser)
             return from_names(names) if len(names) == len(bands) else None
         if isinstance(fuser, SensorBound):
-            return from_sensor(fuser.sensor, descriptions, bands, file_bands)
+            return from_sensor(fuser.sensor, descriptions, bands, file_bands, fuser.sensor_bands)
         return None
 
     stated = list(stated) or [None] * len(bands)
