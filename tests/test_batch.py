@@ -834,6 +834,11 @@ def test_a_rerun_asking_for_another_method_or_dtype_does_not_skip_the_old_produc
     assert run("--method", "mtf-glp", "--overwrite")["status"] == "done"
     with rasterio.open(out_dir / "a_fused.tif") as ds:
         assert ds.tags()["FUSION_MODEL"] == "mtf-glp"
+    # an MTF method's gains come from --sensor: generic gains are not the Landsat-8 product asked for
+    sensor = run("--method", "mtf-glp", "--sensor", "landsat8", rc=1)
+    assert "was made with --sensor generic, not landsat8" in sensor["reason"]
+    assert run("--method", "mtf-glp", "--sensor", "landsat8", "--overwrite")["status"] == "done"
+    assert run("--method", "mtf-glp", "--sensor", "l8")["status"] == "skipped"  # an alias is the same
 
 
 def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:

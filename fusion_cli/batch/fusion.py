@@ -138,8 +138,8 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
 
 def product_differs(out: Path, asked: Any, out_dtype: str | None) -> str | None:
     """How a complete product's tags differ from what a batch asks for: another model, method or
-    weights than the fuser `asked`, or another pixel type than `out_dtype` (when given); None when
-    they agree."""
+    weights than the fuser `asked`, a classical method's other --sensor (its MTF gains), or another
+    pixel type than `out_dtype` (when given); None when they agree."""
     from fusion_cli.raster import open_raster
 
     with open_raster(out, "product") as ds:
@@ -148,6 +148,13 @@ def product_differs(out: Path, asked: Any, out_dtype: str | None) -> str | None:
     if made != (asked.name, asked.weights_sha256 or "none"):
         weights = "" if made[0] != asked.name else " with other weights"
         return f"was made by {made[0]}{weights}, not {asked.name}"
+    try:
+        sensor = json.loads(tags.get("FUSION_PARAMS", "{}")).get("sensor")
+    except (ValueError, AttributeError):
+        sensor = None
+    wanted = getattr(asked, "sensor", None)
+    if sensor is not None and wanted is not None and sensor != wanted:  # older products record none
+        return f"was made with --sensor {sensor}, not {wanted}"
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"
     return None
