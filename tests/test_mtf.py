@@ -51,7 +51,7 @@ def test_sensor_table() -> None:
     assert nyquist_gains("landsat8", 4)[0] == [0.3] * 4
     with pytest.raises(FusionError, match="wv3"):
         nyquist_gains("spot9", 4)
-    with pytest.raises(FusionError, match="--bands"):
+    with pytest.raises(FusionError, match="--sensor-bands"):
         nyquist_gains("wv3", 6)
     assert {"wv3", "qb", "ikonos", "geoeye1", "wv4", "wv2", "landsat8", "sentinel2", "hyperion"} <= set(
         SENSORS
