@@ -398,9 +398,13 @@ def resample(data: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
     iy, ix = _selection(wy), _selection(wx)
     if iy is not None and ix is not None:  # a crop: no arithmetic, same values
         return data[:, iy][:, :, ix]
-    # numpy's matmul falls back to a slow non-BLAS loop (~1000x) for a transposed (F-ordered)
-    # right operand broadcast over bands: give it a C-contiguous one
-    return np.matmul(np.matmul(wy, data), np.ascontiguousarray(wx.T))
+    # In float64: a float32 GEMM's rounding depends on the BLAS's thread count at start-up
+    # (OPENBLAS/OMP_NUM_THREADS=1, as Dask workers run, changed 55 of 1.2M example-scene DN by 1),
+    # so the same scene fused on a cluster and here differed; float64 rounds back to the same float32.
+    # numpy's matmul falls back to a slow non-BLAS loop (~1000x) for a transposed (F-ordered) right
+    # operand broadcast over bands: give it a C-contiguous one.
+    rows = np.matmul(wy.astype(np.float64), data.astype(np.float64))
+    return np.matmul(rows, np.ascontiguousarray(wx.T, dtype=np.float64)).astype(np.float32)
 
 
 def nearest_index(u: np.ndarray, start: int, n: int) -> np.ndarray:
