@@ -6,13 +6,15 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint bench demo weights clean
+.PHONY: setup test lint bench demo weights clean constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt: the dependency versions the tests last passed with, so that a clean clone (CI)
+# installs what was tested, not whatever was released since; pyproject.toml keeps open ranges.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,6 +43,12 @@ demo: $(STAMP)
 weights: $(STAMP)
 	# every shipped model, retrained with the command its card records
 	$(BIN)/python recipes/train_recipes.py shipped
+
+# after upgrading the venv's packages and passing `make test` with them
+constraints:
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -i -e '^torch==' -e '^#' \
+	  | sed 's/$$/ ; python_version == "3.11"/'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
