@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fusion_cli.errors import FusionError
 
@@ -69,6 +70,17 @@ _ALIASES = {
 }
 
 SENSORS: tuple[str, ...] = tuple(_TABLE)
+
+
+def sensor_rows() -> list[dict[str, Any]]:
+    """Each sensor's MS gains at Nyquist, its PAN gain and, where the wavelength table knows them, its
+    bands in the order --sensor-bands numbers them: what `fusion info` lists."""
+    from fusion_cli.wavelengths import BANDS
+
+    return [
+        {"sensor": key, "bands": list(BANDS.get(key, {})), "ms_gains": list(entry.ms), "pan_gain": entry.pan}
+        for key, entry in _TABLE.items()
+    ]
 
 
 def sensor_aliases() -> tuple[str, ...]:

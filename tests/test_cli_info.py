@@ -79,3 +79,17 @@ def test_info_reports_backend_override_and_no_models(tmp_path):
     res = _fusion("info", env=_env(tmp_path, FUSION_SCAN_BACKEND="bogus"))
     assert res.returncode == 0 and "unknown scan backend 'bogus'" in res.stdout
     assert "none installed" in res.stdout
+
+
+def test_info_lists_each_sensors_band_order_and_gains(tmp_path) -> None:
+    """--sensor-bands numbers a sensor's bands in its own order: `fusion info` says which order, with
+    each band's MTF gain (the WV3 table of the toolbox)."""
+    res = _fusion("info", "--json", env=_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    rows = {r["sensor"]: r for r in json.loads(res.stdout)["sensors"]}
+    wv3 = rows["wv3"]
+    assert wv3["bands"][4] == "red" and wv3["ms_gains"][4] == 0.365 and wv3["pan_gain"] == 0.14
+    assert rows["landsat8"]["bands"][1] == "blue" and rows["landsat8"]["ms_gains"] == [0.3]
+    text = _fusion("info", env=_env(tmp_path)).stdout
+    assert "  wv3: 1 coastal 0.325, 2 blue 0.355," in text
+    assert "  landsat8: 1 coastal, 2 blue," in text and "  generic: every band 0.3; PAN 0.15" in text

@@ -42,6 +42,18 @@ def register(app: typer.Typer) -> None:
         for w in data["model_warnings"]:
             if not quiet:
                 typer.echo(f"  warning: {w}", err=True)
+        typer.echo("Sensors (--sensor), MTF gain at Nyquist; --sensor-bands numbers the bands in this order:")
+        for row in data["sensors"]:
+            typer.echo(f"  {row['sensor']}: {_sensor_bands(row)}; PAN {row['pan_gain']}")
+
+
+def _sensor_bands(row: dict) -> str:
+    """ "1 coastal 0.325, 2 blue 0.355, ..." or, for one gain for every band, "1 blue, 2 green, ...: 0.3"."""
+    names, gains = row["bands"], row["ms_gains"]
+    if len(gains) == len(names):
+        return ", ".join(f"{i} {n} {g}" for i, (n, g) in enumerate(zip(names, gains, strict=True), 1))
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names, 1))
+    return f"{listed}: each {gains[0]}" if listed else f"every band {gains[0]}"
 
 
 def _names(names: list[str], most: int = 8) -> str:

@@ -14,6 +14,7 @@ from fusion_cli.errors import FusionError
 from fusion_cli.models.registry import list_models
 from fusion_cli.models.scan import resolve_backend
 from fusion_cli.paths import weights_location
+from fusion_cli.sensors import sensor_rows
 
 
 def environment_info() -> dict[str, Any]:
@@ -68,4 +69,5 @@ def environment_info() -> dict[str, Any]:
             for c in cards
         ],
         "model_warnings": [str(w.message) for w in caught],
+        "sensors": sensor_rows(),
     }
