@@ -144,8 +144,9 @@ class Choices:
 
 SENSOR_BANDS_HELP = (
     "Which of --sensor's bands the MS file holds, one number per MS band in file order (1-based, in the "
-    "sensor's order: WV3 2,3,5,7 = blue, green, red, NIR1); picks each band's MTF gain. Default: all "
-    "the sensor's bands in order, or blue, green, red, NIR1 for a 4-band MS of an 8-band sensor."
+    "sensor's order, which `fusion info` lists: WV3 2,3,5,7 = blue, green, red, NIR1); picks each band's "
+    "MTF gain. Default: all the sensor's bands in order, or blue, green, red, NIR1 for a 4-band MS of an "
+    "8-band sensor."
 )
 
 
