@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import need_shared
+from test_cli_pansharpen import assert_one_line_error as one_line_error
+from test_cli_pansharpen import run
 
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
@@ -20,22 +22,6 @@ from fusion_cli.metrics.noreference import upsample
 from fusion_cli.sensors import nyquist_gains
 
 WV3 = nyquist_gains("wv3", 8)[0]  # coastal, blue, green, yellow, red, red edge, NIR1, NIR2
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, match: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), err
-    assert match in lines[0], lines[0]
 
 
 def test_sensor_band_numbers() -> None:
@@ -177,38 +163,9 @@ def test_simulate_and_evaluate_take_sensor_bands(wv3: dict[str, Path], capsys) -
     # 6-band file with WV3 bands 2-7's gains, as simulate does
     pan, six = str(wv3["pan"]), str(wv3["six"])
     d = wv3["dir"]
-    assert (
-        run(
-            capsys,
-            "simulate",
-            pan,
-            six,
-            "-o",
-            str(d / "s_new"),
-            "--sensor",
-            "wv3",
-            "--sensor-bands",
-            "2,3,4,5,6,7",
-            "-q",
-        )[0]
-        == 0
-    )  # noqa: E501
-    assert (
-        run(
-            capsys,
-            "simulate",
-            pan,
-            six,
-            "-o",
-            str(d / "s_old"),
-            "--sensor",
-            "wv3",
-            "--bands",
-            "2,3,4,5,6,7",
-            "-q",
-        )[0]
-        == 0
-    )  # noqa: E501
+    for folder, option in (("s_new", "--sensor-bands"), ("s_old", "--bands")):
+        args = ["simulate", pan, six, "-o", str(d / folder), "--sensor", "wv3", option, "2,3,4,5,6,7", "-q"]
+        assert run(capsys, *args)[0] == 0
     np.testing.assert_array_equal(read(d / "s_new" / "ms_lr.tif"), read(d / "s_old" / "ms_lr.tif"))
     with rasterio.open(d / "s_new" / "ms_lr.tif") as ds:
         reduced = ds.read()

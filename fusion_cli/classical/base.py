@@ -357,6 +357,10 @@ class ClassicalFuser(FuserDefaults):
         self.halo = round_up(self.support(), self.ratio)
         self.stats_halo = round_up(self.stats_support(), self.ratio)
         self._finalized = not self.needs_stats
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """A method's own statistics and fitted values, empty (set up for each new scene's copy)."""
 
     # ---- geometry -------------------------------------------------------------------------
     def support(self) -> int:

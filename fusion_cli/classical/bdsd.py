@@ -10,8 +10,6 @@ solved in `finalize` by non-negative least squares on its Cholesky factor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -75,15 +73,7 @@ class BDSDPC(ClassicalFuser):
         # only the interpolation's context
         return (MTF_HALF + 2) * self.ratio + self.support()
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None
         self.coef: torch.Tensor | None = None  # (C + 1, C): rows [g; h_1..h_C], one column per band
 

@@ -9,8 +9,6 @@ PAN equal to it returns X unchanged, the defining property of component substitu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -59,15 +57,7 @@ class BroveyHaze(ClassicalFuser):
     def support(self) -> int:
         return max(super().support(), MTF_HALF)
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None
         self._quant = QuantileSample()
         self._min: torch.Tensor | None = None
@@ -179,15 +169,7 @@ class GSA(ClassicalFuser):
     name = "gsa"
     needs_stats = True
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._hr: Moments | None = None  # [X, P] on the PAN grid
         self._lr: Moments | None = None  # [MS, P low-passed and decimated] on the MS grid
         self.alpha: torch.Tensor | None = None  # (C,)
@@ -239,15 +221,7 @@ class PCA(ClassicalFuser):
     name = "pca"
     needs_stats = True
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None
         self.w: torch.Tensor | None = None  # (C,) first principal direction
         self.mean_x: torch.Tensor | None = None

@@ -9,8 +9,6 @@ scale (FS). All reproduce the reference toolbox's `MTF_GLP*.m`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
@@ -65,15 +63,7 @@ class _MRA(ClassicalFuser):
 class _GLP(_MRA):
     """PAN detail through the MTF-matched GLP; equalisation statistics shared by GLP and HPM."""
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None
         self.scale: torch.Tensor | None = None  # (C,) a_k: PAN std matched to band k
         self.offset: torch.Tensor | None = None  # (C,) b_k: PAN mean matched to band k
@@ -148,15 +138,7 @@ class MTFGLPHS(_MRA):
     name = "mtf-glp-hs"
     multiband_pan = True
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None  # [high-res bands degraded (P), MS (C)] on the MS grid
         self.weights: torch.Tensor | None = None  # (P, C): synthetic PAN of band k = pan . w_k + b_k
         self.bias: torch.Tensor | None = None  # (C,)
@@ -220,15 +202,7 @@ class MTFGLPFS(_MRA):
     def stats_support(self) -> int:
         return self.support()  # P_low is interpolated: the whole chain
 
-    def __init__(
-        self,
-        ratio: int,
-        sensor: str | None = None,
-        ms_bands: int | None = None,
-        pan_bands: int = 1,
-        sensor_bands: Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(ratio, sensor, ms_bands, pan_bands, sensor_bands)
+    def _init_state(self) -> None:
         self._moments: Moments | None = None  # [X (C), P_low per distinct band gain, P]
         self._bands = 0
         self.gain: torch.Tensor | None = None  # (C,)
