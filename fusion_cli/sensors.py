@@ -147,6 +147,21 @@ def nyquist_gains(
     )
 
 
+def check_sensor_bands_use(stated: Sequence[int] | None, sensor: str | None, classical: bool = True) -> None:
+    """--sensor-bands (`stated`) says which of --sensor's bands the MS holds, for a classical method's
+    MTF gains (and the indices' and the Wald reduction's): refused without a sensor, and for a network,
+    whose card names its bands (`classical` False)."""
+    if stated is None:
+        return
+    if not classical:
+        raise FusionError(
+            "--sensor-bands picks a classical method's MTF gains; a network's card names its bands: drop "
+            "--sensor-bands"
+        )
+    if canonical_sensor(sensor) == "generic":
+        raise FusionError("--sensor-bands says which of a sensor's bands the MS holds: give --sensor too")
+
+
 def sensor_band_numbers(
     sensor: str | None,
     file_bands: int,
@@ -162,12 +177,10 @@ def sensor_band_numbers(
     NIR1 for a 4-band file of an 8-band sensor. None where they cannot be told or do not matter (one
     gain for every band); `nyquist_gains` then says what to give.
     """
-    key = canonical_sensor(sensor)
-    entry = _TABLE[key]
+    check_sensor_bands_use(stated, sensor)
+    entry = _TABLE[canonical_sensor(sensor)]
     n = len(entry.ms)
     if stated is not None:
-        if key == "generic":
-            raise FusionError("--sensor-bands says which of a sensor's bands the MS holds: give --sensor too")
         numbers = list(stated)
         if len(numbers) != file_bands:
             raise FusionError(

@@ -198,3 +198,18 @@ def test_training_gains_of_a_four_band_file(wv3: dict[str, Path]) -> None:
     assert scenes[0].sensor_bands == [5, 3, 2, 7]
     scenes, _ = load_inputs([d], bands=[3, 2, 1, 4], sensor_bands=[2, 3, 5, 8], **kw)
     assert scenes[0].sensor_bands == [5, 3, 2, 8]
+
+
+def test_batch_refuses_sensor_bands_it_cannot_use_before_any_scene(tmp_path: Path, capsys) -> None:
+    # before: every scene failed on its own (exit 1) for an option no scene could use
+    from conftest import EXAMPLE_MS, EXAMPLE_PAN
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a_pan.tif").symlink_to(EXAMPLE_PAN)
+    (src / "a_ms.tif").symlink_to(EXAMPLE_MS)
+    out = tmp_path / "out"
+    for extra, match in (((), "drop --sensor-bands"), (("--method", "gsa"), "give --sensor too")):
+        code, _, err = run(capsys, "batch", str(src), str(out), "--sensor-bands", "2,3,4,5,6,7", *extra)
+        one_line_error(code, err, match)
+        assert not out.exists()

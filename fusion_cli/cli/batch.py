@@ -20,6 +20,7 @@ from fusion_cli.cli.common import (
     table_console,
 )
 from fusion_cli.errors import FusionError
+from fusion_cli.sensors import check_sensor_bands_use
 
 _EPILOG = (
     "Pairing: files whose names share the stem matched by '*' (e.g. --pan '*_PAN.tif' --ms '*_MS.tif'; "
@@ -218,10 +219,12 @@ def register(app: typer.Typer) -> None:
         if shard is not None:
             plan = lib.apply_shard(plan, *lib.parse_shard(shard))
         band_list = parse_bands(bands)
+        sensor_band_list = parse_bands(sensor_bands, "--sensor-bands")
+        check_sensor_bands_use(sensor_band_list, sensor, method is not None)  # once, not per scene
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
-            sensor_bands=parse_bands(sensor_bands, "--sensor-bands"),
+            sensor_bands=sensor_band_list,
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
             creation_options=parse_creation_options(co), **input_nodata(nodata, pan_nodata, ms_nodata),
             stats_mpx=stats_mpx, reproject=reproject,

@@ -43,14 +43,10 @@ def fit_sensor_bands(
     `file_bands` MS bands, None: all) mapped through `stated` (--sensor-bands) or the sensor's own
     order. Returns the numbers (None: not known, or the sensor has one gain for all bands). A method
     built with `sensor_bands` keeps them unless `stated` is given."""
-    from fusion_cli.sensors import sensor_band_numbers
+    from fusion_cli.sensors import check_sensor_bands_use, sensor_band_numbers
 
+    check_sensor_bands_use(stated, getattr(fuser, "sensor", None), isinstance(fuser, SensorBound))
     if not isinstance(fuser, SensorBound):
-        if stated is not None:
-            raise FusionError(
-                "--sensor-bands picks a classical method's MTF gains; a network's card names its "
-                "bands: drop --sensor-bands"
-            )
         return None
     if stated is not None or fuser.sensor_bands is None:
         fuser.sensor_bands = sensor_band_numbers(fuser.sensor, file_bands, selected, stated)
