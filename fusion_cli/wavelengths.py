@@ -129,6 +129,25 @@ _RANGE = re.compile(r"(\d+(?:\.\d+)?)\s*[-\u2013]\s*(\d+(?:\.\d+)?)\s*nm")
 _VALUE = re.compile(r"(\d+(?:\.\d+)?)\s*nm")
 
 
+def _name_spans(name: str) -> list[tuple[float, float]]:
+    """The bandpasses (nm) a band name states: "ETM+ B3 630-690 nm / OLI B4 636-673 nm" -> two; a
+    lone value ("457.34 nm") is a span of zero width."""
+    spans = [(float(a), float(b)) for a, b in _RANGE.findall(name)]
+    return spans + [(float(v), float(v)) for v in _VALUE.findall(_RANGE.sub("", name))]
+
+
+def bandpasses_of_names(names: Sequence[str]) -> list[list[Wavelength]] | None:
+    """Every bandpass each band name states (a card naming two sensors' bands gives both), as
+    wavelengths; None unless every name gives one."""
+    out = []
+    for name in names:
+        spans = _name_spans(name)
+        if not spans:
+            return None
+        out.append([Wavelength.span(lo / 1000, hi / 1000) for lo, hi in spans])
+    return out
+
+
 def from_names(names: Sequence[str]) -> list[Wavelength] | None:
     """Wavelengths from band names that state them in nm, as model cards do: "red (630-690 nm)" ->
     0.66 um wide 0.06, "Hyperion band 11 (457.34 nm)" -> 0.45734 um. A name giving several sensors'
@@ -136,8 +155,7 @@ def from_names(names: Sequence[str]) -> list[Wavelength] | None:
     every sensor the card names sees. None unless every name gives one."""
     out = []
     for name in names:
-        spans = [(float(a), float(b)) for a, b in _RANGE.findall(name)]
-        spans += [(float(v), float(v)) for v in _VALUE.findall(_RANGE.sub("", name))]
+        spans = _name_spans(name)
         if not spans:
             return None
         lo, hi = max(s[0] for s in spans), min(s[1] for s in spans)

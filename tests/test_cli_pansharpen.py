@@ -607,6 +607,33 @@ def test_bands_in_another_order_than_the_model_are_refused_by_wavelength(tmp_pat
     assert code == 0, err
 
 
+def test_a_card_naming_two_sensors_takes_either_sensors_bands(tmp_path, capsys):
+    """`landsat` names ETM+ and OLI bandpasses; the default model refused the real Landsat-7 FuseBox
+    scenes (its own training data) with the README's --bands 3,2,1,4,5,6: their NIR states 760-900
+    nm (830 nm), outside OLI's 851-879 nm, the common part it was checked against. A band within any
+    of the card's bandpasses passes; a swapped NIR/SWIR1 is still refused."""
+    from rasterio.windows import Window
+
+    pan = crop_raster(
+        need_shared("landsat7_etm_fusebox", "19_pan.tif"), tmp_path / "pan.tif", Window(0, 0, 256, 256)
+    )
+    ms = crop_raster(
+        need_shared("landsat7_etm_fusebox", "19_ms.tif"), tmp_path / "ms.tif", Window(0, 0, 128, 128)
+    )
+    with (
+        rasterio.open(need_shared("landsat7_etm_fusebox", "19_ms.tif")) as src,
+        rasterio.open(ms, "r+") as ds,
+    ):
+        ds.descriptions = src.descriptions  # the band names state the wavelengths
+    with rasterio.open(ms) as ds:
+        assert ds.descriptions[3] == "NIR (ETM+ B4, 760-900 nm)"
+    args = ["pansharpen", str(pan), str(ms), "-q"]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "ok.tif"), "--bands", "3,2,1,4,5,6")
+    assert code == 0, err
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "no.tif"), "--bands", "3,2,1,5,4,6")
+    assert_one_line_error(code, err, "MS band 5 is at 1650 nm but band 4 of landsat is NIR")
+
+
 def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
     """`--pan-bands` picks bands of the high-resolution input (there was no way to give
     hyperion_hisr six of an ALI MSI's nine bands): the Paris pair fused with --pan-bands 1,...,6 of

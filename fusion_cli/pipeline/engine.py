@@ -84,20 +84,24 @@ def check_band_wavelengths(fuser: Fuser, ms_ds: Any, bands: Sequence[int]) -> No
     another order or one band off: a reversed Hyperion cube fused at exit 0 with the product's
     wavelength tags contradicting its band names, and an off-by-one --bands fed a dead band. Bands
     that state no wavelength are not compared."""
-    from fusion_cli.wavelengths import from_names, of_raster
+    from fusion_cli.wavelengths import bandpasses_of_names, of_raster
 
     if fuser.card is None:
         return
-    expected = from_names(fuser.card.bands)
+    expected = bandpasses_of_names(fuser.card.bands)
     given = of_raster(ms_ds, bands)
     if expected is None or len(expected) != len(given):
         return
-    for i, (want, got) in enumerate(zip(expected, given, strict=True)):
+    for i, (passes, got) in enumerate(zip(expected, given, strict=True)):
         if got is None:
             continue
-        # the card's band width only: Hyperion's own FWHM (~10 nm) would let one band off pass
-        slack = WAVELENGTH_SLACK_UM + (want.fwhm_um or 0) / 2
-        if abs(want.centre_um - got.centre_um) > slack:
+        # within any of the sensors' bandpasses the card names (landsat: an ETM+ NIR at 830 nm is
+        # outside OLI's 851-879 nm); the card's band width only: Hyperion's own FWHM (~10 nm) would
+        # let one band off pass
+        if all(
+            abs(want.centre_um - got.centre_um) > WAVELENGTH_SLACK_UM + (want.fwhm_um or 0) / 2
+            for want in passes
+        ):
             raise FusionError(
                 f"MS band {bands[i]} is at {got.centre_um * 1000:.0f} nm but band {i + 1} of {fuser.name} "
                 f"is {fuser.card.bands[i]}; pass --bands with the MS bands in the model's order "
