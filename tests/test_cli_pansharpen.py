@@ -799,3 +799,36 @@ def test_product_wavelengths_are_the_ms_own(tmp_path, capsys):
     with rasterio.open(out) as ds:
         stated = of_raster(ds, [1, 2, 3, 4])
         assert rgb_bands(NO_CARD, list(ds.descriptions), 4, ds.colorinterp, stated) == (0, 1, 2)
+
+
+def test_an_ms_mixing_pixel_types_is_refused_in_one_line(tmp_path, capsys):
+    """A VRT may give its bands different types (Byte beside UInt16): reading it raised numpy's
+    "more than one 'dtype' found" as a traceback in pansharpen, metrics and simulate."""
+    with rasterio.open(EXAMPLE_MS) as src:
+        profile, data = src.profile, src.read()
+        srs, gt = src.crs.to_wkt(), ", ".join(map(str, src.transform.to_gdal()))
+    sources = []
+    for b in range(data.shape[0]):
+        path = tmp_path / f"b{b}.tif"
+        dtype = "uint8" if b == 0 else "uint16"
+        with rasterio.open(path, "w", **{**profile, "count": 1, "dtype": dtype}) as dst:
+            dst.write((data[b : b + 1] // (257 if b == 0 else 1)).astype(dtype))
+        gdal_type = "Byte" if b == 0 else "UInt16"
+        sources.append(
+            f'<VRTRasterBand dataType="{gdal_type}" band="{b + 1}"><SimpleSource><SourceFilename '
+            f'relativeToVRT="0">{path}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>'
+        )
+    vrt = tmp_path / "mixed.vrt"
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{profile["width"]}" rasterYSize="{profile["height"]}"><SRS>{srs}</SRS>'
+        f"<GeoTransform>{gt}</GeoTransform>{''.join(sources)}</VRTDataset>"
+    )
+    out = tmp_path / "o.tif"
+    for args in (
+        ("pansharpen", str(EXAMPLE_PAN), str(vrt), "-o", str(out), "--method", "gsa"),
+        ("metrics", str(EXAMPLE_MS), "--ref", str(vrt), "--ratio", "2"),
+        ("simulate", str(EXAMPLE_PAN), str(vrt), "-o", str(tmp_path / "sim")),
+    ):
+        code, _, err = run(capsys, *args, "-q")
+        assert_one_line_error(code, err, "mixes pixel types across its bands (uint16, uint8)")
+    assert not out.exists() and not (tmp_path / "sim").exists()
