@@ -13,7 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusion_cli.classical.base import MTF_HALF, ClassicalFuser, Moments, add_moments, lr_valid, merged
+from fusion_cli.classical.base import (
+    MTF_HALF,
+    ClassicalFuser,
+    Moments,
+    add_moments,
+    lr_valid,
+    merged,
+    mix_bands,
+)
 from fusion_cli.errors import NoValidPixels
 from fusion_cli.mtf import mtf_filter, mtf_filter_decimate
 from fusion_cli.resample import MIN_AXIS, axis_matrix, imresize_down, upsample_ms
@@ -109,6 +117,4 @@ class BDSDPC(ClassicalFuser):
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         x = self.upsample(ms)
-        coef = self.coef.to(x.dtype)
-        detail = torch.einsum("bdhw,dc->bchw", torch.cat([pan, x], dim=1), coef)
-        return x + detail
+        return x + mix_bands(torch.cat([pan, x], dim=1), self.coef)

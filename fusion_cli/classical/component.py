@@ -23,6 +23,7 @@ from fusion_cli.classical.base import (
     gauss_lowpass_on_box,
     lr_valid,
     merged,
+    mix_bands,
     position_keys,
     rows_where,
     upsample_on_box,
@@ -43,7 +44,7 @@ _MAX_WEIGHT_SPREAD = 5.0
 
 def _weighted_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_k w_k x_k: x `(B, C, H, W)`, w `(C,)` -> `(B, 1, H, W)`."""
-    return torch.einsum("bchw,c->bhw", x, w.to(x.dtype)).unsqueeze(1)
+    return mix_bands(x, w.reshape(-1, 1))
 
 
 class BroveyHaze(ClassicalFuser):

@@ -24,6 +24,7 @@ from fusion_cli.classical.base import (
     kernel_sums,
     lr_valid,
     merged,
+    mix_bands,
     pan_lowpass_per_band,
     valid_box,
 )
@@ -178,7 +179,7 @@ class MTFGLPHS(_MRA):
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         c = ms.shape[1]
         w, b = self.weights.to(pan.dtype), self.bias.to(pan.dtype)
-        synth = torch.einsum("bphw,pc->bchw", pan, w) + b.view(1, c, 1, 1)
+        synth = mix_bands(pan, w) + b.view(1, c, 1, 1)
         # the low-pass is linear: LP(pan . w_k + b_k) = LP(pan) . w_k + b_k sum(kernel_k), one LP(pan)
         # per distinct band gain
         gains = self.gains(c)
@@ -187,7 +188,7 @@ class MTFGLPHS(_MRA):
             idx = torch.as_tensor([k for k in range(c) if gains[k] == g], device=pan.device)
             lp = self.upsample(mtf_filter_decimate(pan, g, self.ratio, rank=1))
             s = self.ksum.to(pan.dtype)[idx.cpu()].to(pan.device)
-            low[:, idx] = torch.einsum("bphw,pc->bchw", lp, w[:, idx]) + (b[idx] * s).view(1, -1, 1, 1)
+            low[:, idx] = mix_bands(lp, w[:, idx]) + (b[idx] * s).view(1, -1, 1, 1)
         floor = (0.01 * self.band_mean.to(pan.dtype)).view(1, -1, 1, 1)  # as MTF-GLP-HPM
         return self.upsample(ms) * (torch.maximum(synth, floor) / torch.maximum(low, floor))
 
