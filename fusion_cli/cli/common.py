@@ -268,7 +268,7 @@ class FuseOpt:
         None,
         "--scan-memory",
         help="Networks: how many tokens a scan remembers (default: the model card's; the shipped "
-        "models use 20, so tiles match the one-piece product within 1 DN 96 px or more from the scene's "
+        "models use 20, so tiles match the one-piece product within 1-2 DN 96 px or more from the scene's "
         "edges; nearer, each window's scans wrap differently). 0: unbounded, as trained "
         "by the paper and in the official checkpoint.",
     )

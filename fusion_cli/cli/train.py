@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
             SEAMLESS_SCAN_MEMORY,
             "--scan-memory",
             help="Tokens a spatial scan remembers (bounded: tiled fusion matches the one-piece product "
-            "within 1 DN 96 px or more from the scene's edges); 0: unbounded, as in the paper.",
+            "within 1-2 DN 96 px or more from the scene's edges); 0: unbounded, as in the paper.",
         ),
         sam_weight: float = typer.Option(
             0.0,
