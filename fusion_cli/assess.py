@@ -222,6 +222,16 @@ def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
                 per_band=True,
             )  # fmt: skip
         return replace(case, ref=img, bands_compared=taken)
+    if encoding is not None:  # full resolution compares the product, the PAN and the MS as stored DN
+        if case.fused.encoding is not None:
+            check_same_encoding(
+                ("product", case.fused.encoding),
+                ("MS", encoding),
+                "the indices compare stored DN",
+                per_band=True,
+            )
+        if case.pan is not None and case.pan.encoding is not None:
+            check_same_encoding(("PAN", case.pan.encoding), ("MS", encoding), "the indices compare stored DN")
     return replace(case, ms=img, bands_compared=taken)
 
 

@@ -356,3 +356,25 @@ def test_a_product_and_reference_in_other_scale_offset_are_refused(tmp_path: Pat
         evaluate(doubled, ref=plain, opts=EvalOptions(ratio=2))
     same = _encoded(tmp_path / "same.tif", dn, 2.75e-05, -0.2)
     assert evaluate(same, ref=gt, opts=EvalOptions(ratio=2))["ERGAS"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_full_resolution_indices_refuse_a_product_or_pan_in_other_scale_offset(tmp_path: Path) -> None:
+    """Full resolution skipped the check the reference makes: a Collection-2 scaled product scored
+    against a plain-DN MS gave D_lambda^K 1.000 and HQNR 0.000 at exit 0. The product and the PAN
+    must store their values as the MS does."""
+    pair = example_pair(64, 64)
+    ms_plain = _write(tmp_path / "ms.tif", pair.ms.astype(np.uint16))
+    pan_plain = _write(tmp_path / "pan.tif", pair.pan.astype(np.uint16))
+    fused = upsample(pair.ms.astype(np.float64), 2).round()
+    scaled = _encoded(tmp_path / "fused_c2.tif", fused.astype(np.uint16), 2.75e-05, -0.2)
+    res = run_cli("metrics", str(scaled), "--pan", str(pan_plain), "--ms", str(ms_plain), "--ratio", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (
+        "product and MS store their values with different scale/offset (product 2.75e-05 / -0.2, MS 1 / 0)"
+        in (res.stderr)
+    )
+    pan_c2 = _encoded(tmp_path / "pan_c2.tif", pair.pan.astype(np.uint16), 2.75e-05, -0.2)
+    plain = _write(tmp_path / "fused.tif", fused.astype(np.uint16))
+    with pytest.raises(FusionError, match=r"PAN and MS store their values with different scale/offset"):
+        evaluate(plain, pan=pan_c2, ms=ms_plain, opts=EvalOptions())
+    assert 0 < evaluate(plain, pan=pan_plain, ms=ms_plain, opts=EvalOptions())["HQNR"] <= 1

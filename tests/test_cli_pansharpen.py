@@ -724,6 +724,20 @@ def test_a_pan_and_ms_in_other_scale_offset_are_refused(tmp_path, capsys):
         code, err, "MSI and HSI store their values with different scale/offset (MSI 1 / 5000"
     )
     assert not out.exists()
+    # a scale kept as float32 (2.750000021e-05, as NetCDF stores it) is the same scale as 2.75e-05
+    pan32 = str(
+        restamp(crops["pan"], tmp_path / "pan32.tif", scales=[float(np.float32(2.75e-05))], offsets=[-0.2])
+    )
+    ms64 = str(restamp(crops["ms"], tmp_path / "ms64.tif", scales=[2.75e-05] * 6, offsets=[-0.2] * 6))
+    code, _, err = run(capsys, "pansharpen", pan32, ms64, "-o", str(out), "--method", "gsa", "-q")
+    assert code == 0, err
+    # units both state, and differ: radiance is not reflectance (was fused, the product "reflectance")
+    radiance = str(restamp(crops["pan"], tmp_path / "pan_rad.tif", units=["W/m2/sr/um"]))
+    refl = str(restamp(crops["ms"], tmp_path / "ms_refl.tif", units=["reflectance"] * 6))
+    other = tmp_path / "units.tif"
+    code, _, err = run(capsys, "pansharpen", radiance, refl, "-o", str(other), "--method", "gsa")
+    assert_one_line_error(code, err, "PAN and MS state different units (W/m2/sr/um, reflectance)")
+    assert not other.exists()
 
 
 def test_a_paletted_input_is_refused(tmp_path, capsys):

@@ -92,6 +92,17 @@ def check_same_encoding(
             f"{a_name} and {b_name} store their values with different scale/offset ({a_name} "
             f"{a.describe()}, {b_name} {b.describe()}): {works_on}; {UNSCALE_HINT}"
         )
+    # units where both state one (an unset unit says nothing): radiance is not reflectance
+    units = {u for u in (*a.units, *b.units) if u}
+    if per_band:  # same band count here: the pairs above agree
+        clash = any(ua and ub and ua != ub for ua, ub in zip(a.units, b.units, strict=True))
+    else:
+        clash = len(units) > 1
+    if clash:
+        raise FusionError(
+            f"{a_name} and {b_name} state different units ({', '.join(sorted(units))}): {works_on}; "
+            "bring them to the same units first"
+        )
 
 
 def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:
