@@ -1331,11 +1331,13 @@ def test_simulate_into_a_file_is_refused_before_reading(tmp_path: Path, pair: tu
     [
         (["--dtype", "complex64"], ["complex64", "real-valued"]),
         (["--dtype", "bool"], ["bool", "real-valued"]),
+        # failed only at the write, "cannot write output o.tif: invalid dtype", naming no valid type
+        (["--dtype", "float16"], ["--dtype float16: products are written in uint8,", "float32"]),
         (["--co", "BLOCKYSIZE=abc"], ["BLOCKYSIZE=abc", "whole number"]),
         # GDAL leaves empty tiles unwritten: such a complete product failed the completeness check
         (["--co", "SPARSE_OK=TRUE"], ["SPARSE_OK", "every block"]),
     ],
-    ids=["complex", "bool", "block-size", "sparse"],
+    ids=["complex", "bool", "float16", "block-size", "sparse"],
 )
 def test_output_types_and_blocks_gdal_would_take_silently_are_refused(
     tmp_path: Path, pair: tuple[Path, Path], option: list[str], words: list[str]

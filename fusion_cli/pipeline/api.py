@@ -233,15 +233,7 @@ def fuse_files(
         fit_sensor_bands(fuser, len(data_bands), positions, opts.sensor_bands)
         check_band_wavelengths(fuser, ms_ds, bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
-        out_dtype = opts.out_dtype or ms_dtype
-        try:
-            kind = np.dtype(out_dtype).kind
-        except TypeError:
-            raise FusionError(f"unknown output dtype {out_dtype!r}; use e.g. uint16 or float32") from None
-        if kind not in "uif":  # complex or boolean pixels are no product of real-valued bands
-            raise FusionError(
-                f"--dtype {out_dtype} is not a real-valued pixel type; use e.g. uint16 or float32"
-            )
+        out_dtype = opts.out_dtype or ms_dtype  # --dtype is checked when the options are made
         raster.check_dn_max(opts.dn_max)
         dn_max = opts.dn_max if opts.dn_max is not None else raster.detect_dn_max(ms_ds)
         # a Wald-reduced float MS (fusion simulate) names the dtype its DN came from

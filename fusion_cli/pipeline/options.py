@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from fusion_cli.errors import FusionError
 
 # Tile side (PAN px) for fusers that state no `preferred_tile`.
@@ -31,6 +33,28 @@ class Progress(Protocol):
 
     def stop(self) -> None:
         """The run is over (finished or failed)."""
+
+
+# Pixel types a GeoTIFF product is written in (GDAL's GTiff; float16 needs GDAL 3.11 and most readers
+# lack it)
+_INTEGERS = tuple(f"{kind}{bits}" for kind in ("uint", "int") for bits in (8, 16, 32, 64))
+PRODUCT_DTYPES = (*_INTEGERS, "float32", "float64")
+
+
+def product_dtype(name: str) -> str:
+    """--dtype as numpy names it ("f4" -> "float32"), refused in one line unless a product can be
+    written in it (a bad name failed only at the write, blaming the output path)."""
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise FusionError(f"unknown --dtype {name!r}; use one of {', '.join(PRODUCT_DTYPES)}") from None
+    if dt.kind not in "uif":  # complex or boolean pixels are no product of real-valued bands
+        raise FusionError(
+            f"--dtype {name} is not a real-valued pixel type; use one of {', '.join(PRODUCT_DTYPES)}"
+        )
+    if dt.name not in PRODUCT_DTYPES:
+        raise FusionError(f"--dtype {name}: products are written in {', '.join(PRODUCT_DTYPES)}")
+    return dt.name
 
 
 @dataclass
@@ -75,6 +99,8 @@ class FuseOptions:
     max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
 
     def __post_init__(self) -> None:
+        if self.out_dtype is not None:  # refused before any work (a batch: before its first scene)
+            self.out_dtype = product_dtype(self.out_dtype)
         # --co DTYPE=uint8 or NODATA=5 would change the product itself: refused when the options are
         # made, so a batch stops before its first scene (output_profile checks again for direct use)
         from fusion_cli.raster.profile import check_creation_options
