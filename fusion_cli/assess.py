@@ -272,6 +272,25 @@ def holds_whole_dn(img: Image) -> bool:
     return whole(img.data, img.valid)
 
 
+# How far apart (99th percentiles) a PAN and its MS may be before they are in other units: the real
+# pairs here sit 0.5-0.9x; a uint8 PAN beside a uint16 MS (1/257) made D_s 0 and QNR 0.94 at exit 0.
+PAN_MS_LEVEL_RATIO = 10.0
+
+
+def check_pan_ms_levels(pan: np.ndarray, ms: np.ndarray, pan_name: str, ms_name: str) -> None:
+    """Refuse a PAN whose valid values sit PAN_MS_LEVEL_RATIO times above or below the MS's: the
+    no-reference indices compare them as the same DN (UIQI is not scale-free)."""
+    if pan.size == 0 or ms.size == 0:
+        return
+    p, m = (float(np.percentile(a, 99)) for a in (pan, ms))
+    if p <= 0 or m <= 0 or max(p / m, m / p) > PAN_MS_LEVEL_RATIO:
+        raise FusionError(
+            f"PAN {pan_name} (99th percentile {p:.4g}) and MS {ms_name} ({m:.4g}) are not in the same units "
+            "or bit depth: the full-resolution indices compare them as one DN; give the PAN and MS the "
+            "product was fused from"
+        )
+
+
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
     return None if valid.all() else valid
 
@@ -327,6 +346,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 "product?); the no-reference indices (QNR, HQNR) need a single-band PAN: score it "
                 "against a reference with --ref (or, in fusion evaluate, --no-full)"
             )
+        check_pan_ms_levels(pan[0][case.pan.valid], ms[:, case.ms.valid], case.pan.name, case.ms.name)
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)

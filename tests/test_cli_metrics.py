@@ -378,3 +378,20 @@ def test_full_resolution_indices_refuse_a_product_or_pan_in_other_scale_offset(t
     with pytest.raises(FusionError, match=r"PAN and MS store their values with different scale/offset"):
         evaluate(plain, pan=pan_c2, ms=ms_plain, opts=EvalOptions())
     assert 0 < evaluate(plain, pan=pan_plain, ms=ms_plain, opts=EvalOptions())["HQNR"] <= 1
+
+
+def test_full_resolution_indices_refuse_a_pan_in_other_units_than_the_ms(tmp_path: Path) -> None:
+    """A uint8 PAN beside a uint16 MS (or a reflectance PAN beside DN): D_s fell to 0 and QNR rose
+    from 0.85 to 0.94 at exit 0, ranking a product by its inputs' units. Refused in one line."""
+    pair = example_pair(64, 64)
+    ms = _write(tmp_path / "ms.tif", pair.ms.astype(np.uint16))
+    pan = _write(tmp_path / "pan.tif", pair.pan.astype(np.uint16))
+    pan8 = _write(tmp_path / "pan8.tif", np.round(pair.pan / 257).astype(np.uint8))
+    fused = _write(tmp_path / "fused.tif", upsample(pair.ms.astype(np.float64), 2).round().astype(np.uint16))
+    res = run_cli("metrics", str(fused), "--pan", str(pan8), "--ms", str(ms), "--ratio", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (
+        "PAN pan8.tif (99th percentile" in res.stderr
+        and "are not in the same units or bit depth" in res.stderr
+    )
+    assert 0 < evaluate(fused, pan=pan, ms=ms, opts=EvalOptions())["QNR"] < 1

@@ -846,3 +846,50 @@ def test_an_ms_mixing_pixel_types_is_refused_in_one_line(tmp_path, capsys):
         code, _, err = run(capsys, *args, "-q")
         assert_one_line_error(code, err, "mixes pixel types across its bands (uint16, uint8)")
     assert not out.exists() and not (tmp_path / "sim").exists()
+
+
+def test_a_network_refuses_inputs_off_its_scale_or_a_pan_in_other_units(tmp_path, capsys):
+    """8-bit DN in a 16-bit file went through `landsat` at its uint16 scale (1/257 of it: ERGAS 101
+    against 2.4 at exit 0); a uint16 PAN beside a uint8 MS, or a reflectance PAN beside DN, reached the
+    network at the MS's scale (it divides both by one number, and the PAN was never checked); a 12-bit
+    PAN beside an 11-bit MS at twice it. Each is refused in one line; the classical methods, which
+    match the PAN to each band, still fuse the mixed pair."""
+    crops = _example_crop(tmp_path)
+    with rasterio.open(crops["pan"]) as p, rasterio.open(crops["ms"]) as m:
+        pan16, ms16 = p.read(), m.read()
+    pan8, ms8 = (np.round(a / 257).astype(np.uint8) for a in (pan16, ms16))
+    ms8in16 = str(restamp(crops["ms"], tmp_path / "ms_8in16.tif", ms8.astype(np.uint16)))
+    pan8in16 = str(restamp(crops["pan"], tmp_path / "pan_8in16.tif", pan8.astype(np.uint16)))
+    out = tmp_path / "o.tif"
+    code, _, err = run(capsys, "pansharpen", pan8in16, ms8in16, "-o", str(out))
+    assert_one_line_error(code, err, "the MS's values (99th percentile")
+    assert "which divides them by 65535" in err and "255 for 8-bit DN in a 16-bit file" in err
+    code, _, err = run(capsys, "pansharpen", pan8in16, ms8in16, "-o", str(out), "--dn-max", "255", "-q")
+    assert code == 0, err
+    pan_u8 = str(restamp(crops["pan"], tmp_path / "pan_u8.tif", pan8))
+    ms_u8 = str(restamp(crops["ms"], tmp_path / "ms_u8.tif", ms8))
+    as_u8 = tmp_path / "as_u8.tif"
+    assert run(capsys, "pansharpen", pan_u8, ms_u8, "-o", str(as_u8), "-q")[0] == 0
+    with rasterio.open(out) as a, rasterio.open(as_u8) as b:  # the product of its uint8 copy
+        assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+    code, _, err = run(capsys, "pansharpen", crops["pan"], ms_u8, "-o", str(tmp_path / "mixed.tif"))
+    assert_one_line_error(code, err, "the PAN's values (99th percentile")
+    assert "give a PAN in the MS's units and bit depth" in err
+    reflectance = str(restamp(crops["pan"], tmp_path / "pan_refl.tif", (pan16 / 65535).astype(np.float32)))
+    code, _, err = run(capsys, "pansharpen", reflectance, crops["ms"], "-o", str(tmp_path / "refl.tif"))
+    assert_one_line_error(code, err, "the PAN's values (99th percentile")
+    code, _, err = run(
+        capsys, "pansharpen", crops["pan"], ms_u8, "-o", str(tmp_path / "gsa.tif"), "--method", "gsa"
+    )
+    assert code == 0, err
+    # NBITS 12 on the PAN, 11 on the MS
+    pan12, ms11 = tmp_path / "pan12.tif", tmp_path / "ms11.tif"
+    for src, dst, data, bits in ((crops["pan"], pan12, pan16 // 16, 12), (crops["ms"], ms11, ms16 // 32, 11)):
+        with rasterio.open(src) as ds:
+            profile = {**ds.profile, "nbits": bits}
+        with rasterio.open(dst, "w", **profile) as ds:
+            ds.write(data.astype(np.uint16))
+    args = ["pansharpen", str(pan12), str(ms11), "-o", str(tmp_path / "bits.tif"), "--dn-max", "2047"]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, "the PAN is 12-bit and the MS 11-bit (their NBITS tags)")
+    assert run(capsys, *args, "--method", "gsa", "-q")[0] == 0

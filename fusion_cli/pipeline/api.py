@@ -109,12 +109,15 @@ def fuse_arrays(
     raster.check_dn_max(opts.dn_max)
     adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
     network = fuser.dn_max is not None
-    values = ms[:, ms_valid] if ms_valid is not None else ms.reshape(len(ms), -1)
-    step = max(1, values.shape[1] // raster.DN_CHECK_SAMPLES)
-    raster.check_dn_values(
-        values[:, ::step], opts.dn_max, True, nonnegative=network,
-        scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
-    )  # fmt: skip
+    for what, image, valid in (("MS", ms, ms_valid), ("PAN", pan, pan_valid)):
+        if what == "PAN" and not network:  # a network divides the PAN by the MS's scale too
+            break
+        values = image[:, valid] if valid is not None else image.reshape(len(image), -1)
+        step = max(1, values.shape[1] // raster.DN_CHECK_SAMPLES)
+        raster.check_dn_values(
+            values[:, ::step], opts.dn_max if what == "MS" else None, True, nonnegative=network, what=what,
+            scale=(fuser.name, fuser.dn_max) if network and (opts.dn_max is None or what == "PAN") else None,
+        )  # fmt: skip
     source = PairSource(geom, array_reader(pan, pan_valid), array_reader(ms, ms_valid))
     plan = plan_for(fuser, geom, opts)
     out = np.empty((ms.shape[0], *geom.shape), np.float32)
@@ -243,6 +246,10 @@ def fuse_files(
             ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=network,
             scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
         )  # fmt: skip
+        if network:  # it divides the PAN by the MS's scale too
+            raster.check_same_bit_depth(pan_ds, ms_ds, f"network {fuser.name} reads both on one DN scale")
+            scale = (fuser.name, fuser.dn_max)
+            raster.check_dn_range(pan_ds, pan_bands, None, False, nonnegative=True, what="PAN", scale=scale)
         lo, hi = value_range(ms_dtype, dn_max, nonnegative=network)
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         raster.check_integer_output(ms_ds, bands, out_dtype)

@@ -84,11 +84,14 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
 # that is a wrong ceiling rather than a few saturated outliers.
 DN_CHECK_SAMPLES = 512 * 512
 DN_CHECK_SHARE = 0.01
-# How far a network's inputs may sit from the DN scale it divides by (its card's units) before they
-# are data in other units: reflectance (0..0.6) through a model of 10000-scaled DN reached it as
-# ~1e-5 (SAM 97 degrees at exit 0), and DN (0..6000) through a reflectance model as ~6000. Dark 11-bit
-# scenes under a 16-bit scale (~1e-2) and a few saturated pixels stay within.
-DN_SCALE_FACTOR = 1000.0
+# How far below and above the DN scale a network divides by (its card's units) the 99th percentile of
+# its inputs may sit before they are data in other units. Below: reflectance (0..0.6) through a model
+# of 10000-scaled DN reached it as ~1e-5 (SAM 97 degrees at exit 0), and 8-bit DN in a 16-bit file
+# through `landsat` (uint16: 65535) as 1/257 (ERGAS 101 against 2.4 at exit 0); the real scenes here sit
+# 1-5x below their models' scales (FuseBox uint8 2-3.4x, Landsat-8 4.8x, WorldView 2.5-3.8x, Hyperion
+# 4.5x). Above: DN (0..6000) through a reflectance model (~6000), or a few saturated pixels.
+DN_SCALE_BELOW = 30.0
+DN_SCALE_ABOVE = 10.0
 
 
 def check_dn_range(
@@ -106,11 +109,23 @@ def check_dn_range(
     100` on 16-bit data wrote a constant image at exit 0; `given`: from --dn-max, else the file's
     NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as large a
     share of negative band values (int8 data fused by the landsat model lost their sign, exit 0).
-    `scale` (a network's name and the DN scale its card gives): refuse data whose 99th percentile is
-    DN_SCALE_FACTOR times below it or DN_SCALE_FACTOR / 100 times above it, data in other units."""
+    `scale` (a network's name and the DN scale it divides by): refuse data whose 99th percentile is
+    DN_SCALE_BELOW times below it or DN_SCALE_ABOVE times above it, data in other units."""
     if dn_max is None and not nonnegative and scale is None:
         return
     check_dn_values(sample_values(ds, bands), dn_max, given, nonnegative, what, scale)
+
+
+def check_same_bit_depth(pan_ds: Any, ms_ds: Any, why: str) -> None:
+    """Refuse a PAN and MS whose NBITS tags differ (a 12-bit PAN with an 11-bit MS reached the
+    official network at twice the MS's scale: 15 % of the mean off at exit 0)."""
+    pan_max, ms_max = detect_dn_max(pan_ds), detect_dn_max(ms_ds)
+    if pan_max is not None and ms_max is not None and pan_max != ms_max:
+        bits = [round(math.log2(v + 1)) for v in (pan_max, ms_max)]
+        raise FusionError(
+            f"the PAN is {bits[0]}-bit and the MS {bits[1]}-bit (their NBITS tags): {why}; bring them to "
+            "one bit depth first, or use a classical --method"
+        )
 
 
 def sample_values(ds: Any, bands: Sequence[int]) -> np.ndarray:
@@ -189,11 +204,17 @@ def check_dn_values(
     if scale is not None:
         name, units = scale
         p99 = float(np.percentile(values, 99))
-        if p99 * DN_SCALE_FACTOR < units or p99 > units * DN_SCALE_FACTOR / 100:
+        if p99 * DN_SCALE_BELOW < units or p99 > units * DN_SCALE_ABOVE:
+            todo = (
+                "pass --dn-max with the data's full scale (e.g. 255 for 8-bit DN in a 16-bit file, 2047 "
+                "for 11-bit, 1 for reflectance in 0..1, 10000 for reflectance scaled by 10000)"
+                if what == "MS"
+                else f"the network divides the {what} by the MS's scale: give a {what} in the MS's units "
+                "and bit depth"
+            )
             raise FusionError(
                 f"the {what}'s values (99th percentile {p99:.4g}) are not in the units of model {name}, "
-                f"which divides by {units:g} (its card's DN scale); pass --dn-max with the data's full "
-                "scale (e.g. 1 for reflectance in 0..1, 10000 for reflectance scaled by 10000)"
+                f"which divides them by {units:g} (its card's DN scale, or --dn-max); {todo}"
             )
 
 
