@@ -478,9 +478,11 @@ class ClassicalFuser(FuserDefaults):
 def mix_bands(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-pixel linear combinations of bands: x `(B, D, H, W)`, weights `(D, C)` -> `(B, C, H, W)`
     in x's dtype. Summed in float64: a float32 GEMM rounds by the thread count it runs on (BDSD-PC in
-    a `batch --scene-workers` thread moved 42 of 1.2M example DN by 1 against `pansharpen`)."""
-    mixed = torch.einsum("bdhw,dc->bchw", x.double(), weights.to(device=x.device, dtype=torch.float64))
-    return mixed.to(x.dtype)
+    a `batch --scene-workers` thread moved 42 of 1.2M example DN by 1 against `pansharpen`). The
+    weights are rounded to x's dtype first: the statistics they come from are summed window by window,
+    and their last float64 bits (1e-10) must not make the product depend on the tiling."""
+    w = weights.to(device=x.device, dtype=x.dtype).double()
+    return torch.einsum("bdhw,dc->bchw", x.double(), w).to(x.dtype)
 
 
 def pan_lowpass_per_band(
