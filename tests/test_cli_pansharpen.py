@@ -844,8 +844,23 @@ def test_an_ms_mixing_pixel_types_is_refused_in_one_line(tmp_path, capsys):
         ("simulate", str(EXAMPLE_PAN), str(vrt), "-o", str(tmp_path / "sim")),
     ):
         code, _, err = run(capsys, *args, "-q")
-        assert_one_line_error(code, err, "mixes pixel types across its bands (uint16, uint8)")
+        assert_one_line_error(code, err, "mixes pixel types across the bands read (uint16, uint8)")
     assert not out.exists() and not (tmp_path / "sim").exists()
+    # bands of one type picked from it fuse, as before (they are read together)
+    code, _, err = run(
+        capsys,
+        "pansharpen",
+        str(EXAMPLE_PAN),
+        str(vrt),
+        "-o",
+        str(out),
+        "--method",
+        "gsa",
+        "--bands",
+        "2,3,4",
+        "-q",
+    )
+    assert code == 0, err
 
 
 def test_a_network_refuses_inputs_off_its_scale_or_a_pan_in_other_units(tmp_path, capsys):

@@ -231,7 +231,7 @@ def fuse_files(
             ("PAN", raster.Encoding.of(pan_ds, pan_bands)), ("MS", encoding), "fusion works on stored DN"
         )
         check_fuser(fuser, len(pan_bands), len(bands))
-        data_bands = raster.select_bands(ms_ds, None, "MS")  # an alpha band is no sensor band
+        data_bands = raster.select_bands(ms_ds, None, "MS", read=False)  # an alpha band is no sensor band
         positions = [data_bands.index(b) + 1 if b in data_bands else b for b in bands]
         fit_sensor_bands(fuser, len(data_bands), positions, opts.sensor_bands)
         check_band_wavelengths(fuser, ms_ds, bands)

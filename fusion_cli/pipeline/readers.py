@@ -161,4 +161,4 @@ def measure_ratio(
 def band_count(path: str | os.PathLike[str], what: str) -> int:
     """Data bands of a raster: an alpha band is a mask, not a band (as the readers treat it)."""
     with raster.open_raster(path, what) as ds:
-        return len(raster.select_bands(ds, None, what))
+        return len(raster.select_bands(ds, None, what, read=False))

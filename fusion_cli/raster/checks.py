@@ -49,19 +49,23 @@ def check_pixel_type(ds: rasterio.io.DatasetReader, what: str) -> None:
                 f"{what} {ds.name} has {dt} pixels; fusion needs real-valued integer or float "
                 "bands (convert it, e.g. gdal_translate -ot Float32 on the amplitude)"
             )
-    # a VRT may give its bands different types; every read here is one array of one type
-    kinds = sorted({dt for dt, c in zip(ds.dtypes, ds.colorinterp, strict=True) if c != ColorInterp.alpha})
-    if len(kinds) > 1:
-        raise FusionError(
-            f"{what} {ds.name} mixes pixel types across its bands ({', '.join(kinds)}); give it one type "
-            f"(gdal_translate -ot {_widest(kinds)})"
-        )
     paletted = [b for b, c in enumerate(ds.colorinterp, start=1) if c == ColorInterp.palette]
     if paletted:
         bands = f"band {paletted[0]} is" if len(paletted) == 1 else f"bands {short_list(paletted)} are"
         raise FusionError(
             f"{what} {ds.name} {bands} paletted (a colour table): it holds class indices, not "
             "intensities; expand it with gdal_translate -expand rgb if it is an image"
+        )
+
+
+def check_one_type(ds: rasterio.io.DatasetReader, bands: Sequence[int], what: str) -> None:
+    """A VRT may give its bands different types; every read here is one array of one type, so the
+    `bands` read together must share theirs (numpy's "more than one 'dtype' found" was a traceback)."""
+    kinds = sorted({ds.dtypes[b - 1] for b in bands})
+    if len(kinds) > 1:
+        raise FusionError(
+            f"{what} {ds.name} mixes pixel types across the bands read ({', '.join(kinds)}); give it one "
+            f"type (gdal_translate -ot {_widest(kinds)}) or pick bands of one type"
         )
 
 

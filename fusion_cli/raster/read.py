@@ -19,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError
-from fusion_cli.raster.checks import check_pixel_type, refuse_non_finite
+from fusion_cli.raster.checks import check_one_type, check_pixel_type, refuse_non_finite
 from fusion_cli.raster.gdal import is_gdal_path, reason
 from fusion_cli.raster.nodata import alpha_band, has_mask
 
@@ -55,18 +55,25 @@ def is_warped(ds: Any) -> bool:
     return isinstance(ds, WarpedVRT)
 
 
-def select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, what: str = "MS") -> list[int]:
+def select_bands(
+    ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, what: str = "MS", read: bool = True
+) -> list[int]:
     """1-based band indexes to read; all bands but an alpha band when `bands` is None. `what`: "MS"
-    (bands from --bands) or "PAN" (from --pan-bands)."""
+    (bands from --bands) or "PAN" (from --pan-bands). `read`: the bands are read together, so they
+    must share one pixel type (False: only counted)."""
     if bands is None:
-        return [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
-    bad = [b for b in bands if b < 1 or b > ds.count]
-    if bad:
-        option = "--pan-bands" if what == "PAN" else "--bands"
-        raise FusionError(
-            f"{what} has {ds.count} bands, cannot select band(s) {bad}; use {option} 1..{ds.count}"
-        )
-    return list(bands)
+        picked = [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
+    else:
+        bad = [b for b in bands if b < 1 or b > ds.count]
+        if bad:
+            option = "--pan-bands" if what == "PAN" else "--bands"
+            raise FusionError(
+                f"{what} has {ds.count} bands, cannot select band(s) {bad}; use {option} 1..{ds.count}"
+            )
+        picked = list(bands)
+    if read:
+        check_one_type(ds, picked, what)
+    return picked
 
 
 def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
@@ -295,7 +302,7 @@ def read_whole(ds: rasterio.io.DatasetReader, what: str = "input", window: Windo
     at once (metrics, the Wald protocol, training). An alpha band is a mask, not data, as in
     `read_padded`. Complex pixels and damaged files are one-line errors."""
     check_pixel_type(ds, what)
-    bands = select_bands(ds, None)
+    bands = select_bands(ds, None, what)
     with damaged_input(ds):
         data = ds.read(bands, window=window)
         valid = valid_pixels(ds, bands, window=window)
