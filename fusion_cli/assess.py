@@ -272,9 +272,10 @@ def holds_whole_dn(img: Image) -> bool:
     return whole(img.data, img.valid)
 
 
-# How far apart (99th percentiles) a PAN and its MS may be before they are in other units: the real
-# pairs here sit 0.5-0.9x; a uint8 PAN beside a uint16 MS (1/257) made D_s 0 and QNR 0.94 at exit 0.
-PAN_MS_LEVEL_RATIO = 10.0
+# How far apart (99th percentiles, the MS's over all its bands) a PAN and its MS may be before they are
+# in other units: the real pairs here sit 0.4-1.6x; a uint8 PAN beside a uint16 MS (1/257) made D_s 0
+# and QNR 0.94 at exit 0, and reflectance beside DN sits 1e4 apart.
+PAN_MS_LEVEL_RATIO = 50.0
 
 
 def check_pan_ms_levels(pan: np.ndarray, ms: np.ndarray, pan_name: str, ms_name: str) -> None:
@@ -302,6 +303,11 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     """
     opts = opts or EvalOptions()
     file_bands = case.ms.data.shape[0] if case.ms is not None else 0
+    if case.ref is None and case.pan is not None and case.ms is not None and case.pan.data.shape[0] == 1:
+        # the whole MS: a hyperspectral band alone may sit 18x below the PAN (Paris SWIR)
+        check_pan_ms_levels(
+            case.pan.data[0][case.pan.valid], case.ms.data[:, case.ms.valid], case.pan.name, case.ms.name
+        )
     case = with_product_bands(case, opts.bands)
     f = case.fused
     if opts.round_uint16 is None:
@@ -346,7 +352,6 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 "product?); the no-reference indices (QNR, HQNR) need a single-band PAN: score it "
                 "against a reference with --ref (or, in fusion evaluate, --no-full)"
             )
-        check_pan_ms_levels(pan[0][case.pan.valid], ms[:, case.ms.valid], case.pan.name, case.ms.name)
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)

@@ -395,3 +395,31 @@ def test_full_resolution_indices_refuse_a_pan_in_other_units_than_the_ms(tmp_pat
         and "are not in the same units or bit depth" in res.stderr
     )
     assert 0 < evaluate(fused, pan=pan, ms=ms, opts=EvalOptions())["QNR"] < 1
+
+
+def test_a_hyperspectral_product_of_dim_bands_is_scored_against_its_own_pan(tmp_path: Path) -> None:
+    """The PAN/MS level check compares the PAN with the whole MS: the Paris Hyperion SWIR bands alone
+    sit up to 18x below the ALI PAN, and a product of bands 120-128 was refused as "not in the same
+    units" against the very PAN and HSI it was fused from (HQNR 0.933 before the check)."""
+    pan = str(need_shared("eo1_hyperion_ali_paris", "pan.tif"))
+    hs = str(need_shared("eo1_hyperion_ali_paris", "hs.tif"))
+    out = tmp_path / "swir.tif"
+    bands = ",".join(str(b) for b in range(120, 129))
+    fused = run_cli(
+        "pansharpen",
+        pan,
+        hs,
+        "-o",
+        str(out),
+        "--method",
+        "mtf-glp",
+        "--sensor",
+        "hyperion",
+        "--bands",
+        bands,
+        "-q",
+    )
+    assert fused.returncode == 0, fused.stderr
+    res = run_cli("metrics", str(out), "--pan", pan, "--ms", hs, "--sensor", "hyperion", "--json")
+    assert res.returncode == 0, res.stderr
+    assert 0.9 < json.loads(res.stdout)["HQNR"] < 1
