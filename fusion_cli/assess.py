@@ -30,7 +30,7 @@ from fusion_cli.metrics.table import index_order
 from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_same_encoding
 from fusion_cli.raster.nodata import nodata_fits
-from fusion_cli.sensors import sensor_band_numbers
+from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
 
 
 @dataclass
@@ -292,6 +292,23 @@ def check_pan_ms_levels(pan: np.ndarray, ms: np.ndarray, pan_name: str, ms_name:
         )
 
 
+def _product_sensor_bands(case: Case, opts: EvalOptions, file_bands: int) -> list[int] | None:
+    """Which of the sensor's bands the product's are (their MTF gains): from --sensor-bands (the MS
+    file's) through the bands compared; else as the product recorded them when it was fused for the
+    same sensor (so `fusion metrics` scores what `batch --metrics` scored); else as the MS file's
+    band count tells (`sensors.sensor_band_numbers`)."""
+    if opts.sensor_bands is None and opts.sensor is not None:
+        params = product_sources(case.fused)[2]
+        recorded = params.get("sensor_bands")
+        if (
+            params.get("sensor") == canonical_sensor(opts.sensor)
+            and isinstance(recorded, list)
+            and len(recorded) == case.fused.data.shape[0]
+        ):
+            return [int(b) for b in recorded]
+    return sensor_band_numbers(opts.sensor, file_bands, case.bands_compared, opts.sensor_bands)
+
+
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
     return None if valid.all() else valid
 
@@ -355,7 +372,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
-        sensor_bands = sensor_band_numbers(opts.sensor, file_bands, case.bands_compared, opts.sensor_bands)
+        sensor_bands = _product_sensor_bands(case, opts, file_bands)
         out.update(
             full_resolution(
                 fused,
@@ -369,6 +386,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 opts.per_band,
                 bool(opts.round_uint16),
                 sensor_bands,
+                file_bands,
             )
         )
     out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())

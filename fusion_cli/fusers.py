@@ -92,6 +92,7 @@ class SensorBound(Protocol):
 
     sensor: str  # a key of the sensor table (`sensors.canonical_sensor`); "generic" when none given
     sensor_bands: list[int] | None  # which of its bands (1-based) the MS bands are; None: in order
+    ms_file_bands: int | None  # the band count of the MS file they were picked from, when known
 
 
 class FuserDefaults:

@@ -116,18 +116,26 @@ def canonical_sensor(sensor: str | None) -> str:
 
 
 def nyquist_gains(
-    sensor: str | None, n_bands: int, bands: list[int] | None = None
+    sensor: str | None, n_bands: int, bands: list[int] | None = None, file_bands: int | None = None
 ) -> tuple[list[float], float]:
     """MTF gains at Nyquist for `n_bands` MS bands and the PAN: `(ms_gains, pan_gain)`.
 
     `bands` (1-based, sensor order) selects a subset of the sensor's bands, as `--bands` does. A
     4-band image from an 8-band WorldView sensor is taken as blue, green, red, NIR1. Sensors with one
-    gain for every band broadcast it to any band count.
+    gain for every band broadcast it to any band count. `file_bands`: the band count of the file the
+    `n_bands` were picked from, when `bands` could not be told (`sensor_band_numbers`): the defaults
+    above describe a file, so a pick from a file of another count is refused (4 of a 6-band WV3 file
+    got blue, green, red, NIR1's gains).
     """
     if n_bands < 1:
         raise FusionError(f"need at least one MS band, got {n_bands}")
     entry = _TABLE[canonical_sensor(sensor)]
     table = list(entry.ms)
+    if bands is None and file_bands is not None and file_bands != n_bands and len(table) > 1:
+        raise FusionError(
+            f"sensor {sensor} has {len(table)} bands but the MS holds {file_bands}: say which sensor bands "
+            "it holds (--sensor-bands, e.g. 2,3,4,5,6,7) or use --sensor generic"
+        )
     if bands is not None:
         if len(bands) != n_bands:
             raise FusionError(f"{len(bands)} band numbers given for a {n_bands}-band image")

@@ -149,10 +149,11 @@ def test_metrics_gains_follow_the_product_bands(wv3: dict[str, Path], capsys) ->
     fuse6 = ["pansharpen", str(wv3["pan"]), str(wv3["six"]), "-o", str(six), "--method", "mtf-glp", "-q"]
     assert run(capsys, *fuse6, "--sensor", "wv3", "--sensor-bands", "2,3,4,5,6,7")[0] == 0
     score = ["metrics", str(six), "--pan", str(wv3["pan"]), "--ms", str(wv3["six"]), "--sensor", "wv3"]
-    code, _, err = run(capsys, *score, "-q")
-    one_line_error(code, err, "--sensor-bands")
     code, text, err = run(capsys, *score, "--sensor-bands", "2,3,4,5,6,7", "--json")
     assert code == 0, err
+    # without the option, the numbers the product recorded when it was fused
+    code, recorded, err = run(capsys, *score, "--json")
+    assert code == 0 and json.loads(recorded)["D_lambda_K"] == json.loads(text)["D_lambda_K"], err
     fused6, ms6 = read(six).astype(np.float64), read(wv3["six"]).astype(np.float64)
     expected = d_lambda_khan(fused6, upsample(ms6, 4), 4, gains=WV3[1:7])
     assert json.loads(text)["D_lambda_K"] == pytest.approx(expected, abs=1e-9)
@@ -213,3 +214,76 @@ def test_batch_refuses_sensor_bands_it_cannot_use_before_any_scene(tmp_path: Pat
         code, _, err = run(capsys, "batch", str(src), str(out), "--sensor-bands", "2,3,4,5,6,7", *extra)
         one_line_error(code, err, match)
         assert not out.exists()
+
+
+def test_a_pick_from_a_file_of_unknown_bands_is_refused_not_given_four_band_gains(
+    wv3: dict[str, Path], capsys
+) -> None:
+    # `--bands 1,2,3,4` of the 6-band file (WV3 bands 2-7) took WV3's 4-band set (blue, green, red,
+    # NIR1) for coastal... : yellow and red got red's and NIR1's gains (up to 14 DN) at exit 0, in
+    # pansharpen, metrics and train alike. Refused, naming --sensor-bands; GSA (no gains) still fuses.
+    pan, six = str(wv3["pan"]), str(wv3["six"])
+    out = wv3["dir"] / "pick4.tif"
+    base = [
+        "pansharpen",
+        pan,
+        six,
+        "-o",
+        str(out),
+        "--sensor",
+        "wv3",
+        "--bands",
+        "1,2,3,4",
+        "--overwrite",
+        "-q",
+    ]
+    code, _, err = run(capsys, *base, "--method", "mtf-glp")
+    one_line_error(code, err, "sensor wv3 has 8 bands but the MS holds 6: say which sensor bands it holds")
+    assert run(capsys, *base, "--method", "gsa")[0] == 0
+    score = ["metrics", str(out), "--pan", pan, "--ms", six, "--sensor", "wv3"]
+    code, _, err = run(capsys, *score, "-q")
+    one_line_error(code, err, "but the MS holds 6")
+    from fusion_cli.training.api import load_inputs
+
+    d = wv3["dir"] / "train6"
+    d.mkdir(exist_ok=True)
+    (d / "1_ms.tif").unlink(missing_ok=True)
+    (d / "1_pan.tif").unlink(missing_ok=True)
+    (d / "1_ms.tif").symlink_to(wv3["six"])
+    (d / "1_pan.tif").symlink_to(wv3["pan"])
+    with pytest.raises(FusionError, match="but the MS holds 6"):
+        load_inputs([d], task="pansharpening", ratio=4, sensor="wv3", dn_max=2047.0, bands=[1, 2, 3, 4])
+
+
+def test_metrics_read_the_sensor_bands_the_product_recorded(wv3: dict[str, Path], capsys) -> None:
+    # a reversed 8-band file fused with --sensor-bands 8,...,1: `fusion metrics` without the option took
+    # the file's order as WV3's and disagreed with `batch --metrics` (D_lambda^K 0.050315 vs 0.050191)
+    rev = wv3["dir"] / "ms_rev.tif"
+    with rasterio.open(wv3["ms"]) as src:
+        with rasterio.open(rev, "w", **src.profile) as dst:
+            dst.write(src.read()[::-1])
+    out = wv3["dir"] / "rev_fused.tif"
+    fuse = ["pansharpen", str(wv3["pan"]), str(rev), "-o", str(out), "--method", "mtf-glp", "--sensor", "wv3"]
+    assert run(capsys, *fuse, "--sensor-bands", "8,7,6,5,4,3,2,1", "-q", "--overwrite")[0] == 0
+    score = ["metrics", str(out), "--pan", str(wv3["pan"]), "--ms", str(rev), "--sensor", "wv3", "--json"]
+    code, text, err = run(capsys, *score)
+    assert code == 0, err
+    stated = run(capsys, *score, "--sensor-bands", "8,7,6,5,4,3,2,1")[1]
+    assert json.loads(text)["D_lambda_K"] == json.loads(stated)["D_lambda_K"]
+    fused, ms = read(out).astype(np.float64), read(rev).astype(np.float64)
+    expected = d_lambda_khan(fused, upsample(ms, 4), 4, gains=WV3[::-1])
+    assert json.loads(text)["D_lambda_K"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_method_built_with_sensor_bands_maps_a_pick_through_them(wv3: dict[str, Path]) -> None:
+    # make_method(sensor_bands=...) describes the MS it is given; a FuseOptions(bands=...) pick failed
+    # after the statistics pass ("8 band numbers given for a 2-band image")
+    from fusion_cli.classical import make_method
+    from fusion_cli.pipeline import FuseOptions, fuse_arrays
+
+    with rasterio.open(wv3["pan"]) as p, rasterio.open(wv3["ms"]) as m:
+        pan, ms = p.read()[:, :256, :256].astype(np.float32), m.read()[:, :64, :64].astype(np.float32)
+    built = make_method("mtf-glp", 4, sensor="wv3", sensor_bands=list(range(8, 0, -1)))
+    picked = fuse_arrays(pan, ms[::-1].copy(), built, FuseOptions(bands=[4, 6]))  # WV3 bands 5 and 3
+    whole = fuse_arrays(pan, ms, make_method("mtf-glp", 4, sensor="wv3"))
+    np.testing.assert_array_equal(picked, whole[[4, 2]])

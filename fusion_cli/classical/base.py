@@ -352,6 +352,7 @@ class ClassicalFuser(FuserDefaults):
         # which of the sensor's bands the MS bands are (1-based, `sensors.sensor_band_numbers`): their
         # MTF gains; None: the sensor's bands in order (or its 4-band set)
         self.sensor_bands = None if sensor_bands is None else list(sensor_bands)
+        self.ms_file_bands: int | None = None  # the MS file's band count, when a scene sets it
         self.ms_bands = ms_bands
         self.tile_multiple = self.ratio
         self.halo = round_up(self.support(), self.ratio)
@@ -405,10 +406,12 @@ class ClassicalFuser(FuserDefaults):
     def stats_copy(self) -> ClassicalFuser:
         """A fresh, unfitted fuser of the same configuration, to accumulate part of a scene in another
         thread; `merge_stats` adds its statistics back (sums commute, so the split is exact)."""
-        return type(self)(
+        copy = type(self)(
             self.ratio, sensor=self.sensor, ms_bands=self.ms_bands, pan_bands=self.pan_bands,
             sensor_bands=self.sensor_bands,
         )  # fmt: skip
+        copy.ms_file_bands = self.ms_file_bands
+        return copy
 
     def merge_stats(self, other: ClassicalFuser) -> None:
         """Add the statistics `other` (a `stats_copy`) accumulated; before `finalize`."""
@@ -465,10 +468,10 @@ class ClassicalFuser(FuserDefaults):
             raise FusionError(f"{self.name} was set up for {self.ms_bands} MS bands, got {ms.shape[1]}")
 
     def gains(self, n_bands: int) -> list[float]:
-        return nyquist_gains(self.sensor, n_bands, self.sensor_bands)[0]
+        return nyquist_gains(self.sensor, n_bands, self.sensor_bands, self.ms_file_bands)[0]
 
     def pan_gain(self, n_bands: int) -> float:
-        return nyquist_gains(self.sensor, n_bands, self.sensor_bands)[1]
+        return nyquist_gains(self.sensor, n_bands, self.sensor_bands, self.ms_file_bands)[1]
 
     def upsample(self, ms: torch.Tensor) -> torch.Tensor:
         """MS `(B, C, h, w)` -> `(B, C, rh, rw)` on the PAN grid (23-tap or bicubic, toolbox phase)."""

@@ -252,13 +252,15 @@ def full_resolution(
     per_band: bool = False,
     round_uint16: bool | None = None,
     sensor_bands: Sequence[int] | None = None,
+    file_bands: int | None = None,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
     `ratio` defaults to H / h. The fused image is clipped to [0, 2^clip_bits] first if asked (toolbox
     `th_values`); D_lambda^K rounds to uint16 as the toolbox does when the MS holds whole-number DN
     (`round_uint16` None; True or False forces it). `sensor_bands`: which of the `sensor`'s bands
-    (1-based, `sensors.sensor_band_numbers`) the bands are, for their MTF gains. Returns floats
+    (1-based, `sensors.sensor_band_numbers`) the bands are, for their MTF gains; where not known,
+    `file_bands` is the band count of the MS file they were picked from (`nyquist_gains`). Returns floats
     keyed by the table's full-resolution names (`D_lambda, D_s, QNR, D_lambda_K, HQNR, HPC`), plus
     `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the D_s and HPC terms of each
     band.
@@ -311,7 +313,8 @@ def full_resolution(
             )
     if clip_bits is not None:
         fused = clip_to_bits(fused, clip_bits)
-    gains = None if sensor_bands is None else nyquist_gains(sensor, fused.shape[0], list(sensor_bands))[0]
+    numbers = None if sensor_bands is None else list(sensor_bands)
+    gains = nyquist_gains(sensor, fused.shape[0], numbers, file_bands)[0]
     x = Inputs(
         fused, ratio, pan=pan, ms_up=upsample(ms, ratio), mask=mask, block=block, sensor=sensor,
         gains=gains, round_uint16=round_uint16,

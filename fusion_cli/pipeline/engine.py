@@ -42,14 +42,16 @@ def fit_sensor_bands(
     sensor's bands the fused MS bands are, so each gets its own MTF gain: `selected` (1-based of the
     `file_bands` MS bands, None: all) mapped through `stated` (--sensor-bands) or the sensor's own
     order. Returns the numbers (None: not known, or the sensor has one gain for all bands). A method
-    built with `sensor_bands` keeps them unless `stated` is given."""
+    built with `sensor_bands` (the library's `make_method`) takes them as the MS's own, as `stated`.
+    Where the numbers are not known, the method's gains refuse a pick from the file (`ms_file_bands`)."""
     from fusion_cli.sensors import check_sensor_bands_use, sensor_band_numbers
 
     check_sensor_bands_use(stated, getattr(fuser, "sensor", None), isinstance(fuser, SensorBound))
     if not isinstance(fuser, SensorBound):
         return None
-    if stated is not None or fuser.sensor_bands is None:
-        fuser.sensor_bands = sensor_band_numbers(fuser.sensor, file_bands, selected, stated)
+    given = stated if stated is not None else fuser.sensor_bands
+    fuser.sensor_bands = sensor_band_numbers(fuser.sensor, file_bands, selected, given)
+    fuser.ms_file_bands = file_bands
     return fuser.sensor_bands
 
 

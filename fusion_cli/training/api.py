@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_cli.errors import FusionError
-from fusion_cli.sensors import sensor_band_numbers
+from fusion_cli.sensors import nyquist_gains, sensor_band_numbers
 from fusion_cli.training.data import Scene, TrainPair, find_pairs, load_h5, load_scene, reduce_scene
 from fusion_cli.training.loop import StepProgress, TrainConfig, TrainResult, train
 
@@ -59,6 +59,8 @@ def load_inputs(
             # the sensor's numbers of the bands used: their MTF gains (a --bands 3,2,1,4 of a B, G, R,
             # NIR1 file is red, green, blue, NIR1, not WV3's bands 3, 2, 1, 4)
             numbers = sensor_band_numbers(sensor, s.ms.shape[0], bands, sensor_bands)
+            # the Wald reduction gives each band its gain: a pick it cannot place is refused now
+            nyquist_gains(sensor, len(bands) if bands else s.ms.shape[0], numbers, s.ms.shape[0])
             if bands:
                 s = s.select_bands([b - 1 for b in bands])
             s.sensor_bands = numbers
