@@ -90,11 +90,7 @@ class Encoding:
 
     @property
     def pairs(self) -> tuple[tuple[float, float], ...]:
-        """(scale, offset) per band to 6 significant digits: a scale stored as float32 (2.7500000e-05
-        read back as 2.750000021e-05, as NetCDF often keeps it) is the same scale."""
-        return tuple(
-            (float(f"{s:.6g}"), float(f"{o:.6g}")) for s, o in zip(self.scales, self.offsets, strict=True)
-        )
+        return tuple(zip(self.scales, self.offsets, strict=True))
 
     @property
     def scaled(self) -> bool:

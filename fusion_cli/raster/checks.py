@@ -90,7 +90,11 @@ def check_same_encoding(
     the other (a product and its reference), else every band of both must agree (a PAN and its MS:
     the fusion mixes them all). `works_on`: why that matters, e.g. "fusion works on stored DN"."""
     (a_name, a), (b_name, b) = first, second
-    differ = a.pairs != b.pairs if per_band else len(set(a.pairs) | set(b.pairs)) > 1
+    if per_band:
+        differ = len(a.pairs) != len(b.pairs) or not all(map(_same_pair, a.pairs, b.pairs))
+    else:
+        every = [*a.pairs, *b.pairs]
+        differ = not all(_same_pair(every[0], p) for p in every[1:])
     if differ:
         raise FusionError(
             f"{a_name} and {b_name} store their values with different scale/offset ({a_name} "
@@ -107,6 +111,12 @@ def check_same_encoding(
             f"{a_name} and {b_name} state different units ({', '.join(sorted(units))}): {works_on}; "
             "bring them to the same units first"
         )
+
+
+def _same_pair(p: tuple[float, float], q: tuple[float, float]) -> bool:
+    """One scale/offset to float32 precision: a scale stored as float32 (2.75e-05 read back as
+    2.750000021e-05, as NetCDF often keeps it) is the same scale."""
+    return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12) for x, y in zip(p, q, strict=True))
 
 
 def check_same_file(pan: str | os.PathLike[str], ms: str | os.PathLike[str]) -> None:
