@@ -24,7 +24,15 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.windows
-from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, restamp, shared_or_named_alike, write_example_crop
+from conftest import (
+    EXAMPLE_MS,
+    EXAMPLE_PAN,
+    crop_raster,
+    need_shared,
+    restamp,
+    shared_or_named_alike,
+    write_example_crop,
+)
 from rasterio.crs import CRS
 
 from fusion_cli import align, batch
@@ -863,6 +871,37 @@ def test_a_rerun_asking_for_another_method_or_dtype_does_not_skip_the_old_produc
     assert "was made with --sensor generic, not landsat8" in sensor["reason"]
     assert run("--method", "mtf-glp", "--sensor", "landsat8", "--overwrite")["status"] == "done"
     assert run("--method", "mtf-glp", "--sensor", "l8")["status"] == "skipped"  # an alias is the same
+
+
+def test_a_rerun_asking_for_other_sensor_bands_does_not_skip_the_old_products(tmp_path: Path) -> None:
+    """A WorldView-3 folder fused with --sensor-bands 8,...,1 (a reversed file), then run again
+    without it: the products, whose MTF gains are reversed against what is asked, were skipped as
+    complete. The scene now fails, naming both; the dry run says `other`; the same ask skips."""
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    with rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as src:
+        profile = src.profile
+        data = src.read()[::-1, :64, :64]
+        profile.update(
+            width=64, height=64, transform=src.window_transform(rasterio.windows.Window(0, 0, 64, 64))
+        )
+    with rasterio.open(in_dir / "a_ms.tif", "w", **profile) as dst:
+        dst.write(data)
+    crop_raster(
+        need_shared("wv3_spacenet2", "pan.tif"), in_dir / "a_pan.tif", rasterio.windows.Window(0, 0, 256, 256)
+    )
+    base = ("batch", str(in_dir), str(out_dir), "--method", "mtf-glp", "--sensor", "wv3", "--json")
+    reversed_bands = ("--sensor-bands", "8,7,6,5,4,3,2,1")
+
+    def run(*extra: str, rc: int = 0) -> dict:
+        return json.loads(run_cli(*base, *extra, check_rc=rc).stdout)["scenes"][0]
+
+    assert run(*reversed_bands)["status"] == "done"
+    assert run(*reversed_bands)["status"] == "skipped"
+    dry = json.loads(run_cli(*base, "--dry-run", check_rc=0).stdout)
+    assert dry["scenes"][0]["action"] == "other"
+    other = run(rc=1)
+    assert "was made for wv3 bands [8, 7, 6, 5, 4, 3, 2, 1], not [1, 2, 3, 4, 5, 6, 7, 8]" in other["reason"]
 
 
 def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:

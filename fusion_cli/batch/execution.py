@@ -44,7 +44,7 @@ class FinishingProcessor(Protocol):
     def __call__(self, scene: Scene) -> dict[str, Any]: ...
     def side_files(self, out: Path) -> list[Path]: ...
     def finish(self, scene: Scene) -> dict[str, Any]: ...
-    def made_otherwise(self, out: Path) -> str | None: ...
+    def made_otherwise(self, scene: Scene) -> str | None: ...
 
 
 CompleteCheck = Callable[[Path], bool]
@@ -229,7 +229,7 @@ def _execute_locked(
         remove_stale_temporaries(scene.out)
         finishing = isinstance(process, FinishingProcessor)
         sides = process.side_files(scene.out) if finishing else []
-        made_otherwise = process.made_otherwise if finishing else None
+        made_otherwise = (lambda _out: process.made_otherwise(scene)) if finishing else None
         action = planned_action(
             scene.out, sides, overwrite=overwrite, is_complete=check, made_otherwise=made_otherwise
         )

@@ -127,8 +127,8 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             add_metrics(scene, pipeline.measure_ratio(scene.pan, scene.ms, options.reproject), details)
         return details
 
-    def made_otherwise(out: Path) -> str | None:
-        return product_differs(out, asked, options.out_dtype)
+    def made_otherwise(scene: Scene) -> str | None:
+        return product_differs(scene.out, asked, options, scene.ms)
 
     process.side_files = job.side_files  # type: ignore[attr-defined]
     process.made_otherwise = made_otherwise  # type: ignore[attr-defined]
@@ -136,10 +136,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     return process
 
 
-def product_differs(out: Path, asked: Any, out_dtype: str | None) -> str | None:
+def product_differs(out: Path, asked: Any, options: Any = None, ms: Path | None = None) -> str | None:
     """How a complete product's tags differ from what a batch asks for: another model, method or
-    weights than the fuser `asked`, a classical method's other --sensor (its MTF gains), or another
-    pixel type than `out_dtype` (when given); None when they agree."""
+    weights than the fuser `asked`, a classical method's other --sensor or sensor bands (its MTF
+    gains: those `options` give the scene's `ms`), or another pixel type than `options.out_dtype`
+    (when given); None when they agree."""
     from fusion_cli.raster import open_raster
 
     with open_raster(out, "product") as ds:
@@ -149,15 +150,39 @@ def product_differs(out: Path, asked: Any, out_dtype: str | None) -> str | None:
         weights = "" if made[0] != asked.name else " with other weights"
         return f"was made by {made[0]}{weights}, not {asked.name}"
     try:
-        sensor = json.loads(tags.get("FUSION_PARAMS", "{}")).get("sensor")
-    except (ValueError, AttributeError):
-        sensor = None
+        params = json.loads(tags.get("FUSION_PARAMS", "{}"))
+    except ValueError:
+        params = {}
+    params = params if isinstance(params, dict) else {}
+    sensor, recorded = params.get("sensor"), params.get("sensor_bands")
     wanted = getattr(asked, "sensor", None)
     if sensor is not None and wanted is not None and sensor != wanted:  # older products record none
         return f"was made with --sensor {sensor}, not {wanted}"
+    expected = _asked_sensor_bands(wanted, options, ms) if recorded is not None else None
+    if expected is not None and expected != recorded:
+        return f"was made for {sensor} bands {recorded}, not {expected}"
+    out_dtype = getattr(options, "out_dtype", None)
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"
     return None
+
+
+def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> list[int] | None:
+    """The sensor band numbers a classical method fusing `ms` with `options` would record, as
+    `fuse_files` finds them; None where they cannot be told here (the run says why)."""
+    if sensor is None or ms is None or options is None:
+        return None
+    from fusion_cli.raster import open_raster, select_bands
+    from fusion_cli.sensors import sensor_band_numbers
+
+    try:
+        with open_raster(ms, "MS") as ds:
+            data_bands = select_bands(ds, None, "MS", read=False)
+        picked = options.bands or data_bands
+        positions = [data_bands.index(b) + 1 if b in data_bands else b for b in picked]
+        return sensor_band_numbers(sensor, len(data_bands), positions, options.sensor_bands)
+    except FusionError:
+        return None
 
 
 def refuse_linked_side_file(side: Path, out: Path) -> None:

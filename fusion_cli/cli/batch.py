@@ -64,14 +64,15 @@ def _show_plan(plan: lib.Plan, job: lib.FuseJob, overwrite: bool, as_json: bool)
     """`--dry-run`: every scene with what the run would do with it, then unpaired and ignored files."""
     asked = job.asked_fuser()  # a complete product another fuser made is not done (a bad name: exit 2)
 
-    def made_otherwise(out: Path) -> str | None:
-        return lib.product_differs(out, asked, job.options.out_dtype)
+    def action(scene: lib.Scene) -> str:
+        def made_otherwise(out: Path) -> str | None:
+            return lib.product_differs(out, asked, job.options, scene.ms)
 
-    # in plan order: scene ids need not be unique (`a` of both a.tif and a.tiff)
-    actions = [
-        lib.planned_action(s.out, job.side_files(s.out), overwrite=overwrite, made_otherwise=made_otherwise)
-        for s in plan.scenes
-    ]
+        return lib.planned_action(
+            scene.out, job.side_files(scene.out), overwrite=overwrite, made_otherwise=made_otherwise
+        )
+
+    actions = [action(s) for s in plan.scenes]  # in plan order: `a` of a.tif and a.tiff share an id
     if as_json:
         payload = plan.to_dict()
         for s, action in zip(payload["scenes"], actions, strict=True):
