@@ -215,23 +215,14 @@ def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
     data, taken = _bands_of_product(case.fused, img, what, bands)
     encoding = img.encoding.select([b - 1 for b in taken]) if img.encoding and taken else img.encoding
     img = replace(img, data=data, encoding=encoding)
+    # the indices compare stored DN: the product's with the reference's (or the MS's), and the PAN's
+    why = "the indices compare stored DN"
+    if case.fused.encoding is not None and encoding is not None:
+        check_same_encoding(("product", case.fused.encoding), (what, encoding), why, per_band=True)
     if case.ref is not None:
-        if case.fused.encoding is not None and encoding is not None:  # DN compared with DN
-            check_same_encoding(
-                ("product", case.fused.encoding), ("reference", encoding), "the indices compare stored DN",
-                per_band=True,
-            )  # fmt: skip
         return replace(case, ref=img, bands_compared=taken)
-    if encoding is not None:  # full resolution compares the product, the PAN and the MS as stored DN
-        if case.fused.encoding is not None:
-            check_same_encoding(
-                ("product", case.fused.encoding),
-                ("MS", encoding),
-                "the indices compare stored DN",
-                per_band=True,
-            )
-        if case.pan is not None and case.pan.encoding is not None:
-            check_same_encoding(("PAN", case.pan.encoding), ("MS", encoding), "the indices compare stored DN")
+    if encoding is not None and case.pan is not None and case.pan.encoding is not None:
+        check_same_encoding(("PAN", case.pan.encoding), ("MS", encoding), why)
     return replace(case, ms=img, bands_compared=taken)
 
 

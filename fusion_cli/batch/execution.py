@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import socket
@@ -229,7 +230,8 @@ def _execute_locked(
         remove_stale_temporaries(scene.out)
         finishing = isinstance(process, FinishingProcessor)
         sides = process.side_files(scene.out) if finishing else []
-        made_otherwise = (lambda _out: process.made_otherwise(scene)) if finishing else None
+        # asked once: it opens the product (and the scene's MS), and the refusal quotes it again
+        made_otherwise = functools.cache(lambda _out: process.made_otherwise(scene)) if finishing else None
         action = planned_action(
             scene.out, sides, overwrite=overwrite, is_complete=check, made_otherwise=made_otherwise
         )

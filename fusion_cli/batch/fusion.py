@@ -172,15 +172,13 @@ def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> li
     `fuse_files` finds them; None where they cannot be told here (the run says why)."""
     if sensor is None or ms is None or options is None:
         return None
-    from fusion_cli.raster import open_raster, select_bands
+    from fusion_cli.raster import data_band_positions, open_raster
     from fusion_cli.sensors import sensor_band_numbers
 
     try:
         with open_raster(ms, "MS") as ds:
-            data_bands = select_bands(ds, None, "MS", read=False)
-        picked = options.bands or data_bands
-        positions = [data_bands.index(b) + 1 if b in data_bands else b for b in picked]
-        return sensor_band_numbers(sensor, len(data_bands), positions, options.sensor_bands)
+            file_bands, positions = data_band_positions(ds, options.bands)
+        return sensor_band_numbers(sensor, file_bands, positions, options.sensor_bands)
     except FusionError:
         return None
 

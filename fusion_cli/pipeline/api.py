@@ -109,9 +109,9 @@ def fuse_arrays(
     raster.check_dn_max(opts.dn_max)
     adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
     network = fuser.dn_max is not None
-    for what, image, valid in (("MS", ms, ms_valid), ("PAN", pan, pan_valid)):
-        if what == "PAN" and not network:  # a network divides the PAN by the MS's scale too
-            break
+    # a network divides the PAN by the MS's scale too
+    checked = [("MS", ms, ms_valid)] + ([("PAN", pan, pan_valid)] if network else [])
+    for what, image, valid in checked:
         values = image[:, valid] if valid is not None else image.reshape(len(image), -1)
         step = max(1, values.shape[1] // raster.DN_CHECK_SAMPLES)
         raster.check_dn_values(
@@ -231,9 +231,7 @@ def fuse_files(
             ("PAN", raster.Encoding.of(pan_ds, pan_bands)), ("MS", encoding), "fusion works on stored DN"
         )
         check_fuser(fuser, len(pan_bands), len(bands))
-        data_bands = raster.select_bands(ms_ds, None, "MS", read=False)  # an alpha band is no sensor band
-        positions = [data_bands.index(b) + 1 if b in data_bands else b for b in bands]
-        fit_sensor_bands(fuser, len(data_bands), positions, opts.sensor_bands)
+        fit_sensor_bands(fuser, *raster.data_band_positions(ms_ds, bands), opts.sensor_bands)
         check_band_wavelengths(fuser, ms_ds, bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
         out_dtype = opts.out_dtype or ms_dtype  # --dtype is checked when the options are made

@@ -76,6 +76,14 @@ def select_bands(
     return picked
 
 
+def data_band_positions(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None) -> tuple[int, list[int]]:
+    """The raster's data band count (an alpha band is a mask, not a band) and where `bands` (1-based
+    in the file; None: the data bands) sit among them, 1-based: what a sensor's band numbers index."""
+    data_bands = select_bands(ds, None, read=False)
+    picked = data_bands if bands is None else bands
+    return len(data_bands), [data_bands.index(b) + 1 if b in data_bands else b for b in picked]
+
+
 def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
     """Largest DN the sensor can produce, from NBITS metadata (e.g. 11 -> 2047); None if unknown."""
     nbits = ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") or ds.tags(ns="IMAGE_STRUCTURE").get("NBITS")
