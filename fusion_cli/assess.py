@@ -46,7 +46,9 @@ class EvalOptions:
     per_band: bool = False
     block: int = 32  # Q2n / Q / QNR block size
     psnr_peak: float | str = "dnmax"
-    sensor: str | None = None  # MTF gains for D_lambda^K (None: generic gains)
+    sensor: str | None = (
+        None  # MTF gains for D_lambda^K, HPC (None: the product's recorded sensor, else generic)
+    )
     nodata: float | None = None  # extra nodata value
     # 1-based bands of the reference / MS that the product's bands are, in its order (what --bands
     # selected when it was fused); None: all, or the selection its FUSION_PARAMS tag records
@@ -300,6 +302,18 @@ def _product_sensor_bands(case: Case, opts: EvalOptions, file_bands: int) -> lis
     return sensor_band_numbers(opts.sensor, file_bands, case.bands_compared, opts.sensor_bands)
 
 
+def _recorded_sensor(fused: Image) -> str | None:
+    """The sensor a `fusion` product was fused for (its FUSION_PARAMS tag), when it names a known one:
+    without --sensor, its D_lambda^K and HPC use that sensor's gains, as `batch --metrics` did."""
+    sensor = product_sources(fused)[2].get("sensor")
+    if not isinstance(sensor, str):
+        return None
+    try:
+        return canonical_sensor(sensor)
+    except FusionError:
+        return None
+
+
 def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
     return None if valid.all() else valid
 
@@ -363,6 +377,8 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         ms_valid = np.repeat(np.repeat(case.ms.valid, ratio, axis=0), ratio, axis=1)
         valid = f.valid & case.pan.valid & ms_valid
         out["pan"], out["ms"] = str(case.pan.path), str(case.ms.path)
+        if opts.sensor is None:
+            opts = replace(opts, sensor=_recorded_sensor(f))
         sensor_bands = _product_sensor_bands(case, opts, file_bands)
         out.update(
             full_resolution(

@@ -287,3 +287,18 @@ def test_a_method_built_with_sensor_bands_maps_a_pick_through_them(wv3: dict[str
     picked = fuse_arrays(pan, ms[::-1].copy(), built, FuseOptions(bands=[4, 6]))  # WV3 bands 5 and 3
     whole = fuse_arrays(pan, ms, make_method("mtf-glp", 4, sensor="wv3"))
     np.testing.assert_array_equal(picked, whole[[4, 2]])
+
+
+def test_metrics_without_sensor_use_the_sensor_the_product_records(wv3: dict[str, Path], capsys) -> None:
+    # a product fused with --sensor wv3, scored without --sensor: D_lambda^K took the generic 0.3 gains
+    # (0.134095 where batch --metrics --sensor wv3 gave 0.132193 on a 512^2 crop)
+    score = ["metrics", str(wv3["full"]), "--pan", str(wv3["pan"]), "--ms", str(wv3["ms"]), "--json"]
+    bare, given, generic = (
+        json.loads(run(capsys, *score, *extra)[1])
+        for extra in ([], ["--sensor", "wv3"], ["--sensor", "generic"])
+    )
+    assert bare["settings"]["sensor"] == "wv3"
+    assert bare["D_lambda_K"] == given["D_lambda_K"] and bare["HPC"] == given["HPC"]
+    fused, ms = read(wv3["full"]).astype(np.float64), read(wv3["ms"]).astype(np.float64)
+    assert bare["D_lambda_K"] == pytest.approx(d_lambda_khan(fused, upsample(ms, 4), 4, gains=WV3), abs=1e-9)
+    assert abs(generic["D_lambda_K"] - bare["D_lambda_K"]) > 1e-4  # the gains matter on this scene

@@ -178,7 +178,10 @@ class MetricOpt:
     )
     psnr_peak = typer.Option("dnmax", "--psnr-peak", help="PSNR/SSIM peak: a number, dnmax or band-max.")
     sensor = Choices.sensor.option(
-        None, "--sensor", help="Sensor MTF for D_lambda^K (generic gains without it)."
+        None,
+        "--sensor",
+        help="Sensor MTF for D_lambda^K and HPC (without it: the sensor the product records it was fused "
+        "for, else generic gains; --sensor generic forces those).",
     )
     sensor_bands = sensor_bands_option()
     nodata = typer.Option(None, "--nodata", help="Extra nodata value (all bands equal to it).")

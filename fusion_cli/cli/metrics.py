@@ -41,7 +41,8 @@ FUSION_MS tags name them; the ratio is taken from the pixel sizes):
     compares UIQI(fused band, PAN) with UIQI(MS band, PAN degraded by bicubic 1/ratio and back).
     QNR = (1 - D_lambda)(1 - D_s).
   D_lambda^K (Khan) = 1 - Q2n(interpolated MS, product low-passed by the sensor MTF); --sensor picks
-    the Nyquist gains (generic 0.3 without it). HQNR = (1 - D_lambda^K)(1 - D_s).
+    the Nyquist gains (without it: the sensor a fusion product records it was fused for, else the
+    generic 0.3; --sensor generic forces those). HQNR = (1 - D_lambda^K)(1 - D_s).
   Published "QNR" columns of DLPan tables are HQNR.
   HPC (sharpness): per band, the correlation of the product's high-pass with the PAN's, the
     high-pass being the image minus its low-pass by that band's sensor MTF at the ratio (the detail
