@@ -47,3 +47,15 @@ def test_entry_point_bounds_idle_openmp_spinning_unless_the_user_chose():
     assert run() == ["-", "1000", "0", "False"]
     assert run(GOMP_SPINCOUNT="50") == ["-", "50", "0", "False"]
     assert run(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "-", "-", "False"]
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path):
+    # --debug re-raised the error: exit 1 where the same bad input exits 2 without it
+    args = ("pansharpen", str(tmp_path / "missing_pan.tif"), str(tmp_path / "missing_ms.tif"), "-o")
+    plain = run_cli(*args, str(tmp_path / "a.tif"))
+    debug = run_cli("--debug", *args, str(tmp_path / "b.tif"))
+    assert plain.returncode == debug.returncode == 2, debug.stderr
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    last = debug.stderr.strip().splitlines()[-1]
+    assert last == plain.stderr.strip() and last.startswith("Error: ") and "missing_pan.tif" in last
+    assert not any(tmp_path.iterdir())

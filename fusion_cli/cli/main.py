@@ -11,6 +11,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -253,13 +254,11 @@ def _main(argv: list[str] | None, debug: bool) -> None:
                 raise Terminated(_signals[-1]) if _signals else KeyboardInterrupt from None
             sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
     except FusionError as exc:
-        if debug:
-            raise
+        _traceback_if(debug)
         typer.echo(f"Error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:
-        if debug:
-            raise
+        _traceback_if(debug)
         # a path the user chose and cannot use is bad input (exit 2); an OutputWriteError keeps the
         # OS error it reports as its cause
         # (only an OSError's errno: a GDAL error's `errno` is its error class, CPLE_AppDefined = 1 = EPERM)
@@ -276,8 +275,9 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         # OutOfMemoryError "CUDA out of memory" (a RuntimeError)
         message = str(exc)
         oom = isinstance(exc, MemoryError) or "allocate memory" in message or "out of memory" in message
-        if debug or not oom:
+        if not oom:
             raise
+        _traceback_if(debug)
         typer.echo(
             "Error: out of memory; use a smaller --tile or --batch, or free memory, then rerun", err=True
         )
@@ -287,6 +287,13 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         signum = getattr(exc, "signum", signal.SIGINT)
         typer.echo("Interrupted." if signum == signal.SIGINT else f"Terminated by signal {signum}.", err=True)
         sys.exit(128 + signum)
+
+
+def _traceback_if(debug: bool) -> None:
+    """--debug adds the traceback of the error being handled; the one-line message and the exit code
+    stay what they are without it (scripts test the code)."""
+    if debug:
+        traceback.print_exc()
 
 
 def _usage_error(exc: Exception) -> None:
