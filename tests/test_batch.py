@@ -904,6 +904,39 @@ def test_a_rerun_asking_for_other_sensor_bands_does_not_skip_the_old_products(tm
     assert "was made for wv3 bands [8, 7, 6, 5, 4, 3, 2, 1], not [1, 2, 3, 4, 5, 6, 7, 8]" in other["reason"]
 
 
+def test_hisr_folder_with_a_classical_method_and_pan_bands(tmp_path: Path) -> None:
+    """HISR in batch (the MSI as "pan"): a classical method was built for a 1-band PAN, so every scene
+    failed naming --pan-bands, which batch did not have. Each scene equals `fusion hisr`; a product
+    made from other MSI bands than asked fails a rerun instead of being skipped as done."""
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    with rasterio.open(need_shared("eo1_hyperion_ali_paris", "hs_for_ms.tif")) as ds:
+        ref = ds.read().astype(np.float32)
+    with rasterio.open(
+        in_dir / "a_HSI.tif", "w", driver="GTiff", width=24, height=24, count=128, dtype="float32"
+    ) as dst:
+        dst.write(ref.reshape(128, 24, 3, 24, 3).mean(axis=(2, 4)))  # the Paris HSI reduced by 3
+    shutil.copy(need_shared("eo1_hyperion_ali_paris", "ms.tif"), in_dir / "a_MSI.tif")  # 9 ALI bands
+    base = ("batch", str(in_dir), str(out_dir), "--pan", "*_MSI.tif", "--ms", "*_HSI.tif", "--json")
+    six = ("--pan-bands", "1,2,3,4,5,6")
+
+    def run(*extra: str, rc: int = 0) -> dict:
+        return json.loads(run_cli(*base, *extra, check_rc=rc).stdout)["scenes"][0]
+
+    for method in ("mtf-glp-hs", "gsa"):
+        scene = run("--method", method, *six, "--overwrite")
+        assert scene["status"] == "done", scene
+        single = tmp_path / f"{method}.tif"
+        hisr = ("hisr", str(in_dir / "a_HSI.tif"), str(in_dir / "a_MSI.tif"), "-o", str(single))
+        run_cli(*hisr, "--method", method, *six, "-q", check_rc=0)
+        with rasterio.open(out_dir / "a_fused.tif") as a, rasterio.open(single) as b:
+            assert a.count == 128 and np.array_equal(a.read(), b.read())
+    assert run("--method", "gsa", *six)["status"] == "skipped"
+    other = run("--method", "gsa", rc=1)
+    assert "was made from PAN bands [1, 2, 3, 4, 5, 6], not [1, 2, 3, 4, 5, 6, 7, 8, 9]" in other["reason"]
+    assert run("--method", "gsa", "--overwrite")["status"] == "done"  # all nine: fuses now
+
+
 def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:
     """OUT_DIR = IN_DIR with `--out-pattern '{stem}_fused_ms.tif'`: the rerun took the first run's
     products for MS files (they match `*_ms.tif`) without a PAN and failed them, exit 1."""

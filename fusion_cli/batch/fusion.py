@@ -57,10 +57,10 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     """`process(scene)` fusing with one fuser built once for the whole batch.
 
     A network is built once and serves every scene (a shallow copy per scene holds its statistics).
-    A classical method depends on the pair's ratio (measured per scene from the geotransforms), so
-    one instance is kept per ratio; a method with scene statistics (`needs_stats`) gets a fresh
-    instance per scene so that no statistics leak from one scene into the next (cheap: classical
-    methods have no weights).
+    A classical method depends on the pair's ratio (measured per scene from the geotransforms) and
+    on its PAN band count (an MSI's for HISR), so one instance is kept per both; a method with scene
+    statistics (`needs_stats`) gets a fresh instance per scene so that no statistics leak from one
+    scene into the next (cheap: classical methods have no weights).
     """
     from fusion_cli import pipeline
     from fusion_cli.pipeline.output import write_quicklook
@@ -69,7 +69,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     options = replace(job.options, overwrite=True)
     classical = job.fuser.get("method") is not None
     default_model = not any(job.fuser.get(k) is not None for k in ("model", "weights", "method"))
-    fusers: dict[int | None, Any] = {}
+    fusers: dict[tuple[int, int] | None, Any] = {}
     asked = job.asked_fuser()  # bad model / weights / method names fail here, before the first scene
     if not classical:
         fusers[None] = asked
@@ -83,10 +83,12 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
             # per-scene copy, so scenes fused concurrently do not share them.
             return copy.copy(fusers[None])
         ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
-        fuser = fusers.get(ratio)
+        # HISR: the MSI's bands (or --pan-bands') are the method's "PAN" bands
+        pan_count = len(options.pan_bands) if options.pan_bands else pipeline.band_count(scene.pan, "PAN")
+        fuser = fusers.get((ratio, pan_count))
         if fuser is None or fuser.needs_stats:
-            fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio})
-            fusers[ratio] = fuser
+            fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio, "pan_bands": pan_count})
+            fusers[ratio, pan_count] = fuser
         return fuser
 
     def refuse_linked_side_files(scene: Scene) -> None:
@@ -128,7 +130,7 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         return details
 
     def made_otherwise(scene: Scene) -> str | None:
-        return product_differs(scene.out, asked, options, scene.ms)
+        return product_differs(scene.out, asked, options, scene)
 
     process.side_files = job.side_files  # type: ignore[attr-defined]
     process.made_otherwise = made_otherwise  # type: ignore[attr-defined]
@@ -136,11 +138,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     return process
 
 
-def product_differs(out: Path, asked: Any, options: Any = None, ms: Path | None = None) -> str | None:
+def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | None = None) -> str | None:
     """How a complete product's tags differ from what a batch asks for: another model, method or
     weights than the fuser `asked`, a classical method's other --sensor or sensor bands (its MTF
-    gains: those `options` give the scene's `ms`), or another pixel type than `options.out_dtype`
-    (when given); None when they agree."""
+    gains: those `options` give the `scene`'s MS), other PAN bands (an MSI's, HISR: --pan-bands), or
+    another pixel type than `options.out_dtype` (when given); None when they agree."""
     from fusion_cli.raster import open_raster
 
     with open_raster(out, "product") as ds:
@@ -158,9 +160,13 @@ def product_differs(out: Path, asked: Any, options: Any = None, ms: Path | None 
     wanted = getattr(asked, "sensor", None)
     if sensor is not None and wanted is not None and sensor != wanted:  # older products record none
         return f"was made with --sensor {sensor}, not {wanted}"
+    ms, pan = (None, None) if scene is None else (scene.ms, scene.pan)
     expected = _asked_sensor_bands(wanted, options, ms) if recorded is not None else None
     if expected is not None and expected != recorded:
         return f"was made for {sensor} bands {recorded}, not {expected}"
+    made_pan, asked_pan = params.get("pan_bands"), _asked_pan_bands(options, pan)
+    if isinstance(made_pan, list) and asked_pan is not None and made_pan != asked_pan:
+        return f"was made from PAN bands {made_pan}, not {asked_pan}"
     out_dtype = getattr(options, "out_dtype", None)
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"
@@ -179,6 +185,20 @@ def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> li
         with open_raster(ms, "MS") as ds:
             file_bands, positions = data_band_positions(ds, options.bands)
         return sensor_band_numbers(sensor, file_bands, positions, options.sensor_bands)
+    except FusionError:
+        return None
+
+
+def _asked_pan_bands(options: Any, pan: Path | None) -> list[int] | None:
+    """The PAN (an MSI's) bands `options` select from `pan`, as `fuse_files` records them; None where
+    they cannot be told here (the run says why)."""
+    if pan is None or options is None:
+        return None
+    from fusion_cli.raster import open_raster, select_bands
+
+    try:
+        with open_raster(pan, "PAN") as ds:
+            return select_bands(ds, options.pan_bands, "PAN", read=False)
     except FusionError:
         return None
 

@@ -15,6 +15,7 @@ from fusion_cli.cli.common import (
     OutputOpt,
     echo_json,
     input_nodata,
+    pan_bands_option,
     parse_bands,
     parse_creation_options,
     table_console,
@@ -66,7 +67,7 @@ def _show_plan(plan: lib.Plan, job: lib.FuseJob, overwrite: bool, as_json: bool)
 
     def action(scene: lib.Scene) -> str:
         def made_otherwise(out: Path) -> str | None:
-            return lib.product_differs(out, asked, job.options, scene.ms)
+            return lib.product_differs(out, asked, job.options, scene)
 
         return lib.planned_action(
             scene.out, job.side_files(scene.out), overwrite=overwrite, made_otherwise=made_otherwise
@@ -149,6 +150,7 @@ def register(app: typer.Typer) -> None:
         dn_max: float | None = FuseOpt.dn_max,
         bands: str | None = FuseOpt.bands,
         sensor_bands: str | None = FuseOpt.sensor_bands,
+        pan_bands: str | None = pan_bands_option("PAN (or MSI)"),
         dtype: str | None = FuseOpt.dtype,
         cog: bool = FuseOpt.cog,
         coregister: bool = FuseOpt.coregister,
@@ -225,7 +227,7 @@ def register(app: typer.Typer) -> None:
         options = FuseOptions(
             tile=tile, overlap=overlap, batch=batch_size,
             threads=threads, dn_max=dn_max, bands=band_list, out_dtype=dtype, cog=cog,
-            sensor_bands=sensor_band_list,
+            sensor_bands=sensor_band_list, pan_bands=parse_bands(pan_bands),
             coregister=coregister, zero_is_nodata=zero_nodata, compress=compress, quicklook=quicklook,
             creation_options=parse_creation_options(co), **input_nodata(nodata, pan_nodata, ms_nodata),
             stats_mpx=stats_mpx, reproject=reproject,

@@ -323,6 +323,17 @@ def lazy_epilog(source: Callable[[], str]) -> type[TyperCommand]:
     return Command
 
 
+def pan_bands_option(high_res: str) -> Any:
+    """The --pan-bands option of `pansharpen`, `hisr` and `batch` (`high_res`: what the high-resolution
+    input is called there)."""
+    return typer.Option(
+        None,
+        "--pan-bands",
+        help=f"1-based bands of the {high_res} to use, in the order a model expects (default: "
+        "all but an alpha band), e.g. six of an ALI MSI's nine for hyperion_hisr.",
+    )
+
+
 def register_fuse_command(
     app: typer.Typer,
     name: str,
@@ -353,12 +364,7 @@ def register_fuse_command(
         sensor: str | None = FuseOpt.sensor,
         bands: str | None = FuseOpt.bands,
         sensor_bands: str | None = FuseOpt.sensor_bands,
-        pan_bands: str | None = typer.Option(
-            None,
-            "--pan-bands",
-            help=f"1-based bands of the {high_res} to use, in the order a model expects (default: "
-            "all but an alpha band), e.g. six of an ALI MSI's nine for hyperion_hisr.",
-        ),
+        pan_bands: str | None = pan_bands_option(high_res),
         dn_max: float | None = FuseOpt.dn_max,
         tile: int | None = FuseOpt.tile,
         overlap: int | None = FuseOpt.overlap,

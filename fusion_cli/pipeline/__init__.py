@@ -22,7 +22,7 @@ The modules follow the data flow:
 from fusion_cli.pipeline.api import check_default_model_fits, fuse_arrays, fuse_files, hisr, pansharpen
 from fusion_cli.pipeline.factory import FuserSpec, build_fuser, make_fuser
 from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
-from fusion_cli.pipeline.readers import measure_ratio, open_pair
+from fusion_cli.pipeline.readers import band_count, measure_ratio, open_pair
 from fusion_cli.pipeline.stats import stats_windows
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "FuseSummary",
     "FuserSpec",
     "Progress",
+    "band_count",
     "build_fuser",
     "check_default_model_fits",
     "fuse_arrays",
