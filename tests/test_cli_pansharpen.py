@@ -528,6 +528,12 @@ def test_without_model_a_pair_the_default_cannot_fuse_names_the_model_that_can(t
     assert_one_line_error(code, err, "this pair has 8 bands at ratio 4; pass --model vhr4 with --bands")
     code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "o.tif"), "--bands", "2,3,5")
     assert_one_line_error(code, err, "this pair has 3 bands at ratio 4; no installed model fits it")
+    # a pick beyond the file is named as such, not as a pair no model fits (default model or named)
+    for model in ([], ["--model", "vhr4"]):
+        code, _, err = run(
+            capsys, "pansharpen", *wv3, "-o", str(tmp_path / "o.tif"), "--bands", "2,3,9", *model
+        )
+        assert_one_line_error(code, err, "MS has 8 bands, cannot select band(s) [9]; use --bands 1..8")
     assert not (tmp_path / "o.tif").exists()
     code, _, err = run(capsys, "pansharpen", *wv3, "-o", str(tmp_path / "gsa.tif"), "--method", "gsa", "-q")
     assert code == 0, err

@@ -405,7 +405,7 @@ def check_default_model_fits(ms: PathLike, ratio: int, bands: Sequence[int] | No
     that the default model, used when no model, weights or method is given, cannot fuse."""
     from fusion_cli.models.registry import default_model_mismatch
 
-    mismatch = default_model_mismatch(len(bands) if bands else band_count(ms, "MS"), ratio)
+    mismatch = default_model_mismatch(band_count(ms, "MS", bands), ratio)
     if mismatch:
         raise FusionError(mismatch)
 
@@ -414,13 +414,15 @@ def _resolve_fuser(pan: PathLike, ms: PathLike, out: PathLike, spec: FuserSpec, 
     # Fail on bad inputs or an unwritable output before loading a model (which takes time).
     raster.check_writable(out, opts.overwrite, [pan, ms], side_outputs(out, opts))
     ratio = measure_ratio(pan, ms, opts.reproject)
+    # a pick beyond a file is named as such before any model is chosen or loaded
+    ms_count, pan_count = band_count(ms, "MS", opts.bands), band_count(pan, "PAN", opts.pan_bands)
     if spec.model is None and spec.weights is None and spec.method is None:
         check_default_model_fits(ms, ratio, opts.bands)
     return build_fuser(
         spec,
         ratio=ratio if spec.method is not None else None,
-        ms_bands=len(opts.bands) if opts.bands else None,
-        pan_bands=len(opts.pan_bands) if opts.pan_bands else band_count(pan, "PAN"),
+        ms_bands=ms_count if opts.bands else None,
+        pan_bands=pan_count,
     )
 
 

@@ -158,7 +158,9 @@ def measure_ratio(
         return align.relate_grids(p, m).ratio
 
 
-def band_count(path: str | os.PathLike[str], what: str) -> int:
-    """Data bands of a raster: an alpha band is a mask, not a band (as the readers treat it)."""
+def band_count(path: str | os.PathLike[str], what: str, bands: Sequence[int] | None = None) -> int:
+    """Data bands of a raster (an alpha band is a mask, not a band, as the readers treat it), or how
+    many `bands` pick (1-based), refused in one line when the file lacks one: "MS" (--bands) or
+    "PAN" (--pan-bands)."""
     with raster.open_raster(path, what) as ds:
-        return len(raster.select_bands(ds, None, what, read=False))
+        return len(raster.select_bands(ds, bands, what, read=False))
