@@ -93,3 +93,19 @@ def test_info_lists_each_sensors_band_order_and_gains(tmp_path) -> None:
     text = _fusion("info", env=_env(tmp_path)).stdout
     assert "  wv3: 1 coastal 0.325, 2 blue 0.355," in text
     assert "  landsat8: 1 coastal, 2 blue," in text and "  generic: every band 0.3; PAN 0.15" in text
+
+
+def test_a_weights_folder_that_does_not_exist_is_named(tmp_path):
+    # a mistyped FUSION_WEIGHTS_DIR listed no models and a run said only "no default model is installed"
+    env = _env(tmp_path / "mistyped")
+    info = _fusion("info", "--json", env=env)
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    said = f"the weights folder {tmp_path / 'mistyped'} does not exist ($FUSION_WEIGHTS_DIR)"
+    assert data["models"] == [] and said in data["model_warnings"]
+    from conftest import EXAMPLE_MS, EXAMPLE_PAN
+
+    args = ("pansharpen", str(EXAMPLE_PAN), str(EXAMPLE_MS), "-o", str(tmp_path / "o.tif"), "--model", "vhr4")
+    run = _fusion(*args, env=env)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "does not exist ($FUSION_WEIGHTS_DIR)" in run.stderr

@@ -11,7 +11,7 @@ import torch
 
 from fusion_cli import __version__
 from fusion_cli.errors import FusionError
-from fusion_cli.models.registry import list_models
+from fusion_cli.models.registry import list_models, missing_folder
 from fusion_cli.models.scan import resolve_backend
 from fusion_cli.paths import weights_location
 from fusion_cli.sensors import sensor_rows
@@ -68,6 +68,7 @@ def environment_info() -> dict[str, Any]:
             }
             for c in cards
         ],
-        "model_warnings": [str(w.message) for w in caught],
+        "model_warnings": [str(w.message) for w in caught]
+        + ([] if folder.is_dir() else [f"the weights folder {folder} {missing_folder(folder)}"]),
         "sensors": sensor_rows(),
     }

@@ -166,8 +166,10 @@ def list_models(directory: Path | None = None, check_weights: bool = False) -> l
     `check_weights` (fusion info) also skips cards whose weights are missing or differ from the
     card's sha256, which --model would refuse: a listing should show what runs."""
     folder = Path(directory) if directory is not None else weights_dir()
+    if not folder.is_dir():  # `fusion info` says so (`missing_folder`); a run's error names it
+        return []
     cards = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for path in sorted(folder.glob("*.json")):
         try:
             card = _read_card(path)
             if card.name != path.stem:
@@ -186,6 +188,12 @@ def list_models(directory: Path | None = None, check_weights: bool = False) -> l
     return cards
 
 
+def missing_folder(folder: Path) -> str:
+    """What is wrong with a weights folder that is not a folder (a mistyped $FUSION_WEIGHTS_DIR)."""
+    source = " ($FUSION_WEIGHTS_DIR)" if os.environ.get("FUSION_WEIGHTS_DIR") == str(folder) else ""
+    return f"is not a folder{source}" if folder.exists() else f"does not exist{source}"
+
+
 def default_model_name(directory: Path | None = None, task: str | None = None) -> str:
     """Name of the card marked `"default": true`; for a `task` (e.g. "hisr"), the default card of that
     task, else its only card: a pansharpening model is no default for another task."""
@@ -197,8 +205,9 @@ def default_model_name(directory: Path | None = None, task: str | None = None) -
     if not defaults:
         folder = directory or weights_dir()
         what = "default model" if task is None else f"default {task} model"
+        missing = "" if folder.is_dir() else f", which {missing_folder(folder)}"
         raise FusionError(
-            f"no {what} is installed in {folder} (point FUSION_WEIGHTS_DIR at a folder of cards, or "
+            f"no {what} is installed in {folder}{missing} (point FUSION_WEIGHTS_DIR at a folder of cards, or "
             "pass --weights FILE or --model NAME, or a classical --method; `fusion info` lists the models)"
         )
     return "landsat" if "landsat" in defaults else defaults[0]
@@ -355,7 +364,10 @@ def load_model(
     if name is not None:
         card_path = weights_dir() / f"{name}.json"
         if not card_path.is_file():
-            names = ", ".join(c.name for c in list_models()) or "none installed"
+            folder = weights_dir()
+            names = ", ".join(c.name for c in list_models()) or (
+                "none installed" if folder.is_dir() else f"none: {folder} {missing_folder(folder)}"
+            )
             raise FusionError(f"unknown model {name!r} (available: {names}); `fusion info` lists them")
         card = _read_card(card_path)
     if weights is None:
