@@ -914,3 +914,26 @@ def test_a_network_refuses_inputs_off_its_scale_or_a_pan_in_other_units(tmp_path
     code, _, err = run(capsys, *args)
     assert_one_line_error(code, err, "the PAN is 12-bit and the MS 11-bit (their NBITS tags)")
     assert run(capsys, *args, "--method", "gsa", "-q")[0] == 0
+
+
+def test_inputs_with_a_geotransform_but_no_crs_keep_it_in_the_product(tmp_path, capsys):
+    # the grids were related through their transforms, but the product was written without one
+    # (identity) while --json reported the transform: a crop's offset was lost
+    from rasterio.windows import Window
+
+    files = {}
+    for name, window in (("pan_1", Window(40, 80, 256, 256)), ("ms_1", Window(0, 0, 150, 150))):
+        with rasterio.open(need_shared("wv2_spacenet6", f"{name}.tif")) as src:
+            profile = src.profile | {"crs": None, "width": window.width, "height": window.height}
+            profile["transform"] = src.window_transform(window)
+            data = src.read(window=window)
+        files[name] = tmp_path / f"{name}.tif"
+        with rasterio.open(files[name], "w", **profile) as dst:
+            dst.write(data)
+    out = tmp_path / "o.tif"
+    code, text, err = run(capsys, "pansharpen", str(files["pan_1"]), str(files["ms_1"]), "-o", str(out),
+                          "--method", "gsa", "--json")  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(files["pan_1"]) as pan, rasterio.open(out) as ds:
+        assert ds.crs is None and ds.transform == pan.transform and ds.shape == pan.shape
+        assert list(ds.transform)[:6] == json.loads(text)["transform"]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from fusion_cli.choices import COMPRESSIONS
 from fusion_cli.errors import FusionError
@@ -91,7 +92,8 @@ def output_profile(
             profile["zlevel"] = DEFLATE_LEVEL
     if crs is not None:
         profile["crs"] = crs
-        profile["transform"] = transform
+    if transform is not None and (crs is not None or not transform.almost_equals(Affine.identity())):
+        profile["transform"] = transform  # a geotransform without a CRS is kept too (GDAL writes it)
     if nodata is not None:
         profile["nodata"] = nodata
     for key, value in (creation_options or {}).items():
