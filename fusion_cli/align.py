@@ -54,6 +54,11 @@ class Alignment:
     georeferenced: bool = True
     dy: float = 0.0
     dx: float = 0.0
+    # PAN px from a block's area centre to where its low-resolution sample is taken. 0: the toolbox's
+    # convention (the product's MS content half a PAN px right/below its geotransform at even ratios);
+    # `sampling_phase(ratio)`: taken where the toolbox's upsampling puts it, so the product sits on
+    # its geotransform (--ms-phase geometric)
+    phase: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,7 +71,7 @@ class Alignment:
     def ms_centres(self, start: int, count: int, axis: int) -> np.ndarray:
         """MS centre-index coordinates (pixel i's centre at i) of `count` low-resolution samples
         starting at PAN pixel `start` (absolute PAN coordinates) along axis 0 (rows) or 1 (cols)."""
-        centres = start + self.ratio * (np.arange(count, dtype=np.float64) + 0.5)
+        centres = start + self.ratio * (np.arange(count, dtype=np.float64) + 0.5) + self.phase
         if axis == 0:
             return self.ay * (centres - self.dy) + self.by - 0.5
         return self.ax * (centres - self.dx) + self.bx - 0.5
@@ -233,6 +238,13 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
         out_transform=pt @ Affine.translation(col0, row0),
         georeferenced=pan_ds.crs is not None or not _is_identity(pt),
     )
+
+
+def sampling_phase(ratio: int) -> float:
+    """PAN px from the centre of an MS pixel's ratio x ratio footprint to the centre of PAN pixel
+    ratio*k + ratio//2, where the toolbox's interpolation (`resample.interp23`, `upsample_ms`) puts
+    low-resolution sample k: half a pixel at even ratios, none at odd ones."""
+    return ratio // 2 + 0.5 - ratio / 2
 
 
 def size_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], exact: bool = False) -> int | None:

@@ -21,10 +21,12 @@ COMPRESSIONS: tuple[str, ...] = ("deflate", "zstd", "lzw", "none")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # `fusion train --task` (fusion_cli.models.registry.TASKS)
 TASKS: tuple[str, ...] = ("pansharpening", "hs-pansharpening", "hisr")
+# `--ms-phase`: where a georeferenced MS is sampled (fusion_cli.pipeline.FuseOptions.ms_phase)
+MS_PHASES: tuple[str, ...] = ("toolbox", "geometric")
 # `fusion simulate --dtype`: unrounded float32 (the toolbox's) or rounded to the input's type
 SIMULATE_DTYPES: tuple[str, ...] = ("float32", "source")
 
 __all__ = [
-    "COMPRESSIONS", "DEVICES", "METHODS", "PRECISIONS", "SENSORS", "SIMULATE_DTYPES", "TASKS",
+    "COMPRESSIONS", "DEVICES", "METHODS", "MS_PHASES", "PRECISIONS", "SENSORS", "SIMULATE_DTYPES", "TASKS",
     "sensor_aliases",
 ]  # fmt: skip

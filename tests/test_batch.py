@@ -937,6 +937,26 @@ def test_hisr_folder_with_a_classical_method_and_pan_bands(tmp_path: Path) -> No
     assert run("--method", "gsa", "--overwrite")["status"] == "done"  # all nine: fuses now
 
 
+def test_a_rerun_asking_for_another_ms_phase_does_not_skip_the_old_products(tmp_path: Path) -> None:
+    """Products placed in the toolbox's phase are not what --ms-phase geometric asks for (their MS
+    content sits half a PAN pixel off): the scene fails, naming both, until --overwrite redoes it."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    base = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--json")
+
+    def run(*extra: str, rc: int = 0) -> dict:
+        return json.loads(run_cli(*base, *extra, check_rc=rc).stdout)["scenes"][0]
+
+    assert run()["status"] == "done"
+    assert run("--ms-phase", "toolbox")["status"] == "skipped"
+    assert "was made with --ms-phase toolbox, not geometric" in run("--ms-phase", "geometric", rc=1)["reason"]
+    assert run("--ms-phase", "geometric", "--overwrite")["status"] == "done"
+    assert run("--ms-phase", "geometric")["status"] == "skipped"
+
+
 def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:
     """OUT_DIR = IN_DIR with `--out-pattern '{stem}_fused_ms.tif'`: the rerun took the first run's
     products for MS files (they match `*_ms.tif`) without a PAN and failed them, exit 1."""

@@ -937,3 +937,43 @@ def test_inputs_with_a_geotransform_but_no_crs_keep_it_in_the_product(tmp_path, 
     with rasterio.open(files["pan_1"]) as pan, rasterio.open(out) as ds:
         assert ds.crs is None and ds.transform == pan.transform and ds.shape == pan.shape
         assert list(ds.transform)[:6] == json.loads(text)["transform"]
+
+
+def test_ms_phase_geometric_puts_the_product_on_its_geotransform(tmp_path, capsys):
+    """On the real WorldView-3 PAN grid with an MS that is a linear ramp on the real MS grid (every
+    interpolator reproduces a ramp, so any offset is placement): the default, toolbox phase puts
+    the MS content half a PAN pixel right of and below the geotransform, as the reference toolbox
+    and the published tables do; --ms-phase geometric puts it on the geotransform."""
+    with rasterio.open(need_shared("wv3_spacenet2", "ms.tif")) as src:
+        profile, h, w = src.profile | {"count": 2, "dtype": "float32"}, src.height, src.width
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    ms = tmp_path / "ramp_ms.tif"
+    with rasterio.open(ms, "w", **profile) as dst:  # DN = 1000 + 100 x (MS column / row index)
+        dst.write(np.stack([1000 + 100 * cols, 1000 + 100 * rows]).astype(np.float32))
+    pan = str(need_shared("wv3_spacenet2", "pan.tif"))
+    offsets = {}
+    for phase in ("toolbox", "geometric"):
+        out = tmp_path / f"{phase}.tif"
+        args = ["pansharpen", pan, str(ms), "-o", str(out), "--method", "exp", "--ms-phase", phase, "-q"]
+        assert run(capsys, *args)[0] == 0
+        with rasterio.open(out) as ds:
+            got, t = ds.read().astype(np.float64), ds.transform
+            assert json.loads(ds.tags()["FUSION_PARAMS"])["ms_phase"] == phase
+        # the ramp at each product pixel centre, through the transforms (MS pixel size 4 PAN px)
+        m, centre = profile["transform"], np.arange(200, 1100) + 0.5
+        x_ms = (t.c + t.a * centre - m.c) / m.a - 0.5  # MS centre-index coordinates
+        y_ms = (t.f + t.e * centre - m.f) / m.e - 0.5
+        offsets[phase] = (
+            -np.mean(got[0, 650, 200:1100] - (1000 + 100 * x_ms)) / 25,  # PAN px to the right
+            -np.mean(got[1, 200:1100, 650] - (1000 + 100 * y_ms)) / 25,  # PAN px down
+        )
+    np.testing.assert_allclose(offsets["toolbox"], (0.5, 0.5), atol=1e-3)
+    np.testing.assert_allclose(offsets["geometric"], (0.0, 0.0), atol=1e-3)
+    # arrays carry no geotransform: the option has nothing to place by
+    from fusion_cli import pipeline
+
+    with pytest.raises(FusionError, match="fuse_arrays does not apply ms_phase"):
+        pipeline.fuse_arrays(
+            np.ones((1, 64, 64), np.float32), np.ones((2, 16, 16), np.float32),
+            pipeline.make_fuser(method="exp", ratio=4), pipeline.FuseOptions(ms_phase="geometric"),
+        )  # fmt: skip

@@ -141,12 +141,14 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
 def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | None = None) -> str | None:
     """How a complete product's tags differ from what a batch asks for: another model, method or
     weights than the fuser `asked`, a classical method's other --sensor or sensor bands (its MTF
-    gains: those `options` give the `scene`'s MS), other PAN bands (an MSI's, HISR: --pan-bands), or
-    another pixel type than `options.out_dtype` (when given); None when they agree."""
+    gains: those `options` give the `scene`'s MS), other PAN bands (an MSI's, HISR: --pan-bands),
+    another --ms-phase, or another pixel type than `options.out_dtype` (when given); None when they
+    agree."""
     from fusion_cli.raster import open_raster
 
     with open_raster(out, "product") as ds:
         tags, dtype = ds.tags(), ds.dtypes[0]
+        georeferenced = ds.crs is not None or not ds.transform.is_identity
     made = (tags.get("FUSION_MODEL"), tags.get("FUSION_WEIGHTS_SHA256", "none"))
     if made != (asked.name, asked.weights_sha256 or "none"):
         weights = "" if made[0] != asked.name else " with other weights"
@@ -167,6 +169,9 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     made_pan, asked_pan = params.get("pan_bands"), _asked_pan_bands(options, pan)
     if isinstance(made_pan, list) and asked_pan is not None and made_pan != asked_pan:
         return f"was made from PAN bands {made_pan}, not {asked_pan}"
+    made_phase, asked_phase = params.get("ms_phase"), getattr(options, "ms_phase", None)
+    if georeferenced and made_phase is not None and asked_phase is not None and made_phase != asked_phase:
+        return f"was made with --ms-phase {made_phase}, not {asked_phase}"
     out_dtype = getattr(options, "out_dtype", None)
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"

@@ -138,6 +138,7 @@ class Choices:
     )  # fmt: skip
     precision = Choice("precision", choices.PRECISIONS)
     compress = Choice("compression", choices.COMPRESSIONS, fold_case=True)
+    ms_phase = Choice("MS phase", choices.MS_PHASES)
     task = Choice("task", choices.TASKS)
     simulate_dtype = Choice("dtype", choices.SIMULATE_DTYPES)
 
@@ -242,6 +243,14 @@ class FuseOpt:
     overwrite = typer.Option(False, "--overwrite", help="Replace an existing output.")
     coregister = typer.Option(
         False, "--coregister", help="Apply the measured sub-pixel shift (always measured and reported)."
+    )
+    ms_phase = Choices.ms_phase.option(
+        "toolbox",
+        "--ms-phase",
+        help="Where the upsampled MS sits at even ratios: toolbox (the reference toolbox's and published "
+        "tables' convention: its content half a PAN pixel right of and below the geotransform) or "
+        "geometric (on the geotransform, as GDAL places it; one cubic resampling of the MS more). Inputs "
+        "without georeferencing are always taken in the toolbox's phase.",
     )
     zero_nodata = typer.Option(False, "--zero-nodata", help="Treat 0 as nodata (unflagged collars).")
     nodata = typer.Option(
@@ -378,6 +387,7 @@ def register_fuse_command(
         cog: bool = FuseOpt.cog,
         overwrite: bool = FuseOpt.overwrite,
         coregister: bool = FuseOpt.coregister,
+        ms_phase: str = FuseOpt.ms_phase,
         zero_nodata: bool = FuseOpt.zero_nodata,
         nodata: float | None = FuseOpt.nodata,
         pan_nodata: float | None = FuseOpt.pan_nodata,
@@ -421,6 +431,7 @@ def register_fuse_command(
             cog=cog,
             overwrite=overwrite,
             coregister=coregister,
+            ms_phase=ms_phase,
             zero_is_nodata=zero_nodata,
             **input_nodata(nodata, pan_nodata, ms_nodata),
             quicklook=quicklook,

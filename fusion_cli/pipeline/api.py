@@ -11,7 +11,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,15 @@ PathLike = str | os.PathLike[str]
 
 
 # FuseOptions that change the values of a product but have no meaning for arrays: refused, not ignored
-_FILE_ONLY_OPTIONS = ("out_dtype", "zero_is_nodata", "pan_nodata", "ms_nodata", "coregister", "reproject")
+_FILE_ONLY_OPTIONS = (
+    "out_dtype",
+    "zero_is_nodata",
+    "pan_nodata",
+    "ms_nodata",
+    "coregister",
+    "reproject",
+    "ms_phase",
+)
 
 
 def fuse_arrays(
@@ -221,6 +229,8 @@ def fuse_files(
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
+            if opts.ms_phase == "geometric" and geom.georeferenced:
+                geom = replace(geom, phase=align.sampling_phase(geom.ratio))
         raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")

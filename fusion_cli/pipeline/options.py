@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fusion_cli.choices import MS_PHASES
 from fusion_cli.errors import FusionError
 
 # Tile side (PAN px) for fusers that state no `preferred_tile`.
@@ -97,6 +98,10 @@ class FuseOptions:
     stats_mpx: float | None = None
     reproject: bool = False  # an MS in another CRS is warped (GDAL, cubic) onto the PAN's CRS and grid
     max_pixels: float | None = None  # largest product (PAN-grid pixels); None: raster.MAX_PIXELS
+    # where a georeferenced MS is sampled (`MS_PHASES`): "toolbox", as the reference toolbox and the
+    # published tables (its content half a PAN px right/below the geotransform at even ratios), or
+    # "geometric", exactly on the geotransform (`align.sampling_phase`)
+    ms_phase: str = "toolbox"
 
     def __post_init__(self) -> None:
         if self.out_dtype is not None:  # refused before any work (a batch: before its first scene)
@@ -119,6 +124,8 @@ class FuseOptions:
             raise FusionError(
                 f"--stats-mpx must be positive: a number of PAN megapixels like 20, got {self.stats_mpx}"
             )
+        if self.ms_phase not in MS_PHASES:
+            raise FusionError(f"--ms-phase must be one of {', '.join(MS_PHASES)}, got {self.ms_phase!r}")
         if self.max_pixels is not None and not self.max_pixels > 0:  # NaN too; inf: no ceiling
             raise FusionError(
                 f"--max-pixels must be positive: a number of pixels like 2e9, got {self.max_pixels}"

@@ -117,6 +117,7 @@ def product_tags(
         "input_nodata": [opts.pan_nodata, opts.ms_nodata],
         "coregister": opts.coregister,
         "shift_pan_px": [geom.dy, geom.dx],
+        "ms_phase": opts.ms_phase if geom.georeferenced else "toolbox",  # no geotransform: the toolbox's
         "ratio": geom.ratio,
         "sensor": getattr(fuser, "sensor", None),  # classical methods: the MTF table and which
         "sensor_bands": getattr(fuser, "sensor_bands", None),  # of its bands the product's are

@@ -7,7 +7,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -108,7 +108,9 @@ def measure_shift(source: PairSource, required: bool = False) -> dict[str, float
             )
         return None
     row, col = (g.height - side_h) // 2, (g.width - side_w) // 2
-    t = source.read(row, col, side_h, side_w)
+    # measured against the MS on its area-aligned grid (estimate_shift's convention), whatever the
+    # phase the fusion samples it in
+    t = PairSource(replace(g, phase=0.0), source.pan_reader, source.ms_reader).read(row, col, side_h, side_w)
     if t.valid.mean() < 0.2:
         if required:
             raise align.ShiftNotMeasurable(
