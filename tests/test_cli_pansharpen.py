@@ -969,6 +969,12 @@ def test_ms_phase_geometric_puts_the_product_on_its_geotransform(tmp_path, capsy
         )
     np.testing.assert_allclose(offsets["toolbox"], (0.5, 0.5), atol=1e-3)
     np.testing.assert_allclose(offsets["geometric"], (0.0, 0.0), atol=1e-3)
+    # fusion simulate decimates in the toolbox's phase: its pairs are refused the other one
+    sim = tmp_path / "sim"
+    assert run(capsys, "simulate", pan, str(ms), "-o", str(sim), "-q")[0] == 0
+    args = ["pansharpen", str(sim / "pan_lr.tif"), str(sim / "ms_lr.tif"), "-o", str(tmp_path / "s.tif")]
+    code, _, err = run(capsys, *args, "--method", "exp", "--ms-phase", "geometric")
+    assert_one_line_error(code, err, "was reduced by fusion simulate, which samples in the toolbox's phase")
     # arrays carry no geotransform: the option has nothing to place by
     from fusion_cli import pipeline
 

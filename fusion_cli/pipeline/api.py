@@ -230,6 +230,12 @@ def fuse_files(
             warnings.simplefilter("always")
             geom = align.relate_grids(pan_ds, ms_ds, fuser.ratio)
             if opts.ms_phase == "geometric" and geom.georeferenced:
+                if "WALD_RATIO" in ms_ds.tags():  # decimated in the toolbox's phase: it is that phase's
+                    raise FusionError(
+                        f"{ms_path} was reduced by fusion simulate, which samples in the toolbox's phase; "
+                        "fuse it with --ms-phase toolbox (the default), or its product sits half a PAN "
+                        "pixel off the reference"
+                    )
                 geom = replace(geom, phase=align.sampling_phase(geom.ratio))
         raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
