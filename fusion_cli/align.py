@@ -151,6 +151,15 @@ def _georef_ratio(
     f_name, c_name = names
     if fine.crs is None and coarse.crs is None and _is_identity(ft) and _is_identity(ct):
         return None
+    for ds, name in ((fine, f_name), (coarse, c_name)):
+        if ds.crs is None and _is_identity(ds.transform):  # the other input is georeferenced
+            how = (
+                " (only ground control points or RPCs, which this tool does not apply: warp it to a "
+                "regular grid first, gdalwarp)"
+                if _only_gcps_or_rpcs(ds)
+                else "; give both inputs the same georeferencing, or neither"
+            )
+            raise FusionError(f"the {name} has no geotransform but the other input has one{how}")
     if (fine.crs is None) != (coarse.crs is None):
         which = f_name if fine.crs is None else c_name
         raise FusionError(f"the {which} has no CRS but the other input has one; assign the same CRS to both")

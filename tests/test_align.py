@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
+import rasterio.control
 from conftest import EXAMPLE_MS, EXAMPLE_PAN, example_pair, have_shared, need_shared, write_example_crop
 from rasterio.transform import from_origin
 
@@ -121,6 +122,16 @@ def test_bad_pairs_raise_one_line_errors(tmp_path):
         with pytest.raises(FusionError, match=message) as e:
             align.relate_grids(pan, ms, expected_ratio=4)
         assert "\n" not in str(e.value)
+    # an MS without any georeferencing beside a georeferenced PAN was "not north-up" (its identity
+    # transform), and one with GCPs only "has no CRS"
+    bare = _synthetic(tmp_path, "f.tif", None, rasterio.Affine.identity(), (100, 100))
+    with pytest.raises(FusionError, match="the MS has no geotransform but the other input has one; give"):
+        align.relate_grids(pan, bare)
+    with rasterio.open(tmp_path / "h.tif", "w", **bare.profile) as dst:
+        dst.write(np.ones((1, 100, 100), np.uint16))
+        dst.gcps = ([rasterio.control.GroundControlPoint(0, 0, 0, 1000)], pan.crs)
+    with rasterio.open(tmp_path / "h.tif") as gcp_only, pytest.raises(FusionError, match="ground control"):
+        align.relate_grids(pan, gcp_only)
     good = _synthetic(tmp_path, "g.tif", "EPSG:32631", from_origin(0, 1000, 2, 2), (200, 200))
     with pytest.raises(FusionError, match="ratio is 2 but the model expects 4"):
         align.relate_grids(pan, good, expected_ratio=4)
