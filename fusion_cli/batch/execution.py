@@ -460,6 +460,7 @@ def run_batch(
             with ThreadPoolExecutor(scene_workers, thread_name_prefix="fusion-scene") as pool:
                 pending: set[Future[SceneResult]] = set()
                 done: set[Future[SceneResult]] = set()  # recorded: never twice, even when interrupted
+                submitted: list[Future[SceneResult]] = []  # in plan order
 
                 def record_once(f: Future[SceneResult]) -> None:
                     if f not in done:
@@ -469,7 +470,8 @@ def run_batch(
                 try:
                     for i, scene in enumerate(plan.scenes):
                         read_ahead(i + scene_workers + io_workers)
-                        pending.add(pool.submit(run_one, scene))
+                        submitted.append(pool.submit(run_one, scene))
+                        pending.add(submitted[-1])
                         if len(pending) >= scene_workers:  # bounded: never the whole plan queued
                             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                             for f in finished:
@@ -478,8 +480,10 @@ def run_batch(
                         record_once(f)
                 except KeyboardInterrupt:
                     # scenes not started never run; the running ones finish in their threads (the
-                    # pool waits for them), so their rows belong in the log and the summary
-                    for f in [f for f in pending if not f.cancel()]:
+                    # pool waits for them), so their rows belong in the log and the summary, as do
+                    # finished ones the interrupt kept from being recorded (it can land between
+                    # `wait` handing them back and their rows)
+                    for f in [f for f in submitted if f not in done and not f.cancel()]:
                         try:
                             record_once(f)
                         except KeyboardInterrupt:
