@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +28,7 @@ from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
 from fusion_cli.raster import file_identity, same_file
-from fusion_cli.signals import interrupt_behind
+from fusion_cli.signals import ThreadPool, interrupt_behind
 
 LOG_VERSION = 1
 
@@ -439,7 +439,7 @@ def run_batch(
 
     for r in unpaired_results(plan):
         record(r)
-    reader = ThreadPoolExecutor(io_workers, thread_name_prefix="fusion-readahead") if io_workers > 0 else None
+    reader = ThreadPool(io_workers, thread_name_prefix="fusion-readahead") if io_workers > 0 else None
     queued = 0  # scenes whose inputs were handed to the read-ahead threads
 
     def read_ahead(upto: int) -> None:
@@ -457,7 +457,7 @@ def run_batch(
                 read_ahead(i + 1 + io_workers)
                 record(run_one(scene))
         else:
-            with ThreadPoolExecutor(scene_workers, thread_name_prefix="fusion-scene") as pool:
+            with ThreadPool(scene_workers, thread_name_prefix="fusion-scene") as pool:
                 pending: set[Future[SceneResult]] = set()
                 done: set[Future[SceneResult]] = set()  # recorded: never twice, even when interrupted
                 submitted: list[Future[SceneResult]] = []  # in plan order

@@ -20,7 +20,7 @@ from fusion_cli.errors import FusionError, short_list
 from fusion_cli.fusers import Fuser, SensorBound
 from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
 from fusion_cli.pipeline.readers import PairSource, Tile
-from fusion_cli.signals import deferred_signals
+from fusion_cli.signals import ThreadPool, deferred_signals
 from fusion_cli.tiling import (
     StripAccumulator,
     TilePlan,
@@ -170,7 +170,7 @@ def read_ahead(
     """`source.read(*box)` for each box, in order, read by one background thread up to `depth` boxes
     ahead: GDAL decodes (releasing the GIL) while the caller fuses or writes. Only that thread touches
     the input datasets meanwhile; the generator must be exhausted or closed before anything else does."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-read") as pool:
+    with ThreadPool(max_workers=1, thread_name_prefix="fusion-read") as pool:
         ahead: deque[Future[Tile]] = deque()
         it = iter(boxes)
         try:
@@ -181,11 +181,11 @@ def read_ahead(
             while ahead:
                 yield ahead.popleft().result()
         finally:
-            for fut in ahead:
-                fut.cancel()
             # the inputs are closed next: the reading thread must be done with them first, whatever
             # Ctrl-C comes meanwhile (a second one abandoned the wait, and GDAL crashed the process)
             with deferred_signals():
+                for fut in ahead:
+                    fut.cancel()
                 pool.shutdown(wait=True)
 
 
@@ -208,7 +208,7 @@ def _window_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    with single_threaded(True), ThreadPoolExecutor(max_workers=workers) as pool:
+    with single_threaded(True), ThreadPool(max_workers=workers) as pool:
         yield pool
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from fusion_cli.errors import FusionError, NoValidPixels
 from fusion_cli.fusers import Fuser, SplittableStats
 from fusion_cli.pipeline.engine import read_ahead, single_threaded, window_workers
 from fusion_cli.pipeline.readers import PairSource, Tile
+from fusion_cli.signals import ThreadPool
 from fusion_cli.tiling import TilePlan, Window, round_up
 
 
@@ -90,7 +91,7 @@ def _accumulate_windows(
         return
     busy: list[Future[None] | None] = [None] * len(parts)
     with (
-        ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="fusion-stats") as pool,
+        ThreadPool(max_workers=len(parts), thread_name_prefix="fusion-stats") as pool,
         contextlib.closing(read_ahead(source, boxes)) as tiles,
     ):
         try:

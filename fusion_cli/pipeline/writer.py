@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
-from fusion_cli.signals import deferred_signals
+from fusion_cli.signals import ThreadPool, deferred_signals
 
 
 class WriteBehind:
@@ -19,7 +19,7 @@ class WriteBehind:
     def __init__(self, depth: int = 2) -> None:
         self.depth = depth
         self.pending: deque[Future[None]] = deque()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion-write")
+        self.pool = ThreadPool(max_workers=1, thread_name_prefix="fusion-write")
         self.failed = False  # after a failed write the queued ones are skipped, not attempted
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
@@ -40,15 +40,16 @@ class WriteBehind:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            while self.pending:
-                fut = self.pending.popleft()
-                if exc_type is None:
-                    fut.result()
-                else:  # already failing: just let the queued writes finish or be dropped
-                    fut.cancel()
-        finally:
-            # the output is closed next: a second Ctrl-C must not abandon this wait while the
-            # writing thread still uses it (GDAL then crashed the process: exit 139)
-            with deferred_signals():
+        # the output is closed next: Ctrl-C must not abandon this wait while the writing thread
+        # still uses it (GDAL then crashed the process: exit 139); it is delivered once the queued
+        # writes (at most `depth` strips) are done or dropped
+        with deferred_signals():
+            try:
+                while self.pending:
+                    fut = self.pending.popleft()
+                    if exc_type is None:
+                        fut.result()
+                    else:  # already failing: just let the queued writes finish or be dropped
+                        fut.cancel()
+            finally:
                 self.pool.shutdown(wait=True)
