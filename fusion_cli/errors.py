@@ -12,6 +12,15 @@ def short_list(items: Sequence[object]) -> str:
     return ", ".join(map(str, shown))
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, torch's "can't allocate memory" (CPU) and "CUDA out of memory" (its
+    OutOfMemoryError is a RuntimeError)."""
+    message = str(exc)
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("allocate memory" in message or "out of memory" in message)
+    )
+
+
 class FusionError(Exception):
     """Bad input or usage. The message is shown to the user as is, without a traceback."""
 

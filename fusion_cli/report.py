@@ -12,6 +12,7 @@ Which product is judged against what (`collect_items`), in order of precedence:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import json
@@ -29,7 +30,7 @@ import numpy as np
 
 from fusion_cli import jsonout
 from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, with_product_bands, write_csv
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, is_out_of_memory
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
 from fusion_cli.raster import atomic_output, gdal_env, is_gdal_path, open_raster, source_files
@@ -437,8 +438,13 @@ def _evaluate_items(
             shown = _figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts)
             results.append(result)  # after the figures: one entry per item, whichever step fails
             figs.append(shown)
-        except FusionError as exc:
-            results.append({"name": item.name, "product": str(item.product), "error": str(exc)})
+        except (FusionError, MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not is_out_of_memory(exc):
+                raise
+            error = str(exc)
+            if not isinstance(exc, FusionError):  # the indices read the images whole
+                error = f"out of memory ({exc}); score a crop of it"
+            results.append({"name": item.name, "product": str(item.product), "error": error})
             figs.append([])
     return results, figs
 
@@ -511,6 +517,8 @@ def build_report(
         raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
     replacing = html_path.exists()  # (--overwrite): the old report's figures go, not figures of none
+    # folders this run makes: removed again (when empty) if it stops before the report is written
+    made = [d for d in (img_dir, *img_dir.parents) if not d.exists()][::-1]
     img_dir.mkdir(parents=True, exist_ok=True)
     # The figures are made in a staging folder and the report is swapped in at the end, with Ctrl-C
     # held: an interrupted --overwrite had already deleted the old report's figures.
@@ -537,6 +545,10 @@ def build_report(
             _write_html(html_path, results, figs, opts)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not html_path.exists():
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty
     return {
         "products": len(results),
         "failed": sum("error" in r for r in results),

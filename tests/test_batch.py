@@ -984,6 +984,29 @@ def test_a_rerun_asking_for_another_ms_phase_does_not_skip_the_old_products(tmp_
     assert run("--ms-phase", "geometric")["status"] == "skipped"
 
 
+def test_metrics_out_of_memory_does_not_fail_a_finished_scene(tmp_path: Path, monkeypatch) -> None:
+    """`--metrics` reads the images whole: torch's "can't allocate memory" (a RuntimeError) escaped
+    the metrics step and failed a scene whose product was complete; it is the scene's metrics_error."""
+    from rasterio.windows import Window
+
+    from fusion_cli.batch import fusion as batch_fusion
+
+    def scene_metrics(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9071969760 bytes"
+        )
+
+    monkeypatch.setattr(batch_fusion, "scene_metrics", scene_metrics)
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    res = run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--metrics", "--json", check_rc=0)
+    scene = json.loads(res.stdout)["scenes"][0]
+    assert scene["status"] == "done" and scene["details"]["metrics_error"].startswith("out of memory: ")
+    sidecar = json.loads((out_dir / "a_fused.tif.metrics.json").read_text())
+    assert sidecar["metrics_error"] == scene["details"]["metrics_error"]
+
+
 def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp_path: Path) -> None:
     """OUT_DIR = IN_DIR with `--out-pattern '{stem}_fused_ms.tif'`: the rerun took the first run's
     products for MS files (they match `*_ms.tif`) without a PAN and failed them, exit 1."""

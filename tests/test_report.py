@@ -223,3 +223,33 @@ def test_an_interrupted_overwrite_keeps_the_old_report_whole(
     images = re.findall(r"src='img/([^']+)'", (out / "index.html").read_text())
     assert images and all((out / "img" / n).is_file() for n in images)
     assert [d for d in (out / "img").iterdir() if d.is_dir()] == []
+
+
+def test_a_product_too_big_to_score_is_one_row_and_a_stopped_report_leaves_no_folder(
+    example_products: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The indices read images whole: torch's "can't allocate memory" on one big product aborted the
+    whole report (exit 1) and left an empty report folder; it is now that product's one-line error.
+    A report that stops (Ctrl-C) before it is written leaves none of the folders it made."""
+    from fusion_cli import report as report_module
+
+    p = example_products
+    real_score = report_module.score
+
+    def score(case, opts):  # type: ignore[no-untyped-def]
+        if "noisy" in str(case.fused.path):
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory"
+            )
+        return real_score(case, opts)
+
+    monkeypatch.setattr(report_module, "score", score)
+    items = [ReportItem(p["exp"], ref=p["gt"]), ReportItem(p["noisy"], ref=p["gt"])]
+    summary = build_report(items, tmp_path / "rep", EvalOptions(ratio=2))
+    assert (summary["products"], summary["failed"]) == (2, 1)
+    rows = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert "ERGAS" in rows[0] and rows[1]["error"].startswith("out of memory (")
+    monkeypatch.setattr(report_module, "score", lambda case, opts: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_report(items, tmp_path / "new" / "rep", EvalOptions(ratio=2))
+    assert not (tmp_path / "new").exists()

@@ -12,7 +12,7 @@ from typing import Any
 from fusion_cli import jsonout
 from fusion_cli.batch.execution import SceneProcessor
 from fusion_cli.batch.pairing import Scene
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, is_out_of_memory
 
 
 @dataclass
@@ -104,10 +104,12 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
                 scene, ratio=ratio, sensor=job.fuser.get("sensor"), reproject=options.reproject,
                 bands=options.bands, sensor_bands=options.sensor_bands,
             )  # fmt: skip
-        except (FusionError, ValueError, MemoryError) as exc:
-            details["metrics_error"] = str(exc)
+        except (FusionError, ValueError, MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not is_out_of_memory(exc):
+                raise
+            details["metrics_error"] = f"out of memory: {exc}" if is_out_of_memory(exc) else str(exc)
             # written too, so that a rerun sees the scene finished rather than redo it
-            write_metrics_sidecar(scene, {"metrics_error": str(exc)})
+            write_metrics_sidecar(scene, {"metrics_error": details["metrics_error"]})
 
     def process(scene: Scene) -> dict[str, Any]:
         refuse_linked_side_files(scene)

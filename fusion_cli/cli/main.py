@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from fusion_cli import __version__
-from fusion_cli.errors import FusionError, Terminated
+from fusion_cli.errors import FusionError, Terminated, is_out_of_memory
 
 app = typer.Typer(
     name="fusion",
@@ -273,13 +273,13 @@ def _main(argv: list[str] | None, debug: bool) -> None:
     except (MemoryError, RuntimeError) as exc:
         # out of memory: numpy's MemoryError, torch's "can't allocate memory" (CPU) and
         # OutOfMemoryError "CUDA out of memory" (a RuntimeError)
-        message = str(exc)
-        oom = isinstance(exc, MemoryError) or "allocate memory" in message or "out of memory" in message
-        if not oom:
+        if not is_out_of_memory(exc):
             raise
         _traceback_if(debug)
         typer.echo(
-            "Error: out of memory; use a smaller --tile or --batch, or free memory, then rerun", err=True
+            "Error: out of memory; free memory and rerun (pansharpen, hisr, batch, train: a smaller "
+            "--tile or --batch; metrics, report and evaluate read the images whole: score a crop)",
+            err=True,
         )
         sys.exit(1)
     except KeyboardInterrupt as exc:
