@@ -106,12 +106,26 @@ def _filter_torch(
     return _correlate(img, col_w, row_w, ratio, decimate)
 
 
+# above this size of the (B, C*k, H, W) intermediate, `_correlate` filters one band at a time
+_BAND_AT_A_TIME_BYTES = 64 << 20
+
+
 def _correlate(
     img: torch.Tensor, col_w: np.ndarray, row_w: np.ndarray, ratio: int, decimate: bool
 ) -> torch.Tensor:
     """`_filter_torch` with its separable terms given: `col_w`, `row_w` `(C, k, n)` (n odd)."""
     b, c, h, w = img.shape
     k, size = col_w.shape[1:]
+    if c > 1 and b * c * k * h * w * img.element_size() > _BAND_AT_A_TIME_BYTES:
+        # a whole image (the full-resolution indices): its (B, C*k, H, W) intermediates, twice, took
+        # gigabytes; band by band they are k planes, and the result the same
+        return torch.cat(
+            [
+                _correlate(img[:, i : i + 1], col_w[i : i + 1], row_w[i : i + 1], ratio, decimate)
+                for i in range(c)
+            ],
+            dim=1,
+        )
     pad = size // 2
     x = F.pad(img, (pad, pad, pad, pad), mode="replicate")
     if k == 1 and not decimate:
