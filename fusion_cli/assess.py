@@ -46,9 +46,8 @@ class EvalOptions:
     per_band: bool = False
     block: int = 32  # Q2n / Q / QNR block size
     psnr_peak: float | str = "dnmax"
-    sensor: str | None = (
-        None  # MTF gains for D_lambda^K, HPC (None: the product's recorded sensor, else generic)
-    )
+    # MTF gains for D_lambda^K and HPC; None: the sensor the product records, else generic gains
+    sensor: str | None = None
     nodata: float | None = None  # extra nodata value
     # 1-based bands of the reference / MS that the product's bands are, in its order (what --bands
     # selected when it was fused); None: all, or the selection its FUSION_PARAMS tag records
