@@ -59,3 +59,22 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path):
     last = debug.stderr.strip().splitlines()[-1]
     assert last == plain.stderr.strip() and last.startswith("Error: ") and "missing_pan.tif" in last
     assert not any(tmp_path.iterdir())
+
+
+def test_progress_time_left_follows_the_whole_runs_pace(monkeypatch):
+    # a network finishes a batch of windows at one instant: rich's estimate from the last updates
+    # read "0:00:01" left where 45 s were; the bar now divides the elapsed time by the windows done
+    from fusion_cli.cli import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    bar = progress.TileProgress()
+    bar.start(12, "fusing x.tif")
+    try:
+        now[0] = 110.0  # the first batch of 4 windows, 10 s in
+        for _ in range(4):
+            bar.advance(1_000_000)
+        fields = bar._bar.tasks[0].fields
+        assert fields["eta"] == "0:20 left" and fields["rate"] == "0.4"
+    finally:
+        bar.stop()

@@ -67,7 +67,7 @@ class TileProgress:
 
     def start(self, total: int, label: str) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._bar = Progress(
             TextColumn("{task.description}"),
@@ -75,20 +75,26 @@ class TileProgress:
             MofNCompleteColumn(),
             TextColumn("tiles"),
             TextColumn("{task.fields[rate]} Mpx/s"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=Console(stderr=True),
             transient=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task(label, total=total, rate="-")
+        self._task = self._bar.add_task(label, total=total, rate="-", eta="")
         self._t0 = time.perf_counter()
         self._pixels = 0
+        self._done, self._total = 0, total
 
     def advance(self, pixels: int) -> None:
         if self._bar is not None:
             self._pixels += pixels
-            rate = self._pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-6)
-            self._bar.update(self._task, advance=1, rate=f"{rate:.3g}")
+            self._done += 1
+            elapsed = max(time.perf_counter() - self._t0, 1e-6)
+            # from the whole run's pace: a network finishes its windows a batch at once, and rich's
+            # own estimate, from the last few updates, then read 1 s left where 45 s were
+            left = elapsed * max(self._total - self._done, 0) / self._done
+            eta = f"{int(left) // 60}:{int(left) % 60:02d} left"
+            self._bar.update(self._task, advance=1, rate=f"{self._pixels / 1e6 / elapsed:.3g}", eta=eta)
 
     def stop(self) -> None:
         if self._bar is not None:
