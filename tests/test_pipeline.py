@@ -272,6 +272,23 @@ def test_progress_is_reported_through_the_callback_and_nothing_is_drawn(tmp_path
     assert failed.calls[0][0] == "start" and failed.calls[-1] == ("stop",)
 
 
+def test_a_statistics_pass_reports_its_progress_before_the_fusion(tmp_path, pair):
+    """A method with scene statistics reads the scene once before fusing (10-30 s of a 100 Mpx scene
+    with nothing on screen): that pass is reported as its own phase, window by window."""
+    from fusion_cli.pipeline import make_fuser
+
+    rec = _Recorder()
+    fuser = make_fuser(method="gsa", ratio=pair.ratio)
+    s = fuse_files(pair.pan, pair.ms, tmp_path / "o.tif", fuser, FuseOptions(tile=128, progress=rec))
+    starts = [i for i, c in enumerate(rec.calls) if c[0] == "start"]
+    stops = [i for i, c in enumerate(rec.calls) if c[0] == "stop"]
+    assert [rec.calls[i][2] for i in starts] == ["statistics of o.tif", "fusing o.tif"]
+    assert stops[0] < starts[1]  # one phase after the other
+    for begin, end in zip(starts, stops, strict=True):
+        advances = [c[1] for c in rec.calls[begin + 1 : end]]
+        assert len(advances) == rec.calls[begin][1] and sum(advances) == s.shape[1] * s.shape[2]
+
+
 def test_make_fuser_lets_an_import_error_of_its_own_modules_through(monkeypatch):
     """A broken module of the package is a bug to see, not a "not available in this installation"."""
     import sys

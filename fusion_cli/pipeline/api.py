@@ -10,7 +10,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from fusion_cli.pipeline.engine import (
     run_threads,
 )
 from fusion_cli.pipeline.factory import FuserSpec, adapt_dn_scale, build_fuser, scene_fuser
-from fusion_cli.pipeline.options import FuseOptions, FuseSummary, Progress
+from fusion_cli.pipeline.options import FuseOptions, FuseSummary, reporting
 from fusion_cli.pipeline.output import (
     band_imagery,
     finish_block,
@@ -138,8 +138,8 @@ def fuse_arrays(
     with run_threads(opts.threads):
         _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
-            gather_stats(fuser, source, plan, opts.stats_mpx)
-        with _reporting(opts.progress, plan.count, "fusing arrays") as advance:
+            gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress)
+        with reporting(opts.progress, plan.count, "fusing arrays") as advance:
             run(fuser, source, plan, ms.shape[0], sink, opts.batch, advance)
     if opts.dn_max is not None:
         np.clip(out, 0.0, opts.dn_max, out=out)
@@ -185,20 +185,6 @@ def _valid_mask(valid: np.ndarray | None, image: np.ndarray, name: str) -> np.nd
             f"does not exclude; pass {name}_valid=np.isfinite({name}).all(axis=0) or fill them"
         )
     return valid
-
-
-@contextlib.contextmanager
-def _reporting(progress: Progress | None, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    """`progress.advance` between `start` and `stop` (stopped on errors too); None without progress
-    (None, or False: the boolean this option once was)."""
-    if not progress:
-        yield None
-        return
-    progress.start(total, label)
-    try:
-        yield progress.advance
-    finally:
-        progress.stop()
 
 
 def fuse_files(
@@ -303,7 +289,7 @@ def fuse_files(
         threads.enter_context(run_threads(opts.threads))
         adapted = _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
-            gather_stats(fuser, source, plan, opts.stats_mpx)
+            gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")
 
         tags = product_tags(
             fuser,
@@ -337,7 +323,7 @@ def fuse_files(
                 imagery=band_imagery(fuser, descriptions, bands, ms_ds.count, stated),
                 encoding=encoding,
             ) as writer,
-            _reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,
+            reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,
         ):
 
             def sink(row0: int, col0: int, data: np.ndarray, valid: np.ndarray) -> None:

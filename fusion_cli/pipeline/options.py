@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +36,20 @@ class Progress(Protocol):
 
     def stop(self) -> None:
         """The run is over (finished or failed)."""
+
+
+@contextlib.contextmanager
+def reporting(progress: Progress | None, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    """`progress.advance` between `start` and `stop` (stopped on errors too); None without progress
+    (None, or False: the boolean this option once was)."""
+    if not progress:
+        yield None
+        return
+    progress.start(total, label)
+    try:
+        yield progress.advance
+    finally:
+        progress.stop()
 
 
 # Pixel types a GeoTIFF product is written in (GDAL's GTiff; float16 needs GDAL 3.11 and most readers

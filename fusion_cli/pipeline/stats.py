@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -13,19 +14,28 @@ import torch
 from fusion_cli.errors import FusionError, NoValidPixels
 from fusion_cli.fusers import Fuser, SplittableStats
 from fusion_cli.pipeline.engine import read_ahead, single_threaded, window_workers
+from fusion_cli.pipeline.options import Progress, reporting
 from fusion_cli.pipeline.readers import PairSource, Tile
 from fusion_cli.signals import ThreadPool
 from fusion_cli.tiling import TilePlan, Window, round_up
 
 
-def gather_stats(fuser: Fuser, source: PairSource, plan: TilePlan, stats_mpx: float | None = None) -> None:
+def gather_stats(
+    fuser: Fuser,
+    source: PairSource,
+    plan: TilePlan,
+    stats_mpx: float | None = None,
+    progress: Progress | None = None,
+    label: str = "statistics",
+) -> None:
     """First pass for fusers with global statistics: every tile's core counted once, read with the
     fuser's `stats_halo` (else the plan's margin) of context so the method's filters see the real
     neighbours, not an artificial border at each tile edge; only the core is marked valid.
 
     Where windows are fused in parallel and the fuser's statistics are sums (`SplittableStats`: the
     split is exact), each worker thread accumulates every k-th window into its own copy, merged at
-    the end; the split depends on the thread count only, not on timing."""
+    the end; the split depends on the thread count only, not on timing. `progress` is told of each
+    window read (a pass over a large scene takes a while before the fusion's own bar starts)."""
     # the statistics' own context (`stats_halo`) where the fuser states it, else the fusion margin
     halo = fuser.stats_halo
     m = plan.margin if halo is None else round_up(int(halo), plan.multiple)
@@ -38,8 +48,8 @@ def gather_stats(fuser: Fuser, source: PairSource, plan: TilePlan, stats_mpx: fl
         # network's per-band maximum may not)
         windows = stats_windows(plan, stats_mpx)
         copies = [fuser.stats_copy() for _ in range(workers - 1)]
-    with single_threaded(workers > 1):
-        _accumulate_windows([fuser, *copies], source, plan, windows, fuser.device, m, side)
+    with single_threaded(workers > 1), reporting(progress, len(windows), label) as advance:
+        _accumulate_windows([fuser, *copies], source, plan, windows, fuser.device, m, side, advance)
     if isinstance(fuser, SplittableStats):
         for part in copies:
             fuser.merge_stats(part)
@@ -80,14 +90,21 @@ def _accumulate_windows(
     dev: torch.device,
     m: int,
     side: int,
+    advance: Callable[[int], None] | None = None,
 ) -> None:
     """Window i goes to `parts[i % len(parts)]`: in this thread for one part, else one thread per part
-    (a part is never shared)."""
+    (a part is never shared). `advance(pixels)` once per window handed over, with its core's pixels."""
+
+    def done(win: Window) -> None:
+        if advance is not None:
+            advance(min(plan.tile, plan.height - win.core_row) * min(plan.tile, plan.width - win.core_col))
+
     boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
     if len(parts) == 1:
         with contextlib.closing(read_ahead(source, boxes)) as tiles:
             for win, t in zip(windows, tiles, strict=True):
                 _accumulate_window(parts[0], plan, dev, m, win, t)
+                done(win)
         return
     busy: list[Future[None] | None] = [None] * len(parts)
     with (
@@ -101,6 +118,7 @@ def _accumulate_windows(
                 if previous is not None:
                     previous.result()
                 busy[k] = pool.submit(_accumulate_window, parts[k], plan, dev, m, win, t)
+                done(win)
             for fut in busy:
                 if fut is not None:
                     fut.result()
