@@ -1,5 +1,6 @@
-"""Run every `bench/bench_*.py` (each defines `run() -> list[dict]`), print a table and write
-BENCHMARKS.md at the repository root with the machine it ran on.
+"""Run every `bench/bench_*.py` that defines `run() -> list[dict]`, print a table and write
+BENCHMARKS.md at the repository root with the machine it ran on (the others are standalone scripts:
+the lent GPU's, `bench_batch.py`).
 
     python bench/run.py [NAME ...]     # e.g. `python bench/run.py pipeline` runs bench_pipeline only
 """
@@ -93,6 +94,8 @@ def main(argv: list[str]) -> int:
     for path in sorted(BENCH.glob("bench_*.py")):
         name = path.stem.removeprefix("bench_")
         if wanted and name not in wanted:
+            continue
+        if "\ndef run(" not in path.read_text():  # a standalone script (the GPU benches, bench_batch)
             continue
         print(f"== {path.name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
