@@ -110,6 +110,10 @@ class TilePlan:
         for i in range(self.rows):
             yield from self.strip(i)
 
+    def core_shape(self, win: Window) -> tuple[int, int]:
+        """Rows and columns of `win`'s core inside the scene (the last tiles reach past it)."""
+        return min(self.tile, self.height - win.core_row), min(self.tile, self.width - win.core_col)
+
     def final_row_after(self, strip: int) -> int:
         """Output rows above this one can no longer change once tile row `strip` is done."""
         if strip >= self.rows - 1:

@@ -283,9 +283,7 @@ def run(
             blend(work, out)
         if progress is not None:
             for win, _ in group:  # output pixels of each finished core, inside the scene
-                progress(
-                    (min(plan.tile, plan.height - win.core_row)) * (min(plan.tile, plan.width - win.core_col))
-                )
+                progress(math.prod(plan.core_shape(win)))
 
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(_window_threads(workers))

@@ -97,7 +97,7 @@ def _accumulate_windows(
 
     def done(win: Window) -> None:
         if advance is not None:
-            advance(min(plan.tile, plan.height - win.core_row) * min(plan.tile, plan.width - win.core_col))
+            advance(math.prod(plan.core_shape(win)))
 
     boxes = ((w.core_row - m, w.core_col - m, side, side) for w in windows)
     if len(parts) == 1:
@@ -132,10 +132,8 @@ def _accumulate_window(fuser: Fuser, plan: TilePlan, dev: torch.device, m: int, 
     """Add one window's core to the fuser's statistics (its margin is context only)."""
     core = np.zeros_like(t.valid)
     # the last tiles reach past the scene (reflect padding): those pixels must not count twice
-    core[
-        m : m + min(plan.tile, plan.height - win.core_row),
-        m : m + min(plan.tile, plan.width - win.core_col),
-    ] = True
+    rows, cols = plan.core_shape(win)
+    core[m : m + rows, m : m + cols] = True
     valid = t.valid & core
     if valid.any():
         fuser.accumulate(
