@@ -12,7 +12,6 @@ by pixel replication.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +29,7 @@ from fusion_cli.metrics.table import index_order
 from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_same_encoding
 from fusion_cli.raster.nodata import nodata_fits
+from fusion_cli.raster.read import recorded_params
 from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
 
 
@@ -133,15 +133,7 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
 
 def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
     """The PAN and MS paths and run parameters a `fusion` product records in its tags (or None)."""
-    try:
-        params = json.loads(fused.tags.get("FUSION_PARAMS", "{}"))
-    except json.JSONDecodeError:
-        params = {}
-    return (
-        fused.tags.get("FUSION_PAN"),
-        fused.tags.get("FUSION_MS"),
-        params if isinstance(params, dict) else {},
-    )
+    return fused.tags.get("FUSION_PAN"), fused.tags.get("FUSION_MS"), recorded_params(fused.tags)
 
 
 def load_case(

@@ -146,7 +146,7 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     gains: those `options` give the `scene`'s MS), other PAN bands (an MSI's, HISR: --pan-bands),
     another --ms-phase, or another pixel type than `options.out_dtype` (when given); None when they
     agree."""
-    from fusion_cli.raster import open_raster
+    from fusion_cli.raster import open_raster, recorded_params
 
     with open_raster(out, "product") as ds:
         tags, dtype = ds.tags(), ds.dtypes[0]
@@ -155,11 +155,7 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     if made != (asked.name, asked.weights_sha256 or "none"):
         weights = "" if made[0] != asked.name else " with other weights"
         return f"was made by {made[0]}{weights}, not {asked.name}"
-    try:
-        params = json.loads(tags.get("FUSION_PARAMS", "{}"))
-    except ValueError:
-        params = {}
-    params = params if isinstance(params, dict) else {}
+    params = recorded_params(tags)
     sensor, recorded = params.get("sensor"), params.get("sensor_bands")
     wanted = getattr(asked, "sensor", None)
     if sensor is not None and wanted is not None and sensor != wanted:  # older products record none

@@ -55,6 +55,7 @@ from fusion_cli.raster.read import (
     read_decimated,
     read_padded,
     read_whole,
+    recorded_params,
     select_bands,
 )
 from fusion_cli.raster.write import (
@@ -122,6 +123,7 @@ __all__ = [
     "read_decimated",
     "read_padded",
     "read_whole",
+    "recorded_params",
     "recorded_path",
     "non_finite_pixels",
     "refuse_non_finite",

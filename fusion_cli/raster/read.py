@@ -4,10 +4,11 @@ with validity masks, whole and decimated reads, and damaged files as bad input."
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +26,16 @@ from fusion_cli.raster.nodata import alpha_band, has_mask
 
 # Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
 SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
+
+
+def recorded_params(tags: Mapping[str, str]) -> dict[str, Any]:
+    """The run parameters a `fusion` product records in its FUSION_PARAMS tag; {} where it has none
+    (another tool's file) or it is not a JSON object."""
+    try:
+        params = json.loads(tags.get("FUSION_PARAMS", "{}"))
+    except ValueError:
+        return {}
+    return params if isinstance(params, dict) else {}
 
 
 def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.io.DatasetReader:
