@@ -47,6 +47,7 @@ from fusion_cli.pipeline.readers import (
     measure_ratio,
     measure_shift,
     open_pair,
+    valid_means,
 )
 from fusion_cli.pipeline.stats import gather_stats
 from fusion_cli.pipeline.writer import WriteBehind
@@ -126,7 +127,13 @@ def fuse_arrays(
             values[:, ::step], opts.dn_max if what == "MS" else None, True, nonnegative=network, what=what,
             scale=(fuser.name, fuser.dn_max) if network and (opts.dn_max is None or what == "PAN") else None,
         )  # fmt: skip
-    source = PairSource(geom, array_reader(pan, pan_valid), array_reader(ms, ms_valid))
+    source = PairSource(
+        geom,
+        array_reader(pan, pan_valid),
+        array_reader(ms, ms_valid),
+        valid_means(pan, pan_valid),
+        valid_means(ms, ms_valid),
+    )
     plan = plan_for(fuser, geom, opts)
     out = np.empty((ms.shape[0], *geom.shape), np.float32)
     valid_all = np.empty(geom.shape, bool)
@@ -273,6 +280,8 @@ def fuse_files(
             geom,
             file_reader(pan_ds, pan_bands, opts.zero_is_nodata),
             file_reader(ms_ds, bands, opts.zero_is_nodata),
+            raster.scene_fill(pan_ds, pan_bands, opts.zero_is_nodata),
+            raster.scene_fill(ms_ds, bands, opts.zero_is_nodata),
         )
         shift = None
         if opts.measure_shift or opts.coregister:

@@ -29,31 +29,52 @@ class Tile:
     valid: np.ndarray  # (h, w) bool
 
 
-def fill_invalid(data: np.ndarray, valid: np.ndarray, dtype: DTypeLike = np.float32) -> np.ndarray:
-    """Replace invalid pixels by the band means of the valid ones, so a fuser never sees nodata;
-    a copy in `dtype` (float64 for the Wald filters, which work in it)."""
+def fill_invalid(
+    data: np.ndarray, valid: np.ndarray, dtype: DTypeLike = np.float32, fill: np.ndarray | None = None
+) -> np.ndarray:
+    """Replace invalid pixels by `fill` `(C,)` (the scene's band means, `raster.scene_fill`), else by
+    the band means of the valid ones here, so a fuser never sees nodata; a copy in `dtype` (float64
+    for the Wald filters, which work in it)."""
     data = data.astype(dtype, copy=True)
     if valid.all():
         return data
-    if not valid.any():
+    if fill is None and not valid.any():
         data[:] = 0.0
         return data
-    means = data[:, valid].mean(axis=1)
+    means = data[:, valid].mean(axis=1) if fill is None else fill
     data[:, ~valid] = means[:, None]
     return data
+
+
+def valid_means(data: np.ndarray, valid: np.ndarray | None) -> np.ndarray | None:
+    """`raster.scene_fill` for an in-memory `(C, H, W)` array: band means of its valid pixels."""
+    if valid is None or valid.all() or not valid.any():
+        return None
+    return data[:, valid].mean(axis=1, dtype=np.float64)
 
 
 class PairSource:
     """Reads output windows (output pixel coordinates) from a PAN/MS pair.
 
     `pan_reader(row, col, h, w)` and `ms_reader(row, col, h, w)` return (data, valid) in their own
-    pixel coordinates, reflect-padded; `geom` maps output rows/cols to MS coordinates.
+    pixel coordinates, reflect-padded; `geom` maps output rows/cols to MS coordinates. `pan_fill`
+    and `ms_fill` `(P,)`, `(C,)`: what invalid pixels read as, the same in every window (else each
+    window's own means: a product that depends on the tiling along nodata edges).
     """
 
-    def __init__(self, geom: align.Alignment, pan_reader: Reader, ms_reader: Reader) -> None:
+    def __init__(
+        self,
+        geom: align.Alignment,
+        pan_reader: Reader,
+        ms_reader: Reader,
+        pan_fill: np.ndarray | None = None,
+        ms_fill: np.ndarray | None = None,
+    ) -> None:
         self.geom = geom
         self.pan_reader = pan_reader
         self.ms_reader = ms_reader
+        self.pan_fill = pan_fill
+        self.ms_fill = ms_fill
 
     def read(self, row: int, col: int, size_h: int, size_w: int) -> Tile:
         g, r = self.geom, self.geom.ratio
@@ -63,14 +84,14 @@ class PairSource:
         (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
         ms, mvalid = self.ms_reader(y0, x0, y1 - y0, x1 - x0)
         ms_lr = align.resample(
-            fill_invalid(ms, mvalid),
+            fill_invalid(ms, mvalid, fill=self.ms_fill),
             align.cubic_matrix(uy, y0, y1 - y0),
             align.cubic_matrix(ux, x0, x1 - x0),
         )
         # MS validity at each low-resolution sample: that of the MS pixel under its centre.
         v_lr = mvalid[np.ix_(align.nearest_index(uy, y0, y1 - y0), align.nearest_index(ux, x0, x1 - x0))]
         valid = pvalid & np.repeat(np.repeat(v_lr, r, axis=0), r, axis=1)
-        return Tile(fill_invalid(pan, pvalid), ms_lr.astype(np.float32), valid)
+        return Tile(fill_invalid(pan, pvalid, fill=self.pan_fill), ms_lr.astype(np.float32), valid)
 
 
 def array_reader(arr: np.ndarray, valid: np.ndarray | None) -> Reader:
@@ -110,7 +131,10 @@ def measure_shift(source: PairSource, required: bool = False) -> dict[str, float
     row, col = (g.height - side_h) // 2, (g.width - side_w) // 2
     # measured against the MS on its area-aligned grid (estimate_shift's convention), whatever the
     # phase the fusion samples it in
-    t = PairSource(replace(g, phase=0.0), source.pan_reader, source.ms_reader).read(row, col, side_h, side_w)
+    area_aligned = PairSource(
+        replace(g, phase=0.0), source.pan_reader, source.ms_reader, source.pan_fill, source.ms_fill
+    )
+    t = area_aligned.read(row, col, side_h, side_w)
     if t.valid.mean() < 0.2:
         if required:
             raise align.ShiftNotMeasurable(

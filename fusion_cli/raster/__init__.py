@@ -56,6 +56,7 @@ from fusion_cli.raster.read import (
     read_padded,
     read_whole,
     recorded_params,
+    scene_fill,
     select_bands,
 )
 from fusion_cli.raster.write import (
@@ -131,6 +132,7 @@ __all__ = [
     "rgb_colorinterp",
     "same_file",
     "source_files",
+    "scene_fill",
     "select_bands",
     "verify_geotiff",
     "with_nodata",

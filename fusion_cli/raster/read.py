@@ -154,15 +154,30 @@ def check_same_bit_depth(pan_ds: Any, ms_ds: Any, why: str) -> None:
         )
 
 
-def sample_values(ds: Any, bands: Sequence[int]) -> np.ndarray:
+def sample_values(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> np.ndarray:
     """The valid values `(C, N)` of the 1-based `bands` on a decimated read (nearest samples, at most
-    DN_CHECK_SAMPLES pixels: bounded memory for any scene)."""
+    DN_CHECK_SAMPLES pixels: bounded memory for any scene); `zero_is_nodata` as in `read_padded`."""
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / DN_CHECK_SAMPLES)))
     shape = (len(bands), max(1, ds.height // step), max(1, ds.width // step))
     with damaged_input(ds):
         data = ds.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
         valid = valid_pixels(ds, bands, size=shape[1:])
+    if zero_is_nodata:
+        nonzero = (data != 0).any(axis=0)
+        valid = nonzero if valid is None else valid & nonzero
     return data[:, valid] if valid is not None else data.reshape(len(bands), -1)
+
+
+def scene_fill(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> np.ndarray | None:
+    """Per-band value `(C,)` float64 that stands in for a raster's invalid pixels, the same in every
+    window: the mean of its valid samples (`sample_values`). A window's own means made the product
+    along a nodata edge depend on the tile size (900 DN steps between tiles, GSA on Landsat-8).
+    None where no pixel can be invalid or none of the samples is valid (finite)."""
+    if not (zero_is_nodata or has_mask(ds, bands) or alpha_band(ds) is not None):
+        return None
+    values = sample_values(ds, bands, zero_is_nodata).astype(np.float64)
+    finite = np.isfinite(values).all(axis=0)
+    return values[:, finite].mean(axis=1) if finite.any() else None
 
 
 # Fewer whole-number steps than this between a float MS's 1st and 99th percentile: an integer
