@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_chw, as_mask
+from fusion_cli.metrics._common import as_chw, as_mask, refuse_non_finite
 
 
 def _highpass(band: np.ndarray, gain: float, ratio: int) -> np.ndarray:
@@ -47,7 +47,22 @@ def hpc_bands(
     gains: list[float] | None = None,
 ) -> np.ndarray:
     """Per-band high-pass correlation with the PAN `(C,)` (see the module docstring). `gains` (one per
-    band) overrides the sensor table's MS Nyquist gains."""
+    band) overrides the sensor table's MS Nyquist gains. With a mask, as `noreference.nodata_safe`."""
+    from fusion_cli.metrics.noreference import nodata_safe
+
+    (fused, pan), mask = nodata_safe([("fused", fused), ("PAN", pan)], mask, ratio)
+    return scored_hpc_bands(fused, pan, ratio, sensor, mask, gains)
+
+
+def scored_hpc_bands(
+    fused: np.ndarray,
+    pan: np.ndarray,
+    ratio: int,
+    sensor: str | None = None,
+    mask: np.ndarray | None = None,
+    gains: list[float] | None = None,
+) -> np.ndarray:
+    """`hpc_bands` on inputs already made nodata-safe (`full_resolution` does it once for every index)."""
     fused, pan = as_chw(fused, "fused"), as_chw(pan, "PAN")
     c, h, w = fused.shape
     if pan.shape != (1, h, w):
@@ -63,6 +78,7 @@ def hpc_bands(
     m = as_mask(mask, (h, w))
     if m is not None and not m.any():
         raise FusionError("no valid pixel is left: HPC cannot be computed")
+    refuse_non_finite([("fused", fused), ("PAN", pan)], m)  # a NaN band correlated as 0 before
 
     def valid(a: np.ndarray) -> np.ndarray:
         return a.ravel() if m is None else a[m]

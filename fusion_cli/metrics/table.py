@@ -17,13 +17,14 @@ from typing import Any, Literal
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, erode, fill_invalid, holds_whole_dn
+from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, fill_invalid, holds_whole_dn
 from fusion_cli.metrics.noreference import (
     d_lambda,
-    d_lambda_khan,
-    d_s_bands,
     full_resolution_reach,
+    nodata_safe,
     qnr,
+    scored_d_lambda_khan,
+    scored_d_s_bands,
     upsample,
 )
 from fusion_cli.metrics.q2n import q2n, q2n_label
@@ -37,7 +38,7 @@ from fusion_cli.metrics.reference import (
     sam,
     ssim_bands,
 )
-from fusion_cli.metrics.sharpness import hpc_bands
+from fusion_cli.metrics.sharpness import scored_hpc_bands
 from fusion_cli.sensors import nyquist_gains
 
 Resolution = Literal["reduced", "full"]
@@ -139,17 +140,17 @@ def _d_lambda(x: Inputs) -> float:
 
 
 def _d_s_terms(x: Inputs) -> np.ndarray:
-    return x.memo("D_s", lambda: d_s_bands(x.fused, x.ms_up, x.pan, int(x.ratio), x.block, x.mask))
+    return x.memo("D_s", lambda: scored_d_s_bands(x.fused, x.ms_up, x.pan, int(x.ratio), x.block, x.mask))
 
 
 def _hpc_terms(x: Inputs) -> np.ndarray:
-    return x.memo("HPC", lambda: hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask, x.gains))
+    return x.memo("HPC", lambda: scored_hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask, x.gains))
 
 
 def _d_lambda_k(x: Inputs) -> float:
     return x.memo(
         "D_lambda_K",
-        lambda: d_lambda_khan(
+        lambda: scored_d_lambda_khan(
             x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask, x.gains, x.round_uint16
         ),
     )
@@ -299,10 +300,9 @@ def full_resolution(
         # what nodata pixels hold must not matter: fill them, then score only the pixels whose every
         # filter (MS interpolation, the PAN's low-pass for D_s, the MTF for D_lambda^K and HPC) read
         # valid data
-        fused, pan = fill_invalid(fused, mask, "product"), fill_invalid(pan, mask, "PAN")
+        (fused, pan), mask = nodata_safe([("product", fused), ("PAN", pan)], mask, ratio)
         ms = fill_invalid(ms, ms_valid, "MS")
         reach = full_resolution_reach(ratio)
-        mask = erode(mask, reach)
         nb_h, nb_w = h // block, w // block
         blocks = mask[: nb_h * block, : nb_w * block].reshape(nb_h, block, nb_w, block)
         if not blocks.all(axis=(1, 3)).any():
