@@ -30,6 +30,7 @@ from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_same_encoding
 from fusion_cli.raster.nodata import nodata_fits
 from fusion_cli.raster.read import recorded_params
+from fusion_cli.raster.write import COMPLETE_TAG
 from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
 
 
@@ -153,6 +154,11 @@ def load_case(
     the grids; with a reference it defaults to the one the product's FUSION_PARAMS tag records.
     """
     img = read_image(fused, "fused product", nodata)
+    if "FUSION_PARAMS" in img.tags and img.tags.get(COMPLETE_TAG) != "1":
+        raise FusionError(
+            f"{fused} is an unfinished product: it lacks the {COMPLETE_TAG} tag that a fusion writes last "
+            "(the run that wrote it was cut short); fuse it again"
+        )
     case = _load_case(img, ref, pan, ms, nodata, ratio)
     images = [i for i in (case.fused, case.ref, case.pan, case.ms) if i is not None]
     if nodata is not None and not any(nodata_fits(nodata, str(i.data.dtype)) for i in images):

@@ -70,7 +70,12 @@ class ReportItem:
 
 
 def _rasters_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+    """The folder's rasters; hidden names are left out (a killed run's temporaries, `.NAME.partial-*`)."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def read_manifest(path: str | Path) -> list[ReportItem]:

@@ -423,3 +423,23 @@ def test_a_hyperspectral_product_of_dim_bands_is_scored_against_its_own_pan(tmp_
     res = run_cli("metrics", str(out), "--pan", pan, "--ms", hs, "--sensor", "hyperion", "--json")
     assert res.returncode == 0, res.stderr
     assert 0.9 < json.loads(res.stdout)["HQNR"] < 1
+
+
+def test_an_unfinished_product_is_refused_and_a_report_skips_temporaries(
+    landsat_demo: dict[str, Path], tmp_path: Path
+) -> None:
+    """A product of this tool without its completion tag (what a killed run leaves, under a hidden
+    `.NAME.partial-PID-*` name) was scored at exit 0 (HQNR 0 on an all-zero leftover), and `fusion
+    report FOLDER` listed such temporaries as products."""
+    import shutil
+
+    from fusion_cli.report import collect_items
+
+    partial = tmp_path / f".{landsat_demo['product'].name}.partial-123-0a7c1234.tif"
+    shutil.copy(landsat_demo["product"], partial)
+    with rasterio.open(partial, "r+") as ds:
+        ds.update_tags(FUSION_COMPLETE="0")
+    res = run_cli("metrics", str(partial), "--sensor", "landsat8")
+    assert res.returncode == 2 and "unfinished product" in res.stderr and res.stderr.count("\n") == 1
+    shutil.copy(landsat_demo["product"], tmp_path / "done.tif")
+    assert [Path(i.product).name for i in collect_items([tmp_path])] == ["done.tif"]
