@@ -672,6 +672,38 @@ def test_pan_bands_select_the_msi_bands_of_a_hisr_pair(tmp_path, capsys):
     assert_one_line_error(code, err, "--pan-bands selects 3 bands; pansharpening needs a single-band PAN")
 
 
+def test_a_model_refuses_msi_bands_whose_wavelengths_are_not_its_own(tmp_path, capsys):
+    """hyperion_hisr's card states its six ALI bands' wavelengths, and so does the MSI: --pan-bands
+    6,5,4,3,2,1 or 1,1,1,1,1,1 fused at exit 0 (ERGAS 1.77 -> 1.94 and 3.32 on the San Francisco test
+    rows), as --bands of the HSI never did; the bands in order pass."""
+    with rasterio.open(need_shared("eo1_sanfrancisco", "hs.tif")) as ds:
+        hs = ds.read(window=rasterio.windows.Window(0, 0, 48, 48)).astype(np.float32)
+    hsi = str(tmp_path / "hsi.tif")
+    with rasterio.open(hsi, "w", driver="GTiff", width=16, height=16, count=47, dtype="float32") as dst:
+        dst.write(hs.reshape(47, 16, 3, 16, 3).mean(axis=(2, 4)))
+    msi = str(
+        crop_raster(
+            need_shared("eo1_sanfrancisco", "ms.tif"),
+            tmp_path / "msi.tif",
+            rasterio.windows.Window(0, 0, 48, 48),
+        )
+    )
+    with rasterio.open(need_shared("eo1_sanfrancisco", "ms.tif")) as src, rasterio.open(msi, "r+") as ds:
+        ds.descriptions = src.descriptions  # the band names state the wavelengths
+    args = ["hisr", hsi, msi, "--model", "hyperion_hisr", "-q"]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "ok.tif"))
+    assert code == 0, err
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "no.tif"), "--pan-bands", "6,5,4,3,2,1")
+    assert_one_line_error(
+        code, err, "MSI band 6 is at 868 nm but MSI band 1 of hyperion_hisr is at 433-453 nm"
+    )
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "no.tif"), "--pan-bands", "1,1,1,1,1,1")
+    assert_one_line_error(
+        code, err, "MSI band 1 is at 443 nm but MSI band 2 of hyperion_hisr is at 450-515 nm"
+    )
+    assert not (tmp_path / "no.tif").exists()
+
+
 # a classical method's fuser, as `rgb_bands` sees it: no model card
 NO_CARD = SimpleNamespace(card=None)
 # Landsat Collection-2 surface reflectance: value = DN * 2.75e-05 - 0.2

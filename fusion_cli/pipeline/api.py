@@ -241,7 +241,7 @@ def fuse_files(
         )
         check_fuser(fuser, len(pan_bands), len(bands))
         fit_sensor_bands(fuser, *raster.data_band_positions(ms_ds, bands), opts.sensor_bands)
-        check_band_wavelengths(fuser, ms_ds, bands)
+        check_band_wavelengths(fuser, ms_ds, bands, pan_ds, pan_bands)
         ms_dtype = ms_ds.dtypes[bands[0] - 1]
         out_dtype = opts.out_dtype or ms_dtype  # --dtype is checked when the options are made
         raster.check_dn_max(opts.dn_max)

@@ -81,17 +81,28 @@ def check_fuser(fuser: Fuser, pan_count: int, ms_count: int) -> None:
 WAVELENGTH_SLACK_UM = 0.005
 
 
-def check_band_wavelengths(fuser: Fuser, ms_ds: Any, bands: Sequence[int]) -> None:
-    """Where the MS states a band's wavelength and the fuser's card gives its own, refuse bands in
-    another order or one band off: a reversed Hyperion cube fused at exit 0 with the product's
-    wavelength tags contradicting its band names, and an off-by-one --bands fed a dead band. Bands
-    that state no wavelength are not compared."""
-    from fusion_cli.wavelengths import bandpasses_of_names, of_raster
-
+def check_band_wavelengths(
+    fuser: Fuser, ms_ds: Any, bands: Sequence[int], pan_ds: Any = None, pan_bands: Sequence[int] = ()
+) -> None:
+    """Where the MS (or the PAN: HISR's MSI) states a band's wavelength and the fuser's card gives its
+    own, refuse bands in another order or one band off: a reversed Hyperion cube fused at exit 0 with
+    the product's wavelength tags contradicting its band names, an off-by-one --bands fed a dead band,
+    and --pan-bands 6,5,4,3,2,1 or 1,1,1,1,1,1 of an ALI MSI fused at exit 0 (ERGAS 1.77 -> 3.32).
+    Bands that state no wavelength are not compared."""
     if fuser.card is None:
         return
-    expected = bandpasses_of_names(fuser.card.bands)
-    given = of_raster(ms_ds, bands)
+    _check_wavelengths(fuser, fuser.card.bands, ms_ds, bands, "MS", "--bands")
+    if pan_ds is not None:
+        _check_wavelengths(fuser, fuser.card.pan_bands, pan_ds, pan_bands, "PAN", "--pan-bands")
+
+
+def _check_wavelengths(
+    fuser: Fuser, names: Sequence[str], ds: Any, bands: Sequence[int], what: str, option: str
+) -> None:
+    from fusion_cli.wavelengths import bandpasses_of_names, of_raster
+
+    expected = bandpasses_of_names(names)
+    given = of_raster(ds, bands)
     if expected is None or len(expected) != len(given):
         return
     for i, (passes, got) in enumerate(zip(expected, given, strict=True)):
@@ -104,11 +115,23 @@ def check_band_wavelengths(fuser: Fuser, ms_ds: Any, bands: Sequence[int]) -> No
             abs(want.centre_um - got.centre_um) > WAVELENGTH_SLACK_UM + (want.fwhm_um or 0) / 2
             for want in passes
         ):
+            # the PAN's band by its wavelengths: `fusion hisr` renames PAN/MS in messages, and would
+            # in an ALI card name too
+            theirs = f"band {i + 1} of {fuser.name} is {names[i]}"
+            if what == "PAN":
+                span = " or ".join(_nm(w) for w in passes)
+                theirs = f"PAN band {i + 1} of {fuser.name} is at {span}"
             raise FusionError(
-                f"MS band {bands[i]} is at {got.centre_um * 1000:.0f} nm but band {i + 1} of {fuser.name} "
-                f"is {fuser.card.bands[i]}; pass --bands with the MS bands in the model's order "
-                "(`fusion info` lists them)"
+                f"{what} band {bands[i]} is at {got.centre_um * 1000:.0f} nm but {theirs}; pass {option} "
+                f"with the {what} bands in the model's order (`fusion info` lists them)"
             )
+
+
+def _nm(w: Any) -> str:
+    """A bandpass as text, `433-453 nm` (or its centre, `590 nm`, without a width)."""
+    if not w.fwhm_um:
+        return f"{w.centre_um * 1000:.0f} nm"
+    return f"{(w.centre_um - w.fwhm_um / 2) * 1000:.0f}-{(w.centre_um + w.fwhm_um / 2) * 1000:.0f} nm"
 
 
 # How much larger than the default tile a scene may be and still be fused in one window (its area:
