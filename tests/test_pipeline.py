@@ -250,6 +250,22 @@ def test_nodata_edge_does_not_depend_on_the_tiling(tmp_path, method):
     assert np.abs(products[0] - products[1])[:, valid].max() <= 1
 
 
+def test_an_undeclared_zero_collar_is_named(tmp_path):
+    """SpaceNet's WorldView-2 tile is 32 % zeros without a nodata flag: fused as data (their zeros in
+    GSA's statistics moved pixels far inside by 5 % of the mean DN) without a word. The run now says
+    so and names --zero-nodata; with it, or on a scene without a collar, nothing is said."""
+    pan = need_shared("wv2_spacenet6", "pan_2.tif")
+    ms = need_shared("wv2_spacenet6", "ms_2.tif")
+    said = fuse_files(pan, ms, tmp_path / "a.tif", DetailFuser(4), FuseOptions()).warnings
+    assert any(
+        w.startswith("32% of the MS pixels are 0 in every band") and "--zero-nodata" in w for w in said
+    )
+    quiet = fuse_files(pan, ms, tmp_path / "b.tif", DetailFuser(4), FuseOptions(zero_is_nodata=True))
+    assert not any("--zero-nodata" in w for w in quiet.warnings)
+    example = fuse_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / "c.tif", DetailFuser(2), FuseOptions())
+    assert not any("--zero-nodata" in w for w in example.warnings)
+
+
 def test_wv2_zero_collar_with_zero_nodata(tmp_path):
     pan = need_shared("wv2_spacenet6", "pan_2.tif")
     ms = need_shared("wv2_spacenet6", "ms_2.tif")

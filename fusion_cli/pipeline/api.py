@@ -283,6 +283,14 @@ def fuse_files(
             raster.scene_fill(pan_ds, pan_bands, opts.zero_is_nodata),
             raster.scene_fill(ms_ds, bands, opts.zero_is_nodata),
         )
+        if not opts.zero_is_nodata:
+            collar = raster.zero_collar_share(ms_ds, bands)
+            if collar >= raster.ZERO_COLLAR_SHARE:
+                caught.append(
+                    f"{collar:.0%} of the MS pixels are 0 in every band and it declares no nodata: if they "
+                    "are a fill collar, pass --zero-nodata (fused as data, they enter the method's "
+                    "statistics and the product)"
+                )
         shift = None
         if opts.measure_shift or opts.coregister:
             try:

@@ -42,6 +42,7 @@ from fusion_cli.raster.profile import BLOCK, DEFLATE_LEVEL, output_profile, over
 from fusion_cli.raster.read import (
     DN_CHECK_SAMPLES,
     SOURCE_DTYPE_TAG,
+    ZERO_COLLAR_SHARE,
     check_dn_range,
     check_dn_values,
     check_integer_output,
@@ -58,6 +59,7 @@ from fusion_cli.raster.read import (
     recorded_params,
     scene_fill,
     select_bands,
+    zero_collar_share,
 )
 from fusion_cli.raster.write import (
     COMPLETE_TAG,
@@ -79,6 +81,7 @@ __all__ = [
     "COMPRESSIONS",
     "DEFLATE_LEVEL",
     "DN_CHECK_SAMPLES",
+    "ZERO_COLLAR_SHARE",
     "GDAL_ENV",
     "MAX_PIXELS",
     "RGB_INTERP",
@@ -134,6 +137,7 @@ __all__ = [
     "source_files",
     "scene_fill",
     "select_bands",
+    "zero_collar_share",
     "verify_geotiff",
     "with_nodata",
     "GeoTiff",
