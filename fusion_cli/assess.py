@@ -73,6 +73,9 @@ class Image:
     transform: Affine = field(default_factory=Affine.identity)
     crs: Any = None
     encoding: Encoding | None = None  # its bands' scale, offset and unit
+    # `valid` before NaN/inf were left out (nodata, masks, alpha only): a band selection takes NaN
+    # from its own bands only (a dead NaN band left out by --bands invalidated every pixel)
+    declared: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -92,7 +95,15 @@ class Image:
         rows, cols = win.toslices()
         georef = self.crs is not None or not self.transform.is_identity
         t = self.transform @ Affine.translation(win.col_off, win.row_off) if georef else self.transform
-        return replace(self, data=self.data[:, rows, cols], valid=self.valid[rows, cols], transform=t)
+        declared = None if self.declared is None else self.declared[rows, cols]
+        return replace(
+            self, data=self.data[:, rows, cols], valid=self.valid[rows, cols], transform=t, declared=declared
+        )
+
+    def select(self, data: np.ndarray, encoding: Encoding | None) -> Image:
+        """The image with only `data` `(C', H, W)`, some of its bands: valid where they are finite."""
+        valid = self.valid if self.declared is None else self.declared & np.isfinite(data).all(axis=0)
+        return replace(self, data=data, encoding=encoding, valid=valid)
 
 
 @dataclass
@@ -126,10 +137,12 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         encoding = Encoding.of(ds, bands)
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
+    declared = None
     if np.issubdtype(data.dtype, np.floating):
+        declared = valid.copy()
         valid &= np.isfinite(data).all(axis=0)
     where = os.fspath(path) if is_gdal_path(path) else Path(path)
-    return Image(where, data, valid, tags, descriptions, transform, crs, encoding)
+    return Image(where, data, valid, tags, descriptions, transform, crs, encoding, declared)
 
 
 def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -213,7 +226,7 @@ def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:
         return case
     data, taken = _bands_of_product(case.fused, img, what, bands)
     encoding = img.encoding.select([b - 1 for b in taken]) if img.encoding and taken else img.encoding
-    img = replace(img, data=data, encoding=encoding)
+    img = img.select(data, encoding)
     # the indices compare stored DN: the product's with the reference's (or the MS's), and the PAN's
     why = "the indices compare stored DN"
     if case.fused.encoding is not None and encoding is not None:

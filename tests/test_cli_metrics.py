@@ -443,3 +443,41 @@ def test_an_unfinished_product_is_refused_and_a_report_skips_temporaries(
     assert res.returncode == 2 and "unfinished product" in res.stderr and res.stderr.count("\n") == 1
     shutil.copy(landsat_demo["product"], tmp_path / "done.tif")
     assert [Path(i.product).name for i in collect_items([tmp_path])] == ["done.tif"]
+
+
+def test_a_dead_nan_band_left_out_of_the_product_does_not_void_the_reference(tmp_path: Path) -> None:
+    """A reference (or MS) with one band all NaN, a dead band, and a product fused without it
+    (--bands): NaN counted in every band of the file, so every pixel was invalid and `fusion metrics`
+    refused ("the reference has no valid pixel"). The bands compared decide now: the scores equal
+    those against the clean reference."""
+    sim = tmp_path / "sim"
+    res = run_cli(
+        "simulate", str(EXAMPLES / "landsat8_pan.tif"), str(EXAMPLES / "landsat8_ms.tif"), "-o", str(sim)
+    )
+    assert res.returncode == 0, res.stderr
+    with rasterio.open(sim / "ms_ref.tif") as ds:
+        ref, profile = ds.read().astype(np.float32), ds.profile
+    ref[5] = np.nan
+    dead = tmp_path / "ref_dead.tif"
+    with rasterio.open(dead, "w", **{**profile, "dtype": "float32", "predictor": 1, "nodata": None}) as dst:
+        dst.write(ref)
+    product = tmp_path / "p.tif"
+    args = [
+        "pansharpen",
+        str(sim / "pan_lr.tif"),
+        str(sim / "ms_lr.tif"),
+        "-o",
+        str(product),
+        "--method",
+        "gsa",
+    ]
+    res = run_cli(*args, "--bands", "1,2,3,4,5", "--sensor", "landsat8", "-q")
+    assert res.returncode == 0, res.stderr
+    scores = []
+    for reference in (dead, sim / "ms_ref.tif"):
+        res = run_cli("metrics", str(product), "--ref", str(reference), "--json")
+        assert res.returncode == 0, res.stderr
+        scores.append(json.loads(res.stdout))
+    assert scores[0]["bands_compared"] == [1, 2, 3, 4, 5]
+    for key in ("Q2n", "SAM", "ERGAS", "PSNR"):
+        assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-9), key
