@@ -752,3 +752,51 @@ def test_the_product_does_not_depend_on_the_blas_thread_count(tmp_path: Path) ->
     assert res.returncode == 0, res.stderr
     with rasterio.open(here) as a, rasterio.open(there) as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_overlapping_runs_leave_the_callers_thread_count():
+    """Two runs that set torch's (process-wide) thread count overlap, as two fusions in two threads
+    of one program do: the first ends before the second. Each restoring the count it found left the
+    caller with the first run's setting (1 instead of 2, helper). The newest run's setting holds while
+    it runs; the caller's returns when the last one ends."""
+    import torch
+
+    from fusion_cli.pipeline.engine import run_threads, single_threaded
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = run_threads(1), run_threads(3)
+        first.__enter__()
+        assert torch.get_num_threads() == 1
+        second.__enter__()
+        assert torch.get_num_threads() == 3
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+        with single_threaded(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_network_is_float32_whatever_the_default_dtype(tmp_path):
+    """A notebook that set torch's default dtype to float64 before building the default network got a
+    float64 model, which the float32 pipeline fed a raw torch error at fuse time."""
+    import torch
+
+    from fusion_cli.pipeline import make_fuser
+
+    pan, ms = _read(EXAMPLE_PAN)[:, :128, :128], _read(EXAMPLE_MS)[:, :64, :64]
+    want = fuse_arrays(pan, ms, make_fuser(device="cpu"))
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        fuser = make_fuser(device="cpu")
+        got = fuse_arrays(pan, ms, fuser)
+    finally:
+        torch.set_default_dtype(before)
+    assert next(fuser.model.parameters()).dtype == torch.float32
+    np.testing.assert_array_equal(got, want)

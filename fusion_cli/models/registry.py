@@ -320,7 +320,9 @@ def build_model(
     if scan_backend is not None:
         cfg = FusionMambaConfig.from_dict(dict(cfg.to_dict(), scan_backend=scan_backend))
     with torch.random.fork_rng(devices=[]):  # the random init, replaced below, draws from the caller's RNG
-        model = FusionMamba(cfg)
+        # float32 whatever the caller's default dtype: the pipeline feeds float32 (a float64 default
+        # made a model that failed at fuse time on a raw torch dtype error)
+        model = FusionMamba(cfg).float()
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -158,6 +158,30 @@ def plan_for(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan
     return plan_tiles(geom.height, geom.width, int(tile), int(overlap), int(fuser.halo), multiple)
 
 
+# torch's thread count is process-wide: runs that set it at once (two fusions in two threads of one
+# program) share it. Each holds its setting here; the newest holder's applies, and the count from
+# before the first returns when the last one ends (each restoring what it found left two overlapping
+# runs' caller with the other's count).
+_THREADS_LOCK = threading.Lock()
+_THREADS_HELD: list[int] = []
+_THREADS_BEFORE: list[int] = []
+
+
+@contextlib.contextmanager
+def _holding_threads(count: int) -> Iterator[None]:
+    with _THREADS_LOCK:
+        if not _THREADS_HELD:
+            _THREADS_BEFORE[:] = [torch.get_num_threads()]
+        _THREADS_HELD.append(count)
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_HELD.remove(count)
+            torch.set_num_threads(_THREADS_HELD[-1] if _THREADS_HELD else _THREADS_BEFORE[0])
+
+
 @contextlib.contextmanager
 def run_threads(threads: int | None) -> Iterator[None]:
     """torch's CPU threads for the run, when given: process-wide meanwhile (torch has no other
@@ -167,24 +191,18 @@ def run_threads(threads: int | None) -> Iterator[None]:
         return
     if threads < 1:
         raise FusionError("--threads must be at least 1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _holding_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
 def single_threaded(enabled: bool) -> Iterator[None]:
     """torch intra-op threads set to 1 meanwhile (restored after) when `enabled`."""
-    previous = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
+    if not enabled:
         yield
-    finally:
-        torch.set_num_threads(previous)
+        return
+    with _holding_threads(1):
+        yield
 
 
 def read_ahead(
