@@ -478,6 +478,35 @@ def test_lossy_dtype_narrowing_is_refused(tmp_path: Path, pair: tuple[Path, Path
     assert rc == 2 and "exceed --dn-max 255" in err, err
 
 
+def test_signed_data_above_zero_may_be_written_unsigned(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """Non-negative DN stored as int16 (Hyperion) fused with --dtype uint16 were refused by the type's
+    range (-32768..32767) with advice (--dn-max) that could not help; they are written now, the same
+    product as in int16 with negative undershoots at 0. Data that do go negative are still refused,
+    without the --dn-max advice."""
+    pan, ms = pair
+    signed = []
+    for path, ratio in ((pan, 1.0), (ms, 4.0)):
+        with rasterio.open(path) as ds:
+            signed.append(write_tif(tmp_path / f"s_{path.name}", (ds.read() // 2).astype(np.int16), ratio))
+    outs = {}
+    for dtype in ("int16", "uint16"):
+        outs[dtype] = tmp_path / f"{dtype}.tif"
+        rc, _, err = cli("pansharpen", *signed, "-o", outs[dtype], "--method", "gsa", "--dtype", dtype, "-q")
+        assert rc == 0, err
+    with rasterio.open(outs["int16"]) as a, rasterio.open(outs["uint16"]) as b:
+        assert b.dtypes[0] == "uint16"
+        np.testing.assert_array_equal(np.clip(a.read(), 0, None), b.read())
+    with rasterio.open(signed[1]) as ds:
+        data = ds.read()
+    data[:, :4, :4] = -5
+    negative = write_tif(tmp_path / "neg_ms.tif", data, 4.0)
+    rc, _, err = cli(
+        "pansharpen", signed[0], negative, "-o", tmp_path / "n.tif", "--method", "gsa", "--dtype", "uint16"
+    )
+    one_line_error(rc, err, "--dtype uint16 holds 0..65535", "use int16 or float32")
+    assert "--dn-max" not in err
+
+
 def _card(tmp_path: Path, **architecture: object) -> Path:
     card = {
         "name": "probe", "task": "pansharpening", "description": "d", "sensor": "s", "licence": "l",

@@ -258,6 +258,13 @@ def fuse_files(
             scale = (fuser.name, fuser.dn_max)
             raster.check_dn_range(pan_ds, pan_bands, None, False, nonnegative=True, what="PAN", scale=scale)
         lo, hi = value_range(ms_dtype, dn_max, nonnegative=network)
+        out_range = raster.dtype_range(out_dtype)
+        if lo is not None and out_range is not None and lo < out_range[0]:
+            # a signed type whose data stay above the output's floor (non-negative int16 DN as
+            # uint16): the floor clips what a method undershoots, as the ceiling does
+            sample = raster.sample_values(ms_ds, bands)
+            if sample.size and sample.min() >= out_range[0]:
+                lo = out_range[0]
         raster.check_narrowing(ms_dtype, out_dtype, lo, hi)
         raster.check_integer_output(ms_ds, bands, out_dtype)
         nodata, use_mask = output_nodata(pan_ds, ms_ds, bands, pan_bands, out_dtype, opts)
