@@ -371,6 +371,31 @@ def test_a_rerun_clears_what_a_killed_pansharpen_left(tmp_path: Path) -> None:
     assert hidden(tmp_path) == sorted(kept)
 
 
+def test_a_rerun_clears_what_a_killed_run_left_of_its_side_files(tmp_path: Path) -> None:
+    """The temporaries of a quicklook, of `fusion simulate`'s three images and of a metrics CSV that
+    a killed run left stayed after every rerun (only the product's own were cleared, helper); each
+    side file's write now clears its own, this host's dead writers' only."""
+    from fusion_cli.raster.write import _HOST_TAG
+
+    pan, ms = make_pair(tmp_path)
+    out, sim = tmp_path / "o.tif", tmp_path / "sim"
+    sim.mkdir()
+    left = [
+        tmp_path / f".o.png.tmp-4194400-{_HOST_TAG}beef.png",
+        tmp_path / f".m.csv.tmp-4194401-{_HOST_TAG}0a0a.csv",
+    ]
+    left += [
+        sim / f".{name}.tmp-4194402-{_HOST_TAG}1234.tif" for name in ("pan_lr.tif", "ms_lr.tif", "ms_ref.tif")
+    ]
+    for path in left:
+        path.write_text("x")
+    assert cli("pansharpen", pan, ms, "-o", out, "--method", "gsa", "--quicklook", "-q")[0] == 0
+    assert cli("metrics", out, "--csv", tmp_path / "m.csv", "-q")[0] == 0
+    assert cli("simulate", pan, ms, "-o", sim, "-q")[0] == 0
+    assert not [p for p in left if p.exists()]
+    assert hidden(tmp_path) == [] and hidden(sim) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Bad values are input errors
 

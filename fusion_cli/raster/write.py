@@ -281,6 +281,10 @@ def atomic_output(
     if final.exists() and not overwrite:
         raise FusionError(f"{what} {final} already exists; pass --overwrite to replace it")
     final = _write_target(final)
+    # a killed run's temporary of this file (a quicklook, a simulated image, a CSV): cleared as the
+    # product's are (`AtomicWriter`)
+    with contextlib.suppress(OSError):
+        remove_stale_temporaries(final)
     tmp = _temp_name(final, "tmp", final.suffix)
     try:
         yield tmp
