@@ -800,3 +800,28 @@ def test_a_network_is_float32_whatever_the_default_dtype(tmp_path):
         torch.set_default_dtype(before)
     assert next(fuser.model.parameters()).dtype == torch.float32
     np.testing.assert_array_equal(got, want)
+
+
+def test_an_interrupt_while_the_quicklook_is_drawn_keeps_product_and_quicklook_together(
+    tmp_path, monkeypatch
+):
+    """The quicklook was drawn after the product was renamed into place: a Ctrl-C, SIGTERM or SIGHUP
+    then left a product without its PNG (exit 130/143/129), and a rerun refused to add it without
+    --overwrite (helper, 20 timings each). It is drawn from the finished temporary and both are
+    renamed with the signals held: the interrupt lands after both are in place."""
+    import signal
+
+    import fusion_cli.quicklook as quicklook
+
+    draw = quicklook.save_quicklook
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # held until both files are in place
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(quicklook, "save_quicklook", interrupted)
+    out = tmp_path / "o.tif"
+    with pytest.raises(KeyboardInterrupt):
+        fuse_files(EXAMPLE_PAN, EXAMPLE_MS, out, DetailFuser(2), FuseOptions(quicklook=True))
+    assert raster.is_complete_output(out) and (tmp_path / "o.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png", "o.tif"]

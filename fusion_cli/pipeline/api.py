@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -363,9 +364,14 @@ def fuse_files(
                     f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
                     "check the inputs and their nodata"
                 )
-            writer.commit()
+            quick: str | None = None
 
-    quick = write_quicklook(out, fuser, opts.overwrite) if opts.quicklook else None
+            def quicklook(product: Path) -> None:
+                nonlocal quick
+                quick = write_quicklook(out, fuser, opts.overwrite, product)
+
+            writer.commit(quicklook if opts.quicklook else None)
+
     seconds = time.perf_counter() - t0
     return FuseSummary(
         output=str(out),

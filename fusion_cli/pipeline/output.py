@@ -179,14 +179,15 @@ def side_outputs(out: str | os.PathLike[str], opts: FuseOptions) -> list[Path]:
     return [Path(out).with_suffix(".png")] if opts.quicklook else []
 
 
-def write_quicklook(out: Path, fuser: Fuser, overwrite: bool) -> str | None:
-    """A PNG beside the product, from a decimated read (bounded memory)."""
+def write_quicklook(out: Path, fuser: Fuser, overwrite: bool, product: Path | None = None) -> str:
+    """A PNG beside the product `out`, from a decimated read (bounded memory) of `product` (the
+    finished file not yet renamed onto `out`; default: `out`)."""
     from rasterio.windows import Window as RWindow
 
     from fusion_cli.quicklook import save_quicklook
     from fusion_cli.wavelengths import of_raster
 
-    with raster.gdal_env(), raster.open_raster(out, "output") as ds:
+    with raster.gdal_env(), raster.open_raster(product or out, "output") as ds:
         scale = max(1, math.ceil(max(ds.height, ds.width) / 1024))
         shape = (max(1, ds.height // scale), max(1, ds.width // scale))
         img = raster.read_decimated(

@@ -395,15 +395,18 @@ class AtomicWriter:
         assert self._dst is not None
         self._dst.update_tags(**{k: _tag_text(v) for k, v in tags.items()})
 
-    def commit(self) -> Path:
-        """Mark complete, close, convert to COG if asked, and rename into place."""
+    def commit(self, side: Callable[[Path], object] | None = None) -> Path:
+        """Mark complete, close, convert to COG if asked, and rename into place. `side(finished)`
+        writes a side file (the quicklook) from the finished temporary just before the rename, both
+        with Ctrl-C, SIGTERM and SIGHUP held: a signal between the two left a product without its
+        quicklook, which a rerun refused to add without --overwrite."""
         assert self._dst is not None
         if self.out.exists() and not self.overwrite:
             raise FusionError(f"output {self.out} appeared while fusing; pass --overwrite to replace it")
         with self._failing_write():
-            return self._finish()
+            return self._finish(side)
 
-    def _finish(self) -> Path:
+    def _finish(self, side: Callable[[Path], object] | None = None) -> Path:
         assert self._dst is not None
         self._dst.update_tags(**{COMPLETE_TAG: "1"})
         self._dst.close()
@@ -421,8 +424,11 @@ class AtomicWriter:
             rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
             verify_geotiff(final, overviews=True)
-        _replace(final, self._target, self.out, self.overwrite)
-        self._committed = True
+        with deferred_signals():
+            if side is not None:
+                side(final)
+            _replace(final, self._target, self.out, self.overwrite)
+            self._committed = True
         return self.out
 
     def _cleanup(self) -> None:
