@@ -36,7 +36,7 @@ from fusion_cli.pipeline.output import finish_block
 from fusion_cli.pipeline.readers import fill_invalid
 from fusion_cli.sensors import canonical_sensor, nyquist_gains, sensor_band_numbers
 
-PanMode = Literal["bicubic", "mtf"]
+PanMode = Literal["bicubic", "mtf", "keep"]
 
 
 @dataclass
@@ -89,20 +89,32 @@ def simulate_arrays(
             f"--pan-mtf degrades a one-band PAN by its MTF, but this high-resolution image has "
             f"{pan.shape[0]} bands (an MSI): leave --pan-mtf off to reduce it by bicubic"
         )
-    h = (min(ms.shape[1], pan.shape[1] // ratio) // ratio) * ratio
-    w = (min(ms.shape[2], pan.shape[2] // ratio) // ratio) * ratio
+    # "keep": HISR data on one grid (HSI and MSI the same size): the MSI is already at the
+    # reference's resolution, so only the HSI is reduced, as the HISR recipes' Wald pairs are
+    grid = 1 if pan_mode == "keep" else ratio
+    h = (min(ms.shape[1], pan.shape[1] // grid) // ratio) * ratio
+    w = (min(ms.shape[2], pan.shape[2] // grid) // ratio) * ratio
     if h < ratio * 4 or w < ratio * 4:
         raise FusionError(
             f"images too small for a ratio-{ratio} reduction (MS {ms.shape[1]}x{ms.shape[2]}): "
             f"need at least {ratio * 4}x{ratio * 4} MS pixels"
         )
     ref = np.asarray(ms[:, :h, :w], dtype=np.float64)
-    pan_c = np.asarray(pan[:, : h * ratio, : w * ratio], dtype=np.float64)
+    pan_c = np.asarray(pan[:, : h * grid, : w * grid], dtype=np.float64)
     ref_valid = None if ms_valid is None else np.asarray(ms_valid, dtype=bool)[:h, :w]
-    pan_c_valid = None if pan_valid is None else np.asarray(pan_valid, dtype=bool)[: h * ratio, : w * ratio]
+    pan_c_valid = None if pan_valid is None else np.asarray(pan_valid, dtype=bool)[: h * grid, : w * grid]
     numbers = sensor_band_numbers(sensor, ref.shape[0], stated=sensor_bands)
     gains, pan_gain = nyquist_gains(sensor, ref.shape[0], numbers)
     ms_lr = degrade_ms(_filled(ref, ref_valid), gains, ratio)
+    if pan_mode == "keep":
+        return Reduced(
+            pan_c,
+            ms_lr,
+            ref,
+            pan_c_valid,
+            None if ref_valid is None else degrade_valid(ref_valid, ratio, "mtf"),
+            ref_valid,
+        )
     pan_lr = degrade_pan(_filled(pan_c, pan_c_valid), ratio, pan_mode, pan_gain)
     return Reduced(
         pan_lr,
@@ -160,6 +172,16 @@ def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = Non
         with raster.open_raster(ms_path, "MS") as ms:
             r, ms_win, (pan_win,) = block_windows(ms, [pan], ratio, ("MS", "PAN"))
             return r, _read(pan, pan_win), _read(ms, ms_win)
+
+
+def _same_grid_hisr(pan_path: str | Path, ms_path: str | Path) -> tuple[Read, Read] | None:
+    """The MSI and HSI of a HISR pair on one grid (pixel-size ratio 1, a multi-band high-resolution
+    image), as `read_pair` reads them; None for any other pair."""
+    try:
+        grid, pan_read, ms_read = read_pair(pan_path, ms_path, None)
+    except FusionError:
+        return None
+    return (pan_read, ms_read) if grid == 1 and pan_read.data.shape[0] > 1 else None
 
 
 def _image(
@@ -242,12 +264,27 @@ def simulate_files(
     key = canonical_sensor(sensor)
     targets = [out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif"]
     _check_targets(out_dir, targets, [pan_path, ms_path], overwrite)
-    ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
+    pan_mode: PanMode = "mtf" if pan_mtf else "bicubic"
+    try:
+        ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
+    except FusionError as exc:
+        # HISR data on one grid (an HSI and an MSI of the same size, as the San Francisco pair):
+        # --ratio says how far to reduce the HSI; the MSI stays as it is
+        same_grid = _same_grid_hisr(pan_path, ms_path) if ratio is not None else None
+        if same_grid is None:
+            raise
+        if pan_mtf:
+            raise FusionError(
+                "--pan-mtf degrades the high-resolution image, which HISR data on one grid keep as it "
+                "is (only the HSI is reduced by --ratio): leave --pan-mtf off"
+            ) from exc
+        pan_read, ms_read = same_grid
+        pan_mode = "keep"
     (pan, _, pan_meta, pan_tf, pan_crs), (ms, _, ms_meta, ms_tf, ms_crs) = pan_read, ms_read
     step(1)
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
-    paths = SimulatedPair(*targets, ratio, key, "mtf" if pan_mtf else "bicubic")
+    paths = SimulatedPair(*targets, ratio, key, pan_mode)
     red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, sensor_bands, pan_read.valid, ms_read.valid)
     for what, valid in (
         ("reference", red.ref_valid),
@@ -272,7 +309,7 @@ def simulate_files(
             paths.pan,
             red.pan,
             red.pan_valid,
-            pan_tf @ scale if pan_tf else None,
+            pan_tf @ scale if pan_tf and pan_mode != "keep" else pan_tf,
             pan_crs,
             pan_meta | {"extra": info},
             pan_dtype,

@@ -392,3 +392,40 @@ def test_simulated_images_keep_the_scale_offset_of_their_dn(tmp_path: Path) -> N
     for path, n in ((res.pan, 1), (res.ms, 6), (res.ref, 6)):
         with rasterio.open(path) as ds:
             assert (ds.scales, ds.offsets, ds.units) == ((2.75e-05,) * n, (-0.2,) * n, ("reflectance",) * n)
+
+
+def test_simulate_a_hisr_pair_on_one_grid(tmp_path: Path) -> None:
+    """An HSI and an MSI on one grid (the San Francisco Hyperion + ALI pair) had no Wald protocol on
+    the command line ("pixel-size ratio is 1, not 3"), though the HISR cards are measured that way:
+    `--ratio 3` now reduces the HSI only (its MTF, decimation) and keeps the MSI as it is, as the
+    recipes' pairs; `fusion evaluate` then scores HISR methods on it. A one-band image on one grid
+    is still refused."""
+    from fusion_cli.training.data import load_scene, reduce_scene
+
+    msi, hsi = need_shared("eo1_sanfrancisco", "ms.tif"), need_shared("eo1_sanfrancisco", "hs.tif")
+    sim = simulate_files(msi, hsi, tmp_path / "sim", sensor="hyperion", ratio=3)
+    assert sim.pan_mode == "keep" and sim.ratio == 3
+    with rasterio.open(sim.pan) as p, rasterio.open(sim.ms) as m, rasterio.open(sim.ref) as r:
+        pan_lr, ms_lr, ref = p.read(), m.read(), r.read()
+        assert m.tags()["WALD_PAN_MODE"] == "keep"
+    with rasterio.open(msi) as a, rasterio.open(hsi) as b:
+        h, w = b.height // 3 * 3, b.width // 3 * 3
+        np.testing.assert_array_equal(pan_lr, a.read()[:, :h, :w])
+        np.testing.assert_array_equal(ref, b.read()[:, :h, :w])
+    assert ms_lr.shape == (47, h // 3, w // 3)
+    scene = load_scene(msi, hsi, ratio=1, sensor="hyperion")
+    recipe_pair = reduce_scene(scene, 3, task="hisr")
+    np.testing.assert_allclose(ms_lr, recipe_pair.ms * scene.dn_max, atol=1e-2)
+    with pytest.raises(FusionError, match="ratio is 1, not 3"):
+        simulate_files(_one_band(msi, tmp_path), hsi, tmp_path / "bad", sensor="hyperion", ratio=3)
+
+
+def _one_band(path: Path, tmp_path: Path) -> Path:
+    with rasterio.open(path) as ds:
+        data, profile = ds.read(1)[None], ds.profile | {"count": 1}
+    out = tmp_path / "one.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(data)
+    return out
