@@ -214,14 +214,15 @@ def d_lambda_khan(
 
 
 def rounding_keeps(x: np.ndarray, mask: np.ndarray | None = None) -> bool:
-    """Whether rounding `x (C, H, W)` to uint16 keeps its content: within [0, 65535] and spanning at
-    least 32 whole numbers between its 1st and 99th percentiles (DN, integer or float, as opposed to
-    reflectance: HQNR 0.07 instead of 0.71 on a WV3 product in [0, 1])."""
+    """Whether rounding `x (C, H, W)` to uint16 keeps its content: its 1st-99th percentiles within
+    [0, 65535] and at least 32 whole numbers apart (DN, integer or float, where an interpolated MS may
+    undershoot 0 at a few pixels, as opposed to reflectance: HQNR 0.07 instead of 0.71 on a WV3
+    product in [0, 1])."""
     values = x[:, mask] if mask is not None else np.asarray(x).reshape(len(x), -1)
-    if not values.size or values.min() < -0.5 or values.max() > np.iinfo(np.uint16).max + 0.5:
+    if not values.size:
         return False
     lo, hi = np.percentile(values[:, :: max(1, values.shape[1] // 65536)], [1, 99])
-    return bool(hi - lo >= 32)
+    return bool(lo >= -0.5 and hi <= np.iinfo(np.uint16).max + 0.5 and hi - lo >= 32)
 
 
 def scored_d_lambda_khan(
