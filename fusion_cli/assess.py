@@ -12,7 +12,9 @@ by pixel replication.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -328,6 +330,27 @@ def _mask_or_none(valid: np.ndarray) -> np.ndarray | None:
     return None if valid.all() else valid
 
 
+def _say_why_infinite(values: dict[str, Any], ref: np.ndarray, fused: np.ndarray, valid: np.ndarray) -> None:
+    """A warning naming the bands that make ERGAS or PSNR infinite (a JSON null, an `inf` cell): a
+    reference band averaging 0 (ERGAS divides by it), a band equal to the reference (PSNR's MSE 0),
+    as dead or constant bands of a hyperspectral cube are; the index is left as the toolbox defines it."""
+    r = ref[:, valid].astype(np.float64)
+    f = fused[:, valid].astype(np.float64)
+    causes = {
+        "ERGAS": (r.mean(axis=1) == 0, "average 0 in the reference (ERGAS divides by the band mean)"),
+        "PSNR": ((r == f).all(axis=1), "equal the reference exactly (their PSNR is infinite)"),
+    }
+    for key, (bands, why) in causes.items():
+        value = values.get(key)
+        if isinstance(value, float) and not math.isfinite(value) and bands.any():
+            listed = ", ".join(str(b + 1) for b in np.flatnonzero(bands)[:10])
+            warnings.warn(
+                f"{key} is {value}: band(s) {listed} of the product {why}; dead or constant bands? "
+                "fuse without them (--bands) and the indices leave them out",
+                stacklevel=2,
+            )
+
+
 def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     """All indices of a loaded case: reduced resolution with a reference, else full resolution.
 
@@ -372,6 +395,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 psnr_peak=opts.psnr_peak,
             )
         )
+        _say_why_infinite(out, r.data, f.data, f.valid & r.valid)
     else:
         assert case.pan is not None and case.ms is not None
         ms = case.ms.data

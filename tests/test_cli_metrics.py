@@ -481,3 +481,41 @@ def test_a_dead_nan_band_left_out_of_the_product_does_not_void_the_reference(tmp
     assert scores[0]["bands_compared"] == [1, 2, 3, 4, 5]
     for key in ("Q2n", "SAM", "ERGAS", "PSNR"):
         assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-9), key
+
+
+def _float_tif(path: Path, data: np.ndarray) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype="float32") as dst:  # fmt: skip
+        dst.write(data.astype(np.float32))
+    return path
+
+
+def test_a_dead_band_that_makes_ergas_or_psnr_infinite_is_named(tmp_path: Path) -> None:
+    """A reference band at 0 (a dead band of a hyperspectral cube) made ERGAS NaN and the band
+    reproduced exactly made PSNR inf, null in the JSON without a word (helper, San Francisco
+    Hyperion); a warning now names the band and why. A pair without such a band says nothing."""
+    ms = example_pair().ms
+    ref, fused = ms.copy(), ms + 3
+    ref[4] = fused[4] = 0
+    args = ["--ratio", "2", "--json"]
+    res = run_cli(
+        "metrics",
+        str(_float_tif(tmp_path / "f.tif", fused)),
+        "--ref",
+        str(_float_tif(tmp_path / "r.tif", ref)),
+        *args,
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["ERGAS"] is None and got["PSNR"] is None
+    assert "ERGAS is nan: band(s) 5 of the product average 0 in the reference" in res.stderr
+    assert "PSNR is inf: band(s) 5 of the product equal the reference exactly" in res.stderr
+    res = run_cli(
+        "metrics",
+        str(_float_tif(tmp_path / "f2.tif", ms + 3)),
+        "--ref",
+        str(_float_tif(tmp_path / "r2.tif", ms)),
+        *args,
+    )
+    assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
+    assert json.loads(res.stdout)["ERGAS"] > 0
