@@ -169,23 +169,6 @@ def test_default_conventions_pair_the_real_folders(tmp_path: Path) -> None:
         batch.pair_by_patterns(shared_or_named_alike("wv3_spacenet2", tmp_path), Path("/nonexistent/out"))
 
 
-def test_products_named_like_inputs_are_not_written_into_the_input_folder(tmp_path: Path) -> None:
-    """`batch in in --out-pattern '{stem}_PAN.tif'` wrote A_PAN.tif beside A_pan.tif at exit 0, and
-    every later batch of that folder failed all its scenes as ambiguous (helper). Refused before any
-    work; the default pattern, and that name in another folder, are fine."""
-    d = tmp_path / "in"
-    d.mkdir()
-    for name in ("A_pan.tif", "A_ms.tif"):
-        (d / name).write_bytes(b"")
-    with pytest.raises(FusionError, match="names the product A_PAN.tif in the input folder, where the PAN"):
-        batch.pair_by_patterns(d, d, out_pattern="{stem}_PAN.tif", check_outputs=False)
-    with pytest.raises(FusionError, match="where the MS pattern"):
-        batch.pair_by_patterns(d, d, "*_pan.tif", "*_ms.tif", "{stem}_x_MS.tif", check_outputs=False)
-    assert [s.out.name for s in batch.pair_by_patterns(d, d, check_outputs=False).scenes] == ["A_fused.tif"]
-    elsewhere = batch.pair_by_patterns(d, tmp_path / "out", out_pattern="{stem}_PAN.tif", check_outputs=False)
-    assert [s.out.name for s in elsewhere.scenes] == ["A_PAN.tif"]
-
-
 def test_patterns_and_manifest(tmp_path: Path) -> None:
     d = tmp_path / "in"
     (d / "a").mkdir(parents=True)

@@ -297,31 +297,12 @@ def pair_by_patterns(
                 unpaired.append(Unpaired(in_dir / p_list[0], why))
             else:
                 scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
-    if scenes and out_dir.exists() and out_dir.resolve() == in_dir.resolve():
-        _refuse_products_named_as_inputs(scenes, in_dir, out_pattern, pan_p, ms_p)
     matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
     ignored = [in_dir / f for f in files if f not in matched]
     plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
     if check_outputs:
         _check_outputs(plan)
     return plan
-
-
-def _refuse_products_named_as_inputs(
-    scenes: Sequence[Scene], in_dir: Path, out_pattern: str, pan_p: str, ms_p: str
-) -> None:
-    """Products written into the input folder under names its PAN or MS pattern matches (`--out-pattern
-    '{stem}_PAN.tif'` beside `A_pan.tif`) are refused: every later batch of that folder into another
-    one took them for inputs and failed each scene as ambiguous."""
-    for scene in scenes:
-        name = scene.out.relative_to(in_dir).as_posix() if scene.out.is_relative_to(in_dir) else None
-        for role, pattern in (("PAN", pan_p), ("MS", ms_p)):
-            if name is not None and _pattern_regex(pattern).match(name):
-                raise FusionError(
-                    f"--out-pattern {out_pattern!r} names the product {name} in the input folder, where "
-                    f"the {role} pattern {pattern!r} matches it: later runs would take it for an input; "
-                    "write to another folder or change --out-pattern"
-                )
 
 
 def _stem_of(pan_name: str) -> str:
