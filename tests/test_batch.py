@@ -1025,6 +1025,27 @@ def test_a_rerun_into_the_input_folder_does_not_take_its_products_for_inputs(tmp
     assert res["failed"] == 1 and any("b_fused" in s["scene"] or "b_fused" in str(s) for s in res["scenes"])
 
 
+def test_a_product_named_like_an_input_is_not_taken_for_one(tmp_path: Path) -> None:
+    """`batch in in --out-pattern '{stem}_PAN.tif'` wrote a_PAN.tif beside a_pan.tif; every later batch
+    of that folder into another one failed the scene as ambiguous (helper). A complete product of this
+    tool in an ambiguous group is not an input: the scene pairs its real PAN and MS."""
+    from rasterio.windows import Window
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pan, _ = write_example_crop(folder, "a", Window(0, 0, 64, 64))
+    run_cli(
+        "batch", str(folder), str(folder), "--method", "gsa", "--out-pattern", "{stem}_PAN.tif", check_rc=0
+    )
+    assert (folder / "a_PAN.tif").exists()
+    res = json.loads(
+        run_cli("batch", str(folder), str(tmp_path / "out"), "--method", "gsa", "--json", check_rc=0).stdout
+    )
+    assert (res["done"], res["failed"]) == (1, 0)
+    with rasterio.open(tmp_path / "out" / "a_fused.tif") as ds:
+        assert Path(ds.tags()["FUSION_PAN"]).name == pan.name
+
+
 def test_a_metrics_sidecar_linked_while_fusing_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

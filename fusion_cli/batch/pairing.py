@@ -278,6 +278,12 @@ def pair_by_patterns(
         p_list, m_list = pans.get(key, []), mss.get(key, [])
         stem = "_".join(k for k in key)
         if len(p_list) > 1 or len(m_list) > 1:
+            # a complete product of this tool beside its inputs (`--out-pattern '{stem}_PAN.tif'` into
+            # IN_DIR, then a batch of IN_DIR elsewhere) is not an input: every scene failed as ambiguous
+            p_list, m_list = (
+                [f for f in lst if not is_complete_output(in_dir / f)] or lst for lst in (p_list, m_list)
+            )
+        if len(p_list) > 1 or len(m_list) > 1:
             for f in p_list + m_list:
                 unpaired.append(
                     Unpaired(in_dir / f, f"stem {stem!r} is ambiguous: {', '.join(p_list + m_list)}")
