@@ -825,3 +825,17 @@ def test_an_interrupt_while_the_quicklook_is_drawn_keeps_product_and_quicklook_t
         fuse_files(EXAMPLE_PAN, EXAMPLE_MS, out, DetailFuser(2), FuseOptions(quicklook=True))
     assert raster.is_complete_output(out) and (tmp_path / "o.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png", "o.tif"]
+
+
+def test_fp32_network_ignores_the_callers_autocast():
+    """Under a caller's `torch.autocast("cpu", torch.bfloat16)` the network ran in bf16 (221 DN off)
+    while the fuser and the product's tags said fp32; fp32 now means fp32 whatever the caller set."""
+    import torch
+
+    from fusion_cli.pipeline import make_fuser
+
+    pan, ms = _read(EXAMPLE_PAN)[:, :128, :128], _read(EXAMPLE_MS)[:, :64, :64]
+    want = fuse_arrays(pan, ms, make_fuser(device="cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fuse_arrays(pan, ms, make_fuser(device="cpu"))
+    np.testing.assert_array_equal(got, want)

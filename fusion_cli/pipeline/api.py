@@ -21,6 +21,7 @@ from fusion_cli import align, raster, wavelengths
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
 from fusion_cli.pipeline.engine import (
+    caller_autocast_off,
     check_band_wavelengths,
     check_fuser,
     fit_sensor_bands,
@@ -143,7 +144,7 @@ def fuse_arrays(
         out[:, row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = data
         valid_all[row0 : row0 + data.shape[1], col0 : col0 + data.shape[2]] = valid
 
-    with run_threads(opts.threads):
+    with run_threads(opts.threads), caller_autocast_off():
         _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress)
@@ -312,6 +313,7 @@ def fuse_files(
             source.geom = geom
         plan = plan_for(fuser, geom, opts)
         threads.enter_context(run_threads(opts.threads))
+        threads.enter_context(caller_autocast_off())
         adapted = _adapt(fuser, source, geom, opts)
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")

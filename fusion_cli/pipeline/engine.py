@@ -196,6 +196,16 @@ def run_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def caller_autocast_off() -> Iterator[None]:
+    """A run in the precision its fusers state: a caller's own `torch.autocast` (thread-local, so
+    the windows fused in worker threads never saw it) ran the statistics pass and the fusion on this
+    thread in bf16 (221 DN off under a notebook's CPU autocast, tags saying fp32). A network with
+    --precision bf16/fp16 enters its own autocast inside."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+@contextlib.contextmanager
 def single_threaded(enabled: bool) -> Iterator[None]:
     """torch intra-op threads set to 1 meanwhile (restored after) when `enabled`."""
     if not enabled:
