@@ -81,6 +81,12 @@ def simulate_arrays(
     for what, arr, valid in (("pan", pan, pan_valid), ("ms", ms, ms_valid)):
         if valid is not None and np.shape(valid) != arr.shape[1:]:
             raise FusionError(f"{what}_valid is {np.shape(valid)}, not the {what}'s {arr.shape[1:]}")
+        # the filters would spread a NaN over every sample they reach (64 NaN in ms_lr from one)
+        bad = raster.non_finite_pixels(np.asarray(arr), None if valid is None else np.asarray(valid, bool))
+        if bad is not None and bad.any():
+            raise FusionError(
+                f"the {what} has NaN or infinite values at {int(bad.sum())} px; pass {what}_valid False there"
+            )
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a ratio of at least 2, got {ratio}")
     if pan_mode == "mtf" and pan.shape[0] > 1:

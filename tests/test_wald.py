@@ -200,6 +200,15 @@ def test_simulate_arrays_rejects_bad_input() -> None:
         simulate_arrays(np.zeros((1, 40, 40)), ms, 1)
     with pytest.raises(FusionError, match="unknown sensor"):
         simulate_arrays(np.zeros((1, 400, 400)), np.zeros((4, 100, 100)), 4, "spot42")
+    # an unmasked NaN spread through the filters into 64 NaN samples of ms_lr; masked, it is filled
+    pair = example_pair()
+    ms_nan = pair.ms.copy()
+    ms_nan[2, 40, 40] = np.nan
+    with pytest.raises(FusionError, match="the ms has NaN or infinite values at 1 px; pass ms_valid"):
+        simulate_arrays(pair.pan, ms_nan, 2, "landsat8")
+    valid = np.ones(ms_nan.shape[1:], bool)
+    valid[40, 40] = False
+    assert np.isfinite(simulate_arrays(pair.pan, ms_nan, 2, "landsat8", ms_valid=valid).ms).all()
     names = ("MS", "PAN")
     assert shape_ratio((1, 1207, 1254), (4, 603, 627), names) == 2  # Landsat's extra PAN row
     with pytest.raises(FusionError, match="by other than an integer ratio"):
