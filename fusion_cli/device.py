@@ -18,7 +18,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
+    if device in ("cpu", "cpu:0"):  # torch's name for the CPU of a tensor's device (str(t.device))
         return torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -195,6 +195,12 @@ def test_fuser_options_and_devices():
         assert NetworkFuser(lm, device="cpu", precision="bf16").precision == "fp32"
     assert NetworkFuser(lm, device="cpu", dn_max=4095).dn_max == 4095
     assert resolve_device("cpu") == torch.device("cpu")
+    # a tensor's device as torch names it (str(t.device) of a CPU tensor placed with "cpu:0"), and
+    # a method name in any case, as make_method reads it, were refused (helper)
+    assert resolve_device("cpu:0") == resolve_device(torch.device("cpu", 0)) == torch.device("cpu")
+    from fusion_cli.pipeline import make_fuser
+
+    assert make_fuser(method="GSA", ratio=4).name == "gsa"
     with pytest.raises(FusionError, match="unknown device"):
         resolve_device("tpu")
     if not torch.cuda.is_available():

@@ -64,7 +64,7 @@ def build_fuser(
     if spec.method is not None:
         from fusion_cli.classical import METHODS, make_method
 
-        if spec.method not in METHODS:
+        if spec.method.strip().lower() not in METHODS:  # make_method's own reading of the name
             raise FusionError(f"unknown method {spec.method!r}; choose one of: {', '.join(sorted(METHODS))}")
         if ratio is None:
             raise FusionError("a classical method needs the resolution ratio (measured from the inputs)")
