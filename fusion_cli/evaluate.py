@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from fusion_cli import jsonout
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.raster import atomic_output
-from fusion_cli.sensors import canonical_sensor
+from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
 from fusion_cli.signals import deferred_signals
 
 TIME_KEYS = ("time_rr_s", "time_fr_s")
@@ -159,12 +159,15 @@ def evaluate_scene(
     `progress(done, total)` is called after each fusion."""
     from fusion_cli.assess import EvalOptions
     from fusion_cli.assess import evaluate as score_product
+    from fusion_cli.pipeline.readers import band_count
     from fusion_cli.wald import simulate_files
 
     # pan and ms stay as given: GDAL virtual paths (/vsizip/...) are strings that Path would fold
     work_dir = Path(work_dir)
     key = canonical_sensor(sensor)
     scene_id = scene_id or _stem(pan)
+    # the reduced pair holds the `bands` only (a cube's dead NaN band left out is not read), in their
+    # order: its fusions take all of it, with those bands' sensor numbers for the MTF gains
     sim = simulate_files(
         pan,
         ms,
@@ -174,12 +177,17 @@ def evaluate_scene(
         pan_mtf=pan_mtf,
         overwrite=True,
         sensor_bands=sensor_bands,
+        bands=bands,
     )
+    reduced_sensor_bands = sensor_bands
+    if bands is not None:
+        reduced_sensor_bands = sensor_band_numbers(key, band_count(ms, "MS"), bands, sensor_bands)
     opts = EvalOptions(
         ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands, block=block,
         sensor_bands=sensor_bands,
         round_uint16=None,  # as fusion metrics: when the reference holds whole-number DN
     )  # fmt: skip
+    reduced_opts = replace(opts, bands=None, sensor_bands=reduced_sensor_bands)
     rows = []
     # the no-reference indices need a single-band PAN: a HISR pair (an MSI) is scored at reduced
     # resolution only
@@ -190,8 +198,8 @@ def evaluate_scene(
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
-        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, bands, sensor_bands)
-        rr = score_product(out, ref=sim.ref, opts=opts)
+        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands)
+        rr = score_product(out, ref=sim.ref, opts=reduced_opts)
         if progress is not None:
             progress(per * i + 1, total)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")

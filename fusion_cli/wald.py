@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -156,14 +156,17 @@ class Read(NamedTuple):
     crs: object
 
 
-def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
-    """The window of an open raster, where it is valid, its metadata, its transform (None without
-    georeferencing) and CRS."""
+def _read(ds: rasterio.io.DatasetReader, win: Window, bands: Sequence[int] | None = None) -> Read:
+    """The window of an open raster (its `bands` only, when given), where it is valid, its metadata
+    (`file_bands`: how many data bands the file holds), its transform (None without georeferencing)
+    and CRS."""
     georef = ds.crs is not None or not ds.transform.is_identity
     meta = {"nodata": ds.nodata, "tags": ds.tags(), "desc": ds.descriptions}
+    meta["file_bands"] = len(raster.select_bands(ds, None, "input", read=False))
     transform = ds.transform @ Affine.translation(win.col_off, win.row_off) if georef else None
-    # an alpha band is left out (transparency, not a band to degrade): it is part of `valid`
-    data, valid, bands = raster.read_whole(ds, "input", win)
+    # an alpha band is left out (transparency, not a band to degrade): it is part of `valid`; a dead
+    # band left out by `bands` is not read (its NaN refused the whole file)
+    data, valid, bands = raster.read_whole(ds, "input", win, bands)
     meta["desc"] = [ds.descriptions[b - 1] for b in bands]
     meta["encoding"] = raster.Encoding.of(ds, bands)  # the outputs hold the same DN
     # invalid pixels are filled before filtering; a NaN in a valid one would spread through the filters
@@ -171,20 +174,25 @@ def _read(ds: rasterio.io.DatasetReader, win: Window) -> Read:
     return Read(data, valid, meta, transform, ds.crs)
 
 
-def read_pair(pan_path: str | Path, ms_path: str | Path, ratio: int | None = None) -> tuple[int, Read, Read]:
-    """The ratio and the PAN and MS over the area both cover, lined up by their geotransforms
-    (`align.block_windows`: MS pixel i over PAN pixels [r*i, r*i+r)), each as `_read` gives it."""
+def read_pair(
+    pan_path: str | Path, ms_path: str | Path, ratio: int | None = None, ms_bands: Sequence[int] | None = None
+) -> tuple[int, Read, Read]:
+    """The ratio and the PAN and MS (its `ms_bands`, 1-based, when given) over the area both cover,
+    lined up by their geotransforms (`align.block_windows`: MS pixel i over PAN pixels [r*i, r*i+r)),
+    each as `_read` gives it."""
     with raster.gdal_env(), raster.open_raster(pan_path, "PAN") as pan:
         with raster.open_raster(ms_path, "MS") as ms:
             r, ms_win, (pan_win,) = block_windows(ms, [pan], ratio, ("MS", "PAN"))
-            return r, _read(pan, pan_win), _read(ms, ms_win)
+            return r, _read(pan, pan_win), _read(ms, ms_win, ms_bands)
 
 
-def _same_grid_hisr(pan_path: str | Path, ms_path: str | Path) -> tuple[Read, Read] | None:
+def _same_grid_hisr(
+    pan_path: str | Path, ms_path: str | Path, ms_bands: Sequence[int] | None
+) -> tuple[Read, Read] | None:
     """The MSI and HSI of a HISR pair on one grid (pixel-size ratio 1, a multi-band high-resolution
     image), as `read_pair` reads them; None for any other pair."""
     try:
-        grid, pan_read, ms_read = read_pair(pan_path, ms_path, None)
+        grid, pan_read, ms_read = read_pair(pan_path, ms_path, None, ms_bands)
     except FusionError:
         return None
     return (pan_read, ms_read) if grid == 1 and pan_read.data.shape[0] > 1 else None
@@ -249,6 +257,7 @@ def simulate_files(
     overwrite: bool = False,
     sensor_bands: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    bands: list[int] | None = None,
 ) -> SimulatedPair:
     """Write `pan_lr.tif`, `ms_lr.tif` and `ms_ref.tif` (the cropped original MS) into `out_dir`.
 
@@ -260,6 +269,8 @@ def simulate_files(
     input types; float32 (default) keeps the unrounded DN, as the toolbox does. `progress(done, 5)`
     is called after each step: read, degrade, and each of the three writes. `sensor_bands`: which
     of the sensor's bands (1-based) the MS's bands are, for their MTF gains (`simulate_arrays`).
+    `bands` (1-based MS bands): reduce and keep only those, in that order (`fusion evaluate --bands`:
+    a cube's dead bands left out); the gains follow them.
     """
 
     def step(done: int) -> None:
@@ -272,11 +283,11 @@ def simulate_files(
     _check_targets(out_dir, targets, [pan_path, ms_path], overwrite)
     pan_mode: PanMode = "mtf" if pan_mtf else "bicubic"
     try:
-        ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio)
+        ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio, bands)
     except FusionError as exc:
         # HISR data on one grid (an HSI and an MSI of the same size, as the San Francisco pair):
         # --ratio says how far to reduce the HSI; the MSI stays as it is
-        same_grid = _same_grid_hisr(pan_path, ms_path) if ratio is not None else None
+        same_grid = _same_grid_hisr(pan_path, ms_path, bands) if ratio is not None else None
         if same_grid is None:
             raise
         if pan_mtf:
@@ -291,6 +302,8 @@ def simulate_files(
     if ratio < 2:
         raise FusionError(f"the Wald protocol needs a PAN/MS ratio of at least 2, got {ratio}")
     paths = SimulatedPair(*targets, ratio, key, pan_mode)
+    if bands is not None:  # the gains of the bands kept
+        sensor_bands = sensor_band_numbers(key, ms_meta["file_bands"], bands, sensor_bands)
     red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, sensor_bands, pan_read.valid, ms_read.valid)
     for what, valid in (
         ("reference", red.ref_valid),

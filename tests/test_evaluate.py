@@ -362,3 +362,30 @@ def test_scenes_whose_ids_share_a_products_folder_are_refused(tmp_path: Path) ->
     with pytest.raises(FusionError, match="id column") as err:
         evaluate(scenes, specs, out, sensor="landsat8")
     assert "--out-pattern" not in str(err.value)
+
+
+def test_evaluate_bands_leave_a_dead_nan_band_out(tmp_path: Path) -> None:
+    """An MS with a dead band (all NaN, as a hyperspectral cube's water band) and --bands without it:
+    the Wald step read every band and refused the file (the advice it gave was --bands); the reduced
+    pair now holds the bands asked for, and the table equals that of a copy of the MS without the band."""
+    import numpy as np
+    import rasterio
+
+    with rasterio.open(EXAMPLE_MS) as ds:
+        data, profile = ds.read().astype(np.float32), ds.profile | {"dtype": "float32", "predictor": 3}
+        names = list(ds.descriptions)
+    dead, clean = tmp_path / "dead_ms.tif", tmp_path / "clean_ms.tif"
+    with rasterio.open(clean, "w", **profile | {"count": 5}) as dst:
+        dst.write(data[:5])
+        dst.descriptions = tuple(names[:5])
+    data[5] = np.nan
+    with rasterio.open(dead, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = tuple(names)
+    kw = {"sensor": "landsat8", "keep_products": False}
+    methods = parse_methods("gsa,mtf-glp")
+    got = evaluate(find_scenes([EXAMPLE_PAN, dead]), methods, tmp_path / "a", bands=[1, 2, 3, 4, 5], **kw)
+    want = evaluate(find_scenes([EXAMPLE_PAN, clean]), methods, tmp_path / "b", **kw)
+    for row, ref in zip(got.rows, want.rows, strict=True):
+        for key in ("Q2n", "SAM", "ERGAS", "HQNR", "HPC"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-6), (row["method"], key)

@@ -346,12 +346,17 @@ class WholeRead(NamedTuple):
     bands: list[int]  # the 1-based bands in `data`
 
 
-def read_whole(ds: rasterio.io.DatasetReader, what: str = "input", window: Window | None = None) -> WholeRead:
-    """The bands of `ds` (or of its `window`) and where they are valid: reads that need the whole scene
-    at once (metrics, the Wald protocol, training). An alpha band is a mask, not data, as in
-    `read_padded`. Complex pixels and damaged files are one-line errors."""
+def read_whole(
+    ds: rasterio.io.DatasetReader,
+    what: str = "input",
+    window: Window | None = None,
+    bands: Sequence[int] | None = None,
+) -> WholeRead:
+    """The bands of `ds` (or of its `window`; `bands`, 1-based: those only) and where they are valid:
+    reads that need the whole scene at once (metrics, the Wald protocol, training). An alpha band is
+    a mask, not data, as in `read_padded`. Complex pixels and damaged files are one-line errors."""
     check_pixel_type(ds, what)
-    bands = select_bands(ds, None, what)
+    bands = select_bands(ds, bands, "MS" if bands is not None else what)
     with damaged_input(ds):
         data = ds.read(bands, window=window)
         valid = valid_pixels(ds, bands, window=window)
