@@ -839,3 +839,44 @@ def test_fp32_network_ignores_the_callers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fuse_arrays(pan, ms, make_fuser(device="cpu"))
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_quicklook_that_fails_does_not_cost_the_product(tmp_path, monkeypatch):
+    """The quicklook is drawn before the product's rename (so the two land together); one that failed
+    there (a full disk) took the finished product with it (reviewer). The product is renamed into
+    place and the quicklook's own error is raised."""
+    import fusion_cli.quicklook as quicklook
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quicklook, "save_quicklook", full_disk)
+    out = tmp_path / "o.tif"
+    from fusion_cli.errors import OutputWriteError
+
+    with pytest.raises(OutputWriteError, match="cannot write quicklook .*o.png.*No space left"):
+        fuse_files(EXAMPLE_PAN, EXAMPLE_MS, out, DetailFuser(2), FuseOptions(quicklook=True))
+    assert raster.is_complete_output(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.tif"]
+
+
+def test_runs_asking_the_same_thread_count_release_their_own_holds():
+    """Three overlapping runs asking 4, 2 and 4 threads: when the last ends, the newest run still
+    going (2) sets the count; removing the first entry of the same value left 4 (reviewer)."""
+    import torch
+
+    from fusion_cli.pipeline.engine import run_threads
+
+    before = torch.get_num_threads()
+    try:
+        a, b, c = run_threads(4), run_threads(2), run_threads(4)
+        for run in (a, b, c):
+            run.__enter__()
+        c.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 4
+        a.__exit__(None, None, None)
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

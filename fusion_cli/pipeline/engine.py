@@ -121,10 +121,11 @@ def _check_wavelengths(
             if what == "PAN":
                 span = " or ".join(_nm(w) for w in passes)
                 theirs = f"PAN band {i + 1} of {fuser.name} is at {span}"
-            raise FusionError(
-                f"{what} band {bands[i]} is at {got.centre_um * 1000:.0f} nm but {theirs}; pass {option} "
-                f"with the {what} bands in the model's order (`fusion info` lists them)"
-            )
+            advice = f"pass {option} with the {what} bands in the model's order (`fusion info` lists them)"
+            if len(raster.select_bands(ds, None, what, read=False)) == 1:  # nothing to pick from
+                advice = "this model was made for another sensor's bands (`fusion info` lists them)"
+            nm = got.centre_um * 1000
+            raise FusionError(f"{what} band {bands[i]} is at {nm:.0f} nm but {theirs}; {advice}")
 
 
 def _nm(w: Any) -> str:
@@ -163,23 +164,24 @@ def plan_for(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan
 # before the first returns when the last one ends (each restoring what it found left two overlapping
 # runs' caller with the other's count).
 _THREADS_LOCK = threading.Lock()
-_THREADS_HELD: list[int] = []
+_THREADS_HELD: list[tuple[object, int]] = []  # (holder, count), oldest first
 _THREADS_BEFORE: list[int] = []
 
 
 @contextlib.contextmanager
 def _holding_threads(count: int) -> Iterator[None]:
+    holder = object()  # its own entry: two runs may ask for the same count
     with _THREADS_LOCK:
         if not _THREADS_HELD:
             _THREADS_BEFORE[:] = [torch.get_num_threads()]
-        _THREADS_HELD.append(count)
+        _THREADS_HELD.append((holder, count))
         torch.set_num_threads(count)
     try:
         yield
     finally:
         with _THREADS_LOCK:
-            _THREADS_HELD.remove(count)
-            torch.set_num_threads(_THREADS_HELD[-1] if _THREADS_HELD else _THREADS_BEFORE[0])
+            _THREADS_HELD[:] = [entry for entry in _THREADS_HELD if entry[0] is not holder]
+            torch.set_num_threads(_THREADS_HELD[-1][1] if _THREADS_HELD else _THREADS_BEFORE[0])
 
 
 @contextlib.contextmanager

@@ -404,9 +404,12 @@ class AtomicWriter:
         if self.out.exists() and not self.overwrite:
             raise FusionError(f"output {self.out} appeared while fusing; pass --overwrite to replace it")
         with self._failing_write():
-            return self._finish(side)
+            out, side_error = self._finish(side)
+        if side_error is not None:  # the product is in place: only the side file failed, say so
+            raise side_error
+        return out
 
-    def _finish(self, side: Callable[[Path], object] | None = None) -> Path:
+    def _finish(self, side: Callable[[Path], object] | None = None) -> tuple[Path, Exception | None]:
         assert self._dst is not None
         self._dst.update_tags(**{COMPLETE_TAG: "1"})
         self._dst.close()
@@ -424,12 +427,16 @@ class AtomicWriter:
             rasterio.shutil.copy(self._tmp, final, driver="COG", **cog_options(self.profile))
             self._tmp.unlink()
             verify_geotiff(final, overviews=True)
+        side_error = None
         with deferred_signals():
             if side is not None:
-                side(final)
+                try:
+                    side(final)
+                except Exception as exc:  # a quicklook that fails must not cost the product
+                    side_error = exc
             _replace(final, self._target, self.out, self.overwrite)
             self._committed = True
-        return self.out
+        return self.out, side_error
 
     def _cleanup(self) -> None:
         for p in (self._tmp, getattr(self, "_cog_tmp", None)):
