@@ -334,15 +334,19 @@ def _say_why_infinite(values: dict[str, Any], ref: np.ndarray, fused: np.ndarray
     """A warning naming the bands that make ERGAS or PSNR infinite (a JSON null, an `inf` cell): a
     reference band averaging 0 (ERGAS divides by it), a band equal to the reference (PSNR's MSE 0),
     as dead or constant bands of a hyperspectral cube are; the index is left as the toolbox defines it."""
+    bad = [k for k in ("ERGAS", "PSNR") if isinstance(values.get(k), float) and not math.isfinite(values[k])]
+    if not bad:  # the usual case: no copy of the images
+        return
     r = ref[:, valid].astype(np.float64)
     f = fused[:, valid].astype(np.float64)
     causes = {
         "ERGAS": (r.mean(axis=1) == 0, "average 0 in the reference (ERGAS divides by the band mean)"),
         "PSNR": ((r == f).all(axis=1), "equal the reference exactly (their PSNR is infinite)"),
     }
-    for key, (bands, why) in causes.items():
-        value = values.get(key)
-        if isinstance(value, float) and not math.isfinite(value) and bands.any():
+    for key in bad:
+        bands, why = causes[key]
+        value = values[key]
+        if bands.any():
             listed = ", ".join(str(b + 1) for b in np.flatnonzero(bands)[:10])
             warnings.warn(
                 f"{key} is {value}: band(s) {listed} of the product {why}; dead or constant bands? "

@@ -36,7 +36,7 @@ from fusion_cli import jsonout
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.raster import atomic_output
-from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
+from fusion_cli.sensors import canonical_sensor
 from fusion_cli.signals import deferred_signals
 
 TIME_KEYS = ("time_rr_s", "time_fr_s")
@@ -159,7 +159,6 @@ def evaluate_scene(
     `progress(done, total)` is called after each fusion."""
     from fusion_cli.assess import EvalOptions
     from fusion_cli.assess import evaluate as score_product
-    from fusion_cli.pipeline.readers import band_count
     from fusion_cli.wald import simulate_files
 
     # pan and ms stay as given: GDAL virtual paths (/vsizip/...) are strings that Path would fold
@@ -179,9 +178,7 @@ def evaluate_scene(
         sensor_bands=sensor_bands,
         bands=bands,
     )
-    reduced_sensor_bands = sensor_bands
-    if bands is not None:
-        reduced_sensor_bands = sensor_band_numbers(key, band_count(ms, "MS"), bands, sensor_bands)
+    reduced_sensor_bands = sim.sensor_bands
     opts = EvalOptions(
         ratio=sim.ratio, cut=cut, clip_bits=clip_bits, sensor=key, bands=bands, block=block,
         sensor_bands=sensor_bands,

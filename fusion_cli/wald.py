@@ -146,6 +146,9 @@ class SimulatedPair:
     ratio: int
     sensor: str
     pan_mode: str
+    # which of the sensor's bands (1-based) the reduced MS's bands are (None: as `nyquist_gains` reads
+    # a file of that many bands): a fusion of the reduced pair takes them as its --sensor-bands
+    sensor_bands: list[int] | None = None
 
 
 class Read(NamedTuple):
@@ -304,6 +307,7 @@ def simulate_files(
     paths = SimulatedPair(*targets, ratio, key, pan_mode)
     if bands is not None:  # the gains of the bands kept
         sensor_bands = sensor_band_numbers(key, ms_meta["file_bands"], bands, sensor_bands)
+    paths.sensor_bands = sensor_bands
     red = simulate_arrays(pan, ms, ratio, key, paths.pan_mode, sensor_bands, pan_read.valid, ms_read.valid)
     for what, valid in (
         ("reference", red.ref_valid),

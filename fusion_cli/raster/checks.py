@@ -133,8 +133,8 @@ def check_narrowing(in_dtype: str, out_dtype: str, lo: float | None, hi: float |
     if rng is None or lo is None or hi is None:
         return
     if lo < rng[0] or hi > rng[1]:
-        # --dn-max lowers the ceiling only: below the floor the data themselves go (lo is the
-        # type's floor only where the data reach under the output's, see `the caller`)
+        # --dn-max lowers the ceiling only; a floor under the output's is the data's own (the
+        # pipeline raises lo to the output's floor when a sample of the data stays above it)
         ceiling = ", or state the real ceiling with --dn-max" if hi > rng[1] else ""
         raise FusionError(
             f"--dtype {out_dtype} holds {rng[0]:g}..{rng[1]:g} but the {in_dtype} input's values reach "
