@@ -42,9 +42,15 @@ from fusion_cli.signals import deferred_signals
 TIME_KEYS = ("time_rr_s", "time_fr_s")
 
 
+# HISR rows add the index the HISR literature and the HISR cards rank by
+HISR_KEYS = ("PSNR",)
+
+
 def _index_keys() -> tuple[str, ...]:
-    """The indices of the comparison table (the metric table's `evaluate` entries), reduced then full."""
-    return (*evaluate_keys("reduced"), *evaluate_keys("full"))
+    """The indices of the comparison table (the metric table's `evaluate` entries), reduced (and
+    HISR's) then full."""
+    reduced = evaluate_keys("reduced")
+    return (*reduced, *(k for k in HISR_KEYS if k not in reduced), *evaluate_keys("full"))
 
 
 @dataclass(frozen=True)
@@ -187,8 +193,10 @@ def evaluate_scene(
     reduced_opts = replace(opts, bands=None, sensor_bands=reduced_sensor_bands)
     rows = []
     # the no-reference indices need a single-band PAN: a HISR pair (an MSI) is scored at reduced
-    # resolution only
-    full_resolution = full_resolution and not _is_msi(pan)
+    # resolution only, with PSNR beside the table's indices
+    hisr = _is_msi(pan)
+    full_resolution = full_resolution and not hisr
+    reduced_keys = (*evaluate_keys("reduced"), *(HISR_KEYS if hisr else ()))
     per = 2 if full_resolution else 1  # fusions per method
     total = per * len(methods)
     for i, spec in enumerate(methods):
@@ -200,7 +208,7 @@ def evaluate_scene(
         if progress is not None:
             progress(per * i + 1, total)
         row["Q2n_name"] = rr.get("q2n_name", "Q2n")
-        row.update({k: float(rr[k]) for k in evaluate_keys("reduced")})
+        row.update({k: float(rr[k]) for k in reduced_keys})
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)

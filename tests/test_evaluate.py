@@ -255,6 +255,9 @@ def test_evaluate_scores_a_hisr_pair(tmp_path: Path) -> None:
     by = {r["method"]: r for r in res.rows}
     assert set(by) == {"exp", "mtf-glp-hs", "gsa"} and "HQNR" not in by["exp"]
     assert by["mtf-glp-hs"]["SAM"] < by["exp"]["SAM"] and by["mtf-glp-hs"]["ERGAS"] < by["exp"]["ERGAS"]
+    # PSNR, which the HISR cards rank by, is a column of HISR tables (it was missing)
+    assert by["mtf-glp-hs"]["PSNR"] > by["exp"]["PSNR"] > 20
+    assert "PSNR" in (tmp_path / "ev" / "results.md").read_text().splitlines()[0]
 
 
 def test_evaluate_runs_vhr4_on_the_four_bands_of_the_wv3_pair(tmp_path: Path) -> None:
