@@ -363,10 +363,13 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     opts = opts or EvalOptions()
     file_bands = case.ms.data.shape[0] if case.ms is not None else 0
     if case.ref is None and case.pan is not None and case.ms is not None and case.pan.data.shape[0] == 1:
-        # the whole MS: a hyperspectral band alone may sit 18x below the PAN (Paris SWIR)
-        check_pan_ms_levels(
-            case.pan.data[0][case.pan.valid], case.ms.data[:, case.ms.valid], case.pan.name, case.ms.name
-        )
+        # the whole MS: a hyperspectral band alone may sit 18x below the PAN (Paris SWIR); its bands
+        # that are NaN throughout (dead) left out, or no pixel is valid and nothing was checked
+        ms = case.ms.select(case.ms.data, case.ms.encoding)
+        if not ms.valid.any() and ms.declared is not None:
+            live = np.isfinite(ms.data[:, ms.declared]).all(axis=1)
+            ms = ms.select(ms.data[live], None)
+        check_pan_ms_levels(case.pan.data[0][case.pan.valid], ms.data[:, ms.valid], case.pan.name, ms.name)
     case = with_product_bands(case, opts.bands)
     f = case.fused
     if opts.round_uint16 is None:

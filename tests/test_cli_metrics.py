@@ -519,3 +519,30 @@ def test_a_dead_band_that_makes_ergas_or_psnr_infinite_is_named(tmp_path: Path) 
     )
     assert res.returncode == 0 and "Warning" not in res.stderr, res.stderr
     assert json.loads(res.stdout)["ERGAS"] > 0
+
+
+def test_the_pan_ms_level_check_runs_beside_a_dead_band(tmp_path: Path) -> None:
+    """The PAN/MS units check looked at the MS pixels valid in every band: with one band all NaN (dead)
+    none was, and a PAN 1000x off its MS was scored without a word (reviewer). The dead band is left
+    out of the check; the same files with the right PAN are scored."""
+    with rasterio.open(EXAMPLES / "landsat8_ms.tif") as ds:
+        ms, profile = ds.read().astype(np.float32), ds.profile | {"dtype": "float32", "predictor": 3}
+    ms[5] = np.nan
+    dead = tmp_path / "dead_ms.tif"
+    with rasterio.open(dead, "w", **profile) as dst:
+        dst.write(ms)
+    with rasterio.open(EXAMPLES / "landsat8_pan.tif") as ds:
+        pan, pan_profile = ds.read().astype(np.float32), ds.profile | {"dtype": "float32", "predictor": 3}
+    pans = {}
+    for name, scale in (("pan", 1.0), ("pan_x1000", 1000.0)):
+        pans[name] = tmp_path / f"{name}.tif"
+        with rasterio.open(pans[name], "w", **pan_profile) as dst:
+            dst.write(pan * scale)
+    product = tmp_path / "p.tif"
+    fuse = ["pansharpen", str(pans["pan"]), str(dead), "-o", str(product), "--method", "gsa", "-q"]
+    res = run_cli(*fuse, "--bands", "1,2,3,4,5", "--sensor", "landsat8")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("metrics", str(product), "--pan", str(pans["pan_x1000"]), "--ms", str(dead))
+    assert res.returncode == 2 and "not in the same units" in res.stderr, res.stderr
+    res = run_cli("metrics", str(product), "--pan", str(pans["pan"]), "--ms", str(dead), "--json")
+    assert res.returncode == 0 and 0 < json.loads(res.stdout)["HQNR"] <= 1, res.stderr
