@@ -365,7 +365,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
     if case.ref is None and case.pan is not None and case.ms is not None and case.pan.data.shape[0] == 1:
         # the whole MS: a hyperspectral band alone may sit 18x below the PAN (Paris SWIR); its bands
         # that are NaN throughout (dead) left out, or no pixel is valid and nothing was checked
-        ms = case.ms.select(case.ms.data, case.ms.encoding)
+        ms = case.ms
         if not ms.valid.any() and ms.declared is not None:
             live = np.isfinite(ms.data[:, ms.declared]).all(axis=1)
             ms = ms.select(ms.data[live], None)

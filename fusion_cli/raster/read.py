@@ -177,7 +177,7 @@ def zero_collar_share(ds: Any, bands: Sequence[int]) -> float:
     no nodata, mask or alpha: an unflagged fill collar (SpaceNet's WorldView-2 tiles: 32 %) is fused
     as data, and its zeros enter the methods' statistics (5 % of the mean DN far inside, GSA). 0 where
     the file marks its invalid pixels."""
-    if has_mask(ds, bands) or alpha_band(ds) is not None:
+    if has_mask(ds, bands):  # nodata, masks or alpha
         return 0.0
     values = sample_values(ds, bands)
     return float((values == 0).all(axis=0).mean()) if values.size else 0.0
@@ -188,7 +188,7 @@ def scene_fill(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> n
     window: the mean of its valid samples (`sample_values`). A window's own means made the product
     along a nodata edge depend on the tile size (900 DN steps between tiles, GSA on Landsat-8).
     None where no pixel can be invalid or none of the samples is valid (finite)."""
-    if not (zero_is_nodata or has_mask(ds, bands) or alpha_band(ds) is not None):
+    if not (zero_is_nodata or has_mask(ds, bands)):
         return None
     values = sample_values(ds, bands, zero_is_nodata).astype(np.float64)
     finite = np.isfinite(values).all(axis=0)
