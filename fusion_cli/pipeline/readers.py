@@ -12,9 +12,13 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
+from scipy import ndimage
 
 from fusion_cli import align, raster
 
+# How far (MS px; PAN px times the ratio) an edge's values reach into nodata before the scene's
+# band means take over: past the classical methods' filters (8 MS px: 16-32 PAN px at ratio 2-4).
+FILL_REACH = 8
 # Largest window side (PAN px) used to measure the PAN/MS shift: bounded memory and time.
 SHIFT_WINDOW = 1024
 
@@ -30,19 +34,32 @@ class Tile:
 
 
 def fill_invalid(
-    data: np.ndarray, valid: np.ndarray, dtype: DTypeLike = np.float32, fill: np.ndarray | None = None
+    data: np.ndarray,
+    valid: np.ndarray,
+    dtype: DTypeLike = np.float32,
+    fill: np.ndarray | None = None,
+    reach: int = 0,
 ) -> np.ndarray:
-    """Replace invalid pixels by `fill` `(C,)` (the scene's band means, `raster.scene_fill`), else by
-    the band means of the valid ones here, so a fuser never sees nodata; a copy in `dtype` (float64
-    for the Wald filters, which work in it)."""
+    """Replace invalid pixels so a fuser never sees nodata; a copy of `data` `(C, H, W)` in `dtype`
+    (float64 for the Wald filters, which work in it). Those within `reach` px (taxicab) of a valid
+    pixel take the nearest one's value, as a border does under replicate padding: a constant there
+    made the upsampled MS a blend of the scene and that constant for a few pixels inside the edge
+    (BT-H, whose gain divides by a small intensity, doubled NIR there). The others take `fill`
+    `(C,)` (the scene's band means, `raster.scene_fill`), else the band means of the valid ones here."""
     data = data.astype(dtype, copy=True)
     if valid.all():
         return data
     if fill is None and not valid.any():
         data[:] = 0.0
         return data
+    invalid = ~valid
+    if reach and valid.any():
+        dist, (rows, cols) = ndimage.distance_transform_cdt(invalid, metric="taxicab", return_indices=True)
+        near = invalid & (dist <= reach)
+        data[:, near] = data[:, rows[near], cols[near]]
+        invalid &= ~near
     means = data[:, valid].mean(axis=1) if fill is None else fill
-    data[:, ~valid] = means[:, None]
+    data[:, invalid] = means[:, None]
     return data
 
 
@@ -78,20 +95,32 @@ class PairSource:
 
     def read(self, row: int, col: int, size_h: int, size_w: int) -> Tile:
         g, r = self.geom, self.geom.ratio
-        pan, pvalid = self.pan_reader(g.row0 + row, g.col0 + col, size_h, size_w)
+        pan, pvalid = _read_filled(
+            self.pan_reader, self.pan_fill, FILL_REACH * r, g.row0 + row, g.col0 + col, size_h, size_w
+        )
         uy = g.ms_centres(g.row0 + row, size_h // r, 0)
         ux = g.ms_centres(g.col0 + col, size_w // r, 1)
         (y0, y1), (x0, x1) = align.support(uy), align.support(ux)
-        ms, mvalid = self.ms_reader(y0, x0, y1 - y0, x1 - x0)
-        ms_lr = align.resample(
-            fill_invalid(ms, mvalid, fill=self.ms_fill),
-            align.cubic_matrix(uy, y0, y1 - y0),
-            align.cubic_matrix(ux, x0, x1 - x0),
-        )
+        ms, mvalid = _read_filled(self.ms_reader, self.ms_fill, FILL_REACH, y0, x0, y1 - y0, x1 - x0)
+        ms_lr = align.resample(ms, align.cubic_matrix(uy, y0, y1 - y0), align.cubic_matrix(ux, x0, x1 - x0))
         # MS validity at each low-resolution sample: that of the MS pixel under its centre.
         v_lr = mvalid[np.ix_(align.nearest_index(uy, y0, y1 - y0), align.nearest_index(ux, x0, x1 - x0))]
         valid = pvalid & np.repeat(np.repeat(v_lr, r, axis=0), r, axis=1)
-        return Tile(fill_invalid(pan, pvalid, fill=self.pan_fill), ms_lr.astype(np.float32), valid)
+        return Tile(pan, ms_lr.astype(np.float32), valid)
+
+
+def _read_filled(
+    reader: Reader, fill: np.ndarray | None, reach: int, row: int, col: int, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A window `(B, h, w)` float32 with its invalid pixels filled (`fill_invalid`), and its validity.
+    With a scene fill (the raster may hold nodata), it is read `reach` px wider on every side so the
+    nearest valid pixel within reach is always in view: a pixel fills alike in every window."""
+    if fill is None:
+        data, valid = reader(row, col, h, w)
+        return fill_invalid(data, valid), valid
+    data, valid = reader(row - reach, col - reach, h + 2 * reach, w + 2 * reach)
+    inner = (slice(reach, reach + h), slice(reach, reach + w))
+    return fill_invalid(data, valid, fill=fill, reach=reach)[(slice(None), *inner)], valid[inner]
 
 
 def array_reader(arr: np.ndarray, valid: np.ndarray | None) -> Reader:
