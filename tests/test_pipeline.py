@@ -230,7 +230,9 @@ def _rotated_footprint(tmp_path, pan_src=EXAMPLE_PAN, ms_src=EXAMPLE_MS) -> dict
     inside = (np.abs(u) < 0.375 * w) & (np.abs(v) < 0.34 * h)
     ms[:, ~inside] = 0
     pan_inside = np.repeat(np.repeat(inside, 2, axis=0), 2, axis=1)
-    extra = [(0, max(0, n - m)) for n, m in zip(pan.shape[1:], pan_inside.shape)]  # Landsat-8: 1 more row
+    extra = [
+        (0, max(0, n - m)) for n, m in zip(pan.shape[1:], pan_inside.shape, strict=True)
+    ]  # Landsat-8: 1 more row
     pan[:, ~np.pad(pan_inside, extra, mode="edge")[: pan.shape[1], : pan.shape[2]]] = 0
     paths = {}
     for name, data, src in (("pan", pan, pan_src), ("ms", ms, ms_src)):
