@@ -156,7 +156,7 @@ def _georef_ratio(
             how = (
                 " (only ground control points or RPCs, which this tool does not apply: warp it to a "
                 "regular grid first, gdalwarp)"
-                if _only_gcps_or_rpcs(ds)
+                if only_gcps_or_rpcs(ds)
                 else "; give both inputs the same georeferencing, or neither"
             )
             raise FusionError(f"the {name} has no geotransform but the other input has one{how}")
@@ -185,11 +185,24 @@ def _georef_ratio(
     return ratio, ry, rx
 
 
-def _only_gcps_or_rpcs(ds: Any) -> bool:
-    """Whether a dataset without a geotransform carries ground control points or RPCs (where the
-    object has them: rasterio datasets do)."""
+def only_gcps_or_rpcs(ds: Any) -> bool:
+    """Whether a grid without a geotransform is placed by ground control points or RPCs: a rasterio
+    dataset that carries them, or an object that says so (`assess.Image.only_gcps_or_rpcs`)."""
+    if getattr(ds, "only_gcps_or_rpcs", False):
+        return True
+    if ds.crs is not None or not _is_identity(ds.transform):
+        return False
     gcps = getattr(ds, "gcps", None)
     return bool(gcps and gcps[0]) or bool(getattr(ds, "rpcs", None))
+
+
+def _refuse_gcps_or_rpcs(grids: Sequence[Any], names: Sequence[str]) -> None:
+    for ds, what in zip(grids, names, strict=True):
+        if only_gcps_or_rpcs(ds):
+            raise FusionError(
+                f"the {what} is georeferenced by ground control points or RPCs only, which this "
+                "tool does not apply; warp it to a regular grid first (gdalwarp)"
+            )
 
 
 def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> Alignment:
@@ -202,12 +215,7 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     hint = "pass --reproject to warp the MS onto the PAN's CRS, or reproject it first (gdalwarp -t_srs)"
     measured = _georef_ratio(pan_ds, ms_ds, crs_hint=hint)
     if measured is None:
-        for ds, what in ((pan_ds, "PAN"), (ms_ds, "MS")):
-            if _only_gcps_or_rpcs(ds):
-                raise FusionError(
-                    f"the {what} is georeferenced by ground control points or RPCs only, which this "
-                    "tool does not apply; warp it to a regular grid first (gdalwarp)"
-                )
+        _refuse_gcps_or_rpcs((pan_ds, ms_ds), ("PAN", "MS"))
         warnings.warn(
             "inputs have no georeferencing: assuming their grids share the top-left corner; "
             "the output is written without CRS",
@@ -285,7 +293,11 @@ def shape_ratio(fine_shape: tuple[int, ...], coarse_shape: tuple[int, ...], name
 
 
 def block_windows(
-    coarse: Any, fines: Sequence[Any], ratio: int | None = None, names: Sequence[str] = ("MS", "PAN")
+    coarse: Any,
+    fines: Sequence[Any],
+    ratio: int | None = None,
+    names: Sequence[str] = ("MS", "PAN"),
+    bare_pairs_by_size: bool = False,
 ) -> tuple[int, Window, list[Window]]:
     """Line grids up by their geotransforms for pixel-wise comparison (metrics, the Wald protocol).
 
@@ -295,14 +307,18 @@ def block_windows(
     `ratio` when given. Returns r, the coarse window common to all grids and the window of each fine
     grid that it covers: coarse pixel (i, j) of the window over fine pixels [r*i, r*i+r) x [r*j, r*j+r)
     of that fine window, to the nearest fine pixel (a tie, such as Landsat's half PAN pixel, goes to
-    the earlier pixel). Raises FusionError when the grids cannot be compared or do not overlap.
+    the earlier pixel). Grids without georeferencing pair by their sizes; with `bare_pairs_by_size`,
+    so does one without against one with (a reference made from a .mat and a georeferenced product),
+    else that is refused, as for a pair to fuse. Raises FusionError when the grids cannot be compared
+    (one placed by GCPs or RPCs only, too) or do not overlap.
     """
+    _refuse_gcps_or_rpcs([coarse, *fines], names)
     offsets = []  # per fine grid: its pixel coordinates (y, x) of the coarse grid's corner, rounded
     rs = set()
     for fine, name in zip(fines, names[1:], strict=True):
-        # a grid without any georeferencing (e.g. a reference made from a .mat) pairs by its size
-        bare = any(g.crs is None and _is_identity(g.transform) for g in (fine, coarse))
-        measured = None if bare else _georef_ratio(fine, coarse, (name, names[0]))
+        bare = [g.crs is None and _is_identity(g.transform) for g in (fine, coarse)]
+        by_size = all(bare) or (bare_pairs_by_size and any(bare))
+        measured = None if by_size else _georef_ratio(fine, coarse, (name, names[0]))
         if measured is None:
             rs.add(shape_ratio((fine.height, fine.width), (coarse.height, coarse.width), (names[0], name)))
             offsets.append((0, 0))

@@ -24,7 +24,7 @@ import numpy as np
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from fusion_cli.align import block_windows
+from fusion_cli.align import block_windows, only_gcps_or_rpcs
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 from fusion_cli.metrics.table import index_order
@@ -78,6 +78,8 @@ class Image:
     # `valid` before NaN/inf were left out (nodata, masks, alpha only): a band selection takes NaN
     # from its own bands only (a dead NaN band left out by --bands invalidated every pixel)
     declared: np.ndarray | None = None
+    # placed by ground control points or RPCs only (no geotransform): `align` refuses to line it up
+    only_gcps_or_rpcs: bool = False
 
     @property
     def name(self) -> str:
@@ -137,6 +139,7 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         descriptions = [ds.descriptions[b - 1] for b in bands]
         transform, crs = ds.transform, ds.crs
         encoding = Encoding.of(ds, bands)
+        gcps_only = only_gcps_or_rpcs(ds)
     if nodata is not None:
         valid &= ~(data == nodata).all(axis=0)
     declared = None
@@ -144,7 +147,7 @@ def read_image(path: str | Path, what: str, nodata: float | None = None) -> Imag
         declared = valid.copy()
         valid &= np.isfinite(data).all(axis=0)
     where = os.fspath(path) if is_gdal_path(path) else Path(path)
-    return Image(where, data, valid, tags, descriptions, transform, crs, encoding, declared)
+    return Image(where, data, valid, tags, descriptions, transform, crs, encoding, declared, gcps_only)
 
 
 def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -196,7 +199,7 @@ def _load_case(
         if pan is not None or ms is not None:
             raise FusionError("give either --ref (reduced resolution) or --pan and --ms (full), not both")
         gt = read_image(ref, "reference", nodata)
-        _, win, (f_win,) = block_windows(gt, [img], 1, ("reference", "product"))
+        _, win, (f_win,) = block_windows(gt, [img], 1, ("reference", "product"), bare_pairs_by_size=True)
         recorded = product_sources(img)[2].get("ratio")
         if isinstance(recorded, int) and ratio is not None and ratio != recorded:
             raise FusionError(

@@ -281,5 +281,9 @@ def test_block_windows_line_grids_up_by_their_transforms():
     with pytest.raises(FusionError, match="by other than an integer ratio"):
         align.block_windows(_grid(bare, (100, 100), None), [_grid(bare, (99, 100), None)], 1)
     # a reference without georeferencing (made from a .mat) pairs with a georeferenced product by size
-    r, win, _ = align.block_windows(_grid(bare, (159, 319), None), [fused], 1)
+    r, win, _ = align.block_windows(_grid(bare, (159, 319), None), [fused], 1, bare_pairs_by_size=True)
     assert r == 1 and (win.height, win.width) == (159, 319)
+    # a PAN/MS pair with one side georeferenced is refused, as pansharpen refuses it (simulate paired
+    # them from the top-left corner, away from Landsat's half-pixel offset, at exit 0)
+    with pytest.raises(FusionError, match="the MS has no geotransform but the other input has one"):
+        align.block_windows(_grid(bare, (160, 320), None), [pan])

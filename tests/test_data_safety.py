@@ -1782,6 +1782,24 @@ def test_grids_the_alignment_cannot_place_are_refused(tmp_path: Path) -> None:
         rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / f"{tag}.tif", "--method", "exp")
         assert rc == 2 and expect in err, err
         assert not (tmp_path / f"{tag}.tif").exists()
+        # the Wald protocol and a reference read the same grids: simulate paired the GCP-only pair
+        # by size at exit 0, and metrics scored a GCP-only reference placed anywhere pixel by pixel
+        rc, _, err = cli("simulate", pan, ms, "-o", tmp_path / f"{tag}_sim", "--sensor", "landsat8")
+        assert rc == 2 and expect in err, err
+        assert not (tmp_path / f"{tag}_sim").exists()
+        rc, _, err = cli("metrics", EXAMPLE_MS, "--ref", ms, "--ratio", "2")
+        assert rc == 2 and expect in err, err
+    # one input georeferenced, the other not: simulate paired them from the top-left corner
+    bare = tmp_path / "bare_ms.tif"
+    with rasterio.open(EXAMPLE_MS) as src:
+        profile = {k: v for k, v in src.profile.items() if k not in ("crs", "transform")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(bare, "w", **profile) as dst:
+                dst.write(src.read())
+    rc, _, err = cli("simulate", EXAMPLE_PAN, bare, "-o", tmp_path / "half_sim", "--sensor", "landsat8")
+    assert rc == 2 and "the MS has no geotransform but the other input has one" in err, err
+    assert not (tmp_path / "half_sim").exists()
 
 
 def test_an_alpha_band_masks_the_other_bands(tmp_path: Path) -> None:
