@@ -172,6 +172,9 @@ def _read(ds: rasterio.io.DatasetReader, win: Window, bands: Sequence[int] | Non
     data, valid, bands = raster.read_whole(ds, "input", win, bands)
     meta["desc"] = [ds.descriptions[b - 1] for b in bands]
     meta["encoding"] = raster.Encoding.of(ds, bands)  # the outputs hold the same DN
+    meta["band_tags"] = raster.carried_band_tags(ds, bands)
+    meta["imagery"] = [ds.tags(b, ns="IMAGERY") for b in bands]
+    meta["colorinterp"] = [ds.colorinterp[b - 1] for b in bands]
     # invalid pixels are filled before filtering; a NaN in a valid one would spread through the filters
     raster.refuse_non_finite(ds.name, data, valid, bands)
     return Read(data, valid, meta, transform, ds.crs)
@@ -215,8 +218,7 @@ def _image(
     outputs were refused, or allowed by --overwrite, before any work), and its validity as the
     source expressed it: the source's nodata value written into the invalid pixels (NaN in a
     `filtered` float image, whose blurred DN may take any other value), else an internal mask."""
-    tags = {k: v for k, v in meta["tags"].items() if k in {"NBITS", "SOURCE"}}
-    tags |= meta.get("extra", {})
+    tags = raster.carried_tags(meta["tags"]) | meta.get("extra", {})
     nodata = meta["nodata"]
     if nodata is not None and filtered and np.issubdtype(np.dtype(dtype), np.floating):
         nodata = math.nan
@@ -228,8 +230,9 @@ def _image(
     elif valid is not None and not valid.all():
         mask = valid
     return raster.GeoTiff(
-        path, data, dtype, transform, crs, nodata, tags, meta["desc"], mask, meta["encoding"]
-    )
+        path, data, dtype, transform, crs, nodata, tags, meta["desc"], mask, meta["encoding"],
+        meta["band_tags"], meta["imagery"], meta["colorinterp"],
+    )  # fmt: skip
 
 
 def _check_targets(out_dir: Path, targets: list[Path], inputs: list[str | Path], overwrite: bool) -> None:

@@ -168,26 +168,50 @@ def from_names(names: Sequence[str]) -> list[Wavelength] | None:
 
 def of_raster(ds: Any, bands: Sequence[int]) -> list[Wavelength | None]:
     """The wavelengths of a raster's `bands` (1-based) as it states them: GDAL's IMAGERY domain
-    (CENTRAL_WAVELENGTH_UM, FWHM_UM: what this tool's products carry), a WAVELENGTH_NM band tag, or a
-    band description in nm ("Hyperion band 11 (457.34 nm)", "B4 red (636-673 nm)"); None for a band
-    that states none (or one that does not parse)."""
+    (CENTRAL_WAVELENGTH_UM, FWHM_UM: what this tool's products carry), a WAVELENGTH_NM band tag,
+    ENVI's `wavelength` (and `fwhm`) band items in their `wavelength_units` (what GDAL reads from an
+    ENVI header and gdal_translate keeps), or a band description in nm ("Hyperion band 11 (457.34
+    nm)", "B4 red (636-673 nm)"); None for a band that states none (or one that does not parse). A
+    centre stated without a width takes the description's bandpass around it."""
+    units = ds.tags().get("wavelength_units")
     out: list[Wavelength | None] = []
     for b in bands:
-        imagery, tags = ds.tags(b, ns="IMAGERY"), ds.tags(b)
+        named = from_names([ds.descriptions[b - 1] or ""])
         try:
-            if "CENTRAL_WAVELENGTH_UM" in imagery:
-                fwhm = imagery.get("FWHM_UM")
-                out.append(Wavelength(float(imagery["CENTRAL_WAVELENGTH_UM"]), float(fwhm) if fwhm else None))
-                continue
-            if "WAVELENGTH_NM" in tags:
-                out.append(Wavelength(float(tags["WAVELENGTH_NM"]) / 1000))
-                continue
+            stated = _stated(ds.tags(b, ns="IMAGERY"), ds.tags(b), units)
         except ValueError:
             out.append(None)
             continue
-        named = from_names([ds.descriptions[b - 1] or ""])
-        out.append(named[0] if named else None)
+        if stated is None:
+            out.append(named[0] if named else None)
+        elif stated.fwhm_um is None and named and named[0].fwhm_um and _within(stated, named[0]):
+            out.append(Wavelength(stated.centre_um, named[0].fwhm_um))
+        else:
+            out.append(stated)
     return out
+
+
+def _stated(imagery: dict[str, str], tags: dict[str, str], units: str | None) -> Wavelength | None:
+    """A band's wavelength from its IMAGERY items, WAVELENGTH_NM or ENVI items (ValueError: one that
+    does not parse); None when it states none."""
+    if "CENTRAL_WAVELENGTH_UM" in imagery:
+        fwhm = imagery.get("FWHM_UM")
+        return Wavelength(float(imagery["CENTRAL_WAVELENGTH_UM"]), float(fwhm) if fwhm else None)
+    if "WAVELENGTH_NM" in tags:
+        return Wavelength(float(tags["WAVELENGTH_NM"]) / 1000)
+    if "wavelength" in tags:
+        centre = float(tags["wavelength"])
+        unit = (tags.get("wavelength_units") or units or "").strip().lower()
+        # ENVI writes "Nanometers" or "Micrometers"; without units, VNIR-SWIR centres tell them apart
+        to_um = 1e-3 if unit.startswith("nan") or unit == "nm" or (not unit and centre > 100) else 1.0
+        fwhm = float(tags["fwhm"]) * to_um if tags.get("fwhm") else None
+        return Wavelength(round(centre * to_um, 6), round(fwhm, 6) if fwhm else None)
+    return None
+
+
+def _within(centre: Wavelength, band: Wavelength) -> bool:
+    """Whether a stated centre lies inside a bandpass (the description's, `band`)."""
+    return abs(centre.centre_um - band.centre_um) <= (band.fwhm_um or 0) / 2
 
 
 def imagery_metadata(wavelengths: Sequence[Wavelength | None]) -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ import pytest
 import rasterio
 from conftest import EXAMPLE_MS, EXAMPLE_PAN, have_shared, need_shared, write_example_crop
 from pipeline_fusers import DetailFuser, FailingFuser, RepeatFuser, StatsFuser
+from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
 from scipy import ndimage
 
@@ -917,3 +918,65 @@ def test_runs_asking_the_same_thread_count_release_their_own_holds():
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def _tagged_example_ms(tmp_path: Path) -> Path:
+    """The example MS with what real scenes carry: scene tags, this tool's own record (as a product
+    has), TIFF file tags, per-band wavelengths (Landsat style on B2, ENVI style on B3) and GDAL's
+    band statistics of the source."""
+    with rasterio.open(EXAMPLE_MS) as src:
+        data, profile = src.read(), src.profile
+    path = tmp_path / "ms_tagged.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.update_tags(
+            LANDSAT_SCENE_ID="LC80200392015216LGN00",
+            ACQUISITION_DATE="2015-08-04",
+            FUSION_COMPLETE="1",
+            FUSION_PARAMS="{}",
+            TIFFTAG_DATETIME="2016:01:01 00:00:00",
+        )
+        dst.set_band_description(1, "B2 blue (452-512 nm)")
+        dst.update_tags(1, WAVELENGTH_NM="482", STATISTICS_MEAN="10395")
+        dst.update_tags(2, wavelength="0.5613", fwhm="0.0573", wavelength_units="Micrometers")
+    with rasterio.open(path, "r+") as dst:  # GeoTIFF takes a new colour type only on update
+        dst.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red] + [ColorInterp.undefined] * 3
+    return path
+
+
+def test_products_keep_the_scene_and_band_metadata_of_their_ms(tmp_path):
+    """Products dropped every dataset tag of their MS (scene id, acquisition date) and every band tag
+    (WAVELENGTH_NM, ENVI's wavelength/fwhm), and simulate kept only NBITS and SOURCE, with the bands'
+    colour interpretation and wavelengths lost (helper). They are kept now, following --bands; what
+    describes the source file rather than the scene (this tool's own record, TIFF file tags, band
+    statistics) is not. ENVI's items and a description's bandpass now state wavelengths too."""
+    from fusion_cli.pipeline import make_fuser
+    from fusion_cli.wald import simulate_files
+
+    ms = _tagged_example_ms(tmp_path)
+    out = tmp_path / "o.tif"
+    fuser = make_fuser(method="gsa", ratio=2, ms_bands=3, sensor="landsat8")
+    fuse_files(EXAMPLE_PAN, ms, out, fuser, FuseOptions(bands=[3, 2, 1]))
+    with rasterio.open(out) as o:
+        tags = o.tags()
+        assert (
+            tags["LANDSAT_SCENE_ID"] == "LC80200392015216LGN00" and tags["ACQUISITION_DATE"] == "2015-08-04"
+        )
+        assert "TIFFTAG_DATETIME" not in tags and json.loads(tags["FUSION_PARAMS"])["bands"] == [3, 2, 1]
+        assert o.tags(3)["WAVELENGTH_NM"] == "482" and "STATISTICS_MEAN" not in o.tags(3)
+        assert o.tags(2)["wavelength"] == "0.5613" and "WAVELENGTH_NM" not in o.tags(2)
+        assert not {k for k in o.tags(1) if not k.startswith("STATISTICS_")}
+        # B2: the tag's centre, the description's width; B3: ENVI's centre and width in micrometres
+        assert o.tags(3, ns="IMAGERY") == {"CENTRAL_WAVELENGTH_UM": "0.482", "FWHM_UM": "0.06"}
+        assert o.tags(2, ns="IMAGERY") == {"CENTRAL_WAVELENGTH_UM": "0.5613", "FWHM_UM": "0.0573"}
+
+    paths = simulate_files(EXAMPLE_PAN, ms, tmp_path / "sim", sensor="landsat8")
+    with rasterio.open(ms) as src:
+        source_interp = src.colorinterp
+    assert source_interp[0] == ColorInterp.blue
+    for name in ("ms", "ref"):
+        with rasterio.open(getattr(paths, name)) as s:
+            assert (
+                s.tags()["LANDSAT_SCENE_ID"] == "LC80200392015216LGN00" and "FUSION_COMPLETE" not in s.tags()
+            )
+            assert s.tags(1)["WAVELENGTH_NM"] == "482" and s.colorinterp == source_interp

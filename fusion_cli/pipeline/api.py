@@ -318,7 +318,7 @@ def fuse_files(
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")
 
-        tags = product_tags(
+        tags = raster.carried_tags(ms_ds.tags()) | product_tags(
             fuser,
             opts,
             plan,
@@ -348,6 +348,7 @@ def fuse_files(
                     [ms_ds.colorinterp[b - 1] for b in bands], descriptions, model_band_names(fuser)
                 ),
                 imagery=band_imagery(fuser, descriptions, bands, ms_ds.count, stated),
+                band_tags=raster.carried_band_tags(ms_ds, bands),
                 encoding=encoding,
             ) as writer,
             reporting(opts.progress, plan.count, f"fusing {out.name}") as advance,

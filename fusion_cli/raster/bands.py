@@ -19,6 +19,27 @@ def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> li
     return [ds.descriptions[b - 1] or f"band {b}" for b in bands]
 
 
+# An input's metadata items (default domain) that do not describe what is made from it: this tool's
+# own record (an MS that is itself a product would make the new one's temporary look complete), the
+# TIFF's file-level tags, the grid's pixel convention (the product's transform states its own),
+# netCDF packing (the encoding is written apart) and band statistics (of the source's pixels).
+_NOT_CARRIED = re.compile(
+    r"^(FUSION_|TIFFTAG_|STATISTICS_)|^(AREA_OR_POINT|scale_factor|add_offset|_FillValue|missing_value)$"
+)
+
+
+def carried_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The items of an input's tags (a dataset's or a band's) that a product made from it keeps:
+    scene ids, acquisition dates, sources, per-band wavelengths (WAVELENGTH_NM, ENVI's wavelength
+    and fwhm)."""
+    return {k: v for k, v in tags.items() if not _NOT_CARRIED.search(k)}
+
+
+def carried_band_tags(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> list[dict[str, str]]:
+    """`carried_tags` of each of `bands` (1-based), in their order: what each product band keeps."""
+    return [carried_tags(ds.tags(b)) for b in bands]
+
+
 def rgb_colorinterp(count: int, *namings: Sequence[str]) -> list[ColorInterp] | None:
     """Colour interpretation of a `count`-band product: red, green and blue for the bands named so
     (e.g. "B4 red", "red (630-690 nm)"; not "red edge"), the others undefined, from the first of

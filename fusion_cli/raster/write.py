@@ -208,6 +208,27 @@ class GeoTiff:
     descriptions: Sequence[str | None] | None = None
     valid: np.ndarray | None = None
     encoding: Encoding | None = None
+    band_tags: Sequence[dict[str, str]] | None = None  # per band, default domain
+    imagery: Sequence[dict[str, str]] | None = None  # per band, GDAL's IMAGERY domain
+    colorinterp: Sequence[ColorInterp] | None = None
+
+
+def _write_band_metadata(
+    dst: Any,
+    descriptions: Sequence[str | None] | None,
+    band_tags: Sequence[dict[str, str]] | None,
+    imagery: Sequence[dict[str, str]] | None,
+) -> None:
+    """Each band's description, tags (default domain) and IMAGERY items (wavelengths), where given."""
+    for i, d in enumerate(descriptions or (), start=1):
+        if d:
+            dst.set_band_description(i, d)
+    for i, items in enumerate(band_tags or (), start=1):
+        if items:
+            dst.update_tags(i, **items)
+    for i, items in enumerate(imagery or (), start=1):
+        if items:
+            dst.update_tags(i, ns="IMAGERY", **items)
 
 
 def write_geotiffs(
@@ -252,15 +273,16 @@ def _write_whole(tmp: Path, im: GeoTiff) -> None:
         profile.update(transform=im.transform, crs=im.crs)
     if im.nodata is not None:
         profile["nodata"] = im.nodata
+    profile = _photometric(profile, im.colorinterp)
     with gdal_env(), _open(tmp, "w", **profile) as ds:  # GDAL_TIFF_INTERNAL_MASK: no .msk sidecar
         ds.write(out.astype(im.dtype))
         if im.valid is not None:
             ds.write_mask(np.where(im.valid, 255, 0).astype(np.uint8))
         ds.update_tags(**(im.tags or {}))
-        if im.descriptions and len(im.descriptions) == im.data.shape[0]:
-            for i, d in enumerate(im.descriptions, start=1):
-                if d:
-                    ds.set_band_description(i, d)
+        named = im.descriptions if im.descriptions and len(im.descriptions) == im.data.shape[0] else None
+        _write_band_metadata(ds, named, im.band_tags, im.imagery)
+        if im.colorinterp:
+            ds.colorinterp = im.colorinterp
         if im.encoding is not None:
             im.encoding.write(ds)
     verify_geotiff(tmp, complete_tag=False)
@@ -322,11 +344,13 @@ class AtomicWriter:
         cog: bool = False,
         colorinterp: Sequence[ColorInterp] | None = None,
         imagery: Sequence[dict[str, str]] | None = None,
+        band_tags: Sequence[dict[str, str]] | None = None,
         encoding: Encoding | None = None,
     ) -> None:
         self.out = Path(out)
         self.colorinterp = colorinterp
         self.imagery = imagery  # per band, items of GDAL's IMAGERY domain (wavelengths)
+        self.band_tags = band_tags  # per band, the MS band's carried tags (`bands.carried_tags`)
         self.encoding = encoding  # the bands' scale, offset and unit
         self.profile = profile
         self.descriptions = descriptions
@@ -352,13 +376,9 @@ class AtomicWriter:
                 self._dst = _open(self._tmp, "w", **_photometric(self.profile, self.colorinterp))
             except Exception as exc:
                 raise FusionError(f"cannot write output {self.out}: {reason(exc)}") from None
-            if self.descriptions:
-                for i, d in enumerate(self.descriptions, start=1):
-                    self._dst.set_band_description(i, d)
+            _write_band_metadata(self._dst, self.descriptions, self.band_tags, self.imagery)
             if self.colorinterp:
                 self._dst.colorinterp = self.colorinterp
-            for i, items in enumerate(self.imagery or (), start=1):
-                self._dst.update_tags(i, ns="IMAGERY", **items)
             if self.encoding is not None:
                 self.encoding.write(self._dst)
             self._dst.update_tags(**self.tags)
