@@ -142,6 +142,29 @@ def test_same_weights_any_size_beat_interpolation(official, wv3_b, rows, cols):
     assert _rmse(out, gt) < 0.85 * _rmse(bicubic, gt)
 
 
+def test_fine_tuned_checkpoints_load_from_their_training_wrappers(tmp_path, net8):
+    """A FusionMamba fine-tuned in the authors' training code under DistributedDataParallel (and
+    torch.compile) saves `module._orig_mod.<name>` inside a dict beside the optimizer: it was refused
+    as "not a FusionMamba state_dict". It loads as the plain state_dict does, to the same numbers."""
+    from fusion_cli.models.registry import load_model
+
+    state = net8.state_dict()
+    plain, wrapped = tmp_path / "plain.pth", tmp_path / "ddp.pth"
+    torch.save(state, plain)
+    torch.save(
+        {"epoch": 3, "optimizer": {"lr": torch.tensor(1e-4)},
+         "model_state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}},
+        wrapped,
+    )  # fmt: skip
+    models = [load_model(weights=p, device="cpu").model for p in (plain, wrapped)]
+    ms, pan = torch.rand(1, 8, 16, 16), torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(models[0](ms, pan), models[1](ms, pan), rtol=0, atol=0)
+    torch.save({f"module.{k}": v for k, v in list(state.items())[:-1]} | {"other.x": torch.zeros(1)}, wrapped)
+    with pytest.raises(FusionError, match="not a FusionMamba state_dict"):
+        load_model(weights=wrapped, device="cpu")
+
+
 def test_deterministic(net8):
     gen = torch.Generator().manual_seed(3)
     ms, pan = torch.rand(2, 8, 8, 12, generator=gen), torch.rand(2, 1, 32, 48, generator=gen)

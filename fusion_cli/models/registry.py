@@ -301,12 +301,30 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads refused by weights_only
         raise FusionError(f"cannot load {path} as a PyTorch state_dict: {reason(exc)[:160]}") from None
-    for key in ("state_dict", "model"):  # common wrappers around a state_dict
+    for key in _WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FusionError(f"{path} does not hold a state_dict of tensors")
-    return obj
+    return _unwrapped_names(obj)
+
+
+# Where training scripts keep the weights in a checkpoint dict (beside the optimizer, epoch...)
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "ema")
+# Prefixes a wrapper adds to every name: DataParallel/DistributedDataParallel, torch.compile
+_NAME_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the prefix a training wrapper put on every tensor name taken off (a FusionMamba
+    fine-tuned under DistributedDataParallel saves `module.stem...`), repeatedly for stacked ones."""
+    while state:
+        prefix = next((p for p in _NAME_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
