@@ -29,9 +29,9 @@ from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 from fusion_cli.metrics.table import index_order
 from fusion_cli.raster.bands import Encoding
-from fusion_cli.raster.checks import check_same_encoding
+from fusion_cli.raster.checks import check_same_encoding, refuse_constant
 from fusion_cli.raster.nodata import nodata_fits
-from fusion_cli.raster.read import recorded_params
+from fusion_cli.raster.read import constant_value, recorded_params
 from fusion_cli.raster.write import COMPLETE_TAG
 from fusion_cli.sensors import canonical_sensor, sensor_band_numbers
 
@@ -219,6 +219,7 @@ def _load_case(
                 "in their FUSION_PAN / FUSION_MS tags, this one does not)"
             )
     pan_img, ms_img = read_image(pan, "PAN", nodata), read_image(ms, "MS", nodata)
+    refuse_constant(constant_value(pan_img.data[:, pan_img.valid]), "PAN", pan)
     r, win, (f_win, p_win) = block_windows(ms_img, [img, pan_img], ratio, ("MS", "product", "PAN"))
     return Case(img.crop(f_win), pan=pan_img.crop(p_win), ms=ms_img.crop(win), ratio=r)
 

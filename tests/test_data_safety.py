@@ -1966,3 +1966,57 @@ def test_a_ctrl_c_while_a_pool_starts_its_thread_still_waits_for_it(monkeypatch)
         with ThreadPool(max_workers=1) as pool:
             pool.submit(write)
     assert finished == ["write"]  # the pool's exit waited for it before the interrupt went on
+
+
+def test_a_constant_pan_is_refused_everywhere(tmp_path: Path) -> None:
+    """A constant PAN (a dead band, the wrong file): BT-H and the networks wrote an all-zero product
+    at exit 0 (NaN cast to uint16), MTF-GLP-HPM zeroed 6 % of the pixels, `evaluate` blamed the
+    reference, and `metrics --pan` scored D_s 0 / QNR 0.9999 (helper). Each now refuses it, naming
+    the file, before any output exists."""
+    with rasterio.open(EXAMPLE_PAN) as src:
+        profile = src.profile
+    flat = tmp_path / "flat_pan.tif"
+    with rasterio.open(flat, "w", **profile) as dst:
+        dst.write(np.full((1, profile["height"], profile["width"]), 9000, np.uint16))
+    expect = "flat_pan.tif is 9000 on every valid pixel"
+    for method in (["--method", "brovey"], ["--method", "mtf-glp-hpm"], []):
+        rc, _, err = cli("pansharpen", flat, EXAMPLE_MS, "-o", tmp_path / "o.tif", *method)
+        assert rc == 2 and expect in err, err
+        assert not (tmp_path / "o.tif").exists()
+    rc, _, err = cli("evaluate", flat, EXAMPLE_MS, "--methods", "gsa", "-o", tmp_path / "ev")
+    assert rc == 2 and expect in err, err
+    rc, _, err = cli("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "real.tif", "--method", "gsa")
+    assert rc == 0, err
+    rc, _, err = cli("metrics", tmp_path / "real.tif", "--pan", flat, "--ms", EXAMPLE_MS)
+    assert rc == 2 and expect in err, err
+    with rasterio.open(EXAMPLE_PAN) as src:
+        pan = src.read().astype(np.float32)
+    with rasterio.open(EXAMPLE_MS) as src:
+        ms = src.read().astype(np.float32)
+    from fusion_cli.pipeline import fuse_arrays, make_fuser
+
+    with pytest.raises(FusionError, match="PAN array is 9000 on every valid pixel"):
+        fuse_arrays(np.full_like(pan, 9000), ms, make_fuser(method="gsa", ratio=2, ms_bands=6))
+    # a PAN constant but for one pixel is no constant PAN (the whole-file check after a flat sample)
+    with rasterio.open(flat, "r+") as dst:
+        dst.write(np.full((1, 1, 1), 9001, np.uint16), window=rasterio.windows.Window(5, 3, 1, 1))
+    rc, _, err = cli("pansharpen", flat, EXAMPLE_MS, "-o", tmp_path / "o.tif", "--method", "gsa")
+    assert rc == 0, err
+
+
+def test_non_finite_fused_values_are_an_error_not_zeros(tmp_path: Path) -> None:
+    """Whatever makes a method give NaN, the product must not hold it as 0 at exit 0."""
+    import torch
+    from pipeline_fusers import DetailFuser
+
+    from fusion_cli.pipeline import FuseOptions, fuse_files
+
+    class NaNFuser(DetailFuser):
+        def fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+            out = super().fuse(pan, ms)
+            out[:, :, 5, 5] = float("nan")
+            return out
+
+    with pytest.raises(FusionError, match="gave 6 non-finite values"):
+        fuse_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / "o.tif", NaNFuser(2), FuseOptions())
+    assert not (tmp_path / "o.tif").exists()

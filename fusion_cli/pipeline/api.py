@@ -117,6 +117,8 @@ def fuse_arrays(
     if shift is not None:
         geom = geom.with_shift(*shift)
     check_fuser(fuser, pan.shape[0], ms.shape[0])
+    pan_values = pan[:, pan_valid] if pan_valid is not None else pan.reshape(len(pan), -1)
+    raster.refuse_constant(raster.constant_value(pan_values), "PAN", "array")
     raster.check_dn_max(opts.dn_max)
     adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
     network = fuser.dn_max is not None
@@ -236,6 +238,9 @@ def fuse_files(
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
+        raster.refuse_constant(
+            raster.constant_band_value(pan_ds, pan_bands, opts.zero_is_nodata), "PAN", pan_path
+        )
         # the product holds MS DN: it keeps their scale, offset and unit, which the PAN must share
         encoding = raster.Encoding.of(ms_ds, bands)
         raster.check_same_encoding(

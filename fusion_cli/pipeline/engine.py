@@ -297,6 +297,12 @@ def run(
             ms = torch.from_numpy(np.stack([items[i][1].ms for i in idx])).to(dev)
             with torch.inference_mode():
                 fused = fuser.fuse(pan, ms).float().cpu().numpy()
+            if not np.isfinite(fused).all():  # cast to an integer type, NaN wrote 0s at exit 0
+                raise FusionError(
+                    f"{fuser.name} gave {int((~np.isfinite(fused)).sum())} non-finite values (NaN or inf): "
+                    "these inputs are degenerate for it (a PAN of almost no contrast, or DN at or below 0 "
+                    "for a method that divides by them?); check them, or try another --method"
+                )
             for i, f in zip(idx, fused, strict=True):
                 out[i] = f
         return out  # type: ignore[return-value]

@@ -197,6 +197,19 @@ def refuse_non_finite(
         )
 
 
+def refuse_constant(value: np.ndarray | None, what: str, name: str) -> None:
+    """A constant PAN (`value`: its bands' one values, from `constant_value`; None: not constant)
+    holds no detail: the methods that match or divide by its contrast gave NaN (written as 0 at exit
+    0) or zeroed pixels, and a full-resolution score came out near perfect."""
+    if value is None:
+        return
+    shown = ", ".join(f"{v:g}" for v in value)
+    raise FusionError(
+        f"the {what} {name} is {shown} on every valid pixel: a constant image holds no detail to fuse "
+        "or score; check that it is the right file (or band: --pan-bands)"
+    )
+
+
 def check_not_special(path: Path, named: str | None = None) -> None:
     """Refuse an output path that exists and is neither a regular file nor a folder: `--overwrite -o
     /dev/null` renamed a product onto the system's /dev/null, a FIFO became a file."""

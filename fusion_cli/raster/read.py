@@ -168,6 +168,35 @@ def sample_values(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -
     return data[:, valid] if valid is not None else data.reshape(len(bands), -1)
 
 
+def constant_value(values: np.ndarray) -> np.ndarray | None:
+    """Each band's one value `(C,)` when every band of `values` `(C, N)` (valid samples) holds a single
+    value, else None (None too for no sample)."""
+    if values.size == 0 or not (values == values[:, :1]).all():
+        return None
+    return values[:, 0].astype(np.float64)
+
+
+def constant_band_value(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> np.ndarray | None:
+    """`constant_value` of a raster's `bands` over every valid pixel: the decimated sample first, and
+    only when that is constant, the whole raster in strips (a low-contrast image can sample flat)."""
+    value = constant_value(sample_values(ds, bands, zero_is_nodata))
+    if value is None:
+        return None
+    step = max(1, DN_CHECK_SAMPLES // max(ds.width, 1))
+    for row in range(0, ds.height, step):
+        win = Window(0, row, ds.width, min(step, ds.height - row))
+        with damaged_input(ds):
+            data = ds.read(list(bands), window=win)
+            valid = valid_pixels(ds, bands, window=win)
+        if zero_is_nodata:
+            nonzero = (data != 0).any(axis=0)
+            valid = nonzero if valid is None else valid & nonzero
+        values = data[:, valid] if valid is not None else data.reshape(len(bands), -1)
+        if values.size and (values != value[:, None]).any():
+            return None
+    return value
+
+
 # Share of a file's pixels that may be 0 in every band before an undeclared zero collar is suspected
 ZERO_COLLAR_SHARE = 0.02
 
