@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,7 @@ class MethodSpec:
     method: str | None = None
     model: str | None = None
     weights: str | None = None
+    implied: bool = False  # one of `classical`, not named: left out (warning) where it refuses the data
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -72,7 +74,7 @@ def parse_methods(text: str) -> list[MethodSpec]:
         if not item:
             continue
         if item.lower() in {"classical", "all-classical"}:
-            specs += [MethodSpec(name, method=name) for name in METHODS]
+            specs += [MethodSpec(name, method=name, implied=True) for name in METHODS]
         elif ":" in item:
             kind, _, ref = item.partition(":")
             if kind.lower() != "fusionmamba" or not ref:
@@ -192,6 +194,7 @@ def evaluate_scene(
     )  # fmt: skip
     reduced_opts = replace(opts, bands=None, sensor_bands=reduced_sensor_bands)
     rows = []
+    refused: FusionError | None = None
     # the no-reference indices need a single-band PAN: a HISR pair (an MSI) is scored at reduced
     # resolution only, with PSNR beside the table's indices
     hisr = _is_msi(pan)
@@ -203,7 +206,17 @@ def evaluate_scene(
         row: dict[str, Any] = {"scene": scene_id, "method": spec.label}
         safe = spec.label.replace(":", "_").replace("/", "_")
         out = work_dir / "reduced" / f"{safe}.tif"
-        row["time_rr_s"] = _fuse(spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands)
+        try:
+            row["time_rr_s"] = _fuse(
+                spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands
+            )
+        except FusionError as exc:
+            if not spec.implied:
+                raise
+            # signed DN: the ratio methods refuse what the additive ones fuse; the table goes on
+            warnings.warn(f"{spec.label} left out of {scene_id}: {exc}", stacklevel=2)
+            refused = refused or exc
+            continue
         rr = score_product(out, ref=sim.ref, opts=reduced_opts)
         if progress is not None:
             progress(per * i + 1, total)
@@ -218,6 +231,8 @@ def evaluate_scene(
                 progress(per * i + 2, total)
             row.update({k: float(fr[k]) for k in evaluate_keys("full")})
         rows.append(row)
+    if not rows and refused is not None:
+        raise refused
     return rows
 
 

@@ -52,6 +52,8 @@ class Fuser(Protocol):
     weights_sha256: str | None  # the weights it runs; None without weights
     weights_files: tuple[Path, ...]  # the files its weights came from (never to be overwritten)
     dn_max: float | None  # the DN scale it normalises by (a network); None: works in DN
+    # why it needs DN >= 0 and what to do instead (a network, a ratio method); None: any sign
+    nonnegative_dn: str | None
     scan_memory: float | None  # a network's scan memory in tokens (None: unbounded, or no scan)
     transpose_ensemble: bool | None  # a network's transpose self-ensemble; None without one
 
@@ -111,5 +113,6 @@ class FuserDefaults:
     weights_sha256: str | None = None
     weights_files: tuple[Path, ...] = ()
     dn_max: float | None = None
+    nonnegative_dn: str | None = None
     scan_memory: float | None = None
     transpose_ensemble: bool | None = None

@@ -2020,3 +2020,36 @@ def test_non_finite_fused_values_are_an_error_not_zeros(tmp_path: Path) -> None:
     with pytest.raises(FusionError, match="gave 6 non-finite values"):
         fuse_files(EXAMPLE_PAN, EXAMPLE_MS, tmp_path / "o.tif", NaNFuser(2), FuseOptions())
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_ratio_methods_refuse_dn_crossing_zero(tmp_path: Path) -> None:
+    """int16 DN offset below 0 (calibrated data with a negative offset): BT-H, MTF-GLP-HPM and
+    MTF-GLP-HS divide by intensities and multiply by PAN ratios, and ran to the type's limits at exit 0
+    (ERGAS 472, 600, 531 against GSA's 24.5, helper). They refuse such data, as the networks do;
+    `evaluate --methods classical` leaves them out with a warning and scores the others."""
+    paths = {}
+    for name, src in (("pan", EXAMPLE_PAN), ("ms", EXAMPLE_MS)):
+        with rasterio.open(src) as ds:
+            data, profile = ds.read().astype(np.int32) - 12000, ds.profile
+        paths[name] = tmp_path / f"signed_{name}.tif"
+        with rasterio.open(paths[name], "w", **{**profile, "dtype": "int16"}) as dst:
+            dst.write(data.astype(np.int16))
+    for method in ("brovey", "mtf-glp-hpm", "mtf-glp-hs"):
+        out = tmp_path / "o.tif"
+        rc, _, err = cli("pansharpen", paths["pan"], paths["ms"], "-o", out, "--method", method)
+        assert rc == 2 and "values are negative" in err and "additive --method" in err, err
+        assert not (tmp_path / "o.tif").exists()
+    rc, _, err = cli("pansharpen", paths["pan"], paths["ms"], "-o", tmp_path / "o.tif", "--method", "gsa")
+    assert rc == 0, err
+    rc, _, err = cli("evaluate", paths["pan"], paths["ms"], "--methods", "brovey,gsa", "-o", tmp_path / "e1")
+    assert rc == 2 and "values are negative" in err, err
+    # (--no-full: the offset PAN is no longer in the MS's units, which the full-resolution step checks)
+    proc = cli_process(
+        "evaluate", paths["pan"], paths["ms"], "--methods", "classical", "--no-full", "-o", tmp_path / "e2"
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "brovey left out" in err and "mtf-glp-hpm left out" in err
+    with open(tmp_path / "e2" / "summary.csv", newline="") as f:
+        methods = {row["method"] for row in csv.DictReader(f)}
+    assert {"gsa", "mtf-glp", "bdsd-pc"} <= methods and not methods & {"brovey", "mtf-glp-hpm", "mtf-glp-hs"}

@@ -31,6 +31,13 @@ STATS_DTYPE = torch.float64  # sums over whole scenes
 MTF_HALF = KERNEL_SIZE // 2  # half-width of the MTF kernels: PAN px of context a low-pass needs
 FUSE_DTYPE = torch.float32  # per-tile arithmetic (fuse and the statistics' derived images)
 EPS = 1e-9  # guards a division by a (near) zero low-pass, as MATLAB's `+ eps`
+# Why a ratio method (BT-H, MTF-GLP-HPM, MTF-GLP-HS: divides by an intensity or a low-passed PAN,
+# multiplies by PAN ratios) needs DN >= 0: with DN crossing 0 (int16 offset by -300) they ran to the
+# type's limits at exit 0 (ERGAS 472, 600 and 531 against GSA's 24.5)
+RATIO_METHOD_DN = (
+    "BT-H (brovey), MTF-GLP-HPM and MTF-GLP-HS divide by band intensities and multiply by PAN ratios; "
+    "offset the data to non-negative DN or use an additive --method (gsa, mtf-glp, bdsd-pc)"
+)
 # Rows a `QuantileSample` keeps: the 1st percentile from 500 k random pixels is within ~0.15 % of
 # rank of the exact one (BT-H's haze moved by <= 0.3 DN against 2 M on the 4 Mpx benchmark scene),
 # and selecting from 4x fewer rows took 0.25 s off that scene's 1.3 s run.

@@ -15,6 +15,7 @@ import torch
 from fusion_cli.classical.base import (
     EPS,
     MTF_HALF,
+    RATIO_METHOD_DN,
     ClassicalFuser,
     Moments,
     QuantileSample,
@@ -54,6 +55,7 @@ class BroveyHaze(ClassicalFuser):
 
     name = "brovey"
     needs_stats = True
+    nonnegative_dn = RATIO_METHOD_DN
 
     def support(self) -> int:
         return max(super().support(), MTF_HALF)

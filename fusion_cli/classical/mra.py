@@ -15,6 +15,7 @@ import torch
 from fusion_cli.classical.base import (
     EPS,
     MTF_HALF,
+    RATIO_METHOD_DN,
     ClassicalFuser,
     Moments,
     add_interp_moments,
@@ -113,6 +114,7 @@ class MTFGLPHPM(_GLP):
     IEEE GRSL 2014."""
 
     name = "mtf-glp-hpm"
+    nonnegative_dn = RATIO_METHOD_DN
 
     def _fuse(self, pan: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         c = ms.shape[1]
@@ -138,6 +140,7 @@ class MTFGLPHS(_MRA):
 
     name = "mtf-glp-hs"
     multiband_pan = True
+    nonnegative_dn = RATIO_METHOD_DN
 
     def _init_state(self) -> None:
         self._moments: Moments | None = None  # [high-res bands degraded (P), MS (C)] on the MS grid

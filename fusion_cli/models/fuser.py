@@ -85,6 +85,10 @@ class NetworkFuser:
         self.halo = halo if halo is not None else default_halo
         self.stats_halo: int | None = self.halo
         self.dn_max = float(dn_max if dn_max is not None else loaded.card.dn_max)
+        self.nonnegative_dn = (
+            "a network reads DN from 0 up to its scale; offset the data to non-negative DN or use a "
+            "classical --method"
+        )
         # windows per network call: batching pays on a GPU (fewer launches); on a CPU it only
         # multiplies the memory of a call
         self.batch_size = batch_size or (1 if self.device.type == "cpu" else 8)

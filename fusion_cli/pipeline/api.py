@@ -122,13 +122,14 @@ def fuse_arrays(
     raster.check_dn_max(opts.dn_max)
     adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
     network = fuser.dn_max is not None
-    # a network divides the PAN by the MS's scale too
-    checked = [("MS", ms, ms_valid)] + ([("PAN", pan, pan_valid)] if network else [])
+    # a network divides the PAN by the MS's scale too; a ratio method divides by the PAN's low-pass
+    checked = [("MS", ms, ms_valid)] + ([("PAN", pan, pan_valid)] if fuser.nonnegative_dn else [])
     for what, image, valid in checked:
         values = image[:, valid] if valid is not None else image.reshape(len(image), -1)
         step = max(1, values.shape[1] // raster.DN_CHECK_SAMPLES)
         raster.check_dn_values(
-            values[:, ::step], opts.dn_max if what == "MS" else None, True, nonnegative=network, what=what,
+            values[:, ::step], opts.dn_max if what == "MS" else None, True, nonnegative=fuser.nonnegative_dn,
+            what=what,
             scale=(fuser.name, fuser.dn_max) if network and (opts.dn_max is None or what == "PAN") else None,
         )  # fmt: skip
     source = PairSource(
@@ -257,13 +258,16 @@ def fuse_files(
         adapt_dn_scale(fuser, ms_ds.tags().get(raster.SOURCE_DTYPE_TAG, ms_dtype), opts.dn_max)
         network = fuser.dn_max is not None
         raster.check_dn_range(
-            ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=network,
+            ms_ds, bands, dn_max, opts.dn_max is not None, nonnegative=fuser.nonnegative_dn,
             scale=(fuser.name, fuser.dn_max) if network and opts.dn_max is None else None,
         )  # fmt: skip
         if network:  # it divides the PAN by the MS's scale too
             raster.check_same_bit_depth(pan_ds, ms_ds, f"network {fuser.name} reads both on one DN scale")
-            scale = (fuser.name, fuser.dn_max)
-            raster.check_dn_range(pan_ds, pan_bands, None, False, nonnegative=True, what="PAN", scale=scale)
+        if fuser.nonnegative_dn:
+            scale = (fuser.name, fuser.dn_max) if network else None
+            raster.check_dn_range(
+                pan_ds, pan_bands, None, False, nonnegative=fuser.nonnegative_dn, what="PAN", scale=scale
+            )
         lo, hi = value_range(ms_dtype, dn_max, nonnegative=network)
         out_range = raster.dtype_range(out_dtype)
         if lo is not None and out_range is not None and lo < out_range[0]:

@@ -125,7 +125,7 @@ def check_dn_range(
     bands: Sequence[int],
     dn_max: float | None,
     given: bool,
-    nonnegative: bool = False,
+    nonnegative: str | None = None,
     what: str = "MS",
     scale: tuple[str, float] | None = None,
 ) -> None:
@@ -133,8 +133,9 @@ def check_dn_range(
     (nearest samples, bounded memory): a ceiling `dn_max` that more than DN_CHECK_SHARE of the
     pixels exceed (every product pixel is clipped to it and a network divides by it, so `--dn-max
     100` on 16-bit data wrote a constant image at exit 0; `given`: from --dn-max, else the file's
-    NBITS tag), and with `nonnegative` (a network, which reads DN from 0 up to its scale) as large a
-    share of negative band values (int8 data fused by the landsat model lost their sign, exit 0).
+    NBITS tag), and with `nonnegative` (why the fuser needs DN >= 0 and what to do: a network, which
+    reads DN from 0 up to its scale, a ratio method) as large a share of negative band values (int8
+    data fused by the landsat model lost their sign, exit 0).
     `scale` (a network's name and the DN scale it divides by): refuse data whose 99th percentile is
     DN_SCALE_BELOW times below it or DN_SCALE_ABOVE times above it, data in other units."""
     if dn_max is None and not nonnegative and scale is None:
@@ -260,7 +261,7 @@ def check_dn_values(
     values: np.ndarray,
     dn_max: float | None,
     given: bool,
-    nonnegative: bool = False,
+    nonnegative: str | None = None,
     what: str = "MS",
     scale: tuple[str, float] | None = None,
 ) -> None:
@@ -283,8 +284,7 @@ def check_dn_values(
     if nonnegative and negative > DN_CHECK_SHARE:
         raise FusionError(
             f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
-            "a network reads DN from 0 up to its scale; offset the data to non-negative DN or use a "
-            "classical --method"
+            + nonnegative
         )
     if scale is not None:
         name, units = scale
