@@ -2053,3 +2053,41 @@ def test_ratio_methods_refuse_dn_crossing_zero(tmp_path: Path) -> None:
     with open(tmp_path / "e2" / "summary.csv", newline="") as f:
         methods = {row["method"] for row in csv.DictReader(f)}
     assert {"gsa", "mtf-glp", "bdsd-pc"} <= methods and not methods & {"brovey", "mtf-glp-hpm", "mtf-glp-hs"}
+
+
+def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
+    """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
+    written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has
+    3 bands", helper). Such a band is fused as a band, with a warning; a real alpha (0 or 255 on
+    most pixels) still masks."""
+    from fusion_cli.raster.nodata import alpha_band
+
+    with rasterio.open(EXAMPLE_MS) as src:
+        ms, profile = src.read(), src.profile
+    scaled = np.clip(ms[[0, 1, 2, 3]] / 120, 1, 254).astype(np.uint8)  # B, G, R, NIR as 8-bit DN
+    rgba = tmp_path / "ms_u8.tif"
+    with rasterio.open(rgba, "w", **{**profile, "count": 4, "dtype": "uint8", "nodata": None}) as dst:
+        dst.write(scaled)
+    with rasterio.open(rgba) as ds:
+        assert ds.colorinterp[3] == rasterio.enums.ColorInterp.alpha  # GDAL's default, not ours
+    with rasterio.open(EXAMPLE_PAN) as src:
+        pan, pan_profile = src.read(), src.profile
+    pan8 = tmp_path / "pan_u8.tif"
+    with rasterio.open(pan8, "w", **{**pan_profile, "dtype": "uint8"}) as dst:
+        dst.write(np.clip(pan / 120, 1, 254).astype(np.uint8))
+    out = tmp_path / "o.tif"
+    proc = cli_process("pansharpen", pan8, rgba, "-o", out, "--method", "gsa")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert err.count("band 4 of") == 1 and "labelled alpha but holds data" in err
+    with rasterio.open(out) as o:
+        assert o.count == 4 and o.colorinterp[3] != rasterio.enums.ColorInterp.alpha
+        assert abs(float(o.read(4).mean()) / float(scaled[3].mean()) - 1) < 0.05
+        assert not (o.read_masks(1) == 0).any()
+    # a transparency band (0 over a collar, 255 elsewhere) is still an alpha band
+    alpha = np.full(scaled.shape[1:], 255, np.uint8)
+    alpha[:, :40] = 0
+    with rasterio.open(rgba, "w", **{**profile, "count": 4, "dtype": "uint8", "nodata": None}) as dst:
+        dst.write(np.concatenate([scaled[:3], alpha[None]]))
+    with rasterio.open(rgba) as ds:
+        assert alpha_band(ds) == 4

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,15 +82,56 @@ def check_nodata_fits(value: float, dtypes: Sequence[str], what: str = "input") 
 
 def has_mask(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None = None) -> bool:
     """True if some pixels may be invalid: a nodata value, an internal/sidecar mask or alpha."""
-    idx = [b - 1 for b in (bands or range(1, ds.count + 1))]
-    return alpha_band(ds) is not None or any(MaskFlags.all_valid not in ds.mask_flag_enums[i] for i in idx)
+    return alpha_band(ds) is not None or any(band_masked(ds, b) for b in (bands or range(1, ds.count + 1)))
+
+
+def band_masked(ds: rasterio.io.DatasetReader, band: int) -> bool:
+    """Whether GDAL's mask of a 1-based band can mark pixels invalid: one from nodata or a mask, or
+    from an alpha band that is a transparency (`alpha_band`), not one that holds data."""
+    flags = ds.mask_flag_enums[band - 1]
+    return MaskFlags.all_valid not in flags and (MaskFlags.alpha not in flags or alpha_band(ds) is not None)
+
+
+# Per open dataset: its alpha-labelled band's verdict (`alpha_band`), read once
+_ALPHA: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+_SAID_DATA: set[str] = set()  # files whose alpha-labelled data band was named in a warning
 
 
 def alpha_band(ds: Any) -> int | None:
-    """The 1-based band whose colour interpretation is alpha, or None. GDAL masks the other bands by
-    it only when the TIFF declares it as an extra sample; a band merely labelled alpha is left to
-    the reader (`read_padded` masks by it, as the band selection leaves it out)."""
+    """The 1-based band whose colour interpretation is alpha and that holds a transparency mask, or
+    None. GDAL masks the other bands by it only when the TIFF declares it as an extra sample; a band
+    merely labelled alpha is left to the reader (`read_padded` masks by it, as the band selection
+    leaves it out). GDAL labels band 4 of every 4-band Byte GeoTIFF alpha, so a band so labelled
+    counts only when at least half its (sampled) pixels are 0 or the type's largest value: an
+    8-bit B, G, R, NIR MS lost its NIR to a mask at exit 0; it is fused as a band, with a warning."""
+    try:
+        return _ALPHA[ds]
+    except (KeyError, TypeError):
+        pass
+    found = None
     for i, interp in enumerate(ds.colorinterp, start=1):
         if interp == ColorInterp.alpha:
-            return i
-    return None
+            found = i if _is_transparency(ds, i) else None
+            if found is None and ds.name not in _SAID_DATA:  # a run opens a file more than once
+                _SAID_DATA.add(ds.name)
+                warnings.warn(
+                    f"band {i} of {ds.name} is labelled alpha but holds data (GDAL labels the 4th band "
+                    "of 4-band 8-bit GeoTIFFs so): it is read as a band, not as a mask",
+                    stacklevel=2,
+                )
+            break
+    with contextlib.suppress(TypeError):  # an object that takes no weak reference is asked again
+        _ALPHA[ds] = found
+    return found
+
+
+def _is_transparency(ds: Any, band: int) -> bool:
+    step = max(1, math.ceil(math.sqrt(ds.width * ds.height / ALPHA_SAMPLES)))
+    shape = (max(1, ds.height // step), max(1, ds.width // step))
+    values = ds.read(band, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    dtype = np.dtype(ds.dtypes[band - 1])
+    top = np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
+    return float(((values == 0) | (values == top)).mean()) >= 0.5
+
+
+ALPHA_SAMPLES = 256 * 256  # pixels read to tell an alpha band's transparency from data

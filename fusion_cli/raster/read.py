@@ -15,14 +15,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError  # GDAL errors (CPLE_*): rasterio exports them only here
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError
 from fusion_cli.raster.checks import check_one_type, check_pixel_type, refuse_non_finite
 from fusion_cli.raster.gdal import is_gdal_path, reason
-from fusion_cli.raster.nodata import alpha_band, has_mask
+from fusion_cli.raster.nodata import alpha_band, band_masked, has_mask
 
 # Tag of a float raster whose values are DN of another dtype (e.g. a Wald-reduced uint8 MS)
 SOURCE_DTYPE_TAG = "FUSION_SOURCE_DTYPE"
@@ -73,7 +73,8 @@ def select_bands(
     (bands from --bands) or "PAN" (from --pan-bands). `read`: the bands are read together, so they
     must share one pixel type (False: only counted)."""
     if bands is None:
-        picked = [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1] != ColorInterp.alpha]
+        alpha = alpha_band(ds)
+        picked = [i for i in range(1, ds.count + 1) if i != alpha]
     else:
         bad = [b for b in bands if b < 1 or b > ds.count]
         if bad:
@@ -356,12 +357,9 @@ def valid_pixels(
     """Where every selected band is valid `(H, W)`, in `window` (or the whole raster read at `size`,
     nearest samples): the file's nodata and masks, and an alpha band's transparency (GDAL masks by it
     only when the TIFF declares it an extra sample). None when every pixel may count."""
-    shape = None if size is None else (len(bands), *size)
-    valid = (
-        (ds.read_masks(list(bands), window=window, out_shape=shape) > 0).all(axis=0)
-        if has_mask(ds, bands)
-        else None
-    )
+    masked = [b for b in bands if band_masked(ds, b)]
+    shape = None if size is None else (len(masked), *size)
+    valid = (ds.read_masks(masked, window=window, out_shape=shape) > 0).all(axis=0) if masked else None
     alpha = alpha_band(ds)
     if alpha is not None and alpha not in bands:
         opaque = ds.read(alpha, window=window, out_shape=size, resampling=Resampling.nearest) > 0
