@@ -1027,17 +1027,18 @@ def test_batch_out_pattern_for_another_format_is_refused_up_front(tmp_path: Path
 
 def test_a_featureless_pan_has_no_shift_to_measure_or_apply(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     """A constant PAN printed numpy's divide RuntimeWarning and reported (and with --coregister
-    applied) a meaningless shift of dy = dx = -6 px. No shift is measured; --coregister refuses."""
+    applied) a meaningless shift of dy = dx = -6 px. Such a PAN is refused before any shift is
+    measured (`test_a_constant_pan_is_refused_everywhere`); `align.estimate_shift` says featureless
+    for an image flat where it is measured (test_align)."""
     _, ms = pair
     pan = write_tif(tmp_path / "flat.tif", np.full((1, 64, 64), 700, np.uint16), 1.0)
     proc = cli_process("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "exp")
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "RuntimeWarning" not in err and "PAN/MS shift dy" not in err, err
-    assert "PAN is featureless" in err, err
+    assert proc.returncode == 2 and "RuntimeWarning" not in err and "PAN/MS shift dy" not in err, err
+    assert "is 700 on every valid pixel" in err, err
     out = tmp_path / "co.tif"
     rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "--coregister")
-    one_line_error(rc, err, "--coregister", "featureless")
+    one_line_error(rc, err, "700 on every valid pixel")
     assert not out.exists() and hidden(tmp_path) == []
 
 

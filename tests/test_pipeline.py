@@ -108,7 +108,7 @@ def test_half_pixel_placement_follows_the_transforms(tmp_path):
     xw, yw = x0 + 30 * (jj + 0.5), y0 - 30 * (ii + 0.5)
     ms = np.stack([1000 + 0.5 * (xw - x0) + 0.25 * (y0 - yw), 500 + 0.1 * (xw - x0)]).astype(np.float32)
     ms_path = _write(tmp_path / "ms.tif", ms, crs="EPSG:32616", transform=from_origin(x0, y0, 30, 30))
-    pan = np.ones((1, 101, 120), np.float32)
+    pan = np.random.default_rng(0).random((1, 101, 120), np.float32)  # the fuser ignores it; not constant
     pan_path = _write(
         tmp_path / "pan.tif", pan, crs="EPSG:32616", transform=from_origin(x0 - 7.5, y0 + 7.5, 15, 15)
     )
