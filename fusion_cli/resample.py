@@ -69,8 +69,18 @@ def _double_rows(x: torch.Tensor, samples_first: bool) -> torch.Tensor:
 
 
 def _pad_lr(x: torch.Tensor, pad: int, mode: str) -> torch.Tensor:
-    pad = min(pad, x.shape[-1] - 1, x.shape[-2] - 1) if mode == "reflect" else pad
-    return F.pad(x, (pad, pad, pad, pad), mode=mode) if pad > 0 else x
+    """`pad` samples on every side. Reflect padding reaches side - 1 samples at most: an axis shorter
+    than the pad is extended by its edge value beyond (the stages read zeros there, and a 1 x 1 MS
+    came out at 60 %, a one-row strip at 22 % below its values)."""
+    if pad <= 0:
+        return x
+    if mode != "reflect":
+        return F.pad(x, (pad, pad, pad, pad), mode=mode)
+    pw, ph = min(pad, x.shape[-1] - 1), min(pad, x.shape[-2] - 1)
+    if pw or ph:
+        x = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+    rw, rh = pad - pw, pad - ph
+    return F.pad(x, (rw, rw, rh, rh), mode="replicate") if rw or rh else x
 
 
 def _interp23_pad(ratio: int) -> int:

@@ -2092,3 +2092,19 @@ def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
         dst.write(np.concatenate([scaled[:3], alpha[None]]))
     with rasterio.open(rgba) as ds:
         assert alpha_band(ds) == 4
+
+
+def test_scenes_too_small_to_fuse_are_refused(tmp_path: Path) -> None:
+    """A few MS pixels were fused at exit 0 with products far off the MS (band means: MTF-GLP-HPM
+    1.98x on 5 x 7 MS px, BDSD-PC 1.41x on 4 x 4, helper): under 8 x 8 MS pixels of overlap the
+    fusion refuses, naming the size; 8 x 8 is fused."""
+    from conftest import write_example_crop
+    from rasterio.windows import Window
+
+    for size, expect in ((7, 2), (9, 0)):  # Landsat's half-pixel offset: one MS row and column less
+        pan, ms = write_example_crop(tmp_path, f"s{size}", Window(100, 60, 40, size))
+        out = tmp_path / f"s{size}.tif"
+        rc, _, err = cli("pansharpen", pan, ms, "-o", out, "--method", "mtf-glp-hpm")
+        assert rc == expect, err
+        if expect:
+            assert "overlap on 6 x 39 MS pixels: fusion needs at least 8 x 8" in err and not out.exists()

@@ -195,3 +195,17 @@ def test_whole_images_are_filtered_band_by_band_to_the_same_result(monkeypatch, 
     by_band = mtf._filter_torch(img, gains, 4, None, 41, decimate)
     assert by_band.shape == together.shape
     torch.testing.assert_close(by_band, together, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (40, 1), (3, 3)])
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_interp23_keeps_the_level_of_images_shorter_than_its_padding(shape, ratio) -> None:
+    """Reflect padding reaches side - 1 samples; the half-band stages read zeros beyond, so a 1 x 1 MS
+    came out at 60 % of its value and a one-row strip 22 % below (helper). The edge value extends it
+    now: a constant stays constant, and a strip keeps its mean."""
+    from fusion_cli.resample import interp23
+
+    flat = interp23(torch.full((1, 1, *shape), 238.0, dtype=torch.float64), ratio)
+    torch.testing.assert_close(flat, torch.full_like(flat, 238.0))
+    strip = torch.rand((1, 1, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    assert abs(float(interp23(strip, ratio).mean() / strip.mean()) - 1) < 0.05

@@ -113,7 +113,7 @@ def fuse_arrays(
     fuser = scene_fuser(fuser)
     fit_sensor_bands(fuser, file_bands, opts.bands, opts.sensor_bands)
     geom = align.relate_shapes(pan.shape[-2:], ms.shape[-2:], fuser.ratio)
-    raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
+    raster.check_scene_size(geom.height, geom.width, opts.max_pixels, geom.ratio)
     if shift is not None:
         geom = geom.with_shift(*shift)
     check_fuser(fuser, pan.shape[0], ms.shape[0])
@@ -235,7 +235,7 @@ def fuse_files(
                         "pixel off the reference"
                     )
                 geom = replace(geom, phase=align.sampling_phase(geom.ratio))
-        raster.check_scene_size(geom.height, geom.width, opts.max_pixels)
+        raster.check_scene_size(geom.height, geom.width, opts.max_pixels, geom.ratio)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
         pan_bands = raster.select_bands(pan_ds, opts.pan_bands, "PAN")
