@@ -309,6 +309,16 @@ def fuse_files(
                     "are a fill collar, pass --zero-nodata (fused as data, they enter the method's "
                     "statistics and the product)"
                 )
+        top = raster.dtype_range(ms_dtype)
+        if top is not None and np.dtype(ms_dtype).itemsize > 1:  # 8-bit data saturate at 255 (clouds)
+            filled = raster.zero_collar_share(ms_ds, bands, top[1])
+            if filled >= raster.ZERO_COLLAR_SHARE:
+                caught.append(
+                    f"{filled:.0%} of the MS pixels are {top[1]:g} (the {ms_dtype} maximum) in every "
+                    f"band and it declares no nodata: if they are a fill, pass --nodata {top[1]:g} (or "
+                    "--ms-nodata for the MS alone; fused as data, they enter the method's statistics and "
+                    "the product)"
+                )
         shift = None
         if opts.measure_shift or opts.coregister:
             try:

@@ -203,15 +203,16 @@ def constant_band_value(ds: Any, bands: Sequence[int], zero_is_nodata: bool = Fa
 ZERO_COLLAR_SHARE = 0.02
 
 
-def zero_collar_share(ds: Any, bands: Sequence[int]) -> float:
-    """Share of the pixels (decimated sample) that are 0 in every selected band of a file that declares
-    no nodata, mask or alpha: an unflagged fill collar (SpaceNet's WorldView-2 tiles: 32 %) is fused
-    as data, and its zeros enter the methods' statistics (5 % of the mean DN far inside, GSA). 0 where
-    the file marks its invalid pixels."""
+def zero_collar_share(ds: Any, bands: Sequence[int], value: float = 0.0) -> float:
+    """Share of the pixels (decimated sample) that are `value` in every selected band of a file that
+    declares no nodata, mask or alpha: an unflagged fill collar (SpaceNet's WorldView-2 tiles: 32 %
+    zeros; a block at the type's largest value) is fused as data, and its fill enters the methods'
+    statistics (5 % of the mean DN far inside, GSA; 45 % with a 65535 block). 0 where the file marks
+    its invalid pixels."""
     if has_mask(ds, bands):  # nodata, masks or alpha
         return 0.0
     values = sample_values(ds, bands)
-    return float((values == 0).all(axis=0).mean()) if values.size else 0.0
+    return float((values == value).all(axis=0).mean()) if values.size else 0.0
 
 
 def scene_fill(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> np.ndarray | None:
