@@ -512,8 +512,8 @@ def pansharpen(
     if pan_count > 1:
         raise FusionError(
             f"the PAN {pan} {'--pan-bands selects' if options.pan_bands else 'has'} {pan_count} bands; "
-            "pansharpening needs a single-band PAN "
-            "(for a multispectral high-resolution image use `fusion hisr`)"
+            "pansharpening needs a single-band PAN (pick one with --pan-bands N; for a multispectral "
+            "high-resolution image use `fusion hisr`)"
         )
     return _fuse(pan, ms, out, spec, options)
 
