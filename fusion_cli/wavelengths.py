@@ -202,8 +202,14 @@ def _stated(imagery: dict[str, str], tags: dict[str, str], units: str | None) ->
     if "wavelength" in tags:
         centre = float(tags["wavelength"])
         unit = (tags.get("wavelength_units") or units or "").strip().lower()
-        # ENVI writes "Nanometers" or "Micrometers"; without units, VNIR-SWIR centres tell them apart
-        to_um = 1e-3 if unit.startswith("nan") or unit == "nm" or (not unit and centre > 100) else 1.0
+        # ENVI writes "Nanometers" or "Micrometers"; without them ("Unknown", "Index", none), VNIR-SWIR
+        # centres tell the two apart
+        if unit.startswith(("mic", "um", "µm")):
+            to_um = 1.0
+        elif unit.startswith("nan") or unit == "nm":
+            to_um = 1e-3
+        else:
+            to_um = 1e-3 if centre > 100 else 1.0
         fwhm = float(tags["fwhm"]) * to_um if tags.get("fwhm") else None
         return Wavelength(round(centre * to_um, 6), round(fwhm, 6) if fwhm else None)
     return None

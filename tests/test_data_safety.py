@@ -611,7 +611,7 @@ def test_evaluate_keeps_an_earlier_evaluation_unless_overwrite(tmp_path: Path) -
     """A second `fusion evaluate -o OUT` replaced the first one's tables without a word (every other
     command keeps an existing output unless --overwrite). Now refused with one line, tables kept;
     --overwrite replaces them."""
-    pan, ms = make_pair(tmp_path)
+    pan, ms = make_pair(tmp_path, n=128)  # its reduced MS: 8 x 8, the least a fusion takes
     out = tmp_path / "ev"
     args = ("evaluate", pan, ms, "-o", out, "--no-full", "--block", "8", "-q", "--methods")
     rc, _, err = cli(*args, "exp")
@@ -2085,6 +2085,13 @@ def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
         assert o.count == 4 and o.colorinterp[3] != rasterio.enums.ColorInterp.alpha
         assert abs(float(o.read(4).mean()) / float(scaled[3].mean()) - 1) < 0.05
         assert not (o.read_masks(1) == 0).any()
+    # data with a zero collar over most of the scene (a tile at a scene's edge) stay data (reviewer)
+    collared = scaled.copy()
+    collared[:, :, :200] = 0
+    with rasterio.open(rgba, "w", **{**profile, "count": 4, "dtype": "uint8", "nodata": None}) as dst:
+        dst.write(collared)
+    with rasterio.open(rgba) as ds:
+        assert alpha_band(ds) is None
     # a transparency band (0 over a collar, 255 elsewhere) is still an alpha band
     alpha = np.full(scaled.shape[1:], 255, np.uint8)
     alpha[:, :40] = 0

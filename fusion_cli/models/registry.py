@@ -301,10 +301,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads refused by weights_only
         raise FusionError(f"cannot load {path} as a PyTorch state_dict: {reason(exc)[:160]}") from None
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    while isinstance(obj, dict) and (
+        key := next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+    ):
+        obj = obj[key]  # {"state_dict": {"model": ...}} nests them
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FusionError(f"{path} does not hold a state_dict of tensors")
     return _unwrapped_names(obj)

@@ -20,11 +20,12 @@ def band_descriptions(ds: rasterio.io.DatasetReader, bands: Sequence[int]) -> li
 
 
 # An input's metadata items (default domain) that do not describe what is made from it: this tool's
-# own record (an MS that is itself a product would make the new one's temporary look complete), the
+# own record (an MS that is itself a product would make the new one's temporary look complete; a
+# simulated MS's WALD_* tags describe its reduction, not a product), the
 # TIFF's file-level tags, the grid's pixel convention (the product's transform states its own),
 # netCDF packing (the encoding is written apart) and band statistics (of the source's pixels).
 _NOT_CARRIED = re.compile(
-    r"^(FUSION_|TIFFTAG_|STATISTICS_)|^(AREA_OR_POINT|scale_factor|add_offset|_FillValue|missing_value)$"
+    r"^(FUSION_|WALD_|TIFFTAG_|STATISTICS_)|^(AREA_OR_POINT|scale_factor|add_offset|_FillValue|missing_value)$"
 )
 
 

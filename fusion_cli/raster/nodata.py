@@ -102,7 +102,7 @@ def alpha_band(ds: Any) -> int | None:
     None. GDAL masks the other bands by it only when the TIFF declares it as an extra sample; a band
     merely labelled alpha is left to the reader (`read_padded` masks by it, as the band selection
     leaves it out). GDAL labels band 4 of every 4-band Byte GeoTIFF alpha, so a band so labelled
-    counts only when at least half its (sampled) pixels are 0 or its largest value (opaque): an
+    counts only when at least half its (sampled) non-zero pixels hold its largest value (opaque): an
     8-bit B, G, R, NIR MS lost its NIR to a mask at exit 0; it is fused as a band, with a warning."""
     try:
         return _ALPHA[ds]
@@ -129,8 +129,10 @@ def _is_transparency(ds: Any, band: int) -> bool:
     step = max(1, math.ceil(math.sqrt(ds.width * ds.height / ALPHA_SAMPLES)))
     shape = (max(1, ds.height // step), max(1, ds.width // step))
     values = ds.read(band, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    # opaque is the type's maximum, or 255 in any type (gdalwarp's default), or 1: the sample's top
-    return float(((values == 0) | (values == values.max())).mean()) >= 0.5
+    # opaque is one value (the type's maximum, 255 in any type as gdalwarp writes it, or 1): most of
+    # the band's non-zero pixels hold it; a data band's differ (an 8-bit NIR with a 55 % zero collar)
+    opaque = values[values != 0]
+    return opaque.size == 0 or float((opaque == opaque.max()).mean()) >= 0.5
 
 
 ALPHA_SAMPLES = 256 * 256  # pixels read to tell an alpha band's transparency from data
