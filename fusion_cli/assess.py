@@ -219,7 +219,7 @@ def _load_case(
                 "in their FUSION_PAN / FUSION_MS tags, this one does not)"
             )
     pan_img, ms_img = read_image(pan, "PAN", nodata), read_image(ms, "MS", nodata)
-    refuse_constant(constant_value(pan_img.data[:, pan_img.valid]), "PAN", pan)
+    refuse_constant(constant_value(pan_img.data, pan_img.valid), "PAN", pan)
     r, win, (f_win, p_win) = block_windows(ms_img, [img, pan_img], ratio, ("MS", "product", "PAN"))
     return Case(img.crop(f_win), pan=pan_img.crop(p_win), ms=ms_img.crop(win), ratio=r)
 

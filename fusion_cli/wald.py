@@ -190,8 +190,7 @@ def read_pair(
         with raster.open_raster(ms_path, "MS") as ms:
             r, ms_win, (pan_win,) = block_windows(ms, [pan], ratio, ("MS", "PAN"))
             pan_read = _read(pan, pan_win)
-            values = pan_read.data[:, pan_read.valid] if pan_read.valid is not None else pan_read.data
-            raster.refuse_constant(raster.constant_value(values.reshape(len(values), -1)), "PAN", pan_path)
+            raster.refuse_constant(raster.constant_value(pan_read.data, pan_read.valid), "PAN", pan_path)
             return r, pan_read, _read(ms, ms_win, ms_bands)
 
 

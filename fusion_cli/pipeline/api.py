@@ -117,8 +117,7 @@ def fuse_arrays(
     if shift is not None:
         geom = geom.with_shift(*shift)
     check_fuser(fuser, pan.shape[0], ms.shape[0])
-    pan_values = pan[:, pan_valid] if pan_valid is not None else pan.reshape(len(pan), -1)
-    raster.refuse_constant(raster.constant_value(pan_values), "PAN", "array")
+    raster.refuse_constant(raster.constant_value(pan, pan_valid), "PAN", "array")
     raster.check_dn_max(opts.dn_max)
     adapt_dn_scale(fuser, str(ms.dtype), opts.dn_max)
     network = fuser.dn_max is not None
@@ -302,7 +301,7 @@ def fuse_files(
             raster.scene_fill(ms_ds, bands, opts.zero_is_nodata),
         )
         if not opts.zero_is_nodata:
-            collar = raster.zero_collar_share(ms_ds, bands)
+            collar = raster.fill_share(ms_ds, bands)
             if collar >= raster.ZERO_COLLAR_SHARE:
                 caught.append(
                     f"{collar:.0%} of the MS pixels are 0 in every band and it declares no nodata: if they "
@@ -311,7 +310,7 @@ def fuse_files(
                 )
         top = raster.dtype_range(ms_dtype)
         if top is not None and np.dtype(ms_dtype).itemsize > 1:  # 8-bit data saturate at 255 (clouds)
-            filled = raster.zero_collar_share(ms_ds, bands, top[1])
+            filled = raster.fill_share(ms_ds, bands, top[1])
             if filled >= raster.ZERO_COLLAR_SHARE:
                 caught.append(
                     f"{filled:.0%} of the MS pixels are {top[1]:g} (the {ms_dtype} maximum) in every "

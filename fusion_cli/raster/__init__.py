@@ -55,6 +55,7 @@ from fusion_cli.raster.read import (
     damaged_input,
     data_band_positions,
     detect_dn_max,
+    fill_share,
     is_warped,
     open_raster,
     pad_array,
@@ -65,7 +66,6 @@ from fusion_cli.raster.read import (
     sample_values,
     scene_fill,
     select_bands,
-    zero_collar_share,
 )
 from fusion_cli.raster.write import (
     COMPLETE_TAG,
@@ -149,7 +149,7 @@ __all__ = [
     "sample_values",
     "scene_fill",
     "select_bands",
-    "zero_collar_share",
+    "fill_share",
     "verify_geotiff",
     "with_nodata",
     "GeoTiff",

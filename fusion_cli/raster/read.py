@@ -170,9 +170,10 @@ def sample_values(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -
     return data[:, valid] if valid is not None else data.reshape(len(bands), -1)
 
 
-def constant_value(values: np.ndarray) -> np.ndarray | None:
-    """Each band's one value `(C,)` when every band of `values` `(C, N)` (valid samples) holds a single
-    value, else None (None too for no sample)."""
+def constant_value(data: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray | None:
+    """Each band's one value `(C,)` when every band of `data` `(C, ...)` holds a single value over its
+    `valid` pixels (None: all), else None (None too for no valid pixel)."""
+    values = data[:, valid] if valid is not None else data.reshape(len(data), -1)
     if values.size == 0 or not (values == values[:, :1]).all():
         return None
     return values[:, 0].astype(np.float64)
@@ -181,7 +182,7 @@ def constant_value(values: np.ndarray) -> np.ndarray | None:
 def constant_band_value(ds: Any, bands: Sequence[int], zero_is_nodata: bool = False) -> np.ndarray | None:
     """`constant_value` of a raster's `bands` over every valid pixel: the decimated sample first, and
     only when that is constant, the whole raster in strips (a low-contrast image can sample flat)."""
-    value = constant_value(sample_values(ds, bands, zero_is_nodata))
+    value = constant_value(sample_values(ds, bands, zero_is_nodata))  # (C, N): all valid
     if value is None:
         return None
     step = max(1, DN_CHECK_SAMPLES // max(ds.width, 1))
@@ -203,7 +204,7 @@ def constant_band_value(ds: Any, bands: Sequence[int], zero_is_nodata: bool = Fa
 ZERO_COLLAR_SHARE = 0.02
 
 
-def zero_collar_share(ds: Any, bands: Sequence[int], value: float = 0.0) -> float:
+def fill_share(ds: Any, bands: Sequence[int], value: float = 0.0) -> float:
     """Share of the pixels (decimated sample) that are `value` in every selected band of a file that
     declares no nodata, mask or alpha: an unflagged fill collar (SpaceNet's WorldView-2 tiles: 32 %
     zeros; a block at the type's largest value) is fused as data, and its fill enters the methods'
