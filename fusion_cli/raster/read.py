@@ -111,6 +111,9 @@ def detect_dn_max(ds: rasterio.io.DatasetReader) -> float | None:
 # that is a wrong ceiling rather than a few saturated outliers.
 DN_CHECK_SAMPLES = 512 * 512
 DN_CHECK_SHARE = 0.01
+# Negative values within this fraction of the data's 99th-percentile magnitude are float round-off
+# (filtering a zero collar), not an offset a ratio method cannot take.
+NEGATIVE_ROUNDOFF = 1e-4
 # How far below and above the DN scale a network divides by (its card's units) the 99th percentile of
 # its inputs may sit before they are data in other units. Below: reflectance (0..0.6) through a model
 # of 10000-scaled DN reached it as ~1e-5 (SAM 97 degrees at exit 0), and 8-bit DN in a 16-bit file
@@ -283,7 +286,10 @@ def check_dn_values(
             f"{above:.0%} of the {what}'s pixels exceed {source} (up to "
             f"{float(values.max()):g}): the product would be clipped to it; {todo}"
         )
-    negative = float((values < 0).mean())  # of all band values: a few noisy bands of a 128-band HSI pass
+    # of all band values (a few noisy bands of a 128-band HSI pass), and below the float round-off of
+    # the data's scale: a Wald-reduced MS rings to -7.5e-9 beside a zero collar, which is no offset
+    floor = -NEGATIVE_ROUNDOFF * float(np.percentile(np.abs(values), 99))
+    negative = float((values < floor).mean())
     if nonnegative and negative > DN_CHECK_SHARE:
         raise FusionError(
             f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
