@@ -36,6 +36,7 @@ import numpy as np
 from fusion_cli import jsonout
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
+from fusion_cli.paths import make_output_folder
 from fusion_cli.raster import atomic_output
 from fusion_cli.sensors import canonical_sensor
 from fusion_cli.signals import deferred_signals
@@ -328,7 +329,7 @@ def evaluate(
         raise FusionError(f"--tile must be positive, got {tile}")
     _check_scene_folders([sid for _, _, sid in scenes])
     created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # emptied ones go on failure
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir, "-o")
     rows: list[dict[str, Any]] = []
     # Products not kept go to a hidden folder this run creates, and only that folder is removed: an
     # OUT/products that already exists (earlier results, the inputs themselves) is never deleted.

@@ -32,6 +32,7 @@ from fusion_cli import raster
 from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan, degrade_valid
+from fusion_cli.paths import make_output_folder
 from fusion_cli.pipeline.output import finish_block
 from fusion_cli.pipeline.readers import fill_invalid
 from fusion_cli.sensors import canonical_sensor, nyquist_gains, sensor_band_numbers
@@ -324,7 +325,7 @@ def simulate_files(
                 f"no valid pixel is left in the {what}: nodata or masks cover the area PAN and MS share, "
                 "or reach every reduced pixel through the filters; check the inputs' nodata"
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir, "-o")
     step(2)
     scale = Affine.scale(ratio)
     info = {"WALD_RATIO": str(ratio), "WALD_SENSOR": key, "WALD_PAN_MODE": paths.pan_mode}

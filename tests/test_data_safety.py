@@ -2072,6 +2072,26 @@ def test_ratio_methods_take_round_off_below_zero_beside_a_zero_collar(tmp_path: 
     assert set(ergas) == {"gsa", "brovey"} and all(0 < v < 30 for v in ergas.values()), ergas
 
 
+def test_a_symlink_loop_or_a_file_for_a_folder_is_one_line_of_bad_input(tmp_path: Path) -> None:
+    """Python 3.11's Path.resolve() raises RuntimeError on a symlink loop: pansharpen, simulate and
+    batch's --log printed 60 lines of traceback at exit 1. `evaluate -o` / `train -o` naming a file
+    said "[Errno 17] File exists ... (check the disk space)" at exit 1."""
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    for args in (
+        ("pansharpen", EXAMPLE_PAN, loop, "-o", tmp_path / "x.tif", "--method", "gsa"),
+        ("simulate", loop, EXAMPLE_MS, "-o", tmp_path / "sim"),
+    ):
+        rc, _, err = cli(*args)
+        one_line_error(rc, err, "Symlink loop")
+    (tmp_path / "afile.tif").write_bytes(b"not a folder")
+    rc, _, err = cli("evaluate", EXAMPLE_PAN, EXAMPLE_MS, "--methods", "gsa", "-o", tmp_path / "afile.tif")
+    one_line_error(rc, err, "is a file; give a folder")
+    assert (tmp_path / "afile.tif").read_bytes() == b"not a folder"
+    assert not (tmp_path / "x.tif").exists() and not (tmp_path / "sim").exists()
+
+
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
     written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has

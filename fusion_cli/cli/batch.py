@@ -21,6 +21,7 @@ from fusion_cli.cli.common import (
     table_console,
 )
 from fusion_cli.errors import FusionError
+from fusion_cli.paths import make_output_folder
 from fusion_cli.sensors import check_sensor_bands_use
 
 _EPILOG = (
@@ -257,10 +258,7 @@ def register(app: typer.Typer) -> None:
             )
         else:
             process = lib.make_scene_processor(job)  # a bad model or method fails here, exit 2
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise FusionError(f"cannot create OUT_DIR {out_dir}: {exc.strerror}") from None
+            make_output_folder(out_dir, "OUT_DIR")
             _announce(plan, quiet)
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,

@@ -185,7 +185,7 @@ def share_cores() -> None:
 
 # OS errors that say the path given cannot be used (a read-only file system, no permission), as
 # opposed to the system failing under a valid one (ENOSPC, EIO)
-_PATH_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
+_PATH_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +271,10 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
         sys.exit(1)
     except (MemoryError, RuntimeError) as exc:
+        if _is_symlink_loop(exc):  # Path.resolve() on Python < 3.13: bad input, not a crash
+            _traceback_if(debug)
+            typer.echo(f"Error: {exc}; point the path at a file, not at a loop of symlinks", err=True)
+            sys.exit(2)
         # out of memory: numpy's MemoryError, torch's "can't allocate memory" (CPU) and
         # OutOfMemoryError "CUDA out of memory" (a RuntimeError)
         if not is_out_of_memory(exc):
@@ -287,6 +291,10 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         signum = getattr(exc, "signum", signal.SIGINT)
         typer.echo("Interrupted." if signum == signal.SIGINT else f"Terminated by signal {signum}.", err=True)
         sys.exit(128 + signum)
+
+
+def _is_symlink_loop(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from ")
 
 
 def _traceback_if(debug: bool) -> None:

@@ -74,9 +74,9 @@ def _save_plain(model: nn.Module, fields: dict[str, Any], out_dir: Path) -> tupl
     sha256 the registry would record, so a long run is never lost for want of it."""
     from safetensors.torch import save_file
 
-    from fusion_cli.paths import sha256_file
+    from fusion_cli.paths import make_output_folder, sha256_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     weights = out_dir / f"{fields['name']}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     fields = dict(fields, weights=weights.name, sha256=sha256_file(weights))

@@ -28,6 +28,7 @@ from torch import nn
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
+from fusion_cli.paths import make_output_folder
 from fusion_cli.raster.gdal import reason
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
 from fusion_cli.training.export import export
@@ -301,7 +302,7 @@ def train(
     total = spe * config.epochs
     val_set = validation_crops(val_pairs, config.val_crop, config.val_crops_per_scene)
 
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder
+    make_output_folder(out_dir, "-o")  # after the checks above: a refused run leaves no folder
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.jsonl"
     step, elapsed_before, history = 0, 0.0, []
