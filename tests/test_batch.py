@@ -984,6 +984,42 @@ def test_a_rerun_asking_for_another_ms_phase_does_not_skip_the_old_products(tmp_
     assert run("--ms-phase", "geometric")["status"] == "skipped"
 
 
+def test_a_rerun_over_products_of_other_inputs_or_options_does_not_skip_them(tmp_path: Path) -> None:
+    """Only model, sensor, --dtype, PAN bands and --ms-phase were compared: an OUT_DIR holding another
+    folder's products (same stems), an input rewritten since, or a rerun with --bands 3,2,1 or --cog
+    skipped every scene as "output complete" at exit 0, the old products left in place. A product
+    records its inputs' fingerprints and content options (FUSION_REQUEST); such a scene fails, saying
+    what differs. A copy of the same inputs elsewhere still skips (the fingerprint is the content)."""
+    from rasterio.windows import Window
+
+    in_dir, other_dir, out_dir = tmp_path / "in", tmp_path / "other", tmp_path / "out"
+    in_dir.mkdir()
+    other_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    write_example_crop(other_dir, "a", Window(64, 0, 64, 64))  # same stem, other pixels
+
+    def run(folder: Path, *extra: str, rc: int = 0) -> dict:
+        args = ("batch", str(folder), str(out_dir), "--method", "gsa", "--json", *extra)
+        return json.loads(run_cli(*args, check_rc=rc).stdout)["scenes"][0]
+
+    assert run(in_dir)["status"] == "done"
+    copied = tmp_path / "copied"
+    shutil.copytree(in_dir, copied)  # moved or copied inputs are the same inputs
+    assert run(copied)["reason"] == "output complete"
+    foreign = run(other_dir, rc=1)
+    assert "was made from another PAN" in foreign["reason"] and str(in_dir / "a_pan.tif") in foreign["reason"]
+    bands = run(in_dir, "--bands", "3,2,1", rc=1)
+    assert "was made from MS bands [1, 2, 3, 4, 5, 6], not [3, 2, 1]" in bands["reason"], bands
+    assert run(in_dir, "--bands", "1,2,3,4,5,6")["status"] == "skipped"  # all of them: what was made
+    assert "was made with --cog off, and this run has on" in run(in_dir, "--cog", rc=1)["reason"]
+    assert run(in_dir, "--bands", "3,2,1", "--overwrite")["status"] == "done"
+    assert run(in_dir, "--bands", "3,2,1")["status"] == "skipped"
+    with rasterio.open(out_dir / "a_fused.tif") as ds:
+        assert ds.count == 3
+    write_example_crop(in_dir, "a", Window(0, 64, 64, 64))  # rewritten in place since
+    assert "or the file changed since" in run(in_dir, "--bands", "3,2,1", rc=1)["reason"]
+
+
 def test_metrics_out_of_memory_does_not_fail_a_finished_scene(tmp_path: Path, monkeypatch) -> None:
     """`--metrics` reads the images whole: torch's "can't allocate memory" (a RuntimeError) escaped
     the metrics step and failed a scene whose product was complete; it is the scene's metrics_error."""

@@ -164,16 +164,61 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     expected = _asked_sensor_bands(wanted, options, ms) if recorded is not None else None
     if expected is not None and expected != recorded:
         return f"was made for {sensor} bands {recorded}, not {expected}"
-    made_pan, asked_pan = params.get("pan_bands"), _asked_pan_bands(options, pan)
-    if isinstance(made_pan, list) and asked_pan is not None and made_pan != asked_pan:
-        return f"was made from PAN bands {made_pan}, not {asked_pan}"
+    for role, path, made_bands, asked_bands in (
+        ("PAN", pan, params.get("pan_bands"), getattr(options, "pan_bands", None)),
+        ("MS", ms, params.get("bands"), getattr(options, "bands", None)),
+    ):
+        asked_list = _asked_bands(path, asked_bands, role)
+        if isinstance(made_bands, list) and asked_list is not None and made_bands != asked_list:
+            return f"was made from {role} bands {made_bands}, not {asked_list}"
     made_phase, asked_phase = params.get("ms_phase"), getattr(options, "ms_phase", None)
     if georeferenced and made_phase is not None and asked_phase is not None and made_phase != asked_phase:
         return f"was made with --ms-phase {made_phase}, not {asked_phase}"
     out_dtype = getattr(options, "out_dtype", None)
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"
+    if "FUSION_REQUEST" in tags and options is not None and scene is not None:  # older products: none
+        return _request_differs(json.loads(tags["FUSION_REQUEST"]), options, scene, tags)
     return None
+
+
+# Options `product_differs` compares as they resolved (the bands used, the pixel type written): --bands
+# 1,2,3,4 asks for what leaving it out asks for on a 4-band MS.
+_COMPARED_RESOLVED = {"bands", "pan_bands", "sensor_bands", "out_dtype", "ms_phase"}
+
+
+def _request_differs(made: dict[str, Any], options: Any, scene: Scene, tags: dict[str, str]) -> str | None:
+    """How the inputs and content options a product records (FUSION_REQUEST) differ from the scene's
+    and the batch's: an OUT_DIR of another folder's products, an input rewritten since, or --bands
+    changed were skipped as complete at exit 0."""
+    from fusion_cli.pipeline.options import PRODUCT_OPTIONS
+    from fusion_cli.pipeline.output import product_request
+
+    asked = json.loads(jsonout.dumps(product_request(options, scene.pan, scene.ms), sort_keys=True))
+    for role, tag in (("pan", "FUSION_PAN"), ("ms", "FUSION_MS")):
+        if made.get(role) is not None and asked[role] is not None and made[role] != asked[role]:
+            return f"was made from another {role.upper()} ({tags.get(tag)}), or the file changed since"
+    for name, flag in PRODUCT_OPTIONS.items():
+        if name in _COMPARED_RESOLVED:
+            continue
+        if name in made.get("options", {}) and made["options"][name] != asked["options"][name]:
+            was, now = _shown(made["options"][name]), _shown(asked["options"][name])
+            return f"was made with {flag} {was}, and this run has {now}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """An option's value as the user writes it: 1,2,3 for a band list, on/off for a switch, and
+    'none' for an option not given."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value)
 
 
 def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> list[int] | None:
@@ -192,16 +237,17 @@ def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> li
         return None
 
 
-def _asked_pan_bands(options: Any, pan: Path | None) -> list[int] | None:
-    """The PAN (an MSI's) bands `options` select from `pan`, as `fuse_files` records them; None where
-    they cannot be told here (the run says why)."""
-    if pan is None or options is None:
+def _asked_bands(path: Path | str | None, bands: list[int] | None, role: str) -> list[int] | None:
+    """The bands of `path` (the PAN, an MSI's for HISR, or the MS) that `bands` (--pan-bands,
+    --bands) select, as `fuse_files` records them; None where they cannot be told here (the run
+    says why)."""
+    if path is None:
         return None
     from fusion_cli.raster import open_raster, select_bands
 
     try:
-        with open_raster(pan, "PAN") as ds:
-            return select_bands(ds, options.pan_bands, "PAN", read=False)
+        with open_raster(path, role) as ds:
+            return select_bands(ds, bands, role, read=False)
     except FusionError:
         return None
 

@@ -74,6 +74,29 @@ def product_dtype(name: str) -> str:
     return dt.name
 
 
+# FuseOptions fields that change what a product holds (not how fast it is made), with the option that
+# sets each: a product records them (`output.product_request`), and a batch takes a complete product
+# made with other values for another product, not a finished scene.
+PRODUCT_OPTIONS = {
+    "bands": "--bands",
+    "pan_bands": "--pan-bands",
+    "sensor_bands": "--sensor-bands",
+    "dn_max": "--dn-max",
+    "out_dtype": "--dtype",
+    "compress": "--compress",
+    "creation_options": "--co",
+    "cog": "--cog",
+    "coregister": "--coregister",
+    "zero_is_nodata": "--zero-nodata",
+    "pan_nodata": "--pan-nodata",
+    "ms_nodata": "--ms-nodata",
+    "adapt": "--adapt",
+    "stats_mpx": "--stats-mpx",
+    "reproject": "--reproject",
+    "ms_phase": "--ms-phase",
+}
+
+
 @dataclass
 class FuseOptions:
     """How to run a fuser over a scene and write the product: tiling, threads, inputs' bands and

@@ -15,7 +15,7 @@ from rasterio.enums import ColorInterp
 
 from fusion_cli import __version__, align, jsonout, raster
 from fusion_cli.fusers import Fuser, SensorBound
-from fusion_cli.pipeline.options import FuseOptions
+from fusion_cli.pipeline.options import PRODUCT_OPTIONS, FuseOptions
 from fusion_cli.tiling import TilePlan
 
 if TYPE_CHECKING:
@@ -138,6 +138,20 @@ def product_tags(
         "FUSION_PAN": raster.recorded_path(pan_path),
         "FUSION_MS": raster.recorded_path(ms_path),
         "FUSION_SHIFT_MEASURED": jsonout.dumps(shift),
+        "FUSION_REQUEST": jsonout.dumps(product_request(opts, pan_path, ms_path), sort_keys=True),
+    }
+
+
+def product_request(
+    opts: FuseOptions, pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """What a product was asked to be made of: its inputs' fingerprints and the options that change
+    its content (`PRODUCT_OPTIONS`), as its FUSION_REQUEST tag records them; a batch compares it with
+    what it is asked (`batch.fusion.product_differs`)."""
+    return {
+        "pan": raster.file_fingerprint(pan_path),
+        "ms": raster.file_fingerprint(ms_path),
+        "options": {name: getattr(opts, name) for name in PRODUCT_OPTIONS},
     }
 
 
