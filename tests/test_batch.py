@@ -1020,6 +1020,32 @@ def test_a_rerun_over_products_of_other_inputs_or_options_does_not_skip_them(tmp
     assert "or the file changed since" in run(in_dir, "--bands", "3,2,1", rc=1)["reason"]
 
 
+def test_a_redo_removes_the_old_products_side_files_it_does_not_rewrite(tmp_path: Path) -> None:
+    """`--metrics --quicklook`, then `--method brovey --overwrite` without them: the GSA quicklook and
+    metrics sidecar stayed beside the brovey product, and a later `--metrics --quicklook` run skipped
+    the scene as complete with GSA's QNR in the sidecar. The redo removes them; the next run writes
+    the brovey product's."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    base = ("batch", str(in_dir), str(out_dir), "--json")
+    sides = (out_dir / "a_fused.png", out_dir / "a_fused.tif.metrics.json")
+
+    def run(*extra: str) -> dict:
+        return json.loads(run_cli(*base, *extra, check_rc=0).stdout)["scenes"][0]
+
+    assert run("--method", "gsa", "--metrics", "--quicklook")["status"] == "done"
+    gsa_metrics = json.loads(sides[1].read_text())
+    assert run("--method", "brovey", "--overwrite")["status"] == "done"
+    assert not any(side.exists() for side in sides)
+    finished = run("--method", "brovey", "--metrics", "--quicklook")
+    assert finished["reason"] == "output complete; its missing side files written", finished
+    assert all(side.exists() for side in sides)
+    assert json.loads(sides[1].read_text()) != gsa_metrics
+
+
 def test_metrics_out_of_memory_does_not_fail_a_finished_scene(tmp_path: Path, monkeypatch) -> None:
     """`--metrics` reads the images whole: torch's "can't allocate memory" (a RuntimeError) escaped
     the metrics step and failed a scene whose product was complete; it is the scene's metrics_error."""

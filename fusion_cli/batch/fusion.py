@@ -114,8 +114,11 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
     def process(scene: Scene) -> dict[str, Any]:
         refuse_linked_side_files(scene)
         fuser = fuser_for(scene)
+        redo = scene.out.exists()
         summary = pipeline.fuse_files(scene.pan, scene.ms, scene.out, fuser, options)
         details = summary.to_dict()
+        if redo:
+            remove_stale_side_files(scene.out, job)
         if job.metrics:
             add_metrics(scene, summary.ratio, details)
         return details
@@ -250,6 +253,16 @@ def _asked_bands(path: Path | str | None, bands: list[int] | None, role: str) ->
             return select_bands(ds, bands, role, read=False)
     except FusionError:
         return None
+
+
+def remove_stale_side_files(out: Path, job: FuseJob) -> None:
+    """After a redo placed a new product at `out`: remove the quicklook and metrics sidecar the old
+    product had that this run does not write (it replaces the others). They described the old product,
+    and a later run with --quicklook/--metrics took them for the new one's and skipped the scene."""
+    written = set(job.side_files(out))
+    for side in (out.with_suffix(".png"), metrics_path(out)):
+        if side not in written and side.is_file() and not side.is_symlink():
+            side.unlink()
 
 
 def refuse_linked_side_file(side: Path, out: Path) -> None:
