@@ -60,7 +60,8 @@ def fuse_scene_task(
         process = worker_processor(job, factory)
     except FusionError as exc:
         return SceneResult(scene.id, str(scene.pan), str(scene.ms), str(scene.out), "failed", reason=str(exc))
-    return execute_scene(scene, process, overwrite=overwrite, retries=retries)
+    # a scene another run holds is waited for here: the task is the scene's only try
+    return execute_scene(scene, process, overwrite=overwrite, retries=retries, wait_for_lock=True)
 
 
 def connect(address: str) -> Any:

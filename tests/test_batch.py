@@ -358,13 +358,49 @@ def test_retries_and_locks_in_the_engine(tmp_path: Path) -> None:
     with batch.scene_lock(scene.out) as mine:
         assert mine
         r = batch.execute_scene(scene, flaky)
-        assert r.status == "skipped" and "another running batch" in r.reason
+        assert r.status == "busy" and "another running batch" in r.reason
         assert hidden_files(scene.out.parent) == [f".{scene.out.name}.lock"]  # the refused run left it
     # A temporary file of a killed writer is removed once we own the scene.
     stale = scene.out.with_name(f".{scene.out.name}.partial-4194399-abcd0123.tif")
     stale.write_bytes(b"half a file")
     batch.execute_scene(scene, lambda sc: {})
     assert hidden_files(scene.out.parent) == []
+
+
+@pytest.mark.parametrize("holder_places_it", [False, True])
+def test_a_scene_another_run_holds_is_waited_for_at_the_end(tmp_path: Path, holder_places_it: bool) -> None:
+    """A scene another live run held counted as "skipped" at exit 0; when that run then died (a
+    requeued array task killed), nothing was written and both runs had reported success. The scene
+    is put off to the end of the batch and waited for: skipped if the holder placed its product,
+    fused here if it let go without one."""
+    out = tmp_path / "out"
+    scenes = [batch.Scene(n, tmp_path / "p.tif", tmp_path / "m.tif", out / f"{n}.tif") for n in "ab"]
+    out.mkdir()
+    fused: list[str] = []
+
+    def process(sc: batch.Scene) -> dict:
+        fused.append(sc.id)
+        sc.out.write_bytes(b"product")
+        return {}
+
+    held = threading.Event()
+
+    def other_run() -> None:
+        with batch.scene_lock(scenes[0].out):
+            held.set()
+            time.sleep(1.5)
+            if holder_places_it:
+                scenes[0].out.write_bytes(b"product")
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(10)
+    summary = batch.run_batch(batch.Plan(scenes), process, is_complete=lambda p: p.exists(), io_workers=0)
+    holder.join()
+    statuses = {r.scene: (r.status, r.reason) for r in summary.results}
+    assert fused == (["b"] if holder_places_it else ["b", "a"])
+    assert statuses["a"] == (("skipped", "output complete") if holder_places_it else ("done", None))
+    assert summary.exit_code == 0 and len(summary.results) == 2
 
 
 def test_ctrl_c_while_taking_a_scene_lock_leaves_no_lock_file(tmp_path: Path, monkeypatch) -> None:

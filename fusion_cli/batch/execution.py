@@ -57,7 +57,7 @@ class SceneResult:
     pan: str
     ms: str
     out: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed (and busy: another run holds it, which `run_batch` waits out)
     reason: str | None = None
     seconds: float = 0.0
     pan_mpx: float = 0.0  # output (PAN-grid) megapixels, for throughput
@@ -184,8 +184,12 @@ def execute_scene(
     overwrite: bool = False,
     retries: int = 0,
     is_complete: CompleteCheck | None = None,
+    wait_for_lock: bool = False,
 ) -> SceneResult:
     """Fuse one scene unless its output is already complete; never raises for a bad scene.
+
+    A scene another live run holds is "busy", or with `wait_for_lock` waited for, then done or
+    skipped as its output then is (that run may have died without finishing it).
 
     A `FusionError` (bad input: the same on every attempt) fails at once; other exceptions (an
     I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes,
@@ -206,7 +210,7 @@ def execute_scene(
         why = f"{lock_file(scene.out).name}, the lock file of {scene.out.name}, is a symlink; remove it"
         return SceneResult(status="failed", reason=why, **base)
     try:
-        return _execute_locked(scene, process, overwrite, retries, check, base)
+        return _execute_locked(scene, process, overwrite, retries, check, base, wait_for_lock)
     except OSError as exc:  # taking the lock or clearing stale files (no file handle left, a full disk)
         interrupt = interrupt_behind(exc)
         if interrupt is not None:  # a cleanup step failed under Ctrl-C: still Ctrl-C
@@ -222,11 +226,12 @@ def _execute_locked(
     retries: int,
     check: CompleteCheck,
     base: dict[str, Any],
+    wait_for_lock: bool,
 ) -> SceneResult:
     """`execute_scene` under the scene's lock."""
-    with scene_lock(scene.out) as mine:
+    with scene_lock(scene.out, wait=wait_for_lock) as mine:
         if not mine:
-            return SceneResult(status="skipped", reason="another running batch holds this scene", **base)
+            return SceneResult(status="busy", reason="another running batch holds this scene", **base)
         remove_stale_temporaries(scene.out)
         finishing = isinstance(process, FinishingProcessor)
         sides = process.side_files(scene.out) if finishing else []
@@ -423,12 +428,21 @@ def run_batch(
     for the launch-bound pure-PyTorch scan: it pays off when I/O dominates). Ctrl-C stops the
     batch: one scene in flight is interrupted (the pipeline removes its partial files); of several,
     the running ones finish and are logged, the others never start. The summary says so.
+
+    A scene another live run holds (a duplicate array task, an overlapping cron run) is put off to
+    the end, then waited for: it counts as skipped only once that run placed its product, and is
+    fused here if that run died first.
     """
     journal = JsonlLog(log, plan)
     results: list[SceneResult] = []
     t0 = time.perf_counter()
+    by_out = {str(s.out): s for s in plan.scenes}
+    busy: list[Scene] = []
 
     def record(r: SceneResult) -> None:
+        if r.status == "busy":
+            busy.append(by_out[r.out])
+            return
         results.append(r)
         journal.write(r, plan.shard)
         if on_result is not None:
@@ -489,6 +503,13 @@ def run_batch(
                         except KeyboardInterrupt:
                             continue  # another Ctrl-C, or that scene's own interrupt: the next one
                     raise
+        for scene in busy:
+            record(
+                execute_scene(
+                    scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete,
+                    wait_for_lock=True,
+                )
+            )  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
     finally:

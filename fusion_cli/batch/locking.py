@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fusion_cli.signals import deferred_signals
 
+# Seconds between tries when waiting for another run's lock (`scene_lock(wait=True)`).
+WAIT_POLL_S = 0.5
+
 
 @contextlib.contextmanager
-def scene_lock(out: Path) -> Iterator[bool]:
+def scene_lock(out: Path, wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on one output while it is made; yields False if another live run
-    holds it (an overlapping cron run, a duplicate array task).
+    holds it (an overlapping cron run, a duplicate array task), or with `wait`, waits until it
+    does not (polling, so Ctrl-C still stops the wait) and yields True.
 
     flock is released by the kernel when its holder dies, so a lock we obtain proves that any
     temporary file left beside the output belongs to a killed run and may be removed.
@@ -27,15 +32,18 @@ def scene_lock(out: Path) -> Iterator[bool]:
     lock_path = lock_file(out)
     fd: int | None = None
     try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
-        with deferred_signals():  # and a signal cannot land between os.open and `fd =`
-            while True:
+        while True:
+            with deferred_signals():  # a signal cannot land between os.open and `fd =`
                 # never through a link: its target (anywhere) would be created, then kept
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 held = _try_flock(fcntl, fd, lock_path)
-                if held is not None:
+                if held or (held is False and not wait):
                     break
-                os.close(fd)  # the holder we waited on unlinked the file: lock the live one
+                # None: the holder we waited on unlinked the file (lock the live one); False: wait
+                _release_lock_file(fcntl, fd, lock_path)
                 fd = None
+            if held is False:
+                time.sleep(WAIT_POLL_S)
         yield held
     finally:
         if fd is not None:
