@@ -169,6 +169,51 @@ def test_default_conventions_pair_the_real_folders(tmp_path: Path) -> None:
         batch.pair_by_patterns(shared_or_named_alike("wv3_spacenet2", tmp_path), Path("/nonexistent/out"))
 
 
+def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> None:
+    """Four ways a batch left inputs out at exit 0 (helper audit): a pair in another default naming
+    convention than the one pairing the most files (named only in a line -q hides); an empty folder
+    or patterns matching nothing ("0 scenes"); a symlinked scene folder under a recursive pattern
+    (rglob does not follow it); and a rerun with relative paths and OUT_DIR inside IN_DIR, whose own
+    products then failed as inputs without partners."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("A_PAN.tif", "A_MS.tif", "PAN_2.tif", "MS_2.tif", "PAN_3.tif", "MS_3.tif", "notes.txt"):
+        (mixed / name).write_bytes(b"")
+    plan = batch.pair_by_patterns(mixed, tmp_path / "out", check_outputs=False)
+    assert sorted(s.id for s in plan.scenes) == ["2", "3"]
+    reasons = {u.path.name: u.reason for u in plan.unpaired}
+    assert set(reasons) == {"A_PAN.tif", "A_MS.tif"} and "give --pan and --ms" in reasons["A_PAN.tif"]
+    assert [p.name for p in plan.ignored] == ["notes.txt"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FusionError, match="holds no files"):
+        batch.pair_by_patterns(empty, tmp_path / "out", "*_PAN.tif", "*_MS.tif")
+    with pytest.raises(FusionError, match="has no file matching --pan 'x\\*_PAN.tif'"):
+        batch.pair_by_patterns(mixed, tmp_path / "out", "x*_PAN.tif", "x*_MS.tif")
+    res = run_cli("batch", str(empty), str(tmp_path / "o"), "--method", "gsa", check_rc=2)
+    assert "holds no files" in res.stderr and not (tmp_path / "o").exists()
+
+    real = tmp_path / "real" / "s1"
+    real.mkdir(parents=True)
+    for name in ("a_PAN.tif", "a_MS.tif"):
+        (real / name).write_bytes(b"")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "s1").symlink_to(real)
+    (linked / "loop").symlink_to(linked)  # a link back up is walked once, not forever
+    plan = batch.pair_by_patterns(linked, tmp_path / "out", "*/*_PAN.tif", "*/*_MS.tif", check_outputs=False)
+    assert [(s.id, s.pan) for s in plan.scenes] == [("s1_a", linked / "s1" / "a_PAN.tif")]
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "linked" / "out").mkdir()
+    (tmp_path / "linked" / "out" / "s1_a_fused_MS.tif").write_bytes(b"")  # an earlier product: */*_MS.tif
+    plan = batch.pair_by_patterns(
+        Path("linked"), Path("linked/out"), "*/*_PAN.tif", "*/*_MS.tif", "{stem}_fused_MS.tif", False
+    )
+    assert [s.id for s in plan.scenes] == ["s1_a"] and not plan.unpaired
+
+
 def test_patterns_and_manifest(tmp_path: Path) -> None:
     d = tmp_path / "in"
     (d / "a").mkdir(parents=True)

@@ -114,19 +114,24 @@ def _literal_length(pattern: str) -> int:
 
 
 def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str]:
-    """Relative posix paths of the non-hidden files in `in_dir`, sorted (stable plans)."""
-    if recursive:
-        paths = [p for p in in_dir.rglob("*") if p.is_file()]
-    else:
-        paths = [p for p in in_dir.iterdir() if p.is_file()]
-    rel = []
-    for p in paths:
-        r = p.relative_to(in_dir)
-        if any(part.startswith(".") for part in r.parts):
-            continue  # hidden files and our own temporary outputs
-        if exclude is not None and exclude != in_dir and exclude in p.parents:
-            continue  # outputs written inside the input tree are not inputs
-        rel.append(r.as_posix())
+    """Relative posix paths of the non-hidden files in `in_dir`, sorted (stable plans); recursive:
+    through symlinked folders too (each real folder once), but not into `exclude` (OUT_DIR,
+    resolved)."""
+    rel: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, names in os.walk(in_dir, followlinks=recursive):
+        here = Path(top)
+        st = here.stat()
+        real = here.resolve()
+        if (st.st_dev, st.st_ino) in seen or (here != in_dir and exclude is not None and real == exclude):
+            dirs[:] = []  # a folder reached twice through links, or outputs written inside the inputs
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in names:
+            path = here / name
+            if not name.startswith(".") and path.is_file():  # hidden files: our own temporaries
+                rel.append(path.relative_to(in_dir).as_posix())
     return sorted(rel)
 
 
@@ -305,10 +310,33 @@ def pair_by_patterns(
                 scenes.append(Scene(stem or out.stem, in_dir / p_list[0], in_dir / m_list[0], out))
     matched = {f for lst in (*pans.values(), *mss.values()) for f in lst}
     ignored = [in_dir / f for f in files if f not in matched]
+    if pan_pattern is None:  # a file another convention names is an input left out, not noise
+        for path in ignored:
+            other = _convention_of(path.relative_to(in_dir).as_posix())
+            if other is not None:
+                unpaired.append(
+                    Unpaired(
+                        path,
+                        f"is named as {other} names inputs, but this folder pairs by {pan_p!r} + {ms_p!r} "
+                        "(the convention that pairs the most files): rename it, or give --pan and --ms",
+                    )
+                )
+        ignored = [p for p in ignored if p not in {u.path for u in unpaired}]
+    if not scenes and not unpaired:  # an unmounted folder or a mistyped pattern is not "nothing to do"
+        what = "holds no files" if not files else f"has no file matching --pan {pan_p!r} or --ms {ms_p!r}"
+        raise FusionError(f"no PAN/MS pairs: {in_dir} {what}; check IN_DIR and the patterns")
     plan = Plan(scenes, unpaired, ignored, source=f"--pan {pan_p!r} --ms {ms_p!r}", total_scenes=len(scenes))
     if check_outputs:
         _check_outputs(plan)
     return plan
+
+
+def _convention_of(name: str) -> str | None:
+    """The default convention ("'*_PAN.tif' + '*_MS.tif'") whose PAN or MS pattern `name` matches."""
+    for pan_p, ms_p in DEFAULT_CONVENTIONS:
+        if pattern_key(pan_p)(name) is not None or pattern_key(ms_p)(name) is not None:
+            return f"{pan_p!r} + {ms_p!r}"
+    return None
 
 
 def _stem_of(pan_name: str) -> str:
