@@ -658,8 +658,10 @@ def test_sigterm_stops_a_batch_like_ctrl_c(tmp_path: Path) -> None:
     src, out_dir = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     make_pair(src, n=3072, stem="a_")
-    for role in ("pan", "ms"):
-        os.rename(src / f"a_{role}.tif", src / f"a_{role.upper()}.tif")
+    make_pair(src, n=256, stem="b_")
+    for stem in "ab":
+        for role in ("pan", "ms"):
+            os.rename(src / f"{stem}_{role}.tif", src / f"{stem}_{role.upper()}.tif")
     proc = cli_process("batch", src, out_dir, "--method", "exp", "--tile", "32", "--json")
     deadline = time.monotonic() + 240
     while not (out_dir.is_dir() and any(".partial" in p.name for p in out_dir.iterdir())):
@@ -669,7 +671,11 @@ def test_sigterm_stops_a_batch_like_ctrl_c(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert json.loads(stdout)["interrupted"] is True
+    assert stderr.strip().splitlines()[-1] == f"Terminated by signal {int(signal.SIGTERM)}.", stderr[-3000:]
+    summary = json.loads(stdout)
+    # the summary tells a script the code the process exits with (it said 130) and what is left to do
+    assert summary["interrupted"] is True and summary["exit_code"] == 128 + signal.SIGTERM
+    assert summary["unfinished"] == ["a", "b"] and summary["scenes"] == []
     assert not (out_dir / "a_fused.tif").exists() and hidden(out_dir) == []
 
 

@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -75,6 +76,8 @@ class BatchSummary:
     seconds: float
     shard: tuple[int, int] | None = None
     interrupted: bool = False
+    signum: int = 2  # the signal that interrupted it (SIGINT: Ctrl-C; SIGTERM, SIGHUP)
+    unfinished: list[str] = field(default_factory=list)  # scenes an interrupt cut short or kept from starting
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -109,9 +112,10 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        """0: everything done or skipped; 1: some scene failed; 130: interrupted (Ctrl-C)."""
+        """0: everything done or skipped; 1: some scene failed; 128 + the signal when interrupted (130:
+        Ctrl-C, 143: SIGTERM), as the process exits."""
         if self.interrupted:
-            return 130
+            return 128 + self.signum
         return 1 if self.failed else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +131,7 @@ class BatchSummary:
             "interrupted": self.interrupted,
             "exit_code": self.exit_code,
             "scenes": [r.to_dict() for r in self.results],
+            "unfinished": self.unfinished,
         }
 
 
@@ -464,7 +469,7 @@ def run_batch(
                 reader.submit(_readahead, [nxt.pan, nxt.ms])
             queued += 1
 
-    interrupted = False
+    interrupted, signum = False, signal.SIGINT
     try:
         if scene_workers <= 1:
             for i, scene in enumerate(plan.scenes):
@@ -510,9 +515,11 @@ def run_batch(
                     wait_for_lock=True,
                 )
             )  # fmt: skip
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted, signum = True, getattr(exc, "signum", signal.SIGINT)
     finally:
         if reader is not None:
             reader.shutdown(wait=False, cancel_futures=True)
-    return BatchSummary(results, time.perf_counter() - t0, plan.shard, interrupted)
+    recorded = {r.out for r in results}
+    unfinished = [s.id for s in plan.scenes if str(s.out) not in recorded]
+    return BatchSummary(results, time.perf_counter() - t0, plan.shard, interrupted, signum, unfinished)

@@ -250,7 +250,7 @@ def _main(argv: list[str] | None, debug: bool) -> None:
                 typer.echo("Aborted.", err=True)
                 sys.exit(1)
             # Typer turns any KeyboardInterrupt (ours included) into exit 130: say which signal
-            if code == 130:
+            if code == 130 or (_signals and code == 128 + _signals[-1]):  # batch's summary says which
                 raise Terminated(_signals[-1]) if _signals else KeyboardInterrupt from None
             sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
     except FusionError as exc:
