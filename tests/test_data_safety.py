@@ -2098,6 +2098,20 @@ def test_a_symlink_loop_or_a_file_for_a_folder_is_one_line_of_bad_input(tmp_path
     assert not (tmp_path / "x.tif").exists() and not (tmp_path / "sim").exists()
 
 
+def test_output_names_a_folder_or_is_too_long_for_its_temporary(tmp_path: Path) -> None:
+    """`-o newname/` (no such folder) wrote a file named `newname` at exit 0: Path drops the slash.
+    A 240-character name (legal: NAME_MAX is 255) failed after the whole fusion with "[Errno 36] File
+    name too long" on its temporary, at exit 1, blaming the disk. Both are refused before any work."""
+    base = ("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "--method", "gsa", "-o")
+    rc, _, err = cli(*base, f"{tmp_path / 'newname'}/")
+    one_line_error(rc, err, "names a folder")
+    rc, _, err = cli(*base, tmp_path / ("a" * 240 + ".tif"))
+    one_line_error(rc, err, "is 244 bytes", "at most 207 bytes")
+    assert list(tmp_path.iterdir()) == []
+    rc, _, err = cli(*base, tmp_path / ("a" * 203 + ".tif"))
+    assert rc == 0, err
+
+
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
     written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has

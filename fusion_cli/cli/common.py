@@ -366,7 +366,8 @@ def register_fuse_command(
     def command(
         first: str = typer.Argument(..., help=first_help, show_default=False, metavar=metavars[0]),
         second: str = typer.Argument(..., help=second_help, show_default=False, metavar=metavars[1]),
-        out: Path = typer.Option(..., "-o", "--out", help="Output GeoTIFF (on the high-resolution grid)."),
+        # a string too: "-o newname/" keeps the slash that says a folder was meant (Path drops it)
+        out: str = typer.Option(..., "-o", "--out", help="Output GeoTIFF (on the high-resolution grid)."),
         model: str | None = FuseOpt.model,
         weights: Path | None = FuseOpt.weights,
         method: str | None = FuseOpt.method,

@@ -242,7 +242,10 @@ def check_writable(
     """Fail early (before any work) if the output, or a side file written with it (a quicklook),
     cannot be written where asked."""
     out = Path(out_path)
+    if os.fspath(out_path).endswith(("/", os.sep)):  # Path() drops the slash: a file `newname` was written
+        raise FusionError(f"output {out_path} names a folder; give a file name like {out / 'fused.tif'}")
     check_product_name(out)
+    check_name_length(out)
     read = files_read(inputs)
     for side in side_outputs:
         if replaced_input(side, read) is not None:
@@ -337,6 +340,27 @@ def _local_file(path: str) -> str | None:
     if path.startswith("/vsi") or "://" in path:
         return None
     return path
+
+
+# What a temporary's name adds to its output's (`write._temp_name`: ".", a sidecar suffix, ".partial-",
+# the PID, the host tag and ".tif").
+TEMP_NAME_EXTRA = 48
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse an output name too long for its temporary beside it: a 240-character name failed after
+    the whole fusion with "[Errno 36] File name too long" on the temporary (exit 1)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(out.name)) + TEMP_NAME_EXTRA > name_max:
+        raise FusionError(
+            f"output name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes; its temporary file "
+            f"adds {TEMP_NAME_EXTRA} and the folder allows {name_max}: choose a name of at most "
+            f"{name_max - TEMP_NAME_EXTRA} bytes"
+        )
 
 
 def check_product_name(out: str | os.PathLike[str], what: str = "output") -> None:

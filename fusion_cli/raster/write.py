@@ -459,11 +459,12 @@ class AtomicWriter:
         return self.out, side_error
 
     def _cleanup(self) -> None:
+        # any OSError: a temporary never made (a name too long to create) must not hide why
         for p in (self._tmp, getattr(self, "_cog_tmp", None)):
             if p is not None:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     Path(p).unlink()
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     Path(str(p) + ".ovr").unlink()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
