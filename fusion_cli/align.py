@@ -13,7 +13,6 @@ measured misregistration (`estimate_shift`) is just one more offset in the same 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +22,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from fusion_cli.errors import FusionError
+from fusion_cli.notices import notify
 
 # Relative tolerance on the pixel-size ratio: WorldView-2's 2.0000966 m / 0.4999935 m = 4.00025.
 RATIO_TOL = 1e-3
@@ -216,10 +216,9 @@ def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> 
     measured = _georef_ratio(pan_ds, ms_ds, crs_hint=hint)
     if measured is None:
         _refuse_gcps_or_rpcs((pan_ds, ms_ds), ("PAN", "MS"))
-        warnings.warn(
+        notify(
             "inputs have no georeferencing: assuming their grids share the top-left corner; "
-            "the output is written without CRS",
-            stacklevel=2,
+            "the output is written without CRS"
         )
         return relate_shapes(pan_ds.shape, ms_ds.shape, expected_ratio)
     ratio, ry, rx = measured

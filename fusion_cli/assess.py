@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from fusion_cli.align import block_windows, only_gcps_or_rpcs
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics import full_resolution, reduced_resolution
 from fusion_cli.metrics.table import index_order
+from fusion_cli.notices import notify
 from fusion_cli.raster.bands import Encoding
 from fusion_cli.raster.checks import check_same_encoding, refuse_constant
 from fusion_cli.raster.nodata import nodata_fits
@@ -352,10 +352,9 @@ def _say_why_infinite(values: dict[str, Any], ref: np.ndarray, fused: np.ndarray
         value = values[key]
         if bands.any():
             listed = ", ".join(str(b + 1) for b in np.flatnonzero(bands)[:10])
-            warnings.warn(
+            notify(
                 f"{key} is {value}: band(s) {listed} of the product {why}; dead or constant bands? "
-                "fuse without them (--bands) and the indices leave them out",
-                stacklevel=2,
+                "fuse without them (--bands) and the indices leave them out"
             )
 
 

@@ -25,7 +25,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 from fusion_cli import jsonout
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
+from fusion_cli.notices import notify
 from fusion_cli.paths import make_output_folder
 from fusion_cli.raster import atomic_output
 from fusion_cli.sensors import canonical_sensor
@@ -118,7 +118,9 @@ def _fuse(
     tile: int,
     bands: list[int] | None,
     sensor_bands: list[int] | None = None,
+    where: str = "",
 ) -> float:
+    """Seconds fusing `pan` and `ms` into `out` with `spec`; the run's warnings are said as `where`'s."""
     from fusion_cli.pipeline import hisr, pansharpen
 
     t0 = time.perf_counter()
@@ -128,10 +130,12 @@ def _fuse(
         # a classical method's MTF gains; a network's card names its bands
         sensor_bands=sensor_bands if spec.method is not None else None,
     )  # fmt: skip
-    if _is_msi(pan):  # HISR: the classical methods take the MSI as a multi-band "PAN" there
-        hisr(ms, pan, out, **kwargs)
-    else:
-        pansharpen(pan, ms, out, **kwargs)
+    # HISR: the classical methods take the MSI as a multi-band "PAN" there
+    summary = hisr(ms, pan, out, **kwargs) if _is_msi(pan) else pansharpen(pan, ms, out, **kwargs)
+    for message in summary.warnings:  # a zero collar fused as data (each said once per evaluation)
+        if "--zero-nodata" in message or "--nodata" in message:  # options evaluate does not have
+            message += "; evaluate takes the inputs' declared nodata (gdal_translate -a_nodata 0 IN OUT)"
+        notify(f"{where}: {message}")
     return time.perf_counter() - t0
 
 
@@ -209,13 +213,14 @@ def evaluate_scene(
         out = work_dir / "reduced" / f"{safe}.tif"
         try:
             row["time_rr_s"] = _fuse(
-                spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands
-            )
+                spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands,
+                f"{scene_id} at reduced resolution",
+            )  # fmt: skip
         except FusionError as exc:
             if not spec.implied:
                 raise
             # signed DN: the ratio methods refuse what the additive ones fuse; the table goes on
-            warnings.warn(f"{spec.label} left out of {scene_id}: {exc}", stacklevel=2)
+            notify(f"{spec.label} left out of {scene_id}: {exc}")
             refused = refused or exc
             continue
         rr = score_product(out, ref=sim.ref, opts=reduced_opts)
@@ -226,7 +231,9 @@ def evaluate_scene(
         if full_resolution:
             out = work_dir / "full" / f"{safe}.tif"
             out.parent.mkdir(parents=True, exist_ok=True)
-            row["time_fr_s"] = _fuse(spec, pan, ms, out, key, device, tile, bands, sensor_bands)
+            row["time_fr_s"] = _fuse(
+                spec, pan, ms, out, key, device, tile, bands, sensor_bands, f"{scene_id} at full resolution"
+            )
             fr = score_product(out, pan=pan, ms=ms, opts=opts)
             if progress is not None:
                 progress(per * i + 2, total)

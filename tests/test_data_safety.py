@@ -2112,6 +2112,24 @@ def test_output_names_a_folder_or_is_too_long_for_its_temporary(tmp_path: Path) 
     assert rc == 0, err
 
 
+def test_every_command_lists_its_warnings_in_json_and_holds_them_under_q(tmp_path: Path) -> None:
+    """`metrics` and `evaluate` printed their warnings under -q, and their JSON had no warnings list;
+    evaluate dropped the pipeline's zero-collar warning (WorldView-2 pair 2: a 32 % collar scored as
+    data) and advised --zero-nodata, which evaluate lacks."""
+    rc, stdout, err = cli("metrics", EXAMPLE_MS, "--ref", EXAMPLE_MS, "--ratio", "2", "--json", "-q")
+    assert rc == 0 and err == "", err
+    assert [w for w in json.loads(stdout)["warnings"] if w.startswith("PSNR is inf")], stdout
+    pan, ms = need_shared("wv2_spacenet6", "pan_2.tif"), need_shared("wv2_spacenet6", "ms_2.tif")
+    args = ("evaluate", pan, ms, "--methods", "gsa", "--sensor", "wv2", "--no-full", "-o", tmp_path / "e")
+    rc, stdout, err = cli(*args, "--json", "-q")
+    assert rc == 0 and err == "", err
+    said = json.loads(stdout)["warnings"]
+    assert len(said) == 1 and "pan_2 at reduced resolution: 19% of the MS pixels are 0" in said[0], said
+    assert "gdal_translate -a_nodata 0" in said[0]
+    rc, _, err = cli(*args, "--overwrite")
+    assert rc == 0 and err.count("Warning: pan_2 at reduced resolution") == 1, err
+
+
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
     written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has
@@ -2137,6 +2155,12 @@ def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert err.count("band 4 of") == 1 and "labelled alpha but holds data" in err
+    # -q holds it back and --json lists it (it printed under -q, and the JSON's list was empty)
+    rc, stdout, err = cli(
+        "pansharpen", pan8, rgba, "-o", out, "--method", "gsa", "--overwrite", "-q", "--json"
+    )
+    assert rc == 0 and err == "", err
+    assert [w for w in json.loads(stdout)["warnings"] if "labelled alpha but holds data" in w], stdout
     with rasterio.open(out) as o:
         assert o.count == 4 and o.colorinterp[3] != rasterio.enums.ColorInterp.alpha
         assert abs(float(o.read(4).mean()) / float(scaled[3].mean()) - 1) < 0.05

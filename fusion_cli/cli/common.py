@@ -11,16 +11,26 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from fusion_cli import choices, jsonout
+from fusion_cli import choices, jsonout, notices
 from fusion_cli.cli.progress import show_progress, tile_progress
 from fusion_cli.errors import FusionError
 from fusion_cli.sensors import canonical_sensor
 
 
 def echo_json(payload: dict[str, Any]) -> None:
-    """Machine-readable summary on stdout (progress and messages go to stderr)."""
+    """Machine-readable summary on stdout (progress and messages go to stderr), with every warning the
+    command gave in its `warnings` (those of a fusion run are in its summary already)."""
+    said = payload.get("warnings", [])
+    payload = {**payload, "warnings": [*said, *(m for m in notices.so_far() if m not in said)]}
     sys.stdout.write(jsonout.dumps(payload, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def _hold_messages(value: bool) -> bool:
+    """-q, --json: warnings are not printed as they come (--json lists them in its document)."""
+    if value:
+        notices.hold()
+    return value
 
 
 class OutputOpt:
@@ -28,7 +38,11 @@ class OutputOpt:
     progress on stderr (a pipe reads stdout only); -q silences progress and messages."""
 
     quiet = typer.Option(
-        False, "--quiet", "-q", help="No progress or messages on stderr (errors still print)."
+        False,
+        "--quiet",
+        "-q",
+        help="No progress or messages on stderr (errors still print).",
+        callback=_hold_messages,
     )
     json_out = typer.Option(
         False, "--json", help="Print the result as JSON on stdout (progress stays on stderr; -q hides it)."
@@ -464,5 +478,6 @@ def describe_summary(s: Any) -> str:
             f"; PAN/MS shift dy={s.shift_measured['dy']:+.2f} dx={s.shift_measured['dx']:+.2f} px ({state})"
         )
     for w_ in s.warnings:
-        line += f"\nwarning: {w_}"
+        if w_ not in notices.so_far():  # printed already, as it came
+            line += f"\nwarning: {w_}"
     return line

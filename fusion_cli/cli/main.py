@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from fusion_cli import __version__
+from fusion_cli import __version__, notices
 from fusion_cli.errors import FusionError, Terminated, is_out_of_memory
 
 app = typer.Typer(
@@ -195,8 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     if argv is None and not debug:  # the process is ours (`fusion`, `python -m fusion_cli`)
         sys.unraisablehook = _interrupt_hook(sys.unraisablehook)
-    with _c_stderr_quiet(not debug), _one_line_warnings(not debug):
+    # the command's warnings are printed as they come (-q holds them back) and --json lists them
+    with notices.collected(echo=_print_warning), _c_stderr_quiet(not debug), _one_line_warnings(not debug):
         _main(argv, debug)
+
+
+def _print_warning(message: str) -> None:
+    typer.echo(f"Warning: {message}", err=True)
 
 
 _exiting: list[int] = []  # set once "Interrupted." is printed: the process is on its way out
@@ -229,13 +234,23 @@ def _one_line_warnings(enabled: bool) -> Iterator[None]:
     restored afterwards (the CLI may be called in-process)."""
     import warnings
 
-    previous = warnings.formatwarning
+    previous, shown = warnings.formatwarning, warnings.showwarning
+
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        if notices.collecting():  # the command's thread: one of its messages (-q, --json)
+            notices.notify(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
     if enabled:
         warnings.formatwarning = lambda message, *_args, **_kwargs: f"Warning: {message}\n"
+    warnings.showwarning = show
     try:
         yield
     finally:
-        warnings.formatwarning = previous
+        warnings.formatwarning, warnings.showwarning = previous, shown
 
 
 def _main(argv: list[str] | None, debug: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.models.registry import LoadedModel
 from fusion_cli.models.scan import resolve_backend
+from fusion_cli.notices import notify
 
 if TYPE_CHECKING:
     from fusion_cli.classical import ClassicalFuser
@@ -97,9 +97,7 @@ class NetworkFuser:
         self._running_max: torch.Tensor | None = None
         if precision != "fp32" and self.device.type != "cuda":
             # Reduced precision only pays on GPUs; CPU autocast would be slower and less accurate.
-            warnings.warn(
-                f"precision {precision} applies on CUDA only; running fp32 on the CPU", stacklevel=2
-            )
+            notify(f"precision {precision} applies on CUDA only; running fp32 on the CPU")
             self.precision = "fp32"
 
     @property

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from fusion_cli.errors import FusionError, short_list
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
+from fusion_cli.notices import notify
 from fusion_cli.paths import sha256_file, weights_dir
 from fusion_cli.raster import atomic_output
 from fusion_cli.raster.gdal import reason
@@ -184,7 +184,7 @@ def list_models(directory: Path | None = None, check_weights: bool = False) -> l
                     raise FusionError(f"{weights} does not match the card's sha256 (changed or damaged)")
             cards.append(card)
         except FusionError as exc:
-            warnings.warn(f"skipping {path.name}: {exc}", stacklevel=2)
+            notify(f"skipping {path.name}: {exc}")
     return cards
 
 

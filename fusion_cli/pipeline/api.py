@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fusion_cli import align, raster, wavelengths
+from fusion_cli import align, notices, raster, wavelengths
 from fusion_cli.errors import FusionError
 from fusion_cli.fusers import Fuser
 from fusion_cli.pipeline.engine import (
@@ -207,9 +207,18 @@ def fuse_files(
 ) -> FuseSummary:
     """Fuse a georeferenced (or size-related) PAN/MS pair into a GeoTIFF on the PAN grid.
 
-    The output covers the PAN pixels inside both inputs; it appears atomically at `out_path`.
+    The output covers the PAN pixels inside both inputs; it appears atomically at `out_path`. What
+    the run warns about (a zero collar, an alpha band read as data) is in the summary's `warnings`.
     """
-    opts = options or FuseOptions()
+    with notices.collected() as said:
+        summary = _fuse_files(pan_path, ms_path, out_path, fuser, options or FuseOptions())
+    summary.warnings += [m for m in said if m not in summary.warnings]
+    return summary
+
+
+def _fuse_files(
+    pan_path: PathLike, ms_path: PathLike, out_path: PathLike, fuser: Fuser, opts: FuseOptions
+) -> FuseSummary:
     t0 = time.perf_counter()
     fuser = scene_fuser(fuser)  # the scene's statistics, DN scale and adapted network stay in here
     inputs = [pan_path, ms_path, *fuser.weights_files]

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 from scipy import ndimage
 
-from fusion_cli import align, raster
+from fusion_cli import align, notices, raster
 
 # How far (MS px; PAN px times the ratio) an edge's values reach into nodata before the scene's
 # band means take over: past the classical methods' filters (8 MS px: 16-32 PAN px at ratio 2-4).
@@ -208,7 +208,8 @@ def measure_ratio(
     pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str], reproject: bool = False
 ) -> int:
     """Resolution ratio of a pair from its geotransforms (or sizes, without georeferencing)."""
-    with open_pair(pan_path, ms_path, reproject) as (p, m), warnings.catch_warnings():
+    # what relating the grids warns about is said by the run that fuses them, not here too
+    with open_pair(pan_path, ms_path, reproject) as (p, m), warnings.catch_warnings(), notices.collected():
         warnings.simplefilter("ignore")
         return align.relate_grids(p, m).ratio
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +14,7 @@ import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
 
 from fusion_cli.errors import FusionError
+from fusion_cli.notices import notify
 
 
 class NodataOverride:
@@ -94,7 +94,6 @@ def band_masked(ds: rasterio.io.DatasetReader, band: int) -> bool:
 
 # Per open dataset: its alpha-labelled band's verdict (`alpha_band`), read once
 _ALPHA: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
-_SAID_DATA: set[str] = set()  # files whose alpha-labelled data band was named in a warning
 
 
 def alpha_band(ds: Any) -> int | None:
@@ -112,12 +111,10 @@ def alpha_band(ds: Any) -> int | None:
     for i, interp in enumerate(ds.colorinterp, start=1):
         if interp == ColorInterp.alpha:
             found = i if _is_transparency(ds, i) else None
-            if found is None and ds.name not in _SAID_DATA:  # a run opens a file more than once
-                _SAID_DATA.add(ds.name)
-                warnings.warn(
+            if found is None:  # said once per run: a run's collection keeps each message once
+                notify(
                     f"band {i} of {ds.name} is labelled alpha but holds data (GDAL labels the 4th band "
-                    "of 4-band 8-bit GeoTIFFs so): it is read as a band, not as a mask",
-                    stacklevel=2,
+                    "of 4-band 8-bit GeoTIFFs so): it is read as a band, not as a mask"
                 )
             break
     with contextlib.suppress(TypeError):  # an object that takes no weak reference is asked again
