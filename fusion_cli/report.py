@@ -141,6 +141,11 @@ def collect_items(
         items = read_manifest(manifest)
     else:
         ref_, pan_, ms_ = (None if v is None else as_source(v) for v in (ref, pan, ms))
+        if (pan_ is None) != (ms_ is None):  # every product failed with it, at exit 1
+            raise FusionError("give --pan and --ms together (full-resolution indices need both)")
+        for flag, source in (("--ref", ref_), ("--pan", pan_), ("--ms", ms_)):
+            if isinstance(source, Path) and not source.is_file():  # GDAL paths: told when read
+                raise FusionError(f"{flag} {source}: file not found")
         inputs_used = {_local_key(p) for p in (ref_, pan_, ms_) if p is not None}
         products: list[Source] = []
         for given in inputs:
@@ -508,7 +513,8 @@ def build_report(
     A product that cannot be evaluated gets its one-line error in the report instead of stopping it.
     `rgb` are 0-based display bands (default from the band count), `zoom` the crop side (PAN px),
     `max_side` the largest side of the overview PNGs. `progress(i, n, name)` is called per product.
-    Returns `{"products", "failed", "csv", "json", "html"}`.
+    Returns `{"products", "failed", "errors" (name and error of each failed product), "csv", "json",
+    "html"}`.
     """
     opts = replace(opts or EvalOptions(), per_band=True)
     out = Path(out_dir)
@@ -557,6 +563,7 @@ def build_report(
     return {
         "products": len(results),
         "failed": sum("error" in r for r in results),
+        "errors": [{"name": r["name"], "error": r["error"]} for r in results if "error" in r],
         "csv": str(csv_path),
         "json": str(json_path),
         "html": str(html_path),

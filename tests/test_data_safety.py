@@ -2130,6 +2130,28 @@ def test_every_command_lists_its_warnings_in_json_and_holds_them_under_q(tmp_pat
     assert rc == 0 and err.count("Warning: pan_2 at reduced resolution") == 1, err
 
 
+def test_report_refuses_missing_inputs_and_names_each_failed_product(tmp_path: Path) -> None:
+    """`report b.tif --ref nope.tif -q` exited 1 with nothing printed (the reason only in the report's
+    metrics.json); `--pan` without `--ms` the same. Both are one line at exit 2, nothing written. A
+    product that fails alone is named with its reason on stderr, -q or not, and in the JSON."""
+    product = tmp_path / "prod.tif"
+    product.write_bytes(EXAMPLE_MS.read_bytes())
+    for args, words in (
+        (("--ref", tmp_path / "nope.tif"), "file not found"),
+        (("--pan", EXAMPLE_PAN), "give --pan and --ms together"),
+    ):
+        rc, _, err = cli("report", product, *args, "-o", tmp_path / "r", "-q")
+        one_line_error(rc, err, words)
+        assert not (tmp_path / "r").exists()
+    rc, stdout, err = cli("report", product, "--ref", EXAMPLE_MS, "-o", tmp_path / "r", "-q", "--json")
+    assert (
+        rc == 1
+        and err.strip()
+        == "Error: prod: reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)"
+    ), err
+    assert json.loads(stdout)["errors"] == [{"name": "prod", "error": err.strip()[len("Error: prod: ") :]}]
+
+
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
     written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has

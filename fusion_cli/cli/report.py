@@ -90,6 +90,8 @@ def register(app: typer.Typer) -> None:
                 items, out, opts, rgb=display, zoom=zoom, progress=progress, overwrite=overwrite,
                 sources=[manifest] if manifest is not None else [],
             )  # fmt: skip
+        for failed in summary["errors"]:  # errors print whatever -q says; the report holds them too
+            typer.echo(f"Error: {failed['name']}: {failed['error']}", err=True)
         if as_json:
             echo_json(summary)
         elif not quiet:
