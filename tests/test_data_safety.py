@@ -1006,6 +1006,21 @@ def test_creation_options_gtiff_does_not_know_are_refused(
     assert cli("pansharpen", pan, ms, "-o", out, "--method", "exp", "-q", "--co", "ZLEVEL=9")[0] == 0
 
 
+@pytest.mark.parametrize(
+    ("co", "words"),
+    [("ZLEVEL=abc", "1 to 12"), ("ZSTD_LEVEL=40", "1 to 22"), ("PREDICTOR=7", "3 (floating point)")],
+)
+def test_creation_option_values_gdal_cannot_read_are_refused(
+    tmp_path: Path, pair: tuple[Path, Path], co: str, words: str
+) -> None:
+    """`--co ZLEVEL=abc` wrote at exit 0 with some other level (GDAL reads "abc" as 0 and takes its
+    default, without a word), as BLOCKXSIZE=abc once did: refused before any work."""
+    pan, ms = pair
+    rc, _, err = cli("pansharpen", pan, ms, "-o", tmp_path / "o.tif", "--method", "exp", "--co", co)
+    one_line_error(rc, err, f"--co {co}", words)
+    assert not (tmp_path / "o.tif").exists()
+
+
 def test_a_pair_without_georeferencing_prints_no_rasterio_warning(tmp_path: Path) -> None:
     """PNG inputs (supported, no georeferencing) printed rasterio's NotGeoreferencedWarning with its
     source lines, twice, beside the tool's own one-line warning that says the same."""

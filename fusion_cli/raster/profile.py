@@ -140,16 +140,31 @@ def cog_options(profile: dict[str, Any], creation_options: dict[str, str] | None
     return opts
 
 
+# Creation options GDAL reads as whole numbers, with their range and what they are: a value it cannot
+# read ("abc") it takes as 0, and writes with its default instead, without a word.
+_WHOLE_NUMBER_OPTIONS: dict[str, tuple[int, int | None, str]] = {
+    "BLOCKXSIZE": (1, None, "a block side is a whole number of pixels, like 512"),
+    "BLOCKYSIZE": (1, None, "a block side is a whole number of pixels, like 512"),
+    "ZLEVEL": (1, 12, "the DEFLATE level is a whole number from 1 to 12"),
+    "ZSTD_LEVEL": (1, 22, "the ZSTD level is a whole number from 1 to 22"),
+    "LZMA_PRESET": (0, 9, "the LZMA preset is a whole number from 0 to 9"),
+    "PREDICTOR": (1, 3, "the predictor is 1 (none), 2 (horizontal) or 3 (floating point)"),
+    "JPEG_QUALITY": (1, 100, "the JPEG quality is a whole number from 1 to 100"),
+    "WEBP_LEVEL": (1, 100, "the WEBP level is a whole number from 1 to 100"),
+}
+
+
 def check_creation_options(creation_options: dict[str, str] | None) -> None:
     """Refuse a creation option that rasterio would take as the dataset's own setting (DRIVER, DTYPE,
     NODATA, CRS... `RESERVED_OPTIONS`) rather than pass to GTiff: `--co NODATA=5` silently gave the
     product another nodata, `--co COUNT=1` failed with a traceback after the fusion."""
     for key, value in (creation_options or {}).items():
-        if key.upper() in ("BLOCKXSIZE", "BLOCKYSIZE") and not (value.isdigit() and int(value) > 0):
-            # GDAL reads "abc" as 0 and quietly writes its default blocks
-            raise FusionError(
-                f"--co {key.upper()}={value}: a block side is a whole number of pixels, like 512"
-            )
+        bounds = _WHOLE_NUMBER_OPTIONS.get(key.upper())
+        if bounds is not None:
+            lo, hi, what = bounds
+            # GDAL reads "abc" as 0 and quietly writes its default (blocks, level...)
+            if not (value.isdigit() and lo <= int(value) <= (hi or int(value))):
+                raise FusionError(f"--co {key.upper()}={value}: {what}")
         if key.upper() == "SPARSE_OK":  # unwritten blocks tell a file cut short by a full disk
             raise FusionError(
                 f"--co {key.upper()}={value}: every block of a product is written, so that a file cut "
