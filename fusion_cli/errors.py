@@ -35,6 +35,11 @@ class NoValidPixels(FusionError):
         )
 
 
+class NegativeDN(FusionError):
+    """The data hold negative DN that a fuser dividing by intensities (ratio methods, the networks)
+    cannot take: `evaluate` leaves such methods out of a table it was not asked for by name."""
+
+
 class OutputWriteError(OSError):
     """Writing an output failed (a full disk, a file-size limit, a lost mount): the system, not the
     input, so the CLI exits 1; the message names the output, and no file is left under its name."""

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from fusion_cli import jsonout
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, NegativeDN
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.notices import notify
 from fusion_cli.paths import make_output_folder
@@ -216,8 +216,8 @@ def evaluate_scene(
                 spec, sim.pan, sim.ms, out, key, device, tile, None, reduced_sensor_bands,
                 f"{scene_id} at reduced resolution",
             )  # fmt: skip
-        except FusionError as exc:
-            if not spec.implied:
+        except NegativeDN as exc:
+            if not spec.implied:  # named by the user: the run fails, as pansharpen would
                 raise
             # signed DN: the ratio methods refuse what the additive ones fuse; the table goes on
             notify(f"{spec.label} left out of {scene_id}: {exc}")
@@ -268,13 +268,17 @@ def _fmt(value: float, key: str) -> str:
 
 
 def table_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the comparison table ("mean ± std" with several scenes)."""
+    """Header and cells of the comparison table ("mean ± std" with several scenes; a method scored on
+    fewer scenes than others says on how many)."""
     keys = [k for k in (*_index_keys(), *TIME_KEYS) if any(k in s for s in summary)]
     many = any(s["scenes"] > 1 for s in summary)
+    most = max((s["scenes"] for s in summary), default=0)
     header = ["Method", *keys]
     cells = []
     for s in summary:
-        line = [s["method"]]
+        # a method left out of some scenes is averaged over the others: said, or it may look best
+        fewer = f" ({s['scenes']} of {most} scenes)" if s["scenes"] < most else ""
+        line = [s["method"] + fewer]
         for k in keys:
             if k not in s:
                 line.append("")

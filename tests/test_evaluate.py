@@ -11,7 +11,15 @@ from conftest import EXAMPLE_MS, EXAMPLE_PAN, need_shared, write_example_ms_with
 
 from fusion_cli.cli.main import main
 from fusion_cli.errors import FusionError
-from fusion_cli.evaluate import MethodSpec, evaluate, find_scenes, parse_methods, summarise
+from fusion_cli.evaluate import (
+    MethodSpec,
+    evaluate,
+    find_scenes,
+    markdown,
+    parse_methods,
+    summarise,
+    table_cells,
+)
 
 
 def test_parse_methods(tmp_path: Path) -> None:
@@ -47,6 +55,10 @@ def test_summary_mean_and_std() -> None:
     assert [r["method"] for r in s] == ["gsa", "exp"]
     assert s[0]["SAM"] == 3.0 and s[0]["SAM_std"] == pytest.approx(2**0.5) and s[0]["scenes"] == 2
     assert s[1]["SAM_std"] == 0.0
+    # exp, scored on one scene of two (left out of the other), must not pass for the best of both
+    _, cells = table_cells(s)
+    assert [c[0] for c in cells] == ["gsa", "exp (1 of 2 scenes)"]
+    assert "exp (1 of 2 scenes)" in markdown(s)
 
 
 # (PAN, MS, sensor, --clip-bits): WorldView-2 pair 1 of ../shared (11-bit DN), or a 96 x 192 MS px

@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, NegativeDN
 from fusion_cli.raster.checks import check_one_type, check_pixel_type, refuse_non_finite
 from fusion_cli.raster.gdal import is_gdal_path, reason
 from fusion_cli.raster.nodata import alpha_band, band_masked, has_mask
@@ -291,7 +291,7 @@ def check_dn_values(
     floor = -NEGATIVE_ROUNDOFF * float(np.percentile(np.abs(values), 99))
     negative = float((values < floor).mean())
     if nonnegative and negative > DN_CHECK_SHARE:
-        raise FusionError(
+        raise NegativeDN(
             f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
             + nonnegative
         )
