@@ -2167,6 +2167,19 @@ def test_report_refuses_missing_inputs_and_names_each_failed_product(tmp_path: P
     assert json.loads(stdout)["errors"] == [{"name": "prod", "error": err.strip()[len("Error: prod: ") :]}]
 
 
+def test_an_overlap_over_the_tile_and_a_file_for_a_training_folder_are_said(tmp_path: Path) -> None:
+    """`--overlap 9999` was cut to the tile without a word (the JSON said 640); `train FILE` said
+    "training folder not found" of a file that exists."""
+    args = ("pansharpen", EXAMPLE_PAN, EXAMPLE_MS, "-o", tmp_path / "o.tif", "--method", "gsa")
+    rc, stdout, err = cli(*args, "--overlap", "9999", "--json", "-q")
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    said = f"--overlap 9999 is over the tile ({summary['tile']} PAN px); blending {summary['overlap']}"
+    assert summary["warnings"] == [said] and summary["overlap"] == summary["tile"], summary
+    rc, _, err = cli("train", EXAMPLE_PAN, "-o", tmp_path / "t")
+    one_line_error(rc, err, "is a file; give the folder of training pairs")
+
+
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:
     """GDAL labels band 4 of every 4-band Byte GeoTIFF alpha (RGBA), so an 8-bit B, G, R, NIR MS
     written with GDAL's defaults lost its NIR to a mask at exit 0 (3 bands out; vhr4 said "the MS has

@@ -18,6 +18,7 @@ import torch
 from fusion_cli import align, raster
 from fusion_cli.errors import FusionError, short_list
 from fusion_cli.fusers import Fuser, SensorBound
+from fusion_cli.notices import notify
 from fusion_cli.pipeline.options import DEFAULT_OVERLAP, DEFAULT_TILE, FuseOptions
 from fusion_cli.pipeline.readers import PairSource, Tile
 from fusion_cli.signals import ThreadPool, deferred_signals
@@ -156,7 +157,10 @@ def plan_for(fuser: Fuser, geom: align.Alignment, opts: FuseOptions) -> TilePlan
     overlap = opts.overlap
     if overlap is None:
         overlap = fuser.preferred_overlap if fuser.preferred_overlap is not None else DEFAULT_OVERLAP
-    return plan_tiles(geom.height, geom.width, int(tile), int(overlap), int(fuser.halo), multiple)
+    plan = plan_tiles(geom.height, geom.width, int(tile), int(overlap), int(fuser.halo), multiple)
+    if opts.overlap is not None and plan.overlap < opts.overlap:  # it cannot exceed the tile
+        notify(f"--overlap {opts.overlap} is over the tile ({plan.tile} PAN px); blending {plan.overlap}")
+    return plan
 
 
 # torch's thread count is process-wide: runs that set it at once (two fusions in two threads of one

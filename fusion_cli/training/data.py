@@ -157,7 +157,8 @@ def find_pairs(folder: str | Path, task: str = "pansharpening") -> list[tuple[Pa
         raise FusionError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     folder = Path(folder)
     if not folder.is_dir():
-        raise FusionError(f"training folder not found: {folder}")
+        what = "is a file; give the folder of training pairs" if folder.exists() else "not found"
+        raise FusionError(f"training folder {folder}: {what}")
     hi_tokens, lo_tokens = _ROLE_TOKENS[task]
     files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in {".tif", ".tiff"})
     hi, lo = group_by_role(files, token_key(hi_tokens), token_key(lo_tokens), hi_wins=True)
