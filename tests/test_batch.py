@@ -214,6 +214,20 @@ def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> No
     assert [s.id for s in plan.scenes] == ["s1_a"] and not plan.unpaired
 
 
+def test_an_unknown_creation_option_stops_a_batch_once(tmp_path: Path) -> None:
+    """`batch --co FOO=1` failed every scene with the same reason at exit 1 (the help says --co is
+    refused before any work); it is one line at exit 2, before OUT_DIR is made."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for name, col in (("a", 0), ("b", 64)):
+        write_example_crop(in_dir, name, Window(col, 0, 64, 64))
+    res = run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--co", "FOO=1", check_rc=2)
+    assert "GTiff has no creation option --co FOO=1" in res.stderr and "Traceback" not in res.stderr
+    assert not out_dir.exists()
+
+
 def test_patterns_and_manifest(tmp_path: Path) -> None:
     d = tmp_path / "in"
     (d / "a").mkdir(parents=True)

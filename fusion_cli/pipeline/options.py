@@ -147,9 +147,10 @@ class FuseOptions:
             self.out_dtype = product_dtype(self.out_dtype)
         # --co DTYPE=uint8 or NODATA=5 would change the product itself: refused when the options are
         # made, so a batch stops before its first scene (output_profile checks again for direct use)
-        from fusion_cli.raster.profile import check_creation_options
+        from fusion_cli.raster.profile import check_creation_options, check_known_options
 
         check_creation_options(self.creation_options)
+        check_known_options(self.creation_options)
         # checked when the options are made, so that a batch refuses them once (exit 2), not per scene
         if self.tile is not None and self.tile < MIN_TILE:
             raise FusionError(f"--tile must be at least {MIN_TILE} PAN px, got {self.tile}")

@@ -214,13 +214,7 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str], cog
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with _unknown_options() as unknown, rasterio.open(path, "w", **probe) as dst:
                 dst.write(data)
-            if unknown:
-                values = {k.upper(): v for k, v in creation_options.items()}
-                given = " ".join(f"--co {k}={values[k]}" if k in values else k for k in unknown)
-                raise FusionError(
-                    f"GTiff has no creation option {given}: GDAL would write the product without it; "
-                    "check the name (gdalinfo --format GTiff lists them) or drop it"
-                )
+            _refuse_unknown(unknown, creation_options)
             with rasterio.open(path) as src:
                 if not src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1):
                     raise OSError("the block was not written")
@@ -245,6 +239,44 @@ def probe_profile(profile: dict[str, Any], creation_options: dict[str, str], cog
     finally:
         with contextlib.suppress(Exception):
             rasterio.shutil.delete(path)
+
+
+def check_known_options(creation_options: dict[str, str] | None) -> None:
+    """Refuse creation options GTiff does not know (a misspelt ZLEVLE=9), from a one-block probe of any
+    pixel type: a batch refuses them once, before its first scene, rather than fail every scene. What
+    depends on the product (JPEG on 16-bit data) is `probe_profile`'s, per product."""
+    if not creation_options:
+        return
+    import secrets
+
+    import rasterio
+    import rasterio.shutil
+
+    from fusion_cli.raster.gdal import gdal_env
+
+    path = f"/vsimem/fusion-options-{secrets.token_hex(4)}.tif"
+    options = {k.lower(): v for k, v in creation_options.items()}
+    size = {"width": BLOCK, "height": BLOCK, "count": 1, "dtype": "uint8"}
+    with gdal_env(), _unknown_options() as unknown:
+        try:
+            with rasterio.open(path, "w", driver="GTiff", **size, **options) as dst:
+                dst.write(np.ones((1, BLOCK, BLOCK), np.uint8))
+        except Exception:  # noqa: BLE001 - what the product's own probe reports, with its type
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                rasterio.shutil.delete(path)
+    _refuse_unknown(unknown, creation_options)
+
+
+def _refuse_unknown(unknown: list[str], creation_options: dict[str, str]) -> None:
+    if unknown:
+        values = {k.upper(): v for k, v in creation_options.items()}
+        given = " ".join(f"--co {k}={values[k]}" if k in values else k for k in unknown)
+        raise FusionError(
+            f"GTiff has no creation option {given}: GDAL would write the product without it; "
+            "check the name (gdalinfo --format GTiff lists them) or drop it"
+        )
 
 
 @contextlib.contextmanager
