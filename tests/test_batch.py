@@ -35,7 +35,7 @@ from conftest import (
 )
 from rasterio.crs import CRS
 
-from fusion_cli import align, batch
+from fusion_cli import align, batch, notices
 from fusion_cli.batch import locking
 from fusion_cli.errors import FusionError
 from fusion_cli.raster import is_complete_output
@@ -202,8 +202,27 @@ def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> No
     linked.mkdir()
     (linked / "s1").symlink_to(real)
     (linked / "loop").symlink_to(linked)  # a link back up is walked once, not forever
+    (linked / "s2").mkdir()
+    for name in ("b_PAN.tif", "b_MS.tif"):
+        (linked / "s2" / name).write_bytes(b"")
+    (linked / "latest").symlink_to(linked / "s2")  # an alias sorts first: s2 keeps its own name
     plan = batch.pair_by_patterns(linked, tmp_path / "out", "*/*_PAN.tif", "*/*_MS.tif", check_outputs=False)
-    assert [(s.id, s.pan) for s in plan.scenes] == [("s1_a", linked / "s1" / "a_PAN.tif")]
+    assert [(s.id, s.pan) for s in plan.scenes] == [
+        ("s1_a", linked / "s1" / "a_PAN.tif"),
+        ("s2_b", linked / "s2" / "b_PAN.tif"),
+    ]
+    # a folder that cannot be listed stops the plan instead of leaving its scenes out
+    real_scandir = os.scandir
+
+    def failing_scandir(path: object) -> object:
+        if str(path).endswith("s2"):
+            raise OSError(5, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing_scandir)
+    with pytest.raises(OSError, match="Input/output error"):
+        batch.pair_by_patterns(linked, tmp_path / "out", "*/*_PAN.tif", "*/*_MS.tif", check_outputs=False)
+    monkeypatch.undo()
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "linked" / "out").mkdir()
@@ -211,7 +230,7 @@ def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> No
     plan = batch.pair_by_patterns(
         Path("linked"), Path("linked/out"), "*/*_PAN.tif", "*/*_MS.tif", "{stem}_fused_MS.tif", False
     )
-    assert [s.id for s in plan.scenes] == ["s1_a"] and not plan.unpaired
+    assert [s.id for s in plan.scenes] == ["s1_a", "s2_b"] and not plan.unpaired
 
 
 def test_an_unknown_creation_option_stops_a_batch_once(tmp_path: Path) -> None:
@@ -454,8 +473,10 @@ def test_a_scene_another_run_holds_is_waited_for_at_the_end(tmp_path: Path, hold
     holder = threading.Thread(target=other_run)
     holder.start()
     held.wait(10)
-    summary = batch.run_batch(batch.Plan(scenes), process, is_complete=lambda p: p.exists(), io_workers=0)
+    with notices.collected() as said:
+        summary = batch.run_batch(batch.Plan(scenes), process, is_complete=lambda p: p.exists(), io_workers=0)
     holder.join()
+    assert said == [f"waiting for a: another running batch holds {out / '.a.tif.lock'}"]  # not silent
     statuses = {r.scene: (r.status, r.reason) for r in summary.results}
     assert fused == (["b"] if holder_places_it else ["b", "a"])
     assert statuses["a"] == (("skipped", "output complete") if holder_places_it else ("done", None))
@@ -1107,12 +1128,33 @@ def test_a_rerun_over_products_of_other_inputs_or_options_does_not_skip_them(tmp
     assert "was made from MS bands [1, 2, 3, 4, 5, 6], not [3, 2, 1]" in bands["reason"], bands
     assert run(in_dir, "--bands", "1,2,3,4,5,6")["status"] == "skipped"  # all of them: what was made
     assert "was made with --cog off, and this run has on" in run(in_dir, "--cog", rc=1)["reason"]
+    # storage and the ceiling as it resolves do not make another product (reviewer: these failed)
+    for same in (
+        ("--compress", "zstd"),
+        ("--co", "NUM_THREADS=2"),
+        ("--dn-max", "65535"),
+        ("--stats-mpx", "4"),
+    ):
+        assert run(in_dir, *same)["reason"] == "output complete", same
+    clipped = run(in_dir, "--dn-max", "4000", rc=1)["reason"]
+    assert "was clipped to DN 65535, and this run clips to 4000" in clipped, clipped
     assert run(in_dir, "--bands", "3,2,1", "--overwrite")["status"] == "done"
     assert run(in_dir, "--bands", "3,2,1")["status"] == "skipped"
     with rasterio.open(out_dir / "a_fused.tif") as ds:
         assert ds.count == 3
     write_example_crop(in_dir, "a", Window(0, 64, 64, 64))  # rewritten in place since
     assert "or the file changed since" in run(in_dir, "--bands", "3,2,1", rc=1)["reason"]
+    # one byte changed in place, same size (reviewer: a sampled hash missed it), against a copy
+    from fusion_cli import raster
+
+    pan = in_dir / "a_pan.tif"
+    made = raster.file_fingerprint(pan)
+    shutil.copy(pan, tmp_path / "copy.tif")  # another time stamp, the same bytes
+    assert raster.same_input(made, tmp_path / "copy.tif") is True
+    edited = bytearray(pan.read_bytes())
+    edited[len(edited) // 2] ^= 1
+    pan.write_bytes(bytes(edited))
+    assert raster.same_input(made, pan) is False
 
 
 def test_a_redo_removes_the_old_products_side_files_it_does_not_rewrite(tmp_path: Path) -> None:

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from fusion_cli import jsonout
+from fusion_cli import jsonout, notices
 from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
+from fusion_cli.notices import notify
 from fusion_cli.raster import file_identity, same_file
 from fusion_cli.signals import ThreadPool, interrupt_behind
 
@@ -200,6 +201,22 @@ def execute_scene(
     I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes,
     also when it surfaces as another error raised by a cleanup step on its way out.
     """
+    with notices.collected() as said:  # this scene's warnings, in its result (scenes run in threads)
+        result = _execute_scene(scene, process, overwrite, retries, is_complete, wait_for_lock)
+    if said:
+        told = result.details.get("warnings", [])  # the fusion's own
+        result.details["warnings"] = [*told, *(m for m in said if m not in told)]
+    return result
+
+
+def _execute_scene(
+    scene: Scene,
+    process: SceneProcessor,
+    overwrite: bool,
+    retries: int,
+    is_complete: CompleteCheck | None,
+    wait_for_lock: bool,
+) -> SceneResult:
     check = is_complete or _default_complete_check
     base = dict(
         scene=scene.id, pan=str(scene.pan), ms=str(scene.ms), out=str(scene.out), worker=_worker_name()
@@ -509,6 +526,7 @@ def run_batch(
                             continue  # another Ctrl-C, or that scene's own interrupt: the next one
                     raise
         for scene in busy:
+            notify(f"waiting for {scene.id}: another running batch holds {lock_file(scene.out)}")
             record(
                 execute_scene(
                     scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fusion_cli import jsonout
 from fusion_cli.batch.execution import SceneProcessor
@@ -180,6 +183,13 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     out_dtype = getattr(options, "out_dtype", None)
     if out_dtype is not None and dtype != out_dtype:
         return f"is {dtype}, not the --dtype {out_dtype} asked"
+    # the DN ceiling the product was clipped to against this run's, each as it resolves (--dn-max, else
+    # the MS's NBITS, else the type's range): --dn-max 4095 asks what NBITS=12 gave
+    if "dn_max" in params and options is not None and ms is not None:
+        made_max = _ceiling(params["dn_max"], dtype)
+        asked_max = _ceiling(options.dn_max if options.dn_max is not None else _nbits_max(ms), dtype)
+        if made_max != asked_max:
+            return f"was clipped to DN {made_max:g}, and this run clips to {asked_max:g} (--dn-max)"
     if "FUSION_REQUEST" in tags and options is not None and scene is not None:  # older products: none
         return _request_differs(json.loads(tags["FUSION_REQUEST"]), options, scene, tags)
     return None
@@ -187,7 +197,7 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
 
 # Options `product_differs` compares as they resolved (the bands used, the pixel type written): --bands
 # 1,2,3,4 asks for what leaving it out asks for on a 4-band MS.
-_COMPARED_RESOLVED = {"bands", "pan_bands", "sensor_bands", "out_dtype", "ms_phase"}
+_COMPARED_RESOLVED = {"bands", "pan_bands", "sensor_bands", "out_dtype", "ms_phase", "dn_max"}
 
 
 def _request_differs(made: dict[str, Any], options: Any, scene: Scene, tags: dict[str, str]) -> str | None:
@@ -195,17 +205,18 @@ def _request_differs(made: dict[str, Any], options: Any, scene: Scene, tags: dic
     and the batch's: an OUT_DIR of another folder's products, an input rewritten since, or --bands
     changed were skipped as complete at exit 0."""
     from fusion_cli.pipeline.options import PRODUCT_OPTIONS
-    from fusion_cli.pipeline.output import product_request
+    from fusion_cli.pipeline.output import request_options
+    from fusion_cli.raster import same_input
 
-    asked = json.loads(jsonout.dumps(product_request(options, scene.pan, scene.ms), sort_keys=True))
-    for role, tag in (("pan", "FUSION_PAN"), ("ms", "FUSION_MS")):
-        if made.get(role) is not None and asked[role] is not None and made[role] != asked[role]:
+    for role, tag, path in (("pan", "FUSION_PAN", scene.pan), ("ms", "FUSION_MS", scene.ms)):
+        if made.get(role) is not None and same_input(made[role], path) is False:
             return f"was made from another {role.upper()} ({tags.get(tag)}), or the file changed since"
+    asked = json.loads(jsonout.dumps(request_options(options), sort_keys=True))
     for name, flag in PRODUCT_OPTIONS.items():
         if name in _COMPARED_RESOLVED:
             continue
-        if name in made.get("options", {}) and made["options"][name] != asked["options"][name]:
-            was, now = _shown(made["options"][name]), _shown(asked["options"][name])
+        if name in made.get("options", {}) and made["options"][name] != asked[name]:
+            was, now = _shown(made["options"][name]), _shown(asked[name])
             return f"was made with {flag} {was}, and this run has {now}"
     return None
 
@@ -236,6 +247,23 @@ def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> li
         with open_raster(ms, "MS") as ds:
             file_bands, positions = data_band_positions(ds, options.bands)
         return sensor_band_numbers(sensor, file_bands, positions, options.sensor_bands)
+    except FusionError:
+        return None
+
+
+def _ceiling(dn_max: float | None, dtype: str) -> float:
+    """A DN ceiling, None being the pixel type's own (integers) or none (floats)."""
+    if dn_max is not None:
+        return float(dn_max)
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else math.inf
+
+
+def _nbits_max(ms: Path | str) -> float | None:
+    from fusion_cli.raster import detect_dn_max, open_raster
+
+    try:
+        with open_raster(ms, "MS") as ds:
+            return detect_dn_max(ds)
     except FusionError:
         return None
 

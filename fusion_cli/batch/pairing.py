@@ -115,19 +115,30 @@ def _literal_length(pattern: str) -> int:
 
 def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str]:
     """Relative posix paths of the non-hidden files in `in_dir`, sorted (stable plans); recursive:
-    through symlinked folders too (each real folder once), but not into `exclude` (OUT_DIR,
-    resolved)."""
+    through symlinked folders too, each real folder once and by its own path where it has one in
+    `in_dir` (a link `latest -> 2020-05` does not rename that scene), but not into `exclude` (OUT_DIR,
+    resolved). A folder that cannot be listed stops the plan (its scenes would be left out)."""
+
+    def stop(exc: OSError) -> None:
+        raise exc
+
+    def key(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_dev, st.st_ino
+
+    # the real folders (not through links), which links to them must not stand in for
+    real = {key(Path(top)) for top, _, _ in os.walk(in_dir, onerror=stop)} if recursive else set()
     rel: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for top, dirs, names in os.walk(in_dir, followlinks=recursive):
+    for top, dirs, names in os.walk(in_dir, followlinks=recursive, onerror=stop):
         here = Path(top)
-        st = here.stat()
-        real = here.resolve()
-        if (st.st_dev, st.st_ino) in seen or (here != in_dir and exclude is not None and real == exclude):
+        if key(here) in seen or (here != in_dir and exclude is not None and here.resolve() == exclude):
             dirs[:] = []  # a folder reached twice through links, or outputs written inside the inputs
             continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        seen.add(key(here))
+        keep = [d for d in dirs if not d.startswith(".")] if recursive else []
+        # a link to a folder that is listed by its own path is left to that path
+        dirs[:] = sorted(d for d in keep if not ((here / d).is_symlink() and key(here / d) in real))
         for name in names:
             path = here / name
             if not name.startswith(".") and path.is_file():  # hidden files: our own temporaries

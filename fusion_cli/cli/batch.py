@@ -104,6 +104,8 @@ def _print_result(r: lib.SceneResult) -> None:
     style = {"done": "green", "skipped": "dim", "failed": "bold red"}[r.status]
     what = f"{r.seconds:.1f} s, {r.pan_mpx:.2f} Mpx" if r.status == "done" else (r.reason or "")
     _console().print(f"[{style}]{r.status:>7}[/] {escape(r.scene)}: {escape(what)}", markup=True)
+    for message in r.details.get("warnings", []):  # the scene's own (a zero collar, an alpha band)
+        _console().print(f"         warning: {escape(message)}", markup=True)
 
 
 def _show_summary(summary: lib.BatchSummary) -> None:

@@ -27,7 +27,7 @@ def echo_json(payload: dict[str, Any]) -> None:
 
 
 def _hold_messages(value: bool) -> bool:
-    """-q, --json: warnings are not printed as they come (--json lists them in its document)."""
+    """-q: warnings are not printed as they come (a --json document lists them either way)."""
     if value:
         notices.hold()
     return value

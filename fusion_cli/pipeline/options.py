@@ -74,7 +74,8 @@ def product_dtype(name: str) -> str:
     return dt.name
 
 
-# FuseOptions fields that change what a product holds (not how fast it is made), with the option that
+# FuseOptions fields that change what a product holds or is (its pixels; a COG or not), not how it is
+# stored or how fast it is made (compression, --co, tiles, statistics sampling), with the option that
 # sets each: a product records them (`output.product_request`), and a batch takes a complete product
 # made with other values for another product, not a finished scene.
 PRODUCT_OPTIONS = {
@@ -83,15 +84,12 @@ PRODUCT_OPTIONS = {
     "sensor_bands": "--sensor-bands",
     "dn_max": "--dn-max",
     "out_dtype": "--dtype",
-    "compress": "--compress",
-    "creation_options": "--co",
     "cog": "--cog",
     "coregister": "--coregister",
     "zero_is_nodata": "--zero-nodata",
     "pan_nodata": "--pan-nodata",
     "ms_nodata": "--ms-nodata",
     "adapt": "--adapt",
-    "stats_mpx": "--stats-mpx",
     "reproject": "--reproject",
     "ms_phase": "--ms-phase",
 }

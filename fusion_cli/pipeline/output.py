@@ -151,8 +151,13 @@ def product_request(
     return {
         "pan": raster.file_fingerprint(pan_path),
         "ms": raster.file_fingerprint(ms_path),
-        "options": {name: getattr(opts, name) for name in PRODUCT_OPTIONS},
+        "options": request_options(opts),
     }
+
+
+def request_options(opts: FuseOptions) -> dict[str, Any]:
+    """The options that change a product's content (`PRODUCT_OPTIONS`), as FUSION_REQUEST records them."""
+    return {name: getattr(opts, name) for name in PRODUCT_OPTIONS}
 
 
 def model_band_names(fuser: Fuser) -> list[str]:

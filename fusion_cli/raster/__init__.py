@@ -39,7 +39,14 @@ from fusion_cli.raster.checks import (
     same_file,
     source_files,
 )
-from fusion_cli.raster.gdal import GDAL_ENV, file_fingerprint, gdal_env, is_gdal_path, recorded_path
+from fusion_cli.raster.gdal import (
+    GDAL_ENV,
+    file_fingerprint,
+    gdal_env,
+    is_gdal_path,
+    recorded_path,
+    same_input,
+)
 from fusion_cli.raster.nodata import NodataOverride, has_mask, with_nodata
 from fusion_cli.raster.profile import BLOCK, DEFLATE_LEVEL, output_profile, overview_factors
 from fusion_cli.raster.read import (
@@ -117,6 +124,7 @@ __all__ = [
     "detect_dn_max",
     "dtype_range",
     "file_fingerprint",
+    "same_input",
     "file_identity",
     "files_read",
     "gdal_env",

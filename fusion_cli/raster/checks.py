@@ -342,9 +342,9 @@ def _local_file(path: str) -> str | None:
     return path
 
 
-# What a temporary's name adds to its output's (`write._temp_name`: ".", a sidecar suffix, ".partial-",
-# the PID, the host tag and ".tif").
-TEMP_NAME_EXTRA = 48
+# What a product's temporary adds to its name (`write._temp_name`: ".", ".partial-", a PID of up to 7
+# digits, "-", the host tag and 4 hex digits, ".tif"; ".ovr" for its overviews).
+TEMP_NAME_EXTRA = 34
 
 
 def check_name_length(out: Path) -> None:

@@ -50,41 +50,42 @@ def recorded_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) if is_gdal_path(path) else str(Path(path).resolve())
 
 
-# What `file_fingerprint` hashes of a large file: its head and tail (a GeoTIFF's header and block
-# offsets live there) and evenly spaced chunks between: ~0.8 MB read, so a rerun over a thousand
-# finished scenes stays cheap.
-_PRINT_EDGE, _PRINT_CHUNK, _PRINT_CHUNKS = 256 << 10, 16 << 10, 16
-
-
 def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, object] | None:
-    """The size and a SHA-256 of samples of a local file: what a product records of its inputs, so a
-    rerun can tell another or a rewritten input from the one it was made of, wherever the file now
-    lies (a folder moved or copied keeps its fingerprints). None for a GDAL virtual path or a file
-    that cannot be read (nothing to compare then)."""
-    import hashlib
-
+    """What a product records of an input: its size, modification time and SHA-256, so a rerun can
+    tell another or a rewritten input from the one it was made of (`same_input`), wherever the file
+    now lies. None for a GDAL virtual path or a file that cannot be read (nothing to compare then)."""
     if is_gdal_path(path):
         return None
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            digest = hashlib.sha256()
-            if size <= 2 * _PRINT_EDGE + _PRINT_CHUNKS * _PRINT_CHUNK:
-                digest.update(f.read())
-            else:
-                middle = size - 2 * _PRINT_EDGE
-                offsets = [0] + [
-                    _PRINT_EDGE + k * (middle - _PRINT_CHUNK) // (_PRINT_CHUNKS - 1)
-                    for k in range(_PRINT_CHUNKS)
-                ]
-                for offset in offsets:
-                    f.seek(offset)
-                    digest.update(f.read(_PRINT_EDGE if offset == 0 else _PRINT_CHUNK))
-                f.seek(size - _PRINT_EDGE)
-                digest.update(f.read(_PRINT_EDGE))
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
     except OSError:
         return None
-    return {"size": size, "sample_sha256": digest.hexdigest()}
+
+
+def same_input(made: dict[str, object], path: str | os.PathLike[str]) -> bool | None:
+    """Whether `path` holds the input a product recorded as `made` (`file_fingerprint`): the same size
+    and modification time (no read), else the same SHA-256 (a copied or moved file: read once); None
+    when it cannot be told (a GDAL path, an unreadable file)."""
+    if is_gdal_path(path):
+        return None
+    try:
+        st = os.stat(path)
+        if made.get("size") != st.st_size:
+            return False
+        return made.get("mtime_ns") == st.st_mtime_ns or made.get("sha256") == _sha256(path)
+    except OSError:
+        return None
+
+
+def _sha256(path: str | os.PathLike[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def reason(exc: BaseException) -> str:
