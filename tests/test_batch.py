@@ -206,10 +206,15 @@ def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> No
     for name in ("b_PAN.tif", "b_MS.tif"):
         (linked / "s2" / name).write_bytes(b"")
     (linked / "latest").symlink_to(linked / "s2")  # an alias sorts first: s2 keeps its own name
+    (linked / ".store" / "s3").mkdir(parents=True)  # a hidden folder is no input, a link to it is
+    for name in ("c_PAN.tif", "c_MS.tif"):
+        (linked / ".store" / "s3" / name).write_bytes(b"")
+    (linked / "s3").symlink_to(linked / ".store" / "s3")
     plan = batch.pair_by_patterns(linked, tmp_path / "out", "*/*_PAN.tif", "*/*_MS.tif", check_outputs=False)
     assert [(s.id, s.pan) for s in plan.scenes] == [
         ("s1_a", linked / "s1" / "a_PAN.tif"),
         ("s2_b", linked / "s2" / "b_PAN.tif"),
+        ("s3_c", linked / "s3" / "c_PAN.tif"),
     ]
     # a folder that cannot be listed stops the plan instead of leaving its scenes out
     real_scandir = os.scandir
@@ -230,7 +235,7 @@ def test_pairing_leaves_no_input_out_silently(tmp_path: Path, monkeypatch) -> No
     plan = batch.pair_by_patterns(
         Path("linked"), Path("linked/out"), "*/*_PAN.tif", "*/*_MS.tif", "{stem}_fused_MS.tif", False
     )
-    assert [s.id for s in plan.scenes] == ["s1_a", "s2_b"] and not plan.unpaired
+    assert [s.id for s in plan.scenes] == ["s1_a", "s2_b", "s3_c"] and not plan.unpaired
 
 
 def test_an_unknown_creation_option_stops_a_batch_once(tmp_path: Path) -> None:
@@ -245,6 +250,22 @@ def test_an_unknown_creation_option_stops_a_batch_once(tmp_path: Path) -> None:
     res = run_cli("batch", str(in_dir), str(out_dir), "--method", "gsa", "--co", "FOO=1", check_rc=2)
     assert "GTiff has no creation option --co FOO=1" in res.stderr and "Traceback" not in res.stderr
     assert not out_dir.exists()
+
+
+def test_a_batch_refuses_names_too_long_for_a_side_files_temporary(tmp_path: Path) -> None:
+    """A 219-byte product name fits its own temporary but not its metrics sidecar's (40 bytes more):
+    the scene was fused, then failed on ENAMETOOLONG without metrics, on every rerun. Refused before
+    any work, exit 2."""
+    from rasterio.windows import Window
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    write_example_crop(in_dir, "a", Window(0, 0, 64, 64))
+    long_pattern = "{stem}" + "a" * 214 + ".tif"  # a + 214 + .tif: 219 bytes
+    args = ("batch", str(in_dir), str(out_dir), "--method", "gsa", "--out-pattern", long_pattern)
+    res = run_cli(*args, "--metrics", check_rc=2)
+    assert "its temporary file adds 27" in res.stderr and not out_dir.exists(), res.stderr
+    run_cli(*args, check_rc=0)  # without --metrics it fits
 
 
 def test_patterns_and_manifest(tmp_path: Path) -> None:
@@ -1138,6 +1159,10 @@ def test_a_rerun_over_products_of_other_inputs_or_options_does_not_skip_them(tmp
         assert run(in_dir, *same)["reason"] == "output complete", same
     clipped = run(in_dir, "--dn-max", "4000", rc=1)["reason"]
     assert "was clipped to DN 65535, and this run clips to 4000" in clipped, clipped
+    # a float32 product of the uint16 MS is clipped to the MS type's range: 65535 asks the same
+    wide = ("--dtype", "float32", "--overwrite")
+    assert run(in_dir, *wide)["status"] == "done"
+    assert run(in_dir, "--dtype", "float32", "--dn-max", "65535")["reason"] == "output complete"
     assert run(in_dir, "--bands", "3,2,1", "--overwrite")["status"] == "done"
     assert run(in_dir, "--bands", "3,2,1")["status"] == "skipped"
     with rasterio.open(out_dir / "a_fused.tif") as ds:
@@ -1151,6 +1176,7 @@ def test_a_rerun_over_products_of_other_inputs_or_options_does_not_skip_them(tmp
     made = raster.file_fingerprint(pan)
     shutil.copy(pan, tmp_path / "copy.tif")  # another time stamp, the same bytes
     assert raster.same_input(made, tmp_path / "copy.tif") is True
+    assert raster.same_input({"size": made["size"], "sample_sha256": "0"}, pan) is None  # another form
     edited = bytearray(pan.read_bytes())
     edited[len(edited) // 2] ^= 1
     pan.write_bytes(bytes(edited))

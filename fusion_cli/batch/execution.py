@@ -335,9 +335,13 @@ def check_side_files(plan: Plan, side_files: SideFiles) -> None:
     """Refuse a plan where a scene's side file (its quicklook, its metrics) is another scene's output
     or side file: `a.tif` and `a.tiff` share `a.png`, and the second scene's quicklook replaced the
     first's at exit 0."""
+    from fusion_cli.raster.checks import SIDE_TEMP_NAME_EXTRA, check_name_length
+
     owner: dict[tuple[object, ...], Scene] = {file_identity(s.out): s for s in plan.scenes}
     for s in plan.scenes:
+        check_name_length(s.out)  # names too long for their temporaries: refused before any work
         for side in side_files(s.out):
+            check_name_length(side, SIDE_TEMP_NAME_EXTRA)
             other = owner.setdefault(file_identity(side), s)
             if other is not s:  # scene ids may be equal too (`a` of both a.tif and a.tiff)
                 raise FusionError(

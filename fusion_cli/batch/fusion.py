@@ -186,10 +186,12 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     # the DN ceiling the product was clipped to against this run's, each as it resolves (--dn-max, else
     # the MS's NBITS, else the type's range): --dn-max 4095 asks what NBITS=12 gave
     if "dn_max" in params and options is not None and ms is not None:
-        made_max = _ceiling(params["dn_max"], dtype)
-        asked_max = _ceiling(options.dn_max if options.dn_max is not None else _nbits_max(ms), dtype)
-        if made_max != asked_max:
-            return f"was clipped to DN {made_max:g}, and this run clips to {asked_max:g} (--dn-max)"
+        nbits_max, ms_dtype = _ms_ceiling(ms)
+        if ms_dtype is not None:  # (the clip range is the MS type's, whatever --dtype writes)
+            made_max = _ceiling(params["dn_max"], ms_dtype)
+            asked_max = _ceiling(options.dn_max if options.dn_max is not None else nbits_max, ms_dtype)
+            if made_max != asked_max:
+                return f"was clipped to DN {made_max:g}, and this run clips to {asked_max:g} (--dn-max)"
     if "FUSION_REQUEST" in tags and options is not None and scene is not None:  # older products: none
         return _request_differs(json.loads(tags["FUSION_REQUEST"]), options, scene, tags)
     return None
@@ -252,20 +254,21 @@ def _asked_sensor_bands(sensor: str | None, options: Any, ms: Path | None) -> li
 
 
 def _ceiling(dn_max: float | None, dtype: str) -> float:
-    """A DN ceiling, None being the pixel type's own (integers) or none (floats)."""
+    """A DN ceiling, None being the MS type's own range (integers) or none (floats: inf)."""
     if dn_max is not None:
         return float(dn_max)
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else math.inf
 
 
-def _nbits_max(ms: Path | str) -> float | None:
+def _ms_ceiling(ms: Path | str) -> tuple[float | None, str | None]:
+    """The MS's NBITS ceiling (None without the tag) and its pixel type (None: unreadable here)."""
     from fusion_cli.raster import detect_dn_max, open_raster
 
     try:
         with open_raster(ms, "MS") as ds:
-            return detect_dn_max(ds)
+            return detect_dn_max(ds), ds.dtypes[0]
     except FusionError:
-        return None
+        return None, None
 
 
 def _asked_bands(path: Path | str | None, bands: list[int] | None, role: str) -> list[int] | None:

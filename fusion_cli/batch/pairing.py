@@ -126,19 +126,28 @@ def _list_files(in_dir: Path, recursive: bool, exclude: Path | None) -> list[str
         st = path.stat()
         return st.st_dev, st.st_ino
 
-    # the real folders (not through links), which links to them must not stand in for
-    real = {key(Path(top)) for top, _, _ in os.walk(in_dir, onerror=stop)} if recursive else set()
+    def listed(here: Path, dirs: list[str]) -> list[str]:
+        # hidden folders (ours, .git, a trash) and OUT_DIR are neither inputs nor read
+        return sorted(
+            d for d in dirs if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+        )
+
+    # the real folders listed (not through links), which links to them must not stand in for
+    real: set[tuple[int, int]] = set()
+    for top, dirs, _ in os.walk(in_dir, onerror=stop) if recursive else ():
+        real.add(key(Path(top)))
+        dirs[:] = listed(Path(top), dirs)
     rel: list[str] = []
     seen: set[tuple[int, int]] = set()
     for top, dirs, names in os.walk(in_dir, followlinks=recursive, onerror=stop):
         here = Path(top)
-        if key(here) in seen or (here != in_dir and exclude is not None and here.resolve() == exclude):
-            dirs[:] = []  # a folder reached twice through links, or outputs written inside the inputs
+        if key(here) in seen:
+            dirs[:] = []  # a folder reached twice through links
             continue
         seen.add(key(here))
-        keep = [d for d in dirs if not d.startswith(".")] if recursive else []
+        keep = listed(here, dirs) if recursive else []
         # a link to a folder that is listed by its own path is left to that path
-        dirs[:] = sorted(d for d in keep if not ((here / d).is_symlink() and key(here / d) in real))
+        dirs[:] = [d for d in keep if not ((here / d).is_symlink() and key(here / d) in real)]
         for name in names:
             path = here / name
             if not name.startswith(".") and path.is_file():  # hidden files: our own temporaries

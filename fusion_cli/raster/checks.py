@@ -345,21 +345,24 @@ def _local_file(path: str) -> str | None:
 # What a product's temporary adds to its name (`write._temp_name`: ".", ".partial-", a PID of up to 7
 # digits, "-", the host tag and 4 hex digits, ".tif"; ".ovr" for its overviews).
 TEMP_NAME_EXTRA = 34
+# ... and a side file's (a quicklook, a metrics sidecar: ".", ".tmp-", the PID, "-", 8 hex, ".json").
+SIDE_TEMP_NAME_EXTRA = 27
 
 
-def check_name_length(out: Path) -> None:
-    """Refuse an output name too long for its temporary beside it: a 240-character name failed after
-    the whole fusion with "[Errno 36] File name too long" on the temporary (exit 1)."""
+def check_name_length(out: Path, extra: int = TEMP_NAME_EXTRA) -> None:
+    """Refuse an output name too long for its temporary beside it (`extra` bytes longer): a
+    240-character name failed after the whole fusion with "[Errno 36] File name too long" on the
+    temporary (exit 1)."""
     parent = out.parent if str(out.parent) else Path(".")
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    if len(os.fsencode(out.name)) + TEMP_NAME_EXTRA > name_max:
+    if len(os.fsencode(out.name)) + extra > name_max:
         raise FusionError(
             f"output name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes; its temporary file "
-            f"adds {TEMP_NAME_EXTRA} and the folder allows {name_max}: choose a name of at most "
-            f"{name_max - TEMP_NAME_EXTRA} bytes"
+            f"adds {extra} and the folder allows {name_max}: choose a name of at most {name_max - extra} "
+            "bytes"
         )
 
 

@@ -67,7 +67,7 @@ def same_input(made: dict[str, object], path: str | os.PathLike[str]) -> bool | 
     """Whether `path` holds the input a product recorded as `made` (`file_fingerprint`): the same size
     and modification time (no read), else the same SHA-256 (a copied or moved file: read once); None
     when it cannot be told (a GDAL path, an unreadable file)."""
-    if is_gdal_path(path):
+    if is_gdal_path(path) or "sha256" not in made:  # a record of another form: nothing to compare
         return None
     try:
         st = os.stat(path)
