@@ -28,7 +28,6 @@ from fusion_cli import jsonout, notices
 from fusion_cli.batch.locking import lock_file, remove_stale_temporaries, scene_lock
 from fusion_cli.batch.pairing import Plan, Scene
 from fusion_cli.errors import FusionError
-from fusion_cli.notices import notify
 from fusion_cli.raster import file_identity, same_file
 from fusion_cli.signals import ThreadPool, interrupt_behind
 
@@ -530,7 +529,7 @@ def run_batch(
                             continue  # another Ctrl-C, or that scene's own interrupt: the next one
                     raise
         for scene in busy:
-            notify(f"waiting for {scene.id}: another running batch holds {lock_file(scene.out)}")
+            notices.notify(f"waiting for {scene.id}: another running batch holds {lock_file(scene.out)}")
             record(
                 execute_scene(
                     scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete,

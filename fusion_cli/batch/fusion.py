@@ -197,8 +197,8 @@ def product_differs(out: Path, asked: Any, options: Any = None, scene: Scene | N
     return None
 
 
-# Options `product_differs` compares as they resolved (the bands used, the pixel type written): --bands
-# 1,2,3,4 asks for what leaving it out asks for on a 4-band MS.
+# Options `product_differs` compares as they resolved (the bands used, the pixel type written, the DN
+# ceiling clipped to): --bands 1,2,3,4 asks for what leaving it out asks for on a 4-band MS.
 _COMPARED_RESOLVED = {"bands", "pan_bands", "sensor_bands", "out_dtype", "ms_phase", "dn_max"}
 
 

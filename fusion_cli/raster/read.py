@@ -288,15 +288,14 @@ def check_dn_values(
         )
     # of all band values (a few noisy bands of a 128-band HSI pass), and below the float round-off of
     # the data's scale: a Wald-reduced MS rings to -7.5e-9 beside a zero collar, which is no offset
-    negative = float((values < 0).mean()) if nonnegative else 0.0
-    if negative > DN_CHECK_SHARE:
+    if nonnegative and float((values < 0).mean()) > DN_CHECK_SHARE:
         floor = -NEGATIVE_ROUNDOFF * float(np.percentile(np.abs(values.astype(np.float64)), 99))
         negative = float((values < floor).mean())
-    if nonnegative and negative > DN_CHECK_SHARE:
-        raise NegativeDN(
-            f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
-            + nonnegative
-        )
+        if negative > DN_CHECK_SHARE:
+            raise NegativeDN(
+                f"{negative:.0%} of the {what}'s values are negative (down to {float(values.min()):g}): "
+                + nonnegative
+            )
     if scale is not None:
         name, units = scale
         p99 = float(np.percentile(values, 99))
