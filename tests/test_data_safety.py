@@ -156,7 +156,8 @@ def test_file_size_limit_is_an_error_not_a_corrupt_product(tmp_path: Path, cog: 
     assert "fail" in line
     # libtiff's own per-block complaints do not reach the terminal: one line, ours
     assert [ln for ln in stderr.splitlines() if ln.strip()] == [line], stderr[-3000:]
-    assert stdout == ""  # no JSON summary of a product that does not exist
+    # no JSON summary of a product that does not exist: the error, as --json gives every failure
+    assert json.loads(stdout) == {"error": line[len("Error: ") :], "exit_code": 1, "warnings": []}
     assert not out.exists() and hidden(out.parent) == []
 
 
@@ -2178,6 +2179,18 @@ def test_an_overlap_over_the_tile_and_a_file_for_a_training_folder_are_said(tmp_
     assert summary["warnings"] == [said] and summary["overlap"] == summary["tile"], summary
     rc, _, err = cli("train", EXAMPLE_PAN, "-o", tmp_path / "t")
     one_line_error(rc, err, "is a file; give the folder of training pairs")
+
+
+def test_a_refused_json_run_still_prints_one_json_document(tmp_path: Path) -> None:
+    """With --json, a refused run (exit 2) left stdout empty: a script parsing it failed on no JSON at
+    all. It gets the error and the exit code as JSON; stderr keeps its one line."""
+    for extra in (("--method", "gsa"), ("--method", "nosuch")):
+        rc, stdout, err = cli(
+            "pansharpen", tmp_path / "nope.tif", EXAMPLE_MS, "-o", tmp_path / "o.tif", *extra, "--json"
+        )
+        one_line_error(rc, err)
+        doc = json.loads(stdout)
+        assert doc["exit_code"] == 2 and f"Error: {doc['error']}" == err.strip() and doc["warnings"] == []
 
 
 def test_a_band_labelled_alpha_that_holds_data_is_fused(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -254,13 +254,26 @@ def _one_line_warnings(enabled: bool) -> Iterator[None]:
 
 
 def _main(argv: list[str] | None, debug: bool) -> None:
+    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+
+    def fail(message: str, code: int) -> NoReturn:
+        """One `Error:` line on stderr and the exit code; with --json also a JSON document on stdout
+        (a script parsing stdout got nothing on a refused run)."""
+        typer.echo(f"Error: {message}", err=True)
+        if as_json:
+            from fusion_cli import jsonout
+
+            doc = {"error": message, "exit_code": code, "warnings": notices.so_far()}
+            sys.stdout.write(jsonout.dumps(doc, indent=2) + "\n")
+        sys.exit(code)
+
     try:
         with _signals_as_interrupt():
             try:
                 # standalone_mode=False: usage errors come back here and are told in one line
                 code = app(args=argv, prog_name="fusion", standalone_mode=False)
             except _ClickException as exc:
-                _usage_error(exc)
+                _usage_error(exc, fail)
             except typer.Abort:  # end of input at a prompt
                 typer.echo("Aborted.", err=True)
                 sys.exit(1)
@@ -270,8 +283,7 @@ def _main(argv: list[str] | None, debug: bool) -> None:
             sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
     except FusionError as exc:
         _traceback_if(debug)
-        typer.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        fail(str(exc), 2)
     except OSError as exc:
         _traceback_if(debug)
         # a path the user chose and cannot use is bad input (exit 2); an OutputWriteError keeps the
@@ -279,28 +291,23 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         # (only an OSError's errno: a GDAL error's `errno` is its error class, CPLE_AppDefined = 1 = EPERM)
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
         if exc.errno in _PATH_REFUSED or (cause is not None and cause.errno in _PATH_REFUSED):
-            hint = "choose a path you can read and write, or fix its permissions"
-            typer.echo(f"Error: {exc}; {hint}", err=True)
-            sys.exit(2)
+            fail(f"{exc}; choose a path you can read and write, or fix its permissions", 2)
         # the system, not the input: a full disk, a lost mount, an I/O error
-        typer.echo(f"Error: {exc} (check the disk space and permissions, then rerun)", err=True)
-        sys.exit(1)
+        fail(f"{exc} (check the disk space and permissions, then rerun)", 1)
     except (MemoryError, RuntimeError) as exc:
         if _is_symlink_loop(exc):  # Path.resolve() on Python < 3.13: bad input, not a crash
             _traceback_if(debug)
-            typer.echo(f"Error: {exc}; point the path at a file, not at a loop of symlinks", err=True)
-            sys.exit(2)
+            fail(f"{exc}; point the path at a file, not at a loop of symlinks", 2)
         # out of memory: numpy's MemoryError, torch's "can't allocate memory" (CPU) and
         # OutOfMemoryError "CUDA out of memory" (a RuntimeError)
         if not is_out_of_memory(exc):
             raise
         _traceback_if(debug)
-        typer.echo(
-            "Error: out of memory; free memory and rerun (pansharpen, hisr, batch, train: a smaller "
-            "--tile or --batch; metrics, report and evaluate read the images whole: score a crop)",
-            err=True,
+        fail(
+            "out of memory; free memory and rerun (pansharpen, hisr, batch, train: a smaller --tile or "
+            "--batch; metrics, report and evaluate read the images whole: score a crop)",
+            1,
         )
-        sys.exit(1)
     except KeyboardInterrupt as exc:
         _exiting.append(1)
         signum = getattr(exc, "signum", signal.SIGINT)
@@ -319,7 +326,7 @@ def _traceback_if(debug: bool) -> None:
         traceback.print_exc()
 
 
-def _usage_error(exc: Exception) -> None:
+def _usage_error(exc: Exception, fail: Callable[[str, int], NoReturn]) -> None:
     """A bad invocation (unknown option, missing argument, a value not among the choices): one line
     `Error: ... (see 'fusion CMD --help')` on stderr and exit 2, like the library's errors; `fusion`
     alone prints the help."""
@@ -330,5 +337,4 @@ def _usage_error(exc: Exception) -> None:
     message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
     ctx = getattr(exc, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    typer.echo(f"Error: {message}{hint}", err=True)
-    sys.exit(exit_code)
+    fail(f"{message}{hint}", exit_code)
