@@ -10,6 +10,7 @@ paths (a shared filesystem), as with any file-based cluster job.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -61,7 +62,7 @@ def fuse_scene_task(
     except FusionError as exc:
         return SceneResult(scene.id, str(scene.pan), str(scene.ms), str(scene.out), "failed", reason=str(exc))
     # a scene another run holds is waited for here: the task is the scene's only try
-    return execute_scene(scene, process, overwrite=overwrite, retries=retries, wait_for_lock=True)
+    return execute_scene(scene, process, overwrite=overwrite, retries=retries, wait_for_lock=math.inf)
 
 
 def connect(address: str) -> Any:

@@ -504,6 +504,36 @@ def test_a_scene_another_run_holds_is_waited_for_at_the_end(tmp_path: Path, hold
     assert summary.exit_code == 0 and len(summary.results) == 2
 
 
+def test_a_scene_held_past_the_lock_timeout_fails(tmp_path: Path) -> None:
+    """A holder that hangs or is stopped (SIGSTOP, a suspended job) kept a waiting batch forever
+    (reviewer); --lock-timeout bounds the wait: the scene then fails, saying why, and the rest is done."""
+    out = tmp_path / "out"
+    out.mkdir()
+    scenes = [batch.Scene(n, tmp_path / "p.tif", tmp_path / "m.tif", out / f"{n}.tif") for n in "ab"]
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with batch.scene_lock(scenes[0].out):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    held.wait(10)
+    try:
+        with notices.collected():
+            summary = batch.run_batch(
+                batch.Plan(scenes), lambda sc: {}, is_complete=lambda p: p.exists(), io_workers=0,
+                lock_timeout=0.5,
+            )  # fmt: skip
+    finally:
+        release.set()
+        holder.join()
+    statuses = {r.scene: (r.status, r.reason) for r in summary.results}
+    assert statuses["b"] == ("done", None) and statuses["a"][0] == "failed", statuses
+    assert "still held it after 0.5 s (--lock-timeout)" in statuses["a"][1] and summary.exit_code == 1
+
+
 def test_ctrl_c_while_taking_a_scene_lock_leaves_no_lock_file(tmp_path: Path, monkeypatch) -> None:
     """SIGINT lands just after the lock file is created and locked, before the scene starts (the
     moment a batch moves to its next scene): the file must still go."""

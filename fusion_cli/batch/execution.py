@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -189,12 +190,12 @@ def execute_scene(
     overwrite: bool = False,
     retries: int = 0,
     is_complete: CompleteCheck | None = None,
-    wait_for_lock: bool = False,
+    wait_for_lock: float = 0.0,
 ) -> SceneResult:
     """Fuse one scene unless its output is already complete; never raises for a bad scene.
 
-    A scene another live run holds is "busy", or with `wait_for_lock` waited for, then done or
-    skipped as its output then is (that run may have died without finishing it).
+    A scene another live run holds is "busy", unless it lets go within `wait_for_lock` seconds: the
+    scene is then done or skipped as its output then is (that run may have died without it).
 
     A `FusionError` (bad input: the same on every attempt) fails at once; other exceptions (an
     I/O hiccup, a GPU out of memory) are retried up to `retries` times. KeyboardInterrupt passes,
@@ -214,7 +215,7 @@ def _execute_scene(
     overwrite: bool,
     retries: int,
     is_complete: CompleteCheck | None,
-    wait_for_lock: bool,
+    wait_for_lock: float,
 ) -> SceneResult:
     check = is_complete or _default_complete_check
     base = dict(
@@ -247,7 +248,7 @@ def _execute_locked(
     retries: int,
     check: CompleteCheck,
     base: dict[str, Any],
-    wait_for_lock: bool,
+    wait_for_lock: float,
 ) -> SceneResult:
     """`execute_scene` under the scene's lock."""
     with scene_lock(scene.out, wait=wait_for_lock) as mine:
@@ -442,6 +443,7 @@ def run_batch(
     scene_workers: int = 1,
     is_complete: CompleteCheck | None = None,
     on_result: Callable[[SceneResult], None] | None = None,
+    lock_timeout: float = math.inf,
 ) -> BatchSummary:
     """Run the plan's scenes with one `process` (one model instance).
 
@@ -455,8 +457,8 @@ def run_batch(
     the running ones finish and are logged, the others never start. The summary says so.
 
     A scene another live run holds (a duplicate array task, an overlapping cron run) is put off to
-    the end, then waited for: it counts as skipped only once that run placed its product, and is
-    fused here if that run died first.
+    the end, then waited for (at most `lock_timeout` seconds, then it fails): it counts as skipped
+    only once that run placed its product, and is fused here if that run died first.
     """
     journal = JsonlLog(log, plan)
     results: list[SceneResult] = []
@@ -530,12 +532,17 @@ def run_batch(
                     raise
         for scene in busy:
             notices.notify(f"waiting for {scene.id}: another running batch holds {lock_file(scene.out)}")
-            record(
-                execute_scene(
-                    scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete,
-                    wait_for_lock=True,
-                )
+            r = execute_scene(
+                scene, process, overwrite=overwrite, retries=retries, is_complete=is_complete,
+                wait_for_lock=lock_timeout,
             )  # fmt: skip
+            if r.status == "busy":  # still held: a hung or stopped run, or a slow one
+                r.status = "failed"
+                r.reason = (
+                    f"another running batch still held it after {lock_timeout:g} s (--lock-timeout); "
+                    "rerun once that batch ends"
+                )
+            record(r)
     except KeyboardInterrupt as exc:
         interrupted, signum = True, getattr(exc, "signum", signal.SIGINT)
     finally:

@@ -16,10 +16,10 @@ WAIT_POLL_S = 0.5
 
 
 @contextlib.contextmanager
-def scene_lock(out: Path, wait: bool = False) -> Iterator[bool]:
+def scene_lock(out: Path, wait: float = 0.0) -> Iterator[bool]:
     """Hold an exclusive lock on one output while it is made; yields False if another live run
-    holds it (an overlapping cron run, a duplicate array task), or with `wait`, waits until it
-    does not (polling, so Ctrl-C still stops the wait) and yields True.
+    holds it (an overlapping cron run, a duplicate array task) for more than `wait` seconds (0: at
+    once; inf: it is waited for until it lets go), polling, so Ctrl-C still stops the wait.
 
     flock is released by the kernel when its holder dies, so a lock we obtain proves that any
     temporary file left beside the output belongs to a killed run and may be removed.
@@ -31,13 +31,14 @@ def scene_lock(out: Path, wait: bool = False) -> Iterator[bool]:
         return
     lock_path = lock_file(out)
     fd: int | None = None
+    deadline = time.monotonic() + wait
     try:  # one try from the file's creation on, so Ctrl-C at any point leaves no lock file
         while True:
             with deferred_signals():  # a signal cannot land between os.open and `fd =`
                 # never through a link: its target (anywhere) would be created, then kept
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 held = _try_flock(fcntl, fd, lock_path)
-                if held or (held is False and not wait):
+                if held or (held is False and time.monotonic() >= deadline):
                     break
                 # None: the holder we waited on unlinked the file (lock the live one); False: wait
                 _release_lock_file(fcntl, fd, lock_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -199,6 +200,12 @@ def register(app: typer.Typer) -> None:
         retries: int = typer.Option(
             0, "--retries", help="Retries of a scene after an unexpected error (bad input is not retried)."
         ),
+        lock_timeout: float | None = typer.Option(
+            None,
+            "--lock-timeout",
+            help="Seconds to wait, at the end of the run, for a scene another running batch holds; then it "
+            "fails. Default: until that batch lets go (it is fused here if that batch died without it).",
+        ),
         quiet: bool = OutputOpt.quiet,
         json_out: bool = OutputOpt.json_out,
     ) -> None:
@@ -215,6 +222,8 @@ def register(app: typer.Typer) -> None:
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
         if io_workers < 0 or retries < 0 or scene_workers < 1:
             raise FusionError("--io-workers and --retries must be 0 or more, --scene-workers 1 or more")
+        if lock_timeout is not None and not lock_timeout >= 0:
+            raise FusionError(f"--lock-timeout is seconds, 0 or more; got {lock_timeout}")
         if manifest is not None and (pan or ms):
             raise FusionError("give either --manifest or --pan/--ms patterns, not both")
         if method is not None and (model is not None or weights is not None):
@@ -265,6 +274,7 @@ def register(app: typer.Typer) -> None:
             summary = lib.run_batch(
                 plan, process, overwrite=overwrite, retries=retries, log=log, io_workers=io_workers,
                 scene_workers=scene_workers, on_result=on_result,
+                lock_timeout=math.inf if lock_timeout is None else lock_timeout,
             )  # fmt: skip
         if not quiet or summary.failed:  # -q: the summary only to list failures
             _show_summary(summary)
