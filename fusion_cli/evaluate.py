@@ -36,8 +36,7 @@ from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, NegativeDN
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.notices import notify
-from fusion_cli.paths import make_output_folder
-from fusion_cli.raster import atomic_output
+from fusion_cli.raster import atomic_output, make_output_folder
 from fusion_cli.sensors import canonical_sensor
 from fusion_cli.signals import deferred_signals
 

@@ -41,22 +41,9 @@ def shared_data_dir() -> Path:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files are hundreds of MB)."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files and input scenes are hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def make_output_folder(folder: Path, what: str = "output folder") -> None:
-    """Create `folder` (and its parents) unless it exists as a folder; a file there, or a path that
-    cannot be made, is one line of bad input (FusionError), not the OS's "[Errno 17] File exists"."""
-    from fusion_cli.errors import FusionError
-
-    if folder.exists() and not folder.is_dir():
-        raise FusionError(f"{what} {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FusionError(f"cannot create {what} {folder}: {exc.strerror}") from None

@@ -32,9 +32,9 @@ from fusion_cli import raster
 from fusion_cli.align import block_windows
 from fusion_cli.errors import FusionError
 from fusion_cli.mtf import degrade_ms, degrade_pan, degrade_valid
-from fusion_cli.paths import make_output_folder
 from fusion_cli.pipeline.output import finish_block
 from fusion_cli.pipeline.readers import fill_invalid
+from fusion_cli.raster import make_output_folder
 from fusion_cli.sensors import canonical_sensor, nyquist_gains, sensor_band_numbers
 
 PanMode = Literal["bicubic", "mtf", "keep"]

@@ -22,7 +22,7 @@ from fusion_cli.cli.common import (
     table_console,
 )
 from fusion_cli.errors import FusionError
-from fusion_cli.paths import make_output_folder
+from fusion_cli.raster import make_output_folder
 from fusion_cli.sensors import check_sensor_bands_use
 
 _EPILOG = (

@@ -342,6 +342,17 @@ def _local_file(path: str) -> str | None:
     return path
 
 
+def make_output_folder(folder: Path, what: str = "output folder") -> None:
+    """Create `folder` (and its parents) unless it exists as a folder; a file there, or a path that
+    cannot be made, is one line of bad input (FusionError), not the OS's "[Errno 17] File exists"."""
+    if folder.exists() and not folder.is_dir():
+        raise FusionError(f"{what} {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FusionError(f"cannot create {what} {folder}: {exc.strerror}") from None
+
+
 # What a product's temporary adds to its name (`write._temp_name`: ".", ".partial-", a PID of up to 7
 # digits, "-", the host tag and 4 hex digits, ".tif"; ".ovr" for its overviews).
 TEMP_NAME_EXTRA = 34

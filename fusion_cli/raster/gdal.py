@@ -8,6 +8,7 @@ from pathlib import Path
 import rasterio
 from rasterio.errors import EnvError
 
+from fusion_cli.paths import sha256_file
 from fusion_cli.signals import deferred_signals
 
 # Bounded GDAL block cache: without it GDAL may cache up to 5 % of RAM while writing, which
@@ -58,7 +59,7 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, object] | None:
         return None
     try:
         st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
     except OSError:
         return None
 
@@ -73,19 +74,9 @@ def same_input(made: dict[str, object], path: str | os.PathLike[str]) -> bool | 
         st = os.stat(path)
         if made.get("size") != st.st_size:
             return False
-        return made.get("mtime_ns") == st.st_mtime_ns or made.get("sha256") == _sha256(path)
+        return made.get("mtime_ns") == st.st_mtime_ns or made.get("sha256") == sha256_file(path)
     except OSError:
         return None
-
-
-def _sha256(path: str | os.PathLike[str]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def reason(exc: BaseException) -> str:

@@ -74,7 +74,8 @@ def _save_plain(model: nn.Module, fields: dict[str, Any], out_dir: Path) -> tupl
     sha256 the registry would record, so a long run is never lost for want of it."""
     from safetensors.torch import save_file
 
-    from fusion_cli.paths import make_output_folder, sha256_file
+    from fusion_cli.paths import sha256_file
+    from fusion_cli.raster import make_output_folder
 
     make_output_folder(out_dir)
     weights = out_dir / f"{fields['name']}.safetensors"

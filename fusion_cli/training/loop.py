@@ -28,7 +28,7 @@ from torch import nn
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
-from fusion_cli.paths import make_output_folder
+from fusion_cli.raster import make_output_folder
 from fusion_cli.raster.gdal import reason
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
 from fusion_cli.training.export import export
