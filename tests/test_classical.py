@@ -178,6 +178,21 @@ def test_component_substitution_with_pan_equal_to_intensity(name: str, scene: Sc
     assert (out - x).abs()[:, keep].max() < 1e-3 * x.mean()
 
 
+@pytest.mark.parametrize("name", ["gsa", "pca", "brovey"])
+def test_a_constant_band_changes_no_other_band(name: str) -> None:
+    """Constant bands (Hyperion's uncalibrated bands are zeros; a saturated or fill band is another
+    value) carry no intensity: the other bands fuse as without them. GSA's regression went singular
+    and its product became the interpolated MS (exit 0, no warning)."""
+    ex = example_pair(160, 160, ratio=2)
+    pan, ms = torch.from_numpy(ex.pan)[None], torch.from_numpy(ex.ms)[None]
+    flat = torch.ones_like(ms[:, :1])
+    padded = torch.cat([0 * flat, ms, 5000 * flat], dim=1)
+    plain = make_method(name, ex.ratio, ex.sensor).fit(pan, ms).fuse(pan, ms)[0]
+    with_flat = make_method(name, ex.ratio, ex.sensor).fit(pan, padded).fuse(pan, padded)[0]
+    assert (with_flat[1:-1] - plain).abs().max() < 1e-3 * plain.mean()
+    assert with_flat[0].abs().max() == 0 and (with_flat[-1] - 5000).abs().max() < 0.01
+
+
 def _tiled_stats(scene: Scene, name: str, size: int, tile: int) -> tuple[object, object]:
     """The scene's top-left `size` PAN px, padded, accumulated whole and as non-overlapping tiles with
     `halo` of context."""

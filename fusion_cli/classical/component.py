@@ -116,16 +116,21 @@ class BroveyHaze(ClassicalFuser):
             spread = torch.sqrt(torch.clamp(alpha @ cov[:c, :c] @ alpha, min=0))
             return float(alpha @ (mean[:c] - self.haze)), float(spread)
 
-        self.alpha = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+        # a constant band carries no intensity, but in this uncentred fit it would act as an intercept
+        # and move the other bands' weights: it gets weight 0
+        varying = torch.diagonal(cov[:c, :c]) > 1e-12 * float(torch.diagonal(cov[:c, :c]).max())
+        fit = gram[varying][:, varying], rhs[varying]
+        self.alpha = torch.zeros_like(rhs)
+        self.alpha[varying] = least_squares(fit[0], fit[1][:, None])[:, 0]
         mean_i, std_i = intensity_stats(self.alpha)
         spread = float(self.alpha.abs().sum() / self.alpha.sum().abs().clamp(min=EPS))
-        if mean_i <= std_i or spread > _MAX_WEIGHT_SPREAD:
+        if varying.any() and (mean_i <= std_i or spread > _MAX_WEIGHT_SPREAD):
             # The free fit's intensity lies within one standard deviation of zero, or its weights
             # cancel, so the ratio P / I explodes: the fit is ill-posed with about as many bands as
             # MS pixels (Hyperion, 128 bands on 8 x 19 MS px: weights of +-200, ERGAS 273 and 391 on
             # two Paris thirds; +-20 on another, ERGAS 43.7). A PAN is a non-negative mix of band
             # responses: fit that instead.
-            self.alpha = nonneg_lstsq(gram, rhs)
+            self.alpha[varying] = nonneg_lstsq(*fit)
             mean_i, std_i = intensity_stats(self.alpha)
         self.mean_i = mean_i
         std_low = float(torch.sqrt(cov[c, c]))
@@ -147,6 +152,14 @@ class BroveyHaze(ClassicalFuser):
         floor = max(0.01 * abs(self.mean_i), EPS)
         gain = p_eq.clamp_(min=floor).div_(i.clamp_(min=floor))
         return dehazed.clamp_(min=0).mul_(gain).add_(haze)
+
+
+def least_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution of a x = b, by SVD (`gelsd`). torch's default CPU
+    driver (`gelsy`, pivoted QR) went wrong on a singular system: one constant band (Hyperion's
+    uncalibrated bands are zeros) gave a zero row and column, and GSA's weights collapsed, so its
+    product was the interpolated MS at exit 0."""
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution
 
 
 def nonneg_lstsq(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -199,7 +212,7 @@ class GSA(ClassicalFuser):
         c = self._lr.s.shape[0] - 1
         lr_cov = self._lr.cov
         # regression with a constant term = regression of the centred variables
-        self.alpha = torch.linalg.lstsq(lr_cov[:c, :c], lr_cov[:c, c:]).solution[:, 0]
+        self.alpha = least_squares(lr_cov[:c, :c], lr_cov[:c, c:])[:, 0]
         cov_x = self._hr.cov[:c, :c]
         var_i = float(self.alpha @ cov_x @ self.alpha)
         self.gain = (cov_x @ self.alpha) / max(var_i, EPS)
