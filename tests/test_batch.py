@@ -772,6 +772,25 @@ def test_manifest_and_scheduler_file_mistakes_are_one_line_errors(mixed: dict, t
     assert res.stderr.strip().splitlines()[-1].startswith("Error: --dask") and "scheduler file" in res.stderr
 
 
+def test_dask_bad_invocations_are_refused_before_any_task(mixed: dict, tmp_path: Path) -> None:
+    """With --dask an unknown model or an OUT_DIR that is a file failed every scene on the workers
+    (exit 1, each logged, a retrying job scheduler retried); as without --dask, it is exit 2 now,
+    before the cluster is asked (none listens at this address) and before anything is written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    log = tmp_path / "log.jsonl"
+    for out, extra, words in (
+        (tmp_path / "o", ["--model", "nosuchmodel"], "unknown model"),
+        (a_file, ["--method", "exp"], "is a file"),
+    ):
+        res = run_cli(
+            "batch", str(mixed["in"]), str(out), *extra, "--dask", "tcp://127.0.0.1:9", "--log", str(log)
+        )
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert words in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists() and not log.exists() and a_file.read_text() == "x"
+
+
 def test_manifest_errors_name_the_file_line(mixed: dict, tmp_path: Path) -> None:
     """Line numbers counted parsed rows: with a BOM and blank lines an empty row on line 6 was
     reported as line 4."""

@@ -48,6 +48,16 @@ class FuseJob:
         ratio = {"ratio": 4} if self.fuser.get("method") is not None else {}
         return pipeline.make_fuser(**self.fuser, **ratio)
 
+    def check_fuser(self) -> None:
+        """Build the fuser this job asks for on the CPU and drop it: a bad model, method, weights file
+        or option is a FusionError here, once, rather than every scene's failure on the workers (a
+        Dask client). The workers check the device, which may exist only there; what the CPU build
+        says, e.g. that a precision applies on CUDA only, is not said to the client."""
+        from fusion_cli import notices
+
+        with notices.collected():
+            replace(self, fuser={**self.fuser, "device": "cpu"}).asked_fuser()
+
     def side_files(self, out: Path) -> list[Path]:
         """Files written beside a product after it is placed: a scene lacking one is not done."""
         from fusion_cli.pipeline.output import side_outputs

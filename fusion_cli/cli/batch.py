@@ -263,6 +263,8 @@ def register(app: typer.Typer) -> None:
         if dask is not None:
             from fusion_cli.batch_dask import run_batch_dask
 
+            job.check_fuser()  # bad names exit 2 here, as without --dask (workers fail each scene)
+            make_output_folder(out_dir, "OUT_DIR")
             _announce(plan, quiet)
             summary = run_batch_dask(
                 plan, job, dask, overwrite=overwrite, retries=retries, log=log, on_result=on_result
