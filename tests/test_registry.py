@@ -17,6 +17,7 @@ from fusion_cli.models.fuser import NetworkFuser
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.models.registry import (
     ModelCard,
+    default_model_mismatch,
     default_model_name,
     list_models,
     load_model,
@@ -236,3 +237,22 @@ def test_the_registry_lists_only_models_that_load(wdir):
         assert words in reasons, reasons
     with pytest.raises(FusionError, match="not a file beside it"):
         load_model("escape")
+
+
+def test_default_model_hint_for_an_hisr_pair_names_the_hisr_model() -> None:
+    """A pair whose high-resolution image has several bands (an MSI: HISR) was told that no installed
+    model fits (47 Hyperion bands beside 6 ALI bands at ratio 3, which hyperion_hisr fuses), or to
+    pass the single-PAN hyperion_pan (200 AVIRIS bands) (batch, helper)."""
+    exact = default_model_mismatch(47, 3, pan_bands=6)
+    assert (
+        exact is not None
+        and "beside a 6-band high-resolution image (HISR); pass --model hyperion_hisr (" in exact
+    )
+    subset = default_model_mismatch(200, 3, pan_bands=6)
+    assert subset is not None and "pass --model hyperion_hisr with --bands choosing its 47 bands" in subset
+    assert "hyperion_pan" not in subset
+    single_pan = default_model_mismatch(128, 3)  # a PAN beside an HSI: the PAN model, not the HISR one
+    assert (
+        single_pan is not None and "--model hyperion_pan" in single_pan and "hyperion_hisr" not in single_pan
+    )
+    assert default_model_mismatch(6, 2, pan_bands=6) is not None  # landsat takes a one-band PAN

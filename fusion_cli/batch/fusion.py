@@ -88,16 +88,16 @@ def make_scene_processor(job: FuseJob) -> SceneProcessor:
         fusers[None] = asked
 
     def fuser_for(scene: Scene) -> Any:
-        if not classical:
-            if default_model:  # a pair it cannot fuse is told which model can
-                ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
-                pipeline.check_default_model_fits(scene.ms, ratio, options.bands)
+        if not classical and not default_model:
             # One network serves the batch; its scene statistics (band max) live in a shallow
             # per-scene copy, so scenes fused concurrently do not share them.
             return copy.copy(fusers[None])
         ratio = pipeline.measure_ratio(scene.pan, scene.ms, options.reproject)
-        # HISR: the MSI's bands (or --pan-bands') are the method's "PAN" bands
-        pan_count = len(options.pan_bands) if options.pan_bands else pipeline.band_count(scene.pan, "PAN")
+        # HISR: the MSI's bands (or --pan-bands') are the "PAN" bands
+        pan_count = pipeline.band_count(scene.pan, "PAN", options.pan_bands)
+        if not classical:  # the default model: a pair it cannot fuse is told which model can
+            pipeline.check_default_model_fits(scene.ms, ratio, options.bands, pan_count)
+            return copy.copy(fusers[None])
         fuser = fusers.get((ratio, pan_count))
         if fuser is None or fuser.needs_stats:
             fuser = pipeline.make_fuser(**{**job.fuser, "ratio": ratio, "pan_bands": pan_count})

@@ -213,19 +213,25 @@ def default_model_name(directory: Path | None = None, task: str | None = None) -
     return "landsat" if "landsat" in defaults else defaults[0]
 
 
-def default_model_mismatch(ms_bands: int, ratio: int, directory: Path | None = None) -> str | None:
-    """Why the default pansharpening model cannot fuse an MS of `ms_bands` bands at `ratio`, and which
-    installed models can (None when it can, also from a choice of the bands: its band check names
-    --bands then): run before loading it, so that a user who left out --model learns which one to
-    pass rather than that "the model" expects another ratio."""
+def default_model_mismatch(
+    ms_bands: int, ratio: int, directory: Path | None = None, pan_bands: int = 1
+) -> str | None:
+    """Why the default pansharpening model cannot fuse an MS of `ms_bands` bands at `ratio` beside a
+    high-resolution image of `pan_bands` bands (more than one: an MSI, HISR), and which installed
+    models can (None when it can, also from a choice of the bands: its band check names --bands
+    then): run before loading it, so that a user who left out --model learns which one to pass rather
+    than that "the model" expects another ratio."""
     cards = {c.name: c for c in list_models(directory)}
     card = cards.get(default_model_name(directory))
-    if card is None or (card.ratio == ratio and ms_bands >= len(card.bands)):
+
+    def fits(c: ModelCard, exactly: bool = False) -> bool:
+        bands = len(c.bands) == ms_bands if exactly else len(c.bands) <= ms_bands
+        return c.ratio == ratio and bands and len(c.pan_bands) == pan_bands
+
+    if card is None or fits(card):
         return None
-    fitting = [
-        c for c in cards.values() if c.task != "hisr" and c.ratio == ratio and len(c.bands) <= ms_bands
-    ]
-    exact = [c.name for c in fitting if len(c.bands) == ms_bands]
+    fitting = [c for c in cards.values() if fits(c)]
+    exact = [c.name for c in fitting if fits(c, exactly=True)]
     if exact:
         hint = "pass " + " or ".join(f"--model {name}" for name in exact)
     elif fitting:
@@ -238,9 +244,10 @@ def default_model_mismatch(ms_bands: int, ratio: int, directory: Path | None = N
             "no installed model fits it: pass a classical --method, or --weights for a model trained "
             "on such data"
         )
+    high = f" beside a {pan_bands}-band high-resolution image (HISR)" if pan_bands > 1 else ""
     return (
         f"the default model {card.name} fuses {len(card.bands)} MS bands at ratio {card.ratio}, but this "
-        f"pair has {ms_bands} bands at ratio {ratio}; {hint} (`fusion info` lists them)"
+        f"pair has {ms_bands} bands at ratio {ratio}{high}; {hint} (`fusion info` lists them)"
     )
 
 

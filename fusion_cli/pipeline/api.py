@@ -462,12 +462,15 @@ def _split_options(names: dict[str, Any], opts: dict[str, Any]) -> tuple[FuserSp
     return spec, FuseOptions(**{k: v for k, v in opts.items() if k in run_keys})
 
 
-def check_default_model_fits(ms: PathLike, ratio: int, bands: Sequence[int] | None = None) -> None:
-    """Refuse, naming the installed models that fit, a pair (its MS, or `bands` of it, at `ratio`)
-    that the default model, used when no model, weights or method is given, cannot fuse."""
+def check_default_model_fits(
+    ms: PathLike, ratio: int, bands: Sequence[int] | None = None, pan_bands: int = 1
+) -> None:
+    """Refuse, naming the installed models that fit, a pair (its MS, or `bands` of it, at `ratio`,
+    beside a high-resolution image of `pan_bands` bands) that the default model, used when no model,
+    weights or method is given, cannot fuse."""
     from fusion_cli.models.registry import default_model_mismatch
 
-    mismatch = default_model_mismatch(band_count(ms, "MS", bands), ratio)
+    mismatch = default_model_mismatch(band_count(ms, "MS", bands), ratio, pan_bands=pan_bands)
     if mismatch:
         raise FusionError(mismatch)
 
@@ -479,7 +482,7 @@ def _resolve_fuser(pan: PathLike, ms: PathLike, out: PathLike, spec: FuserSpec, 
     # a pick beyond a file is named as such before any model is chosen or loaded
     ms_count, pan_count = band_count(ms, "MS", opts.bands), band_count(pan, "PAN", opts.pan_bands)
     if spec.model is None and spec.weights is None and spec.method is None:
-        check_default_model_fits(ms, ratio, opts.bands)
+        check_default_model_fits(ms, ratio, opts.bands, pan_count)
     return build_fuser(
         spec,
         ratio=ratio if spec.method is not None else None,
