@@ -794,6 +794,8 @@ def run_recipe(
     init_state = None if init_model is None else init_model.state_dict()
     from fusion_cli.cli.progress import progress_bar
 
+    if not resume:  # a new leg replaces the recipe's scratch run in --work (its model is in --out)
+        (work_dir / "checkpoint.pt").unlink(missing_ok=True)
     with progress_bar(f"train {name}", progress, eta=True) as update:
         res = train(
             train_p,

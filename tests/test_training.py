@@ -432,6 +432,7 @@ def test_resume_continues_exactly_where_it_stopped(
     assert straight.val["val_l1"] == pytest.approx(resumed.val["val_l1"], rel=1e-5)
     with pytest.raises(FusionError, match="no checkpoint"):
         train(ex_pairs["train"], ex_pairs["val"], tiny_ex(), tmp_path / "c", None, resume=True)
+    assert not (tmp_path / "c").exists()  # refused before the folder is made
     # Other data under --resume (same sizes, so the step count agreed) made a card that named the new
     # data only, and picked the epoch by scores on two validation sets: refused, both ways round.
     swapped = (ex_pairs["val"], ex_pairs["train"])
@@ -571,6 +572,22 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
     assert card["training"]["command"].startswith(f"fusion train {data} -o ")
     assert "--pan-shift -1,-1" in card["training"]["command"]
     assert card["architecture"]["scan_memory"] == 20  # new models are seamless by default
+    # a fine-tuned card names its parent, and keeps it through a resume (which dropped it, helper)
+    tune = ["train", str(data), "-o", str(tmp_path / "tuned"), "--name", "tuned", *args[6:-5]]
+    tune += ["--steps-per-epoch", "2"]
+    parent = ["--init", str(tmp_path / "run" / "cli_tiny.safetensors")]
+    assert runner.invoke(app, [*tune, "--epochs", "1", *parent]).exit_code == 0
+    other = ["--init", str(tmp_path / "tuned" / "tuned.safetensors")]
+    res = runner.invoke(app, [*tune, "--epochs", "2", "--resume", *other])
+    assert isinstance(res.exception, FusionError) and "--init differs" in str(
+        res.exception
+    )  # exit 2 in main()
+    res = runner.invoke(app, [*tune, "--epochs", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    tuned = json.loads((tmp_path / "tuned" / "tuned.json").read_text())["training"]
+    assert tuned["init"]["sha256"] == card["sha256"] and tuned["init"]["model"] == "cli_tiny"
+    assert "--init" in tuned["command"] and "--epochs 1" in tuned["command"]
+    assert "--epochs 2" in tuned["resumed"][0]
     # A missing folder is a one-line user error (FusionError -> exit 2 in main()).
     from fusion_cli.cli.main import main
 
@@ -950,3 +967,66 @@ def test_a_training_scene_with_nodata_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FusionError, match=r"12800 px of nodata \(25.0%\).*crop the pair to its valid area"):
         read_raster(flagged)
     assert read_raster(plain).shape == data.shape
+
+
+def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
+    tmp_path: Path, ex_pairs: dict[str, list[TrainPair]]
+) -> None:
+    """Two runs into one folder interleaved their logs and one died on the other's temporary; a run
+    killed between an epoch's log line and its checkpoint logged that epoch twice after --resume; a
+    flipped bit in the checkpoint was reported as divergence ("lower --lr"); a checkpoint of another
+    network was torch's traceback; the card of a resumed run named the resume's command only, and
+    said bf16 where the CPU ran fp32 (helper)."""
+    import subprocess
+    import sys
+
+    from fusion_cli.batch.locking import scene_lock
+    from fusion_cli.training.loop import write_checkpoint
+
+    run = tmp_path / "run"
+    card = dict(EX_CARD, training={**EX_CARD["training"], "command": "fusion train first"})
+    args = (ex_pairs["train"], ex_pairs["val"])
+    train(*args, tiny_ex(epochs=1, precision="bf16"), run, card)
+    with (
+        scene_lock(run / "checkpoint.pt"),
+        pytest.raises(FusionError, match="another fusion train is running"),
+    ):
+        train(*args, tiny_ex(epochs=2), run, card, resume=True)
+    with pytest.raises(FusionError, match="holds an earlier run"):
+        train(*args, tiny_ex(epochs=2), run, card)
+    log = run / "train_log.jsonl"
+    log.write_text(log.read_text() + log.read_text().splitlines()[-1] + "\n")  # killed before its save
+    resumed_card = dict(card, training={**card["training"], "command": "fusion train second"})
+    res = train(*args, tiny_ex(epochs=2, precision="bf16"), run, resumed_card, resume=True)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 4, 8]
+    assert [h["step"] for h in res.history] == [0, 4, 8]
+    saved = json.loads((run / "tiny_landsat.json").read_text())["training"]
+    assert saved["command"] == "fusion train first" and saved["resumed"] == ["fusion train second"]
+    assert saved["precision"] == "fp32"
+
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    damaged = dict(ck, model={k: v.clone() for k, v in ck["model"].items()})
+    next(iter(damaged["model"].values())).view(-1)[0] = float("nan")
+    other = dict(ck, model=build_model(tiny_ex(dim=8), 6, 1).state_dict())
+    for state, words in ((damaged, "non-finite weights"), (other, "holds another network")):
+        torch.save(state, run / "checkpoint.pt")
+        with pytest.raises(FusionError, match=words):
+            train(*args, tiny_ex(epochs=3), run, None, resume=True)
+
+    # a write that fails (here a file-size limit) leaves the checkpoint it replaces and no temporary
+    torch.save(ck, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    code = (
+        "import resource, sys, torch; from pathlib import Path\n"
+        "from fusion_cli.training.loop import write_checkpoint\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n write_checkpoint(Path(sys.argv[1]), {'w': torch.zeros(100_000)})\n"
+        "except OSError as exc:\n print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run / "checkpoint.pt")], capture_output=True, text=True
+    )
+    assert out.stdout.startswith("[Errno 27] cannot write the checkpoint"), out.stdout + out.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".checkpoint.pt.*"))
+    write_checkpoint(run / "checkpoint.pt", ck)  # and one that succeeds replaces it
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ck["step"]

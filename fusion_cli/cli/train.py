@@ -135,18 +135,14 @@ def register(app: typer.Typer) -> None:
         """
         from fusion_cli.models.registry import check_model_name
         from fusion_cli.training.api import train_from_inputs
-        from fusion_cli.training.loop import TrainConfig
+        from fusion_cli.training.loop import TrainConfig, refuse_earlier_run
 
         check_model_name(name)  # before any data is read: the name is only used at export
         shift = _pair(pan_shift, "--pan-shift") or (0.0, 0.0)
         if (out / f"{name}.safetensors").exists() and not resume:
             raise FusionError(f"{out / name}.safetensors exists; choose another --name/--out or --resume")
-        if (out / "checkpoint.pt").exists() and not resume:
-            # a fresh run would replace it at its first epoch: hours of an interrupted run lost
-            raise FusionError(
-                f"{out / 'checkpoint.pt'} holds an earlier run; continue it with --resume, or choose "
-                "another --out (delete the checkpoint to start over)"
-            )
+        if not resume:
+            refuse_earlier_run(out)  # before any data is read; the run checks again under its lock
         config = TrainConfig(
             task=task,
             ratio=ratio,

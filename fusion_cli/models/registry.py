@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, short_list
 from fusion_cli.models.fusionmamba import FusionMamba, FusionMambaConfig
 from fusion_cli.notices import notify
@@ -473,4 +474,4 @@ def save_model(model: FusionMamba, card: ModelCard, out_dir: str | os.PathLike[s
 def write_card(path: str | os.PathLike[str], card: dict[str, Any]) -> None:
     """Write a card's JSON atomically (temporary file, then rename): a reader never sees half a card."""
     with atomic_output(path, overwrite=True, what="model card") as tmp:
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        tmp.write_text(jsonout.dumps(card, indent=2) + "\n")  # a NaN figure as null: strict JSON

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fusion_cli.errors import FusionError
+from fusion_cli.paths import sha256_file
 from fusion_cli.sensors import nyquist_gains, sensor_band_numbers
 from fusion_cli.training.data import Scene, TrainPair, find_pairs, load_h5, load_scene, reduce_scene
 from fusion_cli.training.loop import StepProgress, TrainConfig, TrainResult, train
@@ -116,7 +117,8 @@ def train_from_inputs(
     if init_weights is not None:
         from fusion_cli.models.registry import load_model
 
-        init_model = load_model(weights=init_weights, device="cpu").model
+        init_loaded = load_model(weights=init_weights, device="cpu")
+        init_model = init_loaded.model
         _check_init_architecture(init_weights, init_model.config, config, train_pairs[0])
         init_base = getattr(init_model.config, "base", None)
         if config.base not in (None, init_base):
@@ -144,6 +146,15 @@ def train_from_inputs(
             "command": command or " ".join(sys.argv),
         },
     }
+    if init_weights is not None:  # the parent model: provenance the weights inherit
+        parent = init_loaded.card
+        card["training"]["init"] = {
+            "weights": str(init_weights),
+            "sha256": parent.sha256
+            or (sha256_file(init_loaded.weights_path) if init_loaded.weights_path else ""),
+            "model": parent.name,
+            "licence": parent.licence,
+        }
     full_pairs, full_val_pairs = [], []
     if config.full_resolution and config.base is not None:
         from fusion_cli.training.fullres import full_resolution_pairs

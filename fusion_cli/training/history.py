@@ -15,6 +15,13 @@ def append_log(path: Path, rec: dict[str, Any]) -> None:
         f.write(jsonout.dumps(rec) + "\n")  # a diverged epoch's NaN loss as null: JSON that parses
 
 
+def write_log(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """The log holding exactly `history`, one line per record (replaced whole, through a temporary)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(jsonout.dumps(rec) + "\n" for rec in history))
+    tmp.replace(path)
+
+
 def status(rec: dict[str, Any]) -> str:
     """A few words about an epoch record for a progress display, short enough to leave a terminal's
     width to the bar: training L1 and validation L1 (every index is in the log)."""

@@ -11,13 +11,16 @@ Files written to `out_dir`: `checkpoint.pt`, `train_log.jsonl` (one JSON line pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion_cli.batch.locking import scene_lock
 from fusion_cli.device import resolve_device
 from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
@@ -32,7 +36,7 @@ from fusion_cli.raster import make_output_folder
 from fusion_cli.raster.gdal import reason
 from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
 from fusion_cli.training.export import export
-from fusion_cli.training.history import append_log, plot_history, status
+from fusion_cli.training.history import append_log, plot_history, status, write_log
 from fusion_cli.training.validation import autocast, evaluate_pairs
 
 # Told how far a run is: `progress(step, total_steps, what)` after each optimizer step, `what` a short
@@ -188,6 +192,95 @@ def _check_resumed_config(saved: Any, config: TrainConfig) -> None:
         )
 
 
+def refuse_earlier_run(out_dir: Path) -> None:
+    """A fresh run into a folder holding a checkpoint would replace it at its first epoch: hours of an
+    interrupted run lost. Refused (the CLI asks before reading data; `train` again under its lock)."""
+    if (Path(out_dir) / "checkpoint.pt").exists():
+        raise FusionError(
+            f"{Path(out_dir) / 'checkpoint.pt'} holds an earlier run; continue it with --resume, or choose "
+            "another --out (delete the checkpoint to start over)"
+        )
+
+
+def _read_checkpoint(
+    path: Path, device: torch.device, config: TrainConfig, spe: int, data_ids: dict[str, list[str]]
+) -> dict[str, Any]:
+    """The checkpoint a --resume continues, refused in one line when it is not one, is damaged
+    (unreadable, or non-finite weights or optimizer moments: a flipped bit read as NaN and was
+    reported as divergence, "lower --lr"), or was trained with other settings or data."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated (killed mid-copy), not a checkpoint, a pickle with code
+        raise FusionError(
+            f"--resume: cannot read {path} ({reason(exc)[:160]}); it is damaged: use a new --out"
+        ) from None
+    if not isinstance(ck, dict) or not {"model", "optimizer", "step"} <= set(ck):
+        raise FusionError(f"--resume: {path} is not a checkpoint of fusion train; train into a new --out")
+    _check_resumed_config(ck.get("config"), config)
+    if int(ck.get("steps_per_epoch", spe)) != spe:
+        raise FusionError("--resume: the training data or batch changed since the checkpoint")
+    for part, ids in data_ids.items():  # checkpoints from before this was saved have no "data"
+        if ck.get("data", {}).get(part, ids) != ids:
+            what = "training inputs" if part == "train" else "validation data (--val)"
+            raise FusionError(
+                f"--resume: the {what} differ from the checkpoint's (its card would describe data it was "
+                "not trained or chosen on); resume with the same inputs and --val, or use a new --out"
+            )
+    saved = [ck["model"], ck["optimizer"].get("state", {}), ck.get("best_state") or {}]
+    if not all(_finite(part) for part in saved):
+        raise FusionError(f"--resume: {path} holds non-finite weights; it is damaged: use a new --out")
+    return ck
+
+
+def _finite(tree: Any) -> bool:
+    """Whether every floating tensor in nested dicts/lists is finite."""
+    if isinstance(tree, torch.Tensor):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return all(_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_finite(v) for v in tree)
+    return True
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """`torch.save(state)` to `path` through a temporary of this process, renamed over it: a full
+    disk, a size limit or Ctrl-C leaves the previous checkpoint and no temporary (torch.save failed
+    with a C++ traceback and left a partial `checkpoint.tmp`)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"cannot write the checkpoint {path}: {exc.strerror}") from None
+        raise
+
+
+def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card of a resumed run: the first run's fields (its command and --init are the run's
+    provenance; the resume's command replaced them), with each resume's command added. A resume
+    that names other --init weights is refused: the checkpoint's weights came from the first."""
+    if not saved or not asked:
+        return asked
+    first, now = saved.get("training", {}), asked.get("training", {})
+    init_now, init_first = now.get("init") or {}, first.get("init") or {}
+    if init_now and init_now.get("sha256") != init_first.get("sha256"):
+        raise FusionError(
+            "--resume: --init differs from the run's first --init (the checkpoint continues from that); "
+            "resume without --init, or use a new --out"
+        )
+    training = {**first, "resumed": [*first.get("resumed", []), now.get("command")]}
+    return {**saved, **{k: v for k, v in asked.items() if k not in saved}, "training": training}
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -302,58 +395,57 @@ def train(
     total = spe * config.epochs
     val_set = validation_crops(val_pairs, config.val_crop, config.val_crops_per_scene)
 
+    if resume and not (out_dir / "checkpoint.pt").exists():
+        raise FusionError(f"--resume: no checkpoint in {out_dir}; start without --resume")
     make_output_folder(out_dir, "-o")  # after the checks above: a refused run leaves no folder
-    ckpt_path = out_dir / "checkpoint.pt"
-    log_path = out_dir / "train_log.jsonl"
-    step, elapsed_before, history = 0, 0.0, []
-    best: dict[str, Any] = {"val_l1": math.inf, "epoch": -1, "state": None, "metrics": {}}
-    precision = config.precision
-    if resume:
-        if not ckpt_path.exists():
-            raise FusionError(f"--resume: no checkpoint in {out_dir}; start without --resume")
-        try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as exc:  # truncated (killed mid-copy), not a checkpoint, a pickle with code
+    # one run per folder: two runs interleaved their logs and one lost its checkpoint's temporary
+    with scene_lock(out_dir / "checkpoint.pt") as held:
+        if not held:
             raise FusionError(
-                f"--resume: cannot read {ckpt_path} ({reason(exc)[:160]}); it is damaged: use a new --out"
-            ) from None
-        if not isinstance(ck, dict) or not {"model", "optimizer", "step"} <= set(ck):
-            raise FusionError(
-                f"--resume: {ckpt_path} is not a checkpoint of fusion train; train into a new --out"
+                f"another fusion train is running into {out_dir}; wait for it to end, or choose another -o"
             )
-        _check_resumed_config(ck.get("config"), config)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sampler.set_state(ck["sampler_rng"])
-        if full_sampler is not None and ck.get("full_sampler_rng") is not None:
-            full_sampler.set_state(ck["full_sampler_rng"])
-        torch.set_rng_state(ck["torch_rng"].cpu())
-        step, elapsed_before = int(ck["step"]), float(ck["elapsed"])
-        history = list(ck.get("history", []))
-        precision = ck.get("precision", precision)
-        if ck.get("best_state") is not None:
-            best = {
-                "val_l1": ck["best_val_l1"],
-                "epoch": ck["best_epoch"],
-                "state": ck["best_state"],
-                "metrics": ck.get("best_metrics", {}),
-            }
-        if int(ck.get("steps_per_epoch", spe)) != spe:
-            raise FusionError("--resume: the training data or batch changed since the checkpoint")
-        for part, ids in data_ids.items():  # checkpoints from before this was saved have no "data"
-            if ck.get("data", {}).get(part, ids) != ids:
-                what = "training inputs" if part == "train" else "validation data (--val)"
+        ckpt_path = out_dir / "checkpoint.pt"
+        log_path = out_dir / "train_log.jsonl"
+        step, elapsed_before, history = 0, 0.0, []
+        best: dict[str, Any] = {"val_l1": math.inf, "epoch": -1, "state": None, "metrics": {}}
+        precision = config.precision
+        if resume:
+            ck = _read_checkpoint(ckpt_path, device, config, spe, data_ids)
+            try:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as exc:  # another network's (bands, width)
                 raise FusionError(
-                    f"--resume: the {what} differ from the checkpoint's (its card would describe data it "
-                    "was not trained or chosen on); resume with the same inputs and --val, or use a new --out"
-                )
-    elif log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log
+                    f"--resume: {ckpt_path} holds another network ({reason(exc).splitlines()[0][:120]}); "
+                    "resume with the inputs and settings it was trained with, or use a new --out"
+                ) from None
+            sampler.set_state(ck["sampler_rng"])
+            if full_sampler is not None and ck.get("full_sampler_rng") is not None:
+                full_sampler.set_state(ck["full_sampler_rng"])
+            torch.set_rng_state(ck["torch_rng"].cpu())
+            step, elapsed_before = int(ck["step"]), float(ck["elapsed"])
+            history = list(ck.get("history", []))
+            if (ck.get("config") or {}).get("precision", precision) == precision:
+                precision = ck.get("precision", precision)  # the run's own, fp32 after an overflow
+            if ck.get("best_state") is not None:
+                best = {
+                    "val_l1": ck["best_val_l1"],
+                    "epoch": ck["best_epoch"],
+                    "state": ck["best_state"],
+                    "metrics": ck.get("best_metrics", {}),
+                }
+            card = _resumed_card(ck.get("card"), card)
+            # the log as the checkpoint has it: a run killed between an epoch's log line and its
+            # checkpoint logged that epoch, which the resumed run logs again
+            write_log(log_path, history)
+        else:
+            refuse_earlier_run(out_dir)  # again, now that this run holds the folder
+            log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+        for stale in out_dir.glob(".checkpoint.pt.*.tmp"):  # of a killed run (the lock says so)
+            stale.unlink(missing_ok=True)
 
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
+        def save_checkpoint() -> None:
+            state = {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "sampler_rng": sampler.state(),
@@ -370,141 +462,141 @@ def train(
                 "best_metrics": best["metrics"],
                 "config": asdict(config),
                 "data": data_ids,
-            },
-            tmp,
-        )
-        tmp.replace(ckpt_path)  # atomic: an interrupted save leaves the previous checkpoint
+                "card": card,
+            }
+            write_checkpoint(ckpt_path, state)
 
-    def validate() -> dict[str, float]:
-        scores = evaluate_pairs(model, val_set, device, config.dn_max, precision, config.sensor)
-        if full_val:
-            from fusion_cli.training.fullres import full_resolution_scores
+        def validate() -> dict[str, float]:
+            scores = evaluate_pairs(model, val_set, device, config.dn_max, precision, config.sensor)
+            if full_val:
+                from fusion_cli.training.fullres import full_resolution_scores
 
-            scores.update(full_resolution_scores(model, full_val, device, gains))
-        return scores
+                scores.update(full_resolution_scores(model, full_val, device, gains))
+            return scores
 
-    t0 = time.perf_counter()
-    if step == 0 and val_set:
-        # The starting point of the validation curve (and what a fine-tuning run must beat).
-        rec0 = {"epoch": 0.0, "step": 0, **validate()}
-        history.append(rec0)
-        # A fine-tuning run that never improves exports its starting weights, not a worse epoch.
-        _track_best(best, rec0, model, config)
-        append_log(log_path, rec0)
-    what = "training"
-    if progress is not None:
-        progress(step, total, what)
-    last_val = time.perf_counter()
-    model.train()
-    epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
-    stopped_by = "epochs"
-    batch = config.batch
-    t_budget = time.perf_counter()  # the budget is for training: the initial validation is not in it
-    while step < total:
-        if config.max_seconds is not None and time.perf_counter() - t_budget >= config.max_seconds:
-            stopped_by = "time budget"
-            break
-        epoch = step // spe
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(config, epoch)
-        full_batch = batch // 2 if full_sampler is not None else 0
-        pan, ms, ref, base = sampler.batch(batch - full_batch)
-        try:
-            with autocast(device, precision):
-                out = model(ms, pan, base=base)
-            loss = training_loss(out.float(), ref, config.sam_weight)
-            if full_sampler is not None and full_batch:
-                from fusion_cli.training.fullres import full_resolution_terms
-
-                f_pan, f_ms, _, f_base = full_sampler.batch(full_batch)
-                with autocast(device, precision):
-                    f_out = model(f_ms, f_pan, base=f_base)
-                spectral, detail = full_resolution_terms(
-                    f_out.float(), f_pan, f_ms, f_base, gains, config.ratio
-                )
-                loss = loss + config.full_res_weight * spectral + config.detail_weight * detail
-            if torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-        except torch.OutOfMemoryError:
-            # The pure-PyTorch scan keeps every step for backward: halve the batch rather than die.
-            del pan, ms, ref, base
-            out = loss = None
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            if batch == 1:
-                raise FusionError(
-                    "out of GPU memory even with a batch of 1; lower --patch or --dim"
-                ) from None
-            batch //= 2
-            print(f"out of memory: batch lowered to {batch}", file=sys.stderr)
-            continue
-        if not torch.isfinite(loss):
-            if precision != "fp32":
-                # Reduced precision overflowed: continue in fp32 rather than lose the run.
-                precision = "fp32"
-                opt.zero_grad(set_to_none=True)
-                continue
-            raise FusionError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        step += 1
-        epoch_loss += loss.item()
-        epoch_n += 1
-        seen += batch
+        t0 = time.perf_counter()
+        if step == 0 and val_set:
+            # The starting point of the validation curve (and what a fine-tuning run must beat).
+            rec0 = {"epoch": 0.0, "step": 0, **validate()}
+            history.append(rec0)
+            # A fine-tuning run that never improves exports its starting weights, not a worse epoch.
+            _track_best(best, rec0, model, config)
+            append_log(log_path, rec0)
+        what = "training"
         if progress is not None:
             progress(step, total, what)
-        if step % spe == 0 or step == total:
-            rec = _end_epoch(step, spe, epoch_loss / max(epoch_n, 1), seen, time.perf_counter() - t_epoch)
-            rec["lr"] = _lr_at(config, epoch)
-            due = (step // spe) % config.val_every == 0
-            if step == total or (due and time.perf_counter() - last_val >= config.val_interval_s):
-                rec.update(validate())
-                _track_best(best, rec, model, config)
-                last_val = time.perf_counter()
+        last_val = time.perf_counter()
+        model.train()
+        epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+        stopped_by = "epochs"
+        batch = config.batch
+        t_budget = time.perf_counter()  # the budget is for training: the initial validation is not in it
+        while step < total:
+            if config.max_seconds is not None and time.perf_counter() - t_budget >= config.max_seconds:
+                stopped_by = "time budget"
+                break
+            epoch = step // spe
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(config, epoch)
+            full_batch = batch // 2 if full_sampler is not None else 0
+            pan, ms, ref, base = sampler.batch(batch - full_batch)
+            try:
+                with autocast(device, precision):
+                    out = model(ms, pan, base=base)
+                loss = training_loss(out.float(), ref, config.sam_weight)
+                if full_sampler is not None and full_batch:
+                    from fusion_cli.training.fullres import full_resolution_terms
+
+                    f_pan, f_ms, _, f_base = full_sampler.batch(full_batch)
+                    with autocast(device, precision):
+                        f_out = model(f_ms, f_pan, base=f_base)
+                    spectral, detail = full_resolution_terms(
+                        f_out.float(), f_pan, f_ms, f_base, gains, config.ratio
+                    )
+                    loss = loss + config.full_res_weight * spectral + config.detail_weight * detail
+                if torch.isfinite(loss):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+            except torch.OutOfMemoryError:
+                # The pure-PyTorch scan keeps every step for backward: halve the batch rather than die.
+                del pan, ms, ref, base
+                out = loss = None
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                if batch == 1:
+                    raise FusionError(
+                        "out of GPU memory even with a batch of 1; lower --patch or --dim"
+                    ) from None
+                batch //= 2
+                print(f"out of memory: batch lowered to {batch}", file=sys.stderr)
+                continue
+            if not torch.isfinite(loss):
+                if precision != "fp32":
+                    # Reduced precision overflowed: continue in fp32 rather than lose the run.
+                    precision = "fp32"
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                raise FusionError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            step += 1
+            epoch_loss += loss.item()
+            epoch_n += 1
+            seen += batch
+            if progress is not None:
+                progress(step, total, what)
+            if step % spe == 0 or step == total:
+                rec = _end_epoch(step, spe, epoch_loss / max(epoch_n, 1), seen, time.perf_counter() - t_epoch)
+                rec["lr"] = _lr_at(config, epoch)
+                due = (step // spe) % config.val_every == 0
+                if step == total or (due and time.perf_counter() - last_val >= config.val_interval_s):
+                    rec.update(validate())
+                    _track_best(best, rec, model, config)
+                    last_val = time.perf_counter()
+                rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
+                history.append(rec)
+                append_log(log_path, rec)
+                what = f"epoch {rec['epoch']:g}: {status(rec)}"
+                if progress is not None:
+                    progress(step, total, what)
+                save_checkpoint()
+                if on_epoch:
+                    on_epoch(rec)
+                epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+
+        if epoch_n:  # a partial epoch at the time budget: log and validate it too
+            rec = _end_epoch(step, spe, epoch_loss / epoch_n, seen, time.perf_counter() - t_epoch)
+            rec.update(validate())
+            _track_best(best, rec, model, config)
             rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
             history.append(rec)
             append_log(log_path, rec)
-            what = f"epoch {rec['epoch']:g}: {status(rec)}"
-            if progress is not None:
-                progress(step, total, what)
-            save_checkpoint()
-            if on_epoch:
-                on_epoch(rec)
-            epoch_loss, epoch_n, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+        save_checkpoint()
+        seconds = elapsed_before + time.perf_counter() - t0
+        plot_history(history, out_dir / "loss.png")
 
-    if epoch_n:  # a partial epoch at the time budget: log and validate it too
-        rec = _end_epoch(step, spe, epoch_loss / epoch_n, seen, time.perf_counter() - t_epoch)
-        rec.update(validate())
-        _track_best(best, rec, model, config)
-        rec["elapsed_s"] = round(elapsed_before + time.perf_counter() - t0, 2)
-        history.append(rec)
-        append_log(log_path, rec)
-    save_checkpoint()
-    seconds = elapsed_before + time.perf_counter() - t0
-    plot_history(history, out_dir / "loss.png")
-
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])  # export the weights that validated best
-    weights_path = card_path = None
-    if card and card.get("name"):
-        weights_path, card_path = export(
-            model, config, card, history, best, seconds, device, step, spe, out_dir
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])  # export the weights that validated best
+        weights_path = card_path = None
+        if card and card.get("name"):
+            ran = replace(config, precision=precision if device.type == "cuda" else "fp32")  # CPU: fp32
+            weights_path, card_path = export(
+                model, ran, card, history, best, seconds, device, step, spe, out_dir
+            )
+        return TrainResult(
+            weights_path=weights_path,
+            card_path=card_path,
+            steps=step,
+            epochs=step / spe,
+            seconds=seconds,
+            best_epoch=best["epoch"],
+            val=best["metrics"],
+            history=history,
+            stopped_by=stopped_by,
+            model=model,
+            steps_per_epoch=spe,
         )
-    return TrainResult(
-        weights_path=weights_path,
-        card_path=card_path,
-        steps=step,
-        epochs=step / spe,
-        seconds=seconds,
-        best_epoch=best["epoch"],
-        val=best["metrics"],
-        history=history,
-        stopped_by=stopped_by,
-        model=model,
-        steps_per_epoch=spe,
-    )
 
 
 def _end_epoch(step: int, spe: int, loss: float, seen: int, dt: float) -> dict[str, Any]:
