@@ -1030,3 +1030,29 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".checkpoint.pt.*"))
     write_checkpoint(run / "checkpoint.pt", ck)  # and one that succeeds replaces it
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ck["step"]
+
+
+def test_validation_sharing_pixels_with_training_data_is_refused(pairs: dict[str, list[TrainPair]]) -> None:
+    """Only exact copies were refused: a crop of a training scene as --val, or FuseBox pairs 10 and 11
+    (their corners are the same 29 x 40 MS px) on either side of the split, trained at exit 0 with
+    training scores on the card as held-out ones (helper)."""
+    from fusion_cli.training.data import shared_block
+
+    d = need_shared("landsat7_etm_fusebox")
+    ten, eleven = (
+        load_scene(d / f"{i}_pan.tif", d / f"{i}_ms.tif", ratio=2, sensor="landsat7", pan_shift=(-1, -1))
+        for i in (10, 11)
+    )
+    # the default split: pair 11's validation rows hold pair 10's first training rows
+    train_p = [reduce_scene(s.crop_rows(0.0, 0.8), 2) for s in (ten, eleven)]
+    val_p = [reduce_scene(s.crop_rows(0.8, 1.0), 2) for s in (ten, eleven)]
+    assert (
+        shared_block(val_p, train_p)
+        == "11_ms[rows 0.80-1.00] at (53, 0) is 10_ms[rows 0.00-0.80] at (0, 360)"
+    )
+    crop = replace(pairs["train"][0], name="crop", ref=pairs["train"][0].ref[:, 20:60, 30:70].copy())
+    with pytest.raises(FusionError, match=r"validation shares pixels with training data \(crop at"):
+        train(pairs["train"], [crop], tiny(), Path("never-made"), None)
+    assert not Path("never-made").exists()
+    assert shared_block(pairs["val"], pairs["train"]) is None  # other path/rows
+    assert shared_block(val_p[:1], train_p) is None  # a scene's own rows do not overlap

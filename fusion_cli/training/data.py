@@ -419,6 +419,70 @@ def pair_digest(pair: TrainPair) -> str:
     return h.hexdigest()
 
 
+# An overlap is looked for as an exact BLOCK x BLOCK block of target pixels (every band) that both a
+# validation and a training pair hold: the larger side is probed at every STEP px, the smaller indexed at
+# every position, so any overlap of at least BLOCK + STEP - 1 px on a side is found.
+BLOCK, STEP = 8, 8
+_KEY_SAMPLES = [(u, v) for u in range(0, BLOCK, 2) for v in range(0, BLOCK, 2)]
+_KEY_MULTIPLIERS = np.random.default_rng(20261206).integers(1, 2**63, len(_KEY_SAMPLES), dtype=np.uint64) | 1
+
+
+def _block_keys(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys `(H - BLOCK + 1, W - BLOCK + 1)` uint64 of every block of a `(H, W)` band, from 16 of its
+    pixels' bits (equal blocks have equal keys; unequal ones rarely do, and matches are verified),
+    and whether the block varies (flat blocks, a fill or a saturated area, match by chance)."""
+    bits = np.ascontiguousarray(band, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    h, w = band.shape[0] - BLOCK + 1, band.shape[1] - BLOCK + 1
+    key = np.zeros((h, w), np.uint64)
+    low = high = band[:h, :w]
+    for (u, v), m in zip(_KEY_SAMPLES, _KEY_MULTIPLIERS, strict=True):
+        key = key * np.uint64(1099511628211) ^ bits[u : u + h, v : v + w] * m  # wraps, as hashes do
+        low, high = np.minimum(low, band[u : u + h, v : v + w]), np.maximum(high, band[u : u + h, v : v + w])
+    return key, high > low
+
+
+def shared_block(val_pairs: Sequence[TrainPair], train_pairs: Sequence[TrainPair]) -> str | None:
+    """A validation pair whose target shares pixels with a training pair's (a crop of a training scene,
+    two scenes cut from one image: FuseBox pairs 10 and 11 share a 29 x 40 MS-px corner), said as
+    "<val> at (row, col) is <train> at (row, col)"; None when no BLOCK x BLOCK block is shared. Its
+    validation scores would be training scores."""
+    sides = [list(val_pairs), list(train_pairs)]
+    pixels = [sum(p.ref.shape[1] * p.ref.shape[2] for p in side) for side in sides]
+    indexed, probed = (0, 1) if pixels[0] <= pixels[1] else (1, 0)
+    keys, starts, widths, owners = [], [0], [], []  # block n of pair owners[k] is starts[k] + n
+    for i, pair in enumerate(sides[indexed]):
+        if min(pair.ref.shape[1:]) >= BLOCK:
+            key, _ = _block_keys(pair.ref[0])
+            keys.append(key.ravel())
+            starts.append(starts[-1] + key.size)
+            widths.append(key.shape[1])
+            owners.append(i)
+    if not keys:
+        return None
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")
+    all_keys = all_keys[order]
+    for pair in sides[probed]:
+        if min(pair.ref.shape[1:]) < BLOCK:
+            continue
+        key, varies = _block_keys(pair.ref[0])
+        key, varies = key[::STEP, ::STEP], varies[::STEP, ::STEP]
+        start = np.searchsorted(all_keys, key.ravel(), "left")
+        stop = np.searchsorted(all_keys, key.ravel(), "right")
+        for flat in np.flatnonzero((stop > start) & varies.ravel()):
+            r, c = divmod(int(flat), key.shape[1])
+            block = pair.ref[:, r * STEP : r * STEP + BLOCK, c * STEP : c * STEP + BLOCK]
+            for n in order[start[flat] : stop[flat]]:
+                k = int(np.searchsorted(starts, n, "right")) - 1
+                other = sides[indexed][owners[k]]
+                y, x = divmod(int(n) - starts[k], widths[k])
+                if np.array_equal(block, other.ref[:, y : y + BLOCK, x : x + BLOCK]):
+                    spots = {probed: (pair, r * STEP, c * STEP), indexed: (other, y, x)}
+                    (v, vy, vx), (t, ty, tx) = spots[0], spots[1]
+                    return f"{v.name} at ({vy}, {vx}) is {t.name} at ({ty}, {tx})"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- sampling
 
 

@@ -34,7 +34,14 @@ from fusion_cli.errors import FusionError
 from fusion_cli.metrics.table import validation_keys
 from fusion_cli.raster import make_output_folder
 from fusion_cli.raster.gdal import reason
-from fusion_cli.training.data import PatchSampler, TrainPair, attach_base, pair_digest, validation_crops
+from fusion_cli.training.data import (
+    PatchSampler,
+    TrainPair,
+    attach_base,
+    pair_digest,
+    shared_block,
+    validation_crops,
+)
 from fusion_cli.training.export import export
 from fusion_cli.training.history import append_log, plot_history, status, write_log
 from fusion_cli.training.validation import autocast, evaluate_pairs
@@ -361,6 +368,12 @@ def train(
         raise FusionError(
             f"validation {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} is also training data: its "
             "score would say nothing about held-out quality; give --val other scenes"
+        )
+    overlap = shared_block(val_pairs, train_pairs)
+    if overlap:
+        raise FusionError(
+            f"validation shares pixels with training data ({overlap}, in target pixels): its scores would "
+            "not be held out; give --val scenes that do not overlap the training scenes, or leave one out"
         )
     if config.base is not None:
         # The base product of each pair, once: patches and validation crops are cut from it.
