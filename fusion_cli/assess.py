@@ -375,6 +375,14 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         check_pan_ms_levels(case.pan.data[0][case.pan.valid], ms.data[:, ms.valid], case.pan.name, ms.name)
     case = with_product_bands(case, opts.bands)
     f = case.fused
+    failed = 0 if f.declared is None else int((f.declared & ~f.valid).sum())
+    if failed:
+        # in a reference or an MS, NaN marks dead bands or pixels, and is left out; in a product it is
+        # a fusion that failed there, and was scored around at exit 0 (helper)
+        raise FusionError(
+            f"the fused product {f.name} has NaN or infinite values at {failed} px outside its nodata; "
+            "declare them nodata (gdal_translate -a_nodata nan IN OUT) to score the other pixels"
+        )
     if opts.round_uint16 is None:
         compared = case.ref if case.ref is not None else case.ms
         assert compared is not None

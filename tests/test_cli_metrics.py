@@ -483,6 +483,29 @@ def test_a_dead_nan_band_left_out_of_the_product_does_not_void_the_reference(tmp
         assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-9), key
 
 
+def test_nan_in_a_product_is_refused_unless_declared_nodata(tmp_path: Path) -> None:
+    """A product with NaN outside its nodata (a fusion that failed there) was scored around them at
+    exit 0 (helper: Q2n 0.787077 against 0.787483 clean); a reference's NaN (dead bands) still is."""
+    sim = tmp_path / "sim"
+    pan, ms = str(EXAMPLES / "landsat8_pan.tif"), str(EXAMPLES / "landsat8_ms.tif")
+    assert run_cli("simulate", pan, ms, "-o", str(sim)).returncode == 0
+    product = tmp_path / "p.tif"
+    args = [str(sim / "pan_lr.tif"), str(sim / "ms_lr.tif"), "-o", str(product), "--method", "gsa"]
+    assert run_cli("pansharpen", *args, "--dtype", "float32", "-q").returncode == 0
+    with rasterio.open(product, "r+") as ds:
+        data = ds.read()
+        data[:, 40:50, 60:70] = np.nan
+        ds.write(data)
+    res = run_cli("metrics", str(product), "--ref", str(sim / "ms_ref.tif"), "--json")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "has NaN or infinite values at 100 px outside its nodata" in res.stderr
+    with rasterio.open(product, "r+") as ds:
+        ds.nodata = float("nan")
+    res = run_cli("metrics", str(product), "--ref", str(sim / "ms_ref.tif"), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 0 < 1 - json.loads(res.stdout)["valid_fraction"] < 0.01
+
+
 def _float_tif(path: Path, data: np.ndarray) -> Path:
     with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
                        count=data.shape[0], dtype="float32") as dst:  # fmt: skip
