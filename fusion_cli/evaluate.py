@@ -258,6 +258,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if vals:
                 s[k] = float(np.mean(vals))
                 s[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            if vals and len(vals) < len(mine):  # NaN on some scenes (a dead band): the mean is of the rest
+                s[f"{k}_scenes"] = len(vals)
         out.append(s)
     return out
 
@@ -281,10 +283,10 @@ def table_cells(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         for k in keys:
             if k not in s:
                 line.append("")
-            elif many:
-                line.append(f"{_fmt(s[k], k)} ± {_fmt(s[k + '_std'], k)}")
             else:
-                line.append(_fmt(s[k], k))
+                cell = f"{_fmt(s[k], k)} ± {_fmt(s[k + '_std'], k)}" if many else _fmt(s[k], k)
+                scored = s.get(f"{k}_scenes")
+                line.append(cell if scored is None else f"{cell} ({scored} of {s['scenes']} scenes)")
         cells.append(line)
     return header, cells
 

@@ -59,6 +59,12 @@ def test_summary_mean_and_std() -> None:
     _, cells = table_cells(s)
     assert [c[0] for c in cells] == ["gsa", "exp (1 of 2 scenes)"]
     assert "exp (1 of 2 scenes)" in markdown(s)
+    # an index that is NaN on a scene (a dead band) is averaged over the others, and says so
+    rows[1]["ERGAS"] = float("nan")
+    s = summarise(rows)
+    header, cells = table_cells(s)
+    assert cells[0][header.index("ERGAS")] == "1.0000 ± 0.0000 (1 of 2 scenes)"
+    assert cells[0][header.index("SAM")] == "3.0000 ± 1.4142"
 
 
 # (PAN, MS, sensor, --clip-bits): WorldView-2 pair 1 of ../shared (11-bit DN), or a 96 x 192 MS px
