@@ -399,6 +399,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
         if ratio is None:
             raise FusionError("reduced-resolution metrics need --ratio (PAN/MS pixel-size ratio, e.g. 4)")
         out["reference"], out["ratio"] = str(r.path), ratio
+        valid = f.valid & r.valid
         out.update(
             reduced_resolution(
                 r.data,
@@ -406,14 +407,14 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 ratio,
                 cut=opts.cut,
                 clip_bits=opts.clip_bits,
-                mask=_mask_or_none(f.valid & r.valid),
+                mask=_mask_or_none(valid),
                 per_band=opts.per_band,
                 block=opts.block,
                 round_uint16=bool(opts.round_uint16),
                 psnr_peak=opts.psnr_peak,
             )
         )
-        _say_why_infinite(out, r.data, f.data, f.valid & r.valid)
+        _say_why_infinite(out, r.data, f.data, valid)
     else:
         assert case.pan is not None and case.ms is not None
         ms = case.ms.data
@@ -448,7 +449,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 file_bands,
             )
         )
-    out["valid_fraction"] = float((f.valid if case.ref is None else f.valid & case.ref.valid).mean())
+    out["valid_fraction"] = float(valid.mean())  # the PAN's and MS's nodata too (full resolution)
     out["settings"] = opts.to_dict()
     return out
 

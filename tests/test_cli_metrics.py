@@ -319,6 +319,15 @@ def test_full_resolution_needs_a_valid_area_beyond_the_filters_reach(tmp_path: P
     wide[:, :, :100] = 0  # a third of the scene is nodata
     result = score_files(_write(tmp_path / "wide.tif", wide, nodata=0), pan=paths["pan"], ms=paths["ms"])
     assert 0 < result["scored_fraction"] < result["valid_fraction"] < 1
+    # the MS's nodata counts too, not only the product's (it said 1.0 beside a third of it scored)
+    holed = ms.copy()
+    holed[:, :, : ms.shape[2] // 3] = 0
+    result = score_files(
+        _write(tmp_path / "full.tif", fused),
+        pan=paths["pan"],
+        ms=_write(tmp_path / "holed.tif", holed, nodata=0),
+    )
+    assert result["valid_fraction"] == pytest.approx(1 - (ms.shape[2] // 3) / ms.shape[2], abs=1e-6)
     narrow = np.zeros_like(fused)
     narrow[:, 100:160, 200:260] = fused[:, 100:160, 200:260]  # 60 px: narrower than twice the reach
     with pytest.raises(FusionError, match="lies 26 PAN px inside the valid data"):
