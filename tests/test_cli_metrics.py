@@ -578,3 +578,26 @@ def test_the_pan_ms_level_check_runs_beside_a_dead_band(tmp_path: Path) -> None:
     assert res.returncode == 2 and "not in the same units" in res.stderr, res.stderr
     res = run_cli("metrics", str(product), "--pan", str(pans["pan"]), "--ms", str(dead), "--json")
     assert res.returncode == 0 and 0 < json.loads(res.stdout)["HQNR"] <= 1, res.stderr
+
+
+def test_scoring_beyond_the_available_memory_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full-resolution scoring of an 8 x 8100^2 product needed ~28 GB and the kernel killed it on a
+    24 GB machine with no message (helper). The need is estimated from the product's header and
+    compared with what the machine (or the cgroup) has left: here the example product at full
+    resolution against a machine with 50 MB free."""
+    from fusion_cli import assess
+
+    assert (assess.available_memory() or 1) > 0
+    product = tmp_path / "p.tif"
+    pan, ms = str(EXAMPLES / "landsat8_pan.tif"), str(EXAMPLES / "landsat8_ms.tif")
+    assert run_cli("pansharpen", pan, ms, "-o", str(product), "--method", "gsa", "-q").returncode == 0
+    monkeypatch.setattr(assess, "available_memory", lambda: 50 * 2**20)
+    with pytest.raises(
+        FusionError,
+        match=r"\(6 x 319 x 639\) at full resolution needs about 0\.1 GiB of memory, 0\.0 GiB is avail",
+    ):
+        assess.evaluate(product)
+    monkeypatch.setattr(assess, "available_memory", lambda: 2**30)
+    assert assess.evaluate(product)["mode"] == "full"
