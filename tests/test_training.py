@@ -1056,3 +1056,11 @@ def test_validation_sharing_pixels_with_training_data_is_refused(pairs: dict[str
     assert not Path("never-made").exists()
     assert shared_block(pairs["val"], pairs["train"]) is None  # other path/rows
     assert shared_block(val_p[:1], train_p) is None  # a scene's own rows do not overlap
+
+
+def test_a_validation_split_too_small_to_reduce_is_named() -> None:
+    """A 30-row scene's 20 % validation rows cannot be Wald-reduced: the error named neither the scene
+    nor that it was the validation split (helper)."""
+    scene = fusebox(1, ms_size=30)
+    with pytest.raises(FusionError, match=r"^1_ms\[rows 0\.80-1\.00\]: images too small for a ratio-2"):
+        reduce_scene(scene.crop_rows(0.8, 1.0), 2)

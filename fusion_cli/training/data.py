@@ -315,7 +315,10 @@ def reduce_scene(
         h, w = h - h % ratio, w - w % ratio
         ms = scene.ms[:, :h, :w]
         pan = scene.pan[:, : h * ratio, : w * ratio]
-        pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, scene.sensor, pan_mode, scene.sensor_bands)
+        try:
+            pan_lr, ms_lr, ref = simulate_arrays(pan, ms, ratio, scene.sensor, pan_mode, scene.sensor_bands)
+        except FusionError as exc:  # which scene (and which part of it: a validation split's rows)
+            raise FusionError(f"{scene.name}: {exc}") from None
         pan_hr, ms_lr, ref = np.asarray(pan_lr), np.asarray(ms_lr), np.asarray(ref)
         if pan_hr.ndim == 2:
             pan_hr = pan_hr[None]
