@@ -163,9 +163,9 @@ def _georef_ratio(
     if (fine.crs is None) != (coarse.crs is None):
         which = f_name if fine.crs is None else c_name
         raise FusionError(f"the {which} has no CRS but the other input has one; assign the same CRS to both")
-    if fine.crs is not None and fine.crs != coarse.crs:
+    if fine.crs is not None and not same_crs(fine.crs, coarse.crs):
         raise FusionError(
-            f"CRS mismatch: {f_name} is {fine.crs.to_string()} but {c_name} is {coarse.crs.to_string()}; "
+            f"CRS mismatch: {f_name} is {crs_name(fine.crs)} but {c_name} is {crs_name(coarse.crs)}; "
             + (crs_hint or "reproject one onto the other's grid first (gdalwarp -t_srs)")
         )
     for t, what in ((ft, f_name), (ct, c_name)):
@@ -203,6 +203,28 @@ def _refuse_gcps_or_rpcs(grids: Sequence[Any], names: Sequence[str]) -> None:
                 f"the {what} is georeferenced by ground control points or RPCs only, which this "
                 "tool does not apply; warp it to a regular grid first (gdalwarp)"
             )
+
+
+def same_crs(a: Any, b: Any) -> bool:
+    """Whether two CRSs place a geotransform's coordinates alike: equal, or equal but for the axis
+    order of their definitions (EPSG:4326 beside OGC:CRS84 or an ESRI .prj of WGS 84 was refused as a
+    mismatch, though GDAL rasters are always x = easting/longitude)."""
+    if a == b:
+        return True
+    proj = a.to_proj4()
+    return bool(proj) and proj == b.to_proj4()
+
+
+def crs_name(crs: Any) -> str:
+    """A CRS as a one-line message names it: its authority code, else its PROJ string, else its name
+    (a CRS without an EPSG code printed 500 characters of WKT)."""
+    text = crs.to_string()
+    if len(text) <= 60:
+        return text
+    proj = crs.to_proj4().replace("+no_defs=True", "").strip()
+    if proj and len(proj) <= 120:
+        return proj
+    return f'"{text.split(chr(34), 2)[1]}" (no EPSG code)' if text.count('"') >= 2 else text[:60] + "..."
 
 
 def relate_grids(pan_ds: Any, ms_ds: Any, expected_ratio: int | None = None) -> Alignment:

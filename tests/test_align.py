@@ -287,3 +287,50 @@ def test_block_windows_line_grids_up_by_their_transforms():
     # them from the top-left corner, away from Landsat's half-pixel offset, at exit 0)
     with pytest.raises(FusionError, match="the MS has no geotransform but the other input has one"):
         align.block_windows(_grid(bare, (160, 320), None), [pan])
+
+
+def test_crs_told_in_another_axis_order_is_the_same_crs(tmp_path):
+    """The WorldView-3 MS described as OGC:CRS84 (a VRT; an ESRI .prj of WGS 84 reads alike) beside its
+    EPSG:4326 PAN was refused as a CRS mismatch, though --reproject gave the identical product (helper):
+    GDAL rasters are always x = longitude. Another datum (NAD83) is still refused, and a CRS without
+    an EPSG code is named, not printed as 500 characters of WKT."""
+    import re
+    import subprocess
+    import sys
+
+    from rasterio.crs import CRS
+    from rasterio.shutil import copy as gdal_copy
+
+    from fusion_cli.align import crs_name, same_crs
+
+    pan, ms = need_shared("wv3_spacenet2", "pan.tif"), need_shared("wv3_spacenet2", "ms.tif")
+    vrt = tmp_path / "ms.vrt"
+    gdal_copy(ms, vrt, driver="VRT")
+    text = re.sub(r"<SRS[^>]*>.*?</SRS>", "<SRS>{}</SRS>", vrt.read_text(), flags=re.S)
+    outs = {}
+    for name, srs in (("crs84", "OGC:CRS84"), ("nad83", "EPSG:4269")):
+        (tmp_path / f"{name}.vrt").write_text(text.format(srs))
+        outs[name] = tmp_path / f"{name}.tif"
+        args = [
+            "pansharpen",
+            str(pan),
+            str(tmp_path / f"{name}.vrt"),
+            "-o",
+            str(outs[name]),
+            "--method",
+            "gsa",
+        ]
+        code = "import sys; from fusion_cli.cli.main import main; main(sys.argv[1:])"
+        outs[name] = (
+            outs[name],
+            subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True),
+        )
+    assert outs["crs84"][1].returncode == 0, outs["crs84"][1].stderr
+    assert (
+        outs["nad83"][1].returncode == 2
+        and "CRS mismatch: PAN is EPSG:4326 but MS is EPSG:4269" in outs["nad83"][1].stderr
+    )
+    assert same_crs(CRS.from_epsg(4326), CRS.from_string("OGC:CRS84"))
+    assert not same_crs(CRS.from_epsg(4326), CRS.from_epsg(4322))  # WGS 72
+    proj = "+proj=tmerc +lat_0=0 +lon_0=13.37 +k=0.9996 +x_0=500000 +y_0=0 +datum=WGS84 +units=m"
+    assert crs_name(CRS.from_wkt(CRS.from_proj4(proj).to_wkt())) == proj

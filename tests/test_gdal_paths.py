@@ -117,3 +117,26 @@ def test_report_reads_vsizip_products_and_inputs(tmp_path: Path, zipped: dict[st
     for key in ("QNR", "D_lambda", "D_s", "HQNR"):
         assert rows["zip"][key] == pytest.approx(rows["plain"][key], rel=1e-12), key
     assert 0 < rows["zip"]["QNR"] <= 1
+
+
+def test_netcdf_subdatasets_are_named_and_read(tmp_path: Path) -> None:
+    """A netCDF of several variables (bands) opened with no bands: a traceback (IndexError) in
+    pansharpen, simulate and metrics; a subdataset name (NETCDF:"f.nc":Band1, as gdalinfo lists it)
+    was refused as a file not found (helper). The subdataset fuses as the GeoTIFF does."""
+    from rasterio.shutil import copy as gdal_copy
+
+    pan_nc, ms_nc = tmp_path / "pan.nc", tmp_path / "ms.nc"
+    gdal_copy(EXAMPLE_PAN, pan_nc, driver="netCDF")
+    gdal_copy(EXAMPLE_MS, ms_nc, driver="netCDF")
+    rc, _, err = run("pansharpen", EXAMPLE_PAN, ms_nc, "-o", tmp_path / "a.tif", "--method", "gsa")
+    one_line_error(rc, err, f"MS {ms_nc} holds 6 subdatasets, not bands; give one of them, e.g.")
+    assert not (tmp_path / "a.tif").exists()
+    rc, _, err = run("metrics", ms_nc)
+    one_line_error(rc, err, "holds 6 subdatasets")
+    outs = []
+    for pan in (f'NETCDF:"{pan_nc}":Band1', EXAMPLE_PAN):
+        outs.append(tmp_path / f"{len(outs)}.tif")
+        rc, _, err = run("pansharpen", pan, EXAMPLE_MS, "-o", outs[-1], "--method", "gsa", "-q")
+        assert rc == 0, err
+    with rasterio.open(outs[0]) as a, rasterio.open(outs[1]) as b:
+        assert np.array_equal(a.read(), b.read()) and a.transform == b.transform and a.crs == b.crs

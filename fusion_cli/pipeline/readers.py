@@ -199,7 +199,8 @@ def open_pair(
         raster.check_same_file(pan_path, ms_path)
         raster.check_pixel_type(pan_ds, "PAN")
         raster.check_pixel_type(ms_ds, "MS")
-        if reproject and pan_ds.crs is not None and ms_ds.crs is not None and pan_ds.crs != ms_ds.crs:
+        crs = pan_ds.crs, ms_ds.crs
+        if reproject and None not in crs and not align.same_crs(*crs):
             ms_ds = stack.enter_context(align.warp_to_pan_crs(ms_ds, pan_ds, expected_ratio, ms_nodata))
         yield raster.with_nodata(pan_ds, pan_nodata, "PAN"), raster.with_nodata(ms_ds, ms_nodata, "MS")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import rasterio
@@ -39,11 +40,19 @@ def gdal_env() -> rasterio.Env:
     return _GuardedEnv(**GDAL_ENV)
 
 
+# A GDAL subdataset name: a driver's prefix and at least one more colon (NETCDF:"file.nc":var,
+# netcdf:file.nc:var as gdalinfo lists them, HDF5:"file.h5"://ms, GTIFF_DIR:2:file.tif, ...)
+_SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}:.*:")
+
+
 def is_gdal_path(path: str | os.PathLike[str]) -> bool:
-    """A GDAL virtual path (`/vsizip/...`, `/vsicurl/...`, `s3://...`): not a local file to check with
+    """A GDAL virtual path (`/vsizip/...`, `/vsicurl/...`, `s3://...`) or subdataset name
+    (`NETCDF:"f.nc":var`, which was refused as a file not found): not a local file to check with
     `Path.exists()`, nor to pass through `Path` (which folds the `//` these paths rely on)."""
     text = os.fspath(path)
-    return text.startswith("/vsi") or "://" in text
+    if text.startswith("/vsi") or "://" in text:
+        return True
+    return bool(_SUBDATASET.match(text)) and not os.path.exists(text)
 
 
 def recorded_path(path: str | os.PathLike[str]) -> str:

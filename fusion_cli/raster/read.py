@@ -49,7 +49,7 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.i
         with warnings.catch_warnings():
             # Missing georeferencing is handled (and reported once) by align.relate_grids.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(p, "r")
+            ds = rasterio.open(p, "r")
     except RasterioIOError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "unknown format"
         if isinstance(p, str):  # GDAL decides whether a virtual path exists
@@ -57,6 +57,16 @@ def open_raster(path: str | os.PathLike[str], what: str = "input") -> rasterio.i
                 f"{what} cannot be opened by GDAL ({first}): {p}; check the path inside the archive or URL"
             ) from None
         raise FusionError(f"{what} is not a readable raster ({first}): {p}") from None
+    if ds.count == 0:  # an HDF5 or netCDF container: its rasters are subdatasets (a traceback later)
+        names = list(ds.subdatasets)
+        ds.close()
+        if not names:
+            raise FusionError(f"{what} {p} holds no raster bands")
+        raise FusionError(
+            f"{what} {p} holds {len(names)} subdatasets, not bands; give one of them, e.g. {names[0]}"
+            + (f" or {names[1]}" if len(names) > 1 else "")
+        )
+    return ds
 
 
 def is_warped(ds: Any) -> bool:
