@@ -586,7 +586,11 @@ def test_cli_train_end_to_end_and_errors(tmp_path: Path, monkeypatch: pytest.Mon
     assert res.exit_code == 0, res.output
     tuned = json.loads((tmp_path / "tuned" / "tuned.json").read_text())["training"]
     assert tuned["init"]["sha256"] == card["sha256"] and tuned["init"]["model"] == "cli_tiny"
-    assert "--init" in tuned["command"] and "--epochs 1" in tuned["command"]
+    # its command replays the whole training as one run: the resume's --epochs, the first run's --init
+    assert (
+        "--epochs 2" in tuned["command"]
+        and f"--init {tmp_path / 'run' / 'cli_tiny.safetensors'}" in tuned["command"]
+    )
     assert "--epochs 2" in tuned["resumed"][0]
     # A missing folder is a one-line user error (FusionError -> exit 2 in main()).
     from fusion_cli.cli.main import main
@@ -1001,7 +1005,7 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 4, 8]
     assert [h["step"] for h in res.history] == [0, 4, 8]
     saved = json.loads((run / "tiny_landsat.json").read_text())["training"]
-    assert saved["command"] == "fusion train first" and saved["resumed"] == ["fusion train second"]
+    assert saved["command"] == "fusion train second" and saved["resumed"] == ["fusion train second"]
     assert saved["precision"] == "fp32"
 
     ck = torch.load(run / "checkpoint.pt", weights_only=True)

@@ -17,6 +17,7 @@ import functools
 import io
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -272,9 +273,11 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The card of a resumed run: the first run's fields (its command and --init are the run's
-    provenance; the resume's command replaced them), with each resume's command added. A resume
-    that names other --init weights is refused: the checkpoint's weights came from the first."""
+    """The card of a resumed run: the first run's fields (its data and --init are the weights'
+    provenance; a resume without --init dropped it), with the command that replays the whole training
+    as one run (the resume's, which --epochs states, plus the first run's --init) and each resume's
+    command as given. A resume that names other --init weights is refused: the checkpoint's weights
+    came from the first."""
     if not saved or not asked:
         return asked
     first, now = saved.get("training", {}), asked.get("training", {})
@@ -284,7 +287,11 @@ def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) ->
             "--resume: --init differs from the run's first --init (the checkpoint continues from that); "
             "resume without --init, or use a new --out"
         )
-    training = {**first, "resumed": [*first.get("resumed", []), now.get("command")]}
+    command = now.get("command") or first.get("command")
+    if init_first and command and "--init" not in command.split():
+        command += f" --init {shlex.quote(str(init_first['weights']))}"
+    resumed = [*first.get("resumed", []), now.get("command")]
+    training = {**first, "command": command, "resumed": resumed}
     return {**saved, **{k: v for k, v in asked.items() if k not in saved}, "training": training}
 
 
