@@ -140,3 +140,18 @@ def test_netcdf_subdatasets_are_named_and_read(tmp_path: Path) -> None:
         assert rc == 0, err
     with rasterio.open(outs[0]) as a, rasterio.open(outs[1]) as b:
         assert np.array_equal(a.read(), b.read()) and a.transform == b.transform and a.crs == b.crs
+
+
+def test_a_vrt_whose_source_is_gone_says_so(tmp_path: Path) -> None:
+    """A VRT whose source file was moved was called damaged, with the advice to re-download it."""
+    import shutil
+
+    from rasterio.shutil import copy as gdal_copy
+
+    source, vrt = tmp_path / "ms_source.tif", tmp_path / "ms.vrt"
+    shutil.copy(EXAMPLE_MS, source)
+    gdal_copy(source, vrt, driver="VRT")
+    source.unlink()
+    rc, _, err = run("pansharpen", EXAMPLE_PAN, vrt, "-o", tmp_path / "o.tif", "--method", "gsa")
+    one_line_error(rc, err, "refers to a file that is missing", "ms_source.tif")
+    assert "damaged" not in err and not (tmp_path / "o.tif").exists()

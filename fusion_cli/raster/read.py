@@ -436,6 +436,11 @@ def damaged_input(ds: Any) -> Iterator[None]:
     try:
         yield
     except (RasterioError, CPLE_BaseError) as exc:
+        why = reason(exc)
+        if "No such file or directory" in why:  # a VRT's source, a sidecar: moved, not damaged
+            raise FusionError(
+                f"{ds.name} refers to a file that is missing ({why}); restore it or fix the path"
+            ) from exc
         raise FusionError(
-            f"{ds.name} is damaged (truncated or corrupted: {reason(exc)}); re-download or re-export it"
+            f"{ds.name} is damaged (truncated or corrupted: {why}); re-download or re-export it"
         ) from exc
