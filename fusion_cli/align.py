@@ -170,7 +170,9 @@ def _georef_ratio(
         )
     for t, what in ((ft, f_name), (ct, c_name)):
         if abs(t.b) > 1e-12 * abs(t.a) or abs(t.d) > 1e-12 * abs(t.e):
-            raise FusionError(f"the {what} grid is rotated; warp it to a north-up grid first (gdalwarp)")
+            raise FusionError(
+                f"the {what} grid is rotated or sheared; warp it to a north-up grid first (gdalwarp)"
+            )
         if t.a < 0 or t.e > 0:  # the pixel phases below assume rows run south and columns east
             raise FusionError(
                 f"the {what} grid is not north-up (its rows run north or its columns west); "

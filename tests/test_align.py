@@ -117,6 +117,13 @@ def test_bad_pairs_raise_one_line_errors(tmp_path):
         ),
         "no CRS": _synthetic(tmp_path, "d.tif", None, from_origin(0, 1000, 4, 4), (100, 100)),
         "ratios differ": _synthetic(tmp_path, "e.tif", "EPSG:32631", from_origin(0, 1000, 4, 2), (100, 100)),
+        "MS grid is rotated or sheared": _synthetic(
+            tmp_path,
+            "s.tif",
+            "EPSG:32631",
+            from_origin(0, 1000, 4, 4) * rasterio.Affine.shear(5, 0),
+            (100, 100),
+        ),
     }
     for message, ms in cases.items():
         with pytest.raises(FusionError, match=message) as e:
