@@ -794,8 +794,14 @@ def run_recipe(
     init_state = None if init_model is None else init_model.state_dict()
     from fusion_cli.cli.progress import progress_bar
 
-    if not resume:  # a new leg replaces the recipe's scratch run in --work (its model is in --out)
-        (work_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if not resume and (work_dir / "checkpoint.pt").exists():
+        # a new leg replaces the recipe's scratch run in --work (its model is in --out), unless that run
+        # is still going (then `train` refuses, and its checkpoint stays)
+        from fusion_cli.batch.locking import scene_lock
+
+        with scene_lock(work_dir / "checkpoint.pt") as held:
+            if held:
+                (work_dir / "checkpoint.pt").unlink()
     with progress_bar(f"train {name}", progress, eta=True) as update:
         res = train(
             train_p,

@@ -985,7 +985,7 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     import sys
 
     from fusion_cli.batch.locking import scene_lock
-    from fusion_cli.training.loop import write_checkpoint
+    from fusion_cli.training.loop import refuse_earlier_run, write_checkpoint
 
     run = tmp_path / "run"
     card = dict(EX_CARD, training={**EX_CARD["training"], "command": "fusion train first"})
@@ -996,6 +996,11 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
         pytest.raises(FusionError, match="another fusion train is running"),
     ):
         train(*args, tiny_ex(epochs=2), run, card, resume=True)
+    with (
+        scene_lock(run / "checkpoint.pt"),
+        pytest.raises(FusionError, match="another fusion train is running"),
+    ):
+        refuse_earlier_run(run)  # the CLI's early check: not "continue it with --resume" while it runs
     with pytest.raises(FusionError, match="holds an earlier run"):
         train(*args, tiny_ex(epochs=2), run, card)
     log = run / "train_log.jsonl"
@@ -1006,6 +1011,12 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     assert [h["step"] for h in res.history] == [0, 4, 8]
     saved = json.loads((run / "tiny_landsat.json").read_text())["training"]
     assert saved["command"] == "fusion train second" and saved["resumed"] == ["fusion train second"]
+    # what the resume asks is what its card says: another --name exports another model beside the first
+    renamed = dict(resumed_card, name="renamed", licence="MIT")
+    first_weights = (run / "tiny_landsat.safetensors").read_bytes()
+    train(*args, tiny_ex(epochs=3), run, renamed, resume=True)
+    assert json.loads((run / "renamed.json").read_text())["licence"] == "MIT"
+    assert (run / "tiny_landsat.safetensors").read_bytes() == first_weights
     assert saved["precision"] == "fp32"
 
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -1030,8 +1041,11 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     out = subprocess.run(
         [sys.executable, "-c", code, str(run / "checkpoint.pt")], capture_output=True, text=True
     )
-    assert out.stdout.startswith("[Errno 27] cannot write the checkpoint"), out.stdout + out.stderr
-    assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".checkpoint.pt.*"))
+    assert out.stdout.startswith(f"cannot write checkpoint {run / 'checkpoint.pt'}: "), (
+        out.stdout + out.stderr
+    )
+    assert "the previous checkpoint is kept: continue with --resume" in out.stdout
+    assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".*"))
     write_checkpoint(run / "checkpoint.pt", ck)  # and one that succeeds replaces it
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ck["step"]
 

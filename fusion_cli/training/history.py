@@ -17,9 +17,13 @@ def append_log(path: Path, rec: dict[str, Any]) -> None:
 
 def write_log(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """The log holding exactly `history`, one line per record (replaced whole, through a temporary)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(jsonout.dumps(rec) + "\n" for rec in history))
-    tmp.replace(path)
+    from fusion_cli.raster import atomic_output
+
+    if not history:  # atomic_output writes something or nothing
+        path.unlink(missing_ok=True)
+        return
+    with atomic_output(path, overwrite=True, what="training log") as tmp:
+        tmp.write_text("".join(jsonout.dumps(rec) + "\n" for rec in history))
 
 
 def status(rec: dict[str, Any]) -> str:

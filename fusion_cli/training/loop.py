@@ -6,17 +6,16 @@ is in `out_dir/checkpoint.pt` (model, optimizer, step, sampler RNG), written at 
 the time budget, so `resume=True` continues exactly where the run stopped.
 
 Files written to `out_dir`: `checkpoint.pt`, `train_log.jsonl` (one JSON line per epoch), `loss.png`
-(training and validation L1), and the exported `<name>.safetensors` + `<name>.json`.
+(training and validation L1), and the exported `<name>.safetensors` + `<name>.json`; while a run
+goes on, `.checkpoint.pt.lock` (one run per folder).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import io
 import math
-import os
 import shlex
 import sys
 import time
@@ -31,9 +30,9 @@ from torch import nn
 
 from fusion_cli.batch.locking import scene_lock
 from fusion_cli.device import resolve_device
-from fusion_cli.errors import FusionError
+from fusion_cli.errors import FusionError, OutputWriteError
 from fusion_cli.metrics.table import validation_keys
-from fusion_cli.raster import make_output_folder
+from fusion_cli.raster import atomic_output, make_output_folder
 from fusion_cli.raster.gdal import reason
 from fusion_cli.training.data import (
     PatchSampler,
@@ -202,12 +201,27 @@ def _check_resumed_config(saved: Any, config: TrainConfig) -> None:
 
 def refuse_earlier_run(out_dir: Path) -> None:
     """A fresh run into a folder holding a checkpoint would replace it at its first epoch: hours of an
-    interrupted run lost. Refused (the CLI asks before reading data; `train` again under its lock)."""
-    if (Path(out_dir) / "checkpoint.pt").exists():
-        raise FusionError(
-            f"{Path(out_dir) / 'checkpoint.pt'} holds an earlier run; continue it with --resume, or choose "
-            "another --out (delete the checkpoint to start over)"
-        )
+    interrupted run lost. Refused before any data is read (the CLI); a run still going there is said
+    to be running, not told to --resume (`train` checks both again under its lock)."""
+    checkpoint = Path(out_dir) / "checkpoint.pt"
+    if checkpoint.exists():
+        with scene_lock(checkpoint) as held:
+            if not held:
+                raise _running(out_dir)
+        raise _earlier_run(out_dir)
+
+
+def _earlier_run(out_dir: Path) -> FusionError:
+    return FusionError(
+        f"{Path(out_dir) / 'checkpoint.pt'} holds an earlier run; continue it with --resume, or choose "
+        "another --out (delete the checkpoint to start over)"
+    )
+
+
+def _running(out_dir: Path) -> FusionError:
+    return FusionError(
+        f"another fusion train is running into {out_dir}; wait for it to end, or choose another -o"
+    )
 
 
 def _read_checkpoint(
@@ -252,32 +266,24 @@ def _finite(tree: Any) -> bool:
 
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """`torch.save(state)` to `path` through a temporary of this process, renamed over it: a full
+    """`torch.save(state)` to `path` through a temporary renamed over it (`atomic_output`): a full
     disk, a size limit or Ctrl-C leaves the previous checkpoint and no temporary (torch.save failed
     with a C++ traceback and left a partial `checkpoint.tmp`)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, f"cannot write the checkpoint {path}: {exc.strerror}") from None
-        raise
+        with atomic_output(path, overwrite=True, what="checkpoint") as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as exc:  # the run can go on from the previous checkpoint
+        raise OutputWriteError(f"{exc}; the previous checkpoint is kept: continue with --resume") from None
 
 
 def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The card of a resumed run: the first run's fields (its data and --init are the weights'
-    provenance; a resume without --init dropped it), with the command that replays the whole training
-    as one run (the resume's, which --epochs states, plus the first run's --init) and each resume's
-    command as given. A resume that names other --init weights is refused: the checkpoint's weights
-    came from the first."""
+    """The card of a resumed run: what this run asks (name, description, licence...) with the first
+    run's provenance, which a resume without --init dropped: its --init, and a command that replays the
+    whole training as one run (this one's --epochs, the first run's --init), each resume's command
+    listed. A resume that names other --init weights is refused: the checkpoint's weights came from
+    the first."""
     if not saved or not asked:
         return asked
     first, now = saved.get("training", {}), asked.get("training", {})
@@ -290,9 +296,10 @@ def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) ->
     command = now.get("command") or first.get("command")
     if init_first and command and "--init" not in command.split():
         command += f" --init {shlex.quote(str(init_first['weights']))}"
-    resumed = [*first.get("resumed", []), now.get("command")]
-    training = {**first, "command": command, "resumed": resumed}
-    return {**saved, **{k: v for k, v in asked.items() if k not in saved}, "training": training}
+    training = {**now, "command": command, "resumed": [*first.get("resumed", []), now.get("command")]}
+    if init_first:
+        training["init"] = init_first
+    return {**asked, "training": training}
 
 
 def _plain(value: Any) -> Any:
@@ -421,9 +428,7 @@ def train(
     # one run per folder: two runs interleaved their logs and one lost its checkpoint's temporary
     with scene_lock(out_dir / "checkpoint.pt") as held:
         if not held:
-            raise FusionError(
-                f"another fusion train is running into {out_dir}; wait for it to end, or choose another -o"
-            )
+            raise _running(out_dir)
         ckpt_path = out_dir / "checkpoint.pt"
         log_path = out_dir / "train_log.jsonl"
         step, elapsed_before, history = 0, 0.0, []
@@ -459,10 +464,10 @@ def train(
             # checkpoint logged that epoch, which the resumed run logs again
             write_log(log_path, history)
         else:
-            refuse_earlier_run(out_dir)  # again, now that this run holds the folder
+            if ckpt_path.exists():  # again, now that this run holds the folder
+                raise _earlier_run(out_dir)
             log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-        for stale in out_dir.glob(".checkpoint.pt.*.tmp"):  # of a killed run (the lock says so)
-            stale.unlink(missing_ok=True)
+        (out_dir / "checkpoint.tmp").unlink(missing_ok=True)  # a killed earlier version's temporary
 
         def save_checkpoint() -> None:
             state = {
