@@ -158,8 +158,9 @@ def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any
 
 # Peak memory of scoring per product pixel and band (its inputs read whole, float64 copies, the
 # filtered images), measured on 8-band WV3 products: 6.9 GB at full resolution for 4000^2 PAN px (52 B),
-# 5.95 GB at reduced resolution for 8100^2 (11 B; 16 allows for the interpreter at small sizes).
-SCORING_BYTES = {"full": 52, "reduced": 16}
+# at reduced resolution 5.95 GB for 8100^2 (11 B) and 1.68 GB for 2600^2 uint16 (22 B above the
+# interpreter): 24 B.
+SCORING_BYTES = {"full": 52, "reduced": 24}
 
 
 def check_scoring_memory(fused: str | Path, full: bool) -> None:
@@ -182,16 +183,42 @@ def check_scoring_memory(fused: str | Path, full: bool) -> None:
 
 def available_memory() -> int | None:
     """Bytes this process may still allocate: the kernel's MemAvailable, or less under a cgroup limit
-    (a container, a cluster job); None where neither is known (not Linux)."""
+    (a container, a cluster job: v2 at this process's own cgroup, or v1), the limit less what is used
+    but for page cache the kernel reclaims (a run that just wrote large files sits near its limit);
+    None where none of it is known (not Linux)."""
     free: list[int] = []
     with contextlib.suppress(OSError, ValueError, StopIteration):
         with open("/proc/meminfo") as fh:
             free.append(1024 * int(next(line for line in fh if line.startswith("MemAvailable:")).split()[1]))
+    root = Path("/sys/fs/cgroup")
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        own = next(
+            line for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
+        )
+        group = root / own[3:].lstrip("/")  # v2: this process's group, or the namespace's root
+        v2 = group if (group / "memory.max").exists() else root
+        free.extend(_cgroup_room(v2, "memory.max", "memory.current", "inactive_file"))
     with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+        free.extend(
+            _cgroup_room(
+                root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+            )
+        )
     return min(free) if free else None
+
+
+def _cgroup_room(group: Path, limit_file: str, usage_file: str, cache_key: str) -> list[int]:
+    """[limit - usage + reclaimable cache] of a cgroup's memory files; [] without a limit."""
+    if not (group / limit_file).exists():
+        return []
+    limit = (group / limit_file).read_text().strip()
+    if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+        return []
+    cache = 0
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        stat = (group / "memory.stat").read_text().splitlines()
+        cache = int(next(line for line in stat if line.startswith(cache_key + " ")).split()[1])
+    return [int(limit) - int((group / usage_file).read_text()) + cache]
 
 
 def load_case(

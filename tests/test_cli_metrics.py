@@ -601,3 +601,12 @@ def test_scoring_beyond_the_available_memory_is_refused_before_reading(
         assess.evaluate(product)
     monkeypatch.setattr(assess, "available_memory", lambda: 2**30)
     assert assess.evaluate(product)["mode"] == "full"
+    # a container near its cgroup limit with page cache the kernel reclaims is not full (reviewer)
+    group = tmp_path / "cgroup"
+    group.mkdir()
+    (group / "memory.max").write_text("8000000000\n")
+    (group / "memory.current").write_text("7900000000\n")
+    (group / "memory.stat").write_text("anon 2900000000\ninactive_file 5000000000\n")
+    assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == [5_100_000_000]
+    (group / "memory.max").write_text("max\n")
+    assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == []
