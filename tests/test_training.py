@@ -309,6 +309,19 @@ def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[Trai
         (tmp_path / "run" / f"h5{suffix}").stat().st_mode & 0o777 for suffix in (".safetensors", ".json")
     ]
     assert modes[0] == modes[1] and modes[0] & 0o044, [oct(m) for m in modes]
+    # an HDF5 split whose validation patches overlap its training patches (as published splits cut
+    # from the same images may) trains, saying so; scenes that overlap are refused
+    with h5py.File(tmp_path / "overlapping.h5", "w") as f:
+        vgt = p.ref[None, :, 16:48, 16:48] * 2047
+        f["GT"], f["MS"], f["PAN"], f["LMS"] = (
+            vgt,
+            p.ms[None, :, 8:24, 8:24] * 2047,
+            p.pan[None, :, 16:48, 16:48] * 2047,
+            vgt,
+        )
+    with pytest.warns(UserWarning, match=r"validation shares pixels with training data \(overlapping#0 at"):
+        train_from_inputs([tmp_path / "train.h5"], tmp_path / "run2", name="h5", config=config,
+                          val_inputs=[tmp_path / "overlapping.h5"], dn_max=2047.0)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- training

@@ -85,6 +85,7 @@ class TrainPair:
     ref: np.ndarray  # (C, H, W) the original MS / HSI: the target
     ratio: int
     base: np.ndarray | None = None  # (C, H, W) a classical base method's product (see `attach_base`)
+    patch: bool = False  # one patch of an HDF5 set (PanCollection), not a scene
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -406,7 +407,7 @@ def load_h5(path: str | Path, dn_max: float, ratio: int | None = None) -> list[T
             raise FusionError(f"{path.name}: its {name} has {bad} NaN or infinite values; fill them first")
     s = 1.0 / dn_max
     return [
-        TrainPair(name=f"{path.stem}#{i}", pan=pan[i] * s, ms=ms[i] * s, ref=gt[i] * s, ratio=r)
+        TrainPair(name=f"{path.stem}#{i}", pan=pan[i] * s, ms=ms[i] * s, ref=gt[i] * s, ratio=r, patch=True)
         for i in range(len(gt))
     ]
 
@@ -426,22 +427,28 @@ def pair_digest(pair: TrainPair) -> str:
 # validation and a training pair hold: the larger side is probed at every STEP px, the smaller indexed at
 # every position, so any overlap of at least BLOCK + STEP - 1 px on a side is found.
 BLOCK, STEP = 8, 8
+MIN_LEVELS, MAX_CANDIDATES = 8, 64
 _KEY_SAMPLES = [(u, v) for u in range(0, BLOCK, 2) for v in range(0, BLOCK, 2)]
 _KEY_MULTIPLIERS = np.random.default_rng(20261206).integers(1, 2**63, len(_KEY_SAMPLES), dtype=np.uint64) | 1
 
 
-def _block_keys(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _block_keys(band: np.ndarray) -> np.ndarray:
     """Keys `(H - BLOCK + 1, W - BLOCK + 1)` uint64 of every block of a `(H, W)` band, from 16 of its
-    pixels' bits (equal blocks have equal keys; unequal ones rarely do, and matches are verified),
-    and whether the block varies (flat blocks, a fill or a saturated area, match by chance)."""
+    pixels' bits: equal blocks have equal keys; unequal ones rarely do, and matches are verified."""
     bits = np.ascontiguousarray(band, dtype=np.float32).view(np.uint32).astype(np.uint64)
     h, w = band.shape[0] - BLOCK + 1, band.shape[1] - BLOCK + 1
     key = np.zeros((h, w), np.uint64)
-    low = high = band[:h, :w]
     for (u, v), m in zip(_KEY_SAMPLES, _KEY_MULTIPLIERS, strict=True):
         key = key * np.uint64(1099511628211) ^ bits[u : u + h, v : v + w] * m  # wraps, as hashes do
-        low, high = np.minimum(low, band[u : u + h, v : v + w]), np.maximum(high, band[u : u + h, v : v + w])
-    return key, high > low
+    return key
+
+
+def _levels(band: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """How many distinct values each probed BLOCK x BLOCK block (every STEP px, `shape` of them) of a
+    `(H, W)` band holds."""
+    windows = np.lib.stride_tricks.sliding_window_view(band, (BLOCK, BLOCK))[::STEP, ::STEP]
+    values = np.sort(windows[: shape[0], : shape[1]].reshape(*shape, BLOCK * BLOCK), axis=-1)
+    return 1 + np.count_nonzero(np.diff(values, axis=-1), axis=-1)
 
 
 def shared_block(val_pairs: Sequence[TrainPair], train_pairs: Sequence[TrainPair]) -> str | None:
@@ -455,7 +462,7 @@ def shared_block(val_pairs: Sequence[TrainPair], train_pairs: Sequence[TrainPair
     keys, starts, widths, owners = [], [0], [], []  # block n of pair owners[k] is starts[k] + n
     for i, pair in enumerate(sides[indexed]):
         if min(pair.ref.shape[1:]) >= BLOCK:
-            key, _ = _block_keys(pair.ref[0])
+            key = _block_keys(pair.ref[0])
             keys.append(key.ravel())
             starts.append(starts[-1] + key.size)
             widths.append(key.shape[1])
@@ -468,11 +475,14 @@ def shared_block(val_pairs: Sequence[TrainPair], train_pairs: Sequence[TrainPair
     for pair in sides[probed]:
         if min(pair.ref.shape[1:]) < BLOCK:
             continue
-        key, varies = _block_keys(pair.ref[0])
-        key, varies = key[::STEP, ::STEP], varies[::STEP, ::STEP]
+        key = _block_keys(pair.ref[0])[::STEP, ::STEP]
         start = np.searchsorted(all_keys, key.ravel(), "left")
         stop = np.searchsorted(all_keys, key.ravel(), "right")
-        for flat in np.flatnonzero((stop > start) & varies.ravel()):
+        # a probe tells only if it is rare: MIN_LEVELS values in its block of band 0 (saturated, dark
+        # or sparse blocks of independent scenes match by chance), few blocks with its key
+        levels = _levels(pair.ref[0], key.shape)
+        telling = (stop > start) & (stop - start <= MAX_CANDIDATES) & (levels.ravel() >= MIN_LEVELS)
+        for flat in np.flatnonzero(telling):
             r, c = divmod(int(flat), key.shape[1])
             block = pair.ref[:, r * STEP : r * STEP + BLOCK, c * STEP : c * STEP + BLOCK]
             for n in order[start[flat] : stop[flat]]:
