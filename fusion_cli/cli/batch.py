@@ -22,7 +22,7 @@ from fusion_cli.cli.common import (
     table_console,
 )
 from fusion_cli.errors import FusionError
-from fusion_cli.raster import make_output_folder
+from fusion_cli.raster import check_output_folder, make_output_folder
 from fusion_cli.sensors import check_sensor_bands_use
 
 _EPILOG = (
@@ -261,14 +261,19 @@ def register(app: typer.Typer) -> None:
             return
         on_result = None if quiet else _print_result
         if dask is not None:
-            from fusion_cli.batch_dask import run_batch_dask
+            from fusion_cli.batch_dask import connect, run_batch_dask
 
             job.check_fuser()  # bad names exit 2 here, as without --dask (workers fail each scene)
-            make_output_folder(out_dir, "OUT_DIR")
-            _announce(plan, quiet)
-            summary = run_batch_dask(
-                plan, job, dask, overwrite=overwrite, retries=retries, log=log, on_result=on_result
-            )
+            check_output_folder(out_dir, "OUT_DIR")
+            client = connect(dask)  # before OUT_DIR is made: an unreachable scheduler leaves none
+            try:
+                make_output_folder(out_dir, "OUT_DIR")
+                _announce(plan, quiet)
+                summary = run_batch_dask(
+                    plan, job, client, overwrite=overwrite, retries=retries, log=log, on_result=on_result
+                )
+            finally:
+                client.close()
         else:
             process = lib.make_scene_processor(job)  # a bad model or method fails here, exit 2
             make_output_folder(out_dir, "OUT_DIR")

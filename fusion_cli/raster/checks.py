@@ -342,11 +342,16 @@ def _local_file(path: str) -> str | None:
     return path
 
 
+def check_output_folder(folder: Path, what: str = "output folder") -> None:
+    """Refuse a `folder` that exists as a file (one line of bad input), before anything is made."""
+    if folder.exists() and not folder.is_dir():
+        raise FusionError(f"{what} {folder} is a file; give a folder")
+
+
 def make_output_folder(folder: Path, what: str = "output folder") -> None:
     """Create `folder` (and its parents) unless it exists as a folder; a file there, or a path that
     cannot be made, is one line of bad input (FusionError), not the OS's "[Errno 17] File exists"."""
-    if folder.exists() and not folder.is_dir():
-        raise FusionError(f"{what} {folder} is a file; give a folder")
+    check_output_folder(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
