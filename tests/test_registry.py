@@ -256,3 +256,6 @@ def test_default_model_hint_for_an_hisr_pair_names_the_hisr_model() -> None:
         single_pan is not None and "--model hyperion_pan" in single_pan and "hyperion_hisr" not in single_pan
     )
     assert default_model_mismatch(6, 2, pan_bands=6) is not None  # landsat takes a one-band PAN
+    nine = default_model_mismatch(47, 3, pan_bands=9)  # an ALI MSI's nine bands: six of them
+    assert nine is not None and "pass --model hyperion_hisr with --pan-bands choosing its 6 (" in nine
+    assert default_model_mismatch(8, 2) is None  # more MS bands: landsat's own check names --bands

@@ -225,20 +225,28 @@ def default_model_mismatch(
     cards = {c.name: c for c in list_models(directory)}
     card = cards.get(default_model_name(directory))
 
-    def fits(c: ModelCard, exactly: bool = False) -> bool:
-        bands = len(c.bands) == ms_bands if exactly else len(c.bands) <= ms_bands
-        return c.ratio == ratio and bands and len(c.pan_bands) == pan_bands
+    def picks(c: ModelCard) -> list[str] | None:
+        """The band choices that make the pair fit card `c` ([] as it is), None where none does: more
+        MS bands by --bands, more MSI bands by --pan-bands (an HISR model's; a PAN is one band)."""
+        pan_ok = len(c.pan_bands) == pan_bands or 1 < len(c.pan_bands) < pan_bands
+        if c.ratio != ratio or len(c.bands) > ms_bands or not pan_ok:
+            return None
+        said = []
+        if len(c.bands) != ms_bands:
+            said.append(f"--bands choosing its {len(c.bands)} bands ({short_list(c.bands)})")
+        if len(c.pan_bands) != pan_bands:
+            said.append(f"--pan-bands choosing its {len(c.pan_bands)} ({short_list(c.pan_bands)})")
+        return said
 
-    if card is None or fits(card):
-        return None
-    fitting = [c for c in cards.values() if fits(c)]
-    exact = [c.name for c in fitting if fits(c, exactly=True)]
+    if card is None or (picks(card) is not None and len(card.pan_bands) == pan_bands):
+        return None  # its band check names --bands where the MS has more
+    fitting = {c.name: said for c in cards.values() if (said := picks(c)) is not None}
+    exact = [name for name, said in fitting.items() if not said]
     if exact:
         hint = "pass " + " or ".join(f"--model {name}" for name in exact)
     elif fitting:
         hint = "pass " + " or ".join(
-            f"--model {c.name} with --bands choosing its {len(c.bands)} bands ({short_list(c.bands)})"
-            for c in fitting
+            f"--model {name} with {' and '.join(said)}" for name, said in fitting.items()
         )
     else:
         hint = (
