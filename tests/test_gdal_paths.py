@@ -155,3 +155,22 @@ def test_a_vrt_whose_source_is_gone_says_so(tmp_path: Path) -> None:
     rc, _, err = run("pansharpen", EXAMPLE_PAN, vrt, "-o", tmp_path / "o.tif", "--method", "gsa")
     one_line_error(rc, err, "refers to a file that is missing", "ms_source.tif")
     assert "damaged" not in err and not (tmp_path / "o.tif").exists()
+
+
+def test_local_paths_with_colons_stay_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subdataset names are told by a GDAL driver's prefix: a manifest row relative to IN_DIR such as
+    `acq_20240101T10:30:00/pan.tif` was taken for one and its scene failed (reviewer)."""
+    import shutil
+
+    from fusion_cli.raster import is_gdal_path
+
+    folder = tmp_path / "in" / "acq_20240101T10:30:00"
+    folder.mkdir(parents=True)
+    shutil.copy(EXAMPLE_PAN, folder / "pan.tif")
+    shutil.copy(EXAMPLE_MS, folder / "ms.tif")
+    rel = "acq_20240101T10:30:00"
+    (tmp_path / "m.csv").write_text(f"pan,ms,out\n{rel}/pan.tif,{rel}/ms.tif,a.tif\n")
+    monkeypatch.chdir(tmp_path)  # where the rows do not exist: they are IN_DIR's
+    assert not is_gdal_path(f"{rel}/pan.tif") and is_gdal_path('NETCDF:"x.nc":Band1')
+    rc, _, err = run("batch", "in", "out", "--manifest", "m.csv", "--method", "gsa", "-q")
+    assert rc == 0 and (tmp_path / "out" / "a.tif").exists(), err

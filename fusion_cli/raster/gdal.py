@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -40,19 +41,27 @@ def gdal_env() -> rasterio.Env:
     return _GuardedEnv(**GDAL_ENV)
 
 
-# A GDAL subdataset name: a driver's prefix and at least one more colon (NETCDF:"file.nc":var,
-# netcdf:file.nc:var as gdalinfo lists them, HDF5:"file.h5"://ms, GTIFF_DIR:2:file.tif, ...)
-_SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}:.*:")
+# A GDAL subdataset name: a prefix and at least one more colon (NETCDF:"file.nc":var, netcdf:f.nc:var
+# as gdalinfo lists them, HDF5:"file.h5"://ms, GTIFF_DIR:2:file.tif, HDF4_SDS:..., NITF_IM:0:...)
+_SUBDATASET = re.compile(r"([A-Za-z][A-Za-z0-9]*)(_[A-Za-z0-9_]+)?:.*:")
+
+
+@functools.cache
+def _gdal_drivers() -> frozenset[str]:
+    with rasterio.Env() as env:
+        return frozenset(name.upper() for name in env.drivers())
 
 
 def is_gdal_path(path: str | os.PathLike[str]) -> bool:
-    """A GDAL virtual path (`/vsizip/...`, `/vsicurl/...`, `s3://...`) or subdataset name
-    (`NETCDF:"f.nc":var`, which was refused as a file not found): not a local file to check with
-    `Path.exists()`, nor to pass through `Path` (which folds the `//` these paths rely on)."""
+    """A GDAL virtual path (`/vsizip/...`, `/vsicurl/...`, `s3://...`) or subdataset name whose
+    prefix is a GDAL driver's (`NETCDF:"f.nc":var`, which was refused as a file not found; a local
+    `acq_20240101T10:30:00/pan.tif` is not one): not a local file to check with `Path.exists()`,
+    nor to pass through `Path` (which folds the `//` these paths rely on)."""
     text = os.fspath(path)
     if text.startswith("/vsi") or "://" in text:
         return True
-    return bool(_SUBDATASET.match(text)) and not os.path.exists(text)
+    match = _SUBDATASET.match(text)
+    return match is not None and match.group(1).upper() in _gdal_drivers()
 
 
 def recorded_path(path: str | os.PathLike[str]) -> str:
