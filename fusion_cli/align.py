@@ -13,6 +13,7 @@ measured misregistration (`estimate_shift`) is just one more offset in the same 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -213,8 +214,15 @@ def same_crs(a: Any, b: Any) -> bool:
     mismatch, though GDAL rasters are always x = easting/longitude)."""
     if a == b:
         return True
-    proj = a.to_proj4()
-    return bool(proj) and proj == b.to_proj4()
+    proj = a.to_proj4()  # says nothing of the axis order, nor of a datum's realisation:
+    return bool(proj) and proj == b.to_proj4() and _datum(a) == _datum(b)  # GDA94 and GDA2020 print alike
+
+
+def _datum(crs: Any) -> str | None:
+    """A CRS's datum name as its WKT states it, without ESRI's "D_" (GDA94 and GDA2020 differ by 1.8 m
+    and share their PROJ string)."""
+    found = re.search(r'DATUM\["(?:D_)?([^"]+)"', crs.to_wkt())
+    return found.group(1) if found else None
 
 
 def crs_name(crs: Any) -> str:

@@ -339,5 +339,9 @@ def test_crs_told_in_another_axis_order_is_the_same_crs(tmp_path):
     )
     assert same_crs(CRS.from_epsg(4326), CRS.from_string("OGC:CRS84"))
     assert not same_crs(CRS.from_epsg(4326), CRS.from_epsg(4322))  # WGS 72
+    assert not same_crs(CRS.from_epsg(28355), CRS.from_epsg(7855))  # GDA94 / GDA2020: one PROJ string
+    esri = 'GEOGCS["GCS_WGS_1984",DATUM["D_WGS_1984",SPHEROID["WGS_1984",6378137.0,298.257223563]],'
+    esri += 'PRIMEM["Greenwich",0.0],UNIT["Degree",0.0174532925199433]]'
+    assert same_crs(CRS.from_epsg(4326), CRS.from_wkt(esri))
     proj = "+proj=tmerc +lat_0=0 +lon_0=13.37 +k=0.9996 +x_0=500000 +y_0=0 +datum=WGS84 +units=m"
     assert crs_name(CRS.from_wkt(CRS.from_proj4(proj).to_wkt())) == proj
