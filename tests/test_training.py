@@ -322,6 +322,8 @@ def test_hdf5_pancollection_layout(tmp_path: Path, ex_pairs: dict[str, list[Trai
     with pytest.warns(UserWarning, match=r"validation shares pixels with training data \(overlapping#0 at"):
         train_from_inputs([tmp_path / "train.h5"], tmp_path / "run2", name="h5", config=config,
                           val_inputs=[tmp_path / "overlapping.h5"], dn_max=2047.0)  # fmt: skip
+    card = json.loads((tmp_path / "run2" / "h5.json").read_text())
+    assert card["training"]["validation_overlaps_training"].startswith("overlapping#0 at ")
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -1019,9 +1021,34 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     log = run / "train_log.jsonl"
     log.write_text(log.read_text() + log.read_text().splitlines()[-1] + "\n")  # killed before its save
     resumed_card = dict(card, training={**card["training"], "command": "fusion train second"})
+    import threading
+    import time
+
+    def hold_briefly() -> None:  # another process's check: the run waits for it, it does not fail
+        with scene_lock(run / "checkpoint.pt"):
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    time.sleep(0.1)
     res = train(*args, tiny_ex(epochs=2, precision="bf16"), run, resumed_card, resume=True)
+    holder.join()
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 4, 8]
     assert [h["step"] for h in res.history] == [0, 4, 8]
+    from fusion_cli.training.loop import _resumed_card
+
+    first = {
+        "training": {
+            "command": "fusion train d --epochs 1",
+            "init": {"weights": "p s.safetensors", "sha256": "x"},
+        }
+    }
+    again = {"name": "n", "training": {"command": "fusion train d --epochs 4 --max-seconds 1.5"}}
+    # the replay trains every epoch: the last leg's time budget would cut it short (reviewer)
+    assert (
+        _resumed_card(first, again)["training"]["command"]
+        == "fusion train d --epochs 4 --init 'p s.safetensors'"
+    )
     saved = json.loads((run / "tiny_landsat.json").read_text())["training"]
     assert saved["command"] == "fusion train second" and saved["resumed"] == ["fusion train second"]
     # what the resume asks is what its card says: another --name exports another model beside the first
@@ -1059,6 +1086,8 @@ def test_a_run_holds_its_folder_and_its_checkpoint_survives_failures(
     )
     assert "the previous checkpoint is kept: continue with --resume" in out.stdout
     assert (run / "checkpoint.pt").read_bytes() == before and not list(run.glob(".*"))
+    out = subprocess.run([sys.executable, "-c", code, str(run / "first.pt")], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("; no checkpoint was kept"), out.stdout + out.stderr
     write_checkpoint(run / "checkpoint.pt", ck)  # and one that succeeds replaces it
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == ck["step"]
 

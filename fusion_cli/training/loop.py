@@ -16,6 +16,7 @@ import copy
 import functools
 import io
 import math
+import os
 import shlex
 import sys
 import time
@@ -200,6 +201,11 @@ def _check_resumed_config(saved: Any, config: TrainConfig) -> None:
         )
 
 
+# A run waits this long for its folder's lock: another process's check (`refuse_earlier_run`, the
+# recipes' scratch clean-up) holds it for a moment, and a genuine run failed on that (reviewer).
+LOCK_WAIT_S = 3.0
+
+
 def refuse_earlier_run(out_dir: Path) -> None:
     """A fresh run into a folder holding a checkpoint would replace it at its first epoch: hours of an
     interrupted run lost. Refused before any data is read (the CLI); a run still going there is said
@@ -272,11 +278,15 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with a C++ traceback and left a partial `checkpoint.tmp`)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    had = path.exists()
     try:
-        with atomic_output(path, overwrite=True, what="checkpoint") as tmp:
-            tmp.write_bytes(buffer.getbuffer())
-    except OSError as exc:  # the run can go on from the previous checkpoint
-        raise OutputWriteError(f"{exc}; the previous checkpoint is kept: continue with --resume") from None
+        with atomic_output(path, overwrite=True, what="checkpoint") as tmp, open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename: a crash must not leave an empty one
+    except OSError as exc:  # the run can go on from the previous checkpoint, if there is one
+        then = "the previous checkpoint is kept: continue with --resume" if had else "no checkpoint was kept"
+        raise OutputWriteError(f"{exc}; {then}") from None
 
 
 def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -295,8 +305,13 @@ def _resumed_card(saved: dict[str, Any] | None, asked: dict[str, Any] | None) ->
             "resume without --init, or use a new --out"
         )
     command = now.get("command") or first.get("command")
-    if init_first and command and "--init" not in command.split():
-        command += f" --init {shlex.quote(str(init_first['weights']))}"
+    if command:  # the replay trains all --epochs: a --max-seconds of the last leg would cut it short
+        words = shlex.split(command)
+        at = [i for i, w in enumerate(words) if w == "--max-seconds"]
+        words = [w for i, w in enumerate(words) if i not in at and i - 1 not in at]
+        if init_first and "--init" not in words:
+            words += ["--init", str(init_first["weights"])]
+        command = shlex.join(words)
     training = {**now, "command": command, "resumed": [*first.get("resumed", []), now.get("command")]}
     if init_first:
         training["init"] = init_first
@@ -387,8 +402,11 @@ def train(
     overlap = shared_block(val_pairs, train_pairs)
     if overlap:
         said = f"validation shares pixels with training data ({overlap}, in target pixels)"
-        if val_pairs and all(p.patch for p in val_pairs):  # an HDF5 split as published (PanCollection's)
+        if all(p.patch for p in [*val_pairs, *train_pairs]):  # an HDF5 split as published (PanCollection)
             notify(f"{said}: its scores are not held out")
+            if card is not None:  # and the card says so beside them
+                training = {**card.get("training", {}), "validation_overlaps_training": overlap}
+                card = {**card, "training": training}
         else:
             raise FusionError(
                 f"{said}: its scores would not be held out; give --val scenes that do not overlap the "
@@ -431,7 +449,7 @@ def train(
         raise FusionError(f"--resume: no checkpoint in {out_dir}; start without --resume")
     make_output_folder(out_dir, "-o")  # after the checks above: a refused run leaves no folder
     # one run per folder: two runs interleaved their logs and one lost its checkpoint's temporary
-    with scene_lock(out_dir / "checkpoint.pt") as held:
+    with scene_lock(out_dir / "checkpoint.pt", wait=LOCK_WAIT_S) as held:
         if not held:
             raise _running(out_dir)
         ckpt_path = out_dir / "checkpoint.pt"
