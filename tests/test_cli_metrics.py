@@ -610,3 +610,15 @@ def test_scoring_beyond_the_available_memory_is_refused_before_reading(
     assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == [5_100_000_000]
     (group / "memory.max").write_text("max\n")
     assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == []
+    # a Slurm job's limit sits above its task's group, which says "max": the parents count too
+    task = group / "job_5" / "step_0"
+    task.mkdir(parents=True)
+    (task / "memory.max").write_text("max\n")
+    (group / "job_5" / "memory.max").write_text(str(4 * 2**30))
+    (group / "job_5" / "memory.current").write_text(str(2**30))
+    chain = assess._cgroup_chain(group, "/job_5/step_0/task_0")
+    assert chain == [task, group / "job_5", group]
+    rooms = [
+        r for g in chain for r in assess._cgroup_room(g, "memory.max", "memory.current", "inactive_file")
+    ]
+    assert min(rooms) == 3 * 2**30
