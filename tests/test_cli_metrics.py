@@ -587,9 +587,9 @@ def test_scoring_beyond_the_available_memory_is_refused_before_reading(
     24 GB machine with no message (helper). The need is estimated from the product's header and
     compared with what the machine (or the cgroup) has left: here the example product at full
     resolution against a machine with 50 MB free."""
-    from fusion_cli import assess
+    from fusion_cli import assess, memory
 
-    assert (assess.available_memory() or 1) > 0
+    assert (memory.available_memory() or 1) > 0
     product = tmp_path / "p.tif"
     pan, ms = str(EXAMPLES / "landsat8_pan.tif"), str(EXAMPLES / "landsat8_ms.tif")
     assert run_cli("pansharpen", pan, ms, "-o", str(product), "--method", "gsa", "-q").returncode == 0
@@ -607,18 +607,18 @@ def test_scoring_beyond_the_available_memory_is_refused_before_reading(
     (group / "memory.max").write_text("8000000000\n")
     (group / "memory.current").write_text("7900000000\n")
     (group / "memory.stat").write_text("anon 2900000000\ninactive_file 5000000000\n")
-    assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == [5_100_000_000]
+    assert memory._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == [5_100_000_000]
     (group / "memory.max").write_text("max\n")
-    assert assess._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == []
+    assert memory._cgroup_room(group, "memory.max", "memory.current", "inactive_file") == []
     # a Slurm job's limit sits above its task's group, which says "max": the parents count too
     task = group / "job_5" / "step_0"
     task.mkdir(parents=True)
     (task / "memory.max").write_text("max\n")
     (group / "job_5" / "memory.max").write_text(str(4 * 2**30))
     (group / "job_5" / "memory.current").write_text(str(2**30))
-    chain = assess._cgroup_chain(group, "/job_5/step_0/task_0")
+    chain = memory._cgroup_chain(group, "/job_5/step_0/task_0")
     assert chain == [task, group / "job_5", group]
     rooms = [
-        r for g in chain for r in assess._cgroup_room(g, "memory.max", "memory.current", "inactive_file")
+        r for g in chain for r in memory._cgroup_room(g, "memory.max", "memory.current", "inactive_file")
     ]
     assert min(rooms) == 3 * 2**30
