@@ -11,7 +11,7 @@ from typing import Any
 
 from fusion_cli.signals import deferred_signals
 
-# Seconds between tries when waiting for another run's lock (`scene_lock(wait=True)`).
+# Seconds between tries when waiting for another run's lock (`scene_lock(wait=...)`).
 WAIT_POLL_S = 0.5
 
 

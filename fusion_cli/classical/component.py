@@ -119,9 +119,9 @@ class BroveyHaze(ClassicalFuser):
         # a constant band carries no intensity, but in this uncentred fit it would act as an intercept
         # and move the other bands' weights: it gets weight 0
         varying = torch.diagonal(cov[:c, :c]) > 1e-12 * float(torch.diagonal(cov[:c, :c]).max())
-        fit = gram[varying][:, varying], rhs[varying]
+        gram_v, rhs_v = gram[varying][:, varying], rhs[varying]
         self.alpha = torch.zeros_like(rhs)
-        self.alpha[varying] = least_squares(fit[0], fit[1][:, None])[:, 0]
+        self.alpha[varying] = least_squares(gram_v, rhs_v[:, None])[:, 0]
         mean_i, std_i = intensity_stats(self.alpha)
         spread = float(self.alpha.abs().sum() / self.alpha.sum().abs().clamp(min=EPS))
         if varying.any() and (mean_i <= std_i or spread > _MAX_WEIGHT_SPREAD):
@@ -130,7 +130,7 @@ class BroveyHaze(ClassicalFuser):
             # MS pixels (Hyperion, 128 bands on 8 x 19 MS px: weights of +-200, ERGAS 273 and 391 on
             # two Paris thirds; +-20 on another, ERGAS 43.7). A PAN is a non-negative mix of band
             # responses: fit that instead.
-            self.alpha[varying] = nonneg_lstsq(*fit)
+            self.alpha[varying] = nonneg_lstsq(gram_v, rhs_v)
             mean_i, std_i = intensity_stats(self.alpha)
         self.mean_i = mean_i
         std_low = float(torch.sqrt(cov[c, c]))

@@ -261,10 +261,9 @@ def _main(argv: list[str] | None, debug: bool) -> None:
         (a script parsing stdout got nothing on a refused run)."""
         typer.echo(f"Error: {message}", err=True)
         if as_json:
-            from fusion_cli import jsonout
+            from fusion_cli.cli.common import echo_json  # adds the warnings given so far
 
-            doc = {"error": message, "exit_code": code, "warnings": notices.so_far()}
-            sys.stdout.write(jsonout.dumps(doc, indent=2) + "\n")
+            echo_json({"error": message, "exit_code": code})
         sys.exit(code)
 
     try:
