@@ -1,8 +1,10 @@
 """Assess fused rasters on disk: read the product and its reference (or its PAN and MS), build the
 validity mask, check the geometry, and call the quality indices of `fusion_cli.metrics`.
 
-Shared by `fusion metrics` and `fusion report`. Rasters are read whole (quality evaluation needs the
-whole scene at once; a 2048 x 2048 x 8 product is ~270 MB in float64).
+Shared by `fusion metrics` and `fusion report`. Rasters are read whole in their own type. The
+full-resolution indices filter them by row strips (`metrics.fullres`), so their memory is the rasters
+and a bounded work area; the reduced-resolution ones work on whole float64 copies (a 2048 x 2048 x 8
+product is ~270 MB in float64).
 
 Validity: a pixel is valid when every band is valid in every input, by the rasters' own masks (nodata
 value, internal mask, alpha) and by `nodata` if given (a pixel whose bands all equal it is invalid:
@@ -27,6 +29,7 @@ from fusion_cli.align import block_windows, only_gcps_or_rpcs
 from fusion_cli.errors import FusionError
 from fusion_cli.memory import available_memory
 from fusion_cli.metrics import full_resolution, reduced_resolution
+from fusion_cli.metrics.fullres import work_bytes
 from fusion_cli.metrics.table import index_order
 from fusion_cli.notices import notify
 from fusion_cli.raster.bands import Encoding
@@ -156,11 +159,25 @@ def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any
     return fused.tags.get("FUSION_PAN"), fused.tags.get("FUSION_MS"), recorded_params(fused.tags)
 
 
-# Peak memory of scoring per product pixel and band (its inputs read whole, float64 copies, the
-# filtered images), measured on 8-band WV3 products: 6.9 GB at full resolution for 4000^2 PAN px (52 B),
-# at reduced resolution 5.95 GB for 8100^2 (11 B) and 1.68 GB for 2600^2 uint16 (22 B above the
-# interpreter): 24 B.
-SCORING_BYTES = {"full": 52, "reduced": 24}
+# Peak memory of scoring. At reduced resolution, per product pixel and band (its inputs read whole,
+# float64 copies, the filtered images), measured on 8-band WV3 products: 5.95 GB for 8100^2 (11 B) and
+# 1.68 GB for 2600^2 uint16 (22 B above the interpreter): 24 B. At full resolution the product, PAN
+# and MS are read whole in their own type and the filters run by row strips (`metrics.fullres`):
+# per PAN pixel, the PAN, the masks and a float64 copy of the PAN for its percentiles (measured:
+# 8 x 3900^2 uint16 1.40 GB, 8 x 6500^2 2.23 GB, ~15 B per pixel beside the product): 24 B.
+REDUCED_BYTES_PER_SAMPLE = 24
+FULL_BYTES_PER_PIXEL = 24
+
+
+def scoring_bytes(bands: int, height: int, width: int, itemsize: int, full: bool) -> int:
+    """Peak memory of scoring a product of that shape and sample size (bytes, beyond the interpreter)."""
+    if not full:
+        return bands * height * width * REDUCED_BYTES_PER_SAMPLE
+    return (
+        bands * height * width * itemsize
+        + height * width * FULL_BYTES_PER_PIXEL
+        + work_bytes(bands, height, width)
+    )
 
 
 def check_scoring_memory(fused: str | Path, full: bool) -> None:
@@ -170,14 +187,15 @@ def check_scoring_memory(fused: str | Path, full: bool) -> None:
 
     with open_raster(fused, "fused product") as ds:
         bands, height, width = ds.count, ds.height, ds.width
+        itemsize = max(np.dtype(t).itemsize for t in ds.dtypes)
     mode = "full" if full else "reduced"
-    need, free = bands * height * width * SCORING_BYTES[mode], available_memory()
+    need, free = scoring_bytes(bands, height, width, itemsize, full), available_memory()
     if free is not None and need > free:
+        why = "the product and PAN are read whole" if full else "the indices read the images whole"
         raise FusionError(
             f"scoring {os.path.basename(os.fspath(fused))} ({bands} x {height} x {width}) at {mode} "
             f"resolution needs about {need / 2**30:.1f} GiB of memory, {free / 2**30:.1f} GiB is available "
-            "(the indices read the images whole): score a crop (gdal_translate -srcwin) or on a machine "
-            "with more memory"
+            f"({why}): score a crop (gdal_translate -srcwin) or on a machine with more memory"
         )
 
 

@@ -612,3 +612,68 @@ def test_nan_outside_the_mask_is_refused_by_every_index() -> None:
         with pytest.raises(FusionError, match="fused image has NaN or infinite values at 1 px"):
             index(holed, None)
         assert index(holed, mask) == pytest.approx(index(fused, mask), rel=1e-12)
+
+
+StripCase = tuple[str, np.ndarray, np.ndarray, np.ndarray, int, str | None, np.ndarray | None]
+
+
+def _strip_cases() -> list[StripCase]:
+    """(name, product, PAN, MS, ratio, sensor, mask): GSA products of real pairs with the nodata they
+    hold. WV2 pair 2 (ratio 4, its zero collar over a third of the columns), ALI PAN + 128 Hyperion bands
+    over Paris (ratio 3: strips on 96 rows; reflectance, not rounded); without ../shared, the example
+    (ratio 2) with a hole across a strip boundary."""
+    import rasterio
+
+    from fusion_cli.classical import make_method
+
+    pairs: list[tuple[str, np.ndarray, np.ndarray, int, str | None]] = []
+    for folder, pan_name, ms_name, sensor in (
+        ("wv2_spacenet6", "pan_2.tif", "ms_2.tif", "wv2"),
+        ("eo1_hyperion_ali_paris", "pan.tif", "hs.tif", None),
+    ):
+        if have_shared(folder):
+            with (
+                rasterio.open(need_shared(folder, pan_name)) as p,
+                rasterio.open(need_shared(folder, ms_name)) as m,
+            ):
+                pan, ms = p.read().astype(np.float64), m.read().astype(np.float64)
+            r = round(pan.shape[1] / ms.shape[1])
+            pairs.append((folder, pan, ms, r, sensor))
+    if not pairs:
+        ex = example_pair()
+        pairs.append(("example", ex.pan, ex.ms, ex.ratio, ex.sensor))
+    cases = []
+    for name, pan, ms, r, sensor in pairs:
+        pan_t, ms_t = torch.from_numpy(pan)[None], torch.from_numpy(ms)[None]
+        fused = make_method("gsa", r, sensor).fit(pan_t, ms_t).fuse(pan_t, ms_t)[0].numpy()
+        valid = (pan[0] > 0) & np.repeat(np.repeat((ms > 0).all(axis=0), r, axis=0), r, axis=1)
+        if name == "example":
+            valid[120:140, 200:260] = False  # strips of 128 rows: the hole straddles the first boundary
+        cases.append((name, fused, pan, ms, r, sensor, None if valid.all() else valid))
+    return cases
+
+
+def test_full_resolution_by_row_strips_equals_the_whole_scene() -> None:
+    """The full-resolution indices filtered whole images (~52 B per pixel and band: an 8 x 8100^2
+    product needed 24 GB). They now run by row strips with a halo covering the filters' reach; every
+    index and per-band term must equal the whole scene computed as one strip, with nodata crossing
+    the strips' boundaries and a last strip that a block joins to the one before it."""
+    from fusion_cli.metrics.fullres import strips
+
+    assert [(s.top, s.bottom) for s in strips(300, 128, 64, 32)] == [(0, 128), (128, 256), (256, 300)]
+    assert [(s.top, s.bottom) for s in strips(280, 128, 64, 32)] == [(0, 128), (128, 280)]
+    assert [(s.read_top, s.read_bottom) for s in strips(280, 128, 64, 32)] == [(0, 192), (64, 280)]
+    for name, fused, pan, ms, r, sensor, valid in _strip_cases():
+        whole = full_resolution(fused, pan, ms, r, sensor, valid, per_band=True, strip_rows=10**6)
+        for rows in (1, 200):  # one block unit (32 or 96 rows) at a time; a few strips
+            streamed = full_resolution(fused, pan, ms, r, sensor, valid, per_band=True, strip_rows=rows)
+            assert streamed["scored_fraction"] == whole["scored_fraction"], name
+            if valid is not None:
+                assert 0.3 < whole["scored_fraction"] < 0.99, name
+            for key, value in whole.items():
+                if key == "per_band":
+                    for term, bands in value.items():
+                        assert streamed[key][term] == pytest.approx(bands, rel=1e-12, abs=1e-12), (name, term)
+                elif isinstance(value, float):
+                    assert math.isfinite(value), (name, key)
+                    assert streamed[key] == pytest.approx(value, rel=1e-12), (name, key)

@@ -334,7 +334,7 @@ def scene_metrics(
     `bands`: the MS bands the product was fused from, in its order (--bands), all by default;
     `sensor_bands`: which of the sensor's bands the MS file's are (--sensor-bands).
 
-    Reads the three images whole (the indices are global): memory grows with the scene. The same
+    Reads the three images whole in their own type (the filters run by row strips). The same
     reading and line-up as `fusion metrics` (`assess.load_case`): the product lies on the PAN grid
     over the area both inputs cover (a Landsat product lacks the half-covered first PAN row and
     column), so cropping all three from their top-left corners compared pixels one PAN pixel apart.

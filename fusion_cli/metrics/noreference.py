@@ -13,6 +13,8 @@ Published "QNR" columns of DLPan-Toolbox tables are HQNR (D_lambda^K with the se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -69,18 +71,30 @@ def d_lambda(
     """
     fused, ms_up = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS")
     check_pair(ms_up, fused, ("upsampled MS", "fused"))
+    return d_lambda_from_sums(*d_lambda_sums(fused, ms_up, block, as_mask(mask, fused.shape[1:])), block, p)
+
+
+def d_lambda_sums(
+    fused: np.ndarray, ms_up: np.ndarray, block: int, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """D_lambda's block sums: the band-pair UIQI `(C, C)` of the fused image and of the upsampled MS
+    summed over the full blocks free of invalid pixels, and their count (what row strips add up)."""
     c = fused.shape[0]
-    if c < 2:
-        raise FusionError("D_lambda needs at least two bands")
-    m = as_mask(mask, fused.shape[1:])
-    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up)], m)
+    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up)], mask)
     qf, qm, count = np.zeros((c, c)), np.zeros((c, c)), 0
-    for (f, ms), ok in iter_blocks([fused, ms_up], block, mask=m):
+    for (f, ms), ok in iter_blocks([fused, ms_up], block, mask=mask):
         qf += _pair_uiqi(f[ok]).sum(axis=0)
         qm += _pair_uiqi(ms[ok]).sum(axis=0)
         count += int(ok.sum())
+    return qf, qm, count
+
+
+def d_lambda_from_sums(qf: np.ndarray, qm: np.ndarray, count: int, block: int, p: float = 1.0) -> float:
+    """D_lambda from `d_lambda_sums` (added up over strips)."""
+    if qf.shape[0] < 2:
+        raise FusionError("D_lambda needs at least two bands")
     diff = np.abs(_check_block_mean(qf, count, block) - _check_block_mean(qm, count, block)) ** p
-    iu = np.triu_indices(c, k=1)
+    iu = np.triu_indices(qf.shape[0], k=1)
     return float(diff[iu].mean() ** (1.0 / p))
 
 
@@ -149,19 +163,36 @@ def scored_d_s_bands(
     mask: np.ndarray | None = None,
     pan_lp: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`d_s_bands` on inputs already made nodata-safe (`full_resolution` does it once for every index)."""
+    """`d_s_bands` on inputs already made nodata-safe."""
     fused, ms_up, pan = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS"), as_chw(pan, "PAN")
     check_pair(ms_up, fused, ("upsampled MS", "fused"))
     if pan.shape[0] != 1 or pan.shape[1:] != fused.shape[1:]:
         raise FusionError(f"PAN must be one band on the fused grid {fused.shape[1:]}, got {pan.shape}")
     lp = pan_lowpass(pan, ratio) if pan_lp is None else as_chw(pan_lp, "low-passed PAN")
-    m = as_mask(mask, fused.shape[1:])
-    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up), ("PAN", pan)], m)
+    return d_s_from_sums(*d_s_sums(fused, ms_up, pan, lp, block, as_mask(mask, fused.shape[1:])), block)
+
+
+def d_s_sums(
+    fused: np.ndarray,
+    ms_up: np.ndarray,
+    pan: np.ndarray,
+    pan_lp: np.ndarray,
+    block: int,
+    mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """D_s's block sums: UIQI `(C,)` of each fused band with the PAN and of each upsampled MS band with
+    the low-passed PAN, summed over the full blocks free of invalid pixels, and their count."""
+    refuse_non_finite([("fused", fused), ("upsampled MS", ms_up), ("PAN", pan)], mask)
     hi, lo, count = np.zeros(fused.shape[0]), np.zeros(fused.shape[0]), 0
-    for (f, ms, p, plp), ok in iter_blocks([fused, ms_up, pan, lp], block, mask=m):
+    for (f, ms, p, plp), ok in iter_blocks([fused, ms_up, pan, pan_lp], block, mask=mask):
         hi += _block_uiqi(f[ok], p[ok]).sum(axis=0)
         lo += _block_uiqi(ms[ok], plp[ok]).sum(axis=0)
         count += int(ok.sum())
+    return hi, lo, count
+
+
+def d_s_from_sums(hi: np.ndarray, lo: np.ndarray, count: int, block: int) -> np.ndarray:
+    """Per-band D_s terms from `d_s_sums` (added up over strips)."""
     return np.abs(_check_block_mean(hi, count, block) - _check_block_mean(lo, count, block))
 
 
@@ -236,19 +267,24 @@ def scored_d_lambda_khan(
     round_uint16: bool,
 ) -> float:
     """`d_lambda_khan` on inputs already made nodata-safe, the rounding decided."""
-    from fusion_cli.mtf import mtf_filter
-
     fused, ms_up = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS")
     check_pair(ms_up, fused, ("upsampled MS", "fused"))
     if gains is None:
         from fusion_cli.sensors import nyquist_gains
 
         gains = nyquist_gains(sensor, fused.shape[0])[0]
+    return 1.0 - q2n(ms_up, mtf_lowpass(fused, gains, ratio), block, block, round_uint16, mask)
+
+
+def mtf_lowpass(fused: np.ndarray, gains: Sequence[float], ratio: int) -> np.ndarray:
+    """`fused (C, H, W)` low-passed by each band's MTF, no decimation (float64): what D_lambda^K
+    compares with the upsampled MS."""
+    from fusion_cli.mtf import mtf_filter
+
     # float32 torch filtering: ~10x faster than float64 on CPU, and its < 1e-3 DN error is far below
     # the uint16 rounding q2n applies next
     t = torch.from_numpy(np.ascontiguousarray(fused, dtype=np.float32))[None]
-    low = mtf_filter(t, list(gains), ratio)[0].double().numpy()
-    return 1.0 - q2n(ms_up, low, block, block, round_uint16, mask)
+    return mtf_filter(t, list(gains), ratio)[0].double().numpy()
 
 
 def hqnr(

@@ -14,6 +14,8 @@ scene (Landsat-8 example: EXP 0.44, BDSD-PC 0.78, GSA 0.93, GSA blurred by a 1.5
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -29,13 +31,6 @@ def _highpass(band: np.ndarray, gain: float, ratio: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(band, dtype=np.float32))[None, None]
     low = mtf_filter(t, [gain], ratio, rank=1)[0, 0].double().numpy()
     return band.astype(np.float64) - low
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Correlation of two 1-D samples; 0 when either has no variance (no detail to correlate)."""
-    xc, yc = x - x.mean(), y - y.mean()
-    den = np.sqrt((xc * xc).sum() * (yc * yc).sum())
-    return float((xc * yc).sum() / den) if den > 0 else 0.0
 
 
 def hpc_bands(
@@ -62,7 +57,7 @@ def scored_hpc_bands(
     mask: np.ndarray | None = None,
     gains: list[float] | None = None,
 ) -> np.ndarray:
-    """`hpc_bands` on inputs already made nodata-safe (`full_resolution` does it once for every index)."""
+    """`hpc_bands` on inputs already made nodata-safe."""
     fused, pan = as_chw(fused, "fused"), as_chw(pan, "PAN")
     c, h, w = fused.shape
     if pan.shape != (1, h, w):
@@ -78,18 +73,61 @@ def scored_hpc_bands(
     m = as_mask(mask, (h, w))
     if m is not None and not m.any():
         raise FusionError("no valid pixel is left: HPC cannot be computed")
-    refuse_non_finite([("fused", fused), ("PAN", pan)], m)  # a NaN band correlated as 0 before
+    return hpc_from_moments(hpc_moments(fused, pan, ratio, gains, m))
+
+
+def hpc_moments(
+    fused: np.ndarray,
+    pan: np.ndarray,
+    ratio: int,
+    gains: Sequence[float],
+    mask: np.ndarray | None = None,
+    rows: slice = slice(None),
+) -> np.ndarray:
+    """Per band `(C, 6)`: count, means and centred (co)moments (n, mean_f, mean_p, S_ff, S_pp, S_fp) of
+    the high-passed fused band and PAN over the valid pixels of `rows` (the filters read every row
+    given: a strip's halo), for `merge_moments` and `hpc_from_moments`."""
+    refuse_non_finite([("fused", fused), ("PAN", pan)], mask)  # a NaN band correlated as 0 before
+    keep = None if mask is None else mask[rows]
 
     def valid(a: np.ndarray) -> np.ndarray:
-        return a.ravel() if m is None else a[m]
+        a = a[rows]
+        return a.ravel() if keep is None else a[keep]
 
     pan_hp: dict[float, np.ndarray] = {}  # one PAN high-pass per distinct gain (hyperspectral: one)
-    out = np.empty(c)
+    out = np.zeros((fused.shape[0], 6))
     for b, g in enumerate(gains):
         if g not in pan_hp:
             pan_hp[g] = valid(_highpass(pan[0], g, ratio))
-        out[b] = _pearson(valid(_highpass(fused[b], g, ratio)), pan_hp[g])
+        f, p = valid(_highpass(fused[b], g, ratio)), pan_hp[g]
+        if f.size:
+            fc, pc = f - f.mean(), p - p.mean()
+            out[b] = f.size, f.mean(), p.mean(), (fc * fc).sum(), (pc * pc).sum(), (fc * pc).sum()
     return out
+
+
+def merge_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The moments (`hpc_moments`) of two disjoint sets of pixels taken together (Chan et al.)."""
+    n = a[:, 0] + b[:, 0]
+    safe = np.where(n > 0, n, 1.0)
+    df, dp = b[:, 1] - a[:, 1], b[:, 2] - a[:, 2]
+    w = a[:, 0] * b[:, 0] / safe
+    out = np.empty_like(a)
+    out[:, 0] = n
+    out[:, 1] = a[:, 1] + df * b[:, 0] / safe
+    out[:, 2] = a[:, 2] + dp * b[:, 0] / safe
+    out[:, 3] = a[:, 3] + b[:, 3] + df * df * w
+    out[:, 4] = a[:, 4] + b[:, 4] + dp * dp * w
+    out[:, 5] = a[:, 5] + b[:, 5] + df * dp * w
+    return out
+
+
+def hpc_from_moments(moments: np.ndarray) -> np.ndarray:
+    """Per-band correlation `(C,)` from `hpc_moments`; 0 where either side has no variance (no detail
+    to correlate)."""
+    den = np.sqrt(moments[:, 3] * moments[:, 4])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, moments[:, 5] / np.where(den > 0, den, 1.0), 0.0)
 
 
 def hpc(

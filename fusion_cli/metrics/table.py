@@ -17,16 +17,9 @@ from typing import Any, Literal
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, fill_invalid, holds_whole_dn
-from fusion_cli.metrics.noreference import (
-    d_lambda,
-    full_resolution_reach,
-    nodata_safe,
-    qnr,
-    scored_d_lambda_khan,
-    scored_d_s_bands,
-    upsample,
-)
+from fusion_cli.metrics._common import as_mask, border_cut, clip_to_bits, holds_whole_dn
+from fusion_cli.metrics.fullres import full_resolution_terms
+from fusion_cli.metrics.noreference import qnr
 from fusion_cli.metrics.q2n import q2n, q2n_label
 from fusion_cli.metrics.reference import (
     _prepare,
@@ -38,7 +31,6 @@ from fusion_cli.metrics.reference import (
     sam,
     ssim_bands,
 )
-from fusion_cli.metrics.sharpness import scored_hpc_bands
 from fusion_cli.sensors import nyquist_gains
 
 Resolution = Literal["reduced", "full"]
@@ -50,28 +42,21 @@ Score = float | tuple[float, np.ndarray]
 class Inputs:
     """What the indices of one evaluation are computed from, in DN.
 
-    Reduced resolution: `ref` and `fused` `(C, H, W)`. Full resolution: `fused (C, H, W)`, `pan
-    (1, H, W)` and `ms_up (C, H, W)`, the MS interpolated to the PAN grid. `mask (H, W)` True = valid.
+    Reduced resolution: `ref` and `fused` `(C, H, W)`, `mask (H, W)` True = valid. Full resolution:
+    `fused (C, H, W)` and `pan (1, H, W)`, and `terms`, what its indices are made of (`D_lambda`,
+    `D_s` and `HPC` per band, `D_lambda_K`), computed by row strips (`metrics.fullres`) so that
+    scoring a large scene does not hold its filtered images whole.
     """
 
     fused: np.ndarray
     ratio: float
     ref: np.ndarray | None = None
     pan: np.ndarray | None = None
-    ms_up: np.ndarray | None = None
     mask: np.ndarray | None = None
     block: int = 32  # Q2n / Q / QNR block (and Q2n shift)
     round_uint16: bool | None = True  # Q2n's (and D_lambda^K's) uint16 rounding
     psnr_peak: float | str = "dnmax"
-    sensor: str | None = None  # MTF gains of D_lambda^K and HPC
-    gains: list[float] | None = None  # those gains per band, when known (else the sensor's in order)
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
-        """A term several indices share (D_s in QNR and HQNR), computed once per evaluation."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+    terms: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -135,25 +120,20 @@ def _mean(terms: np.ndarray) -> tuple[float, np.ndarray]:
 # --- full-resolution terms shared by several indices ------------------------------------------------
 
 
-def _d_lambda(x: Inputs) -> float:
-    return x.memo("D_lambda", lambda: d_lambda(x.fused, x.ms_up, x.block, x.mask))
-
-
 def _d_s_terms(x: Inputs) -> np.ndarray:
-    return x.memo("D_s", lambda: scored_d_s_bands(x.fused, x.ms_up, x.pan, int(x.ratio), x.block, x.mask))
+    return x.terms["D_s"]
 
 
 def _hpc_terms(x: Inputs) -> np.ndarray:
-    return x.memo("HPC", lambda: scored_hpc_bands(x.fused, x.pan, int(x.ratio), x.sensor, x.mask, x.gains))
+    return x.terms["HPC"]
+
+
+def _d_lambda(x: Inputs) -> float:
+    return x.terms["D_lambda"]
 
 
 def _d_lambda_k(x: Inputs) -> float:
-    return x.memo(
-        "D_lambda_K",
-        lambda: scored_d_lambda_khan(
-            x.fused, x.ms_up, int(x.ratio), x.sensor, x.block, x.mask, x.gains, x.round_uint16
-        ),
-    )
+    return x.terms["D_lambda_K"]
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -254,6 +234,7 @@ def full_resolution(
     round_uint16: bool | None = None,
     sensor_bands: Sequence[int] | None = None,
     file_bands: int | None = None,
+    strip_rows: int | None = None,
 ) -> dict[str, Any]:
     """All full-resolution indices of `fused (C, H, W)` from `pan (1, H, W)` and the low-res `ms (C, h, w)`.
 
@@ -263,8 +244,9 @@ def full_resolution(
     (1-based, `sensors.sensor_band_numbers`) the bands are, for their MTF gains; where not known,
     `file_bands` is the band count of the MS file they were picked from (`nyquist_gains`). Returns floats
     keyed by the table's full-resolution names (`D_lambda, D_s, QNR, D_lambda_K, HQNR, HPC`), plus
-    `bands`, `ratio`, and with `per_band=True` a `per_band` dict holding the D_s and HPC terms of each
-    band.
+    `bands`, `ratio`, `scored_fraction`, and with `per_band=True` a `per_band` dict holding the D_s and
+    HPC terms of each band. The terms are computed by row strips of `strip_rows` (default: as memory
+    allows, `metrics.fullres.strip_rows`); the images are not copied whole.
     """
     from fusion_cli.align import size_ratio
     from fusion_cli.metrics._common import as_chw
@@ -296,33 +278,18 @@ def full_resolution(
     ms_valid = None if mask is None else mask.reshape(h // ratio, ratio, w // ratio, ratio).all(axis=(1, 3))
     if round_uint16 is None:  # as `fusion metrics` decides, on the MS as it was given
         round_uint16 = holds_whole_dn(ms, ms_valid)
-    if mask is not None and not mask.all():
-        # what nodata pixels hold must not matter: fill them, then score only the pixels whose every
-        # filter (MS interpolation, the PAN's low-pass for D_s, the MTF for D_lambda^K and HPC) read
-        # valid data
-        (fused, pan), mask = nodata_safe([("product", fused), ("PAN", pan)], mask, ratio)
-        ms = fill_invalid(ms, ms_valid, "MS")
-        reach = full_resolution_reach(ratio)
-        nb_h, nb_w = h // block, w // block
-        blocks = mask[: nb_h * block, : nb_w * block].reshape(nb_h, block, nb_w, block)
-        if not blocks.all(axis=(1, 3)).any():
-            raise FusionError(
-                f"no {block}x{block} block lies {reach} PAN px inside the valid data, the reach of the "
-                "full-resolution indices' filters (a narrower valid area would be scored on what its "
-                "nodata holds): evaluate a larger valid area, or at reduced resolution"
-            )
-    if clip_bits is not None:
-        fused = clip_to_bits(fused, clip_bits)
     numbers = None if sensor_bands is None else list(sensor_bands)
     gains = nyquist_gains(sensor, fused.shape[0], numbers, file_bands)[0]
-    x = Inputs(
-        fused, ratio, pan=pan, ms_up=upsample(ms, ratio), mask=mask, block=block, sensor=sensor,
-        gains=gains, round_uint16=round_uint16,
-    )  # fmt: skip
+    # what nodata pixels hold must not matter: filled, and only the pixels whose every filter (MS
+    # interpolation, the PAN's low-pass for D_s, the MTF for D_lambda^K and HPC) read valid data scored
+    terms = full_resolution_terms(
+        fused, pan, ms, ratio, gains, round_uint16, mask, ms_valid, block, clip_bits, strip_rows
+    )
+    x = Inputs(fused, ratio, pan=pan, mask=mask, block=block, round_uint16=round_uint16, terms=terms)
     values = score(x, "full", per_band)
-    terms = values.pop("per_band", None)
+    terms_per_band = values.pop("per_band", None)
     out: dict[str, Any] = {**values, "bands": int(fused.shape[0]), "ratio": int(ratio)}
-    out["scored_fraction"] = 1.0 if mask is None else float(mask.mean())  # after leaving out the reach
-    if terms is not None:
-        out["per_band"] = terms
+    out["scored_fraction"] = terms["scored_fraction"]  # after leaving out the reach
+    if terms_per_band is not None:
+        out["per_band"] = terms_per_band
     return out
