@@ -622,3 +622,28 @@ def test_scoring_beyond_the_available_memory_is_refused_before_reading(
         r for g in chain for r in memory._cgroup_room(g, "memory.max", "memory.current", "inactive_file")
     ]
     assert min(rooms) == 3 * 2**30
+
+
+def test_inputs_changed_since_the_fusion_are_refused(tmp_path: Path) -> None:
+    """`metrics` and `report` read the PAN and MS a product's tags name; an MS rewritten after the
+    fusion (here its rows flipped) was scored at exit 0 (helper: QNR 0.848 became 0.264). The product
+    records its inputs' size, time and SHA-256 (FUSION_REQUEST): such an input is refused, and given
+    explicitly with --pan and --ms it is scored as it is."""
+    import shutil
+
+    pan, ms = tmp_path / "pan.tif", tmp_path / "ms.tif"
+    shutil.copy(EXAMPLES / "landsat8_pan.tif", pan)
+    shutil.copy(EXAMPLES / "landsat8_ms.tif", ms)
+    product = tmp_path / "p.tif"
+    fused = run_cli("pansharpen", str(pan), str(ms), "-o", str(product), "--method", "gsa", "-q")
+    assert fused.returncode == 0, fused.stderr
+    before = run_cli("metrics", str(product), "--json")
+    assert before.returncode == 0, before.stderr
+    with rasterio.open(ms, "r+") as ds:
+        ds.write(ds.read()[:, ::-1])
+    for cmd in (("metrics", str(product)), ("report", str(product), "-o", str(tmp_path / "rep"))):
+        res = run_cli(*cmd)
+        assert res.returncode in (1, 2) and "is not the file it was fused from" in res.stderr + res.stdout
+    explicit = run_cli("metrics", str(product), "--pan", str(pan), "--ms", str(ms), "--json")
+    assert explicit.returncode == 0, explicit.stderr
+    assert json.loads(explicit.stdout)["HQNR"] < json.loads(before.stdout)["HQNR"] - 0.1
