@@ -518,9 +518,15 @@ def build_report(
     """
     opts = replace(opts or EvalOptions(), per_band=True)
     out = Path(out_dir)
-    html_path = out / "index.html"
-    if html_path.exists() and not overwrite:  # a report is replaced whole or not at all
-        raise FusionError(f"report {html_path} already exists; pass --overwrite to replace it")
+    html_path, csv_path, json_path = out / "index.html", out / "metrics.csv", out / "metrics.json"
+    for path in (html_path, csv_path, json_path):  # a report is replaced whole or not at all
+        if path.is_dir():
+            raise FusionError(f"{path} is a folder; give the report a folder without it")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            # a metrics.csv kept there by `fusion metrics --csv` was replaced without --overwrite
+            raise FusionError(
+                f"{path} already exists; pass --overwrite to replace it, or choose another folder"
+            )
     given = [p for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None]
     read = given + [p for it in items for p in _tagged_inputs(it)]
     local = {Path(f).resolve() for p in [*read, *sources] for f in source_files(p)}
@@ -538,22 +544,27 @@ def build_report(
         results, figs = _evaluate_items(
             items, opts, staging, rgb, {"zoom": zoom, "max_side": max_side}, progress
         )
+        # every file is written in the staging folder first: a failed write (a full disk) leaves the
+        # old report whole; only renames follow, with Ctrl-C held
+        write_csv(
+            [
+                {"name": r["name"], **flatten(r), **({"error": r["error"]} if "error" in r else {})}
+                for r in results
+            ],
+            staging / csv_path.name,
+        )
+        with atomic_output(staging / json_path.name, what="report") as tmp:
+            tmp.write_text(jsonout.dumps(results, indent=2), encoding="utf-8")
+        _write_html(staging / html_path.name, results, figs, opts)
+        documents = [staging / p.name for p in (csv_path, json_path, html_path)]
         with deferred_signals():
             for old in img_dir.glob("[0-9][0-9][0-9]_*.png") if replacing else ():
                 old.unlink()
             for fig in staging.iterdir():
-                os.replace(fig, img_dir / fig.name)
-            csv_path = write_csv(
-                [
-                    {"name": r["name"], **flatten(r), **({"error": r["error"]} if "error" in r else {})}
-                    for r in results
-                ],
-                out / "metrics.csv",
-            )
-            json_path = out / "metrics.json"
-            with atomic_output(json_path, overwrite=True, what="report") as tmp:
-                tmp.write_text(jsonout.dumps(results, indent=2), encoding="utf-8")
-            _write_html(html_path, results, figs, opts)
+                if fig not in documents:
+                    os.replace(fig, img_dir / fig.name)
+            for doc in documents:  # the HTML last: it is what says a report is there
+                os.replace(doc, out / doc.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not html_path.exists():

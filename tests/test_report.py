@@ -225,6 +225,42 @@ def test_an_interrupted_overwrite_keeps_the_old_report_whole(
     assert [d for d in (out / "img").iterdir() if d.is_dir()] == []
 
 
+def test_a_report_replaces_none_of_its_files_without_overwrite_and_a_failed_write_keeps_the_old_one(
+    example_products: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only index.html was checked: a metrics.csv kept in the folder (`fusion metrics --csv`) was
+    replaced without --overwrite. And the CSV, JSON and HTML were written after the new figures had
+    replaced the old ones: a failed write (a full disk) left the old index.html naming deleted
+    figures (helper). All three are checked first and written before any rename."""
+    import re
+
+    from fusion_cli import report as report_module
+    from fusion_cli.errors import OutputWriteError
+
+    p, out = example_products, tmp_path / "rep"
+    out.mkdir()
+    (out / "metrics.csv").write_text("precious\n")
+    with pytest.raises(FusionError, match="metrics.csv already exists; pass --overwrite"):
+        build_report([ReportItem(p["exp"], ref=p["gt"])], out, EvalOptions(ratio=2))
+    assert (out / "metrics.csv").read_text() == "precious\n" and not (out / "img").exists()
+    build_report([ReportItem(p["exp"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
+    before = {f.name: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OutputWriteError("cannot write report index.html: No space left on device")
+
+    monkeypatch.setattr(report_module, "_write_html", full_disk)
+    with pytest.raises(OutputWriteError):
+        build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    images = re.findall(r"src='img/([^']+)'", (out / "index.html").read_text())
+    assert images and all((out / "img" / n).is_file() for n in images)
+    (out / "metrics.json").unlink()
+    (out / "metrics.json").mkdir()
+    with pytest.raises(FusionError, match="metrics.json is a folder"):
+        build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
+
+
 def test_a_product_too_big_to_score_is_one_row_and_a_stopped_report_leaves_no_folder(
     example_products: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
