@@ -6,12 +6,19 @@ left out of the percentiles and drawn black, so nodata borders do not wash out t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fusion_cli.errors import FusionError
+
+if TYPE_CHECKING:
+    from rasterio.enums import ColorInterp
+
+    from fusion_cli.wavelengths import Wavelength
 
 
 def default_rgb(n_bands: int) -> tuple[int, int, int]:
@@ -27,6 +34,61 @@ def default_rgb(n_bands: int) -> tuple[int, int, int]:
     if n_bands == 3:
         return (0, 1, 2)
     return (0, 0, 0)
+
+
+# Display wavelengths (um) of red, green and blue, and how far a band's centre may be from them
+_RGB_UM = (0.65, 0.55, 0.47)
+_RGB_TOLERANCE_UM = 0.05
+
+
+def display_bands(
+    names: Sequence[str | None],
+    count: int,
+    colorinterp: Sequence[ColorInterp] = (),
+    stated: Sequence[Wavelength | None] = (),
+) -> tuple[int, int, int]:
+    """0-based (r, g, b) band indexes: the bands nearest 650 / 550 / 470 nm where the band `names` (a
+    model card's, or the descriptions) or the raster's own tags (`stated`, its IMAGERY domain: the MS's
+    wavelengths) give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else bands
+    named red / green / blue (B4 / B3 / B2), else `colorinterp` where it marks each of red, green and
+    blue once (a B, G, R MS tagged so), else the common guess by band count (`default_rgb`)."""
+    from fusion_cli.raster import RGB_INTERP
+    from fusion_cli.wavelengths import from_names
+
+    labels = [str(n or "") for n in names]
+    waves = from_names(labels) if labels else None
+    for found in (waves, list(stated)):
+        if found and len(found) == count and all(found):
+            centres = np.array([w.centre_um for w in found if w is not None])
+            picks = [int(np.argmin(np.abs(centres - um))) for um in _RGB_UM]
+            if all(abs(centres[i] - um) <= _RGB_TOLERANCE_UM for i, um in zip(picks, _RGB_UM, strict=True)):
+                return picks[0], picks[1], picks[2]
+
+    def find(*keys: str) -> int | None:
+        for i, n in enumerate(labels):
+            if any(re.search(rf"\b{k}\b", n.lower()) for k in keys):  # words: "[inferred]" is no red
+                return i
+        return None
+
+    r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
+    if r is not None and g is not None and b is not None:
+        return r, g, b
+    marked = [[i for i, c in enumerate(colorinterp) if c == colour] for colour in RGB_INTERP]
+    if all(len(m) == 1 for m in marked):
+        return marked[0][0], marked[1][0], marked[2][0]
+    return default_rgb(count)
+
+
+def raster_display_bands(path: str | Path) -> tuple[int, int, int]:
+    """`display_bands` of a raster file, from its band descriptions, wavelength tags and colours: what
+    the report shows of a product (it went by the band count alone: a Landsat-7 R, G, B, ... product
+    was drawn with red and blue swapped, a Hyperion one from its 436-467 nm bands)."""
+    from fusion_cli.raster import gdal_env, open_raster
+    from fusion_cli.wavelengths import of_raster
+
+    with gdal_env(), open_raster(path, "product") as ds:
+        bands = range(1, ds.count + 1)
+        return display_bands(list(ds.descriptions), ds.count, ds.colorinterp, of_raster(ds, bands))
 
 
 def _check_rgb(n_bands: int, rgb: Sequence[int]) -> tuple[int, int, int]:

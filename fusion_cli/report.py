@@ -32,7 +32,7 @@ from fusion_cli import jsonout
 from fusion_cli.assess import Case, EvalOptions, flatten, load_case, score, with_product_bands, write_csv
 from fusion_cli.errors import FusionError, is_out_of_memory
 from fusion_cli.metrics.table import higher_is_better, index_order
-from fusion_cli.quicklook import default_rgb, stretch_limits, stretch_rgb
+from fusion_cli.quicklook import raster_display_bands, stretch_limits, stretch_rgb
 from fusion_cli.raster import atomic_output, gdal_env, is_gdal_path, open_raster, source_files
 from fusion_cli.signals import deferred_signals
 
@@ -250,7 +250,7 @@ def _figures(
     from fusion_cli.metrics import sam_map
 
     f = case.fused
-    rgb = rgb or default_rgb(f.data.shape[0])
+    rgb = rgb or raster_display_bands(f.path)
     if max(rgb) >= f.data.shape[0]:
         raise FusionError(
             f"--rgb {','.join(str(b + 1) for b in rgb)} asks for band {max(rgb) + 1}, but {f.name} has "

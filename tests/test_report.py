@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import example_pair, need_shared
+from conftest import EXAMPLES, example_pair, need_shared
 
 from fusion_cli.assess import EvalOptions
 from fusion_cli.errors import FusionError
@@ -289,3 +289,37 @@ def test_a_product_too_big_to_score_is_one_row_and_a_stopped_report_leaves_no_fo
     with pytest.raises(KeyboardInterrupt):
         build_report(items, tmp_path / "new" / "rep", EvalOptions(ratio=2))
     assert not (tmp_path / "new").exists()
+
+
+def test_the_report_shows_the_bands_the_product_names_red_green_and_blue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report chose its display bands by band count alone (6 bands: 3, 2, 1): a product in the
+    order red, green, blue, ... (Landsat-7 FuseBox) was drawn with red and blue swapped, while its
+    quicklook was right (helper). It now reads the names, wavelengths and colours as the quicklook
+    does: here the example MS reordered to R, G, B, NIR, SWIR1, SWIR2."""
+    import rasterio
+
+    from fusion_cli import report as report_module
+    from fusion_cli.pipeline import pansharpen
+
+    with rasterio.open(EXAMPLES / "landsat8_ms.tif") as src:
+        order = [3, 2, 1, 4, 5, 6]
+        profile, data = src.profile, src.read(order)
+        names = [src.descriptions[b - 1] for b in order]
+    ms = tmp_path / "rgb_ms.tif"
+    with rasterio.open(ms, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    product = tmp_path / "p.tif"
+    pansharpen(EXAMPLES / "landsat8_pan.tif", ms, product, method="gsa")
+    shown: list[tuple[int, int, int]] = []
+    save_rgb = report_module._save_rgb
+
+    def recording(path: Path, img: np.ndarray, rgb: tuple[int, int, int], *args: object) -> str:
+        shown.append(rgb)
+        return save_rgb(path, img, rgb, *args)
+
+    monkeypatch.setattr(report_module, "_save_rgb", recording)
+    build_report([ReportItem(product)], tmp_path / "rep", EvalOptions())
+    assert set(shown) - {(0, 0, 0)} == {(0, 1, 2)}  # (0, 0, 0): the PAN, grey

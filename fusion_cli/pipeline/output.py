@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,11 +222,6 @@ def write_quicklook(out: Path, fuser: Fuser, overwrite: bool, product: Path | No
     return str(png)
 
 
-# Display wavelengths (um) of red, green and blue, and how far a band's centre may be from them
-_RGB_UM = (0.65, 0.55, 0.47)
-_RGB_TOLERANCE_UM = 0.05
-
-
 def rgb_bands(
     fuser: Fuser,
     descriptions: list[str | None],
@@ -235,33 +229,8 @@ def rgb_bands(
     colorinterp: Sequence[ColorInterp] = (),
     stated: Sequence[Wavelength | None] = (),
 ) -> tuple[int, int, int]:
-    """0-based (r, g, b) band indexes: the bands nearest 650 / 550 / 470 nm where the fuser's card,
-    the band names or the product's own tags (`stated`, its IMAGERY domain: the MS's wavelengths)
-    give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else bands named red /
-    green / blue (B4 / B3 / B2), else the product's `colorinterp` where it marks each of red, green
-    and blue once (a B, G, R MS tagged so), else the common guess by band count."""
-    from fusion_cli.quicklook import default_rgb
-    from fusion_cli.wavelengths import from_names
+    """0-based (r, g, b) band indexes of a product of `fuser` (`quicklook.display_bands`): its card's
+    band names, else the product's `descriptions`."""
+    from fusion_cli.quicklook import display_bands
 
-    names = [str(n or "") for n in (model_band_names(fuser) or descriptions)]
-    waves = from_names(names) if names else None
-    for found in (waves, list(stated)):
-        if found and len(found) == count and all(found):
-            centres = np.array([w.centre_um for w in found if w is not None])
-            picks = [int(np.argmin(np.abs(centres - um))) for um in _RGB_UM]
-            if all(abs(centres[i] - um) <= _RGB_TOLERANCE_UM for i, um in zip(picks, _RGB_UM, strict=True)):
-                return picks[0], picks[1], picks[2]
-
-    def find(*keys: str) -> int | None:
-        for i, n in enumerate(names):
-            if any(re.search(rf"\b{k}\b", n.lower()) for k in keys):  # words: "[inferred]" is no red
-                return i
-        return None
-
-    r, g, b = find("red", "b4"), find("green", "b3"), find("blue", "b2")
-    if r is not None and g is not None and b is not None:
-        return r, g, b
-    marked = [[i for i, c in enumerate(colorinterp) if c == colour] for colour in raster.RGB_INTERP]
-    if all(len(m) == 1 for m in marked):
-        return marked[0][0], marked[1][0], marked[2][0]
-    return default_rgb(count)
+    return display_bands(model_band_names(fuser) or descriptions, count, colorinterp, stated)
