@@ -516,6 +516,8 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
                 file_bands,
             )
         )
+        if f.data.shape[0] == 1:
+            notify(f"{f.name} has one band: D_lambda and QNR compare band pairs and are left empty")
     out["valid_fraction"] = float(valid.mean())  # the PAN's and MS's nodata too (full resolution)
     out["settings"] = opts.to_dict()
     return out

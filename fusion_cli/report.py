@@ -147,17 +147,21 @@ def collect_items(
             if isinstance(source, Path) and not source.is_file():  # GDAL paths: told when read
                 raise FusionError(f"{flag} {source}: file not found")
         inputs_used = {_local_key(p) for p in (ref_, pan_, ms_) if p is not None}
-        products: list[Source] = []
+        found: list[tuple[Source, bool]] = []  # (raster, listed from a folder)
         for given in inputs:
             p = as_source(given)
             if isinstance(p, str):
-                products.append(p)  # GDAL says whether it exists when the product is read
+                found.append((p, False))  # GDAL says whether it exists when the product is read
             elif p.is_dir():
-                products += _rasters_in(p)
+                found += [(f, True) for f in _rasters_in(p)]
             elif p.is_file():
-                products.append(p)
+                found.append((p, False))
             else:
                 raise FusionError(f"not a file or folder: {p}")
+        # a folder's PAN and MS beside the product made of them (the README's layout) were scored as
+        # products and failed, exit 1: what a folder's products name as their inputs is left out
+        named = {_local_key(as_source(t)) for p, _ in found for t in _tagged_inputs(ReportItem(p))}
+        products = [p for p, listed in found if not (listed and _local_key(p) in named)]
         products = [p for p in products if _local_key(p) not in inputs_used]
         items = [ReportItem(p, ref_, pan_, ms_) for p in products]
     if not items:

@@ -323,3 +323,37 @@ def test_the_report_shows_the_bands_the_product_names_red_green_and_blue(
     monkeypatch.setattr(report_module, "_save_rgb", recording)
     build_report([ReportItem(product)], tmp_path / "rep", EvalOptions())
     assert set(shown) - {(0, 0, 0)} == {(0, 1, 2)}  # (0, 0, 0): the PAN, grey
+
+
+def test_a_folder_of_a_product_beside_its_inputs_and_a_one_band_product(tmp_path: Path) -> None:
+    """`report FOLDER` scored the PAN and MS lying beside the product made of them (the README's
+    layout) as products, which failed: exit 1 (helper). What a folder's products name as their
+    inputs is left out. And a 1-band product (--bands 3) could not be reported: "D_lambda needs at
+    least two bands" failed every index; D_lambda and QNR are now left empty (NaN) with a warning,
+    the other indices scored."""
+    import math
+    import shutil
+    import warnings
+
+    from fusion_cli.pipeline import pansharpen
+
+    folder = tmp_path / "scene"
+    folder.mkdir()
+    pan, ms = folder / "pan.tif", folder / "ms.tif"
+    shutil.copy(EXAMPLES / "landsat8_pan.tif", pan)
+    shutil.copy(EXAMPLES / "landsat8_ms.tif", ms)
+    pansharpen(pan, ms, folder / "fused.tif", method="gsa")
+    pansharpen(pan, ms, folder / "red.tif", method="gsa", bands=[3])
+    items = collect_items([folder])
+    assert sorted(Path(i.product).name for i in items) == ["fused.tif", "red.tif"]
+    assert [Path(i.product).name for i in collect_items([pan])] == ["pan.tif"]  # asked for: scored
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = build_report(items, tmp_path / "rep", EvalOptions())
+    assert summary["failed"] == 0, summary["errors"]
+    scores = {Path(r["product"]).name: r for r in json.loads((tmp_path / "rep" / "metrics.json").read_text())}
+    one = scores["red.tif"]
+    assert one["bands"] == 1 and one["D_lambda"] is None and one["QNR"] is None
+    assert 0 < one["HQNR"] < 1 and 0 < one["D_s"] < 1 and 0 < one["HPC"] <= 1
+    assert math.isfinite(scores["fused.tif"]["QNR"])
+    assert any("red.tif has one band: D_lambda and QNR" in str(w.message) for w in caught)

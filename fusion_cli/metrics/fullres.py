@@ -167,7 +167,7 @@ def full_resolution_terms(
     clip_bits: int | None = None,
     rows: int | None = None,
 ) -> dict[str, float | np.ndarray]:
-    """`D_lambda`, `D_s` (per band), `D_lambda_K`, `HPC` (per band) and `scored_fraction` of a product.
+    """`D_lambda` (NaN for one band), `D_s` and `HPC` (per band), `D_lambda_K` and `scored_fraction`.
 
     Where `mask` has invalid pixels, each strip's are filled (`fill_invalid`) and only the pixels whose
     filters read valid data are scored (`nodata_safe`'s erosion by `full_resolution_reach`); `ms_valid`
@@ -195,7 +195,8 @@ def full_resolution_terms(
         raise FusionError(f"no {block}x{block} block is free of nodata: Q2n cannot be computed")
     assert sums.moments is not None
     return {
-        "D_lambda": d_lambda_from_sums(sums.qf, sums.qm, sums.blocks, block),
+        # band pairs: none in a 1-band product (--bands 3), whose other indices still hold
+        "D_lambda": d_lambda_from_sums(sums.qf, sums.qm, sums.blocks, block) if c > 1 else math.nan,
         "D_s": d_s_from_sums(sums.hi, sums.lo, sums.blocks, block),
         "D_lambda_K": 1.0 - sums.khan / sums.khan_blocks,
         "HPC": hpc_from_moments(sums.moments),
