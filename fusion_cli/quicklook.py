@@ -179,10 +179,9 @@ def save_quicklook(
     stride so that neither side exceeds it (None keeps full size); the percentiles are taken on the
     subsampled pixels, which is what is shown.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's image writer, not pyplot: a library call must not switch the process's backend
+    # (matplotlib.use("Agg") turned a notebook's inline plots off)
+    from matplotlib.image import imsave
 
     if img.ndim == 2:
         img = img[None]
@@ -195,5 +194,5 @@ def save_quicklook(
     sub_mask = None if mask is None else mask[::step, ::step]
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, stretch_rgb(sub, rgb, pct, sub_mask, limits))
+    imsave(path, stretch_rgb(sub, rgb, pct, sub_mask, limits))
     return path

@@ -172,15 +172,6 @@ def collect_items(
 # --- figures ---------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _step(shape: tuple[int, ...], max_side: int) -> int:
     return max(1, math.ceil(max(shape[-2:]) / max_side))
 
@@ -193,29 +184,34 @@ def _zoom_window(h: int, w: int, side: int) -> tuple[slice, slice]:
 
 
 def _save_rgb(path: Path, img: np.ndarray, rgb: tuple[int, int, int], mask: np.ndarray, limits) -> str:
-    _plt().imsave(path, stretch_rgb(img, rgb, mask=mask, limits=limits))
+    from matplotlib.image import imsave
+
+    imsave(path, stretch_rgb(img, rgb, mask=mask, limits=limits))
     return path.name
 
 
 def _save_map(path: Path, data: np.ndarray, title: str, cmap: str, unit: str) -> str:
-    plt = _plt()
+    from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
+
     finite = data[np.isfinite(data)]
     vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
     h, w = data.shape
-    fig, ax = plt.subplots(figsize=(5.0, 5.0 * h / max(w, 1) + 0.4), dpi=110)
+    fig = Figure(figsize=(5.0, 5.0 * h / max(w, 1) + 0.4), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(data, cmap=cmap, vmin=0, vmax=max(vmax, 1e-12), interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=unit)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path.name
 
 
 def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 2.8), dpi=110, squeeze=False)
+    from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
+
+    fig = Figure(figsize=(3.6 * len(series), 2.8), dpi=110)
+    axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (name, values) in zip(axes[0], series.items(), strict=True):
         x = np.arange(1, len(values) + 1)
         ax.bar(x, values, color="#4477aa")
@@ -226,13 +222,14 @@ def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path.name
 
 
 def _save_grouped(path: Path, a: np.ndarray, b: np.ndarray, labels: tuple[str, str], title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(a) + 2), 2.8), dpi=110)
+    from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
+
+    fig = Figure(figsize=(max(4.0, 0.5 * len(a) + 2), 2.8), dpi=110)
+    ax = fig.subplots()
     x = np.arange(1, len(a) + 1)
     ax.bar(x - 0.2, a, 0.4, label=labels[0], color="#999999")
     ax.bar(x + 0.2, b, 0.4, label=labels[1], color="#4477aa")
@@ -243,7 +240,6 @@ def _save_grouped(path: Path, a: np.ndarray, b: np.ndarray, labels: tuple[str, s
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path.name
 
 

@@ -295,3 +295,31 @@ def test_numba_scan_keeps_torchs_thread_count():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "1"
+
+
+def test_library_calls_leave_the_callers_threads_and_plot_backend(tmp_path) -> None:
+    """A library user's settings are theirs: a numba scan left numba's thread count at torch's (the
+    caller had set 1), and a quicklook (or report, or training plot) switched matplotlib to Agg with
+    `matplotlib.use`, which turned a notebook's inline backend off (helper)."""
+    import matplotlib
+    import numba
+
+    from fusion_cli.quicklook import save_quicklook
+
+    backend, numba_threads, torch_threads = (
+        matplotlib.get_backend(),
+        numba.get_num_threads(),
+        torch.get_num_threads(),
+    )
+    try:
+        matplotlib.use("svg")
+        numba.set_num_threads(1)
+        torch.set_num_threads(2)
+        scan.selective_scan_numba(**_random_case(torch.float32, length=64))
+        assert numba.get_num_threads() == 1 and torch.get_num_threads() == 2
+        save_quicklook(tmp_path / "q.png", np.random.default_rng(0).random((3, 40, 40)))
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "q.png").stat().st_size > 0
+    finally:
+        matplotlib.use(backend)
+        numba.set_num_threads(numba_threads)
+        torch.set_num_threads(torch_threads)

@@ -524,10 +524,11 @@ _backward = _njit(_backward_kernel)
 def _threads() -> Iterator[None]:
     """As many numba threads as torch uses (which follows the user's and the machine's limits), and
     work items handed out one at a time: on shared cores a descheduled thread then delays only its
-    current (batch, channel) item instead of a static share of them. Restores the chunk size after,
-    and torch's thread count: numba's OpenMP layer shares torch's OpenMP runtime, and its first launch
-    set that runtime's count to all cores (a `--threads 1` run then ran torch on 2)."""
-    torch_threads = torch.get_num_threads()
+    current (batch, channel) item instead of a static share of them. Restores numba's thread count and
+    chunk size after, and torch's thread count: numba's OpenMP layer shares torch's OpenMP runtime,
+    and its first launch set that runtime's count to all cores (a `--threads 1` run then ran torch on
+    2)."""
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
     before = numba.set_parallel_chunksize(1)  # per calling thread; each item is a whole pass over L
     # numba's fallback threading layer (workqueue, where neither OpenMP nor TBB loads) aborts the
@@ -538,6 +539,7 @@ def _threads() -> Iterator[None]:
             yield
     finally:
         numba.set_parallel_chunksize(before)
+        numba.set_num_threads(numba_threads)  # a library call leaves the caller's count as it was
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
 

@@ -37,12 +37,10 @@ def plot_history(history: Sequence[dict[str, Any]], png: Path) -> None:
     """Training and validation L1 against epochs (log scale), as a PNG."""
     if not history:
         return
-    import matplotlib
+    from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     tr = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
     if tr:
         ax.plot(*zip(*tr, strict=True), label="train L1")
@@ -56,4 +54,3 @@ def plot_history(history: Sequence[dict[str, Any]], png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png)
-    plt.close(fig)
