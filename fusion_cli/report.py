@@ -401,28 +401,46 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _compared(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What a result was scored against: only products scored against the same data, on the same
+    bands, are ranked together (a 4-band product's Q4 was bolded as the best of 8-band products'
+    Q8, products of other scenes ranked against each other)."""
+    against = r.get("reference") or (r.get("pan"), r.get("ms"))
+    return r.get("mode"), against, r.get("bands"), tuple(r.get("bands_compared") or ())
+
+
 def _summary_table(results: list[dict[str, Any]], anchors: list[str]) -> str:
     cols = [k for k in index_order() if any(k in r for r in results)]
-    best: dict[str, float] = {}
-    for k in cols:
-        vals = [r[k] for r in results if isinstance(r.get(k), float) and math.isfinite(r[k])]
-        if len(vals) > 1:
-            best[k] = max(vals) if higher_is_better(k) else min(vals)
-    names = {"Q2n": next((r["q2n_name"] for r in results if "q2n_name" in r), "Q2n")}
+    best: dict[tuple[Any, ...], float] = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault(_compared(r), []).append(r)
+    for group, members in groups.items():
+        for k in cols:
+            vals = [r[k] for r in members if isinstance(r.get(k), float) and math.isfinite(r[k])]
+            if len(vals) > 1:
+                best[(*group, k)] = max(vals) if higher_is_better(k) else min(vals)
+    q2n_names = {r["q2n_name"] for r in results if "q2n_name" in r}
+    names = {"Q2n": q2n_names.pop() if len(q2n_names) == 1 else "Q2n"}
     head = "".join(f"<th>{html.escape(names.get(k, k))}</th>" for k in cols)
     rows = []
     for r, a in zip(results, anchors, strict=True):
         link = f'<a href="#{a}">{html.escape(r["name"])}</a>'
         if "error" in r:
             err = html.escape(r["error"])
-            rows.append(f'<tr><td>{link}</td><td class="err" colspan="{len(cols) + 1}">{err}</td></tr>')
+            rows.append(f'<tr><td>{link}</td><td class="err" colspan="{len(cols) + 2}">{err}</td></tr>')
             continue
-        cells = "".join(
-            f'<td class="{"best" if k in best and r.get(k) == best[k] else ""}">{_fmt(r.get(k, ""))}</td>'
-            for k in cols
-        )
-        rows.append(f"<tr><td>{link}</td><td>{html.escape(r['mode'])}</td>{cells}</tr>")
-    return f"<table><tr><th>product</th><th>mode</th>{head}</tr>{''.join(rows)}</table>"
+        cells = []
+        for k in cols:
+            value = _fmt(r.get(k, ""))
+            if k == "Q2n" and names["Q2n"] == "Q2n" and "q2n_name" in r:
+                value += f" ({html.escape(r['q2n_name'])})"
+            mark = "best" if r.get(k) == best.get((*_compared(r), k)) else ""
+            cells.append(f'<td class="{mark}">{value}</td>')
+        mode, bands = html.escape(r["mode"]), r.get("bands", "")
+        rows.append(f"<tr><td>{link}</td><td>{mode}</td><td>{bands}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>product</th><th>mode</th><th>bands</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _evaluate_items(
@@ -473,7 +491,8 @@ def _write_html(
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Settings: "
         f"{html.escape(json.dumps(opts.to_dict()))}. Toolbox conventions (Vivone et al.): Q2n on "
         f"{opts.block}x{opts.block} blocks with {rounding[opts.round_uint16]}, SAM in degrees, ERGAS with "
-        "100/ratio; HQNR is what DLPan tables call QNR. Best value per column in bold. "
+        "100/ratio; HQNR is what DLPan tables call QNR. Best value per column in bold, among products "
+        "scored against the same data on the same bands. "
         "Data: <a href='metrics.csv'>metrics.csv</a>, "
         "<a href='metrics.json'>metrics.json</a>.</p>",
         _summary_table(results, anchors),

@@ -357,3 +357,29 @@ def test_a_folder_of_a_product_beside_its_inputs_and_a_one_band_product(tmp_path
     assert 0 < one["HQNR"] < 1 and 0 < one["D_s"] < 1 and 0 < one["HPC"] <= 1
     assert math.isfinite(scores["fused.tif"]["QNR"])
     assert any("red.tif has one band: D_lambda and QNR" in str(w.message) for w in caught)
+
+
+def test_the_summary_ranks_only_products_scored_against_the_same_data_on_the_same_bands() -> None:
+    """A product fused from 4 of 8 bands had its Q4 under a "Q8" column, bolded as the best of the
+    8-band products' Q8 (helper); products of other scenes were ranked together too. Best values are
+    now marked within each group (mode, reference or PAN + MS, bands compared), the band count is a
+    column, and mixed Q2n names are said per cell."""
+    import re
+
+    from fusion_cli.report import _summary_table
+
+    def result(name: str, q2n: float, sam: float, bands: int, ref: str = "ref.tif") -> dict:
+        compared = list(range(1, bands + 1)) if bands == 8 else [2, 3, 5, 7]
+        return {"name": name, "product": f"{name}.tif", "mode": "reduced", "reference": ref, "Q2n": q2n,
+                "SAM": sam, "bands": bands, "bands_compared": compared, "q2n_name": f"Q{bands}"}  # fmt: skip
+
+    rows = [result("gsa", 0.80, 4.0, 8), result("glp", 0.85, 3.5, 8), result("sub", 0.95, 1.0, 4)]
+    rows.append(result("other_scene", 0.99, 0.5, 8, ref="other_ref.tif"))
+    table = _summary_table(rows, [f"p{i}" for i in range(len(rows))])
+    cells = {n: re.findall(r'<td class="(\w*)">([^<]*)</td>', row) for n, row in zip(
+        ["gsa", "glp", "sub", "other_scene"], table.split("<tr>")[2:], strict=True)}  # fmt: skip
+    assert cells["glp"] == [("best", "0.8500 (Q8)"), ("best", "3.5000")]
+    assert cells["gsa"] == [("", "0.8000 (Q8)"), ("", "4.0000")]
+    assert cells["sub"] == [("", "0.9500 (Q4)"), ("", "1.0000")]  # alone in its group: nothing to rank
+    assert cells["other_scene"] == [("", "0.9900 (Q8)"), ("", "0.5000")]
+    assert "<th>bands</th><th>Q2n</th>" in table and "<td>4</td>" in table
