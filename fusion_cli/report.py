@@ -250,12 +250,7 @@ def _figures(
     from fusion_cli.metrics import sam_map
 
     f = case.fused
-    rgb = rgb or raster_display_bands(f.path)
-    if max(rgb) >= f.data.shape[0]:
-        raise FusionError(
-            f"--rgb {','.join(str(b + 1) for b in rgb)} asks for band {max(rgb) + 1}, but {f.name} has "
-            f"{f.data.shape[0]}; choose display bands within 1..{f.data.shape[0]}"
-        )
+    rgb = rgb or raster_display_bands(f.path)  # a given rgb was checked before scoring
     step = _step(f.data.shape, opts["max_side"])
     zr, zc = _zoom_window(*f.data.shape[1:], opts["zoom"])
     sub = (slice(None), slice(None, None, step), slice(None, None, step))
@@ -514,6 +509,23 @@ def _write_html(
         tmp.write_text("\n".join(parts), encoding="utf-8")
 
 
+def _check_display_bands(items: Sequence[ReportItem], rgb: tuple[int, int, int]) -> None:
+    """Refuse display bands that a product lacks before scoring anything (it was told per product,
+    after all the scoring)."""
+    for item in items:
+        try:
+            with gdal_env(), open_raster(item.product, "product") as ds:
+                count = ds.count
+        except (FusionError, OSError):
+            continue  # the product's own error is reported when it is scored
+        if max(rgb) >= count:
+            asked = ",".join(str(b + 1) for b in rgb)
+            raise FusionError(
+                f"--rgb {asked} asks for band {max(rgb) + 1}, but {item.name} has {count}; choose display "
+                f"bands within 1..{count}"
+            )
+
+
 def build_report(
     items: list[ReportItem],
     out_dir: str | Path,
@@ -546,6 +558,8 @@ def build_report(
             raise FusionError(
                 f"{path} already exists; pass --overwrite to replace it, or choose another folder"
             )
+    if rgb is not None:
+        _check_display_bands(items, rgb)
     given = [p for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None]
     read = given + [p for it in items for p in _tagged_inputs(it)]
     local = {Path(f).resolve() for p in [*read, *sources] for f in source_files(p)}

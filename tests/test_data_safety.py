@@ -1662,14 +1662,13 @@ def test_a_quicklook_path_that_is_a_folder_is_refused_before_the_product(
 def test_report_rgb_beyond_the_bands_and_a_binary_card_are_reported_not_raised(
     tmp_path: Path, fused: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--rgb 9,3,2 on a 3-band product was an IndexError traceback with an empty img/ left; a card
-    that is not UTF-8 in the weights folder was a UnicodeDecodeError in `fusion info` and in every
-    default-model lookup."""
+    """--rgb 9,3,2 on a 4-band product was an IndexError traceback with an empty img/ left (then a
+    failed row, after all the scoring: it is refused before any now); a card that is not UTF-8 in the
+    weights folder was a UnicodeDecodeError in `fusion info` and in every default-model lookup."""
     pan, ms, product = fused
     rc, out, err = cli("report", product, "-o", tmp_path / "rep", "--rgb", "9,3,2", "--json")
-    assert rc == 1 and "Traceback" not in err, err
-    (row,) = json.loads((tmp_path / "rep" / "metrics.json").read_text())
-    assert "asks for band 9" in row["error"]
+    one_line_error(rc, err, "--rgb 9,3,2 asks for band 9", "has 4")
+    assert not (tmp_path / "rep").exists()
     weights = tmp_path / "w"
     weights.mkdir()
     (weights / "broken.json").write_bytes(b"\xff\xfe")

@@ -55,7 +55,10 @@ def register(app: typer.Typer) -> None:
         sensor_bands: str | None = MetricOpt.sensor_bands,
         nodata: float | None = MetricOpt.nodata,
         rgb: str | None = typer.Option(
-            None, "--rgb", help="Display bands, 1-based, e.g. 5,3,2 (default by count)."
+            None,
+            "--rgb",
+            help="Display bands, 1-based, e.g. 5,3,2 (default: the bands the product names red, green and "
+            "blue, or their wavelengths; else by band count).",
         ),
         zoom: int = typer.Option(256, "--zoom", min=16, help="Side of the centred zoom crop (pixels)."),
         quiet: bool = OutputOpt.quiet,
@@ -65,7 +68,7 @@ def register(app: typer.Typer) -> None:
         from fusion_cli.assess import EvalOptions
         from fusion_cli.report import build_report, collect_items
 
-        bands = parse_bands(rgb)
+        bands = parse_bands(rgb, "--rgb")
         if bands is not None and len(bands) != 3:
             raise FusionError(f"--rgb needs three band numbers like 5,3,2, got {rgb}")
         from fusion_cli.metrics import parse_peak
