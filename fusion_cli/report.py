@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -591,8 +592,9 @@ def build_report(
         _write_html(staging / html_path.name, results, figs, opts)
         documents = [staging / p.name for p in (csv_path, json_path, html_path)]
         with deferred_signals():
-            for old in img_dir.glob("[0-9][0-9][0-9]_*.png") if replacing else ():
-                old.unlink()
+            for old in img_dir.glob("*.png") if replacing else ():
+                if re.match(r"\d{3,}_", old.name):  # the report's figures: 000_... to 1234_...
+                    old.unlink()
             for fig in staging.iterdir():
                 if fig not in documents:
                     os.replace(fig, img_dir / fig.name)

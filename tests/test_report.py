@@ -193,9 +193,10 @@ def test_an_overwritten_report_keeps_no_figure_of_the_old_one(
     )
     assert any(f.name.startswith("001_exp") for f in (out / "img").iterdir())
     (out / "img" / "mine.png").write_bytes(b"x")  # not the report's: kept
+    (out / "img" / "1000_p_product.png").write_bytes(b"x")  # a 1001st product's: the glob missed it
     build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
     names = {f.name for f in (out / "img").iterdir()}
-    assert "mine.png" in names and not any(n.startswith("001_") for n in names)
+    assert "mine.png" in names and not any(n.startswith(("001_", "1000_")) for n in names)
     assert any(n.startswith("000_noisy") for n in names)
 
 
