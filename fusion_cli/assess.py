@@ -272,11 +272,18 @@ def _load_case(
 
 
 def check_recorded_inputs(img: Image, pan: str, ms: str) -> None:
-    """Refuse the inputs a product's tags name when they are not the files it was fused from (its
-    FUSION_REQUEST fingerprints: size and time, else SHA-256): an MS rewritten after the fusion was
-    scored at exit 0 (QNR 0.848 became 0.264, HQNR 0.838 became 0.038)."""
-    from fusion_cli.raster import same_input
+    """Refuse the inputs a product's tags name when they are missing (a moved product: "PAN file not
+    found" gave no hint), or not the files it was fused from (its FUSION_REQUEST fingerprints: size
+    and time, else SHA-256): an MS rewritten after the fusion was scored at exit 0 (QNR 0.848 became
+    0.264, HQNR 0.838 became 0.038)."""
+    from fusion_cli.raster import is_gdal_path, same_input
 
+    for role, path in (("PAN", pan), ("MS", ms)):
+        if not is_gdal_path(path) and not os.path.exists(path):  # a moved product, or moved inputs
+            raise FusionError(
+                f"the {role} {path} that {img.name} names (its FUSION_{role} tag) is not there: pass "
+                "--pan and --ms (or --ref) to say what to score it against"
+            )
     try:
         made = json.loads(img.tags.get("FUSION_REQUEST", "{}"))
     except ValueError:

@@ -628,7 +628,7 @@ def test_inputs_changed_since_the_fusion_are_refused(tmp_path: Path) -> None:
     """`metrics` and `report` read the PAN and MS a product's tags name; an MS rewritten after the
     fusion (here its rows flipped) was scored at exit 0 (helper: QNR 0.848 became 0.264). The product
     records its inputs' size, time and SHA-256 (FUSION_REQUEST): such an input is refused, and given
-    explicitly with --pan and --ms it is scored as it is."""
+    explicitly with --pan and --ms it is scored as it is. A missing one is named with its tag."""
     import shutil
 
     pan, ms = tmp_path / "pan.tif", tmp_path / "ms.tif"
@@ -647,3 +647,7 @@ def test_inputs_changed_since_the_fusion_are_refused(tmp_path: Path) -> None:
     explicit = run_cli("metrics", str(product), "--pan", str(pan), "--ms", str(ms), "--json")
     assert explicit.returncode == 0, explicit.stderr
     assert json.loads(explicit.stdout)["HQNR"] < json.loads(before.stdout)["HQNR"] - 0.1
+    # inputs moved away: "PAN file not found" said nothing of the tag or of --pan/--ms
+    pan.rename(tmp_path / "moved_pan.tif")
+    res = run_cli("metrics", str(product))
+    assert res.returncode == 2 and "(its FUSION_PAN tag) is not there: pass --pan and --ms" in res.stderr
