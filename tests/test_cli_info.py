@@ -109,3 +109,12 @@ def test_a_weights_folder_that_does_not_exist_is_named(tmp_path):
     run = _fusion(*args, env=env)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert "does not exist ($FUSION_WEIGHTS_DIR)" in run.stderr
+
+
+def test_info_json_lists_the_model_warnings_under_warnings(tmp_path) -> None:
+    """Every --json document lists its command's warnings under `warnings` (README); `info --json`
+    with a FUSION_WEIGHTS_DIR that is not there had them only under `model_warnings` (helper)."""
+    res = _fusion("info", "--json", env=_env(tmp_path / "missing"))
+    data = json.loads(res.stdout)
+    assert res.returncode == 0 and data["model_warnings"]
+    assert all(w in data["warnings"] for w in data["model_warnings"])

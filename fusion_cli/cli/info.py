@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
         from fusion_cli.models.environment import environment_info
 
         data = environment_info()
-        if json_out:
-            echo_json(data)
+        if json_out:  # the models' warnings are warnings of this command too, as every --json says
+            echo_json({**data, "warnings": list(data["model_warnings"])})
             return
         v, t, s = data["versions"], data["torch"], data["scan_backend"]
         typer.echo("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
