@@ -165,23 +165,24 @@ def product_sources(fused: Image) -> tuple[str | None, str | None, dict[str, Any
 # 1.68 GB for 2600^2 uint16 (22 B above the interpreter): 24 B. At full resolution the product, PAN
 # and MS are read whole in their own type and the filters run by row strips (`metrics.fullres`):
 # per PAN pixel, the PAN, the masks and a float64 copy of the PAN for its percentiles (measured:
-# 8 x 3900^2 uint16 1.40 GB, 8 x 6500^2 2.23 GB, ~15 B per pixel beside the product): 24 B.
+# 8 x 3900^2 uint16 1.40 GB, 8 x 6500^2 2.23 GB, ~15 B per pixel beside the product): 24 B; and the
+# largest strip's work (`metrics.fullres.work_bytes`, which depends on the block).
 REDUCED_BYTES_PER_SAMPLE = 24
 FULL_BYTES_PER_PIXEL = 24
 
 
-def scoring_bytes(bands: int, height: int, width: int, itemsize: int, full: bool) -> int:
+def scoring_bytes(bands: int, height: int, width: int, itemsize: int, full: bool, block: int = 32) -> int:
     """Peak memory of scoring a product of that shape and sample size (bytes, beyond the interpreter)."""
     if not full:
         return bands * height * width * REDUCED_BYTES_PER_SAMPLE
     return (
         bands * height * width * itemsize
         + height * width * FULL_BYTES_PER_PIXEL
-        + work_bytes(bands, height, width)
+        + work_bytes(bands, height, width, block)
     )
 
 
-def check_scoring_memory(fused: str | Path, full: bool) -> None:
+def check_scoring_memory(fused: str | Path, full: bool, block: int = 32) -> None:
     """Refuse, before reading, a product whose scoring needs more memory than is available: the
     kernel killed `fusion metrics` on an 8 x 8100^2 product (24 GB machine) without a word."""
     from fusion_cli.raster import open_raster
@@ -190,7 +191,7 @@ def check_scoring_memory(fused: str | Path, full: bool) -> None:
         bands, height, width = ds.count, ds.height, ds.width
         itemsize = max(np.dtype(t).itemsize for t in ds.dtypes)
     mode = "full" if full else "reduced"
-    need, free = scoring_bytes(bands, height, width, itemsize, full), available_memory()
+    need, free = scoring_bytes(bands, height, width, itemsize, full, block), available_memory()
     if free is not None and need > free:
         why = "the product and PAN are read whole" if full else "the indices read the images whole"
         raise FusionError(
@@ -207,6 +208,7 @@ def load_case(
     ms: str | Path | None = None,
     nodata: float | None = None,
     ratio: int | None = None,
+    block: int = 32,
 ) -> Case:
     """Read a product and what it is judged against: `ref`, else `pan` + `ms`, else the product's tags.
 
@@ -215,8 +217,9 @@ def load_case(
     grid; the product and PAN `ratio` times the MS (e.g. the demo's Landsat product, which lacks the
     half-covered first PAN row and column). `ratio` (the PAN/MS pixel-size ratio) is checked against
     the grids; with a reference it defaults to the one the product's FUSION_PARAMS tag records.
+    `block`: the indices' block size, which the memory check counts with.
     """
-    check_scoring_memory(fused, full=ref is None)
+    check_scoring_memory(fused, full=ref is None, block=block)
     img = read_image(fused, "fused product", nodata)
     if "FUSION_PARAMS" in img.tags and img.tags.get(COMPLETE_TAG) != "1":
         raise FusionError(
@@ -539,7 +542,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Read and score one product (see `load_case` and `score`)."""
     opts = opts or EvalOptions()
-    return score(load_case(fused, ref, pan, ms, opts.nodata, opts.ratio), opts)
+    return score(load_case(fused, ref, pan, ms, opts.nodata, opts.ratio, opts.block), opts)
 
 
 def flatten(result: dict[str, Any]) -> dict[str, Any]:

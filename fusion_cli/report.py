@@ -456,7 +456,7 @@ def _evaluate_items(
             progress(i, len(items), item.name)
         stem = f"{i:03d}_{''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in item.name)[:60]}"
         try:
-            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio)
+            case = load_case(item.product, item.ref, item.pan, item.ms, opts.nodata, opts.ratio, opts.block)
             result = score(case, opts)
             result["name"] = item.name
             shown = _figures(with_product_bands(case, opts.bands), result, img_dir, stem, rgb, fig_opts)

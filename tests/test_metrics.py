@@ -660,12 +660,19 @@ def test_full_resolution_by_row_strips_equals_the_whole_scene() -> None:
     the strips' boundaries and a last strip that a block joins to the one before it."""
     from fusion_cli.metrics.fullres import strips
 
-    assert [(s.top, s.bottom) for s in strips(300, 128, 64, 32)] == [(0, 128), (128, 256), (256, 300)]
-    assert [(s.top, s.bottom) for s in strips(280, 128, 64, 32)] == [(0, 128), (128, 280)]
-    assert [(s.read_top, s.read_bottom) for s in strips(280, 128, 64, 32)] == [(0, 192), (64, 280)]
+    # rows scored on multiples of the block; read with the filters' reach (52 px at ratio 4, 20 at 3)
+    # on whole MS rows
+    assert [(s.top, s.bottom) for s in strips(300, 128, 32, 4)] == [(0, 128), (128, 256), (256, 300)]
+    assert [(s.top, s.bottom) for s in strips(280, 128, 32, 4)] == [(0, 128), (128, 280)]
+    assert [(s.read_top, s.read_bottom) for s in strips(280, 128, 32, 4)] == [(0, 180), (76, 280)]
+    assert [(s.read_top, s.top, s.bottom, s.read_bottom) for s in strips(99, 32, 32, 3)] == [
+        (0, 0, 32, 54),
+        (12, 32, 64, 84),
+        (42, 64, 99, 99),
+    ]
     for name, fused, pan, ms, r, sensor, valid in _strip_cases():
         whole = full_resolution(fused, pan, ms, r, sensor, valid, per_band=True, strip_rows=10**6)
-        for rows in (1, 200):  # one block unit (32 or 96 rows) at a time; a few strips
+        for rows in (1, 200):  # one block (32 rows) at a time; a few strips
             streamed = full_resolution(fused, pan, ms, r, sensor, valid, per_band=True, strip_rows=rows)
             assert streamed["scored_fraction"] == whole["scored_fraction"], name
             if valid is not None:

@@ -3,10 +3,10 @@
 Each index is a mean over blocks or a correlation over pixels, so it adds up from strips of rows: the
 interpolated MS, the PAN's low-pass and the MTF filters are made for one strip at a time, with a halo
 of rows around it that covers their reach, and the strip's blocks and pixels are summed. The work
-arrays (float64 copies, filtered images: ~52 B per pixel and band) then stay within `STRIP_BYTES`
+arrays (float64 copies, filtered images) then take about `STRIP_BYTES` (at least one block of rows)
 whatever the scene size; before, they were made for the whole scene, and an 8 x 8100^2 product
-needed 24 GB. Strips start on multiples of the block and of the ratio, so their blocks are the
-scene's blocks and their MS rows are whole; the figures equal the whole-scene ones to rounding.
+needed 24 GB. Strips start on multiples of the block, so their blocks are the scene's blocks, and
+are read on whole MS rows; the figures equal the whole-scene ones to rounding (1e-13 relative).
 
 Arrays: `fused (C, H, W)` and `pan (1, H, W)` on the PAN grid, `ms (C, H/r, W/r)`, any real dtype (the
 product is not copied whole); masks `(H, W)` and `(H/r, W/r)` bool, True = valid.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusion_cli.errors import FusionError
-from fusion_cli.metrics._common import clip_to_bits, fill_invalid
+from fusion_cli.metrics._common import clip_to_bits, fill_invalid, refuse_non_finite
 from fusion_cli.metrics.noreference import (
     d_lambda_from_sums,
     d_lambda_sums,
@@ -36,9 +36,12 @@ from fusion_cli.metrics.noreference import (
 from fusion_cli.metrics.q2n import q2n_map
 from fusion_cli.metrics.sharpness import hpc_from_moments, hpc_moments, merge_moments
 
-# Work memory of one strip: 52 B per pixel and band were measured for the whole-scene computation.
-STRIP_BYTES = 512 * 2**20
-WORK_BYTES_PER_SAMPLE = 52
+# Work memory of a strip per pixel read: ~52 B per band (float64 copies, the interpolated MS, the
+# MTF-filtered product) and ~140 B for the PAN's own (its copy, low-pass and high-pass, the masks),
+# measured on 1-, 2-, 4- and 8-band WorldView-3 products (reviewer). A strip holds `STRIP_BYTES`.
+STRIP_BYTES = 2**30
+WORK_BYTES_PER_BAND = 52
+WORK_BYTES_PER_PIXEL = 140
 
 
 @dataclass(frozen=True)
@@ -56,33 +59,34 @@ class Strip:
         return slice(self.top - self.read_top, self.bottom - self.read_top)
 
 
-def strip_rows(bands: int, width: int, unit: int) -> int:
-    """Rows per strip: `STRIP_BYTES` of work, a multiple of `unit`, at least 4 units (the halo is paid
-    twice per strip)."""
-    rows = STRIP_BYTES // max(1, WORK_BYTES_PER_SAMPLE * bands * width)
-    return max(4 * unit, rows // unit * unit)
+def strip_rows(bands: int, width: int, block: int) -> int:
+    """Rows scored per strip: `STRIP_BYTES` of work, a multiple of the block (at least one)."""
+    rows = STRIP_BYTES // max(1, (WORK_BYTES_PER_BAND * bands + WORK_BYTES_PER_PIXEL) * width)
+    return max(block, rows // block * block)
 
 
-# The widest halo of the usual ratios (up to 8: reach 104 PAN px, rounded up to 32-px blocks).
-MAX_HALO = 128
-
-
-def work_bytes(bands: int, height: int, width: int) -> int:
-    """The work memory one strip takes (its rows and their halo), for a memory check before reading."""
-    rows = strip_rows(bands, width, 32) + 2 * MAX_HALO
-    return WORK_BYTES_PER_SAMPLE * bands * width * min(height, rows)
-
-
-def strips(height: int, rows: int, halo: int, block: int) -> Iterator[Strip]:
-    """Strips of `rows` (a multiple of the block and the ratio) covering `height`; a last strip shorter
-    than a block joins the one before it, so that Q2n's mirrored padding at the bottom reads the
-    scene's last rows, as on the whole scene."""
+def strips(height: int, rows: int, block: int, ratio: int) -> Iterator[Strip]:
+    """Strips of `rows` (a multiple of the block, so that their blocks are the scene's) covering
+    `height`, each read with the filters' reach above and below, widened to whole MS rows (multiples
+    of the ratio). A last strip shorter than a block joins the one before it, so that Q2n's mirrored
+    padding at the bottom reads the scene's last rows, as on the whole scene."""
+    reach = full_resolution_reach(ratio)
     tops = list(range(0, height, rows))
     if len(tops) > 1 and height - tops[-1] < block:
         tops.pop()
     for i, top in enumerate(tops):
         bottom = tops[i + 1] if i + 1 < len(tops) else height
-        yield Strip(max(0, top - halo), top, bottom, min(height, bottom + halo))
+        read_top = max(0, top - reach) // ratio * ratio
+        read_bottom = min(height, -(-(bottom + reach) // ratio) * ratio)
+        yield Strip(read_top, top, bottom, read_bottom)
+
+
+def work_bytes(bands: int, height: int, width: int, block: int = 32, ratio: int = 8) -> int:
+    """The work memory of the largest strip (`strips` at `strip_rows`), for a memory check before
+    reading (ratio 8: the widest halo of the usual ratios)."""
+    rows = strip_rows(bands, width, block)
+    read = max(s.read_bottom - s.read_top for s in strips(height, rows, block, ratio))
+    return (WORK_BYTES_PER_BAND * bands + WORK_BYTES_PER_PIXEL) * width * read
 
 
 @dataclass
@@ -115,7 +119,6 @@ class _Scene:
     ms_valid: np.ndarray | None
     block: int
     clip_bits: int | None
-    reach: int
 
     def add(self, sums: _Sums, strip: Strip) -> None:
         """Add one strip's blocks and pixels to `sums`."""
@@ -171,21 +174,23 @@ def full_resolution_terms(
 
     Where `mask` has invalid pixels, each strip's are filled (`fill_invalid`) and only the pixels whose
     filters read valid data are scored (`nodata_safe`'s erosion by `full_resolution_reach`); `ms_valid`
-    marks the MS pixels to fill from. `rows`: rows per strip (default `strip_rows`; rounded up to a
-    multiple of the block and the ratio).
+    marks the MS pixels to fill from. `rows`: rows scored per strip (default `strip_rows`; rounded up
+    to a multiple of the block).
     """
     c, height, width = fused.shape
-    unit = block * ratio // math.gcd(block, ratio)
-    reach = full_resolution_reach(ratio)
-    halo = -(-reach // unit) * unit
-    rows = strip_rows(c, width, unit) if rows is None else max(unit, -(-rows // unit) * unit)
+    rows = strip_rows(c, width, block) if rows is None else max(block, -(-rows // block) * block)
     masked = mask is not None and not mask.all()
+    if masked and not mask.any():
+        raise FusionError("the product has no valid pixel: nothing to evaluate")
+    # on the whole scene, before the strips: a count of one strip's would be wrong
+    refuse_non_finite([("product", fused), ("PAN", pan)], mask)
     kept = mask if masked else None
-    scene = _Scene(fused, pan, ms, ratio, gains, round_uint16, kept, ms_valid, block, clip_bits, reach)
+    scene = _Scene(fused, pan, ms, ratio, gains, round_uint16, kept, ms_valid, block, clip_bits)
     sums = _Sums(np.zeros((c, c)), np.zeros((c, c)), np.zeros(c), np.zeros(c))
-    for strip in strips(height, rows, halo, block):
+    for strip in strips(height, rows, block, ratio):
         scene.add(sums, strip)
     if masked and sums.blocks == 0:
+        reach = full_resolution_reach(ratio)
         raise FusionError(
             f"no {block}x{block} block lies {reach} PAN px inside the valid data, the reach of the "
             "full-resolution indices' filters (a narrower valid area would be scored on what its "
