@@ -2257,3 +2257,39 @@ def test_scenes_too_small_to_fuse_are_refused(tmp_path: Path) -> None:
         assert rc == expect, err
         if expect:
             assert "overlap on 6 x 39 MS pixels: fusion needs at least 8 x 8" in err and not out.exists()
+
+
+def test_an_input_replaced_while_it_is_fused_leaves_no_product(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The product's FUSION_REQUEST fingerprints were taken from the paths after the statistics
+    pass: an MS replaced by another process meanwhile was recorded as the input of a product fused
+    from the old one, and a rerun of the batch skipped that stale product as up to date; `metrics`
+    then scored it against the replacement (helper: HQNR 0.079 at exit 0). The fingerprints are now
+    taken before anything is read, and a product whose input changed during the run is not written."""
+    import shutil
+
+    from fusion_cli.paths import sha256_file
+    from fusion_cli.pipeline import api, pansharpen
+
+    pan, ms = tmp_path / "pan.tif", tmp_path / "ms.tif"
+    shutil.copy(REPO / "examples" / "landsat8_pan.tif", pan)
+    shutil.copy(REPO / "examples" / "landsat8_ms.tif", ms)
+    gather = api.gather_stats
+
+    def replaced_meanwhile(*args: object, **kwargs: object) -> None:
+        gather(*args, **kwargs)
+        new = tmp_path / ".ms_new.tif"
+        shutil.copy(ms, new)
+        with rasterio.open(new, "r+") as ds:
+            ds.write(ds.read()[:, ::-1])
+        new.replace(ms)  # as `cp other ms.tif.new && mv ms.tif.new ms.tif` does
+
+    monkeypatch.setattr(api, "gather_stats", replaced_meanwhile)
+    with pytest.raises(FusionError, match="the MS .*ms.tif changed while it was fused"):
+        pansharpen(pan, ms, tmp_path / "out.tif", method="gsa")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+    monkeypatch.setattr(api, "gather_stats", gather)
+    summary = pansharpen(pan, ms, tmp_path / "out.tif", method="gsa")  # the new MS, settled: fused
+    with rasterio.open(summary.output) as ds:
+        assert json.loads(ds.tags()["FUSION_REQUEST"])["ms"]["sha256"] == sha256_file(ms)

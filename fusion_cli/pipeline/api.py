@@ -216,6 +216,20 @@ def fuse_files(
     return summary
 
 
+def check_inputs_unchanged(
+    fingerprints: dict[str, dict[str, object] | None], paths: dict[str, PathLike]
+) -> None:
+    """Refuse to finish a product whose PAN or MS was rewritten or replaced while it was fused (its
+    tags would name a file it was not made of, or one it was made of only in part)."""
+    for role, path in paths.items():
+        made = fingerprints[role.lower()]
+        if made is not None and raster.same_input(made, path) is False:
+            raise FusionError(
+                f"the {role} {path} changed while it was fused (another process wrote or replaced it): "
+                "no product was written; fuse it again once that is done"
+            )
+
+
 def _fuse_files(
     pan_path: PathLike, ms_path: PathLike, out_path: PathLike, fuser: Fuser, opts: FuseOptions
 ) -> FuseSummary:
@@ -223,6 +237,9 @@ def _fuse_files(
     fuser = scene_fuser(fuser)  # the scene's statistics, DN scale and adapted network stay in here
     inputs = [pan_path, ms_path, *fuser.weights_files]
     out = raster.check_writable(out_path, opts.overwrite, inputs, side_outputs(out_path, opts))
+    # before anything is read: taken after the statistics pass, they described an MS that another
+    # process replaced meanwhile, and a batch then skipped a product of the old one as up to date
+    fingerprints = {"pan": raster.file_fingerprint(pan_path), "ms": raster.file_fingerprint(ms_path)}
     caught: list[str] = []
     with (
         contextlib.ExitStack() as threads,
@@ -358,6 +375,7 @@ def _fuse_files(
             pan_path=pan_path,
             ms_path=ms_path,
             shift=shift,
+            fingerprints=fingerprints,
         )
         n_valid = 0
         descriptions = raster.band_descriptions(ms_ds, bands)
@@ -394,6 +412,7 @@ def _fuse_files(
                     f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
                     "check the inputs and their nodata"
                 )
+            check_inputs_unchanged(fingerprints, {"PAN": pan_path, "MS": ms_path})
             quick: str | None = None
 
             def quicklook(product: Path) -> None:

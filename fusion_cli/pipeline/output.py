@@ -99,9 +99,11 @@ def product_tags(
     pan_path: str | os.PathLike[str],
     ms_path: str | os.PathLike[str],
     shift: dict[str, float] | None,
+    fingerprints: dict[str, dict[str, object] | None],
 ) -> dict[str, str]:
     """The dataset tags that record how a product was made. The device, precision and scan backend
-    are what the fuser ran (a network asked for bf16 on a CPU runs, and records, fp32)."""
+    are what the fuser ran (a network asked for bf16 on a CPU runs, and records, fp32).
+    `fingerprints`: the PAN's and MS's (`raster.file_fingerprint`), taken before they were read."""
     params = {
         "tile": plan.tile,
         "overlap": plan.overlap,
@@ -137,21 +139,16 @@ def product_tags(
         "FUSION_PAN": raster.recorded_path(pan_path),
         "FUSION_MS": raster.recorded_path(ms_path),
         "FUSION_SHIFT_MEASURED": jsonout.dumps(shift),
-        "FUSION_REQUEST": jsonout.dumps(product_request(opts, pan_path, ms_path), sort_keys=True),
+        "FUSION_REQUEST": jsonout.dumps(product_request(opts, fingerprints), sort_keys=True),
     }
 
 
-def product_request(
-    opts: FuseOptions, pan_path: str | os.PathLike[str], ms_path: str | os.PathLike[str]
-) -> dict[str, Any]:
-    """What a product was asked to be made of: its inputs' fingerprints and the options that change
-    its content (`PRODUCT_OPTIONS`), as its FUSION_REQUEST tag records them; a batch compares it with
-    what it is asked (`batch.fusion.product_differs`)."""
-    return {
-        "pan": raster.file_fingerprint(pan_path),
-        "ms": raster.file_fingerprint(ms_path),
-        "options": request_options(opts),
-    }
+def product_request(opts: FuseOptions, fingerprints: dict[str, dict[str, object] | None]) -> dict[str, Any]:
+    """What a product was asked to be made of: its inputs' fingerprints (`raster.file_fingerprint`,
+    taken before they were read) and the options that change its content (`PRODUCT_OPTIONS`), as its
+    FUSION_REQUEST tag records them; a batch compares it with what it is asked
+    (`batch.fusion.product_differs`)."""
+    return {"pan": fingerprints["pan"], "ms": fingerprints["ms"], "options": request_options(opts)}
 
 
 def request_options(opts: FuseOptions) -> dict[str, Any]:
