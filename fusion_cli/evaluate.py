@@ -36,7 +36,7 @@ from fusion_cli import jsonout
 from fusion_cli.errors import FusionError, NegativeDN
 from fusion_cli.metrics.table import evaluate_keys, higher_is_better
 from fusion_cli.notices import notify
-from fusion_cli.raster import atomic_output, make_output_folder
+from fusion_cli.raster import atomic_output, check_same_file, make_output_folder
 from fusion_cli.sensors import canonical_sensor
 from fusion_cli.signals import deferred_signals
 
@@ -340,6 +340,8 @@ def evaluate(
     if tile <= 0:
         raise FusionError(f"--tile must be positive, got {tile}")
     _check_scene_folders([sid for _, _, sid in scenes])
+    for pan, ms, _ in scenes:  # with --ratio, one file given twice scored Q2n 0.99 at exit 0
+        check_same_file(pan, ms)
     created = [d for d in (out_dir, out_dir / "products") if not d.exists()]  # emptied ones go on failure
     make_output_folder(out_dir, "-o")
     rows: list[dict[str, Any]] = []
@@ -355,11 +357,15 @@ def evaluate(
             step = None if progress is None else (lambda d, n, k=k: progress(k * n + d, len(scenes) * n))
             folder = products / scene_folder(sid)
             current = None if folder.exists() else folder
-            rows += evaluate_scene(
-                pan, ms, methods, folder, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
-                cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device, scene_id=sid,
-                tile=tile, bands=bands, block=block, progress=step, sensor_bands=sensor_bands,
-            )  # fmt: skip
+            try:
+                rows += evaluate_scene(
+                    pan, ms, methods, folder, sensor=sensor, ratio=ratio, pan_mtf=pan_mtf,
+                    cut=cut, clip_bits=clip_bits, full_resolution=full_resolution, device=device,
+                    scene_id=sid, tile=tile, bands=bands, block=block, progress=step,
+                    sensor_bands=sensor_bands,
+                )  # fmt: skip
+            except FusionError as exc:  # one scene of many: say which (it was not named)
+                raise FusionError(f"scene {sid} ({pan}, {ms}): {exc}") from exc
             current = None
     except BaseException:
         # no half-evaluated scene is left: the folder this run made for the scene that failed goes;

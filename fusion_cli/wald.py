@@ -290,6 +290,7 @@ def simulate_files(
     key = canonical_sensor(sensor)
     targets = [out_dir / "pan_lr.tif", out_dir / "ms_lr.tif", out_dir / "ms_ref.tif"]
     _check_targets(out_dir, targets, [pan_path, ms_path], overwrite)
+    raster.check_same_file(pan_path, ms_path)  # with --ratio, one file given twice 'simulated' Q2n 0.99
     pan_mode: PanMode = "mtf" if pan_mtf else "bicubic"
     try:
         ratio, pan_read, ms_read = read_pair(pan_path, ms_path, ratio, bands)

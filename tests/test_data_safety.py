@@ -2293,3 +2293,36 @@ def test_an_input_replaced_while_it_is_fused_leaves_no_product(
     summary = pansharpen(pan, ms, tmp_path / "out.tif", method="gsa")  # the new MS, settled: fused
     with rasterio.open(summary.output) as ds:
         assert json.loads(ds.tags()["FUSION_REQUEST"])["ms"]["sha256"] == sha256_file(ms)
+
+
+def test_simulate_and_evaluate_take_two_files_and_name_the_scene_that_fails(tmp_path: Path) -> None:
+    """With --ratio, `simulate` and `evaluate` took one file given twice (evaluate scored Q2n 0.99 at
+    exit 0) where pansharpen and hisr refuse it. A scene of several that fails stopped evaluate with a
+    message naming no scene. And fusing simulate's pair by hand without --sensor used generic gains
+    silently (ERGAS 3.40 against evaluate's 3.38): it is said (helper)."""
+    ms = REPO / "examples" / "landsat8_ms.tif"
+    pan = REPO / "examples" / "landsat8_pan.tif"
+    rc, _, err = cli("simulate", ms, ms, "-o", tmp_path / "sim_same", "--ratio", "2")
+    one_line_error(rc, err, "the PAN and MS are the same file")
+    rc, _, err = cli("evaluate", ms, ms, "--ratio", "2", "--methods", "exp", "-o", tmp_path / "ev")
+    one_line_error(rc, err, "the PAN and MS are the same file")
+    assert not (tmp_path / "sim_same").exists() and not (tmp_path / "ev").exists()
+    bad = tmp_path / "bad_ms.tif"
+    with rasterio.open(ms) as src:
+        profile, data = src.profile, src.read()
+    profile.pop("crs")
+    profile.pop("transform")  # no georeferencing beside a georeferenced PAN: refused
+    with warnings.catch_warnings(), rasterio.open(bad, "w", **profile) as dst:
+        warnings.simplefilter("ignore")
+        dst.write(data)
+    manifest = tmp_path / "scenes.csv"
+    manifest.write_text(f"pan,ms,id\n{pan},{ms},good\n{pan},{bad},broken\n")
+    rc, _, err = cli("evaluate", manifest, "--methods", "exp", "--no-full", "-o", tmp_path / "ev2")
+    error_line(rc, err, 2, "scene broken (")
+    rc, _, err = cli("simulate", pan, ms, "-o", tmp_path / "sim", "--sensor", "landsat8")
+    assert rc == 0, err
+    sim = tmp_path / "sim"
+    from fusion_cli.pipeline import pansharpen
+
+    summary = pansharpen(sim / "pan_lr.tif", sim / "ms_lr.tif", tmp_path / "by_hand.tif", method="mtf-glp")
+    assert any("simulated for landsat8" in w and "--sensor landsat8" in w for w in summary.warnings)

@@ -260,6 +260,13 @@ def _fuse_files(
                         "pixel off the reference"
                     )
                 geom = replace(geom, phase=align.sampling_phase(geom.ratio))
+            simulated_for = ms_ds.tags().get("WALD_SENSOR")
+            if getattr(fuser, "sensor", None) == "generic" and simulated_for not in (None, "generic"):
+                # fusing `fusion simulate`'s pair by hand then gave other figures than evaluate's
+                notices.notify(
+                    f"{ms_path} was simulated for {simulated_for} (its WALD_SENSOR tag) and is fused with "
+                    f"generic MTF gains: pass --sensor {simulated_for} to fuse it as fusion evaluate does"
+                )
         raster.check_scene_size(geom.height, geom.width, opts.max_pixels, geom.ratio)
         caught += [str(w.message) for w in wlist if "NotGeoreferenced" not in type(w.message).__name__]
         bands = raster.select_bands(ms_ds, opts.bands, "MS")
