@@ -208,6 +208,19 @@ def _save_map(path: Path, data: np.ndarray, title: str, cmap: str, unit: str) ->
     return path.name
 
 
+# Up to this many bands a chart shows one bar (and tick) per band; a hyperspectral cube's are lines:
+# 128 bars made a 7260-px-wide chart, shown 360 px wide
+BARS_UP_TO = 24
+
+
+def _band_axis(ax: Any, n: int) -> None:
+    """Label the x axis of a per-band chart: every band number up to BARS_UP_TO, else a few."""
+    ax.set_xlabel("band", fontsize=8)
+    if n <= BARS_UP_TO:
+        ax.set_xticks(np.arange(1, n + 1))
+    ax.tick_params(labelsize=7)
+
+
 def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
     from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
 
@@ -215,11 +228,12 @@ def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
     axes = fig.subplots(1, len(series), squeeze=False)
     for ax, (name, values) in zip(axes[0], series.items(), strict=True):
         x = np.arange(1, len(values) + 1)
-        ax.bar(x, values, color="#4477aa")
+        if len(values) <= BARS_UP_TO:
+            ax.bar(x, values, color="#4477aa")
+        else:
+            ax.plot(x, values, color="#4477aa", linewidth=1)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("band", fontsize=8)
-        ax.set_xticks(x)
-        ax.tick_params(labelsize=7)
+        _band_axis(ax, len(values))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -229,16 +243,19 @@ def _save_bars(path: Path, series: dict[str, list[float]], title: str) -> str:
 def _save_grouped(path: Path, a: np.ndarray, b: np.ndarray, labels: tuple[str, str], title: str) -> str:
     from matplotlib.figure import Figure  # a figure of its own: the process's backend is left alone
 
-    fig = Figure(figsize=(max(4.0, 0.5 * len(a) + 2), 2.8), dpi=110)
+    many = len(a) > BARS_UP_TO
+    fig = Figure(figsize=(8.0 if many else max(4.0, 0.5 * len(a) + 2), 2.8), dpi=110)
     ax = fig.subplots()
     x = np.arange(1, len(a) + 1)
-    ax.bar(x - 0.2, a, 0.4, label=labels[0], color="#999999")
-    ax.bar(x + 0.2, b, 0.4, label=labels[1], color="#4477aa")
-    ax.set_xticks(x)
-    ax.set_xlabel("band", fontsize=8)
+    if many:
+        ax.plot(x, a, label=labels[0], color="#999999", linewidth=1)
+        ax.plot(x, b, label=labels[1], color="#4477aa", linewidth=1)
+    else:
+        ax.bar(x - 0.2, a, 0.4, label=labels[0], color="#999999")
+        ax.bar(x + 0.2, b, 0.4, label=labels[1], color="#4477aa")
+    _band_axis(ax, len(a))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path.name

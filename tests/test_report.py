@@ -384,3 +384,25 @@ def test_the_summary_ranks_only_products_scored_against_the_same_data_on_the_sam
     assert cells["sub"] == [("", "0.9500 (Q4)"), ("", "1.0000")]  # alone in its group: nothing to rank
     assert cells["other_scene"] == [("", "0.9900 (Q8)"), ("", "0.5000")]
     assert "<th>bands</th><th>Q2n</th>" in table and "<td>4</td>" in table
+
+
+def test_per_band_charts_of_many_bands_stay_readable(tmp_path: Path) -> None:
+    """A 128-band product's per-band chart was 7260 px wide (one bar pair per band), shown 360 px
+    wide in the report (helper). Beyond 24 bands the bands are lines on a chart of fixed width: here
+    the example MS stacked five times (30 bands)."""
+    import rasterio
+    from matplotlib.image import imread
+
+    from fusion_cli.pipeline import pansharpen
+
+    with rasterio.open(EXAMPLES / "landsat8_ms.tif") as src:
+        profile, data = src.profile, src.read()
+    ms = tmp_path / "ms30.tif"
+    with rasterio.open(ms, "w", **(profile | {"count": 30})) as dst:
+        dst.write(np.concatenate([data] * 5))
+    product = tmp_path / "p30.tif"
+    pansharpen(EXAMPLES / "landsat8_pan.tif", ms, product, method="gsa")
+    summary = build_report([ReportItem(product)], tmp_path / "rep", EvalOptions())
+    assert summary["failed"] == 0, summary["errors"]
+    charts = [f for f in (tmp_path / "rep" / "img").glob("*.png") if "band" in f.name]
+    assert charts and all(imread(f).shape[1] <= 1000 for f in charts), [imread(f).shape for f in charts]
