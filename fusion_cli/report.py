@@ -487,6 +487,8 @@ def _evaluate_items(
                 error = f"out of memory ({exc}); score a crop of it"
             results.append({"name": item.name, "product": str(item.product), "error": error})
             figs.append([])
+    if progress is not None:
+        progress(len(items), len(items), "report")  # done: a caller's bar reaches its end
     return results, figs
 
 
@@ -561,7 +563,8 @@ def build_report(
 
     A product that cannot be evaluated gets its one-line error in the report instead of stopping it.
     `rgb` are 0-based display bands (default from the band count), `zoom` the crop side (PAN px),
-    `max_side` the largest side of the overview PNGs. `progress(i, n, name)` is called per product.
+    `max_side` the largest side of the overview PNGs. `progress(i, n, name)` is called before product
+    i, and `progress(n, n, "report")` when all are scored.
     Returns `{"products", "failed", "errors" (name and error of each failed product), "csv", "json",
     "html"}`.
     """

@@ -348,10 +348,14 @@ def test_a_folder_of_a_product_beside_its_inputs_and_a_one_band_product(tmp_path
     items = collect_items([folder])
     assert sorted(Path(i.product).name for i in items) == ["fused.tif", "red.tif"]
     assert [Path(i.product).name for i in collect_items([pan])] == ["pan.tif"]  # asked for: scored
+    calls: list[tuple[int, int]] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = build_report(items, tmp_path / "rep", EvalOptions())
+        summary = build_report(
+            items, tmp_path / "rep", EvalOptions(), progress=lambda i, n, _: calls.append((i, n))
+        )
     assert summary["failed"] == 0, summary["errors"]
+    assert calls == [(0, 2), (1, 2), (2, 2)]  # a caller's bar reaches its end (it stopped at 1 of 2)
     scores = {Path(r["product"]).name: r for r in json.loads((tmp_path / "rep" / "metrics.json").read_text())}
     one = scores["red.tif"]
     assert one["bands"] == 1 and one["D_lambda"] is None and one["QNR"] is None
