@@ -187,6 +187,15 @@ def save_quicklook(
     # (matplotlib.use("Agg") turned a notebook's inline plots off)
     from matplotlib.image import imsave
 
+    img = np.asarray(img)
+    if img.ndim not in (2, 3):
+        raise FusionError(f"a quicklook needs a (bands, rows, cols) image, got shape {img.shape}")
+    if not 0 <= pct[0] < pct[1] <= 100:
+        raise FusionError(f"stretch percentiles must satisfy 0 <= low < high <= 100, got {tuple(pct)}")
+    if max_side is not None and max_side < 1:
+        raise FusionError(f"max_side must be at least 1 pixel (or None for full size), got {max_side}")
+    if Path(png_path).suffix.lower() != ".png":
+        raise FusionError(f"a quicklook is a PNG: give a file name ending in .png, got {png_path}")
     if img.ndim == 2:
         img = img[None]
     if rgb is None:

@@ -61,6 +61,17 @@ def test_save_quicklook_subsamples_and_keeps_input(tmp_path: Path) -> None:
     assert png.shape[:2] == (40, 80)  # 320 px, stride 4
     assert png[..., :3].std() > 0.05  # a real scene, not a blank
     np.testing.assert_array_equal(ms, before)
+    # a library caller's mistakes are said, not a ZeroDivisionError or a two-level image (helper)
+    for kwargs, words in (
+        ({"max_side": 0}, "max_side must be at least 1"),
+        ({"pct": (98.0, 2.0)}, "0 <= low < high <= 100"),
+        ({"pct": (-5.0, 120.0)}, "0 <= low < high <= 100"),
+    ):
+        with pytest.raises(FusionError, match=words):
+            save_quicklook(tmp_path / "bad.png", ms, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(FusionError, match="ending in .png"):
+        save_quicklook(tmp_path / "noext", ms)
+    assert save_quicklook(tmp_path / "list.png", ms.tolist()).is_file()  # type: ignore[arg-type]
 
 
 # --- report -----------------------------------------------------------------------------------------
