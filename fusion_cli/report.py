@@ -571,6 +571,13 @@ def build_report(
     opts = replace(opts or EvalOptions(), per_band=True)
     out = Path(out_dir)
     html_path, csv_path, json_path = out / "index.html", out / "metrics.csv", out / "metrics.json"
+    if rgb is not None:
+        _check_display_bands(items, rgb)
+    given = [p for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None]
+    read = given + [p for it in items for p in _tagged_inputs(it)]
+    local = {Path(f).resolve() for p in [*read, *sources] for f in source_files(p)}
+    if out.resolve() in local or any(out.resolve() in f.parents for f in local):
+        raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     for path in (html_path, csv_path, json_path):  # a report is replaced whole or not at all
         if path.is_dir():
             raise FusionError(f"{path} is a folder; give the report a folder without it")
@@ -579,13 +586,6 @@ def build_report(
             raise FusionError(
                 f"{path} already exists; pass --overwrite to replace it, or choose another folder"
             )
-    if rgb is not None:
-        _check_display_bands(items, rgb)
-    given = [p for it in items for p in (it.product, it.ref, it.pan, it.ms) if p is not None]
-    read = given + [p for it in items for p in _tagged_inputs(it)]
-    local = {Path(f).resolve() for p in [*read, *sources] for f in source_files(p)}
-    if out.resolve() in local or any(out.resolve() in f.parents for f in local):
-        raise FusionError(f"the report folder {out} holds inputs: choose an empty folder")
     img_dir = out / "img"
     replacing = html_path.exists()  # (--overwrite): the old report's figures go, not figures of none
     # folders this run makes: removed again (when empty) if it stops before the report is written
