@@ -296,8 +296,8 @@ def check_recorded_inputs(img: Image, pan: str, ms: str) -> None:
         if isinstance(record, dict) and same_input(record, path) is False:
             raise FusionError(
                 f"the {role} {path} that {img.name} names is not the file it was fused from (it changed "
-                "or was replaced since: another size, time and SHA-256); pass --pan and --ms to score "
-                "against the files as they are now"
+                "or was replaced since: its size, or its time and SHA-256, differ; added overviews or "
+                "tags count too); pass --pan and --ms to score against the files as they are now"
             )
 
 
@@ -527,7 +527,7 @@ def score(case: Case, opts: EvalOptions | None = None) -> dict[str, Any]:
             )
         )
         if f.data.shape[0] == 1:
-            notify(f"{f.name} has one band: D_lambda and QNR compare band pairs and are left empty")
+            notify(f"{f.name} has one band: D_lambda and QNR compare band pairs and are NaN (null in JSON)")
     out["valid_fraction"] = float(valid.mean())  # the PAN's and MS's nodata too (full resolution)
     out["settings"] = opts.to_dict()
     return out

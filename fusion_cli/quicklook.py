@@ -51,8 +51,8 @@ def display_bands(
     model card's, or the descriptions) or the raster's own tags (`stated`, its IMAGERY domain: the MS's
     wavelengths) give wavelengths (a 128-band HSI showed 498 / 477 / 467 nm, nearly grey), else bands
     named red / green / blue (B4 / B3 / B2), else `colorinterp` where it marks each of red, green and
-    blue once (a B, G, R MS tagged so; not bands 1-3 of 5 or more, GDAL's default), else the common
-    guess by band count (`default_rgb`)."""
+    blue once (a B, G, R MS tagged so; not bands 1-3 of 8 or more, as SpaceNet's WorldView-3 MS has
+    them), else the common guess by band count (`default_rgb`)."""
     from fusion_cli.raster import RGB_INTERP
     from fusion_cli.wavelengths import from_names
 
@@ -75,9 +75,9 @@ def display_bands(
     if r is not None and g is not None and b is not None:
         return r, g, b
     marked = [[i for i, c in enumerate(colorinterp) if c == colour] for colour in RGB_INTERP]
-    # red, green, blue on bands 1-3 of a file of more bands is GDAL's PHOTOMETRIC=RGB default, not a
-    # statement: SpaceNet's WorldView-3 (coastal, blue, green, ...) showed vegetation dark blue
-    gdal_default = count > 4 and [m[:1] for m in marked] == [[0], [1], [2]]
+    # red, green, blue on bands 1-3 of an 8-band file are what SpaceNet's WorldView-3 MS carries on its
+    # coastal, blue and green bands (vegetation showed dark blue): 8 bands go by WorldView's order
+    gdal_default = count >= 8 and [m[:1] for m in marked] == [[0], [1], [2]]
     if all(len(m) == 1 for m in marked) and not gdal_default:
         return marked[0][0], marked[1][0], marked[2][0]
     return default_rgb(count)

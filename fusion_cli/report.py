@@ -35,6 +35,7 @@ from fusion_cli.errors import FusionError, is_out_of_memory
 from fusion_cli.metrics.table import higher_is_better, index_order
 from fusion_cli.quicklook import raster_display_bands, stretch_limits, stretch_rgb
 from fusion_cli.raster import atomic_output, gdal_env, is_gdal_path, open_raster, source_files
+from fusion_cli.raster.nodata import alpha_band
 from fusion_cli.signals import deferred_signals
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
@@ -114,15 +115,20 @@ def read_manifest(path: str | Path) -> list[ReportItem]:
     return items
 
 
-def _tagged_inputs(item: ReportItem) -> list[str]:
+def _tags(path: Source) -> dict[str, str]:
+    """A raster's dataset tags ({} when it cannot be read: its own error is reported when scored)."""
+    try:
+        with gdal_env(), open_raster(path, "product") as ds:
+            return dict(ds.tags())
+    except (FusionError, OSError):
+        return {}
+
+
+def _tagged_inputs(item: ReportItem, tags: dict[str, str] | None = None) -> list[str]:
     """The PAN and MS a product's tags name, where the item gives none (`assess.load_case` reads them)."""
     if item.pan is not None and item.ms is not None:
         return []
-    try:
-        with gdal_env(), open_raster(item.product, "product") as ds:
-            tags = ds.tags()
-    except (FusionError, OSError):
-        return []  # the product's own error is reported when it is scored
+    tags = _tags(item.product) if tags is None else tags
     return [tags[k] for k in ("FUSION_PAN", "FUSION_MS") if tags.get(k)]
 
 
@@ -160,9 +166,15 @@ def collect_items(
             else:
                 raise FusionError(f"not a file or folder: {p}")
         # a folder's PAN and MS beside the product made of them (the README's layout) were scored as
-        # products and failed, exit 1: what a folder's products name as their inputs is left out
-        named = {_local_key(as_source(t)) for p, _ in found for t in _tagged_inputs(ReportItem(p))}
-        products = [p for p, listed in found if not (listed and _local_key(p) in named)]
+        # products and failed, exit 1: what a folder's products name as their inputs is left out,
+        # unless it is a product itself (a reduced product fused again at full resolution)
+        tags = {p: _tags(p) for p, _ in found}
+        named = {_local_key(as_source(t)) for p, _ in found for t in _tagged_inputs(ReportItem(p), tags[p])}
+        products = [
+            p
+            for p, listed in found
+            if not (listed and _local_key(p) in named and "FUSION_PARAMS" not in tags[p])
+        ]
         products = [p for p in products if _local_key(p) not in inputs_used]
         items = [ReportItem(p, ref_, pan_, ms_) for p in products]
     if not items:
@@ -418,7 +430,11 @@ def _compared(r: dict[str, Any]) -> tuple[Any, ...]:
     """What a result was scored against: only products scored against the same data, on the same
     bands, are ranked together (a 4-band product's Q4 was bolded as the best of 8-band products'
     Q8, products of other scenes ranked against each other)."""
-    against = r.get("reference") or (r.get("pan"), r.get("ms"))
+
+    def where(path: str | None) -> str | None:  # one file however it was named (tag, manifest, CLI)
+        return path if path is None or is_gdal_path(path) else os.path.realpath(path)
+
+    against = where(r.get("reference")) or (where(r.get("pan")), where(r.get("ms")))
     return r.get("mode"), against, r.get("bands"), tuple(r.get("bands_compared") or ())
 
 
@@ -529,13 +545,22 @@ def _write_html(
         tmp.write_text("\n".join(parts), encoding="utf-8")
 
 
+def _figures_of(html_path: Path) -> list[str]:
+    """The img/ files a report's index.html shows (none when there is no report)."""
+    try:
+        text = html_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [n for n in re.findall(r"src='img/([^'/]+)'", text) if not n.startswith(".")]
+
+
 def _check_display_bands(items: Sequence[ReportItem], rgb: tuple[int, int, int]) -> None:
     """Refuse display bands that a product lacks before scoring anything (it was told per product,
     after all the scoring)."""
     for item in items:
         try:
             with gdal_env(), open_raster(item.product, "product") as ds:
-                count = ds.count
+                count = ds.count - (alpha_band(ds) is not None)  # an alpha band masks, it is not shown
         except (FusionError, OSError):
             continue  # the product's own error is reported when it is scored
         if max(rgb) >= count:
@@ -587,7 +612,8 @@ def build_report(
                 f"{path} already exists; pass --overwrite to replace it, or choose another folder"
             )
     img_dir = out / "img"
-    replacing = html_path.exists()  # (--overwrite): the old report's figures go, not figures of none
+    # (--overwrite): the old report's figures go, those its index.html shows (not a user's 2024_map.png)
+    old_figures = _figures_of(html_path)
     # folders this run makes: removed again (when empty) if it stops before the report is written
     made = [d for d in (img_dir, *img_dir.parents) if not d.exists()][::-1]
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -612,9 +638,9 @@ def build_report(
         _write_html(staging / html_path.name, results, figs, opts)
         documents = [staging / p.name for p in (csv_path, json_path, html_path)]
         with deferred_signals():
-            for old in img_dir.glob("*.png") if replacing else ():
-                if re.match(r"\d{3,}_", old.name):  # the report's figures: 000_... to 1234_...
-                    old.unlink()
+            for name in old_figures:  # the old report's, as its index.html names them: a user's stay
+                with contextlib.suppress(OSError):
+                    (img_dir / name).unlink()
             for fig in staging.iterdir():
                 if fig not in documents:
                     os.replace(fig, img_dir / fig.name)

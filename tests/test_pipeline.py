@@ -690,13 +690,14 @@ def test_quicklook_bands_are_chosen_by_wavelength() -> None:
     assert rgb_bands(gsa, ["a", "b", "c", "d", "e", "f"], 6) == (2, 1, 0)  # the count's guess
     named_nm = [f"band {i} ({400 + 20 * i} nm)" for i in range(20)]  # 400, 420, ... 780 nm
     assert rgb_bands(gsa, named_nm, 20) == (12, 7, 3)  # 640, 540, 460 nm
-    # colour tags: red, green, blue on bands 1-3 of 8 (SpaceNet WorldView-3: coastal, blue, green) is
-    # GDAL's PHOTOMETRIC=RGB default, not a statement; on 4 bands (R, G, B, NIR), or elsewhere, it is
+    # colour tags: red, green, blue on bands 1-3 of 8 (SpaceNet WorldView-3: coastal, blue, green) are
+    # not taken; on 4 or 6 bands (R, G, B, NIR, ...), or elsewhere, they are
     from rasterio.enums import ColorInterp as CI
 
     rgb_first = [CI.red, CI.green, CI.blue] + [CI.undefined] * 5
     assert rgb_bands(gsa, [None] * 8, 8, rgb_first) == (4, 2, 1)
     assert rgb_bands(gsa, [None] * 4, 4, rgb_first[:4]) == (0, 1, 2)
+    assert rgb_bands(gsa, [None] * 6, 6, rgb_first[:6]) == (0, 1, 2)  # an RGB-first stack (reviewer)
     bgr = [CI.blue, CI.green, CI.red] + [CI.undefined] * 3
     assert rgb_bands(gsa, [None] * 6, 6, bgr) == (2, 1, 0)
     assert rgb_bands(gsa, [None] * 6, 6, [CI.undefined, *rgb_first[:3], CI.undefined, CI.undefined]) == (

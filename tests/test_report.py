@@ -204,10 +204,10 @@ def test_an_overwritten_report_keeps_no_figure_of_the_old_one(
     )
     assert any(f.name.startswith("001_exp") for f in (out / "img").iterdir())
     (out / "img" / "mine.png").write_bytes(b"x")  # not the report's: kept
-    (out / "img" / "1000_p_product.png").write_bytes(b"x")  # a 1001st product's: the glob missed it
+    (out / "img" / "1000_mine.png").write_bytes(b"x")  # not the report's either (its index.html says)
     build_report([ReportItem(p["noisy"], ref=p["gt"])], out, EvalOptions(ratio=2), overwrite=True)
     names = {f.name for f in (out / "img").iterdir()}
-    assert "mine.png" in names and not any(n.startswith(("001_", "1000_")) for n in names)
+    assert {"mine.png", "1000_mine.png"} <= names and not any(n.startswith("001_") for n in names)
     assert any(n.startswith("000_noisy") for n in names)
 
 
@@ -372,7 +372,10 @@ def test_a_folder_of_a_product_beside_its_inputs_and_a_one_band_product(tmp_path
     assert one["bands"] == 1 and one["D_lambda"] is None and one["QNR"] is None
     assert 0 < one["HQNR"] < 1 and 0 < one["D_s"] < 1 and 0 < one["HPC"] <= 1
     assert math.isfinite(scores["fused.tif"]["QNR"])
-    assert any("red.tif has one band: D_lambda and QNR" in str(w.message) for w in caught)
+    assert any(
+        "red.tif has one band: D_lambda and QNR compare band pairs and are NaN" in str(w.message)
+        for w in caught
+    )
 
 
 def test_the_summary_ranks_only_products_scored_against_the_same_data_on_the_same_bands() -> None:
@@ -421,3 +424,47 @@ def test_per_band_charts_of_many_bands_stay_readable(tmp_path: Path) -> None:
     assert summary["failed"] == 0, summary["errors"]
     charts = [f for f in (tmp_path / "rep" / "img").glob("*.png") if "band" in f.name]
     assert charts and all(imread(f).shape[1] <= 1000 for f in charts), [imread(f).shape for f in charts]
+
+
+def test_report_keeps_a_product_that_is_another_ones_input_and_a_users_images(tmp_path: Path) -> None:
+    """Review of this session's changes: a folder's rasters named as inputs were left out even when
+    they were products themselves (a reduced product fused again); `--overwrite` removed any
+    img/NNN_*.png, a user's 2024_map.png too; --rgb counted an alpha band as a band (IndexError)."""
+    import shutil
+
+    import rasterio
+
+    from fusion_cli.pipeline import pansharpen
+
+    folder = tmp_path / "prods"
+    folder.mkdir()
+    pan, ms = tmp_path / "pan.tif", tmp_path / "ms.tif"
+    shutil.copy(EXAMPLES / "landsat8_pan.tif", pan)
+    shutil.copy(EXAMPLES / "landsat8_ms.tif", ms)
+    first = folder / "a_first.tif"
+    pansharpen(pan, ms, first, method="exp")
+    with rasterio.open(first) as src:  # the product, brought back to the MS grid, fused again
+        profile, data = src.profile, src.read(out_shape=(src.count, src.height // 2, src.width // 2))
+        profile.update(
+            height=data.shape[1], width=data.shape[2], transform=src.transform * src.transform.scale(2)
+        )
+    reduced = folder / "b_reduced_product.tif"
+    with rasterio.open(reduced, "w", **profile) as dst:
+        dst.write(data)
+        dst.update_tags(FUSION_PARAMS='{"ratio": 2}')  # a product of its own
+    pansharpen(pan, reduced, folder / "c_second.tif", method="gsa")
+    names = sorted(Path(i.product).name for i in collect_items([folder]))
+    assert names == ["a_first.tif", "b_reduced_product.tif", "c_second.tif"]
+    out = tmp_path / "rep"
+    build_report([ReportItem(first)], out, EvalOptions())
+    (out / "img" / "2024_map.png").write_bytes(b"x")  # the user's, beside the report's
+    build_report([ReportItem(first)], out, EvalOptions(), overwrite=True)
+    assert (out / "img" / "2024_map.png").exists()
+    alpha = tmp_path / "alpha.tif"
+    with rasterio.open(first) as src:
+        profile, data = src.profile, src.read()
+    rgba = profile | {"count": 4, "nodata": None, "photometric": "RGB", "alpha": "YES"}
+    with rasterio.open(alpha, "w", **rgba) as dst:
+        dst.write(np.concatenate([data[:3], np.full_like(data[:1], 65535)]))  # band 4: GDAL's alpha
+    with pytest.raises(FusionError, match="asks for band 4, but alpha has 3"):
+        build_report([ReportItem(alpha)], tmp_path / "rep_alpha", EvalOptions(), rgb=(3, 1, 0))

@@ -326,6 +326,8 @@ class ClassicalFuser(FuserDefaults):
 
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
+    # whether the product depends on the sensor's MTF gains (--sensor); EXP, BT-H, GSA and PCA do not
+    uses_mtf_gains: ClassVar[bool] = False
     # True: the method uses every band of a multi-band high-resolution input (HISR's MSI) itself;
     # False: it sees their band mean as one PAN
     multiband_pan: ClassVar[bool] = False

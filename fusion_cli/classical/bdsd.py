@@ -74,6 +74,7 @@ class BDSDPC(ClassicalFuser):
     sharpening", IEEE TGRS 2019."""
 
     name = "bdsd-pc"
+    uses_mtf_gains = True  # its reduced-scale fit degrades with them
     needs_stats = True
 
     def stats_support(self) -> int:

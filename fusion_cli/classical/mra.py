@@ -38,6 +38,7 @@ class _MRA(ClassicalFuser):
     interpolation, so every output pixel depends on that much more context; all gather statistics."""
 
     needs_stats = True
+    uses_mtf_gains = True
 
     def support(self) -> int:
         return MTF_HALF + super().support()

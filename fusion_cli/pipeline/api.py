@@ -261,7 +261,8 @@ def _fuse_files(
                     )
                 geom = replace(geom, phase=align.sampling_phase(geom.ratio))
             simulated_for = ms_ds.tags().get("WALD_SENSOR")
-            if getattr(fuser, "sensor", None) == "generic" and simulated_for not in (None, "generic"):
+            generic = getattr(fuser, "uses_mtf_gains", False) and getattr(fuser, "sensor", None) == "generic"
+            if generic and simulated_for not in (None, "generic"):
                 # fusing `fusion simulate`'s pair by hand then gave other figures than evaluate's
                 notices.notify(
                     f"{ms_path} was simulated for {simulated_for} (its WALD_SENSOR tag) and is fused with "
