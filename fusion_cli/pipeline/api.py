@@ -224,10 +224,25 @@ def check_inputs_unchanged(
     for role, path in paths.items():
         made = fingerprints[role.lower()]
         if made is not None and raster.same_input(made, path) is False:
-            raise FusionError(
-                f"the {role} {path} changed while it was fused (another process wrote or replaced it): "
-                "no product was written; fuse it again once that is done"
-            )
+            _changed_while_fused(role, path)
+
+
+def _changed_while_fused(role: str, path: PathLike) -> None:
+    raise FusionError(
+        f"the {role} {path} changed while it was fused (another process wrote or replaced it): "
+        "no product was written; fuse it again once that is done"
+    )
+
+
+def _stat(path: PathLike) -> tuple[int, int] | None:
+    """A local file's size and modification time (None for a GDAL path or an unreadable file)."""
+    if raster.is_gdal_path(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _fuse_files(
@@ -237,9 +252,10 @@ def _fuse_files(
     fuser = scene_fuser(fuser)  # the scene's statistics, DN scale and adapted network stay in here
     inputs = [pan_path, ms_path, *fuser.weights_files]
     out = raster.check_writable(out_path, opts.overwrite, inputs, side_outputs(out_path, opts))
-    # before anything is read: taken after the statistics pass, they described an MS that another
-    # process replaced meanwhile, and a batch then skipped a product of the old one as up to date
-    fingerprints = {"pan": raster.file_fingerprint(pan_path), "ms": raster.file_fingerprint(ms_path)}
+    # size and time before anything is read (the SHA-256 follows at the tags, checked against them):
+    # taken after the statistics pass, the fingerprints described an MS that another process had
+    # replaced meanwhile, and a batch then skipped a product of the old one as up to date
+    before = {role: _stat(path) for role, path in (("pan", pan_path), ("ms", ms_path))}
     caught: list[str] = []
     with (
         contextlib.ExitStack() as threads,
@@ -370,6 +386,11 @@ def _fuse_files(
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")
 
+        fingerprints = {"pan": raster.file_fingerprint(pan_path), "ms": raster.file_fingerprint(ms_path)}
+        for role, path in (("PAN", pan_path), ("MS", ms_path)):
+            made = fingerprints[role.lower()]
+            if made is not None and before[role.lower()] not in (None, (made["size"], made["mtime_ns"])):
+                _changed_while_fused(role, path)
         tags = raster.carried_tags(ms_ds.tags()) | product_tags(
             fuser,
             opts,
