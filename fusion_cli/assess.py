@@ -279,26 +279,25 @@ def check_recorded_inputs(img: Image, pan: str, ms: str) -> None:
     found" gave no hint), or not the files it was fused from (its FUSION_REQUEST fingerprints: size
     and time, else SHA-256): an MS rewritten after the fusion was scored at exit 0 (QNR 0.848 became
     0.264, HQNR 0.838 became 0.038)."""
-    from fusion_cli.raster import is_gdal_path, same_input
+    from fusion_cli.raster import changed_inputs, is_gdal_path
 
-    for role, path in (("PAN", pan), ("MS", ms)):
+    paths = {"pan": pan, "ms": ms}
+    for role, path in paths.items():
         if not is_gdal_path(path) and not os.path.exists(path):  # a moved product, or moved inputs
             raise FusionError(
-                f"the {role} {path} that {img.name} names (its FUSION_{role} tag) is not there: pass "
-                "--pan and --ms (or --ref) to say what to score it against"
+                f"the {role.upper()} {path} that {img.name} names (its FUSION_{role.upper()} tag) is not "
+                "there: pass --pan and --ms (or --ref) to say what to score it against"
             )
     try:
         made = json.loads(img.tags.get("FUSION_REQUEST", "{}"))
     except ValueError:
         return
-    for role, path in (("PAN", pan), ("MS", ms)):
-        record = made.get(role.lower()) if isinstance(made, dict) else None
-        if isinstance(record, dict) and same_input(record, path) is False:
-            raise FusionError(
-                f"the {role} {path} that {img.name} names is not the file it was fused from (it changed "
-                "or was replaced since: its size, or its time and SHA-256, differ; added overviews or "
-                "tags count too); pass --pan and --ms to score against the files as they are now"
-            )
+    for role in changed_inputs(made, paths):
+        raise FusionError(
+            f"the {role.upper()} {paths[role]} that {img.name} names is not the file it was fused from (it "
+            "changed or was replaced since: its size, or its time and SHA-256, differ; added overviews "
+            "or tags count too); pass --pan and --ms to score against the files as they are now"
+        )
 
 
 def with_product_bands(case: Case, bands: list[int] | None = None) -> Case:

@@ -218,11 +218,11 @@ def _request_differs(made: dict[str, Any], options: Any, scene: Scene, tags: dic
     changed were skipped as complete at exit 0."""
     from fusion_cli.pipeline.options import PRODUCT_OPTIONS
     from fusion_cli.pipeline.output import request_options
-    from fusion_cli.raster import same_input
+    from fusion_cli.raster import changed_inputs
 
-    for role, tag, path in (("pan", "FUSION_PAN", scene.pan), ("ms", "FUSION_MS", scene.ms)):
-        if made.get(role) is not None and same_input(made[role], path) is False:
-            return f"was made from another {role.upper()} ({tags.get(tag)}), or the file changed since"
+    for role in changed_inputs(made, {"pan": scene.pan, "ms": scene.ms}):
+        tag = tags.get(f"FUSION_{role.upper()}")
+        return f"was made from another {role.upper()} ({tag}), or the file changed since"
     asked = json.loads(jsonout.dumps(request_options(options), sort_keys=True))
     for name, flag in PRODUCT_OPTIONS.items():
         if name in _COMPARED_RESOLVED:

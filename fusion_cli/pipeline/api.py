@@ -221,15 +221,13 @@ def check_inputs_unchanged(
 ) -> None:
     """Refuse to finish a product whose PAN or MS was rewritten or replaced while it was fused (its
     tags would name a file it was not made of, or one it was made of only in part)."""
-    for role, path in paths.items():
-        made = fingerprints[role.lower()]
-        if made is not None and raster.same_input(made, path) is False:
-            _changed_while_fused(role, path)
+    for role in raster.changed_inputs(fingerprints, paths):
+        _changed_while_fused(role, paths[role])
 
 
 def _changed_while_fused(role: str, path: PathLike) -> None:
     raise FusionError(
-        f"the {role} {path} changed while it was fused (another process wrote or replaced it): "
+        f"the {role.upper()} {path} changed while it was fused (another process wrote or replaced it): "
         "no product was written; fuse it again once that is done"
     )
 
@@ -387,9 +385,9 @@ def _fuse_files(
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")
 
         fingerprints = {"pan": raster.file_fingerprint(pan_path), "ms": raster.file_fingerprint(ms_path)}
-        for role, path in (("PAN", pan_path), ("MS", ms_path)):
-            made = fingerprints[role.lower()]
-            if made is not None and before[role.lower()] not in (None, (made["size"], made["mtime_ns"])):
+        for role, path in (("pan", pan_path), ("ms", ms_path)):
+            made = fingerprints[role]
+            if made is not None and before[role] not in (None, (made["size"], made["mtime_ns"])):
                 _changed_while_fused(role, path)
         tags = raster.carried_tags(ms_ds.tags()) | product_tags(
             fuser,
@@ -441,7 +439,7 @@ def _fuse_files(
                     f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
                     "check the inputs and their nodata"
                 )
-            check_inputs_unchanged(fingerprints, {"PAN": pan_path, "MS": ms_path})
+            check_inputs_unchanged(fingerprints, {"pan": pan_path, "ms": ms_path})
             quick: str | None = None
 
             def quicklook(product: Path) -> None:

@@ -43,6 +43,7 @@ from fusion_cli.raster.checks import (
 )
 from fusion_cli.raster.gdal import (
     GDAL_ENV,
+    changed_inputs,
     file_fingerprint,
     gdal_env,
     is_gdal_path,
@@ -129,6 +130,7 @@ __all__ = [
     "dtype_range",
     "file_fingerprint",
     "same_input",
+    "changed_inputs",
     "file_identity",
     "files_read",
     "gdal_env",

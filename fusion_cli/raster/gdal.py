@@ -97,6 +97,19 @@ def same_input(made: dict[str, object], path: str | os.PathLike[str]) -> bool | 
         return None
 
 
+def changed_inputs(made: object, paths: dict[str, str | os.PathLike[str]]) -> list[str]:
+    """The roles ("pan", "ms": the keys of `paths`) whose file is not the one a product recorded
+    (`made`, its FUSION_REQUEST: `file_fingerprint`s by role; `same_input` says False); roles it
+    recorded nothing for, or that cannot be told, are not listed."""
+    if not isinstance(made, dict):
+        return []
+    return [
+        role
+        for role, path in paths.items()
+        if isinstance(made.get(role), dict) and same_input(made[role], path) is False
+    ]
+
+
 def reason(exc: BaseException) -> str:
     """First line of an error; rasterio's 'See previous exception' points at GDAL's own, its cause."""
     while exc.__cause__ is not None and "previous exception" in str(exc):
