@@ -8,7 +8,8 @@ Pure functions on numpy `(C, H, W)` arrays in DN; `mask` arguments are `(H, W)` 
   index `hpc` (high-pass correlation with the PAN), and `full_resolution` for all of them at once.
 
 `table` lists them (name, function, resolution, direction, unit, note): what every command that shows
-or compares indices reads. A new index is its function and one entry there.
+or compares indices reads. A new index is its function and one entry there; a full-resolution one
+also adds its sums to the row strips of `fullres` (scenes are not filtered whole).
 """
 
 from fusion_cli.metrics._common import border_cut, clip_to_bits, holds_whole_dn, round_uint16

@@ -151,19 +151,6 @@ def d_s_bands(
     """Per-band spatial distortion terms `(C,)`: |Q(F_b, P) - Q(M_b, P_lp)| (see `d_s`). With a mask,
     as `nodata_safe` (`pan_lp`, if given, must have been made from a PAN filled the same way)."""
     (fused, pan), mask = nodata_safe([("fused", fused), ("PAN", pan)], mask, ratio)
-    return scored_d_s_bands(fused, ms_up, pan, ratio, block, mask, pan_lp)
-
-
-def scored_d_s_bands(
-    fused: np.ndarray,
-    ms_up: np.ndarray,
-    pan: np.ndarray,
-    ratio: int,
-    block: int = 32,
-    mask: np.ndarray | None = None,
-    pan_lp: np.ndarray | None = None,
-) -> np.ndarray:
-    """`d_s_bands` on inputs already made nodata-safe."""
     fused, ms_up, pan = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS"), as_chw(pan, "PAN")
     check_pair(ms_up, fused, ("upsampled MS", "fused"))
     if pan.shape[0] != 1 or pan.shape[1:] != fused.shape[1:]:
@@ -241,7 +228,13 @@ def d_lambda_khan(
     (fused,), m = nodata_safe([("fused", fused)], mask, ratio)
     if round_uint16 is None:
         round_uint16 = rounding_keeps(as_chw(ms_up, "upsampled MS"), m)
-    return scored_d_lambda_khan(fused, ms_up, ratio, sensor, block, m, gains, round_uint16)
+    fused, ms_up = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS")
+    check_pair(ms_up, fused, ("upsampled MS", "fused"))
+    if gains is None:
+        from fusion_cli.sensors import nyquist_gains
+
+        gains = nyquist_gains(sensor, fused.shape[0])[0]
+    return 1.0 - q2n(ms_up, mtf_lowpass(fused, gains, ratio), block, block, round_uint16, m)
 
 
 def rounding_keeps(x: np.ndarray, mask: np.ndarray | None = None) -> bool:
@@ -254,26 +247,6 @@ def rounding_keeps(x: np.ndarray, mask: np.ndarray | None = None) -> bool:
         return False
     lo, hi = np.percentile(values[:, :: max(1, values.shape[1] // 65536)], [1, 99])
     return bool(lo >= -0.5 and hi <= np.iinfo(np.uint16).max + 0.5 and hi - lo >= 32)
-
-
-def scored_d_lambda_khan(
-    fused: np.ndarray,
-    ms_up: np.ndarray,
-    ratio: int,
-    sensor: str | None,
-    block: int,
-    mask: np.ndarray | None,
-    gains: list[float] | None,
-    round_uint16: bool,
-) -> float:
-    """`d_lambda_khan` on inputs already made nodata-safe, the rounding decided."""
-    fused, ms_up = as_chw(fused, "fused"), as_chw(ms_up, "upsampled MS")
-    check_pair(ms_up, fused, ("upsampled MS", "fused"))
-    if gains is None:
-        from fusion_cli.sensors import nyquist_gains
-
-        gains = nyquist_gains(sensor, fused.shape[0])[0]
-    return 1.0 - q2n(ms_up, mtf_lowpass(fused, gains, ratio), block, block, round_uint16, mask)
 
 
 def mtf_lowpass(fused: np.ndarray, gains: Sequence[float], ratio: int) -> np.ndarray:

@@ -46,18 +46,6 @@ def hpc_bands(
     from fusion_cli.metrics.noreference import nodata_safe
 
     (fused, pan), mask = nodata_safe([("fused", fused), ("PAN", pan)], mask, ratio)
-    return scored_hpc_bands(fused, pan, ratio, sensor, mask, gains)
-
-
-def scored_hpc_bands(
-    fused: np.ndarray,
-    pan: np.ndarray,
-    ratio: int,
-    sensor: str | None = None,
-    mask: np.ndarray | None = None,
-    gains: list[float] | None = None,
-) -> np.ndarray:
-    """`hpc_bands` on inputs already made nodata-safe."""
     fused, pan = as_chw(fused, "fused"), as_chw(pan, "PAN")
     c, h, w = fused.shape
     if pan.shape != (1, h, w):

@@ -5,7 +5,8 @@ Everything that lists indices reads this table when it runs: `reduced_resolution
 (hence `fusion metrics` and `fusion report`, with their column order and best-value highlighting),
 `fusion evaluate`'s comparison columns and arrows, and the validation scores of `fusion train`
 (lowercase keys: `q2n`, `sam`, ...). Adding an index is its function plus one `register(Metric(...))`
-line below; nothing else names it.
+line below; nothing else names it. Full-resolution indices read `Inputs.terms`, which `fullres` sums
+over row strips: a new one adds its sums there.
 """
 
 from __future__ import annotations
