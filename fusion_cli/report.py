@@ -587,7 +587,8 @@ def build_report(
     (read when an item gives no PAN/MS) and `sources` (the manifest the items came from).
 
     A product that cannot be evaluated gets its one-line error in the report instead of stopping it.
-    `rgb` are 0-based display bands (default from the band count), `zoom` the crop side (PAN px),
+    `rgb` are 0-based display bands (default: those each product names red, green and blue, or their
+    wavelengths, `quicklook.raster_display_bands`), `zoom` the crop side (PAN px),
     `max_side` the largest side of the overview PNGs. `progress(i, n, name)` is called before product
     i, and `progress(n, n, "report")` when all are scored.
     Returns `{"products", "failed", "errors" (name and error of each failed product), "csv", "json",

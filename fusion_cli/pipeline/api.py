@@ -232,15 +232,17 @@ def _changed_while_fused(role: str, path: PathLike) -> None:
     )
 
 
-def _stat(path: PathLike) -> tuple[int, int] | None:
-    """A local file's size and modification time (None for a GDAL path or an unreadable file)."""
-    if raster.is_gdal_path(path):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+def _fingerprints(
+    before: dict[str, tuple[int, int] | None], paths: dict[str, PathLike]
+) -> dict[str, dict[str, object] | None]:
+    """The inputs' `raster.file_fingerprint`s, taken now (after the statistics pass: hashing them
+    first made every early refusal pay ~1 s per GB), refused where the size or time moved since
+    `before` (`raster.file_stat`, taken before anything was read)."""
+    prints = {role: raster.file_fingerprint(path) for role, path in paths.items()}
+    for role, made in prints.items():
+        if made is not None and before[role] not in (None, (made["size"], made["mtime_ns"])):
+            _changed_while_fused(role, paths[role])
+    return prints
 
 
 def _fuse_files(
@@ -250,10 +252,11 @@ def _fuse_files(
     fuser = scene_fuser(fuser)  # the scene's statistics, DN scale and adapted network stay in here
     inputs = [pan_path, ms_path, *fuser.weights_files]
     out = raster.check_writable(out_path, opts.overwrite, inputs, side_outputs(out_path, opts))
-    # size and time before anything is read (the SHA-256 follows at the tags, checked against them):
-    # taken after the statistics pass, the fingerprints described an MS that another process had
-    # replaced meanwhile, and a batch then skipped a product of the old one as up to date
-    before = {role: _stat(path) for role, path in (("pan", pan_path), ("ms", ms_path))}
+    # size and time before anything is read (`_fingerprints` checks against them): taken after the
+    # statistics pass, the fingerprints described an MS that another process had replaced meanwhile,
+    # and a batch then skipped a product of the old one as up to date
+    inputs_by_role = {"pan": pan_path, "ms": ms_path}
+    before = {role: raster.file_stat(path) for role, path in inputs_by_role.items()}
     caught: list[str] = []
     with (
         contextlib.ExitStack() as threads,
@@ -384,11 +387,7 @@ def _fuse_files(
         if fuser.needs_stats:
             gather_stats(fuser, source, plan, opts.stats_mpx, opts.progress, f"statistics of {out.name}")
 
-        fingerprints = {"pan": raster.file_fingerprint(pan_path), "ms": raster.file_fingerprint(ms_path)}
-        for role, path in (("pan", pan_path), ("ms", ms_path)):
-            made = fingerprints[role]
-            if made is not None and before[role] not in (None, (made["size"], made["mtime_ns"])):
-                _changed_while_fused(role, path)
+        fingerprints = _fingerprints(before, inputs_by_role)
         tags = raster.carried_tags(ms_ds.tags()) | product_tags(
             fuser,
             opts,
@@ -439,7 +438,7 @@ def _fuse_files(
                     f"no valid pixel where {pan_path} and {ms_path} overlap (all nodata or masked); "
                     "check the inputs and their nodata"
                 )
-            check_inputs_unchanged(fingerprints, {"pan": pan_path, "ms": ms_path})
+            check_inputs_unchanged(fingerprints, inputs_by_role)
             quick: str | None = None
 
             def quicklook(product: Path) -> None:

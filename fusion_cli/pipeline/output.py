@@ -103,7 +103,8 @@ def product_tags(
 ) -> dict[str, str]:
     """The dataset tags that record how a product was made. The device, precision and scan backend
     are what the fuser ran (a network asked for bf16 on a CPU runs, and records, fp32).
-    `fingerprints`: the PAN's and MS's (`raster.file_fingerprint`), taken before they were read."""
+    `fingerprints`: the PAN's and MS's (`raster.file_fingerprint`), checked against their size and
+    time before they were read."""
     params = {
         "tile": plan.tile,
         "overlap": plan.overlap,
@@ -145,9 +146,9 @@ def product_tags(
 
 def product_request(opts: FuseOptions, fingerprints: dict[str, dict[str, object] | None]) -> dict[str, Any]:
     """What a product was asked to be made of: its inputs' fingerprints (`raster.file_fingerprint`,
-    taken before they were read) and the options that change its content (`PRODUCT_OPTIONS`), as its
-    FUSION_REQUEST tag records them; a batch compares it with what it is asked
-    (`batch.fusion.product_differs`)."""
+    checked against their size and time before they were read) and the options that change its
+    content (`PRODUCT_OPTIONS`), as its FUSION_REQUEST tag records them; a batch compares it with
+    what it is asked (`batch.fusion.product_differs`)."""
     return {"pan": fingerprints["pan"], "ms": fingerprints["ms"], "options": request_options(opts)}
 
 

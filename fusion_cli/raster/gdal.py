@@ -69,15 +69,27 @@ def recorded_path(path: str | os.PathLike[str]) -> str:
     return os.fspath(path) if is_gdal_path(path) else str(Path(path).resolve())
 
 
-def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, object] | None:
-    """What a product records of an input: its size, modification time and SHA-256, so a rerun can
-    tell another or a rewritten input from the one it was made of (`same_input`), wherever the file
-    now lies. None for a GDAL virtual path or a file that cannot be read (nothing to compare then)."""
+def file_stat(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """A local file's size and modification time (ns); None for a GDAL virtual path or a file that
+    cannot be read."""
     if is_gdal_path(path):
         return None
     try:
         st = os.stat(path)
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """What a product records of an input: its size, modification time and SHA-256, so a rerun can
+    tell another or a rewritten input from the one it was made of (`same_input`), wherever the file
+    now lies. None for a GDAL virtual path or a file that cannot be read (nothing to compare then)."""
+    stat = file_stat(path)
+    if stat is None:
+        return None
+    try:
+        return {"size": stat[0], "mtime_ns": stat[1], "sha256": sha256_file(path)}
     except OSError:
         return None
 
